@@ -1,0 +1,28 @@
+# Set-up, tests and the main jobs. Override TORCH_SPEC for a CUDA build, e.g.
+#   make install TORCH_SPEC="torch==2.11.0 --index-url https://download.pytorch.org/whl/cu128"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: install test check format clean
+
+install:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet -e ".[dev]"
+
+test:
+	$(BIN)/pytest
+
+check:
+	$(BIN)/ruff check mt tests scripts
+	$(BIN)/ruff format --check mt tests scripts
+
+format:
+	$(BIN)/ruff check --fix mt tests scripts
+	$(BIN)/ruff format mt tests scripts
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

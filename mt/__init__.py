@@ -1,0 +1,3 @@
+"""mt: a command-line trainer for Transformer neural machine translation."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,278 @@
+"""Bucketed token batching: length-sorted token-budget batches, rank sharding, collation.
+
+Lengths given to this module never include special tokens. The model sees
+source = ids + [EOS], decoder input = [BOS] + ids and target = ids + [EOS], so a
+sentence pair occupies max(src + 1, tgt + 1) columns of a padded batch.
+
+Resumption needs no replay: batches depend only on (seed, epoch), so a run that
+stopped after consuming k batches of epoch e resumes with `epoch_batches(e)[k:]`.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mt.vocab import BOS_ID, EOS_ID, PAD_ID
+
+# A default shuffle window holds this many batches' worth of sentences: large enough that
+# each window has many sentences of every length (dense batches), small enough to stay random.
+WINDOW_BATCHES = 100
+
+
+@dataclass(frozen=True, eq=False)
+class BatchSampler:
+    """Token-budget batches of similar-length sentences, deterministic per (seed, epoch), sharded.
+
+    `max_tokens` bounds n_sentences * longest, where longest is the max over the batch of
+    src + 1 and tgt + 1 (padding counted). A sentence that alone exceeds it raises ValueError
+    at construction, naming its index, its lengths and max_tokens. `window` = 0 picks
+    WINDOW_BATCHES batches' worth of sentences when shuffling, and the whole corpus otherwise.
+    """
+
+    src_lens: np.ndarray
+    tgt_lens: np.ndarray
+    max_tokens: int
+    seed: int = 1
+    shuffle: bool = True
+    window: int = 0
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        src = np.asarray(self.src_lens, dtype=np.int64)
+        tgt = np.asarray(self.tgt_lens, dtype=np.int64)
+        # Frozen dataclass: normalise the arrays in place of the caller's (lists, int32, ...).
+        object.__setattr__(self, "src_lens", src)
+        object.__setattr__(self, "tgt_lens", tgt)
+        _check_args(src, tgt, self.max_tokens, self.window, self.rank, self.world_size)
+
+    @cached_property
+    def _widths(self) -> np.ndarray:
+        """Padded columns each sentence needs, counting BOS/EOS: (N,)."""
+        return np.maximum(self.src_lens, self.tgt_lens) + 1
+
+    def window_size(self) -> int:
+        """Sentences per sort window (the `window` field, or its default when 0)."""
+        n = len(self.src_lens)
+        if self.window > 0:
+            return min(self.window, max(n, 1))
+        if not self.shuffle or n == 0:
+            return max(n, 1)
+        per_batch = self.max_tokens / float(self._widths.mean())
+        return int(min(n, max(1, round(WINDOW_BATCHES * per_batch))))
+
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        """This rank's batches for `epoch`, in order; each an int64 array of corpus indices."""
+        rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
+        n = len(self.src_lens)
+        order = rng.permutation(n) if rng is not None else np.arange(n, dtype=np.int64)
+        window = self.window_size()
+        order = sort_windows(order, self.src_lens, self.tgt_lens, window)
+        batches = cut_batches(order, self._widths[order], window, self.max_tokens)
+        if rng is not None:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        batches = split_to_multiple(batches, self.world_size)
+        return batches[self.rank :: self.world_size]
+
+    def __len__(self) -> int:
+        """Batches per rank in epoch 1 (with shuffle, other epochs can differ by a few)."""
+        return self._len_epoch1
+
+    @cached_property
+    def _len_epoch1(self) -> int:
+        return len(self.epoch_batches(1))
+
+
+def _check_args(
+    src: np.ndarray, tgt: np.ndarray, max_tokens: int, window: int, rank: int, world_size: int
+) -> None:
+    """Raise ValueError on inconsistent sampler arguments or a sentence over the budget."""
+    if src.ndim != 1 or src.shape != tgt.shape:
+        raise ValueError(
+            f"src_lens and tgt_lens must be 1-D of equal length: {src.shape} vs {tgt.shape}"
+        )
+    if src.size and min(src.min(), tgt.min()) < 0:
+        raise ValueError("sentence lengths must be non-negative")
+    if max_tokens < 1 or window < 0:
+        raise ValueError(f"need max_tokens >= 1 and window >= 0, got {max_tokens} and {window}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+    too_long = np.flatnonzero(np.maximum(src, tgt) + 1 > max_tokens)
+    if too_long.size:
+        i = int(too_long[0])
+        raise ValueError(
+            f"sentence {i} is too long: {max(src[i], tgt[i]) + 1} tokens with BOS/EOS "
+            f"(source {src[i]}, target {tgt[i]}) exceeds max_tokens={max_tokens}"
+        )
+
+
+def sort_windows(
+    order: np.ndarray, src_lens: np.ndarray, tgt_lens: np.ndarray, window: int
+) -> np.ndarray:
+    """Sort `order` within consecutive windows of `window` indices by (max side, src, -tgt).
+
+    With the longer side fixed, ordering by src then descending tgt walks the pairs whose
+    target is the longer side (src rising) and then those whose source is (tgt falling), so
+    neighbours are close on BOTH sides and both padded tensors stay dense. lexsort is stable:
+    ties keep the (shuffled) input order, which keeps batches random.
+    """
+    src, tgt = src_lens[order], tgt_lens[order]  # (N,) each, in `order`
+    win_id = np.arange(len(order)) // window
+    perm = np.lexsort((-tgt, src, np.maximum(src, tgt), win_id))
+    return order[perm]
+
+
+def cut_batches(
+    order: np.ndarray, widths: np.ndarray, window: int, max_tokens: int
+) -> list[np.ndarray]:
+    """Greedily cut `order` (widths ascending within each window) into budget-respecting batches.
+
+    Widths rise within a window, so a batch's longest sentence is its last one and the
+    batch starting at i can take n sentences iff n * widths[i + n - 1] <= max_tokens, a
+    monotone test: one vectorised check per batch finds n. Batches never cross windows.
+    """
+    n_total = len(order)
+    # n * widths[i + n - 1] <= max_tokens implies n <= max_tokens // widths[i]: bounds the slice.
+    counts = np.arange(1, max_tokens + 1, dtype=np.int64)
+    cuts = []
+    i = 0
+    while i < n_total:
+        window_end = min((i // window + 1) * window, n_total)
+        cap = min(max_tokens // int(widths[i]), window_end - i)
+        fits = counts[:cap] * widths[i : i + cap] <= max_tokens  # (cap,), a True prefix
+        i += int(np.count_nonzero(fits))
+        cuts.append(i)
+    return np.split(order, cuts[:-1]) if cuts else []
+
+
+def split_to_multiple(batches: list[np.ndarray], world_size: int) -> list[np.ndarray]:
+    """Split the largest batches in two until the count divides by world_size.
+
+    Halves stay within the budget, so no sentence is dropped or duplicated; raise
+    ValueError when there are too few sentences to make enough batches.
+    """
+    batches = list(batches)
+    sizes = [len(b) for b in batches]
+    while len(batches) % world_size:
+        j = int(np.argmax(sizes)) if sizes else 0
+        if not sizes or sizes[j] < 2:
+            raise ValueError(
+                f"cannot shard {sum(sizes)} sentences into a multiple of {world_size} batches"
+            )
+        half = sizes[j] // 2
+        batches[j : j + 1] = [batches[j][:half], batches[j][half:]]
+        sizes[j : j + 1] = [half, sizes[j] - half]
+    return batches
+
+
+def padding_efficiency(
+    batches: Sequence[np.ndarray], src_lens: np.ndarray, tgt_lens: np.ndarray
+) -> tuple[float, float]:
+    """Mean over batches of non-pad / numel for the source and target tensors (1.0 if none)."""
+    batches = [b for b in batches if len(b)]
+    if not batches:
+        return 1.0, 1.0
+    idx = np.concatenate(batches)
+    starts = np.cumsum([0] + [len(b) for b in batches[:-1]])
+    sizes = np.array([len(b) for b in batches])
+    effs = []
+    for lens in (src_lens, tgt_lens):
+        padded = np.asarray(lens, dtype=np.int64)[idx] + 1  # (sum B,) with EOS (or BOS)
+        real = np.add.reduceat(padded, starts)
+        effs.append(float(np.mean(real / (sizes * np.maximum.reduceat(padded, starts)))))
+    return effs[0], effs[1]
+
+
+@dataclass
+class SourceBatch:
+    """Source-only batch for translation: ids + EOS, right-padded, with corpus indices."""
+
+    src: Tensor  # (B, S) long
+    indices: np.ndarray  # (B,) int64 corpus indices, to restore input order after decoding
+    src_tokens: int  # non-pad tokens in src
+
+    def to(self, device: torch.device | str) -> "SourceBatch":
+        """Copy the tensors to `device` (non-blocking; pin_memory() first for async H2D)."""
+        return SourceBatch(self.src.to(device, non_blocking=True), self.indices, self.src_tokens)
+
+    def pin_memory(self) -> "SourceBatch":
+        """Page-locked copy, so that to(cuda) overlaps with compute."""
+        return SourceBatch(self.src.pin_memory(), self.indices, self.src_tokens)
+
+
+@dataclass
+class Batch:
+    """Training batch: source, decoder input and target tensors, right-padded with PAD_ID."""
+
+    src: Tensor  # (B, S) long, ids + EOS
+    tgt_in: Tensor  # (B, T) long, BOS + ids
+    tgt_out: Tensor  # (B, T) long, ids + EOS
+    indices: np.ndarray  # (B,) int64 corpus indices of the rows
+    src_tokens: int  # non-pad tokens in src
+    tgt_tokens: int  # non-pad tokens in tgt_out (= predicted tokens, for loss normalisation)
+
+    def to(self, device: torch.device | str) -> "Batch":
+        """Copy the tensors to `device` (non-blocking; pin_memory() first for async H2D)."""
+        src, tgt_in, tgt_out = (
+            t.to(device, non_blocking=True) for t in (self.src, self.tgt_in, self.tgt_out)
+        )
+        return Batch(src, tgt_in, tgt_out, self.indices, self.src_tokens, self.tgt_tokens)
+
+    def pin_memory(self) -> "Batch":
+        """Page-locked copy, so that to(cuda) overlaps with compute."""
+        src, tgt_in, tgt_out = (t.pin_memory() for t in (self.src, self.tgt_in, self.tgt_out))
+        return Batch(src, tgt_in, tgt_out, self.indices, self.src_tokens, self.tgt_tokens)
+
+
+def _flatten(seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenated ids (sum L,) and lengths (B,) of a list of id sequences."""
+    lens = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+    if not lens.sum():
+        return np.zeros(0, dtype=np.int64), lens
+    return np.concatenate([np.asarray(s, dtype=np.int64) for s in seqs]), lens
+
+
+def pad_with(seqs: Sequence[Sequence[int]], bos: bool, eos: bool) -> np.ndarray:
+    """(B, max_len + bos + eos) int64 array: optional BOS, ids, optional EOS, then PAD_ID."""
+    flat, lens = _flatten(seqs)
+    width = int(lens.max(initial=0)) + bos + eos
+    out = np.full((len(seqs), width), PAD_ID, dtype=np.int64)
+    # Boolean-mask assignment fills row-major, matching the order of the concatenated ids.
+    body = out[:, int(bos) :]
+    body[np.arange(body.shape[1]) < lens[:, None]] = flat
+    if bos:
+        out[:, 0] = BOS_ID
+    if eos:
+        out[np.arange(len(seqs)), lens + bos] = EOS_ID
+    return out
+
+
+def collate(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], indices: np.ndarray) -> Batch:
+    """Batch of (source ids, target ids) pairs without specials; adds EOS/BOS and pads."""
+    srcs = [p[0] for p in pairs]
+    tgts = [p[1] for p in pairs]
+    src = pad_with(srcs, bos=False, eos=True)  # (B, S)
+    tgt_in = pad_with(tgts, bos=True, eos=False)  # (B, T)
+    tgt_out = pad_with(tgts, bos=False, eos=True)  # (B, T)
+    return Batch(
+        src=torch.from_numpy(src),
+        tgt_in=torch.from_numpy(tgt_in),
+        tgt_out=torch.from_numpy(tgt_out),
+        indices=np.asarray(indices, dtype=np.int64),
+        src_tokens=int(np.count_nonzero(src != PAD_ID)),
+        tgt_tokens=int(np.count_nonzero(tgt_out != PAD_ID)),
+    )
+
+
+def collate_source(seqs: Sequence[Sequence[int]], indices: np.ndarray) -> SourceBatch:
+    """Source-only batch for translation: ids + EOS, right-padded with PAD_ID."""
+    src = pad_with(seqs, bos=False, eos=True)  # (B, S)
+    return SourceBatch(
+        src=torch.from_numpy(src),
+        indices=np.asarray(indices, dtype=np.int64),
+        src_tokens=int(np.count_nonzero(src != PAD_ID)),
+    )

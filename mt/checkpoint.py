@@ -1,0 +1,473 @@
+"""Safe, atomic, self-describing checkpoints inside a run directory.
+
+Layout (all names relative, so a run directory can be moved):
+    run_dir/checkpoints/step-00001000.safetensors  model weights + metadata in the header
+    run_dir/checkpoints/step-00001000.state.pt     training state (weights_only-loadable)
+    run_dir/checkpoints/best                       pointer file: the best checkpoint's name
+
+Every file is written to a hidden temp file in the same directory, fsynced and renamed over
+its final name, so a crash never leaves a partial file under a final name. The state file is
+written first and the weights last: a weights file marks a complete checkpoint. Nothing here
+ever unpickles code: weights are safetensors, states load with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import random
+import re
+import secrets
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from mt.errors import MtError
+
+CHECKPOINT_DIR = "checkpoints"
+BEST_FILE = "best"
+WEIGHTS_SUFFIX = ".safetensors"
+STATE_SUFFIX = ".state.pt"
+_STEP_NAME = re.compile(r"step-(\d+)")
+_TEMP_GLOB = ".*.tmp"  # leftovers of writes interrupted by a crash or a kill
+_DESCRIPTIONS = {  # metadata keys that get a readable mismatch message
+    "src_vocab": "source vocabulary",
+    "tgt_vocab": "target vocabulary",
+}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A saved checkpoint: its weights file and (optional) training-state file."""
+
+    weights: Path
+    state: Path
+
+    @classmethod
+    def from_weights(cls, weights: Path) -> Checkpoint:
+        """The checkpoint whose weights file is `weights` (its state file sits beside it)."""
+        name = weights.name.removesuffix(WEIGHTS_SUFFIX)
+        return cls(weights, weights.with_name(name + STATE_SUFFIX))
+
+    @property
+    def name(self) -> str:
+        """E.g. "step-00001000"."""
+        return self.weights.name.removesuffix(WEIGHTS_SUFFIX)
+
+    @property
+    def step(self) -> int:
+        """The training step in the name; MtError for files not named step-N."""
+        match = _STEP_NAME.fullmatch(self.name)
+        if match is None:
+            raise MtError(f"{self.weights}: not a step checkpoint (expected step-NNNNNNNN)")
+        return int(match.group(1))
+
+    @property
+    def run_dir(self) -> Path:
+        """The run directory holding the checkpoints directory."""
+        return self.weights.parent.parent
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    """Where a run's checkpoints live."""
+    return Path(run_dir) / CHECKPOINT_DIR
+
+
+def step_name(step: int) -> str:
+    """The checkpoint name for a step, zero-padded so names sort like steps."""
+    return f"step-{step:08d}"
+
+
+# --- atomic writes -------------------------------------------------------------------------
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable; directories cannot be opened for fsync on every OS."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Run `write(temp)` on a temp file beside `path`, fsync it, then rename it to `path`."""
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        write(temp)
+        fd = os.open(temp, os.O_RDWR)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)  # a failed write leaves nothing behind
+        raise
+    _fsync_dir(path.parent)
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Atomically replace a small text file."""
+    _atomic_write(path, lambda temp: temp.write_text(text, encoding="utf-8"))
+
+
+# --- weights --------------------------------------------------------------------------------
+
+
+def _dedupe(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Tensors safetensors can store: exact aliases kept once, overlapping views cloned."""
+    views: set[tuple[Any, ...]] = set()
+    storages: set[tuple[Any, ...]] = set()
+    out: dict[str, Tensor] = {}
+    for name in sorted(tensors):  # sorted: the alias kept is the same one save_model keeps
+        tensor = tensors[name].detach()
+        if tensor.numel() == 0:  # empty tensors have no storage to share
+            out[name] = tensor.cpu()
+            continue
+        storage = (tensor.device, tensor.untyped_storage().data_ptr())
+        view = (*storage, tensor.storage_offset(), tensor.dtype, tensor.shape, tensor.stride())
+        if view in views:
+            continue  # a tied weight: the loader restores it through the model's own tie
+        if storage in storages:
+            tensor = tensor.clone()  # shares memory without being identical: store a copy
+        views.add(view)
+        storages.add(storage)
+        out[name] = tensor.contiguous().cpu()
+    return out
+
+
+def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    """Atomically write tensors (tied ones stored once) and header metadata as safetensors."""
+    header = {"format": "pt", **{key: str(value) for key, value in metadata.items()}}
+    flat = _dedupe(tensors)
+    _atomic_write(Path(path), lambda temp: save_file(flat, str(temp), metadata=header))
+
+
+def save_weights(
+    path: Path, model: nn.Module | dict[str, Tensor], metadata: dict[str, str]
+) -> None:
+    """Atomically write a model's weights (unwrap DDP/compile first) as safetensors."""
+    tensors = model.state_dict() if isinstance(model, nn.Module) else model
+    save_tensors(path, tensors, metadata)
+
+
+def _reason(exc: BaseException) -> str:
+    """A short one-line reason from a library exception (torch's can span many lines)."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:  # torch's refusal: keep the part that names the cause
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
+    text = " ".join(text.split())
+    if not text:
+        return type(exc).__name__
+    return text if len(text) <= 120 else text[:119] + "…"
+
+
+def _open_weights(path: Path) -> Any:
+    """Open a safetensors file lazily; MtError if it is missing or not a safetensors file."""
+    if not path.is_file():
+        raise MtError(f"{path}: no such checkpoint file")
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as exc:  # the safetensors parser only reads a JSON header: nothing runs
+        raise MtError(f"{path}: not a valid mt checkpoint ({_reason(exc)})") from exc
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The metadata in a safetensors header, without loading any tensor."""
+    path = Path(path)
+    with _open_weights(path) as handle:
+        return dict(handle.metadata() or {})
+
+
+def _mismatch(path: Path, key: str, found: str | None, expected: str) -> str:
+    """One line saying how a checkpoint's metadata entry differs from what the run expects."""
+    if found is None:
+        return f"{path}: checkpoint does not record {key} (the run expects {expected})"
+    if key == "tokenizer_sha256":
+        return (
+            f"{path}: tokenizer differs from the run's "
+            f"(checkpoint sha256 {found[:8]}…, run {expected[:8]}…)"
+        )
+    if key in _DESCRIPTIONS:
+        return f"{path}: {_DESCRIPTIONS[key]} has {found} entries but the model expects {expected}"
+    return f"{path}: {key} is {found!r} in the checkpoint but {expected!r} in the run"
+
+
+def _check_metadata(path: Path, found: dict[str, str], expected: dict[str, str]) -> None:
+    """MtError on the first expected metadata entry the file lacks or disagrees with."""
+    for key, value in expected.items():
+        if found.get(key) != str(value):
+            raise MtError(_mismatch(path, key, found.get(key), str(value)))
+
+
+def _aliases(state: dict[str, Tensor]) -> dict[str, list[str]]:
+    """For each state-dict name, every name (itself included) that is the very same tensor."""
+    groups: dict[tuple[Any, ...], list[str]] = collections.defaultdict(list)
+    for name, tensor in state.items():
+        key = (tensor.device, tensor.data_ptr(), tensor.dtype, tensor.shape, tensor.stride())
+        groups[key if tensor.numel() else (name,)].append(name)  # empty: no storage to tie
+    return {name: group for group in groups.values() for name in group}
+
+
+def _plan_load(path: Path, handle: Any, model_state: dict[str, Tensor]) -> dict[str, str]:
+    """Map each model tensor to the file tensor holding it; MtError on missing/extra/shape."""
+    stored = set(handle.keys())
+    aliases = _aliases(model_state)
+    plan: dict[str, str] = {}
+    for name, tensor in model_state.items():
+        source = next((alias for alias in aliases[name] if alias in stored), None)
+        if source is None:
+            raise MtError(f"{path}: checkpoint lacks tensor {name}, which the model has")
+        shape = list(handle.get_slice(source).get_shape())
+        if shape != list(tensor.shape):
+            raise MtError(
+                f"{path}: tensor {name} has shape {shape} in the checkpoint "
+                f"but {list(tensor.shape)} in the model"
+            )
+        plan[name] = source
+    extra = sorted(stored - set(plan.values()))
+    if extra:
+        raise MtError(f"{path}: checkpoint has tensor {extra[0]}, which the model lacks")
+    return plan
+
+
+def load_weights(path: Path, model: nn.Module, expected: dict[str, str] | None = None) -> None:
+    """Load weights into `model` after checking the header's metadata against `expected`."""
+    path = Path(path)
+    model_state = model.state_dict()
+    with _open_weights(path) as handle:
+        _check_metadata(path, dict(handle.metadata() or {}), expected or {})
+        plan = _plan_load(path, handle, model_state)
+        stored = {source: handle.get_tensor(source) for source in set(plan.values())}
+    # Copies into the existing parameters, so tied weights stay one tensor.
+    model.load_state_dict({name: stored[source] for name, source in plan.items()}, strict=True)
+
+
+# --- training state -------------------------------------------------------------------------
+
+_PLAIN = (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device)
+_CONTAINERS = (dict, collections.OrderedDict, list, tuple, set, torch.Size)
+
+
+def _check_plain(value: Any, where: str = "state") -> None:
+    """TypeError unless torch.load(weights_only=True) can read `value` back (caught at save)."""
+    if isinstance(value, Tensor) or type(value) in _PLAIN:
+        return
+    if type(value) not in _CONTAINERS:
+        raise TypeError(f"{where} is a {type(value).__name__}, which weights_only loading refuses")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_plain(key, f"{where} key {key!r}")
+            _check_plain(item, f"{where}[{key!r}]")
+    else:
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """A training state saved by save_checkpoint; never runs code stored in the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MtError(f"{path}: no such training state file")
+    try:
+        with warnings.catch_warnings():  # a hostile file's protocol warning is noise here
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only refuses any global it does not allow: nothing runs
+        raise MtError(f"{path}: not a valid mt training state ({_reason(exc)})") from exc
+    if not isinstance(state, dict):
+        raise MtError(f"{path}: not a valid mt training state (a {type(state).__name__})")
+    return state
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, model: nn.Module, state: dict[str, Any], metadata: dict[str, str]
+) -> Checkpoint:
+    """Atomically write the state, then the weights, of checkpoint `step`."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    _check_plain(state)  # fail now, not when a resume finds the state unreadable
+    directory = checkpoint_dir(run_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpoint.from_weights(directory / (step_name(step) + WEIGHTS_SUFFIX))
+    # Re-saving a step: drop the old weights first, so a crash cannot pair them with a new state.
+    ckpt.weights.unlink(missing_ok=True)
+    _atomic_write(ckpt.state, lambda temp: torch.save(state, temp))
+    save_weights(ckpt.weights, model, {"step": str(step), **metadata})  # last: marks complete
+    return ckpt
+
+
+def save_crash(run_dir: Path, step: int, model: nn.Module) -> Path:
+    """Weights for post-mortem only (never listed or resumed): checkpoints/crash-step-N."""
+    directory = checkpoint_dir(run_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"crash-{step_name(step)}{WEIGHTS_SUFFIX}"
+    save_weights(path, model, {"step": str(step), "crash": "non-finite loss or gradient"})
+    return path
+
+
+def _complete_in(directory: Path) -> list[Checkpoint]:
+    """Complete step checkpoints in a checkpoints directory, oldest first."""
+    found = []
+    for weights in directory.glob("step-*" + WEIGHTS_SUFFIX):
+        ckpt = Checkpoint.from_weights(weights)
+        if _STEP_NAME.fullmatch(ckpt.name) and weights.is_file() and ckpt.state.is_file():
+            found.append(ckpt)
+    return sorted(found, key=lambda ckpt: ckpt.step)
+
+
+def list_checkpoints(run_dir: Path) -> list[Checkpoint]:
+    """Complete step checkpoints (weights and state present), oldest first."""
+    return _complete_in(checkpoint_dir(run_dir))
+
+
+def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
+    """The complete checkpoint with the highest step, or None."""
+    checkpoints = list_checkpoints(run_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def set_best(run_dir: Path, ckpt: Checkpoint) -> None:
+    """Atomically point `checkpoints/best` at `ckpt`."""
+    directory = checkpoint_dir(run_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_text(directory / BEST_FILE, ckpt.name + "\n")
+
+
+def _follow_pointer(pointer: Path) -> Checkpoint:
+    """The checkpoint a `best` pointer file names; MtError if it names nothing valid."""
+    name = pointer.read_text(encoding="utf-8").strip()
+    # A bare name only: a pointer must not lead outside its checkpoints directory.
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        raise MtError(f"{pointer}: not a checkpoint name: {name!r}")
+    ckpt = Checkpoint.from_weights(pointer.parent / (name + WEIGHTS_SUFFIX))
+    if not ckpt.weights.is_file():
+        raise MtError(f"{pointer}: points to {name}, which does not exist")
+    return ckpt
+
+
+def _best_in(directory: Path) -> Checkpoint | None:
+    """The checkpoint a checkpoints directory's `best` pointer names, or None without one."""
+    pointer = directory / BEST_FILE
+    return _follow_pointer(pointer) if pointer.is_file() else None
+
+
+def best_checkpoint(run_dir: Path) -> Checkpoint | None:
+    """The checkpoint `checkpoints/best` points to, or None without a pointer."""
+    return _best_in(checkpoint_dir(run_dir))
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int) -> list[Path]:
+    """Delete step checkpoints older than the last `keep_last` (never the best) and crash debris."""
+    if keep_last < 0:
+        raise ValueError(f"keep_last must be >= 0, got {keep_last}")
+    directory = checkpoint_dir(run_dir)
+    best = best_checkpoint(run_dir)
+    complete = list_checkpoints(run_dir)
+    doomed = complete[: max(len(complete) - keep_last, 0)]
+    deleted: list[Path] = []
+    for ckpt in doomed:
+        if best is not None and ckpt.name == best.name:
+            continue
+        for path in (ckpt.weights, ckpt.state):  # weights first: it marks the checkpoint whole
+            path.unlink(missing_ok=True)
+            deleted.append(path)
+    # State files without weights and temp files are what an interrupted save leaves behind.
+    orphans = [p for p in directory.glob("step-*" + STATE_SUFFIX) if not _weights_of(p).exists()]
+    for path in [*orphans, *directory.glob(_TEMP_GLOB)]:
+        path.unlink(missing_ok=True)
+        deleted.append(path)
+    return deleted
+
+
+def _weights_of(state: Path) -> Path:
+    """The weights file beside a state file."""
+    return state.with_name(state.name.removesuffix(STATE_SUFFIX) + WEIGHTS_SUFFIX)
+
+
+def _preferred_in(directory: Path) -> Checkpoint | None:
+    """A checkpoints directory's best checkpoint, else its latest complete one."""
+    complete = _complete_in(directory)
+    return _best_in(directory) or (complete[-1] if complete else None)
+
+
+def resolve_checkpoint(path: Path) -> Checkpoint:
+    """A checkpoint from a run dir (best, else latest), checkpoints dir, file or name."""
+    path = Path(path)
+    found: Checkpoint | None = None
+    if path.is_dir():
+        if (path / CHECKPOINT_DIR).is_dir():
+            found = _preferred_in(path / CHECKPOINT_DIR)
+        else:  # a checkpoints directory, or any directory holding step checkpoints
+            found = _preferred_in(path)
+    elif path.is_file() and path.name.endswith(WEIGHTS_SUFFIX):
+        found = Checkpoint.from_weights(path)
+    elif path.is_file() and path.name.endswith(STATE_SUFFIX) and _weights_of(path).is_file():
+        found = Checkpoint.from_weights(_weights_of(path))
+    elif path.is_file() and path.name == BEST_FILE:
+        found = _follow_pointer(path)
+    elif path.with_name(path.name + WEIGHTS_SUFFIX).is_file():  # a name: .../step-00001000
+        found = Checkpoint.from_weights(path.with_name(path.name + WEIGHTS_SUFFIX))
+    if found is None:
+        raise MtError(
+            f"{path}: no checkpoint found "
+            "(expected a run directory, a checkpoints directory or a .safetensors file)"
+        )
+    return found
+
+
+# --- random number generators ---------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's torch (CPU and current CUDA device), Python and NumPy RNG states."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": {"version": version, "internal": torch.tensor(internal), "gauss": gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+    }
+    # The current device only: each DDP rank drives one GPU, and get_rng_state_all() would
+    # create a CUDA context on every visible GPU.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what rng_state() returned; generators missing from `state` are left alone."""
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "python" in state:
+        py = state["python"]
+        random.setstate((py["version"], tuple(py["internal"].tolist()), py["gauss"]))
+    if "numpy" in state:
+        npy = state["numpy"]
+        keys = npy["keys"].numpy().astype(np.uint32)
+        np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached"]))
+    if "cuda" in state and torch.cuda.is_available():  # a GPU run may resume on a CPU
+        torch.cuda.set_rng_state(state["cuda"])

@@ -1,0 +1,408 @@
+"""Typed run configuration: YAML files and dotted overrides, validated at load.
+
+Every default lives here, in one place, with a one-line doc per field. A run's config has
+five sections (`data`, `tokenizer`, `model`, `train`, `decode`) and a `run_dir`. Errors name
+the file (or the command line) and the key, e.g.
+`configs/x.yaml: model.heads=7 does not divide model.dim=512`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mt.errors import ConfigError
+
+CONFIG_FILE = "config.yaml"  # the resolved config inside a run directory
+
+
+class _Invalid(Exception):
+    """An impossible value; `key` is the dotted key to blame (for naming the file or override)."""
+
+    def __init__(self, keys: str | tuple[str, ...], message: str) -> None:
+        super().__init__(message)
+        self.keys = (keys,) if isinstance(keys, str) else keys
+
+
+def _check(ok: bool, keys: str | tuple[str, ...], message: str) -> None:
+    """Raise _Invalid blaming `keys` (all the keys involved in a cross-field rule) unless ok."""
+    if not ok:
+        raise _Invalid(keys, message)
+
+
+@dataclass
+class DataConfig:
+    """Where the parallel data lives and how training pairs are filtered."""
+
+    src_lang: str = "de"  # source language code: the suffix of source files / the column name
+    tgt_lang: str = "en"  # target language code
+    train: str = ""  # a prefix (train.de[.gz] + train.en[.gz]), a .tsv file, or hf:NAME[:CONFIG]
+    valid: str = ""  # dev set (same forms); never filtered
+    test: str = ""  # test set (same forms); never filtered
+    max_len: int = 256  # training pairs with more subword tokens on either side are dropped
+    max_ratio: float = 3.0  # training pairs whose token-length ratio exceeds this are dropped
+    num_proc: int = 1  # worker processes for encoding
+    cache_dir: str = ""  # where encoded corpora are cached; empty means <run_dir>/cache
+
+    def __post_init__(self) -> None:
+        _check(
+            self.src_lang != self.tgt_lang,
+            ("data.src_lang", "data.tgt_lang"),
+            f"data.src_lang and data.tgt_lang are both '{self.src_lang}'",
+        )
+        _check(self.max_len > 0, "data.max_len", f"data.max_len={self.max_len} must be positive")
+        _check(
+            self.max_ratio >= 1,
+            "data.max_ratio",
+            f"data.max_ratio={self.max_ratio} must be at least 1",
+        )
+        _check(self.num_proc >= 1, "data.num_proc", f"data.num_proc={self.num_proc} must be >= 1")
+
+
+@dataclass
+class TokenizerConfig:
+    """The SentencePiece model trained for a run that has none."""
+
+    type: Literal["bpe", "unigram"] = "bpe"  # SentencePiece model type
+    vocab_size: int = 8000  # pieces per model (joint: one model for both languages)
+    joint: bool = True  # one vocabulary for both sides, so all embeddings can be tied
+    character_coverage: float = 1.0  # fraction of characters covered by the alphabet
+    byte_fallback: bool = True  # unknown characters become UTF-8 byte pieces instead of <unk>
+    input_sentence_size: int = 1_000_000  # sentences sampled for training (0 = all)
+
+    def __post_init__(self) -> None:
+        _check(
+            self.vocab_size >= 8,
+            "tokenizer.vocab_size",
+            f"tokenizer.vocab_size={self.vocab_size} must be at least 8",
+        )
+        _check(
+            0 < self.character_coverage <= 1,
+            "tokenizer.character_coverage",
+            f"tokenizer.character_coverage={self.character_coverage} must be in (0, 1]",
+        )
+        _check(
+            self.input_sentence_size >= 0,
+            "tokenizer.input_sentence_size",
+            f"tokenizer.input_sentence_size={self.input_sentence_size} must be >= 0",
+        )
+
+
+@dataclass
+class ModelConfig:
+    """The Transformer's shape (Vaswani et al. 2017)."""
+
+    dim: int = 512  # model (embedding) dimension
+    enc_layers: int = 6  # encoder layers
+    dec_layers: int = 6  # decoder layers
+    heads: int = 8  # attention heads; must divide dim
+    ffn_dim: int = 2048  # inner dimension of the position-wise feed-forward network
+    dropout: float = 0.1  # dropout on embeddings, sublayer outputs and inside the FFN
+    attn_dropout: float = 0.0  # dropout on attention weights
+    activation: Literal["relu", "gelu"] = "relu"  # FFN activation
+    prenorm: bool = True  # layer norm before each sublayer (False: after, as in the paper)
+    share_embeddings: bool = True  # tie source, target and output embeddings (joint vocab only)
+    max_positions: int = 1024  # longest sequence the positional table covers
+
+    def __post_init__(self) -> None:
+        for key in ("dim", "enc_layers", "dec_layers", "heads", "ffn_dim", "max_positions"):
+            value = getattr(self, key)
+            _check(value > 0, f"model.{key}", f"model.{key}={value} must be positive")
+        _check(
+            self.dim % self.heads == 0,
+            ("model.heads", "model.dim"),
+            f"model.heads={self.heads} does not divide model.dim={self.dim}",
+        )
+        for key in ("dropout", "attn_dropout"):
+            value = getattr(self, key)
+            _check(0 <= value < 1, f"model.{key}", f"model.{key}={value} must be in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, precision, validation and checkpointing."""
+
+    max_tokens: int = 4096  # token budget per batch, counted with padding (sentences x longest)
+    update_freq: int = 1  # batches accumulated per optimizer update
+    max_steps: int = 100_000  # optimizer updates to run
+    max_epochs: int = 0  # stop after this many epochs (0 = no limit)
+    seed: int = 1  # seeds batching, dropout and initialisation
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = (
+        "auto"  # auto: bf16/fp16 on CUDA, fp32 on CPU
+    )
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    compile: bool = False  # wrap the model in torch.compile
+    lr: float = 7e-4  # peak learning rate, reached at the end of warm-up
+    warmup_steps: int = 4000  # linear warm-up, then inverse square root decay
+    betas: tuple[float, float] = (0.9, 0.98)  # Adam betas
+    eps: float = 1e-9  # Adam epsilon
+    weight_decay: float = 0.0  # decoupled weight decay (AdamW)
+    clip_norm: float = 0.0  # clip the gradient norm to this (0 = off)
+    label_smoothing: float = 0.1  # epsilon of label-smoothed cross-entropy
+    log_every: int = 100  # steps between log lines / metric records
+    valid_every: int = 1000  # steps between validations (dev loss and BLEU) and checkpoints
+    valid_max_tokens: int = 8192  # token budget of validation batches
+    patience: int = 0  # stop after this many validations without a better dev BLEU (0 = off)
+    keep_last: int = 5  # step checkpoints kept besides the best one
+    average_last: int = 0  # at the end, average the last K checkpoints (0 = off)
+    min_loss_scale: float = 1e-4  # fp16: stop when the loss scale falls below this
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # YAML gives lists
+        for key in (
+            "max_tokens",
+            "update_freq",
+            "max_steps",
+            "log_every",
+            "valid_every",
+            "valid_max_tokens",
+            "keep_last",
+        ):
+            value = getattr(self, key)
+            _check(value > 0, f"train.{key}", f"train.{key}={value} must be positive")
+        for key in (
+            "max_epochs",
+            "warmup_steps",
+            "weight_decay",
+            "clip_norm",
+            "patience",
+            "average_last",
+        ):
+            value = getattr(self, key)
+            _check(value >= 0, f"train.{key}", f"train.{key}={value} must be >= 0")
+        _check(self.lr > 0, "train.lr", f"train.lr={self.lr} must be positive")
+        _check(
+            all(0 <= b < 1 for b in self.betas),
+            "train.betas",
+            f"train.betas={list(self.betas)} must be in [0, 1)",
+        )
+        _check(
+            0 <= self.label_smoothing < 1,
+            "train.label_smoothing",
+            f"train.label_smoothing={self.label_smoothing} must be in [0, 1)",
+        )
+        _check(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            "train.device",
+            f"train.device={self.device!r} must be auto, cpu, cuda or cuda:N",
+        )
+
+
+@dataclass
+class DecodeConfig:
+    """Search settings for validation, `mt translate` and `mt evaluate`."""
+
+    beam: int = 5  # beam size (1 = greedy)
+    alpha: float = 0.6  # GNMT length penalty exponent ((5 + len) / 6) ** alpha
+    max_len_a: float = 1.2  # maximum output length = a * source length + b
+    max_len_b: int = 10  # see max_len_a
+    max_tokens: int = 8192  # token budget of decoding batches
+
+    def __post_init__(self) -> None:
+        _check(self.beam >= 1, "decode.beam", f"decode.beam={self.beam} must be >= 1")
+        _check(self.alpha >= 0, "decode.alpha", f"decode.alpha={self.alpha} must be >= 0")
+        _check(
+            self.max_tokens > 0,
+            "decode.max_tokens",
+            f"decode.max_tokens={self.max_tokens} must be positive",
+        )
+
+
+@dataclass
+class Config:
+    """A whole run: where it writes, its data, tokenizer, model, training and decoding."""
+
+    run_dir: str = "runs/default"  # everything a run writes goes here
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+    def __post_init__(self) -> None:
+        _check(
+            self.tokenizer.joint or not self.model.share_embeddings,
+            ("model.share_embeddings", "tokenizer.joint"),
+            "model.share_embeddings=true needs a joint vocabulary (tokenizer.joint=true)",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain YAML-able values (tuples become lists)."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Building typed objects from plain dicts
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        return "a list of " + ", ".join(_type_name(a) for a in typing.get_args(tp))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[tp]
+
+
+def _float_or_same(value: Any) -> Any:
+    try:
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the field type `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        ok = value in typing.get_args(tp) and isinstance(value, str)
+    elif origin is tuple:
+        args = typing.get_args(tp)
+        ok = isinstance(value, (list, tuple)) and len(value) == len(args)
+        if ok:
+            return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
+    elif tp is float:
+        value = _float_or_same(value)  # YAML 1.1 reads `1e-3` as a string
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, tp)
+    if not ok:
+        raise _Invalid(key, f"{key} must be {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    """Construct dataclass `cls` from a dict, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in hints:
+            raise _Invalid(dotted, f"unknown key {dotted}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise _Invalid(dotted, f"{dotted} must be a section (a mapping), got {value!r}")
+            kwargs[key] = _build(tp, value, f"{dotted}.")
+        else:
+            kwargs[key] = _coerce(value, tp, dotted)
+    return cls(**kwargs)
+
+
+def _section_types(cls: type = Config, prefix: str = "") -> dict[str, Any]:
+    """Every dotted key of the config and its type (used to parse command-line overrides)."""
+    out: dict[str, Any] = {}
+    for key, tp in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            out.update(_section_types(tp, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = tp
+    return out
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    """`model.layers=3` -> ("model.layers", 3); string fields keep the raw text."""
+    key, sep, raw = item.partition("=")
+    key = key.strip().removeprefix("--")
+    if not sep or not key:
+        raise _Invalid(key, f"override {item!r} is not of the form key=value")
+    types_by_key = _section_types()
+    if key not in types_by_key:
+        raise _Invalid(key, f"unknown key {key}")
+    if types_by_key[key] is str:
+        return key, raw
+    try:
+        return key, yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return key, raw
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = tree.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise _Invalid(key, f"{part} must be a section (a mapping), got {node!r}")
+        tree = node
+    tree[leaf] = value
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f"line {where.line + 1}: " if where is not None else ""
+        raise ConfigError(f"{path}: {line}invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return tree
+
+
+def from_dict(tree: dict[str, Any], source: str = "config") -> Config:
+    """Build a validated Config from a plain dict; errors are prefixed with `source`."""
+    try:
+        return _build(Config, tree, "")
+    except _Invalid as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
+    """Load a YAML config, apply dotted `key=value` overrides, and validate the result."""
+    path = Path(path)
+    tree = _read_yaml(path)
+    overridden: set[str] = set()
+    try:
+        for item in overrides:
+            key, value = _parse_override(item)
+            _set_dotted(tree, key, value)
+            overridden.add(key)
+    except _Invalid as exc:
+        raise ConfigError(f"command line: {exc}") from None
+    try:
+        return _build(Config, tree, "")
+    except _Invalid as exc:
+        source = "command line" if overridden.intersection(exc.keys) else str(path)
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def save_config(config: Config, path: Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    tmp.replace(path)
+
+
+def diff(old: Config, new: Config, sections: typing.Iterable[str]) -> list[str]:
+    """Lines `key: old -> new` for every differing key in the given sections."""
+    a, b = old.to_dict(), new.to_dict()
+    lines = []
+    for section in sections:
+        for key in a[section]:
+            if a[section][key] != b[section][key]:
+                lines.append(f"{section}.{key}: {a[section][key]!r} -> {b[section][key]!r}")
+    return lines

@@ -1,0 +1,324 @@
+"""Read parallel corpora as raw (source, target) text pairs: no tokenization, no filtering.
+
+A corpus is named by a spec string:
+
+* a prefix ``data/multi30k/train`` -> ``train.<src>`` + ``train.<tgt>``; each file may be plain or
+  gzipped (``train.de.gz``). When both ``train.de`` and ``train.de.gz`` exist the plain file wins:
+  it is usually the one a user decompressed (and maybe edited) by hand.
+* a ``.tsv`` or ``.tsv.gz`` file: one ``source<TAB>target`` pair per line, columns in
+  (src_lang, tgt_lang) order.
+* ``hf:NAME[:CONFIG][@SPLIT]``: a Hugging Face dataset, either a directory written by
+  ``save_to_disk`` or anything ``datasets.load_dataset`` accepts.
+
+Lines lose only their trailing ``\\n`` or ``\\r\\n``; all other whitespace is kept.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import zip_longest
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from mt.errors import DataError
+
+_CHUNK = 1 << 20
+_HF_BATCH = 1000
+# Bumped if the fingerprint recipe changes, so old caches are not reused by mistake.
+_FINGERPRINT_VERSION = "mt-corpus-v1"
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A parallel corpus named by a spec; yields validated (source, target) raw-text pairs."""
+
+    spec: str
+    src_lang: str
+    tgt_lang: str
+
+    def pairs(self) -> Iterator[tuple[str, str]]:
+        """Stream (source, target) pairs; raises DataError on the first invalid line."""
+        raise NotImplementedError
+
+    def sources(self) -> list[str]:
+        """All source sentences (for small dev/test sets)."""
+        return [src for src, _ in self.pairs()]
+
+    def targets(self) -> list[str]:
+        """All target sentences (for small dev/test sets)."""
+        return [tgt for _, tgt in self.pairs()]
+
+    def fingerprint(self) -> str:
+        """A sha256 hex digest of the corpus contents, for use as a cache key."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """A short human-readable name for messages."""
+        raise NotImplementedError
+
+    def _combine(self, kind: str, parts: Iterable[str]) -> str:
+        """Fold per-file digests with the kind and direction, so en->de differs from de->en."""
+        header = [_FINGERPRINT_VERSION, kind, self.src_lang, self.tgt_lang]
+        return hashlib.sha256("\n".join([*header, *parts]).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class FilePairCorpus(Corpus):
+    """Two line-aligned text files, one per language, each plain or gzipped."""
+
+    src_path: Path
+    tgt_path: Path
+
+    def pairs(self) -> Iterator[tuple[str, str]]:
+        """Stream pairs; a line-count mismatch is raised once the shorter file ends."""
+        n_src = n_tgt = 0
+        for src, tgt in zip_longest(read_lines(self.src_path), read_lines(self.tgt_path)):
+            # Keep consuming the longer file after the shorter ends, to report both counts.
+            n_src += src is not None
+            n_tgt += tgt is not None
+            if src is not None and tgt is not None:
+                yield src, tgt
+        if n_src != n_tgt:
+            raise DataError(f"{self.src_path} has {n_src} lines but {self.tgt_path} has {n_tgt}")
+
+    def fingerprint(self) -> str:
+        """Digest of the decompressed text, so foo.de and foo.de.gz with equal text match."""
+        return self._combine("files", [_text_digest(self.src_path), _text_digest(self.tgt_path)])
+
+    def describe(self) -> str:
+        """E.g. ``data/train.de.gz + data/train.en.gz``."""
+        return f"{self.src_path} + {self.tgt_path}"
+
+
+@dataclass(frozen=True)
+class TsvCorpus(Corpus):
+    """One file of ``source<TAB>target`` lines, plain or gzipped."""
+
+    path: Path
+
+    def pairs(self) -> Iterator[tuple[str, str]]:
+        """Stream pairs; a line without exactly one tab is a DataError."""
+        for number, line in enumerate(read_lines(self.path), start=1):
+            columns = line.split("\t")
+            if len(columns) != 2:
+                raise DataError(
+                    f"{self.path}: line {number} has {len(columns) - 1} tabs, "
+                    "expected exactly 1 (source<TAB>target)"
+                )
+            yield columns[0], columns[1]
+
+    def fingerprint(self) -> str:
+        """Digest of the decompressed text."""
+        return self._combine("tsv", [_text_digest(self.path)])
+
+    def describe(self) -> str:
+        """The file's path."""
+        return str(self.path)
+
+
+@dataclass(frozen=True)
+class HfCorpus(Corpus):
+    """One split of a Hugging Face dataset: a ``translation`` column or two language columns."""
+
+    name: str
+    split: str
+    dataset: Any = field(compare=False, repr=False)  # a datasets.Dataset, imported lazily
+    translation_column: bool = False
+
+    def pairs(self) -> Iterator[tuple[str, str]]:
+        """Stream pairs in batches straight from the Arrow table (never a whole Python list)."""
+        columns = ["translation"] if self.translation_column else [self.src_lang, self.tgt_lang]
+        row = 0
+        for batch in self.dataset.select_columns(columns).iter(batch_size=_HF_BATCH):
+            for src, tgt in self._batch_pairs(batch):
+                row += 1
+                if not isinstance(src, str) or not isinstance(tgt, str):
+                    raise DataError(f"{self.describe()}: row {row} has a missing or non-text value")
+                yield src, tgt
+
+    def _batch_pairs(self, batch: dict[str, list[Any]]) -> Iterable[tuple[Any, Any]]:
+        """The (source, target) values of one batch, whichever column layout is in use."""
+        if not self.translation_column:
+            return zip(batch[self.src_lang], batch[self.tgt_lang], strict=True)
+        rows = (t or {} for t in batch["translation"])
+        return ((t.get(self.src_lang), t.get(self.tgt_lang)) for t in rows)
+
+    def fingerprint(self) -> str:
+        """Digest of the Arrow files backing the split (or the dataset's own fingerprint)."""
+        files = [Path(f["filename"]) for f in self.dataset.cache_files]
+        # An in-memory dataset has no files; its datasets fingerprint is the best we have.
+        parts = [_bytes_digest(f) for f in files] or [str(self.dataset._fingerprint)]
+        layout = "translation" if self.translation_column else "columns"
+        return self._combine("hf", [self.name, self.split, layout, *parts])
+
+    def describe(self) -> str:
+        """E.g. ``hf:wmt16:de-en@validation``."""
+        return f"hf:{self.name}@{self.split}"
+
+
+def open_corpus(spec: str, src_lang: str, tgt_lang: str, split: str = "train") -> Corpus:
+    """Resolve a corpus spec; ``split`` is the default split, used only by ``hf:`` specs."""
+    if spec.startswith("hf:"):
+        return _open_hf(spec, src_lang, tgt_lang, split)
+    if spec.endswith((".tsv", ".tsv.gz")):
+        path = Path(spec)
+        if not path.is_file():
+            raise DataError(f"{spec}: no such file")
+        return TsvCorpus(spec, src_lang, tgt_lang, path)
+    return _open_prefix(spec, src_lang, tgt_lang)
+
+
+def read_lines(path: Path) -> Iterator[str]:
+    """Yield the lines of a plain or ``.gz`` file as text, without their line ending."""
+    number = 0
+    try:
+        with _open_binary(path) as stream:
+            for number, raw in enumerate(stream, start=1):
+                yield _decode(raw, path, number)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: corrupt gzip data after line {number} ({exc})") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def _open_binary(path: Path) -> Any:
+    """Open a file for binary reading, decompressing ``.gz`` transparently."""
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+
+
+def _decode(raw: bytes, path: Path, number: int) -> str:
+    """Strip one ``\\n`` or ``\\r\\n`` and decode UTF-8, naming the line on failure."""
+    if raw.endswith(b"\n"):
+        raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: line {number} is not valid UTF-8") from None
+
+
+def _open_prefix(spec: str, src_lang: str, tgt_lang: str) -> FilePairCorpus:
+    """Find ``<spec>.<lang>`` or ``<spec>.<lang>.gz`` for both languages."""
+    found: dict[str, Path] = {}
+    missing: list[str] = []
+    for lang in (src_lang, tgt_lang):
+        tried = [Path(f"{spec}.{lang}"), Path(f"{spec}.{lang}.gz")]
+        path = next((p for p in tried if p.is_file()), None)
+        if path is None:
+            missing.append(f"no {lang} file (tried {tried[0]}, {tried[1]})")
+        else:
+            found[lang] = path
+    if missing:
+        raise DataError(f"corpus {spec}: " + "; ".join(missing))
+    return FilePairCorpus(spec, src_lang, tgt_lang, found[src_lang], found[tgt_lang])
+
+
+def _text_digest(path: Path) -> str:
+    """sha256 of a file's decompressed bytes."""
+    try:
+        with _open_binary(path) as stream:
+            return _stream_digest(stream)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: corrupt gzip data ({exc})") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def _bytes_digest(path: Path) -> str:
+    """sha256 of a file's bytes as stored."""
+    with open(path, "rb") as stream:
+        return _stream_digest(stream)
+
+
+def _stream_digest(stream: BinaryIO) -> str:
+    """sha256 hex of everything left in a binary stream (hashlib.file_digest needs 3.11)."""
+    digest = hashlib.sha256()
+    while chunk := stream.read(_CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _parse_hf_spec(spec: str, default_split: str) -> tuple[str, str | None, str | None, str]:
+    """Split ``hf:NAME[:CONFIG][@SPLIT]`` into (name, config, explicit split, split to use)."""
+    body, at, explicit = spec.removeprefix("hf:").partition("@")
+    name, _, config = body.partition(":")
+    if not name or (at and not explicit):
+        raise DataError(f"{spec}: expected hf:NAME[:CONFIG][@SPLIT]")
+    return name, config or None, explicit or None, explicit or default_split
+
+
+def _open_hf(spec: str, src_lang: str, tgt_lang: str, default_split: str) -> HfCorpus:
+    """Load one split of a Hugging Face dataset and check its columns."""
+    name, config, explicit, split = _parse_hf_spec(spec, default_split)
+    label = f"{name}:{config}" if config else name
+    if Path(name).is_dir():
+        dataset = _split_of_saved(_load_saved(name), name, explicit, split)
+    else:
+        dataset = _load_hub(name, config, split)
+    translation = _check_columns(dataset, f"hf:{label}", src_lang, tgt_lang)
+    return HfCorpus(spec, src_lang, tgt_lang, label, split, dataset, translation)
+
+
+def _load_saved(name: str) -> Any:
+    """``datasets.load_from_disk`` with its errors turned into one-line DataErrors."""
+    import datasets  # slow to import; only hf: specs need it
+
+    try:
+        return datasets.load_from_disk(name)
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        raise DataError(f"hf:{name}: not a saved dataset ({_first_line(exc)})") from None
+
+
+def _split_of_saved(loaded: Any, name: str, explicit: str | None, split: str) -> Any:
+    """Pick the split from a saved DatasetDict; a single saved Dataset is used as is."""
+    import datasets
+
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(f"hf:{name}: no split '{split}' (splits: {', '.join(sorted(loaded))})")
+        return loaded[split]
+    # A single Dataset has no splits to choose from, so an explicit @split cannot be honoured.
+    if explicit is not None and str(loaded.split) != explicit:
+        raise DataError(f"hf:{name}: is a single dataset without splits; remove '@{explicit}'")
+    return loaded
+
+
+def _load_hub(name: str, config: str | None, split: str) -> Any:
+    """``datasets.load_dataset`` for one split, errors turned into one-line DataErrors."""
+    import datasets
+
+    label = f"{name}:{config}" if config else name
+    try:
+        return datasets.load_dataset(name, config, split=split)
+    except Exception as exc:  # datasets raises many unrelated types; all mean "cannot load"
+        raise DataError(f"hf:{label}: cannot load split '{split}' ({_first_line(exc)})") from None
+
+
+def _check_columns(dataset: Any, label: str, src_lang: str, tgt_lang: str) -> bool:
+    """True for a ``translation`` column, False for two language columns; else DataError."""
+    features = dataset.features
+    if "translation" in features:
+        feature = features["translation"]
+        # Datasets built from dicts have a dict feature; hub ones (wmt) a Translation feature.
+        langs = list(feature) if isinstance(feature, dict) else list(feature.languages)
+        if src_lang in langs and tgt_lang in langs:
+            return True
+        raise DataError(
+            f"{label}: translation column has languages {', '.join(map(str, langs))}; "
+            f"needs {src_lang} and {tgt_lang}"
+        )
+    if src_lang in features and tgt_lang in features:
+        return False
+    raise DataError(
+        f"{label}: needs a 'translation' column or '{src_lang}' and '{tgt_lang}' columns "
+        f"(columns: {', '.join(dataset.column_names)})"
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type name when empty."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

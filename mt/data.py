@@ -1,0 +1,294 @@
+"""Encoded corpora: token ids in a memory-mapped Arrow cache, with length filters for training data.
+
+A corpus is encoded once per (corpus content, tokenizer, filter settings) and cached under
+``cache_dir/<key>/`` as a ``datasets`` directory (columns ``src_ids``, ``tgt_ids``) plus the
+length table (``lengths.npy``) and the filter statistics (``stats.json``, written last).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from datasets.exceptions import DatasetGenerationError
+
+from mt.errors import DataError, MtError
+
+if TYPE_CHECKING:
+    from mt.corpora import Corpus
+    from mt.tokenizer import Tokenizer
+
+# Bumped whenever the cached layout or the encoding recipe changes, so old caches are not reused.
+FORMAT_VERSION = 1
+STATS_FILE = "stats.json"
+LENGTHS_FILE = "lengths.npy"
+_RAW = datasets.Features({"src": datasets.Value("string"), "tgt": datasets.Value("string")})
+_IDS = datasets.Features(
+    {
+        "src_ids": datasets.List(datasets.Value("int32")),
+        "tgt_ids": datasets.List(datasets.Value("int32")),
+    }
+)
+
+
+@dataclass(frozen=True)
+class FilterStats:
+    """How many pairs a corpus had, how many were kept, and why the others were dropped."""
+
+    total: int
+    kept: int
+    empty: int
+    too_long: int
+    bad_ratio: int
+    max_len: int | None = None  # None: the corpus was not filtered (dev/test data)
+    max_ratio: float | None = None
+
+    def describe(self) -> str:
+        """E.g. ``kept 28,950 of 29,000 pairs (dropped: 3 empty, 40 over 256 tokens, ...)``."""
+        kept = f"kept {self.kept:,} of {self.total:,} pairs"
+        if self.max_len is None:
+            return f"{kept} (not filtered)"
+        return (
+            f"{kept} (dropped: {self.empty:,} empty, {self.too_long:,} over {self.max_len} "
+            f"tokens, {self.bad_ratio:,} with length ratio over {self.max_ratio})"
+        )
+
+
+@dataclass
+class EncodedCorpus:
+    """Token ids of a parallel corpus, memory-mapped from an Arrow cache; lengths in memory."""
+
+    dataset: datasets.Dataset  # columns src_ids, tgt_ids (list<int32>), memory-mapped
+    src_lens: np.ndarray  # (N,) token counts without special tokens
+    tgt_lens: np.ndarray
+    stats: FilterStats
+    _views: _ListViews = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._views = _ListViews(self.dataset)
+
+    def __len__(self) -> int:
+        return len(self.src_lens)
+
+    def pairs(self, indices: np.ndarray) -> list[tuple[list[int], list[int]]]:
+        """The (source ids, target ids) of the given rows, in the given order."""
+        return self._views.rows(np.asarray(indices, dtype=np.int64))
+
+
+class _ListViews:
+    """Zero-copy numpy views of the two list columns, chunk by chunk, over the memory map.
+
+    Slicing these views is about 3x faster than ``dataset[indices]``, which converts through
+    Arrow ``take`` and Python dicts (Multi30k, 200-row batches: 0.24 ms against 0.76 ms).
+    """
+
+    def __init__(self, dataset: datasets.Dataset) -> None:
+        # Rows are addressed in table order; a dataset with an indices mapping would break that.
+        if dataset._indices is not None:
+            raise ValueError("expected a dataset without an indices mapping (as saved to disk)")
+        table = dataset.data.table
+        self.columns = [_chunk_views(table.column(name)) for name in ("src_ids", "tgt_ids")]
+        sizes = [len(chunk) for chunk in table.column("src_ids").chunks]
+        self.starts = np.cumsum([0, *sizes])
+
+    def rows(self, indices: np.ndarray) -> list[tuple[list[int], list[int]]]:
+        """Rows by global index: find each row's chunk, then slice its values by offsets."""
+        if len(indices) and (indices.min() < 0 or indices.max() >= self.starts[-1]):
+            raise IndexError(f"row index out of range for {self.starts[-1]} rows")
+        chunks = np.searchsorted(self.starts, indices, side="right") - 1
+        local = (indices - self.starts[chunks]).tolist()
+        (src_off, src_val), (tgt_off, tgt_val) = self.columns
+        out = []
+        for c, i in zip(chunks.tolist(), local, strict=True):
+            so, to = src_off[c], tgt_off[c]
+            out.append(
+                (src_val[c][so[i] : so[i + 1]].tolist(), tgt_val[c][to[i] : to[i + 1]].tolist())
+            )
+        return out
+
+
+def _chunk_views(column: pa.ChunkedArray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(offsets, values) numpy views per chunk of a list<int32> ChunkedArray; no copies."""
+    offsets = [chunk.offsets.to_numpy(zero_copy_only=True) for chunk in column.chunks]
+    values = [chunk.values.to_numpy(zero_copy_only=True) for chunk in column.chunks]
+    return offsets, values
+
+
+def cache_key(
+    corpus_fingerprint: str,
+    tokenizer_fingerprint: str,
+    filter: bool,
+    max_len: int,
+    max_ratio: float,
+) -> str:
+    """sha256 naming the cache entry of one corpus encoded with one tokenizer and filter."""
+    limits = {"max_len": max_len, "max_ratio": float(max_ratio)} if filter else {}
+    # The limits are left out when not filtering, so dev/test caches survive a max_len change.
+    recipe = {
+        "format": FORMAT_VERSION,
+        "corpus": corpus_fingerprint,
+        "tokenizer": tokenizer_fingerprint,
+        "filter": filter,
+        **limits,
+    }
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+
+
+def encode_corpus(
+    corpus: Corpus,
+    tokenizer: Tokenizer,
+    cache_dir: Path,
+    *,
+    filter: bool,
+    max_len: int = 256,
+    max_ratio: float = 3.0,
+    num_proc: int = 1,
+) -> EncodedCorpus:
+    """Encode (and, with ``filter``, length-filter) a corpus, or load it from the cache."""
+    key = cache_key(corpus.fingerprint(), tokenizer.fingerprint(), filter, max_len, max_ratio)
+    target = Path(cache_dir) / key
+    if not (target / STATS_FILE).is_file():
+        limits = (max_len, max_ratio) if filter else None
+        _build(corpus, tokenizer, target, limits, num_proc)
+    return load_encoded(target)
+
+
+def load_encoded(directory: Path) -> EncodedCorpus:
+    """Open one cache entry: the Arrow data memory-mapped, lengths and stats in memory."""
+    try:
+        dataset = datasets.load_from_disk(str(directory))
+        lengths = np.load(directory / LENGTHS_FILE)
+        stats = FilterStats(**json.loads((directory / STATS_FILE).read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as exc:
+        raise DataError(
+            f"{directory}: unreadable encoded-corpus cache ({exc}); delete it"
+        ) from None
+    return EncodedCorpus(dataset, lengths[0], lengths[1], stats)
+
+
+def _build(
+    corpus: Corpus,
+    tokenizer: Tokenizer,
+    target: Path,
+    limits: tuple[int, float] | None,
+    num_proc: int,
+) -> None:
+    """Encode into a temporary directory beside ``target``, then move the result into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Every intermediate Arrow file lives in this directory and goes with it.
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".tmp-") as tmp:
+        with _quiet_datasets():
+            encoded = _encode(corpus, tokenizer, Path(tmp), target.name, num_proc)
+            src_lens, tgt_lens = _lengths(encoded)
+            keep, stats = _filter(src_lens, tgt_lens, limits)
+            if stats.kept < stats.total:
+                encoded = encoded.select(np.flatnonzero(keep))
+            final = Path(tmp) / "final"
+            encoded.save_to_disk(str(final))
+        np.save(final / LENGTHS_FILE, np.stack([src_lens[keep], tgt_lens[keep]]))
+        # Written last: its presence marks a complete entry.
+        (final / STATS_FILE).write_text(json.dumps(asdict(stats)), encoding="utf-8")
+        try:
+            os.replace(final, target)
+        except OSError:
+            # Another process finished the same entry first (a non-empty target cannot be replaced).
+            if not (target / STATS_FILE).is_file():
+                raise
+
+
+def _encode(
+    corpus: Corpus, tokenizer: Tokenizer, tmp: Path, key: str, num_proc: int
+) -> datasets.Dataset:
+    """Stream the raw pairs to Arrow, then encode both sides in batches (in parallel if asked)."""
+    # datasets cannot build an empty dataset, and an empty corpus is a mistake anyway.
+    if next(iter(corpus.pairs()), None) is None:
+        raise DataError(f"{corpus.describe()}: no sentence pairs")
+    try:
+        raw = datasets.Dataset.from_generator(
+            _raw_pairs,
+            features=_RAW,
+            cache_dir=str(tmp / "raw"),
+            gen_kwargs={"corpus": corpus},
+            fingerprint=f"{key[:32]}-raw",  # skips hashing the generator; the key identifies it
+        )
+    except DatasetGenerationError as exc:
+        # datasets wraps the corpus's own one-line error (file, line); show that instead.
+        if isinstance(exc.__cause__, MtError):
+            raise exc.__cause__ from None
+        raise
+    # The tokenizer travels to worker processes by pickling; SentencePiece pickles its model.
+    return raw.map(
+        _encode_batch,
+        batched=True,
+        num_proc=num_proc if num_proc > 1 else None,
+        fn_kwargs={"tokenizer": tokenizer},
+        remove_columns=["src", "tgt"],
+        features=_IDS,
+        cache_file_name=str(tmp / "ids.arrow"),
+        new_fingerprint=f"{key[:32]}-ids",
+        load_from_cache_file=False,
+    )
+
+
+def _raw_pairs(corpus: Corpus) -> Iterator[dict[str, str]]:
+    """The corpus's pairs as rows for ``Dataset.from_generator``."""
+    for src, tgt in corpus.pairs():
+        yield {"src": src, "tgt": tgt}
+
+
+def _encode_batch(batch: dict[str, list[str]], tokenizer: Tokenizer) -> dict[str, list[list[int]]]:
+    """Encode one batch of raw pairs."""
+    return {
+        "src_ids": tokenizer.encode_src(batch["src"]),
+        "tgt_ids": tokenizer.encode_tgt(batch["tgt"]),
+    }
+
+
+def _lengths(dataset: datasets.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Token counts per row, read from the Arrow list offsets (no Python lists)."""
+    table = dataset.data.table
+    return tuple(
+        pc.list_value_length(table.column(name)).to_numpy().astype(np.int32)
+        for name in ("src_ids", "tgt_ids")
+    )
+
+
+def _filter(
+    src_lens: np.ndarray, tgt_lens: np.ndarray, limits: tuple[int, float] | None
+) -> tuple[np.ndarray, FilterStats]:
+    """Keep mask and counts; a dropped pair counts under its first reason: empty, long, ratio."""
+    total = len(src_lens)
+    if limits is None:
+        return np.ones(total, dtype=bool), FilterStats(total, total, 0, 0, 0)
+    max_len, max_ratio = limits
+    shorter, longer = np.minimum(src_lens, tgt_lens), np.maximum(src_lens, tgt_lens)
+    # Blank or whitespace-only text normalizes to no tokens at all.
+    empty = shorter == 0
+    too_long = ~empty & (longer > max_len)
+    bad_ratio = ~empty & ~too_long & (longer > max_ratio * shorter)
+    keep = ~(empty | too_long | bad_ratio)
+    counts = [int(m.sum()) for m in (keep, empty, too_long, bad_ratio)]
+    return keep, FilterStats(total, *counts, max_len=max_len, max_ratio=float(max_ratio))
+
+
+@contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """Hide the progress bars of ``datasets`` (the caller reports what was done)."""
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()

@@ -1,0 +1,356 @@
+"""The Transformer encoder-decoder of Vaswani et al. 2017, read top-down from small to large.
+
+Shape legend used in the comments:
+    B  batch size              S  source length          T  target length
+    L  any sequence length     D  model dimension        F  feed-forward dimension
+    H  attention heads         hd head dimension (D//H)  V  vocabulary size
+
+The model knows nothing about devices, mixed precision, DDP or compilation: callers wrap it.
+
+Assumption: every source row holds at least one real (non-pad) token, e.g. its eos. The key-padding
+mask would otherwise mask a whole row and scaled_dot_product_attention would return NaN.
+
+Parameter counts with a 37,000-token joint vocabulary and three-way tied embeddings
+(checked in tests/test_model.py):
+    base (D512, F2048, H8, 6+6 layers):  63,084,544 pre-norm, 63,082,496 post-norm
+    big (D1024, F4096, H16, 6+6 layers): 214,249,472 pre-norm
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def sinusoidal_positions(length: int, dim: int) -> Tensor:
+    """Fixed sinusoidal position encodings (length, D): sin on even dims, cos on odd dims."""
+    position = torch.arange(length, dtype=torch.float32).unsqueeze(1)  # (L, 1)
+    inv_freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    angles = position * inv_freq  # (L, ceil(D/2))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(angles)
+    table[:, 1::2] = torch.cos(angles[:, : dim // 2])  # an odd D has one fewer cos column
+    return table  # (L, D)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of unique parameters; tied weights are counted once."""
+    unique = {id(p): p for p in model.parameters()}
+    return sum(p.numel() for p in unique.values())
+
+
+def key_padding_mask(src: Tensor, pad_id: int) -> Tensor:
+    """Boolean attention mask (B, 1, 1, S) for SDPA: True where the key is a real token."""
+    return (src != pad_id)[:, None, None, :]  # (B, 1, 1, S)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention over already projected keys/values, so callers can cache them."""
+
+    def __init__(self, dim: int, heads: int, attn_dropout: float) -> None:
+        super().__init__()
+        if dim % heads != 0:
+            raise ValueError(f"model dim {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.attn_dropout = attn_dropout
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def split_heads(self, x: Tensor) -> Tensor:
+        """(B, L, D) -> (B, H, L, hd)."""
+        B, L, D = x.shape
+        return x.view(B, L, self.heads, D // self.heads).transpose(1, 2)  # (B, H, L, hd)
+
+    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values (B, H, L, hd) for the key/value sequence x (B, L, D)."""
+        return self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))
+
+    def forward(
+        self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causal: bool = False
+    ) -> Tensor:
+        """Attend from queries x (B, L, D) to k, v (B, H, L', hd); mask is True where allowed."""
+        B, L, D = x.shape
+        q = self.split_heads(self.q_proj(x))  # (B, H, L, hd)
+        # SDPA picks flash / memory-efficient kernels on CUDA; never a hand-written softmax path.
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            is_causal=is_causal,
+        )  # (B, H, L, hd)
+        out = out.transpose(1, 2).reshape(B, L, D)  # (B, L, D)
+        return self.out_proj(out)  # (B, L, D)
+
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward block: Linear(D, F) -> activation -> dropout -> Linear(F, D)."""
+
+    def __init__(self, dim: int, ffn_dim: int, dropout: float, activation: str) -> None:
+        super().__init__()
+        activations = {"relu": nn.ReLU, "gelu": nn.GELU}
+        if activation not in activations:
+            raise ValueError(f"activation must be 'relu' or 'gelu', got {activation!r}")
+        self.fc1 = nn.Linear(dim, ffn_dim)
+        self.act = activations[activation]()
+        self.dropout = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(ffn_dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, L, D) -> (B, L, D)."""
+        return self.fc2(self.dropout(self.act(self.fc1(x))))  # (B, L, D)
+
+
+def residual(
+    x: Tensor,
+    fn: Callable[[Tensor], Tensor],
+    norm: nn.LayerNorm,
+    dropout: nn.Dropout,
+    prenorm: bool,
+) -> Tensor:
+    """One sublayer with its residual: x + drop(f(LN(x))) pre-norm, LN(x + drop(f(x))) post-norm."""
+    if prenorm:
+        return x + dropout(fn(norm(x)))
+    return norm(x + dropout(fn(x)))
+
+
+class EncoderLayer(nn.Module):
+    """Self-attention then feed-forward, each wrapped in a residual connection."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        ffn_dim: int,
+        dropout: float,
+        attn_dropout: float,
+        activation: str,
+        prenorm: bool,
+    ) -> None:
+        super().__init__()
+        self.prenorm = prenorm
+        self.self_attn = MultiHeadAttention(dim, heads, attn_dropout)
+        self.ffn = FeedForward(dim, ffn_dim, dropout, activation)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def _self_attention(self, x: Tensor, mask: Tensor) -> Tensor:
+        k, v = self.self_attn.project_kv(x)  # (B, H, S, hd) each
+        return self.self_attn(x, k, v, mask=mask)  # (B, S, D)
+
+    def forward(self, x: Tensor, src_mask: Tensor) -> Tensor:
+        """x (B, S, D), src_mask (B, 1, 1, S) -> (B, S, D)."""
+        x = residual(
+            x, lambda h: self._self_attention(h, src_mask), self.norm1, self.dropout, self.prenorm
+        )
+        return residual(x, self.ffn, self.norm2, self.dropout, self.prenorm)  # (B, S, D)
+
+
+@dataclass
+class LayerCache:
+    """Cached keys/values (B, H, L, hd) of one decoder layer for incremental decoding."""
+
+    self_k: Tensor | None = None
+    self_v: Tensor | None = None
+    cross_k: Tensor | None = None
+    cross_v: Tensor | None = None
+
+    def reorder(self, index: Tensor) -> None:
+        """Select/reorder batch rows of every cached tensor."""
+        for name in ("self_k", "self_v", "cross_k", "cross_v"):
+            cached = getattr(self, name)
+            if cached is not None:
+                setattr(self, name, cached.index_select(0, index))
+
+
+class DecoderState:
+    """Incremental decoding state: the position reached and per-layer key/value caches."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.step = 0  # number of target positions already decoded
+        self.layers = [LayerCache() for _ in range(num_layers)]
+
+    def reorder(self, index: Tensor) -> None:
+        """Select/reorder batch rows (index (B',) long) of all cached tensors, e.g. for beam search.
+
+        The caller must reorder `memory` and `src` passed to later decode calls the same way.
+        """
+        for cache in self.layers:
+            cache.reorder(index)
+
+
+def incremental_mask(new: int, total: int, device: torch.device) -> Tensor | None:
+    """Causal mask (new, total) for `new` queries appended after total-new cached keys."""
+    if new == 1:
+        return None  # the single new query may attend to every cached key and itself
+    # Query i sits at absolute position total-new+i and may see keys up to that position.
+    return torch.ones(new, total, dtype=torch.bool, device=device).tril(diagonal=total - new)
+
+
+class DecoderLayer(nn.Module):
+    """Causal self-attention, cross-attention to the encoder memory, then feed-forward."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        ffn_dim: int,
+        dropout: float,
+        attn_dropout: float,
+        activation: str,
+        prenorm: bool,
+    ) -> None:
+        super().__init__()
+        self.prenorm = prenorm
+        self.self_attn = MultiHeadAttention(dim, heads, attn_dropout)
+        self.cross_attn = MultiHeadAttention(dim, heads, attn_dropout)
+        self.ffn = FeedForward(dim, ffn_dim, dropout, activation)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def _self_attention(self, x: Tensor, cache: LayerCache | None) -> Tensor:
+        k, v = self.self_attn.project_kv(x)  # (B, H, T, hd) each
+        if cache is None:
+            # Target padding needs no key mask: causality hides later pads, the loss ignores pads.
+            return self.self_attn(x, k, v, is_causal=True)  # (B, T, D)
+        if cache.self_k is not None:
+            k = torch.cat([cache.self_k, k], dim=2)  # (B, H, step+T, hd)
+            v = torch.cat([cache.self_v, v], dim=2)  # (B, H, step+T, hd)
+        cache.self_k, cache.self_v = k, v
+        mask = incremental_mask(x.size(1), k.size(2), x.device)
+        return self.self_attn(x, k, v, mask=mask)  # (B, T, D)
+
+    def _cross_attention(
+        self, x: Tensor, memory: Tensor, src_mask: Tensor, cache: LayerCache | None
+    ) -> Tensor:
+        if cache is None:
+            k, v = self.cross_attn.project_kv(memory)  # (B, H, S, hd) each
+        else:
+            if cache.cross_k is None:  # the memory is fixed, so project it only once
+                cache.cross_k, cache.cross_v = self.cross_attn.project_kv(memory)
+            k, v = cache.cross_k, cache.cross_v
+        return self.cross_attn(x, k, v, mask=src_mask)  # (B, T, D)
+
+    def forward(
+        self, x: Tensor, memory: Tensor, src_mask: Tensor, cache: LayerCache | None = None
+    ) -> Tensor:
+        """x (B, T, D), memory (B, S, D), src_mask (B, 1, 1, S) -> (B, T, D)."""
+        drop, pre = self.dropout, self.prenorm
+        x = residual(x, lambda h: self._self_attention(h, cache), self.norm1, drop, pre)
+        x = residual(
+            x, lambda h: self._cross_attention(h, memory, src_mask, cache), self.norm2, drop, pre
+        )
+        return residual(x, self.ffn, self.norm3, drop, pre)  # (B, T, D)
+
+
+class Transformer(nn.Module):
+    """Encoder-decoder Transformer with sinusoidal positions and tied output projection."""
+
+    def __init__(
+        self,
+        src_vocab: int,
+        tgt_vocab: int,
+        dim: int = 512,
+        enc_layers: int = 6,
+        dec_layers: int = 6,
+        heads: int = 8,
+        ffn_dim: int = 2048,
+        dropout: float = 0.1,
+        attn_dropout: float = 0.0,
+        activation: str = "relu",
+        prenorm: bool = True,
+        share_embeddings: bool = True,
+        max_positions: int = 1024,
+        pad_id: int = 0,
+    ) -> None:
+        super().__init__()
+        if share_embeddings and src_vocab != tgt_vocab:
+            raise ValueError(
+                f"share_embeddings needs one joint vocabulary, but src_vocab={src_vocab} "
+                f"!= tgt_vocab={tgt_vocab}; use a joint vocabulary or set share_embeddings=False"
+            )
+        self.pad_id = pad_id
+        self.max_positions = max_positions
+        self.embed_scale = math.sqrt(dim)
+        # The target embedding doubles as the output projection (two-way tie); sharing it with
+        # the source too gives the paper's three-way tie.
+        self.tgt_embed = nn.Embedding(tgt_vocab, dim, padding_idx=pad_id)
+        self.src_embed = (
+            self.tgt_embed if share_embeddings else nn.Embedding(src_vocab, dim, padding_idx=pad_id)
+        )
+        # Non-persistent: recomputed on construction, so it never bloats checkpoints.
+        self.register_buffer(
+            "positions", sinusoidal_positions(max_positions, dim), persistent=False
+        )
+        self.dropout = nn.Dropout(dropout)
+        layer_args = (dim, heads, ffn_dim, dropout, attn_dropout, activation, prenorm)
+        self.encoder = nn.ModuleList(EncoderLayer(*layer_args) for _ in range(enc_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(*layer_args) for _ in range(dec_layers))
+        # Pre-norm leaves the residual stream unnormalised, so each stack ends with a LayerNorm.
+        self.enc_norm = nn.LayerNorm(dim) if prenorm else nn.Identity()
+        self.dec_norm = nn.LayerNorm(dim) if prenorm else nn.Identity()
+        self._init_weights(dim)
+
+    def _init_weights(self, dim: int) -> None:
+        """fairseq-style init: Xavier-uniform linears, zero biases, normal(0, D^-0.5) embeddings."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=dim**-0.5)
+                nn.init.zeros_(module.weight[self.pad_id])
+
+    def _embed(self, embedding: nn.Embedding, tokens: Tensor, start: int) -> Tensor:
+        """Scaled embeddings plus positions start..start+L-1, then dropout: (B, L) -> (B, L, D)."""
+        length = tokens.size(1)
+        if start + length > self.max_positions:
+            raise ValueError(
+                f"sequence reaches position {start + length}, "
+                f"beyond max_positions={self.max_positions}"
+            )
+        x = embedding(tokens) * self.embed_scale  # (B, L, D)
+        x = x + self.positions[start : start + length]  # (L, D) broadcast over B
+        return self.dropout(x)  # (B, L, D)
+
+    def encode(self, src: Tensor) -> Tensor:
+        """Source tokens (B, S) -> encoder memory (B, S, D)."""
+        src_mask = key_padding_mask(src, self.pad_id)  # (B, 1, 1, S)
+        x = self._embed(self.src_embed, src, 0)  # (B, S, D)
+        for layer in self.encoder:
+            x = layer(x, src_mask)  # (B, S, D)
+        return self.enc_norm(x)  # (B, S, D)
+
+    def decode(
+        self, tgt_in: Tensor, memory: Tensor, src: Tensor, state: DecoderState | None = None
+    ) -> Tensor:
+        """Target tokens (B, T) -> logits (B, T, V); with a state, tgt_in holds only new tokens."""
+        src_mask = key_padding_mask(src, self.pad_id)  # (B, 1, 1, S)
+        start = 0 if state is None else state.step
+        x = self._embed(self.tgt_embed, tgt_in, start)  # (B, T, D)
+        for i, layer in enumerate(self.decoder):
+            cache = None if state is None else state.layers[i]
+            x = layer(x, memory, src_mask, cache)  # (B, T, D)
+        x = self.dec_norm(x)  # (B, T, D)
+        if state is not None:
+            state.step += tgt_in.size(1)
+        return F.linear(x, self.tgt_embed.weight)  # (B, T, V), tied projection without bias
+
+    def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+        """Teacher-forced pass: src (B, S), tgt_in (B, T) -> logits (B, T, V)."""
+        return self.decode(tgt_in, self.encode(src), src)
+
+    def init_state(self) -> DecoderState:
+        """An empty incremental decoding state for a new batch."""
+        return DecoderState(len(self.decoder))

@@ -1,0 +1,100 @@
+"""A run directory: its resolved config, its tokenizer and its encoded corpora.
+
+Everything a run writes lives under `config.run_dir`; this module knows the layout, so later
+commands need only the run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from mt.config import CONFIG_FILE, Config, ModelConfig, load_config
+from mt.corpora import Corpus, open_corpus
+from mt.data import EncodedCorpus, encode_corpus
+from mt.errors import ConfigError
+from mt.model import Transformer
+from mt.tokenizer import Tokenizer, load_tokenizer, tokenizer_files, train_tokenizer
+
+log = logging.getLogger("mt")
+
+TOKENIZER_DIR = "tokenizer"
+SPLITS = {"train": "train", "valid": "validation", "test": "test"}  # config key -> HF split
+
+
+def run_path(config: Config) -> Path:
+    """The run directory."""
+    return Path(config.run_dir)
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    """The resolved config saved in a run directory."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.exists():
+        raise ConfigError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
+    return load_config(path)
+
+
+def corpus(config: Config, which: str) -> Corpus:
+    """The `train`, `valid` or `test` corpus named in the config."""
+    spec = getattr(config.data, which)
+    if not spec:
+        raise ConfigError(f"data.{which} is empty: set it in the config or as data.{which}=...")
+    return open_corpus(spec, config.data.src_lang, config.data.tgt_lang, split=SPLITS[which])
+
+
+def prepare_tokenizer(config: Config) -> Tokenizer:
+    """The run's tokenizer: loaded if the run has one, otherwise trained on the training data."""
+    directory = run_path(config) / TOKENIZER_DIR
+    if all(p.exists() for p in tokenizer_files(directory, config.tokenizer.joint)):
+        return load_tokenizer(directory)
+    t = config.tokenizer
+    log.info("training a %s tokenizer (%d pieces, joint=%s)", t.type, t.vocab_size, t.joint)
+    return train_tokenizer(
+        corpus(config, "train"),
+        directory,
+        vocab_size=t.vocab_size,
+        model_type=t.type,
+        joint=t.joint,
+        character_coverage=t.character_coverage,
+        byte_fallback=t.byte_fallback,
+        input_sentence_size=t.input_sentence_size,
+        seed=config.train.seed,
+    )
+
+
+def cache_dir(config: Config) -> Path:
+    """Where encoded corpora are cached."""
+    return Path(config.data.cache_dir) if config.data.cache_dir else run_path(config) / "cache"
+
+
+def encoded(config: Config, tokenizer: Tokenizer, which: str) -> EncodedCorpus:
+    """The encoded (and, for training data only, filtered) corpus, from the cache when possible."""
+    return encode_corpus(
+        corpus(config, which),
+        tokenizer,
+        cache_dir(config),
+        filter=which == "train",
+        max_len=config.data.max_len,
+        max_ratio=config.data.max_ratio,
+        num_proc=config.data.num_proc,
+    )
+
+
+def model_from_config(config: ModelConfig, src_vocab: int, tgt_vocab: int) -> Transformer:
+    """The Transformer a model config describes, for the tokenizer's vocabulary sizes."""
+    return Transformer(
+        src_vocab,
+        tgt_vocab,
+        dim=config.dim,
+        enc_layers=config.enc_layers,
+        dec_layers=config.dec_layers,
+        heads=config.heads,
+        ffn_dim=config.ffn_dim,
+        dropout=config.dropout,
+        attn_dropout=config.attn_dropout,
+        activation=config.activation,
+        prenorm=config.prenorm,
+        share_embeddings=config.share_embeddings,
+        max_positions=config.max_positions,
+    )

@@ -1,0 +1,290 @@
+"""SentencePiece tokenizers: train them on a corpus, load them, encode and decode text.
+
+The special ids are fixed project-wide (see ``mt.vocab``): pad=0, unk=1, bos=2, eos=3. Encoding
+returns bare piece ids; adding BOS/EOS is the model's business.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import sentencepiece as spm
+
+from mt.errors import DataError
+from mt.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+
+if TYPE_CHECKING:
+    from mt.corpora import Corpus
+
+JOINT_FILE = "spm.model"
+SRC_FILE = "spm.src.model"
+TGT_FILE = "spm.tgt.model"
+MODEL_TYPES = ("bpe", "unigram")
+# The trained model depends on the thread count, so it is fixed rather than taken from the
+# machine: the same corpus and settings must give the same model bytes everywhere.
+_NUM_THREADS = 4
+_CHUNK = 10_000  # sentences encoded at once by unk_rate
+
+
+@dataclass
+class Tokenizer:
+    """The source and target SentencePiece models (the same model when the vocabulary is joint)."""
+
+    src: spm.SentencePieceProcessor
+    tgt: spm.SentencePieceProcessor
+    paths: list[Path]
+
+    @property
+    def joint(self) -> bool:
+        """True when one model serves both languages."""
+        return len(self.paths) == 1
+
+    @property
+    def src_vocab_size(self) -> int:
+        """Number of source pieces, special ids included."""
+        return self.src.vocab_size()
+
+    @property
+    def tgt_vocab_size(self) -> int:
+        """Number of target pieces, special ids included."""
+        return self.tgt.vocab_size()
+
+    def fingerprint(self) -> str:
+        """sha256 over the model file bytes: changes whenever the tokenizer changes."""
+        digest = hashlib.sha256()
+        for path in self.paths:
+            data = path.read_bytes()
+            # Length-prefixed so that two files can never hash like one concatenated file.
+            digest.update(len(data).to_bytes(8, "little") + data)
+        return digest.hexdigest()
+
+    def encode_src(self, texts: list[str]) -> list[list[int]]:
+        """Source texts to piece ids, without BOS/EOS."""
+        return self.src.encode(texts, out_type=int)
+
+    def encode_tgt(self, texts: list[str]) -> list[list[int]]:
+        """Target texts to piece ids, without BOS/EOS."""
+        return self.tgt.encode(texts, out_type=int)
+
+    def decode_tgt(self, ids: list[list[int]]) -> list[str]:
+        """Target ids to text; stops at the first EOS and ignores PAD and BOS."""
+        return self.tgt.decode([_strip_special(seq) for seq in ids])
+
+    def src_pieces(self, text: str) -> list[str]:
+        """The source pieces of one text, for inspection."""
+        return self.src.encode(text, out_type=str)
+
+    def tgt_pieces(self, text: str) -> list[str]:
+        """The target pieces of one text, for inspection."""
+        return self.tgt.encode(text, out_type=str)
+
+
+def _strip_special(seq: Iterable[int]) -> list[int]:
+    """Ids up to the first EOS, without PAD/BOS (search output is padded after EOS)."""
+    out = []
+    for i in seq:
+        i = int(i)
+        if i == EOS_ID:
+            break
+        if i not in (PAD_ID, BOS_ID):
+            out.append(i)
+    return out
+
+
+def tokenizer_files(directory: Path, joint: bool) -> list[Path]:
+    """The model file(s) a tokenizer of this kind has in ``directory``."""
+    directory = Path(directory)
+    if joint:
+        return [directory / JOINT_FILE]
+    return [directory / SRC_FILE, directory / TGT_FILE]
+
+
+def load_tokenizer(directory: Path) -> Tokenizer:
+    """Load the joint model, or else the per-side pair, from ``directory``."""
+    for joint in (True, False):
+        paths = tokenizer_files(directory, joint)
+        if all(p.is_file() for p in paths):
+            models = [_load_model(p) for p in paths]
+            return Tokenizer(src=models[0], tgt=models[-1], paths=paths)
+    raise DataError(
+        f"{directory}: no tokenizer found (expected {JOINT_FILE}, or {SRC_FILE} and {TGT_FILE})"
+    )
+
+
+def _load_model(path: Path) -> spm.SentencePieceProcessor:
+    """Load one model file and check that it uses the project's special ids."""
+    try:
+        model = spm.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as exc:
+        raise DataError(f"{path}: not a SentencePiece model ({_first_line(exc)})") from None
+    ids = (model.pad_id(), model.unk_id(), model.bos_id(), model.eos_id())
+    if ids != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
+        raise DataError(
+            f"{path}: special ids pad/unk/bos/eos are {ids}, expected "
+            f"{(PAD_ID, UNK_ID, BOS_ID, EOS_ID)}; retrain the tokenizer"
+        )
+    return model
+
+
+def train_tokenizer(
+    corpus: Corpus,
+    directory: Path,
+    vocab_size: int,
+    model_type: str = "bpe",
+    joint: bool = True,
+    character_coverage: float = 1.0,
+    byte_fallback: bool = True,
+    input_sentence_size: int = 1_000_000,
+    seed: int = 1,
+) -> Tokenizer:
+    """Train joint or per-side SentencePiece models on the corpus; write them to ``directory``."""
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type must be one of {MODEL_TYPES}, not {model_type!r}")
+    options = {
+        "vocab_size": vocab_size,
+        "model_type": model_type,
+        "character_coverage": character_coverage,
+        "byte_fallback": byte_fallback,
+        "input_sentence_size": input_sentence_size,
+        "shuffle_input_sentence": True,
+        "normalization_rule_name": "nmt_nfkc",
+        "pad_id": PAD_ID,
+        "unk_id": UNK_ID,
+        "bos_id": BOS_ID,
+        "eos_id": EOS_ID,
+        "num_threads": _NUM_THREADS,
+        "minloglevel": 2,  # SentencePiece logs every training step to stderr otherwise
+    }
+    paths = tokenizer_files(directory, joint)
+    if joint:
+        sides = {"joint": _joint_sentences(corpus)}
+    else:
+        sides = {"source": (s for s, _ in corpus.pairs()), "target": (t for _, t in corpus.pairs())}
+    models = [
+        _train_one(corpus, side, sentences, seed, options) for side, sentences in sides.items()
+    ]
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    for path, model in zip(paths, models, strict=True):
+        _write_atomic(path, model)
+    # Remove the other layout's files so that load_tokenizer can never pick up a stale model.
+    for stale in tokenizer_files(directory, not joint):
+        stale.unlink(missing_ok=True)
+    return load_tokenizer(directory)
+
+
+def _joint_sentences(corpus: Corpus) -> Iterator[str]:
+    """Source and target sentences interleaved, for one model shared by both languages."""
+    for src, tgt in corpus.pairs():
+        yield src
+        yield tgt
+
+
+def _train_one(
+    corpus: Corpus, side: str, sentences: Iterator[str], seed: int, options: dict
+) -> bytes:
+    """Train one model in memory and return its bytes; SentencePiece failures become DataErrors."""
+    feed = _Feed(sentences)
+    model = io.BytesIO()
+    # Sampling with shuffle_input_sentence draws from SentencePiece's global generator.
+    spm.set_random_generator_seed(seed)
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=feed, model_writer=model, **options)
+    except RuntimeError as exc:
+        if feed.error is not None:
+            raise feed.error from None
+        raise _training_error(corpus, side, options["vocab_size"], str(exc)) from None
+    return model.getvalue()
+
+
+class _Feed:
+    """An iterator that remembers the exception its source raised.
+
+    SentencePiece turns any exception from the sentence iterator into a bare RuntimeError,
+    which would hide a corpus DataError (file, line) from the user.
+    """
+
+    def __init__(self, sentences: Iterator[str]) -> None:
+        self._sentences = sentences
+        self.error: BaseException | None = None
+
+    def __iter__(self) -> _Feed:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._sentences)
+        except StopIteration:
+            raise
+        except BaseException as exc:
+            self.error = exc
+            raise
+
+
+def _training_error(corpus: Corpus, side: str, vocab_size: int, message: str) -> DataError:
+    """A one-line DataError for SentencePiece's known training failures."""
+    where = f"{corpus.describe()} ({side} side)" if side != "joint" else corpus.describe()
+    too_high = re.search(
+        r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", message
+    )
+    if too_high:
+        limit = too_high.group(1)
+        return DataError(
+            f"tokenizer.vocab_size={vocab_size} is too large for the corpus {where}: it yields at "
+            f"most {limit} pieces; set a smaller tokenizer.vocab_size (<= {limit})"
+        )
+    too_low = re.search(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)", message)
+    if too_low:
+        need = too_low.group(1)
+        return DataError(
+            f"tokenizer.vocab_size={vocab_size} is too small for the corpus {where}: its "
+            f"characters (and byte pieces) alone need {need}; set tokenizer.vocab_size >= {need} "
+            "or lower tokenizer.character_coverage"
+        )
+    if "sentences_.empty()" in message:
+        return DataError(f"{where}: no sentences to train the tokenizer on")
+    return DataError(f"{where}: tokenizer training failed ({_first_line(message)})")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write bytes to a temporary file beside ``path``, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            stream.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def unk_rate(tokenizer: Tokenizer, corpus: Corpus) -> tuple[float, float]:
+    """Fraction of UNK pieces on the source and the target side of a (dev) corpus."""
+    unk = np.zeros(2, dtype=np.int64)
+    total = np.zeros(2, dtype=np.int64)
+    pairs = corpus.pairs()
+    while chunk := list(islice(pairs, _CHUNK)):
+        sides = (
+            tokenizer.encode_src([s for s, _ in chunk]),
+            tokenizer.encode_tgt([t for _, t in chunk]),
+        )
+        for side, ids in enumerate(sides):
+            unk[side] += sum(seq.count(UNK_ID) for seq in ids)
+            total[side] += sum(len(seq) for seq in ids)
+    src, tgt = unk / np.maximum(total, 1)
+    return float(src), float(tgt)
+
+
+def _first_line(message: object) -> str:
+    """The first non-empty line of a message."""
+    lines = [line for line in str(message).strip().splitlines() if line.strip()]
+    return lines[0] if lines else "unknown error"

@@ -1,0 +1,210 @@
+"""Tests for mt.batching: token-budget bucketing, determinism, rank sharding, collation."""
+
+import gzip
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mt.batching import (
+    BatchSampler,
+    collate,
+    collate_source,
+    padding_efficiency,
+    split_to_multiple,
+)
+from mt.vocab import BOS_ID, EOS_ID, PAD_ID
+
+MULTI30K = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
+
+
+def random_lens(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Correlated source/target lengths like a real parallel corpus."""
+    rng = np.random.default_rng(seed)
+    src = rng.integers(0, 60, n)
+    tgt = np.clip((src * rng.uniform(0.6, 1.5, n)).astype(np.int64), 0, 80)
+    return src, tgt
+
+
+def assert_valid_epoch(batches: list[np.ndarray], src, tgt, max_tokens: int, n: int) -> None:
+    """Every batch within the budget and every sentence exactly once."""
+    for b in batches:
+        assert b.dtype == np.int64 and len(b) > 0
+        assert len(b) * (max(src[b].max(), tgt[b].max()) + 1) <= max_tokens
+    np.testing.assert_array_equal(np.sort(np.concatenate(batches)), np.arange(n))
+
+
+@pytest.mark.parametrize(
+    "shuffle, window, max_tokens",
+    [(True, 0, 1000), (True, 37, 1000), (False, 0, 500), (False, 200, 81), (True, 1, 300)],
+)
+def test_budget_and_coverage(shuffle: bool, window: int, max_tokens: int) -> None:
+    src, tgt = random_lens(3000)
+    sampler = BatchSampler(src, tgt, max_tokens, shuffle=shuffle, window=window)
+    for epoch in (1, 2):
+        assert_valid_epoch(sampler.epoch_batches(epoch), src, tgt, max_tokens, 3000)
+
+
+def test_batches_are_reasonably_full() -> None:
+    src, tgt = random_lens(3000)
+    batches = BatchSampler(src, tgt, 2000).epoch_batches(1)
+    used = sum(len(b) * (max(src[b].max(), tgt[b].max()) + 1) for b in batches)
+    assert used / (2000 * len(batches)) > 0.8  # greedy cutting leaves little budget unused
+
+
+def test_deterministic_given_seed_and_epoch() -> None:
+    src, tgt = random_lens(2000)
+    a = BatchSampler(src, tgt, 800, seed=5).epoch_batches(3)
+    b = BatchSampler(src.copy(), tgt.copy(), 800, seed=5).epoch_batches(3)
+    assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    other_epoch = BatchSampler(src, tgt, 800, seed=5).epoch_batches(4)
+    other_seed = BatchSampler(src, tgt, 800, seed=6).epoch_batches(3)
+    for c in (other_epoch, other_seed):
+        assert not np.array_equal(np.concatenate(a), np.concatenate(c))
+
+
+def test_no_shuffle_is_sorted_and_epoch_independent() -> None:
+    src, tgt = random_lens(2000)
+    a = BatchSampler(src, tgt, 800, shuffle=False, seed=1).epoch_batches(1)
+    b = BatchSampler(src, tgt, 800, shuffle=False, seed=9).epoch_batches(7)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True)) and len(a) == len(b)
+    order = np.concatenate(a)
+    longest = np.maximum(src, tgt)[order]
+    assert np.all(np.diff(longest) >= 0)  # one window = whole corpus, sorted ascending
+
+
+def test_resume_by_skipping_consumed_batches() -> None:
+    src, tgt = random_lens(2000)
+    full = BatchSampler(src, tgt, 700, seed=3, world_size=2, rank=1).epoch_batches(2)
+    resumed = BatchSampler(src, tgt, 700, seed=3, world_size=2, rank=1).epoch_batches(2)[5:]
+    assert len(resumed) == len(full) - 5
+    assert all(np.array_equal(x, y) for x, y in zip(full[5:], resumed, strict=True))
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_rank_sharding_odd_batch_count(world_size: int) -> None:
+    # 70 sentences of width 10 under a 100-token budget: exactly 7 full batches (odd).
+    src, tgt = np.full(70, 9), np.full(70, 5)
+    assert len(BatchSampler(src, tgt, 100).epoch_batches(1)) == 7
+    shards = [
+        BatchSampler(src, tgt, 100, rank=r, world_size=world_size).epoch_batches(1)
+        for r in range(world_size)
+    ]
+    assert len({len(s) for s in shards}) == 1  # equal batch counts per rank
+    assert_valid_epoch([b for s in shards for b in s], src, tgt, 100, 70)  # disjoint, complete
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_rank_sharding_random_corpus(world_size: int) -> None:
+    src, tgt = random_lens(1001, seed=world_size)
+    shards = [
+        BatchSampler(src, tgt, 600, seed=2, rank=r, world_size=world_size).epoch_batches(5)
+        for r in range(world_size)
+    ]
+    assert len({len(s) for s in shards}) == 1
+    assert_valid_epoch([b for s in shards for b in s], src, tgt, 600, 1001)
+
+
+def test_too_few_sentences_to_shard_raises() -> None:
+    sampler = BatchSampler(np.array([3, 4]), np.array([2, 2]), 100, world_size=3)
+    with pytest.raises(ValueError, match="cannot shard 2 sentences into a multiple of 3 batches"):
+        sampler.epoch_batches(1)
+
+
+def test_split_to_multiple_splits_largest() -> None:
+    batches = [np.arange(0, 2), np.arange(2, 7), np.arange(7, 10)]
+    out = split_to_multiple(batches, 2)
+    assert [b.tolist() for b in out] == [[0, 1], [2, 3], [4, 5, 6], [7, 8, 9]]
+
+
+def test_overlong_sentence_raises() -> None:
+    with pytest.raises(ValueError) as info:
+        BatchSampler(np.array([3, 4, 10, 20]), np.array([2, 4, 4, 1]), max_tokens=8)
+    assert str(info.value) == (
+        "sentence 2 is too long: 11 tokens with BOS/EOS (source 10, target 4) exceeds max_tokens=8"
+    )
+
+
+def test_invalid_arguments_raise() -> None:
+    with pytest.raises(ValueError, match="equal length"):
+        BatchSampler(np.array([1, 2]), np.array([1]), 10)
+    with pytest.raises(ValueError, match="rank"):
+        BatchSampler(np.array([1]), np.array([1]), 10, rank=2, world_size=2)
+
+
+def test_empty_corpus_and_len() -> None:
+    empty = np.zeros(0, dtype=np.int64)
+    assert BatchSampler(empty, empty, 10).epoch_batches(1) == []
+    src, tgt = random_lens(500)
+    sampler = BatchSampler(src, tgt, 400, world_size=2)
+    assert len(sampler) == len(sampler.epoch_batches(1))
+
+
+def test_collate_hand_example() -> None:
+    pairs = [([5, 6, 7], [8]), ([9], [10, 11, 12, 13])]
+    batch = collate(pairs, np.array([4, 1]))
+    P, B, E = PAD_ID, BOS_ID, EOS_ID
+    assert batch.src.dtype == torch.long
+    assert batch.src.tolist() == [[5, 6, 7, E], [9, E, P, P]]
+    assert batch.tgt_in.tolist() == [[B, 8, P, P, P], [B, 10, 11, 12, 13]]
+    assert batch.tgt_out.tolist() == [[8, E, P, P, P], [10, 11, 12, 13, E]]
+    assert batch.indices.tolist() == [4, 1]
+    assert (batch.src_tokens, batch.tgt_tokens) == (6, 7)
+    moved = batch.to("cpu")
+    assert torch.equal(moved.tgt_out, batch.tgt_out) and moved.tgt_tokens == 7
+
+
+def test_collate_empty_sentences_and_numpy_input() -> None:
+    batch = collate([(np.array([], dtype=np.int64), []), ([], [])], np.array([0, 1]))
+    assert batch.src.tolist() == [[EOS_ID], [EOS_ID]]
+    assert batch.tgt_in.tolist() == [[BOS_ID], [BOS_ID]]
+    assert batch.tgt_out.tolist() == [[EOS_ID], [EOS_ID]]
+
+
+def test_collate_source() -> None:
+    batch = collate_source([[4, 5], [6, 7, 8, 9], [10]], np.array([2, 0, 1]))
+    E = EOS_ID
+    assert batch.src.tolist() == [[4, 5, E, 0, 0], [6, 7, 8, 9, E], [10, E, 0, 0, 0]]
+    assert batch.src_tokens == 10 and batch.indices.tolist() == [2, 0, 1]
+
+
+def test_padding_efficiency_hand_example() -> None:
+    src, tgt = np.array([1, 3, 2, 2]), np.array([1, 1, 4, 0])
+    # Source rows (+EOS) [2, 4] -> 6/8 and [3, 3] -> 1; target [2, 2] -> 1 and [5, 1] -> 6/10.
+    eff = padding_efficiency([np.array([0, 1]), np.array([2, 3])], src, tgt)
+    assert eff == pytest.approx(((0.75 + 1.0) / 2, (1.0 + 0.6) / 2))
+
+
+def read_gz(path: Path) -> list[str]:
+    """Lines of a gzipped text file."""
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return f.read().splitlines()
+
+
+def multi30k_lengths() -> tuple[np.ndarray, np.ndarray]:
+    """Subword lengths of Multi30k train: tiny joint BPE if sentencepiece exists, else words*1.3."""
+    if not (MULTI30K / "train.de.gz").exists():
+        pytest.skip(f"Multi30k not found at {MULTI30K}")
+    de, en = (read_gz(MULTI30K / f"train.{x}.gz") for x in ("de", "en"))
+    try:
+        import sentencepiece as spm
+    except ImportError:
+        return tuple(np.array([round(len(s.split()) * 1.3) for s in side]) for side in (de, en))
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(de + en), model_writer=model, vocab_size=8000,
+        model_type="bpe", minloglevel=2, num_threads=2,
+    )  # fmt: skip
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    return tuple(np.array([len(ids) for ids in sp.encode(side)]) for side in (de, en))
+
+
+def test_padding_efficiency_multi30k() -> None:
+    src, tgt = multi30k_lengths()
+    for shuffle in (True, False):
+        batches = BatchSampler(src, tgt, 4096, shuffle=shuffle).epoch_batches(1)
+        assert_valid_epoch(batches, src, tgt, 4096, len(src))
+        src_eff, tgt_eff = padding_efficiency(batches, src, tgt)
+        assert src_eff >= 0.90 and tgt_eff >= 0.90, (shuffle, src_eff, tgt_eff)

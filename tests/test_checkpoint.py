@@ -1,0 +1,329 @@
+"""Tests for mt.checkpoint: round trips, atomicity, listing/pruning, refusing hostile files."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_model
+
+from mt import checkpoint as ck
+from mt.errors import MtError
+from mt.model import Transformer
+
+META = {"tokenizer_sha256": "ab12cd34" + "0" * 56, "src_vocab": "20", "tgt_vocab": "20"}
+
+
+def tiny(
+    seed: int = 0, share: bool = True, src_vocab: int = 20, tgt_vocab: int = 20
+) -> Transformer:
+    """A tiny Transformer; different seeds give different weights."""
+    torch.manual_seed(seed)
+    return Transformer(
+        src_vocab,
+        tgt_vocab,
+        dim=16,
+        enc_layers=1,
+        dec_layers=1,
+        heads=2,
+        ffn_dim=32,
+        max_positions=32,
+        share_embeddings=share,
+    )
+
+
+def train_state(model: torch.nn.Module) -> dict:
+    """A realistic training state: AdamW after one update, LambdaLR, GradScaler, counters, RNG."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: 1.0 / (n + 1))
+    model(torch.tensor([[3, 4, 2]]), torch.tensor([[1, 5, 6]])).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    return {
+        "train": {"step": 1, "epoch": 0, "best_bleu": None, "done": [1, 2]},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(),
+        "rng": ck.rng_state(),
+    }
+
+
+def assert_same(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """Every tensor of the two state dicts is identical."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert torch.equal(sa[name], sb[name]), name
+
+
+def save(run: Path, step: int, model: torch.nn.Module | None = None) -> ck.Checkpoint:
+    """Save a checkpoint of `model` (a tiny one by default) at `step`."""
+    return ck.save_checkpoint(run, step, model or tiny(step), {"step": step}, META)
+
+
+def stray_files(run: Path) -> list[str]:
+    """Temp files left in the checkpoints directory."""
+    return sorted(p.name for p in (run / ck.CHECKPOINT_DIR).iterdir() if p.name.endswith(".tmp"))
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_round_trip_restores_parameters_and_ties(tmp_path: Path, share: bool) -> None:
+    vocab = (20, 20) if share else (20, 24)
+    model = tiny(1, share, *vocab)
+    state = train_state(model)
+    saved = ck.save_checkpoint(tmp_path, 1000, model, state, META)
+    assert saved.name == "step-00001000" and saved.step == 1000 and saved.run_dir == tmp_path
+    assert saved.weights == tmp_path / "checkpoints" / "step-00001000.safetensors"
+
+    fresh = tiny(2, share, *vocab)
+    ck.load_weights(saved.weights, fresh, expected=META)
+    assert_same(model, fresh)
+    # The tie survives: output projection, target and (shared) source embeddings are one tensor.
+    assert (fresh.src_embed.weight is fresh.tgt_embed.weight) == share
+    fresh.tgt_embed.weight.data[3, 0] = 42.0
+    assert (fresh.src_embed.weight[3, 0].item() == 42.0) == share
+
+    loaded = ck.load_state(saved.state)
+    assert loaded["train"] == state["train"]
+    optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    optimizer.load_state_dict(loaded["optimizer"])  # shapes and groups line up
+    assert ck.read_metadata(saved.weights)["step"] == "1000"
+    assert ck.read_metadata(saved.weights)["tokenizer_sha256"] == META["tokenizer_sha256"]
+
+
+def test_file_is_readable_by_safetensors_load_model(tmp_path: Path) -> None:
+    model = tiny(1)
+    ck.save_weights(tmp_path / "w.safetensors", model, {})
+    fresh = tiny(2)
+    load_model(fresh, tmp_path / "w.safetensors")
+    assert_same(model, fresh)
+
+
+def test_save_tensors_handles_shared_storage(tmp_path: Path) -> None:
+    base = torch.arange(12.0)
+    tensors = {"a": base.view(3, 4), "b": base.view(3, 4), "c": base[:4], "d": base.view(4, 3).t()}
+    ck.save_tensors(tmp_path / "t.safetensors", tensors, {"note": "x"})
+    with ck._open_weights(tmp_path / "t.safetensors") as f:
+        assert sorted(f.keys()) == ["a", "c", "d"]  # b is an exact alias of a
+        assert torch.equal(f.get_tensor("c"), base[:4])
+        assert torch.equal(f.get_tensor("d"), base.view(4, 3).t())
+    assert ck.read_metadata(tmp_path / "t.safetensors")["note"] == "x"
+
+
+def test_list_latest_best_prune(tmp_path: Path) -> None:
+    assert ck.list_checkpoints(tmp_path) == [] and ck.latest_checkpoint(tmp_path) is None
+    assert ck.best_checkpoint(tmp_path) is None
+    saved = [save(tmp_path, step) for step in (300, 100, 400, 200)]
+    assert [c.step for c in ck.list_checkpoints(tmp_path)] == [100, 200, 300, 400]
+    assert ck.latest_checkpoint(tmp_path) == saved[2]
+
+    ck.set_best(tmp_path, saved[1])  # step 100
+    assert (tmp_path / "checkpoints" / "best").read_text().strip() == "step-00000100"
+    assert ck.best_checkpoint(tmp_path) == saved[1]
+
+    deleted = ck.prune_checkpoints(tmp_path, keep_last=2)
+    assert sorted(p.name for p in deleted) == [
+        "step-00000200.safetensors",
+        "step-00000200.state.pt",
+    ]
+    assert [c.step for c in ck.list_checkpoints(tmp_path)] == [100, 300, 400]
+    assert ck.prune_checkpoints(tmp_path, keep_last=2) == []
+
+
+def test_crash_while_writing_weights_keeps_previous(tmp_path: Path, monkeypatch) -> None:
+    previous = save(tmp_path, 100)
+    real_replace = os.replace
+
+    def replace(src, dst):  # the state lands, then the process "dies" before the weights do
+        if str(dst).endswith(".safetensors"):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(ck.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        save(tmp_path, 200)
+    monkeypatch.undo()
+
+    assert not (tmp_path / "checkpoints" / "step-00000200.safetensors").exists()
+    assert ck.list_checkpoints(tmp_path) == [previous]
+    assert ck.latest_checkpoint(tmp_path) == previous
+    assert stray_files(tmp_path) == []
+    fresh = tiny(5)
+    ck.load_weights(previous.weights, fresh, expected=META)
+    assert_same(tiny(100), fresh)
+    # The orphaned state file is crash debris: pruning removes it.
+    assert (tmp_path / "checkpoints" / "step-00000200.state.pt").exists()
+    deleted = ck.prune_checkpoints(tmp_path, keep_last=5)
+    assert [p.name for p in deleted] == ["step-00000200.state.pt"]
+
+
+def test_crash_inside_tensor_writer_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+    previous = save(tmp_path, 100)
+
+    def half_write(tensors, filename, metadata=None):  # writes part of the file, then fails
+        Path(filename).write_bytes(b"\x00" * 100)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck, "save_file", half_write)
+    with pytest.raises(OSError, match="disk full"):
+        save(tmp_path, 200)
+    monkeypatch.undo()
+    assert ck.latest_checkpoint(tmp_path) == previous
+    assert stray_files(tmp_path) == []
+    # A killed process cannot clean up: its temp files are never listed, and prune removes them.
+    (tmp_path / "checkpoints" / ".step-00000300.safetensors.dead.tmp").write_bytes(b"x")
+    assert ck.latest_checkpoint(tmp_path) == previous
+    ck.prune_checkpoints(tmp_path, keep_last=5)
+    assert stray_files(tmp_path) == []
+
+
+class Payload:
+    """A pickle that would create a marker file when unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("kind", ["state", "weights"])
+def test_pickled_payload_is_refused_without_running(tmp_path: Path, kind: str) -> None:
+    marker = tmp_path / "pwned"
+    saved = save(tmp_path, 100)
+    target = saved.state if kind == "state" else saved.weights
+    target.write_bytes(pickle.dumps({"model": Payload(marker)}))
+    if kind == "state":
+        with pytest.raises(MtError, match=r"not a valid mt training state \("):
+            ck.load_state(target)
+    else:
+        with pytest.raises(MtError, match=r"not a valid mt checkpoint \("):
+            ck.load_weights(target, tiny())
+    assert not marker.exists()
+
+
+def test_torch_saved_payload_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "x.state.pt"
+    torch.save({"a": Payload(marker)}, path)
+    with pytest.raises(MtError) as err:
+        ck.load_state(path)
+    assert str(err.value).startswith(f"{path}: not a valid mt training state (")
+    assert "\n" not in str(err.value)
+    assert not marker.exists()
+
+
+def test_truncated_files_are_refused(tmp_path: Path) -> None:
+    saved = save(tmp_path, 100)
+    for path in (saved.weights, saved.state):
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(MtError) as err:
+        ck.load_weights(saved.weights, tiny())
+    assert str(err.value).startswith(f"{saved.weights}: not a valid mt checkpoint (")
+    with pytest.raises(MtError, match=r"not a valid mt training state \("):
+        ck.load_state(saved.state)
+    with pytest.raises(MtError, match="not a valid mt checkpoint"):
+        ck.read_metadata(saved.weights)
+
+
+def test_metadata_mismatches_are_refused(tmp_path: Path) -> None:
+    saved = save(tmp_path, 100)
+    path = saved.weights
+    other_tok = {**META, "tokenizer_sha256": "ef567890" + "1" * 56}
+    with pytest.raises(MtError) as err:
+        ck.load_weights(path, tiny(), expected=other_tok)
+    assert str(err.value) == (
+        f"{path}: tokenizer differs from the run's (checkpoint sha256 ab12cd34…, run ef567890…)"
+    )
+    with pytest.raises(MtError) as err:
+        ck.load_weights(path, tiny(), expected={**META, "tgt_vocab": "4000"})
+    assert str(err.value) == f"{path}: target vocabulary has 20 entries but the model expects 4000"
+    with pytest.raises(MtError, match="source vocabulary has 20 entries but the model expects 8"):
+        ck.load_weights(path, tiny(), expected={**META, "src_vocab": "8"})
+    with pytest.raises(MtError, match="does not record lang"):
+        ck.load_weights(path, tiny(), expected={"lang": "de"})
+
+
+def test_shape_and_name_mismatches_are_refused(tmp_path: Path) -> None:
+    model = tiny(share=False, src_vocab=20, tgt_vocab=24)
+    saved = ck.save_checkpoint(tmp_path, 100, model, {}, {})
+    with pytest.raises(MtError) as err:
+        ck.load_weights(saved.weights, tiny(share=False, src_vocab=20, tgt_vocab=28))
+    assert str(err.value) == (
+        f"{saved.weights}: tensor tgt_embed.weight has shape [24, 16] in the checkpoint "
+        "but [28, 16] in the model"
+    )
+    with pytest.raises(MtError, match="lacks tensor weight, which the model has"):
+        ck.load_weights(saved.weights, torch.nn.Linear(2, 2))
+    # Tied (one stored embedding) into untied: the second embedding is missing.
+    tied = save(tmp_path, 200)
+    with pytest.raises(MtError, match=r"lacks tensor tgt_embed\.weight"):
+        ck.load_weights(tied.weights, tiny(share=False))
+
+
+def test_state_with_unloadable_objects_is_refused_at_save(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match=r"state\['x'\] is a PosixPath|state\['x'\] is a Path"):
+        ck.save_checkpoint(tmp_path, 1, tiny(), {"x": Path("a")}, META)
+    assert ck.list_checkpoints(tmp_path) == []
+
+
+def test_rng_state_round_trip(tmp_path: Path) -> None:
+    state = ck.rng_state()
+    expected = (torch.rand(5), random.random(), np.random.rand())
+    torch.save(state, tmp_path / "rng.pt")
+    ck.set_rng_state(ck.load_state(tmp_path / "rng.pt"))  # also proves weights_only accepts it
+    assert torch.equal(torch.rand(5), expected[0])
+    assert random.random() == expected[1]
+    assert np.random.rand() == expected[2]
+
+
+def test_resolve_checkpoint(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    first, second = save(run, 100), save(run, 200)
+    assert ck.resolve_checkpoint(run) == second  # no best pointer: the latest
+    ck.set_best(run, first)
+    assert ck.resolve_checkpoint(run) == first  # the best wins
+    assert ck.resolve_checkpoint(run / "checkpoints") == first
+    assert ck.resolve_checkpoint(second.weights) == second
+    assert ck.resolve_checkpoint(second.state) == second
+    assert ck.resolve_checkpoint(run / "checkpoints" / "step-00000200") == second
+    assert ck.resolve_checkpoint(run / "checkpoints" / "best") == first
+
+    moved = tmp_path / "moved"
+    run.rename(moved)  # relocatable: the pointer holds only a name
+    assert (
+        ck.resolve_checkpoint(moved).weights == moved / "checkpoints" / "step-00000100.safetensors"
+    )
+
+    for missing in (tmp_path / "nope", tmp_path / "empty"):
+        if missing.name == "empty":
+            missing.mkdir()
+        with pytest.raises(MtError) as err:
+            ck.resolve_checkpoint(missing)
+        assert str(err.value) == (
+            f"{missing}: no checkpoint found "
+            "(expected a run directory, a checkpoints directory or a .safetensors file)"
+        )
+
+
+def test_dangling_best_pointer_is_an_error(tmp_path: Path) -> None:
+    saved = save(tmp_path, 100)
+    ck.set_best(tmp_path, saved)
+    saved.weights.unlink()
+    with pytest.raises(MtError, match="points to step-00000100, which does not exist"):
+        ck.best_checkpoint(tmp_path)
+    (tmp_path / "checkpoints" / "best").write_text("../../etc/passwd")
+    with pytest.raises(MtError, match="not a checkpoint name"):
+        ck.best_checkpoint(tmp_path)
+
+
+def test_save_crash_is_not_listed(tmp_path: Path) -> None:
+    path = ck.save_crash(tmp_path, 7, tiny())
+    assert path.is_file() and ck.read_metadata(path)["step"] == "7"
+    assert ck.list_checkpoints(tmp_path) == []

@@ -1,0 +1,184 @@
+"""Config loading, overrides and validation: every error names the file and the key."""
+
+from pathlib import Path
+
+import pytest
+
+from mt.config import Config, diff, from_dict, load_config, save_config
+from mt.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "x.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("name", ["base", "big", "multi30k", "tiny"])
+def test_shipped_configs_load(name: str) -> None:
+    config = load_config(CONFIGS / f"{name}.yaml")
+    assert isinstance(config, Config)
+    assert config.data.src_lang != config.data.tgt_lang
+
+
+def test_base_is_the_paper_base_model() -> None:
+    m = load_config(CONFIGS / "base.yaml").model
+    assert (m.dim, m.enc_layers, m.dec_layers, m.heads, m.ffn_dim, m.dropout) == (
+        512,
+        6,
+        6,
+        8,
+        2048,
+        0.1,
+    )
+    t = load_config(CONFIGS / "base.yaml").train
+    assert (t.betas, t.eps, t.warmup_steps, t.label_smoothing) == ((0.9, 0.98), 1e-9, 4000, 0.1)
+    assert 24_000 <= t.max_tokens * t.update_freq <= 26_000
+
+
+def test_defaults_fill_missing_sections(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "run_dir: runs/a\n"))
+    assert config == Config(run_dir="runs/a")
+
+
+def test_heads_must_divide_dim(tmp_path: Path) -> None:
+    path = write(tmp_path, "model:\n  dim: 512\n  heads: 7\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: model.heads=7 does not divide model.dim=512"
+    assert err.value.exit_code == 2
+
+
+def test_unknown_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "model:\n  layers: 3\n")
+    with pytest.raises(ConfigError, match=r"x\.yaml: unknown key model\.layers$"):
+        load_config(path)
+
+
+def test_unknown_section(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"x\.yaml: unknown key optim$"):
+        load_config(write(tmp_path, "optim: {lr: 1}\n"))
+
+
+def test_wrong_type(tmp_path: Path) -> None:
+    path = write(tmp_path, "train:\n  max_tokens: lots\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: train.max_tokens must be an integer, got 'lots'"
+
+
+def test_bool_is_not_an_integer(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"model\.dim must be an integer, got True"):
+        load_config(write(tmp_path, "model: {dim: true}\n"))
+
+
+def test_int_accepted_for_float(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "train: {lr: 1}\n")).train.lr == 1.0
+
+
+def test_literal_choices(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, "train: {precision: fp8}\n"))
+    assert str(err.value).endswith(
+        "train.precision must be one of auto, fp32, bf16, fp16, got 'fp8'"
+    )
+
+
+def test_section_must_be_mapping(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="model must be a section"):
+        load_config(write(tmp_path, "model: 3\n"))
+
+
+def test_invalid_yaml_names_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "model:\n  dim: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"x\.yaml: line \d+: invalid YAML"):
+        load_config(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path / "nope.yaml")
+    assert str(err.value) == f"{tmp_path / 'nope.yaml'}: no such config file"
+
+
+def test_overrides_are_typed(tmp_path: Path) -> None:
+    config = load_config(
+        CONFIGS / "base.yaml",
+        [
+            "model.enc_layers=3",
+            "train.max_tokens=2048",
+            "train.betas=[0.9, 0.99]",
+            "run_dir=2024",
+            "model.prenorm=true",
+            "train.lr=1e-3",
+        ],
+    )
+    assert config.model.enc_layers == 3
+    assert config.train.max_tokens == 2048
+    assert config.train.betas == (0.9, 0.99)
+    assert config.run_dir == "2024"  # string fields keep the raw text
+    assert config.model.prenorm is True
+    assert config.train.lr == 1e-3
+
+
+def test_override_errors_name_the_command_line() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "base.yaml", ["model.enc_layers=abc"])
+    assert str(err.value) == "command line: model.enc_layers must be an integer, got 'abc'"
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "base.yaml", ["model.layerz=3"])
+    assert str(err.value) == "command line: unknown key model.layerz"
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "base.yaml", ["model.heads"])
+    assert str(err.value) == "command line: override 'model.heads' is not of the form key=value"
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "base.yaml", ["model.heads=7"])
+    assert str(err.value) == "command line: model.heads=7 does not divide model.dim=512"
+
+
+def test_share_embeddings_needs_joint_vocab(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, "tokenizer: {joint: false}\n"))
+    assert str(err.value).endswith(
+        "model.share_embeddings=true needs a joint vocabulary (tokenizer.joint=true)"
+    )
+    config = load_config(
+        write(tmp_path, "tokenizer: {joint: false}\n"), ["model.share_embeddings=false"]
+    )
+    assert not config.tokenizer.joint
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.dropout=1.0", "model.dropout=1.0 must be in [0, 1)"),
+        ("train.update_freq=0", "train.update_freq=0 must be positive"),
+        ("train.label_smoothing=-0.1", "train.label_smoothing=-0.1 must be in [0, 1)"),
+        ("data.src_lang=en", "data.src_lang and data.tgt_lang are both 'en'"),
+        ("tokenizer.vocab_size=4", "tokenizer.vocab_size=4 must be at least 8"),
+        ("decode.beam=0", "decode.beam=0 must be >= 1"),
+        ("train.device=tpu", "train.device='tpu' must be auto, cpu, cuda or cuda:N"),
+    ],
+)
+def test_impossible_values(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "multi30k.yaml", [override])
+    assert str(err.value) == f"command line: {message}"
+
+
+def test_save_and_reload_round_trip(tmp_path: Path) -> None:
+    config = load_config(CONFIGS / "base.yaml", ["model.enc_layers=2"])
+    save_config(config, tmp_path / "run" / "config.yaml")
+    assert load_config(tmp_path / "run" / "config.yaml") == config
+    assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+def test_from_dict_and_diff() -> None:
+    a = from_dict({"model": {"dim": 64, "heads": 4}})
+    b = from_dict({"model": {"dim": 64, "heads": 2}, "train": {"lr": 0.5}})
+    assert diff(a, b, ["model"]) == ["model.heads: 4 -> 2"]
+    assert diff(a, b, ["model", "train"]) == ["model.heads: 4 -> 2", "train.lr: 0.0007 -> 0.5"]
+    with pytest.raises(ConfigError, match=r"^checkpoint: unknown key model\.x$"):
+        from_dict({"model": {"x": 1}}, source="checkpoint")

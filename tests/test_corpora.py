@@ -1,0 +1,227 @@
+"""Tests for mt.corpora: prefix, TSV and Hugging Face corpora."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import pytest
+
+from mt.corpora import Corpus, open_corpus
+from mt.errors import DataError
+
+DE = ["Ein Hund läuft.", "  Zwei Katzen\t", "", "Ende\rmitte"]
+EN = ["A dog runs.", "  Two cats\t", "", "End"]
+PAIRS = list(zip(DE, EN, strict=True))
+
+
+def _write(path: Path, lines: list[str], newline: str = "\n") -> Path:
+    """Write lines as UTF-8, gzipped when the name ends in .gz."""
+    data = "".join(line + newline for line in lines).encode()
+    path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
+    return path
+
+
+def _prefix(tmp_path: Path, de_suffix: str = "", en_suffix: str = "") -> str:
+    """A train.de/train.en prefix in tmp_path, each optionally gzipped."""
+    _write(tmp_path / f"train.de{de_suffix}", DE)
+    _write(tmp_path / f"train.en{en_suffix}", EN)
+    return str(tmp_path / "train")
+
+
+def test_plain_prefix_keeps_whitespace(tmp_path: Path) -> None:
+    corpus = open_corpus(_prefix(tmp_path), "de", "en")
+    assert isinstance(corpus, Corpus)
+    assert list(corpus.pairs()) == PAIRS
+    assert corpus.sources() == DE
+    assert corpus.targets() == EN
+    assert corpus.describe() == f"{tmp_path}/train.de + {tmp_path}/train.en"
+
+
+def test_crlf_line_endings_are_stripped(tmp_path: Path) -> None:
+    _write(tmp_path / "t.de", ["a", "b"], newline="\r\n")
+    _write(tmp_path / "t.en", ["x", "y"])
+    assert list(open_corpus(str(tmp_path / "t"), "de", "en").pairs()) == [("a", "x"), ("b", "y")]
+    (tmp_path / "t.de").write_bytes(b"a\r\nb")  # no newline at the end: still two lines
+    assert open_corpus(str(tmp_path / "t"), "de", "en").sources() == ["a", "b"]
+
+
+def test_gzipped_prefix_matches_plain(tmp_path: Path) -> None:
+    (tmp_path / "p").mkdir()
+    (tmp_path / "g").mkdir()
+    plain = open_corpus(_prefix(tmp_path / "p"), "de", "en")
+    gzipped = open_corpus(_prefix(tmp_path / "g", ".gz", ".gz"), "de", "en")
+    assert gzipped.describe() == f"{tmp_path}/g/train.de.gz + {tmp_path}/g/train.en.gz"
+    assert list(gzipped.pairs()) == list(plain.pairs())
+    # The fingerprint hashes decompressed text: same text, same key, however it is stored.
+    assert gzipped.fingerprint() == plain.fingerprint()
+
+
+def test_plain_file_wins_over_gz(tmp_path: Path) -> None:
+    spec = _prefix(tmp_path)
+    _write(tmp_path / "train.de.gz", ["other"] * len(DE))
+    assert open_corpus(spec, "de", "en").sources() == DE
+
+
+def test_mixed_plain_and_gz(tmp_path: Path) -> None:
+    assert list(open_corpus(_prefix(tmp_path, "", ".gz"), "de", "en").pairs()) == PAIRS
+
+
+def test_direction_swaps_pairs_and_fingerprint(tmp_path: Path) -> None:
+    spec = _prefix(tmp_path)
+    forward, backward = open_corpus(spec, "de", "en"), open_corpus(spec, "en", "de")
+    assert list(backward.pairs()) == [(en, de) for de, en in PAIRS]
+    assert forward.fingerprint() != backward.fingerprint()
+
+
+def test_line_count_mismatch(tmp_path: Path) -> None:
+    _write(tmp_path / "train.de.gz", ["a", "b", "c"])
+    _write(tmp_path / "train.en.gz", ["x", "y"])
+    corpus = open_corpus(str(tmp_path / "train"), "de", "en")
+    with pytest.raises(DataError) as err:
+        list(corpus.pairs())
+    assert str(err.value) == (
+        f"{tmp_path}/train.de.gz has 3 lines but {tmp_path}/train.en.gz has 2"
+    )
+    corpus = open_corpus(str(tmp_path / "train"), "en", "de")
+    with pytest.raises(DataError, match=r"train\.en\.gz has 2 lines but .*train\.de\.gz has 3$"):
+        list(corpus.pairs())
+
+
+def test_invalid_utf8_names_line(tmp_path: Path) -> None:
+    _write(tmp_path / "train.en", ["a", "b", "c"])
+    (tmp_path / "train.de").write_bytes(b"eins\nzwei\ndr\xffei\n")
+    with pytest.raises(DataError) as err:
+        list(open_corpus(str(tmp_path / "train"), "de", "en").pairs())
+    assert str(err.value) == f"{tmp_path}/train.de: line 3 is not valid UTF-8"
+
+
+def test_corrupt_gzip(tmp_path: Path) -> None:
+    _write(tmp_path / "train.en", ["a"])
+    (tmp_path / "train.de.gz").write_bytes(b"not gzip at all\n")
+    with pytest.raises(DataError, match=r"train\.de\.gz: corrupt gzip data after line 0"):
+        list(open_corpus(str(tmp_path / "train"), "de", "en").pairs())
+
+
+def test_missing_files(tmp_path: Path) -> None:
+    _write(tmp_path / "train.de", ["a"])
+    spec = str(tmp_path / "train")
+    with pytest.raises(DataError) as err:
+        open_corpus(spec, "de", "en")
+    assert str(err.value) == (f"corpus {spec}: no en file (tried {spec}.en, {spec}.en.gz)")
+    with pytest.raises(DataError, match=r"no fr file .*; no cs file"):
+        open_corpus(spec, "fr", "cs")
+
+
+def test_fingerprint_changes_with_one_byte(tmp_path: Path) -> None:
+    spec = _prefix(tmp_path)
+    before = open_corpus(spec, "de", "en").fingerprint()
+    assert open_corpus(spec, "de", "en").fingerprint() == before
+    path = tmp_path / "train.en"
+    data = bytearray(path.read_bytes())
+    data[0] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert open_corpus(spec, "de", "en").fingerprint() != before
+
+
+@pytest.mark.parametrize("name", ["c.tsv", "c.tsv.gz"])
+def test_tsv(tmp_path: Path, name: str) -> None:
+    rows = [("Ein Hund läuft.", "A dog runs."), ("  zwei ", " two  "), ("", "")]
+    path = _write(tmp_path / name, [f"{de}\t{en}" for de, en in rows])
+    corpus = open_corpus(str(path), "de", "en")
+    assert list(corpus.pairs()) == rows
+    assert corpus.describe() == str(path)
+    assert len(corpus.fingerprint()) == 64
+
+
+def test_tsv_bad_line(tmp_path: Path) -> None:
+    path = _write(tmp_path / "c.tsv", ["a\tb", "no tab here", "c\td"])
+    with pytest.raises(DataError) as err:
+        list(open_corpus(str(path), "de", "en").pairs())
+    assert str(err.value) == (f"{path}: line 2 has 0 tabs, expected exactly 1 (source<TAB>target)")
+    _write(path, ["a\tb\tc"])
+    with pytest.raises(DataError, match=r"c\.tsv: line 1 has 2 tabs"):
+        list(open_corpus(str(path), "de", "en").pairs())
+
+
+def test_tsv_missing(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"^.*nope\.tsv: no such file$"):
+        open_corpus(str(tmp_path / "nope.tsv"), "de", "en")
+
+
+datasets = pytest.importorskip("datasets")
+
+
+def _save(dataset: object, path: Path) -> str:
+    """save_to_disk without the progress bar noise."""
+    datasets.disable_progress_bars()
+    dataset.save_to_disk(str(path))  # type: ignore[attr-defined]
+    return str(path)
+
+
+def test_hf_translation_column(tmp_path: Path) -> None:
+    rows = [{"de": de, "en": en} for de, en in PAIRS]
+    path = _save(datasets.Dataset.from_dict({"translation": rows, "id": [1, 2, 3, 4]}), tmp_path)
+    corpus = open_corpus(f"hf:{path}", "en", "de", split="validation")
+    assert list(corpus.pairs()) == [(en, de) for de, en in PAIRS]
+    assert corpus.describe() == f"hf:{path}@validation"
+    assert len(corpus.fingerprint()) == 64
+
+
+def test_hf_two_columns(tmp_path: Path) -> None:
+    path = _save(datasets.Dataset.from_dict({"de": DE, "en": EN}), tmp_path / "d")
+    corpus = open_corpus(f"hf:{path}", "de", "en")
+    assert list(corpus.pairs()) == PAIRS
+    with pytest.raises(DataError) as err:
+        open_corpus(f"hf:{path}", "de", "fr")
+    assert str(err.value) == (
+        f"hf:{path}: needs a 'translation' column or 'de' and 'fr' columns (columns: de, en)"
+    )
+    with pytest.raises(DataError, match="single dataset without splits; remove '@test'"):
+        open_corpus(f"hf:{path}@test", "de", "en")
+
+
+def test_hf_dataset_dict_splits(tmp_path: Path) -> None:
+    def part(n: int) -> object:
+        return datasets.Dataset.from_dict({"translation": [{"de": f"d{n}", "en": f"e{n}"}]})
+
+    splits = {"train": part(0), "validation": part(1), "test": part(2)}
+    path = _save(datasets.DatasetDict(splits), tmp_path / "dd")
+    assert list(open_corpus(f"hf:{path}", "de", "en").pairs()) == [("d0", "e0")]
+    assert open_corpus(f"hf:{path}", "de", "en", split="test").sources() == ["d2"]
+    # An explicit @split beats the caller's default.
+    explicit = open_corpus(f"hf:{path}@validation", "de", "en", split="test")
+    assert explicit.sources() == ["d1"]
+    train = open_corpus(f"hf:{path}", "de", "en")
+    assert explicit.fingerprint() != train.fingerprint()
+    with pytest.raises(DataError) as err:
+        open_corpus(f"hf:{path}@dev", "de", "en")
+    assert str(err.value) == f"hf:{path}: no split 'dev' (splits: test, train, validation)"
+    with pytest.raises(DataError, match="translation column has languages de, en; needs fr and en"):
+        open_corpus(f"hf:{path}", "fr", "en")
+
+
+def test_hf_fingerprint_follows_contents(tmp_path: Path) -> None:
+    first = _save(datasets.Dataset.from_dict({"de": ["a"], "en": ["b"]}), tmp_path / "1")
+    second = _save(datasets.Dataset.from_dict({"de": ["a"], "en": ["c"]}), tmp_path / "2")
+    assert (
+        open_corpus(f"hf:{first}", "de", "en").fingerprint()
+        != open_corpus(f"hf:{second}", "de", "en").fingerprint()
+    )
+
+
+def test_hf_hub_errors_are_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise FileNotFoundError("Couldn't find dataset nope/x\nmore detail")
+
+    monkeypatch.setattr(datasets, "load_dataset", fail)
+    with pytest.raises(DataError) as err:
+        open_corpus("hf:nope/x:de-en", "de", "en", split="test")
+    assert str(err.value) == (
+        "hf:nope/x:de-en: cannot load split 'test' (Couldn't find dataset nope/x)"
+    )
+
+
+def test_hf_bad_spec() -> None:
+    with pytest.raises(DataError, match=r"expected hf:NAME\[:CONFIG\]\[@SPLIT\]"):
+        open_corpus("hf:", "de", "en")

@@ -1,0 +1,215 @@
+"""Tests for mt.data: encoding, length filters, the Arrow cache and row retrieval."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mt.corpora import Corpus, open_corpus
+from mt.data import EncodedCorpus, FilterStats, encode_corpus
+from mt.errors import DataError
+from mt.tokenizer import Tokenizer, train_tokenizer
+
+_SYLLABLES = [
+    "ka",
+    "to",
+    "ri",
+    "men",
+    "sa",
+    "lu",
+    "bre",
+    "dor",
+    "fin",
+    "ga",
+    "hei",
+    "ost",
+    "pra",
+    "ul",
+    "wen",
+    "zi",
+]
+
+
+def write_corpus(prefix: Path, src: list[str], tgt: list[str]) -> Corpus:
+    """Write ``prefix.de`` / ``prefix.en`` and open them as a corpus."""
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{prefix}.de").write_text("".join(f"{s}\n" for s in src), encoding="utf-8")
+    Path(f"{prefix}.en").write_text("".join(f"{t}\n" for t in tgt), encoding="utf-8")
+    return open_corpus(str(prefix), "de", "en")
+
+
+def synthetic(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """``n`` random sentence pairs over a small made-up vocabulary."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choices(_SYLLABLES, k=rng.randint(1, 3))) for _ in range(80)]
+    src = [" ".join(rng.choices(words, k=rng.randint(2, 9))) for _ in range(n)]
+    tgt = [" ".join(rng.choices(words, k=rng.randint(2, 9))) for _ in range(n)]
+    return src, tgt
+
+
+def rows(data: EncodedCorpus) -> list[tuple[list[int], list[int]]]:
+    """All rows of an encoded corpus, in order."""
+    return data.pairs(np.arange(len(data)))
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
+    """A few hundred synthetic pairs."""
+    return write_corpus(tmp_path_factory.mktemp("tiny") / "train", *synthetic(300))
+
+
+@pytest.fixture(scope="session")
+def tok(tiny: Corpus, tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    """A joint BPE tokenizer trained on the tiny corpus."""
+    return train_tokenizer(tiny, tmp_path_factory.mktemp("tok"), 320)
+
+
+@pytest.fixture(scope="session")
+def tok2(tiny: Corpus, tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    """Another tokenizer (a different vocabulary size) on the same corpus."""
+    return train_tokenizer(tiny, tmp_path_factory.mktemp("tok2"), 330)
+
+
+@pytest.fixture(scope="session")
+def crafted(tok: Tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Corpus:
+    """Pairs built to hit each filter rule once or more, with max_len=10 and max_ratio=3."""
+    singles = [w for w in synthetic(300)[0][0].split() if len(tok.encode_src([w])[0]) == 1]
+    assert singles, "need words that are one piece each"
+
+    def words(n: int) -> str:
+        return " ".join([singles[0]] * n)
+
+    pairs = [
+        (words(3), words(2)),  # kept
+        (words(1), words(3)),  # kept: ratio exactly 3
+        (words(10), words(10)),  # kept: exactly max_len
+        ("", words(2)),  # empty
+        (words(1), "   "),  # empty: whitespace only
+        ("", words(12)),  # empty (and too long): the first reason counts
+        (words(11), words(11)),  # too long
+        (words(1), words(11)),  # too long (and bad ratio)
+        (words(1), words(4)),  # bad ratio
+    ]
+    src, tgt = zip(*pairs, strict=True)
+    return write_corpus(tmp_path_factory.mktemp("crafted") / "train", list(src), list(tgt))
+
+
+def test_lengths_are_token_counts(tiny: Corpus, tok: Tokenizer, tmp_path: Path) -> None:
+    data = encode_corpus(tiny, tok, tmp_path, filter=False)
+    src, tgt = tok.encode_src(tiny.sources()), tok.encode_tgt(tiny.targets())
+    assert len(data) == len(src) == 300
+    assert rows(data) == list(zip(src, tgt, strict=True))
+    assert data.src_lens.tolist() == [len(s) for s in src]
+    assert data.tgt_lens.tolist() == [len(t) for t in tgt]
+    assert data.dataset.column_names == ["src_ids", "tgt_ids"]  # raw text is not kept
+
+
+def test_filter_counts_each_reason(crafted: Corpus, tok: Tokenizer, tmp_path: Path) -> None:
+    data = encode_corpus(crafted, tok, tmp_path, filter=True, max_len=10, max_ratio=3.0)
+    assert data.stats == FilterStats(9, 3, 3, 2, 1, max_len=10, max_ratio=3.0)
+    assert data.stats.describe() == (
+        "kept 3 of 9 pairs (dropped: 3 empty, 2 over 10 tokens, 1 with length ratio over 3.0)"
+    )
+    kept = list(zip(crafted.sources()[:3], crafted.targets()[:3], strict=True))
+    assert rows(data) == [(tok.encode_src([s])[0], tok.encode_tgt([t])[0]) for s, t in kept]
+    assert data.src_lens.tolist() == [3, 1, 10] and data.tgt_lens.tolist() == [2, 3, 10]
+
+
+def test_describe_formats_thousands() -> None:
+    stats = FilterStats(29000, 28950, 3, 40, 7, max_len=256, max_ratio=3.0)
+    assert stats.describe() == (
+        "kept 28,950 of 29,000 pairs "
+        "(dropped: 3 empty, 40 over 256 tokens, 7 with length ratio over 3.0)"
+    )
+
+
+def test_unfiltered_keeps_everything(crafted: Corpus, tok: Tokenizer, tmp_path: Path) -> None:
+    data = encode_corpus(crafted, tok, tmp_path, filter=False, max_len=10, max_ratio=3.0)
+    assert data.stats.describe() == "kept 9 of 9 pairs (not filtered)"
+    assert len(data) == 9
+    assert data.src_lens.tolist() == [3, 1, 10, 0, 1, 0, 11, 1, 1]
+    assert data.tgt_lens.tolist() == [2, 3, 10, 2, 0, 12, 11, 11, 4]
+
+
+def test_cache_is_reused(
+    tiny: Corpus, tok: Tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = encode_corpus(tiny, tok, tmp_path, filter=True)
+    entries = list(tmp_path.iterdir())
+    assert len(entries) == 1  # only the final entry: no temporary or intermediate files
+    assert {p.name for p in entries[0].iterdir()} == {
+        "data-00000-of-00001.arrow",
+        "dataset_info.json",
+        "state.json",
+        "lengths.npy",
+        "stats.json",
+    }
+
+    def fail(self: Tokenizer, texts: list[str]) -> list[list[int]]:
+        raise AssertionError("re-encoded a cached corpus")
+
+    monkeypatch.setattr(Tokenizer, "encode_src", fail)
+    second = encode_corpus(tiny, tok, tmp_path, filter=True)
+    assert rows(second) == rows(first) and second.stats == first.stats
+    # Memory-mapped from the cache entry, not loaded into memory.
+    assert [Path(f["filename"]).parent for f in second.dataset.cache_files] == entries
+
+
+def test_cache_key_changes(tiny: Corpus, tok: Tokenizer, tok2: Tokenizer, tmp_path: Path) -> None:
+    def entries() -> int:
+        return len(list(tmp_path.iterdir()))
+
+    encode_corpus(tiny, tok, tmp_path, filter=True)
+    encode_corpus(tiny, tok2, tmp_path, filter=True)
+    assert entries() == 2  # another tokenizer
+    encode_corpus(tiny, tok, tmp_path, filter=True, max_len=20)
+    assert entries() == 3  # another max_len
+    encode_corpus(tiny, tok, tmp_path, filter=True, max_ratio=2.0)
+    assert entries() == 4  # another max_ratio
+    encode_corpus(tiny, tok, tmp_path, filter=False)
+    encode_corpus(tiny, tok, tmp_path, filter=False, max_len=20)
+    assert entries() == 5  # unfiltered: the limits do not matter
+    src, tgt = tiny.sources(), tiny.targets()
+    changed = write_corpus(tmp_path.parent / "changed" / "train", [*src[:-1], "ka to"], tgt)
+    data = encode_corpus(changed, tok, tmp_path, filter=False)
+    assert entries() == 6  # other content
+    assert data.pairs(np.array([299]))[0][0] == tok.encode_src(["ka to"])[0]
+
+
+def test_pairs_in_requested_order(tiny: Corpus, tok: Tokenizer, tmp_path: Path) -> None:
+    data = encode_corpus(tiny, tok, tmp_path, filter=False)
+    order = np.array([5, 0, 299, 3, 3])
+    src, tgt = tiny.sources(), tiny.targets()
+    expected = [(tok.encode_src([src[i]])[0], tok.encode_tgt([tgt[i]])[0]) for i in order]
+    assert data.pairs(order) == expected
+    assert data.pairs(np.array([], dtype=np.int64)) == []
+    with pytest.raises(IndexError):
+        data.pairs(np.array([300]))
+
+
+def test_parallel_encoding_matches(tok: Tokenizer, tmp_path: Path) -> None:
+    # More than one Arrow record batch (1,000 rows each), so rows span several chunks.
+    corpus = write_corpus(tmp_path / "big" / "train", *synthetic(2500, seed=1))
+    one = encode_corpus(corpus, tok, tmp_path / "one", filter=True, max_len=20)
+    two = encode_corpus(corpus, tok, tmp_path / "two", filter=True, max_len=20, num_proc=2)
+    assert one.stats == two.stats and one.stats.too_long > 0 and one.stats.bad_ratio > 0
+    everything = rows(one)
+    assert everything == rows(two)
+    assert np.array_equal(one.src_lens, two.src_lens)
+    assert np.array_equal(one.tgt_lens, two.tgt_lens)
+    order = np.random.default_rng(0).permutation(len(one))
+    assert one.pairs(order) == [everything[i] for i in order]
+    assert len(one.dataset.data.table.column("src_ids").chunks) > 1
+
+
+def test_corpus_errors_are_data_errors(tok: Tokenizer, tmp_path: Path) -> None:
+    mismatched = write_corpus(tmp_path / "bad" / "train", ["ka", "to"], ["ri"])
+    with pytest.raises(DataError, match=r"has 2 lines but .* has 1"):
+        encode_corpus(mismatched, tok, tmp_path / "cache", filter=True)
+    empty = write_corpus(tmp_path / "empty" / "train", [], [])
+    with pytest.raises(DataError, match="no sentence pairs"):
+        encode_corpus(empty, tok, tmp_path / "cache", filter=True)
+    assert list((tmp_path / "cache").iterdir()) == []  # nothing half-written is left

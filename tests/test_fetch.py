@@ -1,0 +1,177 @@
+"""Tests for mt.fetch: Multi30k download from a loopback HTTP server or a local mirror."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import shutil
+import threading
+from collections.abc import Iterator
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from mt import fetch
+from mt.errors import DataError
+
+SHARED = Path("/work/shared/data/multi30k")
+DE_EN = [f"{split}.{lang}.gz" for split in fetch.MULTI30K_SPLITS for lang in ("de", "en")]
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    """Serves a directory and records every path requested."""
+
+    requests: list[str]
+
+    def do_GET(self) -> None:
+        self.requests.append(self.path)
+        super().do_GET()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # keep test output quiet
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[str, Path, list[str]]]:
+    """(base URL, served directory holding the de/en files, list of requested paths)."""
+    if not all((SHARED / name).is_file() for name in DE_EN):
+        pytest.skip("no local copy of the Multi30k de/en files")
+    root = tmp_path / "server"
+    root.mkdir()
+    for name in DE_EN:
+        shutil.copyfile(SHARED / name, root / name)
+    requests: list[str] = []
+    handler = type("Handler", (_Handler,), {"requests": requests})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/raw/", root, requests
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(autouse=True)
+def _no_env_mirror(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(fetch.MIRROR_ENV, raising=False)
+
+
+def _base_url(served: tuple[str, Path, list[str]]) -> str:
+    """The server's root URL (the fixture's URL has a /raw/ path to check URL joining)."""
+    return served[0].removesuffix("raw/")
+
+
+def test_fetch_from_server(served: tuple[str, Path, list[str]], tmp_path: Path) -> None:
+    _, _, requests = served
+    dest = tmp_path / "out"
+    paths = fetch.fetch_multi30k(dest, ("de", "en"), mirror=_base_url(served), progress=False)
+    assert paths == [dest / name for name in DE_EN]
+    assert sorted(p.name for p in dest.iterdir()) == sorted(DE_EN)
+    for name in DE_EN:
+        assert (dest / name).read_bytes() == (SHARED / name).read_bytes()
+    assert sorted(requests) == sorted(f"/{name}" for name in DE_EN)
+
+
+def test_second_fetch_skips(
+    served: tuple[str, Path, list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dest = tmp_path / "out"
+    fetch.fetch_multi30k(dest, ("de",), mirror=_base_url(served), progress=False)
+    served[2].clear()
+    fetch.fetch_multi30k(dest, ("de",), mirror=_base_url(served), progress=False)
+    assert served[2] == []
+    assert "train.de.gz: up to date" in capsys.readouterr().err
+
+
+def test_resume_and_repair(served: tuple[str, Path, list[str]], tmp_path: Path) -> None:
+    dest = tmp_path / "out"
+    dest.mkdir()
+    shutil.copyfile(SHARED / "train.de.gz", dest / "train.de.gz")
+    (dest / "val.de.gz").write_bytes(b"stale partial download")
+    fetch.fetch_multi30k(dest, ("de",), mirror=_base_url(served), progress=False)
+    assert sorted(served[2]) == ["/test_2016_flickr.de.gz", "/val.de.gz"]
+    assert (dest / "val.de.gz").read_bytes() == (SHARED / "val.de.gz").read_bytes()
+
+
+def test_checksum_mismatch(served: tuple[str, Path, list[str]], tmp_path: Path) -> None:
+    base, root = _base_url(served), served[1]
+    (root / "val.de.gz").write_bytes(b"corrupted")
+    dest = tmp_path / "out"
+    with pytest.raises(DataError) as err:
+        fetch.fetch_multi30k(dest, ("de",), mirror=base, progress=False)
+    expected = fetch.MULTI30K_FILES["val.de.gz"]
+    got = hashlib.sha256(b"corrupted").hexdigest()
+    message = f"{base}val.de.gz: checksum mismatch (expected {expected}, got {got})"
+    assert str(err.value) == message
+    # train.de.gz came first and is fine; nothing else, not even a temp file, is left.
+    assert [p.name for p in dest.iterdir()] == ["train.de.gz"]
+
+
+def test_http_error(served: tuple[str, Path, list[str]], tmp_path: Path) -> None:
+    base, root = _base_url(served), served[1]
+    (root / "train.de.gz").unlink()
+    with pytest.raises(DataError) as err:
+        fetch.fetch_multi30k(tmp_path / "out", ("de",), mirror=base, progress=False)
+    assert str(err.value) == f"{base}train.de.gz: HTTP error 404 (File not found)"
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_unreachable(tmp_path: Path) -> None:
+    # Port 9 (discard) on loopback: nothing listens there, so the connection is refused.
+    with pytest.raises(DataError, match=r"^http://127\.0\.0\.1:9/train\.de\.gz: cannot download"):
+        fetch.fetch_multi30k(tmp_path, ("de",), mirror="http://127.0.0.1:9", progress=False)
+
+
+def test_local_directory_mirror(served: tuple[str, Path, list[str]], tmp_path: Path) -> None:
+    root = served[1]
+    dest = tmp_path / "out"
+    fetch.fetch_multi30k(dest, ("en",), mirror=str(root), progress=False)
+    assert (dest / "val.en.gz").read_bytes() == (SHARED / "val.en.gz").read_bytes()
+    assert served[2] == []
+    (root / "test_2016_flickr.en.gz").unlink()
+    (dest / "test_2016_flickr.en.gz").unlink()
+    with pytest.raises(DataError, match=r"test_2016_flickr\.en\.gz: cannot download \(No such"):
+        fetch.fetch_multi30k(dest, ("en",), mirror=str(root), progress=False)
+
+
+def test_env_mirror(
+    served: tuple[str, Path, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = served[0]  # the /raw/ path does not exist: proves the env URL is joined correctly
+    monkeypatch.setenv(fetch.MIRROR_ENV, url)
+    with pytest.raises(DataError, match=r"/raw/train\.de\.gz: HTTP error 404"):
+        fetch.fetch_multi30k(tmp_path / "out", ("de",), progress=False)
+    monkeypatch.setenv(fetch.MIRROR_ENV, _base_url(served))
+    fetch.fetch_multi30k(tmp_path / "out", ("de",), progress=False)
+    assert len(served[2]) == 1 + 3
+
+
+def test_unknown_language(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as err:
+        fetch.fetch_multi30k(tmp_path, ("de", "xx"), progress=False)
+    assert str(err.value) == "unknown Multi30k language(s): xx (valid: de, en, fr, cs)"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unpinned_language_checks_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # fr has no pinned checksum: a well-formed gzip with the right line count is accepted.
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    for split, lines in fetch.MULTI30K_LINES.items():
+        (mirror / f"{split}.fr.gz").write_bytes(gzip.compress(b"Un chien.\n" * lines))
+    dest = tmp_path / "out"
+    fetch.fetch_multi30k(dest, ("fr",), mirror=str(mirror), progress=False)
+    assert "warning: val.fr.gz: no pinned checksum" in capsys.readouterr().err
+    assert (dest / "val.fr.gz").read_bytes() == (mirror / "val.fr.gz").read_bytes()
+    (mirror / "val.fr.gz").write_bytes(gzip.compress(b"x\n" * 10))
+    (dest / "val.fr.gz").unlink()
+    with pytest.raises(DataError) as err:
+        fetch.fetch_multi30k(dest, ("fr",), mirror=str(mirror), progress=False)
+    assert str(err.value) == f"{mirror}/val.fr.gz: expected 1014 lines, got 10"
+    (mirror / "val.fr.gz").write_bytes(b"plain text")
+    with pytest.raises(DataError, match=r"val\.fr\.gz: not a valid gzip file"):
+        fetch.fetch_multi30k(dest, ("fr",), mirror=str(mirror), progress=False)
+    assert not (dest / "val.fr.gz").exists()

@@ -1,0 +1,177 @@
+"""Tests for mt.model: overfitting, masking, incremental decoding, parameter counts, bf16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mt.loss import label_smoothed_nll
+from mt.model import Transformer, count_parameters, sinusoidal_positions
+
+PAD, BOS, EOS, VOCAB = 0, 1, 2, 50
+
+
+def tiny(prenorm: bool = True, dropout: float = 0.0, **kw: object) -> Transformer:
+    """A small deterministic model for fast CPU tests."""
+    torch.manual_seed(0)
+    args = dict(dim=32, enc_layers=2, dec_layers=2, heads=2, ffn_dim=64, dropout=dropout)
+    args.update(kw)
+    return Transformer(VOCAB, VOCAB, prenorm=prenorm, **args)
+
+
+def sentence(length: int, gen: torch.Generator) -> list[int]:
+    """Random real tokens followed by eos."""
+    return [*torch.randint(3, VOCAB, (length - 1,), generator=gen).tolist(), EOS]
+
+
+def pad_batch(rows: list[list[int]]) -> torch.Tensor:
+    """Right-pad token lists to a (B, L) long tensor."""
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [PAD] * (width - len(r)) for r in rows])
+
+
+def random_pairs(n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """n random pairs of lengths 3-8 as padded (src, tgt_in, tgt_out)."""
+    gen = torch.Generator().manual_seed(seed)
+    srcs, tgts = [], []
+    for _ in range(n):
+        srcs.append(sentence(int(torch.randint(3, 9, (1,), generator=gen)), gen))
+        tgts.append(sentence(int(torch.randint(3, 9, (1,), generator=gen)), gen))
+    tgt_in = pad_batch([[BOS, *t[:-1]] for t in tgts])
+    return pad_batch(srcs), tgt_in, pad_batch(tgts)
+
+
+def test_sinusoidal_positions() -> None:
+    table = sinusoidal_positions(10, 8)
+    assert table.shape == (10, 8)
+    assert torch.allclose(table[0, 0::2], torch.zeros(4))
+    assert torch.allclose(table[0, 1::2], torch.ones(4))
+    assert torch.isclose(table[3, 2], torch.sin(torch.tensor(3 / 10000 ** (2 / 8))))
+
+
+def test_overfits_ten_pairs() -> None:
+    model = tiny()
+    src, tgt_in, tgt_out = random_pairs(10)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(200):
+        loss, nll, n = label_smoothed_nll(model(src, tgt_in), tgt_out, 0.0, PAD)
+        opt.zero_grad()
+        (loss / n).backward()
+        opt.step()
+    assert (nll / n).item() < 0.05
+
+
+@pytest.mark.parametrize("prenorm", [True, False])
+def test_padding_does_not_change_outputs(prenorm: bool) -> None:
+    model = tiny(prenorm).eval()
+    gen = torch.Generator().manual_seed(2)
+    short_src, long_src = sentence(4, gen), sentence(7, gen)
+    short_tgt, long_tgt = [BOS, *sentence(3, gen)], [BOS, *sentence(6, gen)]
+    with torch.no_grad():
+        alone_mem = model.encode(torch.tensor([short_src]))
+        batch_mem = model.encode(pad_batch([short_src, long_src]))
+        assert torch.allclose(alone_mem[0], batch_mem[0, :4], atol=1e-5)
+        alone = model(torch.tensor([short_src]), torch.tensor([short_tgt]))
+        batch = model(pad_batch([short_src, long_src]), pad_batch([short_tgt, long_tgt]))
+    assert torch.allclose(alone[0], batch[0, :4], atol=1e-5)
+
+
+def test_causal_mask() -> None:
+    model = tiny().eval()
+    src, tgt_in, _ = random_pairs(2)
+    changed = tgt_in.clone()
+    changed[:, 3:] = 7
+    with torch.no_grad():
+        a, b = model(src, tgt_in), model(src, changed)
+    assert torch.allclose(a[:, :3], b[:, :3], atol=1e-6)
+    assert not torch.allclose(a[:, 3:], b[:, 3:], atol=1e-3)
+
+
+def decode_incrementally(
+    model: Transformer, src: torch.Tensor, tgt_in: torch.Tensor
+) -> torch.Tensor:
+    """Logits (B, T, V) from feeding tgt_in one token at a time through a fresh state."""
+    memory, state = model.encode(src), model.init_state()
+    steps = [model.decode(tgt_in[:, t : t + 1], memory, src, state) for t in range(tgt_in.size(1))]
+    assert state.step == tgt_in.size(1)
+    return torch.cat(steps, dim=1)
+
+
+@pytest.mark.parametrize("prenorm", [True, False])
+def test_incremental_matches_full(prenorm: bool) -> None:
+    model = tiny(prenorm).eval()
+    src, tgt_in, _ = random_pairs(3)
+    with torch.no_grad():
+        full = model(src, tgt_in)
+        step = decode_incrementally(model, src, tgt_in)
+        # Several new tokens at once on top of a cache must also respect causality.
+        memory, state = model.encode(src), model.init_state()
+        first = model.decode(tgt_in[:, :2], memory, src, state)
+        rest = model.decode(tgt_in[:, 2:], memory, src, state)
+    assert torch.allclose(full, step, atol=1e-5)
+    assert torch.allclose(full, torch.cat([first, rest], dim=1), atol=1e-5)
+
+
+@pytest.mark.parametrize("prenorm", [True, False])
+def test_reorder_matches_reordered_full(prenorm: bool) -> None:
+    model = tiny(prenorm).eval()
+    src, tgt_in, _ = random_pairs(3)
+    index = torch.tensor([2, 1, 0, 0])  # reverse and duplicate a row, as beam search does
+    with torch.no_grad():
+        memory, state = model.encode(src), model.init_state()
+        for t in range(3):
+            model.decode(tgt_in[:, t : t + 1], memory, src, state)
+        state.reorder(index)
+        src2, memory2, tgt2 = src[index], memory[index], tgt_in[index]
+        steps = [model.decode(tgt2[:, t : t + 1], memory2, src2, state) for t in range(3, 6)]
+        full = model(src2, tgt2[:, :6])
+    assert torch.allclose(full[:, 3:6], torch.cat(steps, dim=1), atol=1e-5)
+
+
+def expected_count(vocab: int, dim: int, ffn: int, layers: int, prenorm: bool) -> int:
+    """Closed-form parameter count of a three-way tied model with `layers` per stack."""
+    attention = 4 * (dim * dim + dim)
+    encoder_layer = attention + 2 * dim * ffn + ffn + dim + 2 * 2 * dim
+    decoder_layer = encoder_layer + attention + 2 * dim
+    final_norms = 2 * 2 * dim if prenorm else 0
+    return vocab * dim + layers * (encoder_layer + decoder_layer) + final_norms
+
+
+@pytest.mark.parametrize("prenorm", [True, False])
+def test_parameter_counts(prenorm: bool) -> None:
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        base = Transformer(37000, 37000, prenorm=prenorm)
+        big = Transformer(37000, 37000, dim=1024, heads=16, ffn_dim=4096, prenorm=prenorm)
+    assert count_parameters(base) == expected_count(37000, 512, 2048, 6, prenorm)
+    assert count_parameters(big) == expected_count(37000, 1024, 4096, 6, prenorm)
+    assert count_parameters(base) == (63_084_544 if prenorm else 63_082_496)
+    assert count_parameters(big) == (214_249_472 if prenorm else 214_245_376)
+    assert 60_000_000 < count_parameters(base) < 66_000_000
+
+
+def test_two_way_tie_counts_both_embeddings() -> None:
+    shared = tiny()
+    separate = Transformer(
+        60, VOCAB, dim=32, enc_layers=2, dec_layers=2, heads=2, ffn_dim=64, share_embeddings=False
+    )
+    assert separate.src_embed is not separate.tgt_embed
+    assert count_parameters(separate) == count_parameters(shared) + 60 * 32
+
+
+def test_share_embeddings_needs_joint_vocab() -> None:
+    with pytest.raises(ValueError, match="share_embeddings"):
+        Transformer(60, 50, dim=32, enc_layers=1, dec_layers=1, heads=2, ffn_dim=64)
+
+
+def test_bf16_autocast_close_to_fp32() -> None:
+    model = tiny()
+    src, tgt_in, tgt_out = random_pairs(4)
+    loss32, _, n = label_smoothed_nll(model(src, tgt_in), tgt_out, 0.1, PAD)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(src, tgt_in)
+        loss16, _, _ = label_smoothed_nll(logits, tgt_out, 0.1, PAD)
+    assert logits.dtype == torch.bfloat16 and loss16.dtype == torch.float32
+    (loss16 / n).backward()
+    assert torch.isfinite(loss16)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert torch.isclose(loss16, loss32, rtol=0.03)

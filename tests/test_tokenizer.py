@@ -1,0 +1,214 @@
+"""Tests for mt.tokenizer: SentencePiece training, loading, encoding and decoding."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+
+from mt.corpora import Corpus, open_corpus
+from mt.errors import DataError
+from mt.tokenizer import load_tokenizer, tokenizer_files, train_tokenizer, unk_rate
+from mt.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+
+MULTI30K = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
+# Byte fallback adds 256 byte pieces, so a byte-fallback vocabulary needs more than that.
+VOCAB = 320
+
+_SYLLABLES = [
+    "ka",
+    "to",
+    "ri",
+    "men",
+    "sa",
+    "lu",
+    "bre",
+    "dor",
+    "fin",
+    "ga",
+    "hei",
+    "ost",
+    "pra",
+    "ul",
+    "wen",
+    "zi",
+]
+
+
+def _words(rng: random.Random, n: int) -> list[str]:
+    """``n`` pseudo-words of one to three syllables."""
+    return ["".join(rng.choices(_SYLLABLES, k=rng.randint(1, 3))) for _ in range(n)]
+
+
+def write_corpus(prefix: Path, src: list[str], tgt: list[str]) -> Corpus:
+    """Write ``prefix.de`` / ``prefix.en`` and open them as a corpus."""
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{prefix}.de").write_text("".join(f"{s}\n" for s in src), encoding="utf-8")
+    Path(f"{prefix}.en").write_text("".join(f"{t}\n" for t in tgt), encoding="utf-8")
+    return open_corpus(str(prefix), "de", "en")
+
+
+def synthetic(n: int = 300, seed: int = 0) -> tuple[list[str], list[str]]:
+    """``n`` random word-salad sentence pairs."""
+    rng = random.Random(seed)
+    # German-like words get an umlaut so that the two sides have different alphabets.
+    de, en = [w + "ä" for w in _words(rng, 80)], _words(rng, 80)
+    src = [" ".join(rng.choices(de, k=rng.randint(2, 9))) for _ in range(n)]
+    tgt = [" ".join(rng.choices(en, k=rng.randint(2, 9))) for _ in range(n)]
+    return src, tgt
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
+    """A few hundred synthetic training pairs."""
+    return write_corpus(tmp_path_factory.mktemp("tiny") / "train", *synthetic())
+
+
+@pytest.fixture(scope="session")
+def unseen(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
+    """A dev set with characters the training data never had (emoji, CJK)."""
+    src = ["der hund 🐶 läuft", "katze 猫"]
+    tgt = ["the dog 🐶 runs", "cat 猫 ✨"]
+    return write_corpus(tmp_path_factory.mktemp("unseen") / "dev", src, tgt)
+
+
+@pytest.fixture(scope="session")
+def joint_dir(tiny: Corpus, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A joint BPE tokenizer trained on the tiny corpus."""
+    directory = tmp_path_factory.mktemp("joint")
+    train_tokenizer(tiny, directory, VOCAB)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def split_dir(tiny: Corpus, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Per-side unigram tokenizers trained on the tiny corpus."""
+    directory = tmp_path_factory.mktemp("split")
+    train_tokenizer(tiny, directory, VOCAB, model_type="unigram", joint=False)
+    return directory
+
+
+def test_special_ids_are_fixed(joint_dir: Path, split_dir: Path) -> None:
+    for directory in (joint_dir, split_dir):
+        tok = load_tokenizer(directory)
+        for model in (tok.src, tok.tgt):
+            assert [model.id_to_piece(i) for i in range(4)] == ["<pad>", "<unk>", "<s>", "</s>"]
+
+
+def test_joint_has_one_file(joint_dir: Path) -> None:
+    tok = load_tokenizer(joint_dir)
+    assert tok.joint
+    assert tok.paths == tokenizer_files(joint_dir, joint=True) == [joint_dir / "spm.model"]
+    assert sorted(p.name for p in joint_dir.iterdir()) == ["spm.model"]  # no temp files left
+    assert tok.src_vocab_size == tok.tgt_vocab_size == VOCAB
+
+
+def test_per_side_has_two_files(split_dir: Path) -> None:
+    tok = load_tokenizer(split_dir)
+    assert not tok.joint
+    assert [p.name for p in tok.paths] == ["spm.src.model", "spm.tgt.model"]
+    assert tok.paths == tokenizer_files(split_dir, joint=False)
+    assert tok.src_vocab_size == tok.tgt_vocab_size == VOCAB
+    # Each side has only its own language's pieces.
+    assert tok.src.piece_to_id("ä") != UNK_ID and tok.tgt.piece_to_id("ä") == UNK_ID
+
+
+def test_retraining_other_layout_removes_stale_files(tiny: Corpus, tmp_path: Path) -> None:
+    train_tokenizer(tiny, tmp_path, VOCAB, joint=False)
+    tok = train_tokenizer(tiny, tmp_path, VOCAB, joint=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spm.model"]
+    assert load_tokenizer(tmp_path).joint and tok.joint
+
+
+def test_round_trip(tiny: Corpus, joint_dir: Path, split_dir: Path) -> None:
+    for directory in (joint_dir, split_dir):
+        tok = load_tokenizer(directory)
+        src, tgt = tiny.sources(), tiny.targets()
+        assert tok.decode_tgt(tok.encode_tgt(tgt)) == tgt
+        assert tok.src.decode(tok.encode_src(src)) == src
+        assert "".join(tok.src_pieces(src[0])).replace("▁", " ").strip() == src[0]
+        assert "".join(tok.tgt_pieces(tgt[0])).replace("▁", " ").strip() == tgt[0]
+
+
+def test_encode_has_no_bos_eos_and_decode_skips_specials(tiny: Corpus, joint_dir: Path) -> None:
+    tok = load_tokenizer(joint_dir)
+    text = tiny.targets()[0]
+    ids = tok.encode_tgt([text])[0]
+    assert ids and not {PAD_ID, BOS_ID, EOS_ID} & set(ids)
+    padded = [BOS_ID, *ids, EOS_ID, 17, PAD_ID, PAD_ID]  # anything after EOS is ignored
+    assert tok.decode_tgt([padded, [PAD_ID, *ids, PAD_ID]]) == [text, text]
+
+
+def test_training_is_deterministic(tiny: Corpus, joint_dir: Path, tmp_path: Path) -> None:
+    again = train_tokenizer(tiny, tmp_path, VOCAB)
+    assert again.paths[0].read_bytes() == (joint_dir / "spm.model").read_bytes()
+    assert again.fingerprint() == load_tokenizer(joint_dir).fingerprint()
+
+
+def test_fingerprint_changes_with_vocab_size(tiny: Corpus, joint_dir: Path, tmp_path: Path) -> None:
+    other = train_tokenizer(tiny, tmp_path, VOCAB + 10)
+    assert other.fingerprint() != load_tokenizer(joint_dir).fingerprint()
+
+
+def test_vocab_too_large_is_a_data_error(tiny: Corpus, tmp_path: Path) -> None:
+    with pytest.raises(DataError) as err:
+        train_tokenizer(tiny, tmp_path / "tok", 5000)
+    assert str(err.value) == (
+        f"tokenizer.vocab_size=5000 is too large for the corpus {tiny.describe()}: it yields at "
+        "most 928 pieces; set a smaller tokenizer.vocab_size (<= 928)"
+    )
+    assert not (tmp_path / "tok").exists()
+
+
+def test_vocab_too_small_for_the_alphabet(tiny: Corpus, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"vocab_size=100 is too small .* need 282"):
+        train_tokenizer(tiny, tmp_path, 100)
+
+
+def test_corpus_error_surfaces_through_training(tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path / "bad", ["ein hund", "eine katze"], ["a dog"])
+    with pytest.raises(DataError, match=r"has 2 lines but .* has 1"):
+        train_tokenizer(corpus, tmp_path / "tok", VOCAB)
+
+
+def test_load_without_model_is_a_data_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no tokenizer found"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "spm.model").write_bytes(b"not a model")
+    with pytest.raises(DataError, match="not a SentencePiece model"):
+        load_tokenizer(tmp_path)
+
+
+def test_unk_rate_with_and_without_byte_fallback(
+    tiny: Corpus, unseen: Corpus, joint_dir: Path, tmp_path: Path
+) -> None:
+    assert unk_rate(load_tokenizer(joint_dir), unseen) == (0.0, 0.0)
+    assert unk_rate(load_tokenizer(joint_dir), tiny) == (0.0, 0.0)
+    no_bytes = train_tokenizer(tiny, tmp_path, 100, byte_fallback=False)
+    src, tgt = unk_rate(no_bytes, unseen)
+    assert 0 < src < 1 and 0 < tgt < 1
+
+
+@pytest.mark.skipif(not (MULTI30K / "train.de.gz").is_file(), reason="Multi30k not present")
+def test_multi30k_round_trip(tmp_path: Path) -> None:
+    train = open_corpus(str(MULTI30K / "train"), "de", "en")
+    dev = open_corpus(str(MULTI30K / "val"), "de", "en")
+    start = time.perf_counter()
+    tok = train_tokenizer(train, tmp_path, 8000, input_sentence_size=200_000)
+    assert time.perf_counter() - start < 20
+    assert tok.src_vocab_size == 8000
+    # The model's own normalizer (NFKC, whitespace collapsed), with spaces left as spaces.
+    normalizer = spm.SentencePieceNormalizer(
+        model_file=str(tok.paths[0]), add_dummy_prefix=False, escape_whitespaces=False
+    )
+    texts = dev.sources() + dev.targets()
+    decoded = tok.src.decode(tok.encode_src(texts))
+    assert decoded == [normalizer.normalize(t) for t in texts]
+    changed = sum(t != normalizer.normalize(t) for t in texts)
+    print(f"multi30k dev: {len(texts)} round trips, {changed} changed by normalization")
+    src_unk, tgt_unk = unk_rate(tok, dev)
+    assert src_unk == tgt_unk == 0.0  # byte fallback: nothing is unknown
+    print(f"multi30k dev unk rate: {src_unk:.4%} source, {tgt_unk:.4%} target")
