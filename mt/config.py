@@ -198,19 +198,44 @@ class DecodeConfig:
     """Search settings for validation, `mt translate` and `mt evaluate`."""
 
     beam: int = 5  # beam size (1 = greedy)
-    alpha: float = 0.6  # GNMT length penalty exponent ((5 + len) / 6) ** alpha
+    alpha: float = 0.6  # length penalty exponent (see length_penalty)
+    length_penalty: Literal["gnmt", "average", "none"] = (
+        "gnmt"  # gnmt: ((5+len)/6)^alpha; average: len
+    )
+    min_len: int = 0  # hypotheses shorter than this (in pieces) cannot end
     max_len_a: float = 1.2  # maximum output length = a * source length + b
     max_len_b: int = 10  # see max_len_a
     max_tokens: int = 8192  # token budget of decoding batches
+    nbest: int = 1  # hypotheses returned per sentence (at most beam)
+    sampling: bool = False  # sample instead of searching (beam is then the number of samples)
+    temperature: float = 1.0  # sampling temperature
+    top_k: int = 0  # sample from the k most probable tokens (0 = all)
+    top_p: float = 1.0  # sample from the smallest set of tokens with this total probability
+    valid_beam: int = 1  # beam used for validation BLEU during training (1 = greedy, fastest)
 
     def __post_init__(self) -> None:
-        _check(self.beam >= 1, "decode.beam", f"decode.beam={self.beam} must be >= 1")
+        for key in ("beam", "nbest", "valid_beam"):
+            value = getattr(self, key)
+            _check(value >= 1, f"decode.{key}", f"decode.{key}={value} must be >= 1")
+        _check(
+            self.sampling or self.nbest <= self.beam,
+            ("decode.nbest", "decode.beam"),
+            f"decode.nbest={self.nbest} exceeds decode.beam={self.beam}",
+        )
         _check(self.alpha >= 0, "decode.alpha", f"decode.alpha={self.alpha} must be >= 0")
+        _check(self.min_len >= 0, "decode.min_len", f"decode.min_len={self.min_len} must be >= 0")
         _check(
             self.max_tokens > 0,
             "decode.max_tokens",
             f"decode.max_tokens={self.max_tokens} must be positive",
         )
+        _check(
+            self.temperature > 0,
+            "decode.temperature",
+            f"decode.temperature={self.temperature} must be positive",
+        )
+        _check(self.top_k >= 0, "decode.top_k", f"decode.top_k={self.top_k} must be >= 0")
+        _check(0 < self.top_p <= 1, "decode.top_p", f"decode.top_p={self.top_p} must be in (0, 1]")
 
 
 @dataclass
