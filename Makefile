@@ -5,13 +5,19 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install test check format clean
+.PHONY: install data train test check format clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
 	$(BIN)/pip install --quiet -e ".[dev]"
+
+data:
+	$(BIN)/mt data fetch multi30k data/multi30k --langs de,en
+
+train:
+	$(BIN)/mt train --config configs/multi30k.yaml
 
 test:
 	$(BIN)/pytest
