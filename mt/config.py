@@ -151,6 +151,8 @@ class TrainConfig:
     keep_last: int = 5  # step checkpoints kept besides the best one
     average_last: int = 0  # at the end, average the last K checkpoints (0 = off)
     min_loss_scale: float = 1e-4  # fp16: stop when the loss scale falls below this
+    dist_timeout: float = 600.0  # seconds a rank waits for the others in a collective
+    dist_startup_timeout: float = 1800.0  # seconds for rendezvous and start-up (tokenizer, data)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # YAML gives lists
@@ -176,6 +178,9 @@ class TrainConfig:
             value = getattr(self, key)
             _check(value >= 0, f"train.{key}", f"train.{key}={value} must be >= 0")
         _check(self.lr > 0, "train.lr", f"train.lr={self.lr} must be positive")
+        for key in ("dist_timeout", "dist_startup_timeout"):
+            value = getattr(self, key)
+            _check(value > 0, f"train.{key}", f"train.{key}={value} must be positive")
         _check(
             all(0 <= b < 1 for b in self.betas),
             "train.betas",

@@ -2,43 +2,51 @@
 
 Data flows: corpora -> tokenizer -> encoded, cached data -> token-budget batches -> model ->
 label-smoothed loss -> Adam + inverse-sqrt schedule -> checkpoints, validation BLEU.
+Under torchrun every rank runs this loop on its own shard of the batches; rank 0 alone writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import sacrebleu
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from mt import checkpoint as ckpt
+from mt import distributed
 from mt.batching import Batch, BatchSampler, collate
 from mt.config import CONFIG_FILE, Config, diff, load_config, save_config
 from mt.data import EncodedCorpus
-from mt.device import autocast, configure_backends, resolve_device, resolve_precision
+from mt.device import autocast, configure_backends, resolve_precision
+from mt.distributed import World
 from mt.errors import ConfigError, MtError
 from mt.loss import label_smoothed_nll
 from mt.metrics import MetricsLog
 from mt.model import Transformer, count_parameters
 from mt.optim import make_optimizer, make_scheduler
 from mt.run import corpus, encoded, model_from_config, prepare_tokenizer, run_path
-from mt.search import greedy_search
+from mt.search import beam_search, greedy_search
 from mt.tokenizer import Tokenizer
 
 log = logging.getLogger("mt")
+T = TypeVar("T")
 
 # Settings a resumed run may change; everything else in data/tokenizer/model must match.
 RESUMABLE_DATA_KEYS = {"valid", "test", "num_proc", "cache_dir"}
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 @dataclass
@@ -47,7 +55,7 @@ class TrainState:
 
     step: int = 0  # optimizer updates done
     epoch: int = 1  # current epoch (1-based)
-    batches_done: int = 0  # batches of the current epoch already consumed
+    batches_done: int = 0  # batches of the current epoch already consumed (by each rank)
     best_bleu: float = -1.0  # best dev BLEU so far
     bad_validations: int = 0  # validations since the best one (early stopping)
     overflow_steps: int = 0  # fp16 updates skipped because gradients overflowed
@@ -62,15 +70,27 @@ class TrainResult:
     signum: int | None = None
 
 
+@dataclass
+class Trainee:
+    """The model and everything that updates it, as saved in and restored from checkpoints."""
+
+    model: Transformer  # the bare model: checkpoints, validation
+    step_model: nn.Module  # what the training step calls: DDP and/or torch.compile around it
+    ddp: DistributedDataParallel | None  # the DDP wrapper when there are several ranks
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+
+
 class StopSignals:
-    """Remembers SIGTERM/SIGINT, so the loop can finish its step, checkpoint and exit."""
+    """Remembers SIGTERM/SIGINT/SIGUSR1, so the loop can finish its step, checkpoint and exit."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopSignals:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -85,10 +105,9 @@ class StopSignals:
 
 
 def batch_stream(
-    sampler: BatchSampler, data: EncodedCorpus, state: TrainState, max_epochs: int
+    sampler: BatchSampler, data: EncodedCorpus, epoch: int, done: int, max_epochs: int
 ) -> Iterator[tuple[int, int, Batch]]:
-    """(epoch, batches done in that epoch after this one, batch) from the saved position on."""
-    epoch, done = state.epoch, state.batches_done
+    """(epoch, batches done in that epoch after this one, batch) from a saved position on."""
     while not max_epochs or epoch <= max_epochs:
         batches = sampler.epoch_batches(epoch)
         for i in range(done, len(batches)):
@@ -114,36 +133,91 @@ def check_resumable(config: Config, run_dir: Path) -> None:
         )
 
 
+def main_first(world: World, prepare: Callable[[], T]) -> T:
+    """Run `prepare` on rank 0, then on the others (which then find its files and caches)."""
+    if not world.distributed:
+        return prepare()
+    result, failed = None, 0.0
+    if world.is_main:
+        try:
+            result = prepare()
+        except MtError:
+            failed = 1.0
+            distributed.all_reduce(world, [failed], torch.device("cpu"))
+            raise
+    if distributed.all_reduce(world, [failed], torch.device("cpu"))[0]:
+        raise MtError(f"rank {world.rank}: rank 0 failed while preparing the run (see its error)")
+    return result if world.is_main else prepare()
+
+
 def train_step(
-    model: nn.Module,
+    trainee: Trainee,
     batches: list[Batch],
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
+    tokens: int,
     config: Config,
     device: torch.device,
     precision: str,
-) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
-    """Forward/backward over the micro-batches of one update; returns loss, nll, tokens, norm.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward/backward over this rank's micro-batches of one update; returns loss, nll, norm.
 
-    Losses are summed and divided by the target tokens of the whole update, so gradient
-    accumulation gives the same gradient as one big batch. The optimizer is not stepped here.
+    Losses are summed and divided by the target tokens of the whole update over all ranks
+    (`tokens`), so accumulation and data parallelism give the gradient of one big batch. DDP
+    averages gradients over ranks, hence the factor world_size; it all-reduces only on the
+    last micro-batch (`no_sync` before). The optimizer is not stepped here.
     """
-    tokens = sum(b.tgt_tokens for b in batches)
+    model, scaler, ddp = trainee.step_model, trainee.scaler, trainee.ddp
+    world_size = ddp.process_group.size() if ddp is not None else 1
     loss_sum = torch.zeros((), device=device)
     nll_sum = torch.zeros((), device=device)
-    for batch in batches:
-        batch = batch.to(device)
-        with autocast(device, precision):
-            logits = model(batch.src, batch.tgt_in)  # (B, T, V)
-        loss, nll, _ = label_smoothed_nll(logits, batch.tgt_out, config.train.label_smoothing)
-        scaler.scale(loss / tokens).backward()
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        no_sync = ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext()
+        with no_sync:
+            batch = batch.to(device)
+            with autocast(device, precision):
+                logits = model(batch.src, batch.tgt_in)  # (B, T, V)
+            loss, nll, _ = label_smoothed_nll(logits, batch.tgt_out, config.train.label_smoothing)
+            scaler.scale(loss * (world_size / tokens)).backward()
         loss_sum += loss.detach()
         nll_sum += nll.detach()
-    scaler.unscale_(optimizer)
+    scaler.unscale_(trainee.optimizer)
     clip = config.train.clip_norm or math.inf
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    params = [p for group in trainee.optimizer.param_groups for p in group["params"]]
     norm = torch.nn.utils.clip_grad_norm_(params, clip)
-    return loss_sum, nll_sum, tokens, norm
+    return loss_sum, nll_sum, norm
+
+
+def data_parallel(
+    model: Transformer, world: World, device: torch.device
+) -> DistributedDataParallel | None:
+    """DDP around the model when there are several ranks (it also syncs initial weights)."""
+    if not world.distributed:
+        return None
+    return DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        process_group=world.group,
+        broadcast_buffers=False,  # the only buffer is the constant position table
+    )
+
+
+def optimizer_step(trainee: Trainee, state: TrainState, precision: str, min_scale: float) -> None:
+    """Step optimizer and schedule (GradScaler skips overflowed fp16 steps); count the step."""
+    scaler = trainee.scaler
+    scale = scaler.get_scale()
+    scaler.step(trainee.optimizer)
+    scaler.update()
+    trainee.optimizer.zero_grad(set_to_none=True)
+    trainee.scheduler.step()
+    state.step += 1
+    if precision == "fp16" and scaler.get_scale() < scale:
+        state.overflow_steps += 1
+        if scaler.get_scale() < min_scale:
+            raise MtError(
+                f"fp16 loss scale fell to {scaler.get_scale():g} at step {state.step} "
+                f"(below train.min_loss_scale={min_scale:g}): gradients keep overflowing; "
+                "use train.precision=bf16, or a lower train.lr"
+            )
 
 
 @torch.no_grad()
@@ -156,7 +230,7 @@ def validate(
     device: torch.device,
     precision: str,
 ) -> dict[str, float]:
-    """Dev loss and perplexity (teacher forcing) and BLEU of batched greedy decoding."""
+    """Dev loss and perplexity (teacher forcing) and BLEU of batched greedy or beam search."""
     model.eval()
     longest = int(max(data.src_lens.max(initial=0), data.tgt_lens.max(initial=0))) + 1
     budget = max(config.train.valid_max_tokens, longest)
@@ -168,15 +242,10 @@ def validate(
         batch = collate(data.pairs(indices), indices).to(device)
         with autocast(device, precision):
             logits = model(batch.src, batch.tgt_in)
-            output = greedy_search(
-                model, batch.src, config.decode.max_len_a, config.decode.max_len_b
-            )
+            output = search_ids(model, batch.src, config)
         loss, nll, _ = label_smoothed_nll(logits, batch.tgt_out, config.train.label_smoothing)
-        loss_sum, nll_sum, tokens = (
-            loss_sum + loss.item(),
-            nll_sum + nll.item(),
-            tokens + batch.tgt_tokens,
-        )
+        loss_sum, nll_sum = loss_sum + loss.item(), nll_sum + nll.item()
+        tokens += batch.tgt_tokens
         for index, text in zip(indices.tolist(), tokenizer.decode_tgt(output), strict=True):
             hypotheses[index] = text
     model.train()
@@ -190,40 +259,38 @@ def validate(
     }
 
 
+def search_ids(model: Transformer, src: torch.Tensor, config: Config) -> list[list[int]]:
+    """Output ids for validation: greedy for decode.valid_beam=1, beam search otherwise."""
+    d = config.decode
+    if d.valid_beam == 1:
+        return greedy_search(model, src, d.max_len_a, d.max_len_b)
+    nbest = beam_search(
+        model, src, d.valid_beam, d.alpha, d.length_penalty, d.max_len_a, d.max_len_b, d.min_len
+    )
+    return [hyps[0].tokens for hyps in nbest]
+
+
 def save(
-    run_dir: Path,
-    model: Transformer,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    state: TrainState,
-    metadata: dict[str, str],
+    run_dir: Path, trainee: Trainee, state: TrainState, metadata: dict[str, str]
 ) -> ckpt.Checkpoint:
     """Write a complete checkpoint: weights, and everything needed to resume exactly."""
     payload = {
         "train": dataclasses.asdict(state),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
+        "optimizer": trainee.optimizer.state_dict(),
+        "scheduler": trainee.scheduler.state_dict(),
+        "scaler": trainee.scaler.state_dict(),
         "rng": ckpt.rng_state(),
     }
-    return ckpt.save_checkpoint(run_dir, state.step, model, payload, metadata)
+    return ckpt.save_checkpoint(run_dir, state.step, trainee.model, payload, metadata)
 
 
-def restore(
-    checkpoint: ckpt.Checkpoint,
-    model: Transformer,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    metadata: dict[str, str],
-) -> TrainState:
+def restore(checkpoint: ckpt.Checkpoint, trainee: Trainee, metadata: dict[str, str]) -> TrainState:
     """Load a checkpoint into the model and optimizer; returns its TrainState."""
-    ckpt.load_weights(checkpoint.weights, model, expected=metadata)
+    ckpt.load_weights(checkpoint.weights, trainee.model, expected=metadata)
     payload = ckpt.load_state(checkpoint.state)
-    optimizer.load_state_dict(payload["optimizer"])
-    scheduler.load_state_dict(payload["scheduler"])
-    scaler.load_state_dict(payload["scaler"])
+    trainee.optimizer.load_state_dict(payload["optimizer"])
+    trainee.scheduler.load_state_dict(payload["scheduler"])
+    trainee.scaler.load_state_dict(payload["scaler"])
     ckpt.set_rng_state(payload["rng"])
     return TrainState(**payload["train"])
 
@@ -237,186 +304,250 @@ def checkpoint_metadata(tokenizer: Tokenizer) -> dict[str, str]:
     }
 
 
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """Dropout seed of one update: a function of (seed, rank, step), so resume needs no RNG."""
+    return (seed * 1_000_003 + rank * 7_919 + step) % (2**63)
+
+
+def prepare(config: Config, world: World) -> tuple[Tokenizer, EncodedCorpus, EncodedCorpus | None]:
+    """Check and save the config, train or load the tokenizer, encode (or load) the corpora."""
+    run_dir = run_path(config)
+    if world.is_main:
+        check_resumable(config, run_dir)
+        save_config(config, run_dir / CONFIG_FILE)
+    tokenizer = prepare_tokenizer(config)
+    train_data = encoded(config, tokenizer, "train")
+    valid_data = encoded(config, tokenizer, "valid") if config.data.valid else None
+    return tokenizer, train_data, valid_data
+
+
+def build(
+    config: Config, tokenizer: Tokenizer, world: World, device: torch.device, precision: str
+) -> Trainee:
+    """Model (same initialisation on every rank), optimizer, schedule and loss scaler."""
+    tc = config.train
+    torch.manual_seed(tc.seed)
+    model = model_from_config(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
+    model.to(device)
+    optimizer = make_optimizer(model, tc.lr, tc.betas, tc.eps, tc.weight_decay, device)
+    ddp = data_parallel(model, world, device)
+    step_model = ddp if ddp is not None else model
+    return Trainee(
+        model=model,
+        step_model=torch.compile(step_model, dynamic=True) if tc.compile else step_model,
+        ddp=ddp,
+        optimizer=optimizer,
+        scheduler=make_scheduler(optimizer, tc.lr, tc.warmup_steps),
+        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+    )
+
+
+def train(config: Config, resume: Path | None = None) -> TrainResult:
+    """Train as configured (one process, or one rank under torchrun); resumes if it can."""
+    tc = config.train
+    world, device = distributed.setup(tc.device, tc.dist_timeout, tc.dist_startup_timeout)
+    try:
+        return _train(config, resume, world, device)
+    finally:
+        distributed.teardown(world)
+
+
+def _train(config: Config, resume: Path | None, world: World, device: torch.device) -> TrainResult:
+    tc = config.train
+    run_dir = run_path(config)
+    precision = resolve_precision(tc.precision, device)
+    configure_backends(device)
+    tokenizer, train_data, valid_data = main_first(world, lambda: prepare(config, world))
+    references = corpus(config, "valid").targets() if valid_data is not None else []
+    trainee = build(config, tokenizer, world, device, precision)
+    metadata = checkpoint_metadata(tokenizer)
+    state = TrainState()
+    start = ckpt.resolve_checkpoint(resume) if resume else ckpt.latest_checkpoint(run_dir)
+    if start is not None:
+        state = restore(start, trainee, metadata)
+        log.info("resumed from %s (step %d, epoch %d)", start.weights, state.step, state.epoch)
+    if state.step >= tc.max_steps:
+        log.info(
+            "%s is already at step %d (train.max_steps=%d): nothing to do",
+            run_dir, state.step, tc.max_steps,
+        )  # fmt: skip
+        return TrainResult(state)
+
+    main = world.is_main
+    sampler = BatchSampler(
+        train_data.src_lens, train_data.tgt_lens, tc.max_tokens, tc.seed,
+        rank=world.rank, world_size=world.world_size,
+    )  # fmt: skip
+    if main:
+        log.info("train: %s", train_data.stats.describe())
+        log.info("model: %s parameters", f"{count_parameters(trainee.model):,}")
+        log.info(
+            "%d batches per epoch per rank; up to %d tokens (padding included) per update = "
+            "%d x %d x %d ranks; %s on %s",
+            len(sampler), tc.max_tokens * tc.update_freq * world.world_size, tc.max_tokens,
+            tc.update_freq, world.world_size, precision, device,
+        )  # fmt: skip
+    metrics = MetricsLog(run_dir) if main else None
+    stream = batch_stream(sampler, train_data, state.epoch, state.batches_done, tc.max_epochs)
+    bar = tqdm(
+        total=tc.max_steps, initial=state.step, desc="train", dynamic_ncols=True,
+        disable=not (main and sys.stderr.isatty()),
+    )  # fmt: skip
+    window = dict.fromkeys(("loss", "nll", "tokens", "time", "data_time", "steps"), 0.0)
+    last_saved = -1
+    with StopSignals() as stop:
+        while state.step < tc.max_steps:
+            # 1. Gather this rank's micro-batches of one update (the same count on every rank).
+            t0 = time.perf_counter()
+            batches, position = [], (state.epoch, state.batches_done)
+            for epoch, done, batch in stream:
+                batches.append(batch)
+                position = (epoch, done)
+                if len(batches) == tc.update_freq:
+                    break
+            # 2. All ranks agree on the tokens of this update and on whether to stop.
+            local_tokens = sum(b.tgt_tokens for b in batches)
+            tokens, stop_votes = distributed.all_reduce(
+                world, [local_tokens, float(stop.signum is not None)], device
+            )
+            if stop_votes:
+                stop.signum = stop.signum or signal.SIGTERM
+                break
+            if not batches:
+                log.info("reached train.max_epochs=%d", tc.max_epochs)
+                break
+            # 3. Forward, backward, update. Dropout depends only on (seed, rank, step).
+            torch.manual_seed(step_seed(tc.seed, world.rank, state.step))
+            t1 = time.perf_counter()
+            loss, nll, norm = train_step(trainee, batches, int(tokens), config, device, precision)
+            if precision != "fp16" and not math.isfinite(norm.item()):
+                # A non-finite loss makes non-finite gradients; after DDP's all-reduce they are
+                # the same on every rank, so every rank takes this branch at the same step.
+                crash = ckpt.save_crash(run_dir, state.step + 1, trainee.model) if main else None
+                raise MtError(
+                    f"non-finite loss or gradient at step {state.step + 1}; parameters were not "
+                    f"updated; weights saved to {crash} (try a lower train.lr or train.clip_norm)"
+                )
+            optimizer_step(trainee, state, precision, tc.min_loss_scale)
+            state.epoch, state.batches_done = position
+            elapsed = time.perf_counter() - t0
+            state.train_seconds += elapsed
+            for key, value in (
+                ("loss", loss.item()), ("nll", nll.item()), ("tokens", local_tokens),
+                ("time", elapsed), ("data_time", t1 - t0), ("steps", 1),
+            ):  # fmt: skip
+                window[key] += value
+            bar.update(1)
+
+            # 4. Log every log_every steps.
+            if state.step % tc.log_every == 0 or state.step == tc.max_steps:
+                values = summarize(window, world, device, trainee, state, norm.item())
+                if main:
+                    metrics.write("train", state.step, values)
+                    bar.set_postfix(
+                        loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.1e}",
+                        tok_s=f"{values['tgt_tok_s']:,.0f}",
+                    )  # fmt: skip
+                    if bar.disable:
+                        log.info(log_line(state, values))
+                window = dict.fromkeys(window, 0.0)
+
+            # 5. Validate and checkpoint every valid_every steps (and at the end).
+            if state.step % tc.valid_every == 0 or state.step == tc.max_steps:
+                if main:
+                    improved = validate_and_save(
+                        trainee, state, valid_data, references, tokenizer, config, device,
+                        precision, metrics, metadata,
+                    )  # fmt: skip
+                last_saved = state.step
+                distributed.barrier(world, startup=True)  # the others wait for validation
+                stop_early = tc.patience and state.bad_validations >= tc.patience
+                if main and not improved and stop_early:
+                    log.info("no better dev BLEU in %d validations: stopping early", tc.patience)
+                if distributed.all_reduce(world, [float(bool(stop_early))], device)[0]:
+                    break
+        bar.close()
+        if main and last_saved != state.step:
+            save(run_dir, trainee, state, metadata)
+            ckpt.prune_checkpoints(run_dir, tc.keep_last)
+        if metrics is not None:
+            metrics.close()
+        if stop.signum is not None and main:
+            log.info(
+                "stopped by signal %d at step %d; checkpoint written; run the same command "
+                "to resume", stop.signum, state.step,
+            )  # fmt: skip
+        return TrainResult(state, stop.signum)
+
+
+def summarize(
+    window: dict[str, float],
+    world: World,
+    device: torch.device,
+    trainee: Trainee,
+    state: TrainState,
+    norm: float,
+) -> dict[str, float]:
+    """Average the logging window over ranks: loss, perplexity, lr, throughput."""
+    loss, nll, tokens = distributed.all_reduce(
+        world, [window["loss"], window["nll"], window["tokens"]], device
+    )
+    slowest = distributed.all_reduce(world, [window["time"]], device, op="max")[0]
+    return {
+        "loss": loss / tokens,
+        "ppl": math.exp(min(nll / tokens, 100.0)),
+        "lr": trainee.scheduler.get_last_lr()[0],
+        "grad_norm": norm,
+        "tgt_tok_s": tokens / slowest,  # all ranks together
+        "rank_tgt_tok_s": window["tokens"] / window["time"],  # rank 0 alone
+        "tokens_per_update": tokens / window["steps"],
+        "data_seconds": window["data_time"],
+        "epoch": state.epoch,
+        "overflow_steps": state.overflow_steps,
+    }
+
+
+def validate_and_save(
+    trainee: Trainee,
+    state: TrainState,
+    valid_data: EncodedCorpus | None,
+    references: list[str],
+    tokenizer: Tokenizer,
+    config: Config,
+    device: torch.device,
+    precision: str,
+    metrics: MetricsLog,
+    metadata: dict[str, str],
+) -> bool:
+    """Rank 0: validate (if there is a dev set), checkpoint, move `best`; True if improved."""
+    improved = True  # without a dev set, the newest checkpoint is the best
+    if valid_data is not None:
+        t0 = time.perf_counter()
+        scores = validate(
+            trainee.model, valid_data, references, tokenizer, config, device, precision
+        )
+        scores["seconds"] = time.perf_counter() - t0
+        state.train_seconds += scores["seconds"]
+        improved = scores["bleu"] > state.best_bleu
+        state.best_bleu = max(state.best_bleu, scores["bleu"])
+        state.bad_validations = 0 if improved else state.bad_validations + 1
+        metrics.write("valid", state.step, scores)
+        log.info(
+            "valid step %d | loss %.3f | ppl %.2f | BLEU %.2f (best %.2f) | %.1fs",
+            state.step, scores["loss"], scores["ppl"], scores["bleu"], state.best_bleu,
+            scores["seconds"],
+        )  # fmt: skip
+    run_dir = run_path(config)
+    saved = save(run_dir, trainee, state, metadata)
+    if improved:
+        ckpt.set_best(run_dir, saved)
+    ckpt.prune_checkpoints(run_dir, config.train.keep_last)
+    return improved
+
+
 def log_line(state: TrainState, values: dict[str, float]) -> str:
     """A compact progress line: step, loss, ppl, lr, tokens/s."""
     return (
         f"step {state.step} | epoch {state.epoch} | loss {values['loss']:.3f} | "
         f"ppl {values['ppl']:.2f} | lr {values['lr']:.2e} | {values['tgt_tok_s']:,.0f} tgt tok/s"
     )
-
-
-def train(config: Config, resume: Path | None = None) -> TrainResult:
-    """Train a model as configured; resumes from the run's latest checkpoint if it has one."""
-    run_dir = run_path(config)
-    check_resumable(config, run_dir)
-    save_config(config, run_dir / CONFIG_FILE)
-    tc = config.train
-    device = resolve_device(tc.device)
-    precision = resolve_precision(tc.precision, device)
-    configure_backends(device)
-    torch.manual_seed(tc.seed)
-
-    tokenizer = prepare_tokenizer(config)
-    train_data = encoded(config, tokenizer, "train")
-    log.info("train: %s", train_data.stats.describe())
-    valid_data = encoded(config, tokenizer, "valid") if config.data.valid else None
-    references = corpus(config, "valid").targets() if config.data.valid else []
-
-    model = model_from_config(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
-    model.to(device)
-    log.info("model: %s parameters", f"{count_parameters(model):,}")
-    optimizer = make_optimizer(model, tc.lr, tc.betas, tc.eps, tc.weight_decay, device)
-    scheduler = make_scheduler(optimizer, tc.lr, tc.warmup_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    metadata = checkpoint_metadata(tokenizer)
-    state = TrainState()
-    start = ckpt.resolve_checkpoint(resume) if resume else ckpt.latest_checkpoint(run_dir)
-    if start is not None:
-        state = restore(start, model, optimizer, scheduler, scaler, metadata)
-        log.info("resumed from %s (step %d, epoch %d)", start.weights, state.step, state.epoch)
-    if state.step >= tc.max_steps:
-        log.info(
-            "%s is already at step %d (train.max_steps=%d): nothing to do",
-            run_dir,
-            state.step,
-            tc.max_steps,
-        )
-        return TrainResult(state)
-
-    sampler = BatchSampler(train_data.src_lens, train_data.tgt_lens, tc.max_tokens, tc.seed)
-    log.info(
-        "%d batches per epoch; up to %d tokens (padding included) per update = %d x %d; %s on %s",
-        len(sampler),
-        tc.max_tokens * tc.update_freq,
-        tc.max_tokens,
-        tc.update_freq,
-        precision,
-        device,
-    )
-    step_model = torch.compile(model, dynamic=True) if tc.compile else model
-    metrics = MetricsLog(run_dir)
-    stream = batch_stream(sampler, train_data, state, tc.max_epochs)
-    bar = tqdm(
-        total=tc.max_steps,
-        initial=state.step,
-        desc="train",
-        disable=not sys.stderr.isatty(),
-        dynamic_ncols=True,
-    )
-    window = {"loss": 0.0, "nll": 0.0, "tokens": 0, "time": 0.0, "steps": 0}
-    last_saved = -1
-    model.train()
-    with StopSignals() as stop:
-        while state.step < tc.max_steps and stop.signum is None:
-            # 1. Gather the micro-batches of one update; remember where they end in the epoch.
-            batches = []
-            for epoch, done, batch in stream:
-                batches.append(batch)
-                state.epoch, state.batches_done = epoch, done
-                if len(batches) == tc.update_freq:
-                    break
-            if not batches:
-                log.info("reached train.max_epochs=%d", tc.max_epochs)
-                break
-            # 2. Forward, backward, update.
-            t0 = time.perf_counter()
-            loss, nll, tokens, norm = train_step(
-                step_model, batches, optimizer, scaler, config, device, precision
-            )
-            if precision != "fp16" and not (
-                math.isfinite(loss.item()) and math.isfinite(norm.item())
-            ):
-                crash = ckpt.save_crash(run_dir, state.step + 1, model)
-                raise MtError(
-                    f"non-finite loss or gradient at step {state.step + 1}; parameters were not "
-                    f"updated; weights saved to {crash} (try a lower train.lr or train.clip_norm)"
-                )
-            scale = scaler.get_scale()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            state.step += 1
-            if precision == "fp16" and scaler.get_scale() < scale:
-                state.overflow_steps += 1
-                if scaler.get_scale() < tc.min_loss_scale:
-                    raise MtError(
-                        f"fp16 loss scale fell to {scaler.get_scale():g} at step {state.step} "
-                        f"(below train.min_loss_scale={tc.min_loss_scale:g}): gradients keep "
-                        "overflowing; use train.precision=bf16, or a lower train.lr"
-                    )
-            elapsed = time.perf_counter() - t0
-            state.train_seconds += elapsed
-            window["loss"] += loss.item()
-            window["nll"] += nll.item()
-            window["tokens"] += tokens
-            window["time"] += elapsed
-            window["steps"] += 1
-            bar.update(1)
-
-            # 3. Log every log_every steps.
-            if state.step % tc.log_every == 0 or state.step == tc.max_steps:
-                values = {
-                    "loss": window["loss"] / window["tokens"],
-                    "ppl": math.exp(min(window["nll"] / window["tokens"], 100.0)),
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": norm.item(),
-                    "tgt_tok_s": window["tokens"] / window["time"],
-                    "tokens_per_update": window["tokens"] / window["steps"],
-                    "epoch": state.epoch,
-                    "overflow_steps": state.overflow_steps,
-                }
-                metrics.write("train", state.step, values)
-                bar.set_postfix(
-                    loss=f"{values['loss']:.3f}",
-                    lr=f"{values['lr']:.1e}",
-                    tok_s=f"{values['tgt_tok_s']:,.0f}",
-                )
-                if bar.disable:
-                    log.info(log_line(state, values))
-                window = dict.fromkeys(window, 0)
-
-            # 4. Validate and checkpoint every valid_every steps (and at the end).
-            if state.step % tc.valid_every == 0 or state.step == tc.max_steps:
-                improved = True  # without a dev set, the newest checkpoint is the best
-                if valid_data is not None:
-                    t1 = time.perf_counter()
-                    scores = validate(
-                        model, valid_data, references, tokenizer, config, device, precision
-                    )
-                    scores["seconds"] = time.perf_counter() - t1
-                    state.train_seconds += scores["seconds"]
-                    improved = scores["bleu"] > state.best_bleu
-                    state.best_bleu = max(state.best_bleu, scores["bleu"])
-                    state.bad_validations = 0 if improved else state.bad_validations + 1
-                    metrics.write("valid", state.step, scores)
-                    log.info(
-                        "valid step %d | loss %.3f | ppl %.2f | BLEU %.2f (best %.2f) | %.1fs",
-                        state.step,
-                        scores["loss"],
-                        scores["ppl"],
-                        scores["bleu"],
-                        state.best_bleu,
-                        scores["seconds"],
-                    )
-                saved = save(run_dir, model, optimizer, scheduler, scaler, state, metadata)
-                last_saved = state.step
-                if improved:
-                    ckpt.set_best(run_dir, saved)
-                ckpt.prune_checkpoints(run_dir, tc.keep_last)
-                if tc.patience and state.bad_validations >= tc.patience:
-                    log.info("no better dev BLEU in %d validations: stopping early", tc.patience)
-                    break
-        bar.close()
-        if last_saved != state.step:
-            save(run_dir, model, optimizer, scheduler, scaler, state, metadata)
-            ckpt.prune_checkpoints(run_dir, tc.keep_last)
-        metrics.close()
-        if stop.signum is not None:
-            log.info(
-                "stopped by signal %d at step %d; checkpoint written; run the same command "
-                "to resume",
-                stop.signum,
-                state.step,
-            )
-        return TrainResult(state, stop.signum)

@@ -1,0 +1,98 @@
+"""torch.distributed for `torchrun`: process groups, rank-0 duties and cross-rank agreement.
+
+`mt train` started by torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...)
+trains with DistributedDataParallel; started plainly, it is a world of one and nothing here
+talks to the network. The model file knows nothing of this module.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from mt.device import resolve_device
+from mt.errors import MtError
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    group: dist.ProcessGroup | None = None  # collectives of the training loop (shorter timeout)
+
+    @property
+    def distributed(self) -> bool:
+        """True when there are other ranks to talk to."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes logs, metrics, progress bars and checkpoints."""
+        return self.rank == 0
+
+
+def setup(
+    device_name: str, timeout_s: float, startup_timeout_s: float
+) -> tuple[World, torch.device]:
+    """Join the process group torchrun describes (if any) and pick this rank's device.
+
+    The default group gets the long start-up timeout (rendezvous, first collectives while rank 0
+    trains the tokenizer); the training loop uses a second group with the shorter timeout, so a
+    dead rank ends the job within `timeout_s` instead of hanging.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return World(), resolve_device(device_name)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=startup_timeout_s))
+    group = dist.new_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    return World(rank, world_size, local_rank, group), device
+
+
+def teardown(world: World) -> None:
+    """Leave the process group."""
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(world: World, startup: bool = False) -> None:
+    """Wait for every rank (on the start-up group when rank 0 may be busy for long)."""
+    if world.distributed:
+        guarded(world, lambda: dist.barrier(group=None if startup else world.group))
+
+
+def all_reduce(
+    world: World, values: Sequence[float], device: torch.device, op: str = "sum"
+) -> list[float]:
+    """Sum (or max) a few numbers over all ranks in one small collective."""
+    if not world.distributed:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    reduce_op = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
+    guarded(world, lambda: dist.all_reduce(tensor, op=reduce_op, group=world.group))
+    return tensor.tolist()
+
+
+def guarded(world: World, collective: Callable[[], object]) -> None:
+    """Run a collective; a lost peer or a timeout becomes a one-line error naming this rank."""
+    try:
+        collective()
+    except (RuntimeError, dist.DistError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MtError(
+            f"rank {world.rank} of {world.world_size}: lost contact with the other ranks "
+            f"(a rank died or timed out): {reason}"
+        ) from None

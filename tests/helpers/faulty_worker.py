@@ -1,0 +1,37 @@
+"""A torchrun worker that runs `mt` with a fault injected on one rank (for tests only).
+
+MT_FAULT=KIND:RANK:CALL, with KIND `nan` (the loss of that loss call is NaN) or `die` (the
+process exits with status 1 at that loss call), e.g. MT_FAULT=nan:1:3.
+"""
+
+import os
+import sys
+
+import mt.train
+from mt.cli import main
+
+
+def inject() -> None:
+    """Wrap the loss function on the chosen rank."""
+    kind, rank, call = os.environ["MT_FAULT"].split(":")
+    if int(os.environ.get("RANK", "0")) != int(rank):
+        return
+    real = mt.train.label_smoothed_nll
+    calls = {"n": 0}
+
+    def loss(*args, **kwargs):
+        calls["n"] += 1
+        loss_sum, nll_sum, n = real(*args, **kwargs)
+        if calls["n"] == int(call):
+            if kind == "die":
+                sys.stderr.write(f"rank {rank}: dying on purpose\n")
+                os._exit(1)
+            loss_sum = loss_sum * float("nan")
+        return loss_sum, nll_sum, n
+
+    mt.train.label_smoothed_nll = loss
+
+
+if __name__ == "__main__":
+    inject()
+    main()

@@ -1,0 +1,145 @@
+"""Data-parallel training through torchrun on CPU (gloo, 2 processes, tiny model)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mt import checkpoint as ckpt
+from mt.batching import BatchSampler
+from mt.config import load_config
+from mt.metrics import read_metrics
+from mt.run import encoded, prepare_tokenizer
+from mt.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+# 2 ranks vs 1 rank with update_freq 2 sum the same gradients in another order (DDP's bucketed
+# all-reduce); after 8 Adam updates parameters agree to this absolute tolerance.
+TOLERANCE = 1e-5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def overrides(run_dir: Path, *extra: str) -> list[str]:
+    return [f"run_dir={run_dir}", f"data.cache_dir={run_dir.parent / 'cache'}", *extra]
+
+
+def torchrun(
+    run_dir: Path, *extra: str, worker: str = "-m mt", env: dict | None = None
+) -> subprocess.Popen:
+    """Start `torchrun --nproc_per_node 2 ... train` on loopback."""
+    args = [*TORCHRUN, "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port()), *worker.split(), "train", "--config", str(TINY),
+            *overrides(run_dir, "train.dist_timeout=20", *extra)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err.decode()
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(ckpt.latest_checkpoint(run_dir).weights)
+
+
+def even_budget(tmp_path: Path) -> int:
+    """A max_tokens for which epoch 1 has an even number of batches, so that sharding over two
+    ranks splits no batch and both runs see exactly the same batches per update."""
+    config = load_config(TINY, overrides(tmp_path / "probe"))
+    data = encoded(config, prepare_tokenizer(config), "train")
+    for budget in range(256, 512, 8):
+        if (
+            len(BatchSampler(data.src_lens, data.tgt_lens, budget, seed=1).epoch_batches(1)) % 2
+            == 0
+        ):
+            return budget
+    raise AssertionError("no even budget")
+
+
+def test_two_ranks_equal_one_rank_with_update_freq_two(tmp_path: Path) -> None:
+    budget = even_budget(tmp_path)
+    steps = [
+        "train.max_steps=8",
+        "train.log_every=1",
+        "train.valid_every=4",
+        f"train.max_tokens={budget}",
+    ]
+    single = tmp_path / "single"
+    train(load_config(TINY, overrides(single, *steps, "train.update_freq=2")))
+    ddp = tmp_path / "ddp"
+    code, err = finish(torchrun(ddp, *steps))
+    assert code == 0, err
+    a, b = weights(single), weights(ddp)
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=TOLERANCE) for k in a)
+    single_records, ddp_records = read_metrics(single, "train"), read_metrics(ddp, "train")
+    assert [r["step"] for r in ddp_records] == list(range(1, 9))  # rank 0 alone writes metrics
+    for r1, r2 in zip(single_records, ddp_records, strict=True):
+        assert r1["tokens_per_update"] == r2["tokens_per_update"]  # the same data per update
+        assert r1["loss"] == pytest.approx(r2["loss"], abs=1e-4)
+    # Validation ran once per interval (rank 0 alone) and gives the single-process BLEU.
+    valid1, valid2 = read_metrics(single, "valid"), read_metrics(ddp, "valid")
+    assert [r["step"] for r in valid2] == [4, 8]
+    assert [r["bleu"] for r in valid1] == pytest.approx([r["bleu"] for r in valid2], abs=1e-6)
+    assert err.count("valid step 8") == 1
+
+
+def test_resume_after_sigterm_to_torchrun_is_exact(tmp_path: Path) -> None:
+    steps = ["train.max_steps=40", "train.log_every=1", "train.valid_every=1000"]
+    straight = tmp_path / "straight"
+    code, err = finish(torchrun(straight, *steps))
+    assert code == 0, err
+    split = tmp_path / "split"
+    proc = torchrun(split, *steps)
+    deadline = time.monotonic() + 120
+    while not any(r["step"] >= 4 for r in read_metrics(split, "train")):
+        assert proc.poll() is None and time.monotonic() < deadline, finish(proc)
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both workers
+    code, err = finish(proc)
+    assert code != 0
+    stopped = ckpt.latest_checkpoint(split).step
+    assert 4 <= stopped < 40, err
+    code, err = finish(torchrun(split, *steps))
+    assert code == 0, err
+    a, b = weights(straight), weights(split)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    losses = {r["step"]: r["loss"] for r in read_metrics(straight, "train")}
+    assert {r["step"]: r["loss"] for r in read_metrics(split, "train")} == losses
+
+
+def test_nan_on_one_rank_stops_every_rank_quickly(tmp_path: Path) -> None:
+    start = time.monotonic()
+    proc = torchrun(tmp_path / "run", "train.max_steps=50", worker="tests/helpers/faulty_worker.py",
+                    env={"MT_FAULT": "nan:1:3"})  # fmt: skip
+    code, err = finish(proc)
+    assert code != 0
+    # Both ranks report the same decision at the same step.
+    assert err.count("error: non-finite loss or gradient at step 3") == 2, err
+    assert time.monotonic() - start < 60
+
+
+def test_dead_rank_ends_the_job_within_the_timeout(tmp_path: Path) -> None:
+    start = time.monotonic()
+    proc = torchrun(tmp_path / "run", "train.max_steps=50", worker="tests/helpers/faulty_worker.py",
+                    env={"MT_FAULT": "die:1:3"})  # fmt: skip
+    code, err = finish(proc)
+    assert code != 0
+    assert "rank 1: dying on purpose" in err
+    assert time.monotonic() - start < 60  # dist_timeout=20 s, far below torch's 10-minute default
