@@ -255,6 +255,19 @@ class Config:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
     def __post_init__(self) -> None:
+        longest = self.data.max_len + 1  # a training sentence with its EOS (or BOS)
+        _check(
+            self.train.max_tokens >= longest,
+            ("train.max_tokens", "data.max_len"),
+            f"train.max_tokens={self.train.max_tokens} cannot hold a sentence of "
+            f"data.max_len={self.data.max_len} tokens (needs at least {longest})",
+        )
+        _check(
+            self.model.max_positions >= longest,
+            ("model.max_positions", "data.max_len"),
+            f"model.max_positions={self.model.max_positions} is shorter than "
+            f"data.max_len={self.data.max_len} + 1",
+        )
         _check(
             self.tokenizer.joint or not self.model.share_embeddings,
             ("model.share_embeddings", "tokenizer.joint"),

@@ -1,15 +1,42 @@
 """Decoding with the model's `encode()` / `decode()` and its incremental state.
 
-Shape legend: B batch, S source length, V vocabulary size.
+Greedy search, beam search (fairseq-style) and sampling. Shape legend:
+    B  sentences          S  source length       D  model dimension    V  vocabulary size
+    K  beam size          N  rows = B * K         T  tokens decoded so far
+
+Conventions shared by every search:
+- Scores are float32 log-probabilities, log_softmax(logits.float()) over the whole vocabulary;
+  mixed precision is the caller's business. Tokens are banned (set to -inf) *after* the
+  log_softmax, so a hypothesis' logprob is exactly what a teacher-forced forward pass gives it.
+- PAD and BOS are never produced. EOS is banned until `min_len` tokens are out and forced when an
+  output reaches its limit `max_lengths(...)`; the limit counts EOS, so an output holds at most
+  limit - 1 tokens before its EOS. When the two clash the limit wins.
+- Lengths given to the length penalty count the output tokens including EOS (never 0).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from mt.model import Transformer
+from mt.model import DecoderState, Transformer
 from mt.vocab import BOS_ID, EOS_ID, PAD_ID
+
+LENGTH_PENALTIES = ("gnmt", "average", "none")
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """One finished output: ids without BOS/EOS, its length-penalised score and log-probability."""
+
+    tokens: list[int]
+    score: float  # the ranking score: logprob / length_penalty(len(tokens) + 1)
+    logprob: float  # sum of token log-probabilities, EOS included
 
 
 def max_lengths(src: Tensor, a: float, b: int, limit: int) -> Tensor:
@@ -18,30 +45,28 @@ def max_lengths(src: Tensor, a: float, b: int, limit: int) -> Tensor:
     return (a * src_len.float() + b).long().clamp(1, limit)
 
 
-@torch.no_grad()
-def greedy_search(
-    model: Transformer, src: Tensor, max_len_a: float, max_len_b: int
-) -> list[list[int]]:
-    """Batched greedy decoding: the most probable token at each step, until EOS or the limit."""
-    B = src.size(0)
-    memory = model.encode(src)  # (B, S, D)
-    state = model.init_state()
-    limit = max_lengths(src, max_len_a, max_len_b, model.max_positions - 1)  # (B,)
-    token = torch.full((B, 1), BOS_ID, dtype=torch.long, device=src.device)  # (B, 1)
-    finished = torch.zeros(B, dtype=torch.bool, device=src.device)  # (B,)
-    out = []
-    for t in range(int(limit.max())):
-        logits = model.decode(token, memory, src, state)[:, -1]  # (B, V)
-        token = logits.argmax(dim=-1)  # (B,)
-        token = token.masked_fill(finished, PAD_ID).masked_fill(
-            ~finished & (t + 1 >= limit), EOS_ID
-        )
-        out.append(token)
-        finished |= token == EOS_ID
-        if bool(finished.all()):
-            break
-        token = token.unsqueeze(1)  # (B, 1)
-    return strip(torch.stack(out, dim=1))
+def length_penalty(length: Tensor | int, alpha: float, kind: str) -> Tensor | float:
+    """Divisor of a log-probability; `length` counts output tokens including EOS."""
+    if kind == "gnmt":  # Wu et al. 2016
+        return ((5 + length) / 6) ** alpha
+    if kind == "average":  # plain length normalisation, alpha ignored
+        return length.float() if isinstance(length, Tensor) else float(length)
+    if kind == "none":
+        return torch.ones_like(length, dtype=torch.float) if isinstance(length, Tensor) else 1.0
+    raise ValueError(f"length penalty must be one of {LENGTH_PENALTIES}, got {kind!r}")
+
+
+def step_logprobs(logits: Tensor, step: int, limit: Tensor, min_len: int) -> Tensor:
+    """Float32 log-probs (N, V) of token step+1: PAD/BOS banned, EOS banned or forced."""
+    lprobs = F.log_softmax(logits.float(), dim=-1)  # (N, V), masked in place below
+    eos = lprobs[:, EOS_ID].clone()  # (N,)
+    lprobs[:, [PAD_ID, BOS_ID]] = -math.inf
+    if step < min_len:
+        lprobs[:, EOS_ID] = -math.inf
+    at_limit = step + 1 >= limit  # (N,)
+    lprobs.masked_fill_(at_limit.unsqueeze(1), -math.inf)
+    lprobs[:, EOS_ID] = torch.where(at_limit, eos, lprobs[:, EOS_ID])
+    return lprobs  # (N, V)
 
 
 def strip(tokens: Tensor) -> list[list[int]]:
@@ -55,3 +80,269 @@ def strip(tokens: Tensor) -> list[list[int]]:
             ids.append(t)
         rows.append(ids)
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Greedy search and sampling: one output per row, rows run until EOS or their limit.
+
+
+@torch.no_grad()
+def greedy_search(
+    model: Transformer, src: Tensor, max_len_a: float, max_len_b: int
+) -> list[list[int]]:
+    """Batched greedy decoding: the most probable token at each step, until EOS or the limit."""
+    if src.size(0) == 0:
+        return []
+    tokens, _ = decode_rows(model, src, model.encode(src), max_len_a, max_len_b, 0, pick_argmax)
+    return strip(tokens)
+
+
+def pick_argmax(lprobs: Tensor) -> Tensor:
+    """The most probable token of each row: (N, V) -> (N,)."""
+    return lprobs.argmax(dim=-1)
+
+
+def decode_rows(
+    model: Transformer,
+    src: Tensor,
+    memory: Tensor,
+    max_len_a: float,
+    max_len_b: int,
+    min_len: int,
+    pick: Callable[[Tensor], Tensor],
+) -> tuple[Tensor, Tensor]:
+    """Extend rows by `pick(lprobs)` until EOS: ids (N, T) with PAD after EOS, logprobs (N,)."""
+    N = src.size(0)
+    state = model.init_state()
+    limit = max_lengths(src, max_len_a, max_len_b, model.max_positions - 1)  # (N,)
+    token = torch.full((N,), BOS_ID, dtype=torch.long, device=src.device)  # (N,)
+    finished = torch.zeros(N, dtype=torch.bool, device=src.device)  # (N,)
+    total = torch.zeros(N, device=src.device)  # (N,) float32
+    out = []
+    for t in range(int(limit.max())):
+        logits = model.decode(token.unsqueeze(1), memory, src, state)[:, -1]  # (N, V)
+        lprobs = step_logprobs(logits, t, limit, min_len)  # (N, V)
+        token = pick(lprobs).masked_fill(finished, PAD_ID)  # (N,)
+        gained = lprobs.gather(1, token.unsqueeze(1)).squeeze(1)  # (N,)
+        total += gained.masked_fill(finished, 0.0)
+        out.append(token)
+        finished |= token == EOS_ID
+        if bool(finished.all()):
+            break
+    return torch.stack(out, dim=1), total  # (N, T), (N,)
+
+
+def sampling_weights(lprobs: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
+    """Unnormalised sampling log-weights (N, V): tempered, -inf outside the top-k / nucleus."""
+    weights = lprobs / temperature  # (N, V)
+    if top_k > 0:
+        kth = weights.topk(min(top_k, weights.size(1)), dim=-1).values[:, -1:]  # (N, 1)
+        weights = weights.masked_fill(weights < kth, -math.inf)
+    if top_p < 1.0:
+        ordered, order = weights.sort(dim=-1, descending=True)  # (N, V) each
+        probs = ordered.softmax(dim=-1)  # (N, V)
+        before = probs.cumsum(dim=-1) - probs  # (N, V) mass of the more probable tokens
+        drop = before >= top_p  # the most probable token always stays
+        weights = weights.masked_fill(drop.scatter(1, order, drop), -math.inf)
+    return weights  # (N, V)
+
+
+@torch.no_grad()
+def sample(
+    model: Transformer,
+    src: Tensor,
+    num: int = 1,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    max_len_a: float = 1.2,
+    max_len_b: int = 10,
+    min_len: int = 0,
+    generator: torch.Generator | None = None,
+    alpha: float = 0.6,
+    length_penalty: str = "gnmt",
+) -> list[list[Hypothesis]]:
+    """`num` independent samples per sentence, sorted by length-penalised score, best first."""
+    check_sampling(num, temperature, top_k, top_p, length_penalty)
+    if src.size(0) == 0:
+        return []
+
+    def pick(lprobs: Tensor) -> Tensor:
+        """One token per row (N,) drawn from the filtered distribution."""
+        weights = sampling_weights(lprobs, temperature, top_k, top_p)  # (N, V)
+        return torch.multinomial(weights.softmax(dim=-1), 1, generator=generator).squeeze(1)
+
+    memory = model.encode(src).repeat_interleave(num, dim=0)  # (B*num, S, D)
+    rows = src.repeat_interleave(num, dim=0)  # (B*num, S)
+    tokens, logprobs = decode_rows(model, rows, memory, max_len_a, max_len_b, min_len, pick)
+    hyps = [
+        finished_hypothesis(ids, lp, alpha, length_penalty)
+        for ids, lp in zip(strip(tokens), logprobs.tolist(), strict=True)
+    ]
+    return [ranked(hyps[i : i + num], num) for i in range(0, len(hyps), num)]
+
+
+def check_sampling(num: int, temperature: float, top_k: int, top_p: float, kind: str) -> None:
+    """Raise ValueError on sampling settings out of range."""
+    if num < 1 or temperature <= 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(
+            f"sampling needs num >= 1, temperature > 0, top_k >= 0 and 0 < top_p <= 1; got "
+            f"num={num}, temperature={temperature}, top_k={top_k}, top_p={top_p}"
+        )
+    length_penalty(1, 0.0, kind)
+
+
+def finished_hypothesis(tokens: list[int], logprob: float, alpha: float, kind: str) -> Hypothesis:
+    """The Hypothesis for `tokens` (EOS excluded) of log-probability `logprob` (EOS included)."""
+    return Hypothesis(tokens, logprob / length_penalty(len(tokens) + 1, alpha, kind), logprob)
+
+
+def ranked(hyps: list[Hypothesis], n: int) -> list[Hypothesis]:
+    """The n best hypotheses by score, best first (stable on ties)."""
+    return sorted(hyps, key=lambda h: -h.score)[:n]
+
+
+# ---------------------------------------------------------------------------------------------
+# Beam search. All sentences' beams live in one batch of rows, K consecutive rows per sentence;
+# sentences leave the batch as soon as they are done.
+
+
+@dataclass
+class Beams:
+    """Live beams of the B' sentences still searching, K rows each, plus their decoder inputs."""
+
+    sent: Tensor  # (B',) index of each sentence in the caller's batch
+    tokens: Tensor  # (B'*K, 1+T) BOS then the tokens so far
+    scores: Tensor  # (B'*K,) float32 running log-probabilities (-inf: not a real beam)
+    count: Tensor  # (B',) finished hypotheses set aside so far
+    limit: Tensor  # (B',) output length limits (EOS included)
+    memory: Tensor  # (B'*K, S, D)
+    src: Tensor  # (B'*K, S)
+    state: DecoderState
+
+
+def start_beams(
+    model: Transformer, src: Tensor, beam: int, max_len_a: float, max_len_b: int
+) -> Beams:
+    """Encode each sentence once and expand it to K rows; only beam 0 is live at the start."""
+    B, device = src.size(0), src.device
+    scores = torch.full((B, beam), -math.inf, device=device)  # (B, K)
+    scores[:, 0] = 0.0
+    return Beams(
+        sent=torch.arange(B, device=device),
+        tokens=torch.full((B * beam, 1), BOS_ID, dtype=torch.long, device=device),
+        scores=scores.view(-1),
+        count=torch.zeros(B, dtype=torch.long, device=device),
+        limit=max_lengths(src, max_len_a, max_len_b, model.max_positions - 1),
+        memory=model.encode(src).repeat_interleave(beam, dim=0),  # (B*K, S, D)
+        src=src.repeat_interleave(beam, dim=0),  # (B*K, S)
+        state=model.init_state(),
+    )
+
+
+def expand_candidates(scores: Tensor, lprobs: Tensor, beam: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The 2K best one-token extensions per sentence: scores, origin beams, tokens, each (B', 2K).
+
+    2K, because at most K of them (one per beam) end in EOS: K live ones always remain.
+    """
+    V = lprobs.size(1)
+    total = (scores.unsqueeze(1) + lprobs).view(-1, beam * V)  # (B', K*V)
+    top, flat = total.topk(2 * beam, dim=1)  # (B', 2K) each, best first
+    return top, flat // V, flat % V
+
+
+def set_aside_finished(
+    finished: list[list[Hypothesis]],
+    beams: Beams,
+    candidates: tuple[Tensor, Tensor, Tensor],
+    beam: int,
+    alpha: float,
+    kind: str,
+) -> Tensor:
+    """File EOS candidates ranked in their sentence's top K, up to K per sentence: count (B',)."""
+    scores, origin, tokens = (c[:, :beam] for c in candidates)  # (B', K) each
+    ends = (tokens == EOS_ID) & scores.isfinite()  # (B', K)
+    b, j = ends.nonzero(as_tuple=True)  # (E,) each, sentence-major and best first
+    if b.numel() > 0:
+        rows = b * beam + origin[b, j]  # (E,)
+        outputs = beams.tokens[rows, 1:].tolist()  # E lists of T ids, without BOS and EOS
+        for s, ids, lp in zip(beams.sent[b].tolist(), outputs, scores[b, j].tolist(), strict=True):
+            if len(finished[s]) < beam:
+                finished[s].append(finished_hypothesis(ids, lp, alpha, kind))
+    return (beams.count + ends.sum(dim=1)).clamp(max=beam)  # (B',)
+
+
+def select_live(candidates: tuple[Tensor, Tensor, Tensor], beam: int) -> tuple[Tensor, ...]:
+    """The K best candidates not ending in EOS: scores, origin beams, tokens, each (B', K)."""
+    scores, origin, tokens = candidates  # (B', 2K) each
+    position = torch.arange(2 * beam, device=tokens.device)  # (2K,)
+    rank = (tokens == EOS_ID).long() * (2 * beam) + position  # (B', 2K) EOS after all others
+    pick = rank.topk(beam, dim=1, largest=False).indices  # (B', K) in score order
+    return scores.gather(1, pick), origin.gather(1, pick), tokens.gather(1, pick)
+
+
+def advance(
+    beams: Beams, candidates: tuple[Tensor, Tensor, Tensor], keep: Tensor, beam: int
+) -> Beams:
+    """Continue the K best live candidates of the sentences in `keep` (B',) bool; drop the rest."""
+    scores, origin, tokens = select_live(candidates, beam)  # (B', K) each
+    first_row = torch.arange(keep.size(0), device=keep.device).unsqueeze(1) * beam  # (B', 1)
+    rows = (first_row + origin)[keep].view(-1)  # (B''*K,) rows to continue, by origin beam
+    kept = keep.nonzero().squeeze(1)  # (B'',)
+    beams.state.reorder(rows)  # memory and src must follow: the cross mask is rebuilt from src
+    return Beams(
+        sent=beams.sent[kept],
+        tokens=torch.cat([beams.tokens.index_select(0, rows), tokens[keep].view(-1, 1)], dim=1),
+        scores=scores[keep].view(-1),  # (B''*K,)
+        count=beams.count[kept],
+        limit=beams.limit[kept],
+        memory=beams.memory.index_select(0, rows),  # (B''*K, S, D)
+        src=beams.src.index_select(0, rows),  # (B''*K, S)
+        state=beams.state,
+    )
+
+
+def check_beam(beam: int, nbest: int, min_len: int, kind: str) -> None:
+    """Raise ValueError on beam search settings out of range."""
+    if beam < 1 or not 1 <= nbest <= beam or min_len < 0:
+        raise ValueError(
+            f"beam search needs beam >= 1, 1 <= nbest <= beam and min_len >= 0; "
+            f"got beam={beam}, nbest={nbest}, min_len={min_len}"
+        )
+    length_penalty(1, 0.0, kind)
+
+
+@torch.no_grad()
+def beam_search(
+    model: Transformer,
+    src: Tensor,
+    beam: int,
+    alpha: float = 0.6,
+    length_penalty: str = "gnmt",
+    max_len_a: float = 1.2,
+    max_len_b: int = 10,
+    min_len: int = 0,
+    nbest: int = 1,
+) -> list[list[Hypothesis]]:
+    """Beam search over src (B, S): B lists of up to `nbest` hypotheses, best score first.
+
+    fairseq's criterion: a sentence stops once `beam` hypotheses have ended (an EOS candidate
+    counts if it ranks in the step's top K), or at its length limit where every beam ends.
+    Fewer than nbest come back only when the length limit leaves fewer possible outputs.
+    """
+    check_beam(beam, nbest, min_len, length_penalty)
+    if src.size(0) == 0:
+        return []
+    finished: list[list[Hypothesis]] = [[] for _ in range(src.size(0))]
+    beams = start_beams(model, src, beam, max_len_a, max_len_b)
+    for step in range(int(beams.limit.max())):
+        logits = model.decode(beams.tokens[:, -1:], beams.memory, beams.src, beams.state)
+        row_limit = beams.limit.repeat_interleave(beam)  # (B'*K,)
+        lprobs = step_logprobs(logits[:, -1], step, row_limit, min_len)  # (B'*K, V)
+        candidates = expand_candidates(beams.scores, lprobs, beam)  # (B', 2K) each
+        beams.count = set_aside_finished(finished, beams, candidates, beam, alpha, length_penalty)
+        done = (beams.count >= beam) | (step + 1 >= beams.limit)  # (B',)
+        if bool(done.all()):
+            break
+        beams = advance(beams, candidates, ~done, beam)
+    return [ranked(hyps, nbest) for hyps in finished]

@@ -159,6 +159,10 @@ def test_share_embeddings_needs_joint_vocab(tmp_path: Path) -> None:
         ("data.src_lang=en", "data.src_lang and data.tgt_lang are both 'en'"),
         ("tokenizer.vocab_size=4", "tokenizer.vocab_size=4 must be at least 8"),
         ("decode.beam=0", "decode.beam=0 must be >= 1"),
+        (
+            "model.max_positions=100",
+            "model.max_positions=100 is shorter than data.max_len=128 + 1",
+        ),
         ("train.device=tpu", "train.device='tpu' must be auto, cpu, cuda or cuda:N"),
     ],
 )

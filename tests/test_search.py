@@ -1,0 +1,318 @@
+"""Tests for mt.search: greedy, beam search against a slow reference, n-best, sampling."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mt.model import Transformer
+from mt.search import (
+    Hypothesis,
+    beam_search,
+    greedy_search,
+    length_penalty,
+    max_lengths,
+    sample,
+)
+from mt.vocab import BOS_ID, EOS_ID, PAD_ID
+
+VOCAB = 30
+FIRST_REAL = 4  # ids 0-3 are PAD, UNK, BOS, EOS
+
+
+def tiny(seed: int, eos_boost: float = 1.0, **kw: object) -> Transformer:
+    """A small random model in eval mode; eos_boost > 1 makes EOS likelier, so lengths vary."""
+    torch.manual_seed(seed)
+    args: dict = dict(dim=32, enc_layers=2, dec_layers=2, heads=2, ffn_dim=64, dropout=0.0)
+    args.update(kw)
+    model = Transformer(VOCAB, VOCAB, **args).eval()
+    with torch.no_grad():
+        model.tgt_embed.weight[EOS_ID] *= eos_boost
+    return model
+
+
+def pad_batch(rows: list[list[int]]) -> torch.Tensor:
+    """Right-pad token lists to a (B, L) long tensor."""
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [PAD_ID] * (width - len(r)) for r in rows])
+
+
+def random_sources(n: int, seed: int, low: int = 1, high: int = 9) -> list[list[int]]:
+    """n random sources of low..high-1 real tokens followed by EOS."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(low, high, (n,), generator=gen).tolist()
+    return [
+        [*torch.randint(FIRST_REAL, VOCAB, (k,), generator=gen).tolist(), EOS_ID] for k in lengths
+    ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread() -> Iterator[None]:
+    """Tiny models run faster, and far steadier on a busy machine, on one CPU thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reverser() -> Transformer:
+    """A model briefly trained to reverse its source: confident, outputs of varied lengths."""
+    model = tiny(0)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(250):
+        srcs = random_sources(32, seed=1000 + step)
+        tgts = [[*s[-2::-1], EOS_ID] for s in srcs]
+        tgt_in = pad_batch([[BOS_ID, *t[:-1]] for t in tgts])
+        logits = model(pad_batch(srcs), tgt_in)
+        loss = F.cross_entropy(logits.transpose(1, 2), pad_batch(tgts), ignore_index=PAD_ID)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def models(reverser: Transformer) -> list[Transformer]:
+    """The trained model and a few random ones, one of them post-norm."""
+    return [reverser, tiny(1, eos_boost=3.0), tiny(2, eos_boost=3.0, prenorm=False), tiny(3)]
+
+
+def teacher_forced_logprob(model: Transformer, src: list[int], tokens: list[int]) -> float:
+    """Sum of log-probabilities of tokens + EOS from one full forward pass."""
+    tgt_in = torch.tensor([[BOS_ID, *tokens]])
+    with torch.no_grad():
+        lprobs = F.log_softmax(model(torch.tensor([src]), tgt_in).float(), dim=-1)[0]  # (T, V)
+    return float(lprobs.gather(1, torch.tensor([[*tokens, EOS_ID]]).T).sum())
+
+
+def reference_beam(
+    model: Transformer, src: list[int], beam: int, alpha: float, kind: str, limit: int, min_len: int
+) -> list[Hypothesis]:
+    """Slow fairseq-style beam search: no cache, a full forward pass per beam, plain Python."""
+    live: list[tuple[list[int], float]] = [([], 0.0)]
+    finished: list[Hypothesis] = []
+    for step in range(limit):
+        candidates = []
+        for tokens, score in live:
+            tgt_in = torch.tensor([[BOS_ID, *tokens]])
+            with torch.no_grad():
+                logits = model(torch.tensor([src]), tgt_in)[0, -1].float()
+            at_limit = step + 1 >= limit
+            for token, lp in enumerate(F.log_softmax(logits, dim=-1).tolist()):
+                if token in (PAD_ID, BOS_ID) or (at_limit and token != EOS_ID):
+                    continue
+                if token == EOS_ID and step < min_len and not at_limit:
+                    continue
+                candidates.append((score + lp, tokens, token))
+        candidates = sorted(candidates, key=lambda c: -c[0])[: 2 * beam]
+        for score, tokens, token in candidates[:beam]:
+            if token == EOS_ID and len(finished) < beam:
+                penalty = length_penalty(len(tokens) + 1, alpha, kind)
+                finished.append(Hypothesis(tokens, score / penalty, score))
+        if len(finished) >= beam or step + 1 >= limit:
+            break
+        live = [([*tokens, t], s) for s, tokens, t in candidates if t != EOS_ID][:beam]
+    return sorted(finished, key=lambda h: -h.score)
+
+
+def assert_same_hypotheses(got: list[Hypothesis], want: list[Hypothesis]) -> None:
+    """Same tokens in the same order, scores and logprobs equal up to float32 rounding."""
+    assert [h.tokens for h in got] == [h.tokens for h in want]
+    for g, w in zip(got, want, strict=True):
+        assert g.score == pytest.approx(w.score, abs=1e-4)
+        assert g.logprob == pytest.approx(w.logprob, abs=1e-4)
+
+
+def test_length_penalty() -> None:
+    assert length_penalty(1, 0.6, "gnmt") == pytest.approx(1.0)
+    assert length_penalty(7, 1.0, "gnmt") == pytest.approx(2.0)
+    assert length_penalty(7, 0.0, "gnmt") == pytest.approx(1.0)
+    assert length_penalty(7, 0.6, "average") == 7.0
+    assert length_penalty(7, 0.6, "none") == 1.0
+    lengths = torch.tensor([1, 7])
+    assert torch.allclose(length_penalty(lengths, 1.0, "gnmt"), torch.tensor([1.0, 2.0]))
+    assert torch.equal(length_penalty(lengths, 0.6, "average"), torch.tensor([1.0, 7.0]))
+    assert torch.equal(length_penalty(lengths, 0.6, "none"), torch.ones(2))
+    with pytest.raises(ValueError, match="length penalty"):
+        length_penalty(3, 0.6, "wu")
+
+
+def test_trained_model_outputs_vary(reverser: Transformer) -> None:
+    srcs = random_sources(8, seed=5)
+    out = greedy_search(reverser, pad_batch(srcs), 1.2, 10)
+    assert len({len(o) for o in out}) >= 3
+    assert sum(o == s[-2::-1] for o, s in zip(out, srcs, strict=True)) >= 4
+
+
+@pytest.mark.parametrize("kind", ["gnmt", "average", "none"])
+def test_beam_one_is_greedy(reverser: Transformer, kind: str) -> None:
+    src = pad_batch(random_sources(10, seed=7))
+    for model in models(reverser):
+        for a, b in [(1.2, 10), (0.0, 3), (1.0, 1)]:
+            greedy = greedy_search(model, src, a, b)
+            beams = beam_search(model, src, 1, 0.6, kind, a, b)
+            assert [h[0].tokens for h in beams] == greedy
+
+
+def test_batch_invariance(reverser: Transformer) -> None:
+    srcs = random_sources(6, seed=11)
+    for model in models(reverser)[:3]:
+        batch = beam_search(model, pad_batch(srcs), 4, nbest=4)
+        reverse = beam_search(model, pad_batch(srcs[::-1]), 4, nbest=4)[::-1]
+        for i, src in enumerate(srcs):
+            alone = beam_search(model, pad_batch([src]), 4, nbest=4)[0]
+            assert_same_hypotheses(batch[i], alone)
+            assert_same_hypotheses(reverse[i], alone)
+
+
+def test_finished_sentences_leave_the_batch(reverser: Transformer) -> None:
+    srcs = [[5, EOS_ID], [*range(FIRST_REAL, 24), EOS_ID], [7, 8, EOS_ID]]
+    rows: list[int] = []
+    decode = reverser.decode
+
+    def spy(tgt_in: torch.Tensor, *args: object) -> torch.Tensor:
+        rows.append(tgt_in.size(0))
+        return decode(tgt_in, *args)
+
+    reverser.decode = spy  # type: ignore[method-assign]
+    try:
+        batch = beam_search(reverser, pad_batch(srcs), 3, nbest=3)
+    finally:
+        del reverser.decode
+    assert rows[0] == 9 and rows[-1] == 3 and rows == sorted(rows, reverse=True)
+    for src, hyps in zip(srcs, batch, strict=True):
+        assert_same_hypotheses(hyps, beam_search(reverser, pad_batch([src]), 3, nbest=3)[0])
+
+
+def test_nbest_sorted_and_consistent_with_the_model(reverser: Transformer) -> None:
+    srcs = random_sources(5, seed=13)
+    for model in models(reverser):
+        nbest = beam_search(model, pad_batch(srcs), 5, nbest=5)
+        onebest = beam_search(model, pad_batch(srcs), 5, nbest=1)
+        for src, hyps, best in zip(srcs, nbest, onebest, strict=True):
+            assert len(hyps) == 5 and len(best) == 1
+            assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+            assert len({tuple(h.tokens) for h in hyps}) == 5
+            assert hyps[0] == best[0]
+            for h in hyps:
+                assert h.logprob == pytest.approx(
+                    teacher_forced_logprob(model, src, h.tokens), abs=1e-4
+                )
+                assert h.score == pytest.approx(
+                    h.logprob / length_penalty(len(h.tokens) + 1, 0.6, "gnmt")
+                )
+
+
+@pytest.mark.parametrize(
+    ("beam", "alpha", "kind", "min_len"),
+    [(3, 0.6, "gnmt", 0), (4, 1.0, "gnmt", 2), (2, 0.0, "average", 0), (3, 0.6, "none", 1)],
+)
+def test_matches_slow_reference(beam: int, alpha: float, kind: str, min_len: int) -> None:
+    srcs = random_sources(5, seed=20, high=6)
+    src = pad_batch(srcs)
+    early = 0  # hypotheses that ended before their limit: the test must exercise early EOS
+    for seed in (1, 21):
+        model = tiny(seed, eos_boost=4.0, prenorm=seed % 2 == 0)
+        limits = max_lengths(src, 1.0, 3, model.max_positions - 1).tolist()
+        got = beam_search(model, src, beam, alpha, kind, 1.0, 3, min_len, nbest=beam)
+        for s, hyps, limit in zip(srcs, got, limits, strict=True):
+            assert_same_hypotheses(
+                hyps, reference_beam(model, s, beam, alpha, kind, limit, min_len)
+            )
+            early += sum(len(h.tokens) < limit - 1 for h in hyps)
+    assert early >= 3
+
+
+def test_beam_beats_greedy_without_length_penalty(reverser: Transformer) -> None:
+    # Not a theorem (early stopping can prune the greedy path) but it holds for these seeds.
+    srcs = random_sources(8, seed=19)
+    for model in models(reverser):
+        greedy = greedy_search(model, pad_batch(srcs), 1.2, 10)
+        for kind, alpha in [("none", 0.6), ("gnmt", 0.0)]:
+            beams = beam_search(model, pad_batch(srcs), 4, alpha, kind)
+            for src, g, hyps in zip(srcs, greedy, beams, strict=True):
+                assert hyps[0].logprob >= teacher_forced_logprob(model, src, g) - 1e-5
+
+
+def test_min_and_max_length(reverser: Transformer) -> None:
+    src = pad_batch(random_sources(6, seed=23))
+    for model in models(reverser)[:2]:
+        for hyps in beam_search(model, src, 3, min_len=6, nbest=3):
+            assert all(len(h.tokens) >= 6 for h in hyps)
+        limits = max_lengths(src, 0.5, 2, model.max_positions - 1).tolist()
+        for hyps, limit in zip(
+            beam_search(model, src, 3, 0.6, "gnmt", 0.5, 2, nbest=3), limits, strict=True
+        ):
+            assert all(len(h.tokens) <= limit - 1 for h in hyps)
+        # When min_len cannot be reached the limit wins; with limit 1 the output is empty.
+        assert all(len(h[0].tokens) == 2 for h in beam_search(model, src, 2, 0.6, "gnmt", 0, 3, 9))
+        assert all(h[0].tokens == [] for h in beam_search(model, src, 2, 0.6, "gnmt", 0, 1))
+
+
+def test_max_positions_caps_the_length() -> None:
+    model = tiny(4, max_positions=8)
+    src = pad_batch(random_sources(3, seed=29))
+    for hyps in beam_search(model, src, 3, 0.6, "none", 5.0, 50, min_len=50):
+        assert len(hyps[0].tokens) == model.max_positions - 2
+    for hyps in sample(model, src, 2, max_len_a=5.0, max_len_b=50, min_len=50):
+        assert all(len(h.tokens) == model.max_positions - 2 for h in hyps)
+
+
+def test_sampling_limits_to_greedy(reverser: Transformer) -> None:
+    src = pad_batch(random_sources(8, seed=31))
+    for model in models(reverser)[:3]:
+        greedy = greedy_search(model, src, 1.2, 10)
+        gen = torch.Generator().manual_seed(0)
+        for kwargs in [dict(top_k=1), dict(top_p=1e-6), dict(temperature=1e-4)]:
+            out = sample(model, src, 2, generator=gen, **kwargs)
+            assert all(h.tokens == g for hyps, g in zip(out, greedy, strict=True) for h in hyps)
+
+
+def test_sampling_is_deterministic_and_consistent() -> None:
+    model = tiny(5, eos_boost=3.0)
+    srcs = random_sources(4, seed=37)
+    src = pad_batch(srcs)
+
+    def draw(seed: int) -> list[list[Hypothesis]]:
+        return sample(
+            model, src, 6, top_k=10, top_p=0.9, generator=torch.Generator().manual_seed(seed)
+        )
+
+    first = draw(1)
+    assert first == draw(1) and first != draw(2)
+    limits = max_lengths(src, 1.2, 10, model.max_positions - 1).tolist()
+    for s, hyps, limit in zip(srcs, first, limits, strict=True):
+        assert len(hyps) == 6
+        assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+        for h in hyps:
+            assert len(h.tokens) <= limit - 1 and not {PAD_ID, BOS_ID, EOS_ID} & set(h.tokens)
+            assert h.logprob == pytest.approx(teacher_forced_logprob(model, s, h.tokens), abs=1e-4)
+    assert len({tuple(h.tokens) for hyps in first for h in hyps}) > 12
+    for hyps in sample(model, src, 3, min_len=4, generator=torch.Generator().manual_seed(3)):
+        assert all(len(h.tokens) >= 4 for h in hyps)
+
+
+def test_runs_under_autocast(reverser: Transformer) -> None:
+    src = pad_batch(random_sources(3, seed=41))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hyps = beam_search(reverser, src, 3, nbest=2)
+    assert all(len(h) == 2 and all(math.isfinite(x.score) for x in h) for h in hyps)
+
+
+def test_empty_batch_and_bad_arguments(reverser: Transformer) -> None:
+    empty = torch.zeros(0, 4, dtype=torch.long)
+    assert beam_search(reverser, empty, 3) == []
+    assert sample(reverser, empty, 2) == []
+    assert greedy_search(reverser, empty, 1.2, 10) == []
+    src = pad_batch(random_sources(1, seed=43))
+    for kwargs in [dict(beam=0), dict(beam=2, nbest=3), dict(beam=2, length_penalty="x")]:
+        with pytest.raises(ValueError):
+            beam_search(reverser, src, **kwargs)
+    for kwargs in [dict(num=0), dict(temperature=0.0), dict(top_k=-1), dict(top_p=0.0)]:
+        with pytest.raises(ValueError):
+            sample(reverser, src, **kwargs)
