@@ -235,3 +235,19 @@ def test_sigterm_via_cli_leaves_resumable_checkpoint_and_clean_stderr(tmp_path: 
     assert "run the same command to resume" in err.decode()
     state = ckpt.load_state(ckpt.latest_checkpoint(run).state)
     assert state["train"]["step"] == ckpt.latest_checkpoint(run).step
+
+
+def test_early_stopping_on_patience(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bleus = iter([10.0, 12.0, 11.0, 11.5, 9.0, 20.0])
+
+    def fake_validate(*args, **kwargs) -> dict[str, float]:
+        return {"loss": 1.0, "nll": 1.0, "ppl": 2.7, "bleu": next(bleus)}
+
+    monkeypatch.setattr(train_module, "validate", fake_validate)
+    run = tmp_path / "run"
+    result = train(tiny(run, "train.max_steps=100", "train.valid_every=5", "train.patience=2"))
+    # Best 12.0 at step 10; 11.0 (step 15) and 11.5 (step 20) are not better: stop at step 20.
+    assert result.state.step == 20
+    assert result.state.best_bleu == 12.0
+    assert ckpt.best_checkpoint(run).step == 10
+    assert [r["bleu"] for r in read_metrics(run, "valid")] == [10.0, 12.0, 11.0, 11.5]
