@@ -131,6 +131,7 @@ class TrainConfig:
     update_freq: int = 1  # batches accumulated per optimizer update
     max_steps: int = 100_000  # optimizer updates to run
     max_epochs: int = 0  # stop after this many epochs (0 = no limit)
+    max_minutes: float = 0.0  # stop after this much training time, validation included (0 = off)
     seed: int = 1  # seeds batching, dropout and initialisation
     precision: Literal["auto", "fp32", "bf16", "fp16"] = (
         "auto"  # auto: bf16/fp16 on CUDA, fp32 on CPU
@@ -169,6 +170,7 @@ class TrainConfig:
             _check(value > 0, f"train.{key}", f"train.{key}={value} must be positive")
         for key in (
             "max_epochs",
+            "max_minutes",
             "warmup_steps",
             "weight_decay",
             "clip_norm",

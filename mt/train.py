@@ -407,11 +407,15 @@ def _train(config: Config, resume: Path | None, world: World, device: torch.devi
                     break
             # 2. All ranks agree on the tokens of this update and on whether to stop.
             local_tokens = sum(b.tgt_tokens for b in batches)
-            tokens, stop_votes = distributed.all_reduce(
-                world, [local_tokens, float(stop.signum is not None)], device
+            out_of_time = tc.max_minutes and state.train_seconds >= 60 * tc.max_minutes
+            tokens, signalled, timed_out = distributed.all_reduce(
+                world, [local_tokens, float(stop.signum is not None), float(out_of_time)], device
             )
-            if stop_votes:
+            if signalled:
                 stop.signum = stop.signum or signal.SIGTERM
+                break
+            if timed_out:
+                log.info("reached train.max_minutes=%g at step %d", tc.max_minutes, state.step)
                 break
             if not batches:
                 log.info("reached train.max_epochs=%d", tc.max_epochs)

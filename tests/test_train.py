@@ -251,3 +251,14 @@ def test_early_stopping_on_patience(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert result.state.best_bleu == 12.0
     assert ckpt.best_checkpoint(run).step == 10
     assert [r["bleu"] for r in read_metrics(run, "valid")] == [10.0, 12.0, 11.0, 11.5]
+
+
+def test_time_limit_stops_with_a_checkpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="mt")
+    run = tmp_path / "run"
+    result = train(tiny(run, "train.max_steps=1000", "train.max_minutes=0.00001"))
+    assert 1 <= result.state.step < 5 and result.signum is None
+    assert ckpt.latest_checkpoint(run).step == result.state.step
+    assert f"reached train.max_minutes=1e-05 at step {result.state.step}" in caplog.text
