@@ -6,14 +6,18 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
-from mt.errors import MtError
+from mt.errors import ConfigError, DataError, MtError
 
 if TYPE_CHECKING:
+    from mt.config import Config
+    from mt.corpora import Corpus
     from mt.tokenizer import Tokenizer
+
+log = logging.getLogger("mt")
 
 app = typer.Typer(
     help="Train, run and evaluate Transformer translation models.",
@@ -56,48 +60,123 @@ def train_command(
     ] = None,
 ) -> None:
     """Train a model: tokenizer (if the run has none), data, Transformer, checkpoints."""
-    from mt.config import load_config
+    cfg, _ = _load(config, overrides, ("train", "valid"))
     from mt.train import train
 
-    result = train(load_config(config, overrides or []), resume=resume)
+    result = train(cfg, resume=resume)
     if result.signum is not None:
         sys.exit(128 + result.signum)  # 143 for SIGTERM, 130 for SIGINT
 
 
 @data_app.command("fetch")
 def data_fetch(
-    name: Annotated[str, typer.Argument(help="Data set to fetch (multi30k).")],
+    name: Annotated[str, typer.Argument(help="Data set to fetch: multi30k (task 1, raw).")],
     dest: Annotated[Path, typer.Argument(help="Directory to write the files to.")],
-    langs: Annotated[str, typer.Option(help="Comma-separated languages.")] = "de,en,fr,cs",
+    langs: Annotated[
+        str, typer.Option(help="Comma-separated languages, any of de, en, fr, cs.")
+    ] = "de,en,fr,cs",
     mirror: Annotated[
         str | None,
-        typer.Option(help="Another source: a URL or a directory (default: $MT_DATA_MIRROR)."),
+        typer.Option(
+            envvar="MT_DATA_MIRROR",
+            help="Fetch from here instead of the official site: a URL or a local directory.",
+        ),
     ] = None,
 ) -> None:
-    """Download a public data set, verifying checksums; files already valid are skipped."""
+    """Download a public data set, verifying checksums; files already valid are skipped.
+
+    Prints the paths of the files on stdout; progress goes to stderr.
+    """
     from mt.fetch import fetch_multi30k
 
     if name != "multi30k":
         raise MtError(f"unknown data set {name!r} (available: multi30k)")
-    wanted = [lang.strip() for lang in langs.split(",") if lang.strip()]
+    wanted = list(dict.fromkeys(lang.strip() for lang in langs.split(",") if lang.strip()))
     paths = fetch_multi30k(dest, wanted, mirror=mirror, progress=sys.stderr.isatty())
     for path in paths:
         typer.echo(str(path))
 
 
-@data_app.command("prepare")
-def data_prepare(config: ConfigOption, overrides: Overrides = None) -> None:
-    """Train the tokenizer if the run has none, encode and cache the corpora, print statistics."""
-    from mt.batching import BatchSampler, padding_efficiency
+def _blame(config: Path, overrides: list[str], key: str) -> str:
+    """Where a config value came from: the command line if overridden there, else the file."""
+    keys = {item.partition("=")[0].strip().removeprefix("--") for item in overrides}
+    return "command line" if key in keys else str(config)
+
+
+def _load(
+    config: Path, overrides: list[str] | None, splits: tuple[str, ...]
+) -> tuple[Config, dict[str, Corpus]]:
+    """The config and its corpora, checked before any work is done.
+
+    data.train must be set (ConfigError) and every corpus set among `splits` must exist
+    (DataError naming the key); the run directory must be creatable.
+    """
     from mt.config import load_config
-    from mt.run import corpus, encoded, prepare_tokenizer
+
+    overrides = overrides or []
+    cfg = load_config(config, overrides)
+    if not cfg.data.train:
+        where = _blame(config, overrides, "data.train")
+        raise ConfigError(f"{where}: data.train is empty; set it in the config or data.train=PATH")
+    from mt.run import corpus, run_path  # slow (torch): imported once the config is known good
+
+    corpora = {}
+    for which in splits:
+        if getattr(cfg.data, which):
+            try:
+                corpora[which] = corpus(cfg, which)
+            except DataError as exc:
+                raise DataError(f"data.{which}: {exc}") from None
+    try:
+        run_path(cfg).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"run_dir {cfg.run_dir}: cannot create ({exc.strerror or exc})") from None
+    return cfg, corpora
+
+
+def _tokenizer(cfg: Config) -> Tokenizer:
+    """The run's tokenizer, trained if it has none; says so when an existing one is used."""
+    from mt.run import TOKENIZER_DIR, prepare_tokenizer, run_path
+    from mt.tokenizer import tokenizer_files
+
+    directory = run_path(cfg) / TOKENIZER_DIR
+    existed = all(p.exists() for p in tokenizer_files(directory, cfg.tokenizer.joint))
+    tokenizer = prepare_tokenizer(cfg)
+    if existed:
+        size = tokenizer.src_vocab_size
+        log.info("using the run's tokenizer in %s (%d pieces)", directory, size)
+        if cfg.tokenizer.vocab_size not in (size, tokenizer.tgt_vocab_size):
+            log.warning(
+                "warning: the run's tokenizer has %d pieces, not tokenizer.vocab_size=%d; "
+                "delete %s to retrain it",
+                size,
+                cfg.tokenizer.vocab_size,
+                directory,
+            )
+    return tokenizer
+
+
+def _echo_unk_rate(tokenizer: Tokenizer, valid: Corpus) -> None:
     from mt.tokenizer import unk_rate
 
-    cfg = load_config(config, overrides or [])
-    tokenizer = prepare_tokenizer(cfg)
-    for which in ("train", "valid", "test"):
-        if not getattr(cfg.data, which):
-            continue
+    src_unk, tgt_unk = unk_rate(tokenizer, valid)
+    typer.echo(f"valid: unknown pieces {src_unk:.3%} source, {tgt_unk:.3%} target")
+
+
+@data_app.command("prepare")
+def data_prepare(config: ConfigOption, overrides: Overrides = None) -> None:
+    """Train the tokenizer if the run has none, encode and cache the corpora, print statistics.
+
+    Prints, per corpus: pairs kept by the length filters (training data only), token counts;
+    for the training data, batches per epoch and padding efficiency; for the dev set, the
+    rate of unknown pieces. A second run reuses the cached encodings.
+    """
+    cfg, corpora = _load(config, overrides, ("train", "valid", "test"))
+    from mt.batching import BatchSampler, padding_efficiency
+    from mt.run import encoded
+
+    tokenizer = _tokenizer(cfg)
+    for which in corpora:
         data = encoded(cfg, tokenizer, which)
         typer.echo(f"{which}: {data.stats.describe()}")
         typer.echo(
@@ -105,72 +184,95 @@ def data_prepare(config: ConfigOption, overrides: Overrides = None) -> None:
             "target tokens"
         )
         if which == "train":
-            sampler = BatchSampler(
-                data.src_lens, data.tgt_lens, cfg.train.max_tokens, cfg.train.seed
-            )
+            max_tokens = cfg.train.max_tokens  # >= data.max_len + 1: checked at config load
+            sampler = BatchSampler(data.src_lens, data.tgt_lens, max_tokens, cfg.train.seed)
             batches = sampler.epoch_batches(1)
             src_eff, tgt_eff = padding_efficiency(batches, data.src_lens, data.tgt_lens)
             typer.echo(
-                f"train: {len(batches):,} batches of <= {cfg.train.max_tokens} tokens per epoch, "
+                f"train: {len(batches):,} batches of <= {max_tokens} tokens per epoch, "
                 f"{src_eff:.1%} / {tgt_eff:.1%} non-pad (source / target)"
             )
         if which == "valid":
-            src_unk, tgt_unk = unk_rate(tokenizer, corpus(cfg, "valid"))
-            typer.echo(f"valid: unknown pieces {src_unk:.3%} source, {tgt_unk:.3%} target")
+            _echo_unk_rate(tokenizer, corpora["valid"])
 
 
 @tokenizer_app.command("train")
 def tokenizer_train(config: ConfigOption, overrides: Overrides = None) -> None:
-    """Train the run's SentencePiece model(s) on the training data (if the run has none)."""
-    from mt.config import load_config
-    from mt.run import prepare_tokenizer
+    """Train the run's SentencePiece model(s) on the training data (if the run has none).
 
-    tokenizer = prepare_tokenizer(load_config(config, overrides or []))
+    Prints the model path(s) and, when data.valid is set, the dev set's unknown-piece rate.
+    """
+    cfg, corpora = _load(config, overrides, ("train", "valid"))
+    tokenizer = _tokenizer(cfg)
     for path in tokenizer.paths:
         typer.echo(str(path))
+    if "valid" in corpora:
+        _echo_unk_rate(tokenizer, corpora["valid"])
 
 
 def _open_tokenizer(model: Path) -> Tokenizer:
+    """The tokenizer of a run directory, a tokenizer directory or a model file's directory."""
+    from mt.config import CONFIG_FILE
     from mt.run import TOKENIZER_DIR
     from mt.tokenizer import load_tokenizer
 
-    directory = model / TOKENIZER_DIR if (model / TOKENIZER_DIR).is_dir() else model
+    if not model.exists():
+        raise DataError(f"{model}: no such run or tokenizer directory")
+    directory = model.parent if model.is_file() else model
+    if (directory / TOKENIZER_DIR).is_dir() or (directory / CONFIG_FILE).is_file():
+        directory = directory / TOKENIZER_DIR
     return load_tokenizer(directory)
 
 
 def _lines(path: str) -> list[str]:
-    if path == "-":
-        return sys.stdin.read().splitlines()
-    try:
-        return Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise MtError(f"{path}: no such file") from None
-    except UnicodeDecodeError as exc:
-        line = exc.object[: exc.start].count(b"\n") + 1
-        raise MtError(f"{path}: line {line} is not valid UTF-8") from None
+    """The lines of a file (plain or .gz) or of stdin (-), strict UTF-8, without line endings.
+
+    Only \\n (or \\r\\n) ends a line, so line N of the output always matches line N of the input.
+    """
+    from mt.corpora import read_lines
+
+    if path != "-":
+        file = Path(path)
+        if not file.exists():
+            raise DataError(f"{path}: no such file")
+        if file.is_dir():
+            raise DataError(f"{path}: is a directory, not a file")
+        return list(read_lines(file))
+    lines = []
+    for number, raw in enumerate(sys.stdin.buffer, start=1):
+        if raw.endswith(b"\n"):
+            raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise DataError(f"stdin: line {number} is not valid UTF-8") from None
+    return lines
 
 
 ModelOption = Annotated[
-    Path, typer.Option("--model", "-m", help="Run directory or tokenizer directory.")
+    Path,
+    typer.Option(
+        "--model", "-m", help="Run directory, tokenizer directory or SentencePiece model file."
+    ),
 ]
-SideOption = Annotated[str, typer.Option(help="Which model to use: src or tgt.")]
-InputArg = Annotated[str, typer.Argument(help="Input file, or - for stdin.")]
+Side = Literal["src", "tgt"]
+InputArg = Annotated[str, typer.Argument(help="Input file (plain or .gz), or - for stdin.")]
 
 
 @tokenizer_app.command("encode")
 def tokenizer_encode(
     model: ModelOption,
     path: InputArg = "-",
-    side: SideOption = "src",
+    side: Annotated[Side, typer.Option(help="Which side's model to use.")] = "src",
     pieces: Annotated[bool, typer.Option(help="Print pieces instead of ids.")] = False,
 ) -> None:
-    """Encode text, one line in, one line of ids (or pieces) out."""
+    """Encode text: one line in, one line of space-separated ids (or pieces) out."""
     tokenizer = _open_tokenizer(model)
     lines = _lines(path)
     if pieces:
-        pieces_of = tokenizer.src_pieces if side == "src" else tokenizer.tgt_pieces
-        for line in lines:
-            typer.echo(" ".join(pieces_of(line)))
+        processor = tokenizer.src if side == "src" else tokenizer.tgt
+        for line_pieces in processor.encode(lines, out_type=str):
+            typer.echo(" ".join(line_pieces))
         return
     encode = tokenizer.encode_src if side == "src" else tokenizer.encode_tgt
     for ids in encode(lines):
@@ -178,15 +280,192 @@ def tokenizer_encode(
 
 
 @tokenizer_app.command("decode")
-def tokenizer_decode(model: ModelOption, path: InputArg = "-") -> None:
-    """Decode lines of target-side ids back to text."""
+def tokenizer_decode(
+    model: ModelOption,
+    path: InputArg = "-",
+    side: Annotated[Side, typer.Option(help="Which side's model to use.")] = "tgt",
+) -> None:
+    """Decode lines of space-separated ids back to text; PAD, BOS and EOS are dropped."""
     tokenizer = _open_tokenizer(model)
-    try:
-        ids = [[int(t) for t in line.split()] for line in _lines(path)]
-    except ValueError as exc:
-        raise MtError(f"{path}: expected space-separated integer ids ({exc})") from None
-    for text in tokenizer.decode_tgt(ids):
+    processor = tokenizer.src if side == "src" else tokenizer.tgt
+    size = processor.vocab_size()
+    name = "stdin" if path == "-" else path
+    ids = []
+    for number, line in enumerate(_lines(path), start=1):
+        tokens = line.split()
+        bad = next((t for t in tokens if not (t.isascii() and t.isdigit()) or int(t) >= size), None)
+        if bad is not None:
+            raise DataError(
+                f"{name}: line {number}: {bad!r} is not a piece id (expected integers "
+                f"from 0 to {size - 1}, separated by spaces)"
+            )
+        ids.append([int(t) for t in tokens])
+    texts = tokenizer.decode_tgt(ids) if side == "tgt" else processor.decode(ids)
+    for text in texts:
         typer.echo(text)
+
+
+# --- translate, evaluate, average -------------------------------------------------------------
+
+FROM_RUN = "(default: from the run's config)"
+TrainedModelOption = Annotated[
+    Path,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Run directory (its best checkpoint, else its latest), checkpoints directory, "
+        "or .safetensors file (e.g. an average).",
+    ),
+]
+BeamOption = Annotated[
+    int | None, typer.Option(min=1, help=f"Beam size (1 = greedy). {FROM_RUN}", show_default=False)
+]
+AlphaOption = Annotated[
+    float | None,
+    typer.Option(min=0.0, help=f"Length penalty exponent. {FROM_RUN}", show_default=False),
+]
+MaxTokensOption = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help=f"Source tokens per decoding batch (padding counted). {FROM_RUN}",
+        show_default=False,
+    ),
+]
+DeviceOption = Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda or cuda:N.")]
+PrecisionOption = Annotated[
+    str,
+    typer.Option(help="auto (bf16/fp16 on CUDA, fp32 on CPU), fp32, bf16, or fp16 (CUDA only)."),
+]
+
+
+TRANSLATE_HELP = (
+    "Translate text line by line: exactly one output line per input line, in input order.\n\n"
+    "Blank input lines give blank output lines. Lines longer than the model's max_positions - 1 "
+    "pieces are truncated, with a warning naming the line.\n\n"
+    "With --nbest K, each input line gives K lines INDEX<TAB>SCORE<TAB>TEXT, best first, where "
+    "INDEX is the 0-based input line number and SCORE the length-penalised log-probability."
+)
+
+
+@app.command("translate", help=TRANSLATE_HELP)
+def translate_command(
+    model: TrainedModelOption,
+    source: Annotated[
+        str,
+        typer.Argument(metavar="FILE", help="Input file, one sentence per line, or - for stdin."),
+    ] = "-",
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="Write here (atomically, once done) instead of to stdout."
+        ),
+    ] = None,
+    beam: BeamOption = None,
+    alpha: AlphaOption = None,
+    nbest: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Write the K best translations per input line, as INDEX<TAB>SCORE<TAB>TEXT.",
+            show_default=False,
+        ),
+    ] = None,
+    max_tokens: MaxTokensOption = None,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
+) -> None:
+    """Translate a file or stdin with a trained model (see TRANSLATE_HELP)."""
+    from mt.translate import translate_file
+
+    translate_file(
+        source,
+        model,
+        output,
+        device=device,
+        precision=precision,
+        beam=beam,
+        alpha=alpha,
+        nbest=nbest,
+        max_tokens=max_tokens,
+    )
+
+
+EVALUATE_HELP = (
+    "Print sacreBLEU's BLEU, chrF and TER, each with its signature.\n\n"
+    "Score a file (--hyp and --ref), a model's translation of a file (--model, --src and --ref), "
+    "or a model's translation of its run's test set (--model alone)."
+)
+
+
+@app.command("evaluate", help=EVALUATE_HELP)
+def evaluate_command(
+    hyp: Annotated[Path | None, typer.Option(help="Translations to score (with --ref).")] = None,
+    ref: Annotated[Path | None, typer.Option(help="References, one per line.")] = None,
+    src: Annotated[
+        Path | None, typer.Option(help="Sources for --model to translate (with --ref).")
+    ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Translate with this run or checkpoint; without --src/--ref, its test set.",
+        ),
+    ] = None,
+    lowercase: Annotated[bool, typer.Option(help="Case-insensitive BLEU.")] = False,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print a JSON object instead of text.")
+    ] = False,
+    beam: BeamOption = None,
+    alpha: AlphaOption = None,
+    max_tokens: MaxTokensOption = None,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
+) -> None:
+    """Score translations with sacreBLEU (see EVALUATE_HELP)."""
+    from mt.evaluate import evaluate, format_json, format_text
+
+    scores = evaluate(
+        hyp,
+        ref,
+        src,
+        model,
+        lowercase=lowercase,
+        device=device,
+        precision=precision,
+        beam=beam,
+        alpha=alpha,
+        max_tokens=max_tokens,
+    )
+    typer.echo(format_json(scores) if json_output else format_text(scores))
+
+
+AVERAGE_HELP = (
+    "Average the weights of a run's last K (or best K by dev BLEU) checkpoints into one file.\n\n"
+    "Asking for more checkpoints than the run has is an error. The result loads like any other "
+    "checkpoint, e.g. mt translate --model RUN/checkpoints/average.safetensors."
+)
+
+
+@app.command("average", help=AVERAGE_HELP)
+def average_command(
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="Run directory.")],
+    last: Annotated[int, typer.Option(min=0, help="Average the last K checkpoints.")] = 0,
+    best: Annotated[
+        int, typer.Option(min=0, help="Average the K checkpoints with the best dev BLEU.")
+    ] = 0,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="Where to write [default: RUN/checkpoints/average.safetensors]."
+        ),
+    ] = None,
+) -> None:
+    """Average checkpoints (see AVERAGE_HELP)."""
+    from mt.average import average_run
+
+    typer.echo(str(average_run(run, last=last, best=best, output=output)))
 
 
 def main() -> None:
@@ -200,3 +479,8 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
+    except OSError as exc:
+        # The user's environment, not a bug: a full disk, a read-only or missing directory.
+        where = f"{exc.filename}: " if exc.filename else ""
+        typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
+        sys.exit(1)

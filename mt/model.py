@@ -12,8 +12,8 @@ mask would otherwise mask a whole row and scaled_dot_product_attention would ret
 
 Parameter counts with a 37,000-token joint vocabulary and three-way tied embeddings
 (checked in tests/test_model.py):
-    base (D512, F2048, H8, 6+6 layers):  63,084,544 pre-norm, 63,082,496 post-norm
-    big (D1024, F4096, H16, 6+6 layers): 214,249,472 pre-norm
+    base (D512, F2048, H8, 6+6 layers):  63,075,328 pre-norm, 63,073,280 post-norm
+    big (D1024, F4096, H16, 6+6 layers): 214,231,040 pre-norm
 """
 
 from __future__ import annotations
@@ -59,7 +59,9 @@ class MultiHeadAttention(nn.Module):
         self.heads = heads
         self.attn_dropout = attn_dropout
         self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
+        # No key bias: it adds q·b to every score of a query, which softmax ignores, so its
+        # gradient is only rounding noise that Adam would amplify into lr-sized random steps.
+        self.k_proj = nn.Linear(dim, dim, bias=False)
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
@@ -307,7 +309,8 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=dim**-0.5)
                 nn.init.zeros_(module.weight[self.pad_id])

@@ -9,6 +9,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
+from mt.checkpoint import Checkpoint, load_weights, resolve_checkpoint
 from mt.config import CONFIG_FILE, Config, ModelConfig, load_config
 from mt.corpora import Corpus, open_corpus
 from mt.data import EncodedCorpus, encode_corpus
@@ -70,15 +73,22 @@ def cache_dir(config: Config) -> Path:
 
 def encoded(config: Config, tokenizer: Tokenizer, which: str) -> EncodedCorpus:
     """The encoded (and, for training data only, filtered) corpus, from the cache when possible."""
-    return encode_corpus(
+    directory = cache_dir(config)
+    before = {p.name for p in directory.iterdir()} if directory.is_dir() else set()
+    data = encode_corpus(
         corpus(config, which),
         tokenizer,
-        cache_dir(config),
+        directory,
         filter=which == "train",
         max_len=config.data.max_len,
         max_ratio=config.data.max_ratio,
         num_proc=config.data.num_proc,
     )
+    files = data.dataset.cache_files
+    entry = Path(files[0]["filename"]).parent if files else directory
+    done = "reused the cached encoding in" if entry.name in before else "encoded and cached in"
+    log.info("data.%s: %s %s", which, done, entry)
+    return data
 
 
 def model_from_config(config: ModelConfig, src_vocab: int, tgt_vocab: int) -> Transformer:
@@ -98,3 +108,24 @@ def model_from_config(config: ModelConfig, src_vocab: int, tgt_vocab: int) -> Tr
         share_embeddings=config.share_embeddings,
         max_positions=config.max_positions,
     )
+
+
+def load_trained(
+    path: Path, device: torch.device
+) -> tuple[Config, Tokenizer, Transformer, Checkpoint]:
+    """A trained model in eval mode, from a run dir, a checkpoints dir or a .safetensors file.
+
+    The config and tokenizer come from the run directory holding the checkpoints directory, so
+    an averaged checkpoint (a weights file without a training state) loads like any other.
+    """
+    from mt.train import checkpoint_metadata  # imported here: mt.train imports this module
+
+    checkpoint = resolve_checkpoint(Path(path))
+    run_dir = checkpoint.run_dir
+    config = load_run_config(run_dir)
+    tokenizer = load_tokenizer(run_dir / TOKENIZER_DIR)
+    model = model_from_config(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
+    # Weights only: the training state (optimizer etc.) is never needed to translate.
+    load_weights(checkpoint.weights, model, expected=checkpoint_metadata(tokenizer))
+    model.to(device).eval()
+    return config, tokenizer, model, checkpoint

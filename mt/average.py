@@ -1,0 +1,124 @@
+"""`mt average`: one checkpoint whose weights are the mean of several of a run's checkpoints.
+
+The checkpoints are the last K by step, or the best K by dev BLEU (metrics.jsonl's valid
+records). The result is a weights-only safetensors file (default checkpoints/average.safetensors)
+with the inputs' metadata; it is not a step checkpoint, so it is never resumed from or pruned.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from mt.checkpoint import (
+    WEIGHTS_SUFFIX,
+    Checkpoint,
+    checkpoint_dir,
+    list_checkpoints,
+    read_metadata,
+    save_tensors,
+)
+from mt.errors import MtError
+from mt.metrics import read_metrics
+
+log = logging.getLogger("mt")
+
+AVERAGE_NAME = "average" + WEIGHTS_SUFFIX
+_PER_CHECKPOINT = ("step",)  # metadata that differs between checkpoints of one run
+
+
+def select_last(run_dir: Path, k: int) -> list[Checkpoint]:
+    """The k complete checkpoints with the highest steps, oldest first."""
+    found = list_checkpoints(run_dir)
+    if k > len(found):
+        raise MtError(f"asked to average {k} checkpoints but {run_dir} has {len(found)}")
+    return found[-k:]
+
+
+def select_best(run_dir: Path, k: int) -> list[Checkpoint]:
+    """The k complete checkpoints with the highest dev BLEU (later wins ties), oldest first."""
+    bleu: dict[int, float] = {}
+    for record in read_metrics(Path(run_dir), "valid"):
+        if "bleu" in record:
+            bleu[int(record["step"])] = float(record["bleu"])  # a re-run step: the last counts
+    scored = [c for c in list_checkpoints(run_dir) if c.step in bleu]
+    if k > len(scored):
+        raise MtError(
+            f"asked to average the best {k} checkpoints but {run_dir} has {len(scored)} "
+            "with a dev BLEU"
+        )
+    best = sorted(scored, key=lambda c: (bleu[c.step], c.step), reverse=True)[:k]
+    return sorted(best, key=lambda c: c.step)
+
+
+def common_metadata(paths: list[Path]) -> dict[str, str]:
+    """The metadata every file shares (step excepted); MtError where two files disagree."""
+    first = {k: v for k, v in read_metadata(paths[0]).items() if k not in _PER_CHECKPOINT}
+    for path in paths[1:]:
+        other = {k: v for k, v in read_metadata(path).items() if k not in _PER_CHECKPOINT}
+        for key in sorted(first.keys() | other.keys()):
+            if first.get(key) != other.get(key):
+                raise MtError(
+                    f"cannot average {paths[0]} and {path}: their {key} differs "
+                    f"({first.get(key)!r} vs {other.get(key)!r})"
+                )
+    return first
+
+
+def average_tensors(paths: list[Path]) -> dict[str, Tensor]:
+    """The element-wise mean of the files' tensors, accumulated in float64, in their dtypes.
+
+    Files store tied weights once, under the same name, so the mean keeps them tied.
+    """
+    sums: dict[str, Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    for path in paths:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            names = set(handle.keys())
+            if sums and names != set(sums):
+                odd = sorted(names ^ set(sums))[0]
+                raise MtError(f"cannot average {paths[0]} and {path}: only one has tensor {odd}")
+            for name in names:
+                tensor = handle.get_tensor(name)
+                if name not in sums:
+                    sums[name], dtypes[name] = (
+                        torch.zeros_like(tensor, dtype=torch.float64),
+                        tensor.dtype,
+                    )
+                elif tensor.shape != sums[name].shape:
+                    raise MtError(
+                        f"cannot average {paths[0]} and {path}: tensor {name} has shape "
+                        f"{list(sums[name].shape)} in one and {list(tensor.shape)} in the other"
+                    )
+                sums[name] += tensor.double()
+    # Integer tensors (none in the model today) would be rounded back by the cast: acceptable.
+    return {name: (total / len(paths)).to(dtypes[name]) for name, total in sums.items()}
+
+
+def average_checkpoints(paths: list[Path], output: Path) -> Path:
+    """Write the mean of the weights files `paths` to `output`, atomically; returns output."""
+    if not paths:
+        raise MtError("no checkpoints to average")
+    metadata = common_metadata(paths)
+    metadata["averaged"] = ",".join(p.name.removesuffix(WEIGHTS_SUFFIX) for p in paths)
+    save_tensors(output, average_tensors(paths), metadata)
+    return output
+
+
+def average_run(run_dir: Path, last: int = 0, best: int = 0, output: Path | None = None) -> Path:
+    """Average a run's last `last` or best `best` checkpoints; returns the file written."""
+    run_dir = Path(run_dir)
+    if (last > 0) == (best > 0) or min(last, best) < 0:
+        raise MtError("give one of --last K or --best K, with K >= 1")
+    if not checkpoint_dir(run_dir).is_dir():
+        raise MtError(f"{run_dir}: no checkpoints directory (not a run directory?)")
+    chosen = select_last(run_dir, last) if last else select_best(run_dir, best)
+    output = Path(output) if output is not None else checkpoint_dir(run_dir) / AVERAGE_NAME
+    if not output.parent.is_dir():
+        raise MtError(f"{output}: directory {output.parent} does not exist")
+    log.info("averaging %s into %s", ", ".join(c.name for c in chosen), output)
+    return average_checkpoints([c.weights for c in chosen], output)

@@ -1,0 +1,106 @@
+"""`mt evaluate`: BLEU, chrF and TER (sacreBLEU) of a file, or of a model's translations."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sacrebleu.metrics import BLEU, CHRF, TER
+
+from mt.errors import MtError
+from mt.run import corpus, load_trained
+from mt.translate import decode_settings, read_lines, resolve_runtime, translate_lines
+
+
+@dataclass(frozen=True)
+class MetricScore:
+    """One corpus-level score and the sacreBLEU signature that makes it reproducible."""
+
+    name: str  # sacreBLEU's name, e.g. "chrF2"
+    score: float
+    signature: str
+    line: str  # sacreBLEU's own one-line rendering, e.g. "BLEU = 35.12 66.7/40.0/... (BP = ...)"
+
+
+def score(hyps: list[str], refs: list[str], lowercase: bool = False) -> dict[str, MetricScore]:
+    """BLEU (optionally lowercased), chrF and TER of hypotheses against one reference each."""
+    metrics = {"bleu": BLEU(lowercase=lowercase), "chrf": CHRF(), "ter": TER()}
+    out = {}
+    for key, metric in metrics.items():
+        result = metric.corpus_score(hyps, [refs])
+        signature = metric.get_signature().format()
+        out[key] = MetricScore(result.name, result.score, signature, result.format(width=2))
+    return out
+
+
+def format_text(scores: dict[str, MetricScore]) -> str:
+    """One line per metric: the score as sacreBLEU prints it, then its signature."""
+    return "\n".join(f"{s.line} | {s.signature}" for s in scores.values())
+
+
+def format_json(scores: dict[str, MetricScore]) -> str:
+    """{"bleu": {"name", "score", "signature"}, "chrf": ..., "ter": ...} as indented JSON."""
+    tree = {
+        key: {"name": s.name, "score": s.score, "signature": s.signature}
+        for key, s in scores.items()
+    }
+    return json.dumps(tree, indent=2, ensure_ascii=False)
+
+
+def check_aligned(hyps: list[str], refs: list[str], hyp_name: str, ref_name: str) -> None:
+    """MtError unless both sides have the same number of lines."""
+    if len(hyps) != len(refs):
+        raise MtError(f"{hyp_name} has {len(hyps)} lines but {ref_name} has {len(refs)}")
+
+
+def _translate(
+    model_path: Path, sources: list[str] | None, device: str, precision: str, **overrides: Any
+) -> tuple[list[str], list[str] | None]:
+    """Best translations of `sources` (None: the run's test set) and the test references."""
+    dev, prec = resolve_runtime(device, precision)
+    config, tokenizer, model, _ = load_trained(model_path, dev)
+    refs = None
+    if sources is None:
+        pairs = list(corpus(config, "test").pairs())
+        sources, refs = [s for s, _ in pairs], [t for _, t in pairs]
+    decode = decode_settings(config, nbest=1, **overrides)  # only the best is scored
+    translations = translate_lines(
+        sources, tokenizer, model, decode, dev, prec, progress=sys.stderr.isatty()
+    )
+    return [hyps[0].text for hyps in translations], refs
+
+
+def evaluate(
+    hyp: Path | None = None,
+    ref: Path | None = None,
+    src: Path | None = None,
+    model: Path | None = None,
+    lowercase: bool = False,
+    device: str = "auto",
+    precision: str = "auto",
+    **overrides: Any,
+) -> dict[str, MetricScore]:
+    """Score --hyp against --ref, or --model's translations of --src (default: its test set)."""
+    if model is None:
+        if hyp is None or ref is None:
+            raise MtError("give --hyp and --ref, or --model (with --src and --ref, or neither)")
+        if src is not None:
+            raise MtError("--src needs --model (to translate it)")
+        hyps, refs = read_lines(hyp), read_lines(ref)
+        check_aligned(hyps, refs, str(hyp), str(ref))
+        return score(hyps, refs, lowercase)
+    if hyp is not None:
+        raise MtError("give either --hyp (to score a file) or --model (to translate), not both")
+    if (src is None) != (ref is None):
+        raise MtError("--model needs both --src and --ref, or neither (to use the run's test set)")
+    sources = refs = None
+    if src is not None and ref is not None:
+        sources, refs = read_lines(src), read_lines(ref)
+        check_aligned(sources, refs, str(src), str(ref))  # before spending time translating
+    hyps, test_refs = _translate(model, sources, device, precision, **overrides)
+    refs = refs if refs is not None else test_refs
+    assert refs is not None
+    return score(hyps, refs, lowercase)

@@ -1,0 +1,320 @@
+"""`mt translate`: read lines, encode, batch by length, search, restore order, detokenise.
+
+Every input line gives exactly one output line (or K with n-best output), in input order.
+Blank lines, and lines with no source pieces at all, are not decoded: they give empty output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mt import search
+from mt.batching import BatchSampler, collate_source
+from mt.config import Config, DecodeConfig, from_dict
+from mt.device import autocast, resolve_device, resolve_precision
+from mt.errors import ConfigError, MtError
+from mt.model import Transformer
+from mt.run import load_trained
+from mt.tokenizer import Tokenizer
+
+log = logging.getLogger("mt")
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Characters that would break the one-line-per-input (or tab-separated n-best) format.
+_LINE_BREAKS = str.maketrans({"\n": " ", "\r": " ", "\u2028": " ", "\u2029": " "})
+_NBEST_BREAKS = str.maketrans({"\t": " "})
+
+
+@dataclass(frozen=True)
+class Translation:
+    """One hypothesis for one input line: detokenised text, search score (nan for greedy), ids."""
+
+    text: str
+    score: float
+    tokens: list[int]
+
+
+EMPTY = Translation("", 0.0, [])  # what a blank input line translates to
+
+
+# --- input ----------------------------------------------------------------------------------
+
+
+def split_lines(data: bytes, name: str) -> list[str]:
+    """Lines of UTF-8 bytes, split on \\n only (one \\r before it dropped); MtError on bad UTF-8."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise MtError(f"{name}: line {line} is not valid UTF-8") from None
+    # Not str.splitlines(): it also splits on \x0b, \x1c, \x85, \u2028..., which would change
+    # the line count that other tools (wc -l, sacrebleu, paste) see.
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the final newline ends the last line; it does not start a new one
+    return [line.removesuffix("\r") for line in lines]
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """All lines of a file, or of stdin for "-"."""
+    if str(path) == "-":
+        return split_lines(sys.stdin.buffer.read(), "stdin")
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise MtError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise MtError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return split_lines(data, str(path))
+
+
+def encode_sources(lines: Sequence[str], tokenizer: Tokenizer, max_len: int) -> list[list[int]]:
+    """Source ids per line (none for blank lines), cut to max_len pieces with a warning."""
+    ids = tokenizer.encode_src([line if line.strip() else "" for line in lines])
+    for number, seq in enumerate(ids, start=1):
+        if len(seq) > max_len:
+            log.warning(
+                "line %d: %s tokens, truncated to %s", number, f"{len(seq):,}", f"{max_len:,}"
+            )
+            del seq[max_len:]
+    return ids
+
+
+# --- decoding settings ----------------------------------------------------------------------
+
+
+def decode_settings(config: Config, **overrides: Any) -> DecodeConfig:
+    """The run's decode section with command-line values (None = keep the run's) applied."""
+    given = {key: value for key, value in overrides.items() if value is not None}
+    if not given:
+        return config.decode
+    tree = config.to_dict()
+    tree["decode"].update(given)
+    return from_dict(tree, "command line").decode  # validates, e.g. nbest <= beam
+
+
+def resolve_runtime(device: str, precision: str) -> tuple[torch.device, str]:
+    """The device and the autocast precision; fp16 needs CUDA (bf16 also runs on CPUs)."""
+    if precision not in PRECISIONS:
+        raise MtError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+    try:
+        dev = resolve_device(device)
+    except ConfigError as exc:  # it names train.device, not the option the user gave
+        raise MtError(f"--device {device}: {str(exc).rsplit(': ', 1)[-1]}") from None
+    except RuntimeError:  # torch's parse error for names like "gpu"
+        raise MtError(f"--device {device}: expected auto, cpu, cuda or cuda:N") from None
+    resolved = resolve_precision(precision, dev)
+    if resolved == "fp16" and dev.type != "cuda":
+        raise MtError(f"--precision fp16 needs a CUDA device, not {dev}")
+    return dev, resolved
+
+
+# --- search ---------------------------------------------------------------------------------
+
+
+def _search(
+    model: Transformer, src: torch.Tensor, decode: DecodeConfig, scores: bool
+) -> list[list[Any]]:
+    """Hypotheses (tokens, score) per row, best first: greedy, beam search or sampling."""
+    common = {"max_len_a": decode.max_len_a, "max_len_b": decode.max_len_b}
+    if decode.sampling:
+        return search.sample(
+            model,
+            src,
+            num=max(decode.beam, decode.nbest),
+            temperature=decode.temperature,
+            top_k=decode.top_k,
+            top_p=decode.top_p,
+            min_len=decode.min_len,
+            alpha=decode.alpha,
+            length_penalty=decode.length_penalty,
+            **common,
+        )
+    if decode.beam == 1 and decode.nbest == 1 and not scores and decode.min_len == 0:
+        # Greedy is beam search of width 1 without the bookkeeping; it reports no scores.
+        return [
+            [Translation("", math.nan, ids)] for ids in search.greedy_search(model, src, **common)
+        ]
+    return search.beam_search(
+        model,
+        src,
+        decode.beam,
+        alpha=decode.alpha,
+        length_penalty=decode.length_penalty,
+        min_len=decode.min_len,
+        nbest=decode.nbest,
+        **common,
+    )
+
+
+def _batches(ids: list[list[int]], max_tokens: int) -> list[np.ndarray]:
+    """Length-sorted token-budget batches of the non-empty sentences (indices into ids)."""
+    todo = np.array([i for i, seq in enumerate(ids) if seq], dtype=np.int64)
+    if not todo.size:
+        return []
+    lens = np.array([len(ids[i]) for i in todo], dtype=np.int64)
+    budget = max(max_tokens, int(lens.max()) + 1)  # + EOS: the longest line must fit alone
+    sampler = BatchSampler(lens, np.zeros_like(lens), budget, shuffle=False)
+    return [todo[batch] for batch in sampler.epoch_batches(1)]
+
+
+@torch.no_grad()
+def translate_batches(
+    lines: Sequence[str],
+    tokenizer: Tokenizer,
+    model: Transformer,
+    decode: DecodeConfig,
+    device: torch.device,
+    precision: str = "fp32",
+    max_tokens: int | None = None,
+    scores: bool = False,
+    progress: bool = False,
+) -> Iterator[tuple[list[int], list[list[Translation]]]]:
+    """(line indices, their n-best translations) batch by batch, longest batches last.
+
+    Blank lines (and lines without pieces) come first, untranslated. `scores` forces beam
+    search even at beam 1, so that every hypothesis has a score.
+    """
+    ids = encode_sources(lines, tokenizer, model.max_positions - 1)  # - 1: room for EOS
+    nbest = decode.nbest
+    empty = [i for i, seq in enumerate(ids) if not seq]
+    if empty:
+        yield empty, [[EMPTY] * nbest for _ in empty]
+    bar = tqdm(total=len(lines) - len(empty), unit="sent", disable=not progress, file=sys.stderr)
+    for batch in _batches(ids, max_tokens or decode.max_tokens):
+        src = collate_source([ids[i] for i in batch], batch).src.to(device)  # (B, S)
+        with autocast(device, precision):
+            hypotheses = _search(model, src, decode, scores)
+        yield batch.tolist(), [_detokenise(tokenizer, hyps[:nbest]) for hyps in hypotheses]
+        bar.update(len(batch))
+    bar.close()
+
+
+def _detokenise(tokenizer: Tokenizer, hyps: Sequence[Any]) -> list[Translation]:
+    """Hypotheses of one line as Translations with one-line text."""
+    texts = tokenizer.decode_tgt([list(h.tokens) for h in hyps])
+    return [
+        Translation(text.translate(_LINE_BREAKS), float(h.score), list(h.tokens))
+        for text, h in zip(texts, hyps, strict=True)
+    ]
+
+
+def translate_lines(
+    lines: Sequence[str],
+    tokenizer: Tokenizer,
+    model: Transformer,
+    decode: DecodeConfig,
+    device: torch.device,
+    precision: str = "fp32",
+    max_tokens: int | None = None,
+    scores: bool = False,
+    progress: bool = False,
+) -> list[list[Translation]]:
+    """The n-best translations of every line, in input order (see translate_batches)."""
+    out: list[list[Translation]] = [[] for _ in lines]
+    for indices, translations in translate_batches(
+        lines, tokenizer, model, decode, device, precision, max_tokens, scores, progress
+    ):
+        for i, hyps in zip(indices, translations, strict=True):
+            out[i] = hyps
+    return out
+
+
+# --- output ---------------------------------------------------------------------------------
+
+
+def format_translations(index: int, hyps: list[Translation], nbest: bool) -> list[str]:
+    """Output lines for one input: its best text, or `index<TAB>score<TAB>text` per hypothesis."""
+    if not nbest:
+        return [hyps[0].text]
+    return [f"{index}\t{h.score:.4f}\t{h.text.translate(_NBEST_BREAKS)}" for h in hyps]
+
+
+class InOrderWriter:
+    """Writes results in input order as soon as a contiguous prefix of them is complete."""
+
+    def __init__(self, stream: IO[bytes], total: int, render: Callable[[int, Any], list[str]]):
+        self.stream, self.total, self.render = stream, total, render
+        self.pending: dict[int, Any] = {}
+        self.next = 0
+
+    def add(self, indices: Sequence[int], results: Sequence[Any]) -> None:
+        """Buffer a batch's results, then write and flush the completed prefix."""
+        self.pending.update(zip(indices, results, strict=True))
+        lines = []
+        while self.next in self.pending:
+            lines.extend(self.render(self.next, self.pending.pop(self.next)))
+            self.next += 1
+        if lines:
+            self.stream.write("".join(line + "\n" for line in lines).encode("utf-8"))
+            self.stream.flush()
+
+    def close(self) -> None:
+        """Check that every line was written (a bug otherwise: output would be misaligned)."""
+        if self.next != self.total:
+            raise RuntimeError(f"wrote {self.next} of {self.total} lines")
+
+
+@contextlib.contextmanager
+def output_stream(output: Path | None) -> Iterator[IO[bytes]]:
+    """stdout, or a temp file beside `output` renamed over it only once everything is written."""
+    if output is None:
+        sys.stdout.flush()
+        try:
+            yield sys.stdout.buffer
+        except BrokenPipeError:
+            # The reader left (e.g. `| head`): stop quietly like other filters, and keep Python
+            # from failing again when it flushes stdout at exit.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SystemExit(141) from None  # 128 + SIGPIPE
+        return
+    output = Path(output)
+    fd, temp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            yield stream
+        os.replace(temp, output)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)  # nothing half-written is ever left behind
+        raise
+
+
+def translate_file(
+    source: str,
+    model_path: Path,
+    output: Path | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    **overrides: Any,
+) -> None:
+    """`mt translate`: a file (or stdin, "-") through a trained model; overrides are decode.*."""
+    dev, prec = resolve_runtime(device, precision)
+    lines = read_lines(source)  # before loading the model: bad input fails fast
+    if output is not None and not Path(output).parent.is_dir():
+        raise MtError(f"{output}: directory {Path(output).parent} does not exist")
+    config, tokenizer, model, _ = load_trained(model_path, dev)
+    decode = decode_settings(config, **overrides)
+    # n-best format when asked for on the command line, or when the run's config asks for it.
+    nbest = overrides.get("nbest") is not None or decode.nbest > 1
+    with output_stream(output) as stream:
+        writer = InOrderWriter(
+            stream, len(lines), lambda i, hyps: format_translations(i, hyps, nbest)
+        )
+        for indices, translations in translate_batches(
+            lines, tokenizer, model, decode, dev, prec, scores=nbest, progress=sys.stderr.isatty()
+        ):
+            writer.add(indices, translations)
+        writer.close()

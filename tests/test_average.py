@@ -1,0 +1,147 @@
+"""`mt average`: parameter means, tied weights, which checkpoints, metadata, errors, loading."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from mt import checkpoint as ckpt
+from mt.average import AVERAGE_NAME, average_checkpoints, average_run
+from mt.cli import app
+from mt.config import ModelConfig
+from mt.errors import MtError
+from mt.metrics import MetricsLog
+from mt.model import Transformer
+from mt.run import load_trained, model_from_config
+from mt.translate import translate_lines
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CPU = torch.device("cpu")
+META = {"tokenizer_sha256": "ab" * 32, "src_vocab": "24", "tgt_vocab": "24"}
+
+
+def tiny_model(seed: int) -> Transformer:
+    """A small Transformer with three-way tied embeddings, randomly initialised from `seed`."""
+    torch.manual_seed(seed)
+    config = ModelConfig(dim=8, enc_layers=1, dec_layers=1, heads=2, ffn_dim=16, max_positions=16)
+    return model_from_config(config, 24, 24)
+
+
+def make_run(run_dir: Path, steps: list[int], bleu: dict[int, float] | None = None) -> Path:
+    """A run directory with a checkpoint per step (seeded by the step) and dev BLEU records."""
+    for step in steps:
+        ckpt.save_checkpoint(run_dir, step, tiny_model(step), {"step": step}, META)
+    metrics = MetricsLog(run_dir, tensorboard=False)
+    for step, score in (bleu or {}).items():
+        metrics.write("valid", step, {"loss": 1.0, "bleu": score})
+    metrics.close()
+    return run_dir
+
+
+def averaged_steps(path: Path) -> list[int]:
+    """The steps an averaged file was made from, from its metadata."""
+    names = ckpt.read_metadata(path)["averaged"].split(",")
+    return [int(name.removeprefix("step-")) for name in names]
+
+
+def test_average_is_the_parameter_mean(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", [10, 20])
+    out = average_run(run, last=2)
+    assert out == run / "checkpoints" / AVERAGE_NAME
+    a, b = (load_file(run / "checkpoints" / f"step-000000{s}.safetensors") for s in (10, 20))
+    mean = load_file(out)
+    assert set(mean) == set(a) == set(b)  # tied weights stored once, under the same name
+    for name, tensor in mean.items():
+        assert tensor.dtype == torch.float32
+        torch.testing.assert_close(tensor, (a[name] + b[name]) / 2, rtol=0, atol=1e-7)
+    metadata = ckpt.read_metadata(out)
+    assert {k: metadata[k] for k in META} == META
+    assert "step" not in metadata and averaged_steps(out) == [10, 20]
+    # It is not a step checkpoint: never listed, resumed from or pruned.
+    assert [c.step for c in ckpt.list_checkpoints(run)] == [10, 20]
+
+
+def test_tied_weights_stay_tied(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", [1, 2, 3])
+    out = average_run(run, last=3)
+    model = tiny_model(99)
+    ckpt.load_weights(out, model, expected=META)
+    assert model.src_embed.weight is model.tgt_embed.weight
+    models = [tiny_model(s) for s in (1, 2, 3)]
+    expected = sum(m.tgt_embed.weight.detach().double() for m in models) / 3
+    torch.testing.assert_close(model.tgt_embed.weight.detach(), expected.float())
+
+
+def test_last_k_picks_the_highest_steps(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", [10, 20, 30])
+    assert averaged_steps(average_run(run, last=2)) == [20, 30]
+    assert averaged_steps(average_run(run, last=1, output=tmp_path / "one.safetensors")) == [30]
+
+
+def test_best_k_picks_the_best_dev_bleu(tmp_path: Path) -> None:
+    # Step 40 has the best BLEU but no checkpoint (pruned); step 10's record is superseded.
+    bleu = {10: 1.0, 20: 9.0, 30: 7.0, 40: 99.0}
+    run = make_run(tmp_path / "run", [10, 20, 30], bleu)
+    metrics = MetricsLog(run, tensorboard=False)
+    metrics.write("valid", 10, {"bleu": 8.0})  # a resumed run re-validated step 10
+    metrics.close()
+    assert averaged_steps(average_run(run, best=1)) == [20]
+    assert averaged_steps(average_run(run, best=2)) == [10, 20]
+    with pytest.raises(MtError, match=rf"best 4 checkpoints but {run} has 3 with a dev BLEU"):
+        average_run(run, best=4)
+
+
+def test_bad_requests_are_one_line_errors(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", [10, 20, 30])
+    with pytest.raises(MtError, match=rf"^asked to average 5 checkpoints but {run} has 3$"):
+        average_run(run, last=5)
+    with pytest.raises(MtError, match="one of --last K or --best K"):
+        average_run(run)
+    with pytest.raises(MtError, match="one of --last K or --best K"):
+        average_run(run, last=1, best=1)
+    with pytest.raises(MtError, match="no checkpoints directory"):
+        average_run(tmp_path / "nothing", last=1)
+    assert not (run / "checkpoints" / AVERAGE_NAME).exists()
+
+
+def test_inputs_must_agree(tmp_path: Path) -> None:
+    directory = tmp_path / "c"
+    directory.mkdir()
+    a, b, c = directory / "a.safetensors", directory / "b.safetensors", directory / "c.safetensors"
+    ckpt.save_weights(a, tiny_model(1), META)
+    ckpt.save_weights(b, tiny_model(2), {**META, "tgt_vocab": "25"})
+    with pytest.raises(MtError, match="their tgt_vocab differs"):
+        average_checkpoints([a, b], tmp_path / "out.safetensors")
+    ckpt.save_tensors(c, {"w": torch.zeros(3)}, META)
+    with pytest.raises(MtError, match="only one has tensor"):
+        average_checkpoints([a, c], tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_low_precision_weights_keep_their_dtype(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    x = torch.tensor([1.0, 2.0, 3.0], dtype=torch.bfloat16)
+    y = torch.tensor([2.0, 2.0, 4.0], dtype=torch.bfloat16)
+    ckpt.save_tensors(a, {"w": x}, META)
+    ckpt.save_tensors(b, {"w": y}, META)
+    out = load_file(average_checkpoints([a, b], tmp_path / "out.safetensors"))
+    assert out["w"].dtype == torch.bfloat16
+    assert out["w"].tolist() == [1.5, 2.0, 3.5]
+
+
+def test_cli_average_of_a_trained_run_translates(trained_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    result = CliRunner().invoke(app, ["average", str(run), "--last", "2"])
+    assert result.exit_code == 0, result.output
+    out = Path(result.stdout.strip())
+    assert out == run / "checkpoints" / AVERAGE_NAME
+    config, tokenizer, model, loaded = load_trained(out, torch.device("cpu"))
+    assert loaded.weights == out and not model.training
+    hyps = translate_lines(["Der hund mag den see ."], tokenizer, model, config.decode, CPU)
+    assert len(hyps) == 1 and hyps[0][0].text

@@ -1,0 +1,343 @@
+"""Tests for the `mt` command line: help, error reporting, data fetch/prepare, tokenizer commands.
+
+A few tests run the real `mt` entry point in a subprocess (exit codes, the one-line `error:`
+message on stderr, log lines); the rest use Typer's CliRunner on `mt.cli.app`, where a user
+error surfaces as the MtError that `main()` would print.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from mt.cli import app
+from mt.errors import ConfigError, DataError, MtError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+TINY_DATA = ROOT / "tests" / "data" / "tiny"
+MULTI30K = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
+_SCRIPT = Path(sys.executable).with_name("mt")
+MT = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "mt"]
+WIDE = {"COLUMNS": "200", "NO_COLOR": "1"}  # help on one line per option, without colours
+
+
+def run_mt(
+    *args: str, stdin: bytes = b"", env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
+    """The real `mt` command: (exit code, stdout, stderr)."""
+    proc = subprocess.run(
+        [*MT, *args],
+        input=stdin,
+        capture_output=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        timeout=120,
+    )
+    return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
+
+
+def invoke(
+    *args: str, stdin: str | bytes | None = None, env: dict[str, str] | None = None
+) -> Result:
+    """`mt ARGS` in-process."""
+    return CliRunner().invoke(app, list(args), input=stdin, env={**WIDE, **(env or {})})
+
+
+def tiny_args(run_dir: Path, *overrides: str) -> list[str]:
+    """`--config tiny.yaml` with absolute data paths (so any working directory works)."""
+    return [
+        "--config",
+        str(TINY),
+        f"run_dir={run_dir}",
+        f"data.train={TINY_DATA / 'train'}",
+        f"data.valid={TINY_DATA / 'valid'}",
+        f"data.test={TINY_DATA / 'valid'}",
+        *overrides,
+    ]
+
+
+def only_error_line(stderr: str) -> str:
+    """The single stderr line of a failed command (no traceback, no log lines)."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: "), stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """A tiny run after one `mt data prepare` in a subprocess: (run dir, stdout, stderr)."""
+    run_dir = tmp_path_factory.mktemp("cli") / "run"
+    code, out, err = run_mt("data", "prepare", *tiny_args(run_dir))
+    assert code == 0, err
+    return run_dir, out, err
+
+
+# --- help ------------------------------------------------------------------------------------
+
+
+def test_help_lists_the_commands() -> None:
+    code, out, err = run_mt("--help", env=WIDE)
+    assert code == 0, err
+    for command in ("train", "data", "tokenizer"):
+        assert f" {command} " in out
+    out = invoke("data", "--help").stdout
+    assert " fetch " in out and " prepare " in out
+    out = invoke("tokenizer", "--help").stdout
+    assert all(f" {c} " in out for c in ("train", "encode", "decode"))
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        (["data", "fetch"], ["--langs", "[default: de,en,fr,cs]", "--mirror", "MT_DATA_MIRROR"]),
+        (["data", "prepare"], ["--config", "[required]", "overrides"]),
+        (["tokenizer", "train"], ["--config", "[required]", "overrides"]),
+        (["tokenizer", "encode"], ["--model", "[default: src]", "--pieces", "[default: -]"]),
+        (["tokenizer", "decode"], ["--model", "[default: tgt]", "src|tgt"]),
+    ],
+)
+def test_command_help_shows_options_and_defaults(command: list[str], shown: list[str]) -> None:
+    result = invoke(*command, "--help")
+    assert result.exit_code == 0, result.output
+    for text in shown:
+        assert text in result.stdout, (text, result.stdout)
+
+
+# --- errors through the real entry point -----------------------------------------------------
+
+
+def test_config_errors_exit_2_with_one_line(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  heads: 3\n", encoding="utf-8")
+    cases = [
+        (["--config", str(TINY), f"run_dir={run_dir}", "model.foo=1"],
+         "error: command line: unknown key model.foo"),
+        (["--config", str(tmp_path / "none.yaml")],
+         f"error: {tmp_path / 'none.yaml'}: no such config file"),
+        (["--config", str(bad), f"run_dir={run_dir}"],
+         f"error: {bad}: model.heads=3 does not divide model.dim=512"),
+        (["--config", str(TINY), f"run_dir={run_dir}", "data.train="],
+         "error: command line: data.train is empty; set it in the config or data.train=PATH"),
+    ]  # fmt: skip
+    for args, expected in cases:
+        code, _, err = run_mt("data", "prepare", *args)
+        assert code == 2, err
+        assert only_error_line(err) == expected
+    assert not run_dir.exists()  # nothing written
+
+
+def test_data_errors_exit_1_with_one_line(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    missing = tmp_path / "missing"
+    code, _, err = run_mt("data", "prepare", *tiny_args(run_dir, f"data.valid={missing}"))
+    assert code == 1
+    line = only_error_line(err)
+    assert line.startswith(f"error: data.valid: corpus {missing}: no de file")
+    assert not run_dir.exists()  # checked before the tokenizer is trained
+
+
+def test_os_errors_are_one_line(prepared: tuple[Path, str, str], tmp_path: Path) -> None:
+    run_dir, _, _ = prepared
+    blocker = tmp_path / "file"
+    blocker.write_text("x", encoding="utf-8")
+    code, _, err = run_mt("data", "prepare", *tiny_args(run_dir, f"data.cache_dir={blocker}/c"))
+    assert code == 1
+    assert err.splitlines()[-1] == f"error: {blocker}/c: Not a directory"
+    assert "Traceback" not in err
+    result = invoke("tokenizer", "train", *tiny_args(blocker / "run"))
+    assert isinstance(result.exception, DataError)
+    assert str(result.exception) == f"run_dir {blocker / 'run'}: cannot create (Not a directory)"
+
+
+# --- data prepare ----------------------------------------------------------------------------
+
+
+def test_prepare_prints_statistics(prepared: tuple[Path, str, str]) -> None:
+    _, out, err = prepared
+    lines = out.splitlines()
+    assert lines[0] == (
+        "train: kept 500 of 500 pairs (dropped: 0 empty, 0 over 64 tokens, "
+        "0 with length ratio over 3.0)"
+    )
+    assert lines[1].startswith("train: ") and lines[1].endswith(" target tokens")
+    assert "batches of <= 256 tokens per epoch" in lines[2] and "non-pad" in lines[2]
+    assert "valid: kept 40 of 40 pairs (not filtered)" in lines
+    assert "valid: unknown pieces 0.000% source, 0.000% target" in lines
+    assert any(line.startswith("test: ") for line in lines)
+    assert "training a bpe tokenizer (100 pieces" in err
+    assert "Traceback" not in err
+
+
+def test_second_prepare_reuses_the_cache(prepared: tuple[Path, str, str]) -> None:
+    run_dir, first_out, _ = prepared
+    cache_files = sorted((run_dir / "cache").rglob("*"))
+    tokenizer = run_dir / "tokenizer" / "spm.model"
+    mtimes = {p: p.stat().st_mtime_ns for p in [*cache_files, tokenizer]}
+    code, out, err = run_mt("data", "prepare", *tiny_args(run_dir))
+    assert code == 0, err
+    assert out == first_out
+    assert "training" not in err
+    assert "using the run's tokenizer" in err
+    for which in ("train", "valid", "test"):
+        assert f"data.{which}: reused the cached encoding in {run_dir / 'cache'}" in err
+    assert sorted((run_dir / "cache").rglob("*")) == cache_files
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+
+
+def test_too_small_max_tokens_is_a_config_error(prepared: tuple[Path, str, str]) -> None:
+    run_dir, _, _ = prepared
+    result = invoke("data", "prepare", *tiny_args(run_dir, "train.max_tokens=20"))
+    assert isinstance(result.exception, ConfigError)
+    assert str(result.exception) == (
+        "command line: train.max_tokens=20 cannot hold a sentence of data.max_len=64 tokens "
+        "(needs at least 65)"
+    )
+
+
+def test_prepare_needs_a_config() -> None:
+    result = invoke("data", "prepare", "run_dir=x")
+    assert result.exit_code == 2
+    assert "Missing option '--config'" in result.output
+
+
+# --- tokenizer -------------------------------------------------------------------------------
+
+
+def test_tokenizer_train_reuses_and_reports_unk_rate(prepared: tuple[Path, str, str]) -> None:
+    run_dir, _, _ = prepared
+    model = run_dir / "tokenizer" / "spm.model"
+    before = model.stat().st_mtime_ns
+    result = invoke("tokenizer", "train", *tiny_args(run_dir))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        str(model),
+        "valid: unknown pieces 0.000% source, 0.000% target",
+    ]
+    assert model.stat().st_mtime_ns == before
+
+
+def test_tokenizer_train_from_scratch(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = invoke("tokenizer", "train", *tiny_args(run_dir, "data.valid=", "data.test="))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [str(run_dir / "tokenizer" / "spm.model")]
+    assert not (run_dir / "cache").exists()  # training a tokenizer encodes nothing
+
+
+def test_encode_decode_round_trip(prepared: tuple[Path, str, str], tmp_path: Path) -> None:
+    run_dir, _, _ = prepared
+    lines = (TINY_DATA / "valid.en").read_text(encoding="utf-8").splitlines()
+    result = invoke(
+        "tokenizer", "encode", "-m", str(run_dir), "--side", "tgt", str(TINY_DATA / "valid.en")
+    )
+    assert result.exit_code == 0, result.output
+    ids = result.stdout.splitlines()
+    assert len(ids) == len(lines)
+    assert all(line.split() and all(t.isdigit() for t in line.split()) for line in ids)
+    ids_file = tmp_path / "ids.txt"
+    ids_file.write_text(result.stdout, encoding="utf-8")
+    # A file argument and stdin give the same result; so does the tokenizer directory.
+    by_file = invoke("tokenizer", "decode", "-m", str(run_dir), str(ids_file))
+    by_stdin = invoke("tokenizer", "decode", "-m", str(run_dir / "tokenizer"), stdin=result.stdout)
+    assert by_file.stdout.splitlines() == by_stdin.stdout.splitlines() == lines
+
+
+def test_encode_pieces_keep_one_line_per_line(prepared: tuple[Path, str, str]) -> None:
+    run_dir, _, _ = prepared
+    # \x0c and \u2028 are line breaks to str.splitlines() but not to files; \r\n is one ending.
+    text = "der hund\x0cmag\r\nden see\u2028im park\n\nam morgen"
+    result = invoke("tokenizer", "encode", "-m", str(run_dir), "--pieces", stdin=text.encode())
+    assert result.exit_code == 0, result.output
+    out = result.stdout.split("\n")
+    assert len(out) == 5 and out[-1] == ""
+    assert out[0] and out[1] and out[2] == "" and out[3]
+
+
+def test_encode_invalid_utf8_names_the_line(
+    prepared: tuple[Path, str, str], tmp_path: Path
+) -> None:
+    run_dir, _, _ = prepared
+    bad = tmp_path / "bad.de"
+    bad.write_bytes(b"gut\n\xff kaputt\n")
+    for args, stdin, name in [([str(bad)], None, str(bad)), ([], bad.read_bytes(), "stdin")]:
+        result = invoke("tokenizer", "encode", "-m", str(run_dir), *args, stdin=stdin)
+        assert isinstance(result.exception, DataError)
+        assert str(result.exception) == f"{name}: line 2 is not valid UTF-8"
+
+
+@pytest.mark.parametrize("line", ["5 x", "5 -1", "5 100", "5 ²"])
+def test_decode_rejects_bad_ids(prepared: tuple[Path, str, str], line: str) -> None:
+    run_dir, _, _ = prepared
+    result = invoke("tokenizer", "decode", "-m", str(run_dir), stdin=f"5 6\n{line}\n")
+    assert isinstance(result.exception, DataError), result.output
+    assert str(result.exception).startswith(f"stdin: line 2: {line.split()[1]!r} is not a piece id")
+
+
+def test_tokenizer_input_errors(prepared: tuple[Path, str, str], tmp_path: Path) -> None:
+    run_dir, _, _ = prepared
+    cases = [
+        (
+            ["-m", str(tmp_path / "nope")],
+            f"{tmp_path / 'nope'}: no such run or tokenizer directory",
+        ),
+        (
+            ["-m", str(tmp_path)],
+            f"{tmp_path}: no tokenizer found (expected spm.model, or spm.src.model and "
+            "spm.tgt.model)",
+        ),
+        (
+            ["-m", str(run_dir), str(tmp_path / "none.txt")],
+            f"{tmp_path / 'none.txt'}: no such file",
+        ),
+        (["-m", str(run_dir), str(tmp_path)], f"{tmp_path}: is a directory, not a file"),
+    ]
+    for args, message in cases:
+        result = invoke("tokenizer", "encode", *args, stdin="")
+        assert isinstance(result.exception, DataError)
+        assert str(result.exception) == message
+    result = invoke("tokenizer", "encode", "-m", str(run_dir), "--side", "both", stdin="x")
+    assert result.exit_code == 2 and "'both' is not one of 'src', 'tgt'" in result.output
+
+
+# --- data fetch ------------------------------------------------------------------------------
+
+
+def test_fetch_argument_errors(tmp_path: Path) -> None:
+    result = invoke("data", "fetch", "wmt14", str(tmp_path))
+    assert type(result.exception) is MtError
+    assert str(result.exception) == "unknown data set 'wmt14' (available: multi30k)"
+    result = invoke("data", "fetch", "multi30k", str(tmp_path), "--langs", "de,xx")
+    assert isinstance(result.exception, DataError)
+    assert "unknown Multi30k language(s): xx" in str(result.exception)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not MULTI30K.is_dir(), reason="no local copy of Multi30k")
+def test_fetch_from_a_local_mirror(tmp_path: Path) -> None:
+    dest = tmp_path / "multi30k"
+    args = ["data", "fetch", "multi30k", str(dest), "--langs", "de, en,de"]
+    code, out, err = run_mt(*args, "--mirror", str(MULTI30K))
+    assert code == 0, err
+    names = [
+        f"{split}.{lang}.gz"
+        for split in ("train", "val", "test_2016_flickr")
+        for lang in ("de", "en")
+    ]
+    assert out.splitlines() == [str(dest / name) for name in names]
+    assert err.splitlines() == [f"{name}: downloaded" for name in names]
+    for name in names:
+        assert (dest / name).read_bytes() == (MULTI30K / name).read_bytes()
+    mtimes = {p: p.stat().st_mtime_ns for p in dest.iterdir()}
+    # The second run takes the mirror from the environment and downloads nothing.
+    result = invoke(*args, env={"MT_DATA_MIRROR": str(MULTI30K)})
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [str(dest / name) for name in names]
+    assert {p: p.stat().st_mtime_ns for p in dest.iterdir()} == mtimes

@@ -1,0 +1,145 @@
+"""`mt evaluate`: the sacrebleu tool's numbers, JSON output, errors, the run's test set."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mt import checkpoint as ckpt
+from mt.cli import app
+from mt.errors import MtError
+from mt.evaluate import evaluate
+from mt.metrics import read_metrics
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[1]
+SACREBLEU = Path(sys.executable).parent / "sacrebleu"
+
+REFS = [
+    "The cat sat on the mat.",
+    "Hello, world! How are you today?",
+    "Ein Haus am See — mit Blick auf die Berge.",
+    "Numbers like 3.14 and 1,000 stay intact.",
+    "",
+    "Short one",
+]
+HYPS = [
+    "The cat sat on a mat .",
+    "hello world, how are you today ?",
+    "Ein Haus am see mit Blick auf Berge.",
+    "Numbers such as 3.14 and 1,000 stay.",
+    "not empty",
+    "Short one",
+]
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> tuple[Path, Path]:
+    """A crafted hypothesis file and its reference file."""
+    hyp, ref = tmp_path / "hyp.txt", tmp_path / "ref.txt"
+    hyp.write_text("\n".join(HYPS) + "\n", encoding="utf-8")
+    ref.write_text("\n".join(REFS) + "\n", encoding="utf-8")
+    return hyp, ref
+
+
+def sacrebleu_cli(hyp: Path, ref: Path, *extra: str) -> dict[str, dict]:
+    """The sacrebleu tool's JSON scores (4 decimals), by lower-case metric key."""
+    args = [str(SACREBLEU), str(ref), "-i", str(hyp), "--format", "json", "-w", "4", *extra]
+    out = subprocess.run(args, capture_output=True, check=True, text=True).stdout
+    found = json.loads(out)
+    found = found if isinstance(found, list) else [found]
+    return {item["name"].lower().rstrip("2"): item for item in found}
+
+
+def test_scores_equal_the_sacrebleu_tool(files: tuple[Path, Path]) -> None:
+    hyp, ref = files
+    ours = evaluate(hyp, ref)
+    theirs = sacrebleu_cli(hyp, ref, "-m", "bleu", "chrf", "ter")
+    assert set(ours) == set(theirs) == {"bleu", "chrf", "ter"}
+    for key, score in ours.items():
+        assert round(score.score, 4) == theirs[key]["score"], key
+        assert score.signature == theirs[key]["signature"], key
+    lower = evaluate(hyp, ref, lowercase=True)["bleu"]
+    theirs_lower = sacrebleu_cli(hyp, ref, "-m", "bleu", "-lc")["bleu"]
+    assert round(lower.score, 4) == theirs_lower["score"]
+    assert lower.signature == theirs_lower["signature"]
+    assert "case:lc" in lower.signature and lower.score > ours["bleu"].score
+
+
+def test_text_output_prints_each_score_with_its_signature(files: tuple[Path, Path]) -> None:
+    hyp, ref = files
+    result = CliRunner().invoke(app, ["evaluate", "--hyp", str(hyp), "--ref", str(ref)])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert [line.split(" = ")[0] for line in lines] == ["BLEU", "chrF2", "TER"]
+    theirs = sacrebleu_cli(hyp, ref, "-m", "bleu", "chrf", "ter")
+    for line, key in zip(lines, ("bleu", "chrf", "ter"), strict=True):
+        printed = float(line.split(" = ")[1].split()[0])
+        assert printed == round(theirs[key]["score"], 2)
+        assert line.endswith(" | " + theirs[key]["signature"])
+
+
+def test_json_output(files: tuple[Path, Path]) -> None:
+    hyp, ref = files
+    args = ["evaluate", "--hyp", str(hyp), "--ref", str(ref), "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    tree = json.loads(result.stdout)
+    assert set(tree) == {"bleu", "chrf", "ter"}
+    assert tree["bleu"]["signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
+    assert tree["ter"]["score"] == evaluate(hyp, ref)["ter"].score
+
+
+def test_line_count_mismatch_is_a_one_line_error(tmp_path: Path) -> None:
+    (tmp_path / "hyp.txt").write_text("a\n" * 10, encoding="utf-8")
+    (tmp_path / "ref.txt").write_text("a\n" * 11, encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "mt", "evaluate", "--hyp", "hyp.txt", "--ref", "ref.txt"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr == "error: hyp.txt has 10 lines but ref.txt has 11\n"
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"hyp": "h"}, "give --hyp and --ref"),
+        ({"src": "s", "ref": "r", "hyp": "h"}, "--src needs --model"),
+        ({"model": "m", "hyp": "h"}, "not both"),
+        ({"model": "m", "src": "s"}, "needs both --src and --ref"),
+    ],
+)
+def test_inconsistent_options(kwargs: dict, message: str) -> None:
+    with pytest.raises(MtError, match=message):
+        evaluate(**{key: Path(value) for key, value in kwargs.items()})
+
+
+def test_model_without_files_scores_the_test_set(trained_run: Path, tmp_path: Path) -> None:
+    # The tiny config's test set is its dev set, and validation decodes greedily: same BLEU.
+    best = ckpt.best_checkpoint(trained_run)
+    assert best is not None
+    valid = {r["step"]: r["bleu"] for r in read_metrics(trained_run, "valid")}
+    result = CliRunner().invoke(
+        app, ["evaluate", "--model", str(trained_run), "--beam", "1", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    tree = json.loads(result.stdout)
+    assert tree["bleu"]["score"] == pytest.approx(valid[best.step], abs=1e-9)
+
+    # The same through --src/--ref.
+    src, ref = ROOT / "tests/data/tiny/valid.de", ROOT / "tests/data/tiny/valid.en"
+    scores = evaluate(src=src, ref=ref, model=trained_run, beam=1)
+    assert scores["bleu"].score == pytest.approx(valid[best.step], abs=1e-9)

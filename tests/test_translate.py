@@ -1,0 +1,182 @@
+"""`mt translate`: one output line per input line, whatever the input; batching; n-best; errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mt import checkpoint as ckpt
+from mt.cli import app
+from mt.errors import MtError
+from mt.run import load_trained
+from mt.translate import split_lines, translate_lines
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+LONG = " ".join(["haus"] * 5000)
+# Line 4 (1-based) is the long one; 2 and 3 are blank; the rest are hostile but valid UTF-8.
+EDGE_LINES = [
+    "Der hund findet das haus am morgen .",
+    "",
+    "   \t ",
+    LONG,
+    "Das kind 🙂 mag 🎉 den see .",
+    "a\x00b\x07c\td",
+    "ein auto\rim park",
+    "\x00",
+    "漢字 und ünïcödé",
+]
+EDGE_TEXT = "\n".join(EDGE_LINES) + "\n"
+
+
+@pytest.fixture(scope="module")
+def loaded(trained_run: Path):
+    """(config, tokenizer, model) of the trained tiny run, on the CPU."""
+    config, tokenizer, model, _ = load_trained(trained_run, CPU)
+    return config, tokenizer, model
+
+
+def run_mt(*args: str, stdin: bytes = b"", cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """The real `mt` command in a subprocess (entry point, error handling, real stdin)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "mt", *args],
+        input=stdin,
+        capture_output=True,
+        cwd=cwd,
+        env=env,
+        timeout=120,
+    )
+
+
+def test_split_lines_splits_on_newline_only() -> None:
+    assert split_lines(b"a\r\nb\n", "f") == ["a", "b"]
+    assert split_lines(b"a\x0bb\x1cc\xc2\x85d\n", "f") == ["a\x0bb\x1cc\x85d"]
+    assert split_lines(b"no final newline", "f") == ["no final newline"]
+    assert split_lines(b"\n\n", "f") == ["", ""]
+    assert split_lines(b"", "f") == []
+    assert split_lines(b"x\ry\n", "f") == ["x\ry"]
+    with pytest.raises(MtError, match=r"^f: line 2 is not valid UTF-8$"):
+        split_lines(b"ok\nbad \xff\n", "f")
+
+
+def test_every_input_line_gives_one_output_line(loaded, caplog) -> None:
+    config, tokenizer, model = loaded
+    with caplog.at_level(logging.WARNING, logger="mt"):
+        out = translate_lines(EDGE_LINES, tokenizer, model, config.decode, CPU)
+    assert len(out) == len(EDGE_LINES)
+    assert all(len(hyps) == 1 for hyps in out)
+    texts = [hyps[0].text for hyps in out]
+    assert texts[1] == texts[2] == ""  # blank and whitespace-only lines are not decoded
+    assert texts[0] and texts[3] and texts[4]
+    assert all("\n" not in t and "\r" not in t for t in texts)
+    limit = model.max_positions - 1
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any(re.fullmatch(rf"line 4: [\d,]+ tokens, truncated to {limit}", w) for w in warnings)
+    assert not any(w.startswith(("line 1:", "line 5:")) for w in warnings)
+
+
+def test_output_does_not_depend_on_batching(loaded) -> None:
+    config, tokenizer, model = loaded
+    valid = (ROOT / "tests/data/tiny/valid.de").read_text(encoding="utf-8").splitlines()
+    lines = [*valid[:20], *(line for line in EDGE_LINES if line != LONG)]
+    for beam in (1, 3):
+        decode = dataclasses.replace(config.decode, beam=beam)
+        one = translate_lines(lines, tokenizer, model, decode, CPU, max_tokens=1)
+        big = translate_lines(lines, tokenizer, model, decode, CPU, max_tokens=100_000)
+        assert [h[0].text for h in one] == [h[0].text for h in big]
+
+
+def test_stdin_file_and_output_file_agree(trained_run: Path, tmp_path: Path) -> None:
+    source = tmp_path / "in.txt"
+    source.write_bytes(EDGE_TEXT.encode("utf-8"))
+    piped = run_mt("translate", "-m", str(trained_run), stdin=source.read_bytes())
+    assert piped.returncode == 0, piped.stderr.decode()
+    assert re.search(rb"line 4: [\d,]+ tokens, truncated to 127", piped.stderr)
+    stdout = piped.stdout.decode("utf-8")
+    assert stdout.count("\n") == len(EDGE_LINES)
+
+    runner = CliRunner()
+    from_file = runner.invoke(app, ["translate", "-m", str(trained_run), str(source)])
+    assert from_file.exit_code == 0, from_file.output
+    assert from_file.stdout == stdout
+
+    target = tmp_path / "out.txt"
+    written = runner.invoke(
+        app, ["translate", str(source), "-m", str(trained_run), "-o", str(target)]
+    )
+    assert written.exit_code == 0, written.output
+    assert written.stdout == ""
+    assert target.read_text(encoding="utf-8") == stdout
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_nbest_lines(trained_run: Path, tmp_path: Path) -> None:
+    source = tmp_path / "in.txt"
+    source.write_text("Der hund mag den see .\n\nDas kind findet ein auto .\n", encoding="utf-8")
+    args = ["translate", "-m", str(trained_run), str(source), "--nbest", "3", "--beam", "4"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = [line.split("\t") for line in result.stdout.splitlines()]
+    assert len(rows) == 9 and all(len(row) == 3 for row in rows)
+    assert [int(row[0]) for row in rows] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    for i in (0, 2):
+        scores = [float(row[1]) for row in rows[3 * i : 3 * i + 3]]
+        assert scores == sorted(scores, reverse=True) and all(s < 0 for s in scores)
+        assert all(row[2] for row in rows[3 * i : 3 * i + 3])
+    assert [row[2] for row in rows[3:6]] == ["", "", ""]  # a blank line: K blank hypotheses
+
+
+def test_nbest_larger_than_beam_is_a_one_line_error(trained_run: Path, tmp_path: Path) -> None:
+    source = tmp_path / "in.txt"
+    source.write_text("Der hund .\n", encoding="utf-8")
+    args = ["translate", "-m", str(trained_run), str(source), "--nbest", "3", "--beam", "2"]
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, MtError)
+    assert "decode.nbest=3 exceeds decode.beam=2" in str(result.exception)
+
+
+def test_invalid_utf8_is_a_one_line_error(trained_run: Path, tmp_path: Path) -> None:
+    source = tmp_path / "bad.txt"
+    source.write_bytes(b"Der hund .\nDas \xff kind .\n")
+    result = run_mt("translate", "-m", str(trained_run), str(source))
+    assert result.returncode == 1
+    assert result.stdout == b""
+    assert result.stderr.decode() == f"error: {source}: line 2 is not valid UTF-8\n"
+
+
+def test_sampling_and_scores(loaded) -> None:
+    config, tokenizer, model = loaded
+    lines = ["Der hund mag den see .", "", "Das kind findet ein auto ."]
+    decode = dataclasses.replace(config.decode, sampling=True, beam=3, nbest=2, top_k=5)
+    out = translate_lines(lines, tokenizer, model, decode, CPU)
+    assert [len(hyps) for hyps in out] == [2, 2, 2]
+    assert out[1][0].text == "" and out[1][0].score == 0.0
+    for hyps in (out[0], out[2]):
+        assert hyps[0].score >= hyps[1].score
+    greedy = dataclasses.replace(config.decode, beam=1, nbest=1)
+    scored = translate_lines(lines, tokenizer, model, greedy, CPU, scores=True)
+    plain = translate_lines(lines, tokenizer, model, greedy, CPU)
+    assert [h[0].text for h in scored] == [h[0].text for h in plain]
+    assert all(h[0].score < 0 for h in (scored[0], scored[2]))
+
+
+def test_load_trained_accepts_run_checkpoints_dir_and_file(trained_run: Path) -> None:
+    best = ckpt.best_checkpoint(trained_run)
+    assert best is not None
+    for path in (trained_run, trained_run / "checkpoints", best.weights):
+        _, _, model, found = load_trained(path, CPU)
+        assert found.weights == best.weights and not model.training
+    with pytest.raises(MtError, match="no checkpoint found"):
+        load_trained(trained_run / "tokenizer", CPU)
