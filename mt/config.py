@@ -180,6 +180,12 @@ class TrainConfig:
             value = getattr(self, key)
             _check(value >= 0, f"train.{key}", f"train.{key}={value} must be >= 0")
         _check(self.lr > 0, "train.lr", f"train.lr={self.lr} must be positive")
+        _check(
+            self.average_last <= self.keep_last,
+            ("train.average_last", "train.keep_last"),
+            f"train.average_last={self.average_last} exceeds train.keep_last={self.keep_last}: "
+            "the checkpoints to average would be deleted",
+        )
         for key in ("dist_timeout", "dist_startup_timeout"):
             value = getattr(self, key)
             _check(value > 0, f"train.{key}", f"train.{key}={value} must be positive")

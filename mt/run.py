@@ -110,6 +110,15 @@ def model_from_config(config: ModelConfig, src_vocab: int, tgt_vocab: int) -> Tr
     )
 
 
+def checkpoint_metadata(tokenizer: Tokenizer) -> dict[str, str]:
+    """What a checkpoint must agree on with the run that loads it."""
+    return {
+        "tokenizer_sha256": tokenizer.fingerprint(),
+        "src_vocab": str(tokenizer.src_vocab_size),
+        "tgt_vocab": str(tokenizer.tgt_vocab_size),
+    }
+
+
 def load_trained(
     path: Path, device: torch.device
 ) -> tuple[Config, Tokenizer, Transformer, Checkpoint]:
@@ -118,8 +127,6 @@ def load_trained(
     The config and tokenizer come from the run directory holding the checkpoints directory, so
     an averaged checkpoint (a weights file without a training state) loads like any other.
     """
-    from mt.train import checkpoint_metadata  # imported here: mt.train imports this module
-
     checkpoint = resolve_checkpoint(Path(path))
     run_dir = checkpoint.run_dir
     config = load_run_config(run_dir)

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from mt import checkpoint as ckpt
 from mt import distributed
+from mt.average import average_run
 from mt.batching import Batch, BatchSampler, collate
 from mt.config import CONFIG_FILE, Config, diff, load_config, save_config
 from mt.data import EncodedCorpus
@@ -37,7 +38,14 @@ from mt.loss import label_smoothed_nll
 from mt.metrics import MetricsLog
 from mt.model import Transformer, count_parameters
 from mt.optim import make_optimizer, make_scheduler
-from mt.run import corpus, encoded, model_from_config, prepare_tokenizer, run_path
+from mt.run import (
+    checkpoint_metadata,
+    corpus,
+    encoded,
+    model_from_config,
+    prepare_tokenizer,
+    run_path,
+)
 from mt.search import beam_search, greedy_search
 from mt.tokenizer import Tokenizer
 
@@ -295,15 +303,6 @@ def restore(checkpoint: ckpt.Checkpoint, trainee: Trainee, metadata: dict[str, s
     return TrainState(**payload["train"])
 
 
-def checkpoint_metadata(tokenizer: Tokenizer) -> dict[str, str]:
-    """What a checkpoint must agree on with the run that loads it."""
-    return {
-        "tokenizer_sha256": tokenizer.fingerprint(),
-        "src_vocab": str(tokenizer.src_vocab_size),
-        "tgt_vocab": str(tokenizer.tgt_vocab_size),
-    }
-
-
 def step_seed(seed: int, rank: int, step: int) -> int:
     """Dropout seed of one update: a function of (seed, rank, step), so resume needs no RNG."""
     return (seed * 1_000_003 + rank * 7_919 + step) % (2**63)
@@ -393,7 +392,9 @@ def _train(config: Config, resume: Path | None, world: World, device: torch.devi
         total=tc.max_steps, initial=state.step, desc="train", dynamic_ncols=True,
         disable=not (main and sys.stderr.isatty()),
     )  # fmt: skip
-    window = dict.fromkeys(("loss", "nll", "tokens", "time", "data_time", "steps"), 0.0)
+    window = dict.fromkeys(
+        ("loss", "nll", "tokens", "time", "data_time", "sync_time", "steps"), 0.0
+    )
     last_saved = -1
     with StopSignals() as stop:
         while state.step < tc.max_steps:
@@ -408,9 +409,11 @@ def _train(config: Config, resume: Path | None, world: World, device: torch.devi
             # 2. All ranks agree on the tokens of this update and on whether to stop.
             local_tokens = sum(b.tgt_tokens for b in batches)
             out_of_time = tc.max_minutes and state.train_seconds >= 60 * tc.max_minutes
+            t_sync = time.perf_counter()  # this collective also absorbs waiting for slower ranks
             tokens, signalled, timed_out = distributed.all_reduce(
                 world, [local_tokens, float(stop.signum is not None), float(out_of_time)], device
             )
+            sync_time = time.perf_counter() - t_sync
             if signalled:
                 stop.signum = stop.signum or signal.SIGTERM
                 break
@@ -422,7 +425,6 @@ def _train(config: Config, resume: Path | None, world: World, device: torch.devi
                 break
             # 3. Forward, backward, update. Dropout depends only on (seed, rank, step).
             torch.manual_seed(step_seed(tc.seed, world.rank, state.step))
-            t1 = time.perf_counter()
             loss, nll, norm = train_step(trainee, batches, int(tokens), config, device, precision)
             if precision != "fp16" and not math.isfinite(norm.item()):
                 # A non-finite loss makes non-finite gradients; after DDP's all-reduce they are
@@ -438,7 +440,8 @@ def _train(config: Config, resume: Path | None, world: World, device: torch.devi
             state.train_seconds += elapsed
             for key, value in (
                 ("loss", loss.item()), ("nll", nll.item()), ("tokens", local_tokens),
-                ("time", elapsed), ("data_time", t1 - t0), ("steps", 1),
+                ("time", elapsed), ("data_time", t_sync - t0), ("sync_time", sync_time),
+                ("steps", 1),
             ):  # fmt: skip
                 window[key] += value
             bar.update(1)
@@ -474,6 +477,12 @@ def _train(config: Config, resume: Path | None, world: World, device: torch.devi
         if main and last_saved != state.step:
             save(run_dir, trainee, state, metadata)
             ckpt.prune_checkpoints(run_dir, tc.keep_last)
+        if main and tc.average_last and stop.signum is None:
+            available = len(ckpt.list_checkpoints(run_dir))
+            path = average_run(run_dir, last=min(tc.average_last, available))
+            log.info(
+                "averaged the last %d checkpoints into %s", min(tc.average_last, available), path
+            )
         if metrics is not None:
             metrics.close()
         if stop.signum is not None and main:
@@ -505,7 +514,8 @@ def summarize(
         "tgt_tok_s": tokens / slowest,  # all ranks together
         "rank_tgt_tok_s": window["tokens"] / window["time"],  # rank 0 alone
         "tokens_per_update": tokens / window["steps"],
-        "data_seconds": window["data_time"],
+        "data_seconds": window["data_time"],  # rank 0 waiting for batches
+        "sync_seconds": window["sync_time"],  # rank 0 waiting for the other ranks
         "epoch": state.epoch,
         "overflow_steps": state.overflow_steps,
     }

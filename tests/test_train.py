@@ -262,3 +262,20 @@ def test_time_limit_stops_with_a_checkpoint(
     assert 1 <= result.state.step < 5 and result.signum is None
     assert ckpt.latest_checkpoint(run).step == result.state.step
     assert f"reached train.max_minutes=1e-05 at step {result.state.step}" in caplog.text
+
+
+def test_average_last_at_the_end(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(tiny(run, "train.max_steps=30", "train.keep_last=2", "train.average_last=2"))
+    a, b = (weights_at(run, step) for step in (15, 30))
+    average = load_file(run / "checkpoints" / "average.safetensors")
+    assert all(torch.allclose(average[k], (a[k] + b[k]) / 2, atol=1e-7) for k in a)
+
+
+def weights_at(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "checkpoints" / f"step-{step:08d}.safetensors")
+
+
+def test_average_last_needs_the_checkpoints_kept(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"train\.average_last=3 exceeds train\.keep_last=2"):
+        tiny(tmp_path / "run", "train.keep_last=2", "train.average_last=3")
