@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install data train test check format clean
+.PHONY: install data train demo test check format clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ data:
 
 train:
 	$(BIN)/mt train --config configs/multi30k.yaml
+
+demo:
+	MT=$(BIN)/mt bash scripts/demo.sh
 
 test:
 	$(BIN)/pytest

@@ -475,8 +475,14 @@ def _train(config: Config, resume: Path | None, world: World, device: torch.devi
                     break
         bar.close()
         if main and last_saved != state.step:
-            save(run_dir, trainee, state, metadata)
-            ckpt.prune_checkpoints(run_dir, tc.keep_last)
+            if stop.signum is None:  # the end of the run: its last checkpoint may be the best
+                validate_and_save(
+                    trainee, state, valid_data, references, tokenizer, config, device,
+                    precision, metrics, metadata,
+                )  # fmt: skip
+            else:  # stop fast: the scheduler is waiting
+                save(run_dir, trainee, state, metadata)
+                ckpt.prune_checkpoints(run_dir, tc.keep_last)
         if main and tc.average_last and stop.signum is None:
             available = len(ckpt.list_checkpoints(run_dir))
             path = average_run(run_dir, last=min(tc.average_last, available))

@@ -1,0 +1,80 @@
+"""Decoding speed of a trained run on a test set: greedy and beam search, median of repeats.
+
+    .venv/bin/python scripts/bench_decode.py runs/multi30k-de-en \\
+        --src data/multi30k/test_2016_flickr.de.gz --ref data/multi30k/test_2016_flickr.en.gz
+
+Prints a Markdown table (settings, seconds, sentences/s, target tokens/s, BLEU) for
+docs/benchmarks.md. Each setting decodes the whole file `--repeats` times in this process;
+the median time is reported. Threads: torch's default (all cores) unless --threads is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import sacrebleu
+import torch
+
+from mt.run import load_trained
+from mt.translate import decode_settings, translate_lines
+
+
+def read(path: Path) -> list[str]:
+    """Lines of a plain or gzipped UTF-8 file."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return f.read().splitlines()
+
+
+def bench(run: Path, src: Path, ref: Path, beams: list[int], repeats: int, precision: str) -> None:
+    """Time each beam size and print the table."""
+    device = torch.device("cpu")
+    config, tokenizer, model, checkpoint = load_trained(run, device)
+    sources, references = read(src), read(ref)
+    machine = platform.processor() or platform.machine()
+    threads = torch.get_num_threads()
+    print(f"model: {checkpoint.weights} | {len(sources)} sentences | precision {precision} | "
+          f"{threads} threads | {machine}")  # fmt: skip
+    print()
+    print("| search | seconds (median) | sentences/s | target tokens/s | BLEU |")
+    print("|---|---|---|---|---|")
+    for beam in beams:
+        settings = decode_settings(config, beam=beam, nbest=1)
+        times, outputs = [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            outputs = translate_lines(sources, tokenizer, model, settings, device, precision)
+            times.append(time.perf_counter() - start)
+        seconds = statistics.median(times)
+        hyps = [o[0].text if o else "" for o in outputs]
+        tokens = sum(len(o[0].tokens) + 1 for o in outputs if o)
+        bleu = sacrebleu.corpus_bleu(hyps, [references]).score
+        name = "greedy" if beam == 1 else f"beam {beam}"
+        print(f"| {name} | {seconds:.2f} | {len(sources) / seconds:.0f} | {tokens / seconds:,.0f} "
+              f"| {bleu:.2f} |")  # fmt: skip
+
+
+def main() -> None:
+    """Parse arguments and run the benchmark."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--src", type=Path, required=True)
+    parser.add_argument("--ref", type=Path, required=True)
+    parser.add_argument("--beams", default="1,5", help="comma-separated beam sizes")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    beams = [int(b) for b in args.beams.split(",")]
+    bench(args.run, args.src, args.ref, beams, args.repeats, args.precision)
+
+
+if __name__ == "__main__":
+    main()
