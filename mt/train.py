@@ -67,6 +67,7 @@ class TrainState:
     best_bleu: float = -1.0  # best dev BLEU so far
     bad_validations: int = 0  # validations since the best one (early stopping)
     overflow_steps: int = 0  # fp16 updates skipped because gradients overflowed
+    oom_steps: int = 0  # updates skipped on every rank because one ran out of memory
     train_seconds: float = 0.0  # wall-clock spent in training steps and validation
 
 
@@ -163,31 +164,45 @@ def train_step(
     batches: list[Batch],
     tokens: int,
     config: Config,
+    world: World,
     device: torch.device,
     precision: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Forward/backward over this rank's micro-batches of one update; returns loss, nll, norm.
 
     Losses are summed and divided by the target tokens of the whole update over all ranks
     (`tokens`), so accumulation and data parallelism give the gradient of one big batch. DDP
-    averages gradients over ranks, hence the factor world_size; it all-reduces only on the
-    last micro-batch (`no_sync` before). The optimizer is not stepped here.
+    averages gradients over ranks, hence the factor world_size; it all-reduces only in the
+    last backward (`no_sync` before). Before that backward, one small all-reduce tells every
+    rank whether any rank ran out of memory: then all return None and skip the update together.
     """
     model, scaler, ddp = trainee.step_model, trainee.scaler, trainee.ddp
-    world_size = ddp.process_group.size() if ddp is not None else 1
+    scale = world.world_size / tokens
     loss_sum = torch.zeros((), device=device)
     nll_sum = torch.zeros((), device=device)
+    out_of_memory = False
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
         no_sync = ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext()
-        with no_sync:
-            batch = batch.to(device)
-            with autocast(device, precision):
-                logits = model(batch.src, batch.tgt_in)  # (B, T, V)
-            loss, nll, _ = label_smoothed_nll(logits, batch.tgt_out, config.train.label_smoothing)
-            scaler.scale(loss * (world_size / tokens)).backward()
+        try:
+            with no_sync:
+                batch = batch.to(device)
+                with autocast(device, precision):
+                    logits = model(batch.src, batch.tgt_in)  # (B, T, V)
+                loss, nll, _ = label_smoothed_nll(
+                    logits, batch.tgt_out, config.train.label_smoothing
+                )
+                if not last:
+                    scaler.scale(loss * scale).backward()
+        except torch.cuda.OutOfMemoryError:
+            out_of_memory = True
+            break
         loss_sum += loss.detach()
         nll_sum += nll.detach()
+    if distributed.all_reduce(world, [float(out_of_memory)], device, op="max")[0]:
+        trainee.optimizer.zero_grad(set_to_none=True)
+        return None
+    scaler.scale(loss * scale).backward()  # the last micro-batch: DDP all-reduces gradients here
     scaler.unscale_(trainee.optimizer)
     clip = config.train.clip_norm or math.inf
     params = [p for group in trainee.optimizer.param_groups for p in group["params"]]
@@ -425,7 +440,18 @@ def _train(config: Config, resume: Path | None, world: World, device: torch.devi
                 break
             # 3. Forward, backward, update. Dropout depends only on (seed, rank, step).
             torch.manual_seed(step_seed(tc.seed, world.rank, state.step))
-            loss, nll, norm = train_step(trainee, batches, int(tokens), config, device, precision)
+            result = train_step(trainee, batches, int(tokens), config, world, device, precision)
+            state.epoch, state.batches_done = position
+            if result is None:
+                state.oom_steps += 1
+                if main:
+                    log.warning(
+                        "step %d: a rank ran out of memory; every rank skipped this update "
+                        "(%d so far; lower train.max_tokens if this recurs)",
+                        state.step + 1, state.oom_steps,
+                    )  # fmt: skip
+                continue
+            loss, nll, norm = result
             if precision != "fp16" and not math.isfinite(norm.item()):
                 # A non-finite loss makes non-finite gradients; after DDP's all-reduce they are
                 # the same on every rank, so every rank takes this branch at the same step.
@@ -435,7 +461,6 @@ def _train(config: Config, resume: Path | None, world: World, device: torch.devi
                     f"updated; weights saved to {crash} (try a lower train.lr or train.clip_norm)"
                 )
             optimizer_step(trainee, state, precision, tc.min_loss_scale)
-            state.epoch, state.batches_done = position
             elapsed = time.perf_counter() - t0
             state.train_seconds += elapsed
             for key, value in (

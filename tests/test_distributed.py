@@ -143,3 +143,15 @@ def test_dead_rank_ends_the_job_within_the_timeout(tmp_path: Path) -> None:
     assert code != 0
     assert "rank 1: dying on purpose" in err
     assert time.monotonic() - start < 60  # dist_timeout=20 s, far below torch's 10-minute default
+
+
+def test_out_of_memory_on_one_rank_skips_the_update_on_every_rank(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    worker = "tests/helpers/faulty_worker.py"
+    proc = torchrun(run, "train.max_steps=6", worker=worker, env={"MT_FAULT": "oom:1:3"})
+    code, err = finish(proc)
+    assert code == 0, err
+    assert err.count("step 3: a rank ran out of memory; every rank skipped this update") == 1
+    assert ckpt.latest_checkpoint(run).step == 6  # both ranks went on, in step
+    state = ckpt.load_state(ckpt.latest_checkpoint(run).state)
+    assert state["train"]["oom_steps"] == 1

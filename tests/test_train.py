@@ -279,3 +279,20 @@ def weights_at(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
 def test_average_last_needs_the_checkpoints_kept(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"train\.average_last=3 exceeds train\.keep_last=2"):
         tiny(tmp_path / "run", "train.keep_last=2", "train.average_last=3")
+
+
+def test_out_of_memory_skips_the_update(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = train_module.label_smoothed_nll
+    calls = {"n": 0}
+
+    def loss(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "label_smoothed_nll", loss)
+    run = tmp_path / "run"
+    result = train(tiny(run, "train.max_steps=5", "train.valid_every=1000", "train.log_every=1"))
+    assert result.state.step == 5 and result.state.oom_steps == 1
+    assert [r["step"] for r in read_metrics(run, "train")] == [1, 2, 3, 4, 5]

@@ -1,11 +1,14 @@
 """A torchrun worker that runs `mt` with a fault injected on one rank (for tests only).
 
-MT_FAULT=KIND:RANK:CALL, with KIND `nan` (the loss of that loss call is NaN) or `die` (the
-process exits with status 1 at that loss call), e.g. MT_FAULT=nan:1:3.
+MT_FAULT=KIND:RANK:CALL, with KIND `nan` (the loss of that loss call is NaN), `oom` (that call
+raises CUDA's out-of-memory error) or `die` (the process exits with status 1 there), e.g.
+MT_FAULT=nan:1:3.
 """
 
 import os
 import sys
+
+import torch
 
 import mt.train
 from mt.cli import main
@@ -23,6 +26,8 @@ def inject() -> None:
         calls["n"] += 1
         loss_sum, nll_sum, n = real(*args, **kwargs)
         if calls["n"] == int(call):
+            if kind == "oom":
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
             if kind == "die":
                 sys.stderr.write(f"rank {rank}: dying on purpose\n")
                 os._exit(1)
