@@ -14,6 +14,7 @@ ever unpickles code: weights are safetensors, states load with `weights_only=Tru
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import random
 import re
@@ -96,9 +97,8 @@ def _fsync_dir(directory: Path) -> None:
     except OSError:
         return
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
     finally:
         os.close(fd)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import zlib
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import zip_longest
@@ -33,16 +34,16 @@ _FINGERPRINT_VERSION = "mt-corpus-v1"
 
 
 @dataclass(frozen=True)
-class Corpus:
+class Corpus(ABC):
     """A parallel corpus named by a spec; yields validated (source, target) raw-text pairs."""
 
     spec: str
     src_lang: str
     tgt_lang: str
 
+    @abstractmethod
     def pairs(self) -> Iterator[tuple[str, str]]:
         """Stream (source, target) pairs; raises DataError on the first invalid line."""
-        raise NotImplementedError
 
     def sources(self) -> list[str]:
         """All source sentences (for small dev/test sets)."""
@@ -52,13 +53,13 @@ class Corpus:
         """All target sentences (for small dev/test sets)."""
         return [tgt for _, tgt in self.pairs()]
 
+    @abstractmethod
     def fingerprint(self) -> str:
         """A sha256 hex digest of the corpus contents, for use as a cache key."""
-        raise NotImplementedError
 
+    @abstractmethod
     def describe(self) -> str:
         """A short human-readable name for messages."""
-        raise NotImplementedError
 
     def _combine(self, kind: str, parts: Iterable[str]) -> str:
         """Fold per-file digests with the kind and direction, so en->de differs from de->en."""

@@ -432,11 +432,11 @@ def _train(config: Config, resume: Path | None, world: World, device: torch.devi
             if signalled:
                 stop.signum = stop.signum or signal.SIGTERM
                 break
-            if timed_out:
-                log.info("reached train.max_minutes=%g at step %d", tc.max_minutes, state.step)
-                break
-            if not batches:
-                log.info("reached train.max_epochs=%d", tc.max_epochs)
+            if timed_out or not batches:
+                if main and timed_out:
+                    log.info("reached train.max_minutes=%g at step %d", tc.max_minutes, state.step)
+                elif main:
+                    log.info("reached train.max_epochs=%d", tc.max_epochs)
                 break
             # 3. Forward, backward, update. Dropout depends only on (seed, rank, step).
             torch.manual_seed(step_seed(tc.seed, world.rank, state.step))
@@ -444,6 +444,7 @@ def _train(config: Config, resume: Path | None, world: World, device: torch.devi
             state.epoch, state.batches_done = position
             if result is None:
                 state.oom_steps += 1
+                state.train_seconds += time.perf_counter() - t0
                 if main:
                     log.warning(
                         "step %d: a rank ran out of memory; every rank skipped this update "
