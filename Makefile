@@ -5,13 +5,13 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install data train demo test check format clean
+.PHONY: install data train demo bench test check format clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,bench]"
 
 data:
 	$(BIN)/mt data fetch multi30k data/multi30k --langs de,en
@@ -21,6 +21,10 @@ train:
 
 demo:
 	MT=$(BIN)/mt bash scripts/demo.sh
+
+# mt against Hugging Face MarianMTModel on Multi30k (~15 min on 2 cores); writes docs/benchmarks.md
+bench:
+	$(BIN)/python scripts/bench.py --write docs/benchmarks.md
 
 test:
 	$(BIN)/pytest

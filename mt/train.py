@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mt import checkpoint as ckpt
 from mt import distributed
@@ -411,7 +412,8 @@ def _train(config: Config, resume: Path | None, world: World, device: torch.devi
         ("loss", "nll", "tokens", "time", "data_time", "sync_time", "steps"), 0.0
     )
     last_saved = -1
-    with StopSignals() as stop:
+    # Log lines go through tqdm.write, so they print above the bar instead of through it.
+    with StopSignals() as stop, logging_redirect_tqdm(loggers=[logging.root]):
         while state.step < tc.max_steps:
             # 1. Gather this rank's micro-batches of one update (the same count on every rank).
             t0 = time.perf_counter()
