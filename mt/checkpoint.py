@@ -14,11 +14,8 @@ ever unpickles code: weights are safetensors, states load with `weights_only=Tru
 from __future__ import annotations
 
 import collections
-import contextlib
-import os
 import random
 import re
-import secrets
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +29,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from mt.errors import MtError
+from mt.files import atomic_path, atomic_write_bytes
 
 CHECKPOINT_DIR = "checkpoints"
 BEST_FILE = "best"
@@ -90,39 +88,15 @@ def step_name(step: int) -> str:
 # --- atomic writes -------------------------------------------------------------------------
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable; directories cannot be opened for fsync on every OS."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Run `write(temp)` on a temp file beside `path`, fsync it, then rename it to `path`."""
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
+    """Run `write(temp)` on a temp file beside `path`, then rename it to `path` (mt.files)."""
+    with atomic_path(path) as temp:
         write(temp)
-        fd = os.open(temp, os.O_RDWR)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)  # a failed write leaves nothing behind
-        raise
-    _fsync_dir(path.parent)
 
 
 def _write_text(path: Path, text: str) -> None:
     """Atomically replace a small text file."""
-    _atomic_write(path, lambda temp: temp.write_text(text, encoding="utf-8"))
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # --- weights --------------------------------------------------------------------------------

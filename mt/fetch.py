@@ -7,7 +7,6 @@ import hashlib
 import http.client
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -19,6 +18,7 @@ from typing import BinaryIO
 from tqdm import tqdm
 
 from mt.errors import DataError
+from mt.files import atomic_path
 
 MULTI30K_URL = "https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw/"
 MIRROR_ENV = "MT_DATA_MIRROR"
@@ -105,18 +105,12 @@ def _is_url(source: str) -> bool:
 
 def _download(source: str, final: Path, progress: bool) -> None:
     """Copy ``source`` to a temp file beside ``final``, verify it, then rename it into place."""
-    fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
+    with atomic_path(final) as tmp:
+        with tmp.open("wb") as out:
             _copy(source, out, final.name, progress)
         problem = _problem(tmp, final.name)
         if problem is not None:
-            raise DataError(f"{source}: {problem}")
-        os.replace(tmp, final)
-    finally:
-        # After a successful os.replace the temp name is gone; otherwise never leave it behind.
-        tmp.unlink(missing_ok=True)
+            raise DataError(f"{source}: {problem}")  # the temp file is removed; nothing lands
 
 
 def _copy(source: str, out: BinaryIO, name: str, progress: bool) -> None:

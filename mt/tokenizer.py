@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -21,6 +19,7 @@ import numpy as np
 import sentencepiece as spm
 
 from mt.errors import DataError
+from mt.files import atomic_write_bytes
 from mt.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 if TYPE_CHECKING:
@@ -175,7 +174,7 @@ def train_tokenizer(
     ]
     Path(directory).mkdir(parents=True, exist_ok=True)
     for path, model in zip(paths, models, strict=True):
-        _write_atomic(path, model)
+        atomic_write_bytes(path, model)
     # Remove the other layout's files so that load_tokenizer can never pick up a stale model.
     for stale in tokenizer_files(directory, not joint):
         stale.unlink(missing_ok=True)
@@ -253,18 +252,6 @@ def _training_error(corpus: Corpus, side: str, vocab_size: int, message: str) ->
     if "sentences_.empty()" in message:
         return DataError(f"{where}: no sentences to train the tokenizer on")
     return DataError(f"{where}: tokenizer training failed ({_first_line(message)})")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write bytes to a temporary file beside ``path``, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            stream.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def unk_rate(tokenizer: Tokenizer, corpus: Corpus) -> tuple[float, float]:

@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from mt.batching import BatchSampler, collate_source
 from mt.config import Config, DecodeConfig, from_dict
 from mt.device import autocast, resolve_device, resolve_precision
 from mt.errors import ConfigError, MtError
+from mt.files import atomic_write
 from mt.model import Transformer
 from mt.run import load_trained
 from mt.tokenizer import Tokenizer
@@ -281,15 +281,8 @@ def output_stream(output: Path | None) -> Iterator[IO[bytes]]:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise SystemExit(141) from None  # 128 + SIGPIPE
         return
-    output = Path(output)
-    fd, temp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            yield stream
-        os.replace(temp, output)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)  # nothing half-written is ever left behind
-        raise
+    with atomic_write(Path(output)) as stream:  # nothing half-written is ever left behind
+        yield stream
 
 
 def translate_file(

@@ -144,7 +144,7 @@ def test_crash_while_writing_weights_keeps_previous(tmp_path: Path, monkeypatch)
             raise KeyboardInterrupt
         real_replace(src, dst)
 
-    monkeypatch.setattr(ck.os, "replace", replace)
+    monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(KeyboardInterrupt):
         save(tmp_path, 200)
     monkeypatch.undo()
