@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -40,6 +41,8 @@ _IDS = datasets.Features(
         "tgt_ids": datasets.List(datasets.Value("int32")),
     }
 )
+
+log = logging.getLogger("mt")
 
 
 @dataclass(frozen=True)
@@ -158,9 +161,12 @@ def encode_corpus(
     """Encode (and, with ``filter``, length-filter) a corpus, or load it from the cache."""
     key = cache_key(corpus.fingerprint(), tokenizer.fingerprint(), filter, max_len, max_ratio)
     target = Path(cache_dir) / key
-    if not (target / STATS_FILE).is_file():
+    if (target / STATS_FILE).is_file():
+        log.info("%s: reused the cached encoding in %s", corpus.describe(), target)
+    else:
         limits = (max_len, max_ratio) if filter else None
         _build(corpus, tokenizer, target, limits, num_proc)
+        log.info("%s: encoded and cached in %s", corpus.describe(), target)
     return load_encoded(target)
 
 

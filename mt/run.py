@@ -73,22 +73,15 @@ def cache_dir(config: Config) -> Path:
 
 def encoded(config: Config, tokenizer: Tokenizer, which: str) -> EncodedCorpus:
     """The encoded (and, for training data only, filtered) corpus, from the cache when possible."""
-    directory = cache_dir(config)
-    before = {p.name for p in directory.iterdir()} if directory.is_dir() else set()
-    data = encode_corpus(
+    return encode_corpus(
         corpus(config, which),
         tokenizer,
-        directory,
+        cache_dir(config),
         filter=which == "train",
         max_len=config.data.max_len,
         max_ratio=config.data.max_ratio,
         num_proc=config.data.num_proc,
     )
-    files = data.dataset.cache_files
-    entry = Path(files[0]["filename"]).parent if files else directory
-    done = "reused the cached encoding in" if entry.name in before else "encoded and cached in"
-    log.info("data.%s: %s %s", which, done, entry)
-    return data
 
 
 def model_from_config(config: ModelConfig, src_vocab: int, tgt_vocab: int) -> Transformer:

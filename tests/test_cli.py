@@ -186,8 +186,7 @@ def test_second_prepare_reuses_the_cache(prepared: tuple[Path, str, str]) -> Non
     assert out == first_out
     assert "training" not in err
     assert "using the run's tokenizer" in err
-    for which in ("train", "valid", "test"):
-        assert f"data.{which}: reused the cached encoding in {run_dir / 'cache'}" in err
+    assert err.count(f"reused the cached encoding in {run_dir / 'cache'}") == 3  # train/valid/test
     assert sorted((run_dir / "cache").rglob("*")) == cache_files
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
 
