@@ -361,6 +361,8 @@ def train(config: Config, resume: Path | None = None) -> TrainResult:
     """Train as configured (one process, or one rank under torchrun); resumes if it can."""
     tc = config.train
     world, device = distributed.setup(tc.device, tc.dist_timeout, tc.dist_startup_timeout)
+    if not world.is_main:
+        log.setLevel(logging.WARNING)  # rank 0 alone logs progress; errors still print everywhere
     try:
         return _train(config, resume, world, device)
     finally:
