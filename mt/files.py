@@ -1,6 +1,6 @@
 """Atomic file writes: nothing half-written ever appears under a final name.
 
-Data goes to a hidden temp file beside the target (`.NAME.XXXX.tmp`), is fsynced, gets the
+Data goes to a hidden temp file beside the target (`.NAME.<random hex>.tmp`), is fsynced, gets the
 permissions a plain `open()` would give, and is renamed over the target. If anything fails,
 the temp file is removed and the target is untouched.
 """

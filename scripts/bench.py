@@ -20,6 +20,7 @@ over `--repeats` passes in one child per system and precision.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gzip
 import json
@@ -604,7 +605,7 @@ def machine() -> str:
     import transformers
 
     model = platform.processor() or platform.machine()
-    try:
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):  # no lscpu: keep the above
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
         model = next(
             (
@@ -614,8 +615,6 @@ def machine() -> str:
             ),
             model,
         )
-    except (OSError, subprocess.CalledProcessError):
-        pass
     return (
         f"{model}, {os.cpu_count()} cores; torch {torch.__version__}, "
         f"transformers {transformers.__version__}, Python {platform.python_version()}"
