@@ -23,9 +23,10 @@ def label_smoothed_nll(
     # Softmax in float32: bf16/fp16 log-probabilities are too coarse to sum over many tokens.
     lprobs = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
     nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, T)
-    smooth = -lprobs.mean(dim=-1)  # (B, T)
+    # Sum over V, then scale one scalar by 1/V: a mean's backward would divide all B*T*V entries.
+    smooth = -lprobs.sum(dim=-1)  # (B, T)
     keep = target != pad_id  # (B, T)
     nll_sum = nll.masked_fill(~keep, 0.0).sum()
     smooth_sum = smooth.masked_fill(~keep, 0.0).sum()
-    loss_sum = (1.0 - epsilon) * nll_sum + epsilon * smooth_sum
+    loss_sum = (1.0 - epsilon) * nll_sum + (epsilon / lprobs.size(-1)) * smooth_sum
     return loss_sum, nll_sum, keep.sum()
