@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import sys
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mt.errors import ConfigError
 
@@ -31,14 +35,47 @@ def resolve_precision(name: str, device: torch.device) -> str:
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """The autocast context for `precision` (a no-op for fp32)."""
+    """The autocast context for `precision` (a no-op for fp32).
+
+    On CPU, low precision also routes SDPA to its math kernel: the CPU flash kernel's bf16
+    backward ran twice as slow as the math one on Multi30k shapes (scripts/bench.py).
+    """
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=DTYPES[precision])
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(device.type, dtype=DTYPES[precision]))
+    if device.type == "cpu":
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+    return stack
 
 
 def configure_backends(device: torch.device) -> None:
-    """TF32 for CUDA matmuls and convolutions (free speed on Ampere and later)."""
+    """TF32 on CUDA (free speed on Ampere and later); a page-keeping allocator on CPU."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    else:
+        keep_freed_memory()
+
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's <malloc.h>
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc malloc keep freed memory for reuse instead of giving it back to the kernel.
+
+    By default every tensor over 32 MiB (logits, their gradients) is a fresh mmap, and the
+    kernel page-faults and zeroes it again on each step: about 200,000 faults and a fifth of a
+    bf16 Multi30k step. Serving all sizes from the heap and never trimming it makes later
+    steps reuse the same pages; the cost is that the process keeps its peak memory.
+    Returns False (and changes nothing) where the C library is not glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others have no mallopt
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))

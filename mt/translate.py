@@ -23,7 +23,7 @@ from tqdm import tqdm
 from mt import search
 from mt.batching import BatchSampler, collate_source
 from mt.config import Config, DecodeConfig, from_dict
-from mt.device import autocast, resolve_device, resolve_precision
+from mt.device import autocast, configure_backends, resolve_device, resolve_precision
 from mt.errors import ConfigError, MtError
 from mt.files import atomic_write
 from mt.model import Transformer
@@ -107,7 +107,7 @@ def decode_settings(config: Config, **overrides: Any) -> DecodeConfig:
 
 
 def resolve_runtime(device: str, precision: str) -> tuple[torch.device, str]:
-    """The device and the autocast precision; fp16 needs CUDA (bf16 also runs on CPUs)."""
+    """The device and autocast precision, backends set up; fp16 needs CUDA (bf16 runs on CPU)."""
     if precision not in PRECISIONS:
         raise MtError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
     try:
@@ -119,6 +119,7 @@ def resolve_runtime(device: str, precision: str) -> tuple[torch.device, str]:
     resolved = resolve_precision(precision, dev)
     if resolved == "fp16" and dev.type != "cuda":
         raise MtError(f"--precision fp16 needs a CUDA device, not {dev}")
+    configure_backends(dev)
     return dev, resolved
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mt.loss import label_smoothed_nll
-from mt.model import Transformer, count_parameters, sinusoidal_positions
+from mt.model import Dropout, Transformer, count_parameters, sinusoidal_positions
 
 PAD, BOS, EOS, VOCAB = 0, 1, 2, 50
 
@@ -175,3 +175,31 @@ def test_bf16_autocast_close_to_fp32() -> None:
     assert torch.isfinite(loss16)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     assert torch.isclose(loss16, loss32, rtol=0.03)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
+def test_dropout_rate_scale_and_gradient(p: float) -> None:
+    torch.manual_seed(0)
+    drop = Dropout(p)
+    x = torch.ones(1000, 1000, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    assert abs(1 - kept.float().mean().item() - p) < 0.002  # 1e6 draws: sd of the rate ~5e-4
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / (1 - p)))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # d(sum)/dx is the scaled mask itself
+
+
+def test_dropout_is_seeded_odd_sized_and_off_in_eval() -> None:
+    drop = Dropout(0.3)
+    x = torch.randn(7, 5, 3)  # an odd element count: the last 32-bit word is half used
+    torch.manual_seed(5)
+    a = drop(x)
+    torch.manual_seed(5)
+    assert torch.equal(a, drop(x))
+    assert not torch.equal(a, drop(x))
+    assert a.shape == x.shape
+    assert drop.eval()(x) is x
+    assert Dropout(0.0).train()(x) is x
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 1.0"):
+        Dropout(1.0)
