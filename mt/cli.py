@@ -468,6 +468,36 @@ def average_command(
     typer.echo(str(average_run(run, last=last, best=best, output=output)))
 
 
+@app.command("plot")
+def plot_command(
+    runs: Annotated[
+        list[Path], typer.Argument(metavar="RUN...", help="Run directories (one line each).")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="PNG file to write.")] = Path(
+        "curves.png"
+    ),
+) -> None:
+    """Plot train loss, dev loss and dev BLEU against steps and wall-clock, from metrics.jsonl."""
+    from mt.plot import plot_curves
+
+    typer.echo(str(plot_curves(runs, output)))
+
+
+@app.command("report")
+def report_command(
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="Run directory.")],
+    test: Annotated[
+        bool, typer.Option(help="Translate and score the run's test set (data.test).")
+    ] = True,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
+) -> None:
+    """Write RUN/report.md (config, model, data, training, dev and test scores) and curves.png."""
+    from mt.report import write_report
+
+    typer.echo(str(write_report(run, test=test, device=device, precision=precision)))
+
+
 def main() -> None:
     """Entry point: run the app; user errors become one line on stderr and an exit code."""
     _setup_logging()

@@ -151,6 +151,7 @@ class TrainConfig:
     patience: int = 0  # stop after this many validations without a better dev BLEU (0 = off)
     keep_last: int = 5  # step checkpoints kept besides the best one
     average_last: int = 0  # at the end, average the last K checkpoints (0 = off)
+    report: bool = True  # at the end, write report.md and curves.png (test scores if data.test)
     min_loss_scale: float = 1e-4  # fp16: stop when the loss scale falls below this
     dist_timeout: float = 600.0  # seconds a rank waits for the others in a collective
     dist_startup_timeout: float = 1800.0  # seconds for rendezvous and start-up (tokenizer, data)

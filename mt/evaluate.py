@@ -56,10 +56,13 @@ def check_aligned(hyps: list[str], refs: list[str], hyp_name: str, ref_name: str
         raise MtError(f"{hyp_name} has {len(hyps)} lines but {ref_name} has {len(refs)}")
 
 
-def _translate(
+def model_translations(
     model_path: Path, sources: list[str] | None, device: str, precision: str, **overrides: Any
 ) -> tuple[list[str], list[str] | None]:
-    """Best translations of `sources` (None: the run's test set) and the test references."""
+    """Best translations of `sources` (None: the run's test set) and the test references.
+
+    The references are None unless the run's test set was translated.
+    """
     dev, prec = resolve_runtime(device, precision)
     config, tokenizer, model, _ = load_trained(model_path, dev)
     refs = None
@@ -100,7 +103,7 @@ def evaluate(
     if src is not None and ref is not None:
         sources, refs = read_lines(src), read_lines(ref)
         check_aligned(sources, refs, str(src), str(ref))  # before spending time translating
-    hyps, test_refs = _translate(model, sources, device, precision, **overrides)
+    hyps, test_refs = model_translations(model, sources, device, precision, **overrides)
     refs = refs if refs is not None else test_refs
     assert refs is not None
     return score(hyps, refs, lowercase)

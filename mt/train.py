@@ -39,6 +39,7 @@ from mt.loss import label_smoothed_nll
 from mt.metrics import MetricsLog
 from mt.model import Transformer, count_parameters
 from mt.optim import make_optimizer, make_scheduler
+from mt.report import write_data_stats, write_report
 from mt.run import (
     checkpoint_metadata,
     corpus,
@@ -396,6 +397,8 @@ def _train(config: Config, resume: Path | None, world: World, device: torch.devi
         rank=world.rank, world_size=world.world_size,
     )  # fmt: skip
     if main:
+        valid_corpus = corpus(config, "valid") if valid_data is not None else None
+        write_data_stats(run_dir, train_data, tokenizer, valid_corpus)
         log.info("train: %s", train_data.stats.describe())
         log.info("model: %s parameters", f"{count_parameters(trainee.model):,}")
         log.info(
@@ -520,7 +523,11 @@ def _train(config: Config, resume: Path | None, world: World, device: torch.devi
                 "averaged the last %d checkpoints into %s", min(tc.average_last, available), path
             )
         if metrics is not None:
+            end = {"train_seconds": state.train_seconds, "epoch": state.epoch}
+            metrics.write("end", state.step, {**end, "precision": precision, "device": str(device)})
             metrics.close()
+        if main and tc.report and stop.signum is None:
+            log.info("wrote %s", write_report(run_dir, device=str(device), precision=precision))
         if stop.signum is not None and main:
             log.info(
                 "stopped by signal %d at step %d; checkpoint written; run the same command "

@@ -30,6 +30,8 @@ def one_thread() -> Iterator[None]:
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run trained for 300 steps on the tiny config (dev BLEU ~98; checkpoints 200 and 300).
 
+    Training ends by writing its report.md and curves.png.
+
     Do not modify it.
 
     Data paths are absolute, so commands using the run's test set work from any directory.
@@ -45,6 +47,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         f"data.train={TINY_DATA / 'train'}",
         f"data.valid={TINY_DATA / 'valid'}",
         f"data.test={TINY_DATA / 'valid'}",
+        "train.report=true",
     ]
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # see one_thread

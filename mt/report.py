@@ -1,0 +1,190 @@
+"""A run's report.md: config, model, data, training, dev curve, test scores and the curves PNG.
+
+Training writes `data.json` (corpus statistics) at its start and an `end` metrics record at
+its end; `write_report` reads those, metrics.jsonl and the checkpoints, so `mt report RUN`
+can (re)build the report of any run, finished or not.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from mt.average import AVERAGE_NAME
+from mt.checkpoint import checkpoint_dir, resolve_checkpoint
+from mt.config import CONFIG_FILE, Config
+from mt.data import EncodedCorpus
+from mt.evaluate import MetricScore, score
+from mt.files import atomic_write_bytes
+from mt.metrics import read_metrics
+from mt.model import count_parameters
+from mt.plot import plot_curves
+from mt.run import load_run_config, model_from_config
+from mt.tokenizer import Tokenizer, unk_rate
+
+log = logging.getLogger("mt")
+
+REPORT_FILE = "report.md"
+CURVES_FILE = "curves.png"
+DATA_FILE = "data.json"
+
+
+def write_data_stats(
+    run_dir: Path, train: EncodedCorpus, tokenizer: Tokenizer, valid: Any | None
+) -> dict[str, Any]:
+    """Save the training corpus's filter counts and token totals, and the dev set's unk rate."""
+    stats: dict[str, Any] = {
+        "train": asdict(train.stats),
+        "train_src_tokens": int(train.src_lens.sum()),
+        "train_tgt_tokens": int(train.tgt_lens.sum()),
+        "src_vocab": tokenizer.src_vocab_size,
+        "tgt_vocab": tokenizer.tgt_vocab_size,
+    }
+    if valid is not None:
+        stats["valid_unk_rate"] = list(unk_rate(tokenizer, valid))
+    text = json.dumps(stats, indent=2) + "\n"
+    atomic_write_bytes(Path(run_dir) / DATA_FILE, text.encode("utf-8"))
+    return stats
+
+
+def report_checkpoint(run_dir: Path) -> Path:
+    """The weights a report scores: the averaged ones if the run made them, else the best."""
+    averaged = checkpoint_dir(run_dir) / AVERAGE_NAME
+    return averaged if averaged.is_file() else resolve_checkpoint(Path(run_dir)).weights
+
+
+def test_scores(
+    run_dir: Path, device: str = "auto", precision: str = "auto"
+) -> tuple[str, dict[str, MetricScore]]:
+    """Translate the run's test set with its report checkpoint; scores incl. lowercased BLEU.
+
+    The hypotheses are written next to the report as test.hyp.<tgt_lang>.
+    """
+    from mt.evaluate import model_translations
+
+    checkpoint = report_checkpoint(run_dir)
+    hyps, refs = model_translations(checkpoint, None, device, precision)
+    assert refs is not None
+    config = load_run_config(run_dir)
+    text = "".join(h + "\n" for h in hyps)
+    atomic_write_bytes(run_dir / f"test.hyp.{config.data.tgt_lang}", text.encode("utf-8"))
+    cased = score(hyps, refs)
+    lowercased = score(hyps, refs, lowercase=True)["bleu"]
+    return checkpoint.name, {"bleu": cased["bleu"], "bleu_lc": lowercased, **cased}
+
+
+def _duration(seconds: float) -> str:
+    """E.g. 42 s, 12.5 min, 3.25 h."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    minutes = seconds / 60
+    return f"{minutes:.1f} min" if minutes < 120 else f"{minutes / 60:.2f} h"
+
+
+def _model_section(config: Config, run_dir: Path) -> list[str]:
+    data = _read_json(run_dir / DATA_FILE)
+    m = config.model
+    lines = [
+        "## Model",
+        "",
+        f"{m.enc_layers}+{m.dec_layers} layers, dim {m.dim}, {m.heads} heads, FFN {m.ffn_dim}, "
+        f"{'pre' if m.prenorm else 'post'}-norm, {m.activation}, dropout {m.dropout}, "
+        f"{'shared' if m.share_embeddings else 'separate'} embeddings.",
+    ]
+    if data:
+        model = model_from_config(m, data["src_vocab"], data["tgt_vocab"])
+        lines[-1] += f" **{count_parameters(model):,} parameters** "
+        lines[-1] += f"(vocabulary {data['src_vocab']:,} / {data['tgt_vocab']:,})."
+    return [*lines, ""]
+
+
+def _data_section(run_dir: Path, config: Config) -> list[str]:
+    data = _read_json(run_dir / DATA_FILE)
+    if not data:
+        return []
+    t = data["train"]
+    lines = [
+        "## Data",
+        "",
+        f"- train `{config.data.train}`: kept {t['kept']:,} of {t['total']:,} pairs; dropped "
+        f"{t['empty']:,} empty, {t['too_long']:,} over {t['max_len']} tokens, "
+        f"{t['bad_ratio']:,} with a length ratio over {t['max_ratio']}",
+        f"- {data['train_src_tokens']:,} source and {data['train_tgt_tokens']:,} target "
+        "subword tokens kept",
+    ]
+    if "valid_unk_rate" in data:
+        src, tgt = data["valid_unk_rate"]
+        lines.append(f"- dev `{config.data.valid}`: unk rate {src:.3%} source, {tgt:.3%} target")
+    return [*lines, ""]
+
+
+def _training_section(run_dir: Path) -> list[str]:
+    train = read_metrics(run_dir, "train")
+    valid = read_metrics(run_dir, "valid")
+    end = read_metrics(run_dir, "end")
+    lines = ["## Training", ""]
+    if end:
+        e = end[-1]
+        lines.append(
+            f"- {e['step']:,} steps ({e['epoch']} epochs) in {_duration(e['train_seconds'])}, "
+            f"validation included; {e['precision']} on {e['device']}"
+        )
+    if train:
+        speed = statistics.median(r["tgt_tok_s"] for r in train)
+        lines.append(f"- median throughput {speed:,.0f} target tokens/s")
+    if valid:
+        best = max(valid, key=lambda r: r["bleu"])
+        lines.append(f"- best dev BLEU **{best['bleu']:.2f}** at step {best['step']:,}")
+        lines += ["", "| step | dev loss | dev ppl | dev BLEU |", "|---:|---:|---:|---:|"]
+        lines += [
+            f"| {r['step']:,} | {r['loss']:.3f} | {r['ppl']:.2f} | {r['bleu']:.2f} |" for r in valid
+        ]
+    return [*lines, ""]
+
+
+def _test_section(checkpoint: str, scores: dict[str, MetricScore], config: Config) -> list[str]:
+    labels = {"bleu": "BLEU", "bleu_lc": "BLEU (lowercased)", "chrf": "chrF", "ter": "TER"}
+    lines = [
+        "## Test",
+        "",
+        f"`{config.data.test}`, translated with `{checkpoint}` (beam {config.decode.beam}, "
+        f"alpha {config.decode.alpha}).",
+        "",
+        "| metric | score | sacreBLEU signature |",
+        "|---|---:|---|",
+    ]
+    for key, s in scores.items():
+        signature = s.signature.replace("|", "\\|")  # a bare | would end the table cell
+        lines.append(f"| {labels[key]} | {s.score:.2f} | `{signature}` |")
+    return [*lines, ""]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def write_report(
+    run_dir: Path, test: bool = True, device: str = "auto", precision: str = "auto"
+) -> Path:
+    """Write RUN/report.md and RUN/curves.png; with `test`, score the test set if it has one."""
+    run_dir = Path(run_dir)
+    config = load_run_config(run_dir)
+    lines = [f"# Run report: `{run_dir}`", ""]
+    lines += _model_section(config, run_dir)
+    lines += _data_section(run_dir, config)
+    lines += _training_section(run_dir)
+    if test and config.data.test:
+        checkpoint, scores = test_scores(run_dir, device, precision)
+        lines += _test_section(checkpoint, scores, config)
+    if read_metrics(run_dir):
+        plot_curves([run_dir], run_dir / CURVES_FILE)
+        lines += ["## Curves", "", f"![learning curves]({CURVES_FILE})", ""]
+    config_text = (run_dir / CONFIG_FILE).read_text(encoding="utf-8").rstrip()
+    lines += ["## Config", "", "```yaml", config_text, "```", ""]
+    path = run_dir / REPORT_FILE
+    atomic_write_bytes(path, "\n".join(lines).encode("utf-8"))
+    return path
