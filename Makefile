@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install data train demo bench test check format clean
+.PHONY: install data train demo multi30k bench test check format clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ train:
 
 demo:
 	MT=$(BIN)/mt bash scripts/demo.sh
+
+# Both Multi30k directions end to end, 58 minutes of training each (docs/benchmarks.md)
+multi30k:
+	MT=$(BIN)/mt bash scripts/multi30k.sh
 
 # mt against Hugging Face MarianMTModel on Multi30k (~15 min on 2 cores); writes docs/benchmarks.md
 bench:

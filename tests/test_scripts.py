@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,3 +25,35 @@ def test_bench_decode_prints_a_table(trained_run: Path) -> None:
     assert [row.split("|")[1].strip() for row in rows] == ["greedy", "beam 2"]
     bleus = [float(row.split("|")[5]) for row in rows]
     assert all(bleu > 50 for bleu in bleus)  # the tiny run has learnt its toy language
+
+
+def test_multi30k_script_trains_translates_and_scores(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, tiny in (("train", "train"), ("val", "valid"), ("test_2016_flickr", "valid")):
+        for lang in ("de", "en"):
+            text = (TINY / f"{tiny}.{lang}").read_bytes()
+            (data / f"{split}.{lang}.gz").write_bytes(gzip.compress(text))
+    tiny_model = [
+        "model.dim=32", "model.enc_layers=1", "model.dec_layers=1", "model.heads=2",
+        "model.ffn_dim=64", "model.max_positions=128", "tokenizer.vocab_size=100",
+        "tokenizer.byte_fallback=false", "data.max_len=64", "train.max_tokens=256",
+        "train.max_steps=20", "train.max_minutes=0", "train.valid_every=10", "train.keep_last=2",
+        "train.average_last=2", "train.precision=fp32", "train.report=false", "decode.beam=2",
+    ]  # fmt: skip
+    env = {**os.environ, "DATA": str(data), "RUN_PREFIX": str(tmp_path / "run"),
+           "DIRECTIONS": "en-de",  # one direction: the other differs only in its config
+           "MT": str(Path(sys.executable).parent / "mt"), "OMP_NUM_THREADS": "1"}  # fmt: skip
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "multi30k.sh"), *tiny_model],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = tmp_path / "run-en-de"
+    assert (run / "checkpoints" / "average.safetensors").is_file()
+    out = (run / "test.out.de").read_text(encoding="utf-8").splitlines()
+    assert len(out) == 40
+    assert "== en-de: test_2016_flickr, 40 sentences" in proc.stdout
+    scores = [line for line in proc.stdout.splitlines() if line.startswith("BLEU = ")]
+    assert len(scores) == 2  # cased, then lowercased
+    assert "case:mixed" in scores[0] and "case:lc" in scores[1]
