@@ -760,11 +760,11 @@ def wrap(line: str, width: int = 100) -> str:
     return textwrap.fill(line, width, break_long_words=False, break_on_hyphens=False)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Put `section` into the Markdown file, replacing an earlier version of it."""
+def write_section(path: Path, section: str, heading: str = SECTION) -> None:
+    """Put `section` into the Markdown file, replacing the one under the same `heading`."""
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
     lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == heading), None)
     if start is None:
         new = text.rstrip("\n") + "\n\n" + section
     else:

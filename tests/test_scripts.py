@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import subprocess
 import sys
@@ -57,3 +58,19 @@ def test_multi30k_script_trains_translates_and_scores(tmp_path: Path) -> None:
     scores = [line for line in proc.stdout.splitlines() if line.startswith("BLEU = ")]
     assert len(scores) == 2  # cased, then lowercased
     assert "case:mixed" in scores[0] and "case:lc" in scores[1]
+
+
+def test_gpu_bench_runs_on_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gpu_bench.py"), "--device", "cpu", "--smoke",
+         "--no-compile", "--json", str(out)],
+        capture_output=True, text=True, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["train"]["params"] == 115_520  # the --smoke model with a 500-piece vocabulary
+    assert res["train"]["tgt_tok_s"] > 0 and 0 < res["train"]["flop_s"] < res["peak_flop_s"]
+    assert res["decode"]["sentences"] == 16
+    assert "aten::_scaled_dot_product_attention_math" in res["train"]["sdpa_kernels"]
+    assert "| **MFU** |" in proc.stdout
