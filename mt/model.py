@@ -197,9 +197,9 @@ class LayerCache:
     cross_k: Tensor | None = None
     cross_v: Tensor | None = None
 
-    def reorder(self, index: Tensor) -> None:
-        """Select/reorder batch rows of every cached tensor."""
-        for name in ("self_k", "self_v", "cross_k", "cross_v"):
+    def reorder(self, index: Tensor, names: tuple[str, ...]) -> None:
+        """Select/reorder batch rows of the cached tensors `names`."""
+        for name in names:
             cached = getattr(self, name)
             if cached is not None:
                 setattr(self, name, cached.index_select(0, index))
@@ -212,13 +212,18 @@ class DecoderState:
         self.step = 0  # number of target positions already decoded
         self.layers = [LayerCache() for _ in range(num_layers)]
 
-    def reorder(self, index: Tensor) -> None:
-        """Select/reorder batch rows (index (B',) long) of all cached tensors, e.g. for beam search.
+    def reorder(self, index: Tensor, source_index: Tensor | None = None) -> None:
+        """Select/reorder target rows (index (N',) long), e.g. for beam search.
 
-        The caller must reorder `memory` and `src` passed to later decode calls the same way.
+        Self-attention caches follow `index`. Cross-attention caches hold one row per source
+        and follow `source_index` (B',) when given; they never need reordering among rows that
+        share a source (the beams of one sentence). The caller selects the `memory` and `src`
+        rows of later decode calls the same way as the cross-attention caches.
         """
         for cache in self.layers:
-            cache.reorder(index)
+            cache.reorder(index, ("self_k", "self_v"))
+            if source_index is not None:
+                cache.reorder(source_index, ("cross_k", "cross_v"))
 
 
 def incremental_mask(new: int, total: int, device: torch.device) -> Tensor | None:
@@ -273,12 +278,16 @@ class DecoderLayer(nn.Module):
             if cache.cross_k is None:  # the memory is fixed, so project it only once
                 cache.cross_k, cache.cross_v = self.cross_attn.project_kv(memory)
             k, v = cache.cross_k, cache.cross_v
-        return self.cross_attn(x, k, v, mask=src_mask)  # (B, T, D)
+        # G = N / B target rows per source (beams): they become G * T queries of that source,
+        # so the source keys/values are neither copied G times nor reordered with the beams.
+        N, T, D = x.shape
+        queries = x.reshape(memory.size(0), -1, D)  # (B, G*T, D)
+        return self.cross_attn(queries, k, v, mask=src_mask).reshape(N, T, D)  # (N, T, D)
 
     def forward(
         self, x: Tensor, memory: Tensor, src_mask: Tensor, cache: LayerCache | None = None
     ) -> Tensor:
-        """x (B, T, D), memory (B, S, D), src_mask (B, 1, 1, S) -> (B, T, D)."""
+        """x (N, T, D), memory (B, S, D), src_mask (B, 1, 1, S) -> (N, T, D); N = G * B."""
         drop, pre = self.dropout, self.prenorm
         x = residual(x, lambda h: self._self_attention(h, cache), self.norm1, drop, pre)
         x = residual(
@@ -369,17 +378,21 @@ class Transformer(nn.Module):
     def decode(
         self, tgt_in: Tensor, memory: Tensor, src: Tensor, state: DecoderState | None = None
     ) -> Tensor:
-        """Target tokens (B, T) -> logits (B, T, V); with a state, tgt_in holds only new tokens."""
+        """Target tokens (N, T) -> logits (N, T, V); with a state, tgt_in holds only new tokens.
+
+        memory (B, S, D) and src (B, S) have one row per source; N is a multiple G of B, and
+        target rows g*G .. g*G+G-1 all belong to source g (G = 1 but for beam search).
+        """
         src_mask = key_padding_mask(src, self.pad_id)  # (B, 1, 1, S)
         start = 0 if state is None else state.step
-        x = self._embed(self.tgt_embed, tgt_in, start)  # (B, T, D)
+        x = self._embed(self.tgt_embed, tgt_in, start)  # (N, T, D)
         for i, layer in enumerate(self.decoder):
             cache = None if state is None else state.layers[i]
-            x = layer(x, memory, src_mask, cache)  # (B, T, D)
-        x = self.dec_norm(x)  # (B, T, D)
+            x = layer(x, memory, src_mask, cache)  # (N, T, D)
+        x = self.dec_norm(x)  # (N, T, D)
         if state is not None:
             state.step += tgt_in.size(1)
-        return F.linear(x, self.tgt_embed.weight)  # (B, T, V), tied projection without bias
+        return F.linear(x, self.tgt_embed.weight)  # (N, T, V), tied projection without bias
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher-forced pass: src (B, S), tgt_in (B, T) -> logits (B, T, V)."""

@@ -216,8 +216,8 @@ class Beams:
     scores: Tensor  # (B'*K,) float32 running log-probabilities (-inf: not a real beam)
     count: Tensor  # (B',) finished hypotheses set aside so far
     limit: Tensor  # (B',) output length limits (EOS included)
-    memory: Tensor  # (B'*K, S, D)
-    src: Tensor  # (B'*K, S)
+    memory: Tensor  # (B', S, D) one row per sentence: its K beams share it
+    src: Tensor  # (B', S)
     state: DecoderState
 
 
@@ -234,8 +234,8 @@ def start_beams(
         scores=scores.view(-1),
         count=torch.zeros(B, dtype=torch.long, device=device),
         limit=max_lengths(src, max_len_a, max_len_b, model.max_positions - 1),
-        memory=model.encode(src).repeat_interleave(beam, dim=0),  # (B*K, S, D)
-        src=src.repeat_interleave(beam, dim=0),  # (B*K, S)
+        memory=model.encode(src),  # (B, S, D)
+        src=src,  # (B, S)
         state=model.init_state(),
     )
 
@@ -244,9 +244,10 @@ def expand_candidates(scores: Tensor, lprobs: Tensor, beam: int) -> tuple[Tensor
     """The 2K best one-token extensions per sentence: scores, origin beams, tokens, each (B', 2K).
 
     2K, because at most K of them (one per beam) end in EOS: K live ones always remain.
+    Consumes `lprobs` (B'*K, V): the running scores are added to it in place.
     """
     V = lprobs.size(1)
-    total = (scores.unsqueeze(1) + lprobs).view(-1, beam * V)  # (B', K*V)
+    total = lprobs.add_(scores.unsqueeze(1)).view(-1, beam * V)  # (B', K*V)
     top, flat = total.topk(2 * beam, dim=1)  # (B', 2K) each, best first
     return top, flat // V, flat % V
 
@@ -289,15 +290,16 @@ def advance(
     first_row = torch.arange(keep.size(0), device=keep.device).unsqueeze(1) * beam  # (B', 1)
     rows = (first_row + origin)[keep].view(-1)  # (B''*K,) rows to continue, by origin beam
     kept = keep.nonzero().squeeze(1)  # (B'',)
-    beams.state.reorder(rows)  # memory and src must follow: the cross mask is rebuilt from src
+    all_kept = kept.size(0) == keep.size(0)  # then per-sentence tensors stay as they are
+    beams.state.reorder(rows, None if all_kept else kept)
     return Beams(
         sent=beams.sent[kept],
         tokens=torch.cat([beams.tokens.index_select(0, rows), tokens[keep].view(-1, 1)], dim=1),
         scores=scores[keep].view(-1),  # (B''*K,)
         count=beams.count[kept],
         limit=beams.limit[kept],
-        memory=beams.memory.index_select(0, rows),  # (B''*K, S, D)
-        src=beams.src.index_select(0, rows),  # (B''*K, S)
+        memory=beams.memory if all_kept else beams.memory.index_select(0, kept),  # (B'', S, D)
+        src=beams.src if all_kept else beams.src.index_select(0, kept),  # (B'', S)
         state=beams.state,
     )
 

@@ -121,10 +121,33 @@ def test_reorder_matches_reordered_full(prenorm: bool) -> None:
         memory, state = model.encode(src), model.init_state()
         for t in range(3):
             model.decode(tgt_in[:, t : t + 1], memory, src, state)
-        state.reorder(index)
+        state.reorder(index, index)
         src2, memory2, tgt2 = src[index], memory[index], tgt_in[index]
         steps = [model.decode(tgt2[:, t : t + 1], memory2, src2, state) for t in range(3, 6)]
         full = model(src2, tgt2[:, :6])
+    assert torch.allclose(full[:, 3:6], torch.cat(steps, dim=1), atol=1e-5)
+
+
+@pytest.mark.parametrize("prenorm", [True, False])
+def test_grouped_rows_share_their_source(prenorm: bool) -> None:
+    # Beam search: G target rows per source, shuffled among themselves and sources dropped,
+    # while the cross-attention caches keep one row per source.
+    model = tiny(prenorm).eval()
+    src, tgt_in, _ = random_pairs(3)
+    G = 2
+    rows = tgt_in.repeat_interleave(G, dim=0)  # (6, T): rows 2g, 2g+1 belong to source g
+    rows[1::2, 2:] = tgt_in.flip(0)[:, 2:]  # the second copy continues differently
+    with torch.no_grad():
+        memory, state = model.encode(src), model.init_state()
+        for t in range(3):
+            model.decode(rows[:, t : t + 1], memory, src, state)
+        assert state.layers[0].cross_k.size(0) == 3  # one row per source, not per beam
+        index = torch.tensor([1, 0, 5, 5])  # swap source 0's rows; drop source 1
+        keep = torch.tensor([0, 2])
+        state.reorder(index, keep)
+        rows2, src2, memory2 = rows[index], src[keep], memory[keep]
+        steps = [model.decode(rows2[:, t : t + 1], memory2, src2, state) for t in range(3, 6)]
+        full = model(src2.repeat_interleave(G, dim=0), rows2[:, :6])
     assert torch.allclose(full[:, 3:6], torch.cat(steps, dim=1), atol=1e-5)
 
 
