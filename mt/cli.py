@@ -483,6 +483,41 @@ def plot_command(
     typer.echo(str(plot_curves(runs, output)))
 
 
+@app.command("attention")
+def attention_command(
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="Run directory or checkpoint.")],
+    sentence: Annotated[str, typer.Argument(help="Source sentence to translate.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="PNG file to write.")] = Path(
+        "attention.png"
+    ),
+    layer: Annotated[
+        int, typer.Option(min=0, help="Decoder layer to show (1 = first); 0 shows every layer.")
+    ] = 0,
+    beam: BeamOption = None,
+    device: DeviceOption = "auto",
+) -> None:
+    """Translate a sentence and plot the decoder's cross-attention, averaged over heads."""
+    from mt.attention import align
+    from mt.plot import plot_attention
+    from mt.run import load_trained
+    from mt.translate import decode_settings, resolve_runtime
+
+    dev, _ = resolve_runtime(device, "fp32")
+    config, tokenizer, model, _ = load_trained(run, dev)
+    found = align(model, tokenizer, sentence, decode_settings(config, beam=beam))
+    layers = len(found.weights)
+    if layer > layers:
+        raise MtError(f"--layer {layer}: the model has {layers} decoder layers")
+    chosen = [layer] if layer else list(range(1, layers + 1))
+    weights = found.weights.mean(dim=1)[[i - 1 for i in chosen]]  # (panels, T, S)
+    titles = [f"decoder layer {i} cross-attention (mean of heads)" for i in chosen]
+    typer.echo(found.translation)
+    path = plot_attention(
+        weights.cpu().numpy(), found.source_pieces, found.target_pieces, titles, output
+    )
+    typer.echo(str(path))
+
+
 @app.command("report")
 def report_command(
     run: Annotated[Path, typer.Argument(metavar="RUN", help="Run directory.")],

@@ -1,4 +1,4 @@
-"""Figures of runs: learning curves from metrics.jsonl (matplotlib, no display needed)."""
+"""Figures: learning curves from metrics.jsonl, attention heatmaps (matplotlib, no display)."""
 
 from __future__ import annotations
 
@@ -66,6 +66,43 @@ def plot_curves(run_dirs: list[Path], output: Path, labels: list[str] | None = N
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
+    return save_figure(fig, output)
+
+
+CELL_INCHES = 0.3  # heatmap cell size: the figure grows with the token counts
+MARGIN_INCHES = (2.0, 1.6)  # room for the piece labels, the title and the colour bar
+
+
+def heatmap_inches(sources: int, targets: int, panels: int) -> tuple[float, float]:
+    """Figure size (width, height) for `panels` heatmaps of targets x sources cells."""
+    return (
+        MARGIN_INCHES[0] * panels + CELL_INCHES * sources * panels,
+        MARGIN_INCHES[1] + CELL_INCHES * targets,
+    )
+
+
+def plot_attention(
+    weights: Any, source: list[str], target: list[str], titles: list[str], output: Path
+) -> Path:
+    """Heatmaps of attention weights (panels, T, S): target pieces down, source pieces across."""
+    panels, rows, cols = weights.shape
+    if (rows, cols) != (len(target), len(source)):
+        raise ValueError(f"weights of {rows} x {cols} for {len(target)} x {len(source)} labels")
+    plt = _pyplot()
+    fig, axes = plt.subplots(
+        1,
+        panels,
+        figsize=heatmap_inches(cols, rows, panels),
+        dpi=DPI,
+        squeeze=False,
+        layout="constrained",
+    )
+    for ax, panel, title in zip(axes[0], weights, titles, strict=True):
+        image = ax.imshow(panel, cmap="viridis", vmin=0.0, vmax=1.0, aspect="equal")
+        ax.set_xticks(range(cols), source, rotation=90, fontsize=8)
+        ax.set_yticks(range(rows), target, fontsize=8)
+        ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="attention weight")
     return save_figure(fig, output)
 
 

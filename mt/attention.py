@@ -1,0 +1,82 @@
+"""Cross-attention weights of a translation, for inspection and `mt attention` heatmaps.
+
+SDPA returns attention outputs, not weights, so the weights are recomputed from what each
+decoder layer's cross-attention receives, with the same formula:
+softmax(q k^T / sqrt(hd)) over the real (non-pad) source keys.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mt.batching import collate_source
+from mt.config import DecodeConfig
+from mt.model import MultiHeadAttention, Transformer
+from mt.search import beam_search
+from mt.tokenizer import Tokenizer
+from mt.vocab import BOS_ID, EOS_ID
+
+
+@dataclass
+class Alignment:
+    """A translation and its cross-attention: weights (layers, heads, T, S)."""
+
+    source_pieces: list[str]  # S labels: the source pieces, then </s>
+    target_pieces: list[str]  # T labels: the output pieces, then </s> (what each row predicts)
+    weights: Tensor  # (layers, heads, T, S) float32, rows sum to 1
+    translation: str
+
+
+def attention_weights(attn: MultiHeadAttention, x: Tensor, k: Tensor, mask: Tensor) -> Tensor:
+    """Weights (B, H, L, S) of attn's queries from x (B, L, D) over keys k (B, H, S, hd)."""
+    q = attn.split_heads(attn.q_proj(x))  # (B, H, L, hd)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, L, S)
+    return scores.masked_fill(~mask, -math.inf).softmax(dim=-1)  # mask (B, 1, 1, S)
+
+
+@torch.no_grad()
+def cross_attention(model: Transformer, src: Tensor, tgt_in: Tensor) -> Tensor:
+    """Teacher-forced cross-attention weights (layers, B, H, T, S) of tgt_in (B, T) over src."""
+    captured: list[Tensor] = []
+
+    def capture(module: MultiHeadAttention, args: tuple, kwargs: dict[str, Any], _: Any) -> None:
+        x, k = args[0], args[1]
+        captured.append(attention_weights(module, x, k, kwargs["mask"]).float())
+
+    hooks = [
+        layer.cross_attn.register_forward_hook(capture, with_kwargs=True) for layer in model.decoder
+    ]
+    try:
+        model.eval()
+        model(src, tgt_in)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.stack(captured)  # (layers, B, H, T, S)
+
+
+def align(
+    model: Transformer, tokenizer: Tokenizer, sentence: str, decode: DecodeConfig
+) -> Alignment:
+    """Translate one sentence with beam search, then read the cross-attention of the output."""
+    device = next(model.parameters()).device
+    ids = tokenizer.encode_src([sentence])[0][: model.max_positions - 1]
+    src = collate_source([ids], torch.zeros(1, dtype=torch.long).numpy()).src.to(device)
+    best = beam_search(
+        model, src, decode.beam, decode.alpha, decode.length_penalty,
+        decode.max_len_a, decode.max_len_b, decode.min_len,
+    )[0][0]  # fmt: skip
+    tgt_in = torch.tensor([[BOS_ID, *best.tokens]], device=device)  # (1, T)
+    weights = cross_attention(model, src, tgt_in)[:, 0]  # (layers, H, T, S)
+    pieces = tokenizer.tgt.id_to_piece  # one id -> its piece
+    return Alignment(
+        source_pieces=[tokenizer.src.id_to_piece(i) for i in ids] + ["</s>"],
+        target_pieces=[pieces(i) for i in best.tokens] + ["</s>"],
+        weights=weights,
+        translation=tokenizer.decode_tgt([[*best.tokens, EOS_ID]])[0],
+    )

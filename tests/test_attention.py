@@ -1,0 +1,71 @@
+"""Tests for mt.attention and `mt attention`: weights that reproduce SDPA, and the heatmap."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from mt.attention import align, attention_weights
+from mt.cli import app
+from mt.errors import MtError
+from mt.plot import DPI, heatmap_inches
+from mt.run import load_trained
+
+SENTENCE = "der Hund läuft schnell ."  # in the tiny corpus's vocabulary
+
+
+def test_weights_reproduce_the_attention_output(trained_run: Path) -> None:
+    config, tokenizer, model, _ = load_trained(trained_run, torch.device("cpu"))
+    found = align(model, tokenizer, SENTENCE, config.decode)
+    S = len(tokenizer.encode_src([SENTENCE])[0]) + 1  # + EOS
+    T = len(found.target_pieces)
+    assert found.weights.shape == (2, 2, T, S)  # layers, heads, targets, sources
+    assert found.source_pieces[-1] == found.target_pieces[-1] == "</s>"
+    assert torch.allclose(found.weights.sum(-1), torch.ones(2, 2, T), atol=1e-5)
+    # The recomputed weights, applied to the values, give the layer's SDPA output exactly.
+    seen = {}
+    attn = model.decoder[1].cross_attn
+    hook = attn.register_forward_hook(
+        lambda m, args, kwargs, out: seen.update(args=args, kwargs=kwargs, out=out),
+        with_kwargs=True,
+    )
+    ids = tokenizer.encode_tgt([found.translation])[0]
+    with torch.no_grad():
+        model(torch.tensor([[*tokenizer.encode_src([SENTENCE])[0], 3]]), torch.tensor([[2, *ids]]))
+        hook.remove()
+        x, k, v = seen["args"]
+        w = attention_weights(attn, x, k, seen["kwargs"]["mask"])
+        mixed = (w @ v).transpose(1, 2).reshape(x.shape)  # (B, T, D)
+        assert torch.allclose(attn.out_proj(mixed), seen["out"], atol=1e-5)
+
+
+def test_attention_command_writes_a_heatmap_sized_by_tokens(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    config, tokenizer, model, _ = load_trained(trained_run, torch.device("cpu"))
+    found = align(model, tokenizer, SENTENCE, config.decode)
+    S, T = len(found.source_pieces), len(found.target_pieces)
+    runner = CliRunner()
+    for layer, panels in ((0, 2), (2, 1)):
+        out = tmp_path / f"layer{layer}.png"
+        args = ["attention", str(trained_run), SENTENCE, "-o", str(out), "--layer", str(layer)]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert result.output.splitlines() == [found.translation, str(out)]
+        width, height = heatmap_inches(S, T, panels)
+        assert Image.open(out).size == (round(width * DPI), round(height * DPI))
+    result = runner.invoke(app, ["attention", str(trained_run), SENTENCE, "--layer", "3"])
+    assert isinstance(result.exception, MtError)
+    assert str(result.exception) == "--layer 3: the model has 2 decoder layers"
+
+
+def test_heatmap_labels_must_match_the_weights(tmp_path: Path) -> None:
+    from mt.plot import plot_attention
+
+    with pytest.raises(ValueError, match="weights of 2 x 3 for 2 x 2 labels"):
+        plot_attention(np.zeros((1, 2, 3)), ["a", "b"], ["x", "y"], ["t"], tmp_path / "a.png")
