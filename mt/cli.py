@@ -533,6 +533,41 @@ def report_command(
     typer.echo(str(write_report(run, test=test, device=device, precision=precision)))
 
 
+EXPORT_HELP = (
+    "Export a trained model for serving: a CTranslate2 model (ct2) or a Hugging Face "
+    "MarianMTModel (hf, post-norm models only), with its tokenizer and a README.md.\n\n"
+    "OUT appears whole or not at all; an existing non-empty OUT is replaced only with --force. "
+    "ct2 needs ctranslate2 (the serve extra), hf needs transformers (the bench extra)."
+)
+
+
+@app.command("export", help=EXPORT_HELP)
+def export_command(
+    run: Annotated[
+        Path,
+        typer.Argument(
+            metavar="RUN",
+            help="Run directory (its best checkpoint, else its latest), checkpoints directory, "
+            "or .safetensors file (e.g. an average).",
+        ),
+    ],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Directory to write.")],
+    fmt: Annotated[
+        Literal["ct2", "hf"],
+        typer.Option("--format", "-f", help="ct2: CTranslate2; hf: Hugging Face MarianMTModel."),
+    ],
+    quantization: Annotated[
+        str | None,
+        typer.Option(help="ct2 weight type, e.g. int8, int8_float16, float16 (default float32)."),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace a non-empty OUT.")] = False,
+) -> None:
+    """Export a model (see EXPORT_HELP); prints OUT."""
+    from mt.export import export_model
+
+    typer.echo(str(export_model(run, out, fmt, quantization=quantization, force=force)))
+
+
 def main() -> None:
     """Entry point: run the app; user errors become one line on stderr and an exit code."""
     _setup_logging()

@@ -2,14 +2,16 @@
 
 Data goes to a hidden temp file beside the target (`.NAME.<random hex>.tmp`), is fsynced, gets the
 permissions a plain `open()` would give, and is renamed over the target. If anything fails,
-the temp file is removed and the target is untouched.
+the temp file is removed and the target is untouched. Whole directories work the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -62,3 +64,47 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Replace `path` with `data`, atomically."""
     with atomic_write(path) as stream:
         stream.write(data)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: Path, replace: bool = False) -> Iterator[Path]:
+    """A temp directory beside `path` to fill; renamed to `path` once the block succeeds.
+
+    A missing or empty `path` is taken over in one rename. A non-empty one raises
+    FileExistsError, or with `replace` is moved aside, swapped and only then deleted.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    temp.mkdir()
+    try:
+        yield temp
+        for file in temp.rglob("*"):
+            if file.is_file():  # open()'s permissions: some libraries write 0600 files
+                os.chmod(file, 0o666 & ~_umask())
+                _fsync(file)
+        _swap_in(temp, path, replace)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)  # a failed export leaves nothing behind
+        raise
+    _fsync_dir(path.parent)
+
+
+def _swap_in(new: Path, path: Path, replace: bool) -> None:
+    """Rename directory `new` to `path`, replacing what is there only when allowed."""
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        os.replace(new, path)  # rename(2) may replace an empty directory
+        return
+    if not replace:
+        raise FileExistsError(errno.EEXIST, "exists and is not empty", str(path))
+    old = path.with_name(f".{path.name}.{secrets.token_hex(4)}.old")
+    os.replace(path, old)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(old, path)  # put the previous contents back
+        raise
+    if old.is_dir():
+        shutil.rmtree(old)
+    else:
+        old.unlink()

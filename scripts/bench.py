@@ -5,7 +5,7 @@
 
 Both systems get the same architecture (post-norm, 3+3 layers, D 256, 4 heads, FFN 1024, ReLU,
 sinusoidal positions, three-way tied 8k joint vocabulary, dropout 0.1), the same initial
-weights (mt's initialisation copied into the Marian model, see `marian_from_mt`), the same
+weights (mt's initialisation copied into the Marian model, `mt.export.marian_from_mt`), the same
 padded batches (built once by mt's pipeline: tokenizer, encode_corpus, BatchSampler, collate)
 and the same loss (`mt.loss.label_smoothed_nll` on the logits), Adam (0.9, 0.98), clipping at
 1.0 and the inverse-sqrt schedule. mt trains through its own `train_step` and
@@ -46,6 +46,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 from mt.batching import BatchSampler, collate, collate_source  # noqa: E402
 from mt.config import Config, load_config  # noqa: E402
 from mt.distributed import World  # noqa: E402
+from mt.export import marian_from_mt  # noqa: E402
 from mt.loss import label_smoothed_nll  # noqa: E402
 from mt.model import Transformer, count_parameters  # noqa: E402
 from mt.optim import make_scheduler  # noqa: E402
@@ -62,86 +63,7 @@ TEST_PREFIX = "test_2016_flickr"
 
 
 # ---------------------------------------------------------------------------------------------
-# The Marian twin of an mt model
-
-
-def marian_from_mt(model: Transformer) -> Any:
-    """A MarianMTModel computing the same function as the post-norm mt `model`.
-
-    Same shapes, weights copied: tied embeddings (scaled by sqrt(D)), mt's interleaved sinusoid
-    table in place of Marian's half-split one, attention projections (mt has no key bias: Marian's
-    is zeroed and frozen), FFN, post-norm LayerNorms; final_logits_bias stays zero.
-    """
-    from transformers import MarianConfig, MarianMTModel
-
-    if not isinstance(model.enc_norm, torch.nn.Identity):
-        raise ValueError("Marian is post-norm: the mt model must have prenorm=False")
-    if model.src_embed is not model.tgt_embed:
-        raise ValueError("the mt model must tie source and target embeddings")
-    enc0, dec0 = model.encoder[0], model.decoder[0]
-    vocab, dim = model.tgt_embed.weight.shape
-    act = type(enc0.ffn.act).__name__.lower()
-    config = MarianConfig(
-        vocab_size=vocab,
-        d_model=dim,
-        encoder_layers=len(model.encoder),
-        decoder_layers=len(model.decoder),
-        encoder_attention_heads=enc0.self_attn.heads,
-        decoder_attention_heads=dec0.self_attn.heads,
-        encoder_ffn_dim=enc0.ffn.fc1.out_features,
-        decoder_ffn_dim=dec0.ffn.fc1.out_features,
-        max_position_embeddings=model.max_positions,
-        activation_function={"relu": "relu", "gelu": "gelu"}[act],
-        dropout=enc0.dropout.p,
-        activation_dropout=enc0.ffn.dropout.p,
-        attention_dropout=enc0.self_attn.attn_dropout,
-        scale_embedding=True,
-        share_encoder_decoder_embeddings=True,
-        tie_word_embeddings=True,
-        pad_token_id=PAD_ID,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-        forced_eos_token_id=None,  # `RowLimits` ends outputs at mt's length limits
-        decoder_start_token_id=BOS_ID,
-    )
-    config._attn_implementation = "sdpa"  # mt uses scaled_dot_product_attention too
-    hf = MarianMTModel(config)
-    inner = hf.model
-    with torch.no_grad():
-        inner.shared.weight.copy_(model.tgt_embed.weight)
-        for stack in (inner.encoder, inner.decoder):
-            stack.embed_positions.weight.copy_(model.positions[: model.max_positions])
-        hf.final_logits_bias.zero_()
-        for mine, theirs in zip(model.encoder, inner.encoder.layers, strict=True):
-            _copy_attention(mine.self_attn, theirs.self_attn)
-            _copy(mine.norm1, theirs.self_attn_layer_norm)
-            _copy(mine.ffn.fc1, theirs.fc1)
-            _copy(mine.ffn.fc2, theirs.fc2)
-            _copy(mine.norm2, theirs.final_layer_norm)
-        for mine, theirs in zip(model.decoder, inner.decoder.layers, strict=True):
-            _copy_attention(mine.self_attn, theirs.self_attn)
-            _copy(mine.norm1, theirs.self_attn_layer_norm)
-            _copy_attention(mine.cross_attn, theirs.encoder_attn)
-            _copy(mine.norm2, theirs.encoder_attn_layer_norm)
-            _copy(mine.ffn.fc1, theirs.fc1)
-            _copy(mine.ffn.fc2, theirs.fc2)
-            _copy(mine.norm3, theirs.final_layer_norm)
-    if hf.lm_head.weight.data_ptr() != inner.shared.weight.data_ptr():
-        raise RuntimeError("Marian's output projection is not tied to its embeddings")
-    return hf
-
-
-def _copy(src: torch.nn.Module, dst: torch.nn.Module) -> None:
-    dst.weight.copy_(src.weight)
-    dst.bias.copy_(src.bias)
-
-
-def _copy_attention(src: torch.nn.Module, dst: torch.nn.Module) -> None:
-    for name in ("q_proj", "v_proj", "out_proj"):
-        _copy(getattr(src, name), getattr(dst, name))
-    dst.k_proj.weight.copy_(src.k_proj.weight)
-    dst.k_proj.bias.zero_()
-    dst.k_proj.bias.requires_grad_(False)  # mt has no key bias: keep the functions equal
+# The Marian twin of an mt model: `marian_from_mt` (mt/export.py)
 
 
 def hf_logits(hf: Any, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
@@ -600,10 +522,8 @@ def profile_mt_step(spec: dict[str, Any], batches: list[Any], top: int = 10) -> 
     ] + [{"total_ms": total / 1000, "batch": [*batch.src.shape, batch.tgt_in.shape[1]]}]
 
 
-def machine() -> str:
-    """CPU model, cores, torch/transformers/Python versions."""
-    import transformers
-
+def cpu_model() -> str:
+    """The CPU's model name (lscpu), else what `platform` knows."""
     model = platform.processor() or platform.machine()
     with contextlib.suppress(OSError, subprocess.CalledProcessError):  # no lscpu: keep the above
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -615,8 +535,15 @@ def machine() -> str:
             ),
             model,
         )
+    return model
+
+
+def machine() -> str:
+    """CPU model, cores, torch/transformers/Python versions."""
+    import transformers
+
     return (
-        f"{model}, {os.cpu_count()} cores; torch {torch.__version__}, "
+        f"{cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}, "
         f"transformers {transformers.__version__}, Python {platform.python_version()}"
     )
 
@@ -639,7 +566,7 @@ def report(args: argparse.Namespace, spec: dict[str, Any], res: dict[str, Any]) 
         f"{res['heads']} heads, FFN {res['ffn']}, ReLU, sinusoidal positions, tied "
         f"{res['vocab']:,}-piece joint vocabulary ({res['params']:,} parameters), dropout 0.1; "
         f"mt's initial weights copied into `MarianMTModel` (`marian_from_mt` in "
-        f"scripts/bench.py). Same batches: the first {spec['warmup'] + spec['steps']} batches "
+        f"mt/export.py). Same batches: the first {spec['warmup'] + spec['steps']} batches "
         f"of mt's epoch 1 on Multi30k train (max_tokens {spec['max_tokens']}), built once by "
         "mt's pipeline and fed as the same padded tensors to both; same loss "
         "(`mt.loss.label_smoothed_nll`, eps 0.1, on the logits), Adam (0.9, 0.98) fused, clip 1.0, "

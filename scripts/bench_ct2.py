@@ -1,0 +1,222 @@
+"""Speed and BLEU of one trained mt model decoded by mt and by CTranslate2 (float32 and int8).
+
+    .venv/bin/python scripts/bench_ct2.py --run runs/multi30k                 # Markdown on stdout
+    .venv/bin/python scripts/bench_ct2.py --run runs/multi30k --write docs/benchmarks.md
+    .venv/bin/python scripts/bench_ct2.py --smoke                             # seconds, for tests
+
+All three decode Multi30k's test_2016_flickr (German → English, 1,000 sentences) with beam 5, in
+this one process, on the same threads: mt with `mt.translate.translate_lines` in fp32, and
+CTranslate2 exported from the same weights by `mt.export.save_ct2`, run by
+`mt.export.translate_ct2` (batches of one source length, mt's length limits and a fitted length
+penalty; see mt/export.py). Times include tokenising and detokenising; each figure is the median
+of --repeats passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "scripts"):  # run as a script from anywhere; bench.py sits beside it
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from bench import (  # noqa: E402
+    TEST_PREFIX,
+    cpu_model,
+    find_data,
+    log,
+    ratio,
+    read_gz,
+    wrap,
+    write_section,
+)
+
+from mt.config import Config, DecodeConfig, load_config  # noqa: E402
+from mt.errors import MtError  # noqa: E402
+from mt.export import import_ctranslate2, save_ct2, translate_ct2  # noqa: E402
+from mt.files import atomic_directory  # noqa: E402
+from mt.model import Transformer  # noqa: E402
+from mt.run import load_trained  # noqa: E402
+from mt.tokenizer import Tokenizer  # noqa: E402
+from mt.translate import decode_settings, translate_lines  # noqa: E402
+
+SECTION = "## Speed: mt vs CTranslate2"
+CT2_TYPES = {"CT2 float32": "float32", "CT2 int8": "int8"}  # system name -> weight type
+TINY_DATA = ROOT / "tests" / "data" / "tiny"
+Decoder = Callable[[list[str]], list[list[int]]]
+
+
+def smoke_run(workdir: Path) -> Path:
+    """A tiny run (configs/tiny.yaml, 30 steps), trained once into the workdir."""
+    from mt.train import train
+
+    run = workdir / "tiny-run"
+    if not (run / "checkpoints").is_dir():
+        overrides = [
+            f"run_dir={run}",
+            f"data.train={TINY_DATA / 'train'}",
+            f"data.valid={TINY_DATA / 'valid'}",
+            f"data.test={TINY_DATA / 'valid'}",
+        ]
+        train(load_config(ROOT / "configs" / "tiny.yaml", overrides))
+    return run
+
+
+def mt_decoder(model: Transformer, tokenizer: Tokenizer, decode: DecodeConfig) -> Decoder:
+    """mt's own search (fp32 on the CPU): target ids per line."""
+
+    def run(lines: list[str]) -> list[list[int]]:
+        outs = translate_lines(lines, tokenizer, model, decode, torch.device("cpu"), "fp32")
+        return [hyps[0].tokens if hyps else [] for hyps in outs]
+
+    return run
+
+
+def ct2_decoder(
+    directory: Path,
+    weights: str,
+    threads: int,
+    tokenizer: Tokenizer,
+    decode: DecodeConfig,
+    limit: int,
+) -> Decoder:
+    """CTranslate2 running an export from `directory` with `threads` intra-op threads."""
+    ctranslate2 = import_ctranslate2()
+    translator = ctranslate2.Translator(
+        str(directory), device="cpu", compute_type=weights, inter_threads=1, intra_threads=threads
+    )
+    return lambda lines: translate_ct2(translator, tokenizer, lines, decode, limit)
+
+
+def export_all(model: Transformer, tokenizer: Tokenizer, workdir: Path) -> dict[str, Path]:
+    """The model exported once per CTranslate2 weight type: {system name: directory}."""
+    dirs = {}
+    for name, weights in CT2_TYPES.items():
+        dirs[name] = workdir / f"ct2-{weights}"
+        with atomic_directory(dirs[name], replace=True) as temp:
+            save_ct2(model, tokenizer, temp, None if weights == "float32" else weights)
+    return dirs
+
+
+def measure(decoder: Decoder, lines: list[str], repeats: int) -> tuple[float, list[list[int]]]:
+    """Median seconds of `repeats` passes over `lines`, and the outputs of the last pass."""
+    times, outputs = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        outputs = decoder(lines)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), outputs
+
+
+def bench(
+    config: Config, tokenizer: Tokenizer, model: Transformer, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Decode the test set with every system; seconds, outputs and BLEU per system."""
+    import sacrebleu
+
+    data = find_data(args.data)
+    n = args.sentences or None
+    sources = read_gz(data / f"{TEST_PREFIX}.de.gz")[:n]
+    references = read_gz(data / f"{TEST_PREFIX}.en.gz")[:n]
+    decode = decode_settings(config, beam=args.beam, nbest=1)
+    limit = model.max_positions
+    decoders = {"mt": mt_decoder(model, tokenizer, decode)}
+    for name, directory in export_all(model, tokenizer, Path(args.workdir)).items():
+        weights = CT2_TYPES[name]
+        decoders[name] = ct2_decoder(directory, weights, args.threads, tokenizer, decode, limit)
+    results = {}
+    for name, decoder in decoders.items():
+        log(f"{name}: {len(sources):,} sentences x {args.repeats}")
+        decoder(sources[:8])  # warm-up: first-call allocations stay out of the timing
+        seconds, outputs = measure(decoder, sources, args.repeats)
+        texts = tokenizer.decode_tgt(outputs)
+        bleu = sacrebleu.corpus_bleu(texts, [references]).score
+        results[name] = {"seconds": seconds, "outputs": outputs, "bleu": bleu}
+        log(f"  {seconds:.2f} s, BLEU {bleu:.2f}")
+    return {"sentences": len(sources), "decode": decode, "systems": results}
+
+
+def report(args: argparse.Namespace, weights: Path, res: dict[str, Any]) -> str:
+    """The Markdown section."""
+    import ctranslate2
+
+    now = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    cmd = "python scripts/bench_ct2.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    d, n, systems = res["decode"], res["sentences"], res["systems"]
+    base = systems["mt"]
+    lines = [
+        SECTION,
+        "",
+        f"Measured {now} on {cpu_model()}, {args.threads} threads for every system; torch "
+        f"{torch.__version__}, ctranslate2 {ctranslate2.__version__}, Python "
+        f"{platform.python_version()}. Command: `{cmd.strip()}`"
+        + (" (smoke run: the numbers mean nothing)" if args.smoke else ""),
+        "",
+        f"Weights: {weights}. {n:,} sentences of {TEST_PREFIX}, beam {d.beam}, limit "
+        f"{d.max_len_a} x source length + {d.max_len_b}, {d.length_penalty} length penalty "
+        f"(alpha {d.alpha}); median of {args.repeats} passes in one process, tokenising and "
+        "detokenising included. mt: `mt.translate.translate_lines`, fp32, batches of "
+        f"{d.max_tokens:,} source tokens. CTranslate2: `mt export --format ct2` of the same "
+        "weights (int8: `--quantization int8`), decoded by `mt.export.translate_ct2`: one batch "
+        "per source length, so each sentence gets mt's length limit, and a length penalty "
+        "fitted to mt's (see mt/export.py).",
+        "",
+        "| system | seconds | sentences/s | vs mt | BLEU | outputs identical to mt |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in systems.items():
+        same = sum(a == b for a, b in zip(r["outputs"], base["outputs"], strict=True))
+        lines.append(
+            f"| {name} | {r['seconds']:.2f} | {n / r['seconds']:.1f} | "
+            f"{ratio(base['seconds'], r['seconds'])} | {r['bleu']:.2f} | {same:,} of {n:,} |"
+        )
+    return "\n".join(wrap(line) for line in lines) + "\n"
+
+
+def main() -> None:
+    """Parse arguments, decode with every system, print (and maybe write) the section."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", help="trained mt run, checkpoints dir or .safetensors file")
+    parser.add_argument("--data", help="Multi30k directory (default data/multi30k or "
+                        "../shared/data/multi30k)")  # fmt: skip
+    parser.add_argument("--threads", type=int, default=2, help="threads for every system")
+    parser.add_argument("--beam", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per system")
+    parser.add_argument("--sentences", type=int, default=0, help="test sentences (0 = all)")
+    parser.add_argument("--workdir", help="exports (default runs/bench-ct2[-smoke])")
+    parser.add_argument("--smoke", action="store_true", help="seconds-long run for tests")
+    parser.add_argument("--write", help="Markdown file whose section to replace")
+    args = parser.parse_args()
+    args.workdir = args.workdir or ("runs/bench-ct2-smoke" if args.smoke else "runs/bench-ct2")
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    if args.smoke:
+        args.sentences, args.repeats = args.sentences or 8, 1
+    torch.set_num_threads(args.threads)
+    run = Path(args.run) if args.run else smoke_run(Path(args.workdir)) if args.smoke else None
+    if run is None:
+        parser.error("--run is required (or --smoke)")
+    try:
+        config, tokenizer, model, checkpoint = load_trained(run, torch.device("cpu"))
+        res = bench(config, tokenizer, model, args)
+    except MtError as exc:  # e.g. no ctranslate2, or not a run
+        raise SystemExit(f"bench_ct2: {exc}") from None
+    section = report(args, checkpoint.weights, res)
+    print(section, end="")
+    if args.write:
+        write_section(Path(args.write), section, heading=SECTION)
+        log(f"wrote {args.write}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,317 @@
+"""mt export: CTranslate2 and Hugging Face Marian exports compute and search like mt.
+
+Three tiny runs (300 steps each): conftest's pre-norm one, a post-norm one, and a post-norm one
+with GELU and separate source/target vocabularies and embeddings.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from mt.cli import app, main
+from mt.config import DecodeConfig, load_config
+from mt.errors import MtError
+from mt.export import export_model, save_ct2, translate_ct2
+from mt.model import Transformer
+from mt.run import load_trained
+from mt.search import max_lengths
+from mt.tokenizer import Tokenizer
+from mt.translate import decode_settings, translate_lines
+from mt.vocab import BOS_ID, EOS_ID, PAD_ID
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_DATA = ROOT / "tests" / "data" / "tiny"
+MULTI30K = [ROOT / "data" / "multi30k", ROOT.parent / "shared" / "data" / "multi30k"]
+CPU = torch.device("cpu")
+NO_CT2 = "ctranslate2 is not installed (pip install -e '.[serve]')"
+NO_HF = "transformers is not installed (pip install -e '.[bench]')"
+PRENORM_REFUSAL = (
+    "error: mt export --format hf: model.prenorm=true cannot be represented by MarianMTModel "
+    "(post-norm only); use --format ct2\n"
+)
+
+
+def train_tiny(run_dir: Path, *overrides: str) -> Path:
+    """A tiny run trained for 300 steps on one thread (see conftest.trained_run)."""
+    from mt.train import train
+
+    base = [
+        f"run_dir={run_dir}",
+        "train.max_steps=300",
+        "train.valid_every=300",
+        f"data.train={TINY_DATA / 'train'}",
+        f"data.valid={TINY_DATA / 'valid'}",
+        f"data.test={TINY_DATA / 'valid'}",
+    ]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(load_config(ROOT / "configs" / "tiny.yaml", [*base, *overrides]))
+    finally:
+        torch.set_num_threads(before)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def postnorm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Post-norm, ReLU, one joint vocabulary, three-way tied embeddings."""
+    return train_tiny(tmp_path_factory.mktemp("export") / "post", "model.prenorm=false")
+
+
+@pytest.fixture(scope="module")
+def separate_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Post-norm, GELU, source and target SentencePiece models and embeddings of their own."""
+    return train_tiny(
+        tmp_path_factory.mktemp("export") / "separate",
+        "model.prenorm=false",
+        "model.activation=gelu",
+        "tokenizer.joint=false",
+        "model.share_embeddings=false",
+    )
+
+
+@pytest.fixture(params=["prenorm", "postnorm", "separate"])
+def any_run(request: pytest.FixtureRequest) -> Path:
+    """Each tiny run in turn."""
+    name = {"prenorm": "trained_run", "postnorm": "postnorm_run", "separate": "separate_run"}
+    return request.getfixturevalue(name[request.param])
+
+
+@pytest.fixture(params=["postnorm", "separate"])
+def marian_run(request: pytest.FixtureRequest) -> Path:
+    """Each run that MarianMTModel can represent."""
+    return request.getfixturevalue(f"{request.param}_run")
+
+
+@pytest.fixture
+def lines() -> list[str]:
+    """The tiny dev sources, plus a blank line (which translates to nothing)."""
+    return [*(TINY_DATA / "valid.de").read_text().splitlines(), ""]
+
+
+def run_main(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
+    """`mt ARGS` through the real entry point, in-process: its exit code."""
+    monkeypatch.setattr(sys, "argv", ["mt", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    return int(exit_info.value.code or 0)
+
+
+def mt_outputs(
+    model: Transformer, tokenizer: Tokenizer, lines: list[str], decode: DecodeConfig
+) -> list[list[int]]:
+    """mt's own translations of the lines: target ids."""
+    return [h[0].tokens for h in translate_lines(lines, tokenizer, model, decode, CPU)]
+
+
+# --- CTranslate2 ------------------------------------------------------------------------------
+
+
+def test_ct2_export_scores_and_searches_like_mt(
+    any_run: Path, lines: list[str], tmp_path: Path, one_thread: None
+) -> None:
+    ctranslate2 = pytest.importorskip("ctranslate2", reason=NO_CT2)
+    export_model(any_run, tmp_path / "ct2", "ct2")
+    translator = ctranslate2.Translator(str(tmp_path / "ct2"), device="cpu", intra_threads=1)
+    config, tokenizer, model, _ = load_trained(any_run, CPU)
+
+    # The same function: teacher-forced log-probabilities of the references.
+    refs = (TINY_DATA / "valid.en").read_text().splitlines()[:10]
+    src_ids, ref_ids = tokenizer.encode_src(lines[:10]), tokenizer.encode_tgt(refs)
+    scored = translator.score_batch(
+        [tokenizer.src_pieces(s) for s in lines[:10]], [tokenizer.tgt_pieces(r) for r in refs]
+    )
+    for src, ref, result in zip(src_ids, ref_ids, scored, strict=True):
+        with torch.no_grad():
+            logits = model(torch.tensor([[*src, EOS_ID]]), torch.tensor([[BOS_ID, *ref]]))[0]
+        ours = F.log_softmax(logits, dim=-1).gather(1, torch.tensor([[*ref, EOS_ID]]).T)[:, 0]
+        torch.testing.assert_close(torch.tensor(result.log_probs), ours, rtol=0, atol=1e-4)
+
+    # The same search: every greedy output, and at least 95% of beam-5 outputs.
+    for beam, wanted in ((1, 1.0), (5, 0.95)):
+        decode = decode_settings(config, beam=beam, nbest=1)
+        ours = mt_outputs(model, tokenizer, lines, decode)
+        theirs = translate_ct2(translator, tokenizer, lines, decode, model.max_positions)
+        same = sum(a == b for a, b in zip(ours, theirs, strict=True))
+        assert same >= wanted * len(lines), f"beam {beam}: {same} of {len(lines)} identical"
+
+
+def test_ct2_int8_export_leaves_the_model_alone(
+    postnorm_run: Path, lines: list[str], tmp_path: Path, one_thread: None
+) -> None:
+    ctranslate2 = pytest.importorskip("ctranslate2", reason=NO_CT2)
+    config, tokenizer, model, _ = load_trained(postnorm_run, CPU)
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    for weights in ("float32", "int8"):
+        (tmp_path / weights).mkdir()
+        save_ct2(model, tokenizer, tmp_path / weights, None if weights == "float32" else weights)
+    for name, p in model.state_dict().items():  # CT2 quantizes its arrays in place
+        assert torch.equal(p, before[name]), name
+    size = {w: (tmp_path / w / "model.bin").stat().st_size for w in ("float32", "int8")}
+    assert size["int8"] < 0.6 * size["float32"]
+    translator = ctranslate2.Translator(str(tmp_path / "int8"), compute_type="int8")
+    decode = decode_settings(config, beam=1)
+    theirs = translate_ct2(translator, tokenizer, lines, decode, model.max_positions)
+    ours = mt_outputs(model, tokenizer, lines, decode)
+    assert sum(a == b for a, b in zip(ours, theirs, strict=True)) >= 0.8 * len(lines)
+
+
+def test_ct2_export_directory_layout_and_readme(postnorm_run: Path, tmp_path: Path) -> None:
+    pytest.importorskip("ctranslate2", reason=NO_CT2)
+    out = tmp_path / "deep" / "ct2"
+    assert export_model(postnorm_run, out, "ct2", quantization="int8") == out
+    names = {"README.md", "config.json", "model.bin", "shared_vocabulary.json", "spm.model"}
+    assert {p.name for p in out.iterdir()} == names
+    readme = (out / "README.md").read_text()
+    assert "ctranslate2.Translator" in readme and "int8" in readme
+    assert max(len(line) for line in readme.splitlines()) <= 100
+    assert [p.name for p in out.parent.iterdir()] == ["ct2"]  # no temp directory left
+
+
+# --- Hugging Face Marian ----------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Recommended. pip install sacremoses")  # never used by Marian
+def test_hf_export_loads_and_computes_like_mt(
+    marian_run: Path, lines: list[str], tmp_path: Path, one_thread: None
+) -> None:
+    pytest.importorskip("transformers", reason=NO_HF)
+    from transformers import MarianMTModel, MarianTokenizer
+
+    export_model(marian_run, tmp_path / "hf", "hf")
+    hf = MarianMTModel.from_pretrained(tmp_path / "hf").eval()
+    hf_tokenizer = MarianTokenizer.from_pretrained(tmp_path / "hf")
+    lines = [line for line in lines if line]  # mt leaves blank lines untranslated
+    config, tokenizer, model, _ = load_trained(marian_run, CPU)
+    greedy = mt_outputs(model, tokenizer, lines, decode_settings(config, beam=1))
+
+    batch = hf_tokenizer(lines, return_tensors="pt", padding=True)
+    for row, ids in zip(batch["input_ids"].tolist(), tokenizer.encode_src(lines), strict=True):
+        assert row[: len(ids) + 1] == [*ids, EOS_ID] and set(row[len(ids) + 1 :]) <= {PAD_ID}
+    longest = max(map(len, greedy))
+    tgt_in = torch.tensor([[BOS_ID, *g] + [PAD_ID] * (longest - len(g)) for g in greedy])
+    with torch.no_grad():
+        ours = model(batch["input_ids"], tgt_in)
+        theirs = hf(**batch, decoder_input_ids=tgt_in).logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+
+    gen = hf.generation_config
+    assert (gen.decoder_start_token_id, gen.eos_token_id, gen.pad_token_id) == (2, 3, 0)
+    assert hf_greedy(hf, hf_tokenizer, lines, config.decode, model.max_positions) == greedy
+    texts = hf_tokenizer.batch_decode(hf.generate(**batch, num_beams=1), skip_special_tokens=True)
+    assert texts == tokenizer.decode_tgt(greedy)
+
+
+def hf_greedy(
+    hf: Any, hf_tokenizer: Any, lines: list[str], decode: DecodeConfig, limit: int
+) -> list[list[int]]:
+    """generate(num_beams=1) sentence by sentence, each with mt's length limit for it."""
+    outputs = []
+    for line in lines:
+        batch = hf_tokenizer([line], return_tensors="pt")
+        length = max_lengths(batch["input_ids"], decode.max_len_a, decode.max_len_b, limit - 1)
+        out = hf.generate(**batch, num_beams=1, max_new_tokens=int(length[0]))
+        outputs.append([t for t in out[0, 1:].tolist() if t not in (EOS_ID, PAD_ID)])
+    return outputs
+
+
+def test_hf_export_refuses_a_prenorm_model(
+    trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    pytest.importorskip("transformers", reason=NO_HF)
+    out = tmp_path / "hf"
+    assert run_main(monkeypatch, "export", "--format", "hf", str(trained_run), str(out)) == 1
+    assert capsys.readouterr().err == PRENORM_REFUSAL
+    assert not out.exists()
+
+
+# --- the command ------------------------------------------------------------------------------
+
+
+def test_help_shows_the_options() -> None:
+    result = CliRunner().invoke(app, ["export", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert result.exit_code == 0, result.output
+    for text in ("RUN", "OUT", "--format", "ct2|hf", "[required]", "--quantization", "--force"):
+        assert text in result.stdout, text
+
+
+def test_missing_ctranslate2_prints_the_install_hint(
+    trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.setitem(sys.modules, "ctranslate2", None)  # `import ctranslate2` now fails
+    out = tmp_path / "ct2"
+    assert run_main(monkeypatch, "export", "-f", "ct2", str(trained_run), str(out)) == 1
+    assert capsys.readouterr().err == (
+        "error: mt export --format ct2 needs CTranslate2: "
+        "pip install 'mt[serve]' (or pip install ctranslate2)\n"
+    )
+    assert not out.exists()
+
+
+def test_out_is_replaced_only_with_force(postnorm_run: Path, tmp_path: Path) -> None:
+    pytest.importorskip("ctranslate2", reason=NO_CT2)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(MtError, match="exists and is not empty; use --force"):
+        export_model(postnorm_run, out, "ct2")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    export_model(postnorm_run, out, "ct2", force=True)
+    assert "model.bin" in {p.name for p in out.iterdir()} and not (out / "keep.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    with pytest.raises(MtError, match="holds the checkpoint being exported"):
+        export_model(postnorm_run, postnorm_run, "ct2", force=True)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "quantization", "message"),
+    [
+        ("ct2", "int3", "--quantization int3: expected one of int8, "),
+        ("hf", "int8", "--quantization applies to --format ct2 only"),
+        ("onnx", None, "--format onnx: expected one of ct2, hf"),
+    ],
+)
+def test_bad_options_fail_before_any_work(
+    postnorm_run: Path, tmp_path: Path, fmt: str, quantization: str | None, message: str
+) -> None:
+    if fmt == "ct2":
+        pytest.importorskip("ctranslate2", reason=NO_CT2)
+    with pytest.raises(MtError, match=message):
+        export_model(postnorm_run, tmp_path / "out", fmt, quantization=quantization)
+    assert not (tmp_path / "out").exists()
+
+
+# --- scripts/bench_ct2.py ---------------------------------------------------------------------
+
+
+def multi30k() -> Path | None:
+    return next((p for p in MULTI30K if (p / "test_2016_flickr.de.gz").is_file()), None)
+
+
+@pytest.mark.skipif(multi30k() is None, reason="Multi30k not found (make data, or ../shared)")
+def test_bench_ct2_smoke_prints_and_writes_its_table(postnorm_run: Path, tmp_path: Path) -> None:
+    pytest.importorskip("ctranslate2", reason=NO_CT2)
+    out_md = tmp_path / "benchmarks.md"
+    args = [sys.executable, str(ROOT / "scripts" / "bench_ct2.py"), "--smoke", "--threads", "1",
+            "--run", str(postnorm_run), "--data", str(multi30k()),
+            "--workdir", str(tmp_path / "work"), "--write", str(out_md)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the CPU may be shared
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert out.startswith("## Speed: mt vs CTranslate2\n")
+    assert out_md.read_text() == f"# Benchmarks\n\n{out}"
+    rows = [line.split("|") for line in out.splitlines() if line.startswith(("| mt ", "| CT2"))]
+    assert [row[1].strip() for row in rows] == ["mt", "CT2 float32", "CT2 int8"]
+    assert all(float(row[3]) > 0 for row in rows)  # sentences/s
+    assert all(row[6].strip().endswith("of 8") for row in rows)  # outputs identical to mt's
+    assert rows[0][6].strip() == "8 of 8"
