@@ -70,7 +70,7 @@ def plot_curves(run_dirs: list[Path], output: Path, labels: list[str] | None = N
 
 
 CELL_INCHES = 0.3  # heatmap cell size: the figure grows with the token counts
-MARGIN_INCHES = (2.0, 1.6)  # room for the piece labels, the title and the colour bar
+MARGIN_INCHES = (2.0, 2.6)  # room for the piece labels, the title and the colour bar
 
 
 def heatmap_inches(sources: int, targets: int, panels: int) -> tuple[float, float]:

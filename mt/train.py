@@ -527,7 +527,8 @@ def _train(config: Config, resume: Path | None, world: World, device: torch.devi
             metrics.write("end", state.step, {**end, "precision": precision, "device": str(device)})
             metrics.close()
         if main and tc.report and stop.signum is None:
-            log.info("wrote %s", write_report(run_dir, device=str(device), precision=precision))
+            # Test decoding at "auto" precision, as `mt evaluate` does: fp32 on CPU, bf16 on CUDA.
+            log.info("wrote %s", write_report(run_dir, device=str(device)))
         if stop.signum is not None and main:
             log.info(
                 "stopped by signal %d at step %d; checkpoint written; run the same command "

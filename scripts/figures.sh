@@ -14,4 +14,6 @@ FIGURES=${FIGURES:-$ROOT/docs/figures}
 SENTENCE="Ein Mann mit einem orangefarbenen Hut, der etwas anstarrt."
 mkdir -p "$FIGURES"
 "$MT" plot "$RUN" --output "$FIGURES/curves.png"
-"$MT" attention "$RUN" "$SENTENCE" --output "$FIGURES/attention.png"
+MODEL=$RUN/checkpoints/average.safetensors  # the run's result when it averaged checkpoints
+[ -f "$MODEL" ] || MODEL=$RUN
+"$MT" attention "$MODEL" "$SENTENCE" --output "$FIGURES/attention.png"
