@@ -86,6 +86,8 @@ def test_smoke_run_prints_and_writes_the_tables(tmp_path: Path) -> None:
     assert "greedy outputs identical on 10 of 10" in " ".join(out.split())  # prose is wrapped
     rows = [line.split("|") for line in out.splitlines() if line.startswith("| fp32 |")]
     systems = [row[2].strip() for row in rows]
-    assert systems == ["mt", "HF Marian", "**mt / HF**"] * 2  # training, then decoding
+    expected = ["mt", "HF Marian", "HF Marian, mt's malloc setting"]
+    expected += ["**mt / HF**", "**mt / HF (same malloc)**"]
+    assert systems == expected * 2  # training, then decoding
     assert float(rows[0][3].replace(",", "")) > 0  # mt's target tokens/s
     assert "| `aten::" in out  # the profile of mt's step
