@@ -9,7 +9,7 @@ this one process, on the same threads: mt with `mt.translate.translate_lines` in
 CTranslate2 exported from the same weights by `mt.export.save_ct2`, run by
 `mt.export.translate_ct2` (batches of one source length, mt's length limits and a fitted length
 penalty; see mt/export.py). Times include tokenising and detokenising; each figure is the median
-of --repeats passes.
+of --repeats passes. The process applies mt's CPU malloc setting, as `mt translate` does.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from bench import (  # noqa: E402
 )
 
 from mt.config import Config, DecodeConfig, load_config  # noqa: E402
+from mt.device import keep_freed_memory  # noqa: E402
 from mt.errors import MtError  # noqa: E402
 from mt.export import import_ctranslate2, save_ct2, translate_ct2  # noqa: E402
 from mt.files import atomic_directory  # noqa: E402
@@ -203,6 +204,7 @@ def main() -> None:
     if args.smoke:
         args.sentences, args.repeats = args.sentences or 8, 1
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as `mt translate` does on CPU (it applies to the whole process)
     run = Path(args.run) if args.run else smoke_run(Path(args.workdir)) if args.smoke else None
     if run is None:
         parser.error("--run is required (or --smoke)")
