@@ -44,7 +44,7 @@ from mt.model import count_parameters  # noqa: E402
 from mt.search import beam_search  # noqa: E402
 from mt.train import TrainState, build, optimizer_step, train_step  # noqa: E402
 
-SECTION = "## GPU: configs/base.yaml throughput and MFU"
+SECTION = "## GPU: configs/base.yaml throughput and MFU"  # + " (torch.compile)" or " (eager)"
 FIRST_ID = 4  # ids 0-3 are pad, unk, bos, eos
 
 
@@ -181,13 +181,18 @@ def decode_bench(
     return {"sentences_s": n / seconds, "out_tok_s": out_tokens / seconds, "sentences": n}
 
 
+def heading(args: argparse.Namespace) -> str:
+    """The section heading: one section per compilation mode."""
+    return f"{SECTION} ({'torch.compile' if args.compile else 'eager'})"
+
+
 def report(args: argparse.Namespace, res: dict[str, Any]) -> str:
     """The Markdown section for docs/benchmarks.md."""
     t, d = res["train"], res["decode"]
     mfu = t["flop_s"] / res["peak_flop_s"]
     device = res["device"]
     lines = [
-        SECTION,
+        heading(args),
         "",
         f"`{res['command']}` on {device}, torch {torch.__version__}, {res['date']}.",
         "",
@@ -262,7 +267,7 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2), encoding="utf-8")
     if args.write:
-        write_section(Path(args.write), section, SECTION)
+        write_section(Path(args.write), section, heading(args))
 
 
 if __name__ == "__main__":

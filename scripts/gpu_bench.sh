@@ -17,4 +17,4 @@ fi
 export PYTHONUNBUFFERED=1
 "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA')"
 "$PY" scripts/gpu_bench.py "$@"
-"$PY" scripts/gpu_bench.py --no-compile
+"$PY" scripts/gpu_bench.py --no-compile "$@"
