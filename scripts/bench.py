@@ -609,10 +609,9 @@ def report(args: argparse.Namespace, spec: dict[str, Any], res: dict[str, Any]) 
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for prec in spec["precisions"]:
-        rows = {}
+        rows = res["train"][prec]  # system -> figures
         for system in SYSTEMS:
-            r = res["train"][prec][system]
-            rows[system] = r
+            r = rows[system]
             lines.append(
                 f"| {prec} | {SYSTEMS[system]} | {r['tok_s']:,.0f} | {r['ms_step']:,.0f} | "
                 f"{r['peak_rss']:,.0f} | {r['growth']:,.0f} | {r['gflops']:,.1f} | "
@@ -659,10 +658,9 @@ def report(args: argparse.Namespace, spec: dict[str, Any], res: dict[str, Any]) 
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for prec in spec["decode_precisions"]:
-        rows = {}
+        rows = res["decode"][prec]  # system -> figures
         for system in SYSTEMS:
-            r = res["decode"][prec][system]
-            rows[system] = r
+            r = rows[system]
             lines.append(
                 f"| {prec} | {SYSTEMS[system]} | {r['seconds']:.1f} | {r['sent_s']:.1f} | "
                 f"{r['tok_s']:,.0f} | {r['peak_rss']:,.0f} | {r['bleu']:.2f} |"
