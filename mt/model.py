@@ -190,19 +190,54 @@ class EncoderLayer(nn.Module):
 
 @dataclass
 class LayerCache:
-    """Cached keys/values (B, H, L, hd) of one decoder layer for incremental decoding."""
+    """Keys/values of one decoder layer for incremental decoding.
 
-    self_k: Tensor | None = None
+    Self-attention keys/values are kept time-major, (capacity, N, H, hd), in buffers that double
+    when full: a step writes its positions in place, and reordering rows (beam search) copies
+    the filled positions once. Concatenating per step and then gathering would copy the whole
+    history twice at every step. Cross-attention keys/values are (B, H, S, hd), one row per source.
+    """
+
+    self_k: Tensor | None = None  # (capacity, N, H, hd), positions [0, length) filled
     self_v: Tensor | None = None
-    cross_k: Tensor | None = None
+    length: int = 0
+    cross_k: Tensor | None = None  # (B, H, S, hd)
     cross_v: Tensor | None = None
 
-    def reorder(self, index: Tensor, names: tuple[str, ...]) -> None:
-        """Select/reorder batch rows of the cached tensors `names`."""
-        for name in names:
-            cached = getattr(self, name)
-            if cached is not None:
-                setattr(self, name, cached.index_select(0, index))
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v (N, H, T, hd) of T new positions; return all so far, (N, H, length, hd)."""
+        start, end = self.length, self.length + k.size(2)
+        if self.self_k is None or end > self.self_k.size(0):
+            self.self_k = self._grown(self.self_k, k, end)
+            self.self_v = self._grown(self.self_v, v, end)
+        self.self_k[start:end] = k.permute(2, 0, 1, 3)  # (T, N, H, hd)
+        self.self_v[start:end] = v.permute(2, 0, 1, 3)
+        self.length = end
+        return self.self_k[:end].permute(1, 2, 0, 3), self.self_v[:end].permute(1, 2, 0, 3)
+
+    def _grown(self, buffer: Tensor | None, new: Tensor, needed: int) -> Tensor:
+        """A buffer of at least twice the capacity holding the filled positions of `buffer`."""
+        N, H, _, hd = new.shape
+        old = 0 if buffer is None else buffer.size(0)
+        grown = new.new_empty(max(2 * old, needed, 16), N, H, hd)
+        if buffer is not None:
+            grown[: self.length] = buffer[: self.length]
+        return grown
+
+    def reorder(self, index: Tensor, source_index: Tensor | None = None) -> None:
+        """Select/reorder self-attention rows by index (N',); cross rows by source_index (B',)."""
+        if self.self_k is not None:
+            self.self_k = self._select(self.self_k, index)
+            self.self_v = self._select(self.self_v, index)
+        if source_index is not None and self.cross_k is not None:
+            self.cross_k = self.cross_k.index_select(0, source_index)
+            self.cross_v = self.cross_v.index_select(0, source_index)
+
+    def _select(self, buffer: Tensor, index: Tensor) -> Tensor:
+        """The buffer's rows `index` (along N) at the same capacity; one copy of the filled part."""
+        selected = buffer.new_empty(buffer.size(0), index.size(0), *buffer.shape[2:])
+        torch.index_select(buffer[: self.length], 1, index, out=selected[: self.length])
+        return selected
 
 
 class DecoderState:
@@ -221,9 +256,7 @@ class DecoderState:
         rows of later decode calls the same way as the cross-attention caches.
         """
         for cache in self.layers:
-            cache.reorder(index, ("self_k", "self_v"))
-            if source_index is not None:
-                cache.reorder(source_index, ("cross_k", "cross_v"))
+            cache.reorder(index, source_index)
 
 
 def incremental_mask(new: int, total: int, device: torch.device) -> Tensor | None:
@@ -262,10 +295,7 @@ class DecoderLayer(nn.Module):
         if cache is None:
             # Target padding needs no key mask: causality hides later pads, the loss ignores pads.
             return self.self_attn(x, k, v, is_causal=True)  # (B, T, D)
-        if cache.self_k is not None:
-            k = torch.cat([cache.self_k, k], dim=2)  # (B, H, step+T, hd)
-            v = torch.cat([cache.self_v, v], dim=2)  # (B, H, step+T, hd)
-        cache.self_k, cache.self_v = k, v
+        k, v = cache.append(k, v)  # (B, H, step+T, hd) each
         mask = incremental_mask(x.size(1), k.size(2), x.device)
         return self.self_attn(x, k, v, mask=mask)  # (B, T, D)
 

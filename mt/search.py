@@ -209,29 +209,33 @@ def ranked(hyps: list[Hypothesis], n: int) -> list[Hypothesis]:
 
 @dataclass
 class Beams:
-    """Live beams of the B' sentences still searching, K rows each, plus their decoder inputs."""
+    """Live beams of the B' sentences still searching, G rows each, plus their decoder inputs.
+
+    G is 1 before the first step (every beam of a sentence would hold the same BOS), K after.
+    """
 
     sent: Tensor  # (B',) index of each sentence in the caller's batch
-    tokens: Tensor  # (B'*K, 1+T) BOS then the tokens so far
-    scores: Tensor  # (B'*K,) float32 running log-probabilities (-inf: not a real beam)
+    tokens: Tensor  # (B'*G, 1+T) BOS then the tokens so far
+    scores: Tensor  # (B'*G,) float32 running log-probabilities (-inf: not a real beam)
     count: Tensor  # (B',) finished hypotheses set aside so far
     limit: Tensor  # (B',) output length limits (EOS included)
-    memory: Tensor  # (B', S, D) one row per sentence: its K beams share it
+    memory: Tensor  # (B', S, D) one row per sentence: its G beams share it
     src: Tensor  # (B', S)
     state: DecoderState
 
+    @property
+    def rows_per_sentence(self) -> int:
+        """G, the target rows of each sentence."""
+        return self.tokens.size(0) // self.sent.size(0)
 
-def start_beams(
-    model: Transformer, src: Tensor, beam: int, max_len_a: float, max_len_b: int
-) -> Beams:
-    """Encode each sentence once and expand it to K rows; only beam 0 is live at the start."""
+
+def start_beams(model: Transformer, src: Tensor, max_len_a: float, max_len_b: int) -> Beams:
+    """Encode each sentence once; one row per sentence until the first step expands it."""
     B, device = src.size(0), src.device
-    scores = torch.full((B, beam), -math.inf, device=device)  # (B, K)
-    scores[:, 0] = 0.0
     return Beams(
         sent=torch.arange(B, device=device),
-        tokens=torch.full((B * beam, 1), BOS_ID, dtype=torch.long, device=device),
-        scores=scores.view(-1),
+        tokens=torch.full((B, 1), BOS_ID, dtype=torch.long, device=device),
+        scores=torch.zeros(B, device=device),
         count=torch.zeros(B, dtype=torch.long, device=device),
         limit=max_lengths(src, max_len_a, max_len_b, model.max_positions - 1),
         memory=model.encode(src),  # (B, S, D)
@@ -240,16 +244,45 @@ def start_beams(
     )
 
 
-def expand_candidates(scores: Tensor, lprobs: Tensor, beam: int) -> tuple[Tensor, Tensor, Tensor]:
+def row_candidates(
+    logits: Tensor, step: int, limit: Tensor, min_len: int, k: int
+) -> tuple[Tensor, Tensor]:
+    """The k best next tokens of each row by `step_logprobs`: log-probs and ids, (N, k) each.
+
+    The same as `step_logprobs(...).topk(k)`, but the length limit is applied to the k
+    candidates rather than to all V tokens: a row at its limit keeps only EOS, with its score.
+    """
+    lprobs = F.log_softmax(logits.float(), dim=-1)  # (N, V), masked in place below
+    eos = lprobs[:, EOS_ID].clone()  # (N,)
+    lprobs[:, [PAD_ID, BOS_ID]] = -math.inf
+    if step < min_len:
+        lprobs[:, EOS_ID] = -math.inf
+    top, tokens = lprobs.topk(min(k, lprobs.size(1)), dim=1)  # (N, k) each, best first
+    at_limit = (step + 1 >= limit).unsqueeze(1)  # (N, 1)
+    first = torch.arange(top.size(1), device=top.device) == 0  # (k,) where EOS goes
+    top = torch.where(at_limit, torch.where(first, eos.unsqueeze(1), -math.inf), top)
+    return top, torch.where(at_limit & first, EOS_ID, tokens)  # (N, k) each
+
+
+def expand_candidates(
+    scores: Tensor, top: Tensor, tokens: Tensor, sentences: int, beam: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """The 2K best one-token extensions per sentence: scores, origin beams, tokens, each (B', 2K).
 
-    2K, because at most K of them (one per beam) end in EOS: K live ones always remain.
-    Consumes `lprobs` (B'*K, V): the running scores are added to it in place.
+    2K, because at most K of them (one per beam) end in EOS: K live ones always remain. A
+    sentence's 2K best extensions are among its rows' own 2K best, `top` and `tokens`
+    (B'*G, k) from `row_candidates`, so only those are ranked.
     """
-    V = lprobs.size(1)
-    total = lprobs.add_(scores.unsqueeze(1)).view(-1, beam * V)  # (B', K*V)
-    top, flat = total.topk(2 * beam, dim=1)  # (B', 2K) each, best first
-    return top, flat // V, flat % V
+    N, k = top.shape
+    total = (top + scores.unsqueeze(1)).view(sentences, -1)  # (B', G*k)
+    tokens = tokens.view(sentences, -1)  # (B', G*k)
+    missing = 2 * beam - total.size(1)  # > 0 only for a vocabulary under 2K at the first step
+    if missing > 0:
+        total = F.pad(total, (0, missing), value=-math.inf)  # impossible extensions
+        tokens = F.pad(tokens, (0, missing), value=PAD_ID)
+    best, pick = total.topk(2 * beam, dim=1)  # (B', 2K) each, best first
+    origin = (pick // k).clamp(max=N // sentences - 1)  # (B', 2K)
+    return best, origin, tokens.gather(1, pick)
 
 
 def set_aside_finished(
@@ -265,7 +298,7 @@ def set_aside_finished(
     ends = (tokens == EOS_ID) & scores.isfinite()  # (B', K)
     b, j = ends.nonzero(as_tuple=True)  # (E,) each, sentence-major and best first
     if b.numel() > 0:
-        rows = b * beam + origin[b, j]  # (E,)
+        rows = b * beams.rows_per_sentence + origin[b, j]  # (E,)
         outputs = beams.tokens[rows, 1:].tolist()  # E lists of T ids, without BOS and EOS
         for s, ids, lp in zip(beams.sent[b].tolist(), outputs, scores[b, j].tolist(), strict=True):
             if len(finished[s]) < beam:
@@ -287,7 +320,8 @@ def advance(
 ) -> Beams:
     """Continue the K best live candidates of the sentences in `keep` (B',) bool; drop the rest."""
     scores, origin, tokens = select_live(candidates, beam)  # (B', K) each
-    first_row = torch.arange(keep.size(0), device=keep.device).unsqueeze(1) * beam  # (B', 1)
+    G = beams.rows_per_sentence
+    first_row = torch.arange(keep.size(0), device=keep.device).unsqueeze(1) * G  # (B', 1)
     rows = (first_row + origin)[keep].view(-1)  # (B''*K,) rows to continue, by origin beam
     kept = keep.nonzero().squeeze(1)  # (B'',)
     all_kept = kept.size(0) == keep.size(0)  # then per-sentence tensors stay as they are
@@ -336,12 +370,12 @@ def beam_search(
     if src.size(0) == 0:
         return []
     finished: list[list[Hypothesis]] = [[] for _ in range(src.size(0))]
-    beams = start_beams(model, src, beam, max_len_a, max_len_b)
+    beams = start_beams(model, src, max_len_a, max_len_b)
     for step in range(int(beams.limit.max())):
         logits = model.decode(beams.tokens[:, -1:], beams.memory, beams.src, beams.state)
-        row_limit = beams.limit.repeat_interleave(beam)  # (B'*K,)
-        lprobs = step_logprobs(logits[:, -1], step, row_limit, min_len)  # (B'*K, V)
-        candidates = expand_candidates(beams.scores, lprobs, beam)  # (B', 2K) each
+        row_limit = beams.limit.repeat_interleave(beams.rows_per_sentence)  # (B'*G,)
+        top = row_candidates(logits[:, -1], step, row_limit, min_len, 2 * beam)  # (B'*G, 2K) x2
+        candidates = expand_candidates(beams.scores, *top, beams.sent.size(0), beam)  # (B', 2K)
         beams.count = set_aside_finished(finished, beams, candidates, beam, alpha, length_penalty)
         done = (beams.count >= beam) | (step + 1 >= beams.limit)  # (B',)
         if bool(done.all()):

@@ -48,16 +48,22 @@ def test_keep_freed_memory_keeps_large_blocks_in_the_heap() -> None:
     assert keep["mapped"] < 64 * 2**20 and keep["free_in_heap"] >= 64 * 2**20
 
 
-def sdpa_kernels(precision: str) -> set[str]:
+def sdpa_kernels(precision: str, grad: bool = True) -> set[str]:
     """Names of the SDPA ops that run under mt's context for `precision` on CPU."""
     q = torch.randn(2, 2, 5, 8)
-    with profile() as prof, autocast(torch.device("cpu"), precision):
+    with torch.set_grad_enabled(grad), profile() as prof, autocast(torch.device("cpu"), precision):
         F.scaled_dot_product_attention(q, q, q, is_causal=True)
     return {e.key for e in prof.key_averages() if "scaled_dot_product" in e.key}
 
 
-def test_cpu_low_precision_uses_the_math_sdpa_kernel() -> None:
+def test_cpu_low_precision_training_uses_the_math_sdpa_kernel() -> None:
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in sdpa_kernels("fp32")
     bf16 = sdpa_kernels("bf16")
     assert "aten::_scaled_dot_product_attention_math" in bf16
     assert not any("flash" in name for name in bf16)
+
+
+def test_cpu_low_precision_decoding_keeps_the_flash_sdpa_kernel() -> None:
+    bf16 = sdpa_kernels("bf16", grad=False)
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in bf16
+    assert not any("math" in name for name in bf16)
