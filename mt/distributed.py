@@ -75,14 +75,22 @@ def barrier(world: World, startup: bool = False) -> None:
 
 
 def all_reduce(
-    world: World, values: Sequence[float], device: torch.device, op: str = "sum"
+    world: World,
+    values: Sequence[float],
+    device: torch.device,
+    op: str = "sum",
+    startup: bool = False,
 ) -> list[float]:
-    """Sum (or max) a few numbers over all ranks in one small collective."""
+    """Sum (or max) a few numbers over all ranks in one small collective.
+
+    `startup` uses the default group and its long timeout, for a wait while rank 0 prepares.
+    """
     if not world.distributed:
         return list(values)
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     reduce_op = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
-    guarded(world, lambda: dist.all_reduce(tensor, op=reduce_op, group=world.group))
+    group = None if startup else world.group
+    guarded(world, lambda: dist.all_reduce(tensor, op=reduce_op, group=group))
     return tensor.tolist()
 
 

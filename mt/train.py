@@ -144,8 +144,13 @@ def check_resumable(config: Config, run_dir: Path) -> None:
         )
 
 
-def main_first(world: World, prepare: Callable[[], T]) -> T:
-    """Run `prepare` on rank 0, then on the others (which then find its files and caches)."""
+def main_first(world: World, device: torch.device, prepare: Callable[[], T]) -> T:
+    """Run `prepare` on rank 0, then on the others (which then find its files and caches).
+
+    The others wait on the start-up group (`train.dist_startup_timeout`): preparing a large
+    corpus can take longer than the training group's timeout. `device` must suit the backend
+    (CUDA tensors for NCCL).
+    """
     if not world.distributed:
         return prepare()
     result, failed = None, 0.0
@@ -154,9 +159,9 @@ def main_first(world: World, prepare: Callable[[], T]) -> T:
             result = prepare()
         except MtError:
             failed = 1.0
-            distributed.all_reduce(world, [failed], torch.device("cpu"))
+            distributed.all_reduce(world, [failed], device, startup=True)
             raise
-    if distributed.all_reduce(world, [failed], torch.device("cpu"))[0]:
+    if distributed.all_reduce(world, [failed], device, startup=True)[0]:
         raise MtError(f"rank {world.rank}: rank 0 failed while preparing the run (see its error)")
     return result if world.is_main else prepare()
 
@@ -375,7 +380,7 @@ def _train(config: Config, resume: Path | None, world: World, device: torch.devi
     run_dir = run_path(config)
     precision = resolve_precision(tc.precision, device)
     configure_backends(device)
-    tokenizer, train_data, valid_data = main_first(world, lambda: prepare(config, world))
+    tokenizer, train_data, valid_data = main_first(world, device, lambda: prepare(config, world))
     references = corpus(config, "valid").targets() if valid_data is not None else []
     trainee = build(config, tokenizer, world, device, precision)
     metadata = checkpoint_metadata(tokenizer)

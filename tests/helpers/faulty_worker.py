@@ -2,11 +2,13 @@
 
 MT_FAULT=KIND:RANK:CALL, with KIND `nan` (the loss of that loss call is NaN), `oom` (that call
 raises CUDA's out-of-memory error) or `die` (the process exits with status 1 there), e.g.
-MT_FAULT=nan:1:3.
+MT_FAULT=nan:1:3; or MT_FAULT=slow:RANK:SECONDS: that rank's data preparation takes SECONDS
+longer.
 """
 
 import os
 import sys
+import time
 
 import torch
 
@@ -18,6 +20,9 @@ def inject() -> None:
     """Wrap the loss function on the chosen rank."""
     kind, rank, call = os.environ["MT_FAULT"].split(":")
     if int(os.environ.get("RANK", "0")) != int(rank):
+        return
+    if kind == "slow":
+        slow_prepare(float(call))
         return
     real = mt.train.label_smoothed_nll
     calls = {"n": 0}
@@ -35,6 +40,17 @@ def inject() -> None:
         return loss_sum, nll_sum, n
 
     mt.train.label_smoothed_nll = loss
+
+
+def slow_prepare(seconds: float) -> None:
+    """Make this rank's `mt.train.prepare` (tokenizer and data) take `seconds` longer."""
+    real = mt.train.prepare
+
+    def prepare(*args, **kwargs):
+        time.sleep(seconds)
+        return real(*args, **kwargs)
+
+    mt.train.prepare = prepare
 
 
 if __name__ == "__main__":
