@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import random
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -155,7 +156,6 @@ def train_tokenizer(
         "character_coverage": character_coverage,
         "byte_fallback": byte_fallback,
         "input_sentence_size": input_sentence_size,
-        "shuffle_input_sentence": True,
         "normalization_rule_name": "nmt_nfkc",
         "pad_id": PAD_ID,
         "unk_id": UNK_ID,
@@ -192,10 +192,13 @@ def _train_one(
     corpus: Corpus, side: str, sentences: Iterator[str], seed: int, options: dict
 ) -> bytes:
     """Train one model in memory and return its bytes; SentencePiece failures become DataErrors."""
-    feed = _Feed(sentences)
+    size = options["input_sentence_size"]
+    feed = _Feed(iter(_sample(sentences, size, seed)) if size else sentences)
     model = io.BytesIO()
-    # Sampling with shuffle_input_sentence draws from SentencePiece's global generator.
     spm.set_random_generator_seed(seed)
+    # The sample is drawn here: SentencePiece's own sampling gave a different model in every
+    # new process for the same corpus and seed (sentencepiece 0.2).
+    options = {**options, "input_sentence_size": 0}
     try:
         spm.SentencePieceTrainer.train(sentence_iterator=feed, model_writer=model, **options)
     except RuntimeError as exc:
@@ -203,6 +206,20 @@ def _train_one(
             raise feed.error from None
         raise _training_error(corpus, side, options["vocab_size"], str(exc)) from None
     return model.getvalue()
+
+
+def _sample(sentences: Iterator[str], size: int, seed: int) -> list[str]:
+    """A uniform random sample of `size` sentences (all of them if there are fewer).
+
+    Reservoir sampling (Vitter's algorithm R): one pass, `size` sentences in memory.
+    """
+    rng = random.Random(seed)
+    sample = list(islice(sentences, size))
+    for seen, sentence in enumerate(sentences, start=size + 1):
+        slot = rng.randrange(seen)  # keep the seen-th sentence with probability size / seen
+        if slot < size:
+            sample[slot] = sentence
+    return sample
 
 
 class _Feed:

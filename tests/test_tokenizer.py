@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,8 +14,10 @@ import sentencepiece as spm
 
 from mt.corpora import Corpus, open_corpus
 from mt.errors import DataError
-from mt.tokenizer import load_tokenizer, tokenizer_files, train_tokenizer, unk_rate
+from mt.tokenizer import _sample, load_tokenizer, tokenizer_files, train_tokenizer, unk_rate
 from mt.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+
+ROOT = Path(__file__).resolve().parents[1]
 
 MULTI30K = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
 # Byte fallback adds 256 byte pieces, so a byte-fallback vocabulary needs more than that.
@@ -146,6 +151,42 @@ def test_training_is_deterministic(tiny: Corpus, joint_dir: Path, tmp_path: Path
     again = train_tokenizer(tiny, tmp_path, VOCAB)
     assert again.paths[0].read_bytes() == (joint_dir / "spm.model").read_bytes()
     assert again.fingerprint() == load_tokenizer(joint_dir).fingerprint()
+
+
+SAMPLED_TRAINING = """
+import sys
+from mt.corpora import open_corpus
+from mt.tokenizer import train_tokenizer
+corpus = open_corpus(sys.argv[1], "de", "en")
+train_tokenizer(corpus, sys.argv[2], int(sys.argv[3]), input_sentence_size=250)
+"""
+
+
+def test_sampled_training_is_deterministic_across_processes(tiny: Corpus, tmp_path: Path) -> None:
+    # 600 sentences, a sample of 250: SentencePiece's own sampler gave another model in every
+    # process; mt samples itself, with the seed.
+    models = []
+    for i in range(2):
+        args = [sys.executable, "-c", SAMPLED_TRAINING, str(tiny.src_path.with_suffix("")),
+                str(tmp_path / str(i)), str(VOCAB)]  # fmt: skip
+        subprocess.run(args, check=True, cwd=ROOT, capture_output=True)
+        models.append((tmp_path / str(i) / "spm.model").read_bytes())
+    assert models[0] == models[1]
+
+
+def test_sample_is_uniform_and_seeded() -> None:
+    lines = [f"s{i}" for i in range(1000)]
+    first = _sample(iter(lines), 100, seed=1)
+    assert first == _sample(iter(lines), 100, seed=1)
+    assert first != _sample(iter(lines), 100, seed=2)
+    assert len(first) == len(set(first)) == 100 and set(first) <= set(lines)
+    assert _sample(iter(lines[:50]), 100, seed=1) == lines[:50]  # fewer: all, in order
+    # Every sentence is kept with probability 100/1000: over 300 samples, late and early
+    # sentences alike (a reservoir that favoured the first lines would fail this).
+    counts = collections.Counter(s for seed in range(300) for s in _sample(iter(lines), 100, seed))
+    early = sum(counts[f"s{i}"] for i in range(100)) / 300  # expected 10 of the first 100
+    late = sum(counts[f"s{i}"] for i in range(900, 1000)) / 300
+    assert 9 < early < 11 and 9 < late < 11
 
 
 def test_fingerprint_changes_with_vocab_size(tiny: Corpus, joint_dir: Path, tmp_path: Path) -> None:
