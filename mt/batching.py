@@ -21,6 +21,9 @@ from mt.vocab import BOS_ID, EOS_ID, PAD_ID
 # A default shuffle window holds this many batches' worth of sentences: large enough that
 # each window has many sentences of every length (dense batches), small enough to stay random.
 WINDOW_BATCHES = 100
+# sort_windows sorts about this many indices (whole windows) at a time, so that its temporaries
+# stay near 13 MB however large the corpus.
+SORT_BLOCK = 1 << 18
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,9 +46,10 @@ class BatchSampler:
     world_size: int = 1
 
     def __post_init__(self) -> None:
-        src = np.asarray(self.src_lens, dtype=np.int64)
-        tgt = np.asarray(self.tgt_lens, dtype=np.int64)
-        # Frozen dataclass: normalise the arrays in place of the caller's (lists, int32, ...).
+        # int32, as EncodedCorpus holds them: its arrays are used as they are, not copied.
+        src = np.asarray(self.src_lens, dtype=np.int32)
+        tgt = np.asarray(self.tgt_lens, dtype=np.int32)
+        # Frozen dataclass: normalise the arrays in place of the caller's (lists, int64, ...).
         object.__setattr__(self, "src_lens", src)
         object.__setattr__(self, "tgt_lens", tgt)
         _check_args(src, tgt, self.max_tokens, self.window, self.rank, self.world_size)
@@ -118,12 +122,18 @@ def sort_windows(
     With the longer side fixed, ordering by src then descending tgt walks the pairs whose
     target is the longer side (src rising) and then those whose source is (tgt falling), so
     neighbours are close on BOTH sides and both padded tensors stay dense. lexsort is stable:
-    ties keep the (shuffled) input order, which keeps batches random.
+    ties keep the (shuffled) input order, which keeps batches random. Whole windows are
+    sorted SORT_BLOCK indices at a time, so the temporaries do not grow with the corpus.
     """
-    src, tgt = src_lens[order], tgt_lens[order]  # (N,) each, in `order`
-    win_id = np.arange(len(order)) // window
-    perm = np.lexsort((-tgt, src, np.maximum(src, tgt), win_id))
-    return order[perm]
+    out = np.empty_like(order)
+    block = window * max(1, SORT_BLOCK // window)  # whole windows
+    for start in range(0, len(order), block):
+        part = order[start : start + block]
+        src, tgt = src_lens[part], tgt_lens[part]  # (P,) each, in `order`
+        win_id = np.arange(len(part)) // window
+        perm = np.lexsort((-tgt, src, np.maximum(src, tgt), win_id))
+        out[start : start + len(part)] = part[perm]
+    return out
 
 
 def cut_batches(

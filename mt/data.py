@@ -199,7 +199,7 @@ def _build(
             src_lens, tgt_lens = _lengths(encoded)
             keep, stats = _filter(src_lens, tgt_lens, limits)
             if stats.kept < stats.total:
-                encoded = encoded.select(np.flatnonzero(keep))
+                encoded = _select_rows(encoded, np.flatnonzero(keep), f"{target.name[:32]}-kept")
             final = Path(tmp) / "final"
             encoded.save_to_disk(str(final))
         np.save(final / LENGTHS_FILE, np.stack([src_lens[keep], tgt_lens[keep]]))
@@ -244,6 +244,23 @@ def _encode(
         cache_file_name=str(tmp / "ids.arrow"),
         new_fingerprint=f"{key[:32]}-ids",
         load_from_cache_file=False,
+    )
+
+
+def _select_rows(dataset: datasets.Dataset, rows: np.ndarray, fingerprint: str) -> datasets.Dataset:
+    """``dataset.select(rows)`` with the row indices kept in numpy: 8 bytes a row.
+
+    ``Dataset.select`` turns an index array into a Python list first, a numpy scalar of about
+    40 bytes per row (1 s and 150 MiB at 5M rows); this builds the same indices mapping directly.
+    """
+    # Row numbers are non-negative, so viewing them as uint64 (what datasets needs) copies nothing.
+    indices = pa.table({"indices": pa.array(rows.astype(np.int64, copy=False).view(np.uint64))})
+    return datasets.Dataset(
+        dataset.data,
+        info=dataset.info,
+        split=dataset.split,
+        indices_table=indices,
+        fingerprint=fingerprint,
     )
 
 

@@ -367,15 +367,22 @@ def _quiet_transformers() -> None:
 def child(phase: str, spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Run one phase in a fresh interpreter; its JSON result."""
     name = f"{phase}-{spec['system']}-{spec['precision']}-{spec.get('repeat', 0)}"
+    return run_phase(__file__, phase, name, spec, workdir)
+
+
+def run_phase(
+    script: str, phase: str, name: str, spec: dict[str, Any], workdir: Path
+) -> dict[str, Any]:
+    """Run `script --phase phase` on `spec` in a fresh interpreter (own peak RSS); its result."""
     spec_path, result_path = workdir / f"{name}.spec.json", workdir / f"{name}.result.json"
     spec_path.write_text(json.dumps(spec))
     result_path.unlink(missing_ok=True)
-    args = [sys.executable, __file__, "--phase", phase, "--spec", str(spec_path)]
+    args = [sys.executable, script, "--phase", phase, "--spec", str(spec_path)]
     args += ["--result", str(result_path)]
     proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"bench: the {name} phase failed (exit {proc.returncode})")
+        raise SystemExit(f"{Path(script).stem}: the {name} phase failed (exit {proc.returncode})")
     return json.loads(result_path.read_text())
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from mt import batching
 from mt.batching import (
     BatchSampler,
     collate,
@@ -81,6 +82,17 @@ def test_resume_by_skipping_consumed_batches() -> None:
     resumed = BatchSampler(src, tgt, 700, seed=3, world_size=2, rank=1).epoch_batches(2)[5:]
     assert len(resumed) == len(full) - 5
     assert all(np.array_equal(x, y) for x, y in zip(full[5:], resumed, strict=True))
+
+
+@pytest.mark.parametrize("window", [0, 37, 500])
+def test_sorting_in_blocks_equals_one_sort(window: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # sort_windows sorts SORT_BLOCK indices at a time to bound its memory; batches must not change.
+    src, tgt = random_lens(3000)
+    whole = BatchSampler(src, tgt, 1000, seed=4, window=window).epoch_batches(2)
+    monkeypatch.setattr(batching, "SORT_BLOCK", 100)  # many blocks of whole windows
+    blocks = BatchSampler(src, tgt, 1000, seed=4, window=window).epoch_batches(2)
+    assert len(whole) == len(blocks)
+    assert all(np.array_equal(x, y) for x, y in zip(whole, blocks, strict=True))
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from mt.corpora import open_corpus
+from mt.data import encode_corpus
+from mt.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "data" / "tiny"
@@ -74,3 +79,32 @@ def test_gpu_bench_runs_on_cpu(tmp_path: Path) -> None:
     assert res["decode"]["sentences"] == 16
     assert "aten::_scaled_dot_product_attention_math" in res["train"]["sdpa_kernels"]
     assert "| **MFU** |" in proc.stdout
+
+
+def test_bench_data_smoke_counts_every_pair(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_data.py"), "--smoke", "--keep",
+         "--workdir", str(tmp_path)],
+        capture_output=True, text=True, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| pairs | kept |"))
+    rows = itertools.takewhile(lambda line: line.startswith("|"), lines[start + 2 :])
+    table = {int(r.split("|")[1].replace(",", "")): r.split("|")[1:-1] for r in rows}
+    assert list(table) == [2000, 4000]  # one row per size
+    for pairs, row in table.items():
+        kept, pairs_s = (float(row[i].replace(",", "")) for i in (1, 3))
+        assert 0 < kept <= pairs and pairs_s > 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    for res in results:
+        assert res["total"] == res["pairs"]  # every generated line was read
+        assert res["batched"] == res["kept"]  # one epoch's batches hold every kept pair once
+    # The sizes share their first pairs (the corpus is generated chunk by chunk from a seed) ...
+    small, large = (tmp_path / f"pairs-{n}" / "train.src" for n in (2000, 4000))
+    assert large.read_text().splitlines()[:2000] == small.read_text().splitlines()
+    # ... and encoding the kept corpus again, independently, keeps the same pairs.
+    corpus = open_corpus(str(tmp_path / "pairs-2000" / "train"), "src", "tgt")
+    tokenizer = load_tokenizer(tmp_path / "tokenizer")
+    again = encode_corpus(corpus, tokenizer, tmp_path / "again", filter=True)
+    assert again.stats.kept == int(table[2000][1].replace(",", ""))
