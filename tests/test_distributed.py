@@ -148,10 +148,10 @@ def test_dead_rank_ends_the_job_within_the_timeout(tmp_path: Path) -> None:
 
 def test_ranks_wait_for_a_preparation_longer_than_the_training_timeout(tmp_path: Path) -> None:
     # Rank 0 prepares (tokenizer, encoding) while rank 1 waits: that wait is on the start-up
-    # group (dist_startup_timeout), not the training group, whose timeout is 5 s here.
-    worker, slow = "tests/helpers/faulty_worker.py", {"MT_FAULT": "slow:0:10"}
+    # group (dist_startup_timeout), not the training group, whose timeout is 8 s here.
+    worker, slow = "tests/helpers/faulty_worker.py", {"MT_FAULT": "slow:0:12"}
     proc = torchrun(
-        tmp_path / "run", "train.max_steps=2", "train.dist_timeout=5", worker=worker, env=slow
+        tmp_path / "run", "train.max_steps=2", "train.dist_timeout=8", worker=worker, env=slow
     )
     code, err = finish(proc)
     assert code == 0, err
