@@ -113,8 +113,8 @@ def decode_rows(
 ) -> tuple[Tensor, Tensor]:
     """Extend rows by `pick(lprobs)` until EOS: ids (N, T) with PAD after EOS, logprobs (N,)."""
     N = src.size(0)
-    state = model.init_state()
     limit = max_lengths(src, max_len_a, max_len_b, model.max_positions - 1)  # (N,)
+    state = model.init_state(int(limit.max()))
     token = torch.full((N,), BOS_ID, dtype=torch.long, device=src.device)  # (N,)
     finished = torch.zeros(N, dtype=torch.bool, device=src.device)  # (N,)
     total = torch.zeros(N, device=src.device)  # (N,) float32
@@ -232,15 +232,16 @@ class Beams:
 def start_beams(model: Transformer, src: Tensor, max_len_a: float, max_len_b: int) -> Beams:
     """Encode each sentence once; one row per sentence until the first step expands it."""
     B, device = src.size(0), src.device
+    limit = max_lengths(src, max_len_a, max_len_b, model.max_positions - 1)  # (B,)
     return Beams(
         sent=torch.arange(B, device=device),
         tokens=torch.full((B, 1), BOS_ID, dtype=torch.long, device=device),
         scores=torch.zeros(B, device=device),
         count=torch.zeros(B, dtype=torch.long, device=device),
-        limit=max_lengths(src, max_len_a, max_len_b, model.max_positions - 1),
+        limit=limit,
         memory=model.encode(src),  # (B, S, D)
         src=src,  # (B, S)
-        state=model.init_state(),
+        state=model.init_state(int(limit.max())),
     )
 
 

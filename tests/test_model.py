@@ -112,6 +112,24 @@ def test_incremental_matches_full(prenorm: bool) -> None:
     assert torch.allclose(full, torch.cat([first, rest], dim=1), atol=1e-5)
 
 
+def test_cache_grows_past_its_capacity_and_keeps_its_contents() -> None:
+    model = tiny(True).eval()
+    src, tgt_in, _ = random_pairs(3)
+    index = torch.tensor([2, 1, 0, 0])
+    with torch.no_grad():
+        memory, state = model.encode(src), model.init_state(max_len=2)
+        steps = [model.decode(tgt_in[:, t : t + 1], memory, src, state) for t in range(3)]
+        assert state.layers[0].self_k.size(0) == 4  # 2, doubled once at the third position
+        state.reorder(index, index)  # a reorder keeps the capacity
+        assert state.layers[0].self_k.shape[:2] == (4, 4)
+        src2, memory2, tgt2 = src[index], memory[index], tgt_in[index]
+        later = [model.decode(tgt2[:, t : t + 1], memory2, src2, state) for t in range(3, 6)]
+        assert state.layers[0].self_k.size(0) == 8 and state.layers[0].length == 6
+        full = model(src2, tgt2[:, :6])
+    assert torch.allclose(full[:, :3], torch.cat(steps, dim=1)[index], atol=1e-5)
+    assert torch.allclose(full[:, 3:6], torch.cat(later, dim=1), atol=1e-5)
+
+
 @pytest.mark.parametrize("prenorm", [True, False])
 def test_reorder_matches_reordered_full(prenorm: bool) -> None:
     model = tiny(prenorm).eval()
