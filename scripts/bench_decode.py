@@ -6,6 +6,7 @@
 Prints a Markdown table (settings, seconds, sentences/s, target tokens/s, BLEU) for
 docs/benchmarks.md. Each setting decodes the whole file `--repeats` times in this process;
 the median time is reported. Threads: torch's default (all cores) unless --threads is given.
+CPU set-up as `mt translate` (`configure_backends`: glibc keeps freed memory).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import sacrebleu
 import torch
 
+from mt.device import configure_backends
 from mt.run import load_trained
 from mt.translate import decode_settings, translate_lines
 
@@ -34,6 +36,7 @@ def read(path: Path) -> list[str]:
 def bench(run: Path, src: Path, ref: Path, beams: list[int], repeats: int, precision: str) -> None:
     """Time each beam size and print the table."""
     device = torch.device("cpu")
+    configure_backends(device)  # as `mt translate` does: glibc keeps freed memory
     config, tokenizer, model, checkpoint = load_trained(run, device)
     sources, references = read(src), read(ref)
     machine = platform.processor() or platform.machine()
