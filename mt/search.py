@@ -56,13 +56,19 @@ def length_penalty(length: Tensor | int, alpha: float, kind: str) -> Tensor | fl
     raise ValueError(f"length penalty must be one of {LENGTH_PENALTIES}, got {kind!r}")
 
 
-def step_logprobs(logits: Tensor, step: int, limit: Tensor, min_len: int) -> Tensor:
-    """Float32 log-probs (N, V) of token step+1: PAD/BOS banned, EOS banned or forced."""
+def banned_logprobs(logits: Tensor, step: int, min_len: int) -> tuple[Tensor, Tensor]:
+    """Float32 log-probs (N, V), PAD/BOS banned, EOS banned before min_len; EOS's unbanned (N,)."""
     lprobs = F.log_softmax(logits.float(), dim=-1)  # (N, V), masked in place below
-    eos = lprobs[:, EOS_ID].clone()  # (N,)
+    eos = lprobs[:, EOS_ID].clone()  # (N,) kept for rows at their limit, where EOS is forced
     lprobs[:, [PAD_ID, BOS_ID]] = -math.inf
     if step < min_len:
         lprobs[:, EOS_ID] = -math.inf
+    return lprobs, eos
+
+
+def step_logprobs(logits: Tensor, step: int, limit: Tensor, min_len: int) -> Tensor:
+    """Float32 log-probs (N, V) of token step+1: PAD/BOS banned, EOS banned or forced."""
+    lprobs, eos = banned_logprobs(logits, step, min_len)  # (N, V), (N,)
     at_limit = step + 1 >= limit  # (N,)
     lprobs.masked_fill_(at_limit.unsqueeze(1), -math.inf)
     lprobs[:, EOS_ID] = torch.where(at_limit, eos, lprobs[:, EOS_ID])
@@ -253,11 +259,7 @@ def row_candidates(
     The same as `step_logprobs(...).topk(k)`, but the length limit is applied to the k
     candidates rather than to all V tokens: a row at its limit keeps only EOS, with its score.
     """
-    lprobs = F.log_softmax(logits.float(), dim=-1)  # (N, V), masked in place below
-    eos = lprobs[:, EOS_ID].clone()  # (N,)
-    lprobs[:, [PAD_ID, BOS_ID]] = -math.inf
-    if step < min_len:
-        lprobs[:, EOS_ID] = -math.inf
+    lprobs, eos = banned_logprobs(logits, step, min_len)  # (N, V), (N,)
     top, tokens = lprobs.topk(min(k, lprobs.size(1)), dim=1)  # (N, k) each, best first
     at_limit = (step + 1 >= limit).unsqueeze(1)  # (N, 1)
     first = torch.arange(top.size(1), device=top.device) == 0  # (k,) where EOS goes
