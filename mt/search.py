@@ -251,6 +251,34 @@ def start_beams(model: Transformer, src: Tensor, max_len_a: float, max_len_b: in
     )
 
 
+VOCAB_BLOCK = 64  # preferred column block width of `block_topk`
+
+
+def block_width(vocab: int, k: int) -> int:
+    """A width near VOCAB_BLOCK dividing `vocab` for `block_topk`; 0 where plain topk is as good."""
+    for width in sorted(range(16, 129), key=lambda w: abs(w - VOCAB_BLOCK)):
+        if vocab % width == 0 and vocab >= 4 * k * width:
+            return width
+    return 0
+
+
+def block_topk(x: Tensor, k: int, width: int) -> tuple[Tensor, Tensor]:
+    """Values and ids of the k largest entries of each row of x (N, V), as x.topk(k, dim=1).
+
+    A row's k largest entries lie in its k blocks of `width` columns with the highest maxima: a
+    block outside them has k blocks at least as high, each with an entry at least as high. So
+    one max per block and a top-k over k * width candidates replace a top-k over V.
+    """
+    N, V = x.shape
+    blocks = V // width
+    maxima = x.view(N, blocks, width).amax(2)  # (N, V/width)
+    best = maxima.topk(k, dim=1).indices  # (N, k) block of each candidate group
+    rows = torch.arange(N, device=x.device).unsqueeze(1) * blocks + best  # (N, k)
+    candidates = x.view(N * blocks, width).index_select(0, rows.view(-1))  # (N*k, width)
+    values, pick = candidates.view(N, k * width).topk(k, dim=1)  # (N, k) each
+    return values, best.gather(1, pick // width) * width + pick % width
+
+
 def row_candidates(
     logits: Tensor, step: int, limit: Tensor, min_len: int, k: int
 ) -> tuple[Tensor, Tensor]:
@@ -260,9 +288,11 @@ def row_candidates(
     candidates rather than to all V tokens: a row at its limit keeps only EOS, with its score.
     """
     lprobs, eos = banned_logprobs(logits, step, min_len)  # (N, V), (N,)
-    top, tokens = lprobs.topk(min(k, lprobs.size(1)), dim=1)  # (N, k) each, best first
+    k = min(k, lprobs.size(1))
+    width = block_width(lprobs.size(1), k)
+    top, tokens = block_topk(lprobs, k, width) if width else lprobs.topk(k, dim=1)  # (N, k)
     at_limit = (step + 1 >= limit).unsqueeze(1)  # (N, 1)
-    first = torch.arange(top.size(1), device=top.device) == 0  # (k,) where EOS goes
+    first = torch.arange(k, device=top.device) == 0  # (k,) where EOS goes
     top = torch.where(at_limit, torch.where(first, eos.unsqueeze(1), -math.inf), top)
     return top, torch.where(at_limit & first, EOS_ID, tokens)  # (N, k) each
 

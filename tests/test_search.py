@@ -13,10 +13,14 @@ from mt.model import Transformer
 from mt.search import (
     Hypothesis,
     beam_search,
+    block_topk,
+    block_width,
     greedy_search,
     length_penalty,
     max_lengths,
+    row_candidates,
     sample,
+    step_logprobs,
 )
 from mt.vocab import BOS_ID, EOS_ID, PAD_ID
 
@@ -318,3 +322,41 @@ def test_empty_batch_and_bad_arguments(reverser: Transformer) -> None:
     for kwargs in [dict(num=0), dict(temperature=0.0), dict(top_k=-1), dict(top_p=0.0)]:
         with pytest.raises(ValueError):
             sample(reverser, src, **kwargs)
+
+
+def test_block_width() -> None:
+    assert block_width(8000, 10) == 64
+    assert block_width(37000, 10) == 74  # the divisor of 37,000 nearest to 64
+    assert block_width(384, 6) == 16  # wider blocks would leave too few of them
+    assert block_width(7919, 10) == 0  # a prime: no width divides it
+    assert block_width(30, 6) == 0  # small vocabularies use plain topk
+
+
+@pytest.mark.parametrize(("vocab", "k", "width"), [(8000, 10, 64), (384, 6, 16), (600, 10, 20)])
+def test_block_topk_equals_topk(vocab: int, k: int, width: int) -> None:
+    gen = torch.Generator().manual_seed(vocab)
+    x = torch.randn(40, vocab, generator=gen)
+    x[:20] = x[:20].mul(4).round()  # many ties among the best
+    x[:, :3] = -math.inf  # banned ids
+    x[5, : vocab - k] = -math.inf  # a row whose only finite entries are its last k
+    values, ids = block_topk(x, k, width)
+    want = x.topk(k, dim=1).values
+    assert torch.equal(values, want)  # the same values, best first
+    assert torch.equal(x.gather(1, ids), values)  # ids point at them
+    assert all(len(set(row)) == k for row in ids.tolist())  # k distinct tokens per row
+    assert sorted(ids[5].tolist()) == list(range(vocab - k, vocab))
+
+
+@pytest.mark.parametrize(("step", "min_len"), [(0, 0), (3, 5), (7, 0)])
+def test_row_candidates_equal_topk_of_step_logprobs(step: int, min_len: int) -> None:
+    gen = torch.Generator().manual_seed(step)
+    logits = torch.randn(30, 8000, generator=gen) * 3  # wide enough for block_topk
+    logits[:, EOS_ID] += 6  # EOS among the best, so banning and forcing it matter
+    limit = torch.randint(step, step + 3, (30,), generator=gen)  # rows at, past and below it
+    want = step_logprobs(logits.clone(), step, limit, min_len).topk(10, dim=1)
+    top, tokens = row_candidates(logits.clone(), step, limit, min_len, 10)
+    live = top.isfinite()
+    assert torch.equal(live, want.values.isfinite())
+    assert torch.equal(top[live], want.values[live])
+    assert torch.equal(tokens[live], want.indices[live])
+    assert (tokens[step + 1 >= limit, 0] == EOS_ID).all()
