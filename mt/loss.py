@@ -5,6 +5,7 @@ Shape legend: B batch, T target length, V vocabulary size.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -21,7 +22,7 @@ def label_smoothed_nll(
     loss = (1 - eps) * nll + eps * mean_v(-log p_v). With eps=0, loss_sum == nll_sum.
     """
     # Softmax in float32: bf16/fp16 log-probabilities are too coarse to sum over many tokens.
-    lprobs = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    lprobs = F.log_softmax(logits, dim=-1, dtype=torch.float32)  # (B, T, V)
     nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, T)
     # Sum over V, then scale one scalar by 1/V: a mean's backward would divide all B*T*V entries.
     smooth = -lprobs.sum(dim=-1)  # (B, T)

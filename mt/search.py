@@ -58,7 +58,7 @@ def length_penalty(length: Tensor | int, alpha: float, kind: str) -> Tensor | fl
 
 def banned_logprobs(logits: Tensor, step: int, min_len: int) -> tuple[Tensor, Tensor]:
     """Float32 log-probs (N, V), PAD/BOS banned, EOS banned before min_len; EOS's unbanned (N,)."""
-    lprobs = F.log_softmax(logits.float(), dim=-1)  # (N, V), masked in place below
+    lprobs = F.log_softmax(logits, dim=-1, dtype=torch.float32)  # (N, V), masked in place below
     eos = lprobs[:, EOS_ID].clone()  # (N,) kept for rows at their limit, where EOS is forced
     lprobs[:, [PAD_ID, BOS_ID]] = -math.inf
     if step < min_len:

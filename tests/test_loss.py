@@ -62,7 +62,13 @@ def test_hand_computed_smoothing() -> None:
 
 def test_bf16_logits_give_float32() -> None:
     logits, target = sample()
-    loss, nll, _ = label_smoothed_nll(logits.bfloat16(), target, 0.1, PAD)
-    reference, _, _ = label_smoothed_nll(logits.bfloat16().float(), target, 0.1, PAD)
+    low = logits.bfloat16().requires_grad_()
+    loss, nll, _ = label_smoothed_nll(low, target, 0.1, PAD)
+    loss.backward()
+    high = low.detach().float().requires_grad_()  # the same values, converted up front
+    reference, _, _ = label_smoothed_nll(high, target, 0.1, PAD)
+    reference.backward()
     assert loss.dtype == torch.float32 and nll.dtype == torch.float32
-    assert torch.allclose(loss, reference)
+    assert torch.equal(loss, reference)  # the softmax runs in float32 either way
+    assert low.grad.dtype == torch.bfloat16
+    assert torch.equal(low.grad, high.grad.bfloat16())
