@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import profile
 
-from mt.device import autocast
+from mt.device import autocast, cpu_has_amx, resolve_precision
 
 HEAP = """
 import ctypes, json, sys, torch
@@ -67,3 +67,14 @@ def test_cpu_low_precision_decoding_keeps_the_flash_sdpa_kernel() -> None:
     bf16 = sdpa_kernels("bf16", grad=False)
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in bf16
     assert not any("math" in name for name in bf16)
+
+
+def test_auto_precision_on_cpu_is_bf16_only_with_amx(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert cpu_has_amx() and resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert resolve_precision("auto", cpu) == "fp32"
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # a torch without the check
+    assert not cpu_has_amx() and resolve_precision("auto", cpu) == "fp32"
+    assert [resolve_precision(p, cpu) for p in ("fp32", "bf16")] == ["fp32", "bf16"]

@@ -128,12 +128,14 @@ def test_inconsistent_options(kwargs: dict, message: str) -> None:
 
 
 def test_model_without_files_scores_the_test_set(trained_run: Path, tmp_path: Path) -> None:
-    # The tiny config's test set is its dev set, and validation decodes greedily: same BLEU.
+    # The tiny config's test set is its dev set, and validation decodes greedily in the run's
+    # fp32 (`auto` would pick bf16 on a CPU with AMX): same BLEU.
     best = ckpt.best_checkpoint(trained_run)
     assert best is not None
     valid = {r["step"]: r["bleu"] for r in read_metrics(trained_run, "valid")}
     result = CliRunner().invoke(
-        app, ["evaluate", "--model", str(trained_run), "--beam", "1", "--json"]
+        app,
+        ["evaluate", "--model", str(trained_run), "--beam", "1", "--precision", "fp32", "--json"],
     )
     assert result.exit_code == 0, result.output
     tree = json.loads(result.stdout)
@@ -141,5 +143,5 @@ def test_model_without_files_scores_the_test_set(trained_run: Path, tmp_path: Pa
 
     # The same through --src/--ref.
     src, ref = ROOT / "tests/data/tiny/valid.de", ROOT / "tests/data/tiny/valid.en"
-    scores = evaluate(src=src, ref=ref, model=trained_run, beam=1)
+    scores = evaluate(src=src, ref=ref, model=trained_run, precision="fp32", beam=1)
     assert scores["bleu"].score == pytest.approx(valid[best.step], abs=1e-9)
