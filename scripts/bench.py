@@ -45,7 +45,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from mt.batching import BatchSampler, collate, collate_source  # noqa: E402
 from mt.config import Config, load_config  # noqa: E402
-from mt.device import keep_freed_memory  # noqa: E402
+from mt.device import cpu_has_amx, keep_freed_memory  # noqa: E402
 from mt.distributed import World  # noqa: E402
 from mt.export import marian_from_mt  # noqa: E402
 from mt.loss import label_smoothed_nll  # noqa: E402
@@ -561,8 +561,10 @@ def machine() -> str:
     """CPU model, cores, torch/transformers/Python versions."""
     import transformers
 
+    isa = torch.backends.cpu.get_cpu_capability()
     return (
-        f"{cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}, "
+        f"{cpu_model()} ({isa}, {'with' if cpu_has_amx() else 'no'} AMX), {os.cpu_count()} cores; "
+        f"torch {torch.__version__}, "
         f"transformers {transformers.__version__}, Python {platform.python_version()}"
     )
 
