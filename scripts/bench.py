@@ -34,6 +34,8 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -368,6 +370,14 @@ def child(phase: str, spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Run one phase in a fresh interpreter; its JSON result."""
     name = f"{phase}-{spec['system']}-{spec['precision']}-{spec.get('repeat', 0)}"
     return run_phase(__file__, phase, name, spec, workdir)
+
+
+def children(phase: str, specs: list[dict[str, Any]], workdir: Path, workers: int) -> Iterator:
+    """Results of `child` for each spec, in order; with workers > 1, run concurrently."""
+    with ThreadPoolExecutor(workers) as pool:
+        futures = [pool.submit(child, phase, spec, workdir) for spec in specs]
+        for future in futures:
+            yield future.result()
 
 
 def run_phase(
@@ -771,20 +781,20 @@ def main_bench(args: argparse.Namespace) -> None:
 
     log("matmul rate")
     res["matmul"] = matmul_rates(2 if args.smoke else MATMUL_REPEATS)
+    workers = 2 if args.smoke else 1  # smoke children mostly import; their timings mean nothing
     for prec in precisions:
         res["train"][prec] = {}
+        jobs = [(system, repeat) for system in SYSTEMS for repeat in range(args.repeats)]
+        specs = [{**spec, "system": s, "precision": prec, "repeat": r} for s, r in jobs]
+        outs = children("train", specs, workdir, workers)
         for system in SYSTEMS:
             runs = []
             for repeat in range(args.repeats):
-                log(f"train {system} {prec} run {repeat + 1}/{args.repeats}")
-                out = child(
-                    "train",
-                    {**spec, "system": system, "precision": prec, "repeat": repeat},
-                    workdir,
-                )
+                out = next(outs)
                 runs.append(out)
                 rate = out["tokens"] / out["seconds"]
-                log(f"  {rate:,.0f} tok/s, peak {out['peak_rss']:,.0f} MiB")
+                log(f"train {system} {prec} run {repeat + 1}/{args.repeats}: {rate:,.0f} tok/s, "
+                    f"peak {out['peak_rss']:,.0f} MiB")  # fmt: skip
             med = statistics.median
             tok_s = med(r["tokens"] / r["seconds"] for r in runs)
             gflops = med(flops / r["seconds"] for r in runs) / 1e9
@@ -805,13 +815,9 @@ def main_bench(args: argparse.Namespace) -> None:
     for prec in decode_precisions:
         res["decode"][prec] = {}
         outputs = {}
-        for system in SYSTEMS:
-            log(f"decode {system} {prec} ({args.decode_repeats} passes)")
-            out = child(
-                "decode",
-                {**spec, "system": system, "precision": prec, "repeats": args.decode_repeats},
-                workdir,
-            )
+        specs = [{**spec, "system": s, "precision": prec, "repeats": args.decode_repeats}
+                 for s in SYSTEMS]  # fmt: skip
+        for system, out in zip(SYSTEMS, children("decode", specs, workdir, workers), strict=True):
             res["decode_weights"] = out["weights"]
             outputs[system] = out["outputs"]
             res["decode"][prec][system] = {
@@ -821,7 +827,7 @@ def main_bench(args: argparse.Namespace) -> None:
                 "peak_rss": out["peak_rss"],
                 "bleu": sacrebleu.corpus_bleu(out["texts"], [references]).score,
             }
-            log(f"  {out['seconds']:.1f} s")
+            log(f"decode {system} {prec} ({args.decode_repeats} passes): {out['seconds']:.1f} s")
         same = sum(a == b for a, b in zip(outputs["mt"], outputs["hf"], strict=True))
         res["decode_same"][prec] = same
     if not args.no_profile:
