@@ -16,6 +16,7 @@ Conventions shared by every search:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -254,6 +255,7 @@ def start_beams(model: Transformer, src: Tensor, max_len_a: float, max_len_b: in
 VOCAB_BLOCK = 64  # preferred column block width of `block_topk`
 
 
+@functools.cache
 def block_width(vocab: int, k: int) -> int:
     """A width near VOCAB_BLOCK dividing `vocab` for `block_topk`; 0 where plain topk is as good."""
     for width in sorted(range(16, 129), key=lambda w: abs(w - VOCAB_BLOCK)):
