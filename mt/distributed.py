@@ -14,6 +14,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch import Tensor, nn
 
 from mt.device import resolve_device
 from mt.errors import MtError
@@ -104,3 +105,30 @@ def guarded(world: World, collective: Callable[[], object]) -> None:
             f"rank {world.rank} of {world.world_size}: lost contact with the other ranks "
             f"(a rank died or timed out): {reason}"
         ) from None
+
+
+def broadcast_parameters(world: World, model: nn.Module) -> None:
+    """Give every rank rank 0's parameters (and buffers)."""
+    if not world.distributed:
+        return
+    for tensor in model.state_dict().values():
+        guarded(world, lambda tensor=tensor: dist.broadcast(tensor, src=0, group=world.group))
+
+
+def sum_gradients(world: World, params: Sequence[Tensor], flags: Tensor) -> Tensor:
+    """Sum the gradients of `params` over all ranks, in place, with `flags` in the same collective.
+
+    Returns the summed flags (a few float32 numbers on the gradients' device). A parameter
+    without a gradient (a rank that had no batch, or dropped its gradients after running out
+    of memory) takes part with zeros. Runs once per update, after every backward pass, so the
+    flags can tell every rank at once that one of them failed.
+    """
+    if not world.distributed:
+        return flags
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([*(g.reshape(-1) for g in grads), flags.to(grads[0].dtype)])  # (P + F,)
+    guarded(world, lambda: dist.all_reduce(flat, group=world.group))
+    sizes = [p.numel() for p in params]
+    for param, grad in zip(params, flat[: sum(sizes)].split(sizes), strict=True):
+        param.grad = grad.view_as(param)
+    return flat[sum(sizes) :].to(flags.dtype)
