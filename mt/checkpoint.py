@@ -25,6 +25,7 @@ import re
 import warnings
 import zipfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,12 +156,17 @@ def _digest(tensors: dict[str, Tensor]) -> str:
     return hasher.hexdigest()
 
 
+def _write_flat(path: Path, flat: dict[str, Tensor], metadata: dict[str, str], digest: str) -> None:
+    """Atomically write deduplicated tensors, their metadata and their digest as safetensors."""
+    header = {"format": "pt", **{key: str(value) for key, value in metadata.items()}}
+    header[DIGEST_KEY] = digest  # always this file's own: copied metadata may carry another
+    _atomic_write(Path(path), lambda temp: save_file(flat, str(temp), metadata=header))
+
+
 def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     """Atomically write tensors (tied ones stored once) and metadata, with their digest."""
     flat = _dedupe(tensors)
-    header = {"format": "pt", **{key: str(value) for key, value in metadata.items()}}
-    header[DIGEST_KEY] = _digest(flat)  # always recomputed: copied metadata may carry another
-    _atomic_write(Path(path), lambda temp: save_file(flat, str(temp), metadata=header))
+    _write_flat(path, flat, metadata, _digest(flat))
 
 
 def save_weights(
@@ -383,9 +389,13 @@ def save_checkpoint(
     stand_in = _stand_in(directory, ckpt)
     if stand_in is not None:
         set_best(run_dir, stand_in)
-    _atomic_write(ckpt.state, lambda temp: torch.save(state, temp))
-    header = {"step": str(step), **metadata, STATE_KEY: _state_id(ckpt.state)}
-    save_weights(ckpt.weights, model, header)  # last: marks the checkpoint complete
+    flat = _dedupe(model.state_dict())
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # xxhash releases the GIL: the weights are hashed while the state is written and synced.
+        digest = pool.submit(_digest, flat)
+        _atomic_write(ckpt.state, lambda temp: torch.save(state, temp))
+        header = {"step": str(step), **metadata, STATE_KEY: _state_id(ckpt.state)}
+        _write_flat(ckpt.weights, flat, header, digest.result())  # last: marks it complete
     if stand_in is not None:
         set_best(run_dir, ckpt)
     return ckpt
