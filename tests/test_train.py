@@ -6,6 +6,7 @@ import itertools
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -458,3 +459,22 @@ def test_one_host_read_per_training_step(tmp_path: Path, monkeypatch: pytest.Mon
     train(tiny(run, "train.max_steps=12", "train.log_every=100", "train.valid_every=100"))
     per_step = [b - a for a, b in itertools.pairwise(at_step)]
     assert per_step == [1] * 11
+
+
+def test_a_second_trainer_on_the_same_run_directory_is_refused(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    first = run_cli(run, "train.max_steps=100000", "train.log_every=1")
+    wait_for_step(run, 1, first)
+    config_before = (run / "config.yaml").read_bytes()
+    second = run_cli(run, "train.max_steps=100000", "train.lr=0.5")
+    _, err = second.communicate(timeout=120)
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=60)
+    assert second.returncode == 1
+    lines = err.decode().strip().splitlines()
+    assert lines[-1] == (
+        f"error: {run}: the run directory is in use by PID {first.pid} on host "
+        f"{socket.gethostname()}"
+    )
+    assert "Traceback" not in err.decode()
+    assert (run / "config.yaml").read_bytes() == config_before  # the refused run wrote nothing
