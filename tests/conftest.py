@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,6 +59,24 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         train(load_config(ROOT / "configs" / "tiny.yaml", overrides))
     finally:
         torch.set_num_threads(before)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def diverged_run(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of trained_run whose best weights are finite but overflow in the forward pass.
+
+    The shared embedding is scaled by 1e30: every score of a non-blank line is NaN.
+    """
+    from mt.checkpoint import resolve_checkpoint, save_weights
+    from mt.run import checkpoint_metadata, load_trained
+
+    run_dir = tmp_path_factory.mktemp("diverged") / "run"
+    shutil.copytree(trained_run, run_dir, ignore=shutil.ignore_patterns("cache", "tensorboard"))
+    _, tokenizer, model, _ = load_trained(run_dir, torch.device("cpu"))
+    with torch.no_grad():
+        model.tgt_embed.weight.mul_(1e30)
+    save_weights(resolve_checkpoint(run_dir).weights, model, checkpoint_metadata(tokenizer))
     return run_dir
 
 
