@@ -64,13 +64,16 @@ def _write_failure(exc: Exception, path: Path, temp: Path) -> str | None:
     """The cause, as the OS words it, when `exc` is a failed write to `temp`; else None."""
     if isinstance(exc, OSError):
         name = None if exc.filename is None else Path(os.fsdecode(exc.filename))
-        ours = name is None or name == temp or temp in name.parents
-        return (exc.strerror or str(exc)) if ours else None  # another file: a failed read
-    # Libraries that write by themselves hide the OS error: safetensors (Rust) keeps its number,
-    # torch.save only says "unexpected pos"; then ask the file system directly.
-    if match := re.search(r"\(os error (\d+)\)", str(exc)):
+        if name is not None and name != temp and temp not in name.parents:
+            return None  # another file: a failed read
+        if exc.strerror:
+            return exc.strerror
+    # Libraries that write by themselves word the OS error their own way: safetensors (Rust)
+    # says "(os error 28)", pyarrow "[errno 28]"; torch.save only "unexpected pos", and then
+    # the file system is asked directly.
+    if match := re.search(r"(?:os error|\[errno) (\d+)", str(exc), re.IGNORECASE):
         return os.strerror(int(match.group(1)))
-    return _refusal(path.parent)
+    return _refusal(path.parent) or (str(exc) if isinstance(exc, OSError) else None)
 
 
 @contextlib.contextmanager
