@@ -263,3 +263,18 @@ def test_greedy_translations_are_scored_like_beam_search(loaded) -> None:
     beam1 = translate_lines(lines, tokenizer, model, greedy, CPU, scores=True)  # beam search
     assert [h[0].tokens for h in plain] == [h[0].tokens for h in beam1]
     assert [h[0].score for h in plain] == pytest.approx([h[0].score for h in beam1], abs=1e-5)
+
+
+def test_output_on_a_full_disk_is_one_line(trained_run: Path, small_fs, tmp_path: Path) -> None:
+    disk = small_fs.mount(tmp_path / "disk")
+    target = disk / "out.txt"
+    target.write_text("previous\n", encoding="utf-8")
+    small_fs.fill(disk)
+    lines = (ROOT / "tests/data/tiny/valid.de").read_text(encoding="utf-8")  # not one page fits
+    result = CliRunner().invoke(
+        app, ["translate", "-m", str(trained_run), "-o", str(target), "--beam", "1"], input=lines
+    )
+    assert isinstance(result.exception, MtError)
+    assert str(result.exception) == f"{target}: cannot write (No space left on device)"
+    assert target.read_text(encoding="utf-8") == "previous\n"
+    assert sorted(p.name for p in disk.iterdir()) == [".filler", "out.txt"]
