@@ -475,7 +475,9 @@ def begin(run: Run, stack: contextlib.ExitStack) -> None:
         return
     config, learner = run.config, run.learner
     save_config(config, run.directory / CONFIG_FILE)
-    run.metrics = stack.enter_context(contextlib.closing(MetricsLog(run.directory)))
+    # Records of steps after the checkpoint resumed from are dropped: they are run again.
+    metrics = MetricsLog(run.directory, resume_step=run.state.step)
+    run.metrics = stack.enter_context(contextlib.closing(metrics))
     if config.data.test:
         test = encoded(config, run.tokenizer, "test")
         report_long(test, learner.model.max_positions - 1, "test", "the report")
