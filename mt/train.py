@@ -568,10 +568,11 @@ def apply(run: Run, result: StepResult) -> bool:
     if result.out_of_memory:
         learner.optimizer.zero_grad(set_to_none=True)
         state.oom_steps += 1
-        log.warning(
-            f"step {state.step + 1}: a rank ran out of memory; every rank skipped this update "
-            f"({state.oom_steps} so far; lower train.max_tokens if this recurs)"
-        )
+        if run.world.is_main:
+            log.warning(
+                f"step {state.step + 1}: a rank ran out of memory; every rank skipped this "
+                f"update ({state.oom_steps} so far; lower train.max_tokens if this recurs)"
+            )
         return False
     if learner.precision != "fp16" and not math.isfinite(result.norm):
         # Gradients are summed over ranks before the norm: every rank stops at the same step.

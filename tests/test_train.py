@@ -340,6 +340,21 @@ def test_resumed_metrics_equal_an_uninterrupted_runs(tmp_path: Path) -> None:
     assert [r["kind"] for r in read_metrics(split)].count("end") == 1
 
 
+def test_metrics_after_a_kill_9_equal_an_uninterrupted_runs(tmp_path: Path) -> None:
+    # Records written after the last checkpoint are run again on resume: they are dropped.
+    steps = ["train.max_steps=30", "train.log_every=2", "train.valid_every=5"]
+    straight = tmp_path / "straight"
+    train(tiny(straight, *steps))
+    split = tmp_path / "split"
+    proc = run_cli(split, *steps)
+    wait_for_step(split, 8, proc)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert max(r["step"] for r in read_metrics(split)) > ckpt.latest_checkpoint(split).step
+    train(tiny(split, *steps))
+    assert records(split) == records(straight)
+
+
 def test_a_run_with_nothing_to_do_keeps_its_config(tmp_path: Path) -> None:
     run = tmp_path / "run"
     train(tiny(run, "train.max_steps=15"))
