@@ -11,7 +11,7 @@ install:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e ".[dev,bench,serve]"
+	$(BIN)/pip install --quiet -e ".[dev,bench,export,serve]"
 
 data:
 	$(BIN)/mt data fetch multi30k data/multi30k --langs de,en
