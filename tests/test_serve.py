@@ -432,3 +432,16 @@ def test_load_generator_smoke_run(trained_run: Path) -> None:
         p50, p95, p99 = (float(row[i]) for i in (5, 6, 7))
         assert 0 < p50 <= p95 <= p99
     assert re.search(r"server RSS: \d+ MiB before, \d+ MiB after \d+ requests", out.stdout)
+
+
+def test_readme_limits_table_shows_the_defaults() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = dict(re.findall(r"^  \| `--([a-z-]+)` \| ([^|]+) \|", readme, flags=re.M))
+    defaults = {
+        name.replace("_", "-"): value for name, value in dataclasses.asdict(Limits()).items()
+    }
+    assert (
+        table.pop("max-tokens") == "the run's `decode.max_tokens`"
+        and defaults.pop("max-tokens") is None
+    )
+    assert {name: float(value) for name, value in table.items()} == defaults
