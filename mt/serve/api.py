@@ -13,12 +13,11 @@ A request names no file and no model: the server translates with the one it load
 from __future__ import annotations
 
 import asyncio
-import logging
+import dataclasses
 import math
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from importlib import resources
 from typing import Annotated, Any
 
@@ -35,8 +34,6 @@ from mt.serve.limits import Limits
 from mt.serve.worker import Batcher, Job, Result, Unavailable
 from mt.tokenizer import Tokenizer
 from mt.translate import Translation, encode_sources
-
-log = logging.getLogger("mt")
 
 RETRY_AFTER_S = 1  # what a 503 tells clients to wait: about one batch of decoding
 CLIENT_GONE = 499  # nginx's code for "client closed request": nobody reads this response
@@ -113,13 +110,14 @@ class ModelInfo(BaseModel):
 
 
 class Health(BaseModel):
-    """Liveness, and what the worker has done so far."""
+    """Liveness, and what the worker has done so far (see worker.Stats)."""
 
     status: str
     queued: int
     requests: int
     sentences: int
     rounds: int
+    most_requests: int
     dropped: int
 
 
@@ -132,7 +130,7 @@ class Error(BaseModel):
 # --- what the app serves ---------------------------------------------------------------------
 
 
-@dataclass
+@dataclasses.dataclass
 class Served:
     """The loaded model's tokenizer, batcher and description, and the server's limits."""
 
@@ -210,11 +208,7 @@ async def model_info(served: ServedDep) -> ModelInfo:
 @router.get("/health", response_model=Health)
 async def health(served: ServedDep) -> Health:
     """Liveness for probes, with the worker's counters."""
-    s = served.batcher.stats
-    return Health(
-        status="ok", queued=s.queued, requests=s.requests, sentences=s.sentences,
-        rounds=s.rounds, dropped=s.dropped,
-    )  # fmt: skip
+    return Health(status="ok", **dataclasses.asdict(served.batcher.stats))
 
 
 PAGE_HEADERS = {
