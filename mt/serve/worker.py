@@ -123,7 +123,7 @@ class Batcher:
                 self.stats.queued -= len(job.lines)
                 self.stats.dropped += 1
                 self._cond.notify_all()
-        log.debug("dropped a request of %d sentences: its client went away", len(job.lines))
+                log.debug("dropped %d sentences: their client went away", len(job.lines))
 
     # --- life cycle ----------------------------------------------------------------------------
 
