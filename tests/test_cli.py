@@ -21,7 +21,6 @@ from mt.errors import ConfigError, DataError, MtError
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 TINY_DATA = ROOT / "tests" / "data" / "tiny"
-MULTI30K = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
 _SCRIPT = Path(sys.executable).with_name("mt")
 MT = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "mt"]
 WIDE = {"COLUMNS": "200", "NO_COLOR": "1"}  # help on one line per option, without colours
@@ -319,11 +318,10 @@ def test_fetch_argument_errors(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.skipif(not MULTI30K.is_dir(), reason="no local copy of Multi30k")
-def test_fetch_from_a_local_mirror(tmp_path: Path) -> None:
+def test_fetch_from_a_local_mirror(multi30k: Path, tmp_path: Path) -> None:
     dest = tmp_path / "multi30k"
     args = ["data", "fetch", "multi30k", str(dest), "--langs", "de, en,de"]
-    code, out, err = run_mt(*args, "--mirror", str(MULTI30K))
+    code, out, err = run_mt(*args, "--mirror", str(multi30k))
     assert code == 0, err
     names = [
         f"{split}.{lang}.gz"
@@ -333,10 +331,10 @@ def test_fetch_from_a_local_mirror(tmp_path: Path) -> None:
     assert out.splitlines() == [str(dest / name) for name in names]
     assert err.splitlines() == [f"{name}: downloaded" for name in names]
     for name in names:
-        assert (dest / name).read_bytes() == (MULTI30K / name).read_bytes()
+        assert (dest / name).read_bytes() == (multi30k / name).read_bytes()
     mtimes = {p: p.stat().st_mtime_ns for p in dest.iterdir()}
     # The second run takes the mirror from the environment and downloads nothing.
-    result = invoke(*args, env={"MT_DATA_MIRROR": str(MULTI30K)})
+    result = invoke(*args, env={"MT_DATA_MIRROR": str(multi30k)})
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines() == [str(dest / name) for name in names]
     assert {p: p.stat().st_mtime_ns for p in dest.iterdir()} == mtimes

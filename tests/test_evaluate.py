@@ -17,7 +17,6 @@ from mt.errors import MtError
 from mt.evaluate import evaluate
 from mt.metrics import read_metrics
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
 SACREBLEU = Path(sys.executable).parent / "sacrebleu"
 

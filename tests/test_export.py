@@ -28,9 +28,9 @@ from mt.tokenizer import Tokenizer
 from mt.translate import decode_settings, translate_lines
 from mt.vocab import BOS_ID, EOS_ID, PAD_ID
 
+pytestmark = pytest.mark.slow  # trains two more tiny runs; exports and runs CT2 and Marian
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DATA = ROOT / "tests" / "data" / "tiny"
-MULTI30K = [ROOT / "data" / "multi30k", ROOT.parent / "shared" / "data" / "multi30k"]
 CPU = torch.device("cpu")
 NO_CT2 = "ctranslate2 is not installed (pip install -e '.[serve]')"
 NO_HF = "transformers is not installed (pip install -e '.[bench]')"
@@ -41,7 +41,7 @@ PRENORM_REFUSAL = (
 
 
 def train_tiny(run_dir: Path, *overrides: str) -> Path:
-    """A tiny run trained for 300 steps on one thread (see conftest.trained_run)."""
+    """A tiny run trained for 300 steps (see conftest.trained_run)."""
     from mt.train import train
 
     base = [
@@ -52,12 +52,7 @@ def train_tiny(run_dir: Path, *overrides: str) -> Path:
         f"data.valid={TINY_DATA / 'valid'}",
         f"data.test={TINY_DATA / 'valid'}",
     ]
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(load_config(ROOT / "configs" / "tiny.yaml", [*base, *overrides]))
-    finally:
-        torch.set_num_threads(before)
+    train(load_config(ROOT / "configs" / "tiny.yaml", [*base, *overrides]))
     return run_dir
 
 
@@ -117,7 +112,7 @@ def mt_outputs(
 
 
 def test_ct2_export_scores_and_searches_like_mt(
-    any_run: Path, lines: list[str], tmp_path: Path, one_thread: None
+    any_run: Path, lines: list[str], tmp_path: Path
 ) -> None:
     ctranslate2 = pytest.importorskip("ctranslate2", reason=NO_CT2)
     export_model(any_run, tmp_path / "ct2", "ct2")
@@ -182,7 +177,7 @@ def test_ct2_export_directory_layout_and_readme(postnorm_run: Path, tmp_path: Pa
 
 @pytest.mark.filterwarnings("ignore:Recommended. pip install sacremoses")  # never used by Marian
 def test_hf_export_loads_and_computes_like_mt(
-    marian_run: Path, lines: list[str], tmp_path: Path, one_thread: None
+    marian_run: Path, lines: list[str], tmp_path: Path
 ) -> None:
     pytest.importorskip("transformers", reason=NO_HF)
     from transformers import MarianMTModel, MarianTokenizer
@@ -293,16 +288,13 @@ def test_bad_options_fail_before_any_work(
 # --- scripts/bench_ct2.py ---------------------------------------------------------------------
 
 
-def multi30k() -> Path | None:
-    return next((p for p in MULTI30K if (p / "test_2016_flickr.de.gz").is_file()), None)
-
-
-@pytest.mark.skipif(multi30k() is None, reason="Multi30k not found (make data, or ../shared)")
-def test_bench_ct2_smoke_prints_and_writes_its_table(postnorm_run: Path, tmp_path: Path) -> None:
+def test_bench_ct2_smoke_prints_and_writes_its_table(
+    multi30k: Path, postnorm_run: Path, tmp_path: Path
+) -> None:
     pytest.importorskip("ctranslate2", reason=NO_CT2)
     out_md = tmp_path / "benchmarks.md"
     args = [sys.executable, str(ROOT / "scripts" / "bench_ct2.py"), "--smoke", "--threads", "1",
-            "--run", str(postnorm_run), "--data", str(multi30k()),
+            "--run", str(postnorm_run), "--data", str(multi30k),
             "--workdir", str(tmp_path / "work"), "--write", str(out_md)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the CPU may be shared
     proc = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env)

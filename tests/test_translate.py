@@ -20,7 +20,6 @@ from mt.errors import MtError
 from mt.run import load_trained
 from mt.translate import split_lines, translate_lines
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 
