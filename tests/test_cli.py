@@ -112,6 +112,7 @@ def test_command_help_shows_options_and_defaults(command: list[str], shown: list
 # --- errors through the real entry point -----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_config_errors_exit_2_with_one_line(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     bad = tmp_path / "bad.yaml"
@@ -133,6 +134,7 @@ def test_config_errors_exit_2_with_one_line(tmp_path: Path) -> None:
     assert not run_dir.exists()  # nothing written
 
 
+@pytest.mark.slow
 def test_data_errors_exit_1_with_one_line(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     missing = tmp_path / "missing"
@@ -143,6 +145,7 @@ def test_data_errors_exit_1_with_one_line(tmp_path: Path) -> None:
     assert not run_dir.exists()  # checked before the tokenizer is trained
 
 
+@pytest.mark.slow
 def test_os_errors_are_one_line(prepared: tuple[Path, str, str], tmp_path: Path) -> None:
     run_dir, _, _ = prepared
     blocker = tmp_path / "file"
@@ -175,6 +178,7 @@ def test_prepare_prints_statistics(prepared: tuple[Path, str, str]) -> None:
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_second_prepare_reuses_the_cache(prepared: tuple[Path, str, str]) -> None:
     run_dir, first_out, _ = prepared
     cache_files = sorted((run_dir / "cache").rglob("*"))

@@ -97,6 +97,7 @@ def test_output_does_not_depend_on_batching(loaded) -> None:
         assert [h[0].text for h in one] == [h[0].text for h in big]
 
 
+@pytest.mark.slow
 def test_stdin_file_and_output_file_agree(trained_run: Path, tmp_path: Path) -> None:
     source = tmp_path / "in.txt"
     source.write_bytes(EDGE_TEXT.encode("utf-8"))
@@ -146,6 +147,7 @@ def test_nbest_larger_than_beam_is_a_one_line_error(trained_run: Path, tmp_path:
     assert "decode.nbest=3 exceeds decode.beam=2" in str(result.exception)
 
 
+@pytest.mark.slow
 def test_invalid_utf8_is_a_one_line_error(trained_run: Path, tmp_path: Path) -> None:
     source = tmp_path / "bad.txt"
     source.write_bytes(b"Der hund .\nDas \xff kind .\n")
