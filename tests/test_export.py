@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers.ct2_model import read_ct2_model
+from helpers.waiting import SAFETY_NET_S
 from sacrebleu.metrics import BLEU
 from typer.testing import CliRunner
 
@@ -351,7 +352,7 @@ def test_bench_ct2_smoke_prints_and_writes_its_table(
             "--run", str(postnorm_run), "--data", str(multi30k),
             "--workdir", str(tmp_path / "work"), "--write", str(out_md)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the CPU may be shared
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=SAFETY_NET_S, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert out.startswith("## Speed: mt vs CTranslate2\n")
