@@ -144,23 +144,19 @@ def test_ct2_export_scores_and_searches_like_mt(
         assert same >= wanted * len(lines), f"beam {beam}: {same} of {len(lines)} identical"
 
 
-@pytest.fixture(scope="module")
-def ct2_float32_and_int8(postnorm_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The post-norm run exported twice, under float32/ and int8/ (model untouched: asserted)."""
+def test_ct2_int8_export_stores_the_weights_within_rounding(
+    postnorm_run: Path, tmp_path: Path
+) -> None:
     pytest.importorskip("ctranslate2", reason=NO_CT2)
     _, tokenizer, model, _ = load_trained(postnorm_run, CPU)
     before = {name: p.clone() for name, p in model.state_dict().items()}
-    out = tmp_path_factory.mktemp("ct2")
     for weights in ("float32", "int8"):
-        (out / weights).mkdir()
-        save_ct2(model, tokenizer, out / weights, None if weights == "float32" else weights)
+        (tmp_path / weights).mkdir()
+        save_ct2(model, tokenizer, tmp_path / weights, None if weights == "float32" else weights)
     for name, p in model.state_dict().items():  # CT2 quantizes its arrays in place
         assert torch.equal(p, before[name]), name
-    return out
 
-
-def test_ct2_int8_export_stores_the_weights_within_rounding(ct2_float32_and_int8: Path) -> None:
-    exports = {w: ct2_float32_and_int8 / w / "model.bin" for w in ("float32", "int8")}
+    exports = {w: tmp_path / w / "model.bin" for w in ("float32", "int8")}
     (full, full_aliases), (int8, aliases) = (read_ct2_model(exports[w]) for w in exports)
     assert aliases == full_aliases  # the tied embeddings and output projection stay tied
     quantized = {name for name in int8 if f"{name}_scale" in int8}
@@ -183,20 +179,20 @@ def test_ct2_int8_export_stores_the_weights_within_rounding(ct2_float32_and_int8
 
 
 def test_ct2_int8_export_translates_like_the_model(
-    postnorm_run: Path, ct2_float32_and_int8: Path, lines: list[str]
+    postnorm_run: Path, lines: list[str], tmp_path: Path
 ) -> None:
     ctranslate2 = pytest.importorskip("ctranslate2", reason=NO_CT2)
+    export_model(postnorm_run, tmp_path / "int8", "ct2", quantization="int8")
     config, tokenizer, model, _ = load_trained(postnorm_run, CPU)
     refs = [(TINY_DATA / "valid.en").read_text().splitlines()]
+    # CT2 dequantizes int8 weights for float32 compute: what the file holds, decoded by kernels
+    # that agree on every CPU up to float32 rounding. In 5 tiny runs (3 architectures, 3 seeds),
+    # at beam 1 and 2, the 40-sentence dev BLEU moved by 1.5 at most.
+    int8 = str(tmp_path / "int8")
+    int8_file = ctranslate2.Translator(int8, compute_type="float32", intra_threads=1)
     for beam in (1, 2):
         decode = decode_settings(config, beam=beam)
         ours = tokenizer.decode_tgt(mt_outputs(model, tokenizer, lines[:-1], decode))
-        # CT2 dequantizes int8 weights for float32 compute: what the file holds, decoded by
-        # kernels that agree on every CPU up to float32 rounding. In 5 tiny runs (3 architectures,
-        # 3 seeds), beam 1 and 2, the 40-sentence dev BLEU moved by 1.5 at most.
-        int8_file = ctranslate2.Translator(
-            str(ct2_float32_and_int8 / "int8"), compute_type="float32", intra_threads=1
-        )
         theirs = translate_ct2(int8_file, tokenizer, lines[:-1], decode, model.max_positions)
         bleu = [
             BLEU().corpus_score(out, refs).score for out in (ours, tokenizer.decode_tgt(theirs))
@@ -207,9 +203,7 @@ def test_ct2_int8_export_translates_like_the_model(
     # VNNI (AVX2 only) sum u8 x s8 products in int16 pairs, which saturate, so the same file
     # can score far lower there than on CPUs with VNNI or AMX (weights rounded to 7 bits
     # instead, which cannot saturate, score there as float32 does).
-    int8_compute = ctranslate2.Translator(
-        str(ct2_float32_and_int8 / "int8"), compute_type="int8", intra_threads=1
-    )
+    int8_compute = ctranslate2.Translator(int8, compute_type="int8", intra_threads=1)
     assert int8_compute.compute_type.startswith("int8")
     outputs = translate_ct2(int8_compute, tokenizer, lines, decode, model.max_positions)
     assert len(outputs) == len(lines) and outputs[-1] == []
