@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install data train demo serve multi30k bench bench-data test check format clean
+.PHONY: install data train demo serve multi30k bench bench-data test test-fast check format clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ bench-data:
 
 test:
 	$(BIN)/pytest
+
+# The suite without its long end-to-end runs (marked slow), for a quick check while editing
+test-fast:
+	$(BIN)/pytest -m "not slow"
 
 check:
 	$(BIN)/ruff check mt tests scripts

@@ -20,7 +20,6 @@ from mt.model import Transformer
 from mt.run import load_trained, model_from_config
 from mt.translate import translate_lines
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
 META = {"tokenizer_sha256": "ab" * 32, "src_vocab": "24", "tgt_vocab": "24"}
 

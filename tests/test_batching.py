@@ -19,8 +19,6 @@ from mt.batching import (
 )
 from mt.vocab import BOS_ID, EOS_ID, PAD_ID
 
-MULTI30K = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
-
 
 def random_lens(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Correlated source/target lengths like a real parallel corpus."""
@@ -265,11 +263,9 @@ def read_gz(path: Path) -> list[str]:
         return f.read().splitlines()
 
 
-def multi30k_lengths() -> tuple[np.ndarray, np.ndarray]:
+def multi30k_lengths(multi30k: Path) -> tuple[np.ndarray, np.ndarray]:
     """Subword lengths of Multi30k train: tiny joint BPE if sentencepiece exists, else words*1.3."""
-    if not (MULTI30K / "train.de.gz").exists():
-        pytest.skip(f"Multi30k not found at {MULTI30K}")
-    de, en = (read_gz(MULTI30K / f"train.{x}.gz") for x in ("de", "en"))
+    de, en = (read_gz(multi30k / f"train.{x}.gz") for x in ("de", "en"))
     try:
         import sentencepiece as spm
     except ImportError:
@@ -283,8 +279,8 @@ def multi30k_lengths() -> tuple[np.ndarray, np.ndarray]:
     return tuple(np.array([len(ids) for ids in sp.encode(side)]) for side in (de, en))
 
 
-def test_padding_efficiency_multi30k() -> None:
-    src, tgt = multi30k_lengths()
+def test_padding_efficiency_multi30k(multi30k: Path) -> None:
+    src, tgt = multi30k_lengths(multi30k)
     for shuffle in (True, False):
         batches = BatchSampler(src, tgt, 4096, shuffle=shuffle).epoch_batches(1)
         assert_valid_epoch(batches, src, tgt, 4096, len(src))

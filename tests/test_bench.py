@@ -13,7 +13,6 @@ import torch
 from mt.model import Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
-MULTI30K = [ROOT / "data" / "multi30k", ROOT.parent / "shared" / "data" / "multi30k"]
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 needs_transformers = pytest.mark.skipif(
     not HAS_TRANSFORMERS, reason="transformers is not installed (pip install -e '.[bench]')"
@@ -27,12 +26,8 @@ def load_bench():
     return module
 
 
-def multi30k() -> Path | None:
-    return next((p for p in MULTI30K if (p / "train.de.gz").is_file()), None)
-
-
 @needs_transformers
-def test_marian_twin_computes_the_same_function(one_thread: None) -> None:
+def test_marian_twin_computes_the_same_function() -> None:
     bench = load_bench()
     torch.manual_seed(0)
     model = Transformer(50, 50, dim=16, enc_layers=2, dec_layers=2, heads=2, ffn_dim=32,
@@ -71,12 +66,12 @@ def test_write_section_replaces_only_its_own_section(tmp_path: Path) -> None:
     assert fresh.read_text() == f"# Benchmarks\n\n{bench.SECTION}\n\nx\n"
 
 
+@pytest.mark.slow
 @needs_transformers
-@pytest.mark.skipif(multi30k() is None, reason="Multi30k not found (make data, or ../shared)")
-def test_smoke_run_prints_and_writes_the_tables(tmp_path: Path) -> None:
+def test_smoke_run_prints_and_writes_the_tables(multi30k: Path, tmp_path: Path) -> None:
     out_md = tmp_path / "benchmarks.md"
     args = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--smoke", "--threads", "1",
-            "--data", str(multi30k()), "--workdir", str(tmp_path / "work"),
+            "--data", str(multi30k), "--workdir", str(tmp_path / "work"),
             "--write", str(out_md)]  # fmt: skip
     proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -23,7 +23,6 @@ from mt.errors import ConfigError, DataError, MtError
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 TINY_DATA = ROOT / "tests" / "data" / "tiny"
-MULTI30K = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
 _SCRIPT = Path(sys.executable).with_name("mt")
 MT = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "mt"]
 WIDE = {"COLUMNS": "200", "NO_COLOR": "1"}  # help on one line per option, without colours
@@ -115,6 +114,7 @@ def test_command_help_shows_options_and_defaults(command: list[str], shown: list
 # --- errors through the real entry point -----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_config_errors_exit_2_with_one_line(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     bad = tmp_path / "bad.yaml"
@@ -136,6 +136,7 @@ def test_config_errors_exit_2_with_one_line(tmp_path: Path) -> None:
     assert not run_dir.exists()  # nothing written
 
 
+@pytest.mark.slow
 def test_data_errors_exit_1_with_one_line(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     missing = tmp_path / "missing"
@@ -146,6 +147,7 @@ def test_data_errors_exit_1_with_one_line(tmp_path: Path) -> None:
     assert not run_dir.exists()  # checked before the tokenizer is trained
 
 
+@pytest.mark.slow
 def test_os_errors_are_one_line(prepared: tuple[Path, str, str], tmp_path: Path) -> None:
     run_dir, _, _ = prepared
     blocker = tmp_path / "file"
@@ -202,6 +204,7 @@ def test_prepare_prints_statistics(prepared: tuple[Path, str, str]) -> None:
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_second_prepare_reuses_the_cache(prepared: tuple[Path, str, str]) -> None:
     run_dir, first_out, _ = prepared
     cache_files = sorted((run_dir / "cache").rglob("*"))
@@ -345,11 +348,10 @@ def test_fetch_argument_errors(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.skipif(not MULTI30K.is_dir(), reason="no local copy of Multi30k")
-def test_fetch_from_a_local_mirror(tmp_path: Path) -> None:
+def test_fetch_from_a_local_mirror(multi30k: Path, tmp_path: Path) -> None:
     dest = tmp_path / "multi30k"
     args = ["data", "fetch", "multi30k", str(dest), "--langs", "de, en,de"]
-    code, out, err = run_mt(*args, "--mirror", str(MULTI30K))
+    code, out, err = run_mt(*args, "--mirror", str(multi30k))
     assert code == 0, err
     names = [
         f"{split}.{lang}.gz"
@@ -359,10 +361,10 @@ def test_fetch_from_a_local_mirror(tmp_path: Path) -> None:
     assert out.splitlines() == [str(dest / name) for name in names]
     assert err.splitlines() == [f"{name}: downloaded" for name in names]
     for name in names:
-        assert (dest / name).read_bytes() == (MULTI30K / name).read_bytes()
+        assert (dest / name).read_bytes() == (multi30k / name).read_bytes()
     mtimes = {p: p.stat().st_mtime_ns for p in dest.iterdir()}
     # The second run takes the mirror from the environment and downloads nothing.
-    result = invoke(*args, env={"MT_DATA_MIRROR": str(MULTI30K)})
+    result = invoke(*args, env={"MT_DATA_MIRROR": str(multi30k)})
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines() == [str(dest / name) for name in names]
     assert {p: p.stat().st_mtime_ns for p in dest.iterdir()} == mtimes

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import re
 import socket
 import subprocess
@@ -14,48 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.corpus import synthetic_pairs, write_corpus
 
-from mt.corpora import Corpus, open_corpus
+from mt.corpora import Corpus
 from mt.data import EncodedCorpus, FilterStats, encode_corpus, temp_prefix
 from mt.errors import DataError, MtError
 from mt.tokenizer import Tokenizer, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-_SYLLABLES = [
-    "ka",
-    "to",
-    "ri",
-    "men",
-    "sa",
-    "lu",
-    "bre",
-    "dor",
-    "fin",
-    "ga",
-    "hei",
-    "ost",
-    "pra",
-    "ul",
-    "wen",
-    "zi",
-]
-
-
-def write_corpus(prefix: Path, src: list[str], tgt: list[str]) -> Corpus:
-    """Write ``prefix.de`` / ``prefix.en`` and open them as a corpus."""
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{prefix}.de").write_text("".join(f"{s}\n" for s in src), encoding="utf-8")
-    Path(f"{prefix}.en").write_text("".join(f"{t}\n" for t in tgt), encoding="utf-8")
-    return open_corpus(str(prefix), "de", "en")
-
-
-def synthetic(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
-    """``n`` random sentence pairs over a small made-up vocabulary."""
-    rng = random.Random(seed)
-    words = ["".join(rng.choices(_SYLLABLES, k=rng.randint(1, 3))) for _ in range(80)]
-    src = [" ".join(rng.choices(words, k=rng.randint(2, 9))) for _ in range(n)]
-    tgt = [" ".join(rng.choices(words, k=rng.randint(2, 9))) for _ in range(n)]
-    return src, tgt
 
 
 def rows(data: EncodedCorpus) -> list[tuple[list[int], list[int]]]:
@@ -66,7 +31,7 @@ def rows(data: EncodedCorpus) -> list[tuple[list[int], list[int]]]:
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
     """A few hundred synthetic pairs."""
-    return write_corpus(tmp_path_factory.mktemp("tiny") / "train", *synthetic(300))
+    return write_corpus(tmp_path_factory.mktemp("tiny") / "train", *synthetic_pairs(300))
 
 
 @pytest.fixture(scope="session")
@@ -84,7 +49,8 @@ def tok2(tiny: Corpus, tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
 @pytest.fixture(scope="session")
 def crafted(tok: Tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Corpus:
     """Pairs built to hit each filter rule once or more, with max_len=10 and max_ratio=3."""
-    singles = [w for w in synthetic(300)[0][0].split() if len(tok.encode_src([w])[0]) == 1]
+    target_words = synthetic_pairs(300)[1][0].split()  # no umlaut to split off, unlike source's
+    singles = [w for w in target_words if len(tok.encode_src([w])[0]) == 1]
     assert singles, "need words that are one piece each"
 
     def words(n: int) -> str:
@@ -200,7 +166,7 @@ def test_pairs_in_requested_order(tiny: Corpus, tok: Tokenizer, tmp_path: Path) 
 
 def test_parallel_encoding_matches(tok: Tokenizer, tmp_path: Path) -> None:
     # More than one Arrow record batch (1,000 rows each), so rows span several chunks.
-    corpus = write_corpus(tmp_path / "big" / "train", *synthetic(2500, seed=1))
+    corpus = write_corpus(tmp_path / "big" / "train", *synthetic_pairs(2500, seed=1))
     one = encode_corpus(corpus, tok, tmp_path / "one", filter=True, max_len=20)
     two = encode_corpus(corpus, tok, tmp_path / "two", filter=True, max_len=20, num_proc=2)
     assert one.stats == two.stats and one.stats.too_long > 0 and one.stats.bad_ratio > 0

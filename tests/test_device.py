@@ -39,6 +39,7 @@ def heap_after_free(mode: str) -> dict[str, int]:
     return json.loads(out.stdout)
 
 
+@pytest.mark.slow  # two Python processes importing torch
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
 def test_keep_freed_memory_keeps_large_blocks_in_the_heap() -> None:
     # By default a large tensor is its own mmap, unmapped when freed: the next one is faulted

@@ -127,7 +127,7 @@ def test_article_has_both_kinds_of_code() -> None:
     assert len(RUN) >= 10 and len(EXCERPTS) >= 10
 
 
-def test_python_blocks_run(one_thread: None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_python_blocks_run(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)  # the article reads configs/*.yaml
     namespace: dict[str, object] = {"__name__": "docs_transformer"}
     with torch.random.fork_rng():  # the article seeds torch: leave other tests' RNG alone

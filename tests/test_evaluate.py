@@ -17,7 +17,6 @@ from mt.errors import MtError
 from mt.evaluate import evaluate
 from mt.metrics import read_metrics
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
 SACREBLEU = Path(sys.executable).parent / "sacrebleu"
 
@@ -96,6 +95,7 @@ def test_json_output(files: tuple[Path, Path]) -> None:
     assert tree["ter"]["score"] == evaluate(hyp, ref)["ter"].score
 
 
+@pytest.mark.slow
 def test_line_count_mismatch_is_a_one_line_error(tmp_path: Path) -> None:
     (tmp_path / "hyp.txt").write_text("a\n" * 10, encoding="utf-8")
     (tmp_path / "ref.txt").write_text("a\n" * 11, encoding="utf-8")

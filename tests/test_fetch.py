@@ -12,12 +12,10 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from helpers.corpus import MULTI30K_DE_EN as DE_EN
 
 from mt import fetch
 from mt.errors import DataError
-
-SHARED = Path("/work/shared/data/multi30k")
-DE_EN = [f"{split}.{lang}.gz" for split in fetch.MULTI30K_SPLITS for lang in ("de", "en")]
 
 
 class _Handler(SimpleHTTPRequestHandler):
@@ -34,14 +32,12 @@ class _Handler(SimpleHTTPRequestHandler):
 
 
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[str, Path, list[str]]]:
+def served(multi30k: Path, tmp_path: Path) -> Iterator[tuple[str, Path, list[str]]]:
     """(base URL, served directory holding the de/en files, list of requested paths)."""
-    if not all((SHARED / name).is_file() for name in DE_EN):
-        pytest.skip("no local copy of the Multi30k de/en files")
     root = tmp_path / "server"
     root.mkdir()
     for name in DE_EN:
-        shutil.copyfile(SHARED / name, root / name)
+        shutil.copyfile(multi30k / name, root / name)
     requests: list[str] = []
     handler = type("Handler", (_Handler,), {"requests": requests})
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(root)))
@@ -64,14 +60,16 @@ def _base_url(served: tuple[str, Path, list[str]]) -> str:
     return served[0].removesuffix("raw/")
 
 
-def test_fetch_from_server(served: tuple[str, Path, list[str]], tmp_path: Path) -> None:
+def test_fetch_from_server(
+    served: tuple[str, Path, list[str]], multi30k: Path, tmp_path: Path
+) -> None:
     _, _, requests = served
     dest = tmp_path / "out"
     paths = fetch.fetch_multi30k(dest, ("de", "en"), mirror=_base_url(served), progress=False)
     assert paths == [dest / name for name in DE_EN]
     assert sorted(p.name for p in dest.iterdir()) == sorted(DE_EN)
     for name in DE_EN:
-        assert (dest / name).read_bytes() == (SHARED / name).read_bytes()
+        assert (dest / name).read_bytes() == (multi30k / name).read_bytes()
     assert sorted(requests) == sorted(f"/{name}" for name in DE_EN)
 
 
@@ -86,14 +84,16 @@ def test_second_fetch_skips(
     assert "train.de.gz: up to date" in capsys.readouterr().err
 
 
-def test_resume_and_repair(served: tuple[str, Path, list[str]], tmp_path: Path) -> None:
+def test_resume_and_repair(
+    served: tuple[str, Path, list[str]], multi30k: Path, tmp_path: Path
+) -> None:
     dest = tmp_path / "out"
     dest.mkdir()
-    shutil.copyfile(SHARED / "train.de.gz", dest / "train.de.gz")
+    shutil.copyfile(multi30k / "train.de.gz", dest / "train.de.gz")
     (dest / "val.de.gz").write_bytes(b"stale partial download")
     fetch.fetch_multi30k(dest, ("de",), mirror=_base_url(served), progress=False)
     assert sorted(served[2]) == ["/test_2016_flickr.de.gz", "/val.de.gz"]
-    assert (dest / "val.de.gz").read_bytes() == (SHARED / "val.de.gz").read_bytes()
+    assert (dest / "val.de.gz").read_bytes() == (multi30k / "val.de.gz").read_bytes()
 
 
 def test_checksum_mismatch(served: tuple[str, Path, list[str]], tmp_path: Path) -> None:
@@ -125,11 +125,13 @@ def test_unreachable(tmp_path: Path) -> None:
         fetch.fetch_multi30k(tmp_path, ("de",), mirror="http://127.0.0.1:9", progress=False)
 
 
-def test_local_directory_mirror(served: tuple[str, Path, list[str]], tmp_path: Path) -> None:
+def test_local_directory_mirror(
+    served: tuple[str, Path, list[str]], multi30k: Path, tmp_path: Path
+) -> None:
     root = served[1]
     dest = tmp_path / "out"
     fetch.fetch_multi30k(dest, ("en",), mirror=str(root), progress=False)
-    assert (dest / "val.en.gz").read_bytes() == (SHARED / "val.en.gz").read_bytes()
+    assert (dest / "val.en.gz").read_bytes() == (multi30k / "val.en.gz").read_bytes()
     assert served[2] == []
     (root / "test_2016_flickr.en.gz").unlink()
     (dest / "test_2016_flickr.en.gz").unlink()

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from mt.corpora import open_corpus
 from mt.data import encode_corpus
 from mt.tokenizer import load_tokenizer
@@ -18,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "data" / "tiny"
 
 
+@pytest.mark.slow
 def test_bench_decode_prints_a_table(trained_run: Path) -> None:
     args = [sys.executable, str(ROOT / "scripts" / "bench_decode.py"), str(trained_run),
             "--src", str(TINY / "valid.de"), "--ref", str(TINY / "valid.en"), "--beams", "1,2",
@@ -33,6 +36,7 @@ def test_bench_decode_prints_a_table(trained_run: Path) -> None:
     assert all(bleu > 50 for bleu in bleus)  # the tiny run has learnt its toy language
 
 
+@pytest.mark.slow
 def test_multi30k_script_trains_translates_and_scores(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
@@ -81,6 +85,7 @@ def test_gpu_bench_runs_on_cpu(tmp_path: Path) -> None:
     assert "| **MFU** |" in proc.stdout
 
 
+@pytest.mark.slow
 def test_bench_data_smoke_counts_every_pair(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench_data.py"), "--smoke", "--keep",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -52,15 +51,6 @@ def random_sources(n: int, seed: int, low: int = 1, high: int = 9) -> list[list[
     return [
         [*torch.randint(FIRST_REAL, VOCAB, (k,), generator=gen).tolist(), EOS_ID] for k in lengths
     ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> Iterator[None]:
-    """Tiny models run faster, and far steadier on a busy machine, on one CPU thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.waiting import read_until
 from safetensors.torch import load_file
 
 import mt.train as train_module
@@ -92,32 +92,37 @@ def run_cli(run_dir: Path, *overrides: str) -> subprocess.Popen:
     return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        if any(s >= step for s in losses(run_dir)):
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"the run never reached step {step}: {proc.communicate()}")
+def wait_for_step(proc: subprocess.Popen, step: int) -> bytes:
+    """Wait until the run logs `step` (train.log_every=1): its stderr so far."""
+    return read_until(proc.stderr, f"step {step} |")
 
 
+RESUMED_STEPS = ["train.max_steps=80", "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run of RESUMED_STEPS without interruption, which each resumed run must equal."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    train(tiny(run, *RESUMED_STEPS))
+    return run
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_resume_after_signal_is_exact(tmp_path: Path, sig: int, code: int) -> None:
-    steps = ["train.max_steps=80", "train.log_every=1"]
-    straight = tmp_path / "straight"
-    train(tiny(straight, *steps))
-
+def test_resume_after_signal_is_exact(straight: Path, tmp_path: Path, sig: int, code: int) -> None:
     split = tmp_path / "split"
-    proc = run_cli(split, *steps)
-    wait_for_step(split, 5, proc)
+    proc = run_cli(split, *RESUMED_STEPS)
+    before = wait_for_step(proc, 5)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
+    err = before + err
     assert proc.returncode == code, err.decode()
     stopped_at = ckpt.latest_checkpoint(split).step
     assert 5 <= stopped_at < 80
     assert b"Traceback" not in err
 
-    result = train(tiny(split, *steps))  # resumes from the latest checkpoint
+    result = train(tiny(split, *RESUMED_STEPS))  # resumes from the latest checkpoint
     assert result.state.step == 80
     assert losses(split) == losses(straight)  # every step's loss, before and after the stop
     a, b = weights(straight), weights(split)
@@ -216,10 +221,11 @@ def test_fp16_overflow_skips_steps_then_stops_at_the_floor(
     )
 
 
+@pytest.mark.slow
 def test_sigterm_via_cli_leaves_resumable_checkpoint_and_clean_stderr(tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = run_cli(run, "train.max_steps=100000", "train.log_every=1")
-    wait_for_step(run, 3, proc)
+    wait_for_step(proc, 3)
     os.kill(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143
@@ -323,6 +329,7 @@ def records(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in VOLATILE} for r in read_metrics(run_dir)]
 
 
+@pytest.mark.slow
 def test_resumed_metrics_equal_an_uninterrupted_runs(tmp_path: Path) -> None:
     # log_every 3: the stop falls inside a logging window, which the checkpoint keeps.
     steps = ["train.max_steps=40", "train.log_every=3", "train.valid_every=20"]
@@ -330,7 +337,7 @@ def test_resumed_metrics_equal_an_uninterrupted_runs(tmp_path: Path) -> None:
     train(tiny(straight, *steps))
     split = tmp_path / "split"
     proc = run_cli(split, *steps)
-    wait_for_step(split, 3, proc)
+    wait_for_step(proc, 3)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err.decode()
@@ -340,6 +347,7 @@ def test_resumed_metrics_equal_an_uninterrupted_runs(tmp_path: Path) -> None:
     assert [r["kind"] for r in read_metrics(split)].count("end") == 1
 
 
+@pytest.mark.slow
 def test_metrics_after_a_kill_9_equal_an_uninterrupted_runs(tmp_path: Path) -> None:
     # Records written after the last checkpoint are run again on resume: they are dropped.
     steps = ["train.max_steps=30", "train.log_every=2", "train.valid_every=5"]
@@ -347,7 +355,7 @@ def test_metrics_after_a_kill_9_equal_an_uninterrupted_runs(tmp_path: Path) -> N
     train(tiny(straight, *steps))
     split = tmp_path / "split"
     proc = run_cli(split, *steps)
-    wait_for_step(split, 8, proc)
+    wait_for_step(proc, 8)
     proc.kill()
     proc.communicate(timeout=60)
     assert max(r["step"] for r in read_metrics(split)) > ckpt.latest_checkpoint(split).step
@@ -476,10 +484,11 @@ def test_one_host_read_per_training_step(tmp_path: Path, monkeypatch: pytest.Mon
     assert per_step == [1] * 11
 
 
+@pytest.mark.slow
 def test_a_second_trainer_on_the_same_run_directory_is_refused(tmp_path: Path) -> None:
     run = tmp_path / "run"
     first = run_cli(run, "train.max_steps=100000", "train.log_every=1")
-    wait_for_step(run, 1, first)
+    wait_for_step(first, 1)
     config_before = (run / "config.yaml").read_bytes()
     second = run_cli(run, "train.max_steps=100000", "train.lr=0.5")
     _, err = second.communicate(timeout=120)

@@ -21,7 +21,6 @@ from mt.errors import MtError
 from mt.run import load_trained
 from mt.translate import split_lines, translate_lines
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 
@@ -99,6 +98,7 @@ def test_output_does_not_depend_on_batching(loaded) -> None:
         assert [h[0].text for h in one] == [h[0].text for h in big]
 
 
+@pytest.mark.slow
 def test_stdin_file_and_output_file_agree(trained_run: Path, tmp_path: Path) -> None:
     source = tmp_path / "in.txt"
     source.write_bytes(EDGE_TEXT.encode("utf-8"))
@@ -148,6 +148,7 @@ def test_nbest_larger_than_beam_is_a_one_line_error(trained_run: Path, tmp_path:
     assert "decode.nbest=3 exceeds decode.beam=2" in str(result.exception)
 
 
+@pytest.mark.slow
 def test_invalid_utf8_is_a_one_line_error(trained_run: Path, tmp_path: Path) -> None:
     source = tmp_path / "bad.txt"
     source.write_bytes(b"Der hund .\nDas \xff kind .\n")
