@@ -174,7 +174,7 @@ def test_crash_inside_tensor_writer_leaves_nothing(tmp_path: Path, monkeypatch) 
         raise OSError("disk full")
 
     monkeypatch.setattr(ck, "save_file", half_write)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(MtError, match=r"step-00000200\.safetensors: cannot write \(disk full\)"):
         save(tmp_path, 200)
     monkeypatch.undo()
     assert ck.latest_checkpoint(tmp_path) == previous
