@@ -7,16 +7,20 @@ talks to the network. The model file knows nothing of this module.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from mt.device import resolve_device
 from mt.errors import MtError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,8 @@ class World:
     world_size: int = 1
     local_rank: int = 0
     group: dist.ProcessGroup | None = None  # collectives of the training loop (shorter timeout)
+    timeout_s: float = 600.0  # of `group`
+    startup_timeout_s: float = 1800.0  # of the default group
 
     @property
     def distributed(self) -> bool:
@@ -57,9 +63,30 @@ def setup(
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    nccl_errors_raise()  # read by each NCCL process group when it is created
     dist.init_process_group(backend, timeout=timedelta(seconds=startup_timeout_s))
     group = dist.new_group(backend=backend, timeout=timedelta(seconds=timeout_s))
-    return World(rank, world_size, local_rank, group), device
+    return World(rank, world_size, local_rank, group, timeout_s, startup_timeout_s), device
+
+
+NCCL_ERROR_HANDLING = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
+NCCL_CLEAN_UP_ONLY = "2"
+
+
+def nccl_errors_raise() -> None:
+    """Make a NCCL timeout or error abort the communicators but leave the process alive.
+
+    By default (3, and 1 where torchrun sets it) NCCL's watchdog thread kills the process when
+    a collective times out, so no rank says why in one line. With 2, the watchdog aborts the
+    communicators, the collective that `guarded` waits for raises in the training loop's thread,
+    and so does any later one (the communicator was aborted). A value the user set is kept;
+    under torchrun, 1 is torchrun's own default for every worker, not the user's choice.
+    TORCH_NCCL_BLOCKING_WAIT stays off: it would make the host wait for DDP's gradient
+    all-reduce at every step; `guarded` waits for its own collectives only.
+    """
+    value = os.environ.get(NCCL_ERROR_HANDLING)
+    if value is None or (value == "1" and "TORCHELASTIC_RUN_ID" in os.environ):
+        os.environ[NCCL_ERROR_HANDLING] = NCCL_CLEAN_UP_ONLY
 
 
 def teardown(world: World) -> None:
@@ -71,7 +98,8 @@ def teardown(world: World) -> None:
 def barrier(world: World, startup: bool = False) -> None:
     """Wait for every rank (on the start-up group when rank 0 may be busy for long)."""
     if world.distributed:
-        guarded(world, lambda: dist.barrier(group=None if startup else world.group))
+        group = None if startup else world.group
+        guarded(world, lambda: dist.barrier(group=group, async_op=True), startup)
 
 
 def all_reduce(
@@ -90,17 +118,49 @@ def all_reduce(
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     reduce_op = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
     group = None if startup else world.group
-    guarded(world, lambda: dist.all_reduce(tensor, op=reduce_op, group=group))
+    guarded(
+        world, lambda: dist.all_reduce(tensor, op=reduce_op, group=group, async_op=True), startup
+    )
     return tensor.tolist()
 
 
-def guarded(world: World, collective: Callable[[], object]) -> None:
-    """Run a collective; a lost peer or a timeout becomes a one-line error naming this rank."""
+def guarded(world: World, collective: Callable[[], dist.Work], startup: bool = False) -> None:
+    """Run a collective and wait for it, within its group's timeout.
+
+    A lost peer or a timeout becomes a one-line error naming this rank. Waiting with a timeout
+    makes the wait block this thread and raise here, also with NCCL, whose collectives
+    otherwise return at once and leave the timeout to its watchdog thread.
+    """
+    timeout_s = world.startup_timeout_s if startup else world.timeout_s
     try:
-        collective()
+        collective().wait(timedelta(seconds=timeout_s))
     except (RuntimeError, dist.DistError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MtError(
             f"rank {world.rank} of {world.world_size}: lost contact with the other ranks "
             f"(a rank died or timed out): {reason}"
         ) from None
+
+
+def main_first(world: World, device: torch.device, prepare: Callable[[], T]) -> T:
+    """Run `prepare` on rank 0, then on the others (which then find its files and caches).
+
+    The others wait on the start-up group (`train.dist_startup_timeout`): preparing a large
+    corpus can take longer than the training group's timeout. If rank 0 fails, with any error,
+    it tells them before raising, so that they stop at once instead of waiting that long: with
+    NCCL a rank that died is not noticed before the timeout. `device` must suit the backend
+    (CUDA tensors for NCCL).
+    """
+    if not world.distributed:
+        return prepare()
+    result = None
+    if world.is_main:
+        try:
+            result = prepare()
+        except Exception:
+            with contextlib.suppress(MtError):  # rank 0's own error is the one to report
+                all_reduce(world, [1.0], device, startup=True)
+            raise
+    if all_reduce(world, [0.0], device, startup=True)[0]:
+        raise MtError(f"rank {world.rank}: rank 0 failed while preparing the run (see its error)")
+    return result if world.is_main else prepare()
