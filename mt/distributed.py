@@ -1,13 +1,15 @@
 """torch.distributed for `torchrun`: process groups, rank-0 duties and cross-rank agreement.
 
-`mt train` started by torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...)
-trains with DistributedDataParallel; started plainly, it is a world of one and nothing here
-talks to the network. The model file knows nothing of this module.
+`mt train` started by torchrun, or one per srun task by scripts/slurm/train.sbatch (either sets
+RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...) trains with DistributedDataParallel; started
+plainly, it is a world of one and nothing here talks to the network. The model file knows
+nothing of this module.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ import torch.distributed as dist
 from mt.device import resolve_device
 from mt.errors import MtError
 
+log = logging.getLogger("mt")
 T = TypeVar("T")
 
 
@@ -54,19 +57,34 @@ def setup(
     trains the tokenizer); the training loop uses a second group with the shorter timeout, so a
     dead rank ends the job within `timeout_s` instead of hanging.
     """
+    set_cpu_threads()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return World(), resolve_device(device_name)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name)
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
+        # A launcher may show each rank all the node's GPUs, or (Slurm's --gpu-bind) its own.
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     nccl_errors_raise()  # read by each NCCL process group when it is created
     dist.init_process_group(backend, timeout=timedelta(seconds=startup_timeout_s))
     group = dist.new_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    log.info("rank %d of %d on %s: %d intra-op threads", rank, world_size, device,
+             torch.get_num_threads())  # fmt: skip
     return World(rank, world_size, local_rank, group, timeout_s, startup_timeout_s), device
+
+
+def set_cpu_threads() -> None:
+    """One intra-op thread per CPU that Slurm gave this task, unless OMP_NUM_THREADS is set.
+
+    Capped by the CPUs the task may run on: an srun without --cpus-per-task binds each task to
+    one CPU but passes on the SLURM_CPUS_PER_TASK it inherited from sbatch.
+    """
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if cpus and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(min(int(cpus), len(os.sched_getaffinity(0))))
 
 
 NCCL_ERROR_HANDLING = "TORCH_NCCL_ASYNC_ERROR_HANDLING"

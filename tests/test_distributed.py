@@ -279,3 +279,25 @@ def test_guarded_collectives_wait_within_their_group_timeout() -> None:
             "Work ran for 20000 milliseconds before timing out."
         )
     assert work.timeouts == [20.0, 90.0]
+
+
+@pytest.mark.parametrize(
+    ("slurm_cpus", "omp", "want"),
+    [("1", None, 1), ("99", None, len(os.sched_getaffinity(0))), ("1", "2", None),
+     (None, None, None)],
+)  # fmt: skip
+def test_ranks_run_one_thread_per_cpu_slurm_gave_them(
+    monkeypatch: pytest.MonkeyPatch, slurm_cpus: str | None, omp: str | None, want: int | None
+) -> None:
+    for name, value in (("SLURM_CPUS_PER_TASK", slurm_cpus), ("OMP_NUM_THREADS", omp)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        distributed.set_cpu_threads()
+        assert torch.get_num_threads() == (want or 3)  # OMP_NUM_THREADS or no Slurm: untouched
+    finally:
+        torch.set_num_threads(before)
