@@ -62,6 +62,15 @@ def length_penalty(length: Tensor | int, alpha: float, kind: str) -> Tensor | fl
     raise ValueError(f"length penalty must be one of {LENGTH_PENALTIES}, got {kind!r}")
 
 
+def plan(src: Tensor, limit: Tensor) -> tuple[int, bool]:
+    """The steps to run, the longest limit (B,), and whether src holds padding: one device read.
+
+    Without padding the model attends without masks, which lets SDPA use its fastest kernels.
+    """
+    steps, padded = torch.stack([limit.max(), (src == PAD_ID).any()]).tolist()
+    return steps, bool(padded)
+
+
 def banned_logprobs(logits: Tensor, step: int, min_len: int) -> tuple[Tensor, Tensor]:
     """Float32 log-probs (N, V), PAD/BOS banned, EOS banned before min_len; EOS's unbanned (N,)."""
     lprobs = F.log_softmax(logits, dim=-1, dtype=torch.float32)  # (N, V), masked in place below
@@ -106,7 +115,7 @@ def greedy_search(
     """Batched greedy decoding: the most probable token at each step, until EOS or the limit."""
     if src.size(0) == 0:
         return []
-    tokens, _ = decode_rows(model, src, model.encode(src), max_len_a, max_len_b, 0, pick_argmax)
+    tokens, _ = decode_rows(model, src, max_len_a, max_len_b, 0, pick_argmax)
     return strip(tokens)
 
 
@@ -118,23 +127,29 @@ def pick_argmax(lprobs: Tensor) -> Tensor:
 def decode_rows(
     model: Transformer,
     src: Tensor,
-    memory: Tensor,
     max_len_a: float,
     max_len_b: int,
     min_len: int,
     pick: Callable[[Tensor], Tensor],
+    copies: int = 1,
 ) -> tuple[Tensor, Tensor]:
-    """Extend rows by `pick(lprobs)` until EOS: ids (N, T) with PAD after EOS, logprobs (N,)."""
+    """Extend `copies` rows per source by `pick(lprobs)` until EOS.
+
+    Returns ids (N, T) with PAD after EOS and logprobs (N,), N = B * copies, rows of a source
+    consecutive.
+    """
+    limit = max_lengths(src, max_len_a, max_len_b, model.max_positions - 1)  # (B,)
+    steps, padded = plan(src, limit)
+    memory = model.encode(src, padded).repeat_interleave(copies, dim=0)  # (N, S, D)
+    src, limit = src.repeat_interleave(copies, dim=0), limit.repeat_interleave(copies)  # (N, ...)
     N = src.size(0)
-    limit = max_lengths(src, max_len_a, max_len_b, model.max_positions - 1)  # (N,)
-    steps = int(limit.max())
     state = model.init_state(steps)
     token = torch.full((N,), BOS_ID, dtype=torch.long, device=src.device)  # (N,)
     finished = torch.zeros(N, dtype=torch.bool, device=src.device)  # (N,)
     total = torch.zeros(N, device=src.device)  # (N,) float32
     out = []
     for t in range(steps):
-        logits = model.decode(token.unsqueeze(1), memory, src, state)[:, -1]  # (N, V)
+        logits = model.decode(token.unsqueeze(1), memory, src, state, padded)[:, -1]  # (N, V)
         lprobs = step_logprobs(logits, t, limit, min_len)  # (N, V)
         token = pick(lprobs).masked_fill(finished, PAD_ID)  # (N,)
         gained = lprobs.gather(1, token.unsqueeze(1)).squeeze(1)  # (N,)
@@ -190,9 +205,7 @@ def sample(
         probs[:, EOS_ID] += broken.float()
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
-    memory = model.encode(src).repeat_interleave(num, dim=0)  # (B*num, S, D)
-    rows = src.repeat_interleave(num, dim=0)  # (B*num, S)
-    tokens, logprobs = decode_rows(model, rows, memory, max_len_a, max_len_b, min_len, pick)
+    tokens, logprobs = decode_rows(model, src, max_len_a, max_len_b, min_len, pick, copies=num)
     hyps = [
         finished_hypothesis(ids, lp, alpha, length_penalty)
         for ids, lp in zip(strip(tokens), logprobs.tolist(), strict=True)
@@ -254,7 +267,7 @@ class Beams:
         return first.unsqueeze(1) + beams  # (B', n)
 
 
-def start_beams(model: Transformer, src: Tensor, limit: Tensor, steps: int) -> Beams:
+def start_beams(model: Transformer, src: Tensor, limit: Tensor, steps: int, padded: bool) -> Beams:
     """Encode each sentence once; one row per sentence until the first step expands it."""
     B, device = src.size(0), src.device
     return Beams(
@@ -263,7 +276,7 @@ def start_beams(model: Transformer, src: Tensor, limit: Tensor, steps: int) -> B
         scores=torch.zeros(B, device=device),
         count=torch.zeros(B, dtype=torch.long, device=device),
         limit=limit,
-        memory=model.encode(src),  # (B, S, D)
+        memory=model.encode(src, padded),  # (B, S, D)
         src=src,  # (B, S)
         state=model.init_state(steps),
     )
@@ -483,11 +496,12 @@ def beam_search(
     if src.size(0) == 0:
         return []
     limit = max_lengths(src, max_len_a, max_len_b, model.max_positions - 1)  # (B,)
-    steps = int(limit.max())
+    steps, padded = plan(src, limit)
     finished = Finished.empty(src.size(0), beam, steps, src.device)
-    beams = start_beams(model, src, limit, steps)
+    beams = start_beams(model, src, limit, steps, padded)
     for step in range(steps):
-        logits = model.decode(beams.tokens[:, -1:], beams.memory, beams.src, beams.state)
+        tokens, memory, state = beams.tokens[:, -1:], beams.memory, beams.state
+        logits = model.decode(tokens, memory, beams.src, state, padded)  # (B'*G, 1, V)
         row_limit = beams.limit.repeat_interleave(beams.rows_per_sentence)  # (B'*G,)
         top = row_candidates(logits[:, -1], step, row_limit, min_len, 2 * beam)  # (B'*G, 2K) x2
         candidates = expand_candidates(beams.scores, *top, beams.sent.size(0), beam)  # (B', 2K)
