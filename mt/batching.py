@@ -1,22 +1,33 @@
-"""Bucketed token batching: length-sorted token-budget batches, rank sharding, collation.
+"""Bucketed token batching: length-sorted token-budget batches, updates shared by ranks, collation.
 
 Lengths given to this module never include special tokens. The model sees
 source = ids + [EOS], decoder input = [BOS] + ids and target = ids + [EOS], so a
 sentence pair occupies max(src + 1, tgt + 1) columns of a padded batch.
 
 Resumption needs no replay: batches depend only on (seed, epoch), so a run that
-stopped after consuming k batches of epoch e resumes with `epoch_batches(e)[k:]`.
+stopped after consuming k batches of epoch e resumes with `epoch_batches(e)[k:]`. The batches of
+an epoch are the same whatever the number of ranks: each update takes the next
+update_freq x world_size of them and deals them out to the ranks, so a run may resume on another
+number of ranks at exactly the same place.
 """
 
-from collections.abc import Sequence
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from mt.vocab import BOS_ID, EOS_ID, PAD_ID
+
+if TYPE_CHECKING:
+    from mt.data import EncodedCorpus
 
 # A default shuffle window holds this many batches' worth of sentences: large enough that
 # each window has many sentences of every length (dense batches), small enough to stay random.
@@ -26,9 +37,12 @@ WINDOW_BATCHES = 100
 SORT_BLOCK = 1 << 18
 
 
+T = TypeVar("T")
+
+
 @dataclass(frozen=True, eq=False)
 class BatchSampler:
-    """Token-budget batches of similar-length sentences, deterministic per (seed, epoch), sharded.
+    """Token-budget batches of similar-length sentences, deterministic per (seed, epoch).
 
     `max_tokens` bounds n_sentences * longest, where longest is the max over the batch of
     src + 1 and tgt + 1 (padding counted). A sentence that alone exceeds it raises ValueError
@@ -42,8 +56,6 @@ class BatchSampler:
     seed: int = 1
     shuffle: bool = True
     window: int = 0
-    rank: int = 0
-    world_size: int = 1
 
     def __post_init__(self) -> None:
         # int32, as EncodedCorpus holds them: its arrays are used as they are, not copied.
@@ -52,7 +64,7 @@ class BatchSampler:
         # Frozen dataclass: normalise the arrays in place of the caller's (lists, int64, ...).
         object.__setattr__(self, "src_lens", src)
         object.__setattr__(self, "tgt_lens", tgt)
-        _check_args(src, tgt, self.max_tokens, self.window, self.rank, self.world_size)
+        _check_args(src, tgt, self.max_tokens, self.window)
 
     @cached_property
     def _widths(self) -> np.ndarray:
@@ -70,7 +82,7 @@ class BatchSampler:
         return int(min(n, max(1, round(WINDOW_BATCHES * per_batch))))
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
-        """This rank's batches for `epoch`, in order; each an int64 array of corpus indices."""
+        """The batches of `epoch`, in order; each an int64 array of corpus indices."""
         rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
         n = len(self.src_lens)
         order = rng.permutation(n) if rng is not None else np.arange(n, dtype=np.int64)
@@ -79,11 +91,10 @@ class BatchSampler:
         batches = cut_batches(order, self._widths[order], window, self.max_tokens)
         if rng is not None:
             batches = [batches[i] for i in rng.permutation(len(batches))]
-        batches = split_to_multiple(batches, self.world_size)
-        return batches[self.rank :: self.world_size]
+        return batches
 
     def __len__(self) -> int:
-        """Batches per rank in epoch 1 (with shuffle, other epochs can differ by a few)."""
+        """Batches in epoch 1 (with shuffle, other epochs can differ by a few)."""
         return self._len_epoch1
 
     @cached_property
@@ -91,9 +102,7 @@ class BatchSampler:
         return len(self.epoch_batches(1))
 
 
-def _check_args(
-    src: np.ndarray, tgt: np.ndarray, max_tokens: int, window: int, rank: int, world_size: int
-) -> None:
+def _check_args(src: np.ndarray, tgt: np.ndarray, max_tokens: int, window: int) -> None:
     """Raise ValueError on inconsistent sampler arguments or a sentence over the budget."""
     if src.ndim != 1 or src.shape != tgt.shape:
         raise ValueError(
@@ -103,8 +112,6 @@ def _check_args(
         raise ValueError("sentence lengths must be non-negative")
     if max_tokens < 1 or window < 0:
         raise ValueError(f"need max_tokens >= 1 and window >= 0, got {max_tokens} and {window}")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
     too_long = np.flatnonzero(np.maximum(src, tgt) + 1 > max_tokens)
     if too_long.size:
         i = int(too_long[0])
@@ -159,26 +166,6 @@ def cut_batches(
     return np.split(order, cuts[:-1]) if cuts else []
 
 
-def split_to_multiple(batches: list[np.ndarray], world_size: int) -> list[np.ndarray]:
-    """Split the largest batches in two until the count divides by world_size.
-
-    Halves stay within the budget, so no sentence is dropped or duplicated; raise
-    ValueError when there are too few sentences to make enough batches.
-    """
-    batches = list(batches)
-    sizes = [len(b) for b in batches]
-    while len(batches) % world_size:
-        j = int(np.argmax(sizes)) if sizes else 0
-        if not sizes or sizes[j] < 2:
-            raise ValueError(
-                f"cannot shard {sum(sizes)} sentences into a multiple of {world_size} batches"
-            )
-        half = sizes[j] // 2
-        batches[j : j + 1] = [batches[j][:half], batches[j][half:]]
-        sizes[j : j + 1] = [half, sizes[j] - half]
-    return batches
-
-
 def padding_efficiency(
     batches: Sequence[np.ndarray], src_lens: np.ndarray, tgt_lens: np.ndarray
 ) -> tuple[float, float]:
@@ -205,13 +192,9 @@ class SourceBatch:
     indices: np.ndarray  # (B,) int64 corpus indices, to restore input order after decoding
     src_tokens: int  # non-pad tokens in src
 
-    def to(self, device: torch.device | str) -> "SourceBatch":
-        """Copy the tensors to `device` (non-blocking; pin_memory() first for async H2D)."""
-        return SourceBatch(self.src.to(device, non_blocking=True), self.indices, self.src_tokens)
-
-    def pin_memory(self) -> "SourceBatch":
-        """Page-locked copy, so that to(cuda) overlaps with compute."""
-        return SourceBatch(self.src.pin_memory(), self.indices, self.src_tokens)
+    def to(self, device: torch.device | str) -> SourceBatch:
+        """Copy the tensors to `device`."""
+        return SourceBatch(self.src.to(device), self.indices, self.src_tokens)
 
 
 @dataclass
@@ -225,14 +208,14 @@ class Batch:
     src_tokens: int  # non-pad tokens in src
     tgt_tokens: int  # non-pad tokens in tgt_out (= predicted tokens, for loss normalisation)
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         """Copy the tensors to `device` (non-blocking; pin_memory() first for async H2D)."""
         src, tgt_in, tgt_out = (
             t.to(device, non_blocking=True) for t in (self.src, self.tgt_in, self.tgt_out)
         )
         return Batch(src, tgt_in, tgt_out, self.indices, self.src_tokens, self.tgt_tokens)
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         """Page-locked copy, so that to(cuda) overlaps with compute."""
         src, tgt_in, tgt_out = (t.pin_memory() for t in (self.src, self.tgt_in, self.tgt_out))
         return Batch(src, tgt_in, tgt_out, self.indices, self.src_tokens, self.tgt_tokens)
@@ -286,3 +269,101 @@ def collate_source(seqs: Sequence[Sequence[int]], indices: np.ndarray) -> Source
         indices=np.asarray(indices, dtype=np.int64),
         src_tokens=int(np.count_nonzero(src != PAD_ID)),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Updates: what every rank trains on in one optimizer step.
+
+
+@dataclass
+class Update:
+    """One optimizer update as one rank sees it: its micro-batches and where the epoch stands."""
+
+    epoch: int  # the epoch the batches come from (1-based)
+    done: int  # batches of that epoch consumed by all ranks together, this update included
+    batches: list[Batch]  # this rank's micro-batches: update_freq or fewer (at an epoch's end)
+    tokens: int  # target tokens (EOS included) of the whole update, over all ranks
+
+
+def plan_updates(
+    sampler: BatchSampler,
+    data: EncodedCorpus,
+    start: tuple[int, int],
+    max_epochs: int,
+    update_freq: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[Update]:
+    """This rank's updates from `start` = (epoch, batches of it already consumed) on.
+
+    Each update takes the epoch's next update_freq * world_size batches and gives rank r every
+    world_size-th of them from the r-th; the last update of an epoch may leave some ranks
+    fewer (or none). An update never spans two epochs. Every rank computes the same sequence
+    and the update's token count from the lengths alone, so no rank waits for another's.
+    """
+    epoch, done = start
+    size = update_freq * world_size
+    while not max_epochs or epoch <= max_epochs:
+        batches = sampler.epoch_batches(epoch)
+        for first in range(done, len(batches), size):
+            chunk = batches[first : first + size]
+            tokens = sum(int(sampler.tgt_lens[b].sum()) + len(b) for b in chunk)  # + EOS
+            mine = [collate(data.pairs(b), b) for b in chunk[rank::world_size]]
+            yield Update(epoch, first + len(chunk), mine, tokens)
+        epoch, done = epoch + 1, 0
+
+
+class Prefetcher(Generic[T]):
+    """Iterates `items` in a background thread, up to `depth` items ahead of the consumer.
+
+    Collating the next update on the training thread would leave the accelerator idle; a thread
+    does it while the current step runs. `prepare` (e.g. pinning memory) runs in the thread too.
+    An exception in the thread is raised by the consumer's next `next()`.
+    """
+
+    _END = object()
+
+    def __init__(self, items: Iterator[T], depth: int = 2, prepare: Callable[[T], T] | None = None):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._fill, args=(items, prepare), daemon=True, name="mt-prefetch"
+        )
+        self._thread.start()
+
+    def _fill(self, items: Iterator[T], prepare: Callable[[T], T] | None) -> None:
+        try:
+            for item in items:
+                if not self._put(prepare(item) if prepare else item):
+                    return
+        except BaseException as exc:  # handed to the consumer, who raises it
+            self._put(exc)
+            return
+        self._put(self._END)
+
+    def _put(self, item: object) -> bool:
+        """Queue `item` unless the consumer has closed; False once it has."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Prefetcher[T]:
+        return self
+
+    def __next__(self) -> T:
+        item = self._queue.get()
+        if item is self._END:
+            self._queue.put(item)  # later calls end too
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stop the thread (it may be blocked on a full queue) and wait for it."""
+        self._stop.set()
+        self._thread.join()

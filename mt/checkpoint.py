@@ -7,40 +7,59 @@ Layout (all names relative, so a run directory can be moved):
 
 Every file is written to a hidden temp file in the same directory, fsynced and renamed over
 its final name, so a crash never leaves a partial file under a final name. The state file is
-written first and the weights last: a weights file marks a complete checkpoint. Nothing here
-ever unpickles code: weights are safetensors, states load with `weights_only=True`.
+written first and the weights last; the weights' header names the state saved with them (an id
+read from the state's zip directory), so a checkpoint is complete when both files are present and
+agree: a kill while a step is saved again never pairs new weights with an old state, or the
+reverse. `best` always names a whole weights file: files are replaced by rename, never deleted
+first. The header also holds a digest of the tensors, checked at load. Nothing here ever
+unpickles code: weights are safetensors, states load with `weights_only=True`.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
+import logging
 import random
 import re
 import warnings
+import zipfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import xxhash
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from mt.errors import MtError
-from mt.files import atomic_path, atomic_write_bytes
+from mt.files import atomic_path
 
 CHECKPOINT_DIR = "checkpoints"
 BEST_FILE = "best"
 WEIGHTS_SUFFIX = ".safetensors"
 STATE_SUFFIX = ".state.pt"
 _STEP_NAME = re.compile(r"step-(\d+)")
-_TEMP_GLOB = ".*.tmp"  # leftovers of writes interrupted by a crash or a kill
+# Temp files of the files only a trainer writes (mt.files names temps `.NAME.<hex>.tmp`).
+_TRAINER_TEMPS = (".step-*.tmp", ".best.*.tmp", ".crash-step-*.tmp")
+DIGEST_KEY = "weights_xxh3_128"  # header entry: digest of the tensors, checked at load
+STATE_KEY = "state_id"  # header entry: the id of the state file saved with the weights
+_INTERNAL_KEYS = (DIGEST_KEY, STATE_KEY)  # per file: not part of what read_metadata reports
+_REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+)")  # how torch's weights_only unpickler names one
 _DESCRIPTIONS = {  # metadata keys that get a readable mismatch message
     "src_vocab": "source vocabulary",
     "tgt_vocab": "target vocabulary",
 }
+# Temp files this process is writing or failed to remove: the only ones pruning may delete
+# (another process, e.g. `mt average`, may be writing its own in the same directory).
+_OWN_TEMPS: set[Path] = set()
+
+log = logging.getLogger("mt")
 
 
 @dataclass(frozen=True)
@@ -91,12 +110,14 @@ def step_name(step: int) -> str:
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Run `write(temp)` on a temp file beside `path`, then rename it to `path` (mt.files)."""
     with atomic_path(path) as temp:
+        _OWN_TEMPS.add(temp.absolute())
         write(temp)
+    _OWN_TEMPS.discard(temp.absolute())  # renamed into place (a failure leaves it listed)
 
 
 def _write_text(path: Path, text: str) -> None:
     """Atomically replace a small text file."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+    _atomic_write(path, lambda temp: temp.write_bytes(text.encode("utf-8")))
 
 
 # --- weights --------------------------------------------------------------------------------
@@ -124,11 +145,28 @@ def _dedupe(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
-    """Atomically write tensors (tied ones stored once) and header metadata as safetensors."""
+def _digest(tensors: dict[str, Tensor]) -> str:
+    """xxh3-128 of the tensors' names, dtypes, shapes and bytes, in name order."""
+    # xxh3, not SHA-256: it detects corruption as well and costs a small part of a save.
+    hasher = xxhash.xxh3_128()
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        hasher.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}\n".encode())
+        hasher.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return hasher.hexdigest()
+
+
+def _write_flat(path: Path, flat: dict[str, Tensor], metadata: dict[str, str], digest: str) -> None:
+    """Atomically write deduplicated tensors, their metadata and their digest as safetensors."""
     header = {"format": "pt", **{key: str(value) for key, value in metadata.items()}}
-    flat = _dedupe(tensors)
+    header[DIGEST_KEY] = digest  # always this file's own: copied metadata may carry another
     _atomic_write(Path(path), lambda temp: save_file(flat, str(temp), metadata=header))
+
+
+def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    """Atomically write tensors (tied ones stored once) and metadata, with their digest."""
+    flat = _dedupe(tensors)
+    _write_flat(path, flat, metadata, _digest(flat))
 
 
 def save_weights(
@@ -142,8 +180,11 @@ def save_weights(
 def _reason(exc: BaseException) -> str:
     """A short one-line reason from a library exception (torch's can span many lines)."""
     text = str(exc)
-    if "WeightsUnpickler error:" in text:  # torch's refusal: keep the part that names the cause
-        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
+    refused = _REFUSED_GLOBAL.search(text)
+    if refused:  # what a pickle payload would have called, e.g. posix.system
+        return f"unsupported global: {refused.group(1)}"
+    if "Weights only load failed" in text:  # torch's boilerplate; its reason is the last paragraph
+        text = text.split("Check the documentation")[0].strip().split("\n\n")[-1]
     text = " ".join(text.split())
     if not text:
         return type(exc).__name__
@@ -160,11 +201,16 @@ def _open_weights(path: Path) -> Any:
         raise MtError(f"{path}: not a valid mt checkpoint ({_reason(exc)})") from exc
 
 
-def read_metadata(path: Path) -> dict[str, str]:
-    """The metadata in a safetensors header, without loading any tensor."""
-    path = Path(path)
+def _header(path: Path) -> dict[str, str]:
+    """All the metadata in a safetensors header, this module's own entries included."""
     with _open_weights(path) as handle:
         return dict(handle.metadata() or {})
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The metadata in a safetensors header (not the per-file digest and state id)."""
+    header = _header(Path(path))
+    return {key: value for key, value in header.items() if key not in _INTERNAL_KEYS}
 
 
 def _mismatch(path: Path, key: str, found: str | None, expected: str) -> str:
@@ -219,14 +265,34 @@ def _plan_load(path: Path, handle: Any, model_state: dict[str, Tensor]) -> dict[
     return plan
 
 
-def load_weights(path: Path, model: nn.Module, expected: dict[str, str] | None = None) -> None:
-    """Load weights into `model` after checking the header's metadata against `expected`."""
+def _check_finite(path: Path, plan: dict[str, str], stored: dict[str, Tensor]) -> None:
+    """MtError naming the first model tensor that holds an inf or a NaN."""
+    for name, source in plan.items():
+        if not bool(torch.isfinite(stored[source]).all()):
+            raise MtError(
+                f"{path}: tensor {name} holds non-finite values (inf/nan); the model diverged"
+            )
+
+
+def load_weights(
+    path: Path,
+    model: nn.Module,
+    expected: dict[str, str] | None = None,
+    allow_nonfinite: bool = False,
+) -> None:
+    """Load verified weights into `model`; `allow_nonfinite` only to inspect a diverged model."""
     path = Path(path)
     model_state = model.state_dict()
     with _open_weights(path) as handle:
-        _check_metadata(path, dict(handle.metadata() or {}), expected or {})
+        header = dict(handle.metadata() or {})
+        _check_metadata(path, header, expected or {})
         plan = _plan_load(path, handle, model_state)
         stored = {source: handle.get_tensor(source) for source in set(plan.values())}
+    # Files written before digests were stored (or by other tools) have none to check.
+    if DIGEST_KEY in header and _digest(stored) != header[DIGEST_KEY]:
+        raise MtError(f"{path}: corrupt checkpoint (weights digest mismatch)")
+    if not allow_nonfinite:
+        _check_finite(path, plan, stored)
     # Copies into the existing parameters, so tied weights stay one tensor.
     model.load_state_dict({name: stored[source] for name, source in plan.items()}, strict=True)
 
@@ -271,21 +337,77 @@ def load_state(path: Path) -> dict[str, Any]:
 # --- checkpoints ----------------------------------------------------------------------------
 
 
+def _state_id(path: Path) -> str:
+    """An id of a torch.save file, from its zip directory: cheap to read, new with each save.
+
+    The directory lists every record with its CRC-32 and size (torch names the records after
+    the temp file it wrote, and adds a serialization id), so two saves never share an id.
+    """
+    with zipfile.ZipFile(path) as archive:
+        records = [f"{i.filename}:{i.CRC:08x}:{i.file_size}" for i in archive.infolist()]
+    return hashlib.sha256("\n".join(records).encode()).hexdigest()[:32]
+
+
+def _is_complete(ckpt: Checkpoint) -> bool:
+    """Weights and state present, and the state is the one saved with those weights."""
+    if not (ckpt.weights.is_file() and ckpt.state.is_file()):
+        return False
+    try:
+        recorded = _header(ckpt.weights).get(STATE_KEY)
+    except MtError:
+        return True  # listed, so that loading it says what is wrong with the file
+    if recorded is None:  # saved before states were named: trusted as before
+        return True
+    try:
+        return _state_id(ckpt.state) == recorded
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def load_training_state(ckpt: Checkpoint) -> dict[str, Any]:
+    """The training state saved with `ckpt`'s weights; MtError if it is another save's."""
+    if ckpt.state.is_file() and not _is_complete(ckpt):
+        raise MtError(
+            f"{ckpt.state}: not the training state saved with {ckpt.weights.name} "
+            "(a save was interrupted); resume from another checkpoint"
+        )
+    return load_state(ckpt.state)
+
+
 def save_checkpoint(
     run_dir: Path, step: int, model: nn.Module, state: dict[str, Any], metadata: dict[str, str]
 ) -> Checkpoint:
-    """Atomically write the state, then the weights, of checkpoint `step`."""
+    """Atomically write the state, then the weights (naming that state), of checkpoint `step`."""
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     _check_plain(state)  # fail now, not when a resume finds the state unreadable
     directory = checkpoint_dir(run_dir)
     directory.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpoint.from_weights(directory / (step_name(step) + WEIGHTS_SUFFIX))
-    # Re-saving a step: drop the old weights first, so a crash cannot pair them with a new state.
-    ckpt.weights.unlink(missing_ok=True)
-    _atomic_write(ckpt.state, lambda temp: torch.save(state, temp))
-    save_weights(ckpt.weights, model, {"step": str(step), **metadata})  # last: marks complete
+    # Saving again the step `best` names (after resuming an older checkpoint): its pair is
+    # incomplete between the two renames, so `best` names another complete one meanwhile.
+    stand_in = _stand_in(directory, ckpt)
+    if stand_in is not None:
+        set_best(run_dir, stand_in)
+    flat = _dedupe(model.state_dict())
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # xxhash releases the GIL: the weights are hashed while the state is written and synced.
+        digest = pool.submit(_digest, flat)
+        _atomic_write(ckpt.state, lambda temp: torch.save(state, temp))
+        header = {"step": str(step), **metadata, STATE_KEY: _state_id(ckpt.state)}
+        _write_flat(ckpt.weights, flat, header, digest.result())  # last: marks it complete
+    if stand_in is not None:
+        set_best(run_dir, ckpt)
     return ckpt
+
+
+def _stand_in(directory: Path, ckpt: Checkpoint) -> Checkpoint | None:
+    """While `ckpt`, which `best` names, is saved again: the checkpoint `best` names instead."""
+    best = _best_or_none(directory)
+    if best is None or best.name != ckpt.name:
+        return None
+    others = [other for other in _complete_in(directory) if other.name != ckpt.name]
+    return others[-1] if others else None  # with none, `best` keeps naming whole weights
 
 
 def save_crash(run_dir: Path, step: int, model: nn.Module) -> Path:
@@ -302,13 +424,13 @@ def _complete_in(directory: Path) -> list[Checkpoint]:
     found = []
     for weights in directory.glob("step-*" + WEIGHTS_SUFFIX):
         ckpt = Checkpoint.from_weights(weights)
-        if _STEP_NAME.fullmatch(ckpt.name) and weights.is_file() and ckpt.state.is_file():
+        if _STEP_NAME.fullmatch(ckpt.name) and _is_complete(ckpt):
             found.append(ckpt)
     return sorted(found, key=lambda ckpt: ckpt.step)
 
 
 def list_checkpoints(run_dir: Path) -> list[Checkpoint]:
-    """Complete step checkpoints (weights and state present), oldest first."""
+    """Complete step checkpoints (weights and the state saved with them), oldest first."""
     return _complete_in(checkpoint_dir(run_dir))
 
 
@@ -343,6 +465,14 @@ def _best_in(directory: Path) -> Checkpoint | None:
     return _follow_pointer(pointer) if pointer.is_file() else None
 
 
+def _best_or_none(directory: Path) -> Checkpoint | None:
+    """What `best` names, or None without a pointer or with one that names nothing valid."""
+    try:
+        return _best_in(directory)
+    except MtError:
+        return None
+
+
 def best_checkpoint(run_dir: Path) -> Checkpoint | None:
     """The checkpoint `checkpoints/best` points to, or None without a pointer."""
     return _best_in(checkpoint_dir(run_dir))
@@ -353,7 +483,7 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> list[Path]:
     if keep_last < 0:
         raise ValueError(f"keep_last must be >= 0, got {keep_last}")
     directory = checkpoint_dir(run_dir)
-    best = best_checkpoint(run_dir)
+    best = _best_or_none(directory)  # a dangling pointer protects nothing (repair_checkpoints)
     complete = list_checkpoints(run_dir)
     doomed = complete[: max(len(complete) - keep_last, 0)]
     deleted: list[Path] = []
@@ -363,12 +493,55 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> list[Path]:
         for path in (ckpt.weights, ckpt.state):  # weights first: it marks the checkpoint whole
             path.unlink(missing_ok=True)
             deleted.append(path)
-    # State files without weights and temp files are what an interrupted save leaves behind.
-    orphans = [p for p in directory.glob("step-*" + STATE_SUFFIX) if not _weights_of(p).exists()]
-    for path in [*orphans, *directory.glob(_TEMP_GLOB)]:
-        path.unlink(missing_ok=True)
-        deleted.append(path)
+    return deleted + _remove_debris(directory, {c.name for c in complete}, best)
+
+
+def _remove_debris(directory: Path, complete: set[str], best: Checkpoint | None) -> list[Path]:
+    """Delete what interrupted saves leave: unpaired states and this process's temp files."""
+    deleted = []
+    for state in sorted(directory.glob("step-*" + STATE_SUFFIX)):
+        ckpt = Checkpoint.from_weights(_weights_of(state))
+        if ckpt.name in complete or (best is not None and ckpt.name == best.name):
+            continue
+        # A state without weights, or weights saved with another state (a kill between
+        # the two renames of a step saved again): neither can be resumed from.
+        for path in (ckpt.weights, ckpt.state):
+            if path.exists():
+                path.unlink()
+                deleted.append(path)
+    # Only this process's temps: another process may be writing its own here right now.
+    for temp in sorted(t for t in _OWN_TEMPS if t.parent == directory.absolute()):
+        if temp.exists():
+            temp.unlink()
+            deleted.append(temp)
+        _OWN_TEMPS.discard(temp)
     return deleted
+
+
+def repair_checkpoints(run_dir: Path) -> None:
+    """At the start of training, holding the run lock: clear a killed trainer's debris.
+
+    Removes the temp files of step checkpoints, `best` and crash dumps (only a trainer writes
+    those, and the lock says none other is alive), and points a dangling `best` at the latest
+    complete checkpoint, with a warning.
+    """
+    directory = checkpoint_dir(run_dir)
+    for pattern in _TRAINER_TEMPS:
+        for temp in directory.glob(pattern):
+            temp.unlink(missing_ok=True)
+    pointer = directory / BEST_FILE
+    try:
+        _best_in(directory)
+        return
+    except MtError as exc:
+        problem = str(exc)
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        pointer.unlink()
+        log.warning("%s; removed it (no complete checkpoint is left)", problem)
+    else:
+        set_best(run_dir, latest)
+        log.warning("%s; pointed it at the latest complete checkpoint, %s", problem, latest.name)
 
 
 def _weights_of(state: Path) -> Path:
@@ -377,9 +550,23 @@ def _weights_of(state: Path) -> Path:
 
 
 def _preferred_in(directory: Path) -> Checkpoint | None:
-    """A checkpoints directory's best checkpoint, else its latest complete one."""
+    """A checkpoints directory's best checkpoint, else its latest complete one.
+
+    A `best` that names nothing valid (an older version's kill, a manual deletion) gives way
+    to the latest complete checkpoint, with a warning.
+    """
+    try:
+        best = _best_in(directory)
+    except MtError as exc:
+        complete = _complete_in(directory)
+        if not complete:
+            raise
+        log.warning("%s; using the latest complete checkpoint, %s", exc, complete[-1].name)
+        return complete[-1]
+    if best is not None:
+        return best
     complete = _complete_in(directory)
-    return _best_in(directory) or (complete[-1] if complete else None)
+    return complete[-1] if complete else None
 
 
 def resolve_checkpoint(path: Path) -> Checkpoint:

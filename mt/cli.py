@@ -61,9 +61,11 @@ def train_command(
 ) -> None:
     """Train a model: tokenizer (if the run has none), data, Transformer, checkpoints."""
     cfg, _ = _load(config, overrides, ("train", "valid"))
+    from mt.finish import finish
     from mt.train import train
 
     result = train(cfg, resume=resume)
+    finish(cfg, result)
     if result.signum is not None:
         sys.exit(128 + result.signum)  # 143 for SIGTERM, 130 for SIGINT
 

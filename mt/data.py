@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
@@ -25,6 +25,8 @@ import pyarrow.compute as pc
 from datasets.exceptions import DatasetGenerationError
 
 from mt.errors import DataError, MtError
+from mt.files import atomic_write_bytes
+from mt.tokenizer import unk_rate
 
 if TYPE_CHECKING:
     from mt.corpora import Corpus
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 STATS_FILE = "stats.json"
 LENGTHS_FILE = "lengths.npy"
+DATA_FILE = "data.json"  # a run's corpus statistics, for its report
 _RAW = datasets.Features({"src": datasets.Value("string"), "tgt": datasets.Value("string")})
 _IDS = datasets.Features(
     {
@@ -315,3 +318,21 @@ def _quiet_datasets() -> Iterator[None]:
     finally:
         if was_enabled:
             datasets.enable_progress_bars()
+
+
+def write_data_stats(
+    run_dir: Path, train: EncodedCorpus, tokenizer: Tokenizer, valid: Corpus | None
+) -> dict[str, Any]:
+    """Save the training corpus's filter counts and token totals, and the dev set's unk rate."""
+    stats: dict[str, Any] = {
+        "train": asdict(train.stats),
+        "train_src_tokens": int(train.src_lens.sum()),
+        "train_tgt_tokens": int(train.tgt_lens.sum()),
+        "src_vocab": tokenizer.src_vocab_size,
+        "tgt_vocab": tokenizer.tgt_vocab_size,
+    }
+    if valid is not None:
+        stats["valid_unk_rate"] = list(unk_rate(tokenizer, valid))
+    text = json.dumps(stats, indent=2) + "\n"
+    atomic_write_bytes(Path(run_dir) / DATA_FILE, text.encode("utf-8"))
+    return stats

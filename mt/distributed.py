@@ -1,9 +1,9 @@
 """torch.distributed for `torchrun`: process groups, rank-0 duties and cross-rank agreement.
 
 `mt train` started by torchrun, or one per srun task by scripts/slurm/train.sbatch (either sets
-RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...) trains with DistributedDataParallel; started
-plainly, it is a world of one and nothing here talks to the network. The model file knows
-nothing of this module.
+RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...) trains data-parallel: rank 0's parameters are
+broadcast, gradients are summed once per update. Started plainly, it is a world of one and
+nothing here talks to the network. The model file knows nothing of this module.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import Tensor, nn
 
 from mt.device import resolve_device
 from mt.errors import MtError
@@ -99,8 +100,8 @@ def nccl_errors_raise() -> None:
     communicators, the collective that `guarded` waits for raises in the training loop's thread,
     and so does any later one (the communicator was aborted). A value the user set is kept;
     under torchrun, 1 is torchrun's own default for every worker, not the user's choice.
-    TORCH_NCCL_BLOCKING_WAIT stays off: it would make the host wait for DDP's gradient
-    all-reduce at every step; `guarded` waits for its own collectives only.
+    TORCH_NCCL_BLOCKING_WAIT stays off: `guarded` gives each of its collectives the timeout
+    that makes NCCL block and raise, and no other collective.
     """
     value = os.environ.get(NCCL_ERROR_HANDLING)
     if value is None or (value == "1" and "TORCHELASTIC_RUN_ID" in os.environ):
@@ -147,7 +148,9 @@ def guarded(world: World, collective: Callable[[], dist.Work], startup: bool = F
 
     A lost peer or a timeout becomes a one-line error naming this rank. Waiting with a timeout
     makes the wait block this thread and raise here, also with NCCL, whose collectives
-    otherwise return at once and leave the timeout to its watchdog thread.
+    otherwise return at once and leave the timeout to its watchdog thread: results are never
+    read from an aborted collective. Training-loop callers read the result on the host right
+    after anyway; NCCL's blocking wait adds at most its 1 ms polling interval.
     """
     timeout_s = world.startup_timeout_s if startup else world.timeout_s
     try:
@@ -182,3 +185,33 @@ def main_first(world: World, device: torch.device, prepare: Callable[[], T]) -> 
     if all_reduce(world, [0.0], device, startup=True)[0]:
         raise MtError(f"rank {world.rank}: rank 0 failed while preparing the run (see its error)")
     return result if world.is_main else prepare()
+
+
+def broadcast_parameters(world: World, model: nn.Module) -> None:
+    """Give every rank rank 0's parameters (and buffers)."""
+    if not world.distributed:
+        return
+    for tensor in model.state_dict().values():
+        guarded(
+            world,
+            lambda tensor=tensor: dist.broadcast(tensor, src=0, group=world.group, async_op=True),
+        )
+
+
+def sum_gradients(world: World, params: Sequence[Tensor], flags: Tensor) -> Tensor:
+    """Sum the gradients of `params` over all ranks, in place, with `flags` in the same collective.
+
+    Returns the summed flags (a few float32 numbers on the gradients' device). A parameter
+    without a gradient (a rank that had no batch, or dropped its gradients after running out
+    of memory) takes part with zeros. Runs once per update, after every backward pass, so the
+    flags can tell every rank at once that one of them failed.
+    """
+    if not world.distributed:
+        return flags
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([*(g.reshape(-1) for g in grads), flags.to(grads[0].dtype)])  # (P + F,)
+    guarded(world, lambda: dist.all_reduce(flat, group=world.group, async_op=True))
+    sizes = [p.numel() for p in params]
+    for param, grad in zip(params, flat[: sum(sizes)].split(sizes), strict=True):
+        param.grad = grad.view_as(param)
+    return flat[sum(sizes) :].to(flags.dtype)

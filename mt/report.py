@@ -10,45 +10,24 @@ from __future__ import annotations
 import json
 import logging
 import statistics
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from mt.average import AVERAGE_NAME
 from mt.checkpoint import checkpoint_dir, resolve_checkpoint
 from mt.config import CONFIG_FILE, Config
-from mt.data import EncodedCorpus
+from mt.data import DATA_FILE
 from mt.evaluate import MetricScore, score
 from mt.files import atomic_write_bytes
 from mt.metrics import read_metrics
 from mt.model import count_parameters
 from mt.plot import plot_curves
 from mt.run import load_run_config, model_from_config
-from mt.tokenizer import Tokenizer, unk_rate
 
 log = logging.getLogger("mt")
 
 REPORT_FILE = "report.md"
 CURVES_FILE = "curves.png"
-DATA_FILE = "data.json"
-
-
-def write_data_stats(
-    run_dir: Path, train: EncodedCorpus, tokenizer: Tokenizer, valid: Any | None
-) -> dict[str, Any]:
-    """Save the training corpus's filter counts and token totals, and the dev set's unk rate."""
-    stats: dict[str, Any] = {
-        "train": asdict(train.stats),
-        "train_src_tokens": int(train.src_lens.sum()),
-        "train_tgt_tokens": int(train.tgt_lens.sum()),
-        "src_vocab": tokenizer.src_vocab_size,
-        "tgt_vocab": tokenizer.tgt_vocab_size,
-    }
-    if valid is not None:
-        stats["valid_unk_rate"] = list(unk_rate(tokenizer, valid))
-    text = json.dumps(stats, indent=2) + "\n"
-    atomic_write_bytes(Path(run_dir) / DATA_FILE, text.encode("utf-8"))
-    return stats
 
 
 def report_checkpoint(run_dir: Path) -> Path:

@@ -1,8 +1,9 @@
-"""`mt train`: one training loop, read top to bottom, with small helpers around it.
+"""`mt train`: one training loop, read top to bottom, with small named steps around it.
 
 Data flows: corpora -> tokenizer -> encoded, cached data -> token-budget batches -> model ->
 label-smoothed loss -> Adam + inverse-sqrt schedule -> checkpoints, validation BLEU.
-Under torchrun every rank runs this loop on its own shard of the batches; rank 0 alone writes.
+Under torchrun every rank runs this loop on its share of each update; rank 0 alone writes.
+What runs after training (checkpoint averaging, the report) is `mt.finish`'s job.
 """
 
 from __future__ import annotations
@@ -14,24 +15,22 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
+import numpy as np
 import sacrebleu
 import torch
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
+from torch import Tensor
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mt import checkpoint as ckpt
 from mt import distributed
-from mt.average import average_run
-from mt.batching import Batch, BatchSampler, collate
+from mt.batching import Batch, BatchSampler, Prefetcher, Update, collate, plan_updates
 from mt.config import CONFIG_FILE, Config, diff, load_config, save_config
-from mt.data import EncodedCorpus
+from mt.data import EncodedCorpus, write_data_stats
 from mt.device import autocast, configure_backends, resolve_precision
 from mt.distributed import World
 from mt.errors import ConfigError, MtError
@@ -39,7 +38,6 @@ from mt.loss import label_smoothed_nll
 from mt.metrics import MetricsLog
 from mt.model import Transformer, count_parameters
 from mt.optim import make_optimizer, make_scheduler
-from mt.report import write_data_stats, write_report
 from mt.run import (
     checkpoint_metadata,
     corpus,
@@ -52,20 +50,21 @@ from mt.search import beam_search, greedy_search
 from mt.tokenizer import Tokenizer
 
 log = logging.getLogger("mt")
-T = TypeVar("T")
 
 # Settings a resumed run may change; everything else in data/tokenizer/model must match.
 RESUMABLE_DATA_KEYS = {"valid", "test", "num_proc", "cache_dir"}
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+PREFETCH_UPDATES = 2  # updates collated ahead of the training step, in a background thread
 
 
 @dataclass
 class TrainState:
     """Counters saved in every checkpoint, so that a resumed run continues exactly."""
 
-    step: int = 0  # optimizer updates done
+    step: int = 0  # optimizer updates done (skipped ones not counted)
     epoch: int = 1  # current epoch (1-based)
-    batches_done: int = 0  # batches of the current epoch already consumed (by each rank)
+    batches_done: int = 0  # batches of the current epoch consumed, by all ranks together
+    world_size: int = 1  # ranks that trained up to this state
     best_bleu: float = -1.0  # best dev BLEU so far
     bad_validations: int = 0  # validations since the best one (early stopping)
     overflow_steps: int = 0  # fp16 updates skipped because gradients overflowed
@@ -79,18 +78,9 @@ class TrainResult:
 
     state: TrainState
     signum: int | None = None
-
-
-@dataclass
-class Trainee:
-    """The model and everything that updates it, as saved in and restored from checkpoints."""
-
-    model: Transformer  # the bare model: checkpoints, validation
-    step_model: nn.Module  # what the training step calls: DDP and/or torch.compile around it
-    ddp: DistributedDataParallel | None  # the DDP wrapper when there are several ranks
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler
+    device: str = "cpu"  # where it trained (the report decodes there)
+    main: bool = True  # rank 0, which alone writes (and finishes the run)
+    idle: bool = False  # the run was already at train.max_steps: nothing was done
 
 
 class StopSignals:
@@ -115,15 +105,199 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-def batch_stream(
-    sampler: BatchSampler, data: EncodedCorpus, epoch: int, done: int, max_epochs: int
-) -> Iterator[tuple[int, int, Batch]]:
-    """(epoch, batches done in that epoch after this one, batch) from a saved position on."""
-    while not max_epochs or epoch <= max_epochs:
-        batches = sampler.epoch_batches(epoch)
-        for i in range(done, len(batches)):
-            yield epoch, i + 1, collate(data.pairs(batches[i]), batches[i])
-        epoch, done = epoch + 1, 0
+# ---------------------------------------------------------------------------------------------
+# The learner: the model and everything that updates it.
+
+
+@dataclass
+class Learner:
+    """The model, its optimizer, schedule and loss scaler, on one rank's device and precision."""
+
+    model: Transformer  # the bare model: checkpoints, validation
+    step_model: Callable[..., Tensor]  # what the training step calls: the model, maybe compiled
+    step_loss: Callable[..., tuple[Tensor, Tensor, Tensor]] | None  # compiled loss, if compiling
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    world: World
+    device: torch.device
+    precision: str
+    label_smoothing: float
+    clip_norm: float  # 0 = off
+
+    @property
+    def params(self) -> list[Tensor]:
+        """The parameters the optimizer updates (tied ones once)."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+
+def build_learner(
+    config: Config, vocab: tuple[int, int], world: World, device: torch.device, precision: str
+) -> Learner:
+    """Model (same initialisation on every rank), optimizer, schedule and loss scaler."""
+    tc = config.train
+    torch.manual_seed(tc.seed)
+    model = model_from_config(config.model, *vocab).to(device)
+    distributed.broadcast_parameters(world, model)  # identical already; cheap insurance
+    optimizer = make_optimizer(model, tc.lr, tc.betas, tc.eps, tc.weight_decay, device)
+    return Learner(
+        model=model,
+        step_model=torch.compile(model, dynamic=True) if tc.compile else model,
+        step_loss=torch.compile(label_smoothed_nll, dynamic=True) if tc.compile else None,
+        optimizer=optimizer,
+        scheduler=make_scheduler(optimizer, tc.lr, tc.warmup_steps),
+        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+        world=world,
+        device=device,
+        precision=precision,
+        label_smoothing=tc.label_smoothing,
+        clip_norm=tc.clip_norm,
+    )
+
+
+@dataclass
+class StepResult:
+    """What one update's forward and backward passes gave, agreed on by every rank."""
+
+    loss: Tensor  # this rank's summed loss (on the device; read when logging)
+    nll: Tensor  # this rank's summed negative log-likelihood
+    norm: float  # gradient norm before clipping (the same on every rank)
+    out_of_memory: bool  # a rank ran out of memory: every rank skips the update
+    stop: bool  # a rank was signalled: every rank stops after this update
+    out_of_time: bool  # a rank reached train.max_minutes
+
+
+def train_step(
+    learner: Learner, batches: list[Batch], tokens: int, stop: bool, out_of_time: bool
+) -> StepResult:
+    """Forward and backward over this rank's micro-batches, then gradients summed over ranks.
+
+    Each micro-batch's summed loss is divided by the update's target tokens over all ranks
+    (`tokens`), so accumulation and data parallelism give the gradient of one big batch. The
+    gradients cross the network once, after the last backward, in one collective that also
+    carries each rank's flags: a rank that ran out of memory anywhere in the step joins it with
+    zero gradients and its flag set, so every rank skips the update instead of hanging. The
+    host reads the device once per step: the summed flags and the gradient norm together.
+    """
+    loss_sum = torch.zeros((), device=learner.device)
+    nll_sum = torch.zeros((), device=learner.device)
+    out_of_memory = False
+    try:
+        for batch in batches:
+            loss, nll = forward_backward(learner, batch, tokens)
+            loss_sum += loss
+            nll_sum += nll
+    except torch.cuda.OutOfMemoryError:
+        out_of_memory = True
+        free_memory(learner)
+    flags = torch.zeros(3, device=learner.device)
+    for i, raised in enumerate((out_of_memory, stop, out_of_time)):
+        if raised:
+            flags[i] = 1.0  # a fill with a scalar argument: no host-device copy
+    flags = distributed.sum_gradients(learner.world, learner.params, flags)
+    learner.scaler.unscale_(learner.optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(learner.params, learner.clip_norm or math.inf)
+    summed = torch.cat([flags, norm.reshape(1).float()]).tolist()  # the step's one host read
+    return StepResult(loss_sum, nll_sum, summed[3], *(value > 0 for value in summed[:3]))
+
+
+def forward_backward(learner: Learner, batch: Batch, tokens: int) -> tuple[Tensor, Tensor]:
+    """One micro-batch: forward under autocast, float32 loss, backward; summed loss and nll."""
+    batch = batch.to(learner.device)
+    with autocast(learner.device, learner.precision):
+        logits = learner.step_model(batch.src, batch.tgt_in)  # (B, T, V)
+    # Looked up at call time, so that tests can inject faults into the loss.
+    loss_fn = learner.step_loss or label_smoothed_nll
+    loss, nll, _ = loss_fn(logits, batch.tgt_out, learner.label_smoothing)
+    learner.scaler.scale(loss / tokens).backward()
+    return loss.detach(), nll.detach()
+
+
+def free_memory(learner: Learner) -> None:
+    """After an out-of-memory error: drop the step's gradients and return cached blocks."""
+    learner.optimizer.zero_grad(set_to_none=True)
+    if learner.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def optimizer_step(learner: Learner, state: TrainState, min_loss_scale: float) -> bool:
+    """Step optimizer and schedule; False if the fp16 scaler skipped an overflowed update.
+
+    A skipped update does not count: neither the step nor the schedule advances.
+    """
+    scaler = learner.scaler
+    scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+    scaler.step(learner.optimizer)
+    scaler.update()
+    learner.optimizer.zero_grad(set_to_none=True)
+    if scaler.is_enabled() and scaler.get_scale() < scale:
+        state.overflow_steps += 1
+        if scaler.get_scale() < min_loss_scale:
+            raise MtError(
+                f"fp16 loss scale fell to {scaler.get_scale():g} after {state.overflow_steps} "
+                f"overflowing updates at step {state.step} (below train.min_loss_scale="
+                f"{min_loss_scale:g}): gradients keep overflowing; use train.precision=bf16, "
+                "or a lower train.lr"
+            )
+        return False
+    learner.scheduler.step()
+    state.step += 1
+    return True
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """Dropout seed of one update: a function of (seed, rank, step), so resume needs no RNG."""
+    return (seed * 1_000_003 + rank * 7_919 + step) % (2**63)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run: everything training needs, prepared once at its start.
+
+
+@dataclass
+class DevSet:
+    """The dev set as validation sees it: pairs cut to the model's length, whole references.
+
+    The dev set is never filtered. A sentence longer than the model takes is treated as
+    `mt translate` treats it: its source cut to `max_len` pieces (and its target, for the loss),
+    while BLEU compares with the whole reference, so dev BLEU stays comparable to `mt evaluate`.
+    """
+
+    data: EncodedCorpus
+    references: list[str]
+    max_len: int  # pieces per side: model.max_positions - 1, room for EOS / BOS
+
+    def pairs(self, indices: np.ndarray) -> list[tuple[list[int], list[int]]]:
+        """The (source, target) ids of the given rows, cut to max_len pieces each."""
+        return [(s[: self.max_len], t[: self.max_len]) for s, t in self.data.pairs(indices)]
+
+    def lengths(self) -> tuple[np.ndarray, np.ndarray]:
+        """Source and target lengths after the cut: (N,) each."""
+        return np.minimum(self.data.src_lens, self.max_len), np.minimum(
+            self.data.tgt_lens, self.max_len
+        )
+
+
+@dataclass
+class Run:
+    """Everything a training run has: its settings, data, learner, state and logs."""
+
+    config: Config
+    directory: Path
+    tokenizer: Tokenizer
+    train_data: EncodedCorpus
+    dev: DevSet | None  # rank 0 only: the others never validate
+    metadata: dict[str, str]  # what a checkpoint must agree on with this run
+    learner: Learner
+    state: TrainState
+    metrics: MetricsLog | None = None  # rank 0 only, opened when training begins
+    last_saved: int = -1  # the step of the last checkpoint written
+    window: dict[str, float] = field(default_factory=dict)  # the logging window's sums
+
+    @property
+    def world(self) -> World:
+        """This process's place among the ranks."""
+        return self.learner.world
 
 
 def check_resumable(config: Config, run_dir: Path) -> None:
@@ -144,12 +318,22 @@ def check_resumable(config: Config, run_dir: Path) -> None:
         )
 
 
-def main_first(world: World, device: torch.device, prepare: Callable[[], T]) -> T:
+def prepare(config: Config, world: World) -> tuple[Tokenizer, EncodedCorpus, EncodedCorpus | None]:
+    """Check the config against the run's, train or load the tokenizer, encode the corpora."""
+    if world.is_main:
+        check_resumable(config, run_path(config))
+    tokenizer = prepare_tokenizer(config)
+    train_data = encoded(config, tokenizer, "train")
+    valid_data = encoded(config, tokenizer, "valid") if config.data.valid else None
+    return tokenizer, train_data, valid_data
+
+
+def main_first(world: World, device: torch.device, prepare: Callable[[], object]) -> object:
     """Run `prepare` on rank 0, then on the others (which then find its files and caches).
 
     The others wait on the start-up group (`train.dist_startup_timeout`): preparing a large
     corpus can take longer than the training group's timeout. `device` must suit the backend
-    (CUDA tensors for NCCL).
+    (CUDA tensors for NCCL). Whatever rank 0 raises, the others stop too.
     """
     if not world.distributed:
         return prepare()
@@ -157,7 +341,7 @@ def main_first(world: World, device: torch.device, prepare: Callable[[], T]) -> 
     if world.is_main:
         try:
             result = prepare()
-        except MtError:
+        except BaseException:
             failed = 1.0
             distributed.all_reduce(world, [failed], device, startup=True)
             raise
@@ -166,120 +350,386 @@ def main_first(world: World, device: torch.device, prepare: Callable[[], T]) -> 
     return result if world.is_main else prepare()
 
 
-def train_step(
-    trainee: Trainee,
-    batches: list[Batch],
-    tokens: int,
-    config: Config,
-    world: World,
-    device: torch.device,
-    precision: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """Forward/backward over this rank's micro-batches of one update; returns loss, nll, norm.
+def start(config: Config, resume: Path | None, world: World, device: torch.device) -> Run:
+    """Prepare tokenizer and data, build the learner, restore the checkpoint to resume from."""
+    precision = resolve_precision(config.train.precision, device)
+    configure_backends(device)
+    tokenizer, train_data, valid_data = main_first(world, device, lambda: prepare(config, world))
+    vocab = (tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
+    learner = build_learner(config, vocab, world, device, precision)
+    run = Run(
+        config=config,
+        directory=run_path(config),
+        tokenizer=tokenizer,
+        train_data=train_data,
+        dev=dev_set(config, valid_data, learner.model) if world.is_main else None,
+        metadata=checkpoint_metadata(tokenizer),
+        learner=learner,
+        state=TrainState(world_size=world.world_size),
+    )
+    clear_window(run)
+    checkpoint = (
+        ckpt.resolve_checkpoint(resume) if resume else ckpt.latest_checkpoint(run_path(config))
+    )
+    if checkpoint is not None:
+        run.state = restore(checkpoint, run)
+    return run
 
-    Losses are summed and divided by the target tokens of the whole update over all ranks
-    (`tokens`), so accumulation and data parallelism give the gradient of one big batch. DDP
-    averages gradients over ranks, hence the factor world_size; it all-reduces only in the
-    last backward (`no_sync` before). Before that backward, one small all-reduce tells every
-    rank whether any rank ran out of memory: then all return None and skip the update together.
-    """
-    model, scaler, ddp = trainee.step_model, trainee.scaler, trainee.ddp
-    scale = world.world_size / tokens
-    loss_sum = torch.zeros((), device=device)
-    nll_sum = torch.zeros((), device=device)
-    out_of_memory = False
-    for i, batch in enumerate(batches):
-        last = i == len(batches) - 1
-        no_sync = ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext()
-        try:
-            with no_sync:
-                batch = batch.to(device)
-                with autocast(device, precision):
-                    logits = model(batch.src, batch.tgt_in)  # (B, T, V)
-                loss, nll, _ = label_smoothed_nll(
-                    logits, batch.tgt_out, config.train.label_smoothing
-                )
-                if not last:
-                    scaler.scale(loss * scale).backward()
-        except torch.cuda.OutOfMemoryError:
-            out_of_memory = True
-            break
-        loss_sum += loss.detach()
-        nll_sum += nll.detach()
-    if distributed.all_reduce(world, [float(out_of_memory)], device, op="max")[0]:
-        trainee.optimizer.zero_grad(set_to_none=True)
+
+def dev_set(config: Config, valid_data: EncodedCorpus | None, model: Transformer) -> DevSet | None:
+    """The dev set with its references; says once how many sentences are longer than the model."""
+    if valid_data is None:
         return None
-    scaler.scale(loss * scale).backward()  # the last micro-batch: DDP all-reduces gradients here
-    scaler.unscale_(trainee.optimizer)
-    clip = config.train.clip_norm or math.inf
-    params = [p for group in trainee.optimizer.param_groups for p in group["params"]]
-    norm = torch.nn.utils.clip_grad_norm_(params, clip)
-    return loss_sum, nll_sum, norm
+    dev = DevSet(valid_data, corpus(config, "valid").targets(), model.max_positions - 1)
+    report_long(valid_data, dev.max_len, "dev", "validation")
+    return dev
 
 
-def data_parallel(
-    model: Transformer, world: World, device: torch.device
-) -> DistributedDataParallel | None:
-    """DDP around the model when there are several ranks (it also syncs initial weights)."""
-    if not world.distributed:
-        return None
-    return DistributedDataParallel(
-        model,
-        device_ids=[device.index] if device.type == "cuda" else None,
-        process_group=world.group,
-        broadcast_buffers=False,  # the only buffer is the constant position table
+def report_long(data: EncodedCorpus, max_len: int, name: str, user: str) -> None:
+    """Log once how many sentences of a never-filtered set exceed the model's length."""
+    src = int(np.count_nonzero(data.src_lens > max_len))
+    tgt = int(np.count_nonzero(data.tgt_lens > max_len))
+    if src or tgt:
+        log.warning(
+            f"{name}: {src:,} of {len(data):,} sources and {tgt:,} targets are longer than the "
+            f"model's {max_len} pieces; {user} cuts them to {max_len} pieces, as mt translate "
+            "does (BLEU compares with whole references)"
+        )
+
+
+def restore(checkpoint: ckpt.Checkpoint, run: Run) -> TrainState:
+    """Load a checkpoint into the learner; returns its TrainState, on this run's world size."""
+    learner = run.learner
+    ckpt.load_weights(checkpoint.weights, learner.model, expected=run.metadata)
+    payload = ckpt.load_state(checkpoint.state)
+    learner.optimizer.load_state_dict(payload["optimizer"])
+    learner.scheduler.load_state_dict(payload["scheduler"])
+    restore_scaler(learner, payload["scaler"])
+    restore_window(run, payload.get("window", {}))
+    saved = dict(payload["train"])
+    if "world_size" not in saved:  # older checkpoints counted batches per rank
+        saved["batches_done"] *= run.world.world_size
+    state = TrainState(**saved)
+    ranks = run.world.world_size
+    moved = "" if state.world_size == ranks else f", re-sharded from {state.world_size}"
+    log.info(
+        f"resumed from {checkpoint.weights} (step {state.step}, epoch {state.epoch}, "
+        f"{ranks} ranks{moved})"
+    )
+    state.world_size = run.world.world_size
+    return state
+
+
+def restore_scaler(learner: Learner, saved: dict[str, object]) -> None:
+    """Restore the fp16 loss scaler; a run may switch precision when it resumes."""
+    if learner.scaler.is_enabled() and not saved:
+        log.info("resuming in fp16 from a run without loss scaling: a new loss scale starts")
+        return
+    learner.scaler.load_state_dict(saved)  # a disabled scaler ignores what it is given
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+def train(config: Config, resume: Path | None = None) -> TrainResult:
+    """Train as configured (one process, or one rank under torchrun); resumes if it can."""
+    tc = config.train
+    world, device = distributed.setup(tc.device, tc.dist_timeout, tc.dist_startup_timeout)
+    if not world.is_main:
+        log.setLevel(logging.WARNING)  # rank 0 alone logs progress; errors still print everywhere
+    try:
+        run = start(config, resume, world, device)
+        if run.state.step >= tc.max_steps:
+            at = f"{run.directory} is already at step {run.state.step}"
+            log.info(f"{at} (train.max_steps={tc.max_steps}): nothing to do")
+            return TrainResult(run.state, None, str(device), world.is_main, idle=True)
+        with contextlib.ExitStack() as stack:
+            begin(run, stack)
+            return loop(run)
+    finally:
+        distributed.teardown(world)
+
+
+def begin(run: Run, stack: contextlib.ExitStack) -> None:
+    """Rank 0: record the accepted config, open the metrics log, describe the run."""
+    if not run.world.is_main:
+        return
+    config, learner = run.config, run.learner
+    save_config(config, run.directory / CONFIG_FILE)
+    run.metrics = stack.enter_context(contextlib.closing(MetricsLog(run.directory)))
+    if config.data.test:
+        test = encoded(config, run.tokenizer, "test")
+        report_long(test, learner.model.max_positions - 1, "test", "the report")
+    valid_corpus = corpus(config, "valid") if run.dev is not None else None
+    write_data_stats(run.directory, run.train_data, run.tokenizer, valid_corpus)
+    tc = config.train
+    log.info("train: %s", run.train_data.stats.describe())
+    log.info("model: %s parameters", f"{count_parameters(learner.model):,}")
+    ranks = run.world.world_size
+    per_update = f"{tc.max_tokens} x {tc.update_freq} x {ranks} ranks"
+    log.info(
+        f"up to {tc.max_tokens * tc.update_freq * ranks} tokens (padding included) per update "
+        f"= {per_update}; {learner.precision} on {learner.device}"
     )
 
 
-def optimizer_step(trainee: Trainee, state: TrainState, precision: str, min_scale: float) -> None:
-    """Step optimizer and schedule (GradScaler skips overflowed fp16 steps); count the step."""
-    scaler = trainee.scaler
-    scale = scaler.get_scale()
-    scaler.step(trainee.optimizer)
-    scaler.update()
-    trainee.optimizer.zero_grad(set_to_none=True)
-    trainee.scheduler.step()
-    state.step += 1
-    if precision == "fp16" and scaler.get_scale() < scale:
-        state.overflow_steps += 1
-        if scaler.get_scale() < min_scale:
-            raise MtError(
-                f"fp16 loss scale fell to {scaler.get_scale():g} at step {state.step} "
-                f"(below train.min_loss_scale={min_scale:g}): gradients keep overflowing; "
-                "use train.precision=bf16, or a lower train.lr"
-            )
+def loop(run: Run) -> TrainResult:
+    """Train until max_steps, max_epochs, max_minutes, early stopping or a signal."""
+    tc, state, learner = run.config.train, run.state, run.learner
+    updates = next_updates(run)
+    quiet = not (run.world.is_main and sys.stderr.isatty())
+    bar = tqdm(total=tc.max_steps, initial=state.step, desc="train", disable=quiet)
+    # Log lines go through tqdm.write, so they print above the bar instead of through it.
+    with StopSignals() as stop, logging_redirect_tqdm(loggers=[logging.root]):
+        try:
+            while state.step < tc.max_steps:
+                # 1. This rank's micro-batches of the next update, collated in the background.
+                t0 = time.perf_counter()
+                update = next(updates, None)
+                if update is None:
+                    log.info("reached train.max_epochs=%d", tc.max_epochs)
+                    break
+                waited = time.perf_counter() - t0
+                # 2. Forward, backward, gradients summed. Dropout depends on (seed, rank, step).
+                torch.manual_seed(step_seed(tc.seed, run.world.rank, state.step))
+                late = bool(tc.max_minutes) and state.train_seconds >= 60 * tc.max_minutes
+                result = train_step(learner, update.batches, update.tokens, bool(stop.signum), late)
+                state.epoch, state.batches_done = update.epoch, update.done
+                # 3. The update itself, unless a rank ran out of memory or gradients overflowed.
+                stepped = apply(run, result)
+                elapsed = time.perf_counter() - t0
+                state.train_seconds += elapsed
+                if stepped:
+                    add_to_window(run, result, update, elapsed, waited)
+                    bar.update(1)
+                # 4. Log every log_every steps; stop if a rank must (its checkpoint keeps the
+                # window, so a resumed run logs what an uninterrupted one would).
+                if stepped and (state.step % tc.log_every == 0 or state.step == tc.max_steps):
+                    log_window(run, bar)
+                if result.stop:
+                    stop.signum = stop.signum or signal.SIGTERM
+                    break
+                if result.out_of_time:
+                    log.info("reached train.max_minutes=%g at step %d", tc.max_minutes, state.step)
+                    break
+                # 5. Validate and checkpoint every valid_every steps.
+                due = state.step % tc.valid_every == 0 or state.step == tc.max_steps
+                if stepped and due and validate_and_save(run):
+                    break  # early stopping
+        finally:
+            updates.close()
+            bar.close()
+        end(run, stop.signum)
+    return TrainResult(state, stop.signum, str(learner.device), run.world.is_main)
+
+
+def next_updates(run: Run) -> Prefetcher[Update]:
+    """This rank's updates from the saved position on, collated (and pinned) in a thread."""
+    tc, state, world = run.config.train, run.state, run.world
+    data = run.train_data
+    sampler = BatchSampler(data.src_lens, data.tgt_lens, tc.max_tokens, tc.seed)
+    position = (state.epoch, state.batches_done)
+    plan = plan_updates(
+        sampler, data, position, tc.max_epochs, tc.update_freq, world.rank, world.world_size
+    )
+    pin = run.learner.device.type == "cuda"
+    return Prefetcher(plan, PREFETCH_UPDATES, pin_update if pin else None)
+
+
+def pin_update(update: Update) -> Update:
+    """The update with page-locked batches, so that copies to the GPU do not block."""
+    return dataclasses.replace(update, batches=[b.pin_memory() for b in update.batches])
+
+
+def apply(run: Run, result: StepResult) -> bool:
+    """Apply the update the step computed; False if it was skipped on every rank."""
+    state, learner = run.state, run.learner
+    if result.out_of_memory:
+        learner.optimizer.zero_grad(set_to_none=True)
+        state.oom_steps += 1
+        log.warning(
+            f"step {state.step + 1}: a rank ran out of memory; every rank skipped this update "
+            f"({state.oom_steps} so far; lower train.max_tokens if this recurs)"
+        )
+        return False
+    if learner.precision != "fp16" and not math.isfinite(result.norm):
+        # Gradients are summed over ranks before the norm: every rank stops at the same step.
+        main = run.world.is_main
+        crash = (
+            ckpt.save_crash(run.directory, state.step + 1, learner.model)
+            if main
+            else "rank 0's file"
+        )
+        raise MtError(
+            f"non-finite loss or gradient at step {state.step + 1}; parameters were not "
+            f"updated; weights saved to {crash} (try a lower train.lr or train.clip_norm)"
+        )
+    return optimizer_step(learner, state, run.config.train.min_loss_scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging, validation, checkpoints.
+
+WINDOW_KEYS = ("loss", "nll", "tokens", "time", "data_time", "steps", "grad_norm")
+
+
+def clear_window(run: Run) -> None:
+    """Start a new logging window."""
+    run.window = dict.fromkeys(WINDOW_KEYS, 0.0)
+    run.window["loss"] = run.window["nll"] = torch.zeros((), device=run.learner.device)
+
+
+def add_to_window(
+    run: Run, result: StepResult, update: Update, elapsed: float, waited: float
+) -> None:
+    """Add one update to the logging window (losses stay on the device until logged)."""
+    w = run.window
+    w["loss"] = w["loss"] + result.loss
+    w["nll"] = w["nll"] + result.nll
+    w["tokens"] += sum(b.tgt_tokens for b in update.batches)
+    w["time"] += elapsed
+    w["data_time"] += waited
+    w["steps"] += 1
+    w["grad_norm"] = result.norm  # the last update's
+
+
+def log_window(run: Run, bar: tqdm) -> None:
+    """Average the window over ranks, write it to the metrics and the progress bar, clear it."""
+    values = summarize(run)
+    if run.metrics is not None:
+        run.metrics.write("train", run.state.step, values)
+        bar.set_postfix(
+            loss=f"{values['loss']:.3f}",
+            lr=f"{values['lr']:.1e}",
+            tok_s=f"{values['tgt_tok_s']:,.0f}",
+        )
+        if bar.disable:
+            log.info(log_line(run.state, values))
+    clear_window(run)
+
+
+def window_totals(run: Run) -> dict[str, float]:
+    """The logging window summed over ranks (time: the slowest rank's); every rank calls this."""
+    w, world, device = run.window, run.world, run.learner.device
+    local = [float(w["loss"]), float(w["nll"]), w["tokens"]]
+    loss, nll, tokens = distributed.all_reduce(world, local, device)
+    slowest = distributed.all_reduce(world, [w["time"]], device, op="max")[0]
+    return {**w, "loss": loss, "nll": nll, "tokens": tokens, "time": slowest}
+
+
+def restore_window(run: Run, totals: dict[str, float]) -> None:
+    """Continue a saved logging window: rank 0 holds all ranks' sums, the others start empty."""
+    clear_window(run)
+    if run.world.is_main and totals:
+        run.window.update(totals)
+        for key in ("loss", "nll"):
+            run.window[key] = torch.tensor(totals[key], device=run.learner.device)
+
+
+def summarize(run: Run) -> dict[str, float]:
+    """The logging window over all ranks: loss, perplexity, lr, throughput."""
+    w = window_totals(run)
+    tokens = w["tokens"]
+    return {
+        "loss": w["loss"] / tokens,
+        "ppl": math.exp(min(w["nll"] / tokens, 100.0)),
+        "lr": run.learner.scheduler.get_last_lr()[0],
+        "grad_norm": w["grad_norm"],
+        "tgt_tok_s": tokens / w["time"],  # all ranks together
+        "rank_tgt_tok_s": run.window["tokens"] / run.window["time"],  # rank 0 alone
+        "tokens_per_update": tokens / w["steps"],
+        "data_seconds": w["data_time"],  # rank 0 waiting for its batches
+        "epoch": run.state.epoch,
+        "overflow_steps": run.state.overflow_steps,
+    }
+
+
+def log_line(state: TrainState, values: dict[str, float]) -> str:
+    """A compact progress line: step, loss, ppl, lr, tokens/s."""
+    return (
+        f"step {state.step} | epoch {state.epoch} | loss {values['loss']:.3f} | "
+        f"ppl {values['ppl']:.2f} | lr {values['lr']:.2e} | {values['tgt_tok_s']:,.0f} tgt tok/s"
+    )
+
+
+def validate_and_save(run: Run) -> bool:
+    """Validate and checkpoint on rank 0 while the others wait; True if training should stop."""
+    tc, state, world = run.config.train, run.state, run.world
+    window = window_totals(run)
+    if world.is_main:
+        check_finite_weights(run)
+        improved = record_validation(run)
+        save(run, window, best=improved)
+    run.last_saved = state.step
+    distributed.barrier(world, startup=True)  # the others wait for validation
+    stop_early = bool(tc.patience) and state.bad_validations >= tc.patience
+    if stop_early and world.is_main:
+        log.info("no better dev BLEU in %d validations: stopping early", tc.patience)
+    return bool(distributed.all_reduce(world, [float(stop_early)], run.learner.device)[0])
+
+
+def check_finite_weights(run: Run) -> None:
+    """Stop before a checkpoint could hold weights that are not finite (a diverged update)."""
+    model = run.learner.model
+    finite = torch.stack([p.isfinite().all() for p in model.parameters()])
+    if bool(finite.all()):
+        return
+    name = next(n for n, p in model.named_parameters() if not p.isfinite().all())
+    crash = ckpt.save_crash(run.directory, run.state.step, model)
+    raise MtError(
+        f"weights are not finite after step {run.state.step} ({name} holds inf or nan); no "
+        f"checkpoint written; weights saved to {crash} (try a lower train.lr or train.clip_norm)"
+    )
+
+
+def record_validation(run: Run) -> bool:
+    """Score the dev set, log it and update the best score; True if this is the best so far.
+
+    Without a dev set the newest checkpoint counts as the best. A dev loss that is not finite
+    never makes a checkpoint the best.
+    """
+    state = run.state
+    if run.dev is None:
+        return True
+    t0 = time.perf_counter()
+    scores = validate(run)
+    scores["seconds"] = time.perf_counter() - t0
+    state.train_seconds += scores["seconds"]
+    improved = math.isfinite(scores["loss"]) and scores["bleu"] > state.best_bleu
+    state.best_bleu = scores["bleu"] if improved else state.best_bleu
+    state.bad_validations = 0 if improved else state.bad_validations + 1
+    run.metrics.write("valid", state.step, scores)
+    log.info(
+        f"valid step {state.step} | loss {scores['loss']:.3f} | ppl {scores['ppl']:.2f} | "
+        f"BLEU {scores['bleu']:.2f} (best {state.best_bleu:.2f}) | {scores['seconds']:.1f}s"
+    )
+    return improved
 
 
 @torch.no_grad()
-def validate(
-    model: Transformer,
-    data: EncodedCorpus,
-    references: list[str],
-    tokenizer: Tokenizer,
-    config: Config,
-    device: torch.device,
-    precision: str,
-) -> dict[str, float]:
+def validate(run: Run) -> dict[str, float]:
     """Dev loss and perplexity (teacher forcing) and BLEU of batched greedy or beam search."""
+    dev, learner, config = run.dev, run.learner, run.config
+    model, device = learner.model, learner.device
     model.eval()
-    longest = int(max(data.src_lens.max(initial=0), data.tgt_lens.max(initial=0))) + 1
-    budget = max(config.train.valid_max_tokens, longest)
-    sampler = BatchSampler(data.src_lens, data.tgt_lens, budget, shuffle=False)
-    hypotheses = [""] * len(data)
+    budget = max(config.train.valid_max_tokens, dev.max_len + 1)
+    sampler = BatchSampler(*dev.lengths(), budget, shuffle=False)
+    hypotheses = [""] * len(dev.references)
     loss_sum = nll_sum = 0.0
     tokens = 0
     for indices in sampler.epoch_batches(1):
-        batch = collate(data.pairs(indices), indices).to(device)
-        with autocast(device, precision):
+        batch = collate(dev.pairs(indices), indices).to(device)
+        with autocast(device, learner.precision):
             logits = model(batch.src, batch.tgt_in)
             output = search_ids(model, batch.src, config)
-        loss, nll, _ = label_smoothed_nll(logits, batch.tgt_out, config.train.label_smoothing)
+        loss, nll, _ = label_smoothed_nll(logits, batch.tgt_out, learner.label_smoothing)
         loss_sum, nll_sum = loss_sum + loss.item(), nll_sum + nll.item()
         tokens += batch.tgt_tokens
-        for index, text in zip(indices.tolist(), tokenizer.decode_tgt(output), strict=True):
+        for index, text in zip(indices.tolist(), run.tokenizer.decode_tgt(output), strict=True):
             hypotheses[index] = text
     model.train()
-    bleu = sacrebleu.corpus_bleu(hypotheses, [references])
+    bleu = sacrebleu.corpus_bleu(hypotheses, [dev.references])
     nll = nll_sum / max(tokens, 1)
     return {
         "loss": loss_sum / max(tokens, 1),
@@ -289,7 +739,7 @@ def validate(
     }
 
 
-def search_ids(model: Transformer, src: torch.Tensor, config: Config) -> list[list[int]]:
+def search_ids(model: Transformer, src: Tensor, config: Config) -> list[list[int]]:
     """Output ids for validation: greedy for decode.valid_beam=1, beam search otherwise."""
     d = config.decode
     if d.valid_beam == 1:
@@ -300,317 +750,48 @@ def search_ids(model: Transformer, src: torch.Tensor, config: Config) -> list[li
     return [hyps[0].tokens for hyps in nbest]
 
 
-def save(
-    run_dir: Path, trainee: Trainee, state: TrainState, metadata: dict[str, str]
-) -> ckpt.Checkpoint:
-    """Write a complete checkpoint: weights, and everything needed to resume exactly."""
+def save(run: Run, window: dict[str, float], best: bool) -> ckpt.Checkpoint:
+    """Write a complete checkpoint (weights, and all a resume needs), move `best`, prune."""
+    learner, state = run.learner, run.state
     payload = {
         "train": dataclasses.asdict(state),
-        "optimizer": trainee.optimizer.state_dict(),
-        "scheduler": trainee.scheduler.state_dict(),
-        "scaler": trainee.scaler.state_dict(),
-        "rng": ckpt.rng_state(),
+        "window": window,  # the logging window so far, summed over ranks
+        "optimizer": learner.optimizer.state_dict(),
+        "scheduler": learner.scheduler.state_dict(),
+        "scaler": learner.scaler.state_dict(),
     }
-    return ckpt.save_checkpoint(run_dir, state.step, trainee.model, payload, metadata)
+    saved = ckpt.save_checkpoint(run.directory, state.step, learner.model, payload, run.metadata)
+    if best:
+        ckpt.set_best(run.directory, saved)
+    ckpt.prune_checkpoints(run.directory, run.config.train.keep_last)
+    return saved
 
 
-def restore(checkpoint: ckpt.Checkpoint, trainee: Trainee, metadata: dict[str, str]) -> TrainState:
-    """Load a checkpoint into the model and optimizer; returns its TrainState."""
-    ckpt.load_weights(checkpoint.weights, trainee.model, expected=metadata)
-    payload = ckpt.load_state(checkpoint.state)
-    trainee.optimizer.load_state_dict(payload["optimizer"])
-    trainee.scheduler.load_state_dict(payload["scheduler"])
-    trainee.scaler.load_state_dict(payload["scaler"])
-    ckpt.set_rng_state(payload["rng"])
-    return TrainState(**payload["train"])
-
-
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """Dropout seed of one update: a function of (seed, rank, step), so resume needs no RNG."""
-    return (seed * 1_000_003 + rank * 7_919 + step) % (2**63)
-
-
-def prepare(config: Config, world: World) -> tuple[Tokenizer, EncodedCorpus, EncodedCorpus | None]:
-    """Check and save the config, train or load the tokenizer, encode (or load) the corpora."""
-    run_dir = run_path(config)
-    if world.is_main:
-        check_resumable(config, run_dir)
-        save_config(config, run_dir / CONFIG_FILE)
-    tokenizer = prepare_tokenizer(config)
-    train_data = encoded(config, tokenizer, "train")
-    valid_data = encoded(config, tokenizer, "valid") if config.data.valid else None
-    return tokenizer, train_data, valid_data
-
-
-def build(
-    config: Config, tokenizer: Tokenizer, world: World, device: torch.device, precision: str
-) -> Trainee:
-    """Model (same initialisation on every rank), optimizer, schedule and loss scaler."""
-    tc = config.train
-    torch.manual_seed(tc.seed)
-    model = model_from_config(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
-    model.to(device)
-    optimizer = make_optimizer(model, tc.lr, tc.betas, tc.eps, tc.weight_decay, device)
-    ddp = data_parallel(model, world, device)
-    step_model = ddp if ddp is not None else model
-    return Trainee(
-        model=model,
-        step_model=torch.compile(step_model, dynamic=True) if tc.compile else step_model,
-        ddp=ddp,
-        optimizer=optimizer,
-        scheduler=make_scheduler(optimizer, tc.lr, tc.warmup_steps),
-        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
-    )
-
-
-def train(config: Config, resume: Path | None = None) -> TrainResult:
-    """Train as configured (one process, or one rank under torchrun); resumes if it can."""
-    tc = config.train
-    world, device = distributed.setup(tc.device, tc.dist_timeout, tc.dist_startup_timeout)
-    if not world.is_main:
-        log.setLevel(logging.WARNING)  # rank 0 alone logs progress; errors still print everywhere
-    try:
-        return _train(config, resume, world, device)
-    finally:
-        distributed.teardown(world)
-
-
-def _train(config: Config, resume: Path | None, world: World, device: torch.device) -> TrainResult:
-    tc = config.train
-    run_dir = run_path(config)
-    precision = resolve_precision(tc.precision, device)
-    configure_backends(device)
-    tokenizer, train_data, valid_data = main_first(world, device, lambda: prepare(config, world))
-    references = corpus(config, "valid").targets() if valid_data is not None else []
-    trainee = build(config, tokenizer, world, device, precision)
-    metadata = checkpoint_metadata(tokenizer)
-    state = TrainState()
-    start = ckpt.resolve_checkpoint(resume) if resume else ckpt.latest_checkpoint(run_dir)
-    if start is not None:
-        state = restore(start, trainee, metadata)
-        log.info("resumed from %s (step %d, epoch %d)", start.weights, state.step, state.epoch)
-    if state.step >= tc.max_steps:
-        log.info(
-            "%s is already at step %d (train.max_steps=%d): nothing to do",
-            run_dir, state.step, tc.max_steps,
-        )  # fmt: skip
-        return TrainResult(state)
-
-    main = world.is_main
-    sampler = BatchSampler(
-        train_data.src_lens, train_data.tgt_lens, tc.max_tokens, tc.seed,
-        rank=world.rank, world_size=world.world_size,
-    )  # fmt: skip
-    if main:
-        valid_corpus = corpus(config, "valid") if valid_data is not None else None
-        write_data_stats(run_dir, train_data, tokenizer, valid_corpus)
-        log.info("train: %s", train_data.stats.describe())
-        log.info("model: %s parameters", f"{count_parameters(trainee.model):,}")
-        log.info(
-            "%d batches per epoch per rank; up to %d tokens (padding included) per update = "
-            "%d x %d x %d ranks; %s on %s",
-            len(sampler), tc.max_tokens * tc.update_freq * world.world_size, tc.max_tokens,
-            tc.update_freq, world.world_size, precision, device,
-        )  # fmt: skip
-    metrics = MetricsLog(run_dir) if main else None
-    stream = batch_stream(sampler, train_data, state.epoch, state.batches_done, tc.max_epochs)
-    bar = tqdm(
-        total=tc.max_steps, initial=state.step, desc="train", dynamic_ncols=True,
-        disable=not (main and sys.stderr.isatty()),
-    )  # fmt: skip
-    window = dict.fromkeys(
-        ("loss", "nll", "tokens", "time", "data_time", "sync_time", "steps"), 0.0
-    )
-    last_saved = -1
-    # Log lines go through tqdm.write, so they print above the bar instead of through it.
-    with StopSignals() as stop, logging_redirect_tqdm(loggers=[logging.root]):
-        while state.step < tc.max_steps:
-            # 1. Gather this rank's micro-batches of one update (the same count on every rank).
-            t0 = time.perf_counter()
-            batches, position = [], (state.epoch, state.batches_done)
-            for epoch, done, batch in stream:
-                batches.append(batch)
-                position = (epoch, done)
-                if len(batches) == tc.update_freq:
-                    break
-            # 2. All ranks agree on the tokens of this update and on whether to stop.
-            local_tokens = sum(b.tgt_tokens for b in batches)
-            out_of_time = tc.max_minutes and state.train_seconds >= 60 * tc.max_minutes
-            t_sync = time.perf_counter()  # this collective also absorbs waiting for slower ranks
-            tokens, signalled, timed_out = distributed.all_reduce(
-                world, [local_tokens, float(stop.signum is not None), float(out_of_time)], device
-            )
-            sync_time = time.perf_counter() - t_sync
-            if signalled:
-                stop.signum = stop.signum or signal.SIGTERM
-                break
-            if timed_out or not batches:
-                if main and timed_out:
-                    log.info("reached train.max_minutes=%g at step %d", tc.max_minutes, state.step)
-                elif main:
-                    log.info("reached train.max_epochs=%d", tc.max_epochs)
-                break
-            # 3. Forward, backward, update. Dropout depends only on (seed, rank, step).
-            torch.manual_seed(step_seed(tc.seed, world.rank, state.step))
-            result = train_step(trainee, batches, int(tokens), config, world, device, precision)
-            state.epoch, state.batches_done = position
-            if result is None:
-                state.oom_steps += 1
-                state.train_seconds += time.perf_counter() - t0
-                if main:
-                    log.warning(
-                        "step %d: a rank ran out of memory; every rank skipped this update "
-                        "(%d so far; lower train.max_tokens if this recurs)",
-                        state.step + 1, state.oom_steps,
-                    )  # fmt: skip
-                continue
-            loss, nll, norm = result
-            if precision != "fp16" and not math.isfinite(norm.item()):
-                # A non-finite loss makes non-finite gradients; after DDP's all-reduce they are
-                # the same on every rank, so every rank takes this branch at the same step.
-                crash = ckpt.save_crash(run_dir, state.step + 1, trainee.model) if main else None
-                raise MtError(
-                    f"non-finite loss or gradient at step {state.step + 1}; parameters were not "
-                    f"updated; weights saved to {crash} (try a lower train.lr or train.clip_norm)"
-                )
-            optimizer_step(trainee, state, precision, tc.min_loss_scale)
-            elapsed = time.perf_counter() - t0
-            state.train_seconds += elapsed
-            for key, value in (
-                ("loss", loss.item()), ("nll", nll.item()), ("tokens", local_tokens),
-                ("time", elapsed), ("data_time", t_sync - t0), ("sync_time", sync_time),
-                ("steps", 1),
-            ):  # fmt: skip
-                window[key] += value
-            bar.update(1)
-
-            # 4. Log every log_every steps.
-            if state.step % tc.log_every == 0 or state.step == tc.max_steps:
-                values = summarize(window, world, device, trainee, state, norm.item())
-                if main:
-                    metrics.write("train", state.step, values)
-                    bar.set_postfix(
-                        loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.1e}",
-                        tok_s=f"{values['tgt_tok_s']:,.0f}",
-                    )  # fmt: skip
-                    if bar.disable:
-                        log.info(log_line(state, values))
-                window = dict.fromkeys(window, 0.0)
-
-            # 5. Validate and checkpoint every valid_every steps (and at the end).
-            if state.step % tc.valid_every == 0 or state.step == tc.max_steps:
-                if main:
-                    improved = validate_and_save(
-                        trainee, state, valid_data, references, tokenizer, config, device,
-                        precision, metrics, metadata,
-                    )  # fmt: skip
-                last_saved = state.step
-                distributed.barrier(world, startup=True)  # the others wait for validation
-                stop_early = tc.patience and state.bad_validations >= tc.patience
-                if main and not improved and stop_early:
-                    log.info("no better dev BLEU in %d validations: stopping early", tc.patience)
-                if distributed.all_reduce(world, [float(bool(stop_early))], device)[0]:
-                    break
-        bar.close()
-        if main and last_saved != state.step:
-            if stop.signum is None:  # the end of the run: its last checkpoint may be the best
-                validate_and_save(
-                    trainee, state, valid_data, references, tokenizer, config, device,
-                    precision, metrics, metadata,
-                )  # fmt: skip
-            else:  # stop fast: the scheduler is waiting
-                save(run_dir, trainee, state, metadata)
-                ckpt.prune_checkpoints(run_dir, tc.keep_last)
-        if main and tc.average_last and stop.signum is None:
-            available = len(ckpt.list_checkpoints(run_dir))
-            path = average_run(run_dir, last=min(tc.average_last, available))
-            log.info(
-                "averaged the last %d checkpoints into %s", min(tc.average_last, available), path
-            )
-        if metrics is not None:
-            end = {"train_seconds": state.train_seconds, "epoch": state.epoch}
-            metrics.write("end", state.step, {**end, "precision": precision, "device": str(device)})
-            metrics.close()
-        if main and tc.report and stop.signum is None:
-            # Test decoding at "auto" precision, as `mt evaluate` does: fp32 on CPU, bf16 on CUDA.
-            log.info("wrote %s", write_report(run_dir, device=str(device)))
-        if stop.signum is not None and main:
-            log.info(
-                "stopped by signal %d at step %d; checkpoint written; run the same command "
-                "to resume", stop.signum, state.step,
-            )  # fmt: skip
-        return TrainResult(state, stop.signum)
-
-
-def summarize(
-    window: dict[str, float],
-    world: World,
-    device: torch.device,
-    trainee: Trainee,
-    state: TrainState,
-    norm: float,
-) -> dict[str, float]:
-    """Average the logging window over ranks: loss, perplexity, lr, throughput."""
-    loss, nll, tokens = distributed.all_reduce(
-        world, [window["loss"], window["nll"], window["tokens"]], device
-    )
-    slowest = distributed.all_reduce(world, [window["time"]], device, op="max")[0]
-    return {
-        "loss": loss / tokens,
-        "ppl": math.exp(min(nll / tokens, 100.0)),
-        "lr": trainee.scheduler.get_last_lr()[0],
-        "grad_norm": norm,
-        "tgt_tok_s": tokens / slowest,  # all ranks together
-        "rank_tgt_tok_s": window["tokens"] / window["time"],  # rank 0 alone
-        "tokens_per_update": tokens / window["steps"],
-        "data_seconds": window["data_time"],  # rank 0 waiting for batches
-        "sync_seconds": window["sync_time"],  # rank 0 waiting for the other ranks
-        "epoch": state.epoch,
-        "overflow_steps": state.overflow_steps,
-    }
-
-
-def validate_and_save(
-    trainee: Trainee,
-    state: TrainState,
-    valid_data: EncodedCorpus | None,
-    references: list[str],
-    tokenizer: Tokenizer,
-    config: Config,
-    device: torch.device,
-    precision: str,
-    metrics: MetricsLog,
-    metadata: dict[str, str],
-) -> bool:
-    """Rank 0: validate (if there is a dev set), checkpoint, move `best`; True if improved."""
-    improved = True  # without a dev set, the newest checkpoint is the best
-    if valid_data is not None:
-        t0 = time.perf_counter()
-        scores = validate(
-            trainee.model, valid_data, references, tokenizer, config, device, precision
+def end(run: Run, signum: int | None) -> None:
+    """The last checkpoint (validated, unless a signal asks to stop fast) and the end record."""
+    state = run.state
+    if run.last_saved != state.step:
+        window = window_totals(run)
+        if run.world.is_main:
+            check_finite_weights(run)
+            # The end of the run is validated: its last checkpoint may be the best. After a
+            # signal, stop fast: the scheduler is waiting.
+            save(run, window, best=record_validation(run) if signum is None else False)
+    if run.metrics is not None and signum is None:  # a signalled run ends when it resumes
+        learner = run.learner
+        run.metrics.write(
+            "end",
+            state.step,
+            {
+                "train_seconds": state.train_seconds,
+                "epoch": state.epoch,
+                "precision": learner.precision,
+                "device": str(learner.device),
+            },
         )
-        scores["seconds"] = time.perf_counter() - t0
-        state.train_seconds += scores["seconds"]
-        improved = scores["bleu"] > state.best_bleu
-        state.best_bleu = max(state.best_bleu, scores["bleu"])
-        state.bad_validations = 0 if improved else state.bad_validations + 1
-        metrics.write("valid", state.step, scores)
+    if signum is not None and run.world.is_main:
         log.info(
-            "valid step %d | loss %.3f | ppl %.2f | BLEU %.2f (best %.2f) | %.1fs",
-            state.step, scores["loss"], scores["ppl"], scores["bleu"], state.best_bleu,
-            scores["seconds"],
-        )  # fmt: skip
-    run_dir = run_path(config)
-    saved = save(run_dir, trainee, state, metadata)
-    if improved:
-        ckpt.set_best(run_dir, saved)
-    ckpt.prune_checkpoints(run_dir, config.train.keep_last)
-    return improved
-
-
-def log_line(state: TrainState, values: dict[str, float]) -> str:
-    """A compact progress line: step, loss, ppl, lr, tokens/s."""
-    return (
-        f"step {state.step} | epoch {state.epoch} | loss {values['loss']:.3f} | "
-        f"ppl {values['ppl']:.2f} | lr {values['lr']:.2e} | {values['tgt_tok_s']:,.0f} tgt tok/s"
-    )
+            "stopped by signal %d at step %d; checkpoint written; run the same command to resume",
+            signum,
+            state.step,
+        )

@@ -142,7 +142,7 @@ def test_files(spec: dict[str, Any]) -> tuple[list[str], list[str]]:
 
 def train_phase(spec: dict[str, Any]) -> dict[str, Any]:
     """Train one system for warmup + steps updates on the saved batches; time the last `steps`."""
-    from mt.train import TrainState, build, optimizer_step, step_seed, train_step
+    from mt.train import TrainState, build_learner, optimizer_step, step_seed, train_step
 
     torch.set_num_threads(spec["threads"])
     allocator(spec)
@@ -153,16 +153,14 @@ def train_phase(spec: dict[str, Any]) -> dict[str, Any]:
     precision = spec["precision"]
     world = World()
     if spec["system"] == "mt":
-        trainee = build(config, tokenizer, world, DEVICE, precision)
+        vocab = (tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
+        learner = build_learner(config, vocab, world, DEVICE, precision)
         state = TrainState()
 
         def step(batch: Any) -> tuple[float, float]:
-            result = train_step(
-                trainee, [batch], batch.tgt_tokens, config, world, DEVICE, precision
-            )
-            loss, _, norm = result
-            optimizer_step(trainee, state, precision, tc.min_loss_scale)
-            return loss.item(), norm.item()
+            result = train_step(learner, [batch], batch.tgt_tokens, False, False)
+            optimizer_step(learner, state, tc.min_loss_scale)
+            return result.loss.item(), result.norm
 
     else:
         _quiet_transformers()
@@ -490,12 +488,17 @@ def matmul_rate(dtype: torch.dtype, shape: tuple[int, int, int], repeats: int) -
     return 2 * m * k * n / statistics.median(times)
 
 
-def matmul_rates(repeats: int = MATMUL_REPEATS) -> dict[str, dict[str, float]]:
-    """{precision: {shape: FLOP/s}} for fp32 and bf16."""
+def matmul_rates(
+    precisions: list[str], repeats: int = MATMUL_REPEATS
+) -> dict[str, dict[str, float]]:
+    """{precision: {shape: FLOP/s}} for the precisions benchmarked (fp32, bf16).
+
+    Only those: on a CPU without bf16 units one bf16 2048-square product takes many seconds.
+    """
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     return {
-        p: {name: matmul_rate(d, sh, repeats) for name, sh in MATMUL_SHAPES.items()}
-        for p, d in dtypes.items()
+        p: {name: matmul_rate(dtypes[p], sh, repeats) for name, sh in MATMUL_SHAPES.items()}
+        for p in precisions
     }
 
 
@@ -522,16 +525,17 @@ def profile_mt_step(spec: dict[str, Any], batches: list[Any], top: int = 10) -> 
     """Self CPU time of the ops in one fp32 mt training step (after two unprofiled steps)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from mt.train import TrainState, build, optimizer_step, train_step
+    from mt.train import TrainState, build_learner, optimizer_step, train_step
 
     config = bench_config(spec)
     tokenizer = load_tokenizer(Path(spec["workdir"]) / "tokenizer")
-    trainee = build(config, tokenizer, World(), DEVICE, "fp32")
+    vocab = (tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
+    learner = build_learner(config, vocab, World(), DEVICE, "fp32")
     state = TrainState()
 
     def step(batch: Any) -> None:
-        train_step(trainee, [batch], batch.tgt_tokens, config, World(), DEVICE, "fp32")
-        optimizer_step(trainee, state, "fp32", config.train.min_loss_scale)
+        train_step(learner, [batch], batch.tgt_tokens, False, False)
+        optimizer_step(learner, state, config.train.min_loss_scale)
 
     for batch in batches[:2]:
         step(batch)
@@ -780,7 +784,7 @@ def main_bench(args: argparse.Namespace) -> None:
     res["gflop_per_step"] = flops / args.steps / 1e9
 
     log("matmul rate")
-    res["matmul"] = matmul_rates(2 if args.smoke else MATMUL_REPEATS)
+    res["matmul"] = matmul_rates(precisions, 2 if args.smoke else MATMUL_REPEATS)
     workers = 2 if args.smoke else 1  # smoke children mostly import; their timings mean nothing
     for prec in precisions:
         res["train"][prec] = {}

@@ -17,7 +17,7 @@ One joint SentencePiece model is trained once, by `mt.tokenizer.train_tokenizer`
 --sample-pairs pairs (with `input_sentence_size` sampling) and reused for every size. Each size
 then runs in a fresh process (`--phase`), so that its peak memory is its own: `encode_corpus`
 (filter on, --num-proc workers) into an empty cache, then one epoch of training batches as
-`mt train` builds them (`BatchSampler`, `len(sampler)`, then `mt.train.batch_stream`, which
+`mt train` builds them (`BatchSampler`, `len(sampler)`, then `mt.batching.plan_updates`, which
 collates every batch from the memory map).
 """
 
@@ -47,11 +47,10 @@ for path in (ROOT, ROOT / "scripts"):  # run as a script from anywhere; bench.py
 
 from bench import cpu_model, log, run_phase, wrap, write_section  # noqa: E402
 
-from mt.batching import BatchSampler  # noqa: E402
+from mt.batching import BatchSampler, plan_updates  # noqa: E402
 from mt.corpora import open_corpus  # noqa: E402
 from mt.data import encode_corpus  # noqa: E402
 from mt.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
-from mt.train import batch_stream  # noqa: E402
 
 HEADING = "## Data at scale: encoding"  # + " up to N pairs"; a rerun replaces the section
 SRC, TGT = "src", "tgt"  # the corpus files are train.src and train.tgt
@@ -226,9 +225,10 @@ def measure_phase(spec: dict[str, Any]) -> dict[str, Any]:
         t2 = time.perf_counter()
         peaks.end_phase("index")
         batched = tokens = 0
-        for _, _, batch in batch_stream(sampler, data, 1, 0, 1):
-            batched += len(batch.indices)
-            tokens += batch.src_tokens + batch.tgt_tokens  # non-pad, EOS included
+        for update in plan_updates(sampler, data, (1, 0), 1, 1):
+            for batch in update.batches:
+                batched += len(batch.indices)
+                tokens += batch.src_tokens + batch.tgt_tokens  # non-pad, EOS included
         t3 = time.perf_counter()
         peaks.end_phase("epoch")
     res.update(
@@ -380,7 +380,7 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], tokenizer_s:
         f"their sentences; {tokenizer_s:.0f} s). Each size runs in a fresh "
         f"process: `encode_corpus` (filter on, num_proc {args.num_proc}) into an empty cache, "
         f"then one epoch of training batches as `mt train` makes them (max_tokens "
-        f"{args.max_tokens}: `BatchSampler`, `len(sampler)`, `batch_stream`).",
+        f"{args.max_tokens}: `BatchSampler`, `len(sampler)`, `plan_updates`).",
         "",
         *table(results, args.num_proc),
         "",
@@ -389,7 +389,7 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], tokenizer_s:
         "encode s: `encode_corpus` wall time (fingerprint, raw Arrow, SentencePiece, lengths, "
         "filter, `save_to_disk`); pairs/s: input pairs / encode s; CPU s: CPU time of the "
         "encoding, its workers included. "
-        "index s: epoch 1's batch index (`len(sampler)`); epoch s: `batch_stream` over the "
+        "index s: epoch 1's batch index (`len(sampler)`); epoch s: `plan_updates` over the "
         "whole epoch (the index again, then every batch read from the memory map and "
         "collated). Peak RSS: the process's ru_maxrss. Peak anon: the highest RssAnon seen "
         f"in /proc/self/status, sampled every {SAMPLE_EVERY * 1000:.0f} ms (a shorter peak can "

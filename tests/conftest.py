@@ -37,6 +37,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Data paths are absolute, so commands using the run's test set work from any directory.
     """
     from mt.config import load_config
+    from mt.finish import finish
     from mt.train import train
 
     run_dir = tmp_path_factory.mktemp("trained") / "run"
@@ -52,7 +53,8 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # see one_thread
     try:
-        train(load_config(ROOT / "configs" / "tiny.yaml", overrides))
+        config = load_config(ROOT / "configs" / "tiny.yaml", overrides)
+        finish(config, train(config))
     finally:
         torch.set_num_threads(before)
     return run_dir

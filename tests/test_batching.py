@@ -1,4 +1,4 @@
-"""Tests for mt.batching: token-budget bucketing, determinism, rank sharding, collation."""
+"""Tests for mt.batching: token-budget bucketing, determinism, updates over ranks, collation."""
 
 import gzip
 import io
@@ -11,10 +11,11 @@ import torch
 from mt import batching
 from mt.batching import (
     BatchSampler,
+    Prefetcher,
     collate,
     collate_source,
     padding_efficiency,
-    split_to_multiple,
+    plan_updates,
 )
 from mt.vocab import BOS_ID, EOS_ID, PAD_ID
 
@@ -78,8 +79,8 @@ def test_no_shuffle_is_sorted_and_epoch_independent() -> None:
 
 def test_resume_by_skipping_consumed_batches() -> None:
     src, tgt = random_lens(2000)
-    full = BatchSampler(src, tgt, 700, seed=3, world_size=2, rank=1).epoch_batches(2)
-    resumed = BatchSampler(src, tgt, 700, seed=3, world_size=2, rank=1).epoch_batches(2)[5:]
+    full = BatchSampler(src, tgt, 700, seed=3).epoch_batches(2)
+    resumed = BatchSampler(src, tgt, 700, seed=3).epoch_batches(2)[5:]
     assert len(resumed) == len(full) - 5
     assert all(np.array_equal(x, y) for x, y in zip(full[5:], resumed, strict=True))
 
@@ -95,40 +96,109 @@ def test_sorting_in_blocks_equals_one_sort(window: int, monkeypatch: pytest.Monk
     assert all(np.array_equal(x, y) for x, y in zip(whole, blocks, strict=True))
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_rank_sharding_odd_batch_count(world_size: int) -> None:
-    # 70 sentences of width 10 under a 100-token budget: exactly 7 full batches (odd).
-    src, tgt = np.full(70, 9), np.full(70, 5)
-    assert len(BatchSampler(src, tgt, 100).epoch_batches(1)) == 7
-    shards = [
-        BatchSampler(src, tgt, 100, rank=r, world_size=world_size).epoch_batches(1)
-        for r in range(world_size)
+class FakeCorpus:
+    """What plan_updates reads of an EncodedCorpus: lengths and pairs of ids."""
+
+    def __init__(self, src: np.ndarray, tgt: np.ndarray) -> None:
+        self.src_lens, self.tgt_lens = src, tgt
+
+    def pairs(self, indices: np.ndarray) -> list[tuple[list[int], list[int]]]:
+        return [([7] * int(self.src_lens[i]), [8] * int(self.tgt_lens[i])) for i in indices]
+
+
+def rank_updates(corpus, sampler, start, update_freq, world_size, max_epochs=2):
+    """Each rank's updates, as lists of batch index arrays, rank by rank."""
+    return [
+        list(plan_updates(sampler, corpus, start, max_epochs, update_freq, rank, world_size))
+        for rank in range(world_size)
     ]
-    assert len({len(s) for s in shards}) == 1  # equal batch counts per rank
-    assert_valid_epoch([b for s in shards for b in s], src, tgt, 100, 70)  # disjoint, complete
 
 
-@pytest.mark.parametrize("world_size", [2, 3, 4])
-def test_rank_sharding_random_corpus(world_size: int) -> None:
+@pytest.mark.parametrize(("update_freq", "world_size"), [(1, 1), (2, 1), (1, 2), (3, 2), (2, 3)])
+def test_updates_deal_each_epoch_out_once(update_freq: int, world_size: int) -> None:
     src, tgt = random_lens(1001, seed=world_size)
-    shards = [
-        BatchSampler(src, tgt, 600, seed=2, rank=r, world_size=world_size).epoch_batches(5)
-        for r in range(world_size)
-    ]
-    assert len({len(s) for s in shards}) == 1
-    assert_valid_epoch([b for s in shards for b in s], src, tgt, 600, 1001)
+    corpus, sampler = FakeCorpus(src, tgt), BatchSampler(src, tgt, 600, seed=2)
+    per_rank = rank_updates(corpus, sampler, (1, 0), update_freq, world_size)
+    assert len({len(updates) for updates in per_rank}) == 1  # every rank makes every update
+    for epoch in (1, 2):
+        expected = sampler.epoch_batches(epoch)
+        size = update_freq * world_size
+        steps = [u for u in zip(*per_rank, strict=True) if u[0].epoch == epoch]
+        assert len(steps) == -(-len(expected) // size)  # an update never spans two epochs
+        for k, ranks in enumerate(steps):
+            chunk = expected[k * size : (k + 1) * size]
+            dealt = [b.indices for rank in range(world_size) for b in ranks[rank].batches]
+            assert sorted(map(tuple, dealt)) == sorted(map(tuple, chunk))
+            assert {u.done for u in ranks} == {k * size + len(chunk)}
+            assert {u.tokens for u in ranks} == {
+                sum(b.tgt_tokens for u in ranks for b in u.batches)
+            }
 
 
-def test_too_few_sentences_to_shard_raises() -> None:
-    sampler = BatchSampler(np.array([3, 4]), np.array([2, 2]), 100, world_size=3)
-    with pytest.raises(ValueError, match="cannot shard 2 sentences into a multiple of 3 batches"):
-        sampler.epoch_batches(1)
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2), (2, 3), (3, 2)])
+def test_resume_on_another_world_size_continues_exactly(before: int, after: int) -> None:
+    # A run stopped after k updates on `before` ranks resumes on `after` ranks (keeping the
+    # batches per update) at the very batch it stopped at: nothing skipped, nothing repeated.
+    src, tgt = random_lens(1500, seed=7)
+    corpus, sampler = FakeCorpus(src, tgt), BatchSampler(src, tgt, 500, seed=4)
+    size = 6
+    straight = rank_updates(corpus, sampler, (1, 0), size // before, before)
+    k = 5
+    stopped = straight[0][k - 1]
+    resumed = rank_updates(corpus, sampler, (stopped.epoch, stopped.done), size // after, after)
+
+    def update_sets(per_rank):
+        return [
+            sorted(tuple(b.indices) for u in ranks for b in u.batches)
+            for ranks in zip(*per_rank, strict=True)
+        ]
+
+    assert update_sets(resumed) == update_sets(straight)[k:]
 
 
-def test_split_to_multiple_splits_largest() -> None:
-    batches = [np.arange(0, 2), np.arange(2, 7), np.arange(7, 10)]
-    out = split_to_multiple(batches, 2)
-    assert [b.tolist() for b in out] == [[0, 1], [2, 3], [4, 5, 6], [7, 8, 9]]
+def test_updates_with_fewer_batches_than_ranks() -> None:
+    # Two batches for three ranks: the third rank takes part in the update with no batch.
+    src, tgt = np.full(20, 9), np.full(20, 5)
+    sampler = BatchSampler(src, tgt, 100, shuffle=False)
+    assert len(sampler.epoch_batches(1)) == 2
+    per_rank = rank_updates(FakeCorpus(src, tgt), sampler, (1, 0), 1, 3, max_epochs=1)
+    assert [[len(u.batches) for u in updates] for updates in per_rank] == [[1], [1], [0]]
+    assert per_rank[2][0].tokens == 20 * 6
+
+
+def test_prefetcher_keeps_order_and_ends() -> None:
+    items = Prefetcher(iter(range(50)), depth=2, prepare=lambda x: x * 10)
+    assert list(items) == [x * 10 for x in range(50)]
+    assert next(items, None) is None  # stays ended
+    items.close()
+
+
+def test_prefetcher_raises_the_producers_error_in_order() -> None:
+    def produce():
+        yield 1
+        yield 2
+        raise ValueError("bad corpus row")
+
+    items = Prefetcher(produce(), depth=1)
+    assert [next(items), next(items)] == [1, 2]
+    with pytest.raises(ValueError, match="bad corpus row"):
+        next(items)
+    items.close()
+
+
+def test_prefetcher_close_stops_a_blocked_producer() -> None:
+    produced = []
+
+    def produce():
+        for i in range(10_000):
+            produced.append(i)
+            yield i
+
+    items = Prefetcher(produce(), depth=2)
+    assert next(items) == 0
+    items.close()  # the thread was blocked on a full queue; close() must not hang
+    assert not items._thread.is_alive()
+    assert len(produced) < 10
 
 
 def test_overlong_sentence_raises() -> None:
@@ -142,15 +212,15 @@ def test_overlong_sentence_raises() -> None:
 def test_invalid_arguments_raise() -> None:
     with pytest.raises(ValueError, match="equal length"):
         BatchSampler(np.array([1, 2]), np.array([1]), 10)
-    with pytest.raises(ValueError, match="rank"):
-        BatchSampler(np.array([1]), np.array([1]), 10, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="max_tokens >= 1"):
+        BatchSampler(np.array([1]), np.array([1]), 0)
 
 
 def test_empty_corpus_and_len() -> None:
     empty = np.zeros(0, dtype=np.int64)
     assert BatchSampler(empty, empty, 10).epoch_batches(1) == []
     src, tgt = random_lens(500)
-    sampler = BatchSampler(src, tgt, 400, world_size=2)
+    sampler = BatchSampler(src, tgt, 400)
     assert len(sampler) == len(sampler.epoch_batches(1))
 
 

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import errno
+import itertools
+import logging
 import os
 import pickle
 import random
+import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_model
+from safetensors.torch import load_model, save_file
 
 from mt import checkpoint as ck
 from mt.errors import MtError
@@ -175,10 +182,13 @@ def test_crash_inside_tensor_writer_leaves_nothing(tmp_path: Path, monkeypatch) 
     monkeypatch.undo()
     assert ck.latest_checkpoint(tmp_path) == previous
     assert stray_files(tmp_path) == []
-    # A killed process cannot clean up: its temp files are never listed, and prune removes them.
+    # A killed trainer cannot clean up: its temp files are never listed, and the next trainer
+    # removes them at its start (pruning leaves them: they could be another process's).
     (tmp_path / "checkpoints" / ".step-00000300.safetensors.dead.tmp").write_bytes(b"x")
     assert ck.latest_checkpoint(tmp_path) == previous
     ck.prune_checkpoints(tmp_path, keep_last=5)
+    assert stray_files(tmp_path) == [".step-00000300.safetensors.dead.tmp"]
+    ck.repair_checkpoints(tmp_path)
     assert stray_files(tmp_path) == []
 
 
@@ -213,8 +223,18 @@ def test_torch_saved_payload_is_refused(tmp_path: Path) -> None:
     torch.save({"a": Payload(marker)}, path)
     with pytest.raises(MtError) as err:
         ck.load_state(path)
-    assert str(err.value).startswith(f"{path}: not a valid mt training state (")
-    assert "\n" not in str(err.value)
+    assert (
+        str(err.value)
+        == f"{path}: not a valid mt training state (unsupported global: posix.system)"
+    )
+    assert not marker.exists()
+    path.write_bytes(pickle.dumps({"a": Payload(marker)}, protocol=2))  # plain pickle, no zip
+    with pytest.raises(MtError) as err:
+        ck.load_state(path)
+    assert (
+        str(err.value)
+        == f"{path}: not a valid mt training state (unsupported global: posix.system)"
+    )
     assert not marker.exists()
 
 
@@ -327,3 +347,202 @@ def test_save_crash_is_not_listed(tmp_path: Path) -> None:
     path = ck.save_crash(tmp_path, 7, tiny())
     assert path.is_file() and ck.read_metadata(path)["step"] == "7"
     assert ck.list_checkpoints(tmp_path) == []
+
+
+# --- faults: kills, foreign temp files, dangling pointers, corruption, divergence ------------
+
+# state tag -> seed of the weights saved with it
+TAGS = {"100": 100, "200-old": 200, "200-new": 999}
+CHILD = """
+import sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+import test_checkpoint
+test_checkpoint.kill_at_each_boundary(Path(sys.argv[1]))
+"""
+
+
+def resave_and_die(run: Path, boundary: int) -> None:
+    """Save step 200 again as training does, SIGKILLed before rename or unlink `boundary`."""
+    done = 0
+
+    def killing(op):
+        def wrapped(*args, **kwargs):
+            nonlocal done
+            if done == boundary:
+                os.kill(os.getpid(), signal.SIGKILL)
+            done += 1
+            return op(*args, **kwargs)
+
+        return wrapped
+
+    os.replace, os.unlink = killing(os.replace), killing(os.unlink)
+    saved = ck.save_checkpoint(run, 200, tiny(TAGS["200-new"]), {"tag": "200-new"}, META)
+    ck.set_best(run, saved)  # the dev score improved
+    ck.prune_checkpoints(run, keep_last=1)
+
+
+def kill_at_each_boundary(root: Path) -> None:
+    """In a child: forks re-save copies of root/setup, killed at boundary 0, 1, ... until one
+    lives to the end; prints that one's number."""
+    torch.set_num_threads(1)  # no thread pool: forking is safe
+    for boundary in itertools.count():
+        run = root / f"run-{boundary}"
+        shutil.copytree(root / "setup", run)
+        pid = os.fork()
+        if pid == 0:
+            resave_and_die(run, boundary)
+            os._exit(0)
+        status = os.waitpid(pid, 0)[1]
+        if os.WIFEXITED(status):
+            print(boundary, flush=True)
+            return
+        assert os.WTERMSIG(status) == signal.SIGKILL
+
+
+def check_invariants(run: Path) -> None:
+    """`best` names a complete checkpoint; every complete one pairs weights with their state."""
+    complete = ck.list_checkpoints(run)
+    assert ck.best_checkpoint(run) in complete
+    assert ck.resolve_checkpoint(run) == ck.best_checkpoint(run)
+    assert ck.latest_checkpoint(run) == complete[-1]
+    for saved in complete:
+        tag = ck.load_state(saved.state)["tag"]
+        fresh = tiny(1)
+        ck.load_weights(saved.weights, fresh, expected=META)
+        assert_same(fresh, tiny(TAGS[tag]))
+        assert saved.step == int(tag[:3])
+
+
+def test_kill_at_every_write_boundary_keeps_best_and_pairs(tmp_path: Path) -> None:
+    setup = tmp_path / "setup"
+    ck.save_checkpoint(setup, 100, tiny(TAGS["100"]), {"tag": "100"}, META)
+    ck.set_best(setup, ck.save_checkpoint(setup, 200, tiny(200), {"tag": "200-old"}, META))
+    child = [sys.executable, "-c", CHILD.format(tests=str(Path(__file__).parent)), str(tmp_path)]
+    whole = int(subprocess.run(child, capture_output=True, text=True, check=True).stdout)
+    assert whole >= 5  # at least: the state, the weights, `best`, the pruned step's two files
+
+    check_invariants(tmp_path / f"run-{whole}")  # not killed: the new step 200 is the best
+    assert [c.step for c in ck.list_checkpoints(tmp_path / f"run-{whole}")] == [200]
+    assert ck.load_state(ck.best_checkpoint(tmp_path / f"run-{whole}").state)["tag"] == "200-new"
+    for run in (tmp_path / f"run-{k}" for k in range(whole)):
+        check_invariants(run)
+        ck.repair_checkpoints(run)  # the next trainer's start: no debris is left
+        ck.prune_checkpoints(run, keep_last=5)
+        check_invariants(run)
+        assert stray_files(run) == []
+        for state in (run / "checkpoints").glob("*.state.pt"):  # no unpaired state remains
+            assert ck.Checkpoint(ck._weights_of(state), state) in ck.list_checkpoints(run)
+
+
+def test_pruning_removes_only_this_process_temp_files(tmp_path: Path, monkeypatch) -> None:
+    save(tmp_path, 100)
+    foreign = tmp_path / "checkpoints" / ".average.safetensors.1a2b3c4d.tmp"  # `mt average`'s
+    foreign.write_bytes(b"in flight")
+
+    def half_write(tensors, filename, metadata=None):  # writes part of the file, then fails
+        Path(filename).write_bytes(b"\x00" * 100)
+        raise OSError(errno.EIO, "I/O error")
+
+    def stuck(self, missing_ok=False):  # and the clean-up fails too: the temp file stays
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(ck, "save_file", half_write)
+    monkeypatch.setattr(Path, "unlink", stuck)
+    with pytest.raises(PermissionError):
+        save(tmp_path, 200)
+    monkeypatch.undo()
+    [own] = [name for name in stray_files(tmp_path) if name != foreign.name]
+    assert own.startswith(".step-00000200.safetensors.")
+
+    deleted = ck.prune_checkpoints(tmp_path, keep_last=5)
+    assert [p.name for p in deleted] == ["step-00000200.state.pt", own]
+    assert stray_files(tmp_path) == [foreign.name]
+    assert foreign.read_bytes() == b"in flight"
+
+
+def test_weights_with_another_saves_state_are_not_a_checkpoint(tmp_path: Path) -> None:
+    kept, other = save(tmp_path / "a", 100), save(tmp_path / "b", 100, tiny(7))
+    shutil.copyfile(other.state, kept.state)  # what a kill between two renames could pair
+    assert ck.list_checkpoints(tmp_path / "a") == []
+    with pytest.raises(MtError) as err:  # e.g. `mt train --resume RUN/checkpoints/step-100`
+        ck.load_training_state(kept)
+    assert str(err.value) == (
+        f"{kept.state}: not the training state saved with step-00000100.safetensors "
+        "(a save was interrupted); resume from another checkpoint"
+    )
+    assert ck.load_training_state(other)["step"] == 100
+    assert ck.prune_checkpoints(tmp_path / "a", keep_last=5) == [kept.weights, kept.state]
+
+
+def test_dangling_best_falls_back_and_is_repaired(tmp_path: Path, caplog) -> None:
+    first, second = save(tmp_path, 100), save(tmp_path, 200)
+    ck.set_best(tmp_path, first)
+    first.weights.unlink()  # an older version killed while saving, or a manual deletion
+    pointer = tmp_path / "checkpoints" / "best"
+    dangling = f"{pointer}: points to step-00000100, which does not exist"
+    with caplog.at_level(logging.WARNING, logger="mt"):
+        assert ck.resolve_checkpoint(tmp_path) == second
+        assert caplog.messages == [
+            f"{dangling}; using the latest complete checkpoint, step-00000200"
+        ]
+        assert ck.prune_checkpoints(tmp_path, keep_last=1) == [first.state]
+        caplog.clear()
+        ck.repair_checkpoints(tmp_path)
+        assert caplog.messages == [
+            f"{dangling}; pointed it at the latest complete checkpoint, step-00000200"
+        ]
+        assert ck.best_checkpoint(tmp_path) == second
+        caplog.clear()
+        second.weights.unlink()  # nothing complete is left: the pointer goes
+        ck.repair_checkpoints(tmp_path)
+        assert caplog.messages == [
+            f"{pointer}: points to step-00000200, which does not exist; "
+            "removed it (no complete checkpoint is left)"
+        ]
+    assert not pointer.exists()
+
+
+def tensor_data_offset(path: Path) -> int:
+    """Where a safetensors file's tensor bytes start (after its 8-byte length and JSON header)."""
+    return 8 + int.from_bytes(path.read_bytes()[:8], "little")
+
+
+def test_flipped_byte_is_a_corrupt_checkpoint(tmp_path: Path) -> None:
+    saved = save(tmp_path, 100)
+    data = bytearray(saved.weights.read_bytes())
+    data[tensor_data_offset(saved.weights) + 1000] ^= 0x01  # one bit, inside a tensor
+    saved.weights.write_bytes(bytes(data))
+    with pytest.raises(MtError) as err:
+        ck.load_weights(saved.weights, tiny(), expected=META)
+    assert str(err.value) == f"{saved.weights}: corrupt checkpoint (weights digest mismatch)"
+    assert ck.read_metadata(saved.weights)["step"] == "100"  # the header is untouched
+
+
+def test_weights_without_digest_still_load(tmp_path: Path) -> None:
+    model = tiny(3)
+    path = tmp_path / "other-tool.safetensors"  # e.g. written before digests, or by another tool
+    save_file(ck._dedupe(model.state_dict()), str(path), metadata=META)
+    fresh = tiny(4)
+    ck.load_weights(path, fresh, expected=META)
+    assert_same(model, fresh)
+
+
+def test_non_finite_weights_are_refused(tmp_path: Path) -> None:
+    model = tiny(1)
+    with torch.no_grad():
+        model.decoder[0].ffn.fc1.weight[2, 3] = float("inf")
+    saved = save(tmp_path, 100, model)
+    with pytest.raises(MtError) as err:
+        ck.load_weights(saved.weights, tiny(), expected=META)
+    assert str(err.value) == (
+        f"{saved.weights}: tensor decoder.0.ffn.fc1.weight holds non-finite values "
+        "(inf/nan); the model diverged"
+    )
+    # The crash dump keeps them on purpose: refused for use, loadable for inspection only.
+    crash = ck.save_crash(tmp_path, 7, model)
+    with pytest.raises(MtError, match=r"decoder\.0\.ffn\.fc1\.weight holds non-finite values"):
+        ck.load_weights(crash, tiny())
+    inspected = tiny(2)
+    ck.load_weights(crash, inspected, allow_nonfinite=True)
+    assert_same(model, inspected)

@@ -18,17 +18,15 @@ from safetensors.torch import load_file
 
 from mt import checkpoint as ckpt
 from mt import distributed
-from mt.batching import BatchSampler
 from mt.config import load_config
 from mt.errors import MtError
 from mt.metrics import read_metrics
-from mt.run import encoded, prepare_tokenizer
 from mt.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
-# 2 ranks vs 1 rank with update_freq 2 sum the same gradients in another order (DDP's bucketed
+# 2 ranks vs 1 rank with update_freq 2 sum the same gradients in another order (the gradient
 # all-reduce); after 8 Adam updates parameters agree to this absolute tolerance.
 TOLERANCE = 1e-5
 
@@ -63,28 +61,9 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(ckpt.latest_checkpoint(run_dir).weights)
 
 
-def even_budget(tmp_path: Path) -> int:
-    """A max_tokens for which epoch 1 has an even number of batches, so that sharding over two
-    ranks splits no batch and both runs see exactly the same batches per update."""
-    config = load_config(TINY, overrides(tmp_path / "probe"))
-    data = encoded(config, prepare_tokenizer(config), "train")
-    for budget in range(256, 512, 8):
-        if (
-            len(BatchSampler(data.src_lens, data.tgt_lens, budget, seed=1).epoch_batches(1)) % 2
-            == 0
-        ):
-            return budget
-    raise AssertionError("no even budget")
-
-
 def test_two_ranks_equal_one_rank_with_update_freq_two(tmp_path: Path) -> None:
-    budget = even_budget(tmp_path)
-    steps = [
-        "train.max_steps=8",
-        "train.log_every=1",
-        "train.valid_every=4",
-        f"train.max_tokens={budget}",
-    ]
+    # Whatever the number of batches in an epoch: an update takes the same batches either way.
+    steps = ["train.max_steps=8", "train.log_every=1", "train.valid_every=4"]
     single = tmp_path / "single"
     train(load_config(TINY, overrides(single, *steps, "train.update_freq=2")))
     ddp = tmp_path / "ddp"
@@ -301,3 +280,42 @@ def test_ranks_run_one_thread_per_cpu_slurm_gave_them(
         assert torch.get_num_threads() == (want or 3)  # OMP_NUM_THREADS or no Slurm: untouched
     finally:
         torch.set_num_threads(before)
+
+
+def test_out_of_memory_in_the_last_backward_skips_the_update_on_every_rank(tmp_path: Path) -> None:
+    # With update_freq 1 the only backward is the last one: the failing rank must still join
+    # the gradient sum, or the other would wait in it until the timeout.
+    run = tmp_path / "run"
+    worker = "tests/helpers/faulty_worker.py"
+    proc = torchrun(run, "train.max_steps=6", worker=worker, env={"MT_FAULT": "oom_backward:1:3"})
+    code, err = finish(proc)
+    assert code == 0, err
+    assert err.count("step 3: a rank ran out of memory; every rank skipped this update") == 1
+    state = ckpt.load_state(ckpt.latest_checkpoint(run).state)
+    assert state["train"]["step"] == 6 and state["train"]["oom_steps"] == 1
+    assert state["optimizer"]["state"][0]["step"].item() == 6
+
+
+def test_resume_on_one_rank_continues_a_two_rank_run_exactly(tmp_path: Path) -> None:
+    # 2 ranks x update_freq 1 and 1 rank x update_freq 2 train on the same batches per update:
+    # a run stopped on 2 ranks resumes on 1 where it stopped, and ends as if it had not moved.
+    steps = ["train.max_steps=8", "train.log_every=1", "train.valid_every=4"]
+    straight = tmp_path / "straight"
+    code, err = finish(torchrun(straight, *steps))
+    assert code == 0, err
+    moved = tmp_path / "moved"
+    code, err = finish(torchrun(moved, *steps[1:], "train.max_steps=4"))
+    assert code == 0, err
+    result = train(load_config(TINY, overrides(moved, *steps, "train.update_freq=2")))
+    assert result.state.step == 8 and result.state.world_size == 1
+    a, b = weights(straight), weights(moved)
+    assert all(torch.allclose(a[k], b[k], atol=TOLERANCE) for k in a)
+    first = read_metrics(straight, "train")
+    second = read_metrics(moved, "train")
+    assert [r["tokens_per_update"] for r in second] == [r["tokens_per_update"] for r in first]
+    state_a = ckpt.load_state(ckpt.latest_checkpoint(straight).state)["train"]
+    state_b = ckpt.load_state(ckpt.latest_checkpoint(moved).state)["train"]
+    assert (state_a["epoch"], state_a["batches_done"]) == (
+        state_b["epoch"],
+        state_b["batches_done"],
+    )

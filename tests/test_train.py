@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import signal
 import subprocess
@@ -17,6 +19,7 @@ import mt.train as train_module
 from mt import checkpoint as ckpt
 from mt.config import Config, load_config
 from mt.errors import ConfigError, MtError
+from mt.finish import finish
 from mt.metrics import read_metrics
 from mt.train import train
 
@@ -204,25 +207,12 @@ def test_fp16_overflow_skips_steps_then_stops_at_the_floor(
     )
     with pytest.raises(MtError) as err:
         train(config)
-    # 65536 -> 32768 -> 16384 -> 8192 < 10000 at step 3.
+    # 65536 -> 32768 -> 16384 -> 8192 < 10000 after 3 skipped updates, none counted.
     assert str(err.value) == (
-        "fp16 loss scale fell to 8192 at step 3 (below train.min_loss_scale=10000): gradients "
-        "keep overflowing; use train.precision=bf16, or a lower train.lr"
+        "fp16 loss scale fell to 8192 after 3 overflowing updates at step 0 (below "
+        "train.min_loss_scale=10000): gradients keep overflowing; use train.precision=bf16, "
+        "or a lower train.lr"
     )
-
-
-def test_fp16_skipped_steps_do_not_change_parameters(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    run = tmp_path / "run"
-    train(tiny(run, "train.max_steps=15", "train.precision=fp16"))
-    before = weights(run)
-    monkeypatch.setattr(train_module, "label_smoothed_nll", poisoned_loss(None))
-    result = train(tiny(run, "train.max_steps=17", "train.precision=fp16", "train.log_every=1"))
-    assert result.state.overflow_steps == 2
-    after = weights(run)
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert read_metrics(run, "train")[-1]["overflow_steps"] == 2
 
 
 def test_sigterm_via_cli_leaves_resumable_checkpoint_and_clean_stderr(tmp_path: Path) -> None:
@@ -240,7 +230,7 @@ def test_sigterm_via_cli_leaves_resumable_checkpoint_and_clean_stderr(tmp_path: 
 def test_early_stopping_on_patience(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bleus = iter([10.0, 12.0, 11.0, 11.5, 9.0, 20.0])
 
-    def fake_validate(*args, **kwargs) -> dict[str, float]:
+    def fake_validate(run) -> dict[str, float]:
         return {"loss": 1.0, "nll": 1.0, "ppl": 2.7, "bleu": next(bleus)}
 
     monkeypatch.setattr(train_module, "validate", fake_validate)
@@ -266,7 +256,8 @@ def test_time_limit_stops_with_a_checkpoint(
 
 def test_average_last_at_the_end(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    train(tiny(run, "train.max_steps=30", "train.keep_last=2", "train.average_last=2"))
+    config = tiny(run, "train.max_steps=30", "train.keep_last=2", "train.average_last=2")
+    finish(config, train(config))  # what `mt train` runs when training ends
     a, b = (weights_at(run, step) for step in (15, 30))
     average = load_file(run / "checkpoints" / "average.safetensors")
     assert all(torch.allclose(average[k], (a[k] + b[k]) / 2, atol=1e-7) for k in a)
@@ -296,3 +287,174 @@ def test_out_of_memory_skips_the_update(tmp_path: Path, monkeypatch: pytest.Monk
     result = train(tiny(run, "train.max_steps=5", "train.valid_every=1000", "train.log_every=1"))
     assert result.state.step == 5 and result.state.oom_steps == 1
     assert [r["step"] for r in read_metrics(run, "train")] == [1, 2, 3, 4, 5]
+
+
+def test_out_of_memory_in_the_backward_skips_the_update(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = train_module.label_smoothed_nll
+    calls = {"n": 0}
+
+    def raise_oom(grad: torch.Tensor) -> torch.Tensor:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected in backward)")
+
+    def loss(*args, **kwargs):
+        calls["n"] += 1
+        loss_sum, nll_sum, n = real(*args, **kwargs)
+        if calls["n"] == 3:  # the last (second) micro-batch of update 2
+            loss_sum.register_hook(raise_oom)
+        return loss_sum, nll_sum, n
+
+    monkeypatch.setattr(train_module, "label_smoothed_nll", loss)
+    run = tmp_path / "run"
+    overrides = ["train.max_steps=4", "train.update_freq=2", "train.log_every=1"]
+    result = train(tiny(run, *overrides, "train.valid_every=1000"))
+    assert result.state.step == 4 and result.state.oom_steps == 1
+    state = ckpt.load_state(ckpt.latest_checkpoint(run).state)
+    assert state["optimizer"]["state"][0]["step"].item() == 4  # the skipped update never ran
+
+
+VOLATILE = {"time", "tgt_tok_s", "rank_tgt_tok_s", "data_seconds", "seconds", "train_seconds"}
+
+
+def records(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without times and throughput."""
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in read_metrics(run_dir)]
+
+
+def test_resumed_metrics_equal_an_uninterrupted_runs(tmp_path: Path) -> None:
+    # log_every 3: the stop falls inside a logging window, which the checkpoint keeps.
+    steps = ["train.max_steps=40", "train.log_every=3", "train.valid_every=20"]
+    straight = tmp_path / "straight"
+    train(tiny(straight, *steps))
+    split = tmp_path / "split"
+    proc = run_cli(split, *steps)
+    wait_for_step(split, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err.decode()
+    assert 3 <= ckpt.latest_checkpoint(split).step < 40
+    train(tiny(split, *steps))
+    assert records(split) == records(straight)
+    assert [r["kind"] for r in read_metrics(split)].count("end") == 1
+
+
+def test_a_run_with_nothing_to_do_keeps_its_config(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(tiny(run, "train.max_steps=15"))
+    before = (run / "config.yaml").read_bytes()
+    assert train(tiny(run, "train.max_steps=15", "train.lr=0.5")).idle
+    assert (run / "config.yaml").read_bytes() == before
+
+
+def test_non_finite_weights_are_never_checkpointed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = train_module.optimizer_step
+
+    def diverging_step(learner, state, min_loss_scale):
+        stepped = real(learner, state, min_loss_scale)
+        if state.step == 4:  # this update made a weight infinite
+            with torch.no_grad():
+                learner.model.decoder[0].ffn.fc2.weight[0, 0] = math.inf
+        return stepped
+
+    monkeypatch.setattr(train_module, "optimizer_step", diverging_step)
+    run = tmp_path / "run"
+    with pytest.raises(MtError) as err:
+        train(tiny(run, "train.max_steps=10", "train.valid_every=2"))
+    crash = run / "checkpoints" / "crash-step-00000004.safetensors"
+    assert str(err.value) == (
+        "weights are not finite after step 4 (decoder.0.ffn.fc2.weight holds inf or nan); "
+        f"no checkpoint written; weights saved to {crash} (try a lower train.lr or "
+        "train.clip_norm)"
+    )
+    assert [c.step for c in ckpt.list_checkpoints(run)] == [2]
+    assert all(torch.isfinite(t).all() for t in weights(run).values())
+
+
+def test_a_nan_dev_loss_is_never_the_best(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    scores = iter([(1.0, 10.0), (math.nan, 50.0), (1.0, 12.0)])
+
+    def fake_validate(run) -> dict[str, float]:
+        loss, bleu = next(scores)
+        return {"loss": loss, "nll": loss, "ppl": 2.7, "bleu": bleu}
+
+    monkeypatch.setattr(train_module, "validate", fake_validate)
+    run = tmp_path / "run"
+    result = train(tiny(run, "train.max_steps=15", "train.valid_every=5", "train.keep_last=5"))
+    assert ckpt.best_checkpoint(run).step == 15
+    assert result.state.best_bleu == 12.0
+
+
+def test_dev_sentences_longer_than_the_model_are_cut_as_translate_cuts_them(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="mt")
+    run = tmp_path / "run"
+    short = ["model.max_positions=16", "data.max_len=15", "train.max_steps=4"]
+    train(tiny(run, *short, "train.valid_every=2"))
+    warnings = [
+        r.message for r in caplog.records if "longer than the model's 15 pieces" in r.message
+    ]
+    assert len(warnings) == 2  # said once for the dev set, once for the test set
+    assert warnings[0].startswith("dev: ") and warnings[1].startswith("test: ")
+    assert int(warnings[0].split()[1]) > 0  # some sources are longer: the test means something
+    valid = read_metrics(run, "valid")
+    assert [r["step"] for r in valid] == [2, 4]
+    assert all(math.isfinite(r["loss"]) and 0 <= r["bleu"] <= 100 for r in valid)
+
+
+def test_fp16_skipped_updates_do_not_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = tmp_path / "run"
+    train(tiny(run, "train.max_steps=15", "train.precision=fp16"))
+    monkeypatch.setattr(train_module, "label_smoothed_nll", poisoned_loss({1, 2}))
+    result = train(tiny(run, "train.max_steps=16", "train.precision=fp16", "train.log_every=1"))
+    assert result.state.step == 16 and result.state.overflow_steps == 2
+    state = ckpt.load_state(ckpt.latest_checkpoint(run).state)
+    assert state["scheduler"]["last_epoch"] == 16  # the schedule did not advance on skips
+    assert state["optimizer"]["state"][0]["step"].item() == 16
+    assert [r["step"] for r in read_metrics(run, "train")][-1] == 16
+
+
+@pytest.mark.parametrize(("first", "then"), [("bf16", "fp16"), ("fp16", "fp32")])
+def test_precision_may_change_on_resume(tmp_path: Path, first: str, then: str) -> None:
+    run = tmp_path / "run"
+    train(tiny(run, "train.max_steps=15", f"train.precision={first}"))
+    result = train(tiny(run, "train.max_steps=20", f"train.precision={then}"))
+    assert result.state.step == 20
+    assert all(torch.isfinite(t).all() for t in weights(run).values())
+
+
+SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy", "nonzero")
+
+
+def test_one_host_read_per_training_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each read of a tensor's value by mt's code would wait for a GPU to finish its queue.
+    mt_dir = str(Path(train_module.__file__).parent)
+    reads = {"n": 0}
+
+    def counting(name: str):
+        real = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            if sys._getframe(1).f_code.co_filename.startswith(mt_dir):
+                reads["n"] += 1
+            return real(self, *args, **kwargs)
+
+        return wrapper
+
+    at_step: list[int] = []
+    real_step = train_module.train_step
+
+    def step(*args, **kwargs):
+        at_step.append(reads["n"])
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", step)
+    for name in SYNCS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    run = tmp_path / "run"
+    train(tiny(run, "train.max_steps=12", "train.log_every=100", "train.valid_every=100"))
+    per_step = [b - a for a, b in itertools.pairwise(at_step)]
+    assert per_step == [1] * 11

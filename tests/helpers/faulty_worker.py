@@ -1,7 +1,8 @@
 """A torchrun worker that runs `mt` with a fault injected on one rank (for tests only).
 
 MT_FAULT=KIND:RANK:CALL, with KIND `nan` (the loss of that loss call is NaN), `oom` (that call
-raises CUDA's out-of-memory error) or `die` (the process exits with status 1 there), e.g.
+raises CUDA's out-of-memory error), `oom_backward` (the backward pass of that call's loss
+raises it) or `die` (the process exits with status 1 there), e.g.
 MT_FAULT=nan:1:3; or MT_FAULT=slow:RANK:SECONDS: that rank's data preparation takes SECONDS
 longer.
 """
@@ -33,6 +34,9 @@ def inject() -> None:
         if calls["n"] == int(call):
             if kind == "oom":
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+            if kind == "oom_backward":
+                loss_sum.register_hook(raise_oom)
+                return loss_sum, nll_sum, n
             if kind == "die":
                 sys.stderr.write(f"rank {rank}: dying on purpose\n")
                 os._exit(1)
@@ -40,6 +44,11 @@ def inject() -> None:
         return loss_sum, nll_sum, n
 
     mt.train.label_smoothed_nll = loss
+
+
+def raise_oom(grad: torch.Tensor) -> torch.Tensor:
+    """A backward hook that fails as CUDA does when the backward pass runs out of memory."""
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected in backward)")
 
 
 def slow_prepare(seconds: float) -> None:

@@ -1,0 +1,126 @@
+"""One trainer per run directory: an exclusive lock on RUN/lock, held for the whole run.
+
+The lock is an `fcntl.flock`, which the kernel drops when its holder dies, so a crash or a
+kill -9 never leaves a stale lock behind. The file also names its holder (`pid N host H`),
+for two reasons: the refusal can say who holds the run, and on a shared filesystem (NFS,
+Lustre) where flock may be node-local or unsupported, a lock taken on another host is still
+refused, from what the file says. Such a lock cannot be checked from here, so it is never
+broken silently: the message says to delete the file once that run is over. A clean exit
+empties the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import re
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from mt.errors import MtError
+
+LOCK_FILE = "lock"
+_NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}  # filesystems without flock
+_HOLDER = re.compile(r"pid (\d+) host (\S+)")
+
+log = logging.getLogger("mt")
+
+
+@dataclass(frozen=True)
+class Holder:
+    """The process a lock file names."""
+
+    pid: int
+    host: str
+
+    @classmethod
+    def me(cls) -> Holder:
+        """This process."""
+        return cls(os.getpid(), socket.gethostname())
+
+
+def _read_holder(fd: int) -> Holder | None:
+    """The holder the lock file names, or None if it is empty (free) or unreadable."""
+    match = _HOLDER.match(os.pread(fd, 4096, 0).decode("utf-8", errors="replace"))
+    return Holder(int(match.group(1)), match.group(2)) if match else None
+
+
+def _write_holder(fd: int, holder: Holder | None) -> None:
+    """Name `holder` in the lock file, or empty it."""
+    os.ftruncate(fd, 0)
+    if holder is not None:
+        os.pwrite(fd, f"pid {holder.pid} host {holder.host}\n".encode(), 0)
+    os.fsync(fd)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this PID exists on this host."""
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _in_use(run_dir: Path, holder: Holder | None) -> str:
+    """The one-line refusal."""
+    who = f"PID {holder.pid} on host {holder.host}" if holder else "another process"
+    return f"{run_dir}: the run directory is in use by {who}"
+
+
+def _flock(fd: int, run_dir: Path) -> bool:
+    """Take the flock, or MtError if another process has it; False if flock is unsupported."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise MtError(_in_use(run_dir, _read_holder(fd))) from None
+    except OSError as exc:
+        if exc.errno not in _NO_FLOCK:
+            raise
+        log.warning("%s: no flock on this filesystem; the lock relies on its PID and host", run_dir)
+        return False
+    return True
+
+
+def _claim(fd: int, run_dir: Path, path: Path, flocked: bool) -> None:
+    """Write this process into the lock file unless it names a holder that may be alive."""
+    holder, me = _read_holder(fd), Holder.me()
+    if holder is not None and holder != me:
+        if holder.host != me.host:  # flock may not reach that host: its word cannot be checked
+            raise MtError(
+                f"{_in_use(run_dir, holder)} (a lock from another host; "
+                f"if no run is using this directory, delete {path})"
+            )
+        if not flocked and _alive(holder.pid):
+            raise MtError(_in_use(run_dir, holder))
+        # Same host and we hold the flock (or the PID is gone): its holder has died.
+        log.warning(
+            "%s: taking over the lock of PID %d, which no longer holds it", path, holder.pid
+        )
+    _write_holder(fd, me)
+
+
+@contextlib.contextmanager
+def hold_run_lock(run_dir: Path) -> Iterator[Path]:
+    """Hold RUN/lock for the block; MtError at once if another process holds it."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        flocked = _flock(fd, run_dir)
+        _claim(fd, run_dir, path, flocked)
+        try:
+            yield path
+        finally:
+            if flocked or _read_holder(fd) == Holder.me():
+                _write_holder(fd, None)  # a clean exit leaves the file empty: free
+    finally:
+        os.close(fd)  # drops the flock

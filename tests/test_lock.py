@@ -1,0 +1,123 @@
+"""Tests for mt.lock: one process per run directory, a dead holder's lock taken over."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mt import lock
+from mt.errors import MtError
+from mt.lock import LOCK_FILE, hold_run_lock
+
+HOST = socket.gethostname()
+# Holds the lock until its stdin closes; says so on stdout once it has it.
+HOLDER = """
+import sys
+from mt.lock import hold_run_lock
+with hold_run_lock(sys.argv[1]):
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+def start_holder(run: Path) -> subprocess.Popen:
+    """A second process holding the run's lock (waited for on its stdout)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(run)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdout.readline() == "locked\n"
+    return proc
+
+
+def refusal(run: Path) -> str:
+    """The message of the MtError that taking the lock raises."""
+    with pytest.raises(MtError) as err, hold_run_lock(run):
+        pass
+    return str(err.value)
+
+
+def dead_pid() -> int:
+    """The PID of a process that has exited and been reaped."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait(timeout=60)
+    return proc.pid
+
+
+def test_second_process_is_refused_and_clean_exit_frees(tmp_path: Path, caplog) -> None:
+    run = tmp_path / "run"
+    holder = start_holder(run)
+    assert (run / LOCK_FILE).read_text() == f"pid {holder.pid} host {HOST}\n"
+    assert refusal(run) == f"{run}: the run directory is in use by PID {holder.pid} on host {HOST}"
+    holder.communicate("", timeout=60)  # closes stdin: the holder leaves its block and exits
+    assert holder.returncode == 0
+    assert (run / LOCK_FILE).read_text() == ""
+    with caplog.at_level(logging.WARNING, logger="mt"), hold_run_lock(run) as path:
+        assert path.read_text() == f"pid {os.getpid()} host {HOST}\n"
+    assert caplog.records == []  # a cleanly released lock is simply free
+
+
+def test_lock_of_a_killed_holder_is_taken_over(tmp_path: Path, caplog) -> None:
+    run = tmp_path / "run"
+    holder = start_holder(run)
+    holder.kill()  # SIGKILL: the kernel drops the flock; the file still names the holder
+    holder.wait(timeout=60)
+    assert (run / LOCK_FILE).read_text() == f"pid {holder.pid} host {HOST}\n"
+    with caplog.at_level(logging.WARNING, logger="mt"), hold_run_lock(run) as path:
+        assert path.read_text() == f"pid {os.getpid()} host {HOST}\n"
+        assert refusal(run).endswith(f"in use by PID {os.getpid()} on host {HOST}")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: taking over the lock of PID {holder.pid}, which no longer holds it"
+    ]
+    assert path.read_text() == ""
+
+
+def test_lock_from_another_host_is_refused_with_advice(tmp_path: Path) -> None:
+    path = tmp_path / LOCK_FILE
+    path.write_text("pid 4242 host some-other-node\n")
+    assert refusal(tmp_path) == (
+        f"{tmp_path}: the run directory is in use by PID 4242 on host some-other-node "
+        f"(a lock from another host; if no run is using this directory, delete {path})"
+    )
+    assert path.read_text() == "pid 4242 host some-other-node\n"  # never broken silently
+    path.unlink()
+    with hold_run_lock(tmp_path):
+        pass
+
+
+@pytest.fixture
+def no_flock(monkeypatch) -> None:
+    """A filesystem where flock is unsupported (Lustre without flock, some NFS mounts)."""
+
+    def unsupported(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(lock.fcntl, "flock", unsupported)
+
+
+def test_without_flock_a_live_holder_refuses(tmp_path: Path, no_flock) -> None:
+    parent = os.getppid()  # alive: it is running these tests
+    (tmp_path / LOCK_FILE).write_text(f"pid {parent} host {HOST}\n")
+    assert (
+        refusal(tmp_path)
+        == f"{tmp_path}: the run directory is in use by PID {parent} on host {HOST}"
+    )
+
+
+def test_without_flock_a_dead_holder_is_taken_over(tmp_path: Path, no_flock, caplog) -> None:
+    pid = dead_pid()
+    path = tmp_path / LOCK_FILE
+    path.write_text(f"pid {pid} host {HOST}\n")
+    with caplog.at_level(logging.WARNING, logger="mt"), hold_run_lock(tmp_path):
+        assert path.read_text() == f"pid {os.getpid()} host {HOST}\n"
+    assert f"taking over the lock of PID {pid}, which no longer holds it" in caplog.text
+    assert path.read_text() == ""
