@@ -5,13 +5,13 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install data train demo multi30k bench bench-data test check format clean
+.PHONY: install data train demo serve multi30k bench bench-data test check format clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e ".[dev,bench,serve]"
+	$(BIN)/pip install --quiet -e ".[dev,bench,export,serve]"
 
 data:
 	$(BIN)/mt data fetch multi30k data/multi30k --langs de,en
@@ -21,6 +21,11 @@ train:
 
 demo:
 	MT=$(BIN)/mt bash scripts/demo.sh
+
+# The demo model behind HTTP, with a page to try it: http://127.0.0.1:8000/ (MODEL=RUN for another)
+MODEL ?= runs/demo
+serve:
+	$(BIN)/mt serve $(MODEL)
 
 # Both Multi30k directions end to end, 58 minutes of training each (docs/benchmarks.md)
 multi30k:

@@ -75,12 +75,21 @@ def align(
         model, src, decode.beam, decode.alpha, decode.length_penalty,
         decode.max_len_a, decode.max_len_b, decode.min_len,
     )[0][0]  # fmt: skip
-    tgt_in = torch.tensor([[BOS_ID, *best.tokens]], device=device)  # (1, T)
+    return alignment(model, tokenizer, ids, best.tokens)
+
+
+def alignment(
+    model: Transformer, tokenizer: Tokenizer, ids: list[int], tokens: list[int]
+) -> Alignment:
+    """The cross-attention of a given translation (target ids without BOS/EOS) of source ids."""
+    device = next(model.parameters()).device
+    src = collate_source([ids], torch.zeros(1, dtype=torch.long).numpy()).src.to(device)  # (1, S)
+    tgt_in = torch.tensor([[BOS_ID, *tokens]], device=device)  # (1, T)
     weights = cross_attention(model, src, tgt_in)[:, 0]  # (layers, H, T, S)
     pieces = tokenizer.tgt.id_to_piece  # one id -> its piece
     return Alignment(
         source_pieces=[tokenizer.src.id_to_piece(i) for i in ids] + ["</s>"],
-        target_pieces=[pieces(i) for i in best.tokens] + ["</s>"],
+        target_pieces=[pieces(i) for i in tokens] + ["</s>"],
         weights=weights,
-        translation=tokenizer.decode_tgt([[*best.tokens, EOS_ID]])[0],
+        translation=tokenizer.decode_tgt([[*tokens, EOS_ID]])[0],
     )

@@ -20,7 +20,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import logging
-import random
 import re
 import warnings
 import zipfile
@@ -30,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import xxhash
 from safetensors import safe_open
@@ -592,43 +590,3 @@ def resolve_checkpoint(path: Path) -> Checkpoint:
             "(expected a run directory, a checkpoints directory or a .safetensors file)"
         )
     return found
-
-
-# --- random number generators ---------------------------------------------------------------
-
-
-def rng_state() -> dict[str, Any]:
-    """This process's torch (CPU and current CUDA device), Python and NumPy RNG states."""
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": {"version": version, "internal": torch.tensor(internal), "gauss": gauss},
-        "numpy": {
-            "kind": kind,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached": float(cached),
-        },
-    }
-    # The current device only: each DDP rank drives one GPU, and get_rng_state_all() would
-    # create a CUDA context on every visible GPU.
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what rng_state() returned; generators missing from `state` are left alone."""
-    if "torch" in state:
-        torch.set_rng_state(state["torch"])
-    if "python" in state:
-        py = state["python"]
-        random.setstate((py["version"], tuple(py["internal"].tolist()), py["gauss"]))
-    if "numpy" in state:
-        npy = state["numpy"]
-        keys = npy["keys"].numpy().astype(np.uint32)
-        np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached"]))
-    if "cuda" in state and torch.cuda.is_available():  # a GPU run may resume on a CPU
-        torch.cuda.set_rng_state(state["cuda"])

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import typer
 
 from mt.errors import ConfigError, DataError, MtError
+from mt.serve.limits import Limits
 
 if TYPE_CHECKING:
     from mt.config import Config
@@ -520,6 +521,76 @@ def attention_command(
     typer.echo(str(path))
 
 
+SERVE_HELP = (
+    "Serve a trained model over HTTP: POST /v1/translate, GET /v1/model, GET /health, API docs "
+    "at /docs, and a page to try the model at /.\n\n"
+    "Concurrent requests are gathered into batches and decoded like mt translate, with the same "
+    "results. Requests over a limit get a one-line JSON error; a full queue answers 503 with "
+    "Retry-After. SIGTERM answers what is queued, then exits 0. Needs the serve extra."
+)
+LIMITS = Limits()
+
+
+@app.command("serve", help=SERVE_HELP)
+def serve_command(
+    model: Annotated[
+        Path,
+        typer.Argument(
+            metavar="RUN_OR_CHECKPOINT",
+            help="Run directory (its best checkpoint, else its latest), checkpoints directory, "
+            "or .safetensors file.",
+        ),
+    ],
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; any other than 127.0.0.1 is public.")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option(min=0, max=65535, help="Port; 0 picks a free one (printed).")
+    ] = 8000,
+    beam: BeamOption = None,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
+    max_request_bytes: Annotated[
+        int, typer.Option(min=1, help="Largest request body.")
+    ] = LIMITS.max_request_bytes,
+    max_sentences: Annotated[
+        int, typer.Option(min=1, help="Sentences per request.")
+    ] = LIMITS.max_sentences,
+    max_beam: Annotated[
+        int, typer.Option(min=1, help="Largest beam (and n-best) a request may ask for.")
+    ] = LIMITS.max_beam,
+    max_queue: Annotated[
+        int, typer.Option(min=1, help="Sentences waiting for the model; then 503.")
+    ] = LIMITS.max_queue,
+    batch_wait_ms: Annotated[
+        float, typer.Option(min=0, help="How long to gather requests into a batch.")
+    ] = LIMITS.batch_wait_ms,
+    max_tokens: MaxTokensOption = None,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option(help="Let pages of this origin call the API (repeatable; none by default)."),
+    ] = None,
+    log_level: Annotated[
+        Literal["debug", "info", "warning", "error"],
+        typer.Option(help="debug also logs the queue and each batch."),
+    ] = "info",
+) -> None:
+    """Serve a model over HTTP (see SERVE_HELP)."""
+    from mt.serve import check_installed
+
+    check_installed()
+    from mt.serve.server import serve
+
+    limits = Limits(
+        max_request_bytes=max_request_bytes, max_sentences=max_sentences, max_beam=max_beam,
+        max_queue=max_queue, batch_wait_ms=batch_wait_ms, max_tokens=max_tokens,
+    )  # fmt: skip
+    serve(
+        model, host=host, port=port, beam=beam, device=device, precision=precision,
+        limits=limits, cors_origins=cors_origin, log_level=log_level,
+    )  # fmt: skip
+
+
 @app.command("report")
 def report_command(
     run: Annotated[Path, typer.Argument(metavar="RUN", help="Run directory.")],
@@ -539,7 +610,7 @@ EXPORT_HELP = (
     "Export a trained model for serving: a CTranslate2 model (ct2) or a Hugging Face "
     "MarianMTModel (hf, post-norm models only), with its tokenizer and a README.md.\n\n"
     "OUT appears whole or not at all; an existing non-empty OUT is replaced only with --force. "
-    "ct2 needs ctranslate2 (the serve extra), hf needs transformers (the bench extra)."
+    "ct2 needs ctranslate2 (the export extra), hf needs transformers (the bench extra)."
 )
 
 

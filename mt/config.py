@@ -9,6 +9,7 @@ the file (or the command line) and the key, e.g.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from mt.errors import ConfigError
+from mt.files import atomic_write_bytes
 
 CONFIG_FILE = "config.yaml"  # the resolved config inside a run directory
 
@@ -329,6 +331,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         value = _float_or_same(value)  # YAML 1.1 reads `1e-3` as a string
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+        # One check for every float setting, before the range checks: inf passes `lr > 0` and
+        # trains a model of NaNs, and NaN would fail a range check with a misleading message.
+        if ok and not math.isfinite(value):
+            raise _Invalid(key, f"{key}={value} must be finite")
     elif tp is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     else:
@@ -444,9 +450,7 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
 def save_config(config: Config, path: Path) -> None:
     """Write the resolved config as YAML, atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_bytes(path, yaml.safe_dump(config.to_dict(), sort_keys=False).encode("utf-8"))
 
 
 def diff(old: Config, new: Config, sections: typing.Iterable[str]) -> list[str]:

@@ -3,6 +3,8 @@
 A corpus is encoded once per (corpus content, tokenizer, filter settings) and cached under
 ``cache_dir/<key>/`` as a ``datasets`` directory (columns ``src_ids``, ``tgt_ids``) plus the
 length table (``lengths.npy``) and the filter statistics (``stats.json``, written last).
+Encoding happens in ``cache_dir/.tmp-<host>-<pid>-<random>/``; one left by a process that died
+(kill -9) is removed by the next encode on the same host, never one of a live process.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +29,7 @@ import pyarrow.compute as pc
 from datasets.exceptions import DatasetGenerationError
 
 from mt.errors import DataError, MtError
-from mt.files import atomic_write_bytes
+from mt.files import atomic_write_bytes, write_errors
 from mt.tokenizer import unk_rate
 
 if TYPE_CHECKING:
@@ -164,6 +168,7 @@ def encode_corpus(
     """Encode (and, with ``filter``, length-filter) a corpus, or load it from the cache."""
     key = cache_key(corpus.fingerprint(), tokenizer.fingerprint(), filter, max_len, max_ratio)
     target = Path(cache_dir) / key
+    remove_stale_temps(Path(cache_dir))
     if (target / STATS_FILE).is_file():
         log.info("%s: reused the cached encoding in %s", corpus.describe(), target)
     else:
@@ -186,6 +191,42 @@ def load_encoded(directory: Path) -> EncodedCorpus:
     return EncodedCorpus(dataset, lengths[0], lengths[1], stats)
 
 
+TEMP_PREFIX = ".tmp-"
+
+
+def temp_prefix() -> str:
+    """This process's prefix for temp directories: the owner to check before removing one."""
+    return f"{TEMP_PREFIX}{socket.gethostname()}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host (signal 0 checks without sending)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temps(cache_dir: Path) -> None:
+    """Remove temp directories that encodings killed on this host left in `cache_dir`.
+
+    A directory whose process still runs is kept, and so is one of another host (a cache on a
+    shared file system) or with a name of another form: nothing proves that it is dead.
+    """
+    host = socket.gethostname()
+    for path in sorted(Path(cache_dir).glob(f"{TEMP_PREFIX}*")):
+        # host (it may hold "-"), pid, tempfile's random suffix (it never holds "-")
+        parts = path.name[len(TEMP_PREFIX) :].rsplit("-", 2)
+        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+            continue
+        if path.is_dir() and not _alive(int(parts[1])):
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("%s: removed the temp directory of dead process %s", path, parts[1])
+
+
 def _build(
     corpus: Corpus,
     tokenizer: Tokenizer,
@@ -196,7 +237,10 @@ def _build(
     """Encode into a temporary directory beside ``target``, then move the result into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
     # Every intermediate Arrow file lives in this directory and goes with it.
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".tmp-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(dir=target.parent, prefix=temp_prefix()) as tmp,
+        write_errors(target, Path(tmp)),
+    ):
         with _quiet_datasets():
             encoded = _encode(corpus, tokenizer, Path(tmp), target.name, num_proc)
             src_lens, tgt_lens = _lengths(encoded)

@@ -12,7 +12,14 @@ from sacrebleu.metrics import BLEU, CHRF, TER
 
 from mt.errors import MtError
 from mt.run import corpus, load_trained
-from mt.translate import decode_settings, read_lines, resolve_runtime, translate_lines
+from mt.translate import (
+    check_found,
+    count_missing,
+    decode_settings,
+    read_lines,
+    resolve_runtime,
+    translate_lines,
+)
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,7 @@ def model_translations(
     The references are None unless the run's test set was translated.
     """
     dev, prec = resolve_runtime(device, precision)
-    config, tokenizer, model, _ = load_trained(model_path, dev)
+    config, tokenizer, model, checkpoint = load_trained(model_path, dev)
     refs = None
     if sources is None:
         pairs = list(corpus(config, "test").pairs())
@@ -73,6 +80,8 @@ def model_translations(
     translations = translate_lines(
         sources, tokenizer, model, decode, dev, prec, progress=sys.stderr.isatty()
     )
+    # Scores of a model that cannot translate every line would be meaningless.
+    check_found(checkpoint.weights, count_missing(translations), len(translations))
     return [hyps[0].text for hyps in translations], refs
 
 

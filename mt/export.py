@@ -56,7 +56,7 @@ from mt.vocab import BOS_ID, EOS_ID, PAD_ID
 log = logging.getLogger("mt")
 
 FORMATS = ("ct2", "hf")
-INSTALL_CT2 = "pip install 'mt[serve]' (or pip install ctranslate2)"
+INSTALL_CT2 = "pip install 'mt[export]' (or pip install ctranslate2)"
 INSTALL_HF = "pip install 'mt[bench]' (or pip install transformers)"
 TINY_PENALTY = 1e-6  # CT2 length penalty standing in for mt's "none" (see the module docstring)
 

@@ -3,6 +3,9 @@
 Data goes to a hidden temp file beside the target (`.NAME.<random hex>.tmp`), is fsynced, gets the
 permissions a plain `open()` would give, and is renamed over the target. If anything fails,
 the temp file is removed and the target is untouched. Whole directories work the same way.
+
+A write the file system refuses (a full disk, a quota, a read-only mount) becomes one line,
+`PATH: cannot write (No space left on device)`, whichever library was writing.
 """
 
 from __future__ import annotations
@@ -10,11 +13,19 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
+
+from mt.errors import MtError
+
+# Bytes written to learn whether a file system still takes data. More than any library's
+# last failed write can leave free: when the disk is full, this write fails too.
+_PROBE_BYTES = 1 << 20
 
 
 def _umask() -> int:
@@ -37,16 +48,64 @@ def _fsync_dir(directory: Path) -> None:
         _fsync(directory)
 
 
+def _refusal(directory: Path) -> str | None:
+    """Why `directory`'s file system refuses to store data now (e.g. it is full), or None."""
+    try:
+        with tempfile.TemporaryFile(dir=directory) as probe:
+            probe.write(bytes(_PROBE_BYTES))
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def _write_failure(exc: Exception, path: Path, temp: Path) -> str | None:
+    """The cause, as the OS words it, when `exc` is a failed write to `temp`; else None."""
+    if isinstance(exc, OSError):
+        name = None if exc.filename is None else Path(os.fsdecode(exc.filename))
+        if name is not None and name != temp and temp not in name.parents:
+            return None  # another file: a failed read
+        if exc.strerror:
+            return exc.strerror
+    # Libraries that write by themselves word the OS error their own way: safetensors (Rust)
+    # says "(os error 28)", pyarrow "[errno 28]"; torch.save only "unexpected pos", and then
+    # the file system is asked directly.
+    if match := re.search(r"(?:os error|\[errno) (\d+)", str(exc), re.IGNORECASE):
+        return os.strerror(int(match.group(1)))
+    return _refusal(path.parent) or (str(exc) if isinstance(exc, OSError) else None)
+
+
+@contextlib.contextmanager
+def write_errors(path: Path, temp: Path | None = None) -> Iterator[None]:
+    """Turn a failed write of `path` (through `temp`, its temp file or directory) into MtError.
+
+    The message is `PATH: cannot write (CAUSE)`. Anything else raised in the block (an error
+    naming another file, a bug while the file system still takes data) passes through.
+    """
+    path = Path(path)
+    try:
+        yield
+    except MtError:
+        raise
+    except Exception as exc:
+        cause = _write_failure(exc, path, Path(temp) if temp is not None else path)
+        if cause is None:
+            raise
+        raise MtError(f"{path}: cannot write ({cause})") from None
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temp path to write `path`'s new contents to (by any library); renamed into place after."""
     path = Path(path)
     temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        yield temp
-        _fsync(temp)
-        os.chmod(temp, 0o666 & ~_umask())
-        os.replace(temp, path)
+        with write_errors(path, temp):
+            yield temp
+            _fsync(temp)
+            os.chmod(temp, 0o666 & ~_umask())
+            os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)  # a failed write leaves nothing behind
         raise
@@ -76,13 +135,14 @@ def atomic_directory(path: Path, replace: bool = False) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    temp.mkdir()
     try:
-        yield temp
-        for file in temp.rglob("*"):
-            if file.is_file():  # open()'s permissions: some libraries write 0600 files
-                os.chmod(file, 0o666 & ~_umask())
-                _fsync(file)
+        with write_errors(path, temp):
+            temp.mkdir()
+            yield temp
+            for file in temp.rglob("*"):
+                if file.is_file():  # open()'s permissions: some libraries write 0600 files
+                    os.chmod(file, 0o666 & ~_umask())
+                    _fsync(file)
         _swap_in(temp, path, replace)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)  # a failed export leaves nothing behind

@@ -1,50 +1,187 @@
-"""Training metrics: a JSON-lines file and TensorBoard scalars in the run directory."""
+"""Training metrics: a JSON-lines file and TensorBoard scalars in the run directory.
+
+metrics.jsonl holds one JSON object per line, `{"kind", "step", "time", ...values}`. A crash or
+a full disk can leave its last line torn: opening the file for writing cuts that line off, and
+readers skip any unreadable line, each with a warning naming the file and the line. A run
+resumed from a checkpoint at step S first drops what an earlier process logged after S.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import logging
 import math
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from mt.errors import MtError
+from mt.files import atomic_write_bytes, write_errors
+
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+log = logging.getLogger("mt")
 
 
 class MetricsLog:
     """Appends one JSON record per event to metrics.jsonl and mirrors numbers to TensorBoard."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+    def __init__(
+        self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None
+    ) -> None:
+        """Open the run's metrics for appending, a torn last line cut off.
+
+        With `resume_step` S (the step of the checkpoint training continues from; 0 for a
+        fresh start), records after S are dropped, and so are `end` records: the steps after S
+        will be logged again, and this process writes its own `end`. TensorBoard hides its
+        events after S too.
+        """
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.file = (run_dir / METRICS_FILE).open("a", encoding="utf-8")
+        self.path = run_dir / METRICS_FILE
+        repair_metrics(self.path, resume_step)
+        with write_errors(self.path):
+            self.file = self.path.open("a", encoding="utf-8")
+        self.tensorboard_dir = run_dir / TENSORBOARD_DIR
         self.writer = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # slow import: only when used
-
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            self.writer = _summary_writer(self.tensorboard_dir, resume_step)
 
     def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
         """Record `values` (numbers or strings) of event `kind` (train, valid, ...) at `step`."""
         record = {"kind": kind, "step": step, "time": round(time.time(), 3), **values}
-        self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self.file.flush()
+        try:
+            with write_errors(self.path):
+                self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+                self.file.flush()
+        except MtError:
+            # Close now, dropping what did not fit: a flush at exit would fail again, noisily.
+            with contextlib.suppress(OSError):
+                self.file.close()
+            raise
         if self.writer is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self.writer.add_scalar(f"{kind}/{key}", value, step)
+            with write_errors(self.tensorboard_dir):
+                for key, value in values.items():
+                    if isinstance(value, (int, float)) and math.isfinite(value):
+                        self.writer.add_scalar(f"{kind}/{key}", value, step)
+                # Waits for the writer thread, and raises here what it failed to write.
+                self.writer.flush()
 
     def close(self) -> None:
         """Flush and close the file and the TensorBoard writer."""
-        self.file.close()
+        with write_errors(self.path):
+            self.file.close()
         if self.writer is not None:
-            self.writer.close()
+            with write_errors(self.tensorboard_dir):
+                self.writer.close()
+
+
+def _summary_writer(directory: Path, resume_step: int | None) -> Any:
+    """A TensorBoard SummaryWriter on `directory`, hiding events after `resume_step`."""
+    from torch.utils.tensorboard import SummaryWriter  # slow import: only when used
+
+    _quiet_tensorboard_thread()
+    with write_errors(directory):
+        # purge_step P: TensorBoard discards the events of earlier files at steps >= P.
+        purge = None if resume_step is None else resume_step + 1
+        return SummaryWriter(str(directory), purge_step=purge)
+
+
+@functools.cache
+def _quiet_tensorboard_thread() -> None:
+    """Keep TensorBoard's writer thread from printing a traceback when a write fails.
+
+    The thread keeps its exception, and the main thread raises it at its next add or flush,
+    where write_errors makes it one line; only the thread's own printout is suppressed.
+    """
+    from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if not isinstance(args.thread, _AsyncWriterThread):
+            previous(args)
+
+    threading.excepthook = hook
+
+
+# --- reading and repairing ----------------------------------------------------------------------
+
+
+def _parse(line: bytes) -> dict[str, Any] | None:
+    """The record on one line, or None if the line is not one (torn, not JSON, not a record)."""
+    try:
+        record = json.loads(line)
+    except ValueError:  # JSONDecodeError, and UnicodeDecodeError for a multi-byte char cut short
+        return None
+    ok = isinstance(record, dict) and isinstance(record.get("kind"), str)
+    return record if ok and isinstance(record.get("step"), int) else None
+
+
+@functools.cache  # once per line and process: `mt report` reads the file several times
+def _warn_unreadable(path: Path, number: int) -> None:
+    log.warning("%s: line %d is not a metrics record (a torn write?): skipped", path, number)
+
+
+def _records(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, record) of every readable line; each unreadable one warned about once."""
+    out = []
+    for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        record = _parse(line)
+        if record is None:
+            _warn_unreadable(path, number)
+        else:
+            out.append((number, record))
+    return out
 
 
 def read_metrics(run_dir: Path, kind: str | None = None) -> list[dict[str, Any]]:
     """The records of metrics.jsonl (optionally only those of one kind), in order."""
-    path = run_dir / METRICS_FILE
+    path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
-    with path.open(encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return [r for r in records if kind is None or r["kind"] == kind]
+    return [r for _, r in _records(path) if kind is None or r["kind"] == kind]
+
+
+def repair_metrics(path: Path, resume_step: int | None = None) -> None:
+    """Cut a torn last line off `path`; with `resume_step`, drop what follows (see MetricsLog)."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    *lines, tail = data.split(b"\n")  # tail: what follows the last newline, b"" when whole
+    if tail or (lines and lines[-1].strip() and _parse(lines[-1]) is None):
+        log.warning(
+            "%s: line %d is incomplete (a write cut short): removed it",
+            path, len(lines) + 1 if tail else len(lines),
+        )  # fmt: skip
+        lines = lines if tail else lines[:-1]
+    if resume_step is not None:
+        kept = [
+            line
+            for number, line in enumerate(lines, start=1)
+            if _survives(path, number, line, resume_step)
+        ]
+        if len(kept) < len(lines):
+            log.info(
+                "%s: resuming from step %d: dropped %d lines of the earlier process (later "
+                "steps, its end record)", path, resume_step, len(lines) - len(kept),
+            )  # fmt: skip
+        lines = kept
+    repaired = b"".join(line + b"\n" for line in lines)
+    if repaired != data:
+        atomic_write_bytes(path, repaired)
+
+
+def _survives(path: Path, number: int, line: bytes, step: int) -> bool:
+    """Whether a line is kept by a resume at `step`: a readable record up to it, not an `end`."""
+    record = _parse(line)
+    if record is None:
+        if line.strip():
+            _warn_unreadable(path, number)
+        return False
+    return record["step"] <= step and record["kind"] != "end"

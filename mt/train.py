@@ -34,6 +34,7 @@ from mt.data import EncodedCorpus, write_data_stats
 from mt.device import autocast, configure_backends, resolve_precision
 from mt.distributed import World
 from mt.errors import ConfigError, MtError
+from mt.lock import hold_run_lock
 from mt.loss import label_smoothed_nll
 from mt.metrics import MetricsLog
 from mt.model import Transformer, count_parameters
@@ -350,11 +351,28 @@ def main_first(world: World, device: torch.device, prepare: Callable[[], object]
     return result if world.is_main else prepare()
 
 
-def start(config: Config, resume: Path | None, world: World, device: torch.device) -> Run:
-    """Prepare tokenizer and data, build the learner, restore the checkpoint to resume from."""
+def start(
+    config: Config,
+    resume: Path | None,
+    world: World,
+    device: torch.device,
+    stack: contextlib.ExitStack,
+) -> Run:
+    """Lock the run directory, prepare tokenizer and data, build the learner, restore.
+
+    Rank 0 holds the lock until `stack` closes; the checkpoint restored is `resume`, else the
+    run's latest.
+    """
     precision = resolve_precision(config.train.precision, device)
     configure_backends(device)
-    tokenizer, train_data, valid_data = main_first(world, device, lambda: prepare(config, world))
+
+    def prepare_run() -> tuple[Tokenizer, EncodedCorpus, EncodedCorpus | None]:
+        if world.is_main:  # before anything is written: a second trainer stops here
+            stack.enter_context(hold_run_lock(run_path(config)))
+            ckpt.repair_checkpoints(run_path(config))
+        return prepare(config, world)
+
+    tokenizer, train_data, valid_data = main_first(world, device, prepare_run)
     vocab = (tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
     learner = build_learner(config, vocab, world, device, precision)
     run = Run(
@@ -401,7 +419,7 @@ def restore(checkpoint: ckpt.Checkpoint, run: Run) -> TrainState:
     """Load a checkpoint into the learner; returns its TrainState, on this run's world size."""
     learner = run.learner
     ckpt.load_weights(checkpoint.weights, learner.model, expected=run.metadata)
-    payload = ckpt.load_state(checkpoint.state)
+    payload = ckpt.load_training_state(checkpoint)
     learner.optimizer.load_state_dict(payload["optimizer"])
     learner.scheduler.load_state_dict(payload["scheduler"])
     restore_scaler(learner, payload["scaler"])
@@ -439,12 +457,12 @@ def train(config: Config, resume: Path | None = None) -> TrainResult:
     if not world.is_main:
         log.setLevel(logging.WARNING)  # rank 0 alone logs progress; errors still print everywhere
     try:
-        run = start(config, resume, world, device)
-        if run.state.step >= tc.max_steps:
-            at = f"{run.directory} is already at step {run.state.step}"
-            log.info(f"{at} (train.max_steps={tc.max_steps}): nothing to do")
-            return TrainResult(run.state, None, str(device), world.is_main, idle=True)
-        with contextlib.ExitStack() as stack:
+        with contextlib.ExitStack() as stack:  # the run lock, the metrics log
+            run = start(config, resume, world, device, stack)
+            if run.state.step >= tc.max_steps:
+                at = f"{run.directory} is already at step {run.state.step}"
+                log.info(f"{at} (train.max_steps={tc.max_steps}): nothing to do")
+                return TrainResult(run.state, None, str(device), world.is_main, idle=True)
             begin(run, stack)
             return loop(run)
     finally:
@@ -457,7 +475,9 @@ def begin(run: Run, stack: contextlib.ExitStack) -> None:
         return
     config, learner = run.config, run.learner
     save_config(config, run.directory / CONFIG_FILE)
-    run.metrics = stack.enter_context(contextlib.closing(MetricsLog(run.directory)))
+    # Records of steps after the checkpoint resumed from are dropped: they are run again.
+    metrics = MetricsLog(run.directory, resume_step=run.state.step)
+    run.metrics = stack.enter_context(contextlib.closing(metrics))
     if config.data.test:
         test = encoded(config, run.tokenizer, "test")
         report_long(test, learner.model.max_positions - 1, "test", "the report")
@@ -548,10 +568,11 @@ def apply(run: Run, result: StepResult) -> bool:
     if result.out_of_memory:
         learner.optimizer.zero_grad(set_to_none=True)
         state.oom_steps += 1
-        log.warning(
-            f"step {state.step + 1}: a rank ran out of memory; every rank skipped this update "
-            f"({state.oom_steps} so far; lower train.max_tokens if this recurs)"
-        )
+        if run.world.is_main:
+            log.warning(
+                f"step {state.step + 1}: a rank ran out of memory; every rank skipped this "
+                f"update ({state.oom_steps} so far; lower train.max_tokens if this recurs)"
+            )
         return False
     if learner.precision != "fp16" and not math.isfinite(result.norm):
         # Gradients are summed over ranks before the norm: every rank stops at the same step.

@@ -2,6 +2,9 @@
 
 Every input line gives exactly one output line (or K with n-best output), in input order.
 Blank lines, and lines with no source pieces at all, are not decoded: they give empty output.
+A line for which the model gives no hypothesis a finite score (diverged weights, an overflow)
+gets an empty translation too, score nan, rather than the arbitrary text of a NaN argmax; the
+command writes every line and then fails with one line naming the checkpoint.
 """
 
 from __future__ import annotations
@@ -40,14 +43,16 @@ _NBEST_BREAKS = str.maketrans({"\t": " "})
 
 @dataclass(frozen=True)
 class Translation:
-    """One hypothesis for one input line: detokenised text, search score (nan for greedy), ids."""
+    """One hypothesis for one input line: detokenised text, length-penalised score, ids."""
 
     text: str
     score: float
     tokens: list[int]
+    found: bool = True  # False: no hypothesis had a finite score, so the text is empty
 
 
 EMPTY = Translation("", 0.0, [])  # what a blank input line translates to
+NOT_FOUND = Translation("", math.nan, [], found=False)  # a line without a finite hypothesis
 
 
 # --- input ----------------------------------------------------------------------------------
@@ -126,6 +131,19 @@ def resolve_runtime(device: str, precision: str) -> tuple[torch.device, str]:
 # --- search ---------------------------------------------------------------------------------
 
 
+def _greedy(model: Transformer, src: torch.Tensor, decode: DecodeConfig) -> list[list[Any]]:
+    """Greedy search, each output scored as beam search scores it."""
+    # Not search.greedy_search, which returns ids only: the log-probabilities tell whether the
+    # model's scores were finite at all (a NaN argmax still picks a token).
+    tokens, logprobs = search.decode_rows(
+        model, src, model.encode(src), decode.max_len_a, decode.max_len_b, 0, search.pick_argmax
+    )  # (B, T), (B,)
+    return [
+        [search.finished_hypothesis(ids, lp, decode.alpha, decode.length_penalty)]
+        for ids, lp in zip(search.strip(tokens), logprobs.tolist(), strict=True)
+    ]
+
+
 def _search(
     model: Transformer, src: torch.Tensor, decode: DecodeConfig, scores: bool
 ) -> list[list[Any]]:
@@ -145,10 +163,7 @@ def _search(
             **common,
         )
     if decode.beam == 1 and decode.nbest == 1 and not scores and decode.min_len == 0:
-        # Greedy is beam search of width 1 without the bookkeeping; it reports no scores.
-        return [
-            [Translation("", math.nan, ids)] for ids in search.greedy_search(model, src, **common)
-        ]
+        return _greedy(model, src, decode)  # beam search of width 1 without the bookkeeping
     return search.beam_search(
         model,
         src,
@@ -187,7 +202,7 @@ def translate_batches(
     """(line indices, their n-best translations) batch by batch, longest batches last.
 
     Blank lines (and lines without pieces) come first, untranslated. `scores` forces beam
-    search even at beam 1, so that every hypothesis has a score.
+    search even at beam 1. A line without a finite hypothesis gets `nbest` times NOT_FOUND.
     """
     ids = encode_sources(lines, tokenizer, model.max_positions - 1)  # - 1: room for EOS
     nbest = decode.nbest
@@ -199,13 +214,17 @@ def translate_batches(
         src = collate_source([ids[i] for i in batch], batch).src.to(device)  # (B, S)
         with autocast(device, precision):
             hypotheses = _search(model, src, decode, scores)
-        yield batch.tolist(), [_detokenise(tokenizer, hyps[:nbest]) for hyps in hypotheses]
+        yield batch.tolist(), [_detokenise(tokenizer, hyps, nbest) for hyps in hypotheses]
         bar.update(len(batch))
     bar.close()
 
 
-def _detokenise(tokenizer: Tokenizer, hyps: Sequence[Any]) -> list[Translation]:
-    """Hypotheses of one line as Translations with one-line text."""
+def _detokenise(tokenizer: Tokenizer, hyps: Sequence[Any], nbest: int) -> list[Translation]:
+    """The `nbest` best finite-scored hypotheses of one line as Translations, one-line text."""
+    # Search may return nothing, or only non-finite hypotheses, for a line the model cannot score.
+    hyps = [h for h in hyps if math.isfinite(h.score)][:nbest]
+    if not hyps:
+        return [NOT_FOUND] * nbest
     texts = tokenizer.decode_tgt([list(h.tokens) for h in hyps])
     return [
         Translation(text.translate(_LINE_BREAKS), float(h.score), list(h.tokens))
@@ -286,6 +305,20 @@ def output_stream(output: Path | None) -> Iterator[IO[bytes]]:
         yield stream
 
 
+def count_missing(translations: Sequence[Sequence[Translation]]) -> int:
+    """How many lines got no translation because no hypothesis had a finite score."""
+    return sum(not hyps[0].found for hyps in translations)
+
+
+def check_found(checkpoint: Path, missing: int, total: int) -> None:
+    """MtError naming the checkpoint when `missing` of `total` lines got no translation."""
+    if missing:
+        raise MtError(
+            f"{checkpoint}: the model's scores are not finite (diverged weights?): no "
+            f"translation for {missing} of {total} lines"
+        )
+
+
 def translate_file(
     source: str,
     model_path: Path,
@@ -299,10 +332,11 @@ def translate_file(
     lines = read_lines(source)  # before loading the model: bad input fails fast
     if output is not None and not Path(output).parent.is_dir():
         raise MtError(f"{output}: directory {Path(output).parent} does not exist")
-    config, tokenizer, model, _ = load_trained(model_path, dev)
+    config, tokenizer, model, checkpoint = load_trained(model_path, dev)
     decode = decode_settings(config, **overrides)
     # n-best format when asked for on the command line, or when the run's config asks for it.
     nbest = overrides.get("nbest") is not None or decode.nbest > 1
+    missing = 0
     with output_stream(output) as stream:
         writer = InOrderWriter(
             stream, len(lines), lambda i, hyps: format_translations(i, hyps, nbest)
@@ -311,4 +345,6 @@ def translate_file(
             lines, tokenizer, model, decode, dev, prec, scores=nbest, progress=sys.stderr.isatty()
         ):
             writer.add(indices, translations)
+            missing += count_missing(translations)
         writer.close()
+    check_found(checkpoint.weights, missing, len(lines))  # once all is written, --output too

@@ -7,14 +7,12 @@ import itertools
 import logging
 import os
 import pickle
-import random
 import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_model, save_file
@@ -56,7 +54,6 @@ def train_state(model: torch.nn.Module) -> dict:
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(),
-        "rng": ck.rng_state(),
     }
 
 
@@ -291,16 +288,6 @@ def test_state_with_unloadable_objects_is_refused_at_save(tmp_path: Path) -> Non
     with pytest.raises(TypeError, match=r"state\['x'\] is a PosixPath|state\['x'\] is a Path"):
         ck.save_checkpoint(tmp_path, 1, tiny(), {"x": Path("a")}, META)
     assert ck.list_checkpoints(tmp_path) == []
-
-
-def test_rng_state_round_trip(tmp_path: Path) -> None:
-    state = ck.rng_state()
-    expected = (torch.rand(5), random.random(), np.random.rand())
-    torch.save(state, tmp_path / "rng.pt")
-    ck.set_rng_state(ck.load_state(tmp_path / "rng.pt"))  # also proves weights_only accepts it
-    assert torch.equal(torch.rand(5), expected[0])
-    assert random.random() == expected[1]
-    assert np.random.rand() == expected[2]
 
 
 def test_resolve_checkpoint(tmp_path: Path) -> None:

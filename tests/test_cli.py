@@ -8,6 +8,8 @@ error surfaces as the MtError that `main()` would print.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -155,6 +157,30 @@ def test_os_errors_are_one_line(prepared: tuple[Path, str, str], tmp_path: Path)
     result = invoke("tokenizer", "train", *tiny_args(blocker / "run"))
     assert isinstance(result.exception, DataError)
     assert str(result.exception) == f"run_dir {blocker / 'run'}: cannot create (Not a directory)"
+
+
+def test_a_full_disk_under_checkpoints_is_one_line(
+    trained_run: Path, small_fs, tmp_path: Path
+) -> None:
+    # The trained run, resumed for one step, with its checkpoints on a file system now full.
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("checkpoints"))
+    checkpoints = small_fs.mount(run / "checkpoints")
+    for path in (trained_run / "checkpoints").iterdir():
+        shutil.copyfile(path, checkpoints / path.name)
+    before = {path.name: path.read_bytes() for path in checkpoints.iterdir()}
+    small_fs.fill(checkpoints)
+    overrides = ("train.max_steps=301", "train.valid_every=100", "train.report=false")
+    code, _, err = run_mt("train", *tiny_args(run, *overrides))
+    assert code == 1, err
+    assert re.fullmatch(
+        rf"error: {checkpoints}/step-00000301\.(safetensors|state\.pt): "
+        r"cannot write \(No space left on device\)",
+        err.splitlines()[-1],
+    ), err
+    assert "Traceback" not in err
+    after = {p.name: p.read_bytes() for p in checkpoints.iterdir() if p.name != ".filler"}
+    assert after == before  # the previous checkpoints and best as they were; no temp file
 
 
 # --- data prepare ----------------------------------------------------------------------------

@@ -186,3 +186,36 @@ def test_from_dict_and_diff() -> None:
     assert diff(a, b, ["model", "train"]) == ["model.heads: 4 -> 2", "train.lr: 0.0007 -> 0.5"]
     with pytest.raises(ConfigError, match=r"^checkpoint: unknown key model\.x$"):
         from_dict({"model": {"x": 1}}, source="checkpoint")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lr=.inf", "train.lr=inf must be finite"),
+        ("train.lr=nan", "train.lr=nan must be finite"),
+        ("train.lr=1e999", "train.lr=inf must be finite"),
+        ("train.max_minutes=.inf", "train.max_minutes=inf must be finite"),
+        ("train.betas=[0.9, .nan]", "train.betas=nan must be finite"),
+        ("model.dropout=-.inf", "model.dropout=-inf must be finite"),
+        ("data.max_ratio=.inf", "data.max_ratio=inf must be finite"),
+        ("decode.alpha=.nan", "decode.alpha=nan must be finite"),
+        ("decode.max_len_a=inf", "decode.max_len_a=inf must be finite"),
+    ],
+)
+def test_float_settings_refuse_inf_and_nan_on_the_command_line(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "tiny.yaml", [override])
+    assert str(err.value) == f"command line: {message}"
+
+
+def test_float_settings_refuse_inf_and_nan_in_a_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "train: {lr: .inf}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: train.lr=inf must be finite"
+    path = write(tmp_path, "tokenizer: {character_coverage: .nan}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: tokenizer.character_coverage=nan must be finite"
+    with pytest.raises(ConfigError, match=r"^checkpoint: train\.eps=inf must be finite$"):
+        from_dict({"train": {"eps": float("inf")}}, source="checkpoint")

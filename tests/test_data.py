@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import random
+import re
+import socket
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mt.corpora import Corpus, open_corpus
-from mt.data import EncodedCorpus, FilterStats, encode_corpus
-from mt.errors import DataError
+from mt.data import EncodedCorpus, FilterStats, encode_corpus, temp_prefix
+from mt.errors import DataError, MtError
 from mt.tokenizer import Tokenizer, train_tokenizer
 
+ROOT = Path(__file__).resolve().parents[1]
 _SYLLABLES = [
     "ka",
     "to",
@@ -213,3 +221,54 @@ def test_corpus_errors_are_data_errors(tok: Tokenizer, tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no sentence pairs"):
         encode_corpus(empty, tok, tmp_path / "cache", filter=True)
     assert list((tmp_path / "cache").iterdir()) == []  # nothing half-written is left
+
+
+def test_temp_dirs_of_dead_encodings_are_removed_not_live_ones(
+    tiny: Corpus, tok: Tokenizer, tmp_path: Path, caplog
+) -> None:
+    # A real process makes its temp directory as an encoding does, then is killed with -9.
+    script = (
+        "import sys, tempfile; from mt.data import temp_prefix; "
+        "print(tempfile.mkdtemp(prefix=temp_prefix(), dir=sys.argv[1]), flush=True); "
+        "sys.stdin.readline()"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    dead = Path(child.stdout.readline().strip())
+    (dead / "raw").mkdir()
+    (dead / "raw" / "part.arrow").write_bytes(b"half")
+    child.kill()
+    child.wait()  # reaped: its pid no longer exists
+    live = Path(tempfile.mkdtemp(prefix=temp_prefix(), dir=tmp_path))  # this process's
+    host = socket.gethostname()
+    other_host = tmp_path / f".tmp-{host}x-{child.pid}-abc"  # can't tell: another machine
+    unknown = tmp_path / ".tmp-k3j4h5"  # can't tell: no owner in the name
+    for path in (other_host, unknown):
+        path.mkdir()
+    assert dead.name.startswith(f".tmp-{host}-{child.pid}-")
+    with caplog.at_level(logging.INFO, logger="mt"):
+        encode_corpus(tiny, tok, tmp_path, filter=True)
+    assert not dead.exists()
+    assert live.is_dir() and other_host.is_dir() and unknown.is_dir()
+    assert f"{dead}: removed the temp directory of dead process {child.pid}" in [
+        r.getMessage() for r in caplog.records
+    ]
+
+
+def test_a_full_disk_under_the_cache_is_one_line(
+    tiny: Corpus, tok: Tokenizer, small_fs, tmp_path: Path
+) -> None:
+    cache = small_fs.mount(tmp_path / "cache")
+    small_fs.fill(cache)
+    with pytest.raises(MtError, match=r"cannot write") as err:
+        encode_corpus(tiny, tok, cache, filter=True)
+    assert re.fullmatch(
+        rf"{cache}/[0-9a-f]{{64}}: cannot write \(No space left on device\)", str(err.value)
+    )
+    assert sorted(p.name for p in cache.iterdir()) == [".filler"]  # no entry, no temp dir

@@ -145,3 +145,24 @@ def test_model_without_files_scores_the_test_set(trained_run: Path, tmp_path: Pa
     src, ref = ROOT / "tests/data/tiny/valid.de", ROOT / "tests/data/tiny/valid.en"
     scores = evaluate(src=src, ref=ref, model=trained_run, precision="fp32", beam=1)
     assert scores["bleu"].score == pytest.approx(valid[best.step], abs=1e-9)
+
+
+def test_a_diverged_model_is_one_error_line(diverged_run: Path, tmp_path: Path) -> None:
+    (tmp_path / "src.txt").write_text("Der hund .\nDas kind .\n", encoding="utf-8")
+    (tmp_path / "ref.txt").write_text("The dog .\nThe child .\n", encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    args = ["evaluate", "--model", str(diverged_run), "--src", "src.txt", "--ref", "ref.txt"]
+    result = subprocess.run(
+        [sys.executable, "-m", "mt", *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=120,
+    )
+    weights = ckpt.resolve_checkpoint(diverged_run).weights
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == (
+        f"error: {weights}: the model's scores are not finite (diverged weights?): "
+        "no translation for 2 of 2 lines\n"
+    )

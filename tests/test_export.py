@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_DATA = ROOT / "tests" / "data" / "tiny"
 MULTI30K = [ROOT / "data" / "multi30k", ROOT.parent / "shared" / "data" / "multi30k"]
 CPU = torch.device("cpu")
-NO_CT2 = "ctranslate2 is not installed (pip install -e '.[serve]')"
+NO_CT2 = "ctranslate2 is not installed (pip install -e '.[export]')"
 NO_HF = "transformers is not installed (pip install -e '.[bench]')"
 PRENORM_REFUSAL = (
     "error: mt export --format hf: model.prenorm=true cannot be represented by MarianMTModel "
@@ -252,7 +252,7 @@ def test_missing_ctranslate2_prints_the_install_hint(
     assert run_main(monkeypatch, "export", "-f", "ct2", str(trained_run), str(out)) == 1
     assert capsys.readouterr().err == (
         "error: mt export --format ct2 needs CTranslate2: "
-        "pip install 'mt[serve]' (or pip install ctranslate2)\n"
+        "pip install 'mt[export]' (or pip install ctranslate2)\n"
     )
     assert not out.exists()
 

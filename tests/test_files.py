@@ -1,11 +1,15 @@
 """Atomic writes: the target is replaced whole or not at all, with open()'s permissions."""
 
+import errno
 import os
 import stat
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
+from mt.errors import MtError
 from mt.files import atomic_directory, atomic_path, atomic_write, atomic_write_bytes
 
 
@@ -64,3 +68,63 @@ def test_atomic_directory_failure_keeps_the_old_contents(tmp_path: Path) -> None
         raise RuntimeError("disk on fire")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     assert sorted(p.name for p in out.iterdir()) == ["old.bin"]
+
+
+# --- a full disk: one line naming the file, the previous file intact -----------------------------
+
+
+def save_torch(path: Path) -> None:
+    torch.save({"w": torch.ones(100_000)}, path)  # 400 kB: more than is left
+
+
+def save_safetensors(path: Path) -> None:
+    save_file({"w": torch.ones(100_000)}, str(path))
+
+
+@pytest.mark.parametrize("save", [save_torch, save_safetensors])
+def test_a_library_failing_on_a_full_disk_is_one_line(save, small_fs, tmp_path: Path) -> None:
+    disk = small_fs.mount(tmp_path / "disk")
+    target = disk / "model.bin"
+    target.write_bytes(b"previous")
+    small_fs.fill(disk)
+    with pytest.raises(MtError) as err, atomic_path(target) as temp:
+        save(temp)
+    assert str(err.value) == f"{target}: cannot write (No space left on device)"
+    assert target.read_bytes() == b"previous"
+    assert sorted(p.name for p in disk.iterdir()) == [".filler", "model.bin"]
+
+
+def test_a_directory_on_a_full_disk_is_one_line(small_fs, tmp_path: Path) -> None:
+    disk = small_fs.mount(tmp_path / "disk")
+    (disk / "export").mkdir()
+    (disk / "export" / "old.bin").write_bytes(b"old")
+    small_fs.fill(disk)
+    with pytest.raises(MtError) as err, atomic_directory(disk / "export", replace=True) as temp:
+        (temp / "model.bin").write_bytes(bytes(100_000))
+    assert str(err.value) == f"{disk / 'export'}: cannot write (No space left on device)"
+    assert sorted(p.name for p in disk.iterdir()) == [".filler", "export"]
+    assert sorted(p.name for p in (disk / "export").iterdir()) == ["old.bin"]
+
+
+def test_os_errors_name_the_file_and_the_cause(tmp_path: Path) -> None:
+    target = tmp_path / "out.bin"
+    with pytest.raises(MtError) as err, atomic_write(target) as stream:
+        stream.write(b"half")
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))  # as a buffered write raises it
+    assert str(err.value) == f"{target}: cannot write (Disk quota exceeded)"
+    # A library that keeps the OS error's number in its own message (safetensors' Rust io::Error)
+    with pytest.raises(MtError) as err, atomic_path(target):
+        raise RuntimeError("Error while serializing: I/O error: No space left (os error 28)")
+    assert str(err.value) == f"{target}: cannot write (No space left on device)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_errors_that_are_not_failed_writes_pass_through(tmp_path: Path) -> None:
+    target = tmp_path / "out.bin"
+    with pytest.raises(FileNotFoundError), atomic_path(target):
+        (tmp_path / "missing.txt").read_bytes()  # another file: a failed read, not a write
+    with pytest.raises(MtError, match=r"^bad input$"), atomic_path(target):
+        raise MtError("bad input")
+    with pytest.raises(ValueError, match=r"^a bug"), atomic_path(target):
+        raise ValueError("a bug: the disk takes data, so this keeps its traceback")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

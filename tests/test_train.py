@@ -6,6 +6,7 @@ import itertools
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -339,6 +340,21 @@ def test_resumed_metrics_equal_an_uninterrupted_runs(tmp_path: Path) -> None:
     assert [r["kind"] for r in read_metrics(split)].count("end") == 1
 
 
+def test_metrics_after_a_kill_9_equal_an_uninterrupted_runs(tmp_path: Path) -> None:
+    # Records written after the last checkpoint are run again on resume: they are dropped.
+    steps = ["train.max_steps=30", "train.log_every=2", "train.valid_every=5"]
+    straight = tmp_path / "straight"
+    train(tiny(straight, *steps))
+    split = tmp_path / "split"
+    proc = run_cli(split, *steps)
+    wait_for_step(split, 8, proc)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert max(r["step"] for r in read_metrics(split)) > ckpt.latest_checkpoint(split).step
+    train(tiny(split, *steps))
+    assert records(split) == records(straight)
+
+
 def test_a_run_with_nothing_to_do_keeps_its_config(tmp_path: Path) -> None:
     run = tmp_path / "run"
     train(tiny(run, "train.max_steps=15"))
@@ -458,3 +474,22 @@ def test_one_host_read_per_training_step(tmp_path: Path, monkeypatch: pytest.Mon
     train(tiny(run, "train.max_steps=12", "train.log_every=100", "train.valid_every=100"))
     per_step = [b - a for a, b in itertools.pairwise(at_step)]
     assert per_step == [1] * 11
+
+
+def test_a_second_trainer_on_the_same_run_directory_is_refused(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    first = run_cli(run, "train.max_steps=100000", "train.log_every=1")
+    wait_for_step(run, 1, first)
+    config_before = (run / "config.yaml").read_bytes()
+    second = run_cli(run, "train.max_steps=100000", "train.lr=0.5")
+    _, err = second.communicate(timeout=120)
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=60)
+    assert second.returncode == 1
+    lines = err.decode().strip().splitlines()
+    assert lines[-1] == (
+        f"error: {run}: the run directory is in use by PID {first.pid} on host "
+        f"{socket.gethostname()}"
+    )
+    assert "Traceback" not in err.decode()
+    assert (run / "config.yaml").read_bytes() == config_before  # the refused run wrote nothing

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import re
 import subprocess
@@ -180,3 +181,100 @@ def test_load_trained_accepts_run_checkpoints_dir_and_file(trained_run: Path) ->
         assert found.weights == best.weights and not model.training
     with pytest.raises(MtError, match="no checkpoint found"):
         load_trained(trained_run / "tokenizer", CPU)
+
+
+# --- a diverged model: every line still gets its output, then one error line -------------------
+
+DIVERGED_INPUT = "Der hund findet das haus .\n\nDas kind mag den see .\n"
+
+
+def diverged_error(run: Path, missing: int = 2, total: int = 3) -> str:
+    weights = ckpt.resolve_checkpoint(run).weights
+    return (
+        f"error: {weights}: the model's scores are not finite (diverged weights?): "
+        f"no translation for {missing} of {total} lines\n"
+    )
+
+
+@pytest.mark.parametrize("beam", ["1", "2"])  # greedy (search.decode_rows) and beam search
+def test_a_diverged_model_writes_every_line_then_fails(
+    diverged_run: Path, tmp_path: Path, beam: str
+) -> None:
+    source = tmp_path / "in.txt"
+    source.write_text(DIVERGED_INPUT, encoding="utf-8")
+    target = tmp_path / "out.txt"
+    result = run_mt(
+        "translate", "-m", str(diverged_run), str(source), "--beam", beam, "-o", str(target)
+    )
+    assert result.returncode == 1
+    assert result.stderr.decode() == diverged_error(diverged_run)  # one line, no traceback
+    assert result.stdout == b""
+    assert target.read_text(encoding="utf-8") == "\n\n\n"  # complete: one (empty) line each
+
+
+def test_a_diverged_model_on_stdout_and_in_nbest_format(diverged_run: Path) -> None:
+    result = run_mt("translate", "-m", str(diverged_run), stdin=DIVERGED_INPUT.encode())
+    assert (result.returncode, result.stdout) == (1, b"\n\n\n")
+    assert result.stderr.decode() == diverged_error(diverged_run)
+    args = ["translate", "-m", str(diverged_run), "--nbest", "2", "--beam", "2"]
+    nbest = CliRunner().invoke(app, args, input=DIVERGED_INPUT)
+    assert isinstance(nbest.exception, MtError)
+    assert f"error: {nbest.exception}\n" == diverged_error(diverged_run)
+    assert nbest.stdout.splitlines() == [
+        "0\tnan\t", "0\tnan\t", "1\t0.0000\t", "1\t0.0000\t", "2\tnan\t", "2\tnan\t"
+    ]  # fmt: skip
+
+
+def test_lines_without_a_finite_hypothesis_are_empty(loaded, monkeypatch) -> None:
+    from mt import search
+    from mt.translate import NOT_FOUND
+
+    config, tokenizer, model = loaded
+    lines = ["Der hund mag den see .", "Das kind findet ein auto .", "Ein mann ."]
+    real = search.beam_search
+
+    def beam_search(model, src, *args, **kwargs):  # rows sorted by length: see which is which
+        hyps = real(model, src, *args, **kwargs)
+        lengths = (src != 0).sum(dim=1).tolist()
+        nan = search.Hypothesis([5, 6], math.nan, math.nan)
+        # The longest line: nothing came back (search today); the shortest: only a NaN score.
+        return [
+            [] if n == max(lengths) else [nan] if n == min(lengths) else h
+            for h, n in zip(hyps, lengths, strict=True)
+        ]
+
+    monkeypatch.setattr(search, "beam_search", beam_search)
+    lengths = [len(ids) for ids in tokenizer.encode_src(lines)]
+    assert len(set(lengths)) == 3  # one batch (see max_tokens), rows told apart by length
+    decode = dataclasses.replace(config.decode, beam=2, nbest=2)
+    out = translate_lines(lines, tokenizer, model, decode, CPU, max_tokens=100_000)
+    longest, shortest = lengths.index(max(lengths)), lengths.index(min(lengths))
+    assert out[longest] == out[shortest] == [NOT_FOUND, NOT_FOUND]
+    (other,) = set(range(3)) - {longest, shortest}
+    assert [h.found for h in out[other]] == [True, True] and all(h.text for h in out[other])
+    assert all(math.isfinite(h.score) for h in out[other])
+
+
+def test_greedy_translations_are_scored_like_beam_search(loaded) -> None:
+    config, tokenizer, model = loaded
+    lines = (ROOT / "tests/data/tiny/valid.de").read_text(encoding="utf-8").splitlines()[:8]
+    greedy = dataclasses.replace(config.decode, beam=1, nbest=1)
+    plain = translate_lines(lines, tokenizer, model, greedy, CPU)
+    beam1 = translate_lines(lines, tokenizer, model, greedy, CPU, scores=True)  # beam search
+    assert [h[0].tokens for h in plain] == [h[0].tokens for h in beam1]
+    assert [h[0].score for h in plain] == pytest.approx([h[0].score for h in beam1], abs=1e-5)
+
+
+def test_output_on_a_full_disk_is_one_line(trained_run: Path, small_fs, tmp_path: Path) -> None:
+    disk = small_fs.mount(tmp_path / "disk")
+    target = disk / "out.txt"
+    target.write_text("previous\n", encoding="utf-8")
+    small_fs.fill(disk)
+    lines = (ROOT / "tests/data/tiny/valid.de").read_text(encoding="utf-8")  # not one page fits
+    result = CliRunner().invoke(
+        app, ["translate", "-m", str(trained_run), "-o", str(target), "--beam", "1"], input=lines
+    )
+    assert isinstance(result.exception, MtError)
+    assert str(result.exception) == f"{target}: cannot write (No space left on device)"
+    assert target.read_text(encoding="utf-8") == "previous\n"
+    assert sorted(p.name for p in disk.iterdir()) == [".filler", "out.txt"]

@@ -1,0 +1,164 @@
+"""`mt serve`: load a trained model once, then serve it over HTTP with uvicorn.
+
+SIGTERM (or Ctrl-C) stops accepting connections, answers every request already queued without
+waiting to gather more, and exits 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import FrameType
+
+import torch
+import uvicorn
+
+from mt.checkpoint import Checkpoint
+from mt.config import Config, DecodeConfig
+from mt.errors import MtError
+from mt.metrics import read_metrics
+from mt.model import Transformer, count_parameters
+from mt.run import load_trained
+from mt.serve.api import ModelInfo, Served, create_app
+from mt.serve.limits import Limits
+from mt.serve.worker import Batcher
+from mt.translate import decode_settings, resolve_runtime
+
+log = logging.getLogger("mt")
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+READY_TIMEOUT_S = 120  # serving(): how long a server thread may take to listen
+
+
+def load(
+    model_path: Path, device: torch.device, precision: str, beam: int | None, limits: Limits
+) -> Served:
+    """The model of a run or checkpoint, its tokenizer, a (not yet started) worker, its card."""
+    config, tokenizer, model, checkpoint = load_trained(model_path, device)
+    decode = decode_settings(config, beam=beam)
+    if decode.beam > limits.max_beam:
+        raise MtError(f"--beam {decode.beam} exceeds --max-beam {limits.max_beam}")
+    batcher = Batcher(model, tokenizer, decode, device, precision, limits)
+    info = describe(config, model, checkpoint, decode, batcher, precision)
+    return Served(tokenizer, batcher, info, limits)
+
+
+def describe(
+    config: Config,
+    model: Transformer,
+    checkpoint: Checkpoint,
+    decode: DecodeConfig,
+    batcher: Batcher,
+    precision: str,
+) -> ModelInfo:
+    """What GET /v1/model says: no paths, only what the model is and how it is served."""
+    run_dir = checkpoint.run_dir
+    bleus = [r["bleu"] for r in read_metrics(run_dir, "valid") if "bleu" in r]
+    limits = {**dataclasses.asdict(batcher.limits), "max_tokens": batcher.max_tokens}
+    return ModelInfo(
+        source_languages=[config.data.src_lang],
+        target_languages=[config.data.tgt_lang],
+        parameters=count_parameters(model),
+        checkpoint=checkpoint.name,
+        steps=trained_steps(checkpoint),
+        best_dev_bleu=max(bleus, default=None),
+        architecture=dataclasses.asdict(config.model),
+        decoding=dataclasses.asdict(decode),
+        limits=limits,
+        max_source_pieces=model.max_positions - 1,  # - 1: room for EOS
+        device=str(batcher.device),
+        precision=precision,
+    )
+
+
+def trained_steps(checkpoint: Checkpoint) -> int | None:
+    """The checkpoint's step, or for an average (no step in its name) the run's last step."""
+    try:
+        return checkpoint.step
+    except MtError:
+        steps = [r["step"] for r in read_metrics(checkpoint.run_dir, "train")]
+        return max(steps, default=None)
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server that also drains the worker when told to exit, and says where it is."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.on_exit = on_exit
+        self.ready = threading.Event()
+        self.url = ""
+
+    async def startup(self, sockets: list | None = None) -> None:
+        """Start as uvicorn does, then log the URL (with the real port when asked for port 0)."""
+        await super().startup(sockets)
+        if self.started:
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+            log.info("mt serve: listening on %s (the page at /, API docs at /docs)", self.url)
+            self.ready.set()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """Stop accepting (uvicorn), and let the worker decode what waits without gathering."""
+        super().handle_exit(sig, frame)
+        self.on_exit()
+
+
+def serve(
+    model_path: Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    beam: int | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    limits: Limits | None = None,
+    cors_origins: list[str] | None = None,
+    log_level: str = "info",
+) -> None:
+    """`mt serve`: translate over HTTP until SIGTERM or Ctrl-C."""
+    dev, prec = resolve_runtime(device, precision)
+    served = load(model_path, dev, prec, beam, limits or Limits())
+    if host not in LOOPBACK:
+        log.warning("listening on %s: anyone who can reach this machine can use the model", host)
+    if log_level == "debug":
+        log.setLevel(logging.DEBUG)  # the worker's queue and batches
+    config = uvicorn.Config(
+        create_app(served, cors_origins), host=host, port=port, log_level=log_level,
+        timeout_graceful_shutdown=None,  # in-flight requests are answered, however long
+    )  # fmt: skip
+    server = Server(config, served.batcher.drain)
+    # uvicorn re-raises the signal it handled once it has shut down; with its own handler in
+    # place that is a no-op, so a graceful SIGTERM ends with exit status 0.
+    signal.signal(signal.SIGTERM, server.handle_exit)
+    server.run()
+
+
+@contextlib.contextmanager
+def serving(
+    served: Served, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"
+) -> Iterator[str]:
+    """Serve on a background thread (tests, scripts) until the block ends; yields the URL."""
+    config = uvicorn.Config(create_app(served), host=host, port=port, log_level=log_level)
+    server = Server(config, served.batcher.drain)
+
+    def run() -> None:
+        try:
+            server.run()
+        finally:  # also when it failed to start (uvicorn then raises SystemExit)
+            server.ready.set()
+
+    thread = threading.Thread(target=run, name="mt-serve-http", daemon=True)
+    thread.start()
+    server.ready.wait(READY_TIMEOUT_S)
+    if not server.url:
+        server.should_exit = True
+        raise MtError(f"the server did not start on {host}:{port} (see the log)")
+    try:
+        yield server.url
+    finally:
+        server.handle_exit(signal.SIGTERM, None)
+        thread.join()

@@ -1,0 +1,233 @@
+"""The thread that owns the model: queued requests gathered into token-budget batches.
+
+Requests wait in one queue. The worker takes the first, gathers more for up to `batch_wait_ms`
+(or until a batch's worth of source tokens is waiting), groups them by decoding settings and
+decodes each group with `mt translate`'s own batched search (translate_lines), so a sentence
+gets the translation `mt translate` gives it, whatever else shares its batch. Answers go back
+to each request's event loop through loop.call_soon_threadsafe: the HTTP side never waits on
+the model, and the model never waits on HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from mt.attention import Alignment, alignment
+from mt.config import DecodeConfig
+from mt.model import Transformer
+from mt.serve.limits import Limits
+from mt.tokenizer import Tokenizer
+from mt.translate import Translation, translate_lines
+
+log = logging.getLogger("mt")
+
+
+class Unavailable(Exception):
+    """The server cannot take a request now (a full queue, or shutting down): answer 503."""
+
+
+@dataclass(frozen=True)
+class Result:
+    """One sentence's n-best translations, and the cross-attention of the best when asked."""
+
+    hypotheses: list[Translation]
+    alignment: Alignment | None
+
+
+@dataclass(eq=False)
+class Job:
+    """One request: its sentences (and their source ids), its settings, where its answer goes."""
+
+    lines: list[str]
+    ids: list[list[int]]  # source pieces per line, none for blank lines
+    beam: int
+    nbest: int
+    attention: bool
+    future: asyncio.Future[list[Result]]
+    arrived: float  # time.monotonic() when queued
+
+    @property
+    def tokens(self) -> int:
+        """Source tokens to decode, each sentence's EOS included."""
+        return sum(len(seq) + 1 for seq in self.ids if seq)
+
+
+@dataclass
+class Stats:
+    """What the worker has done so far (GET /health shows it)."""
+
+    queued: int = 0  # sentences waiting now
+    requests: int = 0  # requests answered
+    sentences: int = 0  # sentences translated
+    rounds: int = 0  # gatherings decoded
+    most_requests: int = 0  # the most requests decoded in one gathering
+    dropped: int = 0  # requests whose client went away while they waited
+
+
+class Batcher:
+    """The queue and the worker thread that owns the model (start, submit, cancel, stop)."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        decode: DecodeConfig,
+        device: torch.device,
+        precision: str,
+        limits: Limits,
+    ) -> None:
+        self.model, self.tokenizer, self.decode = model, tokenizer, decode
+        self.device, self.precision, self.limits = device, precision, limits
+        self.max_tokens = limits.max_tokens or decode.max_tokens
+        self.stats = Stats()
+        self._queue: deque[Job] = deque()
+        # Reentrant: drain() may run in a signal handler that interrupted a holder of the lock.
+        self._cond = threading.Condition(threading.RLock())
+        self._draining = False
+        self._thread = threading.Thread(target=self._run, name="mt-serve-worker", daemon=True)
+
+    # --- the HTTP side (called on the event loop) --------------------------------------------
+
+    def submit(
+        self, lines: list[str], ids: list[list[int]], beam: int, nbest: int, attention: bool
+    ) -> Job:
+        """Queue a request; its future gets one Result per line. Unavailable if it cannot wait."""
+        future = asyncio.get_running_loop().create_future()
+        job = Job(lines, ids, beam, nbest, attention, future, time.monotonic())
+        with self._cond:
+            if self._draining:
+                raise Unavailable("server: shutting down")
+            waiting = self.stats.queued
+            if waiting + len(lines) > self.limits.max_queue:
+                raise Unavailable(f"queue: full ({waiting} sentences waiting); retry later")
+            self._queue.append(job)
+            self.stats.queued += len(lines)
+            self._cond.notify_all()
+        log.debug("queued %d sentences (%d waiting)", len(lines), waiting + len(lines))
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Drop a request whose client went away: out of the queue if it is still there."""
+        job.future.cancel()
+        with self._cond:
+            if job in self._queue:
+                self._queue.remove(job)
+                self.stats.queued -= len(job.lines)
+                self.stats.dropped += 1
+                self._cond.notify_all()
+                log.debug("dropped %d sentences: their client went away", len(job.lines))
+
+    # --- life cycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker thread."""
+        self._thread.start()
+
+    def drain(self) -> None:
+        """Refuse new requests and decode what is queued without waiting to gather more."""
+        with self._cond:
+            self._draining = True
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        """Drain, then wait for the worker to answer everything queued and exit."""
+        self.drain()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def wait_until(self, ready: Callable[[Stats], bool], timeout: float) -> bool:
+        """Block until ready(stats) holds (True), or the timeout passes (False)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: ready(self.stats), timeout)
+
+    # --- the worker ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while jobs := self._gather():
+            groups: dict[tuple[int, int], list[Job]] = {}
+            for job in jobs:  # one search per (beam, nbest): they decide the batch's shape
+                groups.setdefault((job.beam, job.nbest), []).append(job)
+            for (beam, nbest), group in groups.items():
+                self._decode(group, replace(self.decode, beam=beam, nbest=nbest))
+            with self._cond:
+                self.stats.rounds += 1
+                self.stats.most_requests = max(self.stats.most_requests, len(jobs))
+                self.stats.requests += len(jobs)
+                self.stats.sentences += sum(len(job.lines) for job in jobs)
+                self._cond.notify_all()
+
+    def _gather(self) -> list[Job]:
+        """The next jobs to decode, oldest first, about one batch of tokens; [] to exit."""
+        with self._cond:
+            while True:  # again if every gathered request was dropped while waiting
+                self._cond.wait_for(lambda: self._queue or self._draining)
+                if not self._queue:
+                    return []  # draining, and everything has been answered
+                deadline = self._queue[0].arrived + self.limits.batch_wait_ms / 1000
+                self._cond.wait_for(
+                    lambda: self._draining or self._waiting_tokens() >= self.max_tokens,
+                    timeout=max(0.0, deadline - time.monotonic()),
+                )
+                if self._queue:
+                    break
+            jobs, tokens = [], 0
+            while self._queue and (not jobs or tokens + self._queue[0].tokens <= self.max_tokens):
+                jobs.append(self._queue.popleft())
+                tokens += jobs[-1].tokens
+            self.stats.queued -= sum(len(job.lines) for job in jobs)
+            return jobs
+
+    def _waiting_tokens(self) -> int:
+        return sum(job.tokens for job in self._queue)
+
+    def _decode(self, jobs: list[Job], decode: DecodeConfig) -> None:
+        """Translate the jobs' lines together and answer each job with its own lines."""
+        lines = [line for job in jobs for line in job.lines]
+        log.debug(
+            "decoding %d sentences of %d requests, beam %d", len(lines), len(jobs), decode.beam
+        )
+        try:
+            found = translate_lines(
+                lines, self.tokenizer, self.model, decode, self.device, self.precision,
+                self.max_tokens, scores=True,
+            )  # fmt: skip
+            start = 0
+            for job in jobs:
+                hyps = found[start : start + len(job.lines)]
+                start += len(job.lines)
+                _answer(job, [self._result(job, i, h) for i, h in enumerate(hyps)])
+        except Exception as exc:  # the worker must outlive a failed batch; its requests get 500
+            log.exception("decoding %d sentences failed", len(lines))
+            for job in jobs:
+                _answer(job, exc)
+
+    def _result(self, job: Job, index: int, hyps: list[Translation]) -> Result:
+        ids = job.ids[index]
+        if not (job.attention and ids):
+            return Result(hyps, None)
+        return Result(hyps, alignment(self.model, self.tokenizer, ids, hyps[0].tokens))
+
+
+def _answer(job: Job, value: list[Result] | BaseException) -> None:
+    """Hand a job's answer to its event loop (it may be closed, or the request cancelled)."""
+
+    def settle() -> None:
+        if job.future.done():
+            return  # the client went away
+        if isinstance(value, BaseException):
+            job.future.set_exception(value)
+        else:
+            job.future.set_result(value)
+
+    try:
+        job.future.get_loop().call_soon_threadsafe(settle)
+    except RuntimeError:  # the loop is closed: nobody is waiting any more
+        log.debug("answer for a closed event loop dropped")

@@ -1,0 +1,186 @@
+"""Load test of `mt serve`: concurrent clients sending one sentence each, against 127.0.0.1 only.
+
+    .venv/bin/python scripts/bench_serve.py runs/multi30k-de-en        # the full run
+    .venv/bin/python scripts/bench_serve.py runs/multi30k-de-en --smoke  # seconds
+
+Starts its own `mt serve RUN --port 0` (loopback, a free port), then for each client count
+(1, 8, 32, 128) runs closed-loop clients, each sending single sentences of the run's test set
+(or --src) one after another, until --requests are answered or --seconds pass. Prints a Markdown
+table for docs/benchmarks.md: sentences/s, latency percentiles, and throughput against one
+client and against `mt translate`'s offline sentences/s on the same sentences (measured here
+first, in this process, with the server's device, precision and threads). Then --memory-requests
+more requests at 32 clients, with the server's RSS before and after. Bounded in requests and
+time; needs the serve extra and httpx (make install).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import itertools
+import math
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from mt.run import corpus, load_trained
+from mt.translate import resolve_runtime, translate_lines
+
+READY_TIMEOUT_S = 300
+
+
+def sentences(run: Path, src: Path | None) -> list[str]:
+    """Non-blank lines of --src (plain or gzipped), else the sources of the run's test set."""
+    if src is None:
+        config, _, _, _ = load_trained(run, torch.device("cpu"))
+        lines = corpus(config, "test").sources()
+    else:
+        opener = gzip.open if src.suffix == ".gz" else open
+        with opener(src, "rt", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    return [line for line in lines if line.strip()]
+
+
+def offline_rate(run: Path, lines: list[str], device: str, precision: str) -> float:
+    """`mt translate`'s sentences/s on these lines (the run's decoding settings)."""
+    dev, prec = resolve_runtime(device, precision)
+    config, tokenizer, model, _ = load_trained(run, dev)
+    start = time.perf_counter()
+    translate_lines(lines, tokenizer, model, config.decode, dev, prec)
+    return len(lines) / (time.perf_counter() - start)
+
+
+def start_server(run: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    """`mt serve` on 127.0.0.1 and a free port; returns the process and its URL once it listens."""
+    queue = max(512, 2 * max(args.clients))  # room for every client: measure speed, not 503s
+    command = [sys.executable, "-m", "mt", "serve", str(run), "--host", "127.0.0.1",
+               "--port", "0", "--device", args.device, "--precision", args.precision,
+               "--log-level", "warning", "--max-queue", str(queue)]  # fmt: skip
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    deadline, line = time.monotonic() + READY_TIMEOUT_S, ""
+    assert server.stderr is not None
+    for line in server.stderr:  # its log, line by line, until it says where it listens
+        if match := re.search(r"listening on (http://127\.0\.0\.1:\d+)", line):
+            # Keep reading its log, or a full pipe would block it.
+            threading.Thread(target=shutil.copyfileobj, args=(server.stderr, sys.stderr)).start()
+            return server, match.group(1)
+        if time.monotonic() > deadline:
+            break
+    server.kill()
+    raise SystemExit(f"mt serve did not start: {line.strip()}")
+
+
+def rss_mib(pid: int) -> int:
+    """Resident memory of a process, in MiB (Linux)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) // 1024  # type: ignore[union-attr]
+
+
+async def run_clients(
+    url: str, lines: list[str], clients: int, requests: int, seconds: float
+) -> dict:
+    """Closed-loop clients until `requests` are answered or `seconds` pass: counts, latencies."""
+    pool = itertools.cycle(lines)
+    latencies: list[float] = []
+    errors, started = 0, 0
+    stop = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal errors, started
+        while started < requests and time.perf_counter() < stop:
+            started += 1
+            sent = time.perf_counter()
+            try:
+                response = await http.post("/v1/translate", json={"text": next(pool)})
+            except httpx.HTTPError:
+                errors += 1
+                continue
+            if response.status_code == 200:
+                latencies.append(time.perf_counter() - sent)
+            else:
+                errors += 1
+
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=seconds) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        elapsed = time.perf_counter() - start
+    return {"answered": len(latencies), "errors": errors, "rate": len(latencies) / elapsed,
+            "latencies": latencies}  # fmt: skip
+
+
+def percentiles(latencies: list[float]) -> tuple[float, float, float]:
+    """p50, p95, p99 in milliseconds (nan with fewer than two)."""
+    if len(latencies) < 2:
+        return math.nan, math.nan, math.nan
+    cuts = statistics.quantiles(latencies, n=100, method="inclusive")
+    return cuts[49] * 1000, cuts[94] * 1000, cuts[98] * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="run directory or checkpoint")
+    parser.add_argument("--src", type=Path, help="sentences (default: the run's test sources)")
+    parser.add_argument("--clients", default="1,8,32,128", help="client counts, comma-separated")
+    parser.add_argument("--requests", type=int, default=2000, help="requests per client count")
+    parser.add_argument("--seconds", type=float, default=120, help="time limit per client count")
+    parser.add_argument("--memory-requests", type=int, default=10_000)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--threads", type=int, help="intra-op threads of both (default: torch's)")
+    parser.add_argument("--smoke", action="store_true", help="a few requests: check it works")
+    args = parser.parse_args()
+    if args.smoke:
+        args.clients, args.requests, args.seconds, args.memory_requests = "1,4", 16, 60, 32
+    args.clients = [int(c) for c in args.clients.split(",")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lines = sentences(args.run, args.src)[: 40 if args.smoke else None]
+    offline = offline_rate(args.run, lines, args.device, args.precision)
+    server, url = start_server(args.run, args)
+    try:
+        report(url, server.pid, lines, offline, args)
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def report(url: str, pid: int, lines: list[str], offline: float, args: argparse.Namespace) -> None:
+    """Run every client count and the memory run; print the table."""
+    print(f"{args.run} | {len(lines)} sentences | {platform.processor() or platform.machine()} | "
+          f"{os.cpu_count()} CPUs | offline (mt translate) {offline:.1f} sentences/s")  # fmt: skip
+    print()
+    print("| clients | requests | errors | sentences/s | p50 ms | p95 ms | p99 ms | "
+          "vs 1 client | vs offline |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    single = None
+    for clients in args.clients:
+        result = asyncio.run(run_clients(url, lines, clients, args.requests, args.seconds))
+        single = single or result["rate"]
+        p50, p95, p99 = percentiles(result["latencies"])
+        print(f"| {clients} | {result['answered']} | {result['errors']} | {result['rate']:.1f} | "
+              f"{p50:.1f} | {p95:.1f} | {p99:.1f} | {result['rate'] / single:.2f}x | "
+              f"{result['rate'] / offline:.0%} |", flush=True)  # fmt: skip
+    before = rss_mib(pid)
+    result = asyncio.run(run_clients(url, lines, 32, args.memory_requests, 10 * args.seconds))
+    print()
+    print(f"server RSS: {before} MiB before, {rss_mib(pid)} MiB after {result['answered']} "
+          f"requests at 32 clients ({result['errors']} errors)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,447 @@
+"""`mt serve`: schemas, line alignment, identity with `mt translate` under concurrent load,
+every bad input, limits, a full queue, dropped clients, graceful shutdown, the load generator."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+pytest.importorskip(
+    "fastapi", reason="the serve extra is not installed (pip install -e '.[serve]')"
+)
+pytest.importorskip("httpx", reason="httpx is not installed (pip install -e '.[dev]')")
+
+import httpx
+from fastapi.testclient import TestClient
+
+from mt import serve as serve_package
+from mt.attention import align
+from mt.cli import app as cli_app
+from mt.errors import MtError
+from mt.metrics import read_metrics
+from mt.model import count_parameters
+from mt.run import load_trained
+from mt.serve import worker
+from mt.serve.api import Served, create_app
+from mt.serve.limits import Limits
+from mt.serve.server import load, serving
+from mt.translate import translate_lines
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "tests" / "data" / "tiny"
+CPU = torch.device("cpu")
+TIMEOUT_S = 120  # a safety net only: every wait below ends on an event
+SENTENCES = (TINY / "valid.de").read_text(encoding="utf-8").splitlines()
+JSON = {"Content-Type": "application/json"}
+FIELDS = "text, beam, nbest, tgt_lang, pieces, attention"  # of a translate request
+
+
+def mt_translate(run: Path, lines: list[str], *args: str) -> list[str]:
+    """`mt translate`'s output lines for `lines` (in-process; fp32 on the CPU)."""
+    args = ("translate", "-m", str(run), "--device", "cpu", "--precision", "fp32", *args)
+    result = CliRunner().invoke(cli_app, list(args), input="".join(f"{x}\n" for x in lines))
+    assert result.exit_code == 0, result.output
+    return result.stdout.splitlines()
+
+
+@pytest.fixture
+def make_served(trained_run: Path) -> Iterator[Callable[..., Served]]:
+    """Served instances of the tiny run (fp32, CPU) with the given limits; stopped after."""
+    made: list[Served] = []
+
+    def make(beam: int | None = None, **limits: float) -> Served:
+        made.append(load(trained_run, CPU, "fp32", beam, Limits(**limits)))
+        return made[-1]
+
+    yield make
+    for served in made:
+        served.batcher.stop()
+
+
+@pytest.fixture
+def client(make_served: Callable[..., Served]) -> Iterator[TestClient]:
+    """A client of the app with the default limits; its lifespan runs the worker."""
+    with TestClient(create_app(make_served())) as test_client:
+        yield test_client
+
+
+def post(client: TestClient, body: object) -> httpx.Response:
+    return client.post("/v1/translate", json=body)
+
+
+# --- answers ---------------------------------------------------------------------------------
+
+
+def test_translations_are_line_aligned_and_equal_mt_translate(
+    client: TestClient, trained_run: Path
+) -> None:
+    lines = [SENTENCES[0], "", "   ", SENTENCES[1], "漢字 🙂", SENTENCES[2]]
+    response = post(client, {"text": lines})
+    assert response.status_code == 200
+    translations = response.json()["translations"]
+    assert [t["text"] for t in translations] == mt_translate(trained_run, lines)
+    assert [set(t) for t in translations] == [{"text", "score"}] * len(lines)
+    assert translations[1] == translations[2] == {"text": "", "score": 0.0}
+    assert all(t["score"] < 0 for t in translations if t["text"])
+    (one,) = post(client, {"text": SENTENCES[0]}).json()["translations"]  # a string: one line
+    assert one["text"] == translations[0]["text"]
+    assert one["score"] == pytest.approx(translations[0]["score"], abs=1e-5)  # other padding
+
+
+def test_nbest_lists_equal_mt_translate_nbest(client: TestClient, trained_run: Path) -> None:
+    lines = [SENTENCES[3], "", SENTENCES[4]]
+    response = post(client, {"text": lines, "beam": 4, "nbest": 3})
+    expected = [
+        row.split("\t") for row in mt_translate(trained_run, lines, "--beam", "4", "--nbest", "3")
+    ]
+    for i, translation in enumerate(response.json()["translations"]):
+        rows = expected[3 * i : 3 * i + 3]
+        assert [h["text"] for h in translation["nbest"]] == [row[2] for row in rows]
+        assert [f"{h['score']:.4f}" for h in translation["nbest"]] == [row[1] for row in rows]
+        assert translation["text"] == translation["nbest"][0]["text"]
+    # As with mt translate, the list comes when asked for, even of one.
+    assert len(post(client, {"text": "x", "nbest": 1}).json()["translations"][0]["nbest"]) == 1
+
+
+def test_pieces_are_the_tokenizers(client: TestClient, trained_run: Path) -> None:
+    _, tokenizer, _, _ = load_trained(trained_run, CPU)
+    response = post(client, {"text": [SENTENCES[5]], "pieces": True, "nbest": 2})
+    translation = response.json()["translations"][0]
+    assert translation["source_pieces"] == tokenizer.src.encode(SENTENCES[5], out_type=str)
+    assert tokenizer.tgt.decode_pieces(translation["target_pieces"]) == translation["text"]
+    assert translation["nbest"][0]["pieces"] == translation["target_pieces"]
+
+
+def test_attention_is_what_mt_attention_plots(client: TestClient, trained_run: Path) -> None:
+    config, tokenizer, model, _ = load_trained(trained_run, CPU)
+    sentence = "der Hund läuft schnell ."
+    found = align(model, tokenizer, sentence, config.decode)
+    response = post(client, {"text": [sentence, ""], "attention": True})
+    with_attention, blank = response.json()["translations"]
+    attention = with_attention["attention"]
+    assert with_attention["text"] == found.translation
+    assert (attention["source"], attention["target"]) == (found.source_pieces, found.target_pieces)
+    weights = torch.tensor(attention["layers"], dtype=torch.float64)  # (layers, T, S), rounded
+    assert weights.shape == (
+        config.model.dec_layers,
+        len(found.target_pieces),
+        len(found.source_pieces),
+    )
+    assert torch.allclose(
+        weights, found.weights.mean(dim=1).double(), atol=1e-4 + 1e-6
+    )  # 4 decimals
+    assert "attention" not in blank
+
+
+def test_model_card_health_schema_and_page(client: TestClient, trained_run: Path) -> None:
+    _, _, model, _ = load_trained(trained_run, CPU)
+    card = client.get("/v1/model").json()
+    assert card["source_languages"] == ["de"] and card["target_languages"] == ["en"]
+    assert card["parameters"] == count_parameters(model)
+    assert (card["checkpoint"], card["steps"]) == ("step-00000300", 300)
+    assert card["best_dev_bleu"] == max(r["bleu"] for r in read_metrics(trained_run, "valid"))
+    assert card["decoding"]["beam"] == 2 and card["limits"] == {
+        **dataclasses.asdict(Limits()), "max_tokens": 512
+    }  # fmt: skip
+    assert str(trained_run) not in json.dumps(card)  # no paths
+    assert client.get("/health").json()["status"] == "ok"
+    schema = client.get("/openapi.json").json()
+    assert {"/v1/translate", "/v1/model", "/health"} <= set(schema["paths"])
+    request = schema["components"]["schemas"]["TranslateRequest"]
+    assert ", ".join(request["properties"]) == FIELDS
+    page = client.get("/")
+    assert page.headers["content-type"].startswith("text/html")
+    assert page.headers["content-security-policy"].startswith("default-src 'self'")
+    assert not re.search(r"(src|href)=\"(https?:)?//", page.text)  # nothing from elsewhere
+    assert 'id="source"' in page.text and 'id="heatmap"' in page.text
+
+
+def test_cors_only_when_configured(make_served: Callable[..., Served]) -> None:
+    origin = {"Origin": "http://example.org"}
+    with TestClient(create_app(make_served())) as closed:
+        assert "access-control-allow-origin" not in closed.get("/health", headers=origin).headers
+    with TestClient(create_app(make_served(), ["http://example.org"])) as opened:
+        headers = opened.get("/health", headers=origin).headers
+        assert headers["access-control-allow-origin"] == "http://example.org"
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+BAD = [
+    (b"{bad", JSON, 400,
+     "body: malformed JSON (Expecting property name enclosed in double quotes at character 1)"),
+    (b"", JSON, 400, 'body: empty; expected a JSON object such as {"text": ["..."]}'),
+    (b"[1]", JSON, 422, 'body: expected a JSON object such as {"text": ["..."]}'),
+    (b'{"text": "a"}', {"Content-Type": "application/x-www-form-urlencoded"}, 400,
+     "body: not JSON; send it with Content-Type: application/json"),
+    (b'{"beam": 2}', JSON, 422, "text: Field required"),
+    (b'{"text": 5}', JSON, 422, "text: expected a string or a list of strings"),
+    (b'{"text": ["a", 3]}', JSON, 422, "text[1]: Input should be a valid string"),
+    (b'{"text": []}', JSON, 422, "text: empty list; give a string or a non-empty list of strings"),
+    (b'{"text": "a", "beam": "5"}', JSON, 422, "beam: Input should be a valid integer"),
+    (b'{"text": "a", "beam": 2.0}', JSON, 422, "beam: Input should be a valid integer"),
+    (b'{"text": "a", "beam": 0}', JSON, 422, "beam: Input should be greater than or equal to 1"),
+    (b'{"text": "a", "beam": 17}', JSON, 422, "beam: 17 exceeds this server's limit of 16"),
+    (b'{"text": "a", "nbest": 0}', JSON, 422, "nbest: Input should be greater than or equal to 1"),
+    (b'{"text": "a", "nbest": 3}', JSON, 422, "nbest: 3 exceeds the beam (2)"),
+    (b'{"text": "a", "tgt_lang": "fr"}', JSON, 422,
+     "tgt_lang: 'fr' is not a target language of this model (en)"),
+    (b'{"text": "a", "pieces": 1}', JSON, 422, "pieces: Input should be a valid boolean"),
+    (b'{"text": "a", "model": "/etc/passwd"}', JSON, 422,
+     f"model: unknown field (the fields are {FIELDS})"),
+]  # fmt: skip
+
+
+def test_every_bad_request_gets_a_one_line_error_and_the_server_keeps_serving(
+    client: TestClient,
+) -> None:
+    for body, headers, status, error in BAD:
+        response = client.post("/v1/translate", content=body, headers=headers)
+        assert (response.status_code, response.json()) == (status, {"error": error}), body
+    assert client.get("/nope").json() == {"error": "path: Not Found"}
+    assert client.delete("/health").json() == {"error": "path: Method Not Allowed"}
+    good = post(client, {"text": "der Hund .", "tgt_lang": "en"})
+    assert good.status_code == 200 and good.json()["translations"][0]["text"]
+
+
+def test_limits_on_size_sentences_and_length(
+    make_served: Callable[..., Served], trained_run: Path
+) -> None:
+    _, tokenizer, _, _ = load_trained(trained_run, CPU)
+    with TestClient(create_app(make_served(max_request_bytes=1000, max_sentences=2))) as client:
+        too_big = {"text": "a" * 1000}
+        for body in (json.dumps(too_big).encode(), iter([json.dumps(too_big).encode()])):
+            response = client.post("/v1/translate", content=body, headers=JSON)  # iter: chunked
+            assert response.status_code == 413
+            assert response.json() == {"error": "body: larger than the limit of 1,000 bytes"}
+        response = post(client, {"text": ["a", "b", "c"]})
+        assert response.json() == {"error": "text: 3 sentences exceed the limit of 2"}
+        long = "a b " * 70
+        pieces = len(tokenizer.encode_src([long])[0])
+        assert pieces > 127
+        response = post(client, {"text": ["a", long]})
+        assert response.status_code == 422
+        assert response.json() == {
+            "error": f"text[1]: {pieces} pieces exceed the model's limit of 127"
+        }
+
+
+def test_a_failed_batch_answers_500_without_a_traceback_and_the_next_succeeds(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = worker.translate_lines
+
+    def fail_once(*args: object, **kwargs: object) -> object:
+        monkeypatch.setattr(worker, "translate_lines", real)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(worker, "translate_lines", fail_once)
+    response = post(client, {"text": "der Hund ."})
+    assert (response.status_code, response.json()) == (
+        500, {"error": "server: translation failed (see its log)"}
+    )  # fmt: skip
+    assert post(client, {"text": "der Hund ."}).status_code == 200
+
+
+# --- batching --------------------------------------------------------------------------------
+
+
+def test_concurrent_requests_get_mt_translates_answers_whatever_shares_their_batch(
+    make_served: Callable[..., Served], trained_run: Path
+) -> None:
+    """Requests of mixed settings, all queued before the worker starts, so batches mix them."""
+    config, tokenizer, model, _ = load_trained(trained_run, CPU)
+    served = make_served(max_tokens=256)  # a few sentences per batch: several rounds
+    requests = [
+        {"text": SENTENCES[i : i + 1 + i % 3], "beam": 1 + i % 3, "nbest": 1 + i % 3 // 2}
+        for i in range(0, 30)
+    ]
+
+    async def scenario() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=create_app(served))  # no lifespan: we start it
+        async with httpx.AsyncClient(transport=transport, base_url="http://mt") as client:
+            sent = [asyncio.ensure_future(client.post("/v1/translate", json=r)) for r in requests]
+            queued = sum(len(r["text"]) for r in requests)
+            assert await asyncio.to_thread(
+                served.batcher.wait_until, lambda s: s.queued == queued, TIMEOUT_S
+            )
+            served.batcher.start()
+            return await asyncio.gather(*sent)
+
+    responses = asyncio.run(scenario())
+    stats = served.batcher.stats
+    assert stats.most_requests > 1 and stats.rounds > 1  # batches mixed requests
+    for request, response in zip(requests, responses, strict=True):
+        decode = dataclasses.replace(config.decode, beam=request["beam"], nbest=request["nbest"])
+        for line, got in zip(request["text"], response.json()["translations"], strict=True):
+            alone = translate_lines([line], tokenizer, model, decode, CPU, scores=True)[0]
+            assert [h["text"] for h in got["nbest"]] == [h.text for h in alone]
+            assert [h["score"] for h in got["nbest"]] == pytest.approx(
+                [h.score for h in alone], abs=1e-5
+            )
+
+
+def test_a_full_queue_answers_503_with_retry_after(make_served: Callable[..., Served]) -> None:
+    served = make_served(max_queue=3, max_sentences=2)
+
+    async def scenario() -> None:
+        transport = httpx.ASGITransport(app=create_app(served))
+        async with httpx.AsyncClient(transport=transport, base_url="http://mt") as client:
+            waiting = asyncio.ensure_future(client.post("/v1/translate", json={"text": ["a", "b"]}))
+            assert await asyncio.to_thread(
+                served.batcher.wait_until, lambda s: s.queued == 2, TIMEOUT_S
+            )
+            full = await client.post("/v1/translate", json={"text": ["c", "d"]})
+            assert full.status_code == 503 and full.headers["retry-after"] == "1"
+            assert full.json() == {"error": "queue: full (2 sentences waiting); retry later"}
+            fits = asyncio.ensure_future(client.post("/v1/translate", json={"text": "e"}))
+            assert await asyncio.to_thread(
+                served.batcher.wait_until, lambda s: s.queued == 3, TIMEOUT_S
+            )
+            served.batcher.start()
+            assert [(await r).status_code for r in (waiting, fits)] == [200, 200]
+
+    asyncio.run(scenario())
+
+
+def test_a_request_whose_client_left_is_dropped_from_the_queue(
+    make_served: Callable[..., Served],
+) -> None:
+    served = make_served(batch_wait_ms=600_000)  # the worker gathers until it is told to stop
+    body = json.dumps({"text": ["der Hund .", "das Kind ."]}).encode()
+    head = "POST /v1/translate HTTP/1.1\r\nHost: mt\r\nContent-Type: application/json\r\n"
+    with serving(served) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=TIMEOUT_S) as client:
+            client.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            assert served.batcher.wait_until(lambda s: s.queued == 2, TIMEOUT_S)
+        assert served.batcher.wait_until(lambda s: s.dropped == 1 and s.queued == 0, TIMEOUT_S)
+    assert served.batcher.stats.sentences == 0  # never translated
+
+
+# --- the command -----------------------------------------------------------------------------
+
+
+class Lines:
+    """The lines a process writes to a pipe, read on a thread, to wait on one by pattern."""
+
+    def __init__(self, stream: object) -> None:
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream: object) -> None:
+        for line in stream:  # type: ignore[attr-defined]
+            self.lines.put(line)
+        self.lines.put("")  # end of stream
+
+    def wait_for(self, pattern: str) -> re.Match[str]:
+        """The first match of pattern in the coming lines; fails at the end of the stream."""
+        while line := self.lines.get(timeout=TIMEOUT_S):
+            self.seen.append(line)
+            if match := re.search(pattern, line):
+                return match
+        raise AssertionError(f"no line matched {pattern!r} in:\n{''.join(self.seen)}")
+
+
+def test_serve_command_answers_in_flight_work_on_sigterm_and_exits_0(trained_run: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "mt", "serve", str(trained_run), "--port", "0",
+            "--device", "cpu", "--precision", "fp32", "--batch-wait-ms", "600000",
+            "--log-level", "debug"]  # fmt: skip
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        log = Lines(proc.stderr)
+        url = log.wait_for(r"listening on (http://127\.0\.0\.1:\d+)").group(1)  # loopback only
+        assert httpx.get(f"{url}/health", timeout=TIMEOUT_S).json()["status"] == "ok"
+        answers: list[httpx.Response] = []
+        body = {"text": [SENTENCES[0], SENTENCES[1]]}
+        request = threading.Thread(
+            target=lambda: answers.append(
+                httpx.post(f"{url}/v1/translate", json=body, timeout=TIMEOUT_S)
+            )
+        )
+        request.start()
+        log.wait_for(r"queued 2 sentences")  # it waits to gather more, for ten minutes
+        proc.send_signal(signal.SIGTERM)
+        request.join(TIMEOUT_S)
+        assert proc.wait(TIMEOUT_S) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    assert answers[0].status_code == 200
+    texts = [t["text"] for t in answers[0].json()["translations"]]
+    assert texts == mt_translate(trained_run, body["text"])
+
+
+def test_serve_command_errors_are_one_line(trained_run: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(cli_app, ["serve", str(tmp_path / "none"), "--port", "0"])
+    assert isinstance(result.exception, MtError)
+    args = ["serve", str(trained_run), "--max-sentences", "100", "--max-queue", "10"]
+    result = runner.invoke(cli_app, args)
+    assert str(result.exception) == (
+        "--max-sentences 100 exceeds --max-queue 10: such a request could never be queued"
+    )
+    result = runner.invoke(cli_app, ["serve", str(trained_run), "--beam", "20"])
+    assert str(result.exception) == "--beam 20 exceeds --max-beam 16"
+
+
+def test_missing_serve_extra_gives_the_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # `import fastapi` now fails
+    with pytest.raises(MtError, match=r"^mt serve needs fastapi: pip install 'mt\[serve\]'$"):
+        serve_package.check_installed()
+
+
+def test_limits_are_checked() -> None:
+    with pytest.raises(MtError, match=r"^--max-queue 0: must be >= 1$"):
+        Limits(max_queue=0)
+    with pytest.raises(MtError, match=r"^--batch-wait-ms -1: must be >= 0$"):
+        Limits(batch_wait_ms=-1)
+
+
+# --- the load generator ----------------------------------------------------------------------
+
+
+def test_load_generator_smoke_run(trained_run: Path) -> None:
+    args = [sys.executable, str(ROOT / "scripts" / "bench_serve.py"), str(trained_run), "--smoke"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line.split("|") for line in out.stdout.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert [int(row[1]) for row in rows] == [1, 4]  # the smoke run's client counts
+    for row in rows:
+        requests, errors = int(row[2]), int(row[3])
+        assert requests > 0 and errors == 0
+        p50, p95, p99 = (float(row[i]) for i in (5, 6, 7))
+        assert 0 < p50 <= p95 <= p99
+    assert re.search(r"server RSS: \d+ MiB before, \d+ MiB after \d+ requests", out.stdout)
+
+
+def test_readme_limits_table_shows_the_defaults() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = dict(re.findall(r"^  \| `--([a-z-]+)` \| ([^|]+) \|", readme, flags=re.M))
+    defaults = {
+        name.replace("_", "-"): value for name, value in dataclasses.asdict(Limits()).items()
+    }
+    assert (
+        table.pop("max-tokens") == "the run's `decode.max_tokens`"
+        and defaults.pop("max-tokens") is None
+    )
+    assert {name: float(value) for name, value in table.items()} == defaults
