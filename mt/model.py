@@ -9,8 +9,8 @@ The model knows nothing about devices, mixed precision, DDP or compilation: call
 
 Assumption: every source row holds at least one real (non-pad) token, e.g. its eos. The key-padding
 mask would otherwise mask a whole row and scaled_dot_product_attention would return NaN.
-A batch without padding needs no mask at all; callers who know it say `padded=False`, which lets
-SDPA pick its fastest (flash) kernel, which takes no mask.
+A batch without padding needs no mask at all; callers who know it say `padded=False`, so that
+SDPA may pick FlashAttention, its fastest kernel, which takes no mask.
 
 Parameter counts with a 37,000-token joint vocabulary and three-way tied embeddings
 (checked in tests/test_model.py):
