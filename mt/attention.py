@@ -32,11 +32,15 @@ class Alignment:
     translation: str
 
 
-def attention_weights(attn: MultiHeadAttention, x: Tensor, k: Tensor, mask: Tensor) -> Tensor:
+def attention_weights(
+    attn: MultiHeadAttention, x: Tensor, k: Tensor, mask: Tensor | None
+) -> Tensor:
     """Weights (B, H, L, S) of attn's queries from x (B, L, D) over keys k (B, H, S, hd)."""
     q = attn.split_heads(attn.q_proj(x))  # (B, H, L, hd)
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, L, S)
-    return scores.masked_fill(~mask, -math.inf).softmax(dim=-1)  # mask (B, 1, 1, S)
+    if mask is not None:  # additive (B, 1, 1, S): -inf at pads; None: no pads
+        scores = scores + mask
+    return scores.softmax(dim=-1)
 
 
 @torch.no_grad()

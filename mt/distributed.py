@@ -1,16 +1,20 @@
 """torch.distributed for `torchrun`: process groups, rank-0 duties and cross-rank agreement.
 
-`mt train` started by torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...)
-trains with DistributedDataParallel; started plainly, it is a world of one and nothing here
-talks to the network. The model file knows nothing of this module.
+`mt train` started by torchrun, or one per srun task by scripts/slurm/train.sbatch (either sets
+RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...) trains data-parallel: rank 0's parameters are
+broadcast, gradients are summed once per update. Started plainly, it is a world of one and
+nothing here talks to the network. The model file knows nothing of this module.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -18,6 +22,9 @@ from torch import Tensor, nn
 
 from mt.device import resolve_device
 from mt.errors import MtError
+
+log = logging.getLogger("mt")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,8 @@ class World:
     world_size: int = 1
     local_rank: int = 0
     group: dist.ProcessGroup | None = None  # collectives of the training loop (shorter timeout)
+    timeout_s: float = 600.0  # of `group`
+    startup_timeout_s: float = 1800.0  # of the default group
 
     @property
     def distributed(self) -> bool:
@@ -49,18 +58,54 @@ def setup(
     trains the tokenizer); the training loop uses a second group with the shorter timeout, so a
     dead rank ends the job within `timeout_s` instead of hanging.
     """
+    set_cpu_threads()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return World(), resolve_device(device_name)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name)
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
+        # A launcher may show each rank all the node's GPUs, or (Slurm's --gpu-bind) its own.
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    nccl_errors_raise()  # read by each NCCL process group when it is created
     dist.init_process_group(backend, timeout=timedelta(seconds=startup_timeout_s))
     group = dist.new_group(backend=backend, timeout=timedelta(seconds=timeout_s))
-    return World(rank, world_size, local_rank, group), device
+    log.info("rank %d of %d on %s: %d intra-op threads", rank, world_size, device,
+             torch.get_num_threads())  # fmt: skip
+    return World(rank, world_size, local_rank, group, timeout_s, startup_timeout_s), device
+
+
+def set_cpu_threads() -> None:
+    """One intra-op thread per CPU that Slurm gave this task, unless OMP_NUM_THREADS is set.
+
+    Capped by the CPUs the task may run on: an srun without --cpus-per-task binds each task to
+    one CPU but passes on the SLURM_CPUS_PER_TASK it inherited from sbatch.
+    """
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if cpus and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(min(int(cpus), len(os.sched_getaffinity(0))))
+
+
+NCCL_ERROR_HANDLING = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
+NCCL_CLEAN_UP_ONLY = "2"
+
+
+def nccl_errors_raise() -> None:
+    """Make a NCCL timeout or error abort the communicators but leave the process alive.
+
+    By default (3, and 1 where torchrun sets it) NCCL's watchdog thread kills the process when
+    a collective times out, so no rank says why in one line. With 2, the watchdog aborts the
+    communicators, the collective that `guarded` waits for raises in the training loop's thread,
+    and so does any later one (the communicator was aborted). A value the user set is kept;
+    under torchrun, 1 is torchrun's own default for every worker, not the user's choice.
+    TORCH_NCCL_BLOCKING_WAIT stays off: `guarded` gives each of its collectives the timeout
+    that makes NCCL block and raise, and no other collective.
+    """
+    value = os.environ.get(NCCL_ERROR_HANDLING)
+    if value is None or (value == "1" and "TORCHELASTIC_RUN_ID" in os.environ):
+        os.environ[NCCL_ERROR_HANDLING] = NCCL_CLEAN_UP_ONLY
 
 
 def teardown(world: World) -> None:
@@ -72,7 +117,8 @@ def teardown(world: World) -> None:
 def barrier(world: World, startup: bool = False) -> None:
     """Wait for every rank (on the start-up group when rank 0 may be busy for long)."""
     if world.distributed:
-        guarded(world, lambda: dist.barrier(group=None if startup else world.group))
+        group = None if startup else world.group
+        guarded(world, lambda: dist.barrier(group=group, async_op=True), startup)
 
 
 def all_reduce(
@@ -91,14 +137,24 @@ def all_reduce(
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     reduce_op = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
     group = None if startup else world.group
-    guarded(world, lambda: dist.all_reduce(tensor, op=reduce_op, group=group))
+    guarded(
+        world, lambda: dist.all_reduce(tensor, op=reduce_op, group=group, async_op=True), startup
+    )
     return tensor.tolist()
 
 
-def guarded(world: World, collective: Callable[[], object]) -> None:
-    """Run a collective; a lost peer or a timeout becomes a one-line error naming this rank."""
+def guarded(world: World, collective: Callable[[], dist.Work], startup: bool = False) -> None:
+    """Run a collective and wait for it, within its group's timeout.
+
+    A lost peer or a timeout becomes a one-line error naming this rank. Waiting with a timeout
+    makes the wait block this thread and raise here, also with NCCL, whose collectives
+    otherwise return at once and leave the timeout to its watchdog thread: results are never
+    read from an aborted collective. Training-loop callers read the result on the host right
+    after anyway; NCCL's blocking wait adds at most its 1 ms polling interval.
+    """
+    timeout_s = world.startup_timeout_s if startup else world.timeout_s
     try:
-        collective()
+        collective().wait(timedelta(seconds=timeout_s))
     except (RuntimeError, dist.DistError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MtError(
@@ -107,12 +163,39 @@ def guarded(world: World, collective: Callable[[], object]) -> None:
         ) from None
 
 
+def main_first(world: World, device: torch.device, prepare: Callable[[], T]) -> T:
+    """Run `prepare` on rank 0, then on the others (which then find its files and caches).
+
+    The others wait on the start-up group (`train.dist_startup_timeout`): preparing a large
+    corpus can take longer than the training group's timeout. If rank 0 fails, with any error,
+    it tells them before raising, so that they stop at once instead of waiting that long: with
+    NCCL a rank that died is not noticed before the timeout. `device` must suit the backend
+    (CUDA tensors for NCCL).
+    """
+    if not world.distributed:
+        return prepare()
+    result = None
+    if world.is_main:
+        try:
+            result = prepare()
+        except Exception:
+            with contextlib.suppress(MtError):  # rank 0's own error is the one to report
+                all_reduce(world, [1.0], device, startup=True)
+            raise
+    if all_reduce(world, [0.0], device, startup=True)[0]:
+        raise MtError(f"rank {world.rank}: rank 0 failed while preparing the run (see its error)")
+    return result if world.is_main else prepare()
+
+
 def broadcast_parameters(world: World, model: nn.Module) -> None:
     """Give every rank rank 0's parameters (and buffers)."""
     if not world.distributed:
         return
     for tensor in model.state_dict().values():
-        guarded(world, lambda tensor=tensor: dist.broadcast(tensor, src=0, group=world.group))
+        guarded(
+            world,
+            lambda tensor=tensor: dist.broadcast(tensor, src=0, group=world.group, async_op=True),
+        )
 
 
 def sum_gradients(world: World, params: Sequence[Tensor], flags: Tensor) -> Tensor:
@@ -127,7 +210,7 @@ def sum_gradients(world: World, params: Sequence[Tensor], flags: Tensor) -> Tens
         return flags
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([*(g.reshape(-1) for g in grads), flags.to(grads[0].dtype)])  # (P + F,)
-    guarded(world, lambda: dist.all_reduce(flat, group=world.group))
+    guarded(world, lambda: dist.all_reduce(flat, group=world.group, async_op=True))
     sizes = [p.numel() for p in params]
     for param, grad in zip(params, flat[: sum(sizes)].split(sizes), strict=True):
         param.grad = grad.view_as(param)

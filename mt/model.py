@@ -9,6 +9,8 @@ The model knows nothing about devices, mixed precision, DDP or compilation: call
 
 Assumption: every source row holds at least one real (non-pad) token, e.g. its eos. The key-padding
 mask would otherwise mask a whole row and scaled_dot_product_attention would return NaN.
+A batch without padding needs no mask at all; callers who know it say `padded=False`, so that
+SDPA may pick FlashAttention, its fastest kernel, which takes no mask.
 
 Parameter counts with a 37,000-token joint vocabulary and three-way tied embeddings
 (checked in tests/test_model.py):
@@ -44,9 +46,22 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in unique.values())
 
 
-def key_padding_mask(src: Tensor, pad_id: int) -> Tensor:
-    """Boolean attention mask (B, 1, 1, S) for SDPA: True where the key is a real token."""
-    return (src != pad_id)[:, None, None, :]  # (B, 1, 1, S)
+def key_padding_mask(src: Tensor, pad_id: int, dtype: torch.dtype) -> Tensor:
+    """Additive attention mask (B, 1, 1, S) for SDPA: 0 where the key is a real token, -inf at pads.
+
+    In the dtype attention runs in, which SDPA's fused kernels take as it is (a boolean mask is
+    converted at every call); its rows lie 8 elements apart, the alignment the memory-efficient
+    kernel needs and would otherwise get by copying the mask.
+    """
+    B, S = src.shape
+    rows = torch.zeros(B, 1, 1, -(-S // 8) * 8, dtype=dtype, device=src.device)  # S rounded up
+    return rows[..., :S].masked_fill_(src[:, None, None, :] == pad_id, -math.inf)  # (B, 1, 1, S)
+
+
+def attention_dtype(x: Tensor) -> torch.dtype:
+    """The dtype attention runs in for inputs like x: autocast's if the caller turned it on."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 class Dropout(nn.Module):
@@ -108,7 +123,7 @@ class MultiHeadAttention(nn.Module):
     def forward(
         self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causal: bool = False
     ) -> Tensor:
-        """Attend from queries x (B, L, D) to k, v (B, H, L', hd); mask is True where allowed."""
+        """Attend from queries x (B, L, D) to k, v (B, H, L', hd); mask: SDPA's attn_mask."""
         B, L, D = x.shape
         q = self.split_heads(self.q_proj(x))  # (B, H, L, hd)
         # SDPA picks flash / memory-efficient kernels on CUDA; never a hand-written softmax path.
@@ -176,12 +191,12 @@ class EncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.dropout = Dropout(dropout)
 
-    def _self_attention(self, x: Tensor, mask: Tensor) -> Tensor:
+    def _self_attention(self, x: Tensor, mask: Tensor | None) -> Tensor:
         k, v = self.self_attn.project_kv(x)  # (B, H, S, hd) each
         return self.self_attn(x, k, v, mask=mask)  # (B, S, D)
 
-    def forward(self, x: Tensor, src_mask: Tensor) -> Tensor:
-        """x (B, S, D), src_mask (B, 1, 1, S) -> (B, S, D)."""
+    def forward(self, x: Tensor, src_mask: Tensor | None) -> Tensor:
+        """x (B, S, D), src_mask (B, 1, 1, S) or None -> (B, S, D)."""
         x = residual(
             x, lambda h: self._self_attention(h, src_mask), self.norm1, self.dropout, self.prenorm
         )
@@ -307,7 +322,7 @@ class DecoderLayer(nn.Module):
         return self.self_attn(x, k, v, mask=mask)  # (B, T, D)
 
     def _cross_attention(
-        self, x: Tensor, memory: Tensor, src_mask: Tensor, cache: LayerCache | None
+        self, x: Tensor, memory: Tensor, src_mask: Tensor | None, cache: LayerCache | None
     ) -> Tensor:
         if cache is None:
             k, v = self.cross_attn.project_kv(memory)  # (B, H, S, hd) each
@@ -322,9 +337,9 @@ class DecoderLayer(nn.Module):
         return self.cross_attn(queries, k, v, mask=src_mask).reshape(N, T, D)  # (N, T, D)
 
     def forward(
-        self, x: Tensor, memory: Tensor, src_mask: Tensor, cache: LayerCache | None = None
+        self, x: Tensor, memory: Tensor, src_mask: Tensor | None, cache: LayerCache | None = None
     ) -> Tensor:
-        """x (N, T, D), memory (B, S, D), src_mask (B, 1, 1, S) -> (N, T, D); N = G * B."""
+        """x (N, T, D), memory (B, S, D), src_mask (B, 1, 1, S) or None -> (N, T, D); N = G * B."""
         drop, pre = self.dropout, self.prenorm
         x = residual(x, lambda h: self._self_attention(h, cache), self.norm1, drop, pre)
         x = residual(
@@ -404,25 +419,35 @@ class Transformer(nn.Module):
         x = x + self.positions[start : start + length]  # (L, D) broadcast over B
         return self.dropout(x)  # (B, L, D)
 
-    def encode(self, src: Tensor) -> Tensor:
-        """Source tokens (B, S) -> encoder memory (B, S, D)."""
-        src_mask = key_padding_mask(src, self.pad_id)  # (B, 1, 1, S)
+    def source_mask(self, src: Tensor, x: Tensor, padded: bool) -> Tensor | None:
+        """The key mask (B, 1, 1, S) of src for attention over x's keys, None without padding."""
+        return key_padding_mask(src, self.pad_id, attention_dtype(x)) if padded else None
+
+    def encode(self, src: Tensor, padded: bool = True) -> Tensor:
+        """Source tokens (B, S) -> encoder memory (B, S, D); padded=False: src holds no pad."""
         x = self._embed(self.src_embed, src, 0)  # (B, S, D)
+        src_mask = self.source_mask(src, x, padded)  # (B, 1, 1, S) or None
         for layer in self.encoder:
             x = layer(x, src_mask)  # (B, S, D)
         return self.enc_norm(x)  # (B, S, D)
 
     def decode(
-        self, tgt_in: Tensor, memory: Tensor, src: Tensor, state: DecoderState | None = None
+        self,
+        tgt_in: Tensor,
+        memory: Tensor,
+        src: Tensor,
+        state: DecoderState | None = None,
+        padded: bool = True,
     ) -> Tensor:
         """Target tokens (N, T) -> logits (N, T, V); with a state, tgt_in holds only new tokens.
 
         memory (B, S, D) and src (B, S) have one row per source; N is a multiple G of B, and
         target rows g*G .. g*G+G-1 all belong to source g (G = 1 but for beam search).
+        padded=False: src holds no pad.
         """
-        src_mask = key_padding_mask(src, self.pad_id)  # (B, 1, 1, S)
         start = 0 if state is None else state.step
         x = self._embed(self.tgt_embed, tgt_in, start)  # (N, T, D)
+        src_mask = self.source_mask(src, x, padded)  # (B, 1, 1, S) or None
         for i, layer in enumerate(self.decoder):
             cache = None if state is None else state.layers[i]
             x = layer(x, memory, src_mask, cache)  # (N, T, D)
@@ -431,9 +456,13 @@ class Transformer(nn.Module):
             state.step += tgt_in.size(1)
         return F.linear(x, self.tgt_embed.weight)  # (N, T, V), tied projection without bias
 
-    def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
-        """Teacher-forced pass: src (B, S), tgt_in (B, T) -> logits (B, T, V)."""
-        return self.decode(tgt_in, self.encode(src), src)
+    def forward(self, src: Tensor, tgt_in: Tensor, padded: bool = True) -> Tensor:
+        """Teacher-forced pass: src (B, S), tgt_in (B, T) -> logits (B, T, V).
+
+        padded=False promises that src holds no pad: attention then runs without a mask. Callers
+        tell it from the batch on the CPU: reading src on a GPU would make the host wait.
+        """
+        return self.decode(tgt_in, self.encode(src, padded), src, padded=padded)
 
     def init_state(self, max_len: int = 16) -> DecoderState:
         """An empty incremental decoding state for a new batch of outputs of about max_len.

@@ -12,6 +12,8 @@ Conventions shared by every search:
   output reaches its limit `max_lengths(...)`; the limit counts EOS, so an output holds at most
   limit - 1 tokens before its EOS. When the two clash the limit wins.
 - Lengths given to the length penalty count the output tokens including EOS (never 0).
+- Every search returns at least one hypothesis per sentence. A hypothesis' score may be -inf or
+  nan when the model's scores are not finite (a diverged model): callers check, never index blindly.
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ LENGTH_PENALTIES = ("gnmt", "average", "none")
 
 @dataclass(frozen=True)
 class Hypothesis:
-    """One finished output: ids without BOS/EOS, its length-penalised score and log-probability."""
+    """One finished output: ids without BOS/EOS, its length-penalised score and log-probability.
+
+    score and logprob may be -inf or nan when the model's scores are not finite.
+    """
 
     tokens: list[int]
     score: float  # the ranking score: logprob / length_penalty(len(tokens) + 1)
@@ -57,11 +62,21 @@ def length_penalty(length: Tensor | int, alpha: float, kind: str) -> Tensor | fl
     raise ValueError(f"length penalty must be one of {LENGTH_PENALTIES}, got {kind!r}")
 
 
+def plan(src: Tensor, limit: Tensor) -> tuple[int, bool]:
+    """The steps to run, the longest limit (B,), and whether src holds padding: one device read.
+
+    Without padding the model attends without masks, which lets SDPA use its fastest kernels.
+    """
+    steps, padded = torch.stack([limit.max(), (src == PAD_ID).any()]).tolist()
+    return steps, bool(padded)
+
+
 def banned_logprobs(logits: Tensor, step: int, min_len: int) -> tuple[Tensor, Tensor]:
     """Float32 log-probs (N, V), PAD/BOS banned, EOS banned before min_len; EOS's unbanned (N,)."""
     lprobs = F.log_softmax(logits, dim=-1, dtype=torch.float32)  # (N, V), masked in place below
     eos = lprobs[:, EOS_ID].clone()  # (N,) kept for rows at their limit, where EOS is forced
-    lprobs[:, [PAD_ID, BOS_ID]] = -math.inf
+    lprobs[:, PAD_ID] = -math.inf  # one column at a time: a list index would be a host upload
+    lprobs[:, BOS_ID] = -math.inf
     if step < min_len:
         lprobs[:, EOS_ID] = -math.inf
     return lprobs, eos
@@ -100,7 +115,7 @@ def greedy_search(
     """Batched greedy decoding: the most probable token at each step, until EOS or the limit."""
     if src.size(0) == 0:
         return []
-    tokens, _ = decode_rows(model, src, model.encode(src), max_len_a, max_len_b, 0, pick_argmax)
+    tokens, _ = decode_rows(model, src, max_len_a, max_len_b, 0, pick_argmax)
     return strip(tokens)
 
 
@@ -112,29 +127,36 @@ def pick_argmax(lprobs: Tensor) -> Tensor:
 def decode_rows(
     model: Transformer,
     src: Tensor,
-    memory: Tensor,
     max_len_a: float,
     max_len_b: int,
     min_len: int,
     pick: Callable[[Tensor], Tensor],
+    copies: int = 1,
 ) -> tuple[Tensor, Tensor]:
-    """Extend rows by `pick(lprobs)` until EOS: ids (N, T) with PAD after EOS, logprobs (N,)."""
+    """Extend `copies` rows per source by `pick(lprobs)` until EOS.
+
+    Returns ids (N, T) with PAD after EOS and logprobs (N,), N = B * copies, rows of a source
+    consecutive.
+    """
+    limit = max_lengths(src, max_len_a, max_len_b, model.max_positions - 1)  # (B,)
+    steps, padded = plan(src, limit)
+    memory = model.encode(src, padded).repeat_interleave(copies, dim=0)  # (N, S, D)
+    src, limit = src.repeat_interleave(copies, dim=0), limit.repeat_interleave(copies)  # (N, ...)
     N = src.size(0)
-    limit = max_lengths(src, max_len_a, max_len_b, model.max_positions - 1)  # (N,)
-    state = model.init_state(int(limit.max()))
+    state = model.init_state(steps)
     token = torch.full((N,), BOS_ID, dtype=torch.long, device=src.device)  # (N,)
     finished = torch.zeros(N, dtype=torch.bool, device=src.device)  # (N,)
     total = torch.zeros(N, device=src.device)  # (N,) float32
     out = []
-    for t in range(int(limit.max())):
-        logits = model.decode(token.unsqueeze(1), memory, src, state)[:, -1]  # (N, V)
+    for t in range(steps):
+        logits = model.decode(token.unsqueeze(1), memory, src, state, padded)[:, -1]  # (N, V)
         lprobs = step_logprobs(logits, t, limit, min_len)  # (N, V)
         token = pick(lprobs).masked_fill(finished, PAD_ID)  # (N,)
         gained = lprobs.gather(1, token.unsqueeze(1)).squeeze(1)  # (N,)
         total += gained.masked_fill(finished, 0.0)
         out.append(token)
         finished |= token == EOS_ID
-        if bool(finished.all()):
+        if bool(finished.all()):  # the step's one wait for the device
             break
     return torch.stack(out, dim=1), total  # (N, T), (N,)
 
@@ -176,12 +198,14 @@ def sample(
 
     def pick(lprobs: Tensor) -> Tensor:
         """One token per row (N,) drawn from the filtered distribution."""
-        weights = sampling_weights(lprobs, temperature, top_k, top_p)  # (N, V)
-        return torch.multinomial(weights.softmax(dim=-1), 1, generator=generator).squeeze(1)
+        probs = sampling_weights(lprobs, temperature, top_k, top_p).softmax(dim=-1)  # (N, V)
+        # A model whose scores are not finite gives rows multinomial refuses: they end there.
+        broken = ~probs.isfinite().all(dim=1)  # (N,)
+        probs = probs.masked_fill(broken.unsqueeze(1), 0.0)
+        probs[:, EOS_ID] += broken.float()
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
-    memory = model.encode(src).repeat_interleave(num, dim=0)  # (B*num, S, D)
-    rows = src.repeat_interleave(num, dim=0)  # (B*num, S)
-    tokens, logprobs = decode_rows(model, rows, memory, max_len_a, max_len_b, min_len, pick)
+    tokens, logprobs = decode_rows(model, src, max_len_a, max_len_b, min_len, pick, copies=num)
     hyps = [
         finished_hypothesis(ids, lp, alpha, length_penalty)
         for ids, lp in zip(strip(tokens), logprobs.tolist(), strict=True)
@@ -211,7 +235,9 @@ def ranked(hyps: list[Hypothesis], n: int) -> list[Hypothesis]:
 
 # ---------------------------------------------------------------------------------------------
 # Beam search. All sentences' beams live in one batch of rows, K consecutive rows per sentence;
-# sentences leave the batch as soon as they are done.
+# sentences leave the batch as soon as they are done. On a GPU the host waits for the device
+# once per step, to learn which sentences are done; everything else stays on the device, and
+# the hypotheses set aside are read back once, at the end.
 
 
 @dataclass
@@ -235,21 +261,75 @@ class Beams:
         """G, the target rows of each sentence."""
         return self.tokens.size(0) // self.sent.size(0)
 
+    def rows(self, beams: Tensor) -> Tensor:
+        """Row index of each sentence's beams `beams` (B', n), each in [0, G): (B', n)."""
+        first = torch.arange(self.sent.size(0), device=beams.device) * self.rows_per_sentence
+        return first.unsqueeze(1) + beams  # (B', n)
 
-def start_beams(model: Transformer, src: Tensor, max_len_a: float, max_len_b: int) -> Beams:
+
+def start_beams(model: Transformer, src: Tensor, limit: Tensor, steps: int, padded: bool) -> Beams:
     """Encode each sentence once; one row per sentence until the first step expands it."""
     B, device = src.size(0), src.device
-    limit = max_lengths(src, max_len_a, max_len_b, model.max_positions - 1)  # (B,)
     return Beams(
         sent=torch.arange(B, device=device),
         tokens=torch.full((B, 1), BOS_ID, dtype=torch.long, device=device),
         scores=torch.zeros(B, device=device),
         count=torch.zeros(B, dtype=torch.long, device=device),
         limit=limit,
-        memory=model.encode(src),  # (B, S, D)
+        memory=model.encode(src, padded),  # (B, S, D)
         src=src,  # (B, S)
-        state=model.init_state(int(limit.max())),
+        state=model.init_state(steps),
     )
+
+
+@dataclass
+class Finished:
+    """Hypotheses set aside, kept on the device: slot j of sentence b is row b*K + j.
+
+    The last row is a spare that takes the writes of candidates not set aside, so that filing
+    is a fixed number of writes: selecting the real ones would make the host wait for the device.
+    """
+
+    beam: int  # K, the slots per sentence
+    tokens: Tensor  # (B*K+1, L) output ids without BOS and EOS, then PAD; L the longest limit
+    lengths: Tensor  # (B*K+1,) long: output tokens before EOS, -1 for an empty slot
+    logprobs: Tensor  # (B*K+1,) float32, EOS included
+
+    @classmethod
+    def empty(cls, sentences: int, beam: int, steps: int, device: torch.device) -> Finished:
+        """K empty slots for each of `sentences`, for outputs of up to `steps` tokens."""
+        rows = sentences * beam + 1
+        return cls(
+            beam=beam,
+            tokens=torch.full((rows, steps), PAD_ID, dtype=torch.long, device=device),
+            lengths=torch.full((rows,), -1, dtype=torch.long, device=device),
+            logprobs=torch.zeros(rows, device=device),
+        )
+
+    @property
+    def spare(self) -> int:
+        """The row that takes the writes of candidates not set aside."""
+        return self.lengths.size(0) - 1
+
+    def file(self, beams: Beams, slots: Tensor, rows: Tensor, logprobs: Tensor) -> None:
+        """Set aside `beams` rows (B', n), each ended by EOS with `logprobs`, into `slots`."""
+        T = beams.tokens.size(1) - 1  # output tokens so far
+        slots = slots.reshape(-1)  # (B'*n,)
+        self.tokens[slots, :T] = beams.tokens.index_select(0, rows.reshape(-1))[:, 1:]
+        self.lengths[slots] = T
+        self.logprobs[slots] = logprobs.reshape(-1)
+
+    def hypotheses(self, nbest: int, alpha: float, kind: str) -> list[list[Hypothesis]]:
+        """Each sentence's `nbest` best hypotheses, best first: the host's one read of them."""
+        lengths, logprobs, tokens = (t.tolist() for t in (self.lengths, self.logprobs, self.tokens))
+        slots = [
+            finished_hypothesis(tokens[i][:n], logprobs[i], alpha, kind) if n >= 0 else None
+            for i, n in enumerate(lengths[: self.spare])
+        ]
+        return [
+            ranked([h for h in slots[b : b + self.beam] if h is not None], nbest)
+            for b in range(0, self.spare, self.beam)
+        ]
 
 
 VOCAB_BLOCK = 64  # preferred column block width of `block_topk`
@@ -321,24 +401,31 @@ def expand_candidates(
 
 
 def set_aside_finished(
-    finished: list[list[Hypothesis]],
-    beams: Beams,
-    candidates: tuple[Tensor, Tensor, Tensor],
-    beam: int,
-    alpha: float,
-    kind: str,
+    finished: Finished, beams: Beams, candidates: tuple[Tensor, Tensor, Tensor]
 ) -> Tensor:
     """File EOS candidates ranked in their sentence's top K, up to K per sentence: count (B',)."""
-    scores, origin, tokens = (c[:, :beam] for c in candidates)  # (B', K) each
-    ends = (tokens == EOS_ID) & scores.isfinite()  # (B', K)
-    b, j = ends.nonzero(as_tuple=True)  # (E,) each, sentence-major and best first
-    if b.numel() > 0:
-        rows = b * beams.rows_per_sentence + origin[b, j]  # (E,)
-        outputs = beams.tokens[rows, 1:].tolist()  # E lists of T ids, without BOS and EOS
-        for s, ids, lp in zip(beams.sent[b].tolist(), outputs, scores[b, j].tolist(), strict=True):
-            if len(finished[s]) < beam:
-                finished[s].append(finished_hypothesis(ids, lp, alpha, kind))
-    return (beams.count + ends.sum(dim=1)).clamp(max=beam)  # (B',)
+    K = finished.beam
+    scores, origin, tokens = (c[:, :K] for c in candidates)  # (B', K) each
+    ends = (tokens == EOS_ID) & scores.isfinite()  # (B', K) best first
+    slot = beams.count.unsqueeze(1) + ends.cumsum(dim=1) - 1  # (B', K) the slot of each end
+    filed = ends & (slot < K)  # (B', K)
+    slots = torch.where(filed, beams.sent.unsqueeze(1) * K + slot, finished.spare)  # (B', K)
+    finished.file(beams, slots, beams.rows(origin), scores)
+    return (beams.count + ends.sum(dim=1)).clamp(max=K)  # (B',)
+
+
+def set_aside_live(finished: Finished, beams: Beams, eos: Tensor, stuck: Tensor) -> None:
+    """File the live beams of the sentences `stuck` (B',) bool, ended by EOS of log-prob eos (N,).
+
+    For sentences at their limit with no hypothesis of finite score, i.e. whose model's scores
+    are not finite: they get their beams, with non-finite scores, rather than nothing.
+    """
+    G = beams.rows_per_sentence
+    beam = torch.arange(G, device=eos.device).expand(stuck.size(0), G)  # (B', G)
+    slots = torch.where(
+        stuck.unsqueeze(1), beams.sent.unsqueeze(1) * finished.beam + beam, finished.spare
+    )
+    finished.file(beams, slots, beams.rows(beam), (beams.scores + eos).view(-1, G))
 
 
 def select_live(candidates: tuple[Tensor, Tensor, Tensor], beam: int) -> tuple[Tensor, ...]:
@@ -351,24 +438,26 @@ def select_live(candidates: tuple[Tensor, Tensor, Tensor], beam: int) -> tuple[T
 
 
 def advance(
-    beams: Beams, candidates: tuple[Tensor, Tensor, Tensor], keep: Tensor, beam: int
+    beams: Beams, candidates: tuple[Tensor, Tensor, Tensor], done: Tensor, kept: int, beam: int
 ) -> Beams:
-    """Continue the K best live candidates of the sentences in `keep` (B',) bool; drop the rest."""
+    """Continue the K best live candidates of the `kept` sentences not `done` (B',) bool."""
     scores, origin, tokens = select_live(candidates, beam)  # (B', K) each
-    G = beams.rows_per_sentence
-    first_row = torch.arange(keep.size(0), device=keep.device).unsqueeze(1) * G  # (B', 1)
-    rows = (first_row + origin)[keep].view(-1)  # (B''*K,) rows to continue, by origin beam
-    kept = keep.nonzero().squeeze(1)  # (B'',)
-    all_kept = kept.size(0) == keep.size(0)  # then per-sentence tensors stay as they are
-    beams.state.reorder(rows, None if all_kept else kept)
+    # The indices of the sentences not done, in order, without a wait for the device: a stable
+    # sort puts them first, and the host knows how many they are.
+    keep = done.to(torch.uint8).argsort(stable=True)[:kept]  # (B'',)
+    all_kept = kept == done.size(0)  # then per-sentence tensors stay as they are
+    rows = beams.rows(origin).index_select(0, keep).view(-1)  # (B''*K,) by origin beam
+    beams.state.reorder(rows, None if all_kept else keep)
     return Beams(
-        sent=beams.sent[kept],
-        tokens=torch.cat([beams.tokens.index_select(0, rows), tokens[keep].view(-1, 1)], dim=1),
-        scores=scores[keep].view(-1),  # (B''*K,)
-        count=beams.count[kept],
-        limit=beams.limit[kept],
-        memory=beams.memory if all_kept else beams.memory.index_select(0, kept),  # (B'', S, D)
-        src=beams.src if all_kept else beams.src.index_select(0, kept),  # (B'', S)
+        sent=beams.sent.index_select(0, keep),
+        tokens=torch.cat(
+            [beams.tokens.index_select(0, rows), tokens.index_select(0, keep).view(-1, 1)], dim=1
+        ),
+        scores=scores.index_select(0, keep).view(-1),  # (B''*K,)
+        count=beams.count.index_select(0, keep),
+        limit=beams.limit.index_select(0, keep),
+        memory=beams.memory if all_kept else beams.memory.index_select(0, keep),  # (B'', S, D)
+        src=beams.src if all_kept else beams.src.index_select(0, keep),  # (B'', S)
         state=beams.state,
     )
 
@@ -395,25 +484,34 @@ def beam_search(
     min_len: int = 0,
     nbest: int = 1,
 ) -> list[list[Hypothesis]]:
-    """Beam search over src (B, S): B lists of up to `nbest` hypotheses, best score first.
+    """Beam search over src (B, S): B lists of 1 to `nbest` hypotheses, best score first.
 
     fairseq's criterion: a sentence stops once `beam` hypotheses have ended (an EOS candidate
     counts if it ranks in the step's top K), or at its length limit where every beam ends.
-    Fewer than nbest come back only when the length limit leaves fewer possible outputs.
+    Fewer than nbest come back only when the length limit leaves fewer possible outputs, or
+    when the model's scores are not finite: a sentence none of whose hypotheses has a finite
+    score gets its live beams at the limit, whose scores may be -inf or nan.
     """
     check_beam(beam, nbest, min_len, length_penalty)
     if src.size(0) == 0:
         return []
-    finished: list[list[Hypothesis]] = [[] for _ in range(src.size(0))]
-    beams = start_beams(model, src, max_len_a, max_len_b)
-    for step in range(int(beams.limit.max())):
-        logits = model.decode(beams.tokens[:, -1:], beams.memory, beams.src, beams.state)
+    limit = max_lengths(src, max_len_a, max_len_b, model.max_positions - 1)  # (B,)
+    steps, padded = plan(src, limit)
+    finished = Finished.empty(src.size(0), beam, steps, src.device)
+    beams = start_beams(model, src, limit, steps, padded)
+    for step in range(steps):
+        tokens, memory, state = beams.tokens[:, -1:], beams.memory, beams.state
+        logits = model.decode(tokens, memory, beams.src, state, padded)  # (B'*G, 1, V)
         row_limit = beams.limit.repeat_interleave(beams.rows_per_sentence)  # (B'*G,)
         top = row_candidates(logits[:, -1], step, row_limit, min_len, 2 * beam)  # (B'*G, 2K) x2
         candidates = expand_candidates(beams.scores, *top, beams.sent.size(0), beam)  # (B', 2K)
-        beams.count = set_aside_finished(finished, beams, candidates, beam, alpha, length_penalty)
-        done = (beams.count >= beam) | (step + 1 >= beams.limit)  # (B',)
-        if bool(done.all()):
+        beams.count = set_aside_finished(finished, beams, candidates)
+        at_limit = step + 1 >= beams.limit  # (B',)
+        done, stuck = at_limit | (beams.count >= beam), at_limit & (beams.count == 0)
+        done_now, stuck_now = torch.stack([done, stuck]).tolist()  # the step's one wait
+        if any(stuck_now):
+            set_aside_live(finished, beams, top[0][:, 0], stuck)  # EOS is first at the limit
+        if all(done_now):
             break
-        beams = advance(beams, candidates, ~done, beam)
-    return [ranked(hyps, nbest) for hyps in finished]
+        beams = advance(beams, candidates, done, done_now.count(False), beam)
+    return finished.hypotheses(nbest, alpha, length_penalty)

@@ -32,7 +32,7 @@ from mt.batching import Batch, BatchSampler, Prefetcher, Update, collate, plan_u
 from mt.config import CONFIG_FILE, Config, diff, load_config, save_config
 from mt.data import EncodedCorpus, write_data_stats
 from mt.device import autocast, configure_backends, resolve_precision
-from mt.distributed import World
+from mt.distributed import World, main_first
 from mt.errors import ConfigError, MtError
 from mt.lock import hold_run_lock
 from mt.loss import label_smoothed_nll
@@ -206,7 +206,8 @@ def forward_backward(learner: Learner, batch: Batch, tokens: int) -> tuple[Tenso
     """One micro-batch: forward under autocast, float32 loss, backward; summed loss and nll."""
     batch = batch.to(learner.device)
     with autocast(learner.device, learner.precision):
-        logits = learner.step_model(batch.src, batch.tgt_in)  # (B, T, V)
+        padded = batch.src_tokens != batch.src.numel()  # from collation: no device read
+        logits = learner.step_model(batch.src, batch.tgt_in, padded=padded)  # (B, T, V)
     # Looked up at call time, so that tests can inject faults into the loss.
     loss_fn = learner.step_loss or label_smoothed_nll
     loss, nll, _ = loss_fn(logits, batch.tgt_out, learner.label_smoothing)
@@ -327,28 +328,6 @@ def prepare(config: Config, world: World) -> tuple[Tokenizer, EncodedCorpus, Enc
     train_data = encoded(config, tokenizer, "train")
     valid_data = encoded(config, tokenizer, "valid") if config.data.valid else None
     return tokenizer, train_data, valid_data
-
-
-def main_first(world: World, device: torch.device, prepare: Callable[[], object]) -> object:
-    """Run `prepare` on rank 0, then on the others (which then find its files and caches).
-
-    The others wait on the start-up group (`train.dist_startup_timeout`): preparing a large
-    corpus can take longer than the training group's timeout. `device` must suit the backend
-    (CUDA tensors for NCCL). Whatever rank 0 raises, the others stop too.
-    """
-    if not world.distributed:
-        return prepare()
-    result, failed = None, 0.0
-    if world.is_main:
-        try:
-            result = prepare()
-        except BaseException:
-            failed = 1.0
-            distributed.all_reduce(world, [failed], device, startup=True)
-            raise
-    if distributed.all_reduce(world, [failed], device, startup=True)[0]:
-        raise MtError(f"rank {world.rank}: rank 0 failed while preparing the run (see its error)")
-    return result if world.is_main else prepare()
 
 
 def start(
@@ -742,7 +721,7 @@ def validate(run: Run) -> dict[str, float]:
     for indices in sampler.epoch_batches(1):
         batch = collate(dev.pairs(indices), indices).to(device)
         with autocast(device, learner.precision):
-            logits = model(batch.src, batch.tgt_in)
+            logits = model(batch.src, batch.tgt_in, padded=batch.src_tokens != batch.src.numel())
             output = search_ids(model, batch.src, config)
         loss, nll, _ = label_smoothed_nll(logits, batch.tgt_out, learner.label_smoothing)
         loss_sum, nll_sum = loss_sum + loss.item(), nll_sum + nll.item()

@@ -136,7 +136,7 @@ def _greedy(model: Transformer, src: torch.Tensor, decode: DecodeConfig) -> list
     # Not search.greedy_search, which returns ids only: the log-probabilities tell whether the
     # model's scores were finite at all (a NaN argmax still picks a token).
     tokens, logprobs = search.decode_rows(
-        model, src, model.encode(src), decode.max_len_a, decode.max_len_b, 0, search.pick_argmax
+        model, src, decode.max_len_a, decode.max_len_b, 0, search.pick_argmax
     )  # (B, T), (B,)
     return [
         [search.finished_hypothesis(ids, lp, decode.alpha, decode.length_penalty)]

@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# scripts/gpu_bench.py in one call on a lent GPU machine (see the device README), e.g.
-#   scripts/gpu_bench.sh --write docs/benchmarks.md     # compiled bf16, then eager bf16
-# The machine's python3 has torch and most of mt's needs; what it lacks (datasets, dill,
+# scripts/gpu_bench.py's three sections in one call on a lent GPU machine (see the device README):
+#   scripts/gpu_bench.sh --write docs/benchmarks.md
+# 1. eager training steps and beam-5 decoding, first, so that a torch.compile failure cannot
+#    lose them; 2. torch.compile'd training steps; 3. `mt train` itself against its model.
+# Each section has a time limit, 450 s together, so that the whole run stays within 8 minutes on
+# one H100/H200: a section over its limit is lost, not the others, and the exit status says so.
+# Section 3 trains on data/multi30k if there is a copy (with an 8k vocabulary), else on made-up
+# text. The machine's python3 has torch and most of mt's needs; what it lacks (datasets, dill,
 # multiprocess) travels as wheels in .whl/ (downloaded here with pip download, carried along).
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if ! "$PY" -c "import datasets" 2>/dev/null; then
@@ -16,5 +21,22 @@ if ! "$PY" -c "import datasets" 2>/dev/null; then
 fi
 export PYTHONUNBUFFERED=1
 "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA')"
-"$PY" scripts/gpu_bench.py "$@"
-"$PY" scripts/gpu_bench.py --no-compile "$@"
+
+trainer_data=()
+if [ -f data/multi30k/train.de.gz ] && [ -f data/multi30k/train.en.gz ]; then
+    trainer_data=(--data data/multi30k/train --vocab 8000)
+fi
+status=0
+section() {  # LIMIT_SECONDS ARGS...: one gpu_bench.py section, stopped at its limit
+    local limit=$1 start=$SECONDS
+    shift
+    if ! timeout "$limit" "$PY" scripts/gpu_bench.py "$@"; then
+        echo "gpu_bench.sh: 'gpu_bench.py $*' failed or ran past ${limit} s" >&2
+        status=1
+    fi
+    echo "gpu_bench.sh: $((SECONDS - start)) s for 'gpu_bench.py $*'" >&2
+}
+section 140 --no-compile "$@"
+section 170 "$@"
+section 140 --trainer ${trainer_data[@]+"${trainer_data[@]}"} "$@"
+exit "$status"

@@ -7,15 +7,19 @@ import signal
 import socket
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from helpers.waiting import read_until
 from safetensors.torch import load_file
 
 from mt import checkpoint as ckpt
+from mt import distributed
 from mt.config import load_config
+from mt.errors import MtError
 from mt.metrics import read_metrics
 from mt.train import train
 
@@ -142,6 +146,135 @@ def test_out_of_memory_on_one_rank_skips_the_update_on_every_rank(tmp_path: Path
     assert ckpt.latest_checkpoint(run).step == 6  # both ranks went on, in step
     state = ckpt.load_state(ckpt.latest_checkpoint(run).state)
     assert state["train"]["oom_steps"] == 1
+
+
+# Two ranks of a bare `distributed.setup` + `main_first`; rank 0's preparation fails with an
+# error that is not an MtError. Rank 0 then stays alive until its stdin closes, as a rank whose
+# death NCCL would not notice before the start-up timeout.
+RANK0_FAILS = """
+import sys
+from mt import distributed
+from mt.errors import MtError
+
+world, device = distributed.setup("cpu", 20, 600)
+
+def prepare():
+    if world.is_main:
+        raise RuntimeError("the corpus is on fire")
+    return "prepared"
+
+try:
+    distributed.main_first(world, device, prepare)
+except MtError as exc:
+    sys.exit(f"error: {exc}")
+except RuntimeError as exc:
+    print(f"rank 0: {exc}", file=sys.stderr, flush=True)
+    sys.stdin.read()
+    sys.exit(1)
+"""
+
+
+def test_a_failure_of_rank_0_while_preparing_stops_the_others_at_once(tmp_path: Path) -> None:
+    port = str(free_port())
+
+    def rank(r: int) -> subprocess.Popen:
+        env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}  # fmt: skip
+        pipes = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        return subprocess.Popen([sys.executable, "-c", RANK0_FAILS], cwd=ROOT, env=env, **pipes)
+
+    procs = [rank(0), rank(1)]
+    try:
+        _, err = procs[1].communicate(timeout=120)  # far below the start-up timeout, 600 s
+    finally:
+        _, err0 = procs[0].communicate(timeout=60)  # closes rank 0's stdin: it exits
+    assert procs[1].returncode == 1
+    assert err.decode().splitlines() == [
+        "error: rank 1: rank 0 failed while preparing the run (see its error)"
+    ]
+    assert "rank 0: the corpus is on fire" in err0.decode()
+
+
+def test_setup_makes_nccl_errors_raise_before_creating_process_groups(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen = []
+
+    def init_process_group(*args: object, **kwargs: object) -> None:
+        seen.append(os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING"))
+        raise InterruptedError  # stop before any network
+
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)
+    with pytest.raises(InterruptedError):
+        distributed.setup("cpu", 20, 60)
+    assert seen == ["2"]
+
+
+@pytest.mark.parametrize(
+    ("value", "torchrun", "want"),
+    [(None, False, "2"), (None, True, "2"), ("1", True, "2"), ("1", False, "1"), ("3", True, "3"),
+     ("0", False, "0")],
+)  # fmt: skip
+def test_nccl_error_handling_keeps_what_the_user_set(
+    monkeypatch: pytest.MonkeyPatch, value: str | None, torchrun: bool, want: str
+) -> None:
+    for name, setting in (("TORCH_NCCL_ASYNC_ERROR_HANDLING", value),
+                          ("TORCHELASTIC_RUN_ID", "job" if torchrun else None)):  # fmt: skip
+        if setting is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, setting)
+    distributed.nccl_errors_raise()
+    assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == want
+
+
+class TimedOutWork:
+    """A collective whose wait times out, as an NCCL one does with a timeout given."""
+
+    def __init__(self) -> None:
+        self.timeouts: list[float] = []
+
+    def wait(self, timeout: timedelta) -> bool:
+        self.timeouts.append(timeout.total_seconds())
+        raise dist.DistBackendError("Work ran for 20000 milliseconds before timing out.")
+
+
+def test_guarded_collectives_wait_within_their_group_timeout() -> None:
+    world = distributed.World(rank=1, world_size=2, timeout_s=20.0, startup_timeout_s=90.0)
+    work = TimedOutWork()
+    for startup in (False, True):
+        with pytest.raises(MtError) as raised:
+            distributed.guarded(world, lambda: work, startup)
+        assert str(raised.value) == (
+            "rank 1 of 2: lost contact with the other ranks (a rank died or timed out): "
+            "Work ran for 20000 milliseconds before timing out."
+        )
+    assert work.timeouts == [20.0, 90.0]
+
+
+@pytest.mark.parametrize(
+    ("slurm_cpus", "omp", "want"),
+    [("1", None, 1), ("99", None, len(os.sched_getaffinity(0))), ("1", "2", None),
+     (None, None, None)],
+)  # fmt: skip
+def test_ranks_run_one_thread_per_cpu_slurm_gave_them(
+    monkeypatch: pytest.MonkeyPatch, slurm_cpus: str | None, omp: str | None, want: int | None
+) -> None:
+    for name, value in (("SLURM_CPUS_PER_TASK", slurm_cpus), ("OMP_NUM_THREADS", omp)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        distributed.set_cpu_threads()
+        assert torch.get_num_threads() == (want or 3)  # OMP_NUM_THREADS or no Slurm: untouched
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_out_of_memory_in_the_last_backward_skips_the_update_on_every_rank(tmp_path: Path) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mt.loss import label_smoothed_nll
 from mt.model import Dropout, Transformer, count_parameters, sinusoidal_positions
@@ -62,18 +65,70 @@ def test_overfits_ten_pairs() -> None:
 
 
 @pytest.mark.parametrize("prenorm", [True, False])
-def test_padding_does_not_change_outputs(prenorm: bool) -> None:
+@pytest.mark.parametrize("precision", [torch.float32, torch.bfloat16])
+def test_padding_does_not_change_outputs(prenorm: bool, precision: torch.dtype) -> None:
     model = tiny(prenorm).eval()
     gen = torch.Generator().manual_seed(2)
     short_src, long_src = sentence(4, gen), sentence(7, gen)
     short_tgt, long_tgt = [BOS, *sentence(3, gen)], [BOS, *sentence(6, gen)]
-    with torch.no_grad():
-        alone_mem = model.encode(torch.tensor([short_src]))
+    # bf16 keeps 8 bits: a sentence alone and in a batch rounds at different places.
+    atol = 1e-5 if precision == torch.float32 else 5e-2
+    with torch.no_grad(), torch.autocast("cpu", precision, enabled=precision != torch.float32):
+        alone_mem = model.encode(torch.tensor([short_src]), padded=False)
         batch_mem = model.encode(pad_batch([short_src, long_src]))
-        assert torch.allclose(alone_mem[0], batch_mem[0, :4], atol=1e-5)
-        alone = model(torch.tensor([short_src]), torch.tensor([short_tgt]))
+        assert torch.allclose(alone_mem[0].float(), batch_mem[0, :4].float(), atol=atol)
+        alone = model(torch.tensor([short_src]), torch.tensor([short_tgt]), padded=False)
         batch = model(pad_batch([short_src, long_src]), pad_batch([short_tgt, long_tgt]))
-    assert torch.allclose(alone[0], batch[0, :4], atol=1e-5)
+    assert torch.allclose(alone[0].float(), batch[0, :4].float(), atol=atol)
+    assert torch.equal(alone[0].argmax(-1), batch[0, :4].argmax(-1))
+
+
+def unpadded_pairs(n: int, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """n random (src, tgt_in) pairs whose sources all have 6 tokens: no source padding."""
+    gen = torch.Generator().manual_seed(seed)
+    srcs = [sentence(6, gen) for _ in range(n)]
+    tgts = [[BOS, *sentence(int(torch.randint(2, 8, (1,), generator=gen)), gen)] for _ in srcs]
+    return torch.tensor(srcs), pad_batch(tgts)
+
+
+def sdpa_masks(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor | None]:
+    """The attn_mask of every SDPA call from now on, in call order."""
+    masks: list[torch.Tensor | None] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args: object, attn_mask: torch.Tensor | None = None, **kwargs: object) -> object:
+        masks.append(attn_mask)
+        return sdpa(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    return masks
+
+
+@pytest.mark.parametrize("precision", [torch.float32, torch.bfloat16])
+def test_masks_are_what_sdpa_runs_fastest_with(
+    monkeypatch: pytest.MonkeyPatch, precision: torch.dtype
+) -> None:
+    model = tiny().eval()
+    src, tgt_in, _ = random_pairs(3)  # sources of different lengths: padded
+    masks = sdpa_masks(monkeypatch)
+    with torch.no_grad(), torch.autocast("cpu", precision, enabled=precision != torch.float32):
+        model(src, tgt_in)
+        # Encoder self-attention and cross-attention get an additive mask in the compute dtype,
+        # rows 8 elements apart; causal self-attention none.
+        assert [m is None for m in masks] == [False, False, True, False, True, False]
+        S = src.size(1)
+        for mask in [m for m in masks if m is not None]:
+            assert mask.dtype == precision and mask.shape == (3, 1, 1, S)
+            assert mask.stride(0) % 8 == 0 and mask.stride(-1) == 1
+            assert torch.equal(mask[:, 0, 0] == -math.inf, src == PAD)
+            assert torch.equal(mask[:, 0, 0] == 0, src != PAD)
+        # Without padding, no mask at all: SDPA may then use its flash kernel.
+        masks.clear()
+        src, tgt_in = unpadded_pairs(3)
+        masked, unmasked = model(src, tgt_in), model(src, tgt_in, padded=False)
+        assert len(masks) == 12 and all(m is None for m in masks[6:])
+    tolerance = 1e-5 if precision == torch.float32 else 2e-2  # bf16 kernels may differ
+    assert torch.allclose(masked.float(), unmasked.float(), atol=tolerance)
 
 
 def test_causal_mask() -> None:
@@ -110,6 +165,20 @@ def test_incremental_matches_full(prenorm: bool) -> None:
         rest = model.decode(tgt_in[:, 2:], memory, src, state)
     assert torch.allclose(full, step, atol=1e-5)
     assert torch.allclose(full, torch.cat([first, rest], dim=1), atol=1e-5)
+
+
+def test_incremental_matches_full_without_padding() -> None:
+    model = tiny().eval()
+    src, tgt_in = unpadded_pairs(3)
+    with torch.no_grad():
+        full = model(src, tgt_in, padded=False)
+        memory, state = model.encode(src, padded=False), model.init_state()
+        steps = [
+            model.decode(tgt_in[:, t : t + 1], memory, src, state, padded=False)
+            for t in range(tgt_in.size(1))
+        ]
+    assert torch.allclose(full, torch.cat(steps, dim=1), atol=1e-5)
+    assert torch.allclose(full, model(src, tgt_in), atol=1e-5)  # the masked pass agrees
 
 
 def test_cache_grows_past_its_capacity_and_keeps_its_contents() -> None:

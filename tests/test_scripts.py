@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 
 from mt.corpora import open_corpus
 from mt.data import encode_corpus
+from mt.metrics import read_metrics
 from mt.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,20 +71,60 @@ def test_multi30k_script_trains_translates_and_scores(tmp_path: Path) -> None:
     assert "case:mixed" in scores[0] and "case:lc" in scores[1]
 
 
-def test_gpu_bench_runs_on_cpu(tmp_path: Path) -> None:
+def gpu_bench(tmp_path: Path, *args: str) -> tuple[dict, str]:
+    """Run scripts/gpu_bench.py's CPU smoke mode; its JSON results and its Markdown section."""
     out = tmp_path / "gpu.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "gpu_bench.py"), "--device", "cpu", "--smoke",
-         "--no-compile", "--json", str(out)],
+         "--no-compile", "--json", str(out), *args],
         capture_output=True, text=True, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    res = json.loads(out.read_text())
-    assert res["train"]["params"] == 115_520  # the --smoke model with a 500-piece vocabulary
-    assert res["train"]["tgt_tok_s"] > 0 and 0 < res["train"]["flop_s"] < res["peak_flop_s"]
-    assert res["decode"]["sentences"] == 16
-    assert "aten::_scaled_dot_product_attention_math" in res["train"]["sdpa_kernels"]
-    assert "| **MFU** |" in proc.stdout
+    return json.loads(out.read_text()), proc.stdout
+
+
+def positive(*values: float) -> bool:
+    """All finite and above zero."""
+    return all(math.isfinite(v) and v > 0 for v in values)
+
+
+def test_gpu_bench_runs_on_cpu(tmp_path: Path) -> None:
+    # Structure and invariants only: the speeds depend on the CPU and on its load.
+    res, out = gpu_bench(tmp_path)
+    t, pad = res["train"], res["train"]["padding"]
+    assert t["params"] == 115_520  # the --smoke model with a 500-piece vocabulary
+    assert positive(t["tgt_tok_s"], t["flop_s"], t["real_flop_s"], res["peak_flop_s"])
+    assert t["real_flop_s"] < t["flop_s"]  # the same seconds, fewer FLOPs: pads are not real
+    assert res["datasheet_flop_s"] is None  # a CPU is not in the table of cards
+    # Padding counts: 3 timed batches, real tokens at most the padded positions, some pads.
+    assert pad["batches"] == 3 and 0 <= pad["batches_without_src_padding"] <= 3
+    assert 0 < pad["src_tokens"] < pad["src_positions"]
+    assert 0 < pad["tgt_tokens"] < pad["tgt_positions"]
+    assert res["decode"]["sentences"] == 16 and positive(res["decode"]["sentences_s"])
+    assert "aten::_scaled_dot_product_attention_math" in t["sdpa_kernels"]
+    # Each kernel was tried alone, with and without padding; the math kernel runs everything.
+    assert set(t["sdpa_alone"]) == {"flash", "memory-efficient", "cudnn", "math"}
+    assert t["sdpa_alone"]["math"] == {"no padding": True, "padding": True}
+    for heading in ("| **MFU, measured peak** |", "| MFU, datasheet peak | n/a",
+                    "| **MFU (real tokens), measured peak** |", "| padding: source / target",
+                    "| SDPA kernel alone |", "| beam-5 decoding"):  # fmt: skip
+        assert heading in out
+    mfu = t["flop_s"] / res["peak_flop_s"]
+    assert f"| **MFU, measured peak** | **{mfu:.1%}** |" in out
+
+
+def test_gpu_bench_trainer_section_runs_mt_train_on_cpu(tmp_path: Path) -> None:
+    res, out = gpu_bench(tmp_path, "--trainer", "--workdir", str(tmp_path / "work"))
+    w = res["trainer"]
+    assert res["ranks"] == 1 and res["update"] == [2, 512]  # base.yaml's update_freq, --smoke
+    assert w["steps"] == 18  # 20 steps logged every 2: the first window is left out
+    assert positive(w["tgt_tok_s"], res["model_tgt_tok_s"], res["wall_seconds"])
+    assert 0 <= w["data_share"] < 1
+    steps = [r["step"] for r in read_metrics(tmp_path / "work" / "run", "train")]
+    assert steps == list(range(2, 21, 2))
+    ratio = w["tgt_tok_s"] / res["model_tgt_tok_s"]
+    assert f"| **trainer speed / model speed** | **{ratio:.0%}** |" in out
+    assert out.startswith("## GPU: `mt train` against its model (configs/base.yaml)")
 
 
 @pytest.mark.slow

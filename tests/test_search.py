@@ -1,12 +1,14 @@
-"""Tests for mt.search: greedy, beam search against a slow reference, n-best, sampling."""
+"""Tests for mt.search: greedy, beam search against a slow reference, n-best, sampling, waits."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mt.model import Transformer
 from mt.search import (
@@ -350,3 +352,108 @@ def test_row_candidates_equal_topk_of_step_logprobs(step: int, min_len: int) -> 
     assert torch.equal(top[live], want.values[live])
     assert torch.equal(tokens[live], want.indices[live])
     assert (tokens[step + 1 >= limit, 0] == EOS_ID).all()
+
+
+aten = torch.ops.aten
+# Operations that make the host wait for a GPU: reading a value back (item, bool, int) or
+# producing a shape that depends on values (the host must learn it before going on).
+READS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
+         aten.repeat_interleave.Tensor}  # fmt: skip
+INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default}
+
+
+class HostWaits(TorchDispatchMode):
+    """Counts the operations that would make the host wait for a GPU, run on any device.
+
+    On a CPU nothing waits, so the operations are counted instead: those in READS, indexing by a
+    boolean mask, and Tensor.tolist (which reads a CPU tensor without any operation).
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        super().__init__()
+        self.count = 0
+        tolist = torch.Tensor.tolist
+
+        def counted_tolist(tensor: torch.Tensor) -> object:
+            self.count += 1
+            return tolist(tensor)
+
+        monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+
+    def __torch_dispatch__(
+        self,
+        func: torch._ops.OpOverload,
+        types: object,
+        args: tuple = (),
+        kwargs: dict | None = None,
+    ) -> object:
+        if func in READS or (
+            func in INDEXING and any(i is not None and i.dtype == torch.bool for i in args[1])
+        ):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_host_waits_counts_what_waits_for_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.arange(6)
+    with HostWaits(monkeypatch) as waits:
+        y = (x + 1).view(2, 3).sum(0).index_select(0, x[:2])  # all on the device
+        y[x[:2] > 0] = 0
+        assert waits.count == 1  # the boolean index
+        assert x.tolist() == list(range(6)) and bool(x.any()) and int(x.max()) == 5
+        x[x > 2].nonzero()
+        x.repeat_interleave(x)
+    assert waits.count == 7
+
+
+def decode_calls(model: Transformer, search: Callable[[], object]) -> tuple[object, int]:
+    """search()'s result and the number of model.decode calls it made."""
+    calls = 0
+    decode = model.decode
+
+    def spy(*args: object) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return decode(*args)
+
+    model.decode = spy  # type: ignore[method-assign]
+    try:
+        return search(), calls
+    finally:
+        del model.decode
+
+
+def test_searches_wait_for_the_device_once_per_step(
+    reverser: Transformer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = pad_batch(random_sources(12, seed=47))
+    searches = [
+        (lambda: beam_search(reverser, src, 4, nbest=2), 4),  # + the limit, 3 reads at the end
+        (lambda: greedy_search(reverser, src, 1.2, 10), 2),  # + the limit, the outputs
+        (lambda: sample(reverser, src, 2, generator=torch.Generator().manual_seed(0)), 3),
+    ]
+    for search, outside_the_steps in searches:
+        want, steps = decode_calls(reverser, search)
+        with HostWaits(monkeypatch) as waits:
+            assert search() == want
+        assert steps >= 8 and waits.count <= steps + outside_the_steps
+
+
+@pytest.mark.parametrize("scale", [math.inf, math.nan, 1e38])
+def test_non_finite_scores_still_give_every_sentence_a_hypothesis(scale: float) -> None:
+    model = tiny(1)
+    with torch.no_grad():  # the output layer's input: logits inf, nan or beyond float32
+        model.dec_norm.weight.mul_(scale)
+    srcs = random_sources(5, seed=53)
+    src = pad_batch(srcs)
+    limits = max_lengths(src, 1.2, 10, model.max_positions - 1).tolist()
+    for beam in (1, 3):
+        out = beam_search(model, src, beam, nbest=beam)
+        assert len(out) == len(srcs) and all(1 <= len(hyps) <= beam for hyps in out)
+        for hyps, limit in zip(out, limits, strict=True):
+            for h in hyps:  # the live beams at the limit, with their scores
+                assert not math.isfinite(h.score) and not math.isfinite(h.logprob)
+                assert len(h.tokens) == limit - 1 and not {PAD_ID, BOS_ID, EOS_ID} & set(h.tokens)
+    out = sample(model, src, 2, generator=torch.Generator().manual_seed(0))
+    assert [len(hyps) for hyps in out] == [2] * len(srcs)
+    assert all(not math.isfinite(h.score) for hyps in out for h in hyps)
