@@ -121,13 +121,16 @@ def _load(
     if not cfg.data.train:
         where = _blame(config, overrides, "data.train")
         raise ConfigError(f"{where}: data.train is empty; set it in the config or data.train=PATH")
-    from mt.run import corpus, run_path  # slow (torch): imported once the config is known good
+    from mt.rundir import (  # slow (torch): imported once the config is known good
+        open_split,
+        run_path,
+    )
 
     corpora = {}
     for which in splits:
         if getattr(cfg.data, which):
             try:
-                corpora[which] = corpus(cfg, which)
+                corpora[which] = open_split(cfg, which)
             except DataError as exc:
                 raise DataError(f"data.{which}: {exc}") from None
     try:
@@ -139,7 +142,7 @@ def _load(
 
 def _tokenizer(cfg: Config) -> Tokenizer:
     """The run's tokenizer, trained if it has none; says so when an existing one is used."""
-    from mt.run import TOKENIZER_DIR, prepare_tokenizer, run_path
+    from mt.rundir import TOKENIZER_DIR, prepare_tokenizer, run_path
     from mt.tokenizer import tokenizer_files
 
     directory = run_path(cfg) / TOKENIZER_DIR
@@ -176,11 +179,11 @@ def data_prepare(config: ConfigOption, overrides: Overrides = None) -> None:
     """
     cfg, corpora = _load(config, overrides, ("train", "valid", "test"))
     from mt.batching import BatchSampler, padding_efficiency
-    from mt.run import encoded
+    from mt.rundir import encode_split
 
     tokenizer = _tokenizer(cfg)
     for which in corpora:
-        data = encoded(cfg, tokenizer, which)
+        data = encode_split(cfg, tokenizer, which)
         typer.echo(f"{which}: {data.stats.describe()}")
         typer.echo(
             f"{which}: {int(data.src_lens.sum()):,} source and {int(data.tgt_lens.sum()):,} "
@@ -216,7 +219,7 @@ def tokenizer_train(config: ConfigOption, overrides: Overrides = None) -> None:
 def _open_tokenizer(model: Path) -> Tokenizer:
     """The tokenizer of a run directory, a tokenizer directory or a model file's directory."""
     from mt.config import CONFIG_FILE
-    from mt.run import TOKENIZER_DIR
+    from mt.rundir import TOKENIZER_DIR
     from mt.tokenizer import load_tokenizer
 
     if not model.exists():
@@ -500,9 +503,9 @@ def attention_command(
     device: DeviceOption = "auto",
 ) -> None:
     """Translate a sentence and plot the decoder's cross-attention, averaged over heads."""
-    from mt.attention import align
+    from mt.alignment import align
     from mt.plot import plot_attention
-    from mt.run import load_trained
+    from mt.rundir import load_trained
     from mt.translate import decode_settings, resolve_runtime
 
     dev, _ = resolve_runtime(device, "fp32")

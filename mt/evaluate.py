@@ -11,7 +11,7 @@ from typing import Any
 from sacrebleu.metrics import BLEU, CHRF, TER
 
 from mt.errors import MtError
-from mt.run import corpus, load_trained
+from mt.rundir import load_trained, open_split
 from mt.translate import (
     check_found,
     count_missing,
@@ -74,7 +74,7 @@ def model_translations(
     config, tokenizer, model, checkpoint = load_trained(model_path, dev)
     refs = None
     if sources is None:
-        pairs = list(corpus(config, "test").pairs())
+        pairs = list(open_split(config, "test").pairs())
         sources, refs = [s for s, _ in pairs], [t for _, t in pairs]
     decode = decode_settings(config, nbest=1, **overrides)  # only the best is scored
     translations = translate_lines(

@@ -47,7 +47,7 @@ from mt.config import Config, DecodeConfig
 from mt.errors import MtError
 from mt.files import atomic_directory
 from mt.model import FeedForward, MultiHeadAttention, Transformer
-from mt.run import load_trained
+from mt.rundir import load_trained
 from mt.search import max_lengths
 from mt.tokenizer import Tokenizer
 from mt.translate import encode_sources

@@ -12,7 +12,7 @@ from mt.average import average_run
 from mt.checkpoint import list_checkpoints
 from mt.config import Config
 from mt.report import write_report
-from mt.run import run_path
+from mt.rundir import run_path
 from mt.train import TrainResult
 
 log = logging.getLogger("mt")

@@ -22,7 +22,7 @@ from mt.files import atomic_write_bytes
 from mt.metrics import read_metrics
 from mt.model import count_parameters
 from mt.plot import plot_curves
-from mt.run import load_run_config, model_from_config
+from mt.rundir import load_run_config, model_from_config
 
 log = logging.getLogger("mt")
 

@@ -39,11 +39,11 @@ from mt.loss import label_smoothed_nll
 from mt.metrics import MetricsLog
 from mt.model import Transformer, count_parameters
 from mt.optim import make_optimizer, make_scheduler
-from mt.run import (
+from mt.rundir import (
     checkpoint_metadata,
-    corpus,
-    encoded,
+    encode_split,
     model_from_config,
+    open_split,
     prepare_tokenizer,
     run_path,
 )
@@ -325,8 +325,8 @@ def prepare(config: Config, world: World) -> tuple[Tokenizer, EncodedCorpus, Enc
     if world.is_main:
         check_resumable(config, run_path(config))
     tokenizer = prepare_tokenizer(config)
-    train_data = encoded(config, tokenizer, "train")
-    valid_data = encoded(config, tokenizer, "valid") if config.data.valid else None
+    train_data = encode_split(config, tokenizer, "train")
+    valid_data = encode_split(config, tokenizer, "valid") if config.data.valid else None
     return tokenizer, train_data, valid_data
 
 
@@ -377,7 +377,7 @@ def dev_set(config: Config, valid_data: EncodedCorpus | None, model: Transformer
     """The dev set with its references; says once how many sentences are longer than the model."""
     if valid_data is None:
         return None
-    dev = DevSet(valid_data, corpus(config, "valid").targets(), model.max_positions - 1)
+    dev = DevSet(valid_data, open_split(config, "valid").targets(), model.max_positions - 1)
     report_long(valid_data, dev.max_len, "dev", "validation")
     return dev
 
@@ -458,9 +458,9 @@ def begin(run: Run, stack: contextlib.ExitStack) -> None:
     metrics = MetricsLog(run.directory, resume_step=run.state.step)
     run.metrics = stack.enter_context(contextlib.closing(metrics))
     if config.data.test:
-        test = encoded(config, run.tokenizer, "test")
+        test = encode_split(config, run.tokenizer, "test")
         report_long(test, learner.model.max_positions - 1, "test", "the report")
-    valid_corpus = corpus(config, "valid") if run.dev is not None else None
+    valid_corpus = open_split(config, "valid") if run.dev is not None else None
     write_data_stats(run.directory, run.train_data, run.tokenizer, valid_corpus)
     tc = config.train
     log.info("train: %s", run.train_data.stats.describe())

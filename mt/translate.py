@@ -30,7 +30,7 @@ from mt.device import autocast, configure_backends, resolve_device, resolve_prec
 from mt.errors import ConfigError, MtError
 from mt.files import atomic_write
 from mt.model import Transformer
-from mt.run import load_trained
+from mt.rundir import load_trained
 from mt.tokenizer import Tokenizer
 
 log = logging.getLogger("mt")

@@ -53,7 +53,7 @@ from mt.export import marian_from_mt  # noqa: E402
 from mt.loss import label_smoothed_nll  # noqa: E402
 from mt.model import Transformer, count_parameters  # noqa: E402
 from mt.optim import make_scheduler  # noqa: E402
-from mt.run import encoded, load_trained, model_from_config, prepare_tokenizer  # noqa: E402
+from mt.rundir import encode_split, load_trained, model_from_config, prepare_tokenizer  # noqa: E402
 from mt.search import max_lengths, strip  # noqa: E402
 from mt.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 from mt.translate import decode_settings, encode_sources, translate_lines  # noqa: E402
@@ -426,7 +426,7 @@ def prepare_batches(spec: dict[str, Any], n_batches: int) -> tuple[list[Any], Co
     """The tokenizer (trained once into the workdir) and the first n_batches of epoch 1."""
     config = bench_config(spec)
     tokenizer = prepare_tokenizer(config)
-    train_data = encoded(config, tokenizer, "train")
+    train_data = encode_split(config, tokenizer, "train")
     sampler = BatchSampler(
         train_data.src_lens, train_data.tgt_lens, config.train.max_tokens, config.train.seed
     )

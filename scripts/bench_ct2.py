@@ -48,7 +48,7 @@ from mt.errors import MtError  # noqa: E402
 from mt.export import import_ctranslate2, save_ct2, translate_ct2  # noqa: E402
 from mt.files import atomic_directory  # noqa: E402
 from mt.model import Transformer  # noqa: E402
-from mt.run import load_trained  # noqa: E402
+from mt.rundir import load_trained  # noqa: E402
 from mt.tokenizer import Tokenizer  # noqa: E402
 from mt.translate import decode_settings, translate_lines  # noqa: E402
 

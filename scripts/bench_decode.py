@@ -22,7 +22,7 @@ import sacrebleu
 import torch
 
 from mt.device import configure_backends
-from mt.run import load_trained
+from mt.rundir import load_trained
 from mt.translate import decode_settings, translate_lines
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from mt.run import corpus, load_trained
+from mt.rundir import load_trained, open_split
 from mt.translate import resolve_runtime, translate_lines
 
 READY_TIMEOUT_S = 300
@@ -44,7 +44,7 @@ def sentences(run: Path, src: Path | None) -> list[str]:
     """Non-blank lines of --src (plain or gzipped), else the sources of the run's test set."""
     if src is None:
         config, _, _, _ = load_trained(run, torch.device("cpu"))
-        lines = corpus(config, "test").sources()
+        lines = open_split(config, "test").sources()
     else:
         opener = gzip.open if src.suffix == ".gz" else open
         with opener(src, "rt", encoding="utf-8") as f:

@@ -54,7 +54,7 @@ from mt.device import DTYPES, autocast, configure_backends  # noqa: E402
 from mt.distributed import World  # noqa: E402
 from mt.metrics import read_metrics  # noqa: E402
 from mt.model import Transformer, count_parameters  # noqa: E402
-from mt.run import encoded, prepare_tokenizer  # noqa: E402
+from mt.rundir import encode_split, prepare_tokenizer  # noqa: E402
 from mt.search import beam_search  # noqa: E402
 from mt.train import TrainState, build_learner, optimizer_step, train_step  # noqa: E402
 from mt.vocab import PAD_ID  # noqa: E402
@@ -443,7 +443,7 @@ def model_speed_on_run_data(
 ) -> float:
     """Target tokens/s of the run's model through `train_step` alone, on the run's own batches."""
     tokenizer = prepare_tokenizer(config)  # the run's: `mt train` trained it
-    data = encoded(config, tokenizer, "train")  # from the run's cache
+    data = encode_split(config, tokenizer, "train")  # from the run's cache
     sampler = BatchSampler(data.src_lens, data.tgt_lens, config.train.max_tokens, config.train.seed)
     order = sampler.epoch_batches(1)[: warmup + steps]
     batches = [collate(data.pairs(indices), indices) for indices in order]

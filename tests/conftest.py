@@ -86,7 +86,7 @@ def diverged_run(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) ->
     The shared embedding is scaled by 1e30: every score of a non-blank line is NaN.
     """
     from mt.checkpoint import resolve_checkpoint, save_weights
-    from mt.run import checkpoint_metadata, load_trained
+    from mt.rundir import checkpoint_metadata, load_trained
 
     run_dir = tmp_path_factory.mktemp("diverged") / "run"
     shutil.copytree(trained_run, run_dir, ignore=shutil.ignore_patterns("cache", "tensorboard"))

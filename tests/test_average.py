@@ -17,7 +17,7 @@ from mt.config import ModelConfig
 from mt.errors import MtError
 from mt.metrics import MetricsLog
 from mt.model import Transformer
-from mt.run import load_trained, model_from_config
+from mt.rundir import load_trained, model_from_config
 from mt.translate import translate_lines
 
 CPU = torch.device("cpu")

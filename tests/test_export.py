@@ -26,7 +26,7 @@ from mt.config import DecodeConfig, load_config
 from mt.errors import MtError
 from mt.export import export_model, save_ct2, translate_ct2
 from mt.model import Transformer
-from mt.run import load_trained
+from mt.rundir import load_trained
 from mt.search import max_lengths
 from mt.tokenizer import Tokenizer
 from mt.translate import decode_settings, translate_lines

@@ -17,7 +17,7 @@ from mt.evaluate import score
 from mt.metrics import read_metrics
 from mt.model import count_parameters
 from mt.plot import DPI, FIGURE_INCHES, plot_curves
-from mt.run import corpus, load_trained
+from mt.rundir import load_trained, open_split
 
 SIZE = (int(FIGURE_INCHES[0] * DPI), int(FIGURE_INCHES[1] * DPI))
 
@@ -38,7 +38,7 @@ def test_training_writes_report_with_true_numbers(trained_run: Path) -> None:
     assert "300 steps" in report
     # The test rows are the scores of the hypotheses written beside the report.
     hyps = (trained_run / "test.hyp.en").read_text(encoding="utf-8").splitlines()
-    refs = [t for _, t in corpus(config, "test").pairs()]
+    refs = [t for _, t in open_split(config, "test").pairs()]
     bleu = score(hyps, refs)["bleu"]
     row = re.search(r"^\| BLEU \| ([\d.]+) \| `(.*)` \|$", report, re.M)
     assert row is not None

@@ -30,12 +30,12 @@ import httpx
 from fastapi.testclient import TestClient
 
 from mt import serve as serve_package
-from mt.attention import align
+from mt.alignment import align
 from mt.cli import app as cli_app
 from mt.errors import MtError
 from mt.metrics import read_metrics
 from mt.model import count_parameters
-from mt.run import load_trained
+from mt.rundir import load_trained
 from mt.serve import worker
 from mt.serve.api import Served, create_app
 from mt.serve.limits import Limits

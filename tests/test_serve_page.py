@@ -25,8 +25,8 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 from test_serve import TIMEOUT_S, mt_translate
 
-from mt.attention import align
-from mt.run import load_trained
+from mt.alignment import align
+from mt.rundir import load_trained
 from mt.serve.limits import Limits
 from mt.serve.server import load, serving
 

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from mt import checkpoint as ckpt
 from mt.cli import app
 from mt.errors import MtError
-from mt.run import load_trained
+from mt.rundir import load_trained
 from mt.translate import split_lines, translate_lines
 
 ROOT = Path(__file__).resolve().parents[1]

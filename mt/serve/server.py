@@ -23,7 +23,7 @@ from mt.config import Config, DecodeConfig
 from mt.errors import MtError
 from mt.metrics import read_metrics
 from mt.model import Transformer, count_parameters
-from mt.run import load_trained
+from mt.rundir import load_trained
 from mt.serve.api import ModelInfo, Served, create_app
 from mt.serve.limits import Limits
 from mt.serve.worker import Batcher

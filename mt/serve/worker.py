@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from mt.attention import Alignment, alignment
+from mt.alignment import Alignment, alignment
 from mt.config import DecodeConfig
 from mt.model import Transformer
 from mt.serve.limits import Limits

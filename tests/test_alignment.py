@@ -1,4 +1,4 @@
-"""Tests for mt.attention and `mt attention`: weights that reproduce SDPA, and the heatmap."""
+"""Tests for mt.alignment and `mt attention`: weights that reproduce SDPA, and the heatmap."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from mt.attention import align, attention_weights
+from mt.alignment import align, attention_weights
 from mt.cli import app
 from mt.errors import MtError
 from mt.plot import DPI, heatmap_inches
-from mt.run import load_trained
+from mt.rundir import load_trained
 
 SENTENCE = "der Hund läuft schnell ."  # in the tiny corpus's vocabulary
 

@@ -1,7 +1,8 @@
-"""A run directory: its resolved config, its tokenizer and its encoded corpora.
+"""A run directory: where a run keeps its config, tokenizer, caches and checkpoints.
 
-Everything a run writes lives under `config.run_dir`; this module knows the layout, so later
-commands need only the run directory.
+Everything a run writes lives under `config.run_dir`; this module alone knows that layout, so
+later commands need only the run directory: they open its corpora, its tokenizer and the
+trained model it holds from here.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def load_run_config(run_dir: str | Path) -> Config:
     return load_config(path)
 
 
-def corpus(config: Config, which: str) -> Corpus:
+def open_split(config: Config, which: str) -> Corpus:
     """The `train`, `valid` or `test` corpus named in the config."""
     spec = getattr(config.data, which)
     if not spec:
@@ -54,7 +55,7 @@ def prepare_tokenizer(config: Config) -> Tokenizer:
     t = config.tokenizer
     log.info("training a %s tokenizer (%d pieces, joint=%s)", t.type, t.vocab_size, t.joint)
     return train_tokenizer(
-        corpus(config, "train"),
+        open_split(config, "train"),
         directory,
         vocab_size=t.vocab_size,
         model_type=t.type,
@@ -71,10 +72,10 @@ def cache_dir(config: Config) -> Path:
     return Path(config.data.cache_dir) if config.data.cache_dir else run_path(config) / "cache"
 
 
-def encoded(config: Config, tokenizer: Tokenizer, which: str) -> EncodedCorpus:
+def encode_split(config: Config, tokenizer: Tokenizer, which: str) -> EncodedCorpus:
     """The encoded (and, for training data only, filtered) corpus, from the cache when possible."""
     return encode_corpus(
-        corpus(config, which),
+        open_split(config, which),
         tokenizer,
         cache_dir(config),
         filter=which == "train",
