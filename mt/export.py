@@ -61,16 +61,6 @@ INSTALL_HF = "pip install 'mt[bench]' (or pip install transformers)"
 TINY_PENALTY = 1e-6  # CT2 length penalty standing in for mt's "none" (see the module docstring)
 
 
-def is_prenorm(model: Transformer) -> bool:
-    """True when the model normalises before each sublayer."""
-    return bool(model.encoder[0].prenorm)
-
-
-def activation(model: Transformer) -> str:
-    """The feed-forward activation: "relu" or "gelu" (exact, erf-based)."""
-    return type(model.encoder[0].ffn.act).__name__.lower()
-
-
 def pieces(tokenizer: Tokenizer, side: str) -> list[str]:
     """The piece of every id of the source or target SentencePiece model, in id order."""
     processor = tokenizer.src if side == "src" else tokenizer.tgt
@@ -147,18 +137,18 @@ def ct2_spec(model: Transformer, tokenizer: Tokenizer) -> Any:
     ctranslate2 = import_ctranslate2()
     specs = ctranslate2.specs
     acts = {"relu": specs.Activation.RELU, "gelu": specs.Activation.GELU}
-    prenorm = is_prenorm(model)
+    shape = model.config
     spec = specs.TransformerSpec.from_config(
-        (len(model.encoder), len(model.decoder)),
-        model.encoder[0].self_attn.heads,
-        pre_norm=prenorm,
-        activation=acts[activation(model)],
+        (shape.enc_layers, shape.dec_layers),
+        shape.heads,
+        pre_norm=shape.prenorm,
+        activation=acts[shape.activation],
     )
     encoder, decoder = spec.encoder, spec.decoder
     _set_inputs(encoder, model.src_embed, model.positions)
     _set_inputs(decoder, model.tgt_embed, model.positions)
     decoder.projection.weight = _numpy(model.tgt_embed.weight)  # tied, no bias
-    if prenorm:
+    if shape.prenorm:
         _set_norm(encoder.layer_norm, model.enc_norm)
         _set_norm(decoder.layer_norm, model.dec_norm)
     for layer_spec, layer in zip(encoder.layer, model.encoder, strict=True):
@@ -273,7 +263,7 @@ def _target_ids(tokenizer: Tokenizer, hypothesis: list[str]) -> list[int]:
 
 def marian_obstacle(model: Transformer) -> str | None:
     """Why MarianMTModel cannot compute this model's function, or None when it can."""
-    if is_prenorm(model):
+    if model.config.prenorm:
         return "model.prenorm=true cannot be represented by MarianMTModel (post-norm only)"
     return None
 
@@ -296,25 +286,23 @@ def marian_from_mt(model: Transformer) -> Any:
     reason = marian_obstacle(model)
     if reason is not None:
         raise ValueError(reason)
-    enc0, dec0 = model.encoder[0], model.decoder[0]
-    shared = model.src_embed is model.tgt_embed
-    dim = model.tgt_embed.embedding_dim
+    shape = model.config
     config = MarianConfig(
         vocab_size=model.src_embed.num_embeddings,
         decoder_vocab_size=model.tgt_embed.num_embeddings,
-        share_encoder_decoder_embeddings=shared,
-        d_model=dim,
-        encoder_layers=len(model.encoder),
-        decoder_layers=len(model.decoder),
-        encoder_attention_heads=enc0.self_attn.heads,
-        decoder_attention_heads=dec0.self_attn.heads,
-        encoder_ffn_dim=enc0.ffn.fc1.out_features,
-        decoder_ffn_dim=dec0.ffn.fc1.out_features,
-        max_position_embeddings=model.max_positions,
-        activation_function=activation(model),
-        dropout=enc0.dropout.p,
-        activation_dropout=enc0.ffn.dropout.p,
-        attention_dropout=enc0.self_attn.attn_dropout,
+        share_encoder_decoder_embeddings=shape.share_embeddings,
+        d_model=shape.dim,
+        encoder_layers=shape.enc_layers,
+        decoder_layers=shape.dec_layers,
+        encoder_attention_heads=shape.heads,
+        decoder_attention_heads=shape.heads,
+        encoder_ffn_dim=shape.ffn_dim,
+        decoder_ffn_dim=shape.ffn_dim,
+        max_position_embeddings=shape.max_positions,
+        activation_function=shape.activation,
+        dropout=shape.dropout,
+        activation_dropout=shape.dropout,  # mt's FFN dropout is the model's dropout
+        attention_dropout=shape.attn_dropout,
         scale_embedding=True,
         tie_word_embeddings=True,
         pad_token_id=PAD_ID,
@@ -326,7 +314,7 @@ def marian_from_mt(model: Transformer) -> Any:
     config._attn_implementation = "sdpa"  # mt uses scaled_dot_product_attention too
     hf = MarianMTModel(config)
     with torch.no_grad():
-        _copy_weights(model, hf.model, residual_permutation(dim))
+        _copy_weights(model, hf.model, residual_permutation(shape.dim))
         hf.final_logits_bias.zero_()
     if hf.lm_head.weight.data_ptr() != hf.model.decoder.embed_tokens.weight.data_ptr():
         raise RuntimeError("Marian's output projection is not tied to its embeddings")

@@ -28,6 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mt.config import ModelConfig
+from mt.vocab import PAD_ID
+
 
 def sinusoidal_positions(length: int, dim: int) -> Tensor:
     """Fixed sinusoidal position encodings (length, D): sin on even dims, cos on odd dims."""
@@ -351,49 +354,44 @@ class DecoderLayer(nn.Module):
 class Transformer(nn.Module):
     """Encoder-decoder Transformer with sinusoidal positions and tied output projection."""
 
-    def __init__(
-        self,
-        src_vocab: int,
-        tgt_vocab: int,
-        dim: int = 512,
-        enc_layers: int = 6,
-        dec_layers: int = 6,
-        heads: int = 8,
-        ffn_dim: int = 2048,
-        dropout: float = 0.1,
-        attn_dropout: float = 0.0,
-        activation: str = "relu",
-        prenorm: bool = True,
-        share_embeddings: bool = True,
-        max_positions: int = 1024,
-        pad_id: int = 0,
-    ) -> None:
+    def __init__(self, config: ModelConfig, src_vocab: int, tgt_vocab: int) -> None:
         super().__init__()
-        if share_embeddings and src_vocab != tgt_vocab:
+        if config.share_embeddings and src_vocab != tgt_vocab:
             raise ValueError(
                 f"share_embeddings needs one joint vocabulary, but src_vocab={src_vocab} "
                 f"!= tgt_vocab={tgt_vocab}; use a joint vocabulary or set share_embeddings=False"
             )
-        self.pad_id = pad_id
-        self.max_positions = max_positions
+        self.config = config  # the shape it was built with, read by export and reports
+        self.max_positions = config.max_positions
+        dim = config.dim
         self.embed_scale = math.sqrt(dim)
         # The target embedding doubles as the output projection (two-way tie); sharing it with
         # the source too gives the paper's three-way tie.
-        self.tgt_embed = nn.Embedding(tgt_vocab, dim, padding_idx=pad_id)
+        self.tgt_embed = nn.Embedding(tgt_vocab, dim, padding_idx=PAD_ID)
         self.src_embed = (
-            self.tgt_embed if share_embeddings else nn.Embedding(src_vocab, dim, padding_idx=pad_id)
+            self.tgt_embed
+            if config.share_embeddings
+            else nn.Embedding(src_vocab, dim, padding_idx=PAD_ID)
         )
         # Non-persistent: recomputed on construction, so it never bloats checkpoints.
         self.register_buffer(
-            "positions", sinusoidal_positions(max_positions, dim), persistent=False
+            "positions", sinusoidal_positions(config.max_positions, dim), persistent=False
         )
-        self.dropout = Dropout(dropout)
-        layer_args = (dim, heads, ffn_dim, dropout, attn_dropout, activation, prenorm)
-        self.encoder = nn.ModuleList(EncoderLayer(*layer_args) for _ in range(enc_layers))
-        self.decoder = nn.ModuleList(DecoderLayer(*layer_args) for _ in range(dec_layers))
+        self.dropout = Dropout(config.dropout)
+        layer_args = (
+            dim,
+            config.heads,
+            config.ffn_dim,
+            config.dropout,
+            config.attn_dropout,
+            config.activation,
+            config.prenorm,
+        )
+        self.encoder = nn.ModuleList(EncoderLayer(*layer_args) for _ in range(config.enc_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(*layer_args) for _ in range(config.dec_layers))
         # Pre-norm leaves the residual stream unnormalised, so each stack ends with a LayerNorm.
-        self.enc_norm = nn.LayerNorm(dim) if prenorm else nn.Identity()
-        self.dec_norm = nn.LayerNorm(dim) if prenorm else nn.Identity()
+        self.enc_norm = nn.LayerNorm(dim) if config.prenorm else nn.Identity()
+        self.dec_norm = nn.LayerNorm(dim) if config.prenorm else nn.Identity()
         self._init_weights(dim)
 
     def _init_weights(self, dim: int) -> None:
@@ -405,7 +403,7 @@ class Transformer(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=dim**-0.5)
-                nn.init.zeros_(module.weight[self.pad_id])
+                nn.init.zeros_(module.weight[PAD_ID])
 
     def _embed(self, embedding: nn.Embedding, tokens: Tensor, start: int) -> Tensor:
         """Scaled embeddings plus positions start..start+L-1, then dropout: (B, L) -> (B, L, D)."""
@@ -421,7 +419,7 @@ class Transformer(nn.Module):
 
     def source_mask(self, src: Tensor, x: Tensor, padded: bool) -> Tensor | None:
         """The key mask (B, 1, 1, S) of src for attention over x's keys, None without padding."""
-        return key_padding_mask(src, self.pad_id, attention_dtype(x)) if padded else None
+        return key_padding_mask(src, PAD_ID, attention_dtype(x)) if padded else None
 
     def encode(self, src: Tensor, padded: bool = True) -> Tensor:
         """Source tokens (B, S) -> encoder memory (B, S, D); padded=False: src holds no pad."""

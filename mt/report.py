@@ -20,9 +20,9 @@ from mt.data import DATA_FILE
 from mt.evaluate import MetricScore, score
 from mt.files import atomic_write_bytes
 from mt.metrics import read_metrics
-from mt.model import count_parameters
+from mt.model import Transformer, count_parameters
 from mt.plot import plot_curves
-from mt.rundir import load_run_config, model_from_config
+from mt.rundir import load_run_config
 
 log = logging.getLogger("mt")
 
@@ -75,7 +75,7 @@ def _model_section(config: Config, run_dir: Path) -> list[str]:
         f"{'shared' if m.share_embeddings else 'separate'} embeddings.",
     ]
     if data:
-        model = model_from_config(m, data["src_vocab"], data["tgt_vocab"])
+        model = Transformer(m, data["src_vocab"], data["tgt_vocab"])
         lines[-1] += f" **{count_parameters(model):,} parameters** "
         lines[-1] += f"(vocabulary {data['src_vocab']:,} / {data['tgt_vocab']:,})."
     return [*lines, ""]

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from mt.checkpoint import Checkpoint, load_weights, resolve_checkpoint
-from mt.config import CONFIG_FILE, Config, ModelConfig, load_config
+from mt.config import CONFIG_FILE, Config, load_config
 from mt.corpora import Corpus, open_corpus
 from mt.data import EncodedCorpus, encode_corpus
 from mt.errors import ConfigError
@@ -85,25 +85,6 @@ def encode_split(config: Config, tokenizer: Tokenizer, which: str) -> EncodedCor
     )
 
 
-def model_from_config(config: ModelConfig, src_vocab: int, tgt_vocab: int) -> Transformer:
-    """The Transformer a model config describes, for the tokenizer's vocabulary sizes."""
-    return Transformer(
-        src_vocab,
-        tgt_vocab,
-        dim=config.dim,
-        enc_layers=config.enc_layers,
-        dec_layers=config.dec_layers,
-        heads=config.heads,
-        ffn_dim=config.ffn_dim,
-        dropout=config.dropout,
-        attn_dropout=config.attn_dropout,
-        activation=config.activation,
-        prenorm=config.prenorm,
-        share_embeddings=config.share_embeddings,
-        max_positions=config.max_positions,
-    )
-
-
 def checkpoint_metadata(tokenizer: Tokenizer) -> dict[str, str]:
     """What a checkpoint must agree on with the run that loads it."""
     return {
@@ -125,7 +106,7 @@ def load_trained(
     run_dir = checkpoint.run_dir
     config = load_run_config(run_dir)
     tokenizer = load_tokenizer(run_dir / TOKENIZER_DIR)
-    model = model_from_config(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
+    model = Transformer(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
     # Weights only: the training state (optimizer etc.) is never needed to translate.
     load_weights(checkpoint.weights, model, expected=checkpoint_metadata(tokenizer))
     model.to(device).eval()

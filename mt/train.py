@@ -42,7 +42,6 @@ from mt.optim import make_optimizer, make_scheduler
 from mt.rundir import (
     checkpoint_metadata,
     encode_split,
-    model_from_config,
     open_split,
     prepare_tokenizer,
     run_path,
@@ -138,7 +137,7 @@ def build_learner(
     """Model (same initialisation on every rank), optimizer, schedule and loss scaler."""
     tc = config.train
     torch.manual_seed(tc.seed)
-    model = model_from_config(config.model, *vocab).to(device)
+    model = Transformer(config.model, *vocab).to(device)
     distributed.broadcast_parameters(world, model)  # identical already; cheap insurance
     optimizer = make_optimizer(model, tc.lr, tc.betas, tc.eps, tc.weight_decay, device)
     return Learner(

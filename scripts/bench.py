@@ -53,7 +53,7 @@ from mt.export import marian_from_mt  # noqa: E402
 from mt.loss import label_smoothed_nll  # noqa: E402
 from mt.model import Transformer, count_parameters  # noqa: E402
 from mt.optim import make_scheduler  # noqa: E402
-from mt.rundir import encode_split, load_trained, model_from_config, prepare_tokenizer  # noqa: E402
+from mt.rundir import encode_split, load_trained, prepare_tokenizer  # noqa: E402
 from mt.search import max_lengths, strip  # noqa: E402
 from mt.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 from mt.translate import decode_settings, encode_sources, translate_lines  # noqa: E402
@@ -165,9 +165,7 @@ def train_phase(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         _quiet_transformers()
         torch.manual_seed(tc.seed)  # the very initialisation `build` gives mt
-        mt_model = model_from_config(
-            config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size
-        )
+        mt_model = Transformer(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
         hf = marian_from_mt(mt_model)
         del mt_model
         hf.train()
@@ -225,7 +223,7 @@ def decode_model(spec: dict[str, Any]) -> tuple[Config, Tokenizer, Transformer, 
     config = bench_config(spec)
     tokenizer = load_tokenizer(Path(spec["workdir"]) / "tokenizer")
     torch.manual_seed(config.train.seed)
-    model = model_from_config(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
+    model = Transformer(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
     return config, tokenizer, model.eval(), "random initialisation (seed 1)"
 
 
@@ -778,9 +776,14 @@ def main_bench(args: argparse.Namespace) -> None:
     vocab = tokenizer.tgt_vocab_size
     flops = train_flops(batches[args.warmup :], config, vocab)
     res: dict[str, Any] = {"train": {}, "decode": {}, "decode_same": {}, "vocab": vocab}
-    m = config.model
-    res.update(layers=f"{m.enc_layers}+{m.dec_layers}", dim=m.dim, heads=m.heads, ffn=m.ffn_dim)
-    res["params"] = count_parameters(model_from_config(m, vocab, vocab))
+    shape = config.model
+    res.update(
+        layers=f"{shape.enc_layers}+{shape.dec_layers}",
+        dim=shape.dim,
+        heads=shape.heads,
+        ffn=shape.ffn_dim,
+    )
+    res["params"] = count_parameters(Transformer(shape, vocab, vocab))
     res["gflop_per_step"] = flops / args.steps / 1e9
 
     log("matmul rate")

@@ -17,7 +17,7 @@ from mt.config import ModelConfig
 from mt.errors import MtError
 from mt.metrics import MetricsLog
 from mt.model import Transformer
-from mt.rundir import load_trained, model_from_config
+from mt.rundir import load_trained
 from mt.translate import translate_lines
 
 CPU = torch.device("cpu")
@@ -28,7 +28,7 @@ def tiny_model(seed: int) -> Transformer:
     """A small Transformer with three-way tied embeddings, randomly initialised from `seed`."""
     torch.manual_seed(seed)
     config = ModelConfig(dim=8, enc_layers=1, dec_layers=1, heads=2, ffn_dim=16, max_positions=16)
-    return model_from_config(config, 24, 24)
+    return Transformer(config, 24, 24)
 
 
 def make_run(run_dir: Path, steps: list[int], bleu: dict[int, float] | None = None) -> Path:

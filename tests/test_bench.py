@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mt.config import ModelConfig
 from mt.model import Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,8 +31,10 @@ def load_bench():
 def test_marian_twin_computes_the_same_function() -> None:
     bench = load_bench()
     torch.manual_seed(0)
-    model = Transformer(50, 50, dim=16, enc_layers=2, dec_layers=2, heads=2, ffn_dim=32,
-                        prenorm=False, max_positions=64).eval()  # fmt: skip
+    shape = ModelConfig(
+        dim=16, enc_layers=2, dec_layers=2, heads=2, ffn_dim=32, prenorm=False, max_positions=64
+    )
+    model = Transformer(shape, 50, 50).eval()
     hf = bench.marian_from_mt(model).eval()
     src = torch.tensor([[5, 6, 7, 3], [8, 9, 3, 0]])
     tgt_in = torch.tensor([[2, 10, 11, 12], [2, 13, 0, 0]])
@@ -44,7 +47,7 @@ def test_marian_twin_computes_the_same_function() -> None:
 @needs_transformers
 def test_marian_twin_refuses_a_prenorm_model() -> None:
     bench = load_bench()
-    model = Transformer(20, 20, dim=8, enc_layers=1, dec_layers=1, heads=2, ffn_dim=16)
+    model = Transformer(ModelConfig(dim=8, enc_layers=1, dec_layers=1, heads=2, ffn_dim=16), 20, 20)
     with pytest.raises(ValueError, match="post-norm"):
         bench.marian_from_mt(model)
 

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_model, save_file
 
 from mt import checkpoint as ck
+from mt.config import ModelConfig
 from mt.errors import MtError
 from mt.model import Transformer
 
@@ -29,9 +30,7 @@ def tiny(
 ) -> Transformer:
     """A tiny Transformer; different seeds give different weights."""
     torch.manual_seed(seed)
-    return Transformer(
-        src_vocab,
-        tgt_vocab,
+    shape = ModelConfig(
         dim=16,
         enc_layers=1,
         dec_layers=1,
@@ -40,6 +39,7 @@ def tiny(
         max_positions=32,
         share_embeddings=share,
     )
+    return Transformer(shape, src_vocab, tgt_vocab)
 
 
 def train_state(model: torch.nn.Module) -> dict:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from mt.config import ModelConfig
 from mt.loss import label_smoothed_nll
 from mt.model import Dropout, Transformer, count_parameters, sinusoidal_positions
 
@@ -19,7 +21,7 @@ def tiny(prenorm: bool = True, dropout: float = 0.0, **kw: object) -> Transforme
     torch.manual_seed(0)
     args = dict(dim=32, enc_layers=2, dec_layers=2, heads=2, ffn_dim=64, dropout=dropout)
     args.update(kw)
-    return Transformer(VOCAB, VOCAB, prenorm=prenorm, **args)
+    return Transformer(ModelConfig(prenorm=prenorm, **args), VOCAB, VOCAB)
 
 
 def sentence(length: int, gen: torch.Generator) -> list[int]:
@@ -250,8 +252,9 @@ def expected_count(vocab: int, dim: int, ffn: int, layers: int, prenorm: bool) -
 @pytest.mark.parametrize("prenorm", [True, False])
 def test_parameter_counts(prenorm: bool) -> None:
     with torch.device("meta"):  # shapes only: no memory, no init cost
-        base = Transformer(37000, 37000, prenorm=prenorm)
-        big = Transformer(37000, 37000, dim=1024, heads=16, ffn_dim=4096, prenorm=prenorm)
+        base = Transformer(ModelConfig(prenorm=prenorm), 37000, 37000)
+        big_shape = ModelConfig(dim=1024, heads=16, ffn_dim=4096, prenorm=prenorm)
+        big = Transformer(big_shape, 37000, 37000)
     assert count_parameters(base) == expected_count(37000, 512, 2048, 6, prenorm)
     assert count_parameters(big) == expected_count(37000, 1024, 4096, 6, prenorm)
     assert count_parameters(base) == (63_075_328 if prenorm else 63_073_280)
@@ -261,16 +264,15 @@ def test_parameter_counts(prenorm: bool) -> None:
 
 def test_two_way_tie_counts_both_embeddings() -> None:
     shared = tiny()
-    separate = Transformer(
-        60, VOCAB, dim=32, enc_layers=2, dec_layers=2, heads=2, ffn_dim=64, share_embeddings=False
-    )
+    shape = ModelConfig(dim=32, enc_layers=2, dec_layers=2, heads=2, ffn_dim=64)
+    separate = Transformer(dataclasses.replace(shape, share_embeddings=False), 60, VOCAB)
     assert separate.src_embed is not separate.tgt_embed
     assert count_parameters(separate) == count_parameters(shared) + 60 * 32
 
 
 def test_share_embeddings_needs_joint_vocab() -> None:
     with pytest.raises(ValueError, match="share_embeddings"):
-        Transformer(60, 50, dim=32, enc_layers=1, dec_layers=1, heads=2, ffn_dim=64)
+        Transformer(ModelConfig(dim=32, enc_layers=1, dec_layers=1, heads=2, ffn_dim=64), 60, 50)
 
 
 def test_bf16_autocast_close_to_fp32() -> None:

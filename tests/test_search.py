@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from mt.config import ModelConfig
 from mt.model import Transformer
 from mt.search import (
     Hypothesis,
@@ -34,7 +35,7 @@ def tiny(seed: int, eos_boost: float = 1.0, **kw: object) -> Transformer:
     torch.manual_seed(seed)
     args: dict = dict(dim=32, enc_layers=2, dec_layers=2, heads=2, ffn_dim=64, dropout=0.0)
     args.update(kw)
-    model = Transformer(VOCAB, VOCAB, **args).eval()
+    model = Transformer(ModelConfig(**args), VOCAB, VOCAB).eval()
     with torch.no_grad():
         model.tgt_embed.weight[EOS_ID] *= eos_boost
     return model
