@@ -7,6 +7,7 @@ softmax(q k^T / sqrt(hd)) over the real (non-pad) source keys.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -14,10 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mt import search
 from mt.batching import collate_source
 from mt.config import DecodeConfig
 from mt.model import MultiHeadAttention, Transformer
-from mt.search import beam_search
 from mt.tokenizer import Tokenizer
 from mt.vocab import BOS_ID, EOS_ID
 
@@ -67,14 +68,11 @@ def cross_attention(model: Transformer, src: Tensor, tgt_in: Tensor) -> Tensor:
 def align(
     model: Transformer, tokenizer: Tokenizer, sentence: str, decode: DecodeConfig
 ) -> Alignment:
-    """Translate one sentence with beam search, then read the cross-attention of the output."""
+    """Translate one sentence as `decode` says (never sampling), then read its cross-attention."""
     device = next(model.parameters()).device
     ids = tokenizer.encode_src([sentence])[0][: model.max_positions - 1]
     src = collate_source([ids], torch.zeros(1, dtype=torch.long).numpy()).src.to(device)
-    best = beam_search(
-        model, src, decode.beam, decode.alpha, decode.length_penalty,
-        decode.max_len_a, decode.max_len_b, decode.min_len,
-    )[0][0]  # fmt: skip
+    best = search.decode(model, src, dataclasses.replace(decode, nbest=1, sampling=False))[0][0]
     return alignment(model, tokenizer, ids, best.tokens)
 
 

@@ -21,6 +21,8 @@ from mt.errors import ConfigError
 from mt.files import atomic_write_bytes
 
 CONFIG_FILE = "config.yaml"  # the resolved config inside a run directory
+LengthPenalty = Literal["gnmt", "average", "none"]
+LENGTH_PENALTIES = typing.get_args(LengthPenalty)
 
 
 class _Invalid(Exception):
@@ -215,9 +217,7 @@ class DecodeConfig:
 
     beam: int = 5  # beam size (1 = greedy)
     alpha: float = 0.6  # length penalty exponent (see length_penalty)
-    length_penalty: Literal["gnmt", "average", "none"] = (
-        "gnmt"  # gnmt: ((5+len)/6)^alpha; average: len
-    )
+    length_penalty: LengthPenalty = "gnmt"  # gnmt: ((5+len)/6)^alpha; average: len
     min_len: int = 0  # hypotheses shorter than this (in pieces) cannot end
     max_len_a: float = 1.2  # maximum output length = a * source length + b
     max_len_b: int = 10  # see max_len_a
@@ -239,6 +239,12 @@ class DecodeConfig:
             f"decode.nbest={self.nbest} exceeds decode.beam={self.beam}",
         )
         _check(self.alpha >= 0, "decode.alpha", f"decode.alpha={self.alpha} must be >= 0")
+        _check(
+            self.length_penalty in LENGTH_PENALTIES,
+            "decode.length_penalty",
+            f"decode.length_penalty={self.length_penalty!r} must be one of "
+            + ", ".join(LENGTH_PENALTIES),
+        )
         _check(self.min_len >= 0, "decode.min_len", f"decode.min_len={self.min_len} must be >= 0")
         _check(
             self.max_tokens > 0,
@@ -252,6 +258,10 @@ class DecodeConfig:
         )
         _check(self.top_k >= 0, "decode.top_k", f"decode.top_k={self.top_k} must be >= 0")
         _check(0 < self.top_p <= 1, "decode.top_p", f"decode.top_p={self.top_p} must be in (0, 1]")
+
+    def for_validation(self) -> DecodeConfig:
+        """The search of validation BLEU: beam valid_beam, the best output only, no sampling."""
+        return dataclasses.replace(self, beam=self.valid_beam, nbest=1, sampling=False)
 
 
 @dataclass

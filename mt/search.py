@@ -1,6 +1,7 @@
 """Decoding with the model's `encode()` / `decode()` and its incremental state.
 
-Greedy search, beam search (fairseq-style) and sampling. Shape legend:
+`decode` is the entry point: it runs what a `DecodeConfig` asks for, greedy search, beam search
+(fairseq-style) or sampling, each of which takes the same config. Shape legend:
     B  sentences          S  source length       D  model dimension    V  vocabulary size
     K  beam size          N  rows = B * K         T  tokens decoded so far
 
@@ -27,10 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mt.config import LENGTH_PENALTIES, DecodeConfig
 from mt.model import DecoderState, Transformer
-from mt.vocab import BOS_ID, EOS_ID, PAD_ID
-
-LENGTH_PENALTIES = ("gnmt", "average", "none")
+from mt.vocab import BOS_ID, EOS_ID, PAD_ID, strip_specials
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,22 @@ class Hypothesis:
     tokens: list[int]
     score: float  # the ranking score: logprob / length_penalty(len(tokens) + 1)
     logprob: float  # sum of token log-probabilities, EOS included
+
+
+def decode(
+    model: Transformer, src: Tensor, config: DecodeConfig, scores: bool = False
+) -> list[list[Hypothesis]]:
+    """The hypotheses of each sentence of src (B, S) that `config` asks for, best first.
+
+    Sampling draws max(beam, nbest) outputs. A beam of 1 for one output without min_len is
+    greedy search, unless `scores` asks for beam search's scores (n-best output prints them):
+    greedy scores its outputs the same way, but its sums may differ in the last bits.
+    """
+    if config.sampling:
+        return sample(model, src, config)
+    if config.beam == 1 and config.nbest == 1 and config.min_len == 0 and not scores:
+        return greedy_search(model, src, config)
+    return beam_search(model, src, config)
 
 
 def max_lengths(src: Tensor, a: float, b: int, limit: int) -> Tensor:
@@ -93,15 +109,7 @@ def step_logprobs(logits: Tensor, step: int, limit: Tensor, min_len: int) -> Ten
 
 def strip(tokens: Tensor) -> list[list[int]]:
     """Rows of output ids (B, L) cut at the first EOS, without specials."""
-    rows = []
-    for row in tokens.tolist():
-        ids = []
-        for t in row:
-            if t in (EOS_ID, PAD_ID):
-                break
-            ids.append(t)
-        rows.append(ids)
-    return rows
+    return [strip_specials(row) for row in tokens.tolist()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,14 +117,19 @@ def strip(tokens: Tensor) -> list[list[int]]:
 
 
 @torch.no_grad()
-def greedy_search(
-    model: Transformer, src: Tensor, max_len_a: float, max_len_b: int
-) -> list[list[int]]:
-    """Batched greedy decoding: the most probable token at each step, until EOS or the limit."""
+def greedy_search(model: Transformer, src: Tensor, config: DecodeConfig) -> list[list[Hypothesis]]:
+    """Batched greedy decoding: the most probable token at each step, until EOS or the limit.
+
+    One hypothesis per sentence, scored as beam search scores it: the log-probabilities tell
+    whether the model's scores were finite at all (a NaN argmax still picks a token).
+    """
     if src.size(0) == 0:
         return []
-    tokens, _ = decode_rows(model, src, max_len_a, max_len_b, 0, pick_argmax)
-    return strip(tokens)
+    tokens, logprobs = decode_rows(model, src, config, pick_argmax)  # (B, T), (B,)
+    return [
+        [finished_hypothesis(ids, lp, config.alpha, config.length_penalty)]
+        for ids, lp in zip(strip(tokens), logprobs.tolist(), strict=True)
+    ]
 
 
 def pick_argmax(lprobs: Tensor) -> Tensor:
@@ -127,18 +140,16 @@ def pick_argmax(lprobs: Tensor) -> Tensor:
 def decode_rows(
     model: Transformer,
     src: Tensor,
-    max_len_a: float,
-    max_len_b: int,
-    min_len: int,
+    config: DecodeConfig,
     pick: Callable[[Tensor], Tensor],
     copies: int = 1,
 ) -> tuple[Tensor, Tensor]:
-    """Extend `copies` rows per source by `pick(lprobs)` until EOS.
+    """Extend `copies` rows per source by `pick(lprobs)` until EOS, within config's lengths.
 
     Returns ids (N, T) with PAD after EOS and logprobs (N,), N = B * copies, rows of a source
     consecutive.
     """
-    limit = max_lengths(src, max_len_a, max_len_b, model.max_positions - 1)  # (B,)
+    limit = max_lengths(src, config.max_len_a, config.max_len_b, model.max_positions - 1)  # (B,)
     steps, padded = plan(src, limit)
     memory = model.encode(src, padded).repeat_interleave(copies, dim=0)  # (N, S, D)
     src, limit = src.repeat_interleave(copies, dim=0), limit.repeat_interleave(copies)  # (N, ...)
@@ -150,7 +161,7 @@ def decode_rows(
     out = []
     for t in range(steps):
         logits = model.decode(token.unsqueeze(1), memory, src, state, padded)[:, -1]  # (N, V)
-        lprobs = step_logprobs(logits, t, limit, min_len)  # (N, V)
+        lprobs = step_logprobs(logits, t, limit, config.min_len)  # (N, V)
         token = pick(lprobs).masked_fill(finished, PAD_ID)  # (N,)
         gained = lprobs.gather(1, token.unsqueeze(1)).squeeze(1)  # (N,)
         total += gained.masked_fill(finished, 0.0)
@@ -180,47 +191,30 @@ def sampling_weights(lprobs: Tensor, temperature: float, top_k: int, top_p: floa
 def sample(
     model: Transformer,
     src: Tensor,
-    num: int = 1,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    max_len_a: float = 1.2,
-    max_len_b: int = 10,
-    min_len: int = 0,
+    config: DecodeConfig,
     generator: torch.Generator | None = None,
-    alpha: float = 0.6,
-    length_penalty: str = "gnmt",
 ) -> list[list[Hypothesis]]:
-    """`num` independent samples per sentence, sorted by length-penalised score, best first."""
-    check_sampling(num, temperature, top_k, top_p, length_penalty)
+    """max(beam, nbest) independent samples per sentence, by length-penalised score, best first."""
     if src.size(0) == 0:
         return []
+    num = max(config.beam, config.nbest)
 
     def pick(lprobs: Tensor) -> Tensor:
         """One token per row (N,) drawn from the filtered distribution."""
-        probs = sampling_weights(lprobs, temperature, top_k, top_p).softmax(dim=-1)  # (N, V)
+        weights = sampling_weights(lprobs, config.temperature, config.top_k, config.top_p)
+        probs = weights.softmax(dim=-1)  # (N, V)
         # A model whose scores are not finite gives rows multinomial refuses: they end there.
         broken = ~probs.isfinite().all(dim=1)  # (N,)
         probs = probs.masked_fill(broken.unsqueeze(1), 0.0)
         probs[:, EOS_ID] += broken.float()
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
-    tokens, logprobs = decode_rows(model, src, max_len_a, max_len_b, min_len, pick, copies=num)
+    tokens, logprobs = decode_rows(model, src, config, pick, copies=num)
     hyps = [
-        finished_hypothesis(ids, lp, alpha, length_penalty)
+        finished_hypothesis(ids, lp, config.alpha, config.length_penalty)
         for ids, lp in zip(strip(tokens), logprobs.tolist(), strict=True)
     ]
     return [ranked(hyps[i : i + num], num) for i in range(0, len(hyps), num)]
-
-
-def check_sampling(num: int, temperature: float, top_k: int, top_p: float, kind: str) -> None:
-    """Raise ValueError on sampling settings out of range."""
-    if num < 1 or temperature <= 0 or top_k < 0 or not 0 < top_p <= 1:
-        raise ValueError(
-            f"sampling needs num >= 1, temperature > 0, top_k >= 0 and 0 < top_p <= 1; got "
-            f"num={num}, temperature={temperature}, top_k={top_k}, top_p={top_p}"
-        )
-    length_penalty(1, 0.0, kind)
 
 
 def finished_hypothesis(tokens: list[int], logprob: float, alpha: float, kind: str) -> Hypothesis:
@@ -462,28 +456,8 @@ def advance(
     )
 
 
-def check_beam(beam: int, nbest: int, min_len: int, kind: str) -> None:
-    """Raise ValueError on beam search settings out of range."""
-    if beam < 1 or not 1 <= nbest <= beam or min_len < 0:
-        raise ValueError(
-            f"beam search needs beam >= 1, 1 <= nbest <= beam and min_len >= 0; "
-            f"got beam={beam}, nbest={nbest}, min_len={min_len}"
-        )
-    length_penalty(1, 0.0, kind)
-
-
 @torch.no_grad()
-def beam_search(
-    model: Transformer,
-    src: Tensor,
-    beam: int,
-    alpha: float = 0.6,
-    length_penalty: str = "gnmt",
-    max_len_a: float = 1.2,
-    max_len_b: int = 10,
-    min_len: int = 0,
-    nbest: int = 1,
-) -> list[list[Hypothesis]]:
+def beam_search(model: Transformer, src: Tensor, config: DecodeConfig) -> list[list[Hypothesis]]:
     """Beam search over src (B, S): B lists of 1 to `nbest` hypotheses, best score first.
 
     fairseq's criterion: a sentence stops once `beam` hypotheses have ended (an EOS candidate
@@ -492,10 +466,10 @@ def beam_search(
     when the model's scores are not finite: a sentence none of whose hypotheses has a finite
     score gets its live beams at the limit, whose scores may be -inf or nan.
     """
-    check_beam(beam, nbest, min_len, length_penalty)
     if src.size(0) == 0:
         return []
-    limit = max_lengths(src, max_len_a, max_len_b, model.max_positions - 1)  # (B,)
+    beam, min_len = config.beam, config.min_len
+    limit = max_lengths(src, config.max_len_a, config.max_len_b, model.max_positions - 1)  # (B,)
     steps, padded = plan(src, limit)
     finished = Finished.empty(src.size(0), beam, steps, src.device)
     beams = start_beams(model, src, limit, steps, padded)
@@ -514,4 +488,4 @@ def beam_search(
         if all(done_now):
             break
         beams = advance(beams, candidates, done, done_now.count(False), beam)
-    return finished.hypotheses(nbest, alpha, length_penalty)
+    return finished.hypotheses(config.nbest, config.alpha, config.length_penalty)

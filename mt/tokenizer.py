@@ -10,7 +10,7 @@ import hashlib
 import io
 import random
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -21,7 +21,7 @@ import sentencepiece as spm
 
 from mt.errors import DataError
 from mt.files import atomic_write_bytes
-from mt.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from mt.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID, strip_specials
 
 if TYPE_CHECKING:
     from mt.corpora import Corpus
@@ -78,27 +78,7 @@ class Tokenizer:
 
     def decode_tgt(self, ids: list[list[int]]) -> list[str]:
         """Target ids to text; stops at the first EOS and ignores PAD and BOS."""
-        return self.tgt.decode([_strip_special(seq) for seq in ids])
-
-    def src_pieces(self, text: str) -> list[str]:
-        """The source pieces of one text, for inspection."""
-        return self.src.encode(text, out_type=str)
-
-    def tgt_pieces(self, text: str) -> list[str]:
-        """The target pieces of one text, for inspection."""
-        return self.tgt.encode(text, out_type=str)
-
-
-def _strip_special(seq: Iterable[int]) -> list[int]:
-    """Ids up to the first EOS, without PAD/BOS (search output is padded after EOS)."""
-    out = []
-    for i in seq:
-        i = int(i)
-        if i == EOS_ID:
-            break
-        if i not in (PAD_ID, BOS_ID):
-            out.append(i)
-    return out
+        return self.tgt.decode([strip_specials(seq) for seq in ids])
 
 
 def tokenizer_files(directory: Path, joint: bool) -> list[Path]:

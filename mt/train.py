@@ -27,7 +27,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mt import checkpoint as ckpt
-from mt import distributed
+from mt import distributed, search
 from mt.batching import Batch, BatchSampler, Prefetcher, Update, collate, plan_updates
 from mt.config import CONFIG_FILE, Config, diff, load_config, save_config
 from mt.data import EncodedCorpus, write_data_stats
@@ -46,7 +46,6 @@ from mt.rundir import (
     prepare_tokenizer,
     run_path,
 )
-from mt.search import beam_search, greedy_search
 from mt.tokenizer import Tokenizer
 
 log = logging.getLogger("mt")
@@ -721,11 +720,12 @@ def validate(run: Run) -> dict[str, float]:
         batch = collate(dev.pairs(indices), indices).to(device)
         with autocast(device, learner.precision):
             logits = model(batch.src, batch.tgt_in, padded=batch.src_tokens != batch.src.numel())
-            output = search_ids(model, batch.src, config)
+            found = search.decode(model, batch.src, config.decode.for_validation())
         loss, nll, _ = label_smoothed_nll(logits, batch.tgt_out, learner.label_smoothing)
         loss_sum, nll_sum = loss_sum + loss.item(), nll_sum + nll.item()
         tokens += batch.tgt_tokens
-        for index, text in zip(indices.tolist(), run.tokenizer.decode_tgt(output), strict=True):
+        output = run.tokenizer.decode_tgt([hyps[0].tokens for hyps in found])
+        for index, text in zip(indices.tolist(), output, strict=True):
             hypotheses[index] = text
     model.train()
     bleu = sacrebleu.corpus_bleu(hypotheses, [dev.references])
@@ -736,17 +736,6 @@ def validate(run: Run) -> dict[str, float]:
         "ppl": math.exp(min(nll, 100.0)),
         "bleu": bleu.score,
     }
-
-
-def search_ids(model: Transformer, src: Tensor, config: Config) -> list[list[int]]:
-    """Output ids for validation: greedy for decode.valid_beam=1, beam search otherwise."""
-    d = config.decode
-    if d.valid_beam == 1:
-        return greedy_search(model, src, d.max_len_a, d.max_len_b)
-    nbest = beam_search(
-        model, src, d.valid_beam, d.alpha, d.length_penalty, d.max_len_a, d.max_len_b, d.min_len
-    )
-    return [hyps[0].tokens for hyps in nbest]
 
 
 def save(run: Run, window: dict[str, float], best: bool) -> ckpt.Checkpoint:

@@ -131,51 +131,6 @@ def resolve_runtime(device: str, precision: str) -> tuple[torch.device, str]:
 # --- search ---------------------------------------------------------------------------------
 
 
-def _greedy(model: Transformer, src: torch.Tensor, decode: DecodeConfig) -> list[list[Any]]:
-    """Greedy search, each output scored as beam search scores it."""
-    # Not search.greedy_search, which returns ids only: the log-probabilities tell whether the
-    # model's scores were finite at all (a NaN argmax still picks a token).
-    tokens, logprobs = search.decode_rows(
-        model, src, decode.max_len_a, decode.max_len_b, 0, search.pick_argmax
-    )  # (B, T), (B,)
-    return [
-        [search.finished_hypothesis(ids, lp, decode.alpha, decode.length_penalty)]
-        for ids, lp in zip(search.strip(tokens), logprobs.tolist(), strict=True)
-    ]
-
-
-def _search(
-    model: Transformer, src: torch.Tensor, decode: DecodeConfig, scores: bool
-) -> list[list[Any]]:
-    """Hypotheses (tokens, score) per row, best first: greedy, beam search or sampling."""
-    common = {"max_len_a": decode.max_len_a, "max_len_b": decode.max_len_b}
-    if decode.sampling:
-        return search.sample(
-            model,
-            src,
-            num=max(decode.beam, decode.nbest),
-            temperature=decode.temperature,
-            top_k=decode.top_k,
-            top_p=decode.top_p,
-            min_len=decode.min_len,
-            alpha=decode.alpha,
-            length_penalty=decode.length_penalty,
-            **common,
-        )
-    if decode.beam == 1 and decode.nbest == 1 and not scores and decode.min_len == 0:
-        return _greedy(model, src, decode)  # beam search of width 1 without the bookkeeping
-    return search.beam_search(
-        model,
-        src,
-        decode.beam,
-        alpha=decode.alpha,
-        length_penalty=decode.length_penalty,
-        min_len=decode.min_len,
-        nbest=decode.nbest,
-        **common,
-    )
-
-
 def _batches(ids: list[list[int]], max_tokens: int) -> list[np.ndarray]:
     """Length-sorted token-budget batches of the non-empty sentences (indices into ids)."""
     todo = np.array([i for i, seq in enumerate(ids) if seq], dtype=np.int64)
@@ -213,7 +168,7 @@ def translate_batches(
     for batch in _batches(ids, max_tokens or decode.max_tokens):
         src = collate_source([ids[i] for i in batch], batch).src.to(device)  # (B, S)
         with autocast(device, precision):
-            hypotheses = _search(model, src, decode, scores)
+            hypotheses = search.decode(model, src, decode, scores)
         yield batch.tolist(), [_detokenise(tokenizer, hyps, nbest) for hyps in hypotheses]
         bar.update(len(batch))
     bar.close()

@@ -25,6 +25,7 @@ lengths), then the same model trained on the same batches in this process throug
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -48,6 +49,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench import train_flops, write_section  # noqa: E402
 
+from mt import search  # noqa: E402
 from mt.batching import BatchSampler, collate, collate_source  # noqa: E402
 from mt.config import Config, load_config  # noqa: E402
 from mt.device import DTYPES, autocast, configure_backends  # noqa: E402
@@ -55,7 +57,6 @@ from mt.distributed import World  # noqa: E402
 from mt.metrics import read_metrics  # noqa: E402
 from mt.model import Transformer, count_parameters  # noqa: E402
 from mt.rundir import encode_split, prepare_tokenizer  # noqa: E402
-from mt.search import beam_search  # noqa: E402
 from mt.train import TrainState, build_learner, optimizer_step, train_step  # noqa: E402
 from mt.vocab import PAD_ID  # noqa: E402
 
@@ -262,13 +263,13 @@ def decode_bench(
     batches = [
         collate_source([sources[i] for i in b], b).src.to(device) for b in sampler.epoch_batches(1)
     ]
-    d = config.decode
+    beam5 = dataclasses.replace(config.decode, beam=5, nbest=1, sampling=False)
     out_tokens = 0
     sync(device)
     start = time.perf_counter()
     with autocast(device, precision):
         for src in batches:
-            nbest = beam_search(model, src, 5, d.alpha, d.length_penalty, d.max_len_a, d.max_len_b)
+            nbest = search.decode(model, src, beam5)
             out_tokens += sum(len(h[0].tokens) for h in nbest)
     sync(device)
     seconds = time.perf_counter() - start

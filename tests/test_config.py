@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from mt.config import Config, diff, from_dict, load_config, save_config
+from mt.config import Config, DecodeConfig, diff, from_dict, load_config, save_config
 from mt.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -219,3 +219,16 @@ def test_float_settings_refuse_inf_and_nan_in_a_file(tmp_path: Path) -> None:
     assert str(err.value) == f"{path}: tokenizer.character_coverage=nan must be finite"
     with pytest.raises(ConfigError, match=r"^checkpoint: train\.eps=inf must be finite$"):
         from_dict({"train": {"eps": float("inf")}}, source="checkpoint")
+
+
+def test_decode_settings_built_in_code_are_checked_too() -> None:
+    with pytest.raises(Exception, match=r"^decode\.length_penalty='wu' must be one of gnmt, "):
+        DecodeConfig(length_penalty="wu")  # type: ignore[arg-type]
+    with pytest.raises(Exception, match=r"^decode\.nbest=3 exceeds decode\.beam=2$"):
+        DecodeConfig(beam=2, nbest=3)
+
+
+def test_validation_searches_with_valid_beam_for_one_output_never_sampling() -> None:
+    decode = DecodeConfig(beam=5, nbest=4, valid_beam=2, sampling=True, alpha=1.0)
+    valid = decode.for_validation()
+    assert (valid.beam, valid.nbest, valid.sampling, valid.alpha) == (2, 1, False, 1.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -10,13 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mt.config import ModelConfig
+from mt.config import DecodeConfig, ModelConfig
 from mt.model import Transformer
 from mt.search import (
     Hypothesis,
     beam_search,
     block_topk,
     block_width,
+    decode,
     greedy_search,
     length_penalty,
     max_lengths,
@@ -45,6 +47,13 @@ def pad_batch(rows: list[list[int]]) -> torch.Tensor:
     """Right-pad token lists to a (B, L) long tensor."""
     width = max(len(r) for r in rows)
     return torch.tensor([r + [PAD_ID] * (width - len(r)) for r in rows])
+
+
+def greedy_ids(
+    model: Transformer, src: torch.Tensor, a: float = 1.2, b: int = 10
+) -> list[list[int]]:
+    """The outputs of greedy search with limits a * source length + b, as ids."""
+    return [h[0].tokens for h in greedy_search(model, src, DecodeConfig(max_len_a=a, max_len_b=b))]
 
 
 def random_sources(n: int, seed: int, low: int = 1, high: int = 9) -> list[list[int]]:
@@ -141,7 +150,7 @@ def test_length_penalty() -> None:
 
 def test_trained_model_outputs_vary(reverser: Transformer) -> None:
     srcs = random_sources(8, seed=5)
-    out = greedy_search(reverser, pad_batch(srcs), 1.2, 10)
+    out = greedy_ids(reverser, pad_batch(srcs))
     assert len({len(o) for o in out}) >= 3
     assert sum(o == s[-2::-1] for o, s in zip(out, srcs, strict=True)) >= 4
 
@@ -151,18 +160,19 @@ def test_beam_one_is_greedy(reverser: Transformer, kind: str) -> None:
     src = pad_batch(random_sources(10, seed=7))
     for model in models(reverser):
         for a, b in [(1.2, 10), (0.0, 3), (1.0, 1)]:
-            greedy = greedy_search(model, src, a, b)
-            beams = beam_search(model, src, 1, 0.6, kind, a, b)
+            greedy = greedy_ids(model, src, a, b)
+            one = DecodeConfig(beam=1, length_penalty=kind, max_len_a=a, max_len_b=b)
+            beams = beam_search(model, src, one)
             assert [h[0].tokens for h in beams] == greedy
 
 
 def test_batch_invariance(reverser: Transformer) -> None:
     srcs = random_sources(6, seed=11)
     for model in models(reverser)[:3]:
-        batch = beam_search(model, pad_batch(srcs), 4, nbest=4)
-        reverse = beam_search(model, pad_batch(srcs[::-1]), 4, nbest=4)[::-1]
+        batch = beam_search(model, pad_batch(srcs), DecodeConfig(beam=4, nbest=4))
+        reverse = beam_search(model, pad_batch(srcs[::-1]), DecodeConfig(beam=4, nbest=4))[::-1]
         for i, src in enumerate(srcs):
-            alone = beam_search(model, pad_batch([src]), 4, nbest=4)[0]
+            alone = beam_search(model, pad_batch([src]), DecodeConfig(beam=4, nbest=4))[0]
             assert_same_hypotheses(batch[i], alone)
             assert_same_hypotheses(reverse[i], alone)
 
@@ -178,21 +188,23 @@ def test_finished_sentences_leave_the_batch(reverser: Transformer) -> None:
 
     reverser.decode = spy  # type: ignore[method-assign]
     try:
-        batch = beam_search(reverser, pad_batch(srcs), 3, nbest=3)
+        batch = beam_search(reverser, pad_batch(srcs), DecodeConfig(beam=3, nbest=3))
     finally:
         del reverser.decode
     # One row per sentence at the first step (all beams would hold BOS), then K rows per
     # sentence still searching, fewer and fewer.
     assert rows[:2] == [3, 9] and rows[-1] == 3 and rows[1:] == sorted(rows[1:], reverse=True)
     for src, hyps in zip(srcs, batch, strict=True):
-        assert_same_hypotheses(hyps, beam_search(reverser, pad_batch([src]), 3, nbest=3)[0])
+        assert_same_hypotheses(
+            hyps, beam_search(reverser, pad_batch([src]), DecodeConfig(beam=3, nbest=3))[0]
+        )
 
 
 def test_nbest_sorted_and_consistent_with_the_model(reverser: Transformer) -> None:
     srcs = random_sources(5, seed=13)
     for model in models(reverser):
-        nbest = beam_search(model, pad_batch(srcs), 5, nbest=5)
-        onebest = beam_search(model, pad_batch(srcs), 5, nbest=1)
+        nbest = beam_search(model, pad_batch(srcs), DecodeConfig(beam=5, nbest=5))
+        onebest = beam_search(model, pad_batch(srcs), DecodeConfig(beam=5, nbest=1))
         for src, hyps, best in zip(srcs, nbest, onebest, strict=True):
             assert len(hyps) == 5 and len(best) == 1
             assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
@@ -218,7 +230,16 @@ def test_matches_slow_reference(beam: int, alpha: float, kind: str, min_len: int
     for seed in (2, 3):  # one pre-norm, one post-norm model
         model = tiny(seed, eos_boost=8.0, prenorm=seed % 2 == 0)
         limits = max_lengths(src, 1.0, 3, model.max_positions - 1).tolist()
-        got = beam_search(model, src, beam, alpha, kind, 1.0, 3, min_len, nbest=beam)
+        config = DecodeConfig(
+            beam=beam,
+            alpha=alpha,
+            length_penalty=kind,
+            min_len=min_len,
+            nbest=beam,
+            max_len_a=1.0,
+            max_len_b=3,
+        )
+        got = beam_search(model, src, config)
         for s, hyps, limit in zip(srcs, got, limits, strict=True):
             assert_same_hypotheses(
                 hyps, reference_beam(model, s, beam, alpha, kind, limit, min_len)
@@ -231,9 +252,11 @@ def test_beam_beats_greedy_without_length_penalty(reverser: Transformer) -> None
     # Not a theorem (early stopping can prune the greedy path) but it holds for these seeds.
     srcs = random_sources(8, seed=19)
     for model in models(reverser):
-        greedy = greedy_search(model, pad_batch(srcs), 1.2, 10)
+        greedy = greedy_ids(model, pad_batch(srcs))
         for kind, alpha in [("none", 0.6), ("gnmt", 0.0)]:
-            beams = beam_search(model, pad_batch(srcs), 4, alpha, kind)
+            beams = beam_search(
+                model, pad_batch(srcs), DecodeConfig(beam=4, alpha=alpha, length_penalty=kind)
+            )
             for src, g, hyps in zip(srcs, greedy, beams, strict=True):
                 assert hyps[0].logprob >= teacher_forced_logprob(model, src, g) - 1e-5
 
@@ -241,34 +264,39 @@ def test_beam_beats_greedy_without_length_penalty(reverser: Transformer) -> None
 def test_min_and_max_length(reverser: Transformer) -> None:
     src = pad_batch(random_sources(6, seed=23))
     for model in models(reverser)[:2]:
-        for hyps in beam_search(model, src, 3, min_len=6, nbest=3):
+        for hyps in beam_search(model, src, DecodeConfig(beam=3, min_len=6, nbest=3)):
             assert all(len(h.tokens) >= 6 for h in hyps)
         limits = max_lengths(src, 0.5, 2, model.max_positions - 1).tolist()
         for hyps, limit in zip(
-            beam_search(model, src, 3, 0.6, "gnmt", 0.5, 2, nbest=3), limits, strict=True
+            beam_search(model, src, DecodeConfig(beam=3, max_len_a=0.5, max_len_b=2, nbest=3)),
+            limits,
+            strict=True,
         ):
             assert all(len(h.tokens) <= limit - 1 for h in hyps)
         # When min_len cannot be reached the limit wins; with limit 1 the output is empty.
-        assert all(len(h[0].tokens) == 2 for h in beam_search(model, src, 2, 0.6, "gnmt", 0, 3, 9))
-        assert all(h[0].tokens == [] for h in beam_search(model, src, 2, 0.6, "gnmt", 0, 1))
+        short = DecodeConfig(beam=2, max_len_a=0.0, max_len_b=3, min_len=9)
+        assert all(len(h[0].tokens) == 2 for h in beam_search(model, src, short))
+        empty = DecodeConfig(beam=2, max_len_a=0.0, max_len_b=1)
+        assert all(h[0].tokens == [] for h in beam_search(model, src, empty))
 
 
 def test_max_positions_caps_the_length() -> None:
     model = tiny(4, max_positions=8)
     src = pad_batch(random_sources(3, seed=29))
-    for hyps in beam_search(model, src, 3, 0.6, "none", 5.0, 50, min_len=50):
+    long = DecodeConfig(beam=3, length_penalty="none", max_len_a=5.0, max_len_b=50, min_len=50)
+    for hyps in beam_search(model, src, long):
         assert len(hyps[0].tokens) == model.max_positions - 2
-    for hyps in sample(model, src, 2, max_len_a=5.0, max_len_b=50, min_len=50):
+    for hyps in sample(model, src, dataclasses.replace(long, beam=2)):
         assert all(len(h.tokens) == model.max_positions - 2 for h in hyps)
 
 
 def test_sampling_limits_to_greedy(reverser: Transformer) -> None:
     src = pad_batch(random_sources(8, seed=31))
     for model in models(reverser)[:3]:
-        greedy = greedy_search(model, src, 1.2, 10)
+        greedy = greedy_ids(model, src)
         gen = torch.Generator().manual_seed(0)
         for kwargs in [dict(top_k=1), dict(top_p=1e-6), dict(temperature=1e-4)]:
-            out = sample(model, src, 2, generator=gen, **kwargs)
+            out = sample(model, src, DecodeConfig(beam=2, **kwargs), generator=gen)
             assert all(h.tokens == g for hyps, g in zip(out, greedy, strict=True) for h in hyps)
 
 
@@ -278,9 +306,8 @@ def test_sampling_is_deterministic_and_consistent() -> None:
     src = pad_batch(srcs)
 
     def draw(seed: int) -> list[list[Hypothesis]]:
-        return sample(
-            model, src, 6, top_k=10, top_p=0.9, generator=torch.Generator().manual_seed(seed)
-        )
+        config = DecodeConfig(beam=6, top_k=10, top_p=0.9)
+        return sample(model, src, config, generator=torch.Generator().manual_seed(seed))
 
     first = draw(1)
     assert first == draw(1) and first != draw(2)
@@ -292,29 +319,51 @@ def test_sampling_is_deterministic_and_consistent() -> None:
             assert len(h.tokens) <= limit - 1 and not {PAD_ID, BOS_ID, EOS_ID} & set(h.tokens)
             assert h.logprob == pytest.approx(teacher_forced_logprob(model, s, h.tokens), abs=1e-4)
     assert len({tuple(h.tokens) for hyps in first for h in hyps}) > 12
-    for hyps in sample(model, src, 3, min_len=4, generator=torch.Generator().manual_seed(3)):
+    three = DecodeConfig(beam=3, min_len=4)
+    for hyps in sample(model, src, three, generator=torch.Generator().manual_seed(3)):
         assert all(len(h.tokens) >= 4 for h in hyps)
 
 
 def test_runs_under_autocast(reverser: Transformer) -> None:
     src = pad_batch(random_sources(3, seed=41))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        hyps = beam_search(reverser, src, 3, nbest=2)
+        hyps = beam_search(reverser, src, DecodeConfig(beam=3, nbest=2))
     assert all(len(h) == 2 and all(math.isfinite(x.score) for x in h) for h in hyps)
 
 
-def test_empty_batch_and_bad_arguments(reverser: Transformer) -> None:
+def test_empty_batch(reverser: Transformer) -> None:
     empty = torch.zeros(0, 4, dtype=torch.long)
-    assert beam_search(reverser, empty, 3) == []
-    assert sample(reverser, empty, 2) == []
-    assert greedy_search(reverser, empty, 1.2, 10) == []
-    src = pad_batch(random_sources(1, seed=43))
-    for kwargs in [dict(beam=0), dict(beam=2, nbest=3), dict(beam=2, length_penalty="x")]:
-        with pytest.raises(ValueError):
-            beam_search(reverser, src, **kwargs)
-    for kwargs in [dict(num=0), dict(temperature=0.0), dict(top_k=-1), dict(top_p=0.0)]:
-        with pytest.raises(ValueError):
-            sample(reverser, src, **kwargs)
+    for sampling in (False, True):
+        assert decode(reverser, empty, DecodeConfig(beam=3, sampling=sampling)) == []
+    assert greedy_search(reverser, empty, DecodeConfig()) == []
+
+
+def test_decode_runs_the_search_the_config_asks_for(
+    reverser: Transformer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mt.search
+
+    src = pad_batch(random_sources(4, seed=43))
+    called = []
+    for name in ("greedy_search", "beam_search", "sample"):
+        real = getattr(mt.search, name)
+
+        def spy(*args: object, real: Callable = real, name: str = name) -> object:
+            called.append(name)
+            return real(*args)
+
+        monkeypatch.setattr(mt.search, name, spy)
+    cases = [
+        (DecodeConfig(beam=1), False, "greedy_search", 1),
+        (DecodeConfig(beam=1), True, "beam_search", 1),  # n-best output: beam search's scores
+        (DecodeConfig(beam=1, min_len=2), False, "beam_search", 1),
+        (DecodeConfig(beam=3, nbest=2), False, "beam_search", 2),
+        (DecodeConfig(beam=2, nbest=3, sampling=True), False, "sample", 3),  # max(beam, nbest)
+    ]
+    for config, scores, search, per_sentence in cases:
+        out = decode(reverser, src, config, scores)
+        assert called == [search] and [len(hyps) for hyps in out] == [per_sentence] * 4
+        called.clear()
 
 
 def test_block_width() -> None:
@@ -428,10 +477,14 @@ def test_searches_wait_for_the_device_once_per_step(
     reverser: Transformer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     src = pad_batch(random_sources(12, seed=47))
+    two = DecodeConfig(beam=2)
     searches = [
-        (lambda: beam_search(reverser, src, 4, nbest=2), 4),  # + the limit, 3 reads at the end
-        (lambda: greedy_search(reverser, src, 1.2, 10), 2),  # + the limit, the outputs
-        (lambda: sample(reverser, src, 2, generator=torch.Generator().manual_seed(0)), 3),
+        (
+            lambda: beam_search(reverser, src, DecodeConfig(beam=4, nbest=2)),
+            4,
+        ),  # + the limit, 3 reads at the end
+        (lambda: greedy_search(reverser, src, DecodeConfig()), 3),  # + limit, outputs, scores
+        (lambda: sample(reverser, src, two, generator=torch.Generator().manual_seed(0)), 3),
     ]
     for search, outside_the_steps in searches:
         want, steps = decode_calls(reverser, search)
@@ -449,12 +502,12 @@ def test_non_finite_scores_still_give_every_sentence_a_hypothesis(scale: float) 
     src = pad_batch(srcs)
     limits = max_lengths(src, 1.2, 10, model.max_positions - 1).tolist()
     for beam in (1, 3):
-        out = beam_search(model, src, beam, nbest=beam)
+        out = beam_search(model, src, DecodeConfig(beam=beam, nbest=beam))
         assert len(out) == len(srcs) and all(1 <= len(hyps) <= beam for hyps in out)
         for hyps, limit in zip(out, limits, strict=True):
             for h in hyps:  # the live beams at the limit, with their scores
                 assert not math.isfinite(h.score) and not math.isfinite(h.logprob)
                 assert len(h.tokens) == limit - 1 and not {PAD_ID, BOS_ID, EOS_ID} & set(h.tokens)
-    out = sample(model, src, 2, generator=torch.Generator().manual_seed(0))
+    out = sample(model, src, DecodeConfig(beam=2), generator=torch.Generator().manual_seed(0))
     assert [len(hyps) for hyps in out] == [2] * len(srcs)
     assert all(not math.isfinite(h.score) for hyps in out for h in hyps)

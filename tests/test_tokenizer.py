@@ -90,8 +90,8 @@ def test_round_trip(tiny: Corpus, joint_dir: Path, split_dir: Path) -> None:
         src, tgt = tiny.sources(), tiny.targets()
         assert tok.decode_tgt(tok.encode_tgt(tgt)) == tgt
         assert tok.src.decode(tok.encode_src(src)) == src
-        assert "".join(tok.src_pieces(src[0])).replace("▁", " ").strip() == src[0]
-        assert "".join(tok.tgt_pieces(tgt[0])).replace("▁", " ").strip() == tgt[0]
+        assert "".join(tok.src.encode(src[0], out_type=str)).replace("▁", " ").strip() == src[0]
+        assert "".join(tok.tgt.encode(tgt[0], out_type=str)).replace("▁", " ").strip() == tgt[0]
 
 
 def test_encode_has_no_bos_eos_and_decode_skips_specials(tiny: Corpus, joint_dir: Path) -> None:
