@@ -192,10 +192,6 @@ class SourceBatch:
     indices: np.ndarray  # (B,) int64 corpus indices, to restore input order after decoding
     src_tokens: int  # non-pad tokens in src
 
-    def to(self, device: torch.device | str) -> SourceBatch:
-        """Copy the tensors to `device`."""
-        return SourceBatch(self.src.to(device), self.indices, self.src_tokens)
-
 
 @dataclass
 class Batch:
@@ -269,6 +265,17 @@ def collate_source(seqs: Sequence[Sequence[int]], indices: np.ndarray) -> Source
         indices=np.asarray(indices, dtype=np.int64),
         src_tokens=int(np.count_nonzero(src != PAD_ID)),
     )
+
+
+def source_batches(ids: Sequence[Sequence[int]], max_tokens: int) -> list[np.ndarray]:
+    """Length-sorted token-budget batches of the non-empty sentences (indices into ids)."""
+    todo = np.array([i for i, seq in enumerate(ids) if seq], dtype=np.int64)
+    if not todo.size:
+        return []
+    lens = np.array([len(ids[i]) for i in todo], dtype=np.int64)
+    budget = max(max_tokens, int(lens.max()) + 1)  # + EOS: the longest line must fit alone
+    sampler = BatchSampler(lens, np.zeros_like(lens), budget, shuffle=False)
+    return [todo[batch] for batch in sampler.epoch_batches(1)]
 
 
 # ---------------------------------------------------------------------------------------------

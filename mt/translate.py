@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from mt import search
-from mt.batching import BatchSampler, collate_source
+from mt.batching import collate_source, source_batches
 from mt.config import Config, DecodeConfig, from_dict
 from mt.device import autocast, configure_backends, resolve_device, resolve_precision
 from mt.errors import ConfigError, MtError
@@ -128,18 +127,7 @@ def resolve_runtime(device: str, precision: str) -> tuple[torch.device, str]:
     return dev, resolved
 
 
-# --- search ---------------------------------------------------------------------------------
-
-
-def _batches(ids: list[list[int]], max_tokens: int) -> list[np.ndarray]:
-    """Length-sorted token-budget batches of the non-empty sentences (indices into ids)."""
-    todo = np.array([i for i, seq in enumerate(ids) if seq], dtype=np.int64)
-    if not todo.size:
-        return []
-    lens = np.array([len(ids[i]) for i in todo], dtype=np.int64)
-    budget = max(max_tokens, int(lens.max()) + 1)  # + EOS: the longest line must fit alone
-    sampler = BatchSampler(lens, np.zeros_like(lens), budget, shuffle=False)
-    return [todo[batch] for batch in sampler.epoch_batches(1)]
+# --- translation ----------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -165,7 +153,7 @@ def translate_batches(
     if empty:
         yield empty, [[EMPTY] * nbest for _ in empty]
     bar = tqdm(total=len(lines) - len(empty), unit="sent", disable=not progress, file=sys.stderr)
-    for batch in _batches(ids, max_tokens or decode.max_tokens):
+    for batch in source_batches(ids, max_tokens or decode.max_tokens):
         src = collate_source([ids[i] for i in batch], batch).src.to(device)  # (B, S)
         with autocast(device, precision):
             hypotheses = search.decode(model, src, decode, scores)

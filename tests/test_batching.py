@@ -250,6 +250,20 @@ def test_collate_source() -> None:
     assert batch.src_tokens == 10 and batch.indices.tolist() == [2, 0, 1]
 
 
+def test_source_batches_hold_every_non_empty_sentence_once_under_the_budget() -> None:
+    rng = np.random.default_rng(0)
+    ids = [[5] * int(n) for n in rng.integers(0, 30, 200)]  # some empty
+    ids[7] = [5] * 60  # with its EOS over the budget, which rises to fit it alone
+    batches = batching.source_batches(ids, max_tokens=40)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == [i for i, seq in enumerate(ids) if seq]
+    for batch in batches:
+        longest = max(len(ids[i]) for i in batch) + 1  # + EOS
+        assert len(batch) * longest <= 61
+    assert [7] in [batch.tolist() for batch in batches]
+    assert batching.source_batches([[], []], max_tokens=40) == []
+
+
 def test_padding_efficiency_hand_example() -> None:
     src, tgt = np.array([1, 3, 2, 2]), np.array([1, 1, 4, 0])
     # Source rows (+EOS) [2, 4] -> 6/8 and [3, 3] -> 1; target [2, 2] -> 1 and [5, 1] -> 6/10.
