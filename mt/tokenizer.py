@@ -80,6 +80,11 @@ class Tokenizer:
         """Target ids to text; stops at the first EOS and ignores PAD and BOS."""
         return self.tgt.decode([strip_specials(seq) for seq in ids])
 
+    def vocabulary(self, side: str) -> list[str]:
+        """The piece of every id of the "src" or "tgt" model, in id order."""
+        processor = self.src if side == "src" else self.tgt
+        return [processor.id_to_piece(i) for i in range(processor.vocab_size())]
+
 
 def tokenizer_files(directory: Path, joint: bool) -> list[Path]:
     """The model file(s) a tokenizer of this kind has in ``directory``."""

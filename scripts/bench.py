@@ -5,7 +5,7 @@
 
 Both systems get the same architecture (post-norm, 3+3 layers, D 256, 4 heads, FFN 1024, ReLU,
 sinusoidal positions, three-way tied 8k joint vocabulary, dropout 0.1), the same initial
-weights (mt's initialisation copied into the Marian model, `mt.export.marian_from_mt`), the same
+weights (mt's initialisation copied into the Marian model, `mt.export.hf.marian_from_mt`), the same
 padded batches (built once by mt's pipeline: tokenizer, encode_corpus, BatchSampler, collate)
 and the same loss (`mt.loss.label_smoothed_nll` on the logits), Adam (0.9, 0.98), clipping at
 1.0 and the inverse-sqrt schedule. mt trains through its own `train_step` and
@@ -45,11 +45,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from mt.batching import BatchSampler, collate, collate_source  # noqa: E402
+from mt.batching import BatchSampler, collate, collate_source, source_batches  # noqa: E402
 from mt.config import Config, load_config  # noqa: E402
 from mt.device import cpu_has_amx, keep_freed_memory  # noqa: E402
 from mt.distributed import World  # noqa: E402
-from mt.export import marian_from_mt  # noqa: E402
+from mt.export.hf import generation_config, marian_from_mt  # noqa: E402
 from mt.loss import label_smoothed_nll  # noqa: E402
 from mt.model import Transformer, count_parameters  # noqa: E402
 from mt.optim import make_scheduler  # noqa: E402
@@ -57,7 +57,7 @@ from mt.rundir import encode_split, load_trained, prepare_tokenizer  # noqa: E40
 from mt.search import max_lengths, strip  # noqa: E402
 from mt.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 from mt.translate import decode_settings, encode_sources, translate_lines  # noqa: E402
-from mt.vocab import BOS_ID, EOS_ID, PAD_ID  # noqa: E402
+from mt.vocab import EOS_ID, PAD_ID  # noqa: E402
 
 SECTION = "## Speed: mt vs Hugging Face Marian"
 DEVICE = torch.device("cpu")
@@ -69,7 +69,7 @@ TEST_PREFIX = "test_2016_flickr"
 
 
 # ---------------------------------------------------------------------------------------------
-# The Marian twin of an mt model: `marian_from_mt` (mt/export.py)
+# The Marian twin of an mt model: `marian_from_mt` (mt/export/hf.py)
 
 
 def hf_logits(hf: Any, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
@@ -227,35 +227,6 @@ def decode_model(spec: dict[str, Any]) -> tuple[Config, Tokenizer, Transformer, 
     return config, tokenizer, model.eval(), "random initialisation (seed 1)"
 
 
-def generation_config(beam: int) -> Any:
-    """HF search settings matching mt's: PAD/BOS banned, EOS forced at the length limit."""
-    from transformers import GenerationConfig
-
-    return GenerationConfig(
-        num_beams=beam,
-        do_sample=False,
-        early_stopping=True,  # fairseq's (and mt's) criterion: stop at `beam` finished outputs
-        length_penalty=0.6,  # Marian/HF: logprob / len^0.6 (mt: GNMT ((5+len)/6)^0.6)
-        decoder_start_token_id=BOS_ID,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-        pad_token_id=PAD_ID,
-        forced_eos_token_id=None,  # see RowLimits: EOS forced at mt's limit, with its own score
-        suppress_tokens=[PAD_ID, BOS_ID],
-        num_return_sequences=1,
-        use_cache=True,
-    )
-
-
-def source_batches(ids: list[list[int]], max_tokens: int) -> list[Any]:
-    """mt translate's batches: length-sorted token-budget batches of the non-empty sentences."""
-    todo = [i for i, seq in enumerate(ids) if seq]
-    lens = torch.tensor([len(ids[i]) for i in todo]).numpy()
-    budget = max(max_tokens, int(lens.max()) + 1)
-    sampler = BatchSampler(lens, lens * 0, budget, shuffle=False)
-    return [[todo[j] for j in batch] for batch in sampler.epoch_batches(1)]
-
-
 class RowLimits:
     """A LogitsProcessor giving every generate() row mt's own length limit (EOS included).
 
@@ -288,7 +259,8 @@ def hf_translate(
 
     ids = encode_sources(lines, tokenizer, limit)
     outputs: list[list[int]] = [[] for _ in lines]
-    gen = generation_config(decode.beam)
+    gen = generation_config(decode, limit + 1)  # mt's search settings, as the hf export has them
+    gen.forced_eos_token_id = None  # RowLimits forces EOS at each row's limit, with EOS's score
     for batch in source_batches(ids, decode.max_tokens):
         src = collate_source([ids[i] for i in batch], batch).src
         limits = max_lengths(src, decode.max_len_a, decode.max_len_b, limit)  # (B,)
@@ -599,7 +571,7 @@ def report(args: argparse.Namespace, spec: dict[str, Any], res: dict[str, Any]) 
         f"{res['heads']} heads, FFN {res['ffn']}, ReLU, sinusoidal positions, tied "
         f"{res['vocab']:,}-piece joint vocabulary ({res['params']:,} parameters), dropout 0.1; "
         f"mt's initial weights copied into `MarianMTModel` (`marian_from_mt` in "
-        f"mt/export.py). Same batches: the first {spec['warmup'] + spec['steps']} batches "
+        f"mt/export/hf.py). Same batches: the first {spec['warmup'] + spec['steps']} batches "
         f"of mt's epoch 1 on Multi30k train (max_tokens {spec['max_tokens']}), built once by "
         "mt's pipeline and fed as the same padded tensors to both; same loss "
         "(`mt.loss.label_smoothed_nll`, eps 0.1, on the logits), Adam (0.9, 0.98) fused, clip 1.0, "

@@ -6,10 +6,11 @@
 
 All three decode Multi30k's test_2016_flickr (German → English, 1,000 sentences) with beam 5, in
 this one process, on the same threads: mt with `mt.translate.translate_lines` in fp32, and
-CTranslate2 exported from the same weights by `mt.export.save_ct2`, run by
-`mt.export.translate_ct2` (batches of one source length, mt's length limits and a fitted length
-penalty; see mt/export.py). Times include tokenising and detokenising; each figure is the median
-of --repeats passes. The process applies mt's CPU malloc setting, as `mt translate` does.
+CTranslate2 exported from the same weights by `mt.export.ct2.save_ct2`, run by
+`mt.export.ct2_search.translate_ct2` (batches of one source length, mt's length limits and a
+fitted length penalty; see mt/export/ct2_search.py). Times include tokenising and detokenising;
+each figure is the median of --repeats passes. The process applies mt's CPU malloc setting, as
+`mt translate` does.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ from bench import (  # noqa: E402
 from mt.config import Config, DecodeConfig, load_config  # noqa: E402
 from mt.device import keep_freed_memory  # noqa: E402
 from mt.errors import MtError  # noqa: E402
-from mt.export import import_ctranslate2, save_ct2, translate_ct2  # noqa: E402
+from mt.export.ct2 import import_ctranslate2, save_ct2  # noqa: E402
+from mt.export.ct2_search import translate_ct2  # noqa: E402
 from mt.files import atomic_directory  # noqa: E402
 from mt.model import Transformer  # noqa: E402
 from mt.rundir import load_trained  # noqa: E402
@@ -169,9 +171,10 @@ def report(args: argparse.Namespace, weights: Path, res: dict[str, Any]) -> str:
         f"(alpha {d.alpha}); median of {args.repeats} passes in one process, tokenising and "
         "detokenising included. mt: `mt.translate.translate_lines`, fp32, batches of "
         f"{d.max_tokens:,} source tokens. CTranslate2: `mt export --format ct2` of the same "
-        "weights (int8: `--quantization int8`), decoded by `mt.export.translate_ct2`: one batch "
-        "per source length, so each sentence gets mt's length limit, and a length penalty "
-        "fitted to mt's (see mt/export.py).",
+        "weights (int8: `--quantization int8`), decoded by "
+        "`mt.export.ct2_search.translate_ct2`: one batch per source length, so each sentence "
+        "gets mt's length limit, and a length penalty fitted to mt's (see "
+        "mt/export/ct2_search.py).",
         "",
         "| system | seconds | sentences/s | vs mt | BLEU | outputs identical to mt |",
         "|---|---:|---:|---:|---:|---:|",

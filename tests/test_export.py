@@ -24,7 +24,9 @@ from typer.testing import CliRunner
 from mt.cli import app, main
 from mt.config import DecodeConfig, load_config
 from mt.errors import MtError
-from mt.export import export_model, save_ct2, translate_ct2
+from mt.export import export_model
+from mt.export.ct2 import save_ct2
+from mt.export.ct2_search import translate_ct2
 from mt.model import Transformer
 from mt.rundir import load_trained
 from mt.search import max_lengths
@@ -127,7 +129,7 @@ def test_ct2_export_scores_and_searches_like_mt(
     refs = (TINY_DATA / "valid.en").read_text().splitlines()[:10]
     src_ids, ref_ids = tokenizer.encode_src(lines[:10]), tokenizer.encode_tgt(refs)
     scored = translator.score_batch(
-        [tokenizer.src_pieces(s) for s in lines[:10]], [tokenizer.tgt_pieces(r) for r in refs]
+        tokenizer.src.encode(lines[:10], out_type=str), tokenizer.tgt.encode(refs, out_type=str)
     )
     for src, ref, result in zip(src_ids, ref_ids, scored, strict=True):
         with torch.no_grad():

@@ -1,0 +1,96 @@
+"""Translating with a CTranslate2 export as mt would: `translate_ct2`, and the options it passes.
+
+The exported model computes mt's function; what differs is the search around it. Differences
+from `mt translate` (`ct2_options` maps the rest exactly):
+
+- Length penalty. CT2 divides by L^p; mt's "average" is p = 1 and "none" a tiny p (p = 0 would
+  switch CT2 to stopping at the first finished top beam, where mt, like fairseq, stops after
+  `beam` finished hypotheses). mt's default "gnmt", ((5 + L) / 6)^alpha, has no CT2 form: p is
+  fitted to its slope at L = the source length, alpha * L / (5 + L), so it varies per batch.
+- Length limit. CT2 takes one limit per call; `translate_ct2` batches sentences by source
+  length, so each gets mt's a * length + b. At the limit mt forces EOS and scores it; CT2 stops
+  without it, which can reorder beam hypotheses that reach the limit.
+- PAD and BOS are banned before CT2's softmax, after mt's: scores differ by
+  log(1 - p(PAD) - p(BOS)) per token, which can flip near-ties in a beam, never greedy choices.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from mt.config import DecodeConfig
+from mt.search import max_lengths
+from mt.tokenizer import Tokenizer
+from mt.translate import encode_sources
+from mt.vocab import BOS_ID, EOS_ID, PAD_ID
+
+TINY_PENALTY = 1e-6  # CT2 length penalty standing in for mt's "none" (see the module docstring)
+
+
+def ct2_options(
+    decode: DecodeConfig, tokenizer: Tokenizer, source_length: int, max_positions: int
+) -> dict[str, Any]:
+    """`Translator.translate_batch` options for sources of `source_length` tokens (EOS included).
+
+    mt's search with `decode` as closely as CT2 allows; see the module docstring.
+    """
+    if decode.sampling:
+        raise ValueError("ct2_options maps greedy and beam search; sampling is not mapped")
+    src = torch.ones(1, source_length, dtype=torch.long)  # any non-pad ids: only the count matters
+    limit = int(max_lengths(src, decode.max_len_a, decode.max_len_b, max_positions - 1)[0])
+    penalty = {
+        "gnmt": decode.alpha * source_length / (5 + source_length),
+        "average": 1.0,
+        "none": TINY_PENALTY,
+    }[decode.length_penalty]
+    banned = [[tokenizer.tgt.id_to_piece(PAD_ID)], [tokenizer.tgt.id_to_piece(BOS_ID)]]
+    return {
+        "beam_size": decode.beam,
+        "length_penalty": penalty,
+        "max_decoding_length": limit - 1,  # mt's limit counts EOS, CT2's does not
+        "min_decoding_length": min(decode.min_len, limit - 1),  # the limit wins, as in mt
+        "max_input_length": 0,  # sources are cut to max_positions - 1 pieces already
+        "return_end_token": True,  # EOS counts in hypothesis lengths, as in mt
+        "suppress_sequences": banned,
+    }
+
+
+def translate_ct2(
+    translator: Any,
+    tokenizer: Tokenizer,
+    lines: Sequence[str],
+    decode: DecodeConfig,
+    max_positions: int,
+) -> list[list[int]]:
+    """Target ids (no EOS) per line from a CTranslate2 Translator, searching as mt would.
+
+    Sentences are batched by source length, so each batch gets its exact mt length limit;
+    blank lines (and lines without pieces) give [].
+    """
+    ids = encode_sources(lines, tokenizer, max_positions - 1)
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for i, seq in enumerate(ids):
+        if seq:
+            by_length[len(seq)].append(i)
+    out: list[list[int]] = [[] for _ in lines]
+    for length, batch in sorted(by_length.items()):
+        options = ct2_options(decode, tokenizer, length + 1, max_positions)
+        if options["max_decoding_length"] < 1:
+            continue  # mt's limit allows only EOS: empty outputs
+        sources = [[tokenizer.src.id_to_piece(t) for t in ids[i]] for i in batch]
+        results = translator.translate_batch(
+            sources, max_batch_size=decode.max_tokens, batch_type="tokens", **options
+        )
+        for i, result in zip(batch, results, strict=True):
+            out[i] = _target_ids(tokenizer, result.hypotheses[0])
+    return out
+
+
+def _target_ids(tokenizer: Tokenizer, hypothesis: list[str]) -> list[int]:
+    """Ids of a CT2 hypothesis's pieces, without its end token."""
+    ids = [tokenizer.tgt.piece_to_id(piece) for piece in hypothesis]
+    return ids[:-1] if ids and ids[-1] == EOS_ID else ids

@@ -1,0 +1,94 @@
+"""The README.md written beside each export: how to translate with it, and how it differs."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+from mt.config import Config, DecodeConfig
+from mt.export.hf import hf_length_penalty
+from mt.tokenizer import Tokenizer
+from mt.vocab import BOS_ID, PAD_ID
+
+
+def _limits(decode: DecodeConfig) -> str:
+    return f"{decode.max_len_a} x (source pieces + 1) + {decode.max_len_b}"
+
+
+def _markdown(title: str, intro: str, code: str, notes: str) -> str:
+    """A README: a title, prose wrapped at 100 columns, one Python block."""
+    return f"# {title}\n\n{_prose(intro)}\n\n```python\n{code.strip()}\n```\n\n{_prose(notes)}\n"
+
+
+def _prose(text: str) -> str:
+    return textwrap.fill(" ".join(text.split()), 100)
+
+
+def ct2_readme(
+    config: Config, tokenizer: Tokenizer, weights: Path, quantization: str | None
+) -> str:
+    """How to translate with the CTranslate2 export."""
+    decode, positions = config.decode, config.model.max_positions
+    spm_src, spm_tgt = tokenizer.paths[0].name, tokenizer.paths[-1].name
+    pad, bos = tokenizer.tgt.id_to_piece(PAD_ID), tokenizer.tgt.id_to_piece(BOS_ID)
+    intro = f"""From `{weights}` ({_pair(config)}), weights stored as {quantization or "float32"}.
+    Sources are pieces of the SentencePiece model `{spm_src}`; CTranslate2 adds the end token."""
+    code = f"""
+import ctranslate2
+import sentencepiece as spm
+
+src = spm.SentencePieceProcessor(model_file="{spm_src}")
+tgt = spm.SentencePieceProcessor(model_file="{spm_tgt}")
+translator = ctranslate2.Translator(".", device="cpu", intra_threads=2)
+lines = ["{_example(config)}"]
+results = translator.translate_batch(
+    src.encode(lines, out_type=str),
+    beam_size={decode.beam},
+    length_penalty={hf_length_penalty(decode)},
+    min_decoding_length={decode.min_len},
+    max_decoding_length={positions - 2},
+    max_input_length={positions - 1},
+    suppress_sequences=[["{pad}"], ["{bos}"]],
+)
+print([tgt.decode(r.hypotheses[0]) for r in results])
+"""
+    notes = f"""This is mt's search but for two settings. mt limits each output to
+    {_limits(decode)} tokens, end token included, and its length penalty is
+    "{decode.length_penalty}" (alpha {decode.alpha}), where CTranslate2 divides by
+    length^length_penalty. `mt.export.ct2_search.translate_ct2` batches sentences by source
+    length to give each its mt limit and a penalty fitted to mt's; the docstring of
+    `mt/export/ct2_search.py` lists what remains different."""
+    return _markdown("CTranslate2 model exported by `mt export`", intro, code, notes)
+
+
+def hf_readme(config: Config, weights: Path) -> str:
+    """How to translate with the Hugging Face export."""
+    decode = config.decode
+    intro = f"""From `{weights}` ({_pair(config)}): MarianMTModel weights, generation settings
+    and a MarianTokenizer."""
+    code = f"""
+from transformers import MarianMTModel, MarianTokenizer
+
+tokenizer = MarianTokenizer.from_pretrained(".")
+model = MarianMTModel.from_pretrained(".").eval()
+batch = tokenizer(["{_example(config)}"], return_tensors="pt", padding=True)
+out = model.generate(**batch)  # mt's search settings, from generation_config.json
+print(tokenizer.batch_decode(out, skip_special_tokens=True))
+"""
+    notes = f"""generation_config.json bans PAD and BOS, forces the end token at the length limit
+    and uses beam {decode.beam}; with `num_beams=1`, `generate` is mt's greedy search. mt limits
+    each output to {_limits(decode)} tokens, end token included: pass that as `max_new_tokens` (the
+    default is the model's cap, {config.model.max_positions - 1}). The beam length penalty
+    divides by length^{hf_length_penalty(decode)}, where mt's is "{decode.length_penalty}" (alpha
+    {decode.alpha})."""
+    return _markdown("Hugging Face MarianMTModel exported by `mt export`", intro, code, notes)
+
+
+def _pair(config: Config) -> str:
+    return f"{config.data.src_lang}→{config.data.tgt_lang}"
+
+
+def _example(config: Config) -> str:
+    """A sentence to show in the READMEs."""
+    examples = {"de": "Zwei Hunde spielen im Schnee .", "en": "Two dogs play in the snow ."}
+    return examples.get(config.data.src_lang, "...")
