@@ -10,16 +10,22 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from mt import search
 from mt.batching import collate_source
 from mt.config import DecodeConfig
+from mt.errors import MtError
 from mt.model import MultiHeadAttention, Transformer
+from mt.plot import plot_attention
+from mt.rundir import load_trained
 from mt.tokenizer import Tokenizer
+from mt.translate import decode_settings, resolve_runtime
 from mt.vocab import BOS_ID, EOS_ID
 
 
@@ -69,20 +75,24 @@ def align(
     model: Transformer, tokenizer: Tokenizer, sentence: str, decode: DecodeConfig
 ) -> Alignment:
     """Translate one sentence as `decode` says (never sampling), then read its cross-attention."""
-    device = next(model.parameters()).device
     ids = tokenizer.encode_src([sentence])[0][: model.max_positions - 1]
-    src = collate_source([ids], torch.zeros(1, dtype=torch.long).numpy()).src.to(device)
-    best = search.decode(model, src, dataclasses.replace(decode, nbest=1, sampling=False))[0][0]
+    settings = dataclasses.replace(decode, nbest=1, sampling=False)
+    best = search.decode(model, source_tensor(model, ids), settings)[0][0]
     return alignment(model, tokenizer, ids, best.tokens)
+
+
+def source_tensor(model: Transformer, ids: list[int]) -> Tensor:
+    """One source sentence's ids + EOS as a batch (1, S) on the model's device."""
+    device = next(model.parameters()).device
+    return collate_source([ids], np.zeros(1, dtype=np.int64)).src.to(device)  # (1, S)
 
 
 def alignment(
     model: Transformer, tokenizer: Tokenizer, ids: list[int], tokens: list[int]
 ) -> Alignment:
     """The cross-attention of a given translation (target ids without BOS/EOS) of source ids."""
-    device = next(model.parameters()).device
-    src = collate_source([ids], torch.zeros(1, dtype=torch.long).numpy()).src.to(device)  # (1, S)
-    tgt_in = torch.tensor([[BOS_ID, *tokens]], device=device)  # (1, T)
+    src = source_tensor(model, ids)  # (1, S)
+    tgt_in = torch.tensor([[BOS_ID, *tokens]], device=src.device)  # (1, T)
     weights = cross_attention(model, src, tgt_in)[:, 0]  # (layers, H, T, S)
     pieces = tokenizer.tgt.id_to_piece  # one id -> its piece
     return Alignment(
@@ -91,3 +101,24 @@ def alignment(
         weights=weights,
         translation=tokenizer.decode_tgt([[*tokens, EOS_ID]])[0],
     )
+
+
+def plot_alignment(
+    run: Path, sentence: str, output: Path, layer: int, beam: int | None, device: str
+) -> tuple[str, Path]:
+    """`mt attention`: a trained model's translation of `sentence` and its heatmap's path.
+
+    The heatmap shows the cross-attention of decoder layer `layer` (1 = first; 0: one panel
+    per layer), averaged over heads.
+    """
+    dev, _ = resolve_runtime(device, "fp32")
+    config, tokenizer, model, _ = load_trained(run, dev)
+    found = align(model, tokenizer, sentence, decode_settings(config, beam=beam))
+    layers = len(found.weights)
+    if layer > layers:
+        raise MtError(f"--layer {layer}: the model has {layers} decoder layers")
+    chosen = [layer] if layer else list(range(1, layers + 1))
+    weights = found.weights.mean(dim=1)[[i - 1 for i in chosen]]  # (panels, T, S)
+    titles = [f"decoder layer {i} cross-attention (mean of heads)" for i in chosen]
+    source, target = found.source_pieces, found.target_pieces
+    return found.translation, plot_attention(weights.cpu().numpy(), source, target, titles, output)

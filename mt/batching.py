@@ -184,6 +184,16 @@ def padding_efficiency(
     return effs[0], effs[1]
 
 
+def describe_epoch(data: EncodedCorpus, max_tokens: int, seed: int) -> str:
+    """E.g. `906 batches of <= 4096 tokens per epoch, 71.2% / 69.0% non-pad (source / target)`."""
+    batches = BatchSampler(data.src_lens, data.tgt_lens, max_tokens, seed).epoch_batches(1)
+    src_eff, tgt_eff = padding_efficiency(batches, data.src_lens, data.tgt_lens)
+    return (
+        f"{len(batches):,} batches of <= {max_tokens} tokens per epoch, "
+        f"{src_eff:.1%} / {tgt_eff:.1%} non-pad (source / target)"
+    )
+
+
 @dataclass
 class SourceBatch:
     """Source-only batch for translation: ids + EOS, right-padded, with corpus indices."""

@@ -10,15 +10,13 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
-from mt.errors import ConfigError, DataError, MtError
+from mt.errors import MtError
 from mt.serve.limits import Limits
 
 if TYPE_CHECKING:
     from mt.config import Config
     from mt.corpora import Corpus
-    from mt.tokenizer import Tokenizer
 
-log = logging.getLogger("mt")
 
 app = typer.Typer(
     help="Train, run and evaluate Transformer translation models.",
@@ -90,83 +88,22 @@ def data_fetch(
 
     Prints the paths of the files on stdout; progress goes to stderr.
     """
-    from mt.fetch import fetch_multi30k
+    from mt.fetch import fetch_data
 
-    if name != "multi30k":
-        raise MtError(f"unknown data set {name!r} (available: multi30k)")
-    wanted = list(dict.fromkeys(lang.strip() for lang in langs.split(",") if lang.strip()))
-    paths = fetch_multi30k(dest, wanted, mirror=mirror, progress=sys.stderr.isatty())
-    for path in paths:
+    for path in fetch_data(name, dest, langs, mirror=mirror, progress=sys.stderr.isatty()):
         typer.echo(str(path))
-
-
-def _blame(config: Path, overrides: list[str], key: str) -> str:
-    """Where a config value came from: the command line if overridden there, else the file."""
-    keys = {item.partition("=")[0].strip().removeprefix("--") for item in overrides}
-    return "command line" if key in keys else str(config)
 
 
 def _load(
     config: Path, overrides: list[str] | None, splits: tuple[str, ...]
 ) -> tuple[Config, dict[str, Corpus]]:
-    """The config and its corpora, checked before any work is done.
-
-    data.train must be set (ConfigError) and every corpus set among `splits` must exist
-    (DataError naming the key); the run directory must be creatable.
-    """
+    """The config (data.train set) and its corpora among `splits`, checked before any work."""
     from mt.config import load_config
 
-    overrides = overrides or []
-    cfg = load_config(config, overrides)
-    if not cfg.data.train:
-        where = _blame(config, overrides, "data.train")
-        raise ConfigError(f"{where}: data.train is empty; set it in the config or data.train=PATH")
-    from mt.rundir import (  # slow (torch): imported once the config is known good
-        open_split,
-        run_path,
-    )
+    cfg = load_config(config, overrides or [], required=("data.train",))
+    from mt.rundir import open_run  # slow (torch): imported once the config is known good
 
-    corpora = {}
-    for which in splits:
-        if getattr(cfg.data, which):
-            try:
-                corpora[which] = open_split(cfg, which)
-            except DataError as exc:
-                raise DataError(f"data.{which}: {exc}") from None
-    try:
-        run_path(cfg).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DataError(f"run_dir {cfg.run_dir}: cannot create ({exc.strerror or exc})") from None
-    return cfg, corpora
-
-
-def _tokenizer(cfg: Config) -> Tokenizer:
-    """The run's tokenizer, trained if it has none; says so when an existing one is used."""
-    from mt.rundir import TOKENIZER_DIR, prepare_tokenizer, run_path
-    from mt.tokenizer import tokenizer_files
-
-    directory = run_path(cfg) / TOKENIZER_DIR
-    existed = all(p.exists() for p in tokenizer_files(directory, cfg.tokenizer.joint))
-    tokenizer = prepare_tokenizer(cfg)
-    if existed:
-        size = tokenizer.src_vocab_size
-        log.info("using the run's tokenizer in %s (%d pieces)", directory, size)
-        if cfg.tokenizer.vocab_size not in (size, tokenizer.tgt_vocab_size):
-            log.warning(
-                "warning: the run's tokenizer has %d pieces, not tokenizer.vocab_size=%d; "
-                "delete %s to retrain it",
-                size,
-                cfg.tokenizer.vocab_size,
-                directory,
-            )
-    return tokenizer
-
-
-def _echo_unk_rate(tokenizer: Tokenizer, valid: Corpus) -> None:
-    from mt.tokenizer import unk_rate
-
-    src_unk, tgt_unk = unk_rate(tokenizer, valid)
-    typer.echo(f"valid: unknown pieces {src_unk:.3%} source, {tgt_unk:.3%} target")
+    return cfg, open_run(cfg, splits)
 
 
 @data_app.command("prepare")
@@ -178,28 +115,10 @@ def data_prepare(config: ConfigOption, overrides: Overrides = None) -> None:
     rate of unknown pieces. A second run reuses the cached encodings.
     """
     cfg, corpora = _load(config, overrides, ("train", "valid", "test"))
-    from mt.batching import BatchSampler, padding_efficiency
-    from mt.rundir import encode_split
+    from mt.rundir import prepare_data, prepare_tokenizer
 
-    tokenizer = _tokenizer(cfg)
-    for which in corpora:
-        data = encode_split(cfg, tokenizer, which)
-        typer.echo(f"{which}: {data.stats.describe()}")
-        typer.echo(
-            f"{which}: {int(data.src_lens.sum()):,} source and {int(data.tgt_lens.sum()):,} "
-            "target tokens"
-        )
-        if which == "train":
-            max_tokens = cfg.train.max_tokens  # >= data.max_len + 1: checked at config load
-            sampler = BatchSampler(data.src_lens, data.tgt_lens, max_tokens, cfg.train.seed)
-            batches = sampler.epoch_batches(1)
-            src_eff, tgt_eff = padding_efficiency(batches, data.src_lens, data.tgt_lens)
-            typer.echo(
-                f"train: {len(batches):,} batches of <= {max_tokens} tokens per epoch, "
-                f"{src_eff:.1%} / {tgt_eff:.1%} non-pad (source / target)"
-            )
-        if which == "valid":
-            _echo_unk_rate(tokenizer, corpora["valid"])
+    for line in prepare_data(cfg, prepare_tokenizer(cfg), corpora):
+        typer.echo(line)
 
 
 @tokenizer_app.command("train")
@@ -209,50 +128,14 @@ def tokenizer_train(config: ConfigOption, overrides: Overrides = None) -> None:
     Prints the model path(s) and, when data.valid is set, the dev set's unknown-piece rate.
     """
     cfg, corpora = _load(config, overrides, ("train", "valid"))
-    tokenizer = _tokenizer(cfg)
+    from mt.rundir import prepare_tokenizer
+    from mt.tokenizer import describe_unk_rate
+
+    tokenizer = prepare_tokenizer(cfg)
     for path in tokenizer.paths:
         typer.echo(str(path))
     if "valid" in corpora:
-        _echo_unk_rate(tokenizer, corpora["valid"])
-
-
-def _open_tokenizer(model: Path) -> Tokenizer:
-    """The tokenizer of a run directory, a tokenizer directory or a model file's directory."""
-    from mt.config import CONFIG_FILE
-    from mt.rundir import TOKENIZER_DIR
-    from mt.tokenizer import load_tokenizer
-
-    if not model.exists():
-        raise DataError(f"{model}: no such run or tokenizer directory")
-    directory = model.parent if model.is_file() else model
-    if (directory / TOKENIZER_DIR).is_dir() or (directory / CONFIG_FILE).is_file():
-        directory = directory / TOKENIZER_DIR
-    return load_tokenizer(directory)
-
-
-def _lines(path: str) -> list[str]:
-    """The lines of a file (plain or .gz) or of stdin (-), strict UTF-8, without line endings.
-
-    Only \\n (or \\r\\n) ends a line, so line N of the output always matches line N of the input.
-    """
-    from mt.corpora import read_lines
-
-    if path != "-":
-        file = Path(path)
-        if not file.exists():
-            raise DataError(f"{path}: no such file")
-        if file.is_dir():
-            raise DataError(f"{path}: is a directory, not a file")
-        return list(read_lines(file))
-    lines = []
-    for number, raw in enumerate(sys.stdin.buffer, start=1):
-        if raw.endswith(b"\n"):
-            raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
-        try:
-            lines.append(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise DataError(f"stdin: line {number} is not valid UTF-8") from None
-    return lines
+        typer.echo(f"valid: {describe_unk_rate(tokenizer, corpora['valid'])}")
 
 
 ModelOption = Annotated[
@@ -273,16 +156,12 @@ def tokenizer_encode(
     pieces: Annotated[bool, typer.Option(help="Print pieces instead of ids.")] = False,
 ) -> None:
     """Encode text: one line in, one line of space-separated ids (or pieces) out."""
-    tokenizer = _open_tokenizer(model)
-    lines = _lines(path)
-    if pieces:
-        processor = tokenizer.src if side == "src" else tokenizer.tgt
-        for line_pieces in processor.encode(lines, out_type=str):
-            typer.echo(" ".join(line_pieces))
-        return
-    encode = tokenizer.encode_src if side == "src" else tokenizer.encode_tgt
-    for ids in encode(lines):
-        typer.echo(" ".join(map(str, ids)))
+    from mt.corpora import read_lines
+    from mt.rundir import find_tokenizer
+
+    tokenizer = find_tokenizer(model)
+    for line in tokenizer.encode_lines(list(read_lines(path)), side, pieces):
+        typer.echo(line)
 
 
 @tokenizer_app.command("decode")
@@ -292,22 +171,12 @@ def tokenizer_decode(
     side: Annotated[Side, typer.Option(help="Which side's model to use.")] = "tgt",
 ) -> None:
     """Decode lines of space-separated ids back to text; PAD, BOS and EOS are dropped."""
-    tokenizer = _open_tokenizer(model)
-    processor = tokenizer.src if side == "src" else tokenizer.tgt
-    size = processor.vocab_size()
+    from mt.corpora import read_lines
+    from mt.rundir import find_tokenizer
+
+    tokenizer = find_tokenizer(model)
     name = "stdin" if path == "-" else path
-    ids = []
-    for number, line in enumerate(_lines(path), start=1):
-        tokens = line.split()
-        bad = next((t for t in tokens if not (t.isascii() and t.isdigit()) or int(t) >= size), None)
-        if bad is not None:
-            raise DataError(
-                f"{name}: line {number}: {bad!r} is not a piece id (expected integers "
-                f"from 0 to {size - 1}, separated by spaces)"
-            )
-        ids.append([int(t) for t in tokens])
-    texts = tokenizer.decode_tgt(ids) if side == "tgt" else processor.decode(ids)
-    for text in texts:
+    for text in tokenizer.decode_lines(read_lines(path), side, name):
         typer.echo(text)
 
 
@@ -503,24 +372,10 @@ def attention_command(
     device: DeviceOption = "auto",
 ) -> None:
     """Translate a sentence and plot the decoder's cross-attention, averaged over heads."""
-    from mt.alignment import align
-    from mt.plot import plot_attention
-    from mt.rundir import load_trained
-    from mt.translate import decode_settings, resolve_runtime
+    from mt.alignment import plot_alignment
 
-    dev, _ = resolve_runtime(device, "fp32")
-    config, tokenizer, model, _ = load_trained(run, dev)
-    found = align(model, tokenizer, sentence, decode_settings(config, beam=beam))
-    layers = len(found.weights)
-    if layer > layers:
-        raise MtError(f"--layer {layer}: the model has {layers} decoder layers")
-    chosen = [layer] if layer else list(range(1, layers + 1))
-    weights = found.weights.mean(dim=1)[[i - 1 for i in chosen]]  # (panels, T, S)
-    titles = [f"decoder layer {i} cross-attention (mean of heads)" for i in chosen]
-    typer.echo(found.translation)
-    path = plot_attention(
-        weights.cpu().numpy(), found.source_pieces, found.target_pieces, titles, output
-    )
+    translation, path = plot_alignment(run, sentence, output, layer, beam, device)
+    typer.echo(translation)
     typer.echo(str(path))
 
 

@@ -438,8 +438,13 @@ def from_dict(tree: dict[str, Any], source: str = "config") -> Config:
         raise ConfigError(f"{source}: {exc}") from None
 
 
-def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
-    """Load a YAML config, apply dotted `key=value` overrides, and validate the result."""
+def load_config(
+    path: str | Path, overrides: typing.Sequence[str] = (), required: typing.Sequence[str] = ()
+) -> Config:
+    """Load a YAML config, apply dotted `key=value` overrides, and validate the result.
+
+    `required` names dotted string keys that must not be empty, e.g. "data.train" to train.
+    """
     path = Path(path)
     tree = _read_yaml(path)
     overridden: set[str] = set()
@@ -451,10 +456,18 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
     except _Invalid as exc:
         raise ConfigError(f"command line: {exc}") from None
     try:
-        return _build(Config, tree, "")
+        config = _build(Config, tree, "")
+        for key in required:
+            section, name = key.split(".")
+            _check(
+                bool(getattr(getattr(config, section), name)),
+                key,
+                f"{key} is empty; set it in the config or {key}=PATH",
+            )
     except _Invalid as exc:
         source = "command line" if overridden.intersection(exc.keys) else str(path)
         raise ConfigError(f"{source}: {exc}") from None
+    return config
 
 
 def save_config(config: Config, path: Path) -> None:

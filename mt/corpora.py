@@ -17,17 +17,18 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import sys
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import zip_longest
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-from mt.errors import DataError
+from mt.errors import DataError, first_line
+from mt.files import file_sha256, stream_sha256
 
-_CHUNK = 1 << 20
 _HF_BATCH = 1000
 # Bumped if the fingerprint recipe changes, so old caches are not reused by mistake.
 _FINGERPRINT_VERSION = "mt-corpus-v1"
@@ -152,7 +153,7 @@ class HfCorpus(Corpus):
         """Digest of the Arrow files backing the split (or the dataset's own fingerprint)."""
         files = [Path(f["filename"]) for f in self.dataset.cache_files]
         # An in-memory dataset has no files; its datasets fingerprint is the best we have.
-        parts = [_bytes_digest(f) for f in files] or [str(self.dataset._fingerprint)]
+        parts = [file_sha256(f) for f in files] or [str(self.dataset._fingerprint)]
         layout = "translation" if self.translation_column else "columns"
         return self._combine("hf", [self.name, self.split, layout, *parts])
 
@@ -173,13 +174,25 @@ def open_corpus(spec: str, src_lang: str, tgt_lang: str, split: str = "train") -
     return _open_prefix(spec, src_lang, tgt_lang)
 
 
-def read_lines(path: Path) -> Iterator[str]:
-    """Yield the lines of a plain or ``.gz`` file as text, without their line ending."""
-    number = 0
+def read_lines(path: str | Path) -> Iterator[str]:
+    """Yield the lines of a plain or ``.gz`` file, or of stdin for ``-``, without line endings.
+
+    Only ``\\n`` (or ``\\r\\n``) ends a line, not the other breaks ``str.splitlines()`` knows
+    (``\\x0b``, ``\\x85``, ``\\u2028``...), so line N is line N for wc -l, paste and sacrebleu too.
+    """
+    if str(path) == "-":
+        for number, raw in enumerate(sys.stdin.buffer, start=1):
+            yield _decode(raw, "stdin", number)
+        return
+    path, number = Path(path), 0
     try:
         with _open_binary(path) as stream:
             for number, raw in enumerate(stream, start=1):
                 yield _decode(raw, path, number)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, not a file") from None
     except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
         raise DataError(f"{path}: corrupt gzip data after line {number} ({exc})") from None
     except OSError as exc:
@@ -191,7 +204,7 @@ def _open_binary(path: Path) -> Any:
     return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
 
 
-def _decode(raw: bytes, path: Path, number: int) -> str:
+def _decode(raw: bytes, path: Path | str, number: int) -> str:
     """Strip one ``\\n`` or ``\\r\\n`` and decode UTF-8, naming the line on failure."""
     if raw.endswith(b"\n"):
         raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
@@ -221,25 +234,11 @@ def _text_digest(path: Path) -> str:
     """sha256 of a file's decompressed bytes."""
     try:
         with _open_binary(path) as stream:
-            return _stream_digest(stream)
+            return stream_sha256(stream)
     except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
         raise DataError(f"{path}: corrupt gzip data ({exc})") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
-
-
-def _bytes_digest(path: Path) -> str:
-    """sha256 of a file's bytes as stored."""
-    with open(path, "rb") as stream:
-        return _stream_digest(stream)
-
-
-def _stream_digest(stream: BinaryIO) -> str:
-    """sha256 hex of everything left in a binary stream (hashlib.file_digest needs 3.11)."""
-    digest = hashlib.sha256()
-    while chunk := stream.read(_CHUNK):
-        digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _parse_hf_spec(spec: str, default_split: str) -> tuple[str, str | None, str | None, str]:
@@ -270,7 +269,7 @@ def _load_saved(name: str) -> Any:
     try:
         return datasets.load_from_disk(name)
     except (FileNotFoundError, ValueError, OSError) as exc:
-        raise DataError(f"hf:{name}: not a saved dataset ({_first_line(exc)})") from None
+        raise DataError(f"hf:{name}: not a saved dataset ({first_line(exc)})") from None
 
 
 def _split_of_saved(loaded: Any, name: str, explicit: str | None, split: str) -> Any:
@@ -295,7 +294,7 @@ def _load_hub(name: str, config: str | None, split: str) -> Any:
     try:
         return datasets.load_dataset(name, config, split=split)
     except Exception as exc:  # datasets raises many unrelated types; all mean "cannot load"
-        raise DataError(f"hf:{label}: cannot load split '{split}' ({_first_line(exc)})") from None
+        raise DataError(f"hf:{label}: cannot load split '{split}' ({first_line(exc)})") from None
 
 
 def _check_columns(dataset: Any, label: str, src_lang: str, tgt_lang: str) -> bool:
@@ -317,9 +316,3 @@ def _check_columns(dataset: Any, label: str, src_lang: str, tgt_lang: str) -> bo
         f"{label}: needs a 'translation' column or '{src_lang}' and '{tgt_lang}' columns "
         f"(columns: {', '.join(dataset.column_names)})"
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    """The first line of an exception's message, or its type name when empty."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

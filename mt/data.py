@@ -95,6 +95,10 @@ class EncodedCorpus:
         """The (source ids, target ids) of the given rows, in the given order."""
         return self._views.rows(np.asarray(indices, dtype=np.int64))
 
+    def describe_tokens(self) -> str:
+        """E.g. ``377,534 source and 372,454 target tokens``."""
+        return f"{int(self.src_lens.sum()):,} source and {int(self.tgt_lens.sum()):,} target tokens"
+
 
 class _ListViews:
     """Zero-copy numpy views of the two list columns, chunk by chunk, over the memory map.

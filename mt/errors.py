@@ -15,3 +15,14 @@ class ConfigError(MtError):
 
 class DataError(MtError):
     """A corpus or data file is unusable; names the file and, where known, the line."""
+
+
+def first_line(error: BaseException | str) -> str:
+    """The first non-empty line of a library's error message, to quote in a one-line error.
+
+    An empty message gives the exception's type name ("unknown error" for an empty string).
+    """
+    text = str(error).strip()
+    if text:
+        return text.splitlines()[0]
+    return type(error).__name__ if isinstance(error, BaseException) else "unknown error"

@@ -10,13 +10,13 @@ from typing import Any
 
 from sacrebleu.metrics import BLEU, CHRF, TER
 
+from mt.corpora import read_lines
 from mt.errors import MtError
 from mt.rundir import load_trained, open_split
 from mt.translate import (
     check_found,
     count_missing,
     decode_settings,
-    read_lines,
     resolve_runtime,
     translate_lines,
 )
@@ -101,7 +101,7 @@ def evaluate(
             raise MtError("give --hyp and --ref, or --model (with --src and --ref, or neither)")
         if src is not None:
             raise MtError("--src needs --model (to translate it)")
-        hyps, refs = read_lines(hyp), read_lines(ref)
+        hyps, refs = list(read_lines(hyp)), list(read_lines(ref))
         check_aligned(hyps, refs, str(hyp), str(ref))
         return score(hyps, refs, lowercase)
     if hyp is not None:
@@ -110,7 +110,7 @@ def evaluate(
         raise MtError("--model needs both --src and --ref, or neither (to use the run's test set)")
     sources = refs = None
     if src is not None and ref is not None:
-        sources, refs = read_lines(src), read_lines(ref)
+        sources, refs = list(read_lines(src)), list(read_lines(ref))
         check_aligned(sources, refs, str(src), str(ref))  # before spending time translating
     hyps, test_refs = model_translations(model, sources, device, precision, **overrides)
     refs = refs if refs is not None else test_refs

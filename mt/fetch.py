@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import http.client
 import os
 import sys
@@ -17,8 +16,8 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
-from mt.errors import DataError
-from mt.files import atomic_path
+from mt.errors import DataError, MtError
+from mt.files import atomic_path, file_sha256
 
 MULTI30K_URL = "https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw/"
 MIRROR_ENV = "MT_DATA_MIRROR"
@@ -48,6 +47,16 @@ MULTI30K_FILES: dict[str, str | None] = {
     "test_2016_flickr.fr.gz": None,
     "test_2016_flickr.cs.gz": None,
 }
+
+
+def fetch_data(
+    name: str, dest: Path, langs: str, mirror: str | None = None, progress: bool = True
+) -> list[Path]:
+    """`mt data fetch`: the data set `name` for comma-separated `langs` into `dest`, verified."""
+    if name != "multi30k":
+        raise MtError(f"unknown data set {name!r} (available: multi30k)")
+    wanted = list(dict.fromkeys(lang.strip() for lang in langs.split(",") if lang.strip()))
+    return fetch_multi30k(dest, wanted, mirror=mirror, progress=progress)
 
 
 def fetch_multi30k(
@@ -161,7 +170,7 @@ def _problem(path: Path, name: str) -> str | None:
     """Why ``path`` is not a good copy of ``name``, or None when it is."""
     expected = MULTI30K_FILES[name]
     if expected is not None:
-        actual = _sha256(path)
+        actual = file_sha256(path)
         if actual != expected:
             return f"checksum mismatch (expected {expected}, got {actual})"
         return None
@@ -173,15 +182,6 @@ def _problem(path: Path, name: str) -> str | None:
     if lines != want:
         return f"expected {want} lines, got {lines}"
     return None
-
-
-def _sha256(path: Path) -> str:
-    """sha256 hex of a file's bytes (hashlib.file_digest needs Python 3.11)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _count_gzip_lines(path: Path) -> int:

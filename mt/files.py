@@ -1,4 +1,4 @@
-"""Atomic file writes: nothing half-written ever appears under a final name.
+"""Files: atomic writes, where nothing half-written ever appears under a final name; hashes.
 
 Data goes to a hidden temp file beside the target (`.NAME.<random hex>.tmp`), is fsynced, gets the
 permissions a plain `open()` would give, and is renamed over the target. If anything fails,
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import re
 import secrets
@@ -26,6 +27,23 @@ from mt.errors import MtError
 # Bytes written to learn whether a file system still takes data. More than any library's
 # last failed write can leave free: when the disk is full, this write fails too.
 _PROBE_BYTES = 1 << 20
+
+
+_HASH_CHUNK = 1 << 20
+
+
+def stream_sha256(stream: BinaryIO) -> str:
+    """sha256 hex of everything left in a binary stream (hashlib.file_digest needs 3.11)."""
+    digest = hashlib.sha256()
+    while chunk := stream.read(_HASH_CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 hex of a file's bytes as stored."""
+    with open(path, "rb") as stream:
+        return stream_sha256(stream)
 
 
 def _umask() -> int:

@@ -8,17 +8,25 @@ trained model it holds from here.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
+from mt.batching import describe_epoch
 from mt.checkpoint import Checkpoint, load_weights, resolve_checkpoint
 from mt.config import CONFIG_FILE, Config, load_config
 from mt.corpora import Corpus, open_corpus
 from mt.data import EncodedCorpus, encode_corpus
-from mt.errors import ConfigError
+from mt.errors import ConfigError, DataError
 from mt.model import Transformer
-from mt.tokenizer import Tokenizer, load_tokenizer, tokenizer_files, train_tokenizer
+from mt.tokenizer import (
+    Tokenizer,
+    describe_unk_rate,
+    load_tokenizer,
+    tokenizer_files,
+    train_tokenizer,
+)
 
 log = logging.getLogger("mt")
 
@@ -47,24 +55,71 @@ def open_split(config: Config, which: str) -> Corpus:
     return open_corpus(spec, config.data.src_lang, config.data.tgt_lang, split=SPLITS[which])
 
 
+def open_run(config: Config, splits: Sequence[str]) -> dict[str, Corpus]:
+    """The corpora among `splits` that the config sets, and the run directory, checked early.
+
+    Each corpus must exist (DataError naming its key) and the directory must be creatable,
+    before any slow work starts.
+    """
+    corpora = {}
+    for which in splits:
+        if getattr(config.data, which):
+            try:
+                corpora[which] = open_split(config, which)
+            except DataError as exc:
+                raise DataError(f"data.{which}: {exc}") from None
+    try:
+        run_path(config).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise DataError(f"run_dir {config.run_dir}: cannot create ({reason})") from None
+    return corpora
+
+
 def prepare_tokenizer(config: Config) -> Tokenizer:
     """The run's tokenizer: loaded if the run has one, otherwise trained on the training data."""
     directory = run_path(config) / TOKENIZER_DIR
-    if all(p.exists() for p in tokenizer_files(directory, config.tokenizer.joint)):
-        return load_tokenizer(directory)
-    t = config.tokenizer
-    log.info("training a %s tokenizer (%d pieces, joint=%s)", t.type, t.vocab_size, t.joint)
+    wanted = config.tokenizer
+    if all(p.exists() for p in tokenizer_files(directory, wanted.joint)):
+        tokenizer = load_tokenizer(directory)
+        size = tokenizer.src_vocab_size
+        log.info("using the run's tokenizer in %s (%d pieces)", directory, size)
+        if wanted.vocab_size not in (size, tokenizer.tgt_vocab_size):
+            log.warning(
+                "warning: the run's tokenizer has %d pieces, not tokenizer.vocab_size=%d; "
+                "delete %s to retrain it",
+                size,
+                wanted.vocab_size,
+                directory,
+            )
+        return tokenizer
+    log.info(
+        "training a %s tokenizer (%d pieces, joint=%s)",
+        wanted.type,
+        wanted.vocab_size,
+        wanted.joint,
+    )
     return train_tokenizer(
         open_split(config, "train"),
         directory,
-        vocab_size=t.vocab_size,
-        model_type=t.type,
-        joint=t.joint,
-        character_coverage=t.character_coverage,
-        byte_fallback=t.byte_fallback,
-        input_sentence_size=t.input_sentence_size,
+        vocab_size=wanted.vocab_size,
+        model_type=wanted.type,
+        joint=wanted.joint,
+        character_coverage=wanted.character_coverage,
+        byte_fallback=wanted.byte_fallback,
+        input_sentence_size=wanted.input_sentence_size,
         seed=config.train.seed,
     )
+
+
+def find_tokenizer(path: Path) -> Tokenizer:
+    """The tokenizer of a run directory, of a tokenizer directory or beside a model file."""
+    if not path.exists():
+        raise DataError(f"{path}: no such run or tokenizer directory")
+    directory = path.parent if path.is_file() else path
+    if (directory / TOKENIZER_DIR).is_dir() or (directory / CONFIG_FILE).is_file():
+        directory = directory / TOKENIZER_DIR
+    return load_tokenizer(directory)
 
 
 def cache_dir(config: Config) -> Path:
@@ -83,6 +138,19 @@ def encode_split(config: Config, tokenizer: Tokenizer, which: str) -> EncodedCor
         max_ratio=config.data.max_ratio,
         num_proc=config.data.num_proc,
     )
+
+
+def prepare_data(config: Config, tokenizer: Tokenizer, corpora: dict[str, Corpus]) -> Iterator[str]:
+    """Encode and cache each corpus (or find it cached), yielding its statistics as lines."""
+    for which, corpus in corpora.items():
+        data = encode_split(config, tokenizer, which)
+        yield f"{which}: {data.stats.describe()}"
+        yield f"{which}: {data.describe_tokens()}"
+        if which == "train":
+            train = config.train  # max_tokens >= data.max_len + 1: checked at config load
+            yield f"train: {describe_epoch(data, train.max_tokens, train.seed)}"
+        if which == "valid":
+            yield f"valid: {describe_unk_rate(tokenizer, corpus)}"
 
 
 def checkpoint_metadata(tokenizer: Tokenizer) -> dict[str, str]:

@@ -10,7 +10,7 @@ import hashlib
 import io
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import sentencepiece as spm
 
-from mt.errors import DataError
+from mt.errors import DataError, first_line
 from mt.files import atomic_write_bytes
 from mt.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID, strip_specials
 
@@ -80,10 +80,43 @@ class Tokenizer:
         """Target ids to text; stops at the first EOS and ignores PAD and BOS."""
         return self.tgt.decode([strip_specials(seq) for seq in ids])
 
+    def side(self, name: str) -> spm.SentencePieceProcessor:
+        """The model of one side, "src" or "tgt"."""
+        return self.src if name == "src" else self.tgt
+
     def vocabulary(self, side: str) -> list[str]:
         """The piece of every id of the "src" or "tgt" model, in id order."""
-        processor = self.src if side == "src" else self.tgt
+        processor = self.side(side)
         return [processor.id_to_piece(i) for i in range(processor.vocab_size())]
+
+    def encode_lines(self, lines: list[str], side: str, pieces: bool) -> list[str]:
+        """Each text as its space-separated ids (or pieces), without BOS/EOS: one line each."""
+        encoded = self.side(side).encode(lines, out_type=str if pieces else int)
+        return [" ".join(map(str, row)) for row in encoded]
+
+    def decode_lines(self, lines: Iterable[str], side: str, name: str) -> list[str]:
+        """Texts of lines of space-separated ids; DataError naming `name` and the line if bad.
+
+        PAD, BOS and EOS are dropped (and the target side stops at EOS, as search output needs).
+        """
+        processor = self.side(side)
+        size = processor.vocab_size()
+        ids = []
+        for number, line in enumerate(lines, start=1):
+            tokens = line.split()
+            bad = next((t for t in tokens if not _is_id(t, size)), None)
+            if bad is not None:
+                raise DataError(
+                    f"{name}: line {number}: {bad!r} is not a piece id (expected integers "
+                    f"from 0 to {size - 1}, separated by spaces)"
+                )
+            ids.append([int(t) for t in tokens])
+        return self.decode_tgt(ids) if side == "tgt" else processor.decode(ids)
+
+
+def _is_id(text: str, size: int) -> bool:
+    """Whether `text` is a piece id of a model of `size` pieces (ASCII digits only)."""
+    return text.isascii() and text.isdigit() and int(text) < size
 
 
 def tokenizer_files(directory: Path, joint: bool) -> list[Path]:
@@ -111,7 +144,7 @@ def _load_model(path: Path) -> spm.SentencePieceProcessor:
     try:
         model = spm.SentencePieceProcessor(model_file=str(path))
     except (OSError, RuntimeError) as exc:
-        raise DataError(f"{path}: not a SentencePiece model ({_first_line(exc)})") from None
+        raise DataError(f"{path}: not a SentencePiece model ({first_line(exc)})") from None
     ids = (model.pad_id(), model.unk_id(), model.bos_id(), model.eos_id())
     if ids != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
         raise DataError(
@@ -253,7 +286,7 @@ def _training_error(corpus: Corpus, side: str, vocab_size: int, message: str) ->
         )
     if "sentences_.empty()" in message:
         return DataError(f"{where}: no sentences to train the tokenizer on")
-    return DataError(f"{where}: tokenizer training failed ({_first_line(message)})")
+    return DataError(f"{where}: tokenizer training failed ({first_line(message)})")
 
 
 def unk_rate(tokenizer: Tokenizer, corpus: Corpus) -> tuple[float, float]:
@@ -273,7 +306,7 @@ def unk_rate(tokenizer: Tokenizer, corpus: Corpus) -> tuple[float, float]:
     return float(src), float(tgt)
 
 
-def _first_line(message: object) -> str:
-    """The first non-empty line of a message."""
-    lines = [line for line in str(message).strip().splitlines() if line.strip()]
-    return lines[0] if lines else "unknown error"
+def describe_unk_rate(tokenizer: Tokenizer, corpus: Corpus) -> str:
+    """E.g. ``unknown pieces 0.012% source, 0.000% target`` (see unk_rate)."""
+    src, tgt = unk_rate(tokenizer, corpus)
+    return f"unknown pieces {src:.3%} source, {tgt:.3%} target"

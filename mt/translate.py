@@ -25,6 +25,7 @@ from tqdm import tqdm
 from mt import search
 from mt.batching import collate_source, source_batches
 from mt.config import Config, DecodeConfig, from_dict
+from mt.corpora import read_lines
 from mt.device import autocast, configure_backends, resolve_device, resolve_precision
 from mt.errors import ConfigError, MtError
 from mt.files import atomic_write
@@ -55,34 +56,6 @@ NOT_FOUND = Translation("", math.nan, [], found=False)  # a line without a finit
 
 
 # --- input ----------------------------------------------------------------------------------
-
-
-def split_lines(data: bytes, name: str) -> list[str]:
-    """Lines of UTF-8 bytes, split on \\n only (one \\r before it dropped); MtError on bad UTF-8."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise MtError(f"{name}: line {line} is not valid UTF-8") from None
-    # Not str.splitlines(): it also splits on \x0b, \x1c, \x85, \u2028..., which would change
-    # the line count that other tools (wc -l, sacrebleu, paste) see.
-    lines = text.split("\n")
-    if lines[-1] == "":
-        lines.pop()  # the final newline ends the last line; it does not start a new one
-    return [line.removesuffix("\r") for line in lines]
-
-
-def read_lines(path: str | Path) -> list[str]:
-    """All lines of a file, or of stdin for "-"."""
-    if str(path) == "-":
-        return split_lines(sys.stdin.buffer.read(), "stdin")
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise MtError(f"{path}: no such file") from None
-    except OSError as exc:
-        raise MtError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    return split_lines(data, str(path))
 
 
 def encode_sources(lines: Sequence[str], tokenizer: Tokenizer, max_len: int) -> list[list[int]]:
@@ -272,7 +245,7 @@ def translate_file(
 ) -> None:
     """`mt translate`: a file (or stdin, "-") through a trained model; overrides are decode.*."""
     dev, prec = resolve_runtime(device, precision)
-    lines = read_lines(source)  # before loading the model: bad input fails fast
+    lines = list(read_lines(source))  # before loading the model: bad input fails fast
     if output is not None and not Path(output).parent.is_dir():
         raise MtError(f"{output}: directory {Path(output).parent} does not exist")
     config, tokenizer, model, checkpoint = load_trained(model_path, dev)

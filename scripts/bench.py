@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import gzip
 import json
 import math
 import os
@@ -47,6 +46,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from mt.batching import BatchSampler, collate, collate_source, source_batches  # noqa: E402
 from mt.config import Config, load_config  # noqa: E402
+from mt.corpora import read_lines  # noqa: E402
 from mt.device import cpu_has_amx, keep_freed_memory  # noqa: E402
 from mt.distributed import World  # noqa: E402
 from mt.export.hf import generation_config, marian_from_mt  # noqa: E402
@@ -120,18 +120,11 @@ def autocast(precision: str) -> Any:
     return torch.autocast("cpu", enabled=False)
 
 
-def read_gz(path: Path) -> list[str]:
-    """Lines of a plain or gzipped UTF-8 file."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return f.read().splitlines()
-
-
 def test_files(spec: dict[str, Any]) -> tuple[list[str], list[str]]:
     """The test set's sources and references, cut to spec['sentences'] when positive."""
     data = Path(spec["data"])
-    src = read_gz(data / f"{TEST_PREFIX}.de.gz")
-    ref = read_gz(data / f"{TEST_PREFIX}.en.gz")
+    src = list(read_lines(data / f"{TEST_PREFIX}.de.gz"))
+    ref = list(read_lines(data / f"{TEST_PREFIX}.en.gz"))
     n = spec["sentences"] or len(src)
     return src[:n], ref[:n]
 
@@ -385,7 +378,7 @@ def smoke_data(data: Path, workdir: Path, n: int) -> Path:
     out = workdir / "smoke-data"
     out.mkdir(parents=True, exist_ok=True)
     for lang in ("de", "en"):
-        lines = read_gz(data / f"train.{lang}.gz")[:n]
+        lines = list(read_lines(data / f"train.{lang}.gz"))[:n]
         (out / f"train.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
         for split in ("val", TEST_PREFIX):
             (out / f"{split}.{lang}.gz").write_bytes((data / f"{split}.{lang}.gz").read_bytes())

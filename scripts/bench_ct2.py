@@ -38,12 +38,12 @@ from bench import (  # noqa: E402
     find_data,
     log,
     ratio,
-    read_gz,
     wrap,
     write_section,
 )
 
 from mt.config import Config, DecodeConfig, load_config  # noqa: E402
+from mt.corpora import read_lines  # noqa: E402
 from mt.device import keep_freed_memory  # noqa: E402
 from mt.errors import MtError  # noqa: E402
 from mt.export.ct2 import import_ctranslate2, save_ct2  # noqa: E402
@@ -130,8 +130,8 @@ def bench(
 
     data = find_data(args.data)
     n = args.sentences or None
-    sources = read_gz(data / f"{TEST_PREFIX}.de.gz")[:n]
-    references = read_gz(data / f"{TEST_PREFIX}.en.gz")[:n]
+    sources = list(read_lines(data / f"{TEST_PREFIX}.de.gz"))[:n]
+    references = list(read_lines(data / f"{TEST_PREFIX}.en.gz"))[:n]
     decode = decode_settings(config, beam=args.beam, nbest=1)
     limit = model.max_positions
     decoders = {"mt": mt_decoder(model, tokenizer, decode)}

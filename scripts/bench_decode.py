@@ -12,7 +12,6 @@ CPU set-up as `mt translate` (`configure_backends`: glibc keeps freed memory).
 from __future__ import annotations
 
 import argparse
-import gzip
 import platform
 import statistics
 import time
@@ -21,16 +20,10 @@ from pathlib import Path
 import sacrebleu
 import torch
 
+from mt.corpora import read_lines
 from mt.device import configure_backends
 from mt.rundir import load_trained
 from mt.translate import decode_settings, translate_lines
-
-
-def read(path: Path) -> list[str]:
-    """Lines of a plain or gzipped UTF-8 file."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return f.read().splitlines()
 
 
 def bench(run: Path, src: Path, ref: Path, beams: list[int], repeats: int, precision: str) -> None:
@@ -38,7 +31,7 @@ def bench(run: Path, src: Path, ref: Path, beams: list[int], repeats: int, preci
     device = torch.device("cpu")
     configure_backends(device)  # as `mt translate` does: glibc keeps freed memory
     config, tokenizer, model, checkpoint = load_trained(run, device)
-    sources, references = read(src), read(ref)
+    sources, references = list(read_lines(src)), list(read_lines(ref))
     machine = platform.processor() or platform.machine()
     threads = torch.get_num_threads()
     print(f"model: {checkpoint.weights} | {len(sources)} sentences | precision {precision} | "

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gzip
 import itertools
 import math
 import os
@@ -34,6 +33,7 @@ from pathlib import Path
 import httpx
 import torch
 
+from mt.corpora import read_lines
 from mt.rundir import load_trained, open_split
 from mt.translate import resolve_runtime, translate_lines
 
@@ -46,9 +46,7 @@ def sentences(run: Path, src: Path | None) -> list[str]:
         config, _, _, _ = load_trained(run, torch.device("cpu"))
         lines = open_split(config, "test").sources()
     else:
-        opener = gzip.open if src.suffix == ".gz" else open
-        with opener(src, "rt", encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        lines = list(read_lines(src))
     return [line for line in lines if line.strip()]
 
 

@@ -1,6 +1,5 @@
 """Tests for mt.batching: token-budget bucketing, determinism, updates over ranks, collation."""
 
-import gzip
 import io
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from mt.batching import (
     padding_efficiency,
     plan_updates,
 )
+from mt.corpora import read_lines
 from mt.vocab import BOS_ID, EOS_ID, PAD_ID
 
 
@@ -271,15 +271,9 @@ def test_padding_efficiency_hand_example() -> None:
     assert eff == pytest.approx(((0.75 + 1.0) / 2, (1.0 + 0.6) / 2))
 
 
-def read_gz(path: Path) -> list[str]:
-    """Lines of a gzipped text file."""
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return f.read().splitlines()
-
-
 def multi30k_lengths(multi30k: Path) -> tuple[np.ndarray, np.ndarray]:
     """Subword lengths of Multi30k train: tiny joint BPE if sentencepiece exists, else words*1.3."""
-    de, en = (read_gz(multi30k / f"train.{x}.gz") for x in ("de", "en"))
+    de, en = (list(read_lines(multi30k / f"train.{x}.gz")) for x in ("de", "en"))
     try:
         import sentencepiece as spm
     except ImportError:

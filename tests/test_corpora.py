@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mt.corpora import Corpus, open_corpus
+from mt.corpora import Corpus, open_corpus, read_lines
 from mt.errors import DataError
 
 DE = ["Ein Hund läuft.", "  Zwei Katzen\t", "", "Ende\rmitte"]
@@ -44,6 +44,33 @@ def test_crlf_line_endings_are_stripped(tmp_path: Path) -> None:
     assert list(open_corpus(str(tmp_path / "t"), "de", "en").pairs()) == [("a", "x"), ("b", "y")]
     (tmp_path / "t.de").write_bytes(b"a\r\nb")  # no newline at the end: still two lines
     assert open_corpus(str(tmp_path / "t"), "de", "en").sources() == ["a", "b"]
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_read_lines_splits_on_newline_only(tmp_path: Path, suffix: str) -> None:
+    def lines(data: bytes) -> list[str]:
+        path = tmp_path / f"f{suffix}"
+        path.write_bytes(gzip.compress(data) if suffix else data)
+        return list(read_lines(path))
+
+    assert lines(b"a\r\nb\n") == ["a", "b"]
+    assert lines(b"a\x0bb\x1cc\xc2\x85d\xe2\x80\xa8e\n") == ["a\x0bb\x1cc\x85d\u2028e"]
+    assert lines(b"no final newline") == ["no final newline"]
+    assert lines(b"\n\n") == ["", ""]
+    assert lines(b"") == []
+    assert lines(b"x\ry\n") == ["x\ry"]
+    with pytest.raises(DataError, match=rf"^{tmp_path}/f{suffix}: line 2 is not valid UTF-8$"):
+        lines(b"ok\nbad \xff\n")
+
+
+def test_read_lines_names_what_it_cannot_read(tmp_path: Path) -> None:
+    for path, problem in [
+        (tmp_path / "none", "no such file"),
+        (tmp_path, "is a directory, not a file"),
+    ]:
+        with pytest.raises(DataError) as err:
+            list(read_lines(path))
+        assert str(err.value) == f"{path}: {problem}"
 
 
 def test_gzipped_prefix_matches_plain(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from mt import checkpoint as ckpt
 from mt.cli import app
 from mt.errors import MtError
 from mt.rundir import load_trained
-from mt.translate import split_lines, translate_lines
+from mt.translate import translate_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -58,17 +58,6 @@ def run_mt(*args: str, stdin: bytes = b"", cwd: Path = ROOT) -> subprocess.Compl
         env=env,
         timeout=120,
     )
-
-
-def test_split_lines_splits_on_newline_only() -> None:
-    assert split_lines(b"a\r\nb\n", "f") == ["a", "b"]
-    assert split_lines(b"a\x0bb\x1cc\xc2\x85d\n", "f") == ["a\x0bb\x1cc\x85d"]
-    assert split_lines(b"no final newline", "f") == ["no final newline"]
-    assert split_lines(b"\n\n", "f") == ["", ""]
-    assert split_lines(b"", "f") == []
-    assert split_lines(b"x\ry\n", "f") == ["x\ry"]
-    with pytest.raises(MtError, match=r"^f: line 2 is not valid UTF-8$"):
-        split_lines(b"ok\nbad \xff\n", "f")
 
 
 def test_every_input_line_gives_one_output_line(loaded, caplog) -> None:
