@@ -99,17 +99,7 @@ def prepare_tokenizer(config: Config) -> Tokenizer:
         wanted.vocab_size,
         wanted.joint,
     )
-    return train_tokenizer(
-        open_split(config, "train"),
-        directory,
-        vocab_size=wanted.vocab_size,
-        model_type=wanted.type,
-        joint=wanted.joint,
-        character_coverage=wanted.character_coverage,
-        byte_fallback=wanted.byte_fallback,
-        input_sentence_size=wanted.input_sentence_size,
-        seed=config.train.seed,
-    )
+    return train_tokenizer(open_split(config, "train"), directory, wanted, config.train.seed)
 
 
 def find_tokenizer(path: Path) -> Tokenizer:

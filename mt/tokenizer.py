@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import sentencepiece as spm
 
+from mt.config import TokenizerConfig
 from mt.errors import DataError, first_line
 from mt.files import atomic_write_bytes
 from mt.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID, strip_specials
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
 JOINT_FILE = "spm.model"
 SRC_FILE = "spm.src.model"
 TGT_FILE = "spm.tgt.model"
-MODEL_TYPES = ("bpe", "unigram")
 # The trained model depends on the thread count, so it is fixed rather than taken from the
 # machine: the same corpus and settings must give the same model bytes everywhere.
 _NUM_THREADS = 4
@@ -155,25 +155,16 @@ def _load_model(path: Path) -> spm.SentencePieceProcessor:
 
 
 def train_tokenizer(
-    corpus: Corpus,
-    directory: Path,
-    vocab_size: int,
-    model_type: str = "bpe",
-    joint: bool = True,
-    character_coverage: float = 1.0,
-    byte_fallback: bool = True,
-    input_sentence_size: int = 1_000_000,
-    seed: int = 1,
+    corpus: Corpus, directory: Path, config: TokenizerConfig, seed: int
 ) -> Tokenizer:
     """Train joint or per-side SentencePiece models on the corpus; write them to ``directory``."""
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f"model_type must be one of {MODEL_TYPES}, not {model_type!r}")
+    joint = config.joint
     options = {
-        "vocab_size": vocab_size,
-        "model_type": model_type,
-        "character_coverage": character_coverage,
-        "byte_fallback": byte_fallback,
-        "input_sentence_size": input_sentence_size,
+        "vocab_size": config.vocab_size,
+        "model_type": config.type,
+        "character_coverage": config.character_coverage,
+        "byte_fallback": config.byte_fallback,
+        "input_sentence_size": config.input_sentence_size,
         "normalization_rule_name": "nmt_nfkc",
         "pad_id": PAD_ID,
         "unk_id": UNK_ID,

@@ -48,6 +48,7 @@ for path in (ROOT, ROOT / "scripts"):  # run as a script from anywhere; bench.py
 from bench import cpu_model, log, run_phase, wrap, write_section  # noqa: E402
 
 from mt.batching import BatchSampler, plan_updates  # noqa: E402
+from mt.config import TokenizerConfig  # noqa: E402
 from mt.corpora import open_corpus  # noqa: E402
 from mt.data import encode_corpus  # noqa: E402
 from mt.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
@@ -258,13 +259,9 @@ def train_sample_tokenizer(args: argparse.Namespace, workdir: Path) -> float:
     prefix = workdir / "sample" / "train"
     write_corpus(prefix, args.sample_pairs, args.seed)
     start = time.perf_counter()
-    train_tokenizer(
-        open_corpus(str(prefix), SRC, TGT),
-        workdir / "tokenizer",
-        vocab_size=args.vocab_size,
-        input_sentence_size=args.sample_pairs,  # half of the sample's sentences
-        seed=args.seed,
-    )
+    # input_sentence_size: half of the sample's sentences
+    config = TokenizerConfig(vocab_size=args.vocab_size, input_sentence_size=args.sample_pairs)
+    train_tokenizer(open_corpus(str(prefix), SRC, TGT), workdir / "tokenizer", config, args.seed)
     return time.perf_counter() - start
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from helpers.corpus import synthetic_pairs, write_corpus
 
+from mt.config import TokenizerConfig
 from mt.corpora import Corpus
 from mt.data import EncodedCorpus, FilterStats, encode_corpus, temp_prefix
 from mt.errors import DataError, MtError
@@ -37,13 +38,17 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
 @pytest.fixture(scope="session")
 def tok(tiny: Corpus, tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
     """A joint BPE tokenizer trained on the tiny corpus."""
-    return train_tokenizer(tiny, tmp_path_factory.mktemp("tok"), 320)
+    return train_tokenizer(
+        tiny, tmp_path_factory.mktemp("tok"), TokenizerConfig(vocab_size=320), seed=1
+    )
 
 
 @pytest.fixture(scope="session")
 def tok2(tiny: Corpus, tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
     """Another tokenizer (a different vocabulary size) on the same corpus."""
-    return train_tokenizer(tiny, tmp_path_factory.mktemp("tok2"), 330)
+    return train_tokenizer(
+        tiny, tmp_path_factory.mktemp("tok2"), TokenizerConfig(vocab_size=330), seed=1
+    )
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ import pytest
 import sentencepiece as spm
 from helpers.corpus import synthetic_pairs, write_corpus
 
+from mt.config import TokenizerConfig
 from mt.corpora import Corpus, open_corpus
 from mt.errors import DataError
 from mt.tokenizer import _sample, load_tokenizer, tokenizer_files, train_tokenizer, unk_rate
@@ -40,7 +41,7 @@ def unseen(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
 def joint_dir(tiny: Corpus, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A joint BPE tokenizer trained on the tiny corpus."""
     directory = tmp_path_factory.mktemp("joint")
-    train_tokenizer(tiny, directory, VOCAB)
+    train_tokenizer(tiny, directory, TokenizerConfig(vocab_size=VOCAB), seed=1)
     return directory
 
 
@@ -48,7 +49,9 @@ def joint_dir(tiny: Corpus, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def split_dir(tiny: Corpus, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Per-side unigram tokenizers trained on the tiny corpus."""
     directory = tmp_path_factory.mktemp("split")
-    train_tokenizer(tiny, directory, VOCAB, model_type="unigram", joint=False)
+    train_tokenizer(
+        tiny, directory, TokenizerConfig(vocab_size=VOCAB, type="unigram", joint=False), seed=1
+    )
     return directory
 
 
@@ -78,8 +81,8 @@ def test_per_side_has_two_files(split_dir: Path) -> None:
 
 
 def test_retraining_other_layout_removes_stale_files(tiny: Corpus, tmp_path: Path) -> None:
-    train_tokenizer(tiny, tmp_path, VOCAB, joint=False)
-    tok = train_tokenizer(tiny, tmp_path, VOCAB, joint=True)
+    train_tokenizer(tiny, tmp_path, TokenizerConfig(vocab_size=VOCAB, joint=False), seed=1)
+    tok = train_tokenizer(tiny, tmp_path, TokenizerConfig(vocab_size=VOCAB, joint=True), seed=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["spm.model"]
     assert load_tokenizer(tmp_path).joint and tok.joint
 
@@ -104,17 +107,19 @@ def test_encode_has_no_bos_eos_and_decode_skips_specials(tiny: Corpus, joint_dir
 
 
 def test_training_is_deterministic(tiny: Corpus, joint_dir: Path, tmp_path: Path) -> None:
-    again = train_tokenizer(tiny, tmp_path, VOCAB)
+    again = train_tokenizer(tiny, tmp_path, TokenizerConfig(vocab_size=VOCAB), seed=1)
     assert again.paths[0].read_bytes() == (joint_dir / "spm.model").read_bytes()
     assert again.fingerprint() == load_tokenizer(joint_dir).fingerprint()
 
 
 SAMPLED_TRAINING = """
 import sys
+from mt.config import TokenizerConfig
 from mt.corpora import open_corpus
 from mt.tokenizer import train_tokenizer
 corpus = open_corpus(sys.argv[1], "de", "en")
-train_tokenizer(corpus, sys.argv[2], int(sys.argv[3]), input_sentence_size=250)
+config = TokenizerConfig(vocab_size=int(sys.argv[3]), input_sentence_size=250)
+train_tokenizer(corpus, sys.argv[2], config, seed=1)
 """
 
 
@@ -146,13 +151,13 @@ def test_sample_is_uniform_and_seeded() -> None:
 
 
 def test_fingerprint_changes_with_vocab_size(tiny: Corpus, joint_dir: Path, tmp_path: Path) -> None:
-    other = train_tokenizer(tiny, tmp_path, VOCAB + 10)
+    other = train_tokenizer(tiny, tmp_path, TokenizerConfig(vocab_size=VOCAB + 10), seed=1)
     assert other.fingerprint() != load_tokenizer(joint_dir).fingerprint()
 
 
 def test_vocab_too_large_is_a_data_error(tiny: Corpus, tmp_path: Path) -> None:
     with pytest.raises(DataError) as err:
-        train_tokenizer(tiny, tmp_path / "tok", 5000)
+        train_tokenizer(tiny, tmp_path / "tok", TokenizerConfig(vocab_size=5000), seed=1)
     assert str(err.value) == (
         f"tokenizer.vocab_size=5000 is too large for the corpus {tiny.describe()}: it yields at "
         "most 928 pieces; set a smaller tokenizer.vocab_size (<= 928)"
@@ -162,13 +167,13 @@ def test_vocab_too_large_is_a_data_error(tiny: Corpus, tmp_path: Path) -> None:
 
 def test_vocab_too_small_for_the_alphabet(tiny: Corpus, tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"vocab_size=100 is too small .* need 282"):
-        train_tokenizer(tiny, tmp_path, 100)
+        train_tokenizer(tiny, tmp_path, TokenizerConfig(vocab_size=100), seed=1)
 
 
 def test_corpus_error_surfaces_through_training(tmp_path: Path) -> None:
     corpus = write_corpus(tmp_path / "bad", ["ein hund", "eine katze"], ["a dog"])
     with pytest.raises(DataError, match=r"has 2 lines but .* has 1"):
-        train_tokenizer(corpus, tmp_path / "tok", VOCAB)
+        train_tokenizer(corpus, tmp_path / "tok", TokenizerConfig(vocab_size=VOCAB), seed=1)
 
 
 def test_load_without_model_is_a_data_error(tmp_path: Path) -> None:
@@ -184,7 +189,9 @@ def test_unk_rate_with_and_without_byte_fallback(
 ) -> None:
     assert unk_rate(load_tokenizer(joint_dir), unseen) == (0.0, 0.0)
     assert unk_rate(load_tokenizer(joint_dir), tiny) == (0.0, 0.0)
-    no_bytes = train_tokenizer(tiny, tmp_path, 100, byte_fallback=False)
+    no_bytes = train_tokenizer(
+        tiny, tmp_path, TokenizerConfig(vocab_size=100, byte_fallback=False), seed=1
+    )
     src, tgt = unk_rate(no_bytes, unseen)
     assert 0 < src < 1 and 0 < tgt < 1
 
@@ -192,7 +199,9 @@ def test_unk_rate_with_and_without_byte_fallback(
 def test_multi30k_round_trip(multi30k: Path, tmp_path: Path) -> None:
     train = open_corpus(str(multi30k / "train"), "de", "en")
     dev = open_corpus(str(multi30k / "val"), "de", "en")
-    tok = train_tokenizer(train, tmp_path, 8000, input_sentence_size=200_000)
+    tok = train_tokenizer(
+        train, tmp_path, TokenizerConfig(vocab_size=8000, input_sentence_size=200_000), seed=1
+    )
     assert tok.src_vocab_size == 8000
     # The model's own normalizer (NFKC, whitespace collapsed), with spaces left as spaces.
     normalizer = spm.SentencePieceNormalizer(
