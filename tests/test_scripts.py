@@ -101,7 +101,8 @@ def test_gpu_bench_runs_on_cpu(tmp_path: Path) -> None:
     assert 0 < pad["src_tokens"] < pad["src_positions"]
     assert 0 < pad["tgt_tokens"] < pad["tgt_positions"]
     assert res["decode"]["sentences"] == 16 and positive(res["decode"]["sentences_s"])
-    assert "aten::_scaled_dot_product_attention_math" in t["sdpa_kernels"]
+    assert res["precision"] == "fp32"  # the default on a CPU
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in t["sdpa_kernels"]
     # Each kernel was tried alone, with and without padding; the math kernel runs everything.
     assert set(t["sdpa_alone"]) == {"flash", "memory-efficient", "cudnn", "math"}
     assert t["sdpa_alone"]["math"] == {"no padding": True, "padding": True}
