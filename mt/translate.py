@@ -139,8 +139,9 @@ def resolve_runtime(
         raise MtError(f"--precision fp16 needs a CUDA device, not {dev}")
     configure_backends(dev)
     choice = resolve_precision(precision, dev, *decoding_products(model))
-    if precision == "auto":
-        log.info("precision: %s", choice.describe())
+    if precision == "auto":  # said on a terminal, like the progress bar; pipes stay quiet
+        say = log.info if sys.stderr.isatty() else log.debug
+        say("precision: %s", choice.describe())
     return dev, choice.precision
 
 

@@ -10,6 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
 from mt.corpora import open_corpus
 from mt.data import encode_corpus
 from mt.tokenizer import load_tokenizer
@@ -108,3 +111,22 @@ def test_bench_data_smoke_counts_every_pair(tmp_path: Path) -> None:
     tokenizer = load_tokenizer(tmp_path / "tokenizer")
     again = encode_corpus(corpus, tokenizer, tmp_path / "again", filter=True)
     assert again.stats.kept == int(table[2000][1].replace(",", ""))
+
+
+def test_ema_compare_scores_the_ema_and_the_trained_weights(tmp_path: Path) -> None:
+    args = [sys.executable, str(ROOT / "scripts" / "ema_compare.py"), "--config",
+            str(ROOT / "configs" / "tiny.yaml"), "--run", str(tmp_path / "run"), "--steps", "4,8",
+            "--decays", "0.9", "--device", "cpu", "--precision", "fp32", "--",
+            f"data.cache_dir={tmp_path / 'cache'}", "decode.beam=1",
+            "decode.max_len_b=5"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(args, capture_output=True, text=True, check=True, cwd=ROOT, env=env)
+    rows = [line.split("|")[1:5] for line in out.stdout.splitlines() if line.startswith("| ")]
+    assert [(r[0].strip(), r[1].strip()) for r in rows[1:]] == [
+        ("4", "trained"), ("4", "EMA 0.9"), ("8", "trained"), ("8", "EMA 0.9")
+    ]  # fmt: skip
+    assert all(0 <= float(r[2]) <= 100 and 0 <= float(r[3]) <= 100 for r in rows[1:])
+    trained = load_file(tmp_path / "run-ema0.9" / "trained" / "step-00000008.safetensors")
+    ema = load_file(tmp_path / "run-ema0.9" / "checkpoints" / "step-00000008.safetensors")
+    assert trained.keys() == ema.keys()
+    assert not all(torch.equal(trained[k], ema[k]) for k in ema)

@@ -289,7 +289,7 @@ def test_auto_precision_is_timed_on_the_models_own_layers(
     products = model_products(m.dim, m.ffn_dim, tokenizer.tgt_vocab_size)
     assert decoding_products(trained_run) == (products, config.decode.max_tokens)
     assert decoding_products(tmp_path) == (None, 0)  # loading it will say what is wrong
-    caplog.set_level("INFO", logger="mt")
+    caplog.set_level("DEBUG", logger="mt")  # INFO on a terminal
     device, precision = resolve_runtime("cpu", "auto", trained_run)
     assert device == CPU and precision in ("fp32", "bf16")
     line = f"precision: {precision} (auto, measured on the model's matrix products at "
