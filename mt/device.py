@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import math
 import sys
 import time
@@ -88,7 +89,7 @@ class PrecisionChoice:
         return out
 
     def describe(self) -> str:
-        """One line for the log and the report, e.g. `fp32, measured: ...`."""
+        """One line for the log and the report, e.g. `bf16 (as asked)`."""
         return describe_precision(self.record())
 
 
@@ -192,7 +193,8 @@ def measure_rates(
             rate, seconds = time_rung(precision, size, products, budget - spent, time_calls)
             spent += seconds
             if rate is None:
-                return last or Measurement(size, rates, spent, complete=False)
+                cut = Measurement(size, rates, spent, complete=False)
+                return cut if last is None else dataclasses.replace(last, seconds=spent)
             rates[precision] = rate
         last = Measurement(size, rates, spent)
         if size >= rows or spent + 2 * (spent - rung_start) > budget:
@@ -221,7 +223,9 @@ def resolve_precision(
         return PrecisionChoice(name, "asked")
     if device.type == "cuda":
         return PrecisionChoice("bf16" if torch.cuda.is_bf16_supported() else "fp16", "cuda")
-    if device.type != "cpu" or not products:
+    if device.type != "cpu":
+        return amx_rule(f"{device.type} devices are not timed")
+    if not products:
         return amx_rule("the model's shapes are not known here")
     try:
         measurement = measure_rates(products, rows)

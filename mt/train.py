@@ -500,7 +500,10 @@ def restore(checkpoint: ckpt.Checkpoint, run: Run) -> TrainState:
 
 
 def restore_weights(
-    learner: Learner, checkpoint: ckpt.Checkpoint, payload: dict, metadata: dict[str, str]
+    learner: Learner,
+    checkpoint: ckpt.Checkpoint,
+    payload: dict[str, object],
+    metadata: dict[str, str],
 ) -> None:
     """The weights to train on and, if kept, their EMA; either may be turned on or off.
 

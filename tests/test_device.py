@@ -96,12 +96,16 @@ def test_choose_precision_needs_bf16_faster_by_the_margin_on_enough_rows() -> No
 class FakeMatmul:
     """F.linear at fixed GFLOP/s per dtype, on a clock that only its products advance."""
 
-    def __init__(self, rates: dict[torch.dtype, float]) -> None:
+    def __init__(self, rates: dict[torch.dtype, float], slower_from: int = 0) -> None:
         self.rates, self.now = rates, 0.0
+        self.slower_from = slower_from  # from this many rows bf16 runs 1,000 times slower
         self.calls: list[tuple[torch.dtype, float]] = []  # (dtype, seconds) of each product
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> None:
-        seconds = 2 * x.shape[0] * x.shape[1] * weight.shape[0] / (self.rates[x.dtype] * 1e9)
+        rate = self.rates[x.dtype]
+        if self.slower_from and x.dtype == torch.bfloat16 and x.shape[0] >= self.slower_from:
+            rate /= 1000
+        seconds = 2 * x.shape[0] * x.shape[1] * weight.shape[0] / (rate * 1e9)
         self.calls.append((x.dtype, seconds))
         self.now += seconds
 
@@ -132,8 +136,20 @@ def test_a_slow_bf16_is_never_timed_past_the_budget(monkeypatch: pytest.MonkeyPa
     measured = device.measure_rates(MULTI30K, rows=4096, budget=0.5)
     longest = max(s for _, s in fake.calls[:24])  # the longest call of the first rung
     assert fake.now <= 0.5 + longest
+    assert measured.seconds == pytest.approx(fake.now)  # every call counted, cut ones too
     assert measured.rows < device.VERDICT_ROWS
     assert choose_precision(measured, rows=4096) == "fp32"
+
+
+def test_a_rung_the_budget_cuts_short_gives_the_last_complete_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # bf16 as fast as fp32 up to 16 rows, then far slower: the 32-row rung overruns.
+    fake = FakeMatmul({torch.float32: 100.0, torch.bfloat16: 100.0}, 32).install(monkeypatch)
+    measured = device.measure_rates(MULTI30K, rows=4096, budget=0.5)
+    assert (measured.rows, measured.complete) == (16, True)
+    assert measured.rates == pytest.approx({"fp32": 100.0, "bf16": 100.0})
+    assert measured.seconds == pytest.approx(fake.now) and fake.now > 0.5  # the overrun counted
 
 
 def test_a_single_bf16_product_longer_than_the_budget_stops_the_measurement(

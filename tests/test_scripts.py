@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import itertools
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from mt.corpora import open_corpus
 from mt.data import encode_corpus
+from mt.model import Transformer
 from mt.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,3 +134,23 @@ def test_ema_compare_scores_the_ema_and_the_trained_weights(tmp_path: Path) -> N
     ema = load_file(tmp_path / "run-ema0.9" / "checkpoints" / "step-00000008.safetensors")
     assert trained.keys() == ema.keys()
     assert not all(torch.equal(trained[k], ema[k]) for k in ema)
+
+
+def load_script(name: str) -> ModuleType:
+    """A script under scripts/ as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_padding_mirrors_the_model_and_both_losses_agree() -> None:
+    bench = load_script("bench_padding")
+    torch.manual_seed(0)
+    model = Transformer(50, 50, dim=16, enc_layers=1, dec_layers=1, heads=2, ffn_dim=32).eval()
+    src, tgt_in, tgt_out = bench.batch(6, 7, 0.8, 50)
+    assert int((tgt_out != 0).sum()) == 42 - round(0.2 * 42)
+    states = bench.decoder_states(model, src, tgt_in)  # (B, T, D)
+    torch.testing.assert_close(F.linear(states, model.tgt_embed.weight), model(src, tgt_in))
+    full = bench.full_loss(model, states, tgt_out, 0.1)
+    torch.testing.assert_close(bench.gathered_loss(model, states, tgt_out, 0.1), full)
