@@ -210,7 +210,10 @@ MaxTokensOption = Annotated[
 DeviceOption = Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda or cuda:N.")]
 PrecisionOption = Annotated[
     str,
-    typer.Option(help="auto (bf16/fp16 on CUDA, fp32 on CPU), fp32, bf16, or fp16 (CUDA only)."),
+    typer.Option(
+        help="auto (bf16/fp16 on CUDA; on CPU bf16 if it multiplies the model's matrices "
+        "1.2x faster than fp32, timed at start-up), fp32, bf16, or fp16 (CUDA only)."
+    ),
 ]
 
 

@@ -138,7 +138,7 @@ class TrainConfig:
     max_minutes: float = 0.0  # stop after this much training time, validation included (0 = off)
     seed: int = 1  # seeds batching, dropout and initialisation
     precision: Literal["auto", "fp32", "bf16", "fp16"] = (
-        "auto"  # auto: bf16/fp16 on CUDA, fp32 on CPU
+        "auto"  # auto: bf16/fp16 on CUDA; on CPU bf16 if timed >= 1.2x faster than fp32 at start
     )
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     compile: bool = False  # wrap the model in torch.compile
@@ -148,6 +148,7 @@ class TrainConfig:
     eps: float = 1e-9  # Adam epsilon
     weight_decay: float = 0.0  # decoupled weight decay (AdamW)
     clip_norm: float = 0.0  # clip the gradient norm to this (0 = off)
+    ema_decay: float = 0.0  # decay of the weights' EMA, validated and saved (0 = off; 0.999)
     label_smoothing: float = 0.1  # epsilon of label-smoothed cross-entropy
     log_every: int = 100  # steps between log lines / metric records
     valid_every: int = 1000  # steps between validations (dev loss and BLEU) and checkpoints
@@ -185,6 +186,11 @@ class TrainConfig:
             value = getattr(self, key)
             _check(value >= 0, f"train.{key}", f"train.{key}={value} must be >= 0")
         _check(self.lr > 0, "train.lr", f"train.lr={self.lr} must be positive")
+        _check(
+            0 <= self.ema_decay < 1,
+            "train.ema_decay",
+            f"train.ema_decay={self.ema_decay} must be in [0, 1)",
+        )
         _check(
             self.average_last <= self.keep_last,
             ("train.average_last", "train.keep_last"),

@@ -5,9 +5,15 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
+import math
 import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mt.errors import ConfigError
@@ -30,19 +36,209 @@ def cpu_has_amx() -> bool:
 
     With AMX, bf16 autocast trained Multi30k 1.6x faster than fp32 (docs/benchmarks.md). On an
     AVX-512 CPU without it, oneDNN's bf16 matrix product ran slower than fp32's (159 against
-    ~250 GFLOP/s on 2 threads), and bf16 training and decoding were slower than fp32.
+    ~250 GFLOP/s on 2 threads), and bf16 training and decoding were slower than fp32. This is
+    only the fallback of `auto` on CPU, which times the two precisions (`measure_rates`).
     """
     check = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private; absent in old torch
     return bool(check is not None and check())
 
 
-def resolve_precision(name: str, device: torch.device) -> str:
-    """`auto`: bf16 on CUDA that supports it, else fp16; on CPU bf16 with AMX, else fp32."""
+# ---------------------------------------------------------------------------------------------
+# `auto` on CPU: fp32 or bf16, whichever multiplies the model's matrices faster on this CPU.
+
+MEASURED = ("fp32", "bf16")  # the CPU precisions `auto` chooses between
+MEASURE_BUDGET = 0.5  # seconds of matrix products `auto` may spend timing them at start-up
+FIRST_ROWS = 8  # rows of the first, smallest rung: bounds the one call that may overrun
+TIMED_CALLS = 2  # timed calls per product and rung after the untimed one; the fastest counts
+VERDICT_ROWS = 256  # bf16 is chosen only on rates measured at this many rows (or all asked)
+BF16_MARGIN = 1.2  # and only if this much faster than fp32: noise must not flip the choice
+
+Features = tuple[int, int]  # (in, out) features of a linear layer
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """fp32 and bf16 rates (GFLOP/s) over a model's products, each of `rows` rows."""
+
+    rows: int
+    rates: dict[str, float]  # a precision the budget cut short before it was timed is absent
+    seconds: float  # spent in matrix products, untimed calls included
+    complete: bool = True  # False: the budget ran out within this rung
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """A resolved precision and how it was chosen: asked, cuda, measured or amx (the rule)."""
+
+    precision: str
+    how: str
+    measurement: Measurement | None = None
+    why: str = ""  # with the AMX rule: why nothing was measured
+
+    def record(self) -> dict[str, float | str]:
+        """The choice as a flat metrics record (see describe_precision)."""
+        out: dict[str, float | str] = {"precision": self.precision, "how": self.how}
+        if self.measurement is not None:
+            m = self.measurement
+            out.update({"rows": m.rows, "seconds": round(m.seconds, 3)})
+            # Four significant digits: a tiny model's rates can be far below 1 GFLOP/s.
+            rates = {f"{p}_gflops": float(f"{rate:.4g}") for p, rate in m.rates.items()}
+            out.update(rates)
+        if self.why:
+            out["why"] = self.why
+        return out
+
+    def describe(self) -> str:
+        """One line for the log and the report, e.g. `bf16 (as asked)`."""
+        return describe_precision(self.record())
+
+
+def describe_precision(record: dict[str, object]) -> str:
+    """A precision record (PrecisionChoice.record) as one line of text."""
+    precision, how = record["precision"], record["how"]
+    if how == "asked":
+        return f"{precision} (as asked)"
+    if how == "cuda":
+        return f"{precision} (auto on CUDA: bf16 where supported, else fp16)"
+    if how == "amx":
+        return f"{precision} (auto by the AMX rule: {record.get('why', '')})"
+    rates = ", ".join(
+        f"{p} {_number(record[f'{p}_gflops'])} GFLOP/s"
+        if f"{p}_gflops" in record
+        else f"{p} too slow to time"
+        for p in MEASURED
+    )
+    return (
+        f"{precision} (auto, measured on the model's matrix products at {record['rows']:,} "
+        f"rows in {record['seconds']:.2f} s: {rates})"
+    )
+
+
+def _number(value: float) -> str:
+    """E.g. 2,513, 110.3, 0.004412."""
+    return f"{value:,.0f}" if value >= 1000 else f"{value:.4g}"
+
+
+def model_products(dim: int, ffn_dim: int, vocab: int) -> list[Features]:
+    """The linear layers that take a Transformer's time: attention, both FFN layers, output."""
+    return [(dim, dim), (dim, ffn_dim), (ffn_dim, dim), (dim, vocab)]
+
+
+@torch.no_grad()
+def time_linear(precision: str, rows: int, features: Features, budget: float) -> list[float]:
+    """Seconds of up to 1 + TIMED_CALLS `F.linear` calls of `rows` rows through one layer.
+
+    The first, untimed call's seconds include making the operands (and oneDNN builds its
+    kernel for a new shape on that call). No call starts once `budget` seconds are spent.
+    """
+    if budget <= 0:
+        return []
+    start = time.perf_counter()
+    dtype = DTYPES[precision]
+    x = torch.full((rows, features[0]), 0.5, dtype=dtype)  # (rows, in)
+    weight = torch.full((features[1], features[0]), 0.5, dtype=dtype)  # (out, in), as nn.Linear
+    times: list[float] = []
+    while len(times) < 1 + TIMED_CALLS and sum(times) < budget:
+        F.linear(x, weight)
+        now = time.perf_counter()
+        times.append(now - start)
+        start = now
+    return times
+
+
+def time_rung(
+    precision: str,
+    rows: int,
+    products: list[Features],
+    budget: float,
+    time_calls: Callable[[str, int, Features, float], list[float]],
+) -> tuple[float | None, float]:
+    """GFLOP/s of one precision over all products at `rows` rows, and the seconds spent.
+
+    The rate is None if `budget` ran out first. Each product counts its fastest timed call.
+    """
+    spent = best = 0.0
+    for features in products:
+        times = time_calls(precision, rows, features, budget - spent)
+        spent += sum(times)
+        if len(times) < 1 + TIMED_CALLS:
+            return None, spent
+        best += min(times[1:])
+    if not best > 0:
+        raise RuntimeError("the clock did not advance")
+    flops = 2 * rows * sum(k * n for k, n in products)
+    return flops / best / 1e9, spent
+
+
+def measure_rates(
+    products: list[Features],
+    rows: int,
+    budget: float = MEASURE_BUDGET,
+    time_calls: Callable[[str, int, Features, float], list[float]] = time_linear,
+) -> Measurement:
+    """Time fp32 and bf16 on `products` at 8, 16, 32... rows, up to `rows`, within `budget`.
+
+    Never a fixed number of calls: a precision that multiplies slowly (bf16 without AVX-512
+    BF16 or AMX) could take seconds on a single large product. A rung twice as large starts
+    only if twice the last rung's time fits in what is left of the budget, and no call starts
+    once it is spent, so the time spent is at most the budget plus one call (with its
+    operands) of the smallest rung. Returns the last complete rung, or the first one cut
+    short if none completed.
+    """
+    spent, last, size = 0.0, None, min(FIRST_ROWS, rows)
+    while True:
+        rates: dict[str, float] = {}
+        rung_start = spent
+        for precision in MEASURED:
+            rate, seconds = time_rung(precision, size, products, budget - spent, time_calls)
+            spent += seconds
+            if rate is None:
+                cut = Measurement(size, rates, spent, complete=False)
+                return cut if last is None else dataclasses.replace(last, seconds=spent)
+            rates[precision] = rate
+        last = Measurement(size, rates, spent)
+        if size >= rows or spent + 2 * (spent - rung_start) > budget:
+            return last
+        size = min(2 * size, rows)
+
+
+def choose_precision(measurement: Measurement, rows: int, margin: float = BF16_MARGIN) -> str:
+    """bf16 if measured `margin` times faster than fp32 at enough of the `rows`; else fp32."""
+    rates = measurement.rates
+    enough = measurement.complete and measurement.rows >= min(rows, VERDICT_ROWS)
+    faster = rates.get("bf16", 0.0) >= margin * rates.get("fp32", math.inf)
+    return "bf16" if enough and faster else "fp32"
+
+
+def resolve_precision(
+    name: str, device: torch.device, products: list[Features] | None = None, rows: int = 0
+) -> PrecisionChoice:
+    """`auto`: on CUDA bf16 where supported, else fp16; on CPU the faster of fp32 and bf16.
+
+    On CPU `auto` times both on the model's `products` (model_products) at up to `rows` rows
+    (a batch's tokens); without products, or where timing fails, it falls back to the AMX
+    rule: bf16 with AMX, else fp32.
+    """
     if name != "auto":
-        return name
-    if device.type != "cuda":
-        return "bf16" if cpu_has_amx() else "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return PrecisionChoice(name, "asked")
+    if device.type == "cuda":
+        return PrecisionChoice("bf16" if torch.cuda.is_bf16_supported() else "fp16", "cuda")
+    if device.type != "cpu":
+        return amx_rule(f"{device.type} devices are not timed")
+    if not products:
+        return amx_rule("the model's shapes are not known here")
+    try:
+        measurement = measure_rates(products, rows)
+    except RuntimeError as exc:  # e.g. a build without bf16 matrix products
+        return amx_rule(f"timing failed: {exc}")
+    return PrecisionChoice(choose_precision(measurement, rows), "measured", measurement)
+
+
+def amx_rule(why: str) -> PrecisionChoice:
+    """bf16 where the CPU has AMX, else fp32, saying why it was not measured."""
+    amx = cpu_has_amx()
+    why = f"{why}; the CPU has {'' if amx else 'no '}AMX"
+    return PrecisionChoice("bf16" if amx else "fp32", "amx", why=why)
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

@@ -70,7 +70,7 @@ def model_translations(
 
     The references are None unless the run's test set was translated.
     """
-    dev, prec = resolve_runtime(device, precision)
+    dev, prec = resolve_runtime(device, precision, model_path)
     config, tokenizer, model, checkpoint = load_trained(model_path, dev)
     refs = None
     if sources is None:

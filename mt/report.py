@@ -17,6 +17,7 @@ from mt.average import AVERAGE_NAME
 from mt.checkpoint import checkpoint_dir, resolve_checkpoint
 from mt.config import CONFIG_FILE, Config
 from mt.data import DATA_FILE
+from mt.device import describe_precision
 from mt.evaluate import MetricScore, score
 from mt.files import atomic_write_bytes
 from mt.metrics import read_metrics
@@ -112,6 +113,8 @@ def _training_section(run_dir: Path) -> list[str]:
             f"- {e['step']:,} steps ({e['epoch']} epochs) in {_duration(e['train_seconds'])}, "
             f"validation included; {e['precision']} on {e['device']}"
         )
+    for record in read_metrics(run_dir, "precision"):  # one per start: a resume may differ
+        lines.append(f"- precision from step {record['step']:,}: {describe_precision(record)}")
     if train:
         speed = statistics.median(r["tgt_tok_s"] for r in train)
         lines.append(f"- median throughput {speed:,.0f} target tokens/s")

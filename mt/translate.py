@@ -24,13 +24,21 @@ from tqdm import tqdm
 
 from mt import search
 from mt.batching import collate_source, source_batches
+from mt.checkpoint import read_metadata, resolve_checkpoint
 from mt.config import Config, DecodeConfig, from_dict
 from mt.corpora import read_lines
-from mt.device import autocast, configure_backends, resolve_device, resolve_precision
+from mt.device import (
+    Features,
+    autocast,
+    configure_backends,
+    model_products,
+    resolve_device,
+    resolve_precision,
+)
 from mt.errors import ConfigError, MtError
 from mt.files import atomic_write
 from mt.model import Transformer
-from mt.rundir import load_trained
+from mt.rundir import load_run_config, load_trained
 from mt.tokenizer import Tokenizer
 
 log = logging.getLogger("mt")
@@ -83,8 +91,14 @@ def decode_settings(config: Config, **overrides: Any) -> DecodeConfig:
     return from_dict(tree, "command line").decode  # validates, e.g. nbest <= beam
 
 
-def resolve_runtime(device: str, precision: str) -> tuple[torch.device, str]:
-    """The device and autocast precision, backends set up; fp16 needs CUDA (bf16 runs on CPU)."""
+def resolve_runtime(
+    device: str, precision: str, model: Path | None = None
+) -> tuple[torch.device, str]:
+    """The device and autocast precision, backends set up; fp16 needs CUDA (bf16 runs on CPU).
+
+    `auto` on CPU times fp32 against bf16 on the layers of `model` (a run or checkpoint), once
+    per command; without it, by the AMX rule (mt.device.resolve_precision).
+    """
     if precision not in PRECISIONS:
         raise MtError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
     try:
@@ -93,11 +107,32 @@ def resolve_runtime(device: str, precision: str) -> tuple[torch.device, str]:
         raise MtError(f"--device {device}: {str(exc).rsplit(': ', 1)[-1]}") from None
     except RuntimeError:  # torch's parse error for names like "gpu"
         raise MtError(f"--device {device}: expected auto, cpu, cuda or cuda:N") from None
-    resolved = resolve_precision(precision, dev)
-    if resolved == "fp16" and dev.type != "cuda":
+    if precision == "fp16" and dev.type != "cuda":
         raise MtError(f"--precision fp16 needs a CUDA device, not {dev}")
     configure_backends(dev)
-    return dev, resolved
+    choice = resolve_precision(precision, dev, *decoding_products(model))
+    if precision == "auto":  # said on a terminal, like the progress bar; pipes stay quiet
+        say = log.info if sys.stderr.isatty() else log.debug
+        say("precision: %s", choice.describe())
+    return dev, choice.precision
+
+
+def decoding_products(model: Path | None) -> tuple[list[Features] | None, int]:
+    """The (in, out) features of `model`'s large layers and its decoding batches' tokens.
+
+    (None, 0) where they cannot be read: loading the model then says what is wrong with it.
+    """
+    if model is None:
+        return None, 0
+    try:
+        checkpoint = resolve_checkpoint(Path(model))
+        config = load_run_config(checkpoint.run_dir)
+        vocab = int(read_metadata(checkpoint.weights).get("tgt_vocab", "0"))
+    except (MtError, ValueError):
+        return None, 0
+    m = config.model
+    vocab = vocab or config.tokenizer.vocab_size
+    return model_products(m.dim, m.ffn_dim, vocab), config.decode.max_tokens
 
 
 # --- translation ----------------------------------------------------------------------------
@@ -244,7 +279,7 @@ def translate_file(
     **overrides: Any,
 ) -> None:
     """`mt translate`: a file (or stdin, "-") through a trained model; overrides are decode.*."""
-    dev, prec = resolve_runtime(device, precision)
+    dev, prec = resolve_runtime(device, precision, model_path)
     lines = list(read_lines(source))  # before loading the model: bad input fails fast
     if output is not None and not Path(output).parent.is_dir():
         raise MtError(f"{output}: directory {Path(output).parent} does not exist")

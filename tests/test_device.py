@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.profiler import profile
 
-from mt.device import autocast, cpu_has_amx, resolve_precision
+from mt import device
+from mt.device import Measurement, autocast, choose_precision
 
 HEAP = """
 import ctypes, json, sys, torch
@@ -70,12 +73,151 @@ def test_cpu_low_precision_decoding_keeps_the_flash_sdpa_kernel() -> None:
     assert not any("math" in name for name in bf16)
 
 
-def test_auto_precision_on_cpu_is_bf16_only_with_amx(monkeypatch: pytest.MonkeyPatch) -> None:
-    cpu = torch.device("cpu")
+CPU = torch.device("cpu")
+MULTI30K = device.model_products(256, 1024, 8000)  # configs/multi30k.yaml, 8,000 pieces
+
+
+def test_choose_precision_needs_bf16_faster_by_the_margin_on_enough_rows() -> None:
+    def choose(fp32: float, bf16: float, rows: int = 1024, complete: bool = True) -> str:
+        measured = Measurement(rows, {"fp32": fp32, "bf16": bf16}, 0.1, complete)
+        return choose_precision(measured, rows=4096)
+
+    assert choose(100.0, 250.0) == "bf16"  # AVX-512 BF16 or AMX
+    assert choose(100.0, 120.0) == "bf16"  # exactly the margin
+    assert choose(100.0, 119.0) == "fp32"  # faster, but not by the margin
+    assert choose(250.0, 159.0) == "fp32"  # AVX-512 without bf16 units
+    assert choose(100.0, 1.0) == "fp32"  # AVX2
+    assert choose(100.0, 250.0, rows=128) == "fp32"  # too few rows to trust
+    assert choose(100.0, 250.0, complete=False) == "fp32"  # the budget cut the rung short
+    few = Measurement(64, {"fp32": 1.0, "bf16": 2.0}, 0.1)
+    assert choose_precision(few, rows=64) == "bf16"  # every row asked for was measured
+    assert choose_precision(Measurement(8, {"fp32": 1.0}, 0.5, False), rows=64) == "fp32"
+
+
+class FakeMatmul:
+    """F.linear at fixed GFLOP/s per dtype, on a clock that only its products advance."""
+
+    def __init__(self, rates: dict[torch.dtype, float], slower_from: int = 0) -> None:
+        self.rates, self.now = rates, 0.0
+        self.slower_from = slower_from  # from this many rows bf16 runs 1,000 times slower
+        self.calls: list[tuple[torch.dtype, float]] = []  # (dtype, seconds) of each product
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> None:
+        rate = self.rates[x.dtype]
+        if self.slower_from and x.dtype == torch.bfloat16 and x.shape[0] >= self.slower_from:
+            rate /= 1000
+        seconds = 2 * x.shape[0] * x.shape[1] * weight.shape[0] / (rate * 1e9)
+        self.calls.append((x.dtype, seconds))
+        self.now += seconds
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> FakeMatmul:
+        monkeypatch.setattr(device, "F", SimpleNamespace(linear=self.linear))
+        monkeypatch.setattr(device, "time", SimpleNamespace(perf_counter=lambda: self.now))
+        return self
+
+
+def test_measurement_gives_the_rates_at_the_largest_rows_the_budget_allows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = FakeMatmul({torch.float32: 100.0, torch.bfloat16: 250.0}).install(monkeypatch)
+    measured = device.measure_rates(MULTI30K, rows=4096, budget=0.5)
+    assert measured.rates == pytest.approx({"fp32": 100.0, "bf16": 250.0})
+    assert measured.complete and measured.seconds == pytest.approx(fake.now)
+    # Each rung has twice the rows of the one before, and costs twice as much: 8, 16, ..., 1024.
+    # 2048 would not fit: it starts only if twice the last rung fits in what is left.
+    first = sum(seconds for _, seconds in fake.calls[:24])  # 2 precisions x 4 products x 3 calls
+    assert measured.rows == 1024 and fake.now == pytest.approx(first * (2**8 - 1))
+    assert fake.now <= 0.5
+    assert choose_precision(measured, rows=4096) == "bf16"
+
+
+def test_a_slow_bf16_is_never_timed_past_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    # AVX2: bf16 products about a hundred times slower than fp32's.
+    fake = FakeMatmul({torch.float32: 100.0, torch.bfloat16: 1.0}).install(monkeypatch)
+    measured = device.measure_rates(MULTI30K, rows=4096, budget=0.5)
+    longest = max(s for _, s in fake.calls[:24])  # the longest call of the first rung
+    assert fake.now <= 0.5 + longest
+    assert measured.seconds == pytest.approx(fake.now)  # every call counted, cut ones too
+    assert measured.rows < device.VERDICT_ROWS
+    assert choose_precision(measured, rows=4096) == "fp32"
+
+
+def test_a_rung_the_budget_cuts_short_gives_the_last_complete_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # bf16 as fast as fp32 up to 16 rows, then far slower: the 32-row rung overruns.
+    fake = FakeMatmul({torch.float32: 100.0, torch.bfloat16: 100.0}, 32).install(monkeypatch)
+    measured = device.measure_rates(MULTI30K, rows=4096, budget=0.5)
+    assert (measured.rows, measured.complete) == (16, True)
+    assert measured.rates == pytest.approx({"fp32": 100.0, "bf16": 100.0})
+    assert measured.seconds == pytest.approx(fake.now) and fake.now > 0.5  # the overrun counted
+
+
+def test_a_single_bf16_product_longer_than_the_budget_stops_the_measurement(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = FakeMatmul({torch.float32: 100.0, torch.bfloat16: 1e-3}).install(monkeypatch)
+    measured = device.measure_rates(MULTI30K, rows=4096, budget=0.5)
+    assert [dtype for dtype, _ in fake.calls].count(torch.bfloat16) == 1  # then no call starts
+    assert (measured.rows, measured.complete) == (8, False)
+    assert measured.rates == pytest.approx({"fp32": 100.0})  # bf16: too slow to time
+    choice = resolve_precision_with(monkeypatch, measured)
+    assert choice.precision == "fp32"
+    assert choice.describe() == (
+        "fp32 (auto, measured on the model's matrix products at 8 rows in "
+        f"{measured.seconds:.2f} s: fp32 100 GFLOP/s, bf16 too slow to time)"
+    )
+
+
+def resolve_precision_with(monkeypatch: pytest.MonkeyPatch, measured: Measurement):
+    """resolve_precision("auto") on CPU, its measurement replaced by `measured`."""
+    monkeypatch.setattr(device, "measure_rates", lambda products, rows: measured)
+    return device.resolve_precision("auto", CPU, MULTI30K, 4096)
+
+
+def test_measurement_on_tiny_shapes_gives_finite_positive_rates() -> None:
+    # The real products and clock; the budget is a safety net (the shapes take microseconds).
+    measured = device.measure_rates(device.model_products(8, 16, 12), rows=16, budget=60.0)
+    assert measured.complete and measured.rows == 16
+    assert set(measured.rates) == {"fp32", "bf16"}
+    assert all(math.isfinite(rate) and rate > 0 for rate in measured.rates.values())
+
+
+def test_auto_precision_falls_back_to_the_amx_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert cpu_has_amx() and resolve_precision("auto", cpu) == "bf16"
+    choice = device.resolve_precision("auto", CPU)  # no shapes: nothing to time
+    assert (choice.precision, choice.how) == ("bf16", "amx")
+    assert choice.describe() == (
+        "bf16 (auto by the AMX rule: the model's shapes are not known here; the CPU has AMX)"
+    )
+
+    def fail(products: list, rows: int) -> Measurement:
+        raise RuntimeError("\"addmm\" not implemented for 'BFloat16'")
+
+    monkeypatch.setattr(device, "measure_rates", fail)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert resolve_precision("auto", cpu) == "fp32"
+    choice = device.resolve_precision("auto", CPU, MULTI30K, 4096)
+    assert (choice.precision, choice.how) == ("fp32", "amx")
+    assert choice.why.startswith("timing failed: ")
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # a torch without the check
-    assert not cpu_has_amx() and resolve_precision("auto", cpu) == "fp32"
-    assert [resolve_precision(p, cpu) for p in ("fp32", "bf16")] == ["fp32", "bf16"]
+    assert not device.cpu_has_amx() and device.resolve_precision("auto", CPU).precision == "fp32"
+
+
+def test_asked_precision_is_kept_and_recorded() -> None:
+    for name in ("fp32", "bf16", "fp16"):
+        choice = device.resolve_precision(name, CPU, MULTI30K, 4096)
+        assert choice.record() == {"precision": name, "how": "asked"}
+        assert choice.describe() == f"{name} (as asked)"
+
+
+def test_a_measured_choice_is_recorded_with_both_rates(monkeypatch: pytest.MonkeyPatch) -> None:
+    measured = Measurement(1024, {"fp32": 100.123, "bf16": 2513.4}, 0.4567)
+    choice = resolve_precision_with(monkeypatch, measured)
+    assert choice.record() == {
+        "precision": "bf16", "how": "measured", "rows": 1024, "seconds": 0.457,
+        "fp32_gflops": 100.1, "bf16_gflops": 2513.0,
+    }  # fmt: skip
+    assert choice.describe() == (
+        "bf16 (auto, measured on the model's matrix products at 1,024 rows in 0.46 s: "
+        "fp32 100.1 GFLOP/s, bf16 2,513 GFLOP/s)"
+    )

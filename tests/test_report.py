@@ -36,6 +36,7 @@ def test_training_writes_report_with_true_numbers(trained_run: Path) -> None:
     end = read_metrics(trained_run, "end")[-1]
     assert (end["step"], end["precision"], end["device"]) == (300, "fp32", "cpu")
     assert "300 steps" in report
+    assert "- precision from step 0: fp32 (as asked)" in report
     # The test rows are the scores of the hypotheses written beside the report.
     hyps = (trained_run / "test.hyp.en").read_text(encoding="utf-8").splitlines()
     refs = [t for _, t in open_split(config, "test").pairs()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import itertools
 import json
 import math
@@ -10,12 +11,18 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
 
+from mt.config import ModelConfig
 from mt.corpora import open_corpus
 from mt.data import encode_corpus
 from mt.metrics import read_metrics
+from mt.model import Transformer
 from mt.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +108,8 @@ def test_gpu_bench_runs_on_cpu(tmp_path: Path) -> None:
     assert 0 < pad["src_tokens"] < pad["src_positions"]
     assert 0 < pad["tgt_tokens"] < pad["tgt_positions"]
     assert res["decode"]["sentences"] == 16 and positive(res["decode"]["sentences_s"])
-    assert "aten::_scaled_dot_product_attention_math" in t["sdpa_kernels"]
+    assert res["precision"] == "fp32"  # the default on a CPU
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in t["sdpa_kernels"]
     # Each kernel was tried alone, with and without padding; the math kernel runs everything.
     assert set(t["sdpa_alone"]) == {"flash", "memory-efficient", "cudnn", "math"}
     assert t["sdpa_alone"]["math"] == {"no padding": True, "padding": True}
@@ -155,3 +163,43 @@ def test_bench_data_smoke_counts_every_pair(tmp_path: Path) -> None:
     tokenizer = load_tokenizer(tmp_path / "tokenizer")
     again = encode_corpus(corpus, tokenizer, tmp_path / "again", filter=True)
     assert again.stats.kept == int(table[2000][1].replace(",", ""))
+
+
+def test_ema_compare_scores_the_ema_and_the_trained_weights(tmp_path: Path) -> None:
+    args = [sys.executable, str(ROOT / "scripts" / "ema_compare.py"), "--config",
+            str(ROOT / "configs" / "tiny.yaml"), "--run", str(tmp_path / "run"), "--steps", "4,8",
+            "--decays", "0.9", "--device", "cpu", "--precision", "fp32", "--",
+            f"data.cache_dir={tmp_path / 'cache'}", "decode.beam=1",
+            "decode.max_len_b=5"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(args, capture_output=True, text=True, check=True, cwd=ROOT, env=env)
+    rows = [line.split("|")[1:5] for line in out.stdout.splitlines() if line.startswith("| ")]
+    assert [(r[0].strip(), r[1].strip()) for r in rows[1:]] == [
+        ("4", "trained"), ("4", "EMA 0.9"), ("8", "trained"), ("8", "EMA 0.9")
+    ]  # fmt: skip
+    assert all(0 <= float(r[2]) <= 100 and 0 <= float(r[3]) <= 100 for r in rows[1:])
+    trained = load_file(tmp_path / "run-ema0.9" / "trained" / "step-00000008.safetensors")
+    ema = load_file(tmp_path / "run-ema0.9" / "checkpoints" / "step-00000008.safetensors")
+    assert trained.keys() == ema.keys()
+    assert not all(torch.equal(trained[k], ema[k]) for k in ema)
+
+
+def load_script(name: str) -> ModuleType:
+    """A script under scripts/ as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_padding_mirrors_the_model_and_both_losses_agree() -> None:
+    bench = load_script("bench_padding")
+    torch.manual_seed(0)
+    shape = ModelConfig(dim=16, enc_layers=1, dec_layers=1, heads=2, ffn_dim=32)
+    model = Transformer(shape, 50, 50).eval()
+    src, tgt_in, tgt_out = bench.batch(6, 7, 0.8, 50)
+    assert int((tgt_out != 0).sum()) == 42 - round(0.2 * 42)
+    states = bench.decoder_states(model, src, tgt_in)  # (B, T, D)
+    torch.testing.assert_close(F.linear(states, model.tgt_embed.weight), model(src, tgt_in))
+    full = bench.full_loss(model, states, tgt_out, 0.1)
+    torch.testing.assert_close(bench.gathered_loss(model, states, tgt_out, 0.1), full)

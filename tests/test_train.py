@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 import mt.train as train_module
 from mt import checkpoint as ckpt
 from mt.config import Config, load_config
+from mt.device import describe_precision
 from mt.errors import ConfigError, MtError
 from mt.finish import finish
 from mt.metrics import read_metrics
@@ -325,8 +326,15 @@ VOLATILE = {"time", "tgt_tok_s", "rank_tgt_tok_s", "data_seconds", "seconds", "t
 
 
 def records(run_dir: Path) -> list[dict]:
-    """metrics.jsonl without times and throughput."""
-    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in read_metrics(run_dir)]
+    """metrics.jsonl without times, throughput and precision records.
+
+    Each process that trains records how it chose its precision: a resumed run has two.
+    """
+    return [
+        {k: v for k, v in r.items() if k not in VOLATILE}
+        for r in read_metrics(run_dir)
+        if r["kind"] != "precision"
+    ]
 
 
 @pytest.mark.slow
@@ -502,3 +510,89 @@ def test_a_second_trainer_on_the_same_run_directory_is_refused(tmp_path: Path) -
     )
     assert "Traceback" not in err.decode()
     assert (run / "config.yaml").read_bytes() == config_before  # the refused run wrote nothing
+
+
+def raw_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The trained weights a run keeping an EMA saves in its latest training state."""
+    return ckpt.load_state(ckpt.latest_checkpoint(run_dir).state)["model"]
+
+
+def identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Bit-identical on the names both hold (a weights file stores tied weights once)."""
+    names = a.keys() & b.keys()
+    return bool(names) and all(torch.equal(a[k], b[k]) for k in names)
+
+
+def test_ema_resume_is_exact(tmp_path: Path) -> None:
+    ema = ["train.ema_decay=0.9", "train.log_every=1"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(tiny(straight, "train.max_steps=30", *ema))
+    train(tiny(split, "train.max_steps=15", *ema))
+    train(tiny(split, "train.max_steps=30", *ema))
+    assert identical(weights(split), weights(straight))  # the EMA, in the weights file
+    assert identical(raw_weights(split), raw_weights(straight))
+    assert not identical(weights(straight), raw_weights(straight))
+    assert losses(split) == losses(straight)
+
+
+def test_the_weights_file_holds_the_ema_of_the_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    after: list[dict[str, torch.Tensor]] = []  # the weights before training, then after each update
+    real = train_module.optimizer_step
+
+    def recording_step(learner, state, min_loss_scale):
+        if not after:
+            after.append({k: v.clone() for k, v in learner.model.state_dict().items()})
+        stepped = real(learner, state, min_loss_scale)
+        after.append({k: v.clone() for k, v in learner.model.state_dict().items()})
+        return stepped
+
+    monkeypatch.setattr(train_module, "optimizer_step", recording_step)
+    run = tmp_path / "run"
+    train(tiny(run, "train.max_steps=12", "train.ema_decay=0.5", "train.valid_every=12"))
+    saved = weights(run)
+    for name, tensor in saved.items():
+        expected = after[0][name]
+        for step, current in enumerate(after[1:], start=1):
+            decay = min(0.5, (1 + step) / (10 + step))  # 2/11, 3/12, ..., then 0.5 from step 8
+            expected = decay * expected + (1 - decay) * current[name]
+        torch.testing.assert_close(tensor, expected, rtol=1e-5, atol=1e-6)
+    assert identical(raw_weights(run), after[-1])
+
+
+def test_ema_changes_what_is_validated_and_saved_but_not_training(tmp_path: Path) -> None:
+    plain, ema = tmp_path / "plain", tmp_path / "ema"
+    train(tiny(plain, "train.max_steps=15"))
+    train(tiny(ema, "train.max_steps=15", "train.ema_decay=0.9"))
+    assert identical(raw_weights(ema), weights(plain))  # the EMA never feeds back
+    assert losses(ema) == losses(plain)
+    dev_loss = [[r["loss"] for r in read_metrics(run, "valid")] for run in (plain, ema)]
+    assert dev_loss[0] != dev_loss[1]  # the EMA, not the trained weights, was validated
+
+
+@pytest.mark.parametrize("first", ["0.9", "0"])
+def test_ema_may_be_turned_on_or_off_on_resume(tmp_path: Path, first: str) -> None:
+    plain, switched = tmp_path / "plain", tmp_path / "switched"
+    then = "0" if first == "0.9" else "0.9"
+    train(tiny(plain, "train.max_steps=15"))
+    train(tiny(switched, "train.max_steps=10", f"train.ema_decay={first}"))
+    train(tiny(switched, "train.max_steps=15", f"train.ema_decay={then}"))
+    # Training continues from the trained weights, whichever file holds them.
+    trained = weights(switched) if then == "0" else raw_weights(switched)
+    assert identical(trained, weights(plain))
+
+
+def test_auto_precision_is_measured_logged_and_recorded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="mt")
+    run = tmp_path / "run"
+    train(tiny(run, "train.max_steps=2", "train.precision=auto"))
+    [record] = read_metrics(run, "precision")
+    assert (record["step"], record["how"]) == (0, "measured")
+    assert 8 <= record["rows"] <= 256  # from 8 rows up to train.max_tokens at most
+    rates = [record[key] for key in ("fp32_gflops", "bf16_gflops") if key in record]
+    assert all(rate > 0 for rate in rates)  # a precision the budget cut short has none
+    assert read_metrics(run, "end")[-1]["precision"] == record["precision"]
+    assert f"precision: {describe_precision(record)}" in caplog.text

@@ -17,9 +17,10 @@ from typer.testing import CliRunner
 
 from mt import checkpoint as ckpt
 from mt.cli import app
+from mt.device import model_products
 from mt.errors import MtError
 from mt.rundir import load_trained
-from mt.translate import translate_lines
+from mt.translate import decoding_products, resolve_runtime, translate_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -268,3 +269,18 @@ def test_output_on_a_full_disk_is_one_line(trained_run: Path, small_fs, tmp_path
     assert str(result.exception) == f"{target}: cannot write (No space left on device)"
     assert target.read_text(encoding="utf-8") == "previous\n"
     assert sorted(p.name for p in disk.iterdir()) == [".filler", "out.txt"]
+
+
+def test_auto_precision_is_timed_on_the_models_own_layers(
+    trained_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config, tokenizer, _, _ = load_trained(trained_run, CPU)
+    m = config.model
+    products = model_products(m.dim, m.ffn_dim, tokenizer.tgt_vocab_size)
+    assert decoding_products(trained_run) == (products, config.decode.max_tokens)
+    assert decoding_products(tmp_path) == (None, 0)  # loading it will say what is wrong
+    caplog.set_level("DEBUG", logger="mt")  # INFO on a terminal
+    device, precision = resolve_runtime("cpu", "auto", trained_run)
+    assert device == CPU and precision in ("fp32", "bf16")
+    line = f"precision: {precision} (auto, measured on the model's matrix products at "
+    assert line in caplog.text

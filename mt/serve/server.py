@@ -120,7 +120,7 @@ def serve(
     log_level: str = "info",
 ) -> None:
     """`mt serve`: translate over HTTP until SIGTERM or Ctrl-C."""
-    dev, prec = resolve_runtime(device, precision)
+    dev, prec = resolve_runtime(device, precision, model_path)
     served = load(model_path, dev, prec, beam, limits or Limits())
     if host not in LOOPBACK:
         log.warning("listening on %s: anyone who can reach this machine can use the model", host)

@@ -4,7 +4,7 @@ MT_FAULT=KIND:RANK:CALL, with KIND `nan` (the loss of that loss call is NaN), `o
 raises CUDA's out-of-memory error), `oom_backward` (the backward pass of that call's loss
 raises it) or `die` (the process exits with status 1 there), e.g.
 MT_FAULT=nan:1:3; or MT_FAULT=slow:RANK:SECONDS: that rank's data preparation takes SECONDS
-longer.
+longer. Several faults are separated by commas: MT_FAULT=oom:1:3,oom_backward:0:5.
 """
 
 import os
@@ -17,9 +17,9 @@ import mt.train
 from mt.cli import main
 
 
-def inject() -> None:
+def inject(fault: str) -> None:
     """Wrap the loss function on the chosen rank."""
-    kind, rank, call = os.environ["MT_FAULT"].split(":")
+    kind, rank, call = fault.split(":")
     if int(os.environ.get("RANK", "0")) != int(rank):
         return
     if kind == "slow":
@@ -63,5 +63,6 @@ def slow_prepare(seconds: float) -> None:
 
 
 if __name__ == "__main__":
-    inject()
+    for fault in os.environ["MT_FAULT"].split(","):
+        inject(fault)
     main()
