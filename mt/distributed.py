@@ -72,8 +72,8 @@ def setup(
     nccl_errors_raise()  # read by each NCCL process group when it is created
     dist.init_process_group(backend, timeout=timedelta(seconds=startup_timeout_s))
     group = dist.new_group(backend=backend, timeout=timedelta(seconds=timeout_s))
-    log.info("rank %d of %d on %s: %d intra-op threads", rank, world_size, device,
-             torch.get_num_threads())  # fmt: skip
+    threads = torch.get_num_threads()
+    log.info("rank %d of %d on %s: %d intra-op threads", rank, world_size, device, threads)
     return World(rank, world_size, local_rank, group, timeout_s, startup_timeout_s), device
 
 

@@ -22,11 +22,11 @@ def finish(config: Config, result: TrainResult) -> None:
     """Average (train.average_last) and report (train.report) a run that ended normally."""
     if not result.main or result.idle or result.signum is not None:
         return  # a signalled run resumes later; its end comes then
-    run_dir, tc = run_path(config), config.train
-    if tc.average_last:
-        last = min(tc.average_last, len(list_checkpoints(run_dir)))
+    run_dir, train = run_path(config), config.train
+    if train.average_last:
+        last = min(train.average_last, len(list_checkpoints(run_dir)))
         path = average_run(run_dir, last=last)
         log.info("averaged the last %d checkpoints into %s", last, path)
-    if tc.report:
+    if train.report:
         # Test decoding at "auto" precision, as `mt evaluate` does.
         log.info("wrote %s", write_report(run_dir, device=result.device))

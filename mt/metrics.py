@@ -155,10 +155,8 @@ def repair_metrics(path: Path, resume_step: int | None = None) -> None:
     data = path.read_bytes()
     *lines, tail = data.split(b"\n")  # tail: what follows the last newline, b"" when whole
     if tail or (lines and lines[-1].strip() and _parse(lines[-1]) is None):
-        log.warning(
-            "%s: line %d is incomplete (a write cut short): removed it",
-            path, len(lines) + 1 if tail else len(lines),
-        )  # fmt: skip
+        torn = len(lines) + 1 if tail else len(lines)
+        log.warning("%s: line %d is incomplete (a write cut short): removed it", path, torn)
         lines = lines if tail else lines[:-1]
     if resume_step is not None:
         kept = [
@@ -168,9 +166,9 @@ def repair_metrics(path: Path, resume_step: int | None = None) -> None:
         ]
         if len(kept) < len(lines):
             log.info(
-                "%s: resuming from step %d: dropped %d lines of the earlier process (later "
-                "steps, its end record)", path, resume_step, len(lines) - len(kept),
-            )  # fmt: skip
+                f"{path}: resuming from step {resume_step}: dropped {len(lines) - len(kept)} "
+                "lines of the earlier process (later steps, its end record)"
+            )
         lines = kept
     repaired = b"".join(line + b"\n" for line in lines)
     if repaired != data:
