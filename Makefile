@@ -40,12 +40,15 @@ bench:
 bench-data:
 	$(BIN)/python scripts/bench_data.py --write docs/benchmarks.md
 
+# One test process per core (at most 4): most tests run one thread or start their own processes.
+PYTEST_WORKERS ?= -n auto --maxprocesses 4
+
 test:
-	$(BIN)/pytest
+	$(BIN)/pytest $(PYTEST_WORKERS)
 
 # The suite without its long end-to-end runs (marked slow), for a quick check while editing
 test-fast:
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest $(PYTEST_WORKERS) -m "not slow"
 
 check:
 	$(BIN)/ruff check mt tests scripts

@@ -82,6 +82,16 @@ def hf_logits(hf: Any, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
 # Settings shared by the parent and its children
 
 
+# --smoke's model: small enough that the run tests the script's plumbing, not the machine.
+SMOKE_SHAPE = [
+    "model.dim=64",
+    "model.ffn_dim=128",
+    "model.heads=2",
+    "model.enc_layers=2",
+    "model.dec_layers=2",
+]
+
+
 def bench_config(spec: dict[str, Any]) -> Config:
     """The mt config of the comparison (multi30k.yaml, post-norm, dropout 0.1, fp32)."""
     data = Path(spec["data"])
@@ -98,6 +108,7 @@ def bench_config(spec: dict[str, Any]) -> Config:
         "train.device=cpu",
         "train.compile=false",
         "train.update_freq=1",
+        *spec.get("shape", []),
     ]
     return load_config(ROOT / "configs" / "multi30k.yaml", overrides)
 
@@ -734,6 +745,7 @@ def main_bench(args: argparse.Namespace) -> None:
         "precisions": precisions,
         "decode_precisions": decode_precisions,
         "decode_repeats": args.decode_repeats,
+        "shape": SMOKE_SHAPE if args.smoke else [],
     }
     log(f"data {data}, workdir {workdir}, {threads} threads")
     batches, config = prepare_batches(spec, args.warmup + args.steps)
