@@ -71,9 +71,9 @@ class Dropout(nn.Module):
     """Inverted dropout; on CPU it draws its mask from 32-bit random words, two 16-bit draws each.
 
     CPU `bernoulli_` makes one generator call per element, a large share of a CPU training
-    step (docs/benchmarks.md); this draws half as many words and compares 16-bit halves to a threshold, so
-    the drop rate is p rounded to a multiple of 1/65536. CUDA keeps PyTorch's fused kernel. Both
-    use the global torch generator, so seeding makes masks reproducible.
+    step (docs/benchmarks.md); this draws half as many words and compares 16-bit halves to a
+    threshold, so the drop rate is p rounded to a multiple of 1/65536. CUDA keeps PyTorch's
+    fused kernel. Both use the global torch generator, so seeding makes masks reproducible.
     """
 
     def __init__(self, p: float) -> None:
