@@ -171,12 +171,11 @@ def tokenizer_decode(
     side: Annotated[Side, typer.Option(help="Which side's model to use.")] = "tgt",
 ) -> None:
     """Decode lines of space-separated ids back to text; PAD, BOS and EOS are dropped."""
-    from mt.corpora import read_lines
+    from mt.corpora import input_name, read_lines
     from mt.rundir import find_tokenizer
 
     tokenizer = find_tokenizer(model)
-    name = "stdin" if path == "-" else path
-    for text in tokenizer.decode_lines(read_lines(path), side, name):
+    for text in tokenizer.decode_lines(read_lines(path), side, input_name(path)):
         typer.echo(text)
 
 
