@@ -302,7 +302,7 @@ def _select_rows(dataset: datasets.Dataset, rows: np.ndarray, fingerprint: str) 
     """``dataset.select(rows)`` with the row indices kept in numpy: 8 bytes a row.
 
     ``Dataset.select`` turns an index array into a Python list first, a numpy scalar of about
-    40 bytes per row; this builds the same indices mapping directly.
+    40 bytes per row; this builds the same indices mapping directly (docs/scaling.md, section 3).
     """
     # Row numbers are non-negative, so viewing them as uint64 (what datasets needs) copies nothing.
     indices = pa.table({"indices": pa.array(rows.astype(np.int64, copy=False).view(np.uint64))})
