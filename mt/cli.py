@@ -171,12 +171,11 @@ def tokenizer_decode(
     side: Annotated[Side, typer.Option(help="Which side's model to use.")] = "tgt",
 ) -> None:
     """Decode lines of space-separated ids back to text; PAD, BOS and EOS are dropped."""
-    from mt.corpora import read_lines
+    from mt.corpora import input_name, read_lines
     from mt.rundir import find_tokenizer
 
     tokenizer = find_tokenizer(model)
-    name = "stdin" if path == "-" else path
-    for text in tokenizer.decode_lines(read_lines(path), side, name):
+    for text in tokenizer.decode_lines(read_lines(path), side, input_name(path)):
         typer.echo(text)
 
 
@@ -390,6 +389,17 @@ SERVE_HELP = (
     "Retry-After. SIGTERM answers what is queued, then exits 0. Needs the serve extra."
 )
 LIMITS = Limits()
+MaxRequestBytesOption = Annotated[int, typer.Option(min=1, help="Largest request body.")]
+MaxSentencesOption = Annotated[int, typer.Option(min=1, help="Sentences per request.")]
+MaxBeamOption = Annotated[
+    int, typer.Option(min=1, help="Largest beam (and n-best) a request may ask for.")
+]
+MaxQueueOption = Annotated[
+    int, typer.Option(min=1, help="Sentences waiting for the model; then 503.")
+]
+BatchWaitOption = Annotated[
+    float, typer.Option(min=0, help="How long to gather requests into a batch.")
+]
 
 
 @app.command("serve", help=SERVE_HELP)
@@ -411,21 +421,11 @@ def serve_command(
     beam: BeamOption = None,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
-    max_request_bytes: Annotated[
-        int, typer.Option(min=1, help="Largest request body.")
-    ] = LIMITS.max_request_bytes,
-    max_sentences: Annotated[
-        int, typer.Option(min=1, help="Sentences per request.")
-    ] = LIMITS.max_sentences,
-    max_beam: Annotated[
-        int, typer.Option(min=1, help="Largest beam (and n-best) a request may ask for.")
-    ] = LIMITS.max_beam,
-    max_queue: Annotated[
-        int, typer.Option(min=1, help="Sentences waiting for the model; then 503.")
-    ] = LIMITS.max_queue,
-    batch_wait_ms: Annotated[
-        float, typer.Option(min=0, help="How long to gather requests into a batch.")
-    ] = LIMITS.batch_wait_ms,
+    max_request_bytes: MaxRequestBytesOption = LIMITS.max_request_bytes,
+    max_sentences: MaxSentencesOption = LIMITS.max_sentences,
+    max_beam: MaxBeamOption = LIMITS.max_beam,
+    max_queue: MaxQueueOption = LIMITS.max_queue,
+    batch_wait_ms: BatchWaitOption = LIMITS.batch_wait_ms,
     max_tokens: MaxTokensOption = None,
     cors_origin: Annotated[
         list[str] | None,
@@ -443,13 +443,24 @@ def serve_command(
     from mt.serve.server import serve
 
     limits = Limits(
-        max_request_bytes=max_request_bytes, max_sentences=max_sentences, max_beam=max_beam,
-        max_queue=max_queue, batch_wait_ms=batch_wait_ms, max_tokens=max_tokens,
-    )  # fmt: skip
+        max_request_bytes=max_request_bytes,
+        max_sentences=max_sentences,
+        max_beam=max_beam,
+        max_queue=max_queue,
+        batch_wait_ms=batch_wait_ms,
+        max_tokens=max_tokens,
+    )
     serve(
-        model, host=host, port=port, beam=beam, device=device, precision=precision,
-        limits=limits, cors_origins=cors_origin, log_level=log_level,
-    )  # fmt: skip
+        model,
+        host=host,
+        port=port,
+        beam=beam,
+        device=device,
+        precision=precision,
+        limits=limits,
+        cors_origins=cors_origin,
+        log_level=log_level,
+    )
 
 
 @app.command("report")

@@ -182,7 +182,7 @@ def read_lines(path: str | Path) -> Iterator[str]:
     """
     if str(path) == "-":
         for number, raw in enumerate(sys.stdin.buffer, start=1):
-            yield _decode(raw, "stdin", number)
+            yield _decode(raw, input_name(path), number)
         return
     path, number = Path(path), 0
     try:
@@ -197,6 +197,11 @@ def read_lines(path: str | Path) -> Iterator[str]:
         raise DataError(f"{path}: corrupt gzip data after line {number} ({exc})") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def input_name(path: str | Path) -> str:
+    """How messages name an input of read_lines: its path, or stdin for ``-``."""
+    return "stdin" if str(path) == "-" else str(path)
 
 
 def _open_binary(path: Path) -> Any:

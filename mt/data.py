@@ -103,8 +103,8 @@ class EncodedCorpus:
 class _ListViews:
     """Zero-copy numpy views of the two list columns, chunk by chunk, over the memory map.
 
-    Slicing these views is about 3x faster than ``dataset[indices]``, which converts through
-    Arrow ``take`` and Python dicts (Multi30k, 200-row batches: 0.24 ms against 0.76 ms).
+    Slicing these views skips what ``dataset[indices]`` does for every batch: an Arrow
+    ``take`` and a conversion through Python dicts (docs/benchmarks.md has the timings).
     """
 
     def __init__(self, dataset: datasets.Dataset) -> None:
@@ -302,7 +302,7 @@ def _select_rows(dataset: datasets.Dataset, rows: np.ndarray, fingerprint: str) 
     """``dataset.select(rows)`` with the row indices kept in numpy: 8 bytes a row.
 
     ``Dataset.select`` turns an index array into a Python list first, a numpy scalar of about
-    40 bytes per row (1 s and 150 MiB at 5M rows); this builds the same indices mapping directly.
+    40 bytes per row; this builds the same indices mapping directly (docs/scaling.md, section 3).
     """
     # Row numbers are non-negative, so viewing them as uint64 (what datasets needs) copies nothing.
     indices = pa.table({"indices": pa.array(rows.astype(np.int64, copy=False).view(np.uint64))})

@@ -34,10 +34,9 @@ def resolve_device(name: str) -> torch.device:
 def cpu_has_amx() -> bool:
     """Whether this CPU has AMX tiles, the units that make bf16 matrix products fast.
 
-    With AMX, bf16 autocast trained Multi30k 1.6x faster than fp32 (docs/benchmarks.md). On an
-    AVX-512 CPU without it, oneDNN's bf16 matrix product ran slower than fp32's (159 against
-    ~250 GFLOP/s on 2 threads), and bf16 training and decoding were slower than fp32. This is
-    only the fallback of `auto` on CPU, which times the two precisions (`measure_rates`).
+    Without them oneDNN's bf16 matrix products can be slower than fp32's, and bf16 training
+    and decoding with them (docs/benchmarks.md has the measurements). This is only the fallback
+    of `auto` on CPU, which times the two precisions (`measure_rates`).
     """
     check = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private; absent in old torch
     return bool(check is not None and check())
@@ -245,9 +244,8 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     """The autocast context for `precision` (a no-op for fp32).
 
     On CPU with gradients enabled, low precision also routes SDPA to its math kernel: the CPU
-    flash kernel's bf16 backward ran twice as slow as the math one on Multi30k shapes
-    (scripts/bench.py). Without gradients (decoding) the flash kernel's forward is faster:
-    bf16 beam search took 30% less time with it.
+    flash kernel's bf16 backward was the slower of the two on Multi30k shapes, while without
+    gradients (decoding) its forward is the faster (docs/benchmarks.md, "How mt got faster").
     """
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -274,9 +272,9 @@ def keep_freed_memory() -> bool:
     """Make glibc malloc keep freed memory for reuse instead of giving it back to the kernel.
 
     By default every tensor over 32 MiB (logits, their gradients) is a fresh mmap, and the
-    kernel page-faults and zeroes it again on each step: about 200,000 faults and a fifth of a
-    bf16 Multi30k step. Serving all sizes from the heap and never trimming it makes later
-    steps reuse the same pages; the cost is that the process keeps its peak memory.
+    kernel page-faults and zeroes it again on each step (docs/benchmarks.md counts the faults).
+    Serving all sizes from the heap and never trimming it makes later steps reuse the same
+    pages; the cost is that the process keeps its peak memory.
     Returns False (and changes nothing) where the C library is not glibc.
     """
     if not sys.platform.startswith("linux"):

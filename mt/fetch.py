@@ -28,8 +28,8 @@ MULTI30K_SPLITS = ("train", "val", "test_2016_flickr")
 MULTI30K_LANGS = ("de", "en", "fr", "cs")
 MULTI30K_LINES = {"train": 29_000, "val": 1_014, "test_2016_flickr": 1_000}
 
-# File name -> sha256 of the published .gz file. The de/en sums were checked against the copy
-# of the official files in /work/shared/data/multi30k (its SHA256SUMS and `sha256sum -c`).
+# File name -> sha256 of the published .gz file. The de/en sums were checked against a copy of
+# the official files (its SHA256SUMS and `sha256sum -c`).
 # None means "no pinned checksum known": we had no trusted copy of the fr/cs files to hash, and
 # a sum must never be guessed. Such files are checked only for being valid gzip with the
 # expected line count, and a warning says so. Pin them here once a trusted copy is hashed.

@@ -70,10 +70,10 @@ def attention_dtype(x: Tensor) -> torch.dtype:
 class Dropout(nn.Module):
     """Inverted dropout; on CPU it draws its mask from 32-bit random words, two 16-bit draws each.
 
-    CPU `bernoulli_` makes one generator call per element and took a fifth of a Multi30k
-    training step; this draws half as many words and compares 16-bit halves to a threshold, so
-    the drop rate is p rounded to a multiple of 1/65536. CUDA keeps PyTorch's fused kernel. Both
-    use the global torch generator, so seeding makes masks reproducible.
+    CPU `bernoulli_` makes one generator call per element, a large share of a CPU training
+    step (docs/benchmarks.md); this draws half as many words and compares 16-bit halves to a
+    threshold, so the drop rate is p rounded to a multiple of 1/65536. CUDA keeps PyTorch's
+    fused kernel. Both use the global torch generator, so seeding makes masks reproducible.
     """
 
     def __init__(self, p: float) -> None:
@@ -257,7 +257,7 @@ class LayerCache:
         capacity, N, H, hd = buffer.shape
         selected = buffer.new_empty(capacity, index.size(0), H, hd)
         # Gathering whole (H, hd) rows of the flattened buffer along dim 0 is a plain row copy,
-        # 2.7x faster than index_select along dim 1 of the 4-D buffer.
+        # which beats index_select along dim 1 of the 4-D buffer (docs/benchmarks.md).
         steps = torch.arange(self.length, device=index.device).unsqueeze(1)  # (length, 1)
         rows = (steps * N + index).view(-1)  # (length * N',) buffer row of each (step, new row)
         filled = selected.view(-1, H * hd)[: rows.size(0)]

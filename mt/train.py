@@ -421,9 +421,9 @@ def run_precision(
     The other ranks take rank 0's choice: timing on every rank at once would only measure
     their contention, and a rank that chose otherwise would train differently.
     """
-    m, tc = config.model, config.train
-    products = model_products(m.dim, m.ffn_dim, tgt_vocab) if world.is_main else None
-    choice = resolve_precision(tc.precision, device, products, tc.max_tokens)
+    dim, ffn_dim = config.model.dim, config.model.ffn_dim
+    products = model_products(dim, ffn_dim, tgt_vocab) if world.is_main else None
+    choice = resolve_precision(config.train.precision, device, products, config.train.max_tokens)
     if not world.distributed:
         return choice
     names = list(DTYPES)

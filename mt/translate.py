@@ -130,9 +130,8 @@ def decoding_products(model: Path | None) -> tuple[list[Features] | None, int]:
         vocab = int(read_metadata(checkpoint.weights).get("tgt_vocab", "0"))
     except (MtError, ValueError):
         return None, 0
-    m = config.model
     vocab = vocab or config.tokenizer.vocab_size
-    return model_products(m.dim, m.ffn_dim, vocab), config.decode.max_tokens
+    return model_products(config.model.dim, config.model.ffn_dim, vocab), config.decode.max_tokens
 
 
 # --- translation ----------------------------------------------------------------------------

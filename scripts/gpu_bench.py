@@ -537,7 +537,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--write", help="Markdown file whose section to replace")
     args = parser.parse_args()
-    # bf16 is what a GPU trains in; on a CPU without bf16 units it is hundreds of times slower.
+    # bf16 is what a GPU trains in; on a CPU without bf16 units it is far slower than fp32.
     args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
     if args.smoke:
         args.steps, args.warmup, args.sentences = 3, 1, 16

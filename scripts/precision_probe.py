@@ -91,8 +91,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="a directory of Multi30k-named files")
     args = parser.parse_args()
     config = load_config(args.config)
-    m = config.model
-    products = model_products(m.dim, m.ffn_dim, args.vocab or config.tokenizer.vocab_size)
+    vocab = args.vocab or config.tokenizer.vocab_size
+    products = model_products(config.model.dim, config.model.ffn_dim, vocab)
     rows = args.rows or config.train.max_tokens
     configure_backends(CPU)  # as training does
     print(cpu_line())

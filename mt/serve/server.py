@@ -127,9 +127,12 @@ def serve(
     if log_level == "debug":
         log.setLevel(logging.DEBUG)  # the worker's queue and batches
     config = uvicorn.Config(
-        create_app(served, cors_origins), host=host, port=port, log_level=log_level,
+        create_app(served, cors_origins),
+        host=host,
+        port=port,
+        log_level=log_level,
         timeout_graceful_shutdown=None,  # in-flight requests are answered, however long
-    )  # fmt: skip
+    )
     server = Server(config, served.batcher.drain)
     # uvicorn re-raises the signal it handled once it has shut down; with its own handler in
     # place that is a no-op, so a graceful SIGTERM ends with exit status 0.

@@ -196,9 +196,15 @@ class Batcher:
         )
         try:
             found = translate_lines(
-                lines, self.tokenizer, self.model, decode, self.device, self.precision,
-                self.max_tokens, scores=True,
-            )  # fmt: skip
+                lines,
+                self.tokenizer,
+                self.model,
+                decode,
+                self.device,
+                self.precision,
+                self.max_tokens,
+                scores=True,
+            )
             start = 0
             for job in jobs:
                 hyps = found[start : start + len(job.lines)]
