@@ -96,25 +96,26 @@ def test_two_ranks_equal_one_rank_with_update_freq_two(
     assert err.count("model: ") == 1 and err.count("train: kept") == 1  # rank 0 alone logs
 
 
-def test_resume_after_sigterm_to_torchrun_is_exact(tmp_path: Path) -> None:
-    steps = ["train.max_steps=16", "train.log_every=1", "train.valid_every=1000"]
-    straight = tmp_path / "straight"
-    code, err = finish(torchrun(straight, *steps))
-    assert code == 0, err
+def test_resume_after_sigterm_to_torchrun_is_exact(
+    two_ranks: tuple[Path, str], tmp_path: Path
+) -> None:
+    straight, _ = two_ranks
     split = tmp_path / "split"
-    proc = torchrun(split, *steps)
-    read_until(proc.stderr, "step 4 |")  # rank 0 logs every step
+    proc = torchrun(split, *EIGHT_STEPS)
+    read_until(proc.stderr, "step 2 |")  # rank 0 logs every step; validation at step 4
     proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both workers
     code, err = finish(proc)
     assert code != 0
     stopped = ckpt.latest_checkpoint(split).step
-    assert 4 <= stopped < 16, err
-    code, err = finish(torchrun(split, *steps))
+    assert 2 <= stopped < 8, err
+    code, err = finish(torchrun(split, *EIGHT_STEPS))
     assert code == 0, err
     a, b = weights(straight), weights(split)
     assert all(torch.equal(a[k], b[k]) for k in a)
     losses = {r["step"]: r["loss"] for r in read_metrics(straight, "train")}
     assert {r["step"]: r["loss"] for r in read_metrics(split, "train")} == losses
+    bleu = {r["step"]: r["bleu"] for r in read_metrics(straight, "valid")}
+    assert {r["step"]: r["bleu"] for r in read_metrics(split, "valid")} == bleu
 
 
 def test_nan_on_one_rank_stops_every_rank_quickly(tmp_path: Path) -> None:

@@ -152,20 +152,8 @@ def stderr_until(proc: subprocess.Popen, text: str) -> str:
     return read_until(proc.stderr, text).decode()
 
 
-def test_sbatch_trains_to_a_checkpoint_with_its_cpus(tmp_path: Path) -> None:
-    env = fake_slurm(tmp_path, cpus_per_task=2)
-    proc = sbatch(env, tmp_path / "run", "train.max_steps=10")
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err.decode()
-    assert ckpt.latest_checkpoint(tmp_path / "run").step == 10
-    assert not (tmp_path / "requeued").exists()
-    # srun got --cpus-per-task: each rank may run on 2 CPUs and runs 2 intra-op threads.
-    for rank in (0, 1):
-        assert f"rank {rank} of 2 on cpu: 2 intra-op threads" in err.decode()
-
-
 def test_sigusr1_checkpoints_requeues_and_the_next_job_resumes(tmp_path: Path) -> None:
-    env = fake_slurm(tmp_path)
+    env = fake_slurm(tmp_path, cpus_per_task=2)
     run = tmp_path / "run"
     proc = sbatch(env, run, *STEPS)
     seen = stderr_until(proc, "step 3 |")
@@ -177,6 +165,9 @@ def test_sigusr1_checkpoints_requeues_and_the_next_job_resumes(tmp_path: Path) -
     stopped = ckpt.latest_checkpoint(run).step
     assert 3 <= stopped < 60
     assert "checkpointing, then requeueing job 4242" in err
+    # srun got --cpus-per-task: each rank may run on 2 CPUs and runs 2 intra-op threads.
+    for rank in (0, 1):
+        assert f"rank {rank} of 2 on cpu: 2 intra-op threads" in err
 
     proc = sbatch(env, run, *STEPS)  # the requeued job: same command
     _, err2 = proc.communicate(timeout=300)
