@@ -287,7 +287,10 @@ def test_corpora_share_the_data_files_unless_they_name_their_own(tmp_path: Path)
             "data.corpora[0].tgt_lang='' is not a language code (letters, digits, - and _)",
         ),
         ("[{src_lang: de, tgt_lang: de}]", "data.corpora[0].src_lang and tgt_lang are both 'de'"),
-        ("[{src_lang: de, tgt_lang: en, weight: 0}]", "data.corpora[0].weight=0.0 must be positive"),  # noqa: E501
+        (
+            "[{src_lang: de, tgt_lang: en, weight: 0}]",
+            "data.corpora[0].weight=0.0 must be positive",
+        ),
         ("[{src_lang: de, tgt_lang: en, lang: x}]", "unknown key data.corpora[0].lang"),
         ("[de-en]", "data.corpora[0] must be a mapping, got 'de-en'"),
         ("de-en", "data.corpora must be a list of mappings, got 'de-en'"),
