@@ -16,7 +16,7 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["base", "big", "multi30k", "tiny"])
+@pytest.mark.parametrize("name", ["base", "big", "multi30k", "multi30k-multi", "tiny"])
 def test_shipped_configs_load(name: str) -> None:
     config = load_config(CONFIGS / f"{name}.yaml")
     assert isinstance(config, Config)
@@ -329,3 +329,10 @@ def test_select_direction_and_temperature_are_checked(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"^command line: data.temperature=0.0 must be positive$"):
         load_config(path, ["data.temperature=0"])
+
+
+def test_the_multilingual_recipe_has_four_directions() -> None:
+    data = load_config(CONFIGS / "multi30k-multi.yaml").data
+    assert [c.direction for c in data.directions()] == ["de-en", "en-de", "fr-en", "en-fr"]
+    assert {c.train for c in data.directions()} == {"data/multi30k/train"}
+    assert data.target_languages() == ["en", "de", "fr"]

@@ -16,15 +16,14 @@ from typer.testing import CliRunner
 from mt import checkpoint as ckpt
 from mt.cli import app
 from mt.config import Config, load_config
+from mt.errors import DataError
 from mt.metrics import read_metrics
-from mt.rundir import encode_train, prepare_tokenizer
+from mt.rundir import encode_train, open_run, prepare_tokenizer
 from mt.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 DIRECTIONS = ("de-en", "en-de", "fr-en", "en-fr")
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="session")
@@ -61,6 +60,7 @@ def multi_run(multiway: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_every_direction_is_validated_and_the_mean_selects(multi_run: Path) -> None:
     valid = read_metrics(multi_run, "valid")
     assert [r["step"] for r in valid] == [15, 30]
@@ -79,6 +79,7 @@ def test_every_direction_is_validated_and_the_mean_selects(multi_run: Path) -> N
     )
 
 
+@pytest.mark.slow
 def test_sources_start_with_the_target_languages_tag(multi_run: Path) -> None:
     config = load_config(multi_run / "config.yaml")
     tokenizer = prepare_tokenizer(config)
@@ -93,6 +94,7 @@ def test_sources_start_with_the_target_languages_tag(multi_run: Path) -> None:
     np.testing.assert_allclose(mix.probabilities(), [0.25] * 4)  # four corpora of one size
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_is_exact_with_several_corpora(multiway: Path, tmp_path: Path) -> None:
     steps = ["train.valid_every=100", "train.log_every=4"]
     train(multi(multiway, tmp_path / "straight", "train.max_steps=12", *steps))
@@ -106,6 +108,7 @@ def test_resume_mid_epoch_is_exact_with_several_corpora(multiway: Path, tmp_path
     assert losses[0] == losses[1]
 
 
+@pytest.mark.slow
 def test_translate_asks_for_a_target_language(multi_run: Path, tmp_path: Path) -> None:
     source = tmp_path / "in.txt"
     source.write_text("Ein mann sieht den see .\n\nDas kind findet ein auto .\n", encoding="utf-8")
@@ -135,6 +138,7 @@ def test_one_target_language_needs_no_tag(trained_run: Path, tmp_path: Path) -> 
     assert str(wrong.exception) == "--tgt-lang fr: the model translates into en only"
 
 
+@pytest.mark.slow
 def test_evaluate_scores_every_test_direction(multi_run: Path) -> None:
     result = CliRunner().invoke(app, ["evaluate", "-m", str(multi_run), "--json", "--beam", "1"])
     assert result.exit_code == 0, result.output
@@ -150,3 +154,14 @@ def test_evaluate_scores_every_test_direction(multi_run: Path) -> None:
         [r["bleu"]["score"] for r in records], abs=0.006
     )
     assert lines[5].startswith("BLEU: nrefs:1|") and len(lines) == 8
+
+
+def test_a_missing_corpus_file_names_its_entry(multiway: Path, tmp_path: Path) -> None:
+    config = multi(multiway, tmp_path / "run", "data.corpora=[{src_lang: de, tgt_lang: en}, "
+                   "{src_lang: cs, tgt_lang: en}]")  # fmt: skip
+    with pytest.raises(DataError) as err:
+        open_run(config, ["train", "valid"])
+    train = multiway / "train"
+    assert str(err.value) == (
+        f"data.corpora[1].train: corpus {train}: no cs file (tried {train}.cs, {train}.cs.gz)"
+    )
