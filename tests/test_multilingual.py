@@ -165,3 +165,39 @@ def test_a_missing_corpus_file_names_its_entry(multiway: Path, tmp_path: Path) -
     assert str(err.value) == (
         f"data.corpora[1].train: corpus {train}: no cs file (tried {train}.cs, {train}.cs.gz)"
     )
+
+
+@pytest.mark.slow
+def test_serve_translates_into_the_requested_language(multi_run: Path) -> None:
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from mt.serve.api import create_app
+    from mt.serve.limits import Limits
+    from mt.serve.server import load
+
+    lines = ["Ein mann sieht den see .", "Das kind findet ein auto ."]
+    served = load(multi_run, torch.device("cpu"), "fp32", 1, Limits())
+    try:
+        with TestClient(create_app(served)) as client:
+            info = client.get("/v1/model").json()
+            assert (info["source_languages"], info["target_languages"]) == (
+                ["de", "en", "fr"], ["en", "de", "fr"]
+            )  # fmt: skip
+            for lang in ("en", "fr"):
+                answer = client.post("/v1/translate", json={"text": lines, "tgt_lang": lang})
+                assert answer.status_code == 200, answer.text
+                texts = [t["text"] for t in answer.json()["translations"]]
+                cli = CliRunner().invoke(
+                    app,
+                    ["translate", "-m", str(multi_run), "--beam", "1", "--tgt-lang", lang,
+                     "--device", "cpu", "--precision", "fp32"],
+                    input="".join(f"{line}\n" for line in lines),
+                )  # fmt: skip
+                assert texts == cli.stdout.splitlines()
+            missing = client.post("/v1/translate", json={"text": lines})
+            assert missing.status_code == 422
+            error = "tgt_lang: missing: this model translates into en, de, fr"
+            assert missing.json() == {"error": error}
+    finally:
+        served.batcher.stop()
