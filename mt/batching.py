@@ -27,7 +27,7 @@ from torch import Tensor
 from mt.vocab import BOS_ID, EOS_ID, PAD_ID
 
 if TYPE_CHECKING:
-    from mt.data import EncodedCorpus
+    from mt.data import CorpusMix, EncodedCorpus
 
 # A default shuffle window holds this many batches' worth of sentences: large enough that
 # each window has many sentences of every length (dense batches), small enough to stay random.
@@ -83,7 +83,11 @@ class BatchSampler:
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         """The batches of `epoch`, in order; each an int64 array of corpus indices."""
-        rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
+        return self.draw([self.seed, epoch])
+
+    def draw(self, key: Sequence[int]) -> list[np.ndarray]:
+        """One shuffled pass over the corpus in batches, a function of `key` (the RNG's seed)."""
+        rng = np.random.default_rng(list(key)) if self.shuffle else None
         n = len(self.src_lens)
         order = rng.permutation(n) if rng is not None else np.arange(n, dtype=np.int64)
         window = self.window_size()
@@ -100,6 +104,67 @@ class BatchSampler:
     @cached_property
     def _len_epoch1(self) -> int:
         return len(self.epoch_batches(1))
+
+
+@dataclass(frozen=True, eq=False)
+class MixtureSampler:
+    """Batches of several corpora, each batch from one, deterministic per (seed, epoch).
+
+    An epoch has as many batches as the corpora together (in epoch 1). Corpus c fills a share
+    `probabilities[c]` of them (rounded), in an order shuffled per epoch, taking its batches
+    from its own shuffled passes: a large corpus is cut short, a small one goes round several
+    times. One corpus gives exactly its BatchSampler's batches. Indices count rows corpus after
+    corpus, as CorpusMix numbers them.
+    """
+
+    samplers: list[BatchSampler]  # one per corpus, on its own lengths
+    probabilities: np.ndarray  # (C,) summing to 1
+    seed: int = 1
+
+    @classmethod
+    def of(cls, data: CorpusMix, max_tokens: int, seed: int) -> MixtureSampler:
+        """The sampler of a run's training corpora."""
+        parts = data.parts.values()
+        samplers = [BatchSampler(p.src_lens, p.tgt_lens, max_tokens, seed) for p in parts]
+        return cls(samplers, data.probabilities(), seed)
+
+    @cached_property
+    def offsets(self) -> np.ndarray:
+        """(C + 1,) the first global row of each corpus, then the total."""
+        return np.cumsum([0, *(len(s.src_lens) for s in self.samplers)])
+
+    @cached_property
+    def tgt_lens(self) -> np.ndarray:
+        """(N,) target lengths of every row, corpus after corpus."""
+        return np.concatenate([s.tgt_lens for s in self.samplers])
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        return sum(len(s) for s in self.samplers)
+
+    def counts(self) -> np.ndarray:
+        """(C,) batches each corpus gives an epoch: shares of len(self), largest remainders."""
+        exact = len(self) * np.asarray(self.probabilities, dtype=np.float64)
+        counts = np.floor(exact).astype(np.int64)
+        short = len(self) - int(counts.sum())
+        counts[np.argsort(counts - exact, kind="stable")[:short]] += 1
+        return counts
+
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        """The batches of `epoch`, in order; each an int64 array of global row indices."""
+        if len(self.samplers) == 1:
+            return self.samplers[0].epoch_batches(epoch)
+        counts, streams = self.counts(), []
+        for c, (sampler, count) in enumerate(zip(self.samplers, counts, strict=True)):
+            batches: list[np.ndarray] = []
+            passes = 0
+            while len(batches) < count:  # another pass over corpus c, shuffled its own way
+                batches += sampler.draw([self.seed, epoch, c, passes])
+                passes += 1
+            streams.append(iter([b + self.offsets[c] for b in batches[:count]]))
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(np.repeat(np.arange(len(self.samplers)), counts))
+        return [next(streams[c]) for c in order.tolist()]
 
 
 def _check_args(src: np.ndarray, tgt: np.ndarray, max_tokens: int, window: int) -> None:
@@ -303,8 +368,8 @@ class Update:
 
 
 def plan_updates(
-    sampler: BatchSampler,
-    data: EncodedCorpus,
+    sampler: BatchSampler | MixtureSampler,
+    data: EncodedCorpus | CorpusMix,
     start: tuple[int, int],
     max_epochs: int,
     update_freq: int,

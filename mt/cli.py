@@ -96,7 +96,7 @@ def data_fetch(
 
 def _load(
     config: Path, overrides: list[str] | None, splits: tuple[str, ...]
-) -> tuple[Config, dict[str, Corpus]]:
+) -> tuple[Config, dict[str, dict[str, Corpus]]]:
     """The config (data.train set) and its corpora among `splits`, checked before any work."""
     from mt.config import load_config
 
@@ -128,14 +128,14 @@ def tokenizer_train(config: ConfigOption, overrides: Overrides = None) -> None:
     Prints the model path(s) and, when data.valid is set, the dev set's unknown-piece rate.
     """
     cfg, corpora = _load(config, overrides, ("train", "valid"))
-    from mt.rundir import prepare_tokenizer
+    from mt.rundir import prepare_tokenizer, split_label
     from mt.tokenizer import describe_unk_rate
 
     tokenizer = prepare_tokenizer(cfg)
     for path in tokenizer.paths:
         typer.echo(str(path))
-    if "valid" in corpora:
-        typer.echo(f"valid: {describe_unk_rate(tokenizer, corpora['valid'])}")
+    for name, corpus in corpora.get("valid", {}).items():
+        typer.echo(f"{split_label(cfg, 'valid', name)}: {describe_unk_rate(tokenizer, corpus)}")
 
 
 ModelOption = Annotated[
@@ -207,6 +207,14 @@ MaxTokensOption = Annotated[
     ),
 ]
 DeviceOption = Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda or cuda:N.")]
+TgtLangOption = Annotated[
+    str | None,
+    typer.Option(
+        "--tgt-lang",
+        help="Target language, for a model of several (one of the run's; not needed for one).",
+        show_default=False,
+    ),
+]
 PrecisionOption = Annotated[
     str,
     typer.Option(
@@ -249,6 +257,7 @@ def translate_command(
         ),
     ] = None,
     max_tokens: MaxTokensOption = None,
+    tgt_lang: TgtLangOption = None,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
 ) -> None:
@@ -261,6 +270,7 @@ def translate_command(
         output,
         device=device,
         precision=precision,
+        tgt_lang=tgt_lang,
         beam=beam,
         alpha=alpha,
         nbest=nbest,
@@ -271,7 +281,8 @@ def translate_command(
 EVALUATE_HELP = (
     "Print sacreBLEU's BLEU, chrF and TER, each with its signature.\n\n"
     "Score a file (--hyp and --ref), a model's translation of a file (--model, --src and --ref), "
-    "or a model's translation of its run's test set (--model alone)."
+    "or a model's translation of its run's test set (--model alone): of every direction of a "
+    "multilingual run, one row (or --json record) each."
 )
 
 
@@ -297,12 +308,18 @@ def evaluate_command(
     beam: BeamOption = None,
     alpha: AlphaOption = None,
     max_tokens: MaxTokensOption = None,
+    tgt_lang: TgtLangOption = None,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
 ) -> None:
     """Score translations with sacreBLEU (see EVALUATE_HELP)."""
-    from mt.evaluate import evaluate, format_json, format_text
+    from mt.evaluate import evaluate, evaluate_run, format_directions, format_json, format_text
 
+    if model is not None and (hyp, src, ref, tgt_lang) == (None, None, None, None):
+        decode = {"beam": beam, "alpha": alpha, "max_tokens": max_tokens}
+        by_direction = evaluate_run(model, lowercase, device, precision, **decode)
+        typer.echo(format_directions(by_direction, json_output))
+        return
     scores = evaluate(
         hyp,
         ref,
@@ -314,6 +331,7 @@ def evaluate_command(
         beam=beam,
         alpha=alpha,
         max_tokens=max_tokens,
+        tgt_lang=tgt_lang,
     )
     typer.echo(format_json(scores) if json_output else format_text(scores))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,9 +40,52 @@ def _check(ok: bool, keys: str | tuple[str, ...], message: str) -> None:
         raise _Invalid(keys, message)
 
 
+LANG_CODE = re.compile(r"[A-Za-z0-9_-]+")  # a file suffix, a column name, a tag's middle
+
+
+@dataclass
+class CorpusConfig:
+    """One translation direction of a multilingual run and its files (see DataConfig.corpora).
+
+    An empty train, valid or test takes data.train, data.valid or data.test: a prefix names one
+    file per language, so the files of a multi-way parallel corpus serve every direction.
+    """
+
+    src_lang: str = ""  # source language code, e.g. de (the suffix of its files)
+    tgt_lang: str = ""  # target language code, e.g. en
+    train: str = ""  # training data (the forms of data.train); empty: data.train
+    valid: str = ""  # dev set; empty: data.valid
+    test: str = ""  # test set; empty: data.test
+    weight: float = 1.0  # multiplies this corpus's sampling probability
+
+    @property
+    def direction(self) -> str:
+        """E.g. ``de-en``."""
+        return f"{self.src_lang}-{self.tgt_lang}"
+
+    def __post_init__(self) -> None:
+        for key in ("src_lang", "tgt_lang"):
+            code = getattr(self, key)
+            _check(
+                bool(LANG_CODE.fullmatch(code)),
+                key,
+                f"{key}={code!r} is not a language code (letters, digits, - and _)",
+            )
+        _check(
+            self.src_lang != self.tgt_lang,
+            ("src_lang", "tgt_lang"),
+            f"src_lang and tgt_lang are both '{self.src_lang}'",
+        )
+        _check(self.weight > 0, "weight", f"weight={self.weight} must be positive")
+
+
 @dataclass
 class DataConfig:
-    """Where the parallel data lives and how training pairs are filtered."""
+    """Where the parallel data lives and how training pairs are filtered.
+
+    A run trains one direction (src_lang, tgt_lang, train, valid, test) or, with `corpora`,
+    several: each corpus names its direction, and its files unless it shares data.train etc.
+    """
 
     src_lang: str = "de"  # source language code: the suffix of source files / the column name
     tgt_lang: str = "en"  # target language code
@@ -52,6 +96,24 @@ class DataConfig:
     max_ratio: float = 3.0  # training pairs whose token-length ratio exceeds this are dropped
     num_proc: int = 1  # worker processes for encoding
     cache_dir: str = ""  # where encoded corpora are cached; empty means <run_dir>/cache
+    corpora: list[CorpusConfig] = field(default_factory=list)  # directions; empty: src/tgt_lang
+    temperature: float = 5.0  # corpus i is drawn with probability ~ weight_i * pairs_i^(1/T)
+    select_direction: str = ""  # its dev BLEU picks the best checkpoint; empty: the mean
+
+    def directions(self) -> list[CorpusConfig]:
+        """Every direction with its files resolved: the corpora, or the one pair of the keys."""
+        if not self.corpora:
+            pair = (self.src_lang, self.tgt_lang, self.train, self.valid, self.test)
+            return [CorpusConfig(*pair)]
+        shared = {"train": self.train, "valid": self.valid, "test": self.test}
+        return [
+            dataclasses.replace(c, **{k: getattr(c, k) or v for k, v in shared.items()})
+            for c in self.corpora
+        ]
+
+    def target_languages(self) -> list[str]:
+        """The target languages of the run's directions, in order of first appearance."""
+        return list(dict.fromkeys(c.tgt_lang for c in self.directions()))
 
     def __post_init__(self) -> None:
         _check(
@@ -66,6 +128,33 @@ class DataConfig:
             f"data.max_ratio={self.max_ratio} must be at least 1",
         )
         _check(self.num_proc >= 1, "data.num_proc", f"data.num_proc={self.num_proc} must be >= 1")
+        for key in ("src_lang", "tgt_lang"):
+            code = getattr(self, key)
+            _check(
+                bool(self.corpora or LANG_CODE.fullmatch(code)),
+                f"data.{key}",
+                f"data.{key}={code!r} is not a language code (letters, digits, - and _)",
+            )
+        seen: dict[str, int] = {}
+        for i, corpus in enumerate(self.corpora):
+            first = seen.setdefault(corpus.direction, i)
+            _check(
+                first == i,
+                "data.corpora",
+                f"data.corpora[{i}]: direction {corpus.direction} is already data.corpora[{first}]",
+            )
+        names = [c.direction for c in self.directions()]
+        _check(
+            not self.select_direction or self.select_direction in names,
+            "data.select_direction",
+            f"data.select_direction={self.select_direction!r} is not a direction of the run "
+            f"({', '.join(names)})",
+        )
+        _check(
+            self.temperature > 0,
+            "data.temperature",
+            f"data.temperature={self.temperature} must be positive",
+        )
 
 
 @dataclass
@@ -336,6 +425,8 @@ def _float_or_same(value: Any) -> Any:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the field type `tp`; ints are accepted where floats are expected."""
     origin = typing.get_origin(tp)
+    if origin is list:
+        return _build_list(value, typing.get_args(tp)[0], key)
     if origin is Literal:
         ok = value in typing.get_args(tp) and isinstance(value, str)
     elif origin is tuple:
@@ -358,6 +449,24 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if not ok:
         raise _Invalid(key, f"{key} must be {_type_name(tp)}, got {value!r}")
     return value
+
+
+def _build_list(values: Any, cls: type, key: str) -> list[Any]:
+    """A list of dataclass `cls` from a list of mappings; errors name `key[i].field`."""
+    if not isinstance(values, list):
+        raise _Invalid(key, f"{key} must be a list of mappings, got {values!r}")
+    out = []
+    for i, item in enumerate(values):
+        prefix = f"{key}[{i}]"
+        if not isinstance(item, dict):
+            raise _Invalid(key, f"{prefix} must be a mapping, got {item!r}")
+        try:
+            out.append(_build(cls, item, f"{prefix}."))
+        except _Invalid as exc:
+            # __post_init__ blames bare field names: put the element's key in front.
+            text = str(exc) if prefix in str(exc) else f"{prefix}.{exc}"
+            raise _Invalid((*exc.keys, key), text) from None
+    return out
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
@@ -464,16 +573,28 @@ def load_config(
     try:
         config = _build(Config, tree, "")
         for key in required:
-            section, name = key.split(".")
-            _check(
-                bool(getattr(getattr(config, section), name)),
-                key,
-                f"{key} is empty; set it in the config or {key}=PATH",
-            )
+            _check_required(config, key)
     except _Invalid as exc:
         source = "command line" if overridden.intersection(exc.keys) else str(path)
         raise ConfigError(f"{source}: {exc}") from None
     return config
+
+
+def _check_required(config: Config, key: str) -> None:
+    """Raise _Invalid if the dotted string key is empty (in any corpus, for data files)."""
+    section, name = key.split(".")
+    corpora = config.data.directions() if section == "data" and config.data.corpora else []
+    for i, corpus in enumerate(corpora):
+        _check(
+            bool(getattr(corpus, name, True)),
+            ("data.corpora", key),
+            f"data.corpora[{i}].{name} is empty; set it there or {key}=PATH for every corpus",
+        )
+    _check(
+        bool(corpora) or bool(getattr(getattr(config, section), name)),
+        key,
+        f"{key} is empty; set it in the config or {key}=PATH",
+    )
 
 
 def save_config(config: Config, path: Path) -> None:

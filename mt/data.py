@@ -97,7 +97,7 @@ class EncodedCorpus:
 
     def describe_tokens(self) -> str:
         """E.g. ``377,534 source and 372,454 target tokens``."""
-        return f"{int(self.src_lens.sum()):,} source and {int(self.tgt_lens.sum()):,} target tokens"
+        return describe_tokens(self.src_lens, self.tgt_lens)
 
 
 class _ListViews:
@@ -137,6 +137,63 @@ def _chunk_views(column: pa.ChunkedArray) -> tuple[list[np.ndarray], list[np.nda
     offsets = [chunk.offsets.to_numpy(zero_copy_only=True) for chunk in column.chunks]
     values = [chunk.values.to_numpy(zero_copy_only=True) for chunk in column.chunks]
     return offsets, values
+
+
+@dataclass
+class CorpusMix:
+    """The training corpora of a run's directions seen as one: rows numbered part after part.
+
+    With one direction it is that corpus. Part i is drawn with probability proportional to
+    weight_i * pairs_i^(1 / temperature) (Arivazhagan et al. 2019): T = 1 samples as the data
+    comes, larger T moves towards uniform, so small directions are not drowned.
+    """
+
+    parts: dict[str, EncodedCorpus]  # direction (e.g. de-en) -> its encoded training corpus
+    weights: list[float]  # per part, from the config
+    temperature: float
+
+    def __post_init__(self) -> None:
+        self.offsets = np.cumsum([0, *(len(p) for p in self.parts.values())])  # (C + 1,)
+        parts = list(self.parts.values())
+        self.src_lens = np.concatenate([p.src_lens for p in parts])  # (N,) over all parts
+        self.tgt_lens = np.concatenate([p.tgt_lens for p in parts])
+        counts = ("total", "kept", "empty", "too_long", "bad_ratio")
+        self.stats = FilterStats(
+            *(sum(getattr(p.stats, key) for p in parts) for key in counts),
+            max_len=parts[0].stats.max_len,
+            max_ratio=parts[0].stats.max_ratio,
+        )
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def probabilities(self) -> np.ndarray:
+        """(C,) the chance that a batch comes from each part."""
+        sizes = np.array([len(p) for p in self.parts.values()], dtype=np.float64)
+        raw = np.asarray(self.weights, dtype=np.float64) * sizes ** (1.0 / self.temperature)
+        return raw / raw.sum()
+
+    def pairs(self, indices: np.ndarray) -> list[tuple[list[int], list[int]]]:
+        """The (source ids, target ids) of the given rows, in the given order."""
+        indices = np.asarray(indices, dtype=np.int64)
+        which = np.searchsorted(self.offsets, indices, side="right") - 1  # part of each row
+        out: list[tuple[list[int], list[int]]] = [([], [])] * len(indices)
+        for part in np.unique(which).tolist():
+            rows = np.flatnonzero(which == part)
+            local = indices[rows] - self.offsets[part]
+            corpus = list(self.parts.values())[part]
+            for row, pair in zip(rows.tolist(), corpus.pairs(local), strict=True):
+                out[row] = pair
+        return out
+
+    def describe_tokens(self) -> str:
+        """E.g. ``377,534 source and 372,454 target tokens``."""
+        return describe_tokens(self.src_lens, self.tgt_lens)
+
+
+def describe_tokens(src_lens: np.ndarray, tgt_lens: np.ndarray) -> str:
+    """E.g. ``377,534 source and 372,454 target tokens``."""
+    return f"{int(src_lens.sum()):,} source and {int(tgt_lens.sum()):,} target tokens"
 
 
 def cache_key(
@@ -289,7 +346,7 @@ def _encode(
         _encode_batch,
         batched=True,
         num_proc=num_proc if num_proc > 1 else None,
-        fn_kwargs={"tokenizer": tokenizer},
+        fn_kwargs={"tokenizer": tokenizer, "tgt_lang": corpus.tgt_lang},
         remove_columns=["src", "tgt"],
         features=_IDS,
         cache_file_name=str(tmp / "ids.arrow"),
@@ -321,10 +378,12 @@ def _raw_pairs(corpus: Corpus) -> Iterator[dict[str, str]]:
         yield {"src": src, "tgt": tgt}
 
 
-def _encode_batch(batch: dict[str, list[str]], tokenizer: Tokenizer) -> dict[str, list[list[int]]]:
-    """Encode one batch of raw pairs."""
+def _encode_batch(
+    batch: dict[str, list[str]], tokenizer: Tokenizer, tgt_lang: str
+) -> dict[str, list[list[int]]]:
+    """Encode one batch of raw pairs (sources after the tag of `tgt_lang`, if there are tags)."""
     return {
-        "src_ids": tokenizer.encode_src(batch["src"]),
+        "src_ids": tokenizer.encode_src(batch["src"], tgt_lang),
         "tgt_ids": tokenizer.encode_tgt(batch["tgt"]),
     }
 

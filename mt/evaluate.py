@@ -12,9 +12,10 @@ from sacrebleu.metrics import BLEU, CHRF, TER
 
 from mt.corpora import read_lines
 from mt.errors import MtError
-from mt.rundir import load_trained, open_split
+from mt.rundir import load_trained, open_directions, open_split
 from mt.translate import (
     check_found,
+    check_target,
     count_missing,
     decode_settings,
     resolve_runtime,
@@ -63,8 +64,74 @@ def check_aligned(hyps: list[str], refs: list[str], hyp_name: str, ref_name: str
         raise MtError(f"{hyp_name} has {len(hyps)} lines but {ref_name} has {len(refs)}")
 
 
+def format_table(by_direction: dict[str, dict[str, MetricScore]]) -> str:
+    """One row per direction (BLEU, chrF, TER), then each metric's signature."""
+    first = next(iter(by_direction.values()))
+    names = [s.name for s in first.values()]
+    rows = [f"{'direction':<12}" + "".join(f"{n:>8}" for n in names)]
+    for direction, scores in by_direction.items():
+        rows.append(f"{direction:<12}" + "".join(f"{s.score:>8.2f}" for s in scores.values()))
+    rows += [f"{s.name}: {s.signature}" for s in first.values()]
+    return "\n".join(rows)
+
+
+def format_json_records(by_direction: dict[str, dict[str, MetricScore]]) -> str:
+    """A JSON list: one record per direction, {"direction", "bleu": {...}, "chrf", "ter"}."""
+    records = [
+        {"direction": direction, **json.loads(format_json(scores))}
+        for direction, scores in by_direction.items()
+    ]
+    return json.dumps(records, indent=2, ensure_ascii=False)
+
+
+def format_directions(by_direction: dict[str, dict[str, MetricScore]], as_json: bool) -> str:
+    """The scores of one direction as for a file; of several, a table or a list of records."""
+    if len(by_direction) == 1:
+        (scores,) = by_direction.values()
+        return format_json(scores) if as_json else format_text(scores)
+    return format_json_records(by_direction) if as_json else format_table(by_direction)
+
+
+def evaluate_run(
+    model_path: Path,
+    lowercase: bool = False,
+    device: str = "auto",
+    precision: str = "auto",
+    **overrides: Any,
+) -> dict[str, dict[str, MetricScore]]:
+    """Translate and score the test set of every direction of the run, by direction."""
+    dev, prec = resolve_runtime(device, precision, model_path)
+    config, tokenizer, model, checkpoint = load_trained(model_path, dev)
+    tests = open_directions(config, "test")
+    if not tests:
+        raise MtError(f"{model_path}: the run has no test set (data.test); give --src and --ref")
+    decode = decode_settings(config, nbest=1, **overrides)  # only the best is scored
+    out = {}
+    for direction, corpus in tests.items():
+        pairs = list(corpus.pairs())
+        translations = translate_lines(
+            [s for s, _ in pairs],
+            tokenizer,
+            model,
+            decode,
+            dev,
+            prec,
+            progress=sys.stderr.isatty(),
+            tgt_lang=corpus.tgt_lang,
+        )
+        check_found(checkpoint.weights, count_missing(translations), len(translations))
+        hyps = [hyps[0].text for hyps in translations]
+        out[direction] = score(hyps, [t for _, t in pairs], lowercase)
+    return out
+
+
 def model_translations(
-    model_path: Path, sources: list[str] | None, device: str, precision: str, **overrides: Any
+    model_path: Path,
+    sources: list[str] | None,
+    device: str,
+    precision: str,
+    tgt_lang: str | None = None,
+    **overrides: Any,
 ) -> tuple[list[str], list[str] | None]:
     """Best translations of `sources` (None: the run's test set) and the test references.
 
@@ -72,13 +139,21 @@ def model_translations(
     """
     dev, prec = resolve_runtime(device, precision, model_path)
     config, tokenizer, model, checkpoint = load_trained(model_path, dev)
+    check_target(config, tokenizer, tgt_lang)
     refs = None
     if sources is None:
         pairs = list(open_split(config, "test").pairs())
         sources, refs = [s for s, _ in pairs], [t for _, t in pairs]
     decode = decode_settings(config, nbest=1, **overrides)  # only the best is scored
     translations = translate_lines(
-        sources, tokenizer, model, decode, dev, prec, progress=sys.stderr.isatty()
+        sources,
+        tokenizer,
+        model,
+        decode,
+        dev,
+        prec,
+        progress=sys.stderr.isatty(),
+        tgt_lang=tgt_lang,
     )
     # Scores of a model that cannot translate every line would be meaningless.
     check_found(checkpoint.weights, count_missing(translations), len(translations))

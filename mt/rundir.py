@@ -17,7 +17,7 @@ from mt.batching import describe_epoch
 from mt.checkpoint import Checkpoint, load_weights, resolve_checkpoint
 from mt.config import CONFIG_FILE, Config, load_config
 from mt.corpora import Corpus, open_corpus
-from mt.data import EncodedCorpus, encode_corpus
+from mt.data import CorpusMix, EncodedCorpus, encode_corpus
 from mt.errors import ConfigError, DataError
 from mt.model import Transformer
 from mt.tokenizer import (
@@ -25,6 +25,7 @@ from mt.tokenizer import (
     describe_unk_rate,
     load_tokenizer,
     tokenizer_files,
+    train_multilingual_tokenizer,
     train_tokenizer,
 )
 
@@ -48,26 +49,48 @@ def load_run_config(run_dir: str | Path) -> Config:
 
 
 def open_split(config: Config, which: str) -> Corpus:
-    """The `train`, `valid` or `test` corpus named in the config."""
-    spec = getattr(config.data, which)
+    """The `train`, `valid` or `test` corpus of a run with one direction."""
+    (direction, *others) = config.data.directions()
+    if others:
+        names = ", ".join(c.direction for c in config.data.directions())
+        raise ConfigError(f"the run has several directions ({names}): name one")
+    spec = getattr(direction, which)
     if not spec:
         raise ConfigError(f"data.{which} is empty: set it in the config or as data.{which}=...")
-    return open_corpus(spec, config.data.src_lang, config.data.tgt_lang, split=SPLITS[which])
+    return open_corpus(spec, direction.src_lang, direction.tgt_lang, split=SPLITS[which])
 
 
-def open_run(config: Config, splits: Sequence[str]) -> dict[str, Corpus]:
-    """The corpora among `splits` that the config sets, and the run directory, checked early.
+def open_directions(config: Config, which: str) -> dict[str, Corpus]:
+    """The `which` corpus of every direction that has one, by direction (e.g. ``de-en``).
+
+    A missing corpus is a DataError naming its key: data.<which>, or data.corpora[i].<which>.
+    """
+    corpora = {}
+    for i, direction in enumerate(config.data.directions()):
+        spec = getattr(direction, which)
+        if not spec:
+            continue
+        key = f"data.corpora[{i}].{which}" if config.data.corpora else f"data.{which}"
+        try:
+            corpora[direction.direction] = open_corpus(
+                spec, direction.src_lang, direction.tgt_lang, split=SPLITS[which]
+            )
+        except DataError as exc:
+            raise DataError(f"{key}: {exc}") from None
+    return corpora
+
+
+def open_run(config: Config, splits: Sequence[str]) -> dict[str, dict[str, Corpus]]:
+    """{split: {direction: corpus}} for the `splits` the config sets, and the run directory.
 
     Each corpus must exist (DataError naming its key) and the directory must be creatable,
     before any slow work starts.
     """
     corpora = {}
     for which in splits:
-        if getattr(config.data, which):
-            try:
-                corpora[which] = open_split(config, which)
-            except DataError as exc:
-                raise DataError(f"data.{which}: {exc}") from None
+        found = open_directions(config, which)
+        if found:
+            corpora[which] = found
     try:
         run_path(config).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -92,6 +115,7 @@ def prepare_tokenizer(config: Config) -> Tokenizer:
                 wanted.vocab_size,
                 directory,
             )
+        check_tags(tokenizer, config, directory)
         return tokenizer
     log.info(
         "training a %s tokenizer (%d pieces, joint=%s)",
@@ -99,7 +123,24 @@ def prepare_tokenizer(config: Config) -> Tokenizer:
         wanted.vocab_size,
         wanted.joint,
     )
-    return train_tokenizer(open_split(config, "train"), directory, wanted, config.train.seed)
+    seed = config.train.seed
+    if len(config.data.directions()) == 1:
+        return train_tokenizer(open_split(config, "train"), directory, wanted, seed)
+    corpora = list(open_directions(config, "train").values())
+    temperature = config.data.temperature
+    return train_multilingual_tokenizer(corpora, directory, wanted, seed, temperature)
+
+
+def check_tags(tokenizer: Tokenizer, config: Config, directory: Path) -> None:
+    """DataError unless the tokenizer has a tag for each target language (none for one)."""
+    targets = config.data.target_languages()
+    wanted = targets if len(targets) > 1 else []
+    if sorted(tokenizer.tags) != sorted(wanted):
+        has = ", ".join(tokenizer.tags) or "none"
+        raise DataError(
+            f"{directory}: the tokenizer has target-language tags for {has}, but the run "
+            f"translates into {', '.join(targets)}; delete it to retrain it"
+        )
 
 
 def find_tokenizer(path: Path) -> Tokenizer:
@@ -118,9 +159,27 @@ def cache_dir(config: Config) -> Path:
 
 
 def encode_split(config: Config, tokenizer: Tokenizer, which: str) -> EncodedCorpus:
+    """The encoded `which` corpus of a run with one direction (see encode)."""
+    return encode(config, tokenizer, which, open_split(config, which))
+
+
+def encode_directions(config: Config, tokenizer: Tokenizer, which: str) -> dict[str, EncodedCorpus]:
+    """The encoded `which` corpus of every direction that has one, by direction."""
+    corpora = open_directions(config, which)
+    return {name: encode(config, tokenizer, which, c) for name, c in corpora.items()}
+
+
+def encode_train(config: Config, tokenizer: Tokenizer) -> CorpusMix:
+    """The training corpora of every direction, encoded and filtered, to sample batches from."""
+    weights = [c.weight for c in config.data.directions()]
+    parts = encode_directions(config, tokenizer, "train")
+    return CorpusMix(parts, weights, config.data.temperature)
+
+
+def encode(config: Config, tokenizer: Tokenizer, which: str, corpus: Corpus) -> EncodedCorpus:
     """The encoded (and, for training data only, filtered) corpus, from the cache when possible."""
     return encode_corpus(
-        open_split(config, which),
+        corpus,
         tokenizer,
         cache_dir(config),
         filter=which == "train",
@@ -130,17 +189,36 @@ def encode_split(config: Config, tokenizer: Tokenizer, which: str) -> EncodedCor
     )
 
 
-def prepare_data(config: Config, tokenizer: Tokenizer, corpora: dict[str, Corpus]) -> Iterator[str]:
-    """Encode and cache each corpus (or find it cached), yielding its statistics as lines."""
-    for which, corpus in corpora.items():
-        data = encode_split(config, tokenizer, which)
-        yield f"{which}: {data.stats.describe()}"
-        yield f"{which}: {data.describe_tokens()}"
-        if which == "train":
-            train = config.train  # max_tokens >= data.max_len + 1: checked at config load
-            yield f"train: {describe_epoch(data, train.max_tokens, train.seed)}"
-        if which == "valid":
-            yield f"valid: {describe_unk_rate(tokenizer, corpus)}"
+def prepare_data(
+    config: Config, tokenizer: Tokenizer, corpora: dict[str, dict[str, Corpus]]
+) -> Iterator[str]:
+    """Encode and cache each corpus (or find it cached), yielding its statistics as lines.
+
+    A run with several directions names the direction on each line (``train de-en: ...``).
+    """
+    several = len(config.data.directions()) > 1
+    for which, directions in corpora.items():
+        for name, corpus in directions.items():
+            data = encode(config, tokenizer, which, corpus)
+            label = split_label(config, which, name)
+            yield f"{label}: {data.stats.describe()}"
+            yield f"{label}: {data.describe_tokens()}"
+            if which == "train":
+                train = config.train  # max_tokens >= data.max_len + 1: checked at config load
+                yield f"{label}: {describe_epoch(data, train.max_tokens, train.seed)}"
+            if which == "valid":
+                yield f"{label}: {describe_unk_rate(tokenizer, corpus)}"
+    if several and "train" in corpora:
+        mix = encode_train(config, tokenizer)
+        chances = zip(mix.parts, mix.probabilities(), strict=True)
+        shares = ", ".join(f"{name} {p:.1%}" for name, p in chances)
+        temperature = f"data.temperature={config.data.temperature:g}"
+        yield f"train: batches drawn from {shares} ({temperature})"
+
+
+def split_label(config: Config, which: str, direction: str) -> str:
+    """How messages name a corpus: ``valid``, or ``valid de-en`` in a run of several directions."""
+    return f"{which} {direction}" if len(config.data.directions()) > 1 else which
 
 
 def checkpoint_metadata(tokenizer: Tokenizer) -> dict[str, str]:

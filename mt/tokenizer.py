@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import random
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property, partial
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,7 +22,7 @@ import numpy as np
 import sentencepiece as spm
 
 from mt.config import TokenizerConfig
-from mt.errors import DataError, first_line
+from mt.errors import DataError, MtError, first_line
 from mt.files import atomic_write_bytes
 from mt.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID, strip_specials
 
@@ -36,13 +38,48 @@ _NUM_THREADS = 4
 _CHUNK = 10_000  # sentences encoded at once by unk_rate
 
 
+TAG = ">>{}<<"  # the piece that asks for a target language: Marian's and OPUS-MT's convention
+_TAG = re.compile(r">>([A-Za-z0-9_-]+)<<")
+
+
+def tag_piece(lang: str) -> str:
+    """The reserved piece naming target language `lang`, e.g. ``>>fr<<``."""
+    return TAG.format(lang)
+
+
 @dataclass
 class Tokenizer:
-    """The source and target SentencePiece models (the same model when the vocabulary is joint)."""
+    """The source and target SentencePiece models (the same model when the vocabulary is joint).
+
+    A multilingual model's source model has one piece per target language (``>>fr<<``), right
+    after the special ids; a source sentence starts with the piece of the language wanted.
+    """
 
     src: spm.SentencePieceProcessor
     tgt: spm.SentencePieceProcessor
     paths: list[Path]
+
+    @cached_property
+    def tags(self) -> dict[str, int]:
+        """Target language -> its tag's id; empty for a model with one target language."""
+        out = {}
+        for i in range(EOS_ID + 1, self.src.vocab_size()):
+            found = _TAG.fullmatch(self.src.id_to_piece(i))
+            if found is None or self.src.is_byte(i) or self.src.is_control(i):
+                break  # the user-defined pieces come first, then bytes and learned pieces
+            out[found.group(1)] = i
+        return out
+
+    def tag_id(self, tgt_lang: str | None) -> int | None:
+        """The id to put before a source for `tgt_lang` (None: the model has no tags)."""
+        if not self.tags:
+            return None
+        known = ", ".join(self.tags)
+        if tgt_lang is None:
+            raise MtError(f"the model translates into {known}: name the target language")
+        if tgt_lang not in self.tags:
+            raise MtError(f"the model does not translate into {tgt_lang!r} (only into {known})")
+        return self.tags[tgt_lang]
 
     @property
     def joint(self) -> bool:
@@ -68,9 +105,17 @@ class Tokenizer:
             digest.update(len(data).to_bytes(8, "little") + data)
         return digest.hexdigest()
 
-    def encode_src(self, texts: list[str]) -> list[list[int]]:
-        """Source texts to piece ids, without BOS/EOS."""
-        return self.src.encode(texts, out_type=int)
+    def encode_src(self, texts: list[str], tgt_lang: str | None = None) -> list[list[int]]:
+        """Source texts to piece ids, without BOS/EOS, after the tag of `tgt_lang` if any.
+
+        The tag is an id, not text: SentencePiece would put a "▁" piece before it. A text
+        without pieces gets no tag, so blank lines stay blank.
+        """
+        ids = self.src.encode(texts, out_type=int)
+        tag = self.tag_id(tgt_lang)
+        if tag is None:
+            return ids
+        return [[tag, *seq] if seq else seq for seq in ids]
 
     def encode_tgt(self, texts: list[str]) -> list[list[int]]:
         """Target texts to piece ids, without BOS/EOS."""
@@ -158,8 +203,55 @@ def train_tokenizer(
     corpus: Corpus, directory: Path, config: TokenizerConfig, seed: int
 ) -> Tokenizer:
     """Train joint or per-side SentencePiece models on the corpus; write them to ``directory``."""
-    joint = config.joint
-    options = {
+    if config.joint:
+        sides = {"joint": _joint_sentences(corpus)}
+    else:
+        sides = {"source": (s for s, _ in corpus.pairs()), "target": (t for _, t in corpus.pairs())}
+    options = _options(config)
+    models = [
+        _train_one(corpus.describe(), side, sentences, seed, options)
+        for side, sentences in sides.items()
+    ]
+    return _write_models(directory, config.joint, models)
+
+
+def train_multilingual_tokenizer(
+    corpora: Sequence[Corpus],
+    directory: Path,
+    config: TokenizerConfig,
+    seed: int,
+    temperature: float,
+) -> Tokenizer:
+    """One model for all the languages of `corpora` (or one per side), with a tag per target.
+
+    Each language's share of the sample is proportional to its sentences^(1/temperature), as
+    for the batches: a small language is repeated, a large one sampled. The tags are pieces
+    SentencePiece never splits; with one target language there are none.
+    """
+    targets = list(dict.fromkeys(c.tgt_lang for c in corpora))
+    tags = [tag_piece(lang) for lang in targets] if len(targets) > 1 else []
+    size = config.input_sentence_size
+    if config.joint:
+        sides = {"joint": _balanced(_texts(corpora, (0, 1)), size, temperature, seed)}
+    else:
+        sides = {
+            "source": _balanced(_texts(corpora, (0,)), size, temperature, seed),
+            "target": _balanced(_texts(corpora, (1,)), size, temperature, seed),
+        }
+    where = " and ".join(c.describe() for c in corpora)
+    models = []
+    for side, sentences in sides.items():
+        # The tags go where the source is read: the joint model, or the source model.
+        options = {**_options(config), "input_sentence_size": 0}
+        if side != "target" and tags:
+            options["user_defined_symbols"] = tags
+        models.append(_train_one(where, side, iter(sentences), seed, options))
+    return _write_models(directory, config.joint, models)
+
+
+def _options(config: TokenizerConfig) -> dict:
+    """SentencePiece's training options for `config`, with mt's special ids."""
+    return {
         "vocab_size": config.vocab_size,
         "model_type": config.type,
         "character_coverage": config.character_coverage,
@@ -173,14 +265,11 @@ def train_tokenizer(
         "num_threads": _NUM_THREADS,
         "minloglevel": 2,  # SentencePiece logs every training step to stderr otherwise
     }
+
+
+def _write_models(directory: Path, joint: bool, models: list[bytes]) -> Tokenizer:
+    """Write the model bytes under their names in `directory` and load them."""
     paths = tokenizer_files(directory, joint)
-    if joint:
-        sides = {"joint": _joint_sentences(corpus)}
-    else:
-        sides = {"source": (s for s, _ in corpus.pairs()), "target": (t for _, t in corpus.pairs())}
-    models = [
-        _train_one(corpus, side, sentences, seed, options) for side, sentences in sides.items()
-    ]
     Path(directory).mkdir(parents=True, exist_ok=True)
     for path, model in zip(paths, models, strict=True):
         atomic_write_bytes(path, model)
@@ -190,6 +279,46 @@ def train_tokenizer(
     return load_tokenizer(directory)
 
 
+def _texts(corpora: Sequence[Corpus], sides: tuple[int, ...]) -> dict[str, list[Callable]]:
+    """Language -> functions streaming its sentences, each (corpus, side) file once.
+
+    A multi-way corpus used in several directions names the same file for a language in each:
+    it is read once, so that it does not count twice.
+    """
+    out: dict[str, dict[tuple[str, str], Callable]] = {}
+    for corpus in corpora:
+        for side in sides:
+            lang = (corpus.src_lang, corpus.tgt_lang)[side]
+            stream = partial(_side, corpus, side)
+            out.setdefault(lang, {}).setdefault((corpus.spec, lang), stream)
+    return {lang: list(streams.values()) for lang, streams in out.items()}
+
+
+def _side(corpus: Corpus, side: int) -> Iterator[str]:
+    """The source (0) or target (1) sentences of a corpus."""
+    return (pair[side] for pair in corpus.pairs())
+
+
+def _balanced(
+    languages: dict[str, list[Callable]], size: int, temperature: float, seed: int
+) -> list[str]:
+    """As many sentences as there are (at most `size`, if set); language l's share ~ n_l^(1/T)."""
+    counts = {lang: sum(1 for f in streams for _ in f()) for lang, streams in languages.items()}
+    total = min(size or math.inf, sum(counts.values()))
+    shares = np.array([n ** (1 / temperature) for n in counts.values()])
+    quotas = np.round(total * shares / shares.sum()).astype(int)
+    out: list[str] = []
+    for streams, n, quota in zip(languages.values(), counts.values(), quotas, strict=True):
+        whole, rest = divmod(int(quota), max(n, 1))
+        sentences = (s for f in streams for s in f())
+        if whole:  # a small language, repeated: SentencePiece counts every copy
+            every = list(sentences)
+            out.extend(every * whole)
+            sentences = iter(every)
+        out.extend(_sample(sentences, rest, seed))
+    return out
+
+
 def _joint_sentences(corpus: Corpus) -> Iterator[str]:
     """Source and target sentences interleaved, for one model shared by both languages."""
     for src, tgt in corpus.pairs():
@@ -197,9 +326,7 @@ def _joint_sentences(corpus: Corpus) -> Iterator[str]:
         yield tgt
 
 
-def _train_one(
-    corpus: Corpus, side: str, sentences: Iterator[str], seed: int, options: dict
-) -> bytes:
+def _train_one(where: str, side: str, sentences: Iterator[str], seed: int, options: dict) -> bytes:
     """Train one model in memory and return its bytes; SentencePiece failures become DataErrors."""
     size = options["input_sentence_size"]
     feed = _Feed(iter(_sample(sentences, size, seed)) if size else sentences)
@@ -213,7 +340,7 @@ def _train_one(
     except RuntimeError as exc:
         if feed.error is not None:
             raise feed.error from None
-        raise _training_error(corpus, side, options["vocab_size"], str(exc)) from None
+        raise _training_error(where, side, options["vocab_size"], str(exc)) from None
     return model.getvalue()
 
 
@@ -255,9 +382,9 @@ class _Feed:
             raise
 
 
-def _training_error(corpus: Corpus, side: str, vocab_size: int, message: str) -> DataError:
-    """A one-line DataError for SentencePiece's known training failures."""
-    where = f"{corpus.describe()} ({side} side)" if side != "joint" else corpus.describe()
+def _training_error(corpus: str, side: str, vocab_size: int, message: str) -> DataError:
+    """A one-line DataError for SentencePiece's known training failures of `corpus`."""
+    where = f"{corpus} ({side} side)" if side != "joint" else corpus
     too_high = re.search(
         r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", message
     )
@@ -287,7 +414,7 @@ def unk_rate(tokenizer: Tokenizer, corpus: Corpus) -> tuple[float, float]:
     pairs = corpus.pairs()
     while chunk := list(islice(pairs, _CHUNK)):
         sides = (
-            tokenizer.encode_src([s for s, _ in chunk]),
+            tokenizer.src.encode([s for s, _ in chunk], out_type=int),  # without a tag
             tokenizer.encode_tgt([t for _, t in chunk]),
         )
         for side, ids in enumerate(sides):

@@ -29,9 +29,17 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mt import checkpoint as ckpt
 from mt import distributed, search
-from mt.batching import Batch, BatchSampler, Prefetcher, Update, collate, plan_updates
+from mt.batching import (
+    Batch,
+    BatchSampler,
+    MixtureSampler,
+    Prefetcher,
+    Update,
+    collate,
+    plan_updates,
+)
 from mt.config import CONFIG_FILE, Config, diff, load_config, save_config
-from mt.data import EncodedCorpus, write_data_stats
+from mt.data import CorpusMix, EncodedCorpus, write_data_stats
 from mt.device import (
     DTYPES,
     PrecisionChoice,
@@ -49,10 +57,12 @@ from mt.model import Transformer, count_parameters
 from mt.optim import make_optimizer, make_scheduler
 from mt.rundir import (
     checkpoint_metadata,
-    encode_split,
-    open_split,
+    encode_directions,
+    encode_train,
+    open_directions,
     prepare_tokenizer,
     run_path,
+    split_label,
 )
 from mt.tokenizer import Tokenizer
 
@@ -325,8 +335,8 @@ class Run:
     config: Config
     directory: Path
     tokenizer: Tokenizer
-    train_data: EncodedCorpus
-    dev: DevSet | None  # rank 0 only: the others never validate
+    train_data: CorpusMix  # the training corpus of every direction
+    dev: dict[str, DevSet]  # by direction; rank 0 only: the others never validate
     metadata: dict[str, str]  # what a checkpoint must agree on with this run
     learner: Learner
     precision: PrecisionChoice  # how learner.precision was chosen (rank 0's record)
@@ -359,13 +369,16 @@ def check_resumable(config: Config, run_dir: Path) -> None:
         )
 
 
-def prepare(config: Config, world: World) -> tuple[Tokenizer, EncodedCorpus, EncodedCorpus | None]:
+Prepared = tuple[Tokenizer, CorpusMix, dict[str, EncodedCorpus]]
+
+
+def prepare(config: Config, world: World) -> Prepared:
     """Check the config against the run's, train or load the tokenizer, encode the corpora."""
     if world.is_main:
         check_resumable(config, run_path(config))
     tokenizer = prepare_tokenizer(config)
-    train_data = encode_split(config, tokenizer, "train")
-    valid_data = encode_split(config, tokenizer, "valid") if config.data.valid else None
+    train_data = encode_train(config, tokenizer)
+    valid_data = encode_directions(config, tokenizer, "valid")
     return tokenizer, train_data, valid_data
 
 
@@ -383,7 +396,7 @@ def start(
     """
     configure_backends(device)
 
-    def prepare_run() -> tuple[Tokenizer, EncodedCorpus, EncodedCorpus | None]:
+    def prepare_run() -> Prepared:
         if world.is_main:  # before anything is written: a second trainer stops here
             stack.enter_context(hold_run_lock(run_path(config)))
             ckpt.repair_checkpoints(run_path(config))
@@ -398,7 +411,7 @@ def start(
         directory=run_path(config),
         tokenizer=tokenizer,
         train_data=train_data,
-        dev=dev_set(config, valid_data, learner.model) if world.is_main else None,
+        dev=dev_sets(config, valid_data, learner.model) if world.is_main else {},
         metadata=checkpoint_metadata(tokenizer),
         learner=learner,
         precision=precision,
@@ -432,13 +445,16 @@ def run_precision(
     return dataclasses.replace(choice, precision=names[int(agreed)])
 
 
-def dev_set(config: Config, valid_data: EncodedCorpus | None, model: Transformer) -> DevSet | None:
-    """The dev set with its references; says once how many sentences are longer than the model."""
-    if valid_data is None:
-        return None
-    dev = DevSet(valid_data, open_split(config, "valid").targets(), model.max_positions - 1)
-    report_long(valid_data, dev.max_len, "dev", "validation")
-    return dev
+def dev_sets(
+    config: Config, valid_data: dict[str, EncodedCorpus], model: Transformer
+) -> dict[str, DevSet]:
+    """Each direction's dev set with its references; says how many are longer than the model."""
+    corpora, max_len = open_directions(config, "valid"), model.max_positions - 1
+    devs = {}
+    for name, data in valid_data.items():
+        devs[name] = DevSet(data, corpora[name].targets(), max_len)
+        report_long(data, max_len, split_label(config, "dev", name), "validation")
+    return devs
 
 
 def report_long(data: EncodedCorpus, max_len: int, name: str, user: str) -> None:
@@ -535,10 +551,10 @@ def begin(run: Run, stack: contextlib.ExitStack) -> None:
     # Records of steps after the checkpoint resumed from are dropped: they are run again.
     metrics = MetricsLog(run.directory, resume_step=run.state.step)
     run.metrics = stack.enter_context(contextlib.closing(metrics))
-    if config.data.test:
-        test = encode_split(config, run.tokenizer, "test")
-        report_long(test, learner.model.max_positions - 1, "test", "the report")
-    valid_corpus = open_split(config, "valid") if run.dev is not None else None
+    for name, test in encode_directions(config, run.tokenizer, "test").items():
+        max_len = learner.model.max_positions - 1
+        report_long(test, max_len, split_label(config, "test", name), "the report")
+    valid_corpus = next(iter(open_directions(config, "valid").values()), None)
     write_data_stats(run.directory, run.train_data, run.tokenizer, valid_corpus)
     tc = config.train
     log.info("train: %s", run.train_data.stats.describe())
@@ -607,7 +623,7 @@ def next_updates(run: Run) -> Prefetcher[Update]:
     """This rank's updates from the saved position on, collated (and pinned) in a thread."""
     tc, state, world = run.config.train, run.state, run.world
     data = run.train_data
-    sampler = BatchSampler(data.src_lens, data.tgt_lens, tc.max_tokens, tc.seed)
+    sampler = MixtureSampler.of(data, tc.max_tokens, tc.seed)
     position = (state.epoch, state.batches_done)
     plan = plan_updates(
         sampler, data, position, tc.max_epochs, tc.update_freq, world.rank, world.world_size
@@ -770,14 +786,16 @@ def record_validation(run: Run) -> bool:
     never makes a checkpoint the best.
     """
     state = run.state
-    if run.dev is None:
+    if not run.dev:
         return True
     t0 = time.perf_counter()
     scores = validate(run)
     scores["seconds"] = time.perf_counter() - t0
     state.train_seconds += scores["seconds"]
-    improved = math.isfinite(scores["loss"]) and scores["bleu"] > state.best_bleu
-    state.best_bleu = scores["bleu"] if improved else state.best_bleu
+    select = run.config.data.select_direction if len(run.dev) > 1 else ""
+    bleu = scores[f"{select}/bleu" if select else "bleu"]
+    improved = math.isfinite(scores["loss"]) and bleu > state.best_bleu
+    state.best_bleu = bleu if improved else state.best_bleu
     state.bad_validations = 0 if improved else state.bad_validations + 1
     run.metrics.write("valid", state.step, scores)
     log.info(
@@ -787,10 +805,23 @@ def record_validation(run: Run) -> bool:
     return improved
 
 
-@torch.no_grad()
 def validate(run: Run) -> dict[str, float]:
+    """Dev scores: of the one direction, or their means and each as `de-en/bleu` etc."""
+    per = {name: validate_direction(run, dev) for name, dev in run.dev.items()}
+    if len(per) == 1:
+        return next(iter(per.values()))
+    scores = {key: float(np.mean([s[key] for s in per.values()])) for key in ("loss", "nll")}
+    scores["bleu"] = float(np.mean([s["bleu"] for s in per.values()]))
+    scores["ppl"] = math.exp(min(scores["nll"], 100.0))
+    for name, direction in per.items():
+        scores.update({f"{name}/{key}": value for key, value in direction.items()})
+    return scores
+
+
+@torch.no_grad()
+def validate_direction(run: Run, dev: DevSet) -> dict[str, float]:
     """Dev loss and perplexity (teacher forcing) and BLEU of batched greedy or beam search."""
-    dev, learner, config = run.dev, run.learner, run.config
+    learner, config = run.learner, run.config
     model, device = learner.eval_model, learner.device
     model.eval()
     budget = max(config.train.valid_max_tokens, dev.max_len + 1)

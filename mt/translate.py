@@ -66,9 +66,14 @@ NOT_FOUND = Translation("", math.nan, [], found=False)  # a line without a finit
 # --- input ----------------------------------------------------------------------------------
 
 
-def encode_sources(lines: Sequence[str], tokenizer: Tokenizer, max_len: int) -> list[list[int]]:
-    """Source ids per line (none for blank lines), cut to max_len pieces with a warning."""
-    ids = tokenizer.encode_src([line if line.strip() else "" for line in lines])
+def encode_sources(
+    lines: Sequence[str], tokenizer: Tokenizer, max_len: int, tgt_lang: str | None = None
+) -> list[list[int]]:
+    """Source ids per line (none for blank lines), cut to max_len pieces with a warning.
+
+    A multilingual model's sources start with the tag of `tgt_lang` (see Tokenizer.encode_src).
+    """
+    ids = tokenizer.encode_src([line if line.strip() else "" for line in lines], tgt_lang)
     for number, seq in enumerate(ids, start=1):
         if len(seq) > max_len:
             log.warning(
@@ -76,6 +81,15 @@ def encode_sources(lines: Sequence[str], tokenizer: Tokenizer, max_len: int) -> 
             )
             del seq[max_len:]
     return ids
+
+
+def check_target(config: Config, tokenizer: Tokenizer, tgt_lang: str | None) -> None:
+    """MtError unless `tgt_lang` is one the model translates into (or None, for one)."""
+    known = config.data.target_languages()
+    if tgt_lang is None and tokenizer.tags:
+        raise MtError(f"the model translates into {', '.join(known)}: choose one with --tgt-lang")
+    if tgt_lang is not None and tgt_lang not in known:
+        raise MtError(f"--tgt-lang {tgt_lang}: the model translates into {', '.join(known)} only")
 
 
 # --- decoding settings ----------------------------------------------------------------------
@@ -148,13 +162,14 @@ def translate_batches(
     max_tokens: int | None = None,
     scores: bool = False,
     progress: bool = False,
+    tgt_lang: str | None = None,
 ) -> Iterator[tuple[list[int], list[list[Translation]]]]:
     """(line indices, their n-best translations) batch by batch, longest batches last.
 
     Blank lines (and lines without pieces) come first, untranslated. `scores` forces beam
     search even at beam 1. A line without a finite hypothesis gets `nbest` times NOT_FOUND.
     """
-    ids = encode_sources(lines, tokenizer, model.max_positions - 1)  # - 1: room for EOS
+    ids = encode_sources(lines, tokenizer, model.max_positions - 1, tgt_lang)  # - 1: room for EOS
     nbest = decode.nbest
     empty = [i for i, seq in enumerate(ids) if not seq]
     if empty:
@@ -192,11 +207,12 @@ def translate_lines(
     max_tokens: int | None = None,
     scores: bool = False,
     progress: bool = False,
+    tgt_lang: str | None = None,
 ) -> list[list[Translation]]:
     """The n-best translations of every line, in input order (see translate_batches)."""
     out: list[list[Translation]] = [[] for _ in lines]
     for indices, translations in translate_batches(
-        lines, tokenizer, model, decode, device, precision, max_tokens, scores, progress
+        lines, tokenizer, model, decode, device, precision, max_tokens, scores, progress, tgt_lang
     ):
         for i, hyps in zip(indices, translations, strict=True):
             out[i] = hyps
@@ -275,6 +291,7 @@ def translate_file(
     output: Path | None = None,
     device: str = "auto",
     precision: str = "auto",
+    tgt_lang: str | None = None,
     **overrides: Any,
 ) -> None:
     """`mt translate`: a file (or stdin, "-") through a trained model; overrides are decode.*."""
@@ -283,6 +300,7 @@ def translate_file(
     if output is not None and not Path(output).parent.is_dir():
         raise MtError(f"{output}: directory {Path(output).parent} does not exist")
     config, tokenizer, model, checkpoint = load_trained(model_path, dev)
+    check_target(config, tokenizer, tgt_lang)
     decode = decode_settings(config, **overrides)
     # n-best format when asked for on the command line, or when the run's config asks for it.
     nbest = overrides.get("nbest") is not None or decode.nbest > 1
@@ -292,7 +310,15 @@ def translate_file(
             stream, len(lines), lambda i, hyps: format_translations(i, hyps, nbest)
         )
         for indices, translations in translate_batches(
-            lines, tokenizer, model, decode, dev, prec, scores=nbest, progress=sys.stderr.isatty()
+            lines,
+            tokenizer,
+            model,
+            decode,
+            dev,
+            prec,
+            scores=nbest,
+            progress=sys.stderr.isatty(),
+            tgt_lang=tgt_lang,
         ):
             writer.add(indices, translations)
             missing += count_missing(translations)

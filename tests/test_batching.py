@@ -10,6 +10,7 @@ import torch
 from mt import batching
 from mt.batching import (
     BatchSampler,
+    MixtureSampler,
     Prefetcher,
     collate,
     collate_source,
@@ -287,10 +288,89 @@ def multi30k_lengths(multi30k: Path) -> tuple[np.ndarray, np.ndarray]:
     return tuple(np.array([len(ids) for ids in sp.encode(side)]) for side in (de, en))
 
 
-def test_padding_efficiency_multi30k(multi30k: Path) -> None:
-    src, tgt = multi30k_lengths(multi30k)
+@pytest.fixture(scope="module")
+def multi30k_lens(multi30k: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Subword lengths of Multi30k train (see multi30k_lengths), computed once."""
+    return multi30k_lengths(multi30k)
+
+
+def test_padding_efficiency_multi30k(multi30k_lens: tuple[np.ndarray, np.ndarray]) -> None:
+    src, tgt = multi30k_lens
     for shuffle in (True, False):
         batches = BatchSampler(src, tgt, 4096, shuffle=shuffle).epoch_batches(1)
         assert_valid_epoch(batches, src, tgt, 4096, len(src))
         src_eff, tgt_eff = padding_efficiency(batches, src, tgt)
         assert src_eff >= 0.90 and tgt_eff >= 0.90, (shuffle, src_eff, tgt_eff)
+
+
+# --- several corpora ----------------------------------------------------------------------------
+
+
+def mixture(seed: int = 3, max_tokens: int = 500) -> tuple[FakeCorpus, MixtureSampler]:
+    """Three corpora of 900, 200 and 50 pairs drawn 50/30/20, and their rows corpus after corpus."""
+    parts = [random_lens(n, seed=i) for i, n in enumerate((900, 200, 50))]
+    samplers = [BatchSampler(src, tgt, max_tokens, seed=seed) for src, tgt in parts]
+    sampler = MixtureSampler(samplers, np.array([0.5, 0.3, 0.2]), seed)
+    src, tgt = (np.concatenate([part[side] for part in parts]) for side in (0, 1))
+    return FakeCorpus(src, tgt), sampler
+
+
+def test_mixture_draws_each_corpus_its_share_of_batches() -> None:
+    corpus, sampler = mixture()
+    assert len(sampler) == sum(len(s) for s in sampler.samplers)
+    counts = sampler.counts()
+    assert counts.sum() == len(sampler)
+    assert np.all(np.abs(counts - len(sampler) * sampler.probabilities) < 1)
+    for epoch in (1, 2):
+        batches = sampler.epoch_batches(epoch)
+        which = [np.unique(np.searchsorted(sampler.offsets, b, side="right") - 1) for b in batches]
+        assert all(len(w) == 1 for w in which)  # a batch holds one corpus
+        assert np.bincount([int(w[0]) for w in which], minlength=3).tolist() == counts.tolist()
+        for b in batches:
+            assert len(b) * (max(corpus.src_lens[b].max(), corpus.tgt_lens[b].max()) + 1) <= 500
+        # The 50-pair corpus is drawn more often than it has batches: it goes round again.
+        small = np.concatenate([b for b, w in zip(batches, which, strict=True) if w[0] == 2])
+        assert len(small) > 50 and set(small.tolist()) == set(range(1100, 1150))
+    again = mixture()[1]
+    assert all(map(np.array_equal, sampler.epoch_batches(2), again.epoch_batches(2)))
+    first, second = sampler.epoch_batches(1), sampler.epoch_batches(2)
+    assert not all(map(np.array_equal, first, second))
+
+
+def test_a_mixture_of_one_is_its_sampler() -> None:
+    src, tgt = random_lens(700, seed=5)
+    alone = BatchSampler(src, tgt, 400, seed=9)
+    mixed = MixtureSampler([alone], np.array([1.0]), seed=9)
+    for epoch in (1, 2):
+        assert all(map(np.array_equal, mixed.epoch_batches(epoch), alone.epoch_batches(epoch)))
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
+def test_mixture_updates_resume_exactly_on_any_ranks(before: int, after: int) -> None:
+    corpus, sampler = mixture(seed=4)
+    size = 4
+    straight = rank_updates(corpus, sampler, (1, 0), size // before, before)
+    one_rank = rank_updates(corpus, sampler, (1, 0), size, 1)
+
+    def update_sets(per_rank):
+        return [
+            sorted(tuple(b.indices) for u in ranks for b in u.batches)
+            for ranks in zip(*per_rank, strict=True)
+        ]
+
+    assert update_sets(straight) == update_sets(one_rank)  # 2 ranks x 2 = 1 rank x 4
+    k = 7
+    stopped = straight[0][k - 1]
+    resumed = rank_updates(corpus, sampler, (stopped.epoch, stopped.done), size // after, after)
+    assert update_sets(resumed) == update_sets(straight)[k:]
+
+
+def test_mixture_batches_stay_full(multi30k_lens: tuple[np.ndarray, np.ndarray]) -> None:
+    de, en = multi30k_lens
+    # de-en whole and 5,000 pairs of en-de: two directions of different sizes.
+    samplers = [BatchSampler(de, en, 4096), BatchSampler(en[:5000], de[:5000], 4096)]
+    sampler = MixtureSampler(samplers, np.array([0.6, 0.4]), seed=1)
+    batches = sampler.epoch_batches(1)
+    src, tgt = np.concatenate([de, en[:5000]]), np.concatenate([en, de[:5000]])
+    src_eff, tgt_eff = padding_efficiency(batches, src, tgt)
+    assert src_eff >= 0.90 and tgt_eff >= 0.90, (src_eff, tgt_eff)

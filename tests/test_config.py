@@ -16,7 +16,7 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["base", "big", "multi30k", "tiny"])
+@pytest.mark.parametrize("name", ["base", "big", "multi30k", "multi30k-multi", "tiny"])
 def test_shipped_configs_load(name: str) -> None:
     config = load_config(CONFIGS / f"{name}.yaml")
     assert isinstance(config, Config)
@@ -232,3 +232,107 @@ def test_validation_searches_with_valid_beam_for_one_output_never_sampling() -> 
     decode = DecodeConfig(beam=5, nbest=4, valid_beam=2, sampling=True, alpha=1.0)
     valid = decode.for_validation()
     assert (valid.beam, valid.nbest, valid.sampling, valid.alpha) == (2, 1, False, 1.0)
+
+
+# --- several directions -----------------------------------------------------------------------
+
+MULTI = """data:
+  train: corpus/train
+  valid: corpus/valid
+  corpora:
+    - {src_lang: de, tgt_lang: en}
+    - {src_lang: en, tgt_lang: de, weight: 2}
+    - {src_lang: fr, tgt_lang: en, train: other/train, test: other/test}
+"""
+
+
+def test_single_pair_keys_mean_one_direction() -> None:
+    data = load_config(CONFIGS / "tiny.yaml").data
+    assert data.corpora == [] and data.temperature == 5.0
+    (only,) = data.directions()
+    assert (only.direction, only.train, only.valid, only.test, only.weight) == (
+        "de-en", data.train, data.valid, data.test, 1.0
+    )  # fmt: skip
+    assert data.target_languages() == ["en"]
+
+
+def test_corpora_share_the_data_files_unless_they_name_their_own(tmp_path: Path) -> None:
+    data = load_config(write(tmp_path, MULTI)).data
+    rows = [(c.direction, c.train, c.valid, c.test, c.weight) for c in data.directions()]
+    assert rows == [
+        ("de-en", "corpus/train", "corpus/valid", "", 1.0),
+        ("en-de", "corpus/train", "corpus/valid", "", 2.0),
+        ("fr-en", "other/train", "corpus/valid", "other/test", 1.0),
+    ]
+    assert data.target_languages() == ["en", "de"]
+    # The saved config keeps what was written (empty files mean "shared"), and reloads equal.
+    save_config(load_config(write(tmp_path, MULTI)), tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml").data == data
+
+
+@pytest.mark.parametrize(
+    ("corpora", "message"),
+    [
+        (
+            "[{src_lang: de, tgt_lang: en}, {src_lang: fr, tgt_lang: en}, "
+            "{src_lang: de, tgt_lang: en}]",
+            "data.corpora[2]: direction de-en is already data.corpora[0]",
+        ),
+        (
+            "[{src_lang: de, tgt_lang: 'e n'}]",
+            "data.corpora[0].tgt_lang='e n' is not a language code (letters, digits, - and _)",
+        ),
+        (
+            "[{src_lang: de}]",
+            "data.corpora[0].tgt_lang='' is not a language code (letters, digits, - and _)",
+        ),
+        ("[{src_lang: de, tgt_lang: de}]", "data.corpora[0].src_lang and tgt_lang are both 'de'"),
+        (
+            "[{src_lang: de, tgt_lang: en, weight: 0}]",
+            "data.corpora[0].weight=0.0 must be positive",
+        ),
+        ("[{src_lang: de, tgt_lang: en, lang: x}]", "unknown key data.corpora[0].lang"),
+        ("[de-en]", "data.corpora[0] must be a mapping, got 'de-en'"),
+        ("de-en", "data.corpora must be a list of mappings, got 'de-en'"),
+    ],
+)
+def test_corpora_errors_name_the_entry(tmp_path: Path, corpora: str, message: str) -> None:
+    path = write(tmp_path, f"data:\n  corpora: {corpora}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: {message}"
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, ""), [f"data.corpora={corpora}"])
+    assert str(err.value) == f"command line: {message}"
+
+
+def test_every_corpus_needs_training_data(tmp_path: Path) -> None:
+    path = write(tmp_path, "data:\n  corpora: [{src_lang: de, tgt_lang: en, train: a}, "
+                 "{src_lang: fr, tgt_lang: en}]\n")  # fmt: skip
+    with pytest.raises(ConfigError) as err:
+        load_config(path, required=["data.train"])
+    assert str(err.value) == (
+        f"{path}: data.corpora[1].train is empty; set it there or data.train=PATH for every corpus"
+    )
+    assert load_config(path, ["data.train=b"], required=["data.train"]).data.directions()[1].train
+    assert load_config(path, ["data.train=b"]).data.directions()[0].train == "a"
+
+
+def test_select_direction_and_temperature_are_checked(tmp_path: Path) -> None:
+    path = write(tmp_path, MULTI)
+    assert load_config(path, ["data.select_direction=fr-en"]).data.select_direction == "fr-en"
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["data.select_direction=de-fr"])
+    assert str(err.value) == (
+        "command line: data.select_direction='de-fr' is not a direction of the run "
+        "(de-en, en-de, fr-en)"
+    )
+    with pytest.raises(ConfigError, match=r"^command line: data.temperature=0.0 must be positive$"):
+        load_config(path, ["data.temperature=0"])
+
+
+def test_the_multilingual_recipe_has_four_directions() -> None:
+    data = load_config(CONFIGS / "multi30k-multi.yaml").data
+    assert [c.direction for c in data.directions()] == ["de-en", "en-de", "fr-en", "en-fr"]
+    assert {c.train for c in data.directions()} == {"data/multi30k/train"}
+    assert data.target_languages() == ["en", "de", "fr"]

@@ -16,8 +16,8 @@ import pytest
 from helpers.corpus import synthetic_pairs, write_corpus
 
 from mt.config import TokenizerConfig
-from mt.corpora import Corpus
-from mt.data import EncodedCorpus, FilterStats, encode_corpus, temp_prefix
+from mt.corpora import Corpus, open_corpus
+from mt.data import CorpusMix, EncodedCorpus, FilterStats, encode_corpus, temp_prefix
 from mt.errors import DataError, MtError
 from mt.tokenizer import Tokenizer, train_tokenizer
 
@@ -243,3 +243,42 @@ def test_a_full_disk_under_the_cache_is_one_line(
         rf"{cache}/[0-9a-f]{{64}}: cannot write \(No space left on device\)", str(err.value)
     )
     assert sorted(p.name for p in cache.iterdir()) == [".filler"]  # no entry, no temp dir
+
+
+# --- several directions -------------------------------------------------------------------------
+
+
+class Sized:
+    """What CorpusMix reads of an EncodedCorpus, for `n` one-token pairs."""
+
+    def __init__(self, n: int) -> None:
+        self.src_lens = self.tgt_lens = np.ones(n, dtype=np.int32)
+        self.stats = FilterStats(n + 1, n, 1, 0, 0, max_len=64, max_ratio=3.0)
+
+    def __len__(self) -> int:
+        return len(self.src_lens)
+
+
+@pytest.mark.parametrize(
+    ("weights", "temperature", "expected"),
+    [([1, 1], 1.0, [0.9, 0.1]), ([1, 1], 2.0, [0.75, 0.25]), ([1, 3], 2.0, [0.5, 0.5])],
+)
+def test_corpus_probabilities_follow_size_temperature_and_weight(
+    weights: list[float], temperature: float, expected: list[float]
+) -> None:
+    mix = CorpusMix({"de-en": Sized(900), "fr-en": Sized(100)}, weights, temperature)
+    np.testing.assert_allclose(mix.probabilities(), expected)
+    assert (len(mix), mix.stats.total, mix.stats.kept, mix.stats.empty) == (1000, 1002, 1000, 2)
+
+
+def test_corpus_mix_numbers_rows_part_after_part(
+    tiny: Corpus, tok: Tokenizer, tmp_path: Path
+) -> None:
+    forth = encode_corpus(tiny, tok, tmp_path, filter=True)
+    back = encode_corpus(open_corpus(tiny.spec, "en", "de"), tok, tmp_path, filter=True)
+    mix = CorpusMix({"de-en": forth, "en-de": back}, [1.0, 1.0], 5.0)
+    n = len(forth)
+    assert len(mix) == 2 * n and mix.src_lens.tolist() == [*forth.src_lens, *back.src_lens]
+    (src, tgt), (src_back, tgt_back), second = mix.pairs(np.array([0, n, 1]))
+    assert (src_back, tgt_back) == (tgt, src)  # the same pair, the other way
+    assert [(src, tgt), second] == forth.pairs(np.array([0, 1]))

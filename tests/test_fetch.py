@@ -159,21 +159,46 @@ def test_unknown_language(tmp_path: Path) -> None:
 
 
 def test_unpinned_language_checks_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # fr has no pinned checksum: a well-formed gzip with the right line count is accepted.
+    # cs has no pinned checksum: a well-formed gzip with the right line count is accepted.
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    for split, lines in fetch.MULTI30K_LINES.items():
+        (mirror / f"{split}.cs.gz").write_bytes(gzip.compress(b"Pes.\n" * lines))
+    dest = tmp_path / "out"
+    fetch.fetch_multi30k(dest, ("cs",), mirror=str(mirror), progress=False)
+    assert "warning: val.cs.gz: no pinned checksum" in capsys.readouterr().err
+    assert (dest / "val.cs.gz").read_bytes() == (mirror / "val.cs.gz").read_bytes()
+    (mirror / "val.cs.gz").write_bytes(gzip.compress(b"x\n" * 10))
+    (dest / "val.cs.gz").unlink()
+    with pytest.raises(DataError) as err:
+        fetch.fetch_multi30k(dest, ("cs",), mirror=str(mirror), progress=False)
+    assert str(err.value) == f"{mirror}/val.cs.gz: expected 1014 lines, got 10"
+    (mirror / "val.cs.gz").write_bytes(b"plain text")
+    with pytest.raises(DataError, match=r"val\.cs\.gz: not a valid gzip file"):
+        fetch.fetch_multi30k(dest, ("cs",), mirror=str(mirror), progress=False)
+    assert not (dest / "val.cs.gz").exists()
+
+
+def test_french_is_pinned(tmp_path: Path) -> None:
+    # A French file of the right format and line count but other bytes is refused by its sum.
     mirror = tmp_path / "mirror"
     mirror.mkdir()
     for split, lines in fetch.MULTI30K_LINES.items():
         (mirror / f"{split}.fr.gz").write_bytes(gzip.compress(b"Un chien.\n" * lines))
-    dest = tmp_path / "out"
-    fetch.fetch_multi30k(dest, ("fr",), mirror=str(mirror), progress=False)
-    assert "warning: val.fr.gz: no pinned checksum" in capsys.readouterr().err
-    assert (dest / "val.fr.gz").read_bytes() == (mirror / "val.fr.gz").read_bytes()
-    (mirror / "val.fr.gz").write_bytes(gzip.compress(b"x\n" * 10))
-    (dest / "val.fr.gz").unlink()
     with pytest.raises(DataError) as err:
-        fetch.fetch_multi30k(dest, ("fr",), mirror=str(mirror), progress=False)
-    assert str(err.value) == f"{mirror}/val.fr.gz: expected 1014 lines, got 10"
-    (mirror / "val.fr.gz").write_bytes(b"plain text")
-    with pytest.raises(DataError, match=r"val\.fr\.gz: not a valid gzip file"):
-        fetch.fetch_multi30k(dest, ("fr",), mirror=str(mirror), progress=False)
-    assert not (dest / "val.fr.gz").exists()
+        fetch.fetch_multi30k(tmp_path / "out", ("fr",), mirror=str(mirror), progress=False)
+    expected = fetch.MULTI30K_FILES["train.fr.gz"]
+    got = hashlib.sha256((mirror / "train.fr.gz").read_bytes()).hexdigest()
+    assert str(err.value) == (
+        f"{mirror}/train.fr.gz: checksum mismatch (expected {expected}, got {got})"
+    )
+
+
+def test_fetch_french(multi30k: Path, tmp_path: Path) -> None:
+    if not (multi30k / "train.fr.gz").is_file():
+        pytest.skip(f"no French Multi30k files in {multi30k}")
+    dest = tmp_path / "real"
+    paths = fetch.fetch_data("multi30k", dest, "de,en,fr", mirror=str(multi30k), progress=False)
+    assert [p.name for p in paths] == fetch.multi30k_names(["de", "en", "fr"])
+    for path in paths:
+        assert path.read_bytes() == (multi30k / path.name).read_bytes()

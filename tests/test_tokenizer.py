@@ -9,12 +9,21 @@ from pathlib import Path
 
 import pytest
 import sentencepiece as spm
-from helpers.corpus import synthetic_pairs, write_corpus
+from helpers.corpus import synthetic_pairs, write_corpus, write_multiway
 
 from mt.config import TokenizerConfig
 from mt.corpora import Corpus, open_corpus
-from mt.errors import DataError
-from mt.tokenizer import _sample, load_tokenizer, tokenizer_files, train_tokenizer, unk_rate
+from mt.errors import DataError, MtError
+from mt.tokenizer import (
+    _balanced,
+    _sample,
+    _texts,
+    load_tokenizer,
+    tokenizer_files,
+    train_multilingual_tokenizer,
+    train_tokenizer,
+    unk_rate,
+)
 from mt.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,3 +224,71 @@ def test_multi30k_round_trip(multi30k: Path, tmp_path: Path) -> None:
     src_unk, tgt_unk = unk_rate(tok, dev)
     assert src_unk == tgt_unk == 0.0  # byte fallback: nothing is unknown
     print(f"multi30k dev unk rate: {src_unk:.4%} source, {tgt_unk:.4%} target")
+
+
+# --- several languages ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def multiway(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny de/en corpus and a made-up fr, line-aligned (see write_multiway)."""
+    return write_multiway(tmp_path_factory.mktemp("multiway"), ROOT / "tests" / "data" / "tiny")
+
+
+def directions(root: Path, *pairs: str) -> list[Corpus]:
+    """The training corpora of directions like "de-en" in a multi-way directory."""
+    return [open_corpus(str(root / "train"), *pair.split("-")) for pair in pairs]
+
+
+def test_one_tag_per_target_language_never_split(multiway: Path, tmp_path: Path) -> None:
+    corpora = directions(multiway, "de-en", "en-de", "fr-en", "en-fr")
+    config = TokenizerConfig(vocab_size=200, byte_fallback=False)
+    tok = train_multilingual_tokenizer(corpora, tmp_path, config, seed=1, temperature=5.0)
+    assert tok.tags == {"en": 4, "de": 5, "fr": 6}  # right after the special ids
+    assert [tok.src.id_to_piece(i) for i in (4, 5, 6)] == [">>en<<", ">>de<<", ">>fr<<"]
+    plain = tok.src.encode(["Ein mann sieht den see ."], out_type=int)[0]
+    assert tok.encode_src(["Ein mann sieht den see .", ""], "fr") == [[6, *plain], []]
+    # As text, a tag is one piece too: SentencePiece never splits a user-defined piece.
+    assert ">>fr<<" in tok.src.encode(">>fr<< Ein mann", out_type=str)
+    assert load_tokenizer(tmp_path).tags == tok.tags  # the model file records the languages
+    with pytest.raises(MtError) as err:
+        tok.encode_src(["Ein mann"])
+    assert str(err.value) == "the model translates into en, de, fr: name the target language"
+    with pytest.raises(MtError) as err:
+        tok.encode_src(["Ein mann"], "cs")
+    assert str(err.value) == "the model does not translate into 'cs' (only into en, de, fr)"
+
+
+def test_one_target_language_has_no_tags(multiway: Path, tmp_path: Path) -> None:
+    corpora = directions(multiway, "de-en", "fr-en")
+    config = TokenizerConfig(vocab_size=120, byte_fallback=False, joint=False)
+    tok = train_multilingual_tokenizer(corpora, tmp_path, config, seed=1, temperature=5.0)
+    assert tok.tags == {} and not tok.joint
+    assert tok.encode_src(["Ein mann"], "en") == tok.src.encode(["Ein mann"], out_type=int)
+
+
+def test_single_pair_tokenizers_have_no_tags(joint_dir: Path, split_dir: Path) -> None:
+    for directory in (joint_dir, split_dir):
+        tok = load_tokenizer(directory)
+        assert tok.tags == {}
+        assert tok.encode_src(["ka to"], "en") == tok.encode_src(["ka to"])
+
+
+def test_the_sample_is_balanced_by_temperature(tmp_path: Path) -> None:
+    big, small = [f"gross {i}" for i in range(900)], [f"petit {i}" for i in range(100)]
+    streams = {"de": [lambda: iter(big)], "fr": [lambda: iter(small)]}
+    for temperature, size, want in ((1.0, 0, (900, 100)), (1e9, 2000, (500, 500))):
+        sample = _balanced(streams, size, temperature, seed=1)
+        counts = collections.Counter(s.split()[0] for s in sample)
+        assert (counts["gross"], counts["petit"]) == want
+    # T = 2: shares ~ sqrt(900) : sqrt(100) = 3 : 1 of 400; fr's 100 lines are all kept once.
+    sample = _balanced(streams, 400, 2.0, seed=1)
+    assert collections.Counter(s.split()[0] for s in sample) == {"gross": 300, "petit": 100}
+    assert sorted(s for s in sample if s.startswith("petit")) == sorted(small)
+    upsampled = _balanced(streams, 0, 1e9, seed=1)
+    assert collections.Counter(upsampled)["petit 7"] == 5  # 500 from 100: every line 5 times
+
+
+def test_a_shared_file_counts_once(multiway: Path) -> None:
+    texts = _texts(directions(multiway, "de-en", "en-de", "fr-en"), (0, 1))
+    assert {lang: len(streams) for lang, streams in texts.items()} == {"de": 1, "en": 1, "fr": 1}

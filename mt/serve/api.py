@@ -178,9 +178,9 @@ async def translate(body: TranslateRequest, request: Request, served: ServedDep)
     """Translate sentences; the answer has one translation per sentence, in order."""
     lines = [body.text] if isinstance(body.text, str) else body.text
     beam, nbest = _settings(body, served)
-    ids = _encode(lines, served)
+    ids = _encode(lines, served, body.tgt_lang)
     try:
-        job = served.batcher.submit(lines, ids, beam, nbest, body.attention)
+        job = served.batcher.submit(lines, ids, beam, nbest, body.attention, body.tgt_lang)
     except Unavailable as exc:
         headers = {"Retry-After": str(RETRY_AFTER_S)}
         return JSONResponse({"error": str(exc)}, status_code=503, headers=headers)
@@ -231,11 +231,13 @@ async def page(request: Request) -> HTMLResponse:
 def _settings(body: TranslateRequest, served: Served) -> tuple[int, int]:
     """The request's beam and n-best, checked against the model and the limits."""
     info, limits = served.info, served.limits
+    known = ", ".join(info.target_languages)
     if body.tgt_lang is not None and body.tgt_lang not in info.target_languages:
-        known = ", ".join(info.target_languages)
         raise RequestError(
             "tgt_lang", f"{body.tgt_lang!r} is not a target language of this model ({known})"
         )
+    if body.tgt_lang is None and len(info.target_languages) > 1:
+        raise RequestError("tgt_lang", f"missing: this model translates into {known}")
     decode = served.batcher.decode
     beam = body.beam or decode.beam
     if beam > limits.max_beam:
@@ -246,14 +248,14 @@ def _settings(body: TranslateRequest, served: Served) -> tuple[int, int]:
     return beam, nbest
 
 
-def _encode(lines: list[str], served: Served) -> list[list[int]]:
+def _encode(lines: list[str], served: Served, tgt_lang: str | None) -> list[list[int]]:
     """Source ids per line (none for blank lines); refuses too many or too long sentences."""
     limit, longest = served.limits.max_sentences, served.info.max_source_pieces
     if not lines:
         raise RequestError("text", "empty list; give a string or a non-empty list of strings")
     if len(lines) > limit:
         raise RequestError("text", f"{len(lines)} sentences exceed the limit of {limit}")
-    ids = encode_sources(lines, served.tokenizer, max_len=sys.maxsize)  # refused, not cut
+    ids = encode_sources(lines, served.tokenizer, sys.maxsize, tgt_lang)  # refused, not cut
     for index, seq in enumerate(ids):
         if len(seq) > longest:
             raise RequestError(

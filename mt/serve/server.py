@@ -60,8 +60,8 @@ def describe(
     bleus = [r["bleu"] for r in read_metrics(run_dir, "valid") if "bleu" in r]
     limits = {**dataclasses.asdict(batcher.limits), "max_tokens": batcher.max_tokens}
     return ModelInfo(
-        source_languages=[config.data.src_lang],
-        target_languages=[config.data.tgt_lang],
+        source_languages=list(dict.fromkeys(c.src_lang for c in config.data.directions())),
+        target_languages=config.data.target_languages(),
         parameters=count_parameters(model),
         checkpoint=checkpoint.name,
         steps=trained_steps(checkpoint),

@@ -53,6 +53,7 @@ class Job:
     attention: bool
     future: asyncio.Future[list[Result]]
     arrived: float  # time.monotonic() when queued
+    tgt_lang: str | None = None  # the target language of a multilingual model
 
     @property
     def tokens(self) -> int:
@@ -97,11 +98,17 @@ class Batcher:
     # --- the HTTP side (called on the event loop) --------------------------------------------
 
     def submit(
-        self, lines: list[str], ids: list[list[int]], beam: int, nbest: int, attention: bool
+        self,
+        lines: list[str],
+        ids: list[list[int]],
+        beam: int,
+        nbest: int,
+        attention: bool,
+        tgt_lang: str | None = None,
     ) -> Job:
         """Queue a request; its future gets one Result per line. Unavailable if it cannot wait."""
         future = asyncio.get_running_loop().create_future()
-        job = Job(lines, ids, beam, nbest, attention, future, time.monotonic())
+        job = Job(lines, ids, beam, nbest, attention, future, time.monotonic(), tgt_lang)
         with self._cond:
             if self._draining:
                 raise Unavailable("server: shutting down")
@@ -152,11 +159,11 @@ class Batcher:
 
     def _run(self) -> None:
         while jobs := self._gather():
-            groups: dict[tuple[int, int], list[Job]] = {}
-            for job in jobs:  # one search per (beam, nbest): they decide the batch's shape
-                groups.setdefault((job.beam, job.nbest), []).append(job)
-            for (beam, nbest), group in groups.items():
-                self._decode(group, replace(self.decode, beam=beam, nbest=nbest))
+            groups: dict[tuple[int, int, str | None], list[Job]] = {}
+            for job in jobs:  # one search per (beam, nbest, target): they shape the batch
+                groups.setdefault((job.beam, job.nbest, job.tgt_lang), []).append(job)
+            for (beam, nbest, tgt_lang), group in groups.items():
+                self._decode(group, replace(self.decode, beam=beam, nbest=nbest), tgt_lang)
             with self._cond:
                 self.stats.rounds += 1
                 self.stats.most_requests = max(self.stats.most_requests, len(jobs))
@@ -188,7 +195,7 @@ class Batcher:
     def _waiting_tokens(self) -> int:
         return sum(job.tokens for job in self._queue)
 
-    def _decode(self, jobs: list[Job], decode: DecodeConfig) -> None:
+    def _decode(self, jobs: list[Job], decode: DecodeConfig, tgt_lang: str | None) -> None:
         """Translate the jobs' lines together and answer each job with its own lines."""
         lines = [line for job in jobs for line in job.lines]
         log.debug(
@@ -204,6 +211,7 @@ class Batcher:
                 self.precision,
                 self.max_tokens,
                 scores=True,
+                tgt_lang=tgt_lang,
             )
             start = 0
             for job in jobs:

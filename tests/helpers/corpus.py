@@ -51,3 +51,20 @@ def write_corpus(prefix: Path, src: list[str], tgt: list[str]) -> Corpus:
     Path(f"{prefix}.de").write_text("".join(f"{s}\n" for s in src), encoding="utf-8")
     Path(f"{prefix}.en").write_text("".join(f"{t}\n" for t in tgt), encoding="utf-8")
     return open_corpus(str(prefix), "de", "en")
+
+
+def write_multiway(directory: Path, tiny: Path) -> Path:
+    """The tiny de/en corpus (train, valid) plus a made-up third language `fr`; returns directory.
+
+    The fr side is the English side with every word reversed: line-aligned with both, unlike
+    either, and learnable by a tiny model. Paths: directory/train.{de,en,fr}, valid.{de,en,fr}.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "valid"):
+        for lang in ("de", "en"):
+            text = (tiny / f"{split}.{lang}").read_text(encoding="utf-8")
+            (directory / f"{split}.{lang}").write_text(text, encoding="utf-8")
+        english = (tiny / f"{split}.en").read_text(encoding="utf-8").splitlines()
+        french = [" ".join(word[::-1] for word in line.split()) for line in english]
+        (directory / f"{split}.fr").write_text("".join(f"{s}\n" for s in french), "utf-8")
+    return directory
