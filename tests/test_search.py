@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -511,3 +513,43 @@ def test_non_finite_scores_still_give_every_sentence_a_hypothesis(scale: float) 
     out = sample(model, src, DecodeConfig(beam=2), generator=torch.Generator().manual_seed(0))
     assert [len(hyps) for hyps in out] == [2] * len(srcs)
     assert all(not math.isfinite(h.score) for hyps in out for h in hyps)
+
+
+# --- outputs without prefixes or constraints, recorded from the search before they existed ------
+
+RECORDED = Path(__file__).parent / "data" / "search_outputs.json"
+RECORDED_CONFIGS = {
+    "greedy": (DecodeConfig(beam=1), False),
+    "greedy_scored": (DecodeConfig(beam=1), True),
+    "beam": (DecodeConfig(beam=4, nbest=3, min_len=2), False),
+    "beam_average": (DecodeConfig(beam=3, nbest=3, length_penalty="average"), False),
+    "sampling": (DecodeConfig(beam=3, sampling=True, top_k=8, top_p=0.9), False),
+}
+
+
+def search_outputs() -> dict[str, list[list[list]]]:
+    """[tokens, score.hex(), logprob.hex()] of every hypothesis, per model and search."""
+    src = pad_batch(random_sources(6, seed=59))
+    outputs = {}
+    for seed in (1, 2):
+        model = tiny(seed, eos_boost=3.0, prenorm=seed == 1)
+        for name, (config, scores) in RECORDED_CONFIGS.items():
+            torch.manual_seed(seed)  # sampling draws from the global generator
+            hyps = decode(model, src, config, scores)
+            outputs[f"{seed}/{name}"] = [
+                [[h.tokens, h.score.hex(), h.logprob.hex()] for h in sentence] for sentence in hyps
+            ]
+    return outputs
+
+
+def test_outputs_without_the_new_inputs_are_unchanged() -> None:
+    recorded = json.loads(RECORDED.read_text(encoding="utf-8"))
+    now = search_outputs()
+    assert now.keys() == recorded.keys()
+    for key, sentences in recorded.items():
+        assert [[h[0] for h in s] for s in now[key]] == [[h[0] for h in s] for s in sentences]
+        # Recorded and checked bit for bit on one CPU; another CPU's float32 kernels may round
+        # the last bits differently, so the floats are compared to float32 rounding here.
+        got = [float.fromhex(x) for s in now[key] for h in s for x in h[1:]]
+        want = [float.fromhex(x) for s in sentences for h in s for x in h[1:]]
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-6)
