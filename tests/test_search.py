@@ -24,6 +24,7 @@ from mt.search import (
     greedy_search,
     length_penalty,
     max_lengths,
+    prefixes,
     row_candidates,
     sample,
     step_logprobs,
@@ -350,9 +351,9 @@ def test_decode_runs_the_search_the_config_asks_for(
     for name in ("greedy_search", "beam_search", "sample"):
         real = getattr(mt.search, name)
 
-        def spy(*args: object, real: Callable = real, name: str = name) -> object:
+        def spy(*args: object, real: Callable = real, name: str = name, **kw: object) -> object:
             called.append(name)
-            return real(*args)
+            return real(*args, **kw)
 
         monkeypatch.setattr(mt.search, name, spy)
     cases = [
@@ -553,3 +554,74 @@ def test_outputs_without_the_new_inputs_are_unchanged() -> None:
         got = [float.fromhex(x) for s in now[key] for h in s for x in h[1:]]
         want = [float.fromhex(x) for s in sentences for h in s for x in h[1:]]
         assert got == pytest.approx(want, rel=1e-6, abs=1e-6)
+
+
+# --- target prefixes ---------------------------------------------------------------------------
+
+PREFIX_CONFIGS = [
+    DecodeConfig(beam=1),  # greedy
+    DecodeConfig(beam=4, nbest=3),
+    DecodeConfig(beam=3, nbest=2, sampling=True, top_k=6),
+]
+
+
+def random_prefixes(n: int, seed: int, high: int = 5) -> list[list[int]]:
+    """n random prefixes of 0..high-1 real pieces (some empty)."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, high, (n,), generator=gen).tolist()
+    return [torch.randint(FIRST_REAL, VOCAB, (k,), generator=gen).tolist() for k in lengths]
+
+
+def test_outputs_start_with_their_prefix_and_score_it(reverser: Transformer) -> None:
+    srcs, wanted = random_sources(6, seed=61), random_prefixes(6, seed=66)
+    assert {len(p) for p in wanted} >= {0, 2} and len({len(p) for p in wanted}) >= 3
+    prefix = prefixes(wanted, torch.device("cpu"))
+    for model in models(reverser)[:2]:
+        for config in PREFIX_CONFIGS:
+            torch.manual_seed(0)
+            out = decode(model, pad_batch(srcs), config, prefix=prefix)
+            for src, p, hyps in zip(srcs, wanted, out, strict=True):
+                assert len(hyps) == max(config.nbest, config.sampling * config.beam)
+                for h in hyps:  # the prefix's log-probability is part of every score
+                    assert h.tokens[: len(p)] == p
+                    assert h.logprob == pytest.approx(
+                        teacher_forced_logprob(model, src, h.tokens), abs=1e-4
+                    )
+
+
+def test_a_prefix_longer_than_the_limit_raises_it(reverser: Transformer) -> None:
+    src = pad_batch([[5, EOS_ID]])  # limit 1 * 2 + 1 = 3: two pieces and EOS
+    prefix = prefixes([[6, 7, 8, 9, 10]], torch.device("cpu"))
+    short = DecodeConfig(beam=2, max_len_a=1.0, max_len_b=1)
+    assert len(decode(reverser, src, short)[0][0].tokens) <= 2
+    assert decode(reverser, src, short, prefix=prefix)[0][0].tokens == [6, 7, 8, 9, 10]
+
+
+def test_its_own_greedy_output_as_prefix_gives_it_back(reverser: Transformer) -> None:
+    srcs = random_sources(6, seed=67)
+    for model in models(reverser):
+        own = greedy_ids(model, pad_batch(srcs))
+        prefix = prefixes(own, torch.device("cpu"))
+        assert greedy_search(model, pad_batch(srcs), DecodeConfig(), prefix) == greedy_search(
+            model, pad_batch(srcs), DecodeConfig()
+        )
+        halves = prefixes([tokens[: len(tokens) // 2] for tokens in own], torch.device("cpu"))
+        assert greedy_ids(model, pad_batch(srcs)) == [
+            h[0].tokens for h in greedy_search(model, pad_batch(srcs), DecodeConfig(), halves)
+        ]
+
+
+def test_prefixes_are_batch_invariant(reverser: Transformer) -> None:
+    srcs, wanted = random_sources(24, seed=71), random_prefixes(24, seed=72)
+    for config in PREFIX_CONFIGS[:2]:
+        batch = decode(
+            reverser, pad_batch(srcs), config, prefix=prefixes(wanted, torch.device("cpu"))
+        )
+        for i in (0, 5, 17):
+            alone = decode(
+                reverser,
+                pad_batch([srcs[i]]),
+                config,
+                prefix=prefixes([wanted[i]], torch.device("cpu")),
+            )[0]
+            assert_same_hypotheses(batch[i], alone)
