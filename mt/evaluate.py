@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,11 +13,12 @@ from sacrebleu.metrics import BLEU, CHRF, TER
 
 from mt.corpora import read_lines
 from mt.errors import MtError
-from mt.rundir import load_trained, open_split
+from mt.rundir import open_split
 from mt.translate import (
     check_found,
     count_missing,
     decode_settings,
+    load_models,
     resolve_runtime,
     translate_lines,
 )
@@ -64,14 +66,21 @@ def check_aligned(hyps: list[str], refs: list[str], hyp_name: str, ref_name: str
 
 
 def model_translations(
-    model_path: Path, sources: list[str] | None, device: str, precision: str, **overrides: Any
+    models: Path | Sequence[Path],
+    sources: list[str] | None,
+    device: str,
+    precision: str,
+    weights: Sequence[float] | None = None,
+    **overrides: Any,
 ) -> tuple[list[str], list[str] | None]:
     """Best translations of `sources` (None: the run's test set) and the test references.
 
-    The references are None unless the run's test set was translated.
+    Several models translate as an ensemble, the first one's run giving the settings and the
+    test set. The references are None unless the run's test set was translated.
     """
-    dev, prec = resolve_runtime(device, precision, model_path)
-    config, tokenizer, model, checkpoint = load_trained(model_path, dev)
+    paths = [models] if isinstance(models, Path) else list(models)
+    dev, prec = resolve_runtime(device, precision, paths[0])
+    config, tokenizer, model, checkpoints = load_models(paths, dev, weights)
     refs = None
     if sources is None:
         pairs = list(open_split(config, "test").pairs())
@@ -81,7 +90,7 @@ def model_translations(
         sources, tokenizer, model, decode, dev, prec, progress=sys.stderr.isatty()
     )
     # Scores of a model that cannot translate every line would be meaningless.
-    check_found(checkpoint.weights, count_missing(translations), len(translations))
+    check_found(checkpoints, count_missing(translations), len(translations))
     return [hyps[0].text for hyps in translations], refs
 
 
@@ -89,10 +98,11 @@ def evaluate(
     hyp: Path | None = None,
     ref: Path | None = None,
     src: Path | None = None,
-    model: Path | None = None,
+    model: Path | Sequence[Path] | None = None,
     lowercase: bool = False,
     device: str = "auto",
     precision: str = "auto",
+    weights: Sequence[float] | None = None,
     **overrides: Any,
 ) -> dict[str, MetricScore]:
     """Score --hyp against --ref, or --model's translations of --src (default: its test set)."""
@@ -112,7 +122,7 @@ def evaluate(
     if src is not None and ref is not None:
         sources, refs = list(read_lines(src)), list(read_lines(ref))
         check_aligned(sources, refs, str(src), str(ref))  # before spending time translating
-    hyps, test_refs = model_translations(model, sources, device, precision, **overrides)
+    hyps, test_refs = model_translations(model, sources, device, precision, weights, **overrides)
     refs = refs if refs is not None else test_refs
     assert refs is not None
     return score(hyps, refs, lowercase)

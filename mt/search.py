@@ -611,8 +611,8 @@ def beam_search(
     Fewer than nbest come back only when the length limit leaves fewer possible outputs, or
     when the model's scores are not finite: a sentence none of whose hypotheses has a finite
     score gets its live beams at the limit, whose scores may be -inf or nan. With constraints,
-    only hypotheses that meet them all end; a sentence with none at its limit gets its live
-    beams with score -inf (see constrained_search).
+    only hypotheses that meet them all end (so fewer may come back); a sentence with none at
+    its limit gets its live beams with score -inf (see constrained_search).
     """
     if src.size(0) == 0:
         return []

@@ -16,10 +16,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mt.config import DecodeConfig, ModelConfig
 from mt.model import Transformer
 from mt.search import (
+    Constraints,
     Hypothesis,
+    Progress,
     beam_search,
     block_topk,
     block_width,
+    contains,
     decode,
     greedy_search,
     length_penalty,
@@ -625,3 +628,92 @@ def test_prefixes_are_batch_invariant(reverser: Transformer) -> None:
                 prefix=prefixes([wanted[i]], torch.device("cpu")),
             )[0]
             assert_same_hypotheses(batch[i], alone)
+
+
+# --- terminology constraints -------------------------------------------------------------------
+
+
+def test_progress_follows_phrases_in_any_order() -> None:
+    phrases = torch.tensor([[[5, 6], [7, PAD_ID], [PAD_ID, PAD_ID]]])  # two phrases, one slot
+    lengths = torch.tensor([[2, 1, 0]])
+    progress, banks = Progress.start(lengths), []
+    for token in [5, 9, 7, 5, 5, 6, 8]:  # 5 then 9 drops the first match; 5 5 6 restarts it
+        progress = progress.after(torch.tensor([token]), phrases, lengths)
+        banks.append(int(progress.met_pieces(lengths)))
+    assert banks == [1, 0, 1, 2, 2, 3, 3]
+    assert progress.met.tolist() == [[True, True, True]] and progress.phrase.tolist() == [-1]
+
+
+def random_constraints(n: int, seed: int) -> list[list[list[int]]]:
+    """n sentences' constraints: none, or one or two phrases of one or two real pieces."""
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        [
+            torch.randint(
+                FIRST_REAL, VOCAB, (int(torch.randint(1, 3, (1,), generator=gen)),), generator=gen
+            ).tolist()
+            for _ in range(int(torch.randint(0, 3, (1,), generator=gen)))
+        ]
+        for _ in range(n)
+    ]
+
+
+def test_constrained_outputs_contain_their_phrases(reverser: Transformer) -> None:
+    srcs, phrases = random_sources(8, seed=73), random_constraints(8, seed=74)
+    assert {len(p) for p in phrases} == {0, 1, 2}
+    constraints = Constraints.of(phrases, torch.device("cpu"))
+    for model in models(reverser)[:3]:
+        for config in (DecodeConfig(beam=1), DecodeConfig(beam=4, nbest=2)):
+            out = decode(model, pad_batch(srcs), config, constraints=constraints)
+            for src, wanted, hyps in zip(srcs, phrases, out, strict=True):
+                assert 1 <= len(hyps) <= config.nbest  # fewer may meet them by the limit
+                for h in hyps:
+                    assert all(contains(h.tokens, p) for p in wanted), (h.tokens, wanted)
+                    assert h.logprob == pytest.approx(
+                        teacher_forced_logprob(model, src, h.tokens), abs=1e-4
+                    )
+    plain = beam_search(reverser, pad_batch(srcs), DecodeConfig(beam=4))
+    free = [i for i, p in enumerate(phrases) if not p]  # sentences without constraints
+    constrained = decode(reverser, pad_batch(srcs), DecodeConfig(beam=4), constraints=constraints)
+    for i in free:
+        assert constrained[i][0].tokens == plain[i][0].tokens
+
+
+def test_constraints_are_batch_invariant_and_work_with_prefixes(reverser: Transformer) -> None:
+    srcs, phrases = random_sources(12, seed=79), random_constraints(12, seed=80)
+    wanted = random_prefixes(12, seed=66, high=3)
+    cpu = torch.device("cpu")
+    config = DecodeConfig(beam=3, nbest=3)
+    batch = decode(
+        reverser, pad_batch(srcs), config, prefix=prefixes(wanted, cpu),
+        constraints=Constraints.of(phrases, cpu),
+    )  # fmt: skip
+    for i in range(0, 12, 3):
+        alone = decode(
+            reverser, pad_batch([srcs[i]]), config, prefix=prefixes([wanted[i]], cpu),
+            constraints=Constraints.of([phrases[i]], cpu),
+        )  # fmt: skip
+        assert_same_hypotheses(batch[i], alone[0])
+    for p, wanted_phrases, hyps in zip(wanted, phrases, batch, strict=True):
+        assert all(h.tokens[: len(p)] == p for h in hyps)
+        assert all(contains(h.tokens, c) for h in hyps for c in wanted_phrases)
+
+
+def test_unsatisfiable_constraints_give_the_unconstrained_output() -> None:
+    model = tiny(6, max_positions=8)  # at most 6 pieces before EOS
+    srcs = random_sources(3, seed=83, high=5)
+    phrases = [[[5, 6, 7, 8], [9, 10, 11]], [[12]], []]  # the first needs 7 pieces
+    config = DecodeConfig(beam=3, nbest=2)
+    out = decode(
+        model, pad_batch(srcs), config, constraints=Constraints.of(phrases, torch.device("cpu"))
+    )
+    plain = beam_search(model, pad_batch(srcs), config)
+    assert_same_hypotheses(out[0], plain[0])
+    assert all(contains(h.tokens, [12]) for h in out[1]) and out[2] == plain[2]
+    with pytest.raises(ValueError, match="constraints need beam search, not sampling"):
+        decode(
+            model,
+            pad_batch(srcs),
+            DecodeConfig(sampling=True),
+            constraints=Constraints.of(phrases, torch.device("cpu")),
+        )
