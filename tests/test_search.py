@@ -17,6 +17,7 @@ from mt.config import DecodeConfig, ModelConfig
 from mt.model import Transformer
 from mt.search import (
     Constraints,
+    Ensemble,
     Hypothesis,
     Progress,
     beam_search,
@@ -717,3 +718,26 @@ def test_unsatisfiable_constraints_give_the_unconstrained_output() -> None:
             DecodeConfig(sampling=True),
             constraints=Constraints.of(phrases, torch.device("cpu")),
         )
+
+
+# --- ensembles ---------------------------------------------------------------------------------
+
+
+def test_ensembles_average_log_probabilities_by_weight(reverser: Transformer) -> None:
+    srcs, wanted = pad_batch(random_sources(6, seed=89)), random_prefixes(6, seed=66)
+    prefix = prefixes(wanted, torch.device("cpu"))
+    other = tiny(7, eos_boost=3.0, dim=48)  # a different shape: memories of other widths
+    config = DecodeConfig(beam=3, nbest=2)
+    cases = [
+        (Ensemble([reverser, reverser]), reverser),  # a model with itself is the model
+        (Ensemble([reverser, other], [2.0, 0.0]), reverser),
+        (Ensemble([reverser, other], [0.0, 1.0]), other),
+    ]
+    for ensemble, alone in cases:
+        for p in (None, prefix):
+            for setting in (DecodeConfig(beam=1), config):
+                got = decode(ensemble, srcs, setting, prefix=p)
+                for g, w in zip(got, decode(alone, srcs, setting, prefix=p), strict=True):
+                    assert_same_hypotheses(g, w)
+    mixed = decode(Ensemble([reverser, other]), srcs, config)
+    assert [h[0].tokens for h in mixed] != [h[0].tokens for h in decode(reverser, srcs, config)]
