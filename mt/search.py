@@ -596,6 +596,31 @@ def advance(
     )
 
 
+def step_candidates(
+    logits: Tensor,
+    beams: Beams,
+    step: int,
+    config: DecodeConfig,
+    prefix: Tensor | None,
+    constraints: Constraints | None,
+) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
+    """The step's 2K candidates per sentence (B', 2K) x3, and each row's EOS log-prob (N,).
+
+    logits (N, V), N = B'*G. Forced prefix pieces narrow them; constraints rank them by
+    dynamic beam allocation (see constrained_candidates).
+    """
+    beam, G = config.beam, beams.rows_per_sentence
+    row_limit = beams.limit.repeat_interleave(G)  # (B'*G,)
+    forced = forced_at(prefix, step)  # (B,) or None
+    forced = None if forced is None else forced.index_select(0, beams.sent).repeat_interleave(G)
+    if constraints is not None:
+        lprobs = step_logprobs(logits, step, row_limit, config.min_len, forced)  # (B'*G, V)
+        return constrained_candidates(lprobs, beams, constraints, beam)
+    top = row_candidates(logits, step, row_limit, config.min_len, 2 * beam, forced)  # x2 (N, 2K)
+    candidates = expand_candidates(beams.scores, *top, beams.sent.size(0), beam)  # (B', 2K) x3
+    return candidates, top[0][:, 0]  # EOS is first at the limit
+
+
 @torch.no_grad()
 def beam_search(
     model: Decoder,
@@ -616,7 +641,7 @@ def beam_search(
     """
     if src.size(0) == 0:
         return []
-    beam, min_len = config.beam, config.min_len
+    beam = config.beam
     limit = output_limits(model, src, config, forced_pieces(prefix, constraints))  # (B,)
     steps, padded = plan(src, limit)
     finished = Finished.empty(src.size(0), beam, steps, src.device)
@@ -624,17 +649,7 @@ def beam_search(
     for step in range(steps):
         tokens, memory, state = beams.tokens[:, -1:], beams.memory, beams.state
         logits = model.decode(tokens, memory, beams.src, state, padded)  # (B'*G, 1, V)
-        G = beams.rows_per_sentence
-        row_limit = beams.limit.repeat_interleave(G)  # (B'*G,)
-        forced = forced_at(prefix, step)  # (B,) or None
-        forced = None if forced is None else forced.index_select(0, beams.sent).repeat_interleave(G)
-        if constraints is None:
-            top = row_candidates(logits[:, -1], step, row_limit, min_len, 2 * beam, forced)
-            candidates = expand_candidates(beams.scores, *top, beams.sent.size(0), beam)
-            eos = top[0][:, 0]  # (B'*G,) EOS is first at the limit
-        else:
-            lprobs = step_logprobs(logits[:, -1], step, row_limit, min_len, forced)  # (B'*G, V)
-            candidates, eos = constrained_candidates(lprobs, beams, constraints, beam)
+        candidates, eos = step_candidates(logits[:, -1], beams, step, config, prefix, constraints)
         beams.count = set_aside_finished(finished, beams, candidates)
         at_limit = step + 1 >= beams.limit  # (B',)
         done, stuck = at_limit | (beams.count >= beam), at_limit & (beams.count == 0)
