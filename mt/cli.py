@@ -191,6 +191,25 @@ TrainedModelOption = Annotated[
         "or .safetensors file (e.g. an average).",
     ),
 ]
+TrainedModelsOption = Annotated[
+    list[Path],
+    typer.Option(
+        "--model",
+        "-m",
+        help="Run directory (its best checkpoint, else its latest), checkpoints directory, "
+        "or .safetensors file (e.g. an average). Repeat it for an ensemble of models that "
+        "share their vocabulary (the first model's run gives the decoding settings).",
+    ),
+]
+WeightsOption = Annotated[
+    list[float] | None,
+    typer.Option(
+        "--weights",
+        help="One weight per --model, in order, for the ensemble's log-linear average "
+        "(default: equal).",
+        show_default=False,
+    ),
+]
 BeamOption = Annotated[
     int | None, typer.Option(min=1, help=f"Beam size (1 = greedy). {FROM_RUN}", show_default=False)
 ]
@@ -229,13 +248,17 @@ TRANSLATE_HELP = (
     "Blank input lines give blank output lines. Lines longer than the model's max_positions - 1 "
     "pieces are truncated, with a warning naming the line.\n\n"
     "With --nbest K, each input line gives K lines INDEX<TAB>SCORE<TAB>TEXT, best first, where "
-    "INDEX is the 0-based input line number and SCORE the length-penalised log-probability."
+    "INDEX is the 0-based input line number and SCORE the length-penalised log-probability.\n\n"
+    "--prefix and --constraints files have one line per input line (an empty line: none). A "
+    "prefix is how the translation must start; constraints are tab-separated phrases it must "
+    "contain, in any order. A line whose phrases no translation can hold gets the best "
+    "translation without them, and a warning naming the line."
 )
 
 
 @app.command("translate", help=TRANSLATE_HELP)
 def translate_command(
-    model: TrainedModelOption,
+    model: TrainedModelsOption,
     source: Annotated[
         str,
         typer.Argument(metavar="FILE", help="Input file, one sentence per line, or - for stdin."),
@@ -260,6 +283,14 @@ def translate_command(
     tgt_lang: TgtLangOption = None,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
+    prefix: Annotated[
+        Path | None, typer.Option(help="How each translation starts, one line per input line.")
+    ] = None,
+    constraints: Annotated[
+        Path | None,
+        typer.Option(help="Tab-separated phrases each translation must contain, one line each."),
+    ] = None,
+    weights: WeightsOption = None,
 ) -> None:
     """Translate a file or stdin with a trained model (see TRANSLATE_HELP)."""
     from mt.translate import translate_file
@@ -271,6 +302,9 @@ def translate_command(
         device=device,
         precision=precision,
         tgt_lang=tgt_lang,
+        prefix=prefix,
+        constraints=constraints,
+        weights=weights,
         beam=beam,
         alpha=alpha,
         nbest=nbest,
@@ -294,11 +328,12 @@ def evaluate_command(
         Path | None, typer.Option(help="Sources for --model to translate (with --ref).")
     ] = None,
     model: Annotated[
-        Path | None,
+        list[Path] | None,
         typer.Option(
             "--model",
             "-m",
-            help="Translate with this run or checkpoint; without --src/--ref, its test set.",
+            help="Translate with this run or checkpoint (repeat it for an ensemble); without "
+            "--src/--ref, the first one's test set.",
         ),
     ] = None,
     lowercase: Annotated[bool, typer.Option(help="Case-insensitive BLEU.")] = False,
@@ -311,23 +346,25 @@ def evaluate_command(
     tgt_lang: TgtLangOption = None,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
+    weights: WeightsOption = None,
 ) -> None:
     """Score translations with sacreBLEU (see EVALUATE_HELP)."""
     from mt.evaluate import evaluate, evaluate_run, format_directions, format_json, format_text
 
-    if model is not None and (hyp, src, ref, tgt_lang) == (None, None, None, None):
+    if model and (hyp, src, ref, tgt_lang) == (None, None, None, None):
         decode = {"beam": beam, "alpha": alpha, "max_tokens": max_tokens}
-        by_direction = evaluate_run(model, lowercase, device, precision, **decode)
+        by_direction = evaluate_run(model, lowercase, device, precision, weights, **decode)
         typer.echo(format_directions(by_direction, json_output))
         return
     scores = evaluate(
         hyp,
         ref,
         src,
-        model,
+        model or None,
         lowercase=lowercase,
         device=device,
         precision=precision,
+        weights=weights,
         beam=beam,
         alpha=alpha,
         max_tokens=max_tokens,

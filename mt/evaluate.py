@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,12 +13,13 @@ from sacrebleu.metrics import BLEU, CHRF, TER
 
 from mt.corpora import read_lines
 from mt.errors import MtError
-from mt.rundir import load_trained, open_directions, open_split
+from mt.rundir import open_directions, open_split
 from mt.translate import (
     check_found,
     check_target,
     count_missing,
     decode_settings,
+    load_models,
     resolve_runtime,
     translate_lines,
 )
@@ -93,18 +95,20 @@ def format_directions(by_direction: dict[str, dict[str, MetricScore]], as_json: 
 
 
 def evaluate_run(
-    model_path: Path,
+    models: Path | Sequence[Path],
     lowercase: bool = False,
     device: str = "auto",
     precision: str = "auto",
+    weights: Sequence[float] | None = None,
     **overrides: Any,
 ) -> dict[str, dict[str, MetricScore]]:
-    """Translate and score the test set of every direction of the run, by direction."""
-    dev, prec = resolve_runtime(device, precision, model_path)
-    config, tokenizer, model, checkpoint = load_trained(model_path, dev)
+    """Translate and score the test set of every direction of the (first model's) run."""
+    paths = [models] if isinstance(models, Path) else list(models)
+    dev, prec = resolve_runtime(device, precision, paths[0])
+    config, tokenizer, model, checkpoints = load_models(paths, dev, weights)
     tests = open_directions(config, "test")
     if not tests:
-        raise MtError(f"{model_path}: the run has no test set (data.test); give --src and --ref")
+        raise MtError(f"{paths[0]}: the run has no test set (data.test); give --src and --ref")
     decode = decode_settings(config, nbest=1, **overrides)  # only the best is scored
     out = {}
     for direction, corpus in tests.items():
@@ -119,26 +123,29 @@ def evaluate_run(
             progress=sys.stderr.isatty(),
             tgt_lang=corpus.tgt_lang,
         )
-        check_found(checkpoint.weights, count_missing(translations), len(translations))
+        check_found(checkpoints, count_missing(translations), len(translations))
         hyps = [hyps[0].text for hyps in translations]
         out[direction] = score(hyps, [t for _, t in pairs], lowercase)
     return out
 
 
 def model_translations(
-    model_path: Path,
+    models: Path | Sequence[Path],
     sources: list[str] | None,
     device: str,
     precision: str,
+    weights: Sequence[float] | None = None,
     tgt_lang: str | None = None,
     **overrides: Any,
 ) -> tuple[list[str], list[str] | None]:
     """Best translations of `sources` (None: the run's test set) and the test references.
 
-    The references are None unless the run's test set was translated.
+    Several models translate as an ensemble, the first one's run giving the settings and the
+    test set. The references are None unless the run's test set was translated.
     """
-    dev, prec = resolve_runtime(device, precision, model_path)
-    config, tokenizer, model, checkpoint = load_trained(model_path, dev)
+    paths = [models] if isinstance(models, Path) else list(models)
+    dev, prec = resolve_runtime(device, precision, paths[0])
+    config, tokenizer, model, checkpoints = load_models(paths, dev, weights)
     check_target(config, tokenizer, tgt_lang)
     refs = None
     if sources is None:
@@ -156,7 +163,7 @@ def model_translations(
         tgt_lang=tgt_lang,
     )
     # Scores of a model that cannot translate every line would be meaningless.
-    check_found(checkpoint.weights, count_missing(translations), len(translations))
+    check_found(checkpoints, count_missing(translations), len(translations))
     return [hyps[0].text for hyps in translations], refs
 
 
@@ -164,10 +171,11 @@ def evaluate(
     hyp: Path | None = None,
     ref: Path | None = None,
     src: Path | None = None,
-    model: Path | None = None,
+    model: Path | Sequence[Path] | None = None,
     lowercase: bool = False,
     device: str = "auto",
     precision: str = "auto",
+    weights: Sequence[float] | None = None,
     **overrides: Any,
 ) -> dict[str, MetricScore]:
     """Score --hyp against --ref, or --model's translations of --src (default: its test set)."""
@@ -187,7 +195,7 @@ def evaluate(
     if src is not None and ref is not None:
         sources, refs = list(read_lines(src)), list(read_lines(ref))
         check_aligned(sources, refs, str(src), str(ref))  # before spending time translating
-    hyps, test_refs = model_translations(model, sources, device, precision, **overrides)
+    hyps, test_refs = model_translations(model, sources, device, precision, weights, **overrides)
     refs = refs if refs is not None else test_refs
     assert refs is not None
     return score(hyps, refs, lowercase)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,26 +45,113 @@ class Hypothesis:
     logprob: float  # sum of token log-probabilities, EOS included
 
 
+class Ensemble:
+    """Models searched as one: at each step, the weighted sum of their log-probabilities.
+
+    A log-linear ensemble: search's log_softmax renormalises the sum, so an ensemble of one
+    model with itself scores as the model. Each model keeps its own incremental state; the
+    encoder memories travel concatenated along D, so search selects their rows as one tensor.
+    """
+
+    def __init__(self, models: Sequence[Transformer], weights: Sequence[float] | None = None):
+        self.models = list(models)
+        weights = [1.0] * len(self.models) if weights is None else list(weights)
+        self.weights = [w / sum(weights) for w in weights]  # scores stay log-probabilities
+        self.dims = [model.config.dim for model in self.models]
+        self.max_positions = min(model.max_positions for model in self.models)
+
+    def encode(self, src: Tensor, padded: bool = True) -> Tensor:
+        """Source tokens (B, S) -> every model's memory, concatenated: (B, S, sum of D)."""
+        return torch.cat([model.encode(src, padded) for model in self.models], dim=2)
+
+    def decode(
+        self, tgt_in: Tensor, memory: Tensor, src: Tensor, state: EnsembleState, padded: bool = True
+    ) -> Tensor:
+        """New target tokens (N, T) -> the weighted sum of log-probs (N, T, V), float32."""
+        total = None
+        parts = memory.split(self.dims, dim=2)  # (B, S, D) per model
+        for model, part, own, weight in zip(
+            self.models, parts, state.states, self.weights, strict=True
+        ):
+            logits = model.decode(tgt_in, part, src, own, padded)  # (N, T, V)
+            lprobs = F.log_softmax(logits, dim=-1, dtype=torch.float32) * weight
+            total = lprobs if total is None else total + lprobs
+        assert total is not None
+        return total  # (N, T, V)
+
+    def init_state(self, max_len: int = 16) -> EnsembleState:
+        """An empty incremental state for each model."""
+        return EnsembleState([model.init_state(max_len) for model in self.models])
+
+
+@dataclass
+class EnsembleState:
+    """The incremental decoding states of an ensemble's models, reordered together."""
+
+    states: list[DecoderState]
+
+    def reorder(self, index: Tensor, source_index: Tensor | None = None) -> None:
+        """Select/reorder target rows in every model's state (see DecoderState.reorder)."""
+        for state in self.states:
+            state.reorder(index, source_index)
+
+
+Decoder = Transformer | Ensemble  # what search decodes with
+
+
 def decode(
-    model: Transformer, src: Tensor, config: DecodeConfig, scores: bool = False
+    model: Decoder,
+    src: Tensor,
+    config: DecodeConfig,
+    scores: bool = False,
+    prefix: Tensor | None = None,
+    constraints: Constraints | None = None,
 ) -> list[list[Hypothesis]]:
     """The hypotheses of each sentence of src (B, S) that `config` asks for, best first.
 
+    `model` is one Transformer or an Ensemble. `prefix` (B, P), PAD after each row's pieces,
+    forces how outputs start; `constraints` are phrases each output must contain, and take
+    beam search (even at beam 1), with the best unconstrained hypotheses where none meets them.
     Sampling draws max(beam, nbest) outputs. A beam of 1 for one output without min_len is
     greedy search, unless `scores` asks for beam search's scores (n-best output prints them):
     greedy scores its outputs the same way, but its sums may differ in the last bits.
     """
+    if constraints is not None:
+        if config.sampling:
+            raise ValueError("constraints need beam search, not sampling")
+        return constrained_search(model, src, config, prefix, constraints)
     if config.sampling:
-        return sample(model, src, config)
+        return sample(model, src, config, prefix=prefix)
     if config.beam == 1 and config.nbest == 1 and config.min_len == 0 and not scores:
-        return greedy_search(model, src, config)
-    return beam_search(model, src, config)
+        return greedy_search(model, src, config, prefix)
+    return beam_search(model, src, config, prefix)
 
 
 def max_lengths(src: Tensor, a: float, b: int, limit: int) -> Tensor:
     """Per-sentence output length limits a * source length + b, capped at `limit`: (B,) long."""
     src_len = (src != PAD_ID).sum(dim=1)  # (B,) real tokens, EOS included
     return (a * src_len.float() + b).long().clamp(1, limit)
+
+
+def output_limits(
+    model: Decoder, src: Tensor, config: DecodeConfig, forced: Tensor | None = None
+) -> Tensor:
+    """Each sentence's length limit (B,): `max_lengths`, raised to hold `forced` pieces and EOS.
+
+    forced (B,) counts the pieces a sentence's output must hold (prefix and constraints), so
+    that a prefix or constraint longer than the usual limit still leaves room to end.
+    """
+    cap = model.max_positions - 1
+    limit = max_lengths(src, config.max_len_a, config.max_len_b, cap)  # (B,)
+    return limit if forced is None else torch.maximum(limit, forced + 1).clamp(max=cap)
+
+
+def forced_pieces(prefix: Tensor | None, constraints: Constraints | None) -> Tensor | None:
+    """The pieces (B,) each sentence's output must hold: its prefix and its constraints."""
+    counts = [] if prefix is None else [(prefix != PAD_ID).sum(dim=1)]
+    if constraints is not None:
+        counts.append(constraints.lengths.sum(dim=1))
+    return sum(counts[1:], counts[0]) if counts else None
 
 
 def length_penalty(length: Tensor | int, alpha: float, kind: str) -> Tensor | float:
@@ -87,20 +174,36 @@ def plan(src: Tensor, limit: Tensor) -> tuple[int, bool]:
     return steps, bool(padded)
 
 
-def banned_logprobs(logits: Tensor, step: int, min_len: int) -> tuple[Tensor, Tensor]:
-    """Float32 log-probs (N, V), PAD/BOS banned, EOS banned before min_len; EOS's unbanned (N,)."""
+def banned_logprobs(
+    logits: Tensor, step: int, min_len: int, forced: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Float32 log-probs (N, V), PAD/BOS banned, EOS banned before min_len; EOS's unbanned (N,).
+
+    A row with a forced piece (forced (N,), PAD for none) keeps only that piece's log-prob.
+    """
     lprobs = F.log_softmax(logits, dim=-1, dtype=torch.float32)  # (N, V), masked in place below
     eos = lprobs[:, EOS_ID].clone()  # (N,) kept for rows at their limit, where EOS is forced
+    kept = None if forced is None else lprobs.gather(1, forced.unsqueeze(1))  # (N, 1)
     lprobs[:, PAD_ID] = -math.inf  # one column at a time: a list index would be a host upload
     lprobs[:, BOS_ID] = -math.inf
     if step < min_len:
         lprobs[:, EOS_ID] = -math.inf
+    if forced is not None and kept is not None:
+        free = (forced == PAD_ID).unsqueeze(1)  # (N, 1) rows past their prefix
+        lprobs.masked_fill_(~free, -math.inf)
+        # A free row writes -inf to PAD's column, banned already.
+        lprobs.scatter_(1, forced.unsqueeze(1), kept.masked_fill(free, -math.inf))
     return lprobs, eos
 
 
-def step_logprobs(logits: Tensor, step: int, limit: Tensor, min_len: int) -> Tensor:
-    """Float32 log-probs (N, V) of token step+1: PAD/BOS banned, EOS banned or forced."""
-    lprobs, eos = banned_logprobs(logits, step, min_len)  # (N, V), (N,)
+def step_logprobs(
+    logits: Tensor, step: int, limit: Tensor, min_len: int, forced: Tensor | None = None
+) -> Tensor:
+    """Float32 log-probs (N, V) of token step+1: PAD/BOS banned, EOS banned or forced.
+
+    A forced piece (forced (N,), PAD for none) is never at the limit: limits leave it room.
+    """
+    lprobs, eos = banned_logprobs(logits, step, min_len, forced)  # (N, V), (N,)
     at_limit = step + 1 >= limit  # (N,)
     lprobs.masked_fill_(at_limit.unsqueeze(1), -math.inf)
     lprobs[:, EOS_ID] = torch.where(at_limit, eos, lprobs[:, EOS_ID])
@@ -117,7 +220,9 @@ def strip(tokens: Tensor) -> list[list[int]]:
 
 
 @torch.no_grad()
-def greedy_search(model: Transformer, src: Tensor, config: DecodeConfig) -> list[list[Hypothesis]]:
+def greedy_search(
+    model: Decoder, src: Tensor, config: DecodeConfig, prefix: Tensor | None = None
+) -> list[list[Hypothesis]]:
     """Batched greedy decoding: the most probable token at each step, until EOS or the limit.
 
     One hypothesis per sentence, scored as beam search scores it: the log-probabilities tell
@@ -125,7 +230,7 @@ def greedy_search(model: Transformer, src: Tensor, config: DecodeConfig) -> list
     """
     if src.size(0) == 0:
         return []
-    tokens, logprobs = decode_rows(model, src, config, pick_argmax)  # (B, T), (B,)
+    tokens, logprobs = decode_rows(model, src, config, pick_argmax, prefix=prefix)  # (B, T), (B,)
     return [
         [finished_hypothesis(ids, lp, config.alpha, config.length_penalty)]
         for ids, lp in zip(strip(tokens), logprobs.tolist(), strict=True)
@@ -138,21 +243,23 @@ def pick_argmax(lprobs: Tensor) -> Tensor:
 
 
 def decode_rows(
-    model: Transformer,
+    model: Decoder,
     src: Tensor,
     config: DecodeConfig,
     pick: Callable[[Tensor], Tensor],
     copies: int = 1,
+    prefix: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Extend `copies` rows per source by `pick(lprobs)` until EOS, within config's lengths.
 
-    Returns ids (N, T) with PAD after EOS and logprobs (N,), N = B * copies, rows of a source
-    consecutive.
+    Each row starts with its source's `prefix` (B, P) pieces, forced. Returns ids (N, T) with
+    PAD after EOS and logprobs (N,), N = B * copies, rows of a source consecutive.
     """
-    limit = max_lengths(src, config.max_len_a, config.max_len_b, model.max_positions - 1)  # (B,)
+    limit = output_limits(model, src, config, forced_pieces(prefix, None))  # (B,)
     steps, padded = plan(src, limit)
     memory = model.encode(src, padded).repeat_interleave(copies, dim=0)  # (N, S, D)
     src, limit = src.repeat_interleave(copies, dim=0), limit.repeat_interleave(copies)  # (N, ...)
+    prefix = None if prefix is None else prefix.repeat_interleave(copies, dim=0)  # (N, P)
     N = src.size(0)
     state = model.init_state(steps)
     token = torch.full((N,), BOS_ID, dtype=torch.long, device=src.device)  # (N,)
@@ -161,7 +268,7 @@ def decode_rows(
     out = []
     for t in range(steps):
         logits = model.decode(token.unsqueeze(1), memory, src, state, padded)[:, -1]  # (N, V)
-        lprobs = step_logprobs(logits, t, limit, config.min_len)  # (N, V)
+        lprobs = step_logprobs(logits, t, limit, config.min_len, forced_at(prefix, t))  # (N, V)
         token = pick(lprobs).masked_fill(finished, PAD_ID)  # (N,)
         gained = lprobs.gather(1, token.unsqueeze(1)).squeeze(1)  # (N,)
         total += gained.masked_fill(finished, 0.0)
@@ -170,6 +277,20 @@ def decode_rows(
         if bool(finished.all()):  # the step's one wait for the device
             break
     return torch.stack(out, dim=1), total  # (N, T), (N,)
+
+
+def prefixes(rows: Sequence[Sequence[int]], device: torch.device) -> Tensor | None:
+    """Each sentence's forced first pieces as (B, P), PAD after them; None when all are empty."""
+    P = max((len(row) for row in rows), default=0)
+    if P == 0:
+        return None
+    padded = [[*row, *[PAD_ID] * (P - len(row))] for row in rows]
+    return torch.tensor(padded, dtype=torch.long, device=device)  # (B, P)
+
+
+def forced_at(prefix: Tensor | None, step: int) -> Tensor | None:
+    """The piece each row (N,) must produce at `step` (PAD: any), None once every prefix is out."""
+    return None if prefix is None or step >= prefix.size(1) else prefix[:, step]
 
 
 def sampling_weights(lprobs: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
@@ -189,10 +310,11 @@ def sampling_weights(lprobs: Tensor, temperature: float, top_k: int, top_p: floa
 
 @torch.no_grad()
 def sample(
-    model: Transformer,
+    model: Decoder,
     src: Tensor,
     config: DecodeConfig,
     generator: torch.Generator | None = None,
+    prefix: Tensor | None = None,
 ) -> list[list[Hypothesis]]:
     """max(beam, nbest) independent samples per sentence, by length-penalised score, best first."""
     if src.size(0) == 0:
@@ -209,7 +331,7 @@ def sample(
         probs[:, EOS_ID] += broken.float()
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
-    tokens, logprobs = decode_rows(model, src, config, pick, copies=num)
+    tokens, logprobs = decode_rows(model, src, config, pick, copies=num, prefix=prefix)
     hyps = [
         finished_hypothesis(ids, lp, config.alpha, config.length_penalty)
         for ids, lp in zip(strip(tokens), logprobs.tolist(), strict=True)
@@ -248,7 +370,8 @@ class Beams:
     limit: Tensor  # (B',) output length limits (EOS included)
     memory: Tensor  # (B', S, D) one row per sentence: its G beams share it
     src: Tensor  # (B', S)
-    state: DecoderState
+    state: DecoderState | EnsembleState
+    progress: Progress | None = None  # (B'*G rows) through the constraints, if any
 
     @property
     def rows_per_sentence(self) -> int:
@@ -261,7 +384,14 @@ class Beams:
         return first.unsqueeze(1) + beams  # (B', n)
 
 
-def start_beams(model: Transformer, src: Tensor, limit: Tensor, steps: int, padded: bool) -> Beams:
+def start_beams(
+    model: Decoder,
+    src: Tensor,
+    limit: Tensor,
+    steps: int,
+    padded: bool,
+    constraints: Constraints | None = None,
+) -> Beams:
     """Encode each sentence once; one row per sentence until the first step expands it."""
     B, device = src.size(0), src.device
     return Beams(
@@ -273,6 +403,7 @@ def start_beams(model: Transformer, src: Tensor, limit: Tensor, steps: int, padd
         memory=model.encode(src, padded),  # (B, S, D)
         src=src,  # (B, S)
         state=model.init_state(steps),
+        progress=None if constraints is None else Progress.start(constraints.lengths),
     )
 
 
@@ -356,14 +487,14 @@ def block_topk(x: Tensor, k: int, width: int) -> tuple[Tensor, Tensor]:
 
 
 def row_candidates(
-    logits: Tensor, step: int, limit: Tensor, min_len: int, k: int
+    logits: Tensor, step: int, limit: Tensor, min_len: int, k: int, forced: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """The k best next tokens of each row by `step_logprobs`: log-probs and ids, (N, k) each.
 
     The same as `step_logprobs(...).topk(k)`, but the length limit is applied to the k
     candidates rather than to all V tokens: a row at its limit keeps only EOS, with its score.
     """
-    lprobs, eos = banned_logprobs(logits, step, min_len)  # (N, V), (N,)
+    lprobs, eos = banned_logprobs(logits, step, min_len, forced)  # (N, V), (N,)
     k = min(k, lprobs.size(1))
     width = block_width(lprobs.size(1), k)
     top, tokens = block_topk(lprobs, k, width) if width else lprobs.topk(k, dim=1)  # (N, k)
@@ -432,7 +563,12 @@ def select_live(candidates: tuple[Tensor, Tensor, Tensor], beam: int) -> tuple[T
 
 
 def advance(
-    beams: Beams, candidates: tuple[Tensor, Tensor, Tensor], done: Tensor, kept: int, beam: int
+    beams: Beams,
+    candidates: tuple[Tensor, Tensor, Tensor],
+    done: Tensor,
+    kept: int,
+    beam: int,
+    constraints: Constraints | None = None,
 ) -> Beams:
     """Continue the K best live candidates of the `kept` sentences not `done` (B',) bool."""
     scores, origin, tokens = select_live(candidates, beam)  # (B', K) each
@@ -442,50 +578,269 @@ def advance(
     all_kept = kept == done.size(0)  # then per-sentence tensors stay as they are
     rows = beams.rows(origin).index_select(0, keep).view(-1)  # (B''*K,) by origin beam
     beams.state.reorder(rows, None if all_kept else keep)
+    new = tokens.index_select(0, keep).view(-1)  # (B''*K,)
+    progress = None
+    if beams.progress is not None and constraints is not None:
+        phrases, lengths = constraints.rows(beams.sent, beams.rows_per_sentence)  # (B'*G, ...)
+        progress = beams.progress.select(rows).after(new, phrases[rows], lengths[rows])
     return Beams(
         sent=beams.sent.index_select(0, keep),
-        tokens=torch.cat(
-            [beams.tokens.index_select(0, rows), tokens.index_select(0, keep).view(-1, 1)], dim=1
-        ),
+        tokens=torch.cat([beams.tokens.index_select(0, rows), new.unsqueeze(1)], dim=1),
         scores=scores.index_select(0, keep).view(-1),  # (B''*K,)
         count=beams.count.index_select(0, keep),
         limit=beams.limit.index_select(0, keep),
         memory=beams.memory if all_kept else beams.memory.index_select(0, keep),  # (B'', S, D)
         src=beams.src if all_kept else beams.src.index_select(0, keep),  # (B'', S)
         state=beams.state,
+        progress=progress,
     )
 
 
+def step_candidates(
+    logits: Tensor,
+    beams: Beams,
+    step: int,
+    config: DecodeConfig,
+    prefix: Tensor | None,
+    constraints: Constraints | None,
+) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
+    """The step's 2K candidates per sentence (B', 2K) x3, and each row's EOS log-prob (N,).
+
+    logits (N, V), N = B'*G. Forced prefix pieces narrow them; constraints rank them by
+    dynamic beam allocation (see constrained_candidates).
+    """
+    beam, G = config.beam, beams.rows_per_sentence
+    row_limit = beams.limit.repeat_interleave(G)  # (B'*G,)
+    forced = forced_at(prefix, step)  # (B,) or None
+    forced = None if forced is None else forced.index_select(0, beams.sent).repeat_interleave(G)
+    if constraints is not None:
+        lprobs = step_logprobs(logits, step, row_limit, config.min_len, forced)  # (B'*G, V)
+        return constrained_candidates(lprobs, beams, constraints, beam)
+    top = row_candidates(logits, step, row_limit, config.min_len, 2 * beam, forced)  # x2 (N, 2K)
+    candidates = expand_candidates(beams.scores, *top, beams.sent.size(0), beam)  # (B', 2K) x3
+    return candidates, top[0][:, 0]  # EOS is first at the limit
+
+
 @torch.no_grad()
-def beam_search(model: Transformer, src: Tensor, config: DecodeConfig) -> list[list[Hypothesis]]:
+def beam_search(
+    model: Decoder,
+    src: Tensor,
+    config: DecodeConfig,
+    prefix: Tensor | None = None,
+    constraints: Constraints | None = None,
+) -> list[list[Hypothesis]]:
     """Beam search over src (B, S): B lists of 1 to `nbest` hypotheses, best score first.
 
     fairseq's criterion: a sentence stops once `beam` hypotheses have ended (an EOS candidate
     counts if it ranks in the step's top K), or at its length limit where every beam ends.
     Fewer than nbest come back only when the length limit leaves fewer possible outputs, or
     when the model's scores are not finite: a sentence none of whose hypotheses has a finite
-    score gets its live beams at the limit, whose scores may be -inf or nan.
+    score gets its live beams at the limit, whose scores may be -inf or nan. With constraints,
+    only hypotheses that meet them all end (so fewer may come back); a sentence with none at
+    its limit gets its live beams with score -inf (see constrained_search).
     """
     if src.size(0) == 0:
         return []
-    beam, min_len = config.beam, config.min_len
-    limit = max_lengths(src, config.max_len_a, config.max_len_b, model.max_positions - 1)  # (B,)
+    beam = config.beam
+    limit = output_limits(model, src, config, forced_pieces(prefix, constraints))  # (B,)
     steps, padded = plan(src, limit)
     finished = Finished.empty(src.size(0), beam, steps, src.device)
-    beams = start_beams(model, src, limit, steps, padded)
+    beams = start_beams(model, src, limit, steps, padded, constraints)
     for step in range(steps):
         tokens, memory, state = beams.tokens[:, -1:], beams.memory, beams.state
         logits = model.decode(tokens, memory, beams.src, state, padded)  # (B'*G, 1, V)
-        row_limit = beams.limit.repeat_interleave(beams.rows_per_sentence)  # (B'*G,)
-        top = row_candidates(logits[:, -1], step, row_limit, min_len, 2 * beam)  # (B'*G, 2K) x2
-        candidates = expand_candidates(beams.scores, *top, beams.sent.size(0), beam)  # (B', 2K)
+        candidates, eos = step_candidates(logits[:, -1], beams, step, config, prefix, constraints)
         beams.count = set_aside_finished(finished, beams, candidates)
         at_limit = step + 1 >= beams.limit  # (B',)
         done, stuck = at_limit | (beams.count >= beam), at_limit & (beams.count == 0)
         done_now, stuck_now = torch.stack([done, stuck]).tolist()  # the step's one wait
         if any(stuck_now):
-            set_aside_live(finished, beams, top[0][:, 0], stuck)  # EOS is first at the limit
+            set_aside_live(finished, beams, eos, stuck)
         if all(done_now):
             break
-        beams = advance(beams, candidates, done, done_now.count(False), beam)
+        beams = advance(beams, candidates, done, done_now.count(False), beam, constraints)
     return finished.hypotheses(config.nbest, config.alpha, config.length_penalty)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lexically constrained beam search with dynamic beam allocation (Post & Vilar 2018), in the
+# vectorised form of Hu et al. 2019: every row's progress through its sentence's phrases is a
+# few tensors, and one step ranks every sentence's candidates at once, without a Python loop.
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """The phrases each sentence's output must contain, in any order; empty slots pad C."""
+
+    phrases: Tensor  # (B, C, L) long: each phrase's ids, then PAD
+    lengths: Tensor  # (B, C) long: pieces per phrase, 0 for an empty slot
+
+    @classmethod
+    def of(
+        cls, rows: Sequence[Sequence[Sequence[int]]], device: torch.device
+    ) -> Constraints | None:
+        """The constraints of each sentence's phrases (lists of ids); None when there are none."""
+        C = max((len(row) for row in rows), default=0)
+        if C == 0:
+            return None
+        L = max(len(phrase) for row in rows for phrase in row)
+        phrases = torch.full((len(rows), C, L), PAD_ID, dtype=torch.long)
+        lengths = torch.zeros(len(rows), C, dtype=torch.long)
+        for b, row in enumerate(rows):
+            for c, phrase in enumerate(row):
+                phrases[b, c, : len(phrase)] = torch.tensor(phrase, dtype=torch.long)
+                lengths[b, c] = len(phrase)
+        return cls(phrases.to(device), lengths.to(device))
+
+    def rows(self, sent: Tensor, copies: int) -> tuple[Tensor, Tensor]:
+        """Phrases (N, C, L) and lengths (N, C) of `copies` rows per sentence `sent` (B',)."""
+        phrases = self.phrases.index_select(0, sent).repeat_interleave(copies, dim=0)
+        return phrases, self.lengths.index_select(0, sent).repeat_interleave(copies, dim=0)
+
+    def select(self, index: Tensor) -> Constraints:
+        """The constraints of sentences `index` (B',)."""
+        return Constraints(self.phrases.index_select(0, index), self.lengths.index_select(0, index))
+
+
+def contains(tokens: Sequence[int], phrase: Sequence[int]) -> bool:
+    """Whether `phrase` occurs in `tokens` as a contiguous run."""
+    n = len(phrase)
+    return any(list(tokens[i : i + n]) == list(phrase) for i in range(len(tokens) - n + 1))
+
+
+@dataclass
+class Progress:
+    """How far each row's output has come through its sentence's phrases.
+
+    One phrase at a time is being matched; a piece that does not continue it drops it (its
+    matched pieces no longer count) and may start another. Where unmet phrases start alike,
+    the first is tried: its rival may then be met only after it.
+    """
+
+    met: Tensor  # (N, C) bool: the phrase appears in the output (empty slots count as met)
+    phrase: Tensor  # (N,) long: the phrase being matched, -1 for none
+    matched: Tensor  # (N,) long: its pieces matched so far
+
+    @classmethod
+    def start(cls, lengths: Tensor) -> Progress:
+        """Nothing met yet for outputs of sentences with phrase lengths (N, C)."""
+        none = torch.zeros(lengths.size(0), dtype=torch.long, device=lengths.device)
+        return cls(met=lengths == 0, phrase=none - 1, matched=none)
+
+    def select(self, rows: Tensor) -> Progress:
+        """The progress of rows `rows` (N',)."""
+        return Progress(*(t.index_select(0, rows) for t in (self.met, self.phrase, self.matched)))
+
+    def met_pieces(self, lengths: Tensor) -> Tensor:
+        """Constraint pieces met so far (N,): the bank of dynamic beam allocation."""
+        return (lengths * self.met).sum(dim=1) + self.matched
+
+    def wanted(self, phrases: Tensor) -> Tensor:
+        """The piece (N, C) that advances each phrase: the matched one's next, others' first.
+
+        PAD for met phrases (and empty slots).
+        """
+        active = torch.arange(phrases.size(1), device=phrases.device) == self.phrase.unsqueeze(1)
+        position = torch.where(active, self.matched.unsqueeze(1), 0)  # (N, C)
+        return phrases.gather(2, position.unsqueeze(2)).squeeze(2).masked_fill(self.met, PAD_ID)
+
+    def after(self, tokens: Tensor, phrases: Tensor, lengths: Tensor) -> Progress:
+        """The progress once rows have produced tokens (N,): phrases (N, C, L), lengths (N, C)."""
+        slot = torch.arange(phrases.size(1), device=tokens.device)  # (C,)
+        next_piece = self.wanted(phrases).gather(1, self.phrase.clamp(min=0).unsqueeze(1))
+        continues = (self.phrase >= 0) & (next_piece.squeeze(1) == tokens)  # (N,)
+        starts = ~self.met & (phrases[:, :, 0] == tokens.unsqueeze(1))  # (N, C)
+        first = torch.where(starts.any(dim=1), starts.long().argmax(dim=1), -1)  # (N,)
+        phrase = torch.where(continues, self.phrase, first)  # (N,)
+        matched = torch.where(continues, self.matched + 1, (first >= 0).long())  # (N,)
+        length = lengths.gather(1, phrase.clamp(min=0).unsqueeze(1)).squeeze(1)  # (N,)
+        complete = (phrase >= 0) & (matched == length)  # (N,)
+        met = self.met | ((slot == phrase.unsqueeze(1)) & complete.unsqueeze(1))  # (N, C)
+        return Progress(met, phrase.masked_fill(complete, -1), matched.masked_fill(complete, 0))
+
+
+def constrained_candidates(
+    lprobs: Tensor, beams: Beams, constraints: Constraints, beam: int
+) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
+    """2K candidates per sentence (B', 2K) x3 in allocation order; each row's EOS log-prob (N,).
+
+    Each row offers its 2K best tokens and the pieces that advance its phrases. Only a row
+    that met every phrase may end, so EOS is banned elsewhere, at the limit too.
+    """
+    assert beams.progress is not None
+    B, G = beams.sent.size(0), beams.rows_per_sentence
+    phrases, lengths = constraints.rows(beams.sent, G)  # (N, C, L), (N, C)
+    lprobs[:, EOS_ID] = lprobs[:, EOS_ID].masked_fill(~beams.progress.met.all(dim=1), -math.inf)
+    top, tokens = lprobs.topk(min(2 * beam, lprobs.size(1)), dim=1)  # (N, k) each
+    wanted = beams.progress.wanted(phrases)  # (N, C)
+    offered = torch.cat(
+        [top, lprobs.gather(1, wanted).masked_fill(repeats(tokens, wanted), -math.inf)], dim=1
+    )
+    pieces = torch.cat([tokens, wanted], dim=1)  # (N, k + C)
+    per_row = pieces.size(1)
+    origin = torch.arange(G * per_row, device=lprobs.device) // per_row  # (G*(k+C),) its beam
+    rows = beams.rows(origin.expand(B, -1)).view(-1)  # (B'*G*(k+C),)
+    after = beams.progress.select(rows).after(pieces.view(-1), phrases[rows], lengths[rows])
+    pool = (
+        (offered + beams.scores.unsqueeze(1)).view(B, -1),  # (B', G*(k+C)) each
+        origin.expand(B, -1),
+        pieces.view(B, -1),
+        after.met_pieces(lengths[rows]).view(B, -1),
+    )
+    missing = 2 * beam - pool[0].size(1)  # > 0 only for a vocabulary under 2K at the first step
+    if missing > 0:
+        pool = tuple(
+            F.pad(x, (0, missing), value=v)
+            for x, v in zip(pool, (-math.inf, 0, PAD_ID, 0), strict=True)
+        )
+    total, origin, pieces, bank = pool
+    pick = allocation_order(total, bank, phrases.size(1) * phrases.size(2) + 1, 2 * beam)
+    candidates = (total.gather(1, pick), origin.gather(1, pick), pieces.gather(1, pick))
+    return candidates, lprobs[:, EOS_ID]
+
+
+def repeats(tokens: Tensor, wanted: Tensor) -> Tensor:
+    """Which wanted pieces (N, C) a row offers already: among its tokens (N, k), or before."""
+    earlier = torch.ones(wanted.size(1), wanted.size(1), dtype=torch.bool, device=wanted.device)
+    twice = (wanted.unsqueeze(2) == wanted.unsqueeze(1)) & earlier.tril(-1)  # (N, C, C)
+    return (wanted.unsqueeze(2) == tokens.unsqueeze(1)).any(dim=2) | twice.any(dim=2)  # (N, C)
+
+
+def allocation_order(total: Tensor, bank: Tensor, banks: int, keep: int) -> Tensor:
+    """Indices (B', keep) of candidates (B', M) taken in turns between banks, best first in each.
+
+    Dynamic beam allocation: a sentence's beam is shared between banks (pieces met), each turn
+    taking every bank's next best, the banks that met more first; a bank without candidates
+    leaves its share to the others. Candidates with non-finite scores come last.
+    """
+    order = total.argsort(dim=1, descending=True, stable=True)  # (B', M)
+    banked = bank.gather(1, order)  # (B', M)
+    member = F.one_hot(banked, banks)  # (B', M, banks)
+    rank = (member.cumsum(dim=1) * member).sum(dim=2) - 1  # (B', M) place within its bank
+    turn = rank * banks + (banks - 1 - banked)  # (B', M)
+    turn = turn.masked_fill(~total.gather(1, order).isfinite(), banks * total.size(1))
+    return order.gather(1, turn.topk(keep, dim=1, largest=False).indices)
+
+
+def constrained_search(
+    model: Decoder,
+    src: Tensor,
+    config: DecodeConfig,
+    prefix: Tensor | None,
+    constraints: Constraints,
+) -> list[list[Hypothesis]]:
+    """Beam search whose outputs contain every sentence's phrases; unconstrained where none can.
+
+    A sentence for which no hypothesis met all its phrases within its limit gets plain beam
+    search's: callers tell by checking the output for its phrases (see `contains`).
+    """
+    found = beam_search(model, src, config, prefix, constraints)
+    failed = [b for b, hyps in enumerate(found) if not any(math.isfinite(h.score) for h in hyps)]
+    if failed:
+        index = torch.tensor(failed, device=src.device)
+        again = beam_search(
+            model, src.index_select(0, index), config, None if prefix is None else prefix[index]
+        )
+        for b, hyps in zip(failed, again, strict=True):
+            found[b] = hyps
+    return found

@@ -1,7 +1,10 @@
 """`mt translate`: read lines, encode, batch by length, search, restore order, detokenise.
 
 Every input line gives exactly one output line (or K with n-best output), in input order.
-Blank lines, and lines with no source pieces at all, are not decoded: they give empty output.
+Blank lines, and lines with no source pieces at all, are not decoded: they give empty output
+(whatever their prefix or constraints). Outputs may be steered, line by line, by a prefix file
+(how each starts) and a constraints file (tab-separated phrases each must contain); several
+models translate as one log-linear ensemble.
 A line for which the model gives no hypothesis a finite score (diverged weights, an overflow)
 gets an empty translation too, score nan, rather than the arbitrary text of a NaN argmax; the
 command writes every line and then fails with one line naming the checkpoint.
@@ -37,8 +40,8 @@ from mt.device import (
 )
 from mt.errors import ConfigError, MtError
 from mt.files import atomic_write
-from mt.model import Transformer
 from mt.rundir import load_run_config, load_trained
+from mt.search import Constraints, Decoder, Ensemble
 from mt.tokenizer import Tokenizer
 
 log = logging.getLogger("mt")
@@ -90,6 +93,96 @@ def check_target(config: Config, tokenizer: Tokenizer, tgt_lang: str | None) -> 
         raise MtError(f"the model translates into {', '.join(known)}: choose one with --tgt-lang")
     if tgt_lang is not None and tgt_lang not in known:
         raise MtError(f"--tgt-lang {tgt_lang}: the model translates into {', '.join(known)} only")
+
+
+def read_aligned(path: Path, lines: Sequence[str], source: str) -> list[str]:
+    """The lines of `path`, one per input line: MtError naming both when the counts differ."""
+    rows = list(read_lines(path))
+    if len(rows) != len(lines):
+        name = "stdin" if source == "-" else source
+        raise MtError(f"{path}: {len(rows)} lines, but {name} has {len(lines)}")
+    return rows
+
+
+def encode_prefixes(path: Path, rows: Sequence[str], tokenizer: Tokenizer, limit: int) -> list:
+    """Target pieces of each line's prefix (none for an empty line), at most `limit` each."""
+    ids = tokenizer.encode_tgt(list(rows))
+    for number, seq in enumerate(ids, start=1):
+        if len(seq) > limit:
+            raise MtError(
+                f"{path}: line {number}: the prefix has {len(seq):,} pieces, more than the "
+                f"{limit:,} an output can hold"
+            )
+    return ids
+
+
+def encode_constraints(path: Path, rows: Sequence[str], tokenizer: Tokenizer, limit: int) -> list:
+    """Target pieces of each line's tab-separated phrases (none for an empty line)."""
+    phrases = [row.split("\t") if row else [] for row in rows]
+    flat = iter(tokenizer.encode_tgt([text for line in phrases for text in line]))
+    out = []
+    for number, line in enumerate(phrases, start=1):
+        ids = [next(flat) for _ in line]
+        for j, seq in enumerate(ids, start=1):
+            where = f"{path}: line {number}: constraint {j}"
+            if not seq:
+                raise MtError(f"{where} is empty")
+            if len(seq) > limit:
+                raise MtError(
+                    f"{where} has {len(seq):,} pieces, more than the {limit:,} an output can hold"
+                )
+        out.append(ids)
+    return out
+
+
+def warn_unmet(indices: Sequence[int], hypotheses: Sequence[Sequence[Any]], wanted: list) -> None:
+    """A warning naming each line whose best output misses one of its phrases `wanted`."""
+    for i, hyps in zip(indices, hypotheses, strict=True):
+        best = next((h for h in hyps if math.isfinite(h.score)), None)
+        if best is not None and not all(search.contains(best.tokens, p) for p in wanted[i]):
+            log.warning("line %d: no translation met all its constraints; wrote one without", i + 1)
+
+
+# --- models ---------------------------------------------------------------------------------
+
+
+def load_models(
+    paths: Sequence[Path], device: torch.device, weights: Sequence[float] | None = None
+) -> tuple[Config, Tokenizer, Decoder, str]:
+    """The first model's config and tokenizer, the model or ensemble, and its checkpoint(s).
+
+    Several models make a log-linear ensemble (weights default to equal); they must share the
+    vocabulary: MtError naming the first difference otherwise.
+    """
+    if weights and len(weights) != len(paths):
+        raise MtError(f"--weights: {len(weights)} weights for {len(paths)} models")
+    if weights and (min(weights) < 0 or sum(weights) <= 0):
+        raise MtError("--weights: each must be >= 0, and one > 0")
+    loaded = [load_trained(path, device) for path in paths]
+    config, tokenizer = loaded[0][0], loaded[0][1]
+    for path, (_, other, _, _) in zip(paths[1:], loaded[1:], strict=True):
+        difference = vocabulary_difference(tokenizer, other)
+        if difference:
+            raise MtError(
+                f"--model {path}: {difference} in --model {paths[0]}: the models of an "
+                "ensemble must share their vocabulary"
+            )
+    names = ", ".join(str(checkpoint.weights) for *_, checkpoint in loaded)
+    if len(loaded) == 1:
+        return config, tokenizer, loaded[0][2], names
+    return config, tokenizer, Ensemble([model for _, _, model, _ in loaded], weights), names
+
+
+def vocabulary_difference(first: Tokenizer, other: Tokenizer) -> str | None:
+    """How other's vocabulary differs from first's ("its tgt piece 7 is ..."), or None."""
+    for side in ("src", "tgt"):
+        mine, theirs = first.vocabulary(side), other.vocabulary(side)
+        if len(mine) != len(theirs):
+            return f"its {side} vocabulary has {len(theirs):,} pieces, not {len(mine):,} as"
+        for i, (a, b) in enumerate(zip(mine, theirs, strict=True)):
+            if a != b:
+                return f"its {side} piece {i} is {b!r}, not {a!r} as"
+    return None
 
 
 # --- decoding settings ----------------------------------------------------------------------
@@ -155,7 +248,7 @@ def decoding_products(model: Path | None) -> tuple[list[Features] | None, int]:
 def translate_batches(
     lines: Sequence[str],
     tokenizer: Tokenizer,
-    model: Transformer,
+    model: Decoder,
     decode: DecodeConfig,
     device: torch.device,
     precision: str = "fp32",
@@ -163,11 +256,15 @@ def translate_batches(
     scores: bool = False,
     progress: bool = False,
     tgt_lang: str | None = None,
+    prefixes: Sequence[list[int]] | None = None,
+    constraints: Sequence[list[list[int]]] | None = None,
 ) -> Iterator[tuple[list[int], list[list[Translation]]]]:
     """(line indices, their n-best translations) batch by batch, longest batches last.
 
     Blank lines (and lines without pieces) come first, untranslated. `scores` forces beam
     search even at beam 1. A line without a finite hypothesis gets `nbest` times NOT_FOUND.
+    prefixes and constraints hold target pieces per line (see encode_prefixes and
+    encode_constraints); a line whose output misses its constraints gets a warning.
     """
     ids = encode_sources(lines, tokenizer, model.max_positions - 1, tgt_lang)  # - 1: room for EOS
     nbest = decode.nbest
@@ -177,8 +274,14 @@ def translate_batches(
     bar = tqdm(total=len(lines) - len(empty), unit="sent", disable=not progress, file=sys.stderr)
     for batch in source_batches(ids, max_tokens or decode.max_tokens):
         src = collate_source([ids[i] for i in batch], batch).src.to(device)  # (B, S)
+        rows = batch.tolist()
+        prefix = None if prefixes is None else search.prefixes([prefixes[i] for i in rows], device)
+        wanted = None if constraints is None else [constraints[i] for i in rows]
+        wanted = None if wanted is None else Constraints.of(wanted, device)
         with autocast(device, precision):
-            hypotheses = search.decode(model, src, decode, scores)
+            hypotheses = search.decode(model, src, decode, scores, prefix, wanted)
+        if wanted is not None and constraints is not None:
+            warn_unmet(rows, hypotheses, list(constraints))
         yield batch.tolist(), [_detokenise(tokenizer, hyps, nbest) for hyps in hypotheses]
         bar.update(len(batch))
     bar.close()
@@ -200,7 +303,7 @@ def _detokenise(tokenizer: Tokenizer, hyps: Sequence[Any], nbest: int) -> list[T
 def translate_lines(
     lines: Sequence[str],
     tokenizer: Tokenizer,
-    model: Transformer,
+    model: Decoder,
     decode: DecodeConfig,
     device: torch.device,
     precision: str = "fp32",
@@ -208,11 +311,24 @@ def translate_lines(
     scores: bool = False,
     progress: bool = False,
     tgt_lang: str | None = None,
+    prefixes: Sequence[list[int]] | None = None,
+    constraints: Sequence[list[list[int]]] | None = None,
 ) -> list[list[Translation]]:
     """The n-best translations of every line, in input order (see translate_batches)."""
     out: list[list[Translation]] = [[] for _ in lines]
     for indices, translations in translate_batches(
-        lines, tokenizer, model, decode, device, precision, max_tokens, scores, progress, tgt_lang
+        lines,
+        tokenizer,
+        model,
+        decode,
+        device,
+        precision,
+        max_tokens,
+        scores,
+        progress,
+        tgt_lang,
+        prefixes,
+        constraints,
     ):
         for i, hyps in zip(indices, translations, strict=True):
             out[i] = hyps
@@ -276,7 +392,7 @@ def count_missing(translations: Sequence[Sequence[Translation]]) -> int:
     return sum(not hyps[0].found for hyps in translations)
 
 
-def check_found(checkpoint: Path, missing: int, total: int) -> None:
+def check_found(checkpoint: Path | str, missing: int, total: int) -> None:
     """MtError naming the checkpoint when `missing` of `total` lines got no translation."""
     if missing:
         raise MtError(
@@ -287,21 +403,34 @@ def check_found(checkpoint: Path, missing: int, total: int) -> None:
 
 def translate_file(
     source: str,
-    model_path: Path,
+    models: Sequence[Path],
     output: Path | None = None,
     device: str = "auto",
     precision: str = "auto",
     tgt_lang: str | None = None,
+    prefix: Path | None = None,
+    constraints: Path | None = None,
+    weights: Sequence[float] | None = None,
     **overrides: Any,
 ) -> None:
-    """`mt translate`: a file (or stdin, "-") through a trained model; overrides are decode.*."""
-    dev, prec = resolve_runtime(device, precision, model_path)
+    """`mt translate`: a file (or stdin, "-") through trained models; overrides are decode.*.
+
+    Bad prefix or constraint files fail before anything is written.
+    """
+    dev, prec = resolve_runtime(device, precision, models[0])
     lines = list(read_lines(source))  # before loading the model: bad input fails fast
+    prefix_rows = None if prefix is None else read_aligned(prefix, lines, source)
+    constraint_rows = None if constraints is None else read_aligned(constraints, lines, source)
     if output is not None and not Path(output).parent.is_dir():
         raise MtError(f"{output}: directory {Path(output).parent} does not exist")
-    config, tokenizer, model, checkpoint = load_trained(model_path, dev)
+    config, tokenizer, model, checkpoints = load_models(models, dev, weights)
     check_target(config, tokenizer, tgt_lang)
     decode = decode_settings(config, **overrides)
+    if constraints is not None and decode.sampling:
+        raise MtError(f"--constraints {constraints}: constraints need beam search, not sampling")
+    room = model.max_positions - 2  # the output pieces before EOS
+    prefixes = prefix_rows and encode_prefixes(prefix, prefix_rows, tokenizer, room)
+    wanted = constraint_rows and encode_constraints(constraints, constraint_rows, tokenizer, room)
     # n-best format when asked for on the command line, or when the run's config asks for it.
     nbest = overrides.get("nbest") is not None or decode.nbest > 1
     missing = 0
@@ -319,8 +448,10 @@ def translate_file(
             scores=nbest,
             progress=sys.stderr.isatty(),
             tgt_lang=tgt_lang,
+            prefixes=prefixes,
+            constraints=wanted,
         ):
             writer.add(indices, translations)
             missing += count_missing(translations)
         writer.close()
-    check_found(checkpoint.weights, missing, len(lines))  # once all is written, --output too
+    check_found(checkpoints, missing, len(lines))  # once all is written, --output too

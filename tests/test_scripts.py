@@ -203,3 +203,23 @@ def test_bench_padding_mirrors_the_model_and_both_losses_agree() -> None:
     torch.testing.assert_close(F.linear(states, model.tgt_embed.weight), model(src, tgt_in))
     full = bench.full_loss(model, states, tgt_out, 0.1)
     torch.testing.assert_close(bench.gathered_loss(model, states, tgt_out, 0.1), full)
+
+
+@pytest.mark.slow
+def test_bench_constraints_prints_a_table(trained_run: Path, tmp_path: Path) -> None:
+    sources = (TINY / "valid.de").read_text(encoding="utf-8").splitlines()[:8]
+    refs = (TINY / "valid.en").read_text(encoding="utf-8").splitlines()[:8]
+    src, ref = tmp_path / "src.de", tmp_path / "ref.en"
+    src.write_text("\n".join(sources) + "\n", encoding="utf-8")
+    # Each source's reference is its neighbour's, so that outputs miss words to constrain.
+    ref.write_text("\n".join(refs[1:] + refs[:1]) + "\n", encoding="utf-8")
+    args = [sys.executable, str(ROOT / "scripts" / "bench_constraints.py"), str(trained_run),
+            "--src", str(src), "--ref", str(ref), "--counts", "1,2", "--beam", "2",
+            "--repeats", "1", "--threads", "1"]  # fmt: skip
+    out = subprocess.run(args, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| 1 ")]
+    rows += [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| 2 ")]
+    assert len(rows) == 2
+    for row in rows:  # whether BLEU rises is the benchmark's finding, not a tiny model's
+        assert int(row[1]) >= 6 and row[2].strip() == "100.0%"
+        assert all(float(x) >= 0 for x in row[3:])

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,14 +16,19 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mt.config import DecodeConfig, ModelConfig
 from mt.model import Transformer
 from mt.search import (
+    Constraints,
+    Ensemble,
     Hypothesis,
+    Progress,
     beam_search,
     block_topk,
     block_width,
+    contains,
     decode,
     greedy_search,
     length_penalty,
     max_lengths,
+    prefixes,
     row_candidates,
     sample,
     step_logprobs,
@@ -348,9 +355,9 @@ def test_decode_runs_the_search_the_config_asks_for(
     for name in ("greedy_search", "beam_search", "sample"):
         real = getattr(mt.search, name)
 
-        def spy(*args: object, real: Callable = real, name: str = name) -> object:
+        def spy(*args: object, real: Callable = real, name: str = name, **kw: object) -> object:
             called.append(name)
-            return real(*args)
+            return real(*args, **kw)
 
         monkeypatch.setattr(mt.search, name, spy)
     cases = [
@@ -511,3 +518,226 @@ def test_non_finite_scores_still_give_every_sentence_a_hypothesis(scale: float) 
     out = sample(model, src, DecodeConfig(beam=2), generator=torch.Generator().manual_seed(0))
     assert [len(hyps) for hyps in out] == [2] * len(srcs)
     assert all(not math.isfinite(h.score) for hyps in out for h in hyps)
+
+
+# --- outputs without prefixes or constraints, recorded from the search before they existed ------
+
+RECORDED = Path(__file__).parent / "data" / "search_outputs.json"
+RECORDED_CONFIGS = {
+    "greedy": (DecodeConfig(beam=1), False),
+    "greedy_scored": (DecodeConfig(beam=1), True),
+    "beam": (DecodeConfig(beam=4, nbest=3, min_len=2), False),
+    "beam_average": (DecodeConfig(beam=3, nbest=3, length_penalty="average"), False),
+    "sampling": (DecodeConfig(beam=3, sampling=True, top_k=8, top_p=0.9), False),
+}
+
+
+def search_outputs() -> dict[str, list[list[list]]]:
+    """[tokens, score.hex(), logprob.hex()] of every hypothesis, per model and search."""
+    src = pad_batch(random_sources(6, seed=59))
+    outputs = {}
+    for seed in (1, 2):
+        model = tiny(seed, eos_boost=3.0, prenorm=seed == 1)
+        for name, (config, scores) in RECORDED_CONFIGS.items():
+            torch.manual_seed(seed)  # sampling draws from the global generator
+            hyps = decode(model, src, config, scores)
+            outputs[f"{seed}/{name}"] = [
+                [[h.tokens, h.score.hex(), h.logprob.hex()] for h in sentence] for sentence in hyps
+            ]
+    return outputs
+
+
+def test_outputs_without_the_new_inputs_are_unchanged() -> None:
+    recorded = json.loads(RECORDED.read_text(encoding="utf-8"))
+    now = search_outputs()
+    assert now.keys() == recorded.keys()
+    for key, sentences in recorded.items():
+        assert [[h[0] for h in s] for s in now[key]] == [[h[0] for h in s] for s in sentences]
+        # Recorded and checked bit for bit on one CPU; another CPU's float32 kernels may round
+        # the last bits differently, so the floats are compared to float32 rounding here.
+        got = [float.fromhex(x) for s in now[key] for h in s for x in h[1:]]
+        want = [float.fromhex(x) for s in sentences for h in s for x in h[1:]]
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-6)
+
+
+# --- target prefixes ---------------------------------------------------------------------------
+
+PREFIX_CONFIGS = [
+    DecodeConfig(beam=1),  # greedy
+    DecodeConfig(beam=4, nbest=3),
+    DecodeConfig(beam=3, nbest=2, sampling=True, top_k=6),
+]
+
+
+def random_prefixes(n: int, seed: int, high: int = 5) -> list[list[int]]:
+    """n random prefixes of 0..high-1 real pieces (some empty)."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, high, (n,), generator=gen).tolist()
+    return [torch.randint(FIRST_REAL, VOCAB, (k,), generator=gen).tolist() for k in lengths]
+
+
+def test_outputs_start_with_their_prefix_and_score_it(reverser: Transformer) -> None:
+    srcs, wanted = random_sources(6, seed=61), random_prefixes(6, seed=66)
+    assert {len(p) for p in wanted} >= {0, 2} and len({len(p) for p in wanted}) >= 3
+    prefix = prefixes(wanted, torch.device("cpu"))
+    for model in models(reverser)[:2]:
+        for config in PREFIX_CONFIGS:
+            torch.manual_seed(0)
+            out = decode(model, pad_batch(srcs), config, prefix=prefix)
+            for src, p, hyps in zip(srcs, wanted, out, strict=True):
+                assert len(hyps) == max(config.nbest, config.sampling * config.beam)
+                for h in hyps:  # the prefix's log-probability is part of every score
+                    assert h.tokens[: len(p)] == p
+                    assert h.logprob == pytest.approx(
+                        teacher_forced_logprob(model, src, h.tokens), abs=1e-4
+                    )
+
+
+def test_a_prefix_longer_than_the_limit_raises_it(reverser: Transformer) -> None:
+    src = pad_batch([[5, EOS_ID]])  # limit 1 * 2 + 1 = 3: two pieces and EOS
+    prefix = prefixes([[6, 7, 8, 9, 10]], torch.device("cpu"))
+    short = DecodeConfig(beam=2, max_len_a=1.0, max_len_b=1)
+    assert len(decode(reverser, src, short)[0][0].tokens) <= 2
+    assert decode(reverser, src, short, prefix=prefix)[0][0].tokens == [6, 7, 8, 9, 10]
+
+
+def test_its_own_greedy_output_as_prefix_gives_it_back(reverser: Transformer) -> None:
+    srcs = random_sources(6, seed=67)
+    for model in models(reverser):
+        own = greedy_ids(model, pad_batch(srcs))
+        prefix = prefixes(own, torch.device("cpu"))
+        assert greedy_search(model, pad_batch(srcs), DecodeConfig(), prefix) == greedy_search(
+            model, pad_batch(srcs), DecodeConfig()
+        )
+        halves = prefixes([tokens[: len(tokens) // 2] for tokens in own], torch.device("cpu"))
+        assert greedy_ids(model, pad_batch(srcs)) == [
+            h[0].tokens for h in greedy_search(model, pad_batch(srcs), DecodeConfig(), halves)
+        ]
+
+
+def test_prefixes_are_batch_invariant(reverser: Transformer) -> None:
+    srcs, wanted = random_sources(24, seed=71), random_prefixes(24, seed=72)
+    for config in PREFIX_CONFIGS[:2]:
+        batch = decode(
+            reverser, pad_batch(srcs), config, prefix=prefixes(wanted, torch.device("cpu"))
+        )
+        for i in (0, 5, 17):
+            alone = decode(
+                reverser,
+                pad_batch([srcs[i]]),
+                config,
+                prefix=prefixes([wanted[i]], torch.device("cpu")),
+            )[0]
+            assert_same_hypotheses(batch[i], alone)
+
+
+# --- terminology constraints -------------------------------------------------------------------
+
+
+def test_progress_follows_phrases_in_any_order() -> None:
+    phrases = torch.tensor([[[5, 6], [7, PAD_ID], [PAD_ID, PAD_ID]]])  # two phrases, one slot
+    lengths = torch.tensor([[2, 1, 0]])
+    progress, banks = Progress.start(lengths), []
+    for token in [5, 9, 7, 5, 5, 6, 8]:  # 5 then 9 drops the first match; 5 5 6 restarts it
+        progress = progress.after(torch.tensor([token]), phrases, lengths)
+        banks.append(int(progress.met_pieces(lengths)))
+    assert banks == [1, 0, 1, 2, 2, 3, 3]
+    assert progress.met.tolist() == [[True, True, True]] and progress.phrase.tolist() == [-1]
+
+
+def random_constraints(n: int, seed: int) -> list[list[list[int]]]:
+    """n sentences' constraints: none, or one or two phrases of one or two real pieces."""
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        [
+            torch.randint(
+                FIRST_REAL, VOCAB, (int(torch.randint(1, 3, (1,), generator=gen)),), generator=gen
+            ).tolist()
+            for _ in range(int(torch.randint(0, 3, (1,), generator=gen)))
+        ]
+        for _ in range(n)
+    ]
+
+
+def test_constrained_outputs_contain_their_phrases(reverser: Transformer) -> None:
+    srcs, phrases = random_sources(8, seed=73), random_constraints(8, seed=74)
+    assert {len(p) for p in phrases} == {0, 1, 2}
+    constraints = Constraints.of(phrases, torch.device("cpu"))
+    for model in models(reverser)[:3]:
+        for config in (DecodeConfig(beam=1), DecodeConfig(beam=4, nbest=2)):
+            out = decode(model, pad_batch(srcs), config, constraints=constraints)
+            for src, wanted, hyps in zip(srcs, phrases, out, strict=True):
+                assert 1 <= len(hyps) <= config.nbest  # fewer may meet them by the limit
+                for h in hyps:
+                    assert all(contains(h.tokens, p) for p in wanted), (h.tokens, wanted)
+                    assert h.logprob == pytest.approx(
+                        teacher_forced_logprob(model, src, h.tokens), abs=1e-4
+                    )
+    plain = beam_search(reverser, pad_batch(srcs), DecodeConfig(beam=4))
+    free = [i for i, p in enumerate(phrases) if not p]  # sentences without constraints
+    constrained = decode(reverser, pad_batch(srcs), DecodeConfig(beam=4), constraints=constraints)
+    for i in free:
+        assert constrained[i][0].tokens == plain[i][0].tokens
+
+
+def test_constraints_are_batch_invariant_and_work_with_prefixes(reverser: Transformer) -> None:
+    srcs, phrases = random_sources(12, seed=79), random_constraints(12, seed=80)
+    wanted = random_prefixes(12, seed=66, high=3)
+    cpu = torch.device("cpu")
+    config = DecodeConfig(beam=3, nbest=3)
+    batch = decode(
+        reverser, pad_batch(srcs), config, prefix=prefixes(wanted, cpu),
+        constraints=Constraints.of(phrases, cpu),
+    )  # fmt: skip
+    for i in range(0, 12, 3):
+        alone = decode(
+            reverser, pad_batch([srcs[i]]), config, prefix=prefixes([wanted[i]], cpu),
+            constraints=Constraints.of([phrases[i]], cpu),
+        )  # fmt: skip
+        assert_same_hypotheses(batch[i], alone[0])
+    for p, wanted_phrases, hyps in zip(wanted, phrases, batch, strict=True):
+        assert all(h.tokens[: len(p)] == p for h in hyps)
+        assert all(contains(h.tokens, c) for h in hyps for c in wanted_phrases)
+
+
+def test_unsatisfiable_constraints_give_the_unconstrained_output() -> None:
+    model = tiny(6, max_positions=8)  # at most 6 pieces before EOS
+    srcs = random_sources(3, seed=83, high=5)
+    phrases = [[[5, 6, 7, 8], [9, 10, 11]], [[12]], []]  # the first needs 7 pieces
+    config = DecodeConfig(beam=3, nbest=2)
+    out = decode(
+        model, pad_batch(srcs), config, constraints=Constraints.of(phrases, torch.device("cpu"))
+    )
+    plain = beam_search(model, pad_batch(srcs), config)
+    assert_same_hypotheses(out[0], plain[0])
+    assert all(contains(h.tokens, [12]) for h in out[1]) and out[2] == plain[2]
+    with pytest.raises(ValueError, match="constraints need beam search, not sampling"):
+        decode(
+            model,
+            pad_batch(srcs),
+            DecodeConfig(sampling=True),
+            constraints=Constraints.of(phrases, torch.device("cpu")),
+        )
+
+
+# --- ensembles ---------------------------------------------------------------------------------
+
+
+def test_ensembles_average_log_probabilities_by_weight(reverser: Transformer) -> None:
+    srcs, wanted = pad_batch(random_sources(6, seed=89)), random_prefixes(6, seed=66)
+    prefix = prefixes(wanted, torch.device("cpu"))
+    other = tiny(7, eos_boost=3.0, dim=48)  # a different shape: memories of other widths
+    config = DecodeConfig(beam=3, nbest=2)
+    cases = [
+        (Ensemble([reverser, reverser]), reverser),  # a model with itself is the model
+        (Ensemble([reverser, other], [2.0, 0.0]), reverser),
+        (Ensemble([reverser, other], [0.0, 1.0]), other),
+    ]
+    for ensemble, alone in cases:
+        for p in (None, prefix):
+            for setting in (DecodeConfig(beam=1), config):
+                got = decode(ensemble, srcs, setting, prefix=p)
+                for g, w in zip(got, decode(alone, srcs, setting, prefix=p), strict=True):
+                    assert_same_hypotheses(g, w)
+    mixed = decode(Ensemble([reverser, other]), srcs, config)
+    assert [h[0].tokens for h in mixed] != [h[0].tokens for h in decode(reverser, srcs, config)]

@@ -20,7 +20,13 @@ from mt.cli import app
 from mt.device import model_products
 from mt.errors import MtError
 from mt.rundir import load_trained
-from mt.translate import decoding_products, resolve_runtime, translate_lines
+from mt.translate import (
+    decoding_products,
+    encode_constraints,
+    encode_prefixes,
+    resolve_runtime,
+    translate_lines,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -284,3 +290,124 @@ def test_auto_precision_is_timed_on_the_models_own_layers(
     assert device == CPU and precision in ("fp32", "bf16")
     line = f"precision: {precision} (auto, measured on the model's matrix products at "
     assert line in caplog.text
+
+
+# --- steering: prefixes, constraints, ensembles ---------------------------------------------------
+
+STEER_LINES = [
+    "Der hund findet das haus am morgen .",
+    "Der hund mag den see im park .",
+    "Das kind mag ein auto im park .",
+    "",
+]
+
+
+def test_prefixes_and_constraints_steer_the_translations(loaded) -> None:
+    config, tokenizer, model = loaded
+    room = model.max_positions - 2
+    prefixes = encode_prefixes(Path("p"), ["A cat", "", "The child sees", "A"], tokenizer, room)
+    phrases = encode_constraints(Path("c"), ["lake\tcar", "", "house", "dog"], tokenizer, room)
+    plain = translate_lines(STEER_LINES, tokenizer, model, config.decode, CPU)
+    steered = translate_lines(
+        STEER_LINES, tokenizer, model, config.decode, CPU, prefixes=prefixes, constraints=phrases
+    )
+    texts = [h[0].text for h in steered]
+    assert texts[0].startswith("A cat") and "lake" in texts[0] and "car" in texts[0]
+    assert texts[1] == plain[1][0].text  # neither a prefix nor constraints
+    assert texts[2].startswith("The child sees") and "house" in texts[2]
+    assert texts[3] == ""  # a blank input line is not translated
+    assert plain[0][0].text.startswith("The dog") and "lake" not in plain[0][0].text
+
+
+def test_unmet_constraints_give_the_plain_translation_and_a_warning(loaded, caplog) -> None:
+    config, tokenizer, model = loaded
+    room = model.max_positions - 2
+    dog = len(tokenizer.encode_tgt([" dog"])[0])
+    many = " ".join(["dog"] * (room // (2 * dog) + 1))  # two of them cannot fit in one output
+    phrases = encode_constraints(Path("c"), ["", f"{many}\t{many}"], tokenizer, room)
+    lines = STEER_LINES[:2]
+    plain = translate_lines(lines, tokenizer, model, config.decode, CPU)
+    with caplog.at_level(logging.WARNING, logger="mt"):
+        out = translate_lines(lines, tokenizer, model, config.decode, CPU, constraints=phrases)
+    assert [h[0].tokens for h in out] == [h[0].tokens for h in plain]  # alone: last bits differ
+    assert [h[0].score for h in out] == pytest.approx([h[0].score for h in plain], abs=1e-5)
+    assert [r.getMessage() for r in caplog.records] == [
+        "line 2: no translation met all its constraints; wrote one without"
+    ]
+
+
+def test_an_ensemble_of_a_model_with_itself_translates_as_the_model(trained_run: Path) -> None:
+    runner = CliRunner()
+    source = "\n".join(STEER_LINES[:3]) + "\n"
+    args = ["translate", "-m", str(trained_run), "--device", "cpu", "--precision", "fp32"]
+    alone = runner.invoke(app, [*args, "--nbest", "2"], input=source)
+    assert alone.exit_code == 0, alone.output
+    two = [*args, "-m", str(trained_run), "--nbest", "2", "--weights", "3", "--weights", "1"]
+    ensemble = runner.invoke(app, two, input=source)
+    assert ensemble.exit_code == 0, ensemble.output
+    assert ensemble.stdout == alone.stdout  # scores printed to 4 decimals
+    wrong = runner.invoke(app, [*args, "-m", str(trained_run), "--weights", "1"], input=source)
+    assert str(wrong.exception) == "--weights: 1 weights for 2 models"
+
+
+@pytest.fixture(scope="module")
+def other_vocabulary_run(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of trained_run with a 90-piece tokenizer and random weights to match."""
+    import shutil
+
+    from mt.checkpoint import resolve_checkpoint, save_weights
+    from mt.config import TokenizerConfig
+    from mt.corpora import open_corpus
+    from mt.model import Transformer
+    from mt.rundir import checkpoint_metadata
+    from mt.tokenizer import train_tokenizer
+
+    run_dir = tmp_path_factory.mktemp("other_vocabulary") / "run"
+    shutil.copytree(trained_run, run_dir, ignore=shutil.ignore_patterns("cache", "tensorboard"))
+    corpus = open_corpus(str(ROOT / "tests/data/tiny/train"), "de", "en")
+    config = TokenizerConfig(vocab_size=90, byte_fallback=False)
+    tokenizer = train_tokenizer(corpus, run_dir / "tokenizer", config, seed=1)
+    model_config = load_trained(trained_run, CPU)[0].model
+    model = Transformer(model_config, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
+    save_weights(resolve_checkpoint(run_dir).weights, model, checkpoint_metadata(tokenizer))
+    return run_dir
+
+
+def test_models_with_different_vocabularies_are_refused(
+    trained_run: Path, other_vocabulary_run: Path
+) -> None:
+    args = ["translate", "-m", str(trained_run), "-m", str(other_vocabulary_run)]
+    result = CliRunner().invoke(app, args, input="Der hund .\n")
+    assert isinstance(result.exception, MtError)
+    assert str(result.exception) == (
+        f"--model {other_vocabulary_run}: its src vocabulary has 90 pieces, not 100 as in "
+        f"--model {trained_run}: the models of an ensemble must share their vocabulary"
+    )
+
+
+TOO_LONG = "pieces, more than the 126 an output can hold"
+BAD_STEERING = [  # (option, its file's text, the error after "FILE: ")
+    ("--prefix", "A dog\n", "1 lines, but {source} has 2"),
+    ("--constraints", "dog\n\ncat\n", "3 lines, but {source} has 2"),
+    ("--constraints", "dog\ncat\t\n", "line 2: constraint 2 is empty"),
+    ("--constraints", "\t dog\n\n", "line 1: constraint 1 is empty"),
+    ("--constraints", "\ndog\t{long}\n", f"line 2: constraint 2 has {{n}} {TOO_LONG}"),
+    ("--prefix", "{long}\n\n", f"line 1: the prefix has {{n}} {TOO_LONG}"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("option", "text", "error"), BAD_STEERING)
+def test_bad_prefix_and_constraint_files_are_one_line_errors(
+    loaded, trained_run: Path, tmp_path: Path, option: str, text: str, error: str
+) -> None:
+    _, tokenizer, _ = loaded
+    long = " ".join(["haus"] * 200)
+    n = f"{len(tokenizer.encode_tgt([long])[0]):,}"
+    source, steering, target = tmp_path / "in.txt", tmp_path / "steer.txt", tmp_path / "out.txt"
+    source.write_text("Der hund .\nDas kind .\n", encoding="utf-8")
+    steering.write_text(text.format(long=long), encoding="utf-8")
+    args = ["translate", "-m", str(trained_run), str(source), option, str(steering)]
+    result = CliRunner().invoke(app, [*args, "-o", str(target)])
+    assert isinstance(result.exception, MtError) and result.exit_code != 0
+    assert str(result.exception) == f"{steering}: " + error.format(source=source, n=n)
+    assert sorted(tmp_path.iterdir()) == sorted([source, steering])  # nothing written
