@@ -596,3 +596,27 @@ def test_auto_precision_is_measured_logged_and_recorded(
     assert all(rate > 0 for rate in rates)  # a precision the budget cut short has none
     assert read_metrics(run, "end")[-1]["precision"] == record["precision"]
     assert f"precision: {describe_precision(record)}" in caplog.text
+
+
+def test_a_validation_put_off_by_a_signal_runs_on_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    steps = ["train.max_steps=10", "train.valid_every=5", "train.log_every=1"]
+    straight = tmp_path / "straight"
+    train(tiny(straight, *steps))
+    real, calls = train_module.train_step, itertools.count(1)
+
+    def signalled_at_5(*args: object) -> object:  # (learner, batches, tokens, stop, late)
+        learner, batches, tokens, stop, late = args
+        return real(learner, batches, tokens, stop or next(calls) == 5, late)
+
+    split = tmp_path / "split"
+    monkeypatch.setattr(train_module, "train_step", signalled_at_5)
+    result = train(tiny(split, *steps))
+    assert (result.signum, result.state.step) == (signal.SIGTERM, 5)
+    assert read_metrics(split, "valid") == []  # stopped fast, at a step due for validation
+    monkeypatch.undo()
+    train(tiny(split, *steps))
+    assert records(split) == records(straight)
+    best = ckpt.resolve_checkpoint(split).weights.name
+    assert best == ckpt.resolve_checkpoint(straight).weights.name
