@@ -44,6 +44,7 @@ def test_weights_reproduce_the_attention_output(trained_run: Path) -> None:
         assert torch.allclose(attn.out_proj(mixed), seen["out"], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_attention_command_writes_a_heatmap_sized_by_tokens(
     trained_run: Path, tmp_path: Path
 ) -> None:

@@ -147,6 +147,7 @@ def test_model_without_files_scores_the_test_set(trained_run: Path, tmp_path: Pa
     assert scores["bleu"].score == pytest.approx(valid[best.step], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_a_diverged_model_is_one_error_line(diverged_run: Path, tmp_path: Path) -> None:
     (tmp_path / "src.txt").write_text("Der hund .\nDas kind .\n", encoding="utf-8")
     (tmp_path / "ref.txt").write_text("The dog .\nThe child .\n", encoding="utf-8")

@@ -50,6 +50,7 @@ def test_training_writes_report_with_true_numbers(trained_run: Path) -> None:
     assert Image.open(trained_run / "curves.png").size == SIZE
 
 
+@pytest.mark.slow
 def test_plot_several_runs_and_report_command(trained_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "both.png"
     assert plot_curves([trained_run, trained_run], out, labels=["a", "b"]) == out

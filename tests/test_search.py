@@ -163,6 +163,7 @@ def test_trained_model_outputs_vary(reverser: Transformer) -> None:
 
 
 @pytest.mark.parametrize("kind", ["gnmt", "average", "none"])
+@pytest.mark.slow
 def test_beam_one_is_greedy(reverser: Transformer, kind: str) -> None:
     src = pad_batch(random_sources(10, seed=7))
     for model in models(reverser):
@@ -207,6 +208,7 @@ def test_finished_sentences_leave_the_batch(reverser: Transformer) -> None:
         )
 
 
+@pytest.mark.slow
 def test_nbest_sorted_and_consistent_with_the_model(reverser: Transformer) -> None:
     srcs = random_sources(5, seed=13)
     for model in models(reverser):
@@ -723,6 +725,7 @@ def test_unsatisfiable_constraints_give_the_unconstrained_output() -> None:
 # --- ensembles ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ensembles_average_log_probabilities_by_weight(reverser: Transformer) -> None:
     srcs, wanted = pad_batch(random_sources(6, seed=89)), random_prefixes(6, seed=66)
     prefix = prefixes(wanted, torch.device("cpu"))

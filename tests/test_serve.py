@@ -262,6 +262,7 @@ def test_a_failed_batch_answers_500_without_a_traceback_and_the_next_succeeds(
 # --- batching --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_concurrent_requests_get_mt_translates_answers_whatever_shares_their_batch(
     make_served: Callable[..., Served], trained_run: Path
 ) -> None:
@@ -360,6 +361,7 @@ class Lines:
         raise AssertionError(f"no line matched {pattern!r} in:\n{''.join(self.seen)}")
 
 
+@pytest.mark.slow
 def test_serve_command_answers_in_flight_work_on_sigterm_and_exits_0(trained_run: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     args = [sys.executable, "-m", "mt", "serve", str(trained_run), "--port", "0",
@@ -419,6 +421,7 @@ def test_limits_are_checked() -> None:
 # --- the load generator ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_load_generator_smoke_run(trained_run: Path) -> None:
     args = [sys.executable, str(ROOT / "scripts" / "bench_serve.py"), str(trained_run), "--smoke"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
