@@ -815,7 +815,8 @@ def allocation_order(total: Tensor, bank: Tensor, banks: int, keep: int) -> Tens
     """
     order = total.argsort(dim=1, descending=True, stable=True)  # (B', M)
     banked = bank.gather(1, order)  # (B', M)
-    member = F.one_hot(banked, banks)  # (B', M, banks)
+    # Not F.one_hot: off CUDA it reads its input's min and max back to the host every step.
+    member = banked.unsqueeze(2) == torch.arange(banks, device=bank.device)  # (B', M, banks)
     rank = (member.cumsum(dim=1) * member).sum(dim=2) - 1  # (B', M) place within its bank
     turn = rank * banks + (banks - 1 - banked)  # (B', M)
     turn = turn.masked_fill(~total.gather(1, order).isfinite(), banks * total.size(1))
