@@ -31,7 +31,7 @@ from mt.model import Transformer
 from mt.rundir import load_trained
 from mt.search import max_lengths
 from mt.tokenizer import Tokenizer
-from mt.translate import decode_settings, translate_lines
+from mt.translate import decode_settings, encode_prefixes, translate_lines
 from mt.vocab import BOS_ID, EOS_ID, PAD_ID
 
 pytestmark = pytest.mark.slow  # trains two more tiny runs; exports and runs CT2 and Marian
@@ -143,6 +143,31 @@ def test_ct2_export_scores_and_searches_like_mt(
         ours = mt_outputs(model, tokenizer, lines, decode)
         theirs = translate_ct2(translator, tokenizer, lines, decode, model.max_positions)
         same = sum(a == b for a, b in zip(ours, theirs, strict=True))
+        assert same >= wanted * len(lines), f"beam {beam}: {same} of {len(lines)} identical"
+
+
+def test_ct2_export_takes_target_prefixes_like_mt(
+    trained_run: Path, lines: list[str], tmp_path: Path
+) -> None:
+    ctranslate2 = pytest.importorskip("ctranslate2", reason=NO_CT2)
+    export_model(trained_run, tmp_path / "ct2", "ct2")
+    translator = ctranslate2.Translator(str(tmp_path / "ct2"), device="cpu", intra_threads=1)
+    config, tokenizer, model, _ = load_trained(trained_run, CPU)
+    long = " ".join(["A dog"] * 20)  # more pieces than the usual limit: it is raised
+    texts = ["A dog", "", "The child sees", "Two men", long, "The"]
+    texts = [texts[i % len(texts)] for i in range(len(lines))]
+    prefixes = encode_prefixes(Path("p"), texts, tokenizer, model.max_positions - 2)
+    assert len(prefixes[4]) > 1.2 * len(tokenizer.encode_src([lines[4]])[0]) + 10
+
+    # CT2 leaves the prefix's log-probability out of its scores: without a length penalty that
+    # ranks hypotheses as mt does (see mt.export.ct2_search).
+    for beam, wanted in ((1, 1.0), (5, 0.95)):
+        decode = decode_settings(config, beam=beam, nbest=1, length_penalty="none")
+        ours = translate_lines(lines, tokenizer, model, decode, CPU, prefixes=prefixes)
+        theirs = translate_ct2(translator, tokenizer, lines, decode, model.max_positions, prefixes)
+        started = [t[: len(p)] == p for t, p in zip(theirs, prefixes, strict=True)]
+        assert all(started[:-1]) and theirs[-1] == []  # the last line is blank
+        same = sum(a[0].tokens == b for a, b in zip(ours, theirs, strict=True))
         assert same >= wanted * len(lines), f"beam {beam}: {same} of {len(lines)} identical"
 
 
