@@ -720,6 +720,20 @@ def test_unsatisfiable_constraints_give_the_unconstrained_output() -> None:
         )
 
 
+def test_hypotheses_that_cannot_meet_their_phrases_leave_the_beam() -> None:
+    model, cpu = tiny(6, max_positions=8), torch.device("cpu")  # at most 6 pieces before EOS
+    src = pad_batch(random_sources(2, seed=83, high=5))
+    config = DecodeConfig(beam=3, nbest=2)
+    fits = [[[5, 6], [7, 8, 9, 10]], [[5, 6, 7, 8], [9, 10, 11]]]  # 6 pieces: only they fit
+    out = decode(model, src[:1], config, constraints=Constraints.of(fits[:1], cpu))
+    assert sorted(h.tokens for h in out[0]) == [[5, 6, 7, 8, 9, 10], [7, 8, 9, 10, 5, 6]]
+    # 7 pieces never fit: the search stops after one step, and plain beam search takes over.
+    plain, plain_steps = decode_calls(model, lambda: beam_search(model, src[1:], config))
+    hopeless = Constraints.of(fits[1:], cpu)
+    found, steps = decode_calls(model, lambda: decode(model, src[1:], config, constraints=hopeless))
+    assert found == plain and steps == plain_steps + 1
+
+
 # --- ensembles ---------------------------------------------------------------------------------
 
 
