@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,7 +18,6 @@ from mt.batching import describe_epoch
 from mt.checkpoint import Checkpoint, load_weights, resolve_checkpoint
 from mt.config import CONFIG_FILE, Config, load_config
 from mt.corpora import Corpus, open_corpus
-from mt.data import CorpusMix, EncodedCorpus, encode_corpus
 from mt.errors import ConfigError, DataError
 from mt.model import Transformer
 from mt.tokenizer import (
@@ -28,6 +28,9 @@ from mt.tokenizer import (
     train_multilingual_tokenizer,
     train_tokenizer,
 )
+
+if TYPE_CHECKING:
+    from mt.data import CorpusMix, EncodedCorpus
 
 log = logging.getLogger("mt")
 
@@ -171,6 +174,8 @@ def encode_directions(config: Config, tokenizer: Tokenizer, which: str) -> dict[
 
 def encode_train(config: Config, tokenizer: Tokenizer) -> CorpusMix:
     """The training corpora of every direction, encoded and filtered, to sample batches from."""
+    from mt.data import CorpusMix
+
     weights = [c.weight for c in config.data.directions()]
     parts = encode_directions(config, tokenizer, "train")
     return CorpusMix(parts, weights, config.data.temperature)
@@ -178,6 +183,10 @@ def encode_train(config: Config, tokenizer: Tokenizer) -> CorpusMix:
 
 def encode(config: Config, tokenizer: Tokenizer, which: str, corpus: Corpus) -> EncodedCorpus:
     """The encoded (and, for training data only, filtered) corpus, from the cache when possible."""
+    # Imported here: the data cache needs `datasets`, whose import takes seconds that commands
+    # which only load a trained model (translate, evaluate, serve, export) need not pay.
+    from mt.data import encode_corpus
+
     return encode_corpus(
         corpus,
         tokenizer,
