@@ -65,13 +65,15 @@ def translate_ct2(
     lines: Sequence[str],
     decode: DecodeConfig,
     max_positions: int,
+    tgt_lang: str | None = None,
 ) -> list[list[int]]:
     """Target ids (no EOS) per line from a CTranslate2 Translator, searching as mt would.
 
     Sentences are batched by source length, so each batch gets its exact mt length limit;
-    blank lines (and lines without pieces) give [].
+    blank lines (and lines without pieces) give []. A multilingual model's sources start with
+    the tag of `tgt_lang`, as in `mt translate --tgt-lang`.
     """
-    ids = encode_sources(lines, tokenizer, max_positions - 1)
+    ids = encode_sources(lines, tokenizer, max_positions - 1, tgt_lang)
     by_length: dict[int, list[int]] = defaultdict(list)
     for i, seq in enumerate(ids):
         if seq:
