@@ -72,24 +72,47 @@ def test_resume_mid_epoch_is_exact_with_several_corpora(multiway: Path, tmp_path
     assert losses[0] == losses[1]
 
 
+def translate_cli(run: Path, source: Path, *options: str) -> list[str]:
+    """`mt translate -m RUN SOURCE OPTIONS` in-process: its output lines."""
+    result = CliRunner().invoke(app, ["translate", "-m", str(run), str(source), *options])
+    assert result.exit_code == 0, result.output
+    return result.stdout.splitlines()
+
+
 @pytest.mark.slow
 def test_translate_asks_for_a_target_language(multi_run: Path, tmp_path: Path) -> None:
     source = tmp_path / "in.txt"
     source.write_text("Ein mann sieht den see .\n\nDas kind findet ein auto .\n", encoding="utf-8")
-    args = ["translate", "-m", str(multi_run), str(source), "--beam", "1"]
-    outputs = {}
-    for lang in ("en", "fr"):
-        result = CliRunner().invoke(app, [*args, "--tgt-lang", lang])
-        assert result.exit_code == 0, result.output
-        outputs[lang] = result.stdout.splitlines()
-        assert len(outputs[lang]) == 3 and outputs[lang][1] == ""  # blank stays blank, untagged
+    outputs = {
+        lang: translate_cli(multi_run, source, "--beam", "1", "--tgt-lang", lang)
+        for lang in ("en", "fr")
+    }
+    for lines in outputs.values():
+        assert len(lines) == 3 and lines[1] == ""  # blank stays blank, untagged
     assert outputs["en"] != outputs["fr"]  # the tag steers the output
+    args = ["translate", "-m", str(multi_run), str(source)]
     missing = CliRunner().invoke(app, args)
     assert str(missing.exception) == (
         "the model translates into en, de, fr: choose one with --tgt-lang"
     )
     unknown = CliRunner().invoke(app, [*args, "--tgt-lang", "cs"])
     assert str(unknown.exception) == "--tgt-lang cs: the model translates into en, de, fr only"
+
+
+@pytest.mark.slow
+def test_nbest_lists_follow_the_tag(multi_run: Path, tmp_path: Path) -> None:
+    source = tmp_path / "in.txt"
+    source.write_text("Ein mann sieht den see .\nDas kind findet ein auto .\n", encoding="utf-8")
+    lists = {}
+    for lang in ("en", "fr"):
+        best = translate_cli(multi_run, source, "--beam", "2", "--tgt-lang", lang)
+        nbest = translate_cli(multi_run, source, "--beam", "2", "--tgt-lang", lang, "--nbest", "2")
+        rows = [line.split("\t") for line in nbest]
+        assert [int(row[0]) for row in rows] == [0, 0, 1, 1]
+        assert [rows[0][2], rows[2][2]] == best  # the best of each first
+        assert float(rows[0][1]) >= float(rows[1][1]) and float(rows[2][1]) >= float(rows[3][1])
+        lists[lang] = rows
+    assert lists["en"] != lists["fr"]
 
 
 def test_one_target_language_needs_no_tag(trained_run: Path, tmp_path: Path) -> None:
