@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from typer.testing import CliRunner
 from mt import checkpoint as ckpt
 from mt.cli import app
 from mt.config import load_config
-from mt.errors import DataError
+from mt.errors import ConfigError, DataError
 from mt.metrics import read_metrics
 from mt.rundir import encode_train, open_run, prepare_tokenizer
 from mt.train import train
@@ -188,3 +189,24 @@ def test_serve_translates_into_the_requested_language(multi_run: Path) -> None:
             assert missing.json() == {"error": error}
     finally:
         served.batcher.stop()
+
+
+@pytest.mark.slow
+def test_resume_may_change_the_selected_direction_not_the_temperature(
+    multi_run: Path, multiway: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(multi_run, run, ignore=shutil.ignore_patterns("tensorboard"))
+    fixture = ["model.prenorm=false", "train.max_steps=60", "train.valid_every=30"]  # conftest's
+    with pytest.raises(ConfigError) as err:
+        train(multi_config(multiway, run, *fixture, "data.temperature=1"))
+    assert str(err.value) == (
+        f"{run / 'config.yaml'}: the run was started with other settings (data.temperature: 5.0 "
+        "-> 1.0); use a new run_dir, or restore those settings to resume"
+    )
+    before = train(multi_config(multiway, run, *fixture)).state  # at max_steps: restores only
+    valid = read_metrics(run, "valid")
+    assert before.best_bleu == max(r["bleu"] for r in valid) and before.select_direction == ""
+    after = train(multi_config(multiway, run, *fixture, "data.select_direction=en-fr")).state
+    assert after.best_bleu == max(r["en-fr/bleu"] for r in valid) != before.best_bleu
+    assert after.select_direction == "en-fr"
