@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sacrebleu.metrics import BLEU, CHRF, TER
 
@@ -23,6 +23,13 @@ from mt.translate import (
     resolve_runtime,
     translate_lines,
 )
+
+if TYPE_CHECKING:
+    import torch
+
+    from mt.config import DecodeConfig
+    from mt.search import Decoder
+    from mt.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -125,18 +132,11 @@ def translate_test_sets(
     out = {}
     for direction, corpus in tests.items():
         pairs = list(corpus.pairs())
-        translations = translate_lines(
-            [s for s, _ in pairs],
-            tokenizer,
-            model,
-            decode,
-            dev,
-            prec,
-            progress=sys.stderr.isatty(),
-            tgt_lang=corpus.tgt_lang,
+        sources = [s for s, _ in pairs]
+        hyps = best_translations(
+            sources, tokenizer, model, decode, dev, prec, checkpoints, corpus.tgt_lang
         )
-        check_found(checkpoints, count_missing(translations), len(translations))
-        out[direction] = ([hyps[0].text for hyps in translations], [t for _, t in pairs])
+        out[direction] = (hyps, [t for _, t in pairs])
     return out
 
 
@@ -163,19 +163,34 @@ def model_translations(
         pairs = list(open_split(config, "test").pairs())
         sources, refs = [s for s, _ in pairs], [t for _, t in pairs]
     decode = decode_settings(config, nbest=1, **overrides)  # only the best is scored
+    hyps = best_translations(sources, tokenizer, model, decode, dev, prec, checkpoints, tgt_lang)
+    return hyps, refs
+
+
+def best_translations(
+    sources: list[str],
+    tokenizer: Tokenizer,
+    model: Decoder,
+    decode: DecodeConfig,
+    device: torch.device,
+    precision: str,
+    checkpoints: str,
+    tgt_lang: str | None,
+) -> list[str]:
+    """The best translation of each source; MtError naming the checkpoints if one has none."""
     translations = translate_lines(
         sources,
         tokenizer,
         model,
         decode,
-        dev,
-        prec,
+        device,
+        precision,
         progress=sys.stderr.isatty(),
         tgt_lang=tgt_lang,
     )
     # Scores of a model that cannot translate every line would be meaningless.
     check_found(checkpoints, count_missing(translations), len(translations))
-    return [hyps[0].text for hyps in translations], refs
+    return [hyps[0].text for hyps in translations]
 
 
 def evaluate(

@@ -615,7 +615,8 @@ def step_candidates(
     forced = None if forced is None else forced.index_select(0, beams.sent).repeat_interleave(G)
     if constraints is not None:
         lprobs = step_logprobs(logits, step, row_limit, config.min_len, forced)  # (B'*G, V)
-        return constrained_candidates(lprobs, beams, constraints, beam)
+        room = row_limit - (step + 2)  # (B'*G,) pieces that may follow this step's, before EOS
+        return constrained_candidates(lprobs, beams, constraints, beam, room)
     top = row_candidates(logits, step, row_limit, config.min_len, 2 * beam, forced)  # x2 (N, 2K)
     candidates = expand_candidates(beams.scores, *top, beams.sent.size(0), beam)  # (B', 2K) x3
     return candidates, top[0][:, 0]  # EOS is first at the limit
@@ -636,8 +637,10 @@ def beam_search(
     Fewer than nbest come back only when the length limit leaves fewer possible outputs, or
     when the model's scores are not finite: a sentence none of whose hypotheses has a finite
     score gets its live beams at the limit, whose scores may be -inf or nan. With constraints,
-    only hypotheses that meet them all end (so fewer may come back); a sentence with none at
-    its limit gets its live beams with score -inf (see constrained_search).
+    only hypotheses that meet them all end (so fewer may come back), and a candidate that can
+    no longer meet them within the limit is dropped (see constrained_candidates); a sentence
+    left without any candidate stops there, and one with no hypothesis then gets its live beams
+    with score -inf (see constrained_search).
     """
     if src.size(0) == 0:
         return []
@@ -651,8 +654,10 @@ def beam_search(
         logits = model.decode(tokens, memory, beams.src, state, padded)  # (B'*G, 1, V)
         candidates, eos = step_candidates(logits[:, -1], beams, step, config, prefix, constraints)
         beams.count = set_aside_finished(finished, beams, candidates)
-        at_limit = step + 1 >= beams.limit  # (B',)
-        done, stuck = at_limit | (beams.count >= beam), at_limit & (beams.count == 0)
+        ends = step + 1 >= beams.limit  # (B',) at the limit
+        if constraints is not None:  # no candidate can meet the phrases any more: end now
+            ends |= ~candidates[0].isfinite().any(dim=1)
+        done, stuck = ends | (beams.count >= beam), ends & (beams.count == 0)
         done_now, stuck_now = torch.stack([done, stuck]).tolist()  # the step's one wait
         if any(stuck_now):
             set_aside_live(finished, beams, eos, stuck)
@@ -760,12 +765,14 @@ class Progress:
 
 
 def constrained_candidates(
-    lprobs: Tensor, beams: Beams, constraints: Constraints, beam: int
+    lprobs: Tensor, beams: Beams, constraints: Constraints, beam: int, room: Tensor
 ) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
     """2K candidates per sentence (B', 2K) x3 in allocation order; each row's EOS log-prob (N,).
 
     Each row offers its 2K best tokens and the pieces that advance its phrases. Only a row
-    that met every phrase may end, so EOS is banned elsewhere, at the limit too.
+    that met every phrase may end, so EOS is banned elsewhere, at the limit too; a candidate
+    leaving more phrase pieces to produce than the `room` (N,) its row has after this step's
+    piece, before EOS, could never end: its score is -inf, so it takes no place in the beam.
     """
     assert beams.progress is not None
     B, G = beams.sent.size(0), beams.rows_per_sentence
@@ -780,12 +787,16 @@ def constrained_candidates(
     per_row = pieces.size(1)
     origin = torch.arange(G * per_row, device=lprobs.device) // per_row  # (G*(k+C),) its beam
     rows = beams.rows(origin.expand(B, -1)).view(-1)  # (B'*G*(k+C),)
-    after = beams.progress.select(rows).after(pieces.view(-1), phrases[rows], lengths[rows])
+    row_lengths = lengths[rows]  # (B'*G*(k+C), C)
+    met = beams.progress.select(rows).after(pieces.view(-1), phrases[rows], row_lengths)
+    bank = met.met_pieces(row_lengths)  # (B'*G*(k+C),)
+    left = (row_lengths.sum(dim=1) - bank).view_as(pieces)  # (N, k+C) phrase pieces to come
+    hopeless = (left > room.unsqueeze(1)) & (pieces != EOS_ID)
     pool = (
-        (offered + beams.scores.unsqueeze(1)).view(B, -1),  # (B', G*(k+C)) each
-        origin.expand(B, -1),
+        (offered + beams.scores.unsqueeze(1)).masked_fill(hopeless, -math.inf).view(B, -1),
+        origin.expand(B, -1),  # (B', G*(k+C)) each
         pieces.view(B, -1),
-        after.met_pieces(lengths[rows]).view(B, -1),
+        bank.view(B, -1),
     )
     missing = 2 * beam - pool[0].size(1)  # > 0 only for a vocabulary under 2K at the first step
     if missing > 0:
@@ -815,7 +826,8 @@ def allocation_order(total: Tensor, bank: Tensor, banks: int, keep: int) -> Tens
     """
     order = total.argsort(dim=1, descending=True, stable=True)  # (B', M)
     banked = bank.gather(1, order)  # (B', M)
-    member = F.one_hot(banked, banks)  # (B', M, banks)
+    # Not F.one_hot: off CUDA it reads its input's min and max back to the host every step.
+    member = banked.unsqueeze(2) == torch.arange(banks, device=bank.device)  # (B', M, banks)
     rank = (member.cumsum(dim=1) * member).sum(dim=2) - 1  # (B', M) place within its bank
     turn = rank * banks + (banks - 1 - banked)  # (B', M)
     turn = turn.masked_fill(~total.gather(1, order).isfinite(), banks * total.size(1))

@@ -90,6 +90,7 @@ class TrainState:
     overflow_steps: int = 0  # fp16 updates skipped because gradients overflowed
     oom_steps: int = 0  # updates skipped on every rank because one ran out of memory
     train_seconds: float = 0.0  # wall-clock spent in training steps and validation
+    unvalidated: bool = False  # a signal stopped the run at a due validation: it runs on resume
 
 
 @dataclass
@@ -598,7 +599,9 @@ def loop(run: Run) -> TrainResult:
     # Log lines go through tqdm.write, so they print above the bar instead of through it.
     with StopSignals() as stop, logging_redirect_tqdm(loggers=[logging.root]):
         try:
-            while state.step < tc.max_steps:
+            # The validation a signal put off (see `end`) comes first, as it would have.
+            stop_early = state.unvalidated and validate_and_save(run)
+            while not stop_early and state.step < tc.max_steps:
                 # 1. This rank's micro-batches of the next update, collated in the background.
                 t0 = time.perf_counter()
                 update = next(updates, None)
@@ -629,8 +632,7 @@ def loop(run: Run) -> TrainResult:
                     log.info("reached train.max_minutes=%g at step %d", tc.max_minutes, state.step)
                     break
                 # 5. Validate and checkpoint every valid_every steps.
-                due = state.step % tc.valid_every == 0 or state.step == tc.max_steps
-                if stepped and due and validate_and_save(run):
+                if stepped and validation_due(run) and validate_and_save(run):
                     break  # early stopping
         finally:
             updates.close()
@@ -769,9 +771,16 @@ def log_line(state: TrainState, values: dict[str, float]) -> str:
     )
 
 
+def validation_due(run: Run) -> bool:
+    """Whether the step just taken is one to validate and checkpoint at."""
+    tc, step = run.config.train, run.state.step
+    return step % tc.valid_every == 0 or step == tc.max_steps
+
+
 def validate_and_save(run: Run) -> bool:
     """Validate and checkpoint on rank 0 while the others wait; True if training should stop."""
     tc, state, world = run.config.train, run.state, run.world
+    state.unvalidated = False
     window = window_totals(run)
     if world.is_main:
         check_finite_weights(run)
@@ -894,6 +903,7 @@ def end(run: Run, signum: int | None) -> None:
     """The last checkpoint (validated, unless a signal asks to stop fast) and the end record."""
     state = run.state
     if run.last_saved != state.step:
+        state.unvalidated = signum is not None and validation_due(run)
         window = window_totals(run)
         if run.world.is_main:
             check_finite_weights(run)

@@ -345,7 +345,13 @@ def child(phase: str, spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
 
 
 def children(phase: str, specs: list[dict[str, Any]], workdir: Path, workers: int) -> Iterator:
-    """Results of `child` for each spec, in order; with workers > 1, run concurrently."""
+    """Results of `child` for each spec, in order; with workers > 1, run concurrently.
+
+    workers=0 runs each phase in this process, for --smoke, whose memory figures mean nothing.
+    """
+    if not workers:
+        yield from map(train_phase if phase == "train" else decode_phase, specs)
+        return
     with ThreadPoolExecutor(workers) as pool:
         futures = [pool.submit(child, phase, spec, workdir) for spec in specs]
         for future in futures:
@@ -765,7 +771,7 @@ def main_bench(args: argparse.Namespace) -> None:
 
     log("matmul rate")
     res["matmul"] = matmul_rates(precisions, 2 if args.smoke else MATMUL_REPEATS)
-    workers = 2 if args.smoke else 1  # smoke children mostly import; their timings mean nothing
+    workers = 0 if args.smoke else 1  # --smoke: phases in this process; its figures mean nothing
     for prec in precisions:
         res["train"][prec] = {}
         jobs = [(system, repeat) for system in SYSTEMS for repeat in range(args.repeats)]

@@ -44,6 +44,7 @@ def test_weights_reproduce_the_attention_output(trained_run: Path) -> None:
         assert torch.allclose(attn.out_proj(mixed), seen["out"], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_attention_command_writes_a_heatmap_sized_by_tokens(
     trained_run: Path, tmp_path: Path
 ) -> None:
@@ -71,6 +72,7 @@ def test_heatmap_labels_must_match_the_weights(tmp_path: Path) -> None:
         plot_attention(np.zeros((1, 2, 3)), ["a", "b"], ["x", "y"], ["t"], tmp_path / "a.png")
 
 
+@pytest.mark.slow  # conftest's multilingual run
 def test_attention_of_a_multilingual_model_hides_its_tag_unless_asked(
     multi_run: Path, tmp_path: Path
 ) -> None:

@@ -401,6 +401,7 @@ def check_invariants(run: Path) -> None:
         assert saved.step == int(tag[:3])
 
 
+@pytest.mark.slow
 def test_kill_at_every_write_boundary_keeps_best_and_pairs(tmp_path: Path) -> None:
     setup = tmp_path / "setup"
     ck.save_checkpoint(setup, 100, tiny(TAGS["100"]), {"tag": "100"}, META)

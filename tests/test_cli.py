@@ -161,6 +161,7 @@ def test_os_errors_are_one_line(prepared: tuple[Path, str, str], tmp_path: Path)
     assert str(result.exception) == f"run_dir {blocker / 'run'}: cannot create (Not a directory)"
 
 
+@pytest.mark.slow
 def test_a_full_disk_under_checkpoints_is_one_line(
     trained_run: Path, small_fs, tmp_path: Path
 ) -> None:

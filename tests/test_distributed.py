@@ -114,6 +114,9 @@ def test_resume_after_sigterm_to_torchrun_is_exact(
     assert all(torch.equal(a[k], b[k]) for k in a)
     losses = {r["step"]: r["loss"] for r in read_metrics(straight, "train")}
     assert {r["step"]: r["loss"] for r in read_metrics(split, "train")} == losses
+    # A validation the signal put off at step 4 runs when the run resumes.
+    bleu = {r["step"]: r["bleu"] for r in read_metrics(straight, "valid")}
+    assert {r["step"]: r["bleu"] for r in read_metrics(split, "valid")} == bleu
 
 
 def test_nan_on_one_rank_stops_every_rank_quickly(tmp_path: Path) -> None:

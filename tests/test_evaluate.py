@@ -1,4 +1,4 @@
-"""`mt evaluate`: the sacrebleu tool's numbers, JSON output, errors, the run's test set."""
+"""`mt evaluate`: sacrebleu parity, JSON output, errors, the run's test set, ensembles."""
 
 from __future__ import annotations
 
@@ -147,6 +147,7 @@ def test_model_without_files_scores_the_test_set(trained_run: Path, tmp_path: Pa
     assert scores["bleu"].score == pytest.approx(valid[best.step], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_a_diverged_model_is_one_error_line(diverged_run: Path, tmp_path: Path) -> None:
     (tmp_path / "src.txt").write_text("Der hund .\nDas kind .\n", encoding="utf-8")
     (tmp_path / "ref.txt").write_text("The dog .\nThe child .\n", encoding="utf-8")
@@ -166,3 +167,24 @@ def test_a_diverged_model_is_one_error_line(diverged_run: Path, tmp_path: Path) 
         f"error: {weights}: the model's scores are not finite (diverged weights?): "
         "no translation for 2 of 2 lines\n"
     )
+
+
+def test_an_ensemble_scores_as_its_weights_say(trained_run: Path) -> None:
+    # Each checkpoint's BLEU on the test set (the dev set), greedy in fp32, is in the metrics:
+    # an ensemble whose weights leave one model alone must score exactly as that model did.
+    valid = {r["step"]: r["bleu"] for r in read_metrics(trained_run, "valid")}
+    first, last = ckpt.list_checkpoints(trained_run)  # steps 200 and 300
+    assert valid[first.step] != valid[last.step]  # else the weights could not be told apart
+    both = ["-m", str(first.weights), "-m", str(last.weights), "--weights", "0", "--weights", "2"]
+    args = ["evaluate", *both, "--beam", "1", "--precision", "fp32", "--json"]
+    result = CliRunner().invoke(app, args)  # the first model's run's test set
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["bleu"]["score"] == pytest.approx(valid[last.step], abs=1e-9)
+
+    # Through --src/--ref, with the models the other way round.
+    src, ref = ROOT / "tests/data/tiny/valid.de", ROOT / "tests/data/tiny/valid.en"
+    models = [last.weights, first.weights]
+    scores = evaluate(src=src, ref=ref, model=models, precision="fp32", weights=[0, 1], beam=1)
+    assert scores["bleu"].score == pytest.approx(valid[first.step], abs=1e-9)
+    with pytest.raises(MtError, match=r"^--weights: 1 weights for 2 models$"):
+        evaluate(src=src, ref=ref, model=models, precision="fp32", weights=[1])

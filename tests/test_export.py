@@ -33,7 +33,7 @@ from mt.model import Transformer
 from mt.rundir import load_trained
 from mt.search import max_lengths
 from mt.tokenizer import Tokenizer
-from mt.translate import decode_settings, translate_lines
+from mt.translate import decode_settings, encode_prefixes, translate_lines
 from mt.vocab import BOS_ID, EOS_ID, PAD_ID
 
 pytestmark = pytest.mark.slow  # trains two more tiny runs; exports and runs CT2 and Marian
@@ -119,11 +119,21 @@ def mt_outputs(
     tokenizer: Tokenizer,
     lines: list[str],
     decode: DecodeConfig,
+    prefixes: list[list[int]] | None = None,
     tgt_lang: str | None = None,
 ) -> list[list[int]]:
-    """mt's own translations of the lines: target ids."""
-    translations = translate_lines(lines, tokenizer, model, decode, CPU, tgt_lang=tgt_lang)
-    return [h[0].tokens for h in translations]
+    """mt's own translations of the lines (starting with `prefixes`, if given): target ids."""
+    out = translate_lines(
+        lines, tokenizer, model, decode, CPU, prefixes=prefixes, tgt_lang=tgt_lang
+    )
+    return [h[0].tokens for h in out]
+
+
+def ct2_translator(run: Path, out: Path) -> Any:
+    """A CTranslate2 Translator (CPU, one thread) of the run's CT2 export, written to `out`."""
+    ctranslate2 = pytest.importorskip("ctranslate2", reason=NO_CT2)
+    export_model(run, out, "ct2")
+    return ctranslate2.Translator(str(out), device="cpu", intra_threads=1)
 
 
 # --- CTranslate2 ------------------------------------------------------------------------------
@@ -132,9 +142,7 @@ def mt_outputs(
 def test_ct2_export_scores_and_searches_like_mt(
     any_run: Path, lines: list[str], tmp_path: Path
 ) -> None:
-    ctranslate2 = pytest.importorskip("ctranslate2", reason=NO_CT2)
-    export_model(any_run, tmp_path / "ct2", "ct2")
-    translator = ctranslate2.Translator(str(tmp_path / "ct2"), device="cpu", intra_threads=1)
+    translator = ct2_translator(any_run, tmp_path / "ct2")
     config, tokenizer, model, _ = load_trained(any_run, CPU)
     tgt_lang = target_language(config, tokenizer)
 
@@ -152,8 +160,32 @@ def test_ct2_export_scores_and_searches_like_mt(
     # The same search: every greedy output, and at least 95% of beam-5 outputs.
     for beam, wanted in ((1, 1.0), (5, 0.95)):
         decode = decode_settings(config, beam=beam, nbest=1)
-        ours = mt_outputs(model, tokenizer, lines, decode, tgt_lang)
-        theirs = translate_ct2(translator, tokenizer, lines, decode, model.max_positions, tgt_lang)
+        ours = mt_outputs(model, tokenizer, lines, decode, tgt_lang=tgt_lang)
+        limit = model.max_positions
+        theirs = translate_ct2(translator, tokenizer, lines, decode, limit, tgt_lang=tgt_lang)
+        same = sum(a == b for a, b in zip(ours, theirs, strict=True))
+        assert same >= wanted * len(lines), f"beam {beam}: {same} of {len(lines)} identical"
+
+
+def test_ct2_export_takes_target_prefixes_like_mt(
+    trained_run: Path, lines: list[str], tmp_path: Path
+) -> None:
+    translator = ct2_translator(trained_run, tmp_path / "ct2")
+    config, tokenizer, model, _ = load_trained(trained_run, CPU)
+    long = " ".join(["A dog"] * 20)  # more pieces than the usual limit: it is raised
+    texts = ["A dog", "", "The child sees", "Two men", long, "The"]
+    texts = [texts[i % len(texts)] for i in range(len(lines))]
+    prefixes = encode_prefixes(Path("p"), texts, tokenizer, model.max_positions - 2)
+    assert len(prefixes[4]) > 1.2 * len(tokenizer.encode_src([lines[4]])[0]) + 10
+
+    # CT2 leaves the prefix's log-probability out of its scores: without a length penalty that
+    # ranks hypotheses as mt does (see mt.export.ct2_search).
+    for beam, wanted in ((1, 1.0), (5, 0.95)):
+        decode = decode_settings(config, beam=beam, nbest=1, length_penalty="none")
+        ours = mt_outputs(model, tokenizer, lines, decode, prefixes)
+        theirs = translate_ct2(translator, tokenizer, lines, decode, model.max_positions, prefixes)
+        started = [t[: len(p)] == p for t, p in zip(theirs, prefixes, strict=True)]
+        assert all(started[:-1]) and theirs[-1] == []  # the last line is blank
         same = sum(a == b for a, b in zip(ours, theirs, strict=True))
         assert same >= wanted * len(lines), f"beam {beam}: {same} of {len(lines)} identical"
 
@@ -290,7 +322,8 @@ def test_hf_export_loads_and_computes_like_mt(
     lines = [line for line in lines if line]  # mt leaves blank lines untranslated
     config, tokenizer, model, _ = load_trained(marian_run, CPU)
     tgt_lang = target_language(config, tokenizer)
-    greedy = mt_outputs(model, tokenizer, lines, decode_settings(config, beam=1), tgt_lang)
+    decode = decode_settings(config, beam=1)
+    greedy = mt_outputs(model, tokenizer, lines, decode, tgt_lang=tgt_lang)
 
     # Marian's convention: the tag, as text, starts the source; MarianTokenizer keeps it whole.
     tagged = [f">>{tgt_lang}<< {line}" if tgt_lang else line for line in lines]

@@ -139,6 +139,7 @@ def test_tensorboard_hides_the_steps_after_a_resume(tmp_path: Path) -> None:
     assert scalars(tmp_path / "tensorboard", "train/loss") == [(1, 1.0), (2, 2.0), (5, 0.5)]
 
 
+@pytest.mark.slow
 def test_plot_report_and_average_read_past_a_torn_line(trained_run: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
@@ -213,6 +214,7 @@ def log_until_full(run: Path, fill: Callable[[], None], *args: str) -> tuple[str
     return out, err
 
 
+@pytest.mark.slow
 def test_a_full_disk_under_tensorboard_is_one_error(small_fs, tmp_path: Path) -> None:
     run = tmp_path / "run"
     board = small_fs.mount(run / "tensorboard")
@@ -224,6 +226,7 @@ def test_a_full_disk_under_tensorboard_is_one_error(small_fs, tmp_path: Path) ->
         MetricsLog(run)  # a new writer cannot even start its events file
 
 
+@pytest.mark.slow
 def test_tensorboard_write_errors_injected(tmp_path: Path) -> None:
     out, err = log_until_full(tmp_path, lambda: None, "inject")
     assert out == f"step 1: {tmp_path / 'tensorboard'}: cannot write (No space left on device)\n"

@@ -54,6 +54,7 @@ def test_sinusoidal_positions() -> None:
     assert torch.isclose(table[3, 2], torch.sin(torch.tensor(3 / 10000 ** (2 / 8))))
 
 
+@pytest.mark.slow
 def test_overfits_ten_pairs() -> None:
     model = tiny()
     src, tgt_in, tgt_out = random_pairs(10)

@@ -56,6 +56,7 @@ def test_training_writes_report_with_true_numbers(trained_run: Path) -> None:
     assert Image.open(trained_run / "curves.png").size == SIZE
 
 
+@pytest.mark.slow
 def test_plot_several_runs_and_report_command(trained_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "both.png"
     assert plot_curves([trained_run, trained_run], out, labels=["a", "b"]) == out
@@ -94,6 +95,7 @@ def multi_copy(multi_run: Path, tmp_path: Path) -> Path:
     return copy
 
 
+@pytest.mark.slow  # conftest's multilingual run
 def test_report_of_a_multilingual_run_has_a_row_per_direction(multi_copy: Path) -> None:
     report = write_report(multi_copy, device="cpu", precision="fp32").read_text(encoding="utf-8")
     config = load_config(multi_copy / "config.yaml")
@@ -118,6 +120,7 @@ def test_report_of_a_multilingual_run_has_a_row_per_direction(multi_copy: Path) 
         assert f"| {r['bleu']:.2f} | {bleus} |" in report
 
 
+@pytest.mark.slow  # conftest's multilingual run
 def test_the_best_dev_bleu_of_the_selected_direction_is_reported(multi_copy: Path) -> None:
     config = load_config(multi_copy / "config.yaml", ["data.select_direction=en-fr"])
     save_config(config, multi_copy / "config.yaml")
@@ -130,6 +133,7 @@ def test_the_best_dev_bleu_of_the_selected_direction_is_reported(multi_copy: Pat
     ) in report
 
 
+@pytest.mark.slow  # conftest's multilingual run
 def test_plot_draws_each_direction_of_a_multilingual_run(
     multi_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -97,6 +97,7 @@ def positive(*values: float) -> bool:
     return all(math.isfinite(v) and v > 0 for v in values)
 
 
+@pytest.mark.slow
 def test_gpu_bench_runs_on_cpu(tmp_path: Path) -> None:
     # Structure and invariants only: the speeds depend on the CPU and on its load.
     res, out = gpu_bench(tmp_path)
@@ -123,6 +124,7 @@ def test_gpu_bench_runs_on_cpu(tmp_path: Path) -> None:
     assert f"| **MFU, measured peak** | **{mfu:.1%}** |" in out
 
 
+@pytest.mark.slow
 def test_gpu_bench_trainer_section_runs_mt_train_on_cpu(tmp_path: Path) -> None:
     res, out = gpu_bench(tmp_path, "--trainer", "--workdir", str(tmp_path / "work"))
     w = res["trainer"]
@@ -167,6 +169,7 @@ def test_bench_data_smoke_counts_every_pair(tmp_path: Path) -> None:
     assert again.stats.kept == int(table[2000][1].replace(",", ""))
 
 
+@pytest.mark.slow
 def test_ema_compare_scores_the_ema_and_the_trained_weights(tmp_path: Path) -> None:
     args = [sys.executable, str(ROOT / "scripts" / "ema_compare.py"), "--config",
             str(ROOT / "configs" / "tiny.yaml"), "--run", str(tmp_path / "run"), "--steps", "4,8",

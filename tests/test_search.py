@@ -163,6 +163,7 @@ def test_trained_model_outputs_vary(reverser: Transformer) -> None:
 
 
 @pytest.mark.parametrize("kind", ["gnmt", "average", "none"])
+@pytest.mark.slow
 def test_beam_one_is_greedy(reverser: Transformer, kind: str) -> None:
     src = pad_batch(random_sources(10, seed=7))
     for model in models(reverser):
@@ -207,6 +208,7 @@ def test_finished_sentences_leave_the_batch(reverser: Transformer) -> None:
         )
 
 
+@pytest.mark.slow
 def test_nbest_sorted_and_consistent_with_the_model(reverser: Transformer) -> None:
     srcs = random_sources(5, seed=13)
     for model in models(reverser):
@@ -463,7 +465,7 @@ def test_host_waits_counts_what_waits_for_a_gpu(monkeypatch: pytest.MonkeyPatch)
     assert waits.count == 7
 
 
-def decode_calls(model: Transformer, search: Callable[[], object]) -> tuple[object, int]:
+def decode_calls(model: Transformer | Ensemble, search: Callable[[], object]) -> tuple[object, int]:
     """search()'s result and the number of model.decode calls it made."""
     calls = 0
     decode = model.decode
@@ -720,9 +722,24 @@ def test_unsatisfiable_constraints_give_the_unconstrained_output() -> None:
         )
 
 
+def test_hypotheses_that_cannot_meet_their_phrases_leave_the_beam() -> None:
+    model, cpu = tiny(6, max_positions=8), torch.device("cpu")  # at most 6 pieces before EOS
+    src = pad_batch(random_sources(2, seed=83, high=5))
+    config = DecodeConfig(beam=3, nbest=2)
+    fits = [[[5, 6], [7, 8, 9, 10]], [[5, 6, 7, 8], [9, 10, 11]]]  # 6 pieces: only they fit
+    out = decode(model, src[:1], config, constraints=Constraints.of(fits[:1], cpu))
+    assert sorted(h.tokens for h in out[0]) == [[5, 6, 7, 8, 9, 10], [7, 8, 9, 10, 5, 6]]
+    # 7 pieces never fit: the search stops after one step, and plain beam search takes over.
+    plain, plain_steps = decode_calls(model, lambda: beam_search(model, src[1:], config))
+    hopeless = Constraints.of(fits[1:], cpu)
+    found, steps = decode_calls(model, lambda: decode(model, src[1:], config, constraints=hopeless))
+    assert found == plain and steps == plain_steps + 1
+
+
 # --- ensembles ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ensembles_average_log_probabilities_by_weight(reverser: Transformer) -> None:
     srcs, wanted = pad_batch(random_sources(6, seed=89)), random_prefixes(6, seed=66)
     prefix = prefixes(wanted, torch.device("cpu"))
@@ -741,3 +758,31 @@ def test_ensembles_average_log_probabilities_by_weight(reverser: Transformer) ->
                     assert_same_hypotheses(g, w)
     mixed = decode(Ensemble([reverser, other]), srcs, config)
     assert [h[0].tokens for h in mixed] != [h[0].tokens for h in decode(reverser, srcs, config)]
+
+
+# --- steered searches wait as plain ones do ---------------------------------------------------
+
+
+def test_steered_searches_wait_for_the_device_once_per_step(
+    reverser: Transformer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    srcs, cpu = random_sources(12, seed=47), torch.device("cpu")
+    src, phrases = pad_batch(srcs), random_constraints(12, seed=48)
+    prefix = prefixes(random_prefixes(12, seed=49, high=3), cpu)
+    constraints = Constraints.of(phrases, cpu)
+    ensemble = Ensemble([reverser, tiny(7, dim=48)])
+    three, four = DecodeConfig(beam=3), DecodeConfig(beam=4, nbest=2)
+    free: list[list[list[int]]] = [[] for _ in srcs]
+    searches = [  # (decoder, search, its waits outside the steps as for plain ones, phrases)
+        (reverser, lambda: decode(reverser, src, DecodeConfig(beam=1), prefix=prefix), 3, free),
+        (reverser, lambda: decode(reverser, src, DecodeConfig(beam=4), prefix=prefix), 4, free),
+        (reverser, lambda: decode(reverser, src, four, constraints=constraints), 4, phrases),
+        (ensemble, lambda: decode(ensemble, src, three, False, prefix, constraints), 4, phrases),
+    ]
+    for model, search, outside_the_steps, wanted in searches:
+        want, steps = decode_calls(model, search)
+        # Met, or the unconstrained fallback would search a second time.
+        assert all(contains(h[0].tokens, p) for h, w in zip(want, wanted, strict=True) for p in w)
+        with HostWaits(monkeypatch) as waits:
+            assert search() == want
+        assert steps >= 8 and waits.count <= steps + outside_the_steps, (steps, waits.count)

@@ -40,7 +40,7 @@ from mt.serve import worker
 from mt.serve.api import Served, create_app
 from mt.serve.limits import Limits
 from mt.serve.server import load, serving
-from mt.translate import translate_lines
+from mt.translate import encode_constraints, encode_prefixes, translate_lines
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ CPU = torch.device("cpu")
 TIMEOUT_S = 120  # a safety net only: every wait below ends on an event
 SENTENCES = (TINY / "valid.de").read_text(encoding="utf-8").splitlines()
 JSON = {"Content-Type": "application/json"}
-FIELDS = "text, beam, nbest, tgt_lang, pieces, attention"  # of a translate request
+FIELDS = "text, prefix, constraints, beam, nbest, tgt_lang, pieces, attention"  # of a request
 
 
 def mt_translate(run: Path, lines: list[str], *args: str) -> list[str]:
@@ -205,6 +205,16 @@ BAD = [
     (b'{"text": "a", "pieces": 1}', JSON, 422, "pieces: Input should be a valid boolean"),
     (b'{"text": "a", "model": "/etc/passwd"}', JSON, 422,
      f"model: unknown field (the fields are {FIELDS})"),
+    (b'{"text": ["a", "b"], "prefix": "A"}', JSON, 422,
+     "prefix: 1 for 2 sentences; give one per sentence"),
+    (b'{"text": "a", "prefix": 5}', JSON, 422, "prefix: expected a string or a list of strings"),
+    (b'{"text": "a", "prefix": ["A", 5]}', JSON, 422, "prefix[1]: Input should be a valid string"),
+    (b'{"text": "a", "constraints": [["dog"], []]}', JSON, 422,
+     "constraints: 2 for 1 sentence; give one per sentence"),
+    (b'{"text": "a", "constraints": ["dog"]}', JSON, 422,
+     "constraints[0]: Input should be a valid list"),
+    (b'{"text": ["a", "b"], "constraints": [[], ["dog", " "]]}', JSON, 422,
+     "constraints[1][1]: empty phrase"),
 ]  # fmt: skip
 
 
@@ -240,6 +250,14 @@ def test_limits_on_size_sentences_and_length(
         assert response.json() == {
             "error": f"text[1]: {pieces} pieces exceed the model's limit of 127"
         }
+        # Prefixes and constraints: mt translate's limit, the pieces an output holds before EOS.
+        out = f"{len(tokenizer.encode_tgt([long])[0])} pieces, more than the 126 an output can hold"
+        for steering, error in (
+            ({"prefix": ["", long]}, f"prefix[1]: {out}"),
+            ({"constraints": [[], ["dog", long]]}, f"constraints[1][1]: {out}"),
+        ):
+            response = post(client, {"text": ["a", "b"], **steering})
+            assert (response.status_code, response.json()) == (422, {"error": error})
 
 
 def test_a_failed_batch_answers_500_without_a_traceback_and_the_next_succeeds(
@@ -262,16 +280,8 @@ def test_a_failed_batch_answers_500_without_a_traceback_and_the_next_succeeds(
 # --- batching --------------------------------------------------------------------------------
 
 
-def test_concurrent_requests_get_mt_translates_answers_whatever_shares_their_batch(
-    make_served: Callable[..., Served], trained_run: Path
-) -> None:
-    """Requests of mixed settings, all queued before the worker starts, so batches mix them."""
-    config, tokenizer, model, _ = load_trained(trained_run, CPU)
-    served = make_served(max_tokens=256)  # a few sentences per batch: several rounds
-    requests = [
-        {"text": SENTENCES[i : i + 1 + i % 3], "beam": 1 + i % 3, "nbest": 1 + i % 3 // 2}
-        for i in range(0, 30)
-    ]
+def queued_then_answered(served: Served, requests: list[dict]) -> list[httpx.Response]:
+    """The responses to `requests`, all queued before the worker starts, so batches mix them."""
 
     async def scenario() -> list[httpx.Response]:
         transport = httpx.ASGITransport(app=create_app(served))  # no lifespan: we start it
@@ -284,7 +294,21 @@ def test_concurrent_requests_get_mt_translates_answers_whatever_shares_their_bat
             served.batcher.start()
             return await asyncio.gather(*sent)
 
-    responses = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+@pytest.mark.slow
+def test_concurrent_requests_get_mt_translates_answers_whatever_shares_their_batch(
+    make_served: Callable[..., Served], trained_run: Path
+) -> None:
+    """Requests of mixed settings, all queued before the worker starts, so batches mix them."""
+    config, tokenizer, model, _ = load_trained(trained_run, CPU)
+    served = make_served(max_tokens=256)  # a few sentences per batch: several rounds
+    requests = [
+        {"text": SENTENCES[i : i + 1 + i % 3], "beam": 1 + i % 3, "nbest": 1 + i % 3 // 2}
+        for i in range(0, 30)
+    ]
+    responses = queued_then_answered(served, requests)
     stats = served.batcher.stats
     assert stats.most_requests > 1 and stats.rounds > 1  # batches mixed requests
     for request, response in zip(requests, responses, strict=True):
@@ -295,6 +319,64 @@ def test_concurrent_requests_get_mt_translates_answers_whatever_shares_their_bat
             assert [h["score"] for h in got["nbest"]] == pytest.approx(
                 [h.score for h in alone], abs=1e-5
             )
+
+
+STEERED = [SENTENCES[0], "", SENTENCES[1], SENTENCES[2]]
+PREFIXES = ["A man", "A", "", "The child sees"]
+CONSTRAINTS = [["park", "ball"], [], ["house"], []]
+
+
+def test_prefixes_and_constraints_equal_mt_translates(
+    client: TestClient, trained_run: Path, tmp_path: Path
+) -> None:
+    prefix, constraints = tmp_path / "prefix.txt", tmp_path / "constraints.txt"
+    prefix.write_text("".join(f"{p}\n" for p in PREFIXES), encoding="utf-8")
+    constraints.write_text("".join("\t".join(c) + "\n" for c in CONSTRAINTS), encoding="utf-8")
+    args = ("--prefix", str(prefix), "--constraints", str(constraints))
+    expected = mt_translate(trained_run, STEERED, *args)
+    body = {"text": STEERED, "prefix": PREFIXES, "constraints": CONSTRAINTS}
+    got = [t["text"] for t in post(client, body).json()["translations"]]
+    assert got == expected
+    assert got[0].startswith("A man") and "park" in got[0] and "ball" in got[0]
+    assert got[1] == "" and "house" in got[2] and got[3].startswith("The child sees")
+    plain = [t["text"] for t in post(client, {"text": STEERED}).json()["translations"]]
+    assert plain[0] != got[0] and plain[2] != got[2]  # the steering changed them
+    one = post(client, {"text": STEERED[0], "prefix": PREFIXES[0], "constraints": CONSTRAINTS[:1]})
+    assert one.json()["translations"][0]["text"] == got[0]
+
+
+def test_requests_steered_differently_share_batches_and_get_their_own_answers(
+    make_served: Callable[..., Served], trained_run: Path
+) -> None:
+    """Plain, prefixed, constrained and both, queued before the worker starts: mixed batches."""
+    config, tokenizer, model, _ = load_trained(trained_run, CPU)
+    served = make_served()
+    requests: list[dict] = []
+    for i in range(8):
+        request: dict = {"text": [SENTENCES[i], STEERED[i % 4]]}
+        if i % 2:
+            request["prefix"] = [PREFIXES[(i + 1) % 4], PREFIXES[i % 4]]
+        if i % 4 >= 2:
+            request["constraints"] = [CONSTRAINTS[(i + 1) % 4], CONSTRAINTS[i % 4]]
+        requests.append(request)
+    responses = queued_then_answered(served, requests)
+    assert served.batcher.stats.most_requests > 2  # prefixed and plain ones shared a batch
+    room = model.max_positions - 2
+    for request, response in zip(requests, responses, strict=True):
+        lines = request["text"]
+        prefixes = request.get("prefix") and encode_prefixes(
+            Path("p"), request["prefix"], tokenizer, room
+        )
+        wanted = request.get("constraints") and encode_constraints(
+            Path("c"), ["\t".join(c) for c in request["constraints"]], tokenizer, room
+        )
+        alone = translate_lines(
+            lines, tokenizer, model, config.decode, CPU, scores=True, prefixes=prefixes,
+            constraints=wanted,
+        )  # fmt: skip
+        got = response.json()["translations"]
+        assert [t["text"] for t in got] == [h[0].text for h in alone]
+        assert [t["score"] for t in got] == pytest.approx([h[0].score for h in alone], abs=1e-5)
 
 
 def test_a_full_queue_answers_503_with_retry_after(make_served: Callable[..., Served]) -> None:
@@ -360,6 +442,7 @@ class Lines:
         raise AssertionError(f"no line matched {pattern!r} in:\n{''.join(self.seen)}")
 
 
+@pytest.mark.slow
 def test_serve_command_answers_in_flight_work_on_sigterm_and_exits_0(trained_run: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     args = [sys.executable, "-m", "mt", "serve", str(trained_run), "--port", "0",
@@ -419,6 +502,7 @@ def test_limits_are_checked() -> None:
 # --- the load generator ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_load_generator_smoke_run(trained_run: Path) -> None:
     args = [sys.executable, str(ROOT / "scripts" / "bench_serve.py"), str(trained_run), "--smoke"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -82,6 +82,7 @@ def set_number(browser: WebDriver, field: str, value: int) -> None:
     box.send_keys(str(value))
 
 
+@pytest.mark.slow
 def test_the_page_translates_as_you_type_with_nbest_and_attention(
     browser: WebDriver, url: str, trained_run: Path
 ) -> None:
@@ -111,6 +112,7 @@ def test_the_page_translates_as_you_type_with_nbest_and_attention(
     assert texts(browser, "#nbest li .score") == [row[1] for row in rows]
 
 
+@pytest.mark.slow
 def test_the_screenshot_script(url: str, tmp_path: Path) -> None:
     output = tmp_path / "serve.png"
     SCREENSHOT.screenshot(url, SENTENCE, beam=3, nbest=2, output=output)

@@ -111,6 +111,7 @@ case "$1" in
 esac
 """
 STEPS = ["train.max_steps=60", "train.log_every=1", "train.valid_every=1000"]
+SHORT = ["train.max_steps=16", "train.log_every=1", "train.valid_every=1000"]
 
 
 def fake_slurm(tmp_path: Path, cpus_per_task: int = 1) -> dict[str, str]:
@@ -154,8 +155,9 @@ def stderr_until(proc: subprocess.Popen, text: str) -> str:
 
 def test_sigusr1_checkpoints_requeues_and_the_next_job_resumes(tmp_path: Path) -> None:
     env = fake_slurm(tmp_path, cpus_per_task=2)
+    # The requeued job trains to the end: 16 steps, enough to stop and resume in between.
     run = tmp_path / "run"
-    proc = sbatch(env, run, *STEPS)
+    proc = sbatch(env, run, *SHORT)
     seen = stderr_until(proc, "step 3 |")
     proc.send_signal(signal.SIGUSR1)  # what SLURM sends 300 s before the time limit
     _, rest = proc.communicate(timeout=120)
@@ -163,19 +165,19 @@ def test_sigusr1_checkpoints_requeues_and_the_next_job_resumes(tmp_path: Path) -
     assert proc.returncode == 0, err
     assert (tmp_path / "requeued").read_text().split() == ["4242"]
     stopped = ckpt.latest_checkpoint(run).step
-    assert 3 <= stopped < 60
+    assert 3 <= stopped < 16
     assert "checkpointing, then requeueing job 4242" in err
     # srun got --cpus-per-task: each rank may run on 2 CPUs and runs 2 intra-op threads.
     for rank in (0, 1):
         assert f"rank {rank} of 2 on cpu: 2 intra-op threads" in err
 
-    proc = sbatch(env, run, *STEPS)  # the requeued job: same command
+    proc = sbatch(env, run, *SHORT)  # the requeued job: same command
     _, err2 = proc.communicate(timeout=300)
     assert proc.returncode == 0, err2.decode()
     assert f"resumed from {run}/checkpoints/step-{stopped:08d}.safetensors" in err2.decode()
-    assert ckpt.latest_checkpoint(run).step == 60
+    assert ckpt.latest_checkpoint(run).step == 16
     steps_logged = [r["step"] for r in read_metrics(run, "train")]
-    assert steps_logged == list(range(1, 61))  # nothing repeated, nothing lost
+    assert steps_logged == list(range(1, 17))  # nothing repeated, nothing lost
 
 
 @pytest.mark.parametrize("sender", ["script", "ranks"])

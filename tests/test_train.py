@@ -45,6 +45,7 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir, "train")}
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_a_complete_run_directory(tmp_path: Path) -> None:
     result = train(tiny(tmp_path / "run", "train.max_steps=30"))
     run = tmp_path / "run"
@@ -139,6 +140,7 @@ def test_run_past_max_steps_says_so(tmp_path: Path, caplog: pytest.LogCaptureFix
     assert "is already at step 15 (train.max_steps=15): nothing to do" in caplog.text
 
 
+@pytest.mark.slow
 def test_changed_model_is_refused_on_resume(tmp_path: Path) -> None:
     train(tiny(tmp_path / "run", "train.max_steps=15"))
     with pytest.raises(ConfigError) as err:
@@ -151,6 +153,7 @@ def test_changed_model_is_refused_on_resume(tmp_path: Path) -> None:
     assert train(tiny(tmp_path / "run", "train.max_steps=20")).state.step == 20
 
 
+@pytest.mark.slow
 def test_changed_tokenizer_is_refused_on_resume(tmp_path: Path) -> None:
     run = tmp_path / "run"
     train(tiny(run, "train.max_steps=15"))
@@ -196,6 +199,7 @@ def test_non_finite_loss_stops_without_updating(
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.slow
 def test_mixed_precision_on_cpu(tmp_path: Path, precision: str) -> None:
     result = train(tiny(tmp_path / "run", "train.max_steps=15", f"train.precision={precision}"))
     valid = read_metrics(tmp_path / "run", "valid")
@@ -437,6 +441,7 @@ def test_dev_sentences_longer_than_the_model_are_cut_as_translate_cuts_them(
     assert all(math.isfinite(r["loss"]) and 0 <= r["bleu"] <= 100 for r in valid)
 
 
+@pytest.mark.slow
 def test_fp16_skipped_updates_do_not_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run = tmp_path / "run"
     train(tiny(run, "train.max_steps=15", "train.precision=fp16"))
@@ -450,6 +455,7 @@ def test_fp16_skipped_updates_do_not_count(tmp_path: Path, monkeypatch: pytest.M
 
 
 @pytest.mark.parametrize(("first", "then"), [("bf16", "fp16"), ("fp16", "fp32")])
+@pytest.mark.slow
 def test_precision_may_change_on_resume(tmp_path: Path, first: str, then: str) -> None:
     run = tmp_path / "run"
     train(tiny(run, "train.max_steps=15", f"train.precision={first}"))
@@ -523,6 +529,7 @@ def identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return bool(names) and all(torch.equal(a[k], b[k]) for k in names)
 
 
+@pytest.mark.slow
 def test_ema_resume_is_exact(tmp_path: Path) -> None:
     ema = ["train.ema_decay=0.9", "train.log_every=1"]
     straight, split = tmp_path / "straight", tmp_path / "split"
@@ -561,6 +568,7 @@ def test_the_weights_file_holds_the_ema_of_the_weights(
     assert identical(raw_weights(run), after[-1])
 
 
+@pytest.mark.slow
 def test_ema_changes_what_is_validated_and_saved_but_not_training(tmp_path: Path) -> None:
     plain, ema = tmp_path / "plain", tmp_path / "ema"
     train(tiny(plain, "train.max_steps=15"))
@@ -572,6 +580,7 @@ def test_ema_changes_what_is_validated_and_saved_but_not_training(tmp_path: Path
 
 
 @pytest.mark.parametrize("first", ["0.9", "0"])
+@pytest.mark.slow
 def test_ema_may_be_turned_on_or_off_on_resume(tmp_path: Path, first: str) -> None:
     plain, switched = tmp_path / "plain", tmp_path / "switched"
     then = "0" if first == "0.9" else "0.9"
@@ -596,3 +605,28 @@ def test_auto_precision_is_measured_logged_and_recorded(
     assert all(rate > 0 for rate in rates)  # a precision the budget cut short has none
     assert read_metrics(run, "end")[-1]["precision"] == record["precision"]
     assert f"precision: {describe_precision(record)}" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_validation_put_off_by_a_signal_runs_on_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    steps = ["train.max_steps=10", "train.valid_every=5", "train.log_every=1"]
+    straight = tmp_path / "straight"
+    train(tiny(straight, *steps))
+    real, calls = train_module.train_step, itertools.count(1)
+
+    def signalled_at_5(*args: object) -> object:  # (learner, batches, tokens, stop, late)
+        learner, batches, tokens, stop, late = args
+        return real(learner, batches, tokens, stop or next(calls) == 5, late)
+
+    split = tmp_path / "split"
+    monkeypatch.setattr(train_module, "train_step", signalled_at_5)
+    result = train(tiny(split, *steps))
+    assert (result.signum, result.state.step) == (signal.SIGTERM, 5)
+    assert read_metrics(split, "valid") == []  # stopped fast, at a step due for validation
+    monkeypatch.undo()
+    train(tiny(split, *steps))
+    assert records(split) == records(straight)
+    best = ckpt.resolve_checkpoint(split).weights.name
+    assert best == ckpt.resolve_checkpoint(straight).weights.name

@@ -194,6 +194,7 @@ def diverged_error(run: Path, missing: int = 2, total: int = 3) -> str:
 
 
 @pytest.mark.parametrize("beam", ["1", "2"])  # greedy (search.decode_rows) and beam search
+@pytest.mark.slow
 def test_a_diverged_model_writes_every_line_then_fails(
     diverged_run: Path, tmp_path: Path, beam: str
 ) -> None:
@@ -209,6 +210,7 @@ def test_a_diverged_model_writes_every_line_then_fails(
     assert target.read_text(encoding="utf-8") == "\n\n\n"  # complete: one (empty) line each
 
 
+@pytest.mark.slow
 def test_a_diverged_model_on_stdout_and_in_nbest_format(diverged_run: Path) -> None:
     result = run_mt("translate", "-m", str(diverged_run), stdin=DIVERGED_INPUT.encode())
     assert (result.returncode, result.stdout) == (1, b"\n\n\n")

@@ -12,6 +12,10 @@ from `mt translate` (`ct2_options` maps the rest exactly):
   without it, which can reorder beam hypotheses that reach the limit.
 - PAD and BOS are banned before CT2's softmax, after mt's: scores differ by
   log(1 - p(PAD) - p(BOS)) per token, which can flip near-ties in a beam, never greedy choices.
+- Target prefixes. Both force them and raise the limit to hold them and EOS (CT2's counts the
+  prefix too), but CT2 scores a hypothesis by what follows its prefix, where mt counts the
+  prefix's log-probability as well: the same constant for every hypothesis of a sentence, which
+  ranks them alike without a length penalty ("none"), not always with one.
 """
 
 from __future__ import annotations
@@ -31,17 +35,31 @@ from mt.vocab import BOS_ID, EOS_ID, PAD_ID
 TINY_PENALTY = 1e-6  # CT2 length penalty standing in for mt's "none" (see the module docstring)
 
 
+def output_limit(decode: DecodeConfig, source_length: int, max_positions: int, forced: int) -> int:
+    """mt's output length limit (EOS included) for one source holding `forced` prefix pieces.
+
+    As `mt.search.output_limits`: a * length + b, raised to hold the prefix and EOS.
+    """
+    src = torch.ones(1, source_length, dtype=torch.long)  # any non-pad ids: only the count matters
+    limit = int(max_lengths(src, decode.max_len_a, decode.max_len_b, max_positions - 1)[0])
+    return min(max(limit, forced + 1), max_positions - 1)
+
+
 def ct2_options(
-    decode: DecodeConfig, tokenizer: Tokenizer, source_length: int, max_positions: int
+    decode: DecodeConfig,
+    tokenizer: Tokenizer,
+    source_length: int,
+    max_positions: int,
+    forced: int = 0,
 ) -> dict[str, Any]:
     """`Translator.translate_batch` options for sources of `source_length` tokens (EOS included).
 
-    mt's search with `decode` as closely as CT2 allows; see the module docstring.
+    mt's search with `decode` as closely as CT2 allows, for prefixes of up to `forced` pieces;
+    see the module docstring.
     """
     if decode.sampling:
         raise ValueError("ct2_options maps greedy and beam search; sampling is not mapped")
-    src = torch.ones(1, source_length, dtype=torch.long)  # any non-pad ids: only the count matters
-    limit = int(max_lengths(src, decode.max_len_a, decode.max_len_b, max_positions - 1)[0])
+    limit = output_limit(decode, source_length, max_positions, forced)
     penalty = {
         "gnmt": decode.alpha * source_length / (5 + source_length),
         "average": 1.0,
@@ -65,31 +83,47 @@ def translate_ct2(
     lines: Sequence[str],
     decode: DecodeConfig,
     max_positions: int,
+    prefixes: Sequence[Sequence[int]] | None = None,
     tgt_lang: str | None = None,
 ) -> list[list[int]]:
     """Target ids (no EOS) per line from a CTranslate2 Translator, searching as mt would.
 
-    Sentences are batched by source length, so each batch gets its exact mt length limit;
-    blank lines (and lines without pieces) give []. A multilingual model's sources start with
-    the tag of `tgt_lang`, as in `mt translate --tgt-lang`.
+    Sentences are batched by source length and length limit, so each gets its exact mt limit;
+    `prefixes` (target ids per line, as `mt.translate.encode_prefixes` gives) start the outputs
+    as CTranslate2's `target_prefix`. Blank lines (and lines without pieces) give []. A
+    multilingual model's sources start with the tag of `tgt_lang`, as in `mt translate`.
     """
     ids = encode_sources(lines, tokenizer, max_positions - 1, tgt_lang)
-    by_length: dict[int, list[int]] = defaultdict(list)
-    for i, seq in enumerate(ids):
-        if seq:
-            by_length[len(seq)].append(i)
+    forced = [len(p) for p in prefixes] if prefixes is not None else [0] * len(lines)
     out: list[list[int]] = [[] for _ in lines]
-    for length, batch in sorted(by_length.items()):
-        options = ct2_options(decode, tokenizer, length + 1, max_positions)
+    for length, batch in _batches(ids, forced, decode, max_positions):
+        longest = max(forced[i] for i in batch)  # all of the batch share one limit
+        options = ct2_options(decode, tokenizer, length, max_positions, longest)
         if options["max_decoding_length"] < 1:
             continue  # mt's limit allows only EOS: empty outputs
         sources = [[tokenizer.src.id_to_piece(t) for t in ids[i]] for i in batch]
+        if prefixes is not None:
+            options["target_prefix"] = [
+                [tokenizer.tgt.id_to_piece(t) for t in prefixes[i]] for i in batch
+            ]
         results = translator.translate_batch(
             sources, max_batch_size=decode.max_tokens, batch_type="tokens", **options
         )
         for i, result in zip(batch, results, strict=True):
             out[i] = _target_ids(tokenizer, result.hypotheses[0])
     return out
+
+
+def _batches(
+    ids: Sequence[list[int]], forced: Sequence[int], decode: DecodeConfig, max_positions: int
+) -> list[tuple[int, list[int]]]:
+    """(source length with EOS, line indices) of the non-empty sources, one per mt limit."""
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, seq in enumerate(ids):
+        if seq:
+            length = len(seq) + 1  # EOS
+            groups[length, output_limit(decode, length, max_positions, forced[i])].append(i)
+    return [(length, batch) for (length, _), batch in sorted(groups.items())]
 
 
 def _target_ids(tokenizer: Tokenizer, hypothesis: list[str]) -> list[int]:

@@ -48,6 +48,16 @@ class TranslateRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
     text: str | list[str] = Field(description="One sentence, or a list of sentences.")
+    prefix: str | list[str] | None = Field(
+        None,
+        description="How each translation starts: a list line-aligned with text (a string for "
+        "one sentence); an empty string means none.",
+    )
+    constraints: list[list[str]] | None = Field(
+        None,
+        description="Phrases each translation must contain, in any order: one list per "
+        "sentence, line-aligned with text (an empty list means none).",
+    )
     beam: int | None = Field(None, ge=1, description="Beam size (default: the server's).")
     nbest: int | None = Field(
         None, ge=1, description="Hypotheses per sentence (at most beam); the list is returned."
@@ -179,8 +189,14 @@ async def translate(body: TranslateRequest, request: Request, served: ServedDep)
     lines = [body.text] if isinstance(body.text, str) else body.text
     beam, nbest = _settings(body, served)
     ids = _encode(lines, served, body.tgt_lang)
+    room = served.batcher.model.max_positions - 2  # output pieces before EOS, as mt translate
+    prefixes = None if body.prefix is None else _prefixes(body.prefix, len(lines), served, room)
+    wanted = body.constraints
+    constraints = None if wanted is None else _constraints(wanted, len(lines), served, room)
     try:
-        job = served.batcher.submit(lines, ids, beam, nbest, body.attention, body.tgt_lang)
+        job = served.batcher.submit(
+            lines, ids, beam, nbest, body.attention, body.tgt_lang, prefixes, constraints
+        )
     except Unavailable as exc:
         headers = {"Retry-After": str(RETRY_AFTER_S)}
         return JSONResponse({"error": str(exc)}, status_code=503, headers=headers)
@@ -262,6 +278,47 @@ def _encode(lines: list[str], served: Served, tgt_lang: str | None) -> list[list
                 f"text[{index}]", f"{len(seq)} pieces exceed the model's limit of {longest}"
             )
     return ids
+
+
+def _prefixes(prefix: str | list[str], count: int, served: Served, room: int) -> list[list[int]]:
+    """Target pieces of each sentence's prefix; refuses a count other than `count`, long ones."""
+    rows = [prefix] if isinstance(prefix, str) else prefix
+    _check_aligned("prefix", len(rows), count)
+    ids = served.tokenizer.encode_tgt(rows)
+    for index, seq in enumerate(ids):
+        _check_room("prefix" if isinstance(prefix, str) else f"prefix[{index}]", seq, room)
+    return ids
+
+
+def _constraints(
+    phrases: list[list[str]], count: int, served: Served, room: int
+) -> list[list[list[int]]]:
+    """Target pieces of each sentence's phrases; refuses a count other than `count`, empty or
+    long phrases, and a server that samples."""
+    if served.batcher.decode.sampling:
+        raise RequestError("constraints", "need beam search, but this server samples")
+    _check_aligned("constraints", len(phrases), count)
+    flat = iter(served.tokenizer.encode_tgt([text for row in phrases for text in row]))
+    ids = [[next(flat) for _ in row] for row in phrases]
+    for i, row in enumerate(ids):
+        for j, seq in enumerate(row):
+            if not seq:
+                raise RequestError(f"constraints[{i}][{j}]", "empty phrase")
+            _check_room(f"constraints[{i}][{j}]", seq, room)
+    return ids
+
+
+def _check_aligned(field: str, given: int, count: int) -> None:
+    """RequestError unless `field` gives one item per sentence."""
+    if given != count:
+        sentences = "1 sentence" if count == 1 else f"{count} sentences"
+        raise RequestError(field, f"{given} for {sentences}; give one per sentence")
+
+
+def _check_room(field: str, seq: list[int], room: int) -> None:
+    """RequestError when `seq` cannot fit in an output of `room` pieces (as mt translate)."""
+    if len(seq) > room:
+        raise RequestError(field, f"{len(seq):,} pieces, more than the {room:,} an output can hold")
 
 
 async def _results(job: Job, request: Request, batcher: Batcher) -> list[Result] | None:
@@ -359,8 +416,8 @@ def _explain(error: dict[str, Any]) -> tuple[int, str]:
         return 422, 'body: expected a JSON object such as {"text": ["..."]}'
     if kind == "extra_forbidden":
         return 422, f"{field}: unknown field (the fields are {FIELDS})"
-    if field == "text" and kind in ("string_type", "list_type"):
-        return 422, "text: expected a string or a list of strings"
+    if field in ("text", "prefix") and kind in ("string_type", "list_type"):
+        return 422, f"{field}: expected a string or a list of strings"
     return 422, f"{field}: {error['msg']}"
 
 

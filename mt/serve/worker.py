@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -54,6 +55,8 @@ class Job:
     future: asyncio.Future[list[Result]]
     arrived: float  # time.monotonic() when queued
     tgt_lang: str | None = None  # the target language of a multilingual model
+    prefixes: list[list[int]] | None = None  # target pieces each line's output starts with
+    constraints: list[list[list[int]]] | None = None  # target phrases each line's must contain
 
     @property
     def tokens(self) -> int:
@@ -105,10 +108,15 @@ class Batcher:
         nbest: int,
         attention: bool,
         tgt_lang: str | None = None,
+        prefixes: list[list[int]] | None = None,
+        constraints: list[list[list[int]]] | None = None,
     ) -> Job:
         """Queue a request; its future gets one Result per line. Unavailable if it cannot wait."""
         future = asyncio.get_running_loop().create_future()
-        job = Job(lines, ids, beam, nbest, attention, future, time.monotonic(), tgt_lang)
+        arrived = time.monotonic()
+        job = Job(
+            lines, ids, beam, nbest, attention, future, arrived, tgt_lang, prefixes, constraints
+        )
         with self._cond:
             if self._draining:
                 raise Unavailable("server: shutting down")
@@ -159,10 +167,13 @@ class Batcher:
 
     def _run(self) -> None:
         while jobs := self._gather():
-            groups: dict[tuple[int, int, str | None], list[Job]] = {}
-            for job in jobs:  # one search per (beam, nbest, target): they shape the batch
-                groups.setdefault((job.beam, job.nbest, job.tgt_lang), []).append(job)
-            for (beam, nbest, tgt_lang), group in groups.items():
+            groups: dict[tuple[int, int, str | None, bool], list[Job]] = {}
+            # One search per setting that shapes it. Prefixes do not; constraints take another
+            # search, which requests without them keep out of, as they would in mt translate.
+            for job in jobs:
+                key = (job.beam, job.nbest, job.tgt_lang, job.constraints is not None)
+                groups.setdefault(key, []).append(job)
+            for (beam, nbest, tgt_lang, _), group in groups.items():
                 self._decode(group, replace(self.decode, beam=beam, nbest=nbest), tgt_lang)
             with self._cond:
                 self.stats.rounds += 1
@@ -212,6 +223,8 @@ class Batcher:
                 self.max_tokens,
                 scores=True,
                 tgt_lang=tgt_lang,
+                prefixes=_per_line(jobs, [job.prefixes for job in jobs]),
+                constraints=_per_line(jobs, [job.constraints for job in jobs]),
             )
             start = 0
             for job in jobs:
@@ -228,6 +241,15 @@ class Batcher:
         if not (job.attention and ids):
             return Result(hyps, None)
         return Result(hyps, alignment(self.model, self.tokenizer, ids, hyps[0].tokens))
+
+
+def _per_line(jobs: list[Job], given: list[list[Any] | None]) -> list[Any] | None:
+    """The jobs' per-line steering, one list over all their lines ([] for a job without it)."""
+    if all(rows is None for rows in given):
+        return None
+    return [
+        row for job, rows in zip(jobs, given, strict=True) for row in rows or [[]] * len(job.lines)
+    ]
 
 
 def _answer(job: Job, value: list[Result] | BaseException) -> None:
