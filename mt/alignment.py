@@ -25,7 +25,7 @@ from mt.model import MultiHeadAttention, Transformer
 from mt.plot import plot_attention
 from mt.rundir import load_trained
 from mt.tokenizer import Tokenizer
-from mt.translate import decode_settings, resolve_runtime
+from mt.translate import check_target, decode_settings, resolve_runtime
 from mt.vocab import BOS_ID, EOS_ID
 
 
@@ -35,8 +35,17 @@ class Alignment:
 
     source_pieces: list[str]  # S labels: the source pieces, then </s>
     target_pieces: list[str]  # T labels: the output pieces, then </s> (what each row predicts)
-    weights: Tensor  # (layers, heads, T, S) float32, rows sum to 1
+    weights: Tensor  # (layers, heads, T, S) float32, rows sum to 1 (less a hidden tag's share)
     translation: str
+
+    def without_first_source(self) -> Alignment:
+        """The same alignment without the first source piece's column (a multilingual tag).
+
+        The other weights are kept as they are, not renormalised: what the tag drew is missing.
+        """
+        return dataclasses.replace(
+            self, source_pieces=self.source_pieces[1:], weights=self.weights[..., 1:]
+        )
 
 
 def attention_weights(
@@ -72,13 +81,25 @@ def cross_attention(model: Transformer, src: Tensor, tgt_in: Tensor) -> Tensor:
 
 
 def align(
-    model: Transformer, tokenizer: Tokenizer, sentence: str, decode: DecodeConfig
+    model: Transformer,
+    tokenizer: Tokenizer,
+    sentence: str,
+    decode: DecodeConfig,
+    tgt_lang: str | None = None,
+    show_tag: bool = False,
 ) -> Alignment:
-    """Translate one sentence as `decode` says (never sampling), then read its cross-attention."""
-    ids = tokenizer.encode_src([sentence])[0][: model.max_positions - 1]
+    """Translate one sentence as `decode` says (never sampling), then read its cross-attention.
+
+    A multilingual model's source starts with the tag of `tgt_lang`; the model attends to it
+    like any piece, but it is not part of the sentence, so its column is left out unless
+    `show_tag`.
+    """
+    ids = tokenizer.encode_src([sentence], tgt_lang)[0][: model.max_positions - 1]
     settings = dataclasses.replace(decode, nbest=1, sampling=False)
     best = search.decode(model, source_tensor(model, ids), settings)[0][0]
-    return alignment(model, tokenizer, ids, best.tokens)
+    found = alignment(model, tokenizer, ids, best.tokens)
+    tagged = bool(ids) and tokenizer.tag_id(tgt_lang) is not None
+    return found.without_first_source() if tagged and not show_tag else found
 
 
 def source_tensor(model: Transformer, ids: list[int]) -> Tensor:
@@ -104,16 +125,25 @@ def alignment(
 
 
 def plot_alignment(
-    run: Path, sentence: str, output: Path, layer: int, beam: int | None, device: str
+    run: Path,
+    sentence: str,
+    output: Path,
+    layer: int,
+    beam: int | None,
+    device: str,
+    tgt_lang: str | None = None,
+    show_tag: bool = False,
 ) -> tuple[str, Path]:
     """`mt attention`: a trained model's translation of `sentence` and its heatmap's path.
 
     The heatmap shows the cross-attention of decoder layer `layer` (1 = first; 0: one panel
-    per layer), averaged over heads.
+    per layer), averaged over heads; a multilingual model's tag only with `show_tag`.
     """
     dev, _ = resolve_runtime(device, "fp32")
     config, tokenizer, model, _ = load_trained(run, dev)
-    found = align(model, tokenizer, sentence, decode_settings(config, beam=beam))
+    check_target(config, tokenizer, tgt_lang)
+    decode = decode_settings(config, beam=beam)
+    found = align(model, tokenizer, sentence, decode, tgt_lang, show_tag)
     layers = len(found.weights)
     if layer > layers:
         raise MtError(f"--layer {layer}: the model has {layers} decoder layers")

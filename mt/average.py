@@ -22,8 +22,9 @@ from mt.checkpoint import (
     read_metadata,
     save_tensors,
 )
+from mt.config import CONFIG_FILE, load_config
 from mt.errors import MtError
-from mt.metrics import read_metrics
+from mt.metrics import read_metrics, selected_bleu
 
 log = logging.getLogger("mt")
 
@@ -40,11 +41,17 @@ def select_last(run_dir: Path, k: int) -> list[Checkpoint]:
 
 
 def select_best(run_dir: Path, k: int) -> list[Checkpoint]:
-    """The k complete checkpoints with the highest dev BLEU (later wins ties), oldest first."""
+    """The k complete checkpoints with the highest dev BLEU (later wins ties), oldest first.
+
+    The BLEU is the one that picks the run's best checkpoint: that of data.select_direction if
+    the run's config sets it, else the mean over its directions.
+    """
+    config = Path(run_dir) / CONFIG_FILE
+    select = load_config(config).data.select_direction if config.is_file() else ""
     bleu: dict[int, float] = {}
     for record in read_metrics(Path(run_dir), "valid"):
-        if "bleu" in record:
-            bleu[int(record["step"])] = float(record["bleu"])  # a re-run step: the last counts
+        if "bleu" in record:  # a re-run step: the last counts
+            bleu[int(record["step"])] = selected_bleu(record, select)
     scored = [c for c in list_checkpoints(run_dir) if c.step in bleu]
     if k > len(scored):
         raise MtError(

@@ -426,12 +426,21 @@ def attention_command(
         int, typer.Option(min=0, help="Decoder layer to show (1 = first); 0 shows every layer.")
     ] = 0,
     beam: BeamOption = None,
+    tgt_lang: TgtLangOption = None,
+    show_tag: Annotated[
+        bool,
+        typer.Option(
+            "--show-tag", help="Show a multilingual model's target-language tag as a source piece."
+        ),
+    ] = False,
     device: DeviceOption = "auto",
 ) -> None:
     """Translate a sentence and plot the decoder's cross-attention, averaged over heads."""
     from mt.alignment import plot_alignment
 
-    translation, path = plot_alignment(run, sentence, output, layer, beam, device)
+    translation, path = plot_alignment(
+        run, sentence, output, layer, beam, device, tgt_lang, show_tag
+    )
     typer.echo(translation)
     typer.echo(str(path))
 

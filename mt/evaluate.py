@@ -110,6 +110,18 @@ def evaluate_run(
     **overrides: Any,
 ) -> dict[str, dict[str, MetricScore]]:
     """Translate and score the test set of every direction of the (first model's) run."""
+    translations = translate_test_sets(models, device, precision, weights, **overrides)
+    return {d: score(hyps, refs, lowercase) for d, (hyps, refs) in translations.items()}
+
+
+def translate_test_sets(
+    models: Path | Sequence[Path],
+    device: str = "auto",
+    precision: str = "auto",
+    weights: Sequence[float] | None = None,
+    **overrides: Any,
+) -> dict[str, tuple[list[str], list[str]]]:
+    """Best translations and references of each direction's test set, by direction."""
     paths = [models] if isinstance(models, Path) else list(models)
     dev, prec = resolve_runtime(device, precision, paths[0])
     config, tokenizer, model, checkpoints = load_models(paths, dev, weights)
@@ -124,7 +136,7 @@ def evaluate_run(
         hyps = best_translations(
             sources, tokenizer, model, decode, dev, prec, checkpoints, corpus.tgt_lang
         )
-        out[direction] = score(hyps, [t for _, t in pairs], lowercase)
+        out[direction] = (hyps, [t for _, t in pairs])
     return out
 
 

@@ -183,3 +183,20 @@ def _survives(path: Path, number: int, line: bytes, step: int) -> bool:
             _warn_unreadable(path, number)
         return False
     return record["step"] <= step and record["kind"] != "end"
+
+
+def record_directions(record: dict[str, Any]) -> list[str]:
+    """The directions a validation record scores one by one (its `de-en/bleu` keys), in order.
+
+    Empty for a run of one direction, whose record holds only `bleu`.
+    """
+    return [key.removesuffix("/bleu") for key in record if key.endswith("/bleu")]
+
+
+def selected_bleu(record: dict[str, Any], select_direction: str) -> float:
+    """The dev BLEU that picks the best checkpoint: `select_direction`'s if set, else the mean.
+
+    A run of one direction has only `bleu`, so `select_direction` changes nothing there.
+    """
+    key = f"{select_direction}/bleu"
+    return float(record[key] if select_direction and key in record else record["bleu"])

@@ -7,9 +7,10 @@ from typing import Any
 
 from mt.errors import MtError
 from mt.files import atomic_path
-from mt.metrics import METRICS_FILE, read_metrics
+from mt.metrics import METRICS_FILE, read_metrics, record_directions
 
-# (kind, key, panel title) of the three curves; each panel has one line per run.
+# (kind, key, panel title) of the three panels; each has one line per run, and the dev panels of
+# a multilingual run one more per direction (its `de-en/loss`, `de-en/bleu`; `key` is the mean).
 CURVES = (
     ("train", "loss", "train loss (label-smoothed, per token)"),
     ("valid", "loss", "dev loss (label-smoothed, per token)"),
@@ -29,20 +30,29 @@ def _pyplot() -> Any:
     return plt
 
 
-def run_curves(run_dir: Path) -> dict[tuple[str, str], tuple[list[int], list[float], list[float]]]:
-    """{(kind, key): (steps, seconds since the first record, values)} of one run's metrics."""
+Curve = tuple[list[int], list[float], list[float]]  # steps, seconds since the start, values
+
+
+def run_curves(run_dir: Path) -> dict[tuple[str, str], dict[str, Curve]]:
+    """One run's curves, {(kind, key): {line name: curve}}.
+
+    The name "" is the curve of `key` itself; a direction (e.g. "de-en") names the curve of
+    `de-en/key` in a multilingual run's dev records.
+    """
     records = read_metrics(run_dir)
     if not records:
         raise MtError(f"{run_dir}: no {METRICS_FILE} records to plot (not a trained run?)")
     start = records[0]["time"]
-    curves = {}
+    directions = next((record_directions(r) for r in records if r["kind"] == "valid"), [])
+    curves: dict[tuple[str, str], dict[str, Curve]] = {}
     for kind, key, _ in CURVES:
-        rows = [r for r in records if r["kind"] == kind and key in r]
-        curves[kind, key] = (
-            [r["step"] for r in rows],
-            [r["time"] - start for r in rows],
-            [r[key] for r in rows],
-        )
+        names = ["", *directions] if kind == "valid" else [""]
+        curves[kind, key] = {}
+        for name in names:
+            field = f"{name}/{key}" if name else key
+            rows = [r for r in records if r["kind"] == kind and field in r]
+            times = [r["time"] - start for r in rows]
+            curves[kind, key][name] = ([r["step"] for r in rows], times, [r[field] for r in rows])
     return curves
 
 
@@ -50,7 +60,8 @@ def plot_curves(run_dirs: list[Path], output: Path, labels: list[str] | None = N
     """Train loss, dev loss and dev BLEU of runs against steps (top) and wall-clock (bottom)."""
     labels = labels or [Path(r).name for r in run_dirs]
     curves = [run_curves(Path(r)) for r in run_dirs]
-    longest = max((max(c[1], default=0.0) for run in curves for c in run.values()), default=0.0)
+    seconds = [c[1] for run in curves for lines in run.values() for c in lines.values()]
+    longest = max((max(s, default=0.0) for s in seconds), default=0.0)
     unit, per = ("hours", 3600.0) if longest > 7200 else ("minutes", 60.0)
     plt = _pyplot()
     fig, axes = plt.subplots(2, len(CURVES), figsize=FIGURE_INCHES, dpi=DPI, squeeze=False)
@@ -58,13 +69,18 @@ def plot_curves(run_dirs: list[Path], output: Path, labels: list[str] | None = N
         for row, x_label in enumerate(("step", unit)):
             ax = axes[row][col]
             for label, run in zip(labels, curves, strict=True):
-                steps, seconds, ys = run[kind, key]
-                xs = steps if row == 0 else [t / per for t in seconds]
-                ax.plot(xs, ys, marker="o" if kind == "valid" else None, markersize=3, label=label)
+                for name, (steps, times, ys) in run[kind, key].items():
+                    xs = steps if row == 0 else [t / per for t in times]
+                    style = {"marker": "o", "markersize": 3} if kind == "valid" else {}
+                    if name:  # a direction: thinner than the mean, which stays the run's line
+                        style.update(linewidth=0.8, linestyle="--", markersize=2)
+                    ax.plot(xs, ys, label=f"{label} {name}".strip(), **style)
             ax.set_title(title, fontsize=10)
             ax.set_xlabel(x_label)
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    per_direction = any(len(lines) > 1 for run in curves for lines in run.values())
+    for ax in axes[0] if per_direction else axes[0][:1]:  # the dev panels name directions
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, output)
 

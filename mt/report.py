@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from mt.data import DATA_FILE
 from mt.device import describe_precision
 from mt.evaluate import MetricScore, score
 from mt.files import atomic_write_bytes
-from mt.metrics import read_metrics
+from mt.metrics import read_metrics, record_directions, selected_bleu
 from mt.model import Transformer, count_parameters
 from mt.plot import plot_curves
 from mt.rundir import load_run_config
@@ -37,24 +38,31 @@ def report_checkpoint(run_dir: Path) -> Path:
     return averaged if averaged.is_file() else resolve_checkpoint(Path(run_dir)).weights
 
 
+Scores = dict[str, MetricScore]  # by metric: bleu, bleu_lc (lowercased), chrf, ter
+
+
 def test_scores(
     run_dir: Path, device: str = "auto", precision: str = "auto"
-) -> tuple[str, dict[str, MetricScore]]:
-    """Translate the run's test set with its report checkpoint; scores incl. lowercased BLEU.
+) -> tuple[str, dict[str, Scores]]:
+    """Translate every test direction with the report checkpoint; scores by direction.
 
-    The hypotheses are written next to the report as test.hyp.<tgt_lang>.
+    The hypotheses are written next to the report as test.hyp.<tgt_lang> for a run of one
+    direction, test.hyp.<direction> (e.g. test.hyp.de-en) for several.
     """
-    from mt.evaluate import model_translations
+    from mt.evaluate import translate_test_sets
 
     checkpoint = report_checkpoint(run_dir)
-    hyps, refs = model_translations(checkpoint, None, device, precision)
-    assert refs is not None
-    config = load_run_config(run_dir)
-    text = "".join(h + "\n" for h in hyps)
-    atomic_write_bytes(run_dir / f"test.hyp.{config.data.tgt_lang}", text.encode("utf-8"))
-    cased = score(hyps, refs)
-    lowercased = score(hyps, refs, lowercase=True)["bleu"]
-    return checkpoint.name, {"bleu": cased["bleu"], "bleu_lc": lowercased, **cased}
+    translations = translate_test_sets(checkpoint, device, precision)
+    targets = {c.direction: c.tgt_lang for c in load_run_config(run_dir).data.directions()}
+    out = {}
+    for direction, (hyps, refs) in translations.items():
+        suffix = direction if len(translations) > 1 else targets[direction]
+        text = "".join(h + "\n" for h in hyps)
+        atomic_write_bytes(run_dir / f"test.hyp.{suffix}", text.encode("utf-8"))
+        cased = score(hyps, refs)
+        lowercased = score(hyps, refs, lowercase=True)["bleu"]
+        out[direction] = {"bleu": cased["bleu"], "bleu_lc": lowercased, **cased}
+    return checkpoint.name, out
 
 
 def _duration(seconds: float) -> str:
@@ -102,7 +110,7 @@ def _data_section(run_dir: Path, config: Config) -> list[str]:
     return [*lines, ""]
 
 
-def _training_section(run_dir: Path) -> list[str]:
+def _training_section(run_dir: Path, select_direction: str) -> list[str]:
     train = read_metrics(run_dir, "train")
     valid = read_metrics(run_dir, "valid")
     end = read_metrics(run_dir, "end")
@@ -119,29 +127,61 @@ def _training_section(run_dir: Path) -> list[str]:
         speed = statistics.median(r["tgt_tok_s"] for r in train)
         lines.append(f"- median throughput {speed:,.0f} target tokens/s")
     if valid:
-        best = max(valid, key=lambda r: r["bleu"])
-        lines.append(f"- best dev BLEU **{best['bleu']:.2f}** at step {best['step']:,}")
-        lines += ["", "| step | dev loss | dev ppl | dev BLEU |", "|---:|---:|---:|---:|"]
-        lines += [
-            f"| {r['step']:,} | {r['loss']:.3f} | {r['ppl']:.2f} | {r['bleu']:.2f} |" for r in valid
-        ]
+        lines += _dev_lines(valid, select_direction)
     return [*lines, ""]
 
 
-def _test_section(checkpoint: str, scores: dict[str, MetricScore], config: Config) -> list[str]:
-    labels = {"bleu": "BLEU", "bleu_lc": "BLEU (lowercased)", "chrf": "chrF", "ter": "TER"}
+def _dev_lines(valid: list[dict[str, Any]], select_direction: str) -> list[str]:
+    """The best dev BLEU, and the dev scores at each validation (BLEU of each direction too)."""
+    best = max(valid, key=lambda r: selected_bleu(r, select_direction))
+    directions = record_directions(valid[-1])
+    mean = f" (mean of the {len(directions)} directions)" if directions else ""
+    head = f"- best dev BLEU{mean} **{best['bleu']:.2f}** at step {best['step']:,}"
+    if directions and select_direction:
+        chosen = selected_bleu(best, select_direction)
+        head += f"; {select_direction}'s (data.select_direction) chose it: **{chosen:.2f}**"
+    columns = ["step", "dev loss", "dev ppl", f"dev BLEU{' (mean)' if mean else ''}", *directions]
+    lines = [head, "", _row(columns), _row(["---:"] * len(columns))]
+    for r in valid:
+        scores = [f"{r['loss']:.3f}", f"{r['ppl']:.2f}", f"{r['bleu']:.2f}"]
+        bleus = [f"{r.get(f'{d}/bleu', math.nan):.2f}" for d in directions]
+        lines.append(_row([f"{r['step']:,}", *scores, *bleus]))
+    return lines
+
+
+def _row(cells: list[str]) -> str:
+    """A Markdown table row."""
+    return f"| {' | '.join(cells)} |"
+
+
+LABELS = {"bleu": "BLEU", "bleu_lc": "BLEU (lowercased)", "chrf": "chrF", "ter": "TER"}
+
+
+def _test_section(checkpoint: str, by_direction: dict[str, Scores], config: Config) -> list[str]:
+    tests = ", ".join(dict.fromkeys(f"`{c.test}`" for c in config.data.directions() if c.test))
     lines = [
         "## Test",
         "",
-        f"`{config.data.test}`, translated with `{checkpoint}` (beam {config.decode.beam}, "
+        f"{tests}, translated with `{checkpoint}` (beam {config.decode.beam}, "
         f"alpha {config.decode.alpha}).",
         "",
-        "| metric | score | sacreBLEU signature |",
-        "|---|---:|---|",
     ]
-    for key, s in scores.items():
-        signature = s.signature.replace("|", "\\|")  # a bare | would end the table cell
-        lines.append(f"| {labels[key]} | {s.score:.2f} | `{signature}` |")
+    if len(by_direction) == 1:
+        (scores,) = by_direction.values()
+        lines += ["| metric | score | sacreBLEU signature |", "|---|---:|---|"]
+        for key, s in scores.items():
+            signature = s.signature.replace("|", "\\|")  # a bare | would end the table cell
+            lines.append(_row([LABELS[key], f"{s.score:.2f}", f"`{signature}`"]))
+        return [*lines, ""]
+    first = next(iter(by_direction.values()))
+    lines += [
+        _row(["direction", *(LABELS[k] for k in first)]),
+        _row(["---", *["---:"] * len(first)]),
+    ]
+    for direction, scores in by_direction.items():
+        lines.append(_row([direction, *(f"{s.score:.2f}" for s in scores.values())]))
+    lines += ["", "sacreBLEU signatures:", ""]
+    lines += [f"- {LABELS[key]}: `{s.signature}`" for key, s in first.items()]
     return [*lines, ""]
 
 
@@ -158,8 +198,8 @@ def write_report(
     lines = [f"# Run report: `{run_dir}`", ""]
     lines += _model_section(config, run_dir)
     lines += _data_section(run_dir, config)
-    lines += _training_section(run_dir)
-    if test and config.data.test:
+    lines += _training_section(run_dir, config.data.select_direction)
+    if test and any(c.test for c in config.data.directions()):
         checkpoint, scores = test_scores(run_dir, device, precision)
         lines += _test_section(checkpoint, scores, config)
     if read_metrics(run_dir):

@@ -52,7 +52,7 @@ from mt.distributed import World, main_first
 from mt.errors import ConfigError, MtError
 from mt.lock import hold_run_lock
 from mt.loss import label_smoothed_nll
-from mt.metrics import MetricsLog
+from mt.metrics import MetricsLog, read_metrics, selected_bleu
 from mt.model import Transformer, count_parameters
 from mt.optim import make_optimizer, make_scheduler
 from mt.rundir import (
@@ -69,7 +69,9 @@ from mt.tokenizer import Tokenizer
 log = logging.getLogger("mt")
 
 # Settings a resumed run may change; everything else in data/tokenizer/model must match.
-RESUMABLE_DATA_KEYS = {"valid", "test", "num_proc", "cache_dir"}
+# data.temperature is not among them: the epoch being resumed was planned with it.
+# data.select_direction only picks the best checkpoint (see reselect).
+RESUMABLE_DATA_KEYS = {"valid", "test", "num_proc", "cache_dir", "select_direction"}
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 PREFETCH_UPDATES = 2  # updates collated ahead of the training step, in a background thread
 
@@ -82,7 +84,8 @@ class TrainState:
     epoch: int = 1  # current epoch (1-based)
     batches_done: int = 0  # batches of the current epoch consumed, by all ranks together
     world_size: int = 1  # ranks that trained up to this state
-    best_bleu: float = -1.0  # best dev BLEU so far
+    best_bleu: float = -1.0  # best dev BLEU so far (of select_direction)
+    select_direction: str = ""  # data.select_direction when best_bleu was measured
     bad_validations: int = 0  # validations since the best one (early stopping)
     overflow_steps: int = 0  # fp16 updates skipped because gradients overflowed
     oom_steps: int = 0  # updates skipped on every rank because one ran out of memory
@@ -416,7 +419,9 @@ def start(
         metadata=checkpoint_metadata(tokenizer),
         learner=learner,
         precision=precision,
-        state=TrainState(world_size=world.world_size),
+        state=TrainState(
+            world_size=world.world_size, select_direction=config.data.select_direction
+        ),
     )
     clear_window(run)
     checkpoint = (
@@ -490,7 +495,22 @@ def restore(checkpoint: ckpt.Checkpoint, run: Run) -> TrainState:
         f"{ranks} ranks{moved})"
     )
     state.world_size = run.world.world_size
+    reselect(state, run)
     return state
+
+
+def reselect(state: TrainState, run: Run) -> None:
+    """Re-read the best dev BLEU so far if data.select_direction changed since `state`.
+
+    The best checkpoint pointer stays until a validation beats that BLEU.
+    """
+    select = run.config.data.select_direction
+    if state.select_direction == select or not run.world.is_main:
+        return
+    valid = read_metrics(run.directory, "valid")
+    kept = [r for r in valid if r["step"] <= state.step and math.isfinite(r["loss"])]
+    state.best_bleu = max((selected_bleu(r, select) for r in kept), default=-1.0)
+    state.select_direction = select
 
 
 def restore_weights(
@@ -801,8 +821,7 @@ def record_validation(run: Run) -> bool:
     scores = validate(run)
     scores["seconds"] = time.perf_counter() - t0
     state.train_seconds += scores["seconds"]
-    select = run.config.data.select_direction if len(run.dev) > 1 else ""
-    bleu = scores[f"{select}/bleu" if select else "bleu"]
+    bleu = selected_bleu(scores, run.config.data.select_direction)
     improved = math.isfinite(scores["loss"]) and bleu > state.best_bleu
     state.best_bleu = bleu if improved else state.best_bleu
     state.bad_validations = 0 if improved else state.bad_validations + 1

@@ -1,4 +1,4 @@
-"""Shared fixtures: one torch thread everywhere, the Multi30k data, one tiny trained run."""
+"""Shared fixtures: one torch thread everywhere, the Multi30k data, tiny trained runs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.corpus import MULTI30K_DE_EN
+from helpers.corpus import MULTI30K_DE_EN, multi_config, write_multiway
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DATA = ROOT / "tests" / "data" / "tiny"
@@ -76,6 +76,27 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ]
     config = load_config(ROOT / "configs" / "tiny.yaml", overrides)
     finish(config, train(config))
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def multiway(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny de/en corpus and a made-up fr, line-aligned (see write_multiway)."""
+    return write_multiway(tmp_path_factory.mktemp("multiway"), TINY_DATA)
+
+
+@pytest.fixture(scope="session")
+def multi_run(multiway: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A four-direction run (helpers.corpus.MULTI_DIRECTIONS) of 60 steps, validated at 30, 60.
+
+    Post-norm, so that both export formats can hold it (it needs 60 steps where pre-norm needs
+    30 before the tags steer its output). Do not modify it.
+    """
+    from mt.train import train
+
+    run_dir = tmp_path_factory.mktemp("multi") / "run"
+    overrides = ["model.prenorm=false", "train.max_steps=60", "train.valid_every=30"]
+    train(multi_config(multiway, run_dir, *overrides))
     return run_dir
 
 

@@ -70,3 +70,32 @@ def test_heatmap_labels_must_match_the_weights(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="weights of 2 x 3 for 2 x 2 labels"):
         plot_attention(np.zeros((1, 2, 3)), ["a", "b"], ["x", "y"], ["t"], tmp_path / "a.png")
+
+
+@pytest.mark.slow  # conftest's multilingual run
+def test_attention_of_a_multilingual_model_hides_its_tag_unless_asked(
+    multi_run: Path, tmp_path: Path
+) -> None:
+    config, tokenizer, model, _ = load_trained(multi_run, torch.device("cpu"))
+    shown = align(model, tokenizer, SENTENCE, config.decode, "fr", show_tag=True)
+    found = align(model, tokenizer, SENTENCE, config.decode, "fr")
+    assert shown.source_pieces[0] == ">>fr<<" and found.source_pieces == shown.source_pieces[1:]
+    assert torch.equal(found.weights, shown.weights[..., 1:])
+    T = len(shown.target_pieces)
+    assert torch.allclose(shown.weights.sum(-1), torch.ones(2, 2, T), atol=1e-5)
+    assert found.translation == shown.translation != align(
+        model, tokenizer, SENTENCE, config.decode, "en"
+    ).translation  # fmt: skip
+    runner = CliRunner()
+    for flags, source in (([], found.source_pieces), (["--show-tag"], shown.source_pieces)):
+        out = tmp_path / f"{len(flags)}.png"
+        args = ["attention", str(multi_run), SENTENCE, "-o", str(out), "--tgt-lang", "fr"]
+        result = runner.invoke(app, [*args, "--layer", "1", *flags])
+        assert result.exit_code == 0, result.output
+        assert result.output.splitlines() == [found.translation, str(out)]
+        width, height = heatmap_inches(len(source), T, 1)
+        assert Image.open(out).size == (round(width * DPI), round(height * DPI))
+    missing = runner.invoke(app, ["attention", str(multi_run), SENTENCE])
+    assert (
+        str(missing.exception) == "the model translates into en, de, fr: choose one with --tgt-lang"
+    )

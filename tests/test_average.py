@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from mt import checkpoint as ckpt
 from mt.average import AVERAGE_NAME, average_checkpoints, average_run
 from mt.cli import app
-from mt.config import ModelConfig
+from mt.config import CONFIG_FILE, ModelConfig, load_config, save_config
 from mt.errors import MtError
 from mt.metrics import MetricsLog
 from mt.model import Transformer
@@ -21,6 +21,7 @@ from mt.rundir import load_trained
 from mt.translate import translate_lines
 
 CPU = torch.device("cpu")
+TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 META = {"tokenizer_sha256": "ab" * 32, "src_vocab": "24", "tgt_vocab": "24"}
 
 
@@ -93,6 +94,21 @@ def test_best_k_picks_the_best_dev_bleu(tmp_path: Path) -> None:
     assert averaged_steps(average_run(run, best=2)) == [10, 20]
     with pytest.raises(MtError, match=rf"best 4 checkpoints but {run} has 3 with a dev BLEU"):
         average_run(run, best=4)
+
+
+def test_best_k_follows_the_runs_selected_direction(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", [10, 20, 30])
+    metrics = MetricsLog(run, tensorboard=False)
+    for step, (de_en, en_de) in {10: (9.0, 1.0), 20: (2.0, 3.0), 30: (1.0, 6.0)}.items():
+        record = {"loss": 1.0, "bleu": (de_en + en_de) / 2, "de-en/bleu": de_en}
+        metrics.write("valid", step, {**record, "en-de/bleu": en_de})
+    metrics.close()
+    assert averaged_steps(average_run(run, best=1)) == [10]  # the best mean, 5.0
+    corpora = "data.corpora=[{src_lang: de, tgt_lang: en}, {src_lang: en, tgt_lang: de}]"
+    config = load_config(TINY_CONFIG, [corpora, "data.select_direction=en-de"])
+    save_config(config, run / CONFIG_FILE)
+    assert averaged_steps(average_run(run, best=1, output=tmp_path / "a")) == [30]
+    assert averaged_steps(average_run(run, best=2, output=tmp_path / "b")) == [20, 30]
 
 
 def test_bad_requests_are_one_line_errors(tmp_path: Path) -> None:

@@ -1,11 +1,13 @@
 """mt export: CTranslate2 and Hugging Face Marian exports compute and search like mt.
 
 Three tiny runs (300 steps each): conftest's pre-norm one, a post-norm one, and a post-norm one
-with GELU and separate source/target vocabularies and embeddings.
+with GELU and separate source/target vocabularies and embeddings; and conftest's multilingual
+run (post-norm), whose sources start with a target-language tag.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -22,7 +24,7 @@ from sacrebleu.metrics import BLEU
 from typer.testing import CliRunner
 
 from mt.cli import app, main
-from mt.config import DecodeConfig, load_config
+from mt.config import Config, DecodeConfig, load_config
 from mt.errors import MtError
 from mt.export import export_model
 from mt.export.ct2 import save_ct2
@@ -80,17 +82,22 @@ def separate_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
-@pytest.fixture(params=["prenorm", "postnorm", "separate"])
+@pytest.fixture(params=["prenorm", "postnorm", "separate", "multi"])
 def any_run(request: pytest.FixtureRequest) -> Path:
     """Each tiny run in turn."""
     name = {"prenorm": "trained_run", "postnorm": "postnorm_run", "separate": "separate_run"}
-    return request.getfixturevalue(name[request.param])
+    return request.getfixturevalue(name.get(request.param, f"{request.param}_run"))
 
 
-@pytest.fixture(params=["postnorm", "separate"])
+@pytest.fixture(params=["postnorm", "separate", "multi"])
 def marian_run(request: pytest.FixtureRequest) -> Path:
     """Each run that MarianMTModel can represent."""
     return request.getfixturevalue(f"{request.param}_run")
+
+
+def target_language(config: Config, tokenizer: Tokenizer) -> str | None:
+    """The language the tests ask a multilingual model for (its first direction's); else None."""
+    return config.data.directions()[0].tgt_lang if tokenizer.tags else None
 
 
 @pytest.fixture
@@ -113,9 +120,12 @@ def mt_outputs(
     lines: list[str],
     decode: DecodeConfig,
     prefixes: list[list[int]] | None = None,
+    tgt_lang: str | None = None,
 ) -> list[list[int]]:
     """mt's own translations of the lines (starting with `prefixes`, if given): target ids."""
-    out = translate_lines(lines, tokenizer, model, decode, CPU, prefixes=prefixes)
+    out = translate_lines(
+        lines, tokenizer, model, decode, CPU, prefixes=prefixes, tgt_lang=tgt_lang
+    )
     return [h[0].tokens for h in out]
 
 
@@ -134,13 +144,13 @@ def test_ct2_export_scores_and_searches_like_mt(
 ) -> None:
     translator = ct2_translator(any_run, tmp_path / "ct2")
     config, tokenizer, model, _ = load_trained(any_run, CPU)
+    tgt_lang = target_language(config, tokenizer)
 
     # The same function: teacher-forced log-probabilities of the references.
     refs = (TINY_DATA / "valid.en").read_text().splitlines()[:10]
-    src_ids, ref_ids = tokenizer.encode_src(lines[:10]), tokenizer.encode_tgt(refs)
-    scored = translator.score_batch(
-        tokenizer.src.encode(lines[:10], out_type=str), tokenizer.tgt.encode(refs, out_type=str)
-    )
+    src_ids, ref_ids = tokenizer.encode_src(lines[:10], tgt_lang), tokenizer.encode_tgt(refs)
+    src_pieces = [[tokenizer.src.id_to_piece(i) for i in ids] for ids in src_ids]  # tag first
+    scored = translator.score_batch(src_pieces, tokenizer.tgt.encode(refs, out_type=str))
     for src, ref, result in zip(src_ids, ref_ids, scored, strict=True):
         with torch.no_grad():
             logits = model(torch.tensor([[*src, EOS_ID]]), torch.tensor([[BOS_ID, *ref]]))[0]
@@ -150,8 +160,9 @@ def test_ct2_export_scores_and_searches_like_mt(
     # The same search: every greedy output, and at least 95% of beam-5 outputs.
     for beam, wanted in ((1, 1.0), (5, 0.95)):
         decode = decode_settings(config, beam=beam, nbest=1)
-        ours = mt_outputs(model, tokenizer, lines, decode)
-        theirs = translate_ct2(translator, tokenizer, lines, decode, model.max_positions)
+        ours = mt_outputs(model, tokenizer, lines, decode, tgt_lang=tgt_lang)
+        limit = model.max_positions
+        theirs = translate_ct2(translator, tokenizer, lines, decode, limit, tgt_lang=tgt_lang)
         same = sum(a == b for a, b in zip(ours, theirs, strict=True))
         assert same >= wanted * len(lines), f"beam {beam}: {same} of {len(lines)} identical"
 
@@ -256,6 +267,45 @@ def test_ct2_export_directory_layout_and_readme(postnorm_run: Path, tmp_path: Pa
     assert [p.name for p in out.parent.iterdir()] == ["ct2"]  # no temp directory left
 
 
+def readme_code(directory: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Run the Python block of an export's README.md in the export directory: its names."""
+    code = (directory / "README.md").read_text().split("```python\n")[1].split("```")[0]
+    code = code.replace("intra_threads=2", "intra_threads=1")  # the CPU may be shared
+    monkeypatch.chdir(directory)
+    names: dict[str, Any] = {}
+    exec(code, names)
+    return names
+
+
+@pytest.mark.filterwarnings("ignore:Recommended. pip install sacremoses")  # never used by Marian
+def test_readmes_show_how_to_ask_a_multilingual_model_for_a_language(
+    multi_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    pytest.importorskip("ctranslate2", reason=NO_CT2)
+    pytest.importorskip("transformers", reason=NO_HF)
+    _, tokenizer, _, _ = load_trained(multi_run, CPU)
+    assert list(tokenizer.tags) == ["en", "de", "fr"]
+    wanted = tokenizer.encode_src(["Zwei Hunde spielen im Schnee ."], "en")[0]  # >>en<< first
+    tags = [">>en<<", ">>de<<", ">>fr<<"]
+    for fmt in ("ct2", "hf"):
+        out = export_model(multi_run, tmp_path / fmt, fmt)
+        prose = " ".join((out / "README.md").read_text().split())
+        assert "(de→en, en→de, fr→en, en→fr)" in prose
+        assert "naming the one wanted, one of `>>en<<`, `>>de<<`, `>>fr<<`" in prose
+        names = readme_code(out, monkeypatch)
+        if fmt == "ct2":
+            vocabulary = json.loads((out / "shared_vocabulary.json").read_text())
+            assert [vocabulary[i] for i in tokenizer.tags.values()] == tags
+            sources = [[tokenizer.src.piece_to_id(p) for p in s] for s in names["sources"]]
+        else:
+            vocabulary = json.loads((out / "vocab.json").read_text())
+            assert [vocabulary[tag] for tag in tags] == list(tokenizer.tags.values())
+            sources = [row[:-1] for row in names["batch"]["input_ids"].tolist()]  # without EOS
+        assert sources == [wanted]
+        printed = capsys.readouterr().out
+        assert printed.startswith("['") and printed.endswith("']\n")  # one translation
+
+
 # --- Hugging Face Marian ----------------------------------------------------------------------
 
 
@@ -271,10 +321,15 @@ def test_hf_export_loads_and_computes_like_mt(
     hf_tokenizer = MarianTokenizer.from_pretrained(tmp_path / "hf")
     lines = [line for line in lines if line]  # mt leaves blank lines untranslated
     config, tokenizer, model, _ = load_trained(marian_run, CPU)
-    greedy = mt_outputs(model, tokenizer, lines, decode_settings(config, beam=1))
+    tgt_lang = target_language(config, tokenizer)
+    decode = decode_settings(config, beam=1)
+    greedy = mt_outputs(model, tokenizer, lines, decode, tgt_lang=tgt_lang)
 
-    batch = hf_tokenizer(lines, return_tensors="pt", padding=True)
-    for row, ids in zip(batch["input_ids"].tolist(), tokenizer.encode_src(lines), strict=True):
+    # Marian's convention: the tag, as text, starts the source; MarianTokenizer keeps it whole.
+    tagged = [f">>{tgt_lang}<< {line}" if tgt_lang else line for line in lines]
+    batch = hf_tokenizer(tagged, return_tensors="pt", padding=True)
+    ids_of = tokenizer.encode_src(lines, tgt_lang)
+    for row, ids in zip(batch["input_ids"].tolist(), ids_of, strict=True):
         assert row[: len(ids) + 1] == [*ids, EOS_ID] and set(row[len(ids) + 1 :]) <= {PAD_ID}
     longest = max(map(len, greedy))
     tgt_in = torch.tensor([[BOS_ID, *g] + [PAD_ID] * (longest - len(g)) for g in greedy])
@@ -285,8 +340,11 @@ def test_hf_export_loads_and_computes_like_mt(
 
     gen = hf.generation_config
     assert (gen.decoder_start_token_id, gen.eos_token_id, gen.pad_token_id) == (2, 3, 0)
-    assert hf_greedy(hf, hf_tokenizer, lines, config.decode, model.max_positions) == greedy
-    texts = hf_tokenizer.batch_decode(hf.generate(**batch, num_beams=1), skip_special_tokens=True)
+    theirs_ids = hf_greedy(hf, hf_tokenizer, tagged, config.decode, model.max_positions)
+    assert theirs_ids == greedy
+    # Sentence by sentence: outputs that run to mt's limit (the multilingual run's, trained 60
+    # steps) need each sentence's own max_new_tokens, which one batched generate cannot give.
+    texts = hf_tokenizer.batch_decode(theirs_ids, skip_special_tokens=True)
     assert texts == tokenizer.decode_tgt(greedy)
 
 

@@ -3,77 +3,42 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers.corpus import write_multiway
+from helpers.corpus import MULTI_DIRECTIONS, multi_config
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from typer.testing import CliRunner
 
 from mt import checkpoint as ckpt
 from mt.cli import app
-from mt.config import Config, load_config
-from mt.errors import DataError
+from mt.config import load_config
+from mt.errors import ConfigError, DataError
 from mt.metrics import read_metrics
 from mt.rundir import encode_train, open_run, prepare_tokenizer
 from mt.train import train
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny.yaml"
-DIRECTIONS = ("de-en", "en-de", "fr-en", "en-fr")
-
-
-@pytest.fixture(scope="session")
-def multiway(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny de/en corpus and a made-up fr, line-aligned (see write_multiway)."""
-    return write_multiway(tmp_path_factory.mktemp("multiway"), ROOT / "tests" / "data" / "tiny")
-
-
-def multi(multiway: Path, run_dir: Path, *overrides: str) -> Config:
-    """The tiny config on four directions of the multi-way corpus."""
-    corpora = ", ".join(
-        f"{{src_lang: {d.split('-')[0]}, tgt_lang: {d.split('-')[1]}}}" for d in DIRECTIONS
-    )
-    return load_config(
-        TINY,
-        [
-            f"run_dir={run_dir}",
-            f"data.cache_dir={run_dir.parent / 'cache'}",
-            f"data.train={multiway / 'train'}",
-            f"data.valid={multiway / 'valid'}",
-            f"data.test={multiway / 'valid'}",
-            f"data.corpora=[{corpora}]",
-            "tokenizer.vocab_size=160",
-            *overrides,
-        ],
-    )
-
-
-@pytest.fixture(scope="session")
-def multi_run(multiway: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A four-direction run of 30 steps (validations at 15 and 30)."""
-    run_dir = tmp_path_factory.mktemp("multi") / "run"
-    train(multi(multiway, run_dir))
-    return run_dir
 
 
 @pytest.mark.slow
 def test_every_direction_is_validated_and_the_mean_selects(multi_run: Path) -> None:
     valid = read_metrics(multi_run, "valid")
-    assert [r["step"] for r in valid] == [15, 30]
+    assert [r["step"] for r in valid] == [30, 60]
     for record in valid:
-        per = [record[f"{d}/bleu"] for d in DIRECTIONS]
+        per = [record[f"{d}/bleu"] for d in MULTI_DIRECTIONS]
         assert record["bleu"] == pytest.approx(np.mean(per))
-        assert record["loss"] == pytest.approx(np.mean([record[f"{d}/loss"] for d in DIRECTIONS]))
+        assert record["loss"] == pytest.approx(
+            np.mean([record[f"{d}/loss"] for d in MULTI_DIRECTIONS])
+        )
     best = max(valid, key=lambda r: r["bleu"])
     assert ckpt.best_checkpoint(multi_run).step == best["step"]
     events = EventAccumulator(str(multi_run / "tensorboard"))
     events.Reload()
     scalars = set(events.Tags()["scalars"])
-    assert {f"valid/{d}/{k}" for d in DIRECTIONS for k in ("bleu", "loss")} <= scalars
+    assert {f"valid/{d}/{k}" for d in MULTI_DIRECTIONS for k in ("bleu", "loss")} <= scalars
     assert [e.value for e in events.Scalars("valid/de-en/bleu")] == pytest.approx(
         [r["de-en/bleu"] for r in valid]
     )
@@ -85,7 +50,7 @@ def test_sources_start_with_the_target_languages_tag(multi_run: Path) -> None:
     tokenizer = prepare_tokenizer(config)
     assert sorted(tokenizer.tags) == ["de", "en", "fr"]
     mix = encode_train(config, tokenizer)
-    assert list(mix.parts) == list(DIRECTIONS)
+    assert list(mix.parts) == list(MULTI_DIRECTIONS)
     for name, part in mix.parts.items():
         tag = tokenizer.tags[name.split("-")[1]]
         firsts = {src[0] for src, _ in part.pairs(np.arange(len(part)))}
@@ -97,9 +62,9 @@ def test_sources_start_with_the_target_languages_tag(multi_run: Path) -> None:
 @pytest.mark.slow
 def test_resume_mid_epoch_is_exact_with_several_corpora(multiway: Path, tmp_path: Path) -> None:
     steps = ["train.valid_every=100", "train.log_every=4"]
-    train(multi(multiway, tmp_path / "straight", "train.max_steps=12", *steps))
-    train(multi(multiway, tmp_path / "resumed", "train.max_steps=8", *steps))  # mid-epoch
-    train(multi(multiway, tmp_path / "resumed", "train.max_steps=12", *steps))
+    train(multi_config(multiway, tmp_path / "straight", "train.max_steps=12", *steps))
+    train(multi_config(multiway, tmp_path / "resumed", "train.max_steps=8", *steps))  # mid-epoch
+    train(multi_config(multiway, tmp_path / "resumed", "train.max_steps=12", *steps))
     runs = (tmp_path / "straight", tmp_path / "resumed")
     a, b = (load_file(ckpt.latest_checkpoint(run).weights) for run in runs)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -108,24 +73,47 @@ def test_resume_mid_epoch_is_exact_with_several_corpora(multiway: Path, tmp_path
     assert losses[0] == losses[1]
 
 
+def translate_cli(run: Path, source: Path, *options: str) -> list[str]:
+    """`mt translate -m RUN SOURCE OPTIONS` in-process: its output lines."""
+    result = CliRunner().invoke(app, ["translate", "-m", str(run), str(source), *options])
+    assert result.exit_code == 0, result.output
+    return result.stdout.splitlines()
+
+
 @pytest.mark.slow
 def test_translate_asks_for_a_target_language(multi_run: Path, tmp_path: Path) -> None:
     source = tmp_path / "in.txt"
     source.write_text("Ein mann sieht den see .\n\nDas kind findet ein auto .\n", encoding="utf-8")
-    args = ["translate", "-m", str(multi_run), str(source), "--beam", "1"]
-    outputs = {}
-    for lang in ("en", "fr"):
-        result = CliRunner().invoke(app, [*args, "--tgt-lang", lang])
-        assert result.exit_code == 0, result.output
-        outputs[lang] = result.stdout.splitlines()
-        assert len(outputs[lang]) == 3 and outputs[lang][1] == ""  # blank stays blank, untagged
+    outputs = {
+        lang: translate_cli(multi_run, source, "--beam", "1", "--tgt-lang", lang)
+        for lang in ("en", "fr")
+    }
+    for lines in outputs.values():
+        assert len(lines) == 3 and lines[1] == ""  # blank stays blank, untagged
     assert outputs["en"] != outputs["fr"]  # the tag steers the output
+    args = ["translate", "-m", str(multi_run), str(source)]
     missing = CliRunner().invoke(app, args)
     assert str(missing.exception) == (
         "the model translates into en, de, fr: choose one with --tgt-lang"
     )
     unknown = CliRunner().invoke(app, [*args, "--tgt-lang", "cs"])
     assert str(unknown.exception) == "--tgt-lang cs: the model translates into en, de, fr only"
+
+
+@pytest.mark.slow
+def test_nbest_lists_follow_the_tag(multi_run: Path, tmp_path: Path) -> None:
+    source = tmp_path / "in.txt"
+    source.write_text("Ein mann sieht den see .\nDas kind findet ein auto .\n", encoding="utf-8")
+    lists = {}
+    for lang in ("en", "fr"):
+        best = translate_cli(multi_run, source, "--beam", "2", "--tgt-lang", lang)
+        nbest = translate_cli(multi_run, source, "--beam", "2", "--tgt-lang", lang, "--nbest", "2")
+        rows = [line.split("\t") for line in nbest]
+        assert [int(row[0]) for row in rows] == [0, 0, 1, 1]
+        assert [rows[0][2], rows[2][2]] == best  # the best of each first
+        assert float(rows[0][1]) >= float(rows[1][1]) and float(rows[2][1]) >= float(rows[3][1])
+        lists[lang] = rows
+    assert lists["en"] != lists["fr"]
 
 
 def test_one_target_language_needs_no_tag(trained_run: Path, tmp_path: Path) -> None:
@@ -143,13 +131,13 @@ def test_evaluate_scores_every_test_direction(multi_run: Path) -> None:
     result = CliRunner().invoke(app, ["evaluate", "-m", str(multi_run), "--json", "--beam", "1"])
     assert result.exit_code == 0, result.output
     records = json.loads(result.stdout)
-    assert [r["direction"] for r in records] == list(DIRECTIONS)
+    assert [r["direction"] for r in records] == list(MULTI_DIRECTIONS)
     assert all(set(r) == {"direction", "bleu", "chrf", "ter"} for r in records)
     table = CliRunner().invoke(app, ["evaluate", "-m", str(multi_run), "--beam", "1"])
     lines = table.stdout.splitlines()
     assert lines[0].split() == ["direction", "BLEU", "chrF2", "TER"]
     rows = [line.split() for line in lines[1:5]]
-    assert [row[0] for row in rows] == list(DIRECTIONS)
+    assert [row[0] for row in rows] == list(MULTI_DIRECTIONS)
     assert [float(row[1]) for row in rows] == pytest.approx(
         [r["bleu"]["score"] for r in records], abs=0.006
     )
@@ -157,7 +145,7 @@ def test_evaluate_scores_every_test_direction(multi_run: Path) -> None:
 
 
 def test_a_missing_corpus_file_names_its_entry(multiway: Path, tmp_path: Path) -> None:
-    config = multi(multiway, tmp_path / "run", "data.corpora=[{src_lang: de, tgt_lang: en}, "
+    config = multi_config(multiway, tmp_path / "run", "data.corpora=[{src_lang: de, tgt_lang: en}, "
                    "{src_lang: cs, tgt_lang: en}]")  # fmt: skip
     with pytest.raises(DataError) as err:
         open_run(config, ["train", "valid"])
@@ -201,3 +189,24 @@ def test_serve_translates_into_the_requested_language(multi_run: Path) -> None:
             assert missing.json() == {"error": error}
     finally:
         served.batcher.stop()
+
+
+@pytest.mark.slow
+def test_resume_may_change_the_selected_direction_not_the_temperature(
+    multi_run: Path, multiway: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(multi_run, run, ignore=shutil.ignore_patterns("tensorboard"))
+    fixture = ["model.prenorm=false", "train.max_steps=60", "train.valid_every=30"]  # conftest's
+    with pytest.raises(ConfigError) as err:
+        train(multi_config(multiway, run, *fixture, "data.temperature=1"))
+    assert str(err.value) == (
+        f"{run / 'config.yaml'}: the run was started with other settings (data.temperature: 5.0 "
+        "-> 1.0); use a new run_dir, or restore those settings to resume"
+    )
+    before = train(multi_config(multiway, run, *fixture)).state  # at max_steps: restores only
+    valid = read_metrics(run, "valid")
+    assert before.best_bleu == max(r["bleu"] for r in valid) and before.select_direction == ""
+    after = train(multi_config(multiway, run, *fixture, "data.select_direction=en-fr")).state
+    assert after.best_bleu == max(r["en-fr/bleu"] for r in valid) != before.best_bleu
+    assert after.select_direction == "en-fr"

@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.corpus import MULTI_DIRECTIONS
 from PIL import Image
 from typer.testing import CliRunner
 
+from mt import plot
 from mt.cli import app
+from mt.config import load_config, save_config
+from mt.corpora import open_corpus
 from mt.errors import MtError
 from mt.evaluate import score
 from mt.metrics import read_metrics
 from mt.model import count_parameters
 from mt.plot import DPI, FIGURE_INCHES, plot_curves
+from mt.report import write_report
 from mt.rundir import load_trained, open_split
 
 SIZE = (int(FIGURE_INCHES[0] * DPI), int(FIGURE_INCHES[1] * DPI))
@@ -79,3 +85,69 @@ def test_plot_without_metrics_is_one_line_error(tmp_path: Path) -> None:
         == f"{tmp_path}: no metrics.jsonl records to plot (not a trained run?)"
     )
     assert not out.exists()
+
+
+@pytest.fixture
+def multi_copy(multi_run: Path, tmp_path: Path) -> Path:
+    """A copy of conftest's multilingual run, for reports to write into."""
+    copy = tmp_path / "multi"
+    shutil.copytree(multi_run, copy, ignore=shutil.ignore_patterns("cache", "tensorboard"))
+    return copy
+
+
+@pytest.mark.slow  # conftest's multilingual run
+def test_report_of_a_multilingual_run_has_a_row_per_direction(multi_copy: Path) -> None:
+    report = write_report(multi_copy, device="cpu", precision="fp32").read_text(encoding="utf-8")
+    config = load_config(multi_copy / "config.yaml")
+    tests = {c.direction: c for c in config.data.directions()}
+    rows = re.findall(r"^\| ([a-z]{2}-[a-z]{2}) \| ([\d.]+) \| ([\d.]+) \|", report, re.M)
+    assert [direction for direction, _, _ in rows] == list(MULTI_DIRECTIONS)
+    for direction, bleu, bleu_lc in rows:
+        hyps = (multi_copy / f"test.hyp.{direction}").read_text(encoding="utf-8").splitlines()
+        refs = [t for _, t in open_corpus(tests[direction].test, *direction.split("-")).pairs()]
+        assert float(bleu) == pytest.approx(score(hyps, refs)["bleu"].score, abs=0.005)
+        assert float(bleu_lc) == pytest.approx(score(hyps, refs, True)["bleu"].score, abs=0.005)
+    assert f"- BLEU: `{score(hyps, refs)['bleu'].signature}`" in report
+
+    valid = read_metrics(multi_copy, "valid")
+    best = max(valid, key=lambda r: r["bleu"])
+    mean = f"mean of the 4 directions) **{best['bleu']:.2f}** at step {best['step']}\n"
+    assert f"- best dev BLEU ({mean}" in report
+    header = "| step | dev loss | dev ppl | dev BLEU (mean) | de-en | en-de | fr-en | en-fr |"
+    assert header in report
+    for r in valid:
+        bleus = " | ".join(f"{r[f'{d}/bleu']:.2f}" for d in MULTI_DIRECTIONS)
+        assert f"| {r['bleu']:.2f} | {bleus} |" in report
+
+
+@pytest.mark.slow  # conftest's multilingual run
+def test_the_best_dev_bleu_of_the_selected_direction_is_reported(multi_copy: Path) -> None:
+    config = load_config(multi_copy / "config.yaml", ["data.select_direction=en-fr"])
+    save_config(config, multi_copy / "config.yaml")
+    valid = read_metrics(multi_copy, "valid")
+    chosen = max(valid, key=lambda r: r["en-fr/bleu"])
+    report = write_report(multi_copy, test=False).read_text(encoding="utf-8")
+    assert (
+        f"**{chosen['bleu']:.2f}** at step {chosen['step']}; en-fr's (data.select_direction) "
+        f"chose it: **{chosen['en-fr/bleu']:.2f}**"
+    ) in report
+
+
+@pytest.mark.slow  # conftest's multilingual run
+def test_plot_draws_each_direction_of_a_multilingual_run(
+    multi_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    figures = []
+    monkeypatch.setattr(plot, "save_figure", lambda fig, output: figures.append(fig) or output)
+    plot_curves([multi_run], tmp_path / "curves.png", labels=["multi"])
+    valid = read_metrics(multi_run, "valid")
+    (figure,) = figures
+    for panel, key in ((1, "loss"), (2, "bleu")):  # the dev panels, against steps
+        lines = figure.axes[panel].get_lines()
+        names = [f"multi {d}" for d in MULTI_DIRECTIONS]
+        assert [line.get_label() for line in lines] == ["multi", *names]
+        fields = [key, *(f"{d}/{key}" for d in MULTI_DIRECTIONS)]
+        for line, field in zip(lines, fields, strict=True):
+            assert list(line.get_xdata()) == [r["step"] for r in valid]
+            assert list(line.get_ydata()) == [r[field] for r in valid]
+    assert [line.get_label() for line in figure.axes[0].get_lines()] == ["multi"]  # train loss

@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ from mt.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "data" / "tiny"
+TEST_PREFIX = "test_2016_flickr"
 
 
 @pytest.mark.slow
@@ -226,3 +228,34 @@ def test_bench_constraints_prints_a_table(trained_run: Path, tmp_path: Path) -> 
     for row in rows:  # whether BLEU rises is the benchmark's finding, not a tiny model's
         assert int(row[1]) >= 6 and row[2].strip() == "100.0%"
         assert all(float(x) >= 0 for x in row[3:])
+
+
+@pytest.mark.slow
+def test_bench_multilingual_smoke_prints_and_writes_its_tables(
+    multi30k: Path, tmp_path: Path
+) -> None:
+    if not (multi30k / f"{TEST_PREFIX}.fr.gz").is_file():
+        pytest.skip(f"no French Multi30k files in {multi30k}")
+    out_md = tmp_path / "benchmarks.md"
+    args = [sys.executable, str(ROOT / "scripts" / "bench_multilingual.py"), "--smoke",
+            "--threads", "1", "--data", str(multi30k), "--workdir", str(tmp_path / "work"),
+            "--write", str(out_md)]  # fmt: skip
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert out.startswith("## Multilingual vs bilingual models (Multi30k)\n")
+    assert out_md.read_text() == f"# Benchmarks\n\n{out}"
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ")]
+    cells = {row[0].strip(): [c.strip() for c in row[1:]] for row in rows}
+    for direction in ("de-en", "en-de", "fr-en", "en-fr"):
+        bilingual, multilingual, difference = map(float, cells[direction])
+        assert difference == pytest.approx(multilingual - bilingual, abs=0.011)
+    for direction in ("de-fr", "fr-de"):  # the zero-shot ones
+        bleu, off_target = cells[direction]
+        assert float(bleu) >= 0 and 0 <= float(off_target.rstrip("%")) <= 100
+    runs = ["multilingual", *(f"bilingual {d}" for d in ("de-en", "en-de", "fr-en", "en-fr"))]
+    speeds = [float(cells[run][2].replace(",", "")) for run in runs]
+    assert [cells[run][0] for run in runs] == ["10"] * 5 and min(speeds) > 0
+    ratio = re.search(r"throughput is ([\d.]+) x the bilingual", out.replace("\n", " "))
+    assert ratio is not None
+    assert float(ratio.group(1)) == pytest.approx(speeds[0] / (sum(speeds[1:]) / 4), abs=0.011)

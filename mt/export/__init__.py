@@ -78,7 +78,7 @@ def export_model(
             readme = ct2_readme(config, tokenizer, checkpoint.weights, quantization)
         else:
             save_marian(model, tokenizer, config, temp)
-            readme = hf_readme(config, checkpoint.weights)
+            readme = hf_readme(config, tokenizer, checkpoint.weights)
         (temp / "README.md").write_text(readme, encoding="utf-8")
     log.info("exported %s to %s (%s)", checkpoint.weights, out, fmt)
     return Path(out)

@@ -84,14 +84,16 @@ def translate_ct2(
     decode: DecodeConfig,
     max_positions: int,
     prefixes: Sequence[Sequence[int]] | None = None,
+    tgt_lang: str | None = None,
 ) -> list[list[int]]:
     """Target ids (no EOS) per line from a CTranslate2 Translator, searching as mt would.
 
     Sentences are batched by source length and length limit, so each gets its exact mt limit;
     `prefixes` (target ids per line, as `mt.translate.encode_prefixes` gives) start the outputs
-    as CTranslate2's `target_prefix`. Blank lines (and lines without pieces) give [].
+    as CTranslate2's `target_prefix`. Blank lines (and lines without pieces) give []. A
+    multilingual model's sources start with the tag of `tgt_lang`, as in `mt translate`.
     """
-    ids = encode_sources(lines, tokenizer, max_positions - 1)
+    ids = encode_sources(lines, tokenizer, max_positions - 1, tgt_lang)
     forced = [len(p) for p in prefixes] if prefixes is not None else [0] * len(lines)
     out: list[list[int]] = [[] for _ in lines]
     for length, batch in _batches(ids, forced, decode, max_positions):

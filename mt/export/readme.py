@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mt.config import Config, DecodeConfig
 from mt.export.hf import hf_length_penalty
-from mt.tokenizer import Tokenizer
+from mt.tokenizer import Tokenizer, tag_piece
 from mt.vocab import BOS_ID, PAD_ID
 
 
@@ -32,7 +32,8 @@ def ct2_readme(
     spm_src, spm_tgt = tokenizer.paths[0].name, tokenizer.paths[-1].name
     pad, bos = tokenizer.tgt.id_to_piece(PAD_ID), tokenizer.tgt.id_to_piece(BOS_ID)
     intro = f"""From `{weights}` ({_pair(config)}), weights stored as {quantization or "float32"}.
-    Sources are pieces of the SentencePiece model `{spm_src}`; CTranslate2 adds the end token."""
+    Sources are pieces of the SentencePiece model `{spm_src}`; CTranslate2 adds the end token.
+    {_tags_intro(tokenizer, "piece")}"""
     code = f"""
 import ctranslate2
 import sentencepiece as spm
@@ -41,8 +42,9 @@ src = spm.SentencePieceProcessor(model_file="{spm_src}")
 tgt = spm.SentencePieceProcessor(model_file="{spm_tgt}")
 translator = ctranslate2.Translator(".", device="cpu", intra_threads=2)
 lines = ["{_example(config)}"]
+{_ct2_sources(config, tokenizer)}
 results = translator.translate_batch(
-    src.encode(lines, out_type=str),
+    sources,
     beam_size={decode.beam},
     length_penalty={hf_length_penalty(decode)},
     min_decoding_length={decode.min_len},
@@ -61,17 +63,18 @@ print([tgt.decode(r.hypotheses[0]) for r in results])
     return _markdown("CTranslate2 model exported by `mt export`", intro, code, notes)
 
 
-def hf_readme(config: Config, weights: Path) -> str:
+def hf_readme(config: Config, tokenizer: Tokenizer, weights: Path) -> str:
     """How to translate with the Hugging Face export."""
     decode = config.decode
     intro = f"""From `{weights}` ({_pair(config)}): MarianMTModel weights, generation settings
-    and a MarianTokenizer."""
+    and a MarianTokenizer. {_tags_intro(tokenizer, "word (MarianTokenizer keeps it whole)")}"""
+    tag = f"{_example_tag(config)} " if tokenizer.tags else ""
     code = f"""
 from transformers import MarianMTModel, MarianTokenizer
 
 tokenizer = MarianTokenizer.from_pretrained(".")
 model = MarianMTModel.from_pretrained(".").eval()
-batch = tokenizer(["{_example(config)}"], return_tensors="pt", padding=True)
+batch = tokenizer(["{tag}{_example(config)}"], return_tensors="pt", padding=True)
 out = model.generate(**batch)  # mt's search settings, from generation_config.json
 print(tokenizer.batch_decode(out, skip_special_tokens=True))
 """
@@ -85,10 +88,32 @@ print(tokenizer.batch_decode(out, skip_special_tokens=True))
 
 
 def _pair(config: Config) -> str:
-    return f"{config.data.src_lang}→{config.data.tgt_lang}"
+    return ", ".join(c.direction.replace("-", "→") for c in config.data.directions())
 
 
 def _example(config: Config) -> str:
-    """A sentence to show in the READMEs."""
+    """A sentence to show in the READMEs, in the source language of the first direction."""
     examples = {"de": "Zwei Hunde spielen im Schnee .", "en": "Two dogs play in the snow ."}
-    return examples.get(config.data.src_lang, "...")
+    return examples.get(config.data.directions()[0].src_lang, "...")
+
+
+def _example_tag(config: Config) -> str:
+    """The tag the READMEs ask a multilingual model for: the first direction's target."""
+    return tag_piece(config.data.directions()[0].tgt_lang)
+
+
+def _tags_intro(tokenizer: Tokenizer, token: str) -> str:
+    """How to ask a multilingual model for a target language (nothing for one target)."""
+    if not tokenizer.tags:
+        return ""
+    tags = ", ".join(f"`{tag_piece(lang)}`" for lang in tokenizer.tags)
+    return f"""The model translates into several languages: start each source with the {token}
+    naming the one wanted, one of {tags} (Marian's convention)."""
+
+
+def _ct2_sources(config: Config, tokenizer: Tokenizer) -> str:
+    """The README's line turning `lines` into CT2 sources, after the target's tag if any."""
+    if not tokenizer.tags:
+        return "sources = src.encode(lines, out_type=str)"
+    tag = _example_tag(config)
+    return f'sources = [["{tag}", *pieces] for pieces in src.encode(lines, out_type=str)]'

@@ -5,9 +5,12 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from mt.config import Config, load_config
 from mt.corpora import Corpus, open_corpus
 from mt.fetch import MULTI30K_SPLITS
 
+ROOT = Path(__file__).resolve().parents[2]
+MULTI_DIRECTIONS = ("de-en", "en-de", "fr-en", "en-fr")  # those of multi_config
 # The gzipped de/en files of every Multi30k split, named as `mt data fetch multi30k` names them.
 MULTI30K_DE_EN = [f"{split}.{lang}.gz" for split in MULTI30K_SPLITS for lang in ("de", "en")]
 SYLLABLES = [
@@ -68,3 +71,23 @@ def write_multiway(directory: Path, tiny: Path) -> Path:
         french = [" ".join(word[::-1] for word in line.split()) for line in english]
         (directory / f"{split}.fr").write_text("".join(f"{s}\n" for s in french), "utf-8")
     return directory
+
+
+def multi_config(multiway: Path, run_dir: Path, *overrides: str) -> Config:
+    """The tiny config on four directions (MULTI_DIRECTIONS) of a write_multiway corpus."""
+    corpora = ", ".join(
+        f"{{src_lang: {d.split('-')[0]}, tgt_lang: {d.split('-')[1]}}}" for d in MULTI_DIRECTIONS
+    )
+    return load_config(
+        ROOT / "configs" / "tiny.yaml",
+        [
+            f"run_dir={run_dir}",
+            f"data.cache_dir={run_dir.parent / 'cache'}",
+            f"data.train={multiway / 'train'}",
+            f"data.valid={multiway / 'valid'}",
+            f"data.test={multiway / 'valid'}",
+            f"data.corpora=[{corpora}]",
+            "tokenizer.vocab_size=160",
+            *overrides,
+        ],
+    )

@@ -1,0 +1,238 @@
+"""One multilingual model against bilingual ones on Multi30k: test BLEU, zero-shot, speed.
+
+    .venv/bin/python scripts/bench_multilingual.py --write docs/benchmarks.md   # hours
+    .venv/bin/python scripts/bench_multilingual.py --smoke                      # for tests
+
+Trains configs/multi30k-multi.yaml (one model for every direction it lists) and, on the same
+machine in the same invocation, the bilingual recipe configs/multi30k.yaml once per direction.
+Scores each test direction with both (sacreBLEU, cased, with its signature); asks the
+multilingual model for the directions it never saw (zero-shot, e.g. de→fr), with their BLEU and
+the share of outputs that langid (its model ships inside the package; restricted to the run's
+languages) finds in another language than asked; and compares the median training throughput
+(target tokens/s). Prints a Markdown section for docs/benchmarks.md. --smoke trains tiny models
+for a few steps on a slice of the data: the numbers then mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "scripts"):  # run as a script from anywhere; bench.py sits beside it
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+import torch  # noqa: E402
+from bench import TEST_PREFIX, find_data, log, wrap, write_section  # noqa: E402
+
+from mt.config import Config, load_config  # noqa: E402
+from mt.corpora import open_corpus, read_lines  # noqa: E402
+from mt.evaluate import MetricScore, evaluate_run, model_translations, score  # noqa: E402
+from mt.metrics import read_metrics  # noqa: E402
+
+SECTION = "## Multilingual vs bilingual models (Multi30k)"
+MULTI_CONFIG = ROOT / "configs" / "multi30k-multi.yaml"
+BILINGUAL_CONFIG = ROOT / "configs" / "multi30k.yaml"
+SPLITS = {"train": "train", "valid": "val", "test": TEST_PREFIX}  # data.<key>: file prefix
+SMOKE_LINES = {"train": 300, "val": 10, TEST_PREFIX: 10}  # lines of each split kept by --smoke
+SMOKE_OVERRIDES = [  # a tiny model, a few steps: the whole benchmark path in seconds
+    "tokenizer.vocab_size=200",
+    "tokenizer.byte_fallback=false",
+    "model.dim=32",
+    "model.enc_layers=1",
+    "model.dec_layers=1",
+    "model.heads=2",
+    "model.ffn_dim=64",
+    "train.max_steps=10",
+    "train.max_minutes=0",
+    "train.max_tokens=512",
+    "train.warmup_steps=2",
+    "train.log_every=5",
+    "train.valid_every=10",
+    "train.precision=fp32",
+    "train.device=cpu",
+    "decode.beam=1",
+    "decode.max_len_a=0",  # untrained models run to the length limit: keep it short
+    "decode.max_len_b=5",
+]
+
+
+def smoke_data(data: Path, workdir: Path, languages: list[str]) -> Path:
+    """The first lines of each split (SMOKE_LINES) of every language, for --smoke."""
+    out = workdir / "smoke-data"
+    out.mkdir(parents=True, exist_ok=True)
+    for prefix, n in SMOKE_LINES.items():
+        for lang in languages:
+            lines = list(read_lines(data / f"{prefix}.{lang}.gz"))[:n]
+            (out / f"{prefix}.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
+
+
+def run_config(path: Path, run_dir: Path, data: Path, extra: list[str]) -> Config:
+    """The config at `path` on the Multi30k files in `data`, training into `run_dir`."""
+    files = [f"data.{key}={data / prefix}" for key, prefix in SPLITS.items()]
+    return load_config(path, [f"run_dir={run_dir}", *files, "train.report=false", *extra])
+
+
+def train_run(config: Config) -> dict[str, Any]:
+    """Train (or resume) a run; its directory, steps, wall time and median target tokens/s."""
+    from mt.train import train
+
+    log(f"training {config.run_dir}")
+    start = time.perf_counter()
+    train(config)
+    records = read_metrics(Path(config.run_dir), "train")
+    return {
+        "run": Path(config.run_dir),
+        "steps": records[-1]["step"] if records else 0,
+        "minutes": (time.perf_counter() - start) / 60,
+        "tok_s": statistics.median(r["tgt_tok_s"] for r in records) if records else 0.0,
+    }
+
+
+def zero_shot(multi: Config) -> list[tuple[str, str]]:
+    """(source, target) pairs the multilingual model can be asked for but never trained on."""
+    trained = {(c.src_lang, c.tgt_lang) for c in multi.data.directions()}
+    sources = dict.fromkeys(c.src_lang for c in multi.data.directions())
+    targets = multi.data.target_languages()
+    return [(s, t) for s in sources for t in targets if s != t and (s, t) not in trained]
+
+
+@functools.cache
+def language_identifier(languages: tuple[str, ...]) -> Any:
+    """langid's identifier, choosing among `languages` only (its model takes seconds to load)."""
+    import langid
+
+    identifier = langid.langid.LanguageIdentifier.from_modelstring(langid.langid.model)
+    identifier.set_languages(list(languages))
+    return identifier
+
+
+def off_target(hyps: list[str], wanted: str, languages: list[str]) -> float:
+    """Percentage of non-empty outputs that langid finds in another of `languages`."""
+    identifier = language_identifier(tuple(languages))
+    found = [identifier.classify(h)[0] for h in hyps if h.strip()]
+    return 100 * sum(lang != wanted for lang in found) / max(len(found), 1)
+
+
+def score_zero_shot(run: Path, multi: Config, data: Path) -> dict[str, dict[str, Any]]:
+    """BLEU and off-target rate of each zero-shot direction on the test set."""
+    languages = sorted({lang for c in multi.data.directions() for lang in (c.src_lang, c.tgt_lang)})
+    out = {}
+    for src, tgt in zero_shot(multi):
+        pairs = list(open_corpus(str(data / TEST_PREFIX), src, tgt, split="test").pairs())
+        sources, refs = [s for s, _ in pairs], [t for _, t in pairs]
+        hyps, _ = model_translations(run, sources, "auto", "auto", tgt_lang=tgt)
+        bleu = score(hyps, refs)["bleu"]
+        out[f"{src}-{tgt}"] = {"bleu": bleu, "off_target": off_target(hyps, tgt, languages)}
+    return out
+
+
+def bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Train every model, score every direction; the numbers of the report."""
+    workdir, data, extra = Path(args.workdir), Path(args.data), args.overrides
+    multi_config = run_config(MULTI_CONFIG, workdir / "multi", data, extra)
+    multi = train_run(multi_config)
+    bilingual: dict[str, dict[str, Any]] = {}
+    for c in multi_config.data.directions():
+        langs = [f"data.src_lang={c.src_lang}", f"data.tgt_lang={c.tgt_lang}"]
+        config = run_config(BILINGUAL_CONFIG, workdir / c.direction, data, [*langs, *extra])
+        bilingual[c.direction] = train_run(config)
+    log("scoring the test sets")
+    multi["bleu"] = {d: s["bleu"] for d, s in evaluate_run(multi["run"]).items()}
+    for direction, run in bilingual.items():
+        run["bleu"] = evaluate_run(run["run"])[direction]["bleu"]
+    zero = score_zero_shot(multi["run"], multi_config, data)
+    return {"multi": multi, "bilingual": bilingual, "zero_shot": zero}
+
+
+def bleu_rows(res: dict[str, Any]) -> list[str]:
+    """The table of test BLEU per direction, bilingual against multilingual."""
+    rows = [
+        "| direction | bilingual BLEU | multilingual BLEU | difference |",
+        "|---|---:|---:|---:|",
+    ]
+    for direction, run in res["bilingual"].items():
+        ours, theirs = res["multi"]["bleu"][direction].score, run["bleu"].score
+        rows.append(f"| {direction} | {theirs:.2f} | {ours:.2f} | {ours - theirs:+.2f} |")
+    return rows
+
+
+def speed_rows(res: dict[str, Any]) -> list[str]:
+    """The table of training runs: steps, minutes and median target tokens/s."""
+    rows = ["| model | steps | minutes | target tokens/s |", "|---|---:|---:|---:|"]
+    named = [("multilingual", res["multi"])]
+    named += [(f"bilingual {d}", run) for d, run in res["bilingual"].items()]
+    for name, run in named:
+        rows.append(f"| {name} | {run['steps']:,} | {run['minutes']:.1f} | {run['tok_s']:,.0f} |")
+    return rows
+
+
+def report(args: argparse.Namespace, res: dict[str, Any]) -> str:
+    """The Markdown section: machine, BLEU per direction, zero-shot, training speed."""
+    machine = platform.processor() or platform.machine()
+    signature: MetricScore = next(iter(res["multi"]["bleu"].values()))
+    bilingual_speed = statistics.mean(run["tok_s"] for run in res["bilingual"].values())
+    speed = res["multi"]["tok_s"] / bilingual_speed if bilingual_speed else float("nan")
+    lines = [
+        SECTION,
+        "",
+        f"`scripts/bench_multilingual.py{' --smoke' if args.smoke else ''}` on {machine}, "
+        f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}"
+        + (" (smoke run: the numbers mean nothing)." if args.smoke else ".")
+        + f" Test set {TEST_PREFIX}; BLEU signature `{signature.signature}`.",
+        "",
+        *bleu_rows(res),
+        "",
+        "Zero-shot directions (never trained): BLEU, and the share of outputs langid finds in "
+        "another of the run's languages than the one asked for.",
+        "",
+        "| direction | BLEU | off-target |",
+        "|---|---:|---:|",
+        *(
+            f"| {d} | {z['bleu'].score:.2f} | {z['off_target']:.1f}% |"
+            for d, z in res["zero_shot"].items()
+        ),
+        "",
+        *speed_rows(res),
+        "",
+        f"Multilingual training throughput is {speed:.2f} x the bilingual runs' mean.",
+    ]
+    return "\n".join(wrap(line) for line in lines) + "\n"
+
+
+def main() -> None:
+    """Parse arguments, train and score every model, print (and maybe write) the section."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", help="Multi30k directory with de, en and fr files (default "
+                        "data/multi30k or ../shared/data/multi30k)")  # fmt: skip
+    parser.add_argument("--workdir", help="runs (default runs/bench-multilingual[-smoke])")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's)")
+    parser.add_argument("--smoke", action="store_true", help="tiny models, a slice of the data")
+    parser.add_argument("--write", help="Markdown file whose section to replace")
+    args = parser.parse_args()
+    suffix = "-smoke" if args.smoke else ""
+    args.workdir = args.workdir or f"runs/bench-multilingual{suffix}"
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = find_data(args.data)
+    languages = load_config(MULTI_CONFIG).data.target_languages()
+    args.data = smoke_data(data, Path(args.workdir), languages) if args.smoke else data
+    args.overrides = SMOKE_OVERRIDES if args.smoke else []
+    section = report(args, bench(args))
+    print(section, end="")
+    if args.write:
+        write_section(Path(args.write), section, heading=SECTION)
+        log(f"wrote {args.write}")
+
+
+if __name__ == "__main__":
+    main()
