@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import importlib.util
 import itertools
@@ -187,6 +188,14 @@ def test_ema_compare_scores_the_ema_and_the_trained_weights(tmp_path: Path) -> N
     ema = load_file(tmp_path / "run-ema0.9" / "checkpoints" / "step-00000008.safetensors")
     assert trained.keys() == ema.keys()
     assert not all(torch.equal(trained[k], ema[k]) for k in ema)
+    # --existing scores the same run's checkpoints again, without training: the same table.
+    again = [sys.executable, str(ROOT / "scripts" / "ema_compare.py"), "--existing",
+             str(tmp_path / "run-ema0.9"), "--steps", "4,8", "--device", "cpu",
+             "--precision", "fp32"]  # fmt: skip
+    out2 = subprocess.run(again, capture_output=True, text=True, check=True, cwd=ROOT, env=env)
+    assert [line for line in out2.stdout.splitlines() if line.startswith("| ")] == [
+        line for line in out.stdout.splitlines() if line.startswith("| ")
+    ]
 
 
 def load_script(name: str) -> ModuleType:
@@ -259,3 +268,56 @@ def test_bench_multilingual_smoke_prints_and_writes_its_tables(
     ratio = re.search(r"throughput is ([\d.]+) x the bilingual", out.replace("\n", " "))
     assert ratio is not None
     assert float(ratio.group(1)) == pytest.approx(speeds[0] / (sum(speeds[1:]) / 4), abs=0.011)
+
+
+@pytest.mark.slow
+def test_bench_ensemble_scores_each_member_and_the_ensemble(trained_run: Path) -> None:
+    bench = load_script("bench_ensemble")
+    step = trained_run / "checkpoints" / "step-00000200.safetensors"
+    args = argparse.Namespace(
+        model=[step, step], weights=None, src=TINY / "valid.de", ref=TINY / "valid.en",
+        beam=2, repeats=1, threads=1,
+    )  # fmt: skip
+    lines = bench.bench(args)
+    rows = [line.split("|")[1:-1] for line in lines if line.startswith("| ")][1:]
+    assert [row[0].strip() for row in rows] == [str(step), str(step), "ensemble of 2"]
+    bleus = [float(row[1]) for row in rows]
+    assert bleus[0] == bleus[1] > 50  # the tiny run has learnt its toy language
+    # A model in an ensemble with itself scores as itself (up to the rounding of a log_softmax).
+    assert abs(bleus[2] - bleus[0]) < 0.5
+    assert rows[2][4].strip() == f"{bleus[2] - bleus[0]:+.2f}"
+
+
+@pytest.mark.slow
+def test_bench_demo_trains_both_configs_and_tables_their_scores(tmp_path: Path) -> None:
+    data = tmp_path / "multi30k"  # the tiny corpus under Multi30k's file names
+    data.mkdir()
+    tiny = ROOT / "tests/data/tiny"
+    for split, name in [("train", "train"), ("valid", "val"), ("valid", "test_2016_flickr")]:
+        for lang in ("de", "en"):
+            text = (tiny / f"{split}.{lang}").read_bytes()
+            (data / f"{name}.{lang}.gz").write_bytes(gzip.compress(text))
+    tiny_model = ["tokenizer.vocab_size=100", "tokenizer.byte_fallback=false", "model.dim=32",
+                  "model.enc_layers=1", "model.dec_layers=1", "model.heads=2", "model.ffn_dim=64",
+                  "train.max_steps=6", "train.valid_every=3", "train.max_tokens=256",
+                  "train.precision=fp32", "train.device=cpu", "train.report=false",
+                  "decode.beam=1"]  # fmt: skip
+    out_md = tmp_path / "benchmarks.md"
+    command = [sys.executable, str(ROOT / "scripts/bench_demo.py"), "--data", str(data),
+               "--minutes", "0", "--out", str(tmp_path / "runs"), "--write", str(out_md),
+               "--set", *tiny_model]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("## make demo: what a newcomer gets in minutes\n")
+    assert out_md.read_text() == f"# Benchmarks\n\n{proc.stdout}"
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| c")]
+    assert [row[0].strip() for row in rows][1:] == [
+        "configs/demo.yaml", "configs/multi30k.yaml, warm-up 200, lr 2e-3 (the demo before)"
+    ]  # fmt: skip
+    for (_, updates, speed, dev, test), index in zip(rows[1:], (0, 1), strict=True):
+        run = tmp_path / "runs" / f"run{index}"
+        assert int(updates) == 6 == read_metrics(run, "end")[-1]["step"]
+        assert float(speed.replace(",", "")) > 0
+        assert float(dev) == round(read_metrics(run, "valid")[-1]["bleu"], 2)
+        assert 0 <= float(test) <= 100
