@@ -52,10 +52,13 @@ from mt.files import atomic_directory  # noqa: E402
 from mt.model import Transformer  # noqa: E402
 from mt.rundir import load_trained  # noqa: E402
 from mt.tokenizer import Tokenizer  # noqa: E402
-from mt.translate import decode_settings, translate_lines  # noqa: E402
+from mt.translate import decode_settings, encode_sources, translate_lines  # noqa: E402
 
 SECTION = "## Speed: mt vs CTranslate2"
 CT2_TYPES = {"CT2 float32": "float32", "CT2 int8": "int8"}  # system name -> weight type
+# CTranslate2 as a new user calls it: its own length penalty and limits, the whole file in one
+# call, in one batch (its default) or in batches of 4,096 tokens: {system name: max_batch_size}.
+CT2_OWN = {"CT2 float32, its defaults": 0, "CT2 float32, its defaults, 4,096-token batches": 4096}
 TINY_DATA = ROOT / "tests" / "data" / "tiny"
 Decoder = Callable[[list[str]], list[list[int]]]
 
@@ -102,6 +105,30 @@ def ct2_decoder(
     return lambda lines: translate_ct2(translator, tokenizer, lines, decode, limit)
 
 
+def ct2_own_decoder(
+    directory: Path, threads: int, tokenizer: Tokenizer, batch: int, limit: int
+) -> Callable[[list[str], int], list[list[int]]]:
+    """CTranslate2 float32 with its own search settings, given only the beam size and batching.
+
+    Sources are cut to `limit - 1` pieces, as mt cuts them.
+    """
+    ctranslate2 = import_ctranslate2()
+    translator = ctranslate2.Translator(
+        str(directory), device="cpu", compute_type="float32", inter_threads=1,
+        intra_threads=threads,
+    )  # fmt: skip
+
+    def run(lines: list[str], beam: int) -> list[list[int]]:
+        ids = encode_sources(lines, tokenizer, limit - 1)
+        sources = [[tokenizer.src.id_to_piece(t) for t in seq] for seq in ids]
+        results = translator.translate_batch(
+            sources, beam_size=beam, max_batch_size=batch, batch_type="tokens"
+        )
+        return [[tokenizer.tgt.piece_to_id(p) for p in r.hypotheses[0]] for r in results]
+
+    return run
+
+
 def export_all(model: Transformer, tokenizer: Tokenizer, workdir: Path) -> dict[str, Path]:
     """The model exported once per CTranslate2 weight type: {system name: directory}."""
     dirs = {}
@@ -135,9 +162,13 @@ def bench(
     decode = decode_settings(config, beam=args.beam, nbest=1)
     limit = model.max_positions
     decoders = {"mt": mt_decoder(model, tokenizer, decode)}
-    for name, directory in export_all(model, tokenizer, Path(args.workdir)).items():
+    dirs = export_all(model, tokenizer, Path(args.workdir))
+    for name, directory in dirs.items():
         weights = CT2_TYPES[name]
         decoders[name] = ct2_decoder(directory, weights, args.threads, tokenizer, decode, limit)
+    for name, batch in CT2_OWN.items():
+        own = ct2_own_decoder(dirs["CT2 float32"], args.threads, tokenizer, batch, limit)
+        decoders[name] = lambda lines, own=own: own(lines, decode.beam)
     results = {}
     for name, decoder in decoders.items():
         log(f"{name}: {len(sources):,} sentences x {args.repeats}")
@@ -174,7 +205,9 @@ def report(args: argparse.Namespace, weights: Path, res: dict[str, Any]) -> str:
         "weights (int8: `--quantization int8`), decoded by "
         "`mt.export.ct2_search.translate_ct2`: one batch per source length, so each sentence "
         "gets mt's length limit, and a length penalty fitted to mt's (see "
-        "mt/export/ct2_search.py).",
+        'mt/export/ct2_search.py). "Its defaults": `translate_batch(sources, beam_size=5)` '
+        "as a new user calls it (length penalty 1, up to 256 pieces), in one batch or with "
+        '`max_batch_size=4096, batch_type="tokens"`; sources encoded as mt encodes them.',
         "",
         "| system | seconds | sentences/s | vs mt | BLEU | outputs identical to mt |",
         "|---|---:|---:|---:|---:|---:|",

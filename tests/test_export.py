@@ -445,7 +445,10 @@ def test_bench_ct2_smoke_prints_and_writes_its_table(
     assert out.startswith("## Speed: mt vs CTranslate2\n")
     assert out_md.read_text() == f"# Benchmarks\n\n{out}"
     rows = [line.split("|") for line in out.splitlines() if line.startswith(("| mt ", "| CT2"))]
-    assert [row[1].strip() for row in rows] == ["mt", "CT2 float32", "CT2 int8"]
+    assert [row[1].strip() for row in rows] == [
+        "mt", "CT2 float32", "CT2 int8", "CT2 float32, its defaults",
+        "CT2 float32, its defaults, 4,096-token batches",
+    ]  # fmt: skip
     assert all(float(row[3]) > 0 for row in rows)  # sentences/s
     assert all(row[6].strip().endswith("of 8") for row in rows)  # outputs identical to mt's
     assert rows[0][6].strip() == "8 of 8"
