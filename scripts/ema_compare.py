@@ -11,6 +11,10 @@ never feeds back into training, so they are also what a run without EMA would ha
 Markdown table of cased BLEU (beam and length penalty from the config) and each run's median
 training throughput. Running it again resumes or reuses what is done. Arguments after `--` go
 to `mt train` (e.g. data.src_lang=en data.tgt_lang=de for the other direction).
+
+    .venv/bin/python scripts/ema_compare.py --existing runs/multi30k-de-en --steps 600,1200
+
+scores the checkpoints of a run already trained with train.ema_decay (kept, not pruned) instead.
 """
 
 from __future__ import annotations
@@ -73,9 +77,10 @@ def bleu(weights: Path, run: Path, split: str, args: argparse.Namespace) -> floa
 def main() -> None:
     """Train, translate, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--config", type=Path, help="the runs' config (to train)")
     parser.add_argument("--data", type=Path, help="a directory of Multi30k-named files")
-    parser.add_argument("--run", type=Path, required=True, help="prefix of the run directories")
+    parser.add_argument("--run", type=Path, help="prefix of the run directories")
+    parser.add_argument("--existing", type=Path, help="a trained run to score instead")
     parser.add_argument("--steps", default="1200,2000", help="updates at which to compare")
     parser.add_argument("--decays", default="0.999", help="comma-separated train.ema_decay")
     parser.add_argument("--device", default="auto")
@@ -83,9 +88,14 @@ def main() -> None:
     args, extra = parser.parse_known_args()
     extra = [item for item in extra if item != "--"]
     args.steps = sorted(int(s) for s in args.steps.split(","))
-    runs = {decay: Path(f"{args.run}-ema{decay}") for decay in args.decays.split(",")}
-    for decay, run in runs.items():
-        train(args, decay, run, extra)
+    if args.existing:
+        runs = {str(load_run_config(args.existing).train.ema_decay): args.existing}
+    elif args.run and args.config:
+        runs = {decay: Path(f"{args.run}-ema{decay}") for decay in args.decays.split(",")}
+        for decay, run in runs.items():
+            train(args, decay, run, extra)
+    else:
+        parser.error("give --config and --run to train, or --existing RUN")
     first = next(iter(runs.values()))
     rows = ["| updates | weights | dev BLEU | test BLEU |", "|---:|---|---:|---:|"]
     for step in args.steps:
