@@ -402,6 +402,34 @@ def test_a_full_queue_answers_503_with_retry_after(make_served: Callable[..., Se
     asyncio.run(scenario())
 
 
+def test_the_worker_stops_gathering_once_the_last_batchs_load_is_back(
+    make_served: Callable[..., Served],
+) -> None:
+    # Without a batch behind it the worker gathers for batch_wait_ms (here: until the first
+    # request's tokens fill a batch); after one, as soon as as many sentences wait as were in
+    # the server when it ended: closed-loop clients come back together and share one batch.
+    served = make_served(batch_wait_ms=600_000, max_tokens=20)
+    long = ["der Hund läuft durch das hohe Gras .", "das Kind spielt mit dem Ball ."]
+    short = {"text": ["Hund", "Kind"]}  # 2 sentences, the last batch's load
+    tokens = [
+        sum(len(s) + 1 for s in served.tokenizer.encode_src(x)) for x in (long, short["text"])
+    ]
+    assert tokens[0] >= 20 > tokens[1]
+
+    async def scenario() -> None:
+        transport = httpx.ASGITransport(app=create_app(served))
+        async with httpx.AsyncClient(transport=transport, base_url="http://mt") as client:
+            served.batcher.start()
+            first = await asyncio.wait_for(
+                client.post("/v1/translate", json={"text": long}), TIMEOUT_S
+            )
+            assert first.status_code == 200 and served.batcher.stats.rounds == 1
+            second = await asyncio.wait_for(client.post("/v1/translate", json=short), TIMEOUT_S)
+            assert second.status_code == 200 and served.batcher.stats.rounds == 2
+
+    asyncio.run(scenario())
+
+
 def test_a_request_whose_client_left_is_dropped_from_the_queue(
     make_served: Callable[..., Served],
 ) -> None:

@@ -1,17 +1,21 @@
 """The thread that owns the model: queued requests gathered into token-budget batches.
 
-Requests wait in one queue. The worker takes the first, gathers more for up to `batch_wait_ms`
-(or until a batch's worth of source tokens is waiting), groups them by decoding settings and
-decodes each group with `mt translate`'s own batched search (translate_lines), so a sentence
-gets the translation `mt translate` gives it, whatever else shares its batch. Answers go back
-to each request's event loop through loop.call_soon_threadsafe: the HTTP side never waits on
-the model, and the model never waits on HTTP.
+Requests wait in one queue. Once free, the worker takes the first and gathers more for up to
+`batch_wait_ms` (or until a batch's worth of source tokens is waiting, or as many sentences as
+were in the server, answered or waiting, at the end of a recent batch: clients just answered
+tend to come straight back, and without this the wait splits them into batches decoded in
+turn), groups them by decoding settings and decodes each group with `mt translate`'s own batched
+search (translate_lines), so a sentence gets the translation `mt translate` gives it, whatever
+else shares its batch. Answers go back to each request's event loop through
+loop.call_soon_threadsafe: the HTTP side never waits on the model, and the model never waits on
+HTTP.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -29,6 +33,7 @@ from mt.tokenizer import Tokenizer
 from mt.translate import Translation, translate_lines
 
 log = logging.getLogger("mt")
+RECENT_BATCHES = 4  # the loads (see Batcher._recent) the worker gathers towards
 
 
 class Unavailable(Exception):
@@ -96,6 +101,10 @@ class Batcher:
         # Reentrant: drain() may run in a signal handler that interrupted a holder of the lock.
         self._cond = threading.Condition(threading.RLock())
         self._draining = False
+        # Sentences in the server at the end of each recent batch (answered + waiting): about the
+        # number of clients, whose requests the next batch gathers towards.
+        self._recent: deque[int] = deque(maxlen=RECENT_BATCHES)
+        self._free_since = 0.0  # time.monotonic() at the end of the last batch
         self._thread = threading.Thread(target=self._run, name="mt-serve-worker", daemon=True)
 
     # --- the HTTP side (called on the event loop) --------------------------------------------
@@ -179,7 +188,10 @@ class Batcher:
                 self.stats.rounds += 1
                 self.stats.most_requests = max(self.stats.most_requests, len(jobs))
                 self.stats.requests += len(jobs)
-                self.stats.sentences += sum(len(job.lines) for job in jobs)
+                answered = sum(len(job.lines) for job in jobs)
+                self.stats.sentences += answered
+                self._recent.append(answered + self.stats.queued)
+                self._free_since = time.monotonic()
                 self._cond.notify_all()
 
     def _gather(self) -> list[Job]:
@@ -189,11 +201,10 @@ class Batcher:
                 self._cond.wait_for(lambda: self._queue or self._draining)
                 if not self._queue:
                     return []  # draining, and everything has been answered
-                deadline = self._queue[0].arrived + self.limits.batch_wait_ms / 1000
-                self._cond.wait_for(
-                    lambda: self._draining or self._waiting_tokens() >= self.max_tokens,
-                    timeout=max(0.0, deadline - time.monotonic()),
-                )
+                # Up to batch_wait_ms from when a request came or the worker became free.
+                start = max(self._queue[0].arrived, self._free_since)
+                deadline = start + self.limits.batch_wait_ms / 1000
+                self._cond.wait_for(self._gathered, timeout=max(0.0, deadline - time.monotonic()))
                 if self._queue:
                     break
             jobs, tokens = [], 0
@@ -202,6 +213,14 @@ class Batcher:
                 tokens += jobs[-1].tokens
             self.stats.queued -= sum(len(job.lines) for job in jobs)
             return jobs
+
+    def _gathered(self) -> bool:
+        """Whether to stop waiting: draining, a batch's worth of tokens, or the recent load."""
+        return (
+            self._draining
+            or self.stats.queued >= max(self._recent, default=math.inf)
+            or self._waiting_tokens() >= self.max_tokens
+        )
 
     def _waiting_tokens(self) -> int:
         return sum(job.tokens for job in self._queue)
