@@ -8,7 +8,9 @@ Starts its own `mt serve RUN --port 0` (loopback, a free port), then for each cl
 (or --src) one after another, until --requests are answered or --seconds pass. Prints a Markdown
 table for docs/benchmarks.md: sentences/s, latency percentiles, and throughput against one
 client and against `mt translate`'s offline sentences/s on the same sentences (measured here
-first, in this process, with the server's device, precision and threads). Then --memory-requests
+first, in this process, with the server's device, precision and threads), both in its own
+batches and in batches of as many sentences as there are clients, the most a server with that
+many clients can gather. Then --memory-requests
 more requests at 32 clients, with the server's RSS before and after. Bounded in requests and
 time; needs the serve extra and aiohttp (make install). The clients are aiohttp's: they cost a
 fraction of the CPU httpx's do, and the CPU they take is CPU the server does not get.
@@ -51,13 +53,23 @@ def sentences(run: Path, src: Path | None) -> list[str]:
     return [line for line in lines if line.strip()]
 
 
-def offline_rate(run: Path, lines: list[str], device: str, precision: str) -> float:
-    """`mt translate`'s sentences/s on these lines (the run's decoding settings)."""
+def offline_rates(
+    run: Path, lines: list[str], device: str, precision: str, clients: list[int]
+) -> dict[int, float]:
+    """`mt translate`'s sentences/s on these lines (the run's decoding settings): under key 0 in
+    its own batches, under each client count c in batches of c lines (the most a server with c
+    clients can gather; on about 40 c lines spread evenly over all, to bound the time)."""
     dev, prec = resolve_runtime(device, precision)
     config, tokenizer, model, _ = load_trained(run, dev)
-    start = time.perf_counter()
-    translate_lines(lines, tokenizer, model, config.decode, dev, prec)
-    return len(lines) / (time.perf_counter() - start)
+    rates = {}
+    for size in [0, *clients]:
+        chunk = lines[:: max(1, len(lines) // (40 * size))] if size else lines
+        start = time.perf_counter()
+        for first in range(0, len(chunk), size or len(chunk)):
+            batch = chunk[first : first + size] if size else chunk
+            translate_lines(batch, tokenizer, model, config.decode, dev, prec)
+        rates[size] = len(chunk) / (time.perf_counter() - start)
+    return rates
 
 
 def start_server(run: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
@@ -152,7 +164,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     lines = sentences(args.run, args.src)[: 40 if args.smoke else None]
-    offline = offline_rate(args.run, lines, args.device, args.precision)
+    offline = offline_rates(args.run, lines, args.device, args.precision, args.clients)
     server, url = start_server(args.run, args)
     try:
         report(url, server.pid, lines, offline, args)
@@ -161,14 +173,17 @@ def main() -> None:
         server.wait()
 
 
-def report(url: str, pid: int, lines: list[str], offline: float, args: argparse.Namespace) -> None:
+def report(
+    url: str, pid: int, lines: list[str], offline: dict[int, float], args: argparse.Namespace
+) -> None:
     """Run every client count and the memory run; print the table."""
-    print(f"{args.run} | {len(lines)} sentences | {platform.processor() or platform.machine()} | "
-          f"{os.cpu_count()} CPUs | offline (mt translate) {offline:.1f} sentences/s")  # fmt: skip
+    machine = platform.processor() or platform.machine()
+    print(f"{args.run} | {len(lines)} sentences | {machine} | {os.cpu_count()} CPUs | "
+          f"offline (mt translate) {offline[0]:.1f} sentences/s")  # fmt: skip
     print()
     print("| clients | requests | errors | sentences/s | p50 ms | p95 ms | p99 ms | "
-          "vs 1 client | vs offline |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "vs 1 client | vs offline | offline, batches of `clients` | vs that |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     single = None
     for clients in args.clients:
         result = asyncio.run(run_clients(url, lines, clients, args.requests, args.seconds))
@@ -176,7 +191,8 @@ def report(url: str, pid: int, lines: list[str], offline: float, args: argparse.
         p50, p95, p99 = percentiles(result["latencies"])
         print(f"| {clients} | {result['answered']} | {result['errors']} | {result['rate']:.1f} | "
               f"{p50:.1f} | {p95:.1f} | {p99:.1f} | {result['rate'] / single:.2f}x | "
-              f"{result['rate'] / offline:.0%} |", flush=True)  # fmt: skip
+              f"{result['rate'] / offline[0]:.0%} | {offline[clients]:.1f} | "
+              f"{result['rate'] / offline[clients]:.0%} |", flush=True)  # fmt: skip
     before = rss_mib(pid)
     result = asyncio.run(run_clients(url, lines, 32, args.memory_requests, 10 * args.seconds))
     print()

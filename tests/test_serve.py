@@ -543,6 +543,8 @@ def test_load_generator_smoke_run(trained_run: Path) -> None:
         assert requests > 0 and errors == 0
         p50, p95, p99 = (float(row[i]) for i in (5, 6, 7))
         assert 0 < p50 <= p95 <= p99
+        rate, offline_batches, share = float(row[4]), float(row[10]), row[11].strip()
+        assert offline_batches > 0 and share == f"{rate / offline_batches:.0%}"
     assert re.search(r"server RSS: \d+ MiB before, \d+ MiB after \d+ requests", out.stdout)
 
 
