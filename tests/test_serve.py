@@ -423,9 +423,16 @@ def test_the_worker_stops_gathering_once_the_last_batchs_load_is_back(
             first = await asyncio.wait_for(
                 client.post("/v1/translate", json={"text": long}), TIMEOUT_S
             )
-            assert first.status_code == 200 and served.batcher.stats.rounds == 1
+            assert first.status_code == 200
+            # Answers go out before the worker counts the round: wait for the count.
+            assert await asyncio.to_thread(
+                served.batcher.wait_until, lambda s: s.rounds == 1, TIMEOUT_S
+            )
             second = await asyncio.wait_for(client.post("/v1/translate", json=short), TIMEOUT_S)
-            assert second.status_code == 200 and served.batcher.stats.rounds == 2
+            assert second.status_code == 200
+            assert await asyncio.to_thread(
+                served.batcher.wait_until, lambda s: s.rounds == 2, TIMEOUT_S
+            )
 
     asyncio.run(scenario())
 
