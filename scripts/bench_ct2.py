@@ -106,8 +106,8 @@ def ct2_decoder(
 
 
 def ct2_own_decoder(
-    directory: Path, threads: int, tokenizer: Tokenizer, batch: int, limit: int
-) -> Callable[[list[str], int], list[list[int]]]:
+    directory: Path, threads: int, tokenizer: Tokenizer, beam: int, batch: int, limit: int
+) -> Decoder:
     """CTranslate2 float32 with its own search settings, given only the beam size and batching.
 
     Sources are cut to `limit - 1` pieces, as mt cuts them.
@@ -118,7 +118,7 @@ def ct2_own_decoder(
         intra_threads=threads,
     )  # fmt: skip
 
-    def run(lines: list[str], beam: int) -> list[list[int]]:
+    def run(lines: list[str]) -> list[list[int]]:
         ids = encode_sources(lines, tokenizer, limit - 1)
         sources = [[tokenizer.src.id_to_piece(t) for t in seq] for seq in ids]
         results = translator.translate_batch(
@@ -167,8 +167,9 @@ def bench(
         weights = CT2_TYPES[name]
         decoders[name] = ct2_decoder(directory, weights, args.threads, tokenizer, decode, limit)
     for name, batch in CT2_OWN.items():
-        own = ct2_own_decoder(dirs["CT2 float32"], args.threads, tokenizer, batch, limit)
-        decoders[name] = lambda lines, own=own: own(lines, decode.beam)
+        decoders[name] = ct2_own_decoder(
+            dirs["CT2 float32"], args.threads, tokenizer, decode.beam, batch, limit
+        )
     results = {}
     for name, decoder in decoders.items():
         log(f"{name}: {len(sources):,} sentences x {args.repeats}")

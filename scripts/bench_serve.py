@@ -10,10 +10,10 @@ table for docs/benchmarks.md: sentences/s, latency percentiles, and throughput a
 client and against `mt translate`'s offline sentences/s on the same sentences (measured here
 first, in this process, with the server's device, precision and threads), both in its own
 batches and in batches of as many sentences as there are clients, the most a server with that
-many clients can gather. Then --memory-requests
-more requests at 32 clients, with the server's RSS before and after. Bounded in requests and
-time; needs the serve extra and aiohttp (make install). The clients are aiohttp's: they cost a
-fraction of the CPU httpx's do, and the CPU they take is CPU the server does not get.
+many clients can gather. Then --memory-requests more requests at 32 clients, with the server's
+RSS before and after. Bounded in requests and time; needs the serve extra and aiohttp (make
+install). The clients are aiohttp's: they cost a fraction of the CPU httpx's do, and the CPU
+they take is CPU the server does not get.
 """
 
 from __future__ import annotations
@@ -61,14 +61,17 @@ def offline_rates(
     clients can gather; on about 40 c lines spread evenly over all, to bound the time)."""
     dev, prec = resolve_runtime(device, precision)
     config, tokenizer, model, _ = load_trained(run, dev)
-    rates = {}
-    for size in [0, *clients]:
-        chunk = lines[:: max(1, len(lines) // (40 * size))] if size else lines
+
+    def rate(batches: list[list[str]]) -> float:
         start = time.perf_counter()
-        for first in range(0, len(chunk), size or len(chunk)):
-            batch = chunk[first : first + size] if size else chunk
+        for batch in batches:
             translate_lines(batch, tokenizer, model, config.decode, dev, prec)
-        rates[size] = len(chunk) / (time.perf_counter() - start)
+        return sum(map(len, batches)) / (time.perf_counter() - start)
+
+    rates = {0: rate([lines])}
+    for size in clients:
+        sample = lines[:: max(1, len(lines) // (40 * size))]
+        rates[size] = rate([sample[i : i + size] for i in range(0, len(sample), size)])
     return rates
 
 
