@@ -106,12 +106,20 @@ def ct2_decoder(
 
 
 def ct2_own_decoder(
-    directory: Path, threads: int, tokenizer: Tokenizer, beam: int, batch: int, limit: int
+    directory: Path,
+    threads: int,
+    tokenizer: Tokenizer,
+    beam: int,
+    batch: int,
+    limit: int,
+    length: int = 0,
 ) -> Decoder:
     """CTranslate2 float32 with its own search settings, given only the beam size and batching.
 
-    Sources are cut to `limit - 1` pieces, as mt cuts them.
+    Sources are cut to `limit - 1` pieces, as mt cuts them. `length` > 0: every output holds
+    exactly that many pieces (its minimum and maximum decoding length).
     """
+    exact = {"min_decoding_length": length, "max_decoding_length": length} if length else {}
     ctranslate2 = import_ctranslate2()
     translator = ctranslate2.Translator(
         str(directory), device="cpu", compute_type="float32", inter_threads=1,
@@ -122,7 +130,7 @@ def ct2_own_decoder(
         ids = encode_sources(lines, tokenizer, limit - 1)
         sources = [[tokenizer.src.id_to_piece(t) for t in seq] for seq in ids]
         results = translator.translate_batch(
-            sources, beam_size=beam, max_batch_size=batch, batch_type="tokens"
+            sources, beam_size=beam, max_batch_size=batch, batch_type="tokens", **exact
         )
         return [[tokenizer.tgt.piece_to_id(p) for p in r.hypotheses[0]] for r in results]
 
@@ -152,9 +160,11 @@ def measure(decoder: Decoder, lines: list[str], repeats: int) -> tuple[float, li
 def bench(
     config: Config, tokenizer: Tokenizer, model: Transformer, args: argparse.Namespace
 ) -> dict[str, Any]:
-    """Decode the test set with every system; seconds, outputs and BLEU per system."""
-    import sacrebleu
+    """Decode the test set with every system; seconds, outputs and BLEU per system.
 
+    With --fixed-length L, the fixed-length protocol too: mt, CTranslate2 at mt's batching and
+    CTranslate2 at its best, each made to output exactly L pieces per sentence.
+    """
     data = find_data(args.data)
     n = args.sentences or None
     sources = list(read_lines(data / f"{TEST_PREFIX}.de.gz"))[:n]
@@ -170,16 +180,45 @@ def bench(
         decoders[name] = ct2_own_decoder(
             dirs["CT2 float32"], args.threads, tokenizer, decode.beam, batch, limit
         )
+    res = {"sentences": len(sources), "decode": decode}
+    res["systems"] = run_systems(decoders, sources, references, tokenizer, args.repeats)
+    if args.fixed_length:
+        L, float32 = args.fixed_length, dirs["CT2 float32"]
+        # EOS is banned before L pieces and forced after them: exactly L, in mt and in the
+        # CTranslate2 search that mirrors it.
+        exact = decode_settings(config, beam=args.beam, nbest=1, min_len=L, max_len_a=0,
+                                max_len_b=L + 1)  # fmt: skip
+        fixed = {
+            "mt": mt_decoder(model, tokenizer, exact),
+            "CT2 float32": ct2_decoder(float32, "float32", args.threads, tokenizer, exact, limit),
+            "CT2 float32, 4,096-token batches": ct2_own_decoder(
+                float32, args.threads, tokenizer, exact.beam, 4096, limit, length=L
+            ),
+        }
+        res["fixed"] = run_systems(fixed, sources, references, tokenizer, args.repeats)
+    return res
+
+
+def run_systems(
+    decoders: dict[str, Decoder],
+    sources: list[str],
+    references: list[str],
+    tokenizer: Tokenizer,
+    repeats: int,
+) -> dict[str, dict[str, Any]]:
+    """Each decoder's median seconds, outputs of its last pass and BLEU: {system: results}."""
+    import sacrebleu
+
     results = {}
     for name, decoder in decoders.items():
-        log(f"{name}: {len(sources):,} sentences x {args.repeats}")
+        log(f"{name}: {len(sources):,} sentences x {repeats}")
         decoder(sources[:8])  # warm-up: first-call allocations stay out of the timing
-        seconds, outputs = measure(decoder, sources, args.repeats)
+        seconds, outputs = measure(decoder, sources, repeats)
         texts = tokenizer.decode_tgt(outputs)
         bleu = sacrebleu.corpus_bleu(texts, [references]).score
         results[name] = {"seconds": seconds, "outputs": outputs, "bleu": bleu}
         log(f"  {seconds:.2f} s, BLEU {bleu:.2f}")
-    return {"sentences": len(sources), "decode": decode, "systems": results}
+    return results
 
 
 def report(args: argparse.Namespace, weights: Path, res: dict[str, Any]) -> str:
@@ -219,7 +258,32 @@ def report(args: argparse.Namespace, weights: Path, res: dict[str, Any]) -> str:
             f"| {name} | {r['seconds']:.2f} | {n / r['seconds']:.1f} | "
             f"{ratio(base['seconds'], r['seconds'])} | {r['bleu']:.2f} | {same:,} of {n:,} |"
         )
+    if "fixed" in res:
+        lines += ["", *fixed_rows(res["fixed"], args.fixed_length, n)]
     return "\n".join(wrap(line) for line in lines) + "\n"
+
+
+def fixed_rows(systems: dict[str, dict[str, Any]], length: int, n: int) -> list[str]:
+    """The fixed-length protocol's paragraph and table: the same work for every system."""
+    base = systems["mt"]
+    lines = [
+        f"Fixed-length protocol (`--fixed-length {length}`): the same sentences and beam, every "
+        f"system made to output exactly {length} pieces per sentence (mt: `min_len` {length} "
+        f"and a limit of {length} pieces before EOS; CTranslate2: min and max decoding length "
+        f"{length}), so no system gains by ending sentences early; BLEU means nothing here. "
+        "CTranslate2 at mt's batching (one batch per source length) and at its best "
+        "(4,096-token batches).",
+        "",
+        f"| system | seconds | sentences/s | vs mt | outputs of {length} pieces |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, r in systems.items():
+        exact = sum(len(out) == length for out in r["outputs"])
+        lines.append(
+            f"| {name} | {r['seconds']:.2f} | {n / r['seconds']:.1f} | "
+            f"{ratio(base['seconds'], r['seconds'])} | {exact:,} of {n:,} |"
+        )
+    return lines
 
 
 def main() -> None:
@@ -232,6 +296,8 @@ def main() -> None:
     parser.add_argument("--beam", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per system")
     parser.add_argument("--sentences", type=int, default=0, help="test sentences (0 = all)")
+    parser.add_argument("--fixed-length", type=int, default=0, metavar="L",
+                        help="also time each system making L pieces a sentence")  # fmt: skip
     parser.add_argument("--workdir", help="exports (default runs/bench-ct2[-smoke])")
     parser.add_argument("--smoke", action="store_true", help="seconds-long run for tests")
     parser.add_argument("--write", help="Markdown file whose section to replace")

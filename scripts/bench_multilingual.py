@@ -3,8 +3,11 @@
     .venv/bin/python scripts/bench_multilingual.py --write docs/benchmarks.md   # hours
     .venv/bin/python scripts/bench_multilingual.py --smoke                      # for tests
 
-Trains configs/multi30k-multi.yaml (one model for every direction it lists) and, on the same
-machine in the same invocation, the bilingual recipe configs/multi30k.yaml once per direction.
+Trains the bilingual recipe configs/multi30k.yaml once per direction that
+configs/multi30k-multi.yaml lists, then, on the same machine in the same invocation, the
+multilingual recipe (one model for every direction) for twice the bilingual runs' mean updates.
+--minutes sets the bilingual runs' time (default: the recipe's 58) and --set changes both recipes
+alike (e.g. to the smaller model of configs/demo.yaml, for a benchmark that fits in an hour).
 Scores each test direction with both (sacreBLEU, cased, with its signature); asks the
 multilingual model for the directions it never saw (zero-shot, e.g. de→fr), with their BLEU and
 the share of outputs that langid (its model ships inside the package; restricted to the run's
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import platform
+import shlex
 import statistics
 import sys
 import time
@@ -30,7 +33,7 @@ for path in (ROOT, ROOT / "scripts"):  # run as a script from anywhere; bench.py
         sys.path.insert(0, str(path))
 
 import torch  # noqa: E402
-from bench import TEST_PREFIX, find_data, log, wrap, write_section  # noqa: E402
+from bench import TEST_PREFIX, cpu_model, find_data, log, wrap, write_section  # noqa: E402
 
 from mt.config import Config, load_config  # noqa: E402
 from mt.corpora import open_corpus, read_lines  # noqa: E402
@@ -138,13 +141,19 @@ def score_zero_shot(run: Path, multi: Config, data: Path) -> dict[str, dict[str,
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     """Train every model, score every direction; the numbers of the report."""
     workdir, data, extra = Path(args.workdir), Path(args.data), args.overrides
-    multi_config = run_config(MULTI_CONFIG, workdir / "multi", data, extra)
-    multi = train_run(multi_config)
+    timed = [f"train.max_minutes={args.minutes}"] if args.minutes is not None else []
+    directions = load_config(MULTI_CONFIG).data.directions()
     bilingual: dict[str, dict[str, Any]] = {}
-    for c in multi_config.data.directions():
+    for c in directions:
         langs = [f"data.src_lang={c.src_lang}", f"data.tgt_lang={c.tgt_lang}"]
-        config = run_config(BILINGUAL_CONFIG, workdir / c.direction, data, [*langs, *extra])
+        config = run_config(BILINGUAL_CONFIG, workdir / c.direction, data, [*langs, *extra, *timed])
         bilingual[c.direction] = train_run(config)
+    steps = 2 * round(statistics.mean(run["steps"] for run in bilingual.values()))
+    counted = [f"train.max_steps={steps}", "train.max_minutes=0"]  # updates, not minutes
+    multi_config = run_config(
+        MULTI_CONFIG, workdir / "multi", data, [*extra, *args.multi_overrides, *counted]
+    )
+    multi = train_run(multi_config)
     log("scoring the test sets")
     multi["bleu"] = {d: s["bleu"] for d, s in evaluate_run(multi["run"]).items()}
     for direction, run in bilingual.items():
@@ -175,16 +184,25 @@ def speed_rows(res: dict[str, Any]) -> list[str]:
     return rows
 
 
+def command(args: argparse.Namespace) -> str:
+    """The options that shape the numbers, as they would be typed."""
+    words = ["scripts/bench_multilingual.py", *(["--smoke"] if args.smoke else [])]
+    words += ["--minutes", f"{args.minutes:g}"] if args.minutes is not None else []
+    words += ["--set", *args.set] if args.set else []
+    words += ["--multi-set", *args.multi_set] if args.multi_set else []
+    return shlex.join(words)
+
+
 def report(args: argparse.Namespace, res: dict[str, Any]) -> str:
     """The Markdown section: machine, BLEU per direction, zero-shot, training speed."""
-    machine = platform.processor() or platform.machine()
+    machine = f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()})"
     signature: MetricScore = next(iter(res["multi"]["bleu"].values()))
     bilingual_speed = statistics.mean(run["tok_s"] for run in res["bilingual"].values())
     speed = res["multi"]["tok_s"] / bilingual_speed if bilingual_speed else float("nan")
     lines = [
         SECTION,
         "",
-        f"`scripts/bench_multilingual.py{' --smoke' if args.smoke else ''}` on {machine}, "
+        f"`{command(args)}` on {machine}, "
         f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}"
         + (" (smoke run: the numbers mean nothing)." if args.smoke else ".")
         + f" Test set {TEST_PREFIX}; BLEU signature `{signature.signature}`.",
@@ -216,6 +234,12 @@ def main() -> None:
     parser.add_argument("--workdir", help="runs (default runs/bench-multilingual[-smoke])")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's)")
     parser.add_argument("--smoke", action="store_true", help="tiny models, a slice of the data")
+    parser.add_argument("--minutes", type=float, help="each bilingual run's train.max_minutes "
+                        "(default: the recipe's)")  # fmt: skip
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every run")  # fmt: skip
+    parser.add_argument("--multi-set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides for the multilingual run only, after --set")  # fmt: skip
     parser.add_argument("--write", help="Markdown file whose section to replace")
     args = parser.parse_args()
     suffix = "-smoke" if args.smoke else ""
@@ -226,7 +250,8 @@ def main() -> None:
     data = find_data(args.data)
     languages = load_config(MULTI_CONFIG).data.target_languages()
     args.data = smoke_data(data, Path(args.workdir), languages) if args.smoke else data
-    args.overrides = SMOKE_OVERRIDES if args.smoke else []
+    args.overrides = [*(SMOKE_OVERRIDES if args.smoke else []), *args.set]
+    args.multi_overrides = args.multi_set
     section = report(args, bench(args))
     print(section, end="")
     if args.write:

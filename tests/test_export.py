@@ -437,14 +437,16 @@ def test_bench_ct2_smoke_prints_and_writes_its_table(
     out_md = tmp_path / "benchmarks.md"
     args = [sys.executable, str(ROOT / "scripts" / "bench_ct2.py"), "--smoke", "--threads", "1",
             "--run", str(postnorm_run), "--data", str(multi30k),
-            "--workdir", str(tmp_path / "work"), "--write", str(out_md)]  # fmt: skip
+            "--workdir", str(tmp_path / "work"), "--fixed-length", "6",
+            "--write", str(out_md)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the CPU may be shared
     proc = subprocess.run(args, capture_output=True, text=True, timeout=SAFETY_NET_S, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert out.startswith("## Speed: mt vs CTranslate2\n")
     assert out_md.read_text() == f"# Benchmarks\n\n{out}"
-    rows = [line.split("|") for line in out.splitlines() if line.startswith(("| mt ", "| CT2"))]
+    real = out[: out.index("Fixed-length protocol")]
+    rows = [line.split("|") for line in real.splitlines() if line.startswith(("| mt ", "| CT2"))]
     assert [row[1].strip() for row in rows] == [
         "mt", "CT2 float32", "CT2 int8", "CT2 float32, its defaults",
         "CT2 float32, its defaults, 4,096-token batches",
@@ -452,3 +454,10 @@ def test_bench_ct2_smoke_prints_and_writes_its_table(
     assert all(float(row[3]) > 0 for row in rows)  # sentences/s
     assert all(row[6].strip().endswith("of 8") for row in rows)  # outputs identical to mt's
     assert rows[0][6].strip() == "8 of 8"
+    # The fixed-length protocol: every system made exactly 6 pieces for each of the 8 sentences.
+    table = out[out.index("| system | seconds | sentences/s | vs mt | outputs of 6 pieces |") :]
+    fixed = [line.split("|")[1:-1] for line in table.splitlines()[2:] if line.startswith("| ")]
+    assert [row[0].strip() for row in fixed] == [
+        "mt", "CT2 float32", "CT2 float32, 4,096-token batches"
+    ]  # fmt: skip
+    assert [row[4].strip() for row in fixed] == ["8 of 8"] * 3 and fixed[0][3].strip() == "1.00x"
