@@ -119,15 +119,18 @@ def translate_test_sets(
     device: str = "auto",
     precision: str = "auto",
     weights: Sequence[float] | None = None,
+    split: str = "test",
     **overrides: Any,
 ) -> dict[str, tuple[list[str], list[str]]]:
-    """Best translations and references of each direction's test set, by direction."""
+    """Best translations and references of each direction's `split` (test or valid) set."""
     paths = [models] if isinstance(models, Path) else list(models)
     dev, prec = resolve_runtime(device, precision, paths[0])
     config, tokenizer, model, checkpoints = load_models(paths, dev, weights)
-    tests = open_directions(config, "test")
+    tests = open_directions(config, split)
     if not tests:
-        raise MtError(f"{paths[0]}: the run has no test set (data.test); give --src and --ref")
+        raise MtError(
+            f"{paths[0]}: the run has no {split} set (data.{split}); give --src and --ref"
+        )
     decode = decode_settings(config, nbest=1, **overrides)  # only the best is scored
     out = {}
     for direction, corpus in tests.items():

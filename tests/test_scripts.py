@@ -326,3 +326,35 @@ def test_bench_demo_trains_both_configs_and_tables_their_scores(tmp_path: Path) 
         assert float(speed.replace(",", "")) > 0
         assert float(dev) == round(read_metrics(run, "valid")[-1]["bleu"], 2)
         assert 0 <= float(test) <= 100
+
+
+@pytest.mark.slow
+def test_bench_length_penalty_scores_each_setting_on_dev_and_test(trained_run: Path) -> None:
+    bench = load_script("bench_length_penalty")
+    settings = bench.parse_settings("gnmt:1.5,average,none")
+    assert settings == [("gnmt", 1.5), ("average", 0.0), ("none", 0.0)]
+    res = bench.bench([trained_run], settings)
+    own = ("gnmt", 0.6)  # configs/tiny.yaml leaves decode.alpha at its default
+    assert list(res[trained_run]) == [own, *settings]  # the run's own setting first
+    # The tiny run's dev and test sets are the same file: the same BLEU on both.
+    for scores in res[trained_run].values():
+        assert scores["valid"] == scores["test"] and scores["valid"]["de-en"] > 50
+    args = argparse.Namespace(settings="gnmt:1.5,average,none")
+    lines = bench.report(args, res).splitlines()
+    rows = [line.split("|")[1:-1] for line in lines if line.startswith(f"| {trained_run} ")]
+    assert [row[2].strip().split(" (")[0] for row in rows] == [
+        "gnmt 0.6",
+        "gnmt 1.5",
+        "average",
+        "none",
+    ]
+    assert "(own)" in rows[0][2] and sum("(best)" in row[2] for row in rows) == 1
+    best = max(rows, key=lambda row: float(row[3]))
+    assert "(best)" in best[2]
+    means = {
+        line.split("|")[1].strip(): line.split("|")[2:4] for line in lines if line.startswith("| ")
+    }
+    assert [x.strip() for x in means["gnmt 0.6"]] == ["+0.00", "+0.00"]
+    for row in rows:  # one direction: the mean change is the row's change from the own setting
+        change = float(row[3]) - float(rows[0][3])
+        assert float(means[row[2].strip().split(" (")[0]][0]) == pytest.approx(change, abs=0.011)
