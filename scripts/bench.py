@@ -723,6 +723,14 @@ def write_section(path: Path, section: str, heading: str = SECTION) -> None:
     tmp.replace(path)
 
 
+def publish(section: str, write: str | None, heading: str) -> None:
+    """Print a benchmark's Markdown section and, given a file, replace its section there."""
+    print(section, end="")
+    if write:
+        write_section(Path(write), section, heading=heading)
+        log(f"wrote {write}")
+
+
 def main_bench(args: argparse.Namespace) -> None:
     """Prepare, measure in children, check, profile and report."""
     import sacrebleu

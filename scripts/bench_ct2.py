@@ -37,9 +37,9 @@ from bench import (  # noqa: E402
     cpu_model,
     find_data,
     log,
+    publish,
     ratio,
     wrap,
-    write_section,
 )
 
 from mt.config import Config, DecodeConfig, load_config  # noqa: E402
@@ -317,10 +317,7 @@ def main() -> None:
     except MtError as exc:  # e.g. no ctranslate2, or not a run
         raise SystemExit(f"bench_ct2: {exc}") from None
     section = report(args, checkpoint.weights, res)
-    print(section, end="")
-    if args.write:
-        write_section(Path(args.write), section, heading=SECTION)
-        log(f"wrote {args.write}")
+    publish(section, args.write, SECTION)
 
 
 if __name__ == "__main__":

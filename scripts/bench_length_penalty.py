@@ -24,7 +24,7 @@ for path in (ROOT, ROOT / "scripts"):  # run as a script from anywhere; bench.py
         sys.path.insert(0, str(path))
 
 import torch  # noqa: E402
-from bench import cpu_model, log, wrap, write_section  # noqa: E402
+from bench import cpu_model, log, publish, wrap  # noqa: E402
 
 from mt.evaluate import score, translate_test_sets  # noqa: E402
 from mt.rundir import load_run_config  # noqa: E402
@@ -125,10 +125,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     section = report(args, bench(args.runs, parse_settings(args.settings)))
-    print(section, end="")
-    if args.write:
-        write_section(Path(args.write), section, heading=SECTION)
-        log(f"wrote {args.write}")
+    publish(section, args.write, SECTION)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ for path in (ROOT, ROOT / "scripts"):  # run as a script from anywhere; bench.py
         sys.path.insert(0, str(path))
 
 import torch  # noqa: E402
-from bench import TEST_PREFIX, cpu_model, find_data, log, wrap, write_section  # noqa: E402
+from bench import TEST_PREFIX, cpu_model, find_data, log, publish, wrap  # noqa: E402
 
 from mt.config import Config, load_config  # noqa: E402
 from mt.corpora import open_corpus, read_lines  # noqa: E402
@@ -253,10 +253,7 @@ def main() -> None:
     args.overrides = [*(SMOKE_OVERRIDES if args.smoke else []), *args.set]
     args.multi_overrides = args.multi_set
     section = report(args, bench(args))
-    print(section, end="")
-    if args.write:
-        write_section(Path(args.write), section, heading=SECTION)
-        log(f"wrote {args.write}")
+    publish(section, args.write, SECTION)
 
 
 if __name__ == "__main__":
