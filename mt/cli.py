@@ -241,6 +241,14 @@ PrecisionOption = Annotated[
         "1.2x faster than fp32, timed at start-up), fp32, bf16, or fp16 (CUDA only)."
     ),
 ]
+QuantizeOption = Annotated[
+    str,
+    typer.Option(
+        "--quantize",
+        help="none, or int8: the model's matrix products in int8, for a faster CPU "
+        "(fp32 otherwise; outputs change a little, see docs/benchmarks.md).",
+    ),
+]
 
 
 TRANSLATE_HELP = (
@@ -291,6 +299,7 @@ def translate_command(
         typer.Option(help="Tab-separated phrases each translation must contain, one line each."),
     ] = None,
     weights: WeightsOption = None,
+    quantize: QuantizeOption = "none",
 ) -> None:
     """Translate a file or stdin with a trained model (see TRANSLATE_HELP)."""
     from mt.translate import translate_file
@@ -305,6 +314,7 @@ def translate_command(
         prefix=prefix,
         constraints=constraints,
         weights=weights,
+        quantization=quantize,
         beam=beam,
         alpha=alpha,
         nbest=nbest,
@@ -347,13 +357,16 @@ def evaluate_command(
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
     weights: WeightsOption = None,
+    quantize: QuantizeOption = "none",
 ) -> None:
     """Score translations with sacreBLEU (see EVALUATE_HELP)."""
     from mt.evaluate import evaluate, evaluate_run, format_directions, format_json, format_text
 
     if model and (hyp, src, ref, tgt_lang) == (None, None, None, None):
         decode = {"beam": beam, "alpha": alpha, "max_tokens": max_tokens}
-        by_direction = evaluate_run(model, lowercase, device, precision, weights, **decode)
+        by_direction = evaluate_run(
+            model, lowercase, device, precision, weights, quantization=quantize, **decode
+        )
         typer.echo(format_directions(by_direction, json_output))
         return
     scores = evaluate(
@@ -365,6 +378,7 @@ def evaluate_command(
         device=device,
         precision=precision,
         weights=weights,
+        quantization=quantize,
         beam=beam,
         alpha=alpha,
         max_tokens=max_tokens,
@@ -485,6 +499,7 @@ def serve_command(
     beam: BeamOption = None,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
+    quantize: QuantizeOption = "none",
     max_request_bytes: MaxRequestBytesOption = LIMITS.max_request_bytes,
     max_sentences: MaxSentencesOption = LIMITS.max_sentences,
     max_beam: MaxBeamOption = LIMITS.max_beam,
@@ -521,6 +536,7 @@ def serve_command(
         beam=beam,
         device=device,
         precision=precision,
+        quantization=quantize,
         limits=limits,
         cors_origins=cors_origin,
         log_level=log_level,

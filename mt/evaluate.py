@@ -107,10 +107,13 @@ def evaluate_run(
     device: str = "auto",
     precision: str = "auto",
     weights: Sequence[float] | None = None,
+    quantization: str = "none",
     **overrides: Any,
 ) -> dict[str, dict[str, MetricScore]]:
     """Translate and score the test set of every direction of the (first model's) run."""
-    translations = translate_test_sets(models, device, precision, weights, **overrides)
+    translations = translate_test_sets(
+        models, device, precision, weights, quantization=quantization, **overrides
+    )
     return {d: score(hyps, refs, lowercase) for d, (hyps, refs) in translations.items()}
 
 
@@ -120,12 +123,13 @@ def translate_test_sets(
     precision: str = "auto",
     weights: Sequence[float] | None = None,
     split: str = "test",
+    quantization: str = "none",
     **overrides: Any,
 ) -> dict[str, tuple[list[str], list[str]]]:
     """Best translations and references of each direction's `split` (test or valid) set."""
     paths = [models] if isinstance(models, Path) else list(models)
-    dev, prec = resolve_runtime(device, precision, paths[0])
-    config, tokenizer, model, checkpoints = load_models(paths, dev, weights)
+    dev, prec = resolve_runtime(device, precision, paths[0], quantization)
+    config, tokenizer, model, checkpoints = load_models(paths, dev, weights, quantization)
     tests = open_directions(config, split)
     if not tests:
         raise MtError(
@@ -150,6 +154,7 @@ def model_translations(
     precision: str,
     weights: Sequence[float] | None = None,
     tgt_lang: str | None = None,
+    quantization: str = "none",
     **overrides: Any,
 ) -> tuple[list[str], list[str] | None]:
     """Best translations of `sources` (None: the run's test set) and the test references.
@@ -158,8 +163,8 @@ def model_translations(
     test set. The references are None unless the run's test set was translated.
     """
     paths = [models] if isinstance(models, Path) else list(models)
-    dev, prec = resolve_runtime(device, precision, paths[0])
-    config, tokenizer, model, checkpoints = load_models(paths, dev, weights)
+    dev, prec = resolve_runtime(device, precision, paths[0], quantization)
+    config, tokenizer, model, checkpoints = load_models(paths, dev, weights, quantization)
     check_target(config, tokenizer, tgt_lang)
     refs = None
     if sources is None:
@@ -205,6 +210,7 @@ def evaluate(
     device: str = "auto",
     precision: str = "auto",
     weights: Sequence[float] | None = None,
+    quantization: str = "none",
     **overrides: Any,
 ) -> dict[str, MetricScore]:
     """Score --hyp against --ref, or --model's translations of --src (default: its test set)."""
@@ -224,7 +230,9 @@ def evaluate(
     if src is not None and ref is not None:
         sources, refs = list(read_lines(src)), list(read_lines(ref))
         check_aligned(sources, refs, str(src), str(ref))  # before spending time translating
-    hyps, test_refs = model_translations(model, sources, device, precision, weights, **overrides)
+    hyps, test_refs = model_translations(
+        model, sources, device, precision, weights, quantization=quantization, **overrides
+    )
     refs = refs if refs is not None else test_refs
     assert refs is not None
     return score(hyps, refs, lowercase)

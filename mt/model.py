@@ -392,6 +392,8 @@ class Transformer(nn.Module):
         # Pre-norm leaves the residual stream unnormalised, so each stack ends with a LayerNorm.
         self.enc_norm = nn.LayerNorm(dim) if config.prenorm else nn.Identity()
         self.dec_norm = nn.LayerNorm(dim) if config.prenorm else nn.Identity()
+        # None: logits come from the tied projection. mt.quantize puts an int8 copy of it here.
+        self.output_layer: nn.Module | None = None
         self._init_weights(dim)
 
     def _init_weights(self, dim: int) -> None:
@@ -452,6 +454,8 @@ class Transformer(nn.Module):
         x = self.dec_norm(x)  # (N, T, D)
         if state is not None:
             state.step += tgt_in.size(1)
+        if self.output_layer is not None:
+            return self.output_layer(x)  # (N, T, V)
         return F.linear(x, self.tgt_embed.weight)  # (N, T, V), tied projection without bias
 
     def forward(self, src: Tensor, tgt_in: Tensor, padded: bool = True) -> Tensor:

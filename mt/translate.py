@@ -40,6 +40,7 @@ from mt.device import (
 )
 from mt.errors import ConfigError, MtError
 from mt.files import atomic_write
+from mt.quantize import check_quantization, quantize
 from mt.rundir import load_run_config, load_trained
 from mt.search import Constraints, Decoder, Ensemble
 from mt.tokenizer import Tokenizer
@@ -147,12 +148,16 @@ def warn_unmet(indices: Sequence[int], hypotheses: Sequence[Sequence[Any]], want
 
 
 def load_models(
-    paths: Sequence[Path], device: torch.device, weights: Sequence[float] | None = None
+    paths: Sequence[Path],
+    device: torch.device,
+    weights: Sequence[float] | None = None,
+    quantization: str = "none",
 ) -> tuple[Config, Tokenizer, Decoder, str]:
     """The first model's config and tokenizer, the model or ensemble, and its checkpoint(s).
 
     Several models make a log-linear ensemble (weights default to equal); they must share the
-    vocabulary: MtError naming the first difference otherwise.
+    vocabulary: MtError naming the first difference otherwise. `quantization` (see mt.quantize)
+    applies to every model.
     """
     if weights and len(weights) != len(paths):
         raise MtError(f"--weights: {len(weights)} weights for {len(paths)} models")
@@ -168,9 +173,9 @@ def load_models(
                 "ensemble must share their vocabulary"
             )
     names = ", ".join(str(checkpoint.weights) for *_, checkpoint in loaded)
-    if len(loaded) == 1:
-        return config, tokenizer, loaded[0][2], names
-    return config, tokenizer, Ensemble([model for _, _, model, _ in loaded], weights), names
+    models = [model for _, _, model, _ in loaded]
+    decoder = models[0] if len(models) == 1 else Ensemble(models, weights)
+    return config, tokenizer, quantize(decoder, quantization), names
 
 
 def vocabulary_difference(first: Tokenizer, other: Tokenizer) -> str | None:
@@ -199,12 +204,13 @@ def decode_settings(config: Config, **overrides: Any) -> DecodeConfig:
 
 
 def resolve_runtime(
-    device: str, precision: str, model: Path | None = None
+    device: str, precision: str, model: Path | None = None, quantization: str = "none"
 ) -> tuple[torch.device, str]:
     """The device and autocast precision, backends set up; fp16 needs CUDA (bf16 runs on CPU).
 
     `auto` on CPU times fp32 against bf16 on the layers of `model` (a run or checkpoint), once
-    per command; without it, by the AMX rule (mt.device.resolve_precision).
+    per command; without it, by the AMX rule (mt.device.resolve_precision). A `quantization`
+    other than none decodes in fp32 on the CPU (mt.quantize).
     """
     if precision not in PRECISIONS:
         raise MtError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
@@ -216,7 +222,10 @@ def resolve_runtime(
         raise MtError(f"--device {device}: expected auto, cpu, cuda or cuda:N") from None
     if precision == "fp16" and dev.type != "cuda":
         raise MtError(f"--precision fp16 needs a CUDA device, not {dev}")
+    check_quantization(quantization, dev, precision)
     configure_backends(dev)
+    if quantization != "none":
+        return dev, "fp32"
     choice = resolve_precision(precision, dev, *decoding_products(model))
     if precision == "auto":  # said on a terminal, like the progress bar; pipes stay quiet
         say = log.info if sys.stderr.isatty() else log.debug
@@ -411,19 +420,20 @@ def translate_file(
     prefix: Path | None = None,
     constraints: Path | None = None,
     weights: Sequence[float] | None = None,
+    quantization: str = "none",
     **overrides: Any,
 ) -> None:
     """`mt translate`: a file (or stdin, "-") through trained models; overrides are decode.*.
 
     Bad prefix or constraint files fail before anything is written.
     """
-    dev, prec = resolve_runtime(device, precision, models[0])
+    dev, prec = resolve_runtime(device, precision, models[0], quantization)
     lines = list(read_lines(source))  # before loading the model: bad input fails fast
     prefix_rows = None if prefix is None else read_aligned(prefix, lines, source)
     constraint_rows = None if constraints is None else read_aligned(constraints, lines, source)
     if output is not None and not Path(output).parent.is_dir():
         raise MtError(f"{output}: directory {Path(output).parent} does not exist")
-    config, tokenizer, model, checkpoints = load_models(models, dev, weights)
+    config, tokenizer, model, checkpoints = load_models(models, dev, weights, quantization)
     check_target(config, tokenizer, tgt_lang)
     decode = decode_settings(config, **overrides)
     if constraints is not None and decode.sampling:

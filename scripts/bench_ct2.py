@@ -1,21 +1,22 @@
-"""Speed and BLEU of one trained mt model decoded by mt and by CTranslate2 (float32 and int8).
+"""Speed and BLEU of one trained mt model decoded by mt and CTranslate2 (each fp32 and int8).
 
     .venv/bin/python scripts/bench_ct2.py --run runs/multi30k                 # Markdown on stdout
     .venv/bin/python scripts/bench_ct2.py --run runs/multi30k --write docs/benchmarks.md
     .venv/bin/python scripts/bench_ct2.py --smoke                             # seconds, for tests
 
-All three decode Multi30k's test_2016_flickr (German → English, 1,000 sentences) with beam 5, in
-this one process, on the same threads: mt with `mt.translate.translate_lines` in fp32, and
-CTranslate2 exported from the same weights by `mt.export.ct2.save_ct2`, run by
-`mt.export.ct2_search.translate_ct2` (batches of one source length, mt's length limits and a
-fitted length penalty; see mt/export/ct2_search.py). Times include tokenising and detokenising;
-each figure is the median of --repeats passes. The process applies mt's CPU malloc setting, as
-`mt translate` does.
+Every system decodes Multi30k's test_2016_flickr (German → English, 1,000 sentences) with beam
+5, in this one process, on the same threads: mt with `mt.translate.translate_lines` in fp32 and
+with its int8 weights (`mt translate --quantize int8`, mt.quantize), and CTranslate2 exported
+from the same weights by `mt.export.ct2.save_ct2`, run by `mt.export.ct2_search.translate_ct2`
+(batches of one source length, mt's length limits and a fitted length penalty; see
+mt/export/ct2_search.py). Times include tokenising and detokenising; each figure is the median
+of --repeats passes. The process applies mt's CPU malloc setting, as `mt translate` does.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import shlex
 import statistics
@@ -50,6 +51,7 @@ from mt.export.ct2 import import_ctranslate2, save_ct2  # noqa: E402
 from mt.export.ct2_search import translate_ct2  # noqa: E402
 from mt.files import atomic_directory  # noqa: E402
 from mt.model import Transformer  # noqa: E402
+from mt.quantize import quantize  # noqa: E402
 from mt.rundir import load_trained  # noqa: E402
 from mt.tokenizer import Tokenizer  # noqa: E402
 from mt.translate import decode_settings, encode_sources, translate_lines  # noqa: E402
@@ -80,7 +82,7 @@ def smoke_run(workdir: Path) -> Path:
 
 
 def mt_decoder(model: Transformer, tokenizer: Tokenizer, decode: DecodeConfig) -> Decoder:
-    """mt's own search (fp32 on the CPU): target ids per line."""
+    """mt's own search (fp32 on the CPU, int8 where the model is quantised): ids per line."""
 
     def run(lines: list[str]) -> list[list[int]]:
         outs = translate_lines(lines, tokenizer, model, decode, torch.device("cpu"), "fp32")
@@ -171,7 +173,11 @@ def bench(
     references = list(read_lines(data / f"{TEST_PREFIX}.en.gz"))[:n]
     decode = decode_settings(config, beam=args.beam, nbest=1)
     limit = model.max_positions
-    decoders = {"mt": mt_decoder(model, tokenizer, decode)}
+    int8 = quantize(copy.deepcopy(model), "int8")
+    decoders = {
+        "mt": mt_decoder(model, tokenizer, decode),
+        "mt int8": mt_decoder(int8, tokenizer, decode),
+    }
     dirs = export_all(model, tokenizer, Path(args.workdir))
     for name, directory in dirs.items():
         weights = CT2_TYPES[name]
@@ -241,8 +247,9 @@ def report(args: argparse.Namespace, weights: Path, res: dict[str, Any]) -> str:
         f"{d.max_len_a} x source length + {d.max_len_b}, {d.length_penalty} length penalty "
         f"(alpha {d.alpha}); median of {args.repeats} passes in one process, tokenising and "
         "detokenising included. mt: `mt.translate.translate_lines`, fp32, batches of "
-        f"{d.max_tokens:,} source tokens. CTranslate2: `mt export --format ct2` of the same "
-        "weights (int8: `--quantization int8`), decoded by "
+        f"{d.max_tokens:,} source tokens; mt int8: the same with `--quantize int8` (int8 "
+        "weights per output row, activations quantised per batch). CTranslate2: `mt export "
+        "--format ct2` of the same weights (int8: `--quantization int8`), decoded by "
         "`mt.export.ct2_search.translate_ct2`: one batch per source length, so each sentence "
         "gets mt's length limit, and a length penalty fitted to mt's (see "
         'mt/export/ct2_search.py). "Its defaults": `translate_batch(sources, beam_size=5)` '

@@ -448,7 +448,7 @@ def test_bench_ct2_smoke_prints_and_writes_its_table(
     real = out[: out.index("Fixed-length protocol")]
     rows = [line.split("|") for line in real.splitlines() if line.startswith(("| mt ", "| CT2"))]
     assert [row[1].strip() for row in rows] == [
-        "mt", "CT2 float32", "CT2 int8", "CT2 float32, its defaults",
+        "mt", "mt int8", "CT2 float32", "CT2 int8", "CT2 float32, its defaults",
         "CT2 float32, its defaults, 4,096-token batches",
     ]  # fmt: skip
     assert all(float(row[3]) > 0 for row in rows)  # sentences/s

@@ -160,6 +160,7 @@ def test_model_card_health_schema_and_page(client: TestClient, trained_run: Path
         **dataclasses.asdict(Limits()), "max_tokens": 512
     }  # fmt: skip
     assert str(trained_run) not in json.dumps(card)  # no paths
+    assert (card["precision"], card["quantization"]) == ("fp32", "none")
     assert client.get("/health").json()["status"] == "ok"
     schema = client.get("/openapi.json").json()
     assert {"/v1/translate", "/v1/model", "/health"} <= set(schema["paths"])
@@ -170,6 +171,19 @@ def test_model_card_health_schema_and_page(client: TestClient, trained_run: Path
     assert page.headers["content-security-policy"].startswith("default-src 'self'")
     assert not re.search(r"(src|href)=\"(https?:)?//", page.text)  # nothing from elsewhere
     assert 'id="source"' in page.text and 'id="heatmap"' in page.text
+
+
+def test_int8_server_answers_as_mt_translate_int8(trained_run: Path) -> None:
+    served = load(trained_run, CPU, "fp32", None, Limits(), "int8")
+    _, _, model, _ = load_trained(trained_run, CPU)
+    with TestClient(create_app(served)) as int8_client:
+        card = int8_client.get("/v1/model").json()
+        assert card["quantization"] == "int8"
+        assert card["parameters"] == count_parameters(model)  # the model's, not int8's count
+        answer = int8_client.post("/v1/translate", json={"text": SENTENCES[:6]}).json()
+    expected = mt_translate(trained_run, SENTENCES[:6], "--quantize", "int8")
+    assert [t["text"] for t in answer["translations"]] == expected
+    served.batcher.stop()
 
 
 def test_cors_only_when_configured(make_served: Callable[..., Served]) -> None:

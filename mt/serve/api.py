@@ -117,6 +117,7 @@ class ModelInfo(BaseModel):
     max_source_pieces: int
     device: str
     precision: str
+    quantization: str = Field(description="none, or int8 (see mt translate --quantize).")
 
 
 class Health(BaseModel):

@@ -23,6 +23,7 @@ from mt.config import Config, DecodeConfig
 from mt.errors import MtError
 from mt.metrics import read_metrics
 from mt.model import Transformer, count_parameters
+from mt.quantize import quantize
 from mt.rundir import load_trained
 from mt.serve.api import ModelInfo, Served, create_app
 from mt.serve.limits import Limits
@@ -35,7 +36,12 @@ READY_TIMEOUT_S = 120  # serving(): how long a server thread may take to listen
 
 
 def load(
-    model_path: Path, device: torch.device, precision: str, beam: int | None, limits: Limits
+    model_path: Path,
+    device: torch.device,
+    precision: str,
+    beam: int | None,
+    limits: Limits,
+    quantization: str = "none",
 ) -> Served:
     """The model of a run or checkpoint, its tokenizer, a (not yet started) worker, its card."""
     config, tokenizer, model, checkpoint = load_trained(model_path, device)
@@ -43,7 +49,8 @@ def load(
     if decode.beam > limits.max_beam:
         raise MtError(f"--beam {decode.beam} exceeds --max-beam {limits.max_beam}")
     batcher = Batcher(model, tokenizer, decode, device, precision, limits)
-    info = describe(config, model, checkpoint, decode, batcher, precision)
+    info = describe(config, model, checkpoint, decode, batcher, precision, quantization)
+    quantize(model, quantization)  # after describe, which counts the fp32 model's parameters
     return Served(tokenizer, batcher, info, limits)
 
 
@@ -54,6 +61,7 @@ def describe(
     decode: DecodeConfig,
     batcher: Batcher,
     precision: str,
+    quantization: str = "none",
 ) -> ModelInfo:
     """What GET /v1/model says: no paths, only what the model is and how it is served."""
     run_dir = checkpoint.run_dir
@@ -72,6 +80,7 @@ def describe(
         max_source_pieces=model.max_positions - 1,  # - 1: room for EOS
         device=str(batcher.device),
         precision=precision,
+        quantization=quantization,
     )
 
 
@@ -115,13 +124,14 @@ def serve(
     beam: int | None = None,
     device: str = "auto",
     precision: str = "auto",
+    quantization: str = "none",
     limits: Limits | None = None,
     cors_origins: list[str] | None = None,
     log_level: str = "info",
 ) -> None:
     """`mt serve`: translate over HTTP until SIGTERM or Ctrl-C."""
-    dev, prec = resolve_runtime(device, precision, model_path)
-    served = load(model_path, dev, prec, beam, limits or Limits())
+    dev, prec = resolve_runtime(device, precision, model_path, quantization)
+    served = load(model_path, dev, prec, beam, limits or Limits(), quantization)
     if host not in LOOPBACK:
         log.warning("listening on %s: anyone who can reach this machine can use the model", host)
     if log_level == "debug":
