@@ -1,10 +1,11 @@
 """int8 dynamic quantisation of a trained model's matrix products, for decoding on a CPU.
 
 `--quantize int8` stores each linear layer's weights, and the tied output projection's, as int8
-with one scale per output row; activations are quantised on the fly, batch by batch (dynamic
-quantisation: no calibration data). Embedding lookups, layer norms and attention stay fp32. The
-outputs differ from fp32 decoding by more than rounding: docs/benchmarks.md reports the BLEU
-cost and the speed next to fp32 and CTranslate2's int8.
+with one scale per output row; activations are quantised on the fly, one scale per batch
+(dynamic quantisation: no calibration data), so a sentence's output may depend on its batch
+mates. Embedding lookups, layer norms and attention stay fp32. The outputs differ from fp32
+decoding by more than rounding: docs/benchmarks.md reports the BLEU cost and the speed next to
+fp32 and CTranslate2's int8.
 
 It uses torch's eager dynamic quantisation (torch.ao.quantization.quantize_dynamic, the
 fbgemm/oneDNN int8 kernels). torch marks it deprecated in favour of torchao, whose eager int8
