@@ -4,8 +4,10 @@
     .venv/bin/python scripts/bench_multilingual.py --smoke                      # for tests
 
 Trains the bilingual recipe configs/multi30k.yaml once per direction that
-configs/multi30k-multi.yaml lists, then, on the same machine in the same invocation, the
-multilingual recipe (one model for every direction) for twice the bilingual runs' mean updates.
+configs/multi30k-multi.yaml lists (or takes runs trained before, --bilingual), then, on the same
+machine, the multilingual recipe (one model for every direction) for twice the bilingual runs'
+mean updates. Every run resumes where an earlier invocation with the same --workdir stopped, so
+the hours it takes may span sessions; minutes are training and validation time over them all.
 --minutes sets the bilingual runs' time (default: the recipe's 58) and --set changes both recipes
 alike (e.g. to the smaller model of configs/demo.yaml, for a benchmark that fits in an hour).
 Scores each test direction with both (sacreBLEU, cased, with its signature); asks the
@@ -39,6 +41,7 @@ from mt.config import Config, load_config  # noqa: E402
 from mt.corpora import open_corpus, read_lines  # noqa: E402
 from mt.evaluate import MetricScore, evaluate_run, model_translations, score  # noqa: E402
 from mt.metrics import read_metrics  # noqa: E402
+from mt.rundir import load_run_config  # noqa: E402
 
 SECTION = "## Multilingual vs bilingual models (Multi30k)"
 MULTI_CONFIG = ROOT / "configs" / "multi30k-multi.yaml"
@@ -85,19 +88,42 @@ def run_config(path: Path, run_dir: Path, data: Path, extra: list[str]) -> Confi
 
 
 def train_run(config: Config) -> dict[str, Any]:
-    """Train (or resume) a run; its directory, steps, wall time and median target tokens/s."""
+    """Train (or resume) a run; its numbers (see run_numbers)."""
     from mt.train import train
 
     log(f"training {config.run_dir}")
-    start = time.perf_counter()
     train(config)
-    records = read_metrics(Path(config.run_dir), "train")
+    return run_numbers(Path(config.run_dir))
+
+
+def run_numbers(run: Path) -> dict[str, Any]:
+    """A trained run's directory, steps, minutes of training and validation (over all its
+    sessions, from its last `end` record) and median target tokens/s."""
+    records, ends = read_metrics(run, "train"), read_metrics(run, "end")
     return {
-        "run": Path(config.run_dir),
+        "run": run,
         "steps": records[-1]["step"] if records else 0,
-        "minutes": (time.perf_counter() - start) / 60,
+        "minutes": ends[-1]["train_seconds"] / 60 if ends else 0.0,
         "tok_s": statistics.median(r["tgt_tok_s"] for r in records) if records else 0.0,
     }
+
+
+def trained_bilingual(runs: list[Path], wanted: list[str]) -> dict[str, dict[str, Any]]:
+    """--bilingual: runs trained before, by direction; SystemExit naming a run that does not fit."""
+    found: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        if not read_metrics(run, "end"):
+            raise SystemExit(
+                f"--bilingual {run}: not a finished run (no end record in metrics.jsonl)"
+            )
+        directions = [c.direction for c in load_run_config(run).data.directions()]
+        if len(directions) != 1 or directions[0] not in wanted or directions[0] in found:
+            raise SystemExit(
+                f"--bilingual {run}: trains {', '.join(directions)}; expected one of "
+                f"{', '.join(d for d in wanted if d not in found)}"
+            )
+        found[directions[0]] = run_numbers(run)
+    return found
 
 
 def zero_shot(multi: Config) -> list[tuple[str, str]]:
@@ -143,8 +169,12 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     workdir, data, extra = Path(args.workdir), Path(args.data), args.overrides
     timed = [f"train.max_minutes={args.minutes}"] if args.minutes is not None else []
     directions = load_config(MULTI_CONFIG).data.directions()
+    given = trained_bilingual(args.bilingual, [c.direction for c in directions])
     bilingual: dict[str, dict[str, Any]] = {}
     for c in directions:
+        if c.direction in given:
+            bilingual[c.direction] = given[c.direction]
+            continue
         langs = [f"data.src_lang={c.src_lang}", f"data.tgt_lang={c.tgt_lang}"]
         config = run_config(BILINGUAL_CONFIG, workdir / c.direction, data, [*langs, *extra, *timed])
         bilingual[c.direction] = train_run(config)
@@ -190,6 +220,7 @@ def command(args: argparse.Namespace) -> str:
     words += ["--minutes", f"{args.minutes:g}"] if args.minutes is not None else []
     words += ["--set", *args.set] if args.set else []
     words += ["--multi-set", *args.multi_set] if args.multi_set else []
+    words += ["--bilingual", *map(str, args.bilingual)] if args.bilingual else []
     return shlex.join(words)
 
 
@@ -240,6 +271,9 @@ def main() -> None:
                         help="config overrides for every run")  # fmt: skip
     parser.add_argument("--multi-set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides for the multilingual run only, after --set")  # fmt: skip
+    parser.add_argument("--bilingual", nargs="*", default=[], type=Path, metavar="RUN",
+                        help="bilingual runs trained before (e.g. by scripts/multi30k.sh, on "
+                        "this machine), used instead of training their directions")  # fmt: skip
     parser.add_argument("--write", help="Markdown file whose section to replace")
     args = parser.parse_args()
     suffix = "-smoke" if args.smoke else ""

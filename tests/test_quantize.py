@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,12 @@ def test_translate_quantize_errors(trained_run: Path, args: list[str], message: 
     result = translate(trained_run, *args)
     assert isinstance(result.exception, MtError) and result.stdout == ""
     assert str(result.exception) == message
+
+
+def test_evaluate_scores_the_int8_model(trained_run: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["evaluate", "--model", str(trained_run), "--device", "cpu", "--quantize", "int8",
+              "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["bleu"]["score"] > 90

@@ -273,6 +273,26 @@ def test_bench_multilingual_smoke_prints_and_writes_its_tables(
     ratio = re.search(r"throughput is ([\d.]+) x the bilingual", out.replace("\n", " "))
     assert ratio is not None
     assert float(ratio.group(1)) == pytest.approx(speeds[0] / (sum(speeds[1:]) / 4), abs=0.011)
+    # --bilingual takes those runs instead of training them: a new workdir holds only the
+    # multilingual model, trained alike, so the tables come out the same but for its speed.
+    bilingual = [str(tmp_path / "work" / d) for d in ("de-en", "en-de", "fr-en", "en-fr")]
+    again = [*args[: args.index("--workdir") + 1], str(tmp_path / "work2"),
+             "--minutes", "5", "--set", "model.heads=1", "--bilingual", *bilingual]  # fmt: skip
+    proc = subprocess.run(again, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "work2").iterdir()) == ["multi", "smoke-data"]
+
+    def tables(text: str) -> list[str]:
+        return [x for x in text.splitlines() if x.startswith("|") and "| multilingual |" not in x]
+
+    assert tables(proc.stdout) == tables(out)
+    wrong = [*again[: again.index("--bilingual") + 1], str(tmp_path / "work" / "multi")]
+    proc = subprocess.run(wrong, capture_output=True, text=True, cwd=ROOT)
+    assert (proc.returncode, proc.stderr.splitlines()[-1]) == (
+        1,
+        f"--bilingual {tmp_path / 'work' / 'multi'}: trains de-en, en-de, fr-en, en-fr; "
+        "expected one of de-en, en-de, fr-en, en-fr",
+    )
 
 
 @pytest.mark.slow
