@@ -112,6 +112,8 @@ def test_gpu_bench_runs_on_cpu(tmp_path: Path) -> None:
     assert 0 < pad["src_tokens"] < pad["src_positions"]
     assert 0 < pad["tgt_tokens"] < pad["tgt_positions"]
     assert res["decode"]["sentences"] == 16 and positive(res["decode"]["sentences_s"])
+    # An untrained model would end each sentence at once: the search is made to output 32 pieces.
+    assert res["decode"]["out_tok_s"] / res["decode"]["sentences_s"] == pytest.approx(32)
     assert res["precision"] == "fp32"  # the default on a CPU
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in t["sdpa_kernels"]
     # Each kernel was tried alone, with and without padding; the math kernel runs everything.
@@ -123,6 +125,16 @@ def test_gpu_bench_runs_on_cpu(tmp_path: Path) -> None:
         assert heading in out
     mfu = t["flop_s"] / res["peak_flop_s"]
     assert f"| **MFU, measured peak** | **{mfu:.1%}** |" in out
+
+
+@pytest.mark.slow
+def test_gpu_bench_makes_enough_batches_under_the_base_budget() -> None:
+    # The first GPU run stopped at "only 37 batches, 46 needed": too few sentences were drawn.
+    gpu_bench = load_script("gpu_bench")
+    config = gpu_bench.load_config(ROOT / "configs" / "base.yaml")
+    batches = gpu_bench.synthetic_batches(config, 46)
+    assert len(batches) == 46
+    assert all(b.src.numel() <= config.train.max_tokens for b in batches)
 
 
 @pytest.mark.slow
