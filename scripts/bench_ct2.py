@@ -1,4 +1,4 @@
-"""Speed and BLEU of one trained mt model decoded by mt and CTranslate2 (each fp32 and int8).
+"""Speed and BLEU of one trained mt model decoded by mt and CTranslate2 (fp32, int8; mt bf16).
 
     .venv/bin/python scripts/bench_ct2.py --run runs/multi30k                 # Markdown on stdout
     .venv/bin/python scripts/bench_ct2.py --run runs/multi30k --write docs/benchmarks.md
@@ -6,9 +6,10 @@
 
 Every system decodes Multi30k's test_2016_flickr (German → English, 1,000 sentences) with beam
 5, in this one process, on the same threads: mt with `mt.translate.translate_lines` in fp32 and
-with its int8 weights (`mt translate --quantize int8`, mt.quantize), and CTranslate2 exported
-from the same weights by `mt.export.ct2.save_ct2`, run by `mt.export.ct2_search.translate_ct2`
-(batches of one source length, mt's length limits and a fitted length penalty; see
+with its int8 weights (`mt translate --quantize int8`, mt.quantize), in bf16 where `--precision
+auto` (mt translate's default) picks it on this CPU, and CTranslate2 exported from the same
+weights by `mt.export.ct2.save_ct2`, run by `mt.export.ct2_search.translate_ct2` (batches of
+one source length, mt's length limits and a fitted length penalty; see
 mt/export/ct2_search.py). Times include tokenising and detokenising; each figure is the median
 of --repeats passes. The process applies mt's CPU malloc setting, as `mt translate` does.
 """
@@ -54,7 +55,12 @@ from mt.model import Transformer  # noqa: E402
 from mt.quantize import quantize  # noqa: E402
 from mt.rundir import load_trained  # noqa: E402
 from mt.tokenizer import Tokenizer  # noqa: E402
-from mt.translate import decode_settings, encode_sources, translate_lines  # noqa: E402
+from mt.translate import (  # noqa: E402
+    decode_settings,
+    encode_sources,
+    resolve_runtime,
+    translate_lines,
+)
 
 SECTION = "## Speed: mt vs CTranslate2"
 CT2_TYPES = {"CT2 float32": "float32", "CT2 int8": "int8"}  # system name -> weight type
@@ -81,11 +87,13 @@ def smoke_run(workdir: Path) -> Path:
     return run
 
 
-def mt_decoder(model: Transformer, tokenizer: Tokenizer, decode: DecodeConfig) -> Decoder:
-    """mt's own search (fp32 on the CPU, int8 where the model is quantised): ids per line."""
+def mt_decoder(
+    model: Transformer, tokenizer: Tokenizer, decode: DecodeConfig, precision: str = "fp32"
+) -> Decoder:
+    """mt's own search on the CPU (int8 where the model is quantised): ids per line."""
 
     def run(lines: list[str]) -> list[list[int]]:
-        outs = translate_lines(lines, tokenizer, model, decode, torch.device("cpu"), "fp32")
+        outs = translate_lines(lines, tokenizer, model, decode, torch.device("cpu"), precision)
         return [hyps[0].tokens if hyps else [] for hyps in outs]
 
     return run
@@ -178,6 +186,10 @@ def bench(
         "mt": mt_decoder(model, tokenizer, decode),
         "mt int8": mt_decoder(int8, tokenizer, decode),
     }
+    # What `mt translate` runs by default: --precision auto times fp32 against bf16 here.
+    _, auto = resolve_runtime("cpu", "auto", Path(args.run))
+    if auto != "fp32":
+        decoders[f"mt {auto} (--precision auto here)"] = mt_decoder(model, tokenizer, decode, auto)
     dirs = export_all(model, tokenizer, Path(args.workdir))
     for name, directory in dirs.items():
         weights = CT2_TYPES[name]
@@ -248,8 +260,9 @@ def report(args: argparse.Namespace, weights: Path, res: dict[str, Any]) -> str:
         f"(alpha {d.alpha}); median of {args.repeats} passes in one process, tokenising and "
         "detokenising included. mt: `mt.translate.translate_lines`, fp32, batches of "
         f"{d.max_tokens:,} source tokens; mt int8: the same with `--quantize int8` (int8 "
-        "weights per output row, activations quantised per batch). CTranslate2: `mt export "
-        "--format ct2` of the same weights (int8: `--quantization int8`), decoded by "
+        "weights per output row, activations quantised per batch); a row for `mt translate`'s "
+        "default `--precision auto` where it picks bf16 over fp32 on this CPU. CTranslate2: `mt "
+        "export --format ct2` of the same weights (int8: `--quantization int8`), decoded by "
         "`mt.export.ct2_search.translate_ct2`: one batch per source length, so each sentence "
         "gets mt's length limit, and a length penalty fitted to mt's (see "
         'mt/export/ct2_search.py). "Its defaults": `translate_batch(sources, beam_size=5)` '
@@ -318,6 +331,7 @@ def main() -> None:
     run = Path(args.run) if args.run else smoke_run(Path(args.workdir)) if args.smoke else None
     if run is None:
         parser.error("--run is required (or --smoke)")
+    args.run = str(run)
     try:
         config, tokenizer, model, checkpoint = load_trained(run, torch.device("cpu"))
         res = bench(config, tokenizer, model, args)
