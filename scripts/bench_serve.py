@@ -8,7 +8,8 @@ Starts its own `mt serve RUN --port 0` (loopback, a free port), then for each cl
 (or --src) one after another, until --requests are answered or --seconds pass. Prints a Markdown
 table for docs/benchmarks.md: sentences/s, latency percentiles, and throughput against one
 client and against `mt translate`'s offline sentences/s on the same sentences (measured here
-first, in this process, with the server's device, precision and threads), both in its own
+first, in this process, with the server's device, precision, quantisation and threads; a
+`--precision auto` is resolved once, here, and the server is given the choice), both in its own
 batches and in batches of as many sentences as there are clients, the most a server with that
 many clients can gather. Then --memory-requests more requests at 32 clients, with the server's
 RSS before and after. Bounded in requests and time; needs the serve extra and aiohttp (make
@@ -37,6 +38,8 @@ import aiohttp
 import torch
 
 from mt.corpora import read_lines
+from mt.errors import MtError
+from mt.quantize import quantize
 from mt.rundir import load_trained, open_split
 from mt.translate import resolve_runtime, translate_lines
 
@@ -54,13 +57,14 @@ def sentences(run: Path, src: Path | None) -> list[str]:
 
 
 def offline_rates(
-    run: Path, lines: list[str], device: str, precision: str, clients: list[int]
-) -> dict[int, float]:
+    run: Path, lines: list[str], dev: torch.device, prec: str, quantization: str,
+    clients: list[int],
+) -> dict[int, float]:  # fmt: skip
     """`mt translate`'s sentences/s on these lines (the run's decoding settings): under key 0 in
     its own batches, under each client count c in batches of c lines (the most a server with c
     clients can gather; on about 40 c lines spread evenly over all, to bound the time)."""
-    dev, prec = resolve_runtime(device, precision)
     config, tokenizer, model, _ = load_trained(run, dev)
+    quantize(model, quantization)
 
     def rate(batches: list[list[str]]) -> float:
         start = time.perf_counter()
@@ -80,7 +84,8 @@ def start_server(run: Path, args: argparse.Namespace) -> tuple[subprocess.Popen,
     queue = max(512, 2 * max(args.clients))  # room for every client: measure speed, not 503s
     command = [sys.executable, "-m", "mt", "serve", str(run), "--host", "127.0.0.1",
                "--port", "0", "--device", args.device, "--precision", args.precision,
-               "--log-level", "warning", "--max-queue", str(queue)]  # fmt: skip
+               "--quantize", args.quantize, "--log-level", "warning",
+               "--max-queue", str(queue)]  # fmt: skip
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -157,7 +162,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=120, help="time limit per client count")
     parser.add_argument("--memory-requests", type=int, default=10_000)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--precision", default="auto", help="resolved once, here, for both")
+    parser.add_argument("--quantize", default="none", help="none or int8 (mt serve --quantize)")
     parser.add_argument("--threads", type=int, help="intra-op threads of both (default: torch's)")
     parser.add_argument("--smoke", action="store_true", help="a few requests: check it works")
     args = parser.parse_args()
@@ -167,7 +173,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     lines = sentences(args.run, args.src)[: 40 if args.smoke else None]
-    offline = offline_rates(args.run, lines, args.device, args.precision, args.clients)
+    # One choice for both sides: `auto` times fp32 against bf16, and two timings may disagree.
+    try:
+        dev, args.precision = resolve_runtime(args.device, args.precision, args.run, args.quantize)
+    except MtError as exc:  # e.g. --quantize int8 with --precision bf16
+        raise SystemExit(f"bench_serve: {exc}") from None
+    args.device = str(dev)
+    offline = offline_rates(args.run, lines, dev, args.precision, args.quantize, args.clients)
     server, url = start_server(args.run, args)
     try:
         report(url, server.pid, lines, offline, args)
@@ -182,6 +194,7 @@ def report(
     """Run every client count and the memory run; print the table."""
     machine = platform.processor() or platform.machine()
     print(f"{args.run} | {len(lines)} sentences | {machine} | {os.cpu_count()} CPUs | "
+          f"{args.device} {args.precision}, quantize {args.quantize} | "
           f"offline (mt translate) {offline[0]:.1f} sentences/s")  # fmt: skip
     print()
     print("| clients | requests | errors | sentences/s | p50 ms | p95 ms | p99 ms | "

@@ -556,10 +556,13 @@ def test_limits_are_checked() -> None:
 
 @pytest.mark.slow
 def test_load_generator_smoke_run(trained_run: Path) -> None:
-    args = [sys.executable, str(ROOT / "scripts" / "bench_serve.py"), str(trained_run), "--smoke"]
+    # int8 both offline and in the server: it decodes in fp32 whatever the CPU (mt.quantize).
+    args = [sys.executable, str(ROOT / "scripts" / "bench_serve.py"), str(trained_run), "--smoke",
+            "--quantize", "int8"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
+    assert " | cpu fp32, quantize int8 | offline (mt translate) " in out.stdout.splitlines()[0]
     rows = [line.split("|") for line in out.stdout.splitlines() if re.match(r"\| \d+ \|", line)]
     assert [int(row[1]) for row in rows] == [1, 4]  # the smoke run's client counts
     for row in rows:
