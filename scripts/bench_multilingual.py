@@ -92,7 +92,11 @@ def train_run(config: Config) -> dict[str, Any]:
     from mt.train import train
 
     log(f"training {config.run_dir}")
-    train(config)
+    if (signum := train(config).signum) is not None:  # stopped early: not a finished run
+        raise SystemExit(
+            f"bench_multilingual: {config.run_dir} stopped by signal {signum}; run the same "
+            "command again to resume it"
+        )
     return run_numbers(Path(config.run_dir))
 
 

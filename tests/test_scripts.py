@@ -13,7 +13,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
@@ -390,3 +390,21 @@ def test_bench_length_penalty_scores_each_setting_on_dev_and_test(trained_run: P
     for row in rows:  # one direction: the mean change is the row's change from the own setting
         change = float(row[3]) - float(rows[0][3])
         assert float(means[row[2].strip().split(" (")[0]][0]) == pytest.approx(change, abs=0.011)
+
+
+def test_bench_multilingual_stops_when_a_run_was_stopped_by_a_signal(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # mt train stops gracefully on SIGTERM and returns; the benchmark must not take the cut run
+    # as finished and go on to the next one.
+    import mt.train
+
+    bench = load_script("bench_multilingual")
+    monkeypatch.setattr(mt.train, "train", lambda config: mt.train.TrainResult(None, signum=15))
+    config = SimpleNamespace(run_dir=str(tmp_path / "en-fr"))
+    with pytest.raises(SystemExit) as stopped:
+        bench.train_run(config)
+    assert str(stopped.value) == (
+        f"bench_multilingual: {tmp_path / 'en-fr'} stopped by signal 15; run the same command "
+        "again to resume it"
+    )
