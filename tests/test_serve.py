@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from mt.rundir import load_trained
 from mt.serve import worker
 from mt.serve.api import Served, create_app
 from mt.serve.limits import Limits
-from mt.serve.server import load, serving
+from mt.serve.server import load, serve, serving
 from mt.translate import encode_constraints, encode_prefixes, translate_lines
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -309,7 +310,12 @@ def queued_then_answered(served: Served, requests: list[dict]) -> list[httpx.Res
                 served.batcher.wait_until, lambda s: s.queued == queued, TIMEOUT_S
             )
             served.batcher.start()
-            return await asyncio.gather(*sent)
+            responses = await asyncio.gather(*sent)
+            # Answers go out before the worker counts its round: wait for the count.
+            assert await asyncio.to_thread(
+                served.batcher.wait_until, lambda s: s.requests == len(requests), TIMEOUT_S
+            )
+            return responses
 
     return asyncio.run(scenario())
 
@@ -523,6 +529,59 @@ def test_serve_command_answers_in_flight_work_on_sigterm_and_exits_0(trained_run
     assert answers[0].status_code == 200
     texts = [t["text"] for t in answers[0].json()["translations"]]
     assert texts == mt_translate(trained_run, body["text"])
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_serve_decodes_on_the_main_thread_and_sigterm_returns_cleanly(
+    trained_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: list[threading.Thread] = []
+
+    def recording(*args: object, **kwargs: object) -> object:
+        threads.append(threading.current_thread())
+        return translate_lines(*args, **kwargs)
+
+    monkeypatch.setattr(worker, "translate_lines", recording)
+    url, answers = f"http://127.0.0.1:{free_port()}", []
+
+    def client() -> None:  # once the server answers: one request, then SIGTERM to this process
+        deadline = time.monotonic() + TIMEOUT_S
+        while True:
+            try:
+                httpx.get(f"{url}/health", timeout=TIMEOUT_S)
+                break
+            except httpx.ConnectError:
+                if time.monotonic() > deadline:
+                    return  # serve() failed: the assertions below say so
+                time.sleep(0.05)
+        body = {"text": SENTENCES[:3]}
+        answers.append(httpx.post(f"{url}/v1/translate", json=body, timeout=TIMEOUT_S))
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    sender = threading.Thread(target=client)
+    sender.start()
+    serve(trained_run, port=int(url.rsplit(":", 1)[1]), device="cpu", precision="fp32")
+    sender.join(TIMEOUT_S)
+    assert threads and all(t is threading.main_thread() for t in threads)
+    texts = [t["text"] for t in answers[0].json()["translations"]]
+    assert texts == mt_translate(trained_run, SENTENCES[:3])
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_serve_on_a_taken_port_is_a_one_line_error(trained_run: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(MtError) as error:
+            serve(trained_run, port=port, device="cpu", precision="fp32", log_level="critical")
+    assert str(error.value) == f"the server did not start on 127.0.0.1:{port} (see the log)"
 
 
 def test_serve_command_errors_are_one_line(trained_run: Path, tmp_path: Path) -> None:

@@ -483,12 +483,16 @@ class BodyLimit:
 # --- the app ---------------------------------------------------------------------------------
 
 
-def create_app(served: Served, cors_origins: list[str] | None = None) -> ASGIApp:
-    """The FastAPI app serving `served`; the lifespan starts and stops its worker."""
+def create_app(
+    served: Served, cors_origins: list[str] | None = None, worker_thread: bool = True
+) -> ASGIApp:
+    """The FastAPI app serving `served`; the lifespan stops its worker, and starts it on a
+    thread of its own unless the caller runs it (worker_thread=False)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        served.batcher.start()
+        if worker_thread:
+            served.batcher.start()
         yield
         await asyncio.to_thread(served.batcher.stop)  # answers everything still queued
 

@@ -33,6 +33,7 @@ from mt.translate import decode_settings, resolve_runtime
 log = logging.getLogger("mt")
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 READY_TIMEOUT_S = 120  # serving(): how long a server thread may take to listen
+EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def load(
@@ -137,17 +138,38 @@ def serve(
     if log_level == "debug":
         log.setLevel(logging.DEBUG)  # the worker's queue and batches
     config = uvicorn.Config(
-        create_app(served, cors_origins),
+        create_app(served, cors_origins, worker_thread=False),
         host=host,
         port=port,
         log_level=log_level,
         timeout_graceful_shutdown=None,  # in-flight requests are answered, however long
     )
     server = Server(config, served.batcher.drain)
-    # uvicorn re-raises the signal it handled once it has shut down; with its own handler in
-    # place that is a no-op, so a graceful SIGTERM ends with exit status 0.
-    signal.signal(signal.SIGTERM, server.handle_exit)
-    server.run()
+    # The model decodes on this, the main, thread and uvicorn serves on another, which installs
+    # no signal handlers: these, Python's, run here between two of the worker's operations.
+    handlers = {sig: signal.signal(sig, server.handle_exit) for sig in EXIT_SIGNALS}
+    http = threading.Thread(target=_run_until_exit, args=(server,), name="mt-serve-http")
+    try:
+        http.start()
+        served.batcher.run()  # until drained: told to exit, or the server failed to start
+    finally:
+        server.should_exit = True  # already, unless the worker itself failed
+        http.join()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if not server.url:
+        raise MtError(f"the server did not start on {host}:{port} (see the log)")
+
+
+def _run_until_exit(server: Server) -> None:
+    """Serve until told to exit; then, or if it failed to start, let the worker drain."""
+    try:
+        server.run()
+    except SystemExit:  # uvicorn could not start, and has logged why; the caller reports it
+        pass
+    finally:
+        server.on_exit()
+        server.ready.set()
 
 
 @contextlib.contextmanager
@@ -157,14 +179,7 @@ def serving(
     """Serve on a background thread (tests, scripts) until the block ends; yields the URL."""
     config = uvicorn.Config(create_app(served), host=host, port=port, log_level=log_level)
     server = Server(config, served.batcher.drain)
-
-    def run() -> None:
-        try:
-            server.run()
-        finally:  # also when it failed to start (uvicorn then raises SystemExit)
-            server.ready.set()
-
-    thread = threading.Thread(target=run, name="mt-serve-http", daemon=True)
+    thread = threading.Thread(target=_run_until_exit, args=(server,), daemon=True)
     thread.start()
     server.ready.wait(READY_TIMEOUT_S)
     if not server.url:

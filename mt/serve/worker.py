@@ -1,4 +1,4 @@
-"""The thread that owns the model: queued requests gathered into token-budget batches.
+"""The worker that owns the model: queued requests gathered into token-budget batches.
 
 Requests wait in one queue. Once free, the worker takes the first and gathers more for up to
 `batch_wait_ms` (or until a batch's worth of source tokens is waiting, or as many sentences as
@@ -9,6 +9,10 @@ search (translate_lines), so a sentence gets the translation `mt translate` give
 else shares its batch. Answers go back to each request's event loop through
 loop.call_soon_threadsafe: the HTTP side never waits on the model, and the model never waits on
 HTTP.
+
+The loop runs on a thread of its own (start) or on the caller's (run): `mt serve` decodes on the
+main thread, where PyTorch's OpenMP team decodes faster than a second thread's (see
+docs/benchmarks.md), and runs uvicorn beside it.
 """
 
 from __future__ import annotations
@@ -105,7 +109,8 @@ class Batcher:
         # number of clients, whose requests the next batch gathers towards.
         self._recent: deque[int] = deque(maxlen=RECENT_BATCHES)
         self._free_since = 0.0  # time.monotonic() at the end of the last batch
-        self._thread = threading.Thread(target=self._run, name="mt-serve-worker", daemon=True)
+        self._running = False  # whether run() has begun (on whichever thread)
+        self._finished = threading.Event()  # set when run() returns
 
     # --- the HTTP side (called on the event loop) --------------------------------------------
 
@@ -152,8 +157,8 @@ class Batcher:
     # --- life cycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the worker thread."""
-        self._thread.start()
+        """Run the worker on a thread of its own."""
+        threading.Thread(target=self.run, name="mt-serve-worker", daemon=True).start()
 
     def drain(self) -> None:
         """Refuse new requests and decode what is queued without waiting to gather more."""
@@ -162,10 +167,10 @@ class Batcher:
             self._cond.notify_all()
 
     def stop(self) -> None:
-        """Drain, then wait for the worker to answer everything queued and exit."""
+        """Drain, then wait for the worker (if it ever ran) to answer everything queued."""
         self.drain()
-        if self._thread.is_alive():
-            self._thread.join()
+        if self._running:
+            self._finished.wait()
 
     def wait_until(self, ready: Callable[[Stats], bool], timeout: float) -> bool:
         """Block until ready(stats) holds (True), or the timeout passes (False)."""
@@ -174,7 +179,15 @@ class Batcher:
 
     # --- the worker ----------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Decode queued requests on the calling thread until drained and answered."""
+        self._running = True
+        try:
+            self._loop()
+        finally:
+            self._finished.set()
+
+    def _loop(self) -> None:
         while jobs := self._gather():
             groups: dict[tuple[int, int, str | None, bool], list[Job]] = {}
             # One search per setting that shapes it. Prefixes do not; constraints take another
