@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from mt.errors import MtError
 from mt.metrics import read_metrics
 from mt.model import count_parameters
 from mt.rundir import load_trained
+from mt.serve import server as server_module
 from mt.serve import worker
 from mt.serve.api import Served, create_app
 from mt.serve.limits import Limits
@@ -547,24 +547,25 @@ def test_serve_decodes_on_the_main_thread_and_sigterm_returns_cleanly(
         return translate_lines(*args, **kwargs)
 
     monkeypatch.setattr(worker, "translate_lines", recording)
+    listening = threading.Event()
+    startup = server_module.Server.startup
+
+    async def announced(self: server_module.Server, sockets: list | None = None) -> None:
+        await startup(self, sockets)
+        listening.set()
+
+    monkeypatch.setattr(server_module.Server, "startup", announced)
     url, answers = f"http://127.0.0.1:{free_port()}", []
 
-    def client() -> None:  # once the server answers: one request, then SIGTERM to this process
-        deadline = time.monotonic() + TIMEOUT_S
-        while True:
-            try:
-                httpx.get(f"{url}/health", timeout=TIMEOUT_S)
-                break
-            except httpx.ConnectError:
-                if time.monotonic() > deadline:
-                    return  # serve() failed: the assertions below say so
-                time.sleep(0.05)
+    def client() -> None:  # once the server listens: one request, then SIGTERM to this process
+        if not listening.wait(TIMEOUT_S):
+            return  # serve() failed: the assertions below say so
         body = {"text": SENTENCES[:3]}
         answers.append(httpx.post(f"{url}/v1/translate", json=body, timeout=TIMEOUT_S))
         os.kill(os.getpid(), signal.SIGTERM)
 
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    sender = threading.Thread(target=client)
+    sender = threading.Thread(target=client, daemon=True)
     sender.start()
     serve(trained_run, port=int(url.rsplit(":", 1)[1]), device="cpu", precision="fp32")
     sender.join(TIMEOUT_S)

@@ -166,7 +166,7 @@ def _run_until_exit(server: Server) -> None:
     try:
         server.run()
     except SystemExit:  # uvicorn could not start, and has logged why; the caller reports it
-        pass
+        log.debug("uvicorn exited without serving")
     finally:
         server.on_exit()
         server.ready.set()
