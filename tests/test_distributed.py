@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from datetime import timedelta
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from helpers.ports import free_port
 from helpers.waiting import read_until
 from safetensors.torch import load_file
 
@@ -30,12 +30,6 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 # 2 ranks vs 1 rank with update_freq 2 sum the same gradients in another order (the gradient
 # all-reduce); after 8 Adam updates parameters agree to this absolute tolerance.
 TOLERANCE = 1e-5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def overrides(run_dir: Path, *extra: str) -> list[str]:

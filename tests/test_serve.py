@@ -28,6 +28,7 @@ pytest.importorskip("httpx", reason="httpx is not installed (pip install -e '.[d
 
 import httpx
 from fastapi.testclient import TestClient
+from helpers.ports import free_port
 
 from mt import serve as serve_package
 from mt.alignment import align
@@ -529,12 +530,6 @@ def test_serve_command_answers_in_flight_work_on_sigterm_and_exits_0(trained_run
     assert answers[0].status_code == 200
     texts = [t["text"] for t in answers[0].json()["translations"]]
     assert texts == mt_translate(trained_run, body["text"])
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_serve_decodes_on_the_main_thread_and_sigterm_returns_cleanly(

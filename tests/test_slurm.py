@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers.ports import free_port
 from helpers.waiting import read_until
 
 from mt import checkpoint as ckpt
@@ -123,9 +123,7 @@ def fake_slurm(tmp_path: Path, cpus_per_task: int = 1) -> dict[str, str]:
         path = bin_dir / name
         path.write_text(text)
         path.chmod(path.stat().st_mode | stat.S_IEXEC)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
     return {
         **env,

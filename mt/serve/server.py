@@ -179,7 +179,9 @@ def serving(
     """Serve on a background thread (tests, scripts) until the block ends; yields the URL."""
     config = uvicorn.Config(create_app(served), host=host, port=port, log_level=log_level)
     server = Server(config, served.batcher.drain)
-    thread = threading.Thread(target=_run_until_exit, args=(server,), daemon=True)
+    thread = threading.Thread(
+        target=_run_until_exit, args=(server,), name="mt-serve-http", daemon=True
+    )
     thread.start()
     server.ready.wait(READY_TIMEOUT_S)
     if not server.url:
