@@ -90,6 +90,10 @@ class BatchSampler:
         rng = np.random.default_rng(list(key)) if self.shuffle else None
         n = len(self.src_lens)
         order = rng.permutation(n) if rng is not None else np.arange(n, dtype=np.int64)
+        return self.batch(order, rng)
+
+    def batch(self, order: np.ndarray, rng: np.random.Generator | None) -> list[np.ndarray]:
+        """Indices `order` sorted by length within windows, cut into batches, shuffled by rng."""
         window = self.window_size()
         order = sort_windows(order, self.src_lens, self.tgt_lens, window)
         batches = cut_batches(order, self._widths[order], window, self.max_tokens)
@@ -108,25 +112,27 @@ class BatchSampler:
 
 @dataclass(frozen=True, eq=False)
 class MixtureSampler:
-    """Batches of several corpora, each batch from one, deterministic per (seed, epoch).
+    """Batches of several corpora, deterministic per (seed, epoch).
 
     An epoch has as many batches as the corpora together (in epoch 1). Corpus c fills a share
     `probabilities[c]` of them (rounded), in an order shuffled per epoch, taking its batches
     from its own shuffled passes: a large corpus is cut short, a small one goes round several
-    times. One corpus gives exactly its BatchSampler's batches. Indices count rows corpus after
-    corpus, as CorpusMix numbers them.
+    times. With `mixed`, the shares are of sentences instead, and each batch holds sentences of
+    any corpus, of similar lengths. One corpus gives exactly its BatchSampler's batches. Indices
+    count rows corpus after corpus, as CorpusMix numbers them.
     """
 
     samplers: list[BatchSampler]  # one per corpus, on its own lengths
     probabilities: np.ndarray  # (C,) summing to 1
     seed: int = 1
+    mixed: bool = False  # batches hold sentences of several corpora
 
     @classmethod
-    def of(cls, data: CorpusMix, max_tokens: int, seed: int) -> MixtureSampler:
+    def of(cls, data: CorpusMix, max_tokens: int, seed: int, mixed: bool = False) -> MixtureSampler:
         """The sampler of a run's training corpora."""
         parts = data.parts.values()
         samplers = [BatchSampler(p.src_lens, p.tgt_lens, max_tokens, seed) for p in parts]
-        return cls(samplers, data.probabilities(), seed)
+        return cls(samplers, data.probabilities(), seed, mixed)
 
     @cached_property
     def offsets(self) -> np.ndarray:
@@ -138,22 +144,37 @@ class MixtureSampler:
         """(N,) target lengths of every row, corpus after corpus."""
         return np.concatenate([s.tgt_lens for s in self.samplers])
 
+    @property
+    def max_tokens(self) -> int:
+        """The token budget of a batch, the same in every corpus' sampler."""
+        return self.samplers[0].max_tokens
+
+    @cached_property
+    def merged(self) -> BatchSampler:
+        """A sampler over every row, corpus after corpus: how mixed batches are cut."""
+        src = np.concatenate([s.src_lens for s in self.samplers])
+        return BatchSampler(src, self.tgt_lens, self.max_tokens, self.seed)
+
     def __len__(self) -> int:
-        """Batches per epoch."""
+        """Batches in epoch 1 (with `mixed`, other epochs can differ by a few)."""
+        if self.mixed and len(self.samplers) > 1:
+            return self._len_mixed
         return sum(len(s) for s in self.samplers)
+
+    @cached_property
+    def _len_mixed(self) -> int:
+        return len(self.mixed_batches(1))
 
     def counts(self) -> np.ndarray:
         """(C,) batches each corpus gives an epoch: shares of len(self), largest remainders."""
-        exact = len(self) * np.asarray(self.probabilities, dtype=np.float64)
-        counts = np.floor(exact).astype(np.int64)
-        short = len(self) - int(counts.sum())
-        counts[np.argsort(counts - exact, kind="stable")[:short]] += 1
-        return counts
+        return shares(len(self), self.probabilities)
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         """The batches of `epoch`, in order; each an int64 array of global row indices."""
         if len(self.samplers) == 1:
             return self.samplers[0].epoch_batches(epoch)
+        if self.mixed:
+            return self.mixed_batches(epoch)
         counts, streams = self.counts(), []
         for c, (sampler, count) in enumerate(zip(self.samplers, counts, strict=True)):
             batches: list[np.ndarray] = []
@@ -165,6 +186,29 @@ class MixtureSampler:
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(np.repeat(np.arange(len(self.samplers)), counts))
         return [next(streams[c]) for c in order.tolist()]
+
+    def mixed_batches(self, epoch: int) -> list[np.ndarray]:
+        """Batches of any corpus' sentences: corpus c gives a share `probabilities[c]` of them."""
+        rows = []
+        for c, count in enumerate(shares(int(self.offsets[-1]), self.probabilities).tolist()):
+            size = int(self.offsets[c + 1] - self.offsets[c])
+            if count == 0:  # an empty corpus (probability 0) gives nothing
+                continue
+            passes = -(-count // size)  # shuffled passes over corpus c, the last one cut short
+            keys = ([self.seed, epoch, c, p] for p in range(passes))
+            order = [np.random.default_rng(key).permutation(size) for key in keys]
+            rows.append(np.concatenate(order)[:count] + self.offsets[c])
+        rng = np.random.default_rng([self.seed, epoch])
+        return self.merged.batch(rng.permutation(np.concatenate(rows)), rng)
+
+
+def shares(total: int, probabilities: np.ndarray) -> np.ndarray:
+    """(C,) integers summing to `total` in proportion to probabilities: largest remainders."""
+    exact = total * np.asarray(probabilities, dtype=np.float64)
+    counts = np.floor(exact).astype(np.int64)
+    short = total - int(counts.sum())
+    counts[np.argsort(counts - exact, kind="stable")[:short]] += 1
+    return counts
 
 
 def _check_args(src: np.ndarray, tgt: np.ndarray, max_tokens: int, window: int) -> None:
@@ -249,13 +293,17 @@ def padding_efficiency(
     return effs[0], effs[1]
 
 
-def describe_epoch(data: EncodedCorpus, max_tokens: int, seed: int) -> str:
-    """E.g. `906 batches of <= 4096 tokens per epoch, 71.2% / 69.0% non-pad (source / target)`."""
-    batches = BatchSampler(data.src_lens, data.tgt_lens, max_tokens, seed).epoch_batches(1)
+def describe_epoch(data: EncodedCorpus | CorpusMix, sampler: BatchSampler | MixtureSampler) -> str:
+    """E.g. `906 batches of <= 4096 tokens per epoch, 71.2% / 69.0% non-pad (source / target)`.
+
+    `sampler` draws from `data`'s rows; "mixed batches" when they hold several corpora.
+    """
+    batches = sampler.epoch_batches(1)
     src_eff, tgt_eff = padding_efficiency(batches, data.src_lens, data.tgt_lens)
+    mixed = isinstance(sampler, MixtureSampler) and sampler.mixed and len(sampler.samplers) > 1
     return (
-        f"{len(batches):,} batches of <= {max_tokens} tokens per epoch, "
-        f"{src_eff:.1%} / {tgt_eff:.1%} non-pad (source / target)"
+        f"{len(batches):,} {'mixed ' if mixed else ''}batches of <= {sampler.max_tokens} tokens "
+        f"per epoch, {src_eff:.1%} / {tgt_eff:.1%} non-pad (source / target)"
     )
 
 

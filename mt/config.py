@@ -98,6 +98,7 @@ class DataConfig:
     cache_dir: str = ""  # where encoded corpora are cached; empty means <run_dir>/cache
     corpora: list[CorpusConfig] = field(default_factory=list)  # directions; empty: src/tgt_lang
     temperature: float = 5.0  # corpus i is drawn with probability ~ weight_i * pairs_i^(1/T)
+    mixed_batches: bool = False  # batches hold sentences of every direction, not of one
     select_direction: str = ""  # its dev BLEU picks the best checkpoint; empty: the mean
 
     def directions(self) -> list[CorpusConfig]:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mt.batching import describe_epoch
+from mt.batching import BatchSampler, MixtureSampler, describe_epoch
 from mt.checkpoint import Checkpoint, load_weights, resolve_checkpoint
 from mt.config import CONFIG_FILE, Config, load_config
 from mt.corpora import Corpus, open_corpus
@@ -214,7 +214,8 @@ def prepare_data(
             yield f"{label}: {data.describe_tokens()}"
             if which == "train":
                 train = config.train  # max_tokens >= data.max_len + 1: checked at config load
-                yield f"{label}: {describe_epoch(data, train.max_tokens, train.seed)}"
+                sampler = BatchSampler(data.src_lens, data.tgt_lens, train.max_tokens, train.seed)
+                yield f"{label}: {describe_epoch(data, sampler)}"
             if which == "valid":
                 yield f"{label}: {describe_unk_rate(tokenizer, corpus)}"
     if several and "train" in corpora:
@@ -222,7 +223,13 @@ def prepare_data(
         chances = zip(mix.parts, mix.probabilities(), strict=True)
         shares = ", ".join(f"{name} {p:.1%}" for name, p in chances)
         temperature = f"data.temperature={config.data.temperature:g}"
-        yield f"train: batches drawn from {shares} ({temperature})"
+        if not config.data.mixed_batches:
+            yield f"train: batches drawn from {shares} ({temperature})"
+        else:
+            train = config.train
+            mixture = MixtureSampler.of(mix, train.max_tokens, train.seed, mixed=True)
+            yield f"train: sentences drawn from {shares} ({temperature})"
+            yield f"train: {describe_epoch(mix, mixture)}"
 
 
 def split_label(config: Config, which: str, direction: str) -> str:

@@ -69,7 +69,8 @@ from mt.tokenizer import Tokenizer
 log = logging.getLogger("mt")
 
 # Settings a resumed run may change; everything else in data/tokenizer/model must match.
-# data.temperature is not among them: the epoch being resumed was planned with it.
+# data.temperature and data.mixed_batches are not among them: the epoch being resumed was
+# planned with them.
 # data.select_direction only picks the best checkpoint (see reselect).
 RESUMABLE_DATA_KEYS = {"valid", "test", "num_proc", "cache_dir", "select_direction"}
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -645,7 +646,7 @@ def next_updates(run: Run) -> Prefetcher[Update]:
     """This rank's updates from the saved position on, collated (and pinned) in a thread."""
     tc, state, world = run.config.train, run.state, run.world
     data = run.train_data
-    sampler = MixtureSampler.of(data, tc.max_tokens, tc.seed)
+    sampler = MixtureSampler.of(data, tc.max_tokens, tc.seed, run.config.data.mixed_batches)
     position = (state.epoch, state.batches_done)
     plan = plan_updates(
         sampler, data, position, tc.max_epochs, tc.update_freq, world.rank, world.world_size

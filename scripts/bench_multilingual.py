@@ -101,12 +101,12 @@ def train_run(config: Config) -> dict[str, Any]:
 
 
 def run_numbers(run: Path) -> dict[str, Any]:
-    """A trained run's directory, steps, minutes of training and validation (over all its
-    sessions, from its last `end` record) and median target tokens/s."""
+    """A trained run's directory, updates and minutes of training and validation (from its
+    last `end` record, over all its sessions) and median target tokens/s."""
     records, ends = read_metrics(run, "train"), read_metrics(run, "end")
     return {
         "run": run,
-        "steps": records[-1]["step"] if records else 0,
+        "steps": ends[-1]["step"] if ends else 0,
         "minutes": ends[-1]["train_seconds"] / 60 if ends else 0.0,
         "tok_s": statistics.median(r["tgt_tok_s"] for r in records) if records else 0.0,
     }

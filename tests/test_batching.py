@@ -306,11 +306,13 @@ def test_padding_efficiency_multi30k(multi30k_lens: tuple[np.ndarray, np.ndarray
 # --- several corpora ----------------------------------------------------------------------------
 
 
-def mixture(seed: int = 3, max_tokens: int = 500) -> tuple[FakeCorpus, MixtureSampler]:
+def mixture(
+    seed: int = 3, max_tokens: int = 500, mixed: bool = False
+) -> tuple[FakeCorpus, MixtureSampler]:
     """Three corpora of 900, 200 and 50 pairs drawn 50/30/20, and their rows corpus after corpus."""
     parts = [random_lens(n, seed=i) for i, n in enumerate((900, 200, 50))]
     samplers = [BatchSampler(src, tgt, max_tokens, seed=seed) for src, tgt in parts]
-    sampler = MixtureSampler(samplers, np.array([0.5, 0.3, 0.2]), seed)
+    sampler = MixtureSampler(samplers, np.array([0.5, 0.3, 0.2]), seed, mixed)
     src, tgt = (np.concatenate([part[side] for part in parts]) for side in (0, 1))
     return FakeCorpus(src, tgt), sampler
 
@@ -337,17 +339,42 @@ def test_mixture_draws_each_corpus_its_share_of_batches() -> None:
     assert not all(map(np.array_equal, first, second))
 
 
-def test_a_mixture_of_one_is_its_sampler() -> None:
+def test_mixed_batches_draw_each_corpus_its_share_of_sentences() -> None:
+    corpus, sampler = mixture(mixed=True)
+    shares = [575, 345, 230]  # 1,150 rows in all, drawn 50/30/20
+    for epoch in (1, 2):
+        batches = sampler.epoch_batches(epoch)
+        rows = np.concatenate(batches)
+        which = np.searchsorted(sampler.offsets, rows, side="right") - 1
+        assert np.bincount(which, minlength=3).tolist() == shares
+        for b in batches:
+            assert len(b) * (max(corpus.src_lens[b].max(), corpus.tgt_lens[b].max()) + 1) <= 500
+        corpora = [len(np.unique(np.searchsorted(sampler.offsets, b, "right"))) for b in batches]
+        assert max(corpora) == 3 and abs(len(batches) - len(sampler)) <= 3 * (epoch - 1)
+        # The 50-pair corpus goes round 4.6 times: every pair 4 or 5 times.
+        small = np.bincount(rows[which == 2] - 1100, minlength=50)
+        assert sorted(set(small.tolist())) == [4, 5]
+        # The 900-pair corpus is cut short: 575 different pairs, none twice.
+        assert len(np.unique(rows[which == 0])) == 575
+    again = mixture(mixed=True)[1]
+    assert all(map(np.array_equal, sampler.epoch_batches(2), again.epoch_batches(2)))
+    first, second = sampler.epoch_batches(1), sampler.epoch_batches(2)
+    assert not all(map(np.array_equal, first, second))
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_a_mixture_of_one_is_its_sampler(mixed: bool) -> None:
     src, tgt = random_lens(700, seed=5)
     alone = BatchSampler(src, tgt, 400, seed=9)
-    mixed = MixtureSampler([alone], np.array([1.0]), seed=9)
+    mixture = MixtureSampler([alone], np.array([1.0]), seed=9, mixed=mixed)
     for epoch in (1, 2):
-        assert all(map(np.array_equal, mixed.epoch_batches(epoch), alone.epoch_batches(epoch)))
+        assert all(map(np.array_equal, mixture.epoch_batches(epoch), alone.epoch_batches(epoch)))
 
 
+@pytest.mark.parametrize("mixed", [False, True])
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
-def test_mixture_updates_resume_exactly_on_any_ranks(before: int, after: int) -> None:
-    corpus, sampler = mixture(seed=4)
+def test_mixture_updates_resume_exactly_on_any_ranks(before: int, after: int, mixed: bool) -> None:
+    corpus, sampler = mixture(seed=4, mixed=mixed)
     size = 4
     straight = rank_updates(corpus, sampler, (1, 0), size // before, before)
     one_rank = rank_updates(corpus, sampler, (1, 0), size, 1)
@@ -365,11 +392,14 @@ def test_mixture_updates_resume_exactly_on_any_ranks(before: int, after: int) ->
     assert update_sets(resumed) == update_sets(straight)[k:]
 
 
-def test_mixture_batches_stay_full(multi30k_lens: tuple[np.ndarray, np.ndarray]) -> None:
+@pytest.mark.parametrize("mixed", [False, True])
+def test_mixture_batches_stay_full(
+    multi30k_lens: tuple[np.ndarray, np.ndarray], mixed: bool
+) -> None:
     de, en = multi30k_lens
     # de-en whole and 5,000 pairs of en-de: two directions of different sizes.
     samplers = [BatchSampler(de, en, 4096), BatchSampler(en[:5000], de[:5000], 4096)]
-    sampler = MixtureSampler(samplers, np.array([0.6, 0.4]), seed=1)
+    sampler = MixtureSampler(samplers, np.array([0.6, 0.4]), seed=1, mixed=mixed)
     batches = sampler.epoch_batches(1)
     src, tgt = np.concatenate([de, en[:5000]]), np.concatenate([en, de[:5000]])
     src_eff, tgt_eff = padding_efficiency(batches, src, tgt)

@@ -15,11 +15,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from typer.testing import CliRunner
 
 from mt import checkpoint as ckpt
+from mt.batching import MixtureSampler, padding_efficiency
 from mt.cli import app
 from mt.config import load_config
 from mt.errors import ConfigError, DataError
 from mt.metrics import read_metrics
-from mt.rundir import encode_train, open_run, prepare_tokenizer
+from mt.rundir import encode_train, open_run, prepare_data, prepare_tokenizer
 from mt.train import train
 
 
@@ -60,8 +61,30 @@ def test_sources_start_with_the_target_languages_tag(multi_run: Path) -> None:
 
 
 @pytest.mark.slow
-def test_resume_mid_epoch_is_exact_with_several_corpora(multiway: Path, tmp_path: Path) -> None:
-    steps = ["train.valid_every=100", "train.log_every=4"]
+def test_data_prepare_describes_the_mixed_batches(multi_run: Path) -> None:
+    config = load_config(multi_run / "config.yaml", ["data.mixed_batches=true"])
+    tokenizer = prepare_tokenizer(config)
+    lines = list(prepare_data(config, tokenizer, open_run(config, ["train"])))
+    shares = ", ".join(f"{d} 25.0%" for d in MULTI_DIRECTIONS)
+    assert lines[-2] == f"train: sentences drawn from {shares} (data.temperature=5)"
+    mix = encode_train(config, tokenizer)
+    sampler = MixtureSampler.of(mix, config.train.max_tokens, config.train.seed, mixed=True)
+    batches = sampler.epoch_batches(1)
+    src, tgt = padding_efficiency(batches, mix.src_lens, mix.tgt_lens)
+    assert lines[-1] == (
+        f"train: {len(batches):,} mixed batches of <= {config.train.max_tokens} tokens per "
+        f"epoch, {src:.1%} / {tgt:.1%} non-pad (source / target)"
+    )
+    directions = [np.searchsorted(mix.offsets, b, side="right") for b in batches]
+    assert max(len(np.unique(d)) for d in directions) == 4  # batches hold every direction
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mixed", ["false", "true"])
+def test_resume_mid_epoch_is_exact_with_several_corpora(
+    multiway: Path, tmp_path: Path, mixed: str
+) -> None:
+    steps = ["train.valid_every=100", "train.log_every=4", f"data.mixed_batches={mixed}"]
     train(multi_config(multiway, tmp_path / "straight", "train.max_steps=12", *steps))
     train(multi_config(multiway, tmp_path / "resumed", "train.max_steps=8", *steps))  # mid-epoch
     train(multi_config(multiway, tmp_path / "resumed", "train.max_steps=12", *steps))

@@ -252,6 +252,29 @@ def test_bench_constraints_prints_a_table(trained_run: Path, tmp_path: Path) -> 
 
 
 @pytest.mark.slow
+def test_bench_mixed_batches_smoke_prints_both_runs(multi30k: Path, tmp_path: Path) -> None:
+    if not (multi30k / f"{TEST_PREFIX}.fr.gz").is_file():
+        pytest.skip(f"no French Multi30k files in {multi30k}")
+    args = [sys.executable, str(ROOT / "scripts" / "bench_mixed_batches.py"), "--smoke",
+            "--threads", "1", "--data", str(multi30k), "--workdir", str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert out.startswith("## Multilingual batches: one direction or mixed (Multi30k)\n")
+    for name, mixed in (("one-direction", "false"), ("mixed", "true")):
+        config = (tmp_path / name / "config.yaml").read_text()
+        assert f"mixed_batches: {mixed}\n" in config and "max_steps: 10\n" in config
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ")]
+    cells = {row[0].strip(): [c.strip() for c in row[1:]] for row in rows}
+    for name in ("one direction", "mixed"):
+        updates, _, speed, mean, *directions = cells[name]
+        assert updates == "10" and float(speed.replace(",", "")) > 0 and len(directions) == 4
+        assert float(mean) == pytest.approx(sum(map(float, directions)) / 4, abs=0.011)
+    # Both validate at update 10 (the smoke runs' valid_every and last step): one curve row.
+    assert cells["10"] == [cells["one direction"][3], cells["mixed"][3]]
+
+
+@pytest.mark.slow
 def test_bench_multilingual_smoke_prints_and_writes_its_tables(
     multi30k: Path, tmp_path: Path
 ) -> None:
