@@ -602,7 +602,11 @@ def loop(run: Run) -> TrainResult:
         try:
             # The validation a signal put off (see `end`) comes first, as it would have.
             stop_early = state.unvalidated and validate_and_save(run)
-            while not stop_early and state.step < tc.max_steps:
+            # A run resumed with its time spent stops before another update. Every rank
+            # restored the same train_seconds, so they all agree without a collective.
+            if spent := bool(tc.max_minutes) and state.train_seconds >= 60 * tc.max_minutes:
+                log.info("reached train.max_minutes=%g at step %d", tc.max_minutes, state.step)
+            while not stop_early and not spent and state.step < tc.max_steps:
                 # 1. This rank's micro-batches of the next update, collated in the background.
                 t0 = time.perf_counter()
                 update = next(updates, None)
