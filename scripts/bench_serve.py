@@ -61,8 +61,11 @@ def offline_rates(
     clients: list[int],
 ) -> dict[int, float]:  # fmt: skip
     """`mt translate`'s sentences/s on these lines (the run's decoding settings): under key 0 in
-    its own batches, under each client count c in batches of c lines (the most a server with c
-    clients can gather; on about 40 c lines spread evenly over all, to bound the time)."""
+    its own batches; under each client count c in batches of c lines (the most a server with c
+    clients can gather; on about 40 c lines spread evenly over all, to bound the time); under
+    -c in batches of c of those lines sorted by length, as if the c sentences in flight were
+    always of one length (what a server that let new sentences join a running batch could at
+    best approach)."""
     config, tokenizer, model, _ = load_trained(run, dev)
     quantize(model, quantization)
 
@@ -76,6 +79,9 @@ def offline_rates(
     for size in clients:
         sample = lines[:: max(1, len(lines) // (40 * size))]
         rates[size] = rate([sample[i : i + size] for i in range(0, len(sample), size)])
+        pieces = dict(zip(sample, map(len, tokenizer.encode_src(sample)), strict=True))
+        ordered = sorted(sample, key=pieces.__getitem__)
+        rates[-size] = rate([ordered[i : i + size] for i in range(0, len(ordered), size)])
     return rates
 
 
@@ -198,8 +204,9 @@ def report(
           f"offline (mt translate) {offline[0]:.1f} sentences/s")  # fmt: skip
     print()
     print("| clients | requests | errors | sentences/s | p50 ms | p95 ms | p99 ms | "
-          "vs 1 client | vs offline | offline, batches of `clients` | vs that |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "vs 1 client | vs offline | offline, batches of `clients` | vs that | "
+          "offline, length-sorted batches of `clients` | vs offline |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     single = None
     for clients in args.clients:
         result = asyncio.run(run_clients(url, lines, clients, args.requests, args.seconds))
@@ -208,7 +215,8 @@ def report(
         print(f"| {clients} | {result['answered']} | {result['errors']} | {result['rate']:.1f} | "
               f"{p50:.1f} | {p95:.1f} | {p99:.1f} | {result['rate'] / single:.2f}x | "
               f"{result['rate'] / offline[0]:.0%} | {offline[clients]:.1f} | "
-              f"{result['rate'] / offline[clients]:.0%} |", flush=True)  # fmt: skip
+              f"{result['rate'] / offline[clients]:.0%} | {offline[-clients]:.1f} | "
+              f"{offline[-clients] / offline[0]:.0%} |", flush=True)  # fmt: skip
     before = rss_mib(pid)
     result = asyncio.run(run_clients(url, lines, 32, args.memory_requests, 10 * args.seconds))
     print()

@@ -631,6 +631,7 @@ def test_load_generator_smoke_run(trained_run: Path) -> None:
         low = (rate - 0.05) / (offline_batches + 0.05)
         high = (rate + 0.05) / (offline_batches - 0.05)
         assert 100 * low - 0.5 <= int(share[:-1]) <= 100 * high + 0.5
+        assert len(row) == 15 and float(row[12]) > 0 and re.fullmatch(r"\d+%", row[13].strip())
     assert re.search(r"server RSS: \d+ MiB before, \d+ MiB after \d+ requests", out.stdout)
 
 
