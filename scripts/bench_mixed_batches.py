@@ -28,12 +28,12 @@ for path in (ROOT, ROOT / "scripts"):  # run as a script from anywhere; its help
         sys.path.insert(0, str(path))
 
 import torch  # noqa: E402
-from bench import cpu_model, find_data, publish, wrap  # noqa: E402
+from bench import cpu_model, publish, wrap  # noqa: E402
 from bench_multilingual import (  # noqa: E402
     MULTI_CONFIG,
-    SMOKE_OVERRIDES,
+    common_arguments,
     run_config,
-    smoke_data,
+    set_up,
     train_run,
 )
 
@@ -120,24 +120,10 @@ def report(args: argparse.Namespace, runs: dict[str, dict[str, Any]]) -> str:
 def main() -> None:
     """Parse arguments, train both runs, print (and maybe write) the section."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", help="Multi30k directory with de, en and fr files (default "
-                        "data/multi30k or ../shared/data/multi30k)")  # fmt: skip
-    parser.add_argument("--workdir", help="runs (default runs/bench-mixed-batches[-smoke])")
+    common_arguments(parser, "bench-mixed-batches")
     parser.add_argument("--minutes", type=float, default=20, help="train.max_minutes of each run")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's)")
-    parser.add_argument("--smoke", action="store_true", help="tiny models, a slice of the data")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="config overrides for both runs")  # fmt: skip
-    parser.add_argument("--write", help="Markdown file whose section to replace")
     args = parser.parse_args()
-    args.workdir = args.workdir or f"runs/bench-mixed-batches{'-smoke' if args.smoke else ''}"
-    Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    data = find_data(args.data)
-    languages = load_config(MULTI_CONFIG).data.target_languages()
-    args.data = smoke_data(data, Path(args.workdir), languages) if args.smoke else data
-    args.overrides = [*(SMOKE_OVERRIDES if args.smoke else []), *args.set]
+    set_up(args)
     publish(report(args, bench(args)), args.write, SECTION)
 
 

@@ -261,27 +261,23 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> str:
     return "\n".join(wrap(line) for line in lines) + "\n"
 
 
-def main() -> None:
-    """Parse arguments, train and score every model, print (and maybe write) the section."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def common_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    """The options every Multi30k multilingual benchmark takes; runs go to runs/NAME[-smoke]."""
     parser.add_argument("--data", help="Multi30k directory with de, en and fr files (default "
                         "data/multi30k or ../shared/data/multi30k)")  # fmt: skip
-    parser.add_argument("--workdir", help="runs (default runs/bench-multilingual[-smoke])")
+    parser.add_argument("--workdir", help=f"runs (default runs/{name}[-smoke])")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's)")
     parser.add_argument("--smoke", action="store_true", help="tiny models, a slice of the data")
-    parser.add_argument("--minutes", type=float, help="each bilingual run's train.max_minutes "
-                        "(default: the recipe's)")  # fmt: skip
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides for every run")  # fmt: skip
-    parser.add_argument("--multi-set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="overrides for the multilingual run only, after --set")  # fmt: skip
-    parser.add_argument("--bilingual", nargs="*", default=[], type=Path, metavar="RUN",
-                        help="bilingual runs trained before (e.g. by scripts/multi30k.sh, on "
-                        "this machine), used instead of training their directions")  # fmt: skip
     parser.add_argument("--write", help="Markdown file whose section to replace")
-    args = parser.parse_args()
-    suffix = "-smoke" if args.smoke else ""
-    args.workdir = args.workdir or f"runs/bench-multilingual{suffix}"
+    parser.set_defaults(name=name)
+
+
+def set_up(args: argparse.Namespace) -> None:
+    """Act on the common options: the workdir made, threads set, args.data the data to train
+    on (with --smoke, a slice of it in the workdir) and args.overrides every run's settings."""
+    args.workdir = args.workdir or f"runs/{args.name}{'-smoke' if args.smoke else ''}"
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -289,6 +285,21 @@ def main() -> None:
     languages = load_config(MULTI_CONFIG).data.target_languages()
     args.data = smoke_data(data, Path(args.workdir), languages) if args.smoke else data
     args.overrides = [*(SMOKE_OVERRIDES if args.smoke else []), *args.set]
+
+
+def main() -> None:
+    """Parse arguments, train and score every model, print (and maybe write) the section."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common_arguments(parser, "bench-multilingual")
+    parser.add_argument("--minutes", type=float, help="each bilingual run's train.max_minutes "
+                        "(default: the recipe's)")  # fmt: skip
+    parser.add_argument("--multi-set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides for the multilingual run only, after --set")  # fmt: skip
+    parser.add_argument("--bilingual", nargs="*", default=[], type=Path, metavar="RUN",
+                        help="bilingual runs trained before (e.g. by scripts/multi30k.sh, on "
+                        "this machine), used instead of training their directions")  # fmt: skip
+    args = parser.parse_args()
+    set_up(args)
     args.multi_overrides = args.multi_set
     section = report(args, bench(args))
     publish(section, args.write, SECTION)
