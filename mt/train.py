@@ -92,6 +92,7 @@ class TrainState:
     oom_steps: int = 0  # updates skipped on every rank because one ran out of memory
     train_seconds: float = 0.0  # wall-clock spent in training steps and validation
     unvalidated: bool = False  # a signal stopped the run at a due validation: it runs on resume
+    validated: bool = False  # this step was validated (a signal's fast stop skips it)
 
 
 @dataclass
@@ -430,6 +431,8 @@ def start(
     )
     if checkpoint is not None:
         run.state = restore(checkpoint, run)
+        # A validated checkpoint needs no second validation should the run end where it is.
+        run.last_saved = run.state.step if run.state.validated else -1
     return run
 
 
@@ -785,7 +788,7 @@ def validation_due(run: Run) -> bool:
 def validate_and_save(run: Run) -> bool:
     """Validate and checkpoint on rank 0 while the others wait; True if training should stop."""
     tc, state, world = run.config.train, run.state, run.world
-    state.unvalidated = False
+    state.unvalidated, state.validated = False, True
     window = window_totals(run)
     if world.is_main:
         check_finite_weights(run)
@@ -909,6 +912,7 @@ def end(run: Run, signum: int | None) -> None:
     state = run.state
     if run.last_saved != state.step:
         state.unvalidated = signum is not None and validation_due(run)
+        state.validated = signum is None
         window = window_totals(run)
         if run.world.is_main:
             check_finite_weights(run)

@@ -264,9 +264,11 @@ def test_time_limit_stops_with_a_checkpoint(
     assert 1 <= result.state.step < 5 and result.signum is None
     assert ckpt.latest_checkpoint(run).step == result.state.step
     assert f"reached train.max_minutes=1e-05 at step {result.state.step}" in caplog.text
-    # Run again with the budget spent already: no further update.
+    # Run again with the budget spent already: no further update, no second validation.
+    valid = read_metrics(run, "valid")
     again = train(tiny(run, "train.max_steps=1000", "train.max_minutes=0.00001"))
     assert again.state.step == result.state.step == ckpt.latest_checkpoint(run).step
+    assert read_metrics(run, "valid") == valid and valid[-1]["step"] == result.state.step
 
 
 def test_average_last_at_the_end(tmp_path: Path) -> None:
