@@ -28,6 +28,7 @@ from bench import cpu_model, log, publish, wrap  # noqa: E402
 
 from mt.evaluate import score, translate_test_sets  # noqa: E402
 from mt.rundir import load_run_config  # noqa: E402
+from mt.translate import resolve_runtime  # noqa: E402
 
 SECTION = "## Length penalty: dev and test BLEU by decode.alpha"
 SPLITS = ("valid", "test")
@@ -49,12 +50,12 @@ def label(setting: Setting) -> str:
     return f"{kind} {alpha:g}" if kind == "gnmt" else kind
 
 
-def bleu_of(run: Path, setting: Setting, split: str) -> dict[str, float]:
+def bleu_of(run: Path, setting: Setting, split: str, precision: str) -> dict[str, float]:
     """BLEU of every direction of `run` on `split` under `setting`: {direction: BLEU}."""
     kind, alpha = setting
     alpha_given = alpha if kind == "gnmt" else None  # the others ignore alpha
     found = translate_test_sets(
-        run, "cpu", "auto", split=split, length_penalty=kind, alpha=alpha_given
+        run, "cpu", precision, split=split, length_penalty=kind, alpha=alpha_given
     )
     return {d: score(hyps, refs)["bleu"].score for d, (hyps, refs) in found.items()}
 
@@ -70,9 +71,12 @@ def bench(runs: list[Path], settings: list[Setting]) -> dict[Path, dict[Setting,
     res: dict[Path, dict[Setting, dict]] = {}
     for run in runs:
         res[run] = {}
+        # One choice for every decode of the run: `auto` times fp32 against bf16, and two
+        # timings on a busy machine may disagree, which would change outputs between settings.
+        _, precision = resolve_runtime("cpu", "auto", run)
         for setting in dict.fromkeys([own_setting(run), *settings]):
             log(f"{run}: {label(setting)}")
-            res[run][setting] = {split: bleu_of(run, setting, split) for split in SPLITS}
+            res[run][setting] = {s: bleu_of(run, setting, s, precision) for s in SPLITS}
     return res
 
 
