@@ -97,8 +97,13 @@ def test_resume_mid_epoch_is_exact_with_several_corpora(
 
 
 def translate_cli(run: Path, source: Path, *options: str) -> list[str]:
-    """`mt translate -m RUN SOURCE OPTIONS` in-process: its output lines."""
-    result = CliRunner().invoke(app, ["translate", "-m", str(run), str(source), *options])
+    """`mt translate -m RUN SOURCE OPTIONS` in-process, in fp32: its output lines.
+
+    fp32, because `--precision auto` times fp32 against bf16 at every call, and two calls whose
+    outputs a test compares could choose differently on a busy machine.
+    """
+    args = ["translate", "-m", str(run), str(source), "--precision", "fp32", *options]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     return result.stdout.splitlines()
 
