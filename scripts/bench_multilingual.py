@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import shlex
 import statistics
 import sys
@@ -48,6 +49,8 @@ MULTI_CONFIG = ROOT / "configs" / "multi30k-multi.yaml"
 BILINGUAL_CONFIG = ROOT / "configs" / "multi30k.yaml"
 SPLITS = {"train": "train", "valid": "val", "test": TEST_PREFIX}  # data.<key>: file prefix
 SMOKE_LINES = {"train": 300, "val": 10, TEST_PREFIX: 10}  # lines of each split kept by --smoke
+SPEED_LINES = {"train": None, "val": 20, TEST_PREFIX: 20}  # speed runs: all training data
+SPEED_SETTINGS = ["train.log_every=20", "train.keep_last=1"]  # before --set, which may change them
 SMOKE_OVERRIDES = [  # a tiny model, a few steps: the whole benchmark path in seconds
     "tokenizer.vocab_size=200",
     "tokenizer.byte_fallback=false",
@@ -70,14 +73,19 @@ SMOKE_OVERRIDES = [  # a tiny model, a few steps: the whole benchmark path in se
 ]
 
 
-def smoke_data(data: Path, workdir: Path, languages: list[str]) -> Path:
-    """The first lines of each split (SMOKE_LINES) of every language, for --smoke."""
-    out = workdir / "smoke-data"
+def sliced_data(data: Path, out: Path, languages: list[str], lines: dict[str, int | None]) -> Path:
+    """In `out`, the first `lines[prefix]` lines of each split of every language (None: the
+    whole file, linked)."""
     out.mkdir(parents=True, exist_ok=True)
-    for prefix, n in SMOKE_LINES.items():
+    for prefix, n in lines.items():
         for lang in languages:
-            lines = list(read_lines(data / f"{prefix}.{lang}.gz"))[:n]
-            (out / f"{prefix}.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
+            source = data / f"{prefix}.{lang}.gz"
+            if n is None:
+                if not (link := out / source.name).exists():
+                    link.symlink_to(source.resolve())
+                continue
+            kept = itertools.islice(read_lines(source), n)
+            (out / f"{prefix}.{lang}").write_text("\n".join(kept) + "\n", encoding="utf-8")
     return out
 
 
@@ -168,6 +176,37 @@ def score_zero_shot(run: Path, multi: Config, data: Path) -> dict[str, dict[str,
     return out
 
 
+def speed_runs(args: argparse.Namespace, multi: Config, precision: str) -> dict[str, Any]:
+    """Throughput with the sampler and the tags as the only differences: fresh runs of
+    --speed-minutes each, the multilingual recipe and each of its directions' bilingual one,
+    all with the multilingual vocabulary's size and the multilingual run's precision. They
+    validate once, at the end, on the first 20 dev lines; the numbers are run_numbers'."""
+    workdir = Path(args.workdir) / "speed"
+    data = args.data
+    if not args.smoke:  # the smoke data is small already
+        languages = multi.data.target_languages()
+        data = sliced_data(data, workdir / "data", languages, SPEED_LINES)
+    last = [
+        f"train.max_minutes={args.speed_minutes}",
+        "train.valid_every=1000000",
+        f"train.precision={precision}",
+    ]
+    head, vocab = [*SPEED_SETTINGS, *args.overrides], multi.tokenizer.vocab_size
+    configs = {
+        "multilingual": run_config(
+            MULTI_CONFIG, workdir / "multi", data, [*head, *args.multi_overrides, *last]
+        )
+    }
+    for c in multi.data.directions():
+        langs = [f"data.src_lang={c.src_lang}", f"data.tgt_lang={c.tgt_lang}"]
+        settings = [*langs, *head, f"tokenizer.vocab_size={vocab}", *last]
+        configs[f"bilingual {c.direction}"] = run_config(
+            BILINGUAL_CONFIG, workdir / c.direction, data, settings
+        )
+    runs = {name: train_run(config) for name, config in configs.items()}
+    return {"vocab_size": vocab, "precision": precision, "runs": runs}
+
+
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     """Train every model, score every direction; the numbers of the report."""
     workdir, data, extra = Path(args.workdir), Path(args.data), args.overrides
@@ -193,7 +232,11 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     for direction, run in bilingual.items():
         run["bleu"] = evaluate_run(run["run"])[direction]["bleu"]
     zero = score_zero_shot(multi["run"], multi_config, data)
-    return {"multi": multi, "bilingual": bilingual, "zero_shot": zero}
+    res = {"multi": multi, "bilingual": bilingual, "zero_shot": zero}
+    if args.speed_minutes:
+        precision = read_metrics(multi["run"], "end")[-1]["precision"]
+        res["speed"] = speed_runs(args, multi_config, precision)
+    return res
 
 
 def bleu_rows(res: dict[str, Any]) -> list[str]:
@@ -208,11 +251,9 @@ def bleu_rows(res: dict[str, Any]) -> list[str]:
     return rows
 
 
-def speed_rows(res: dict[str, Any]) -> list[str]:
+def speed_rows(named: list[tuple[str, dict[str, Any]]]) -> list[str]:
     """The table of training runs: steps, minutes and median target tokens/s."""
     rows = ["| model | steps | minutes | target tokens/s |", "|---|---:|---:|---:|"]
-    named = [("multilingual", res["multi"])]
-    named += [(f"bilingual {d}", run) for d, run in res["bilingual"].items()]
     for name, run in named:
         rows.append(f"| {name} | {run['steps']:,} | {run['minutes']:.1f} | {run['tok_s']:,.0f} |")
     return rows
@@ -225,15 +266,42 @@ def command(args: argparse.Namespace) -> str:
     words += ["--set", *args.set] if args.set else []
     words += ["--multi-set", *args.multi_set] if args.multi_set else []
     words += ["--bilingual", *map(str, args.bilingual)] if args.bilingual else []
+    words += ["--speed-minutes", f"{args.speed_minutes:g}"] if args.speed_minutes else []
     return shlex.join(words)
+
+
+def speed_ratio(named: list[tuple[str, dict[str, Any]]]) -> float:
+    """The first run's target tokens/s over the mean of the others'."""
+    others = statistics.mean(run["tok_s"] for _, run in named[1:])
+    return named[0][1]["tok_s"] / others if others else float("nan")
+
+
+def same_vocabulary(args: argparse.Namespace, res: dict[str, Any]) -> list[str]:
+    """The lines on the speed runs (--speed-minutes), none without them."""
+    if "speed" not in res:
+        return []
+    speed = res["speed"]
+    named = list(speed["runs"].items())
+    return [
+        "",
+        f"The same comparison at the same vocabulary size ({speed['vocab_size']:,} pieces "
+        f"everywhere), fresh runs of {args.speed_minutes:g} minutes each in "
+        f"{speed['precision']}, one after another in this invocation, validating only at "
+        "the end on 20 dev lines (--speed-minutes):",
+        "",
+        *speed_rows(named),
+        "",
+        f"At the same vocabulary size, multilingual training throughput is "
+        f"{speed_ratio(named):.2f} x the bilingual runs' mean.",
+    ]
 
 
 def report(args: argparse.Namespace, res: dict[str, Any]) -> str:
     """The Markdown section: machine, BLEU per direction, zero-shot, training speed."""
     machine = f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()})"
     signature: MetricScore = next(iter(res["multi"]["bleu"].values()))
-    bilingual_speed = statistics.mean(run["tok_s"] for run in res["bilingual"].values())
-    speed = res["multi"]["tok_s"] / bilingual_speed if bilingual_speed else float("nan")
+    named = [("multilingual", res["multi"])]
+    named += [(f"bilingual {d}", run) for d, run in res["bilingual"].items()]
     lines = [
         SECTION,
         "",
@@ -254,9 +322,10 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> str:
             for d, z in res["zero_shot"].items()
         ),
         "",
-        *speed_rows(res),
+        *speed_rows(named),
         "",
-        f"Multilingual training throughput is {speed:.2f} x the bilingual runs' mean.",
+        f"Multilingual training throughput is {speed_ratio(named):.2f} x the bilingual runs' mean.",
+        *same_vocabulary(args, res),
     ]
     return "\n".join(wrap(line) for line in lines) + "\n"
 
@@ -283,7 +352,9 @@ def set_up(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     data = find_data(args.data)
     languages = load_config(MULTI_CONFIG).data.target_languages()
-    args.data = smoke_data(data, Path(args.workdir), languages) if args.smoke else data
+    if args.smoke:
+        data = sliced_data(data, Path(args.workdir) / "smoke-data", languages, SMOKE_LINES)
+    args.data = data
     args.overrides = [*(SMOKE_OVERRIDES if args.smoke else []), *args.set]
 
 
@@ -298,6 +369,8 @@ def main() -> None:
     parser.add_argument("--bilingual", nargs="*", default=[], type=Path, metavar="RUN",
                         help="bilingual runs trained before (e.g. by scripts/multi30k.sh, on "
                         "this machine), used instead of training their directions")  # fmt: skip
+    parser.add_argument("--speed-minutes", type=float, default=0.0, help="also time fresh runs "
+                        "of this many minutes at the same vocabulary size (0: none)")  # fmt: skip
     args = parser.parse_args()
     set_up(args)
     args.multi_overrides = args.multi_set

@@ -147,7 +147,7 @@ def test_nbest_lists_follow_the_tag(multi_run: Path, tmp_path: Path) -> None:
 def test_one_target_language_needs_no_tag(trained_run: Path, tmp_path: Path) -> None:
     source = tmp_path / "in.txt"
     source.write_text("Ein mann sieht den see .\n", encoding="utf-8")
-    args = ["translate", "-m", str(trained_run), str(source)]
+    args = ["translate", "-m", str(trained_run), str(source), "--precision", "fp32"]
     plain, named = (CliRunner().invoke(app, a) for a in (args, [*args, "--tgt-lang", "en"]))
     assert plain.exit_code == named.exit_code == 0 and plain.stdout == named.stdout
     wrong = CliRunner().invoke(app, [*args, "--tgt-lang", "fr"])

@@ -281,20 +281,25 @@ def test_bench_multilingual_smoke_prints_and_writes_its_tables(
     if not (multi30k / f"{TEST_PREFIX}.fr.gz").is_file():
         pytest.skip(f"no French Multi30k files in {multi30k}")
     out_md = tmp_path / "benchmarks.md"
+    options = ["--minutes", "5", "--set", "model.heads=1"]
+    options += ["--multi-set", "tokenizer.vocab_size=210"]
     args = [sys.executable, str(ROOT / "scripts" / "bench_multilingual.py"), "--smoke",
             "--threads", "1", "--data", str(multi30k), "--workdir", str(tmp_path / "work"),
-            "--minutes", "5", "--set", "model.heads=1", "--write", str(out_md)]  # fmt: skip
+            *options, "--speed-minutes", "1", "--write", str(out_md)]  # fmt: skip
     proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert out.startswith("## Multilingual vs bilingual models (Multi30k)\n")
-    command = "`scripts/bench_multilingual.py --smoke --minutes 5 --set model.heads=1` on "
+    command = (
+        "`scripts/bench_multilingual.py --smoke --minutes 5 --set model.heads=1 --multi-set "
+        "tokenizer.vocab_size=210 --speed-minutes 1` on "
+    )
     assert command in out.replace("\n", " ")
     config = (tmp_path / "work" / "multi" / "config.yaml").read_text()
     assert "heads: 1\n" in config and "max_steps: 20\n" in config
     assert out_md.read_text() == f"# Benchmarks\n\n{out}"
-    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ")]
-    cells = {row[0].strip(): [c.strip() for c in row[1:]] for row in rows}
+    main, speed = out.split("The same comparison at the same vocabulary size")
+    cells = table_cells(main)
     for direction in ("de-en", "en-de", "fr-en", "en-fr"):
         bilingual, multilingual, difference = map(float, cells[direction])
         assert difference == pytest.approx(multilingual - bilingual, abs=0.011)
@@ -302,17 +307,22 @@ def test_bench_multilingual_smoke_prints_and_writes_its_tables(
         bleu, off_target = cells[direction]
         assert float(bleu) >= 0 and 0 <= float(off_target.rstrip("%")) <= 100
     runs = ["multilingual", *(f"bilingual {d}" for d in ("de-en", "en-de", "fr-en", "en-fr"))]
-    speeds = [float(cells[run][2].replace(",", "")) for run in runs]
     # The multilingual model makes twice the bilingual runs' updates (their max_steps is 10).
-    assert [cells[run][0] for run in runs] == ["20", *["10"] * 4] and min(speeds) > 0
-    ratio = re.search(r"throughput is ([\d.]+) x the bilingual", out.replace("\n", " "))
-    assert ratio is not None
-    assert float(ratio.group(1)) == pytest.approx(speeds[0] / (sum(speeds[1:]) / 4), abs=0.011)
+    assert_speeds(main, cells, runs, ["20", *["10"] * 4])
+    # The speed runs: every model with the multilingual vocabulary, the smoke's 10 steps.
+    opening = " (210 pieces everywhere), fresh runs of 1 minutes each in fp32, one after another"
+    assert speed.replace("\n", " ").startswith(opening)
+    assert_speeds(speed, table_cells(speed), runs, ["10"] * 5)
+    for name in ("multi", "de-en", "en-de", "fr-en", "en-fr"):
+        config = (tmp_path / "work" / "speed" / name / "config.yaml").read_text()
+        for line in ("vocab_size: 210", "heads: 1", "max_minutes: 1.0", "valid_every: 1000000"):
+            assert f"  {line}\n" in config, (name, line)
+    assert "  vocab_size: 200\n" in (tmp_path / "work" / "de-en" / "config.yaml").read_text()
     # --bilingual takes those runs instead of training them: a new workdir holds only the
     # multilingual model, trained alike, so the tables come out the same but for its speed.
     bilingual = [str(tmp_path / "work" / d) for d in ("de-en", "en-de", "fr-en", "en-fr")]
     again = [*args[: args.index("--workdir") + 1], str(tmp_path / "work2"),
-             "--minutes", "5", "--set", "model.heads=1", "--bilingual", *bilingual]  # fmt: skip
+             *options, "--bilingual", *bilingual]  # fmt: skip
     proc = subprocess.run(again, capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "work2").iterdir()) == ["multi", "smoke-data"]
@@ -320,7 +330,8 @@ def test_bench_multilingual_smoke_prints_and_writes_its_tables(
     def tables(text: str) -> list[str]:
         return [x for x in text.splitlines() if x.startswith("|") and "| multilingual |" not in x]
 
-    assert tables(proc.stdout) == tables(out)
+    assert "same vocabulary size" not in proc.stdout
+    assert tables(proc.stdout) == tables(main)
     wrong = [*again[: again.index("--bilingual") + 1], str(tmp_path / "work" / "multi")]
     proc = subprocess.run(wrong, capture_output=True, text=True, cwd=ROOT)
     assert (proc.returncode, proc.stderr.splitlines()[-1]) == (
@@ -328,6 +339,21 @@ def test_bench_multilingual_smoke_prints_and_writes_its_tables(
         f"--bilingual {tmp_path / 'work' / 'multi'}: trains de-en, en-de, fr-en, en-fr; "
         "expected one of de-en, en-de, fr-en, en-fr",
     )
+
+
+def table_cells(text: str) -> dict[str, list[str]]:
+    """The Markdown table rows of `text` by their first cell: the other cells, stripped."""
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ")]
+    return {row[0].strip(): [c.strip() for c in row[1:]] for row in rows}
+
+
+def assert_speeds(text: str, cells: dict, runs: list[str], steps: list[str]) -> None:
+    """The speed table of bench_multilingual: each run's steps, and the ratio it states."""
+    speeds = [float(cells[run][2].replace(",", "")) for run in runs]
+    assert [cells[run][0] for run in runs] == steps and min(speeds) > 0
+    ratio = re.search(r"throughput is ([\d.]+) x the bilingual", text.replace("\n", " "))
+    assert ratio is not None
+    assert float(ratio.group(1)) == pytest.approx(speeds[0] / (sum(speeds[1:]) / 4), abs=0.011)
 
 
 @pytest.mark.slow

@@ -98,20 +98,21 @@ def test_output_does_not_depend_on_batching(loaded) -> None:
 def test_stdin_file_and_output_file_agree(trained_run: Path, tmp_path: Path) -> None:
     source = tmp_path / "in.txt"
     source.write_bytes(EDGE_TEXT.encode("utf-8"))
-    piped = run_mt("translate", "-m", str(trained_run), stdin=source.read_bytes())
+    fp32 = ["--precision", "fp32"]  # auto is timed per call: two calls could choose differently
+    piped = run_mt("translate", "-m", str(trained_run), *fp32, stdin=source.read_bytes())
     assert piped.returncode == 0, piped.stderr.decode()
     assert re.search(rb"line 4: [\d,]+ tokens, truncated to 127", piped.stderr)
     stdout = piped.stdout.decode("utf-8")
     assert stdout.count("\n") == len(EDGE_LINES)
 
     runner = CliRunner()
-    from_file = runner.invoke(app, ["translate", "-m", str(trained_run), str(source)])
+    from_file = runner.invoke(app, ["translate", "-m", str(trained_run), str(source), *fp32])
     assert from_file.exit_code == 0, from_file.output
     assert from_file.stdout == stdout
 
     target = tmp_path / "out.txt"
     written = runner.invoke(
-        app, ["translate", str(source), "-m", str(trained_run), "-o", str(target)]
+        app, ["translate", str(source), "-m", str(trained_run), "-o", str(target), *fp32]
     )
     assert written.exit_code == 0, written.output
     assert written.stdout == ""
