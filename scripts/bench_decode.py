@@ -26,8 +26,17 @@ from mt.rundir import load_trained
 from mt.translate import decode_settings, translate_lines
 
 
-def bench(run: Path, src: Path, ref: Path, beams: list[int], repeats: int, precision: str) -> None:
-    """Time each beam size and print the table."""
+def bench(
+    run: Path,
+    src: Path,
+    ref: Path,
+    beams: list[int],
+    budgets: list[int | None],
+    repeats: int,
+    precision: str,
+) -> None:
+    """Time each beam size at each decoding batch budget and print the table. The repeats go
+    round all settings in turn, so that a drift of the machine's speed touches them alike."""
     device = torch.device("cpu")
     configure_backends(device)  # as `mt translate` does: glibc keeps freed memory
     config, tokenizer, model, checkpoint = load_trained(run, device)
@@ -37,22 +46,26 @@ def bench(run: Path, src: Path, ref: Path, beams: list[int], repeats: int, preci
     print(f"model: {checkpoint.weights} | {len(sources)} sentences | precision {precision} | "
           f"{threads} threads | {machine}")  # fmt: skip
     print()
-    print("| search | seconds (median) | sentences/s | target tokens/s | BLEU |")
-    print("|---|---|---|---|---|")
-    for beam in beams:
-        settings = decode_settings(config, beam=beam, nbest=1)
-        times, outputs = [], []
-        for _ in range(repeats):
+    print("| search | batch tokens | seconds (median) | sentences/s | target tokens/s | BLEU |")
+    print("|---|---|---|---|---|---|")
+    settings = [(beam, budget or config.decode.max_tokens) for beam in beams for budget in budgets]
+    times: dict[tuple[int, int], list[float]] = {s: [] for s in settings}
+    outputs: dict[tuple[int, int], list] = {}
+    for _ in range(repeats):
+        for beam, budget in settings:
+            decode = decode_settings(config, beam=beam, nbest=1)
             start = time.perf_counter()
-            outputs = translate_lines(sources, tokenizer, model, settings, device, precision)
-            times.append(time.perf_counter() - start)
-        seconds = statistics.median(times)
-        hyps = [o[0].text if o else "" for o in outputs]
-        tokens = sum(len(o[0].tokens) + 1 for o in outputs if o)
+            found = translate_lines(sources, tokenizer, model, decode, device, precision, budget)
+            times[beam, budget].append(time.perf_counter() - start)
+            outputs[beam, budget] = found
+    for (beam, budget), found in outputs.items():
+        seconds = statistics.median(times[beam, budget])
+        hyps = [o[0].text if o else "" for o in found]
+        tokens = sum(len(o[0].tokens) + 1 for o in found if o)
         bleu = sacrebleu.corpus_bleu(hyps, [references]).score
         name = "greedy" if beam == 1 else f"beam {beam}"
-        print(f"| {name} | {seconds:.2f} | {len(sources) / seconds:.0f} | {tokens / seconds:,.0f} "
-              f"| {bleu:.2f} |")  # fmt: skip
+        print(f"| {name} | {budget:,} | {seconds:.2f} | {len(sources) / seconds:.0f} | "
+              f"{tokens / seconds:,.0f} | {bleu:.2f} |")  # fmt: skip
 
 
 def main() -> None:
@@ -62,6 +75,8 @@ def main() -> None:
     parser.add_argument("--src", type=Path, required=True)
     parser.add_argument("--ref", type=Path, required=True)
     parser.add_argument("--beams", default="1,5", help="comma-separated beam sizes")
+    parser.add_argument("--max-tokens", default="", help="comma-separated decoding batch "
+                        "budgets (default: the run's decode.max_tokens)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--threads", type=int, default=0)
@@ -69,7 +84,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     beams = [int(b) for b in args.beams.split(",")]
-    bench(args.run, args.src, args.ref, beams, args.repeats, args.precision)
+    budgets = [int(b) for b in args.max_tokens.split(",")] if args.max_tokens else [None]
+    bench(args.run, args.src, args.ref, beams, budgets, args.repeats, args.precision)
 
 
 if __name__ == "__main__":

@@ -36,16 +36,19 @@ TEST_PREFIX = "test_2016_flickr"
 def test_bench_decode_prints_a_table(trained_run: Path) -> None:
     args = [sys.executable, str(ROOT / "scripts" / "bench_decode.py"), str(trained_run),
             "--src", str(TINY / "valid.de"), "--ref", str(TINY / "valid.en"), "--beams", "1,2",
-            "--repeats", "1", "--threads", "1"]  # fmt: skip
+            "--max-tokens", "64,100000", "--repeats", "1", "--threads", "1"]  # fmt: skip
     out = subprocess.run(args, capture_output=True, text=True, check=True, cwd=ROOT).stdout
     rows = [
-        line
+        [cell.strip() for cell in line.split("|")[1:-1]]
         for line in out.splitlines()
         if line.startswith("| greedy") or line.startswith("| beam")
     ]
-    assert [row.split("|")[1].strip() for row in rows] == ["greedy", "beam 2"]
-    bleus = [float(row.split("|")[5]) for row in rows]
+    assert [row[:2] for row in rows] == [
+        ["greedy", "64"], ["greedy", "100,000"], ["beam 2", "64"], ["beam 2", "100,000"]
+    ]  # fmt: skip
+    bleus = [float(row[5]) for row in rows]
     assert all(bleu > 50 for bleu in bleus)  # the tiny run has learnt its toy language
+    assert bleus[0] == bleus[1] and bleus[2] == bleus[3]  # batching does not change outputs
 
 
 @pytest.mark.slow
