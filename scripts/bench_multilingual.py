@@ -89,6 +89,11 @@ def sliced_data(data: Path, out: Path, languages: list[str], lines: dict[str, in
     return out
 
 
+def run_languages(config: Config) -> list[str]:
+    """Every language a run reads, as a source or a target, sorted."""
+    return sorted({lang for c in config.data.directions() for lang in (c.src_lang, c.tgt_lang)})
+
+
 def run_config(path: Path, run_dir: Path, data: Path, extra: list[str]) -> Config:
     """The config at `path` on the Multi30k files in `data`, training into `run_dir`."""
     files = [f"data.{key}={data / prefix}" for key, prefix in SPLITS.items()]
@@ -165,7 +170,7 @@ def off_target(hyps: list[str], wanted: str, languages: list[str]) -> float:
 
 def score_zero_shot(run: Path, multi: Config, data: Path) -> dict[str, dict[str, Any]]:
     """BLEU and off-target rate of each zero-shot direction on the test set."""
-    languages = sorted({lang for c in multi.data.directions() for lang in (c.src_lang, c.tgt_lang)})
+    languages = run_languages(multi)
     out = {}
     for src, tgt in zero_shot(multi):
         pairs = list(open_corpus(str(data / TEST_PREFIX), src, tgt, split="test").pairs())
@@ -184,8 +189,7 @@ def speed_runs(args: argparse.Namespace, multi: Config, precision: str) -> dict[
     workdir = Path(args.workdir) / "speed"
     data = args.data
     if not args.smoke:  # the smoke data is small already
-        languages = multi.data.target_languages()
-        data = sliced_data(data, workdir / "data", languages, SPEED_LINES)
+        data = sliced_data(data, workdir / "data", run_languages(multi), SPEED_LINES)
     last = [
         f"train.max_minutes={args.speed_minutes}",
         "train.valid_every=1000000",
@@ -351,7 +355,7 @@ def set_up(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     data = find_data(args.data)
-    languages = load_config(MULTI_CONFIG).data.target_languages()
+    languages = run_languages(load_config(MULTI_CONFIG))
     if args.smoke:
         data = sliced_data(data, Path(args.workdir) / "smoke-data", languages, SMOKE_LINES)
     args.data = data
