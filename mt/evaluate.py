@@ -129,7 +129,7 @@ def translate_test_sets(
     """Best translations and references of each direction's `split` (test or valid) set."""
     paths = [models] if isinstance(models, Path) else list(models)
     dev, prec = resolve_runtime(device, precision, paths[0], quantization)
-    config, tokenizer, model, checkpoints = load_models(paths, dev, weights, quantization)
+    config, tokenizer, model, checkpoints = load_models(paths, dev, weights, quantization, prec)
     tests = open_directions(config, split)
     if not tests:
         raise MtError(
@@ -164,7 +164,7 @@ def model_translations(
     """
     paths = [models] if isinstance(models, Path) else list(models)
     dev, prec = resolve_runtime(device, precision, paths[0], quantization)
-    config, tokenizer, model, checkpoints = load_models(paths, dev, weights, quantization)
+    config, tokenizer, model, checkpoints = load_models(paths, dev, weights, quantization, prec)
     check_target(config, tokenizer, tgt_lang)
     refs = None
     if sources is None:

@@ -40,6 +40,7 @@ from mt.device import (
 )
 from mt.errors import ConfigError, MtError
 from mt.files import atomic_write
+from mt.packing import pack
 from mt.quantize import check_quantization, quantize
 from mt.rundir import load_run_config, load_trained
 from mt.search import Constraints, Decoder, Ensemble
@@ -152,12 +153,13 @@ def load_models(
     device: torch.device,
     weights: Sequence[float] | None = None,
     quantization: str = "none",
+    precision: str = "fp32",
 ) -> tuple[Config, Tokenizer, Decoder, str]:
     """The first model's config and tokenizer, the model or ensemble, and its checkpoint(s).
 
     Several models make a log-linear ensemble (weights default to equal); they must share the
     vocabulary: MtError naming the first difference otherwise. `quantization` (see mt.quantize)
-    applies to every model.
+    applies to every model; fp32 on a CPU packs the linear layers (see mt.packing).
     """
     if weights and len(weights) != len(paths):
         raise MtError(f"--weights: {len(weights)} weights for {len(paths)} models")
@@ -175,7 +177,7 @@ def load_models(
     names = ", ".join(str(checkpoint.weights) for *_, checkpoint in loaded)
     models = [model for _, _, model, _ in loaded]
     decoder = models[0] if len(models) == 1 else Ensemble(models, weights)
-    return config, tokenizer, quantize(decoder, quantization), names
+    return config, tokenizer, pack(quantize(decoder, quantization), device, precision), names
 
 
 def vocabulary_difference(first: Tokenizer, other: Tokenizer) -> str | None:
@@ -433,7 +435,7 @@ def translate_file(
     constraint_rows = None if constraints is None else read_aligned(constraints, lines, source)
     if output is not None and not Path(output).parent.is_dir():
         raise MtError(f"{output}: directory {Path(output).parent} does not exist")
-    config, tokenizer, model, checkpoints = load_models(models, dev, weights, quantization)
+    config, tokenizer, model, checkpoints = load_models(models, dev, weights, quantization, prec)
     check_target(config, tokenizer, tgt_lang)
     decode = decode_settings(config, **overrides)
     if constraints is not None and decode.sampling:

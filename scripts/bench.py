@@ -53,6 +53,7 @@ from mt.export.hf import generation_config, marian_from_mt  # noqa: E402
 from mt.loss import label_smoothed_nll  # noqa: E402
 from mt.model import Transformer, count_parameters  # noqa: E402
 from mt.optim import make_scheduler  # noqa: E402
+from mt.packing import pack  # noqa: E402
 from mt.rundir import encode_split, load_trained, prepare_tokenizer  # noqa: E402
 from mt.search import max_lengths, strip  # noqa: E402
 from mt.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
@@ -299,6 +300,7 @@ def decode_phase(spec: dict[str, Any]) -> dict[str, Any]:
             return hf_translate(hf, sources, tokenizer, decode, precision, limit)
 
     else:
+        pack(model, DEVICE, precision)  # as `mt translate` decodes
 
         def run() -> list[list[int]]:
             outs = translate_lines(sources, tokenizer, model, decode, DEVICE, precision)

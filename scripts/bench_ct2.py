@@ -5,7 +5,8 @@
     .venv/bin/python scripts/bench_ct2.py --smoke                             # seconds, for tests
 
 Every system decodes Multi30k's test_2016_flickr (German → English, 1,000 sentences) with beam
-5, in this one process, on the same threads: mt with `mt.translate.translate_lines` in fp32 and
+5, in this one process, on the same threads: mt with `mt.translate.translate_lines` in fp32 (its
+linear layers packed, as `mt translate` runs them, and unpacked) and
 with its int8 weights (`mt translate --quantize int8`, mt.quantize), in bf16 where `--precision
 auto` (mt translate's default) picks it on this CPU, and CTranslate2 exported from the same
 weights by `mt.export.ct2.save_ct2`, run by `mt.export.ct2_search.translate_ct2` (batches of
@@ -52,6 +53,7 @@ from mt.export.ct2 import import_ctranslate2, save_ct2  # noqa: E402
 from mt.export.ct2_search import translate_ct2  # noqa: E402
 from mt.files import atomic_directory  # noqa: E402
 from mt.model import Transformer  # noqa: E402
+from mt.packing import pack  # noqa: E402
 from mt.quantize import quantize  # noqa: E402
 from mt.rundir import load_trained  # noqa: E402
 from mt.tokenizer import Tokenizer  # noqa: E402
@@ -182,8 +184,11 @@ def bench(
     decode = decode_settings(config, beam=args.beam, nbest=1)
     limit = model.max_positions
     int8 = quantize(copy.deepcopy(model), "int8")
+    cpu = torch.device("cpu")
+    packed = pack(copy.deepcopy(model), cpu, "fp32")  # as `mt translate` decodes in fp32
     decoders = {
-        "mt": mt_decoder(model, tokenizer, decode),
+        "mt": mt_decoder(packed, tokenizer, decode),
+        "mt, nn.Linear (unpacked)": mt_decoder(model, tokenizer, decode),
         "mt int8": mt_decoder(int8, tokenizer, decode),
     }
     # What `mt translate` runs by default: --precision auto times fp32 against bf16 here.
@@ -207,7 +212,7 @@ def bench(
         exact = decode_settings(config, beam=args.beam, nbest=1, min_len=L, max_len_a=0,
                                 max_len_b=L + 1)  # fmt: skip
         fixed = {
-            "mt": mt_decoder(model, tokenizer, exact),
+            "mt": mt_decoder(packed, tokenizer, exact),
             "CT2 float32": ct2_decoder(float32, "float32", args.threads, tokenizer, exact, limit),
             "CT2 float32, 4,096-token batches": ct2_own_decoder(
                 float32, args.threads, tokenizer, exact.beam, 4096, limit, length=L
@@ -259,7 +264,9 @@ def report(args: argparse.Namespace, weights: Path, res: dict[str, Any]) -> str:
         f"{d.max_len_a} x source length + {d.max_len_b}, {d.length_penalty} length penalty "
         f"(alpha {d.alpha}); median of {args.repeats} passes in one process, tokenising and "
         "detokenising included. mt: `mt.translate.translate_lines`, fp32, batches of "
-        f"{d.max_tokens:,} source tokens; mt int8: the same with `--quantize int8` (int8 "
+        f"{d.max_tokens:,} source tokens, linear layers packed by oneDNN as `mt translate` "
+        "runs them in fp32 on a CPU (mt.packing; the unpacked nn.Linear model as the row "
+        "after it); mt int8: the same with `--quantize int8` (int8 "
         "weights per output row, activations quantised per batch); a row for `mt translate`'s "
         "default `--precision auto` where it picks bf16 over fp32 on this CPU. CTranslate2: `mt "
         "export --format ct2` of the same weights (int8: `--quantization int8`), decoded by "

@@ -22,6 +22,7 @@ import torch
 
 from mt.corpora import read_lines
 from mt.device import configure_backends
+from mt.packing import pack
 from mt.rundir import load_trained
 from mt.translate import decode_settings, translate_lines
 
@@ -40,6 +41,7 @@ def bench(
     device = torch.device("cpu")
     configure_backends(device)  # as `mt translate` does: glibc keeps freed memory
     config, tokenizer, model, checkpoint = load_trained(run, device)
+    pack(model, device, precision)  # as `mt translate` decodes
     sources, references = list(read_lines(src)), list(read_lines(ref))
     machine = platform.processor() or platform.machine()
     threads = torch.get_num_threads()

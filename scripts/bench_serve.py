@@ -39,6 +39,7 @@ import torch
 
 from mt.corpora import read_lines
 from mt.errors import MtError
+from mt.packing import pack
 from mt.quantize import quantize
 from mt.rundir import load_trained, open_split
 from mt.translate import resolve_runtime, translate_lines
@@ -67,7 +68,7 @@ def offline_rates(
     always of one length (what a server that let new sentences join a running batch could at
     best approach)."""
     config, tokenizer, model, _ = load_trained(run, dev)
-    quantize(model, quantization)
+    pack(quantize(model, quantization), dev, prec)  # as `mt translate` and `mt serve` decode
 
     def rate(batches: list[list[str]]) -> float:
         start = time.perf_counter()

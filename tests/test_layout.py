@@ -29,7 +29,7 @@ STAGES: list[tuple[str, set[str]]] = [
     ),
     ("text", {"fetch", "corpora", "tokenizer"}),
     ("data", {"data", "batching"}),
-    ("model", {"model", "search", "quantize"}),
+    ("model", {"model", "search", "quantize", "packing"}),
     ("run directory", {"rundir"}),
     ("training", {"train"}),
     ("translation", {"translate"}),

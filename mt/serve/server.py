@@ -23,6 +23,7 @@ from mt.config import Config, DecodeConfig
 from mt.errors import MtError
 from mt.metrics import read_metrics
 from mt.model import Transformer, count_parameters
+from mt.packing import pack
 from mt.quantize import quantize
 from mt.rundir import load_trained
 from mt.serve.api import ModelInfo, Served, create_app
@@ -51,7 +52,8 @@ def load(
         raise MtError(f"--beam {decode.beam} exceeds --max-beam {limits.max_beam}")
     batcher = Batcher(model, tokenizer, decode, device, precision, limits)
     info = describe(config, model, checkpoint, decode, batcher, precision, quantization)
-    quantize(model, quantization)  # after describe, which counts the fp32 model's parameters
+    # After describe, which counts the fp32 model's parameters.
+    pack(quantize(model, quantization), device, precision)
     return Served(tokenizer, batcher, info, limits)
 
 

@@ -1,0 +1,144 @@
+"""oneDNN-packed fp32 linear layers for CPU decoding (mt.packing)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mt import packing
+from mt.config import DecodeConfig, ModelConfig
+from mt.model import Transformer
+from mt.packing import PackedLinear, pack
+from mt.quantize import quantize
+from mt.search import Ensemble, beam_search
+from mt.translate import load_models, translate_lines
+from mt.vocab import BOS_ID, EOS_ID
+
+CPU = torch.device("cpu")
+TINY = Path(__file__).resolve().parents[1] / "tests" / "data" / "tiny"
+needs_onednn = pytest.mark.skipif(not packing.available(), reason="torch built without oneDNN")
+
+
+def tiny_model(seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    config = ModelConfig(dim=32, enc_layers=2, dec_layers=2, heads=4, ffn_dim=64, dropout=0.0)
+    return Transformer(config, 40, 40).eval()
+
+
+def linears(model: nn.Module) -> int:
+    return sum(type(m) is nn.Linear for m in model.modules())
+
+
+def packed(model: nn.Module) -> int:
+    return sum(isinstance(m, PackedLinear) for m in model.modules())
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_linear_computes_the_linear_layer(bias: bool) -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(48, 80, bias=bias)
+    fast = PackedLinear(layer.weight, layer.bias)
+    for x in (
+        torch.randn(7, 48),
+        torch.randn(3, 5, 48),
+        torch.randn(5, 3, 48).transpose(0, 1),  # not contiguous
+        torch.randn(0, 48),
+    ):
+        got = fast(x)
+        assert got.shape == (*x.shape[:-1], 80)
+        torch.testing.assert_close(got, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_pack_swaps_every_linear_layer_and_the_tied_projection() -> None:
+    model = tiny_model()
+    count = linears(model)  # 4 per attention, 2 per FFN
+    assert count == 2 * (4 + 2) + 2 * (8 + 2)
+    before = sum(p.numel() for p in model.parameters())
+    assert pack(model, CPU, "fp32") is model
+    assert linears(model) == 0
+    assert packed(model) == count + 1
+    assert isinstance(model.output_layer, PackedLinear)
+    # Packing adds no parameters: the dense weights of the linear layers are no longer trained.
+    assert sum(p.numel() for p in model.parameters()) == before - sum(
+        m.weight.numel() + (0 if m.bias is None else m.bias.numel())
+        for m in model.modules()
+        if isinstance(m, PackedLinear) and m is not model.output_layer
+    )
+
+
+@needs_onednn
+def test_packed_model_scores_as_the_plain_one() -> None:
+    plain = tiny_model()
+    fast = pack(copy.deepcopy(plain), CPU, "fp32")
+    src = torch.tensor([[5, 9, 12, 7, EOS_ID], [6, 8, EOS_ID, 0, 0]])
+    tgt = torch.tensor([[BOS_ID, 11, 13, 17], [BOS_ID, 14, 15, 0]])
+    with torch.no_grad():
+        torch.testing.assert_close(fast(src, tgt), plain(src, tgt), rtol=1e-4, atol=1e-4)
+    config = DecodeConfig(beam=4, nbest=4, max_len_a=1.0, max_len_b=4)
+    # Ranked scores agree at each rank (a near tie may swap two hypotheses, not their scores).
+    ours, reference = beam_search(fast, src, config), beam_search(plain, src, config)
+    for mine, theirs in zip(ours, reference, strict=True):
+        assert len(mine) == len(theirs) == 4
+        for a, b in zip(mine, theirs, strict=True):
+            assert a.score == pytest.approx(b.score, abs=1e-4)
+
+
+@needs_onednn
+def test_a_deep_copy_of_a_packed_model_packs_its_own_weights() -> None:
+    model = pack(tiny_model(), CPU, "fp32")
+    twin = copy.deepcopy(model)
+    layer, copied = model.decoder[0].ffn.fc1, twin.decoder[0].ffn.fc1
+    assert isinstance(copied, PackedLinear)
+    assert copied.weight.data_ptr() != layer.weight.data_ptr()
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(copied(x), layer(x))
+
+
+def test_pack_leaves_other_precisions_devices_and_quantised_models_alone() -> None:
+    for precision in ("bf16", "fp16", "auto"):
+        model = tiny_model()
+        pack(model, CPU, precision)
+        assert packed(model) == 0 and model.output_layer is None
+    model = tiny_model()
+    pack(model, torch.device("meta"), "fp32")  # any device but the CPU
+    assert packed(model) == 0
+    model = quantize(tiny_model(), "int8")
+    output = model.output_layer
+    pack(model, CPU, "fp32")
+    assert packed(model) == 0 and model.output_layer is output
+
+
+def test_pack_is_a_no_op_without_onednn(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(packing, "available", lambda: False)
+    model = tiny_model()
+    pack(model, CPU, "fp32")
+    assert packed(model) == 0 and linears(model) == 32
+
+
+@needs_onednn
+def test_pack_packs_each_model_of_an_ensemble() -> None:
+    ensemble = Ensemble([tiny_model(0), tiny_model(1)])
+    assert pack(ensemble, CPU, "fp32") is ensemble
+    assert [packed(m) for m in ensemble.models] == [33, 33]
+
+
+@needs_onednn
+def test_load_models_packs_for_fp32_on_the_cpu_and_translates_alike(trained_run: Path) -> None:
+    config, tokenizer, fast, _ = load_models([trained_run], CPU, precision="fp32")
+    _, _, plain, _ = load_models([trained_run], CPU, precision="bf16")
+    assert packed(fast) == 1 + linears(plain) and packed(plain) == 0
+    lines = (TINY / "valid.de").read_text(encoding="utf-8").splitlines()[:40]
+    mine = translate_lines(lines, tokenizer, fast, config.decode, CPU, "fp32")
+    theirs = translate_lines(lines, tokenizer, plain, config.decode, CPU, "fp32")
+    same = [a[0] for a, b in zip(mine, theirs, strict=True) if a[0].text == b[0].text]
+    assert len(same) >= 36  # float rounding may flip a near tie, rarely
+    for a, b in zip(mine, theirs, strict=True):
+        if a[0].text == b[0].text:
+            assert a[0].score == pytest.approx(b[0].score, abs=1e-4)
