@@ -12,7 +12,8 @@ auto` (mt translate's default) picks it on this CPU, and CTranslate2 exported fr
 weights by `mt.export.ct2.save_ct2`, run by `mt.export.ct2_search.translate_ct2` (batches of
 one source length, mt's length limits and a fitted length penalty; see
 mt/export/ct2_search.py). Times include tokenising and detokenising; each figure is the median
-of --repeats passes. The process applies mt's CPU malloc setting, as `mt translate` does.
+of --repeats passes after an untimed one. The process applies mt's CPU malloc setting, as `mt
+translate` does.
 """
 
 from __future__ import annotations
@@ -235,7 +236,9 @@ def run_systems(
     results = {}
     for name, decoder in decoders.items():
         log(f"{name}: {len(sources):,} sentences x {repeats}")
-        decoder(sources[:8])  # warm-up: first-call allocations stay out of the timing
+        # A whole untimed pass first: the heap's growth and oneDNN's kernels for each new
+        # batch shape stay out of the timing, whichever system runs first.
+        decoder(sources)
         seconds, outputs = measure(decoder, sources, repeats)
         texts = tokenizer.decode_tgt(outputs)
         bleu = sacrebleu.corpus_bleu(texts, [references]).score
@@ -262,7 +265,8 @@ def report(args: argparse.Namespace, weights: Path, res: dict[str, Any]) -> str:
         "",
         f"Weights: {weights}. {n:,} sentences of {TEST_PREFIX}, beam {d.beam}, limit "
         f"{d.max_len_a} x source length + {d.max_len_b}, {d.length_penalty} length penalty "
-        f"(alpha {d.alpha}); median of {args.repeats} passes in one process, tokenising and "
+        f"(alpha {d.alpha}); median of {args.repeats} passes in one process after an untimed "
+        "one, tokenising and "
         "detokenising included. mt: `mt.translate.translate_lines`, fp32, batches of "
         f"{d.max_tokens:,} source tokens, linear layers packed by oneDNN as `mt translate` "
         "runs them in fp32 on a CPU (mt.packing; the unpacked nn.Linear model as the row "

@@ -4,14 +4,17 @@
         --src data/multi30k/test_2016_flickr.de.gz --ref data/multi30k/test_2016_flickr.en.gz
 
 Prints a Markdown table (settings, seconds, sentences/s, target tokens/s, BLEU) for
-docs/benchmarks.md. Each setting decodes the whole file `--repeats` times in this process;
-the median time is reported. Threads: torch's default (all cores) unless --threads is given.
-CPU set-up as `mt translate` (`configure_backends`: glibc keeps freed memory).
+docs/benchmarks.md. Each setting decodes the whole file once untimed, then `--repeats` times in
+this process; the median time is reported. Threads: torch's default (all cores) unless
+--threads is given. CPU set-up as `mt translate` (`configure_backends`: glibc keeps freed
+memory; fp32 linear layers packed by oneDNN, mt.packing). `--linear packed,plain` times the
+unpacked nn.Linear model too.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import statistics
 import time
@@ -26,6 +29,8 @@ from mt.packing import pack
 from mt.rundir import load_trained
 from mt.translate import decode_settings, translate_lines
 
+Setting = tuple[int, int, str]  # beam, decoding batch budget, linear layers
+
 
 def bench(
     run: Path,
@@ -35,38 +40,50 @@ def bench(
     budgets: list[int | None],
     repeats: int,
     precision: str,
+    linears: list[str],
 ) -> None:
-    """Time each beam size at each decoding batch budget and print the table. The repeats go
-    round all settings in turn, so that a drift of the machine's speed touches them alike."""
+    """Time each beam size at each decoding batch budget (and kind of linear layers) and print
+    the table. After one untimed pass of each setting, the repeats go round all settings in
+    turn, so that a drift of the machine's speed touches them alike."""
     device = torch.device("cpu")
     configure_backends(device)  # as `mt translate` does: glibc keeps freed memory
-    config, tokenizer, model, checkpoint = load_trained(run, device)
-    pack(model, device, precision)  # as `mt translate` decodes
+    config, tokenizer, plain, checkpoint = load_trained(run, device)
+    models = {"plain": plain}
+    if "packed" in linears:  # as `mt translate` decodes (unchanged where packing does not apply)
+        models["packed"] = pack(copy.deepcopy(plain), device, precision)
     sources, references = list(read_lines(src)), list(read_lines(ref))
     machine = platform.processor() or platform.machine()
     threads = torch.get_num_threads()
     print(f"model: {checkpoint.weights} | {len(sources)} sentences | precision {precision} | "
           f"{threads} threads | {machine}")  # fmt: skip
     print()
-    print("| search | batch tokens | seconds (median) | sentences/s | target tokens/s | BLEU |")
-    print("|---|---|---|---|---|---|")
-    settings = [(beam, budget or config.decode.max_tokens) for beam in beams for budget in budgets]
-    times: dict[tuple[int, int], list[float]] = {s: [] for s in settings}
-    outputs: dict[tuple[int, int], list] = {}
-    for _ in range(repeats):
-        for beam, budget in settings:
+    print("| search | batch tokens | linear layers | seconds (median) | sentences/s | "
+          "target tokens/s | BLEU |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    settings = [
+        (beam, budget or config.decode.max_tokens, linear)
+        for beam in beams
+        for budget in budgets
+        for linear in linears
+    ]
+    times: dict[Setting, list[float]] = {s: [] for s in settings}
+    outputs: dict[Setting, list] = {}
+    for timed in [False] + [True] * repeats:
+        for beam, budget, linear in settings:
             decode = decode_settings(config, beam=beam, nbest=1)
+            model = models[linear]
             start = time.perf_counter()
             found = translate_lines(sources, tokenizer, model, decode, device, precision, budget)
-            times[beam, budget].append(time.perf_counter() - start)
-            outputs[beam, budget] = found
-    for (beam, budget), found in outputs.items():
-        seconds = statistics.median(times[beam, budget])
+            if timed:
+                times[beam, budget, linear].append(time.perf_counter() - start)
+            outputs[beam, budget, linear] = found
+    for (beam, budget, linear), found in outputs.items():
+        seconds = statistics.median(times[beam, budget, linear])
         hyps = [o[0].text if o else "" for o in found]
         tokens = sum(len(o[0].tokens) + 1 for o in found if o)
         bleu = sacrebleu.corpus_bleu(hyps, [references]).score
         name = "greedy" if beam == 1 else f"beam {beam}"
-        print(f"| {name} | {budget:,} | {seconds:.2f} | {len(sources) / seconds:.0f} | "
+        print(f"| {name} | {budget:,} | {linear} | {seconds:.2f} | {len(sources) / seconds:.0f} | "
               f"{tokens / seconds:,.0f} | {bleu:.2f} |")  # fmt: skip
 
 
@@ -80,6 +97,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", default="", help="comma-separated decoding batch "
                         "budgets (default: the run's decode.max_tokens)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--linear", default="packed", help="comma-separated: packed (fp32 on a "
+                        "CPU, as mt translate), plain (nn.Linear)")  # fmt: skip
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
@@ -87,7 +106,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     beams = [int(b) for b in args.beams.split(",")]
     budgets = [int(b) for b in args.max_tokens.split(",")] if args.max_tokens else [None]
-    bench(args.run, args.src, args.ref, beams, budgets, args.repeats, args.precision)
+    linears = args.linear.split(",")
+    if not set(linears) <= {"packed", "plain"}:
+        parser.error(f"--linear {args.linear}: expected packed and/or plain")
+    bench(args.run, args.src, args.ref, beams, budgets, args.repeats, args.precision, linears)
 
 
 if __name__ == "__main__":
