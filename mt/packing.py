@@ -1,16 +1,19 @@
-"""fp32 linear layers with their weights packed once by oneDNN, for decoding on a CPU.
+"""Linear layers with their weights packed once by oneDNN, for decoding on a CPU (fp32, bf16).
 
-nn.Linear on a CPU hands the BLAS a plain weight matrix at every call; oneDNN's linear takes
-the weight already laid out for its kernel, once per model, and multiplies the decoder's
-matrices faster, most at the small batches of a server (docs/benchmarks.md, "Packed fp32
-linear layers"). `mt translate`, `mt evaluate` and `mt serve` decode with it in fp32 on a CPU.
-The sums are the same up to float rounding (oneDNN adds in another order), so a score may
-differ from the plain model's in its last bits, and rarely a translation with it.
+nn.Linear on a CPU hands the BLAS (or, under bf16 autocast, oneDNN) a plain weight matrix at
+every call; oneDNN's linear takes the weight already laid out for its kernel, once per model,
+and multiplies the decoder's matrices faster, most at the small batches of a server
+(docs/benchmarks.md, "Packed linear layers"). `mt translate`, `mt evaluate` and `mt serve`
+decode with it on a CPU. In fp32 the sums are the same up to float rounding (oneDNN adds in
+another order), so a score may differ from the plain model's in its last bits, and rarely a
+translation with it. In bf16 a packed layer does what autocast does to nn.Linear (bf16 input,
+weight and bias; bf16 output), with the weight cast and packed once instead of at every batch.
 
 The ops are torch.ops.mkldnn's `_reorder_linear_weight` and `_linear_pointwise`, which
 torch.compile's CPU backend uses for frozen linear layers. They are private: where this torch
-build lacks them (or oneDNN), `pack` leaves the model as it is. A packed model is for decoding
-only: training it would change its nn.Linear weights but not the packed copies.
+build lacks them, oneDNN, or (for bf16) oneDNN's bf16 support on this CPU, `pack` leaves the
+model as it is. A packed model is for decoding only: training it would change its nn.Linear
+weights but not the packed copies.
 """
 
 from __future__ import annotations
@@ -32,53 +35,69 @@ def available() -> bool:
     )
 
 
-class PackedLinear(nn.Module):
-    """y = x W^T + b with W packed by oneDNN: (..., in) -> (..., out), fp32, CPU, no gradients."""
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the precisions packing serves
 
-    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+
+class PackedLinear(nn.Module):
+    """y = x W^T + b with W packed by oneDNN: (..., in) -> (..., out) in `dtype`, CPU, no grads.
+
+    The input is cast to `dtype` (bf16 autocast hands some layers fp32 activations).
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        # The dense weight stays referenced (shared with the module it replaces, no copy) so
-        # that a deep copy can pack it again: oneDNN's packed tensor has no storage to copy.
+        self.dtype = dtype
+        # The dense fp32 weight stays referenced (shared with the module it replaces, no copy)
+        # so that a deep copy can pack it again: oneDNN's packed tensor has no storage to copy.
         self.weight = weight.detach()
-        self.bias = None if bias is None else bias.detach()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, None)
+        self.bias = None if bias is None else bias.detach().to(dtype)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.to(dtype), None)
 
     def forward(self, x: Tensor) -> Tensor:
         """(..., in) -> (..., out)."""
+        x = x if x.dtype == self.dtype else x.to(self.dtype)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def __deepcopy__(self, memo: dict) -> PackedLinear:
-        return PackedLinear(self.weight.clone(), None if self.bias is None else self.bias.clone())
+        bias = None if self.bias is None else self.bias.clone()
+        return PackedLinear(self.weight.clone(), bias, self.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN packed"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"dtype={self.dtype}, oneDNN packed"
+        )
 
 
 def packs(device: torch.device, precision: str) -> bool:
     """Whether decoding on `device` in `precision` runs packed layers."""
-    return device.type == "cpu" and precision == "fp32" and available()
+    if device.type != "cpu" or precision not in DTYPES or not available():
+        return False
+    bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)  # this CPU's bf16
+    return precision == "fp32" or (bf16 is not None and bool(bf16()))
 
 
 def pack(model: Decoder, device: torch.device, precision: str) -> Decoder:
-    """`model` (each model of an ensemble) with packed linear layers where `packs` says so.
+    """`model` (each model of an ensemble) with linear layers packed in `precision` where
+    `packs` says so.
 
     Changed in place; only nn.Linear layers are packed, so a quantised model stays as it is.
     """
     if not packs(device, precision):
         return model
     for each in model.models if isinstance(model, Ensemble) else [model]:
-        pack_transformer(each)
+        pack_transformer(each, DTYPES[precision])
     return model
 
 
-def pack_transformer(model: Transformer) -> Transformer:
+def pack_transformer(model: Transformer, dtype: torch.dtype) -> Transformer:
     """Swap each nn.Linear for a PackedLinear, and add a packed tied output projection."""
     if model.output_layer is not None:  # quantised (mt.quantize): its layers are not fp32
         return model
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear:
-                setattr(module, name, PackedLinear(child.weight, child.bias))
-    model.output_layer = PackedLinear(model.tgt_embed.weight, None)  # the tied projection
+                setattr(module, name, PackedLinear(child.weight, child.bias, dtype))
+    model.output_layer = PackedLinear(model.tgt_embed.weight, None, dtype)  # the tied projection
     return model

@@ -195,7 +195,8 @@ def bench(
     # What `mt translate` runs by default: --precision auto times fp32 against bf16 here.
     _, auto = resolve_runtime("cpu", "auto", Path(args.run))
     if auto != "fp32":
-        decoders[f"mt {auto} (--precision auto here)"] = mt_decoder(model, tokenizer, decode, auto)
+        fast = pack(copy.deepcopy(model), cpu, auto)
+        decoders[f"mt {auto} (--precision auto here)"] = mt_decoder(fast, tokenizer, decode, auto)
     dirs = export_all(model, tokenizer, Path(args.workdir))
     for name, directory in dirs.items():
         weights = CT2_TYPES[name]
@@ -269,10 +270,11 @@ def report(args: argparse.Namespace, weights: Path, res: dict[str, Any]) -> str:
         "one, tokenising and "
         "detokenising included. mt: `mt.translate.translate_lines`, fp32, batches of "
         f"{d.max_tokens:,} source tokens, linear layers packed by oneDNN as `mt translate` "
-        "runs them in fp32 on a CPU (mt.packing; the unpacked nn.Linear model as the row "
-        "after it); mt int8: the same with `--quantize int8` (int8 "
+        "runs them on a CPU (mt.packing; the unpacked nn.Linear model as the row after it); "
+        "mt int8: the same with `--quantize int8` (int8 "
         "weights per output row, activations quantised per batch); a row for `mt translate`'s "
-        "default `--precision auto` where it picks bf16 over fp32 on this CPU. CTranslate2: `mt "
+        "default `--precision auto` where it picks bf16 over fp32 on this CPU (packed too). "
+        "CTranslate2: `mt "
         "export --format ct2` of the same weights (int8: `--quantization int8`), decoded by "
         "`mt.export.ct2_search.translate_ct2`: one batch per source length, so each sentence "
         "gets mt's length limit, and a length penalty fitted to mt's (see "

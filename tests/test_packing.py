@@ -15,6 +15,7 @@ from mt.config import DecodeConfig, ModelConfig
 from mt.model import Transformer
 from mt.packing import PackedLinear, pack
 from mt.quantize import quantize
+from mt.rundir import load_trained
 from mt.search import Ensemble, beam_search
 from mt.translate import load_models, translate_lines
 from mt.vocab import BOS_ID, EOS_ID
@@ -43,7 +44,7 @@ def packed(model: nn.Module) -> int:
 def test_packed_linear_computes_the_linear_layer(bias: bool) -> None:
     torch.manual_seed(0)
     layer = nn.Linear(48, 80, bias=bias)
-    fast = PackedLinear(layer.weight, layer.bias)
+    fast = PackedLinear(layer.weight, layer.bias, torch.float32)
     for x in (
         torch.randn(7, 48),
         torch.randn(3, 5, 48),
@@ -101,8 +102,24 @@ def test_a_deep_copy_of_a_packed_model_packs_its_own_weights() -> None:
     torch.testing.assert_close(copied(x), layer(x))
 
 
+@pytest.mark.skipif(not packing.packs(CPU, "bf16"), reason="no oneDNN bf16 on this CPU")
+def test_bf16_packed_linear_does_what_autocast_does_to_nn_linear() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(48, 80)
+    fast = PackedLinear(layer.weight, layer.bias, torch.bfloat16)
+    x = torch.randn(3, 5, 48)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        expected = layer(x)
+        got, from_bf16 = fast(x), fast(x.bfloat16())  # fp32 input is cast, as autocast does
+    assert got.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)  # bf16's own rounding
+    torch.testing.assert_close(from_bf16, got)
+    model = pack(tiny_model(), CPU, "bf16")
+    assert packed(model) == 33 and model.output_layer.dtype == torch.bfloat16
+
+
 def test_pack_leaves_other_precisions_devices_and_quantised_models_alone() -> None:
-    for precision in ("bf16", "fp16", "auto"):
+    for precision in ("fp16", "auto"):
         model = tiny_model()
         pack(model, CPU, precision)
         assert packed(model) == 0 and model.output_layer is None
@@ -132,7 +149,7 @@ def test_pack_packs_each_model_of_an_ensemble() -> None:
 @needs_onednn
 def test_load_models_packs_for_fp32_on_the_cpu_and_translates_alike(trained_run: Path) -> None:
     config, tokenizer, fast, _ = load_models([trained_run], CPU, precision="fp32")
-    _, _, plain, _ = load_models([trained_run], CPU, precision="bf16")
+    _, _, plain, _ = load_trained(trained_run, CPU)
     assert packed(fast) == 1 + linears(plain) and packed(plain) == 0
     lines = (TINY / "valid.de").read_text(encoding="utf-8").splitlines()[:40]
     mine = translate_lines(lines, tokenizer, fast, config.decode, CPU, "fp32")
