@@ -79,10 +79,9 @@ def packs(device: torch.device, precision: str) -> bool:
 
 
 def pack(model: Decoder, device: torch.device, precision: str) -> Decoder:
-    """`model` (each model of an ensemble) with linear layers packed in `precision` where
-    `packs` says so.
+    """`model` (each model of an ensemble) with its linear layers packed, where `packs` says so.
 
-    Changed in place; only nn.Linear layers are packed, so a quantised model stays as it is.
+    Changed in place, in `precision`; a quantised model stays as it is.
     """
     if not packs(device, precision):
         return model
