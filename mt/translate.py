@@ -159,7 +159,7 @@ def load_models(
 
     Several models make a log-linear ensemble (weights default to equal); they must share the
     vocabulary: MtError naming the first difference otherwise. `quantization` (see mt.quantize)
-    applies to every model; fp32 on a CPU packs the linear layers (see mt.packing).
+    applies to every model; on a CPU, fp32 and bf16 pack the linear layers (see mt.packing).
     """
     if weights and len(weights) != len(paths):
         raise MtError(f"--weights: {len(weights)} weights for {len(paths)} models")

@@ -6,9 +6,9 @@
 
 Every system decodes Multi30k's test_2016_flickr (German → English, 1,000 sentences) with beam
 5, in this one process, on the same threads: mt with `mt.translate.translate_lines` in fp32 (its
-linear layers packed, as `mt translate` runs them, and unpacked) and
-with its int8 weights (`mt translate --quantize int8`, mt.quantize), in bf16 where `--precision
-auto` (mt translate's default) picks it on this CPU, and CTranslate2 exported from the same
+linear layers packed, as `mt translate` runs them, and unpacked), with its int8 weights (`mt
+translate --quantize int8`, mt.quantize) and in bf16 where `--precision auto` (mt translate's
+default) picks it on this CPU, and CTranslate2 exported from the same
 weights by `mt.export.ct2.save_ct2`, run by `mt.export.ct2_search.translate_ct2` (batches of
 one source length, mt's length limits and a fitted length penalty; see
 mt/export/ct2_search.py). Times include tokenising and detokenising; each figure is the median
@@ -267,15 +267,13 @@ def report(args: argparse.Namespace, weights: Path, res: dict[str, Any]) -> str:
         f"Weights: {weights}. {n:,} sentences of {TEST_PREFIX}, beam {d.beam}, limit "
         f"{d.max_len_a} x source length + {d.max_len_b}, {d.length_penalty} length penalty "
         f"(alpha {d.alpha}); median of {args.repeats} passes in one process after an untimed "
-        "one, tokenising and "
-        "detokenising included. mt: `mt.translate.translate_lines`, fp32, batches of "
-        f"{d.max_tokens:,} source tokens, linear layers packed by oneDNN as `mt translate` "
-        "runs them on a CPU (mt.packing; the unpacked nn.Linear model as the row after it); "
-        "mt int8: the same with `--quantize int8` (int8 "
-        "weights per output row, activations quantised per batch); a row for `mt translate`'s "
-        "default `--precision auto` where it picks bf16 over fp32 on this CPU (packed too). "
-        "CTranslate2: `mt "
-        "export --format ct2` of the same weights (int8: `--quantization int8`), decoded by "
+        "one, tokenising and detokenising included. mt: `mt.translate.translate_lines`, fp32, "
+        f"batches of {d.max_tokens:,} source tokens, linear layers packed by oneDNN as `mt "
+        "translate` runs them on a CPU (mt.packing; the unpacked nn.Linear model as the row "
+        "after it); mt int8: the same with `--quantize int8` (int8 weights per output row, "
+        "activations quantised per batch); a row for `mt translate`'s default `--precision "
+        "auto` where it picks bf16 over fp32 on this CPU (packed too). CTranslate2: `mt export "
+        "--format ct2` of the same weights (int8: `--quantization int8`), decoded by "
         "`mt.export.ct2_search.translate_ct2`: one batch per source length, so each sentence "
         "gets mt's length limit, and a length penalty fitted to mt's (see "
         'mt/export/ct2_search.py). "Its defaults": `translate_batch(sources, beam_size=5)` '

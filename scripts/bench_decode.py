@@ -7,7 +7,7 @@ Prints a Markdown table (settings, seconds, sentences/s, target tokens/s, BLEU) 
 docs/benchmarks.md. Each setting decodes the whole file once untimed, then `--repeats` times in
 this process; the median time is reported. Threads: torch's default (all cores) unless
 --threads is given. CPU set-up as `mt translate` (`configure_backends`: glibc keeps freed
-memory; fp32 linear layers packed by oneDNN, mt.packing). `--linear packed,plain` times the
+memory; linear layers packed by oneDNN, mt.packing). `--linear packed,plain` times the
 unpacked nn.Linear model too.
 """
 
