@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mt.errors import ConfigError
@@ -123,22 +125,33 @@ def model_products(dim: int, ffn_dim: int, vocab: int) -> list[Features]:
     return [(dim, dim), (dim, ffn_dim), (ffn_dim, dim), (dim, vocab)]
 
 
-@torch.no_grad()
-def time_linear(precision: str, rows: int, features: Features, budget: float) -> list[float]:
-    """Seconds of up to 1 + TIMED_CALLS `F.linear` calls of `rows` rows through one layer.
+Layer = Callable[[Tensor], Callable[[Tensor], Tensor]]  # weight (out, in) -> (rows, in) -> out
 
-    The first, untimed call's seconds include making the operands (and oneDNN builds its
-    kernel for a new shape on that call). No call starts once `budget` seconds are spent.
+
+def plain_layer(weight: Tensor) -> Callable[[Tensor], Tensor]:
+    """What nn.Linear does with `weight` (no bias)."""
+    return functools.partial(F.linear, weight=weight)
+
+
+@torch.no_grad()
+def time_linear(
+    precision: str, rows: int, features: Features, budget: float, layer: Layer = plain_layer
+) -> list[float]:
+    """Seconds of up to 1 + TIMED_CALLS calls of `rows` rows through one layer.
+
+    The first, untimed call's seconds include making the operands and the layer (and oneDNN
+    builds its kernel for a new shape on that call). No call starts once `budget` seconds are
+    spent. `layer` makes the layer from its weight: nn.Linear's product unless told otherwise.
     """
     if budget <= 0:
         return []
     start = time.perf_counter()
     dtype = DTYPES[precision]
     x = torch.full((rows, features[0]), 0.5, dtype=dtype)  # (rows, in)
-    weight = torch.full((features[1], features[0]), 0.5, dtype=dtype)  # (out, in), as nn.Linear
+    forward = layer(torch.full((features[1], features[0]), 0.5, dtype=dtype))  # weight (out, in)
     times: list[float] = []
     while len(times) < 1 + TIMED_CALLS and sum(times) < budget:
-        F.linear(x, weight)
+        forward(x)
         now = time.perf_counter()
         times.append(now - start)
         start = now
@@ -210,13 +223,18 @@ def choose_precision(measurement: Measurement, rows: int, margin: float = BF16_M
 
 
 def resolve_precision(
-    name: str, device: torch.device, products: list[Features] | None = None, rows: int = 0
+    name: str,
+    device: torch.device,
+    products: list[Features] | None = None,
+    rows: int = 0,
+    time_calls: Callable[[str, int, Features, float], list[float]] = time_linear,
 ) -> PrecisionChoice:
     """`auto`: on CUDA bf16 where supported, else fp16; on CPU the faster of fp32 and bf16.
 
     On CPU `auto` times both on the model's `products` (model_products) at up to `rows` rows
-    (a batch's tokens); without products, or where timing fails, it falls back to the AMX
-    rule: bf16 with AMX, else fp32.
+    (a batch's tokens), through the layers `time_calls` runs (nn.Linear's product unless told
+    otherwise); without products, or where timing fails, it falls back to the AMX rule: bf16
+    with AMX, else fp32.
     """
     if name != "auto":
         return PrecisionChoice(name, "asked")
@@ -227,7 +245,7 @@ def resolve_precision(
     if not products:
         return amx_rule("the model's shapes are not known here")
     try:
-        measurement = measure_rates(products, rows)
+        measurement = measure_rates(products, rows, time_calls=time_calls)
     except RuntimeError as exc:  # e.g. a build without bf16 matrix products
         return amx_rule(f"timing failed: {exc}")
     return PrecisionChoice(choose_precision(measurement, rows), "measured", measurement)

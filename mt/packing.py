@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from mt.device import Features, time_linear
 from mt.model import Transformer
 from mt.search import Decoder, Ensemble
 
@@ -100,3 +101,14 @@ def pack_transformer(model: Transformer, dtype: torch.dtype) -> Transformer:
                 setattr(module, name, PackedLinear(child.weight, child.bias, dtype))
     model.output_layer = PackedLinear(model.tgt_embed.weight, None, dtype)  # the tied projection
     return model
+
+
+def time_packed(precision: str, rows: int, features: Features, budget: float) -> list[float]:
+    """mt.device.time_linear through the layer decoding runs: packed where `packs` says so.
+
+    `mt translate --precision auto` times fp32 against bf16 with it (mt.device.resolve_precision).
+    """
+    if not packs(torch.device("cpu"), precision):
+        return time_linear(precision, rows, features, budget)
+    dtype = DTYPES[precision]
+    return time_linear(precision, rows, features, budget, lambda w: PackedLinear(w, None, dtype))

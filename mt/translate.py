@@ -40,7 +40,7 @@ from mt.device import (
 )
 from mt.errors import ConfigError, MtError
 from mt.files import atomic_write
-from mt.packing import pack
+from mt.packing import pack, time_packed
 from mt.quantize import check_quantization, quantize
 from mt.rundir import load_run_config, load_trained
 from mt.search import Constraints, Decoder, Ensemble
@@ -210,9 +210,10 @@ def resolve_runtime(
 ) -> tuple[torch.device, str]:
     """The device and autocast precision, backends set up; fp16 needs CUDA (bf16 runs on CPU).
 
-    `auto` on CPU times fp32 against bf16 on the layers of `model` (a run or checkpoint), once
-    per command; without it, by the AMX rule (mt.device.resolve_precision). A `quantization`
-    other than none decodes in fp32 on the CPU (mt.quantize).
+    `auto` on CPU times fp32 against bf16 on the layers of `model` (a run or checkpoint), packed
+    as decoding runs them (mt.packing), once per command; without it, by the AMX rule
+    (mt.device.resolve_precision). A `quantization` other than none decodes in fp32 on the CPU
+    (mt.quantize).
     """
     if precision not in PRECISIONS:
         raise MtError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
@@ -228,7 +229,7 @@ def resolve_runtime(
     configure_backends(dev)
     if quantization != "none":
         return dev, "fp32"
-    choice = resolve_precision(precision, dev, *decoding_products(model))
+    choice = resolve_precision(precision, dev, *decoding_products(model), time_calls=time_packed)
     if precision == "auto":  # said on a terminal, like the progress bar; pipes stay quiet
         say = log.info if sys.stderr.isatty() else log.debug
         say("precision: %s", choice.describe())

@@ -171,7 +171,7 @@ def test_a_single_bf16_product_longer_than_the_budget_stops_the_measurement(
 
 def resolve_precision_with(monkeypatch: pytest.MonkeyPatch, measured: Measurement):
     """resolve_precision("auto") on CPU, its measurement replaced by `measured`."""
-    monkeypatch.setattr(device, "measure_rates", lambda products, rows: measured)
+    monkeypatch.setattr(device, "measure_rates", lambda products, rows, time_calls: measured)
     return device.resolve_precision("auto", CPU, MULTI30K, 4096)
 
 
@@ -191,7 +191,7 @@ def test_auto_precision_falls_back_to_the_amx_rule(monkeypatch: pytest.MonkeyPat
         "bf16 (auto by the AMX rule: the model's shapes are not known here; the CPU has AMX)"
     )
 
-    def fail(products: list, rows: int) -> Measurement:
+    def fail(products: list, rows: int, time_calls: object) -> Measurement:
         raise RuntimeError("\"addmm\" not implemented for 'BFloat16'")
 
     monkeypatch.setattr(device, "measure_rates", fail)

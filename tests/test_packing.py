@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mt import packing
+from mt import device, packing
 from mt.config import DecodeConfig, ModelConfig
 from mt.model import Transformer
 from mt.packing import PackedLinear, pack
 from mt.quantize import quantize
 from mt.rundir import load_trained
 from mt.search import Ensemble, beam_search
-from mt.translate import load_models, translate_lines
+from mt.translate import load_models, resolve_runtime, translate_lines
 from mt.vocab import BOS_ID, EOS_ID
 
 CPU = torch.device("cpu")
@@ -159,3 +159,36 @@ def test_load_models_packs_for_fp32_on_the_cpu_and_translates_alike(trained_run:
     for a, b in zip(mine, theirs, strict=True):
         if a[0].text == b[0].text:
             assert a[0].score == pytest.approx(b[0].score, abs=1e-4)
+
+
+@needs_onednn
+def test_time_packed_times_the_packed_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[tuple[tuple[int, ...], torch.dtype]] = []
+
+    class Recording(PackedLinear):
+        def __init__(self, weight: torch.Tensor, bias: None, dtype: torch.dtype) -> None:
+            made.append((tuple(weight.shape), dtype))
+            super().__init__(weight, bias, dtype)
+
+    monkeypatch.setattr(packing, "PackedLinear", Recording)
+    times = packing.time_packed("fp32", 16, (8, 24), budget=60.0)
+    assert len(times) == 1 + device.TIMED_CALLS and all(t >= 0 for t in times)
+    assert made == [((24, 8), torch.float32)]  # one layer, weight (out, in), made once
+    assert packing.time_packed("fp32", 16, (8, 24), budget=0.0) == []
+    monkeypatch.setattr(packing, "packs", lambda dev, precision: False)  # e.g. no bf16 in oneDNN
+    assert len(packing.time_packed("bf16", 16, (8, 24), budget=60.0)) == 1 + device.TIMED_CALLS
+    assert len(made) == 1  # timed through nn.Linear's product, as decoding would run it
+
+
+def test_auto_precision_for_decoding_times_the_packed_layers(
+    trained_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[object] = []
+
+    def measure(products: list, rows: int, time_calls: object) -> device.Measurement:
+        seen.append(time_calls)
+        return device.Measurement(rows, {"fp32": 100.0, "bf16": 10.0}, 0.1)
+
+    monkeypatch.setattr(device, "measure_rates", measure)
+    assert resolve_runtime("cpu", "auto", trained_run) == (CPU, "fp32")
+    assert seen == [packing.time_packed]
