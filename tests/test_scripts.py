@@ -282,6 +282,72 @@ def test_bench_mixed_batches_smoke_prints_both_runs(multi30k: Path, tmp_path: Pa
     assert cells["10"] == [cells["one direction"][3], cells["mixed"][3]]
 
 
+def test_bench_levers_reads_a_run_up_to_its_step(tmp_path: Path) -> None:
+    records = [
+        {"kind": "train", "step": 50, "tokens_per_update": 100.0, "tgt_tok_s": 10.0},
+        {"kind": "valid", "step": 60, "bleu": 1.5},
+        {"kind": "train", "step": 100, "tokens_per_update": 200.0, "tgt_tok_s": 30.0},
+        {"kind": "valid", "step": 120, "bleu": 2.5},
+        {"kind": "train", "step": 150, "tokens_per_update": 300.0, "tgt_tok_s": 20.0},
+        {"kind": "valid", "step": 180, "bleu": 9.0},
+        {"kind": "train", "step": 200, "tokens_per_update": 999.0, "tgt_tok_s": 99.0},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    record = load_script("bench_levers").run_record(tmp_path, 150, ["model.dropout=0.1"])
+    assert record["steps"] == 150 and record["tok_s"] == 20.0
+    # Each train record's mean tokens per update over the updates of its window.
+    assert record["tokens"] == 50 * 100.0 + 50 * 200.0 + 50 * 300.0
+    assert record["bleu"] == {60: 1.5, 120: 2.5} and record["changes"] == ["model.dropout=0.1"]
+
+
+def test_bench_levers_refuses_a_variant_named_like_the_baseline() -> None:
+    args = [sys.executable, str(ROOT / "scripts" / "bench_levers.py"), "--variant", "recipe",
+            "model.dropout=0.1"]  # fmt: skip
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1].endswith(
+        "error: --variant names must be unique and not 'recipe'"
+    )
+
+
+@pytest.mark.slow
+def test_bench_levers_smoke_trains_the_recipe_and_each_variant(
+    multi30k: Path, tmp_path: Path
+) -> None:
+    if not (multi30k / f"{TEST_PREFIX}.fr.gz").is_file():
+        pytest.skip(f"no French Multi30k files in {multi30k}")
+    script = [sys.executable, str(ROOT / "scripts" / "bench_levers.py"), "--smoke", "--threads",
+              "1", "--data", str(multi30k), "--workdir", str(tmp_path)]  # fmt: skip
+    variants = ["--variant", "heads-1", "model.heads=1",
+                "--variant", "ls-0", "train.label_smoothing=0"]  # fmt: skip
+    proc = subprocess.run([*script, *variants], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("## Recipe levers at a fixed number of updates (Multi30k)\n")
+    configs = {
+        name: (tmp_path / name / "config.yaml").read_text() for name in ("recipe", "heads-1")
+    }
+    assert "heads: 2\n" in configs["recipe"] and "heads: 1\n" in configs["heads-1"]
+    assert all("max_steps: 10\n" in config for config in configs.values())
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert [c.strip() for c in rows[0]][-1] == "dev BLEU @ 10"
+    cells = {row[0].strip(): [c.strip() for c in row[1:]] for row in rows[2:]}
+    assert list(cells) == ["recipe", "heads-1", "ls-0"]
+    assert cells["recipe"][0] == "none" and cells["heads-1"][0] == "`model.heads=1`"
+    for _, updates, speed, tokens, bleu in cells.values():
+        assert updates == "10" and float(speed.replace(",", "")) > 0 and float(bleu) >= 0
+        assert tokens.endswith(" M") and float(tokens[:-2]) > 0
+    # The finished recipe run as --baseline: read, not trained again, with the same numbers.
+    again = [*script, "--baseline", str(tmp_path / "recipe"), *variants[:3]]
+    proc = subprocess.run(again, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout.replace("\n", " ")
+    assert f"the baseline is the existing run {tmp_path / 'recipe'}" in text
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert {row[0].strip(): [c.strip() for c in row[1:]] for row in rows[2:]} == {
+        name: cells[name] for name in ("recipe", "heads-1")
+    }
+
+
 @pytest.mark.slow
 def test_bench_multilingual_smoke_prints_and_writes_its_tables(
     multi30k: Path, tmp_path: Path
