@@ -126,6 +126,7 @@ def model_products(dim: int, ffn_dim: int, vocab: int) -> list[Features]:
 
 
 Layer = Callable[[Tensor], Callable[[Tensor], Tensor]]  # weight (out, in) -> (rows, in) -> out
+TimeCalls = Callable[[str, int, Features, float], list[float]]  # time_linear's signature
 
 
 def plain_layer(weight: Tensor) -> Callable[[Tensor], Tensor]:
@@ -163,7 +164,7 @@ def time_rung(
     rows: int,
     products: list[Features],
     budget: float,
-    time_calls: Callable[[str, int, Features, float], list[float]],
+    time_calls: TimeCalls,
 ) -> tuple[float | None, float]:
     """GFLOP/s of one precision over all products at `rows` rows, and the seconds spent.
 
@@ -186,7 +187,7 @@ def measure_rates(
     products: list[Features],
     rows: int,
     budget: float = MEASURE_BUDGET,
-    time_calls: Callable[[str, int, Features, float], list[float]] = time_linear,
+    time_calls: TimeCalls = time_linear,
 ) -> Measurement:
     """Time fp32 and bf16 on `products` at 8, 16, 32... rows, up to `rows`, within `budget`.
 
@@ -227,7 +228,7 @@ def resolve_precision(
     device: torch.device,
     products: list[Features] | None = None,
     rows: int = 0,
-    time_calls: Callable[[str, int, Features, float], list[float]] = time_linear,
+    time_calls: TimeCalls = time_linear,
 ) -> PrecisionChoice:
     """`auto`: on CUDA bf16 where supported, else fp16; on CPU the faster of fp32 and bf16.
 
