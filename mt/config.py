@@ -239,6 +239,8 @@ class TrainConfig:
     weight_decay: float = 0.0  # decoupled weight decay (AdamW)
     clip_norm: float = 0.0  # clip the gradient norm to this (0 = off)
     ema_decay: float = 0.0  # decay of the weights' EMA, validated and saved (0 = off; 0.999)
+    initial_dropout: float = 0.0  # the dropout of the first initial_dropout_steps updates
+    initial_dropout_steps: int = 0  # updates at initial_dropout, then model.dropout (0 = off)
     label_smoothing: float = 0.1  # epsilon of label-smoothed cross-entropy
     log_every: int = 100  # steps between log lines / metric records
     valid_every: int = 1000  # steps between validations (dev loss and BLEU) and checkpoints
@@ -272,6 +274,7 @@ class TrainConfig:
             "clip_norm",
             "patience",
             "average_last",
+            "initial_dropout_steps",
         ):
             value = getattr(self, key)
             _check(value >= 0, f"train.{key}", f"train.{key}={value} must be >= 0")
@@ -280,6 +283,11 @@ class TrainConfig:
             0 <= self.ema_decay < 1,
             "train.ema_decay",
             f"train.ema_decay={self.ema_decay} must be in [0, 1)",
+        )
+        _check(
+            0 <= self.initial_dropout < 1,
+            "train.initial_dropout",
+            f"train.initial_dropout={self.initial_dropout} must be in [0, 1)",
         )
         _check(
             self.average_last <= self.keep_last,

@@ -98,6 +98,15 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Set the rate of every Dropout in `model` (model.dropout; attention dropout is apart)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {p}")
+    for module in model.modules():
+        if isinstance(module, Dropout):
+            module.p = p
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention over already projected keys/values, so callers can cache them."""
 

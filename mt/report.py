@@ -75,12 +75,15 @@ def _duration(seconds: float) -> str:
 
 def _model_section(config: Config, run_dir: Path) -> list[str]:
     data = _read_json(run_dir / DATA_FILE)
-    m = config.model
+    m, tc = config.model, config.train
+    dropout = f"dropout {m.dropout}"
+    if tc.initial_dropout_steps:
+        dropout += f" ({tc.initial_dropout} for the first {tc.initial_dropout_steps:,} updates)"
     lines = [
         "## Model",
         "",
         f"{m.enc_layers}+{m.dec_layers} layers, dim {m.dim}, {m.heads} heads, FFN {m.ffn_dim}, "
-        f"{'pre' if m.prenorm else 'post'}-norm, {m.activation}, dropout {m.dropout}, "
+        f"{'pre' if m.prenorm else 'post'}-norm, {m.activation}, {dropout}, "
         f"{'shared' if m.share_embeddings else 'separate'} embeddings.",
     ]
     if data:

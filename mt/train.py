@@ -53,7 +53,7 @@ from mt.errors import ConfigError, MtError
 from mt.lock import hold_run_lock
 from mt.loss import label_smoothed_nll
 from mt.metrics import MetricsLog, read_metrics, selected_bleu
-from mt.model import Transformer, count_parameters
+from mt.model import Transformer, count_parameters, set_dropout
 from mt.optim import make_optimizer, make_scheduler
 from mt.rundir import (
     checkpoint_metadata,
@@ -592,6 +592,18 @@ def begin(run: Run, stack: contextlib.ExitStack) -> None:
         f"up to {tc.max_tokens * tc.update_freq * ranks} tokens (padding included) per update "
         f"= {per_update}; {learner.precision} on {learner.device}"
     )
+    if tc.initial_dropout_steps:
+        log.info(
+            f"dropout {tc.initial_dropout:g} for updates 1-{tc.initial_dropout_steps}, "
+            f"then {config.model.dropout:g} (train.initial_dropout)"
+        )
+
+
+def dropout_at(config: Config, step: int) -> float:
+    """The dropout of the update after `step` updates: a function of the step alone, so resumed
+    and multi-rank runs follow the same schedule."""
+    tc = config.train
+    return tc.initial_dropout if step < tc.initial_dropout_steps else config.model.dropout
 
 
 def loop(run: Run) -> TrainResult:
@@ -619,6 +631,7 @@ def loop(run: Run) -> TrainResult:
                 waited = time.perf_counter() - t0
                 # 2. Forward, backward, gradients summed. Dropout depends on (seed, rank, step).
                 torch.manual_seed(step_seed(tc.seed, run.world.rank, state.step))
+                set_dropout(learner.model, dropout_at(run.config, state.step))
                 late = bool(tc.max_minutes) and state.train_seconds >= 60 * tc.max_minutes
                 result = train_step(learner, update.batches, update.tokens, bool(stop.signum), late)
                 state.epoch, state.batches_done = update.epoch, update.done

@@ -156,6 +156,8 @@ def test_share_embeddings_needs_joint_vocab(tmp_path: Path) -> None:
         ("model.dropout=1.0", "model.dropout=1.0 must be in [0, 1)"),
         ("train.update_freq=0", "train.update_freq=0 must be positive"),
         ("train.label_smoothing=-0.1", "train.label_smoothing=-0.1 must be in [0, 1)"),
+        ("train.initial_dropout=1", "train.initial_dropout=1.0 must be in [0, 1)"),
+        ("train.initial_dropout_steps=-5", "train.initial_dropout_steps=-5 must be >= 0"),
         ("data.src_lang=en", "data.src_lang and data.tgt_lang are both 'en'"),
         ("tokenizer.vocab_size=4", "tokenizer.vocab_size=4 must be at least 8"),
         ("decode.beam=0", "decode.beam=0 must be >= 1"),

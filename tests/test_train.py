@@ -584,6 +584,40 @@ def test_ema_changes_what_is_validated_and_saved_but_not_training(tmp_path: Path
     assert dev_loss[0] != dev_loss[1]  # the EMA, not the trained weights, was validated
 
 
+@pytest.mark.slow
+def test_initial_dropout_trains_its_updates_at_its_own_rate(tmp_path: Path) -> None:
+    none, early, always = (tmp_path / name for name in ("none", "early", "always"))
+    logged = ["train.max_steps=8", "train.log_every=1"]
+    train(tiny(none, *logged, "model.dropout=0"))
+    schedule = ["train.initial_dropout=0", "train.initial_dropout_steps=4"]
+    train(tiny(early, *logged, "model.dropout=0.3", *schedule))
+    train(tiny(always, *logged, "model.dropout=0.3"))
+    without, scheduled, throughout = losses(none), losses(early), losses(always)
+    assert [scheduled[s] for s in range(1, 5)] == [without[s] for s in range(1, 5)]
+    assert all(scheduled[s] != without[s] for s in range(5, 9))  # model.dropout from update 5
+    assert scheduled[1] != throughout[1]
+
+
+def test_initial_dropout_resume_across_the_switch_is_exact(tmp_path: Path) -> None:
+    schedule = ["model.dropout=0.3", "train.initial_dropout=0.1", "train.initial_dropout_steps=6"]
+    logged = [*schedule, "train.log_every=1"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(tiny(straight, "train.max_steps=12", *logged))
+    train(tiny(split, "train.max_steps=3", *logged))
+    train(tiny(split, "train.max_steps=12", *logged))
+    assert identical(weights(split), weights(straight))
+    assert losses(split) == losses(straight)
+
+
+def test_dropout_at_follows_the_schedule() -> None:
+    config = load_config(
+        TINY, ["model.dropout=0.3", "train.initial_dropout=0.1", "train.initial_dropout_steps=2"]
+    )
+    assert [train_module.dropout_at(config, step) for step in range(4)] == [0.1, 0.1, 0.3, 0.3]
+    plain = load_config(TINY, ["model.dropout=0.3", "train.initial_dropout=0.1"])
+    assert train_module.dropout_at(plain, 0) == 0.3  # initial_dropout_steps=0: off
+
+
 @pytest.mark.parametrize("first", ["0.9", "0"])
 @pytest.mark.slow
 def test_ema_may_be_turned_on_or_off_on_resume(tmp_path: Path, first: str) -> None:
