@@ -22,7 +22,7 @@ from mt.evaluate import score
 from mt.metrics import read_metrics
 from mt.model import count_parameters
 from mt.plot import DPI, FIGURE_INCHES, plot_curves
-from mt.report import write_report
+from mt.report import _model_section, write_report
 from mt.rundir import load_trained, open_split
 
 SIZE = (int(FIGURE_INCHES[0] * DPI), int(FIGURE_INCHES[1] * DPI))
@@ -151,3 +151,14 @@ def test_plot_draws_each_direction_of_a_multilingual_run(
             assert list(line.get_xdata()) == [r["step"] for r in valid]
             assert list(line.get_ydata()) == [r[field] for r in valid]
     assert [line.get_label() for line in figure.axes[0].get_lines()] == ["multi"]  # train loss
+
+
+def test_the_model_section_names_a_dropout_schedule(tmp_path: Path) -> None:
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    plain = load_config(tiny, ["model.dropout=0.3"])
+    scheduled = load_config(
+        tiny, ["model.dropout=0.3", "train.initial_dropout=0.1", "train.initial_dropout_steps=1500"]
+    )
+    assert ", dropout 0.3, " in _model_section(plain, tmp_path)[2]
+    line = _model_section(scheduled, tmp_path)[2]
+    assert ", dropout 0.3 (0.1 for the first 1,500 updates), " in line
