@@ -180,6 +180,8 @@ except RuntimeError as exc:
     print(f"rank 0: {exc}", file=sys.stderr, flush=True)
     sys.stdin.read()
     sys.exit(1)
+finally:
+    distributed.teardown(world)  # as `train` does: exiting with the groups alive may abort
 """
 
 
