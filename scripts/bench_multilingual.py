@@ -15,7 +15,8 @@ multilingual model for the directions it never saw (zero-shot, e.g. de→fr), wi
 the share of outputs that langid (its model ships inside the package; restricted to the run's
 languages) finds in another language than asked; and compares the median training throughput
 (target tokens/s). Prints a Markdown section for docs/benchmarks.md. --smoke trains tiny models
-for a few steps on a slice of the data: the numbers then mean nothing.
+for a few steps on a slice of the data: the numbers then mean nothing. --score RUN trains
+nothing: it prints a finished multilingual run's test BLEU per direction and its zero-shot rows.
 """
 
 from __future__ import annotations
@@ -334,6 +335,31 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> str:
     return "\n".join(wrap(line) for line in lines) + "\n"
 
 
+def score_report(args: argparse.Namespace) -> str:
+    """--score RUN: a finished multilingual run's test BLEU per direction and its zero-shot
+    directions, without training anything (e.g. a run trained with other settings)."""
+    run = Path(args.score)
+    bleu = {d: s["bleu"] for d, s in evaluate_run(run).items()}
+    zero = score_zero_shot(run, load_run_config(run), Path(args.data))
+    updates = read_metrics(run, "end")[-1]["step"] if read_metrics(run, "end") else 0
+    signature = next(iter(bleu.values())).signature
+    lines = [
+        f"`scripts/bench_multilingual.py --score {run}` ({updates:,} updates) on "
+        f"{cpu_model()}, {time.strftime('%Y-%m-%d')}. Test set {TEST_PREFIX}; BLEU signature "
+        f"`{signature}`. Off-target: the share of outputs langid finds in another of the "
+        "run's languages than the one asked for.",
+        "",
+        "| direction | BLEU | off-target |",
+        "|---|---:|---:|",
+        *(f"| {d} | {b.score:.2f} | |" for d, b in bleu.items()),
+        *(
+            f"| {d} (zero-shot) | {z['bleu'].score:.2f} | {z['off_target']:.1f}% |"
+            for d, z in zero.items()
+        ),
+    ]
+    return "\n".join(wrap(line) for line in lines) + "\n"
+
+
 def common_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     """The options every Multi30k multilingual benchmark takes; runs go to runs/NAME[-smoke]."""
     parser.add_argument("--data", help="Multi30k directory with de, en and fr files (default "
@@ -375,8 +401,16 @@ def main() -> None:
                         "this machine), used instead of training their directions")  # fmt: skip
     parser.add_argument("--speed-minutes", type=float, default=0.0, help="also time fresh runs "
                         "of this many minutes at the same vocabulary size (0: none)")  # fmt: skip
+    parser.add_argument("--score", type=Path, metavar="RUN", help="only score this finished "
+                        "multilingual run: test BLEU per direction, zero-shot directions (prints "
+                        "a table)")  # fmt: skip
     args = parser.parse_args()
     set_up(args)
+    if args.score and args.write:
+        parser.error("--score prints its table; --write is for the whole benchmark's section")
+    if args.score:
+        print(score_report(args), end="")
+        return
     args.multi_overrides = args.multi_set
     section = report(args, bench(args))
     publish(section, args.write, SECTION)

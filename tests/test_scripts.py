@@ -415,6 +415,25 @@ def test_bench_multilingual_smoke_prints_and_writes_its_tables(
         f"--bilingual {tmp_path / 'work' / 'multi'}: trains de-en, en-de, fr-en, en-fr; "
         "expected one of de-en, en-de, fr-en, en-fr",
     )
+    # --score: the finished multilingual run scored alone, the same numbers as its table.
+    scored = [*args[: args.index("--workdir") + 1], str(tmp_path / "work"), "--score",
+              str(tmp_path / "work" / "multi")]  # fmt: skip
+    proc = subprocess.run(scored, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    opening = f"`scripts/bench_multilingual.py --score {tmp_path}/work/multi` (20 updates) on "
+    assert proc.stdout.replace("\n", " ").startswith(opening)
+    alone = table_cells(proc.stdout)
+    for direction in ("de-en", "en-de", "fr-en", "en-fr"):
+        assert alone[direction] == [cells[direction][1], ""]
+    for direction in ("de-fr", "fr-de"):
+        assert alone[f"{direction} (zero-shot)"] == cells[direction]
+    both = [*scored, "--write", str(out_md)]
+    proc = subprocess.run(both, capture_output=True, text=True, cwd=ROOT)
+    assert (proc.returncode, proc.stderr.splitlines()[-1]) == (
+        2,
+        "bench_multilingual.py: error: --score prints its table; --write is for the whole "
+        "benchmark's section",
+    )
 
 
 def table_cells(text: str) -> dict[str, list[str]]:
