@@ -239,6 +239,18 @@ def test_bench_padding_mirrors_the_model_and_both_losses_agree() -> None:
     torch.testing.assert_close(bench.gathered_loss(model, states, tgt_out, 0.1), full)
 
 
+def test_bench_attention_variants_agree_with_sdpa_on_the_decoders_layouts() -> None:
+    bench = load_script("bench_attention")
+    res = bench.case((3, 4, 1, 64), (3, 4, 7, 64), torch.float32, 1, 1, time_major=True)
+    assert list(res) == ["sdpa", "sdpa math", "matmul"] and res["sdpa"][1] == 0.0
+    assert all(seconds > 0 and diff < 1e-5 for seconds, diff in res.values())
+    labels = [label for label, *_ in bench.shapes([160], [32], 20, 5, 16)]
+    assert labels == ["self, N=160, L=20, time-major keys", "cross, B=32, G=5, S=16"]
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 8)
+    torch.testing.assert_close(bench.matmuls(q, k, v), F.scaled_dot_product_attention(q, k, v))
+
+
 @pytest.mark.slow
 def test_bench_constraints_prints_a_table(trained_run: Path, tmp_path: Path) -> None:
     sources = (TINY / "valid.de").read_text(encoding="utf-8").splitlines()[:8]
