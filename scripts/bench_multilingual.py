@@ -338,10 +338,11 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> str:
 def score_report(args: argparse.Namespace) -> str:
     """--score RUN: a finished multilingual run's test BLEU per direction and its zero-shot
     directions, without training anything (e.g. a run trained with other settings)."""
-    run = Path(args.score)
+    run: Path = args.score
     bleu = {d: s["bleu"] for d, s in evaluate_run(run).items()}
     zero = score_zero_shot(run, load_run_config(run), Path(args.data))
-    updates = read_metrics(run, "end")[-1]["step"] if read_metrics(run, "end") else 0
+    ends = read_metrics(run, "end")
+    updates = ends[-1]["step"] if ends else 0
     signature = next(iter(bleu.values())).signature
     lines = [
         f"`scripts/bench_multilingual.py --score {run}` ({updates:,} updates) on "
@@ -405,9 +406,9 @@ def main() -> None:
                         "multilingual run: test BLEU per direction, zero-shot directions (prints "
                         "a table)")  # fmt: skip
     args = parser.parse_args()
-    set_up(args)
     if args.score and args.write:
         parser.error("--score prints its table; --write is for the whole benchmark's section")
+    set_up(args)
     if args.score:
         print(score_report(args), end="")
         return
