@@ -338,3 +338,5 @@ def test_the_multilingual_recipe_has_four_directions() -> None:
     assert [c.direction for c in data.directions()] == ["de-en", "en-de", "fr-en", "en-fr"]
     assert {c.train for c in data.directions()} == {"data/multi30k/train"}
     assert data.target_languages() == ["en", "de", "fr"]
+    # Out of English drawn more often: 5/16 of the sentences each, 3/16 into English.
+    assert [c.weight for c in data.directions()] == [0.75, 1.25, 0.75, 1.25]
