@@ -11,7 +11,9 @@ validations of an existing run of the unchanged recipe given by --baseline, up t
 Prints a Markdown section for docs/benchmarks.md: each run's dev BLEU at every validation (the
 runs' own greedy validation, so the comparison is per update, whatever the machine's speed), its
 median target tokens/s and the target tokens it trained on (which differ per update when a lever
-changes the batch). Runs resume where an earlier invocation with the same --workdir stopped.
+changes the batch; --by-tokens adds every validation by the target tokens trained on, to compare
+such levers at equal tokens). Runs resume where an earlier invocation with the same --workdir
+stopped.
 --smoke trains tiny models for a few steps: the numbers mean nothing.
 """
 
@@ -48,20 +50,34 @@ BASELINE = "recipe"  # the name of the unchanged run
 
 def run_record(run: Path, steps: int, changes: list[str]) -> dict[str, Any]:
     """A run's numbers up to update `steps`: validations, median speed, target tokens seen."""
-    train = [r for r in read_metrics(run, "train") if r["step"] <= steps]
+    records = read_metrics(run, "train")
+    train = [r for r in records if r["step"] <= steps]
     valid = [r for r in read_metrics(run, "valid") if r["step"] <= steps]
-    tokens, last = 0.0, 0
-    for record in train:  # each record averages tokens_per_update over its logging window
-        tokens += record["tokens_per_update"] * (record["step"] - last)
-        last = record["step"]
+    last = train[-1]["step"] if train else 0
     return {
         "run": run,
         "changes": changes,
         "steps": last,
         "tok_s": statistics.median(r["tgt_tok_s"] for r in train) if train else 0.0,
-        "tokens": tokens,
+        "tokens": tokens_at(records, last),
         "bleu": {r["step"]: r["bleu"] for r in valid},
+        "seen": {r["step"]: tokens_at(records, r["step"]) for r in valid},
     }
+
+
+def tokens_at(train: list[dict[str, Any]], step: int) -> float:
+    """Target tokens trained on up to update `step`, from the train records' windows.
+
+    Each record averages tokens_per_update over the updates since the one before it; a step
+    inside a window counts that window's average for its updates so far.
+    """
+    tokens, last = 0.0, 0
+    for record in train:
+        tokens += record["tokens_per_update"] * (min(record["step"], step) - last)
+        last = record["step"]
+        if last >= step:
+            break
+    return tokens
 
 
 def bench(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -97,10 +113,19 @@ def rows(runs: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def rows_by_tokens(runs: dict[str, dict[str, Any]]) -> list[str]:
+    """One row per validation of each run: the target tokens it had trained on, its dev BLEU."""
+    lines = ["| run | updates | target tokens | dev BLEU |", "|---|---:|---:|---:|"]
+    for name, run in runs.items():
+        for step, bleu in sorted(run["bleu"].items()):
+            lines.append(f"| {name} | {step:,} | {run['seen'][step] / 1e6:.2f} M | {bleu:.2f} |")
+    return lines
+
+
 def command(args: argparse.Namespace) -> str:
     """The options that shape the numbers, as they would be typed."""
     words = ["scripts/bench_levers.py", *(["--smoke"] if args.smoke else [])]
-    words += ["--steps", str(args.steps)]
+    words += ["--steps", str(args.steps), *(["--by-tokens"] if args.by_tokens else [])]
     words += ["--baseline", args.baseline] if args.baseline else []
     for variant in args.variant:
         words += ["--variant", *variant]
@@ -128,6 +153,14 @@ def report(args: argparse.Namespace, runs: dict[str, dict[str, Any]]) -> str:
         "",
         *rows(runs),
     ]
+    if args.by_tokens:
+        lines += [
+            "",
+            "The same validations by the target tokens each run had trained on (runs whose "
+            "batches differ compare at equal tokens here, not at equal updates):",
+            "",
+            *rows_by_tokens(runs),
+        ]
     return "\n".join(wrap(line) for line in lines) + "\n"
 
 
@@ -139,6 +172,9 @@ def main() -> None:
     parser.add_argument("--variant", nargs="+", action="append", default=[],
                         metavar="NAME [KEY=VALUE ...]",
                         help="a run named NAME with these overrides (repeat)")  # fmt: skip
+    parser.add_argument("--by-tokens", action="store_true", help="also list every "
+                        "validation by the target tokens trained on (for levers that change "
+                        "the batch)")  # fmt: skip
     parser.add_argument("--baseline", help="an existing run of the unchanged recipe to read "
                         "instead of training one")  # fmt: skip
     args = parser.parse_args()

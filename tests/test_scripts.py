@@ -310,6 +310,27 @@ def test_bench_levers_reads_a_run_up_to_its_step(tmp_path: Path) -> None:
     # Each train record's mean tokens per update over the updates of its window.
     assert record["tokens"] == 50 * 100.0 + 50 * 200.0 + 50 * 300.0
     assert record["bleu"] == {60: 1.5, 120: 2.5} and record["changes"] == ["model.dropout=0.1"]
+    # A validation inside a window counts that window's mean for the updates before it.
+    assert record["seen"] == {
+        60: 50 * 100.0 + 10 * 200.0,
+        120: 50 * 100.0 + 50 * 200.0 + 20 * 300.0,
+    }
+
+
+def test_bench_levers_lists_each_validation_by_tokens_seen(tmp_path: Path) -> None:
+    records = [
+        {"kind": "train", "step": 50, "tokens_per_update": 2000.0, "tgt_tok_s": 10.0},
+        {"kind": "valid", "step": 50, "bleu": 3.25},
+        {"kind": "train", "step": 100, "tokens_per_update": 4000.0, "tgt_tok_s": 10.0},
+        {"kind": "valid", "step": 100, "bleu": 7.5},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    levers = load_script("bench_levers")
+    runs = {"small": levers.run_record(tmp_path, 100, [])}
+    assert levers.rows_by_tokens(runs)[2:] == [
+        "| small | 50 | 0.10 M | 3.25 |",
+        "| small | 100 | 0.30 M | 7.50 |",
+    ]
 
 
 def test_bench_levers_refuses_a_variant_named_like_the_baseline() -> None:
