@@ -294,42 +294,41 @@ def test_bench_mixed_batches_smoke_prints_both_runs(multi30k: Path, tmp_path: Pa
     assert cells["10"] == [cells["one direction"][3], cells["mixed"][3]]
 
 
-def test_bench_levers_reads_a_run_up_to_its_step(tmp_path: Path) -> None:
+def levers_run(run: Path) -> dict:
+    """bench_levers' record of a run with these metrics, read up to update 150."""
     records = [
-        {"kind": "train", "step": 50, "tokens_per_update": 100.0, "tgt_tok_s": 10.0},
+        {"kind": "train", "step": 50, "tokens_per_update": 1000.0, "tgt_tok_s": 10.0},
         {"kind": "valid", "step": 60, "bleu": 1.5},
-        {"kind": "train", "step": 100, "tokens_per_update": 200.0, "tgt_tok_s": 30.0},
+        {"kind": "train", "step": 100, "tokens_per_update": 2000.0, "tgt_tok_s": 30.0},
         {"kind": "valid", "step": 120, "bleu": 2.5},
-        {"kind": "train", "step": 150, "tokens_per_update": 300.0, "tgt_tok_s": 20.0},
+        {"kind": "train", "step": 150, "tokens_per_update": 3000.0, "tgt_tok_s": 20.0},
         {"kind": "valid", "step": 180, "bleu": 9.0},
-        {"kind": "train", "step": 200, "tokens_per_update": 999.0, "tgt_tok_s": 99.0},
+        {"kind": "train", "step": 200, "tokens_per_update": 9999.0, "tgt_tok_s": 99.0},
     ]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    record = load_script("bench_levers").run_record(tmp_path, 150, ["model.dropout=0.1"])
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return load_script("bench_levers").run_record(run, 150, ["model.dropout=0.1"])
+
+
+def test_bench_levers_reads_a_run_up_to_its_step(tmp_path: Path) -> None:
+    record = levers_run(tmp_path)
     assert record["steps"] == 150 and record["tok_s"] == 20.0
     # Each train record's mean tokens per update over the updates of its window.
-    assert record["tokens"] == 50 * 100.0 + 50 * 200.0 + 50 * 300.0
+    assert record["tokens"] == 50 * 1000.0 + 50 * 2000.0 + 50 * 3000.0
     assert record["bleu"] == {60: 1.5, 120: 2.5} and record["changes"] == ["model.dropout=0.1"]
     # A validation inside a window counts that window's mean for the updates before it.
     assert record["seen"] == {
-        60: 50 * 100.0 + 10 * 200.0,
-        120: 50 * 100.0 + 50 * 200.0 + 20 * 300.0,
+        60: 50 * 1000.0 + 10 * 2000.0,
+        120: 50 * 1000.0 + 50 * 2000.0 + 20 * 3000.0,
     }
 
 
 def test_bench_levers_lists_each_validation_by_tokens_seen(tmp_path: Path) -> None:
-    records = [
-        {"kind": "train", "step": 50, "tokens_per_update": 2000.0, "tgt_tok_s": 10.0},
-        {"kind": "valid", "step": 50, "bleu": 3.25},
-        {"kind": "train", "step": 100, "tokens_per_update": 4000.0, "tgt_tok_s": 10.0},
-        {"kind": "valid", "step": 100, "bleu": 7.5},
-    ]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    levers = load_script("bench_levers")
-    runs = {"small": levers.run_record(tmp_path, 100, [])}
-    assert levers.rows_by_tokens(runs)[2:] == [
-        "| small | 50 | 0.10 M | 3.25 |",
-        "| small | 100 | 0.30 M | 7.50 |",
+    rows = load_script("bench_levers").rows_by_tokens({"small": levers_run(tmp_path)})
+    assert rows == [
+        "| run | updates | target tokens | dev BLEU |",
+        "|---|---:|---:|---:|",
+        "| small | 60 | 0.07 M | 1.50 |",
+        "| small | 120 | 0.21 M | 2.50 |",
     ]
 
 
