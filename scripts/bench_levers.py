@@ -69,15 +69,17 @@ def tokens_at(train: list[dict[str, Any]], step: int) -> float:
     """Target tokens trained on up to update `step`, from the train records' windows.
 
     Each record averages tokens_per_update over the updates since the one before it; a step
-    inside a window counts that window's average for its updates so far.
+    inside a window counts that window's average for its updates so far, and a step after the
+    last record (a run stopped between two records) the last record's average.
     """
-    tokens, last = 0.0, 0
+    tokens, last, mean = 0.0, 0, 0.0
     for record in train:
-        tokens += record["tokens_per_update"] * (min(record["step"], step) - last)
+        mean = record["tokens_per_update"]
+        tokens += mean * (min(record["step"], step) - last)
         last = record["step"]
         if last >= step:
-            break
-    return tokens
+            return tokens
+    return tokens + mean * (step - last)
 
 
 def bench(args: argparse.Namespace) -> dict[str, dict[str, Any]]:

@@ -320,6 +320,9 @@ def test_bench_levers_reads_a_run_up_to_its_step(tmp_path: Path) -> None:
         60: 50 * 1000.0 + 10 * 2000.0,
         120: 50 * 1000.0 + 50 * 2000.0 + 20 * 3000.0,
     }
+    # A run stopped 30 updates after its last record: that record's mean for them.
+    train = [{"step": 50, "tokens_per_update": 1000.0}, {"step": 100, "tokens_per_update": 2000.0}]
+    assert load_script("bench_levers").tokens_at(train, 130) == 50 * 1000.0 + 80 * 2000.0
 
 
 def test_bench_levers_lists_each_validation_by_tokens_seen(tmp_path: Path) -> None:
