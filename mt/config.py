@@ -234,6 +234,8 @@ class TrainConfig:
     compile: bool = False  # wrap the model in torch.compile
     lr: float = 7e-4  # peak learning rate, reached at the end of warm-up
     warmup_steps: int = 4000  # linear warm-up, then inverse square root decay
+    cooldown: float = 0.0  # last share of the run (of max_minutes if set, else of max_steps)
+    # over which the lr falls linearly to 0 (0 = off)
     betas: tuple[float, float] = (0.9, 0.98)  # Adam betas
     eps: float = 1e-9  # Adam epsilon
     weight_decay: float = 0.0  # decoupled weight decay (AdamW)
@@ -283,6 +285,11 @@ class TrainConfig:
             0 <= self.ema_decay < 1,
             "train.ema_decay",
             f"train.ema_decay={self.ema_decay} must be in [0, 1)",
+        )
+        _check(
+            0 <= self.cooldown < 1,
+            "train.cooldown",
+            f"train.cooldown={self.cooldown} must be in [0, 1)",
         )
         _check(
             0 <= self.initial_dropout < 1,

@@ -126,6 +126,11 @@ def _training_section(run_dir: Path, select_direction: str) -> list[str]:
         )
     for record in read_metrics(run_dir, "precision"):  # one per start: a resume may differ
         lines.append(f"- precision from step {record['step']:,}: {describe_precision(record)}")
+    for record in read_metrics(run_dir, "cooldown"):
+        lines.append(
+            f"- lr cool-down after step {record['step']:,}: from {record['lr']:.2e} to 0 over "
+            f"{record['steps']:,} updates"
+        )
     if train:
         speed = statistics.median(r["tgt_tok_s"] for r in train)
         lines.append(f"- median throughput {speed:,.0f} target tokens/s")

@@ -1,7 +1,8 @@
 """`mt train`: one training loop, read top to bottom, with small named steps around it.
 
 Data flows: corpora -> tokenizer -> encoded, cached data -> token-budget batches -> model ->
-label-smoothed loss -> Adam + inverse-sqrt schedule -> checkpoints, validation BLEU.
+label-smoothed loss -> Adam + inverse-sqrt schedule (and cool-down) -> checkpoints, validation
+BLEU.
 Under torchrun every rank runs this loop on its share of each update; rank 0 alone writes.
 What runs after training (checkpoint averaging, the report) is `mt.finish`'s job.
 """
@@ -38,7 +39,7 @@ from mt.batching import (
     collate,
     plan_updates,
 )
-from mt.config import CONFIG_FILE, Config, diff, load_config, save_config
+from mt.config import CONFIG_FILE, Config, TrainConfig, diff, load_config, save_config
 from mt.data import CorpusMix, EncodedCorpus, write_data_stats
 from mt.device import (
     DTYPES,
@@ -54,7 +55,7 @@ from mt.lock import hold_run_lock
 from mt.loss import label_smoothed_nll
 from mt.metrics import MetricsLog, read_metrics, selected_bleu
 from mt.model import Transformer, count_parameters, set_dropout
-from mt.optim import make_optimizer, make_scheduler
+from mt.optim import Schedule, make_optimizer, make_scheduler
 from mt.rundir import (
     checkpoint_metadata,
     encode_directions,
@@ -91,6 +92,8 @@ class TrainState:
     overflow_steps: int = 0  # fp16 updates skipped because gradients overflowed
     oom_steps: int = 0  # updates skipped on every rank because one ran out of memory
     train_seconds: float = 0.0  # wall-clock spent in training steps and validation
+    cooldown_start: int = 0  # updates done when the lr's cool-down began (train.cooldown)
+    cooldown_steps: int = 0  # updates of the cool-down, fixed when it began (0: not begun)
     unvalidated: bool = False  # a signal stopped the run at a due validation: it runs on resume
     validated: bool = False  # this step was validated (a signal's fast stop skips it)
 
@@ -140,6 +143,7 @@ class Learner:
     step_model: Callable[..., Tensor]  # what the training step calls: the model, maybe compiled
     step_loss: Callable[..., tuple[Tensor, Tensor, Tensor]] | None  # compiled loss, if compiling
     optimizer: torch.optim.Optimizer
+    schedule: Schedule  # the lr by update, which the scheduler reads
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     world: World
@@ -170,6 +174,7 @@ def build_learner(
     model = Transformer(config.model, *vocab).to(device)
     distributed.broadcast_parameters(world, model)  # identical already; cheap insurance
     optimizer = make_optimizer(model, tc.lr, tc.betas, tc.eps, tc.weight_decay, device)
+    schedule = Schedule(tc.lr, tc.warmup_steps)
     # Rank 0 alone validates and saves: the others would only spend time keeping an EMA.
     keep_ema = tc.ema_decay > 0 and world.is_main
     return Learner(
@@ -177,7 +182,8 @@ def build_learner(
         step_model=torch.compile(model, dynamic=True) if tc.compile else model,
         step_loss=torch.compile(label_smoothed_nll, dynamic=True) if tc.compile else None,
         optimizer=optimizer,
-        scheduler=make_scheduler(optimizer, tc.lr, tc.warmup_steps),
+        schedule=schedule,
+        scheduler=make_scheduler(optimizer, schedule),
         scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
         world=world,
         device=device,
@@ -199,10 +205,16 @@ class StepResult:
     out_of_memory: bool  # a rank ran out of memory: every rank skips the update
     stop: bool  # a rank was signalled: every rank stops after this update
     out_of_time: bool  # a rank reached train.max_minutes
+    seconds: float  # training seconds before this update, the mean over ranks
 
 
 def train_step(
-    learner: Learner, batches: list[Batch], tokens: int, stop: bool, out_of_time: bool
+    learner: Learner,
+    batches: list[Batch],
+    tokens: int,
+    stop: bool,
+    out_of_time: bool,
+    seconds: float = 0.0,
 ) -> StepResult:
     """Forward and backward over this rank's micro-batches, then gradients summed over ranks.
 
@@ -211,7 +223,9 @@ def train_step(
     gradients cross the network once, after the last backward, in one collective that also
     carries each rank's flags: a rank that ran out of memory anywhere in the step joins it with
     zero gradients and its flag set, so every rank skips the update instead of hanging. The
-    host reads the device once per step: the summed flags and the gradient norm together.
+    same collective averages the ranks' training `seconds`, so that a decision on time (the
+    cool-down's start) is the same on every rank. The host reads the device once per step: the
+    summed flags and the gradient norm together.
     """
     loss_sum = torch.zeros((), device=learner.device)
     nll_sum = torch.zeros((), device=learner.device)
@@ -224,15 +238,17 @@ def train_step(
     except torch.cuda.OutOfMemoryError:
         out_of_memory = True
         free_memory(learner)
-    flags = torch.zeros(3, device=learner.device)
+    flags = torch.zeros(4, device=learner.device)
     for i, raised in enumerate((out_of_memory, stop, out_of_time)):
         if raised:
             flags[i] = 1.0  # a fill with a scalar argument: no host-device copy
+    flags[3] = seconds
     flags = distributed.sum_gradients(learner.world, learner.params, flags)
     learner.scaler.unscale_(learner.optimizer)
     norm = torch.nn.utils.clip_grad_norm_(learner.params, learner.clip_norm or math.inf)
     summed = torch.cat([flags, norm.reshape(1).float()]).tolist()  # the step's one host read
-    return StepResult(loss_sum, nll_sum, summed[3], *(value > 0 for value in summed[:3]))
+    raised = (value > 0 for value in summed[:3])
+    return StepResult(loss_sum, nll_sum, summed[4], *raised, summed[3] / learner.world.world_size)
 
 
 def forward_backward(learner: Learner, batch: Batch, tokens: int) -> tuple[Tensor, Tensor]:
@@ -255,10 +271,13 @@ def free_memory(learner: Learner) -> None:
         torch.cuda.empty_cache()
 
 
-def optimizer_step(learner: Learner, state: TrainState, min_loss_scale: float) -> bool:
+def optimizer_step(
+    learner: Learner, state: TrainState, min_loss_scale: float, cooldown: int = 0
+) -> bool:
     """Step optimizer and schedule; False if the fp16 scaler skipped an overflowed update.
 
-    A skipped update does not count: neither the step nor the schedule advances.
+    A skipped update does not count: neither the step nor the schedule advances. A `cooldown`
+    of N begins the lr's cool-down after this update: the next N updates take it to zero.
     """
     scaler = learner.scaler
     scale = scaler.get_scale() if scaler.is_enabled() else 1.0
@@ -275,10 +294,45 @@ def optimizer_step(learner: Learner, state: TrainState, min_loss_scale: float) -
                 "or a lower train.lr"
             )
         return False
-    learner.scheduler.step()
     state.step += 1
+    if cooldown:
+        state.cooldown_start, state.cooldown_steps = state.step, cooldown
+        restore_cooldown(learner, state)
+    learner.scheduler.step()  # the lr of the next update
     update_ema(learner, state.step)
     return True
+
+
+def cooldown_due(tc: TrainConfig, state: TrainState, seconds: float) -> int:
+    """Updates of the cool-down if it begins after the update being applied; 0 if not yet.
+
+    It begins after (1 - train.cooldown) of the steps, or of the minutes where train.max_minutes
+    is set, whichever comes first. On time, its length is the number of updates the minutes
+    left will hold at the run's rate so far (validations included): the same schedule on every
+    CPU, each cooling down over the updates it can make.
+    """
+    step = state.step + 1
+    if not tc.cooldown or state.cooldown_steps or step >= tc.max_steps:
+        return 0
+    due = []
+    if step >= tc.max_steps - math.floor(tc.cooldown * tc.max_steps):
+        due.append(tc.max_steps - step)
+    budget = 60 * tc.max_minutes
+    if budget and seconds >= (1 - tc.cooldown) * budget:
+        due.append(max(math.floor((budget - seconds) * step / seconds), 1))
+    return min(due, default=0)
+
+
+def restore_cooldown(learner: Learner, state: TrainState) -> None:
+    """Give the schedule the cool-down `state` holds (none, before it begins)."""
+    learner.schedule.cooldown_start = state.cooldown_start
+    learner.schedule.cooldown_steps = state.cooldown_steps
+
+
+def cooled_down(learner: Learner, state: TrainState) -> bool:
+    """Whether the run has made the last update of its cool-down (its lr reached zero)."""
+    end = learner.schedule.cooldown_end
+    return end is not None and state.step >= end
 
 
 def ema_decay_at(decay: float, step: int) -> float:
@@ -499,6 +553,7 @@ def restore(checkpoint: ckpt.Checkpoint, run: Run) -> TrainState:
         f"{ranks} ranks{moved})"
     )
     state.world_size = run.world.world_size
+    restore_cooldown(learner, state)
     reselect(state, run)
     return state
 
@@ -557,9 +612,12 @@ def train(config: Config, resume: Path | None = None) -> TrainResult:
     try:
         with contextlib.ExitStack() as stack:  # the run lock, the metrics log
             run = start(config, resume, world, device, stack)
-            if run.state.step >= tc.max_steps:
+            if run.state.step >= tc.max_steps or cooled_down(run.learner, run.state):
                 at = f"{run.directory} is already at step {run.state.step}"
-                log.info(f"{at} (train.max_steps={tc.max_steps}): nothing to do")
+                why = f"train.max_steps={tc.max_steps}"
+                if run.state.step < tc.max_steps:
+                    why = "the end of its lr cool-down; a run that cooled down does not go on"
+                log.info(f"{at} ({why}): nothing to do")
                 return TrainResult(run.state, None, str(device), world.is_main, idle=True)
             begin(run, stack)
             return loop(run)
@@ -592,6 +650,11 @@ def begin(run: Run, stack: contextlib.ExitStack) -> None:
         f"up to {tc.max_tokens * tc.update_freq * ranks} tokens (padding included) per update "
         f"= {per_update}; {learner.precision} on {learner.device}"
     )
+    if tc.cooldown:
+        share = f"train.max_steps={tc.max_steps}"
+        if tc.max_minutes:
+            share = f"train.max_minutes={tc.max_minutes:g} (or of {share}, if sooner)"
+        log.info(f"lr cool-down: linearly to 0 over the last {tc.cooldown:.0%} of {share}")
     if tc.initial_dropout_steps:
         log.info(
             f"dropout {tc.initial_dropout:g} for updates 1-{tc.initial_dropout_steps}, "
@@ -633,7 +696,14 @@ def loop(run: Run) -> TrainResult:
                 torch.manual_seed(step_seed(tc.seed, run.world.rank, state.step))
                 set_dropout(learner.model, dropout_at(run.config, state.step))
                 late = bool(tc.max_minutes) and state.train_seconds >= 60 * tc.max_minutes
-                result = train_step(learner, update.batches, update.tokens, bool(stop.signum), late)
+                result = train_step(
+                    learner,
+                    update.batches,
+                    update.tokens,
+                    bool(stop.signum),
+                    late,
+                    state.train_seconds,
+                )
                 state.epoch, state.batches_done = update.epoch, update.done
                 # 3. The update itself, unless a rank ran out of memory or gradients overflowed.
                 stepped = apply(run, result)
@@ -651,6 +721,9 @@ def loop(run: Run) -> TrainResult:
                     break
                 if result.out_of_time:
                     log.info("reached train.max_minutes=%g at step %d", tc.max_minutes, state.step)
+                    break
+                if cooled_down(learner, state):
+                    log.info("the lr's cool-down ended at step %d", state.step)
                     break
                 # 5. Validate and checkpoint every valid_every steps.
                 if stepped and validation_due(run) and validate_and_save(run):
@@ -704,7 +777,24 @@ def apply(run: Run, result: StepResult) -> bool:
             f"non-finite loss or gradient at step {state.step + 1}; parameters were not "
             f"updated; weights saved to {crash} (try a lower train.lr or train.clip_norm)"
         )
-    return optimizer_step(learner, state, run.config.train.min_loss_scale)
+    cooldown = cooldown_due(run.config.train, state, result.seconds)
+    stepped = optimizer_step(learner, state, run.config.train.min_loss_scale, cooldown)
+    if stepped and cooldown:
+        record_cooldown(run, result.seconds)
+    return stepped
+
+
+def record_cooldown(run: Run, seconds: float) -> None:
+    """Log the cool-down that begins after this update, and record it in the metrics."""
+    state, schedule = run.state, run.learner.schedule
+    lr = schedule(state.step)
+    log.info(
+        f"lr cool-down: from {lr:.2e} after update {state.step:,} to 0 over the next "
+        f"{state.cooldown_steps:,} updates ({seconds / 60:.1f} minutes trained)"
+    )
+    if run.metrics is not None:
+        values = {"steps": state.cooldown_steps, "lr": lr, "train_seconds": seconds}
+        run.metrics.write("cooldown", state.step, values)
 
 
 # ---------------------------------------------------------------------------------------------

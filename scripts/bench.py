@@ -52,7 +52,7 @@ from mt.distributed import World  # noqa: E402
 from mt.export.hf import generation_config, marian_from_mt  # noqa: E402
 from mt.loss import label_smoothed_nll  # noqa: E402
 from mt.model import Transformer, count_parameters  # noqa: E402
-from mt.optim import make_scheduler  # noqa: E402
+from mt.optim import Schedule, make_scheduler  # noqa: E402
 from mt.packing import pack  # noqa: E402
 from mt.rundir import encode_split, load_trained, prepare_tokenizer  # noqa: E402
 from mt.search import max_lengths, strip  # noqa: E402
@@ -178,7 +178,7 @@ def train_phase(spec: dict[str, Any]) -> dict[str, Any]:
         optimizer = torch.optim.AdamW(
             params, lr=tc.lr, betas=tc.betas, eps=tc.eps, weight_decay=tc.weight_decay, fused=True
         )
-        scheduler = make_scheduler(optimizer, tc.lr, tc.warmup_steps)
+        scheduler = make_scheduler(optimizer, Schedule(tc.lr, tc.warmup_steps))
 
         def step(batch: Any) -> tuple[float, float]:
             with autocast(precision):

@@ -158,6 +158,8 @@ def test_share_embeddings_needs_joint_vocab(tmp_path: Path) -> None:
         ("train.label_smoothing=-0.1", "train.label_smoothing=-0.1 must be in [0, 1)"),
         ("train.initial_dropout=1", "train.initial_dropout=1.0 must be in [0, 1)"),
         ("train.initial_dropout_steps=-5", "train.initial_dropout_steps=-5 must be >= 0"),
+        ("train.cooldown=1", "train.cooldown=1.0 must be in [0, 1)"),
+        ("train.cooldown=-0.1", "train.cooldown=-0.1 must be in [0, 1)"),
         ("data.src_lang=en", "data.src_lang and data.tgt_lang are both 'en'"),
         ("tokenizer.vocab_size=4", "tokenizer.vocab_size=4 must be at least 8"),
         ("decode.beam=0", "decode.beam=0 must be >= 1"),

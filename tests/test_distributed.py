@@ -157,6 +157,23 @@ def test_out_of_memory_on_one_rank_skips_the_update_on_every_rank(tmp_path: Path
     assert state["optimizer"]["state"][0]["step"].item() == 6  # both ranks went on, in step
 
 
+def test_ranks_agree_on_a_cooldown_begun_on_time(tmp_path: Path) -> None:
+    # Rank 1's clock runs three times as fast: on its own it would begin the cool-down, and end
+    # it, sooner than rank 0, leave the loop first and leave rank 0 waiting in a collective.
+    run = tmp_path / "run"
+    budget = [
+        "train.max_steps=1000", "train.max_minutes=0.05", "train.cooldown=0.5",
+        "train.valid_every=1000",
+    ]  # fmt: skip
+    worker, faults = "tests/helpers/faulty_worker.py", "clock:1:3"
+    code, err = finish(torchrun(run, *budget, worker=worker, env={"MT_FAULT": faults}))
+    assert code == 0, err
+    [record] = read_metrics(run, "cooldown")
+    state = ckpt.load_state(ckpt.latest_checkpoint(run).state)["train"]
+    assert (state["cooldown_start"], state["cooldown_steps"]) == (record["step"], record["steps"])
+    assert record["step"] <= state["step"] <= record["step"] + record["steps"]
+
+
 # Two ranks of a bare `distributed.setup` + `main_first`; rank 0's preparation fails with an
 # error that is not an MtError. Rank 0 then stays alive until its stdin closes, as a rank whose
 # death NCCL would not notice before the start-up timeout.

@@ -1,9 +1,9 @@
-"""The inverse-square-root schedule and the optimizer."""
+"""The learning-rate schedule (inverse square root, cool-down) and the optimizer."""
 
 import pytest
 import torch
 
-from mt.optim import inverse_sqrt, make_optimizer, make_scheduler
+from mt.optim import Schedule, inverse_sqrt, make_optimizer, make_scheduler
 
 
 @pytest.mark.parametrize(
@@ -29,13 +29,41 @@ def test_no_warmup_starts_at_peak() -> None:
 def test_scheduler_drives_the_optimizer() -> None:
     model = torch.nn.Linear(3, 3)
     opt = make_optimizer(model, 7e-4, (0.9, 0.98), 1e-9, 0.0, torch.device("cpu"))
-    sched = make_scheduler(opt, 7e-4, 10)
+    sched = make_scheduler(opt, Schedule(7e-4, 10))
     seen = []
     for _ in range(20):
         seen.append(opt.param_groups[0]["lr"])  # the lr this update uses
         opt.step()
         sched.step()
     assert seen == pytest.approx([inverse_sqrt(n, 7e-4, 10) for n in range(1, 21)], rel=1e-12)
+
+
+def test_cooldown_falls_linearly_to_zero_after_its_last_update() -> None:
+    schedule = Schedule(1e-3, 4, cooldown_start=16, cooldown_steps=4)
+    at_16 = inverse_sqrt(16, 1e-3, 4)  # 5e-4
+    assert [schedule(step) for step in (1, 8, 16)] == [inverse_sqrt(s, 1e-3, 4) for s in (1, 8, 16)]
+    assert [schedule(step) / at_16 for step in range(17, 22)] == pytest.approx(
+        [4 / 5, 3 / 5, 2 / 5, 1 / 5, 0.0]
+    )
+    assert schedule.cooldown_end == 20
+    assert Schedule(1e-3, 4).cooldown_end is None
+    assert Schedule(1e-3, 4, cooldown_start=16)(32) == inverse_sqrt(32, 1e-3, 4)  # not begun
+
+
+def test_a_cooldown_begun_mid_run_applies_from_the_next_update() -> None:
+    model = torch.nn.Linear(3, 3)
+    opt = make_optimizer(model, 1e-3, (0.9, 0.98), 1e-9, 0.0, torch.device("cpu"))
+    schedule = Schedule(1e-3, 0)
+    sched = make_scheduler(opt, schedule)
+    seen = []
+    for step in range(1, 7):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        if step == 3:
+            schedule.cooldown_start, schedule.cooldown_steps = 3, 2
+        sched.step()
+    lr_3 = 1e-3 * 3**-0.5
+    assert seen == pytest.approx([1e-3, 1e-3 * 2**-0.5, lr_3, lr_3 * 2 / 3, lr_3 / 3, 0.0])
 
 
 def test_tied_parameters_are_optimised_once() -> None:

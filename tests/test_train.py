@@ -23,7 +23,8 @@ from mt.device import describe_precision
 from mt.errors import ConfigError, MtError
 from mt.finish import finish
 from mt.metrics import read_metrics
-from mt.train import train
+from mt.report import write_report
+from mt.train import TrainState, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -72,6 +73,72 @@ def test_learning_rate_follows_the_schedule(tmp_path: Path) -> None:
         n = r["step"] + 1
         expected = 3e-3 * n / 5 if n < 5 else 3e-3 * (5 / n) ** 0.5
         assert r["lr"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_cooldown_takes_the_lr_to_zero_over_the_last_steps(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="mt")
+    run = tmp_path / "run"
+    train(tiny(run, "train.max_steps=20", "train.log_every=1", "train.cooldown=0.25"))
+    lrs = {r["step"]: r["lr"] for r in read_metrics(run, "train")}
+    # tiny.yaml: lr 3e-3, warm-up 5; 20 steps x 0.25: updates 16-20 cool down, from update 15's lr.
+    at_15 = 3e-3 * (5 / 15) ** 0.5
+    assert lrs[14] == pytest.approx(at_15, rel=1e-9)  # (the lr of the next update)
+    assert [lrs[s] / at_15 for s in range(15, 21)] == pytest.approx(
+        [5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6, 0]
+    )
+    [record] = read_metrics(run, "cooldown")
+    assert (record["step"], record["steps"]) == (15, 5)
+    assert record["lr"] == pytest.approx(at_15, rel=1e-9)
+    assert "lr cool-down: from 1.73e-03 after update 15 to 0 over the next 5 updates" in caplog.text
+    assert "over the last 25% of train.max_steps=20\n" in caplog.text
+    write_report(run, test=False)
+    report = (run / "report.md").read_text(encoding="utf-8")
+    assert "- lr cool-down after step 15: from 1.73e-03 to 0 over 5 updates\n" in report
+
+
+def test_cooldown_resume_inside_it_is_exact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    logged = ["train.max_steps=12", "train.log_every=1", "train.cooldown=0.5"]  # from update 7
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(tiny(straight, *logged))
+    real, calls = train_module.train_step, itertools.count(1)
+
+    def signalled_at_9(*args: object) -> object:
+        learner, batches, tokens, stop, late, seconds = args
+        return real(learner, batches, tokens, stop or next(calls) == 9, late, seconds)
+
+    monkeypatch.setattr(train_module, "train_step", signalled_at_9)
+    assert train(tiny(split, *logged)).state.step == 9
+    monkeypatch.undo()
+    train(tiny(split, *logged))
+    assert identical(weights(split), weights(straight))
+    assert losses(split) == losses(straight)
+    begun = [
+        [(r["step"], r["steps"], r["lr"]) for r in read_metrics(run, "cooldown")]
+        for run in (split, straight)
+    ]
+    assert begun[0] == begun[1] == [(6, 6, pytest.approx(3e-3 * (5 / 6) ** 0.5))]
+
+
+def test_cooldown_due_by_steps_and_by_minutes() -> None:
+    due = train_module.cooldown_due
+    steps = load_config(TINY, ["train.max_steps=100", "train.cooldown=0.2"]).train
+    assert due(steps, TrainState(step=78), 0.0) == 0
+    assert due(steps, TrainState(step=79), 0.0) == 20  # updates 81-100
+    assert due(steps, TrainState(step=79, cooldown_start=50, cooldown_steps=50), 0.0) == 0
+    assert due(steps, TrainState(step=99), 0.0) == 0  # the last update: nothing left to cool
+    timed = load_config(
+        TINY, ["train.max_steps=1000", "train.max_minutes=10", "train.cooldown=0.25"]
+    ).train
+    assert due(timed, TrainState(step=89), 449.9) == 0
+    # 150 of 600 seconds left at 90 updates in 450 s: 30 more updates.
+    assert due(timed, TrainState(step=89), 450.0) == 30
+    assert due(timed, TrainState(step=799), 450.0) == 200  # max_steps comes first
+    off = load_config(TINY, ["train.max_steps=100"]).train
+    assert due(off, TrainState(step=99), 1e9) == 0
 
 
 def test_update_freq_two_equals_double_batch(tmp_path: Path) -> None:
@@ -393,8 +460,8 @@ def test_non_finite_weights_are_never_checkpointed(
 ) -> None:
     real = train_module.optimizer_step
 
-    def diverging_step(learner, state, min_loss_scale):
-        stepped = real(learner, state, min_loss_scale)
+    def diverging_step(learner, state, min_loss_scale, cooldown=0):
+        stepped = real(learner, state, min_loss_scale, cooldown)
         if state.step == 4:  # this update made a weight infinite
             with torch.no_grad():
                 learner.model.decoder[0].ffn.fc2.weight[0, 0] = math.inf
@@ -553,10 +620,10 @@ def test_the_weights_file_holds_the_ema_of_the_weights(
     after: list[dict[str, torch.Tensor]] = []  # the weights before training, then after each update
     real = train_module.optimizer_step
 
-    def recording_step(learner, state, min_loss_scale):
+    def recording_step(learner, state, min_loss_scale, cooldown=0):
         if not after:
             after.append({k: v.clone() for k, v in learner.model.state_dict().items()})
-        stepped = real(learner, state, min_loss_scale)
+        stepped = real(learner, state, min_loss_scale, cooldown)
         after.append({k: v.clone() for k, v in learner.model.state_dict().items()})
         return stepped
 
@@ -655,9 +722,9 @@ def test_a_validation_put_off_by_a_signal_runs_on_resume(
     train(tiny(straight, *steps))
     real, calls = train_module.train_step, itertools.count(1)
 
-    def signalled_at_5(*args: object) -> object:  # (learner, batches, tokens, stop, late)
-        learner, batches, tokens, stop, late = args
-        return real(learner, batches, tokens, stop or next(calls) == 5, late)
+    def signalled_at_5(*args: object) -> object:  # (learner, batches, tokens, stop, late, seconds)
+        learner, batches, tokens, stop, late, seconds = args
+        return real(learner, batches, tokens, stop or next(calls) == 5, late, seconds)
 
     split = tmp_path / "split"
     monkeypatch.setattr(train_module, "train_step", signalled_at_5)

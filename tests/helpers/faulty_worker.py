@@ -4,7 +4,8 @@ MT_FAULT=KIND:RANK:CALL, with KIND `nan` (the loss of that loss call is NaN), `o
 raises CUDA's out-of-memory error), `oom_backward` (the backward pass of that call's loss
 raises it) or `die` (the process exits with status 1 there), e.g.
 MT_FAULT=nan:1:3; or MT_FAULT=slow:RANK:SECONDS: that rank's data preparation takes SECONDS
-longer. Several faults are separated by commas: MT_FAULT=oom:1:3,oom_backward:0:5.
+longer; or MT_FAULT=clock:RANK:FACTOR: that rank's time.perf_counter runs FACTOR times as fast.
+Several faults are separated by commas: MT_FAULT=oom:1:3,oom_backward:0:5.
 """
 
 import os
@@ -24,6 +25,9 @@ def inject(fault: str) -> None:
         return
     if kind == "slow":
         slow_prepare(float(call))
+        return
+    if kind == "clock":
+        fast_clock(float(call))
         return
     real = mt.train.label_smoothed_nll
     calls = {"n": 0}
@@ -60,6 +64,13 @@ def slow_prepare(seconds: float) -> None:
         return real(*args, **kwargs)
 
     mt.train.prepare = prepare
+
+
+def fast_clock(factor: float) -> None:
+    """Make this process's time.perf_counter run `factor` times as fast as the real one."""
+    real = time.perf_counter
+    start = real()
+    time.perf_counter = lambda: start + (real() - start) * factor
 
 
 if __name__ == "__main__":
