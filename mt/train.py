@@ -297,7 +297,7 @@ def optimizer_step(
     state.step += 1
     if cooldown:
         state.cooldown_start, state.cooldown_steps = state.step, cooldown
-        restore_cooldown(learner, state)
+        sync_cooldown(learner, state)
     learner.scheduler.step()  # the lr of the next update
     update_ema(learner, state.step)
     return True
@@ -323,8 +323,9 @@ def cooldown_due(tc: TrainConfig, state: TrainState, seconds: float) -> int:
     return min(due, default=0)
 
 
-def restore_cooldown(learner: Learner, state: TrainState) -> None:
-    """Give the schedule the cool-down `state` holds (none, before it begins)."""
+def sync_cooldown(learner: Learner, state: TrainState) -> None:
+    """Give the schedule the cool-down `state` holds (none before it begins): at its start, on
+    resume."""
     learner.schedule.cooldown_start = state.cooldown_start
     learner.schedule.cooldown_steps = state.cooldown_steps
 
@@ -553,7 +554,7 @@ def restore(checkpoint: ckpt.Checkpoint, run: Run) -> TrainState:
         f"{ranks} ranks{moved})"
     )
     state.world_size = run.world.world_size
-    restore_cooldown(learner, state)
+    sync_cooldown(learner, state)
     reselect(state, run)
     return state
 
