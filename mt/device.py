@@ -74,7 +74,7 @@ class PrecisionChoice:
     precision: str
     how: str
     measurement: Measurement | None = None
-    why: str = ""  # with the AMX rule: why nothing was measured
+    why: str = ""  # with the AMX rule: why nothing was measured; measured: why fp32 despite bf16
 
     def record(self) -> dict[str, float | str]:
         """The choice as a flat metrics record (see describe_precision)."""
@@ -109,9 +109,10 @@ def describe_precision(record: dict[str, object]) -> str:
         else f"{p} too slow to time"
         for p in MEASURED
     )
+    why = f"; {record['why']}" if record.get("why") else ""
     return (
         f"{precision} (auto, measured on the model's matrix products at {record['rows']:,} "
-        f"rows in {record['seconds']:.2f} s: {rates})"
+        f"rows in {record['seconds']:.2f} s: {rates}{why})"
     )
 
 
@@ -215,12 +216,20 @@ def measure_rates(
         size = min(2 * size, rows)
 
 
+def enough_rows(measurement: Measurement, rows: int) -> bool:
+    """Whether the measurement reached the rows a verdict for bf16 needs (of `rows` asked)."""
+    return measurement.complete and measurement.rows >= min(rows, VERDICT_ROWS)
+
+
+def bf16_faster(measurement: Measurement, margin: float = BF16_MARGIN) -> bool:
+    """Whether bf16 was timed `margin` times faster than fp32."""
+    rates = measurement.rates
+    return rates.get("bf16", 0.0) >= margin * rates.get("fp32", math.inf)
+
+
 def choose_precision(measurement: Measurement, rows: int, margin: float = BF16_MARGIN) -> str:
     """bf16 if measured `margin` times faster than fp32 at enough of the `rows`; else fp32."""
-    rates = measurement.rates
-    enough = measurement.complete and measurement.rows >= min(rows, VERDICT_ROWS)
-    faster = rates.get("bf16", 0.0) >= margin * rates.get("fp32", math.inf)
-    return "bf16" if enough and faster else "fp32"
+    return "bf16" if enough_rows(measurement, rows) and bf16_faster(measurement, margin) else "fp32"
 
 
 def resolve_precision(
@@ -249,7 +258,11 @@ def resolve_precision(
         measurement = measure_rates(products, rows, time_calls=time_calls)
     except RuntimeError as exc:  # e.g. a build without bf16 matrix products
         return amx_rule(f"timing failed: {exc}")
-    return PrecisionChoice(choose_precision(measurement, rows), "measured", measurement)
+    why = ""
+    if bf16_faster(measurement) and not enough_rows(measurement, rows):
+        # A busy machine slows the timing until the budget ends it early: say why fp32 won.
+        why = f"too few rows timed to pick bf16 (it needs {min(rows, VERDICT_ROWS):,}): a busy CPU?"
+    return PrecisionChoice(choose_precision(measurement, rows), "measured", measurement, why)
 
 
 def amx_rule(why: str) -> PrecisionChoice:

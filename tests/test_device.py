@@ -169,6 +169,29 @@ def test_a_single_bf16_product_longer_than_the_budget_stops_the_measurement(
     )
 
 
+def test_fp32_chosen_on_too_few_rows_says_why_in_the_log_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A busy CPU: the budget ends the timing at 8 rows, where bf16 looked 6x faster.
+    measured = Measurement(8, {"fp32": 1.147, "bf16": 7.358}, 0.34)
+    choice = resolve_precision_with(monkeypatch, measured)
+    assert choice.precision == "fp32"
+    assert choice.record()["why"] == "too few rows timed to pick bf16 (it needs 256): a busy CPU?"
+    assert choice.describe() == (
+        "fp32 (auto, measured on the model's matrix products at 8 rows in 0.34 s: "
+        "fp32 1.147 GFLOP/s, bf16 7.358 GFLOP/s; too few rows timed to pick bf16 (it needs 256): "
+        "a busy CPU?)"
+    )
+    # Where fp32 wins on its rates, or bf16 on enough rows, there is nothing to explain.
+    slow_bf16 = Measurement(8, {"fp32": 100.0, "bf16": 1.0}, 0.5)
+    assert resolve_precision_with(monkeypatch, slow_bf16).why == ""
+    enough = Measurement(256, {"fp32": 100.0, "bf16": 250.0}, 0.4)
+    assert resolve_precision_with(monkeypatch, enough).record() == {
+        "precision": "bf16", "how": "measured", "rows": 256, "seconds": 0.4,
+        "fp32_gflops": 100.0, "bf16_gflops": 250.0,
+    }  # fmt: skip
+
+
 def resolve_precision_with(monkeypatch: pytest.MonkeyPatch, measured: Measurement):
     """resolve_precision("auto") on CPU, its measurement replaced by `measured`."""
     monkeypatch.setattr(device, "measure_rates", lambda products, rows, time_calls: measured)
