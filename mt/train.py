@@ -324,8 +324,10 @@ def cooldown_due(tc: TrainConfig, state: TrainState, seconds: float) -> int:
 
 
 def sync_cooldown(learner: Learner, state: TrainState) -> None:
-    """Give the schedule the cool-down `state` holds (none before it begins): at its start, on
-    resume."""
+    """Give the schedule the cool-down `state` holds (none before it begins).
+
+    Called where the cool-down begins and on resume, the two places `state` gets a new one.
+    """
     learner.schedule.cooldown_start = state.cooldown_start
     learner.schedule.cooldown_steps = state.cooldown_steps
 
