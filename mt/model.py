@@ -67,6 +67,35 @@ def attention_dtype(x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+def cache_dtype(x: Tensor) -> torch.dtype:
+    """The dtype incremental decoding keeps keys/values in, and attends in, for inputs like x.
+
+    float32 on a CPU: there SDPA attends from one query per row several times faster in float32
+    than in bf16, which more than pays for casting each step's new keys and queries
+    (docs/benchmarks.md, "Attention in float32 when decoding on a CPU"). Elsewhere autocast's.
+    """
+    return torch.float32 if x.device.type == "cpu" else attention_dtype(x)
+
+
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float, causal: bool
+) -> Tensor:
+    """SDPA of q (B, H, L, hd) over k, v (B, H, L', hd), in k's dtype; the result in q's dtype.
+
+    Keys kept in float32 by a decoding cache (cache_dtype) are attended in float32 with autocast
+    off, which would otherwise cast them back to bf16.
+    """
+    if q.dtype == k.dtype:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal
+        )
+    with torch.autocast(q.device.type, enabled=False):
+        out = F.scaled_dot_product_attention(
+            q.to(k.dtype), k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal
+        )
+    return out.to(q.dtype)
+
+
 class Dropout(nn.Module):
     """Inverted dropout; on CPU it draws its mask from 32-bit random words, two 16-bit draws each.
 
@@ -139,14 +168,8 @@ class MultiHeadAttention(nn.Module):
         B, L, D = x.shape
         q = self.split_heads(self.q_proj(x))  # (B, H, L, hd)
         # SDPA picks flash / memory-efficient kernels on CUDA; never a hand-written softmax path.
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.attn_dropout if self.training else 0.0,
-            is_causal=is_causal,
-        )  # (B, H, L, hd)
+        dropout_p = self.attn_dropout if self.training else 0.0
+        out = attend(q, k, v, mask, dropout_p, is_causal)  # (B, H, L, hd)
         out = out.transpose(1, 2).reshape(B, L, D)  # (B, L, D)
         return self.out_proj(out)  # (B, L, D)
 
@@ -329,7 +352,8 @@ class DecoderLayer(nn.Module):
         if cache is None:
             # Target padding needs no key mask: causality hides later pads, the loss ignores pads.
             return self.self_attn(x, k, v, is_causal=True)  # (B, T, D)
-        k, v = cache.append(k, v)  # (B, H, step+T, hd) each
+        dtype = cache_dtype(x)
+        k, v = cache.append(k.to(dtype), v.to(dtype))  # (B, H, step+T, hd) each
         mask = incremental_mask(x.size(1), k.size(2), x.device)
         return self.self_attn(x, k, v, mask=mask)  # (B, T, D)
 
@@ -340,7 +364,8 @@ class DecoderLayer(nn.Module):
             k, v = self.cross_attn.project_kv(memory)  # (B, H, S, hd) each
         else:
             if cache.cross_k is None:  # the memory is fixed, so project it only once
-                cache.cross_k, cache.cross_v = self.cross_attn.project_kv(memory)
+                k, v = self.cross_attn.project_kv(memory)  # (B, H, S, hd) each
+                cache.cross_k, cache.cross_v = k.to(cache_dtype(x)), v.to(cache_dtype(x))
             k, v = cache.cross_k, cache.cross_v
         # G = N / B target rows per source (beams): they become G * T queries of that source,
         # so the source keys/values are neither copied G times nor reordered with the beams.
@@ -428,9 +453,16 @@ class Transformer(nn.Module):
         x = x + self.positions[start : start + length]  # (L, D) broadcast over B
         return self.dropout(x)  # (B, L, D)
 
-    def source_mask(self, src: Tensor, x: Tensor, padded: bool) -> Tensor | None:
-        """The key mask (B, 1, 1, S) of src for attention over x's keys, None without padding."""
-        return key_padding_mask(src, PAD_ID, attention_dtype(x)) if padded else None
+    def source_mask(
+        self, src: Tensor, x: Tensor, padded: bool, cached: bool = False
+    ) -> Tensor | None:
+        """The key mask (B, 1, 1, S) of src for attention over x's keys, None without padding.
+
+        cached: for keys held in a decoding cache, in the cache's dtype (cache_dtype).
+        """
+        if not padded:
+            return None
+        return key_padding_mask(src, PAD_ID, cache_dtype(x) if cached else attention_dtype(x))
 
     def encode(self, src: Tensor, padded: bool = True) -> Tensor:
         """Source tokens (B, S) -> encoder memory (B, S, D); padded=False: src holds no pad."""
@@ -456,7 +488,7 @@ class Transformer(nn.Module):
         """
         start = 0 if state is None else state.step
         x = self._embed(self.tgt_embed, tgt_in, start)  # (N, T, D)
-        src_mask = self.source_mask(src, x, padded)  # (B, 1, 1, S) or None
+        src_mask = self.source_mask(src, x, padded, cached=state is not None)  # (B, 1, 1, S)
         for i, layer in enumerate(self.decoder):
             cache = None if state is None else state.layers[i]
             x = layer(x, memory, src_mask, cache)  # (N, T, D)

@@ -184,6 +184,21 @@ def test_incremental_matches_full_without_padding() -> None:
     assert torch.allclose(full, model(src, tgt_in), atol=1e-5)  # the masked pass agrees
 
 
+def test_bf16_decoding_on_cpu_attends_over_a_float32_cache() -> None:
+    model = tiny().eval()
+    src, tgt_in, _ = random_pairs(3)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full = model(src, tgt_in)
+        memory, state = model.encode(src), model.init_state()
+        step = model.decode(tgt_in[:, :1], memory, src, state)
+        k, v = model.decoder[0].self_attn.project_kv(memory[:, :1])  # bf16 under autocast
+    cache = state.layers[0]
+    assert (k.dtype, v.dtype) == (torch.bfloat16, torch.bfloat16)
+    assert {cache.self_k.dtype, cache.self_v.dtype, cache.cross_k.dtype} == {torch.float32}
+    assert step.dtype == full.dtype == torch.bfloat16  # the layers after attention keep autocast's
+    assert (step[:, 0].float() - full[:, 0].float()).abs().max() < 0.1  # bf16 rounding apart
+
+
 def test_cache_grows_past_its_capacity_and_keeps_its_contents() -> None:
     model = tiny(True).eval()
     src, tgt_in, _ = random_pairs(3)
