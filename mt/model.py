@@ -365,7 +365,8 @@ class DecoderLayer(nn.Module):
         else:
             if cache.cross_k is None:  # the memory is fixed, so project it only once
                 k, v = self.cross_attn.project_kv(memory)  # (B, H, S, hd) each
-                cache.cross_k, cache.cross_v = k.to(cache_dtype(x)), v.to(cache_dtype(x))
+                dtype = cache_dtype(x)
+                cache.cross_k, cache.cross_v = k.to(dtype), v.to(dtype)
             k, v = cache.cross_k, cache.cross_v
         # G = N / B target rows per source (beams): they become G * T queries of that source,
         # so the source keys/values are neither copied G times nor reordered with the beams.
