@@ -273,16 +273,16 @@ def amx_rule(why: str) -> PrecisionChoice:
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """The autocast context for `precision` (a no-op for fp32).
+    """The autocast context for `precision` (none for fp32), with SDPA's kernel for training.
 
-    On CPU with gradients enabled, low precision also routes SDPA to its math kernel: the CPU
-    flash kernel's bf16 backward was the slower of the two on Multi30k shapes, while without
-    gradients (decoding) its forward is the faster (docs/benchmarks.md, "How mt got faster").
+    On CPU with gradients enabled, SDPA goes to its math kernel in every precision: the CPU
+    flash kernel's backward was the slower of the two on Multi30k shapes (bf16 and fp32),
+    while without gradients (decoding) its forward is the faster (docs/benchmarks.md, "How mt
+    got faster").
     """
-    if precision == "fp32":
-        return contextlib.nullcontext()
     stack = contextlib.ExitStack()
-    stack.enter_context(torch.autocast(device.type, dtype=DTYPES[precision]))
+    if precision != "fp32":
+        stack.enter_context(torch.autocast(device.type, dtype=DTYPES[precision]))
     if device.type == "cpu" and torch.is_grad_enabled():
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))
     return stack

@@ -97,12 +97,14 @@ def attend(
 
 
 class Dropout(nn.Module):
-    """Inverted dropout; on CPU it draws its mask from 32-bit random words, two 16-bit draws each.
+    """Inverted dropout; on CPU it draws its mask from 64-bit random words, four 16-bit draws each.
 
     CPU `bernoulli_` makes one generator call per element, a large share of a CPU training
-    step (docs/benchmarks.md); this draws half as many words and compares 16-bit halves to a
-    threshold, so the drop rate is p rounded to a multiple of 1/65536. CUDA keeps PyTorch's
-    fused kernel. Both use the global torch generator, so seeding makes masks reproducible.
+    step (docs/benchmarks.md); this draws a quarter as many words and compares 16-bit quarters
+    to a threshold, so the drop rate is p rounded to a multiple of 1/65536. The words fill the
+    whole int64 range (`random_(min, None)`), the one integer draw with no range reduction
+    per word. CUDA keeps PyTorch's fused kernel. Both use the global torch generator, so
+    seeding makes masks reproducible.
     """
 
     def __init__(self, p: float) -> None:
@@ -118,9 +120,9 @@ class Dropout(nn.Module):
         if x.device.type != "cpu":
             return F.dropout(x, self.p, training=True)
         n = x.numel()
-        words = torch.randint(-(2**31), 2**31 - 1, ((n + 1) // 2,), dtype=torch.int32)
-        halves = words.view(torch.int16)[:n].view(x.shape)  # uniform over [-32768, 32767]
-        keep = halves >= round(self.p * 65536) - 32768  # P(keep) = 1 - p (to 1/65536)
+        words = torch.empty(((n + 3) // 4,), dtype=torch.int64).random_(-(2**63), None)
+        quarters = words.view(torch.int16)[:n].view(x.shape)  # uniform over [-32768, 32767]
+        keep = quarters >= round(self.p * 65536) - 32768  # P(keep) = 1 - p (to 1/65536)
         return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
 
     def extra_repr(self) -> str:

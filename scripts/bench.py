@@ -604,7 +604,7 @@ def report(args: argparse.Namespace, spec: dict[str, Any], res: dict[str, Any]) 
         "GFLOP per step on average, see `train_flops`) / time, against the best matmul rate "
         "measured here in the same precision (table below). Last loss: label-smoothed loss per "
         "target token of the last step: same data, initial weights and per-step seed, but "
-        "different dropout masks (mt draws its CPU masks from 32-bit random words, see "
+        "different dropout masks (mt draws its CPU masks from its own random words, see "
         "`mt.model.Dropout`), so the losses agree only statistically. mt applies its glibc malloc "
         "setting (`mt.device.keep_freed_memory`, as `mt train` and `mt translate` do); the "
         "'same malloc' rows give Marian that setting too, so they compare the model code alone.",

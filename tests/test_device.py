@@ -60,17 +60,18 @@ def sdpa_kernels(precision: str, grad: bool = True) -> set[str]:
     return {e.key for e in prof.key_averages() if "scaled_dot_product" in e.key}
 
 
-def test_cpu_low_precision_training_uses_the_math_sdpa_kernel() -> None:
-    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in sdpa_kernels("fp32")
-    bf16 = sdpa_kernels("bf16")
-    assert "aten::_scaled_dot_product_attention_math" in bf16
-    assert not any("flash" in name for name in bf16)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cpu_training_uses_the_math_sdpa_kernel(precision: str) -> None:
+    kernels = sdpa_kernels(precision)
+    assert "aten::_scaled_dot_product_attention_math" in kernels
+    assert not any("flash" in name for name in kernels)
 
 
-def test_cpu_low_precision_decoding_keeps_the_flash_sdpa_kernel() -> None:
-    bf16 = sdpa_kernels("bf16", grad=False)
-    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in bf16
-    assert not any("math" in name for name in bf16)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cpu_decoding_keeps_the_flash_sdpa_kernel(precision: str) -> None:
+    kernels = sdpa_kernels(precision, grad=False)
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in kernels
+    assert not any("math" in name for name in kernels)
 
 
 CPU = torch.device("cpu")
