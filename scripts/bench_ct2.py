@@ -12,8 +12,8 @@ default) picks it on this CPU, and CTranslate2 exported from the same
 weights by `mt.export.ct2.save_ct2`, run by `mt.export.ct2_search.translate_ct2` (batches of
 one source length, mt's length limits and a fitted length penalty; see
 mt/export/ct2_search.py). Times include tokenising and detokenising; each figure is the median
-of --repeats passes after an untimed one. The process applies mt's CPU malloc setting, as `mt
-translate` does.
+of --repeats passes after an untimed one, the passes going round all systems in turn. The
+process applies mt's CPU malloc setting, as `mt translate` does.
 """
 
 from __future__ import annotations
@@ -160,14 +160,11 @@ def export_all(model: Transformer, tokenizer: Tokenizer, workdir: Path) -> dict[
     return dirs
 
 
-def measure(decoder: Decoder, lines: list[str], repeats: int) -> tuple[float, list[list[int]]]:
-    """Median seconds of `repeats` passes over `lines`, and the outputs of the last pass."""
-    times, outputs = [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        outputs = decoder(lines)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), outputs
+def timed(decoder: Decoder, lines: list[str]) -> tuple[float, list[list[int]]]:
+    """Seconds of one pass over `lines`, and its outputs."""
+    start = time.perf_counter()
+    outputs = decoder(lines)
+    return time.perf_counter() - start, outputs
 
 
 def bench(
@@ -231,20 +228,33 @@ def run_systems(
     tokenizer: Tokenizer,
     repeats: int,
 ) -> dict[str, dict[str, Any]]:
-    """Each decoder's median seconds, outputs of its last pass and BLEU: {system: results}."""
+    """Each decoder's median seconds, outputs of its last pass and BLEU: {system: results}.
+
+    After an untimed pass of each, the timed passes go round all systems `repeats` times.
+    """
     import sacrebleu
 
-    results = {}
+    outputs: dict[str, list[list[int]]] = {}
     for name, decoder in decoders.items():
-        log(f"{name}: {len(sources):,} sentences x {repeats}")
+        log(f"{name}: an untimed pass over {len(sources):,} sentences")
         # A whole untimed pass first: the heap's growth and oneDNN's kernels for each new
         # batch shape stay out of the timing, whichever system runs first.
         decoder(sources)
-        seconds, outputs = measure(decoder, sources, repeats)
-        texts = tokenizer.decode_tgt(outputs)
+    times: dict[str, list[float]] = {name: [] for name in decoders}
+    for repeat in range(repeats):
+        # Each pass goes round every system, so that the machine's drift touches them alike.
+        for name, decoder in decoders.items():
+            seconds, outputs[name] = timed(decoder, sources)
+            times[name].append(seconds)
+        passes = ", ".join(f"{name} {seconds[-1]:.2f} s" for name, seconds in times.items())
+        log(f"pass {repeat + 1}/{repeats}: {passes}")
+    results = {}
+    for name in decoders:
+        texts = tokenizer.decode_tgt(outputs[name])
         bleu = sacrebleu.corpus_bleu(texts, [references]).score
-        results[name] = {"seconds": seconds, "outputs": outputs, "bleu": bleu}
-        log(f"  {seconds:.2f} s, BLEU {bleu:.2f}")
+        seconds = statistics.median(times[name])
+        results[name] = {"seconds": seconds, "outputs": outputs[name], "bleu": bleu}
+        log(f"{name}: {seconds:.2f} s, BLEU {bleu:.2f}")
     return results
 
 
@@ -267,7 +277,8 @@ def report(args: argparse.Namespace, weights: Path, res: dict[str, Any]) -> str:
         f"Weights: {weights}. {n:,} sentences of {TEST_PREFIX}, beam {d.beam}, limit "
         f"{d.max_len_a} x source length + {d.max_len_b}, {d.length_penalty} length penalty "
         f"(alpha {d.alpha}); median of {args.repeats} passes in one process after an untimed "
-        "one, tokenising and detokenising included. mt: `mt.translate.translate_lines`, fp32, "
+        "one, each pass going round all systems in turn, tokenising and detokenising included. "
+        "mt: `mt.translate.translate_lines`, fp32, "
         f"batches of {d.max_tokens:,} source tokens, linear layers packed by oneDNN as `mt "
         "translate` runs them on a CPU (mt.packing; the unpacked nn.Linear model as the row "
         "after it); mt int8: the same with `--quantize int8` (int8 weights per output row, "
