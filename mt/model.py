@@ -78,13 +78,25 @@ def cache_dtype(x: Tensor) -> torch.dtype:
 
 
 def attend(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float, causal: bool
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    dropout_p: float,
+    causal: bool,
+    cached: bool = False,
 ) -> Tensor:
     """SDPA of q (B, H, L, hd) over k, v (B, H, L', hd), in k's dtype; the result in q's dtype.
 
     Keys kept in float32 by a decoding cache (cache_dtype) are attended in float32 with autocast
-    off, which would otherwise cast them back to bf16.
+    off, which would otherwise cast them back to bf16. cached: k, v come from a decoding cache;
+    on a CPU those are attended by `product_attention`, which is faster there than SDPA's CPU
+    kernels for decoding's few queries per row (docs/benchmarks.md, "Decoding steps on a CPU
+    with fewer, larger operations").
     """
+    if cached and dropout_p == 0.0 and q.device.type == "cpu":
+        with torch.autocast("cpu", enabled=False):
+            return product_attention(q.to(k.dtype), k, v, mask).to(q.dtype)
     if q.dtype == k.dtype:
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal
@@ -94,6 +106,20 @@ def attend(
             q.to(k.dtype), k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal
         )
     return out.to(q.dtype)
+
+
+def product_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """softmax(q k^T / sqrt(hd) + mask) v as two batched matrix products: (B, H, L, hd).
+
+    q (B, H, L, hd), k and v (B, H, L', hd); mask as SDPA's attn_mask (boolean: True where
+    attention is allowed; float: added to the scores). What SDPA computes, for decoding on a CPU.
+    """
+    scores = torch.matmul(q, k.transpose(-2, -1)).mul_(q.size(-1) ** -0.5)  # (B, H, L, L')
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill_(~mask, -math.inf)
+    elif mask is not None:
+        scores = scores.add_(mask)
+    return torch.matmul(scores.softmax(dim=-1), v)  # (B, H, L, hd)
 
 
 class Dropout(nn.Module):
@@ -153,6 +179,9 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(dim, dim, bias=False)
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
+        # Decoding on a CPU may swap q_proj, k_proj and v_proj of a self-attention for one layer
+        # projecting all three (mt.packing): one matrix product instead of three.
+        self.qkv_proj: nn.Module | None = None
 
     def split_heads(self, x: Tensor) -> Tensor:
         """(B, L, D) -> (B, H, L, hd)."""
@@ -163,16 +192,47 @@ class MultiHeadAttention(nn.Module):
         """Keys and values (B, H, L, hd) for the key/value sequence x (B, L, D)."""
         return self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))
 
+    def qkv_weights(self) -> tuple[Tensor, Tensor]:
+        """The q, k and v projections stacked: weight (3D, D) and bias (3D,), zeros for k's."""
+        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        bias = torch.cat([self.q_proj.bias, torch.zeros_like(self.q_proj.bias), self.v_proj.bias])
+        return weight.detach(), bias.detach()
+
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values (B, H, L, hd) each, of x (B, L, D) attending to itself."""
+        if self.qkv_proj is None:
+            return self.split_heads(self.q_proj(x)), *self.project_kv(x)
+        B, L, D = x.shape
+        qkv = self.qkv_proj(x).view(B, L, 3, self.heads, D // self.heads)  # (B, L, 3, H, hd)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, L, hd) each
+        return q, k, v
+
     def forward(
-        self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causal: bool = False
+        self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, cached: bool = False
     ) -> Tensor:
         """Attend from queries x (B, L, D) to k, v (B, H, L', hd); mask: SDPA's attn_mask."""
-        B, L, D = x.shape
         q = self.split_heads(self.q_proj(x))  # (B, H, L, hd)
-        # SDPA picks flash / memory-efficient kernels on CUDA; never a hand-written softmax path.
+        return self.attend_heads(q, k, v, mask, cached=cached)  # (B, L, D)
+
+    def attend_heads(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Tensor | None = None,
+        is_causal: bool = False,
+        cached: bool = False,
+    ) -> Tensor:
+        """Attend from projected queries q (B, H, L, hd) to k, v: (B, L, D), heads concatenated.
+
+        cached: k, v come from a decoding cache (see `attend`).
+        """
+        B, H, L, hd = q.shape
+        # SDPA picks flash / memory-efficient kernels on CUDA; never a hand-written softmax path
+        # but decoding's on a CPU (see `attend`).
         dropout_p = self.attn_dropout if self.training else 0.0
-        out = attend(q, k, v, mask, dropout_p, is_causal)  # (B, H, L, hd)
-        out = out.transpose(1, 2).reshape(B, L, D)  # (B, L, D)
+        out = attend(q, k, v, mask, dropout_p, is_causal, cached)  # (B, H, L, hd)
+        out = out.transpose(1, 2).reshape(B, L, H * hd)  # (B, L, D)
         return self.out_proj(out)  # (B, L, D)
 
 
@@ -229,8 +289,8 @@ class EncoderLayer(nn.Module):
         self.dropout = Dropout(dropout)
 
     def _self_attention(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        k, v = self.self_attn.project_kv(x)  # (B, H, S, hd) each
-        return self.self_attn(x, k, v, mask=mask)  # (B, S, D)
+        q, k, v = self.self_attn.project_qkv(x)  # (B, H, S, hd) each
+        return self.self_attn.attend_heads(q, k, v, mask=mask)  # (B, S, D)
 
     def forward(self, x: Tensor, src_mask: Tensor | None) -> Tensor:
         """x (B, S, D), src_mask (B, 1, 1, S) or None -> (B, S, D)."""
@@ -350,14 +410,14 @@ class DecoderLayer(nn.Module):
         self.dropout = Dropout(dropout)
 
     def _self_attention(self, x: Tensor, cache: LayerCache | None) -> Tensor:
-        k, v = self.self_attn.project_kv(x)  # (B, H, T, hd) each
+        q, k, v = self.self_attn.project_qkv(x)  # (B, H, T, hd) each
         if cache is None:
             # Target padding needs no key mask: causality hides later pads, the loss ignores pads.
-            return self.self_attn(x, k, v, is_causal=True)  # (B, T, D)
+            return self.self_attn.attend_heads(q, k, v, is_causal=True)  # (B, T, D)
         dtype = cache_dtype(x)
         k, v = cache.append(k.to(dtype), v.to(dtype))  # (B, H, step+T, hd) each
         mask = incremental_mask(x.size(1), k.size(2), x.device)
-        return self.self_attn(x, k, v, mask=mask)  # (B, T, D)
+        return self.self_attn.attend_heads(q, k, v, mask=mask, cached=True)  # (B, T, D)
 
     def _cross_attention(
         self, x: Tensor, memory: Tensor, src_mask: Tensor | None, cache: LayerCache | None
@@ -368,13 +428,16 @@ class DecoderLayer(nn.Module):
             if cache.cross_k is None:  # the memory is fixed, so project it only once
                 k, v = self.cross_attn.project_kv(memory)  # (B, H, S, hd) each
                 dtype = cache_dtype(x)
-                cache.cross_k, cache.cross_v = k.to(dtype), v.to(dtype)
+                # Contiguous, copied once: a CPU step multiplies them without copying them.
+                cache.cross_k = k.to(dtype).contiguous()  # (B, H, S, hd)
+                cache.cross_v = v.to(dtype).contiguous()
             k, v = cache.cross_k, cache.cross_v
         # G = N / B target rows per source (beams): they become G * T queries of that source,
         # so the source keys/values are neither copied G times nor reordered with the beams.
         N, T, D = x.shape
         queries = x.reshape(memory.size(0), -1, D)  # (B, G*T, D)
-        return self.cross_attn(queries, k, v, mask=src_mask).reshape(N, T, D)  # (N, T, D)
+        out = self.cross_attn(queries, k, v, mask=src_mask, cached=cache is not None)
+        return out.reshape(N, T, D)  # (N, T, D)
 
     def forward(
         self, x: Tensor, memory: Tensor, src_mask: Tensor | None, cache: LayerCache | None = None

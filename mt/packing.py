@@ -9,6 +9,11 @@ another order), so a score may differ from the plain model's in its last bits, a
 translation with it. In bf16 a packed layer does what autocast does to nn.Linear (bf16 input,
 weight and bias; bf16 output), with the weight cast and packed once instead of at every batch.
 
+Two products become one where decoding allows it: each self-attention's query, key and value
+projections (`MultiHeadAttention.qkv_proj`), and each feed-forward block's first layer with its
+ReLU or GELU, which oneDNN applies as the product is written (docs/benchmarks.md, "Decoding steps
+on a CPU with fewer, larger operations").
+
 The ops are torch.ops.mkldnn's `_reorder_linear_weight` and `_linear_pointwise`, which
 torch.compile's CPU backend uses for frozen linear layers. They are private: where this torch
 build lacks them, oneDNN, or (for bf16) oneDNN's bf16 support on this CPU, `pack` leaves the
@@ -22,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from mt.device import Features, time_linear
-from mt.model import Transformer
+from mt.model import FeedForward, MultiHeadAttention, Transformer
 from mt.search import Decoder, Ensemble
 
 
@@ -39,16 +44,24 @@ def available() -> bool:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the precisions packing serves
 
 
-class PackedLinear(nn.Module):
-    """y = x W^T + b with W packed by oneDNN: (..., in) -> (..., out) in `dtype`, CPU, no grads.
+ACTIVATIONS = {nn.ReLU: ("relu", ""), nn.GELU: ("gelu", "none")}  # oneDNN's name, algorithm
 
-    The input is cast to `dtype` (bf16 autocast hands some layers fp32 activations).
+
+class PackedLinear(nn.Module):
+    """y = act(x W^T + b), W packed by oneDNN: (..., in) -> (..., out) in `dtype`, CPU, no grads.
+
+    The input is cast to `dtype` (bf16 autocast hands some layers fp32 activations). act: none,
+    or a key of ACTIVATIONS (ReLU, or GELU without its tanh approximation), applied by oneDNN.
     """
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> None:
+    def __init__(
+        self, weight: Tensor, bias: Tensor | None, dtype: torch.dtype, act: type | None = None
+    ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.dtype = dtype
+        self.act = act
+        self.post, self.algorithm = ACTIVATIONS[act] if act is not None else ("none", "")
         # The dense fp32 weight stays referenced (shared with the module it replaces, no copy)
         # so that a deep copy can pack it again: oneDNN's packed tensor has no storage to copy.
         self.weight = weight.detach()
@@ -58,16 +71,18 @@ class PackedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(..., in) -> (..., out)."""
         x = x if x.dtype == self.dtype else x.to(self.dtype)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        ops = torch.ops.mkldnn
+        return ops._linear_pointwise(x, self.packed, self.bias, self.post, [], self.algorithm)
 
     def __deepcopy__(self, memo: dict) -> PackedLinear:
         bias = None if self.bias is None else self.bias.clone()
-        return PackedLinear(self.weight.clone(), bias, self.dtype)
+        return PackedLinear(self.weight.clone(), bias, self.dtype, self.act)
 
     def extra_repr(self) -> str:
+        act = "" if self.act is None else f", then {self.post}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"dtype={self.dtype}, oneDNN packed"
+            f"dtype={self.dtype}, oneDNN packed{act}"
         )
 
 
@@ -92,15 +107,32 @@ def pack(model: Decoder, device: torch.device, precision: str) -> Decoder:
 
 
 def pack_transformer(model: Transformer, dtype: torch.dtype) -> Transformer:
-    """Swap each nn.Linear for a PackedLinear, and add a packed tied output projection."""
+    """Fuse where decoding allows; swap each nn.Linear for a PackedLinear; pack the tied output."""
     if model.output_layer is not None:  # quantised (mt.quantize): its layers are not fp32
         return model
+    for layer in [*model.encoder, *model.decoder]:
+        fuse_self_attention(layer.self_attn, dtype)
+        fuse_activation(layer.ffn, dtype)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear:
                 setattr(module, name, PackedLinear(child.weight, child.bias, dtype))
     model.output_layer = PackedLinear(model.tgt_embed.weight, None, dtype)  # the tied projection
     return model
+
+
+def fuse_self_attention(attn: MultiHeadAttention, dtype: torch.dtype) -> None:
+    """Give a self-attention one packed layer for q, k and v (qkv_proj) in place of its three."""
+    attn.qkv_proj = PackedLinear(*attn.qkv_weights(), dtype)
+    attn.q_proj = attn.k_proj = attn.v_proj = None  # decoding calls qkv_proj alone
+
+
+def fuse_activation(ffn: FeedForward, dtype: torch.dtype) -> None:
+    """Pack ffn's first layer with its activation applied by oneDNN, where oneDNN has it."""
+    act = type(ffn.act)
+    if act in ACTIVATIONS and getattr(ffn.act, "approximate", "none") == "none":
+        ffn.fc1 = PackedLinear(ffn.fc1.weight, ffn.fc1.bias, dtype, act)
+        ffn.act = nn.Identity()  # applied by fc1
 
 
 def time_packed(precision: str, rows: int, features: Features, budget: float) -> list[float]:

@@ -11,7 +11,13 @@ import torch.nn.functional as F
 
 from mt.config import ModelConfig
 from mt.loss import label_smoothed_nll
-from mt.model import Dropout, Transformer, count_parameters, sinusoidal_positions
+from mt.model import (
+    Dropout,
+    Transformer,
+    count_parameters,
+    product_attention,
+    sinusoidal_positions,
+)
 
 PAD, BOS, EOS, VOCAB = 0, 1, 2, 50
 
@@ -182,6 +188,35 @@ def test_incremental_matches_full_without_padding() -> None:
         ]
     assert torch.allclose(full, torch.cat(steps, dim=1), atol=1e-5)
     assert torch.allclose(full, model(src, tgt_in), atol=1e-5)  # the masked pass agrees
+
+
+def test_product_attention_computes_what_sdpa_does() -> None:
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 4, 8), torch.randn(3, 2, 6, 8), torch.randn(3, 2, 6, 8)
+    allowed = torch.ones(4, 6, dtype=torch.bool).tril(diagonal=2)  # (L, L') True: may attend
+    additive = torch.zeros(3, 1, 1, 6).masked_fill_(torch.arange(6) >= 4, -math.inf)
+    for mask in (None, allowed, additive):
+        got = product_attention(q, k, v, mask)
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        assert got.shape == want.shape == (3, 2, 4, 8)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # A key at -inf gets weight 0: the output is the same without it.
+    torch.testing.assert_close(
+        product_attention(q, k, v, additive), product_attention(q, k[:, :, :4], v[:, :, :4], None)
+    )
+
+
+def test_decoding_steps_on_a_cpu_attend_by_matrix_products(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny().eval()
+    src, tgt_in, _ = random_pairs(3)
+    with torch.no_grad():
+        memory, state = model.encode(src), model.init_state()
+        masks = sdpa_masks(monkeypatch)  # counts SDPA calls from here on
+        model.decode(tgt_in[:, :1], memory, src, state)
+        model.decode(tgt_in[:, 1:3], memory, src, state)  # two at once: a causal mask
+        assert masks == []  # neither self- nor cross-attention over a cache went to SDPA
+        model(src, tgt_in)  # teacher-forced: SDPA, as in training
+    assert len(masks) == 6
 
 
 def test_bf16_decoding_on_cpu_attends_over_a_float32_cache() -> None:

@@ -12,8 +12,8 @@ from torch import nn
 
 from mt import device, packing
 from mt.config import DecodeConfig, ModelConfig
-from mt.model import Transformer
-from mt.packing import PackedLinear, pack
+from mt.model import FeedForward, Transformer
+from mt.packing import PackedLinear, fuse_activation, pack
 from mt.quantize import quantize
 from mt.rundir import load_trained
 from mt.search import Ensemble, beam_search
@@ -61,17 +61,47 @@ def test_pack_swaps_every_linear_layer_and_the_tied_projection() -> None:
     model = tiny_model()
     count = linears(model)  # 4 per attention, 2 per FFN
     assert count == 2 * (4 + 2) + 2 * (8 + 2)
-    before = sum(p.numel() for p in model.parameters())
     assert pack(model, CPU, "fp32") is model
     assert linears(model) == 0
-    assert packed(model) == count + 1
+    # Each of the 4 self-attentions has one fused q/k/v layer in place of three.
+    assert packed(model) == count - 4 * 2 + 1
     assert isinstance(model.output_layer, PackedLinear)
-    # Packing adds no parameters: the dense weights of the linear layers are no longer trained.
-    assert sum(p.numel() for p in model.parameters()) == before - sum(
-        m.weight.numel() + (0 if m.bias is None else m.bias.numel())
-        for m in model.modules()
-        if isinstance(m, PackedLinear) and m is not model.output_layer
-    )
+    # The parameters left are the embeddings' and the norms': packed layers are not trained.
+    kept = {id(p): p for m in model.modules() if isinstance(m, (nn.Embedding, nn.LayerNorm))
+            for p in m.parameters()}  # fmt: skip
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in kept.values())
+
+
+@needs_onednn
+def test_pack_fuses_self_attention_projections_and_the_ffn_activation() -> None:
+    plain = tiny_model()
+    fast = pack(copy.deepcopy(plain), CPU, "fp32")
+    x = torch.randn(3, 5, 32)
+    for mine, theirs in [(fast.encoder[0], plain.encoder[0]), (fast.decoder[1], plain.decoder[1])]:
+        attn = mine.self_attn
+        assert attn.q_proj is attn.k_proj is attn.v_proj is None
+        assert (attn.qkv_proj.in_features, attn.qkv_proj.out_features) == (32, 96)
+        expected = theirs.self_attn.project_qkv(x)  # three separate products
+        for got, want in zip(attn.project_qkv(x), expected, strict=True):
+            assert got.shape == want.shape == (3, 4, 5, 8)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert mine.ffn.fc1.post == "relu" and isinstance(mine.ffn.act, nn.Identity)
+        torch.testing.assert_close(mine.ffn(x), theirs.ffn(x), rtol=1e-5, atol=1e-5)
+    cross = fast.decoder[0].cross_attn  # keys and values come from the memory: not fused
+    assert cross.qkv_proj is None and isinstance(cross.q_proj, PackedLinear)
+
+
+@needs_onednn
+def test_a_packed_gelu_layer_computes_the_exact_gelu() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(48, 80)
+    fast = PackedLinear(layer.weight, layer.bias, torch.float32, nn.GELU)
+    x = torch.randn(7, 48)
+    torch.testing.assert_close(fast(x), F.gelu(layer(x)), rtol=1e-5, atol=1e-5)
+    ffn = FeedForward(32, 64, 0.0, "gelu").eval()
+    ffn.act = nn.GELU(approximate="tanh")  # oneDNN's tanh GELU is not asked for: left alone
+    fuse_activation(ffn, torch.float32)
+    assert type(ffn.fc1) is nn.Linear and isinstance(ffn.act, nn.GELU)
 
 
 @needs_onednn
@@ -115,7 +145,7 @@ def test_bf16_packed_linear_does_what_autocast_does_to_nn_linear() -> None:
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)  # bf16's own rounding
     torch.testing.assert_close(from_bf16, got)
     model = pack(tiny_model(), CPU, "bf16")
-    assert packed(model) == 33 and model.output_layer.dtype == torch.bfloat16
+    assert packed(model) == 25 and model.output_layer.dtype == torch.bfloat16
 
 
 def test_pack_leaves_other_precisions_devices_and_quantised_models_alone() -> None:
@@ -143,14 +173,15 @@ def test_pack_is_a_no_op_without_onednn(monkeypatch: pytest.MonkeyPatch) -> None
 def test_pack_packs_each_model_of_an_ensemble() -> None:
     ensemble = Ensemble([tiny_model(0), tiny_model(1)])
     assert pack(ensemble, CPU, "fp32") is ensemble
-    assert [packed(m) for m in ensemble.models] == [33, 33]
+    assert [packed(m) for m in ensemble.models] == [25, 25]
 
 
 @needs_onednn
 def test_load_models_packs_for_fp32_on_the_cpu_and_translates_alike(trained_run: Path) -> None:
     config, tokenizer, fast, _ = load_models([trained_run], CPU, precision="fp32")
     _, _, plain, _ = load_trained(trained_run, CPU)
-    assert packed(fast) == 1 + linears(plain) and packed(plain) == 0
+    self_attentions = len(plain.encoder) + len(plain.decoder)  # 3 layers fused into 1 each
+    assert packed(fast) == 1 + linears(plain) - 2 * self_attentions and packed(plain) == 0
     lines = (TINY / "valid.de").read_text(encoding="utf-8").splitlines()[:40]
     mine = translate_lines(lines, tokenizer, fast, config.decode, CPU, "fp32")
     theirs = translate_lines(lines, tokenizer, plain, config.decode, CPU, "fp32")

@@ -52,8 +52,7 @@ def _key_bias(attn: MultiHeadAttention) -> Tensor:
 
 def _set_self_attention(spec: Any, attn: MultiHeadAttention, norm: nn.LayerNorm) -> None:
     """CT2 self-attention: one fused [q; k; v] projection, then the output projection."""
-    weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])  # (3D, D)
-    bias = torch.cat([attn.q_proj.bias, _key_bias(attn), attn.v_proj.bias])  # (3D,)
+    weight, bias = attn.qkv_weights()  # (3D, D), (3D,)
     _set_linear(spec.linear[0], weight, bias)
     _set_linear(spec.linear[1], attn.out_proj.weight, attn.out_proj.bias)
     _set_norm(spec.layer_norm, norm)
