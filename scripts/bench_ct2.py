@@ -13,16 +13,20 @@ weights by `mt.export.ct2.save_ct2`, run by `mt.export.ct2_search.translate_ct2`
 one source length, mt's length limits and a fitted length penalty; see
 mt/export/ct2_search.py). Times include tokenising and detokenising; each figure is the median
 of --repeats passes after an untimed one, the passes going round all systems in turn. The
-process applies mt's CPU malloc setting, as `mt translate` does.
+process applies mt's CPU malloc setting, as `mt translate` does; CTranslate2 at its best batching
+runs once more in a child process of its own (`ct2_worker`), with glibc's default malloc, as
+CTranslate2's users run it.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -70,6 +74,9 @@ CT2_TYPES = {"CT2 float32": "float32", "CT2 int8": "int8"}  # system name -> wei
 # CTranslate2 as a new user calls it: its own length penalty and limits, the whole file in one
 # call, in one batch (its default) or in batches of 4,096 tokens: {system name: max_batch_size}.
 CT2_OWN = {"CT2 float32, its defaults": 0, "CT2 float32, its defaults, 4,096-token batches": 4096}
+# The 4,096-token batches again, in a process of their own: without the malloc setting that this
+# process applies for mt, as CTranslate2's users run it.
+SHIPPED = "CT2 float32, its defaults, 4,096-token batches, own process"
 TINY_DATA = ROOT / "tests" / "data" / "tiny"
 Decoder = Callable[[list[str]], list[list[int]]]
 
@@ -111,11 +118,30 @@ def ct2_decoder(
     limit: int,
 ) -> Decoder:
     """CTranslate2 running an export from `directory` with `threads` intra-op threads."""
+    translator = ct2_translator(directory, threads, weights)
+    return lambda lines: translate_ct2(translator, tokenizer, lines, decode, limit)
+
+
+def ct2_translator(directory: Path, threads: int, weights: str = "float32") -> Any:
+    """A CTranslate2 Translator for the export in `directory`, `threads` intra-op threads."""
     ctranslate2 = import_ctranslate2()
-    translator = ctranslate2.Translator(
+    return ctranslate2.Translator(
         str(directory), device="cpu", compute_type=weights, inter_threads=1, intra_threads=threads
     )
-    return lambda lines: translate_ct2(translator, tokenizer, lines, decode, limit)
+
+
+def own_search(
+    translator: Any, sources: list[list[str]], beam: int, batch: int, length: int = 0
+) -> list[list[str]]:
+    """CTranslate2's own search over source pieces, given only the beam size and batching.
+
+    `length` > 0: every output holds exactly that many pieces (its min and max decoding length).
+    """
+    exact = {"min_decoding_length": length, "max_decoding_length": length} if length else {}
+    results = translator.translate_batch(
+        sources, beam_size=beam, max_batch_size=batch, batch_type="tokens", **exact
+    )
+    return [r.hypotheses[0] for r in results]
 
 
 def ct2_own_decoder(
@@ -126,28 +152,57 @@ def ct2_own_decoder(
     batch: int,
     limit: int,
     length: int = 0,
+    own_process: bool = False,
 ) -> Decoder:
-    """CTranslate2 float32 with its own search settings, given only the beam size and batching.
+    """CTranslate2 float32 with its own search settings (`own_search`), ids per line.
 
-    Sources are cut to `limit - 1` pieces, as mt cuts them. `length` > 0: every output holds
-    exactly that many pieces (its minimum and maximum decoding length).
+    Sources are cut to `limit - 1` pieces, as mt cuts them. own_process: the search runs in a
+    child process (`ct2_worker`), which keeps glibc's default malloc settings.
     """
-    exact = {"min_decoding_length": length, "max_decoding_length": length} if length else {}
-    ctranslate2 = import_ctranslate2()
-    translator = ctranslate2.Translator(
-        str(directory), device="cpu", compute_type="float32", inter_threads=1,
-        intra_threads=threads,
-    )  # fmt: skip
+    if own_process:
+        search = worker_search(directory, threads, beam, batch, length)
+    else:
+        translator = ct2_translator(directory, threads)
+        search = lambda sources: own_search(translator, sources, beam, batch, length)  # noqa: E731
 
     def run(lines: list[str]) -> list[list[int]]:
         ids = encode_sources(lines, tokenizer, limit - 1)
         sources = [[tokenizer.src.id_to_piece(t) for t in seq] for seq in ids]
-        results = translator.translate_batch(
-            sources, beam_size=beam, max_batch_size=batch, batch_type="tokens", **exact
-        )
-        return [[tokenizer.tgt.piece_to_id(p) for p in r.hypotheses[0]] for r in results]
+        return [[tokenizer.tgt.piece_to_id(p) for p in hyp] for hyp in search(sources)]
 
     return run
+
+
+def worker_search(
+    directory: Path, threads: int, beam: int, batch: int, length: int
+) -> Callable[[list[list[str]]], list[list[str]]]:
+    """`own_search` in a child process started now: one JSON line each way per call."""
+    spec = json.dumps([str(directory), threads, beam, batch, length])
+    child = subprocess.Popen(
+        [sys.executable, __file__, "--ct2-worker", spec],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdin is not None and child.stdout is not None
+
+    def search(sources: list[list[str]]) -> list[list[str]]:
+        child.stdin.write(json.dumps(sources) + "\n")
+        child.stdin.flush()
+        answer = child.stdout.readline()
+        if not answer:
+            raise MtError(f"bench_ct2: the CTranslate2 worker exited ({child.wait()})")
+        return json.loads(answer)
+
+    return search
+
+
+def ct2_worker(spec: str) -> None:
+    """The child of `worker_search`: source pieces in, output pieces out, a JSON line each."""
+    directory, threads, beam, batch, length = json.loads(spec)
+    translator = ct2_translator(Path(directory), threads)
+    for line in sys.stdin:
+        print(json.dumps(own_search(translator, json.loads(line), beam, batch, length)), flush=True)
 
 
 def export_all(model: Transformer, tokenizer: Tokenizer, workdir: Path) -> dict[str, Path]:
@@ -202,6 +257,9 @@ def bench(
         decoders[name] = ct2_own_decoder(
             dirs["CT2 float32"], args.threads, tokenizer, decode.beam, batch, limit
         )
+    decoders[SHIPPED] = ct2_own_decoder(
+        dirs["CT2 float32"], args.threads, tokenizer, decode.beam, 4096, limit, own_process=True
+    )
     res = {"sentences": len(sources), "decode": decode}
     res["systems"] = run_systems(decoders, sources, references, tokenizer, args.repeats)
     if args.fixed_length:
@@ -215,6 +273,9 @@ def bench(
             "CT2 float32": ct2_decoder(float32, "float32", args.threads, tokenizer, exact, limit),
             "CT2 float32, 4,096-token batches": ct2_own_decoder(
                 float32, args.threads, tokenizer, exact.beam, 4096, limit, length=L
+            ),
+            "CT2 float32, 4,096-token batches, own process": ct2_own_decoder(
+                float32, args.threads, tokenizer, exact.beam, 4096, limit, L, own_process=True
             ),
         }
         res["fixed"] = run_systems(fixed, sources, references, tokenizer, args.repeats)
@@ -289,7 +350,10 @@ def report(args: argparse.Namespace, weights: Path, res: dict[str, Any]) -> str:
         "gets mt's length limit, and a length penalty fitted to mt's (see "
         'mt/export/ct2_search.py). "Its defaults": `translate_batch(sources, beam_size=5)` '
         "as a new user calls it (length penalty 1, up to 256 pieces), in one batch or with "
-        '`max_batch_size=4096, batch_type="tokens"`; sources encoded as mt encodes them.',
+        '`max_batch_size=4096, batch_type="tokens"`; sources encoded as mt encodes them. '
+        '"Own process": the 4,096-token batches again in a child process that keeps glibc\'s '
+        "default malloc settings, as CTranslate2's users run it (this process applies mt's, "
+        "`mt.device.keep_freed_memory`, which the other CTranslate2 rows share).",
         "",
         "| system | seconds | sentences/s | vs mt | BLEU | outputs identical to mt |",
         "|---|---:|---:|---:|---:|---:|",
@@ -314,7 +378,7 @@ def fixed_rows(systems: dict[str, dict[str, Any]], length: int, n: int) -> list[
         f"and a limit of {length} pieces before EOS; CTranslate2: min and max decoding length "
         f"{length}), so no system gains by ending sentences early; BLEU means nothing here. "
         "CTranslate2 at mt's batching (one batch per source length) and at its best "
-        "(4,096-token batches).",
+        "(4,096-token batches), also in a process of its own with glibc's default malloc.",
         "",
         f"| system | seconds | sentences/s | vs mt | outputs of {length} pieces |",
         "|---|---:|---:|---:|---:|",
@@ -343,7 +407,10 @@ def main() -> None:
     parser.add_argument("--workdir", help="exports (default runs/bench-ct2[-smoke])")
     parser.add_argument("--smoke", action="store_true", help="seconds-long run for tests")
     parser.add_argument("--write", help="Markdown file whose section to replace")
+    parser.add_argument("--ct2-worker", help=argparse.SUPPRESS)  # worker_search's child
     args = parser.parse_args()
+    if args.ct2_worker:
+        return ct2_worker(args.ct2_worker)
     args.workdir = args.workdir or ("runs/bench-ct2-smoke" if args.smoke else "runs/bench-ct2")
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     if args.smoke:
