@@ -192,10 +192,15 @@ class MultiHeadAttention(nn.Module):
         """Keys and values (B, H, L, hd) for the key/value sequence x (B, L, D)."""
         return self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))
 
-    def qkv_weights(self) -> tuple[Tensor, Tensor]:
-        """The q, k and v projections stacked: weight (3D, D) and bias (3D,), zeros for k's."""
-        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        bias = torch.cat([self.q_proj.bias, torch.zeros_like(self.q_proj.bias), self.v_proj.bias])
+    def stacked(self, roles: str) -> tuple[Tensor, Tensor]:
+        """The projections of `roles` (each of "q", "k", "v") stacked: weight (nD, D), bias (nD,).
+
+        The key projection has no bias (see __init__): zeros stand in for it.
+        """
+        layers = [{"q": self.q_proj, "k": self.k_proj, "v": self.v_proj}[role] for role in roles]
+        weight = torch.cat([layer.weight for layer in layers])
+        zeros = self.v_proj.bias.new_zeros(self.k_proj.out_features)
+        bias = torch.cat([zeros if layer.bias is None else layer.bias for layer in layers])
         return weight.detach(), bias.detach()
 
     def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

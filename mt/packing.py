@@ -123,7 +123,7 @@ def pack_transformer(model: Transformer, dtype: torch.dtype) -> Transformer:
 
 def fuse_self_attention(attn: MultiHeadAttention, dtype: torch.dtype) -> None:
     """Give a self-attention one packed layer for q, k and v (qkv_proj) in place of its three."""
-    attn.qkv_proj = PackedLinear(*attn.qkv_weights(), dtype)
+    attn.qkv_proj = PackedLinear(*attn.stacked("qkv"), dtype)
     attn.q_proj = attn.k_proj = attn.v_proj = None  # decoding calls qkv_proj alone
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from mt.errors import MtError
@@ -45,15 +44,9 @@ def _set_norm(spec: Any, norm: nn.LayerNorm) -> None:
     spec.gamma, spec.beta = _numpy(norm.weight), _numpy(norm.bias)
 
 
-def _key_bias(attn: MultiHeadAttention) -> Tensor:
-    """Zeros for the key projection, which has no bias."""
-    return torch.zeros(attn.k_proj.out_features)
-
-
 def _set_self_attention(spec: Any, attn: MultiHeadAttention, norm: nn.LayerNorm) -> None:
     """CT2 self-attention: one fused [q; k; v] projection, then the output projection."""
-    weight, bias = attn.qkv_weights()  # (3D, D), (3D,)
-    _set_linear(spec.linear[0], weight, bias)
+    _set_linear(spec.linear[0], *attn.stacked("qkv"))  # (3D, D), (3D,)
     _set_linear(spec.linear[1], attn.out_proj.weight, attn.out_proj.bias)
     _set_norm(spec.layer_norm, norm)
 
@@ -61,8 +54,7 @@ def _set_self_attention(spec: Any, attn: MultiHeadAttention, norm: nn.LayerNorm)
 def _set_cross_attention(spec: Any, attn: MultiHeadAttention, norm: nn.LayerNorm) -> None:
     """CT2 encoder-decoder attention: q, a fused [k; v] projection, then the output projection."""
     _set_linear(spec.linear[0], attn.q_proj.weight, attn.q_proj.bias)
-    weight = torch.cat([attn.k_proj.weight, attn.v_proj.weight])  # (2D, D)
-    _set_linear(spec.linear[1], weight, torch.cat([_key_bias(attn), attn.v_proj.bias]))
+    _set_linear(spec.linear[1], *attn.stacked("kv"))  # (2D, D), (2D,)
     _set_linear(spec.linear[2], attn.out_proj.weight, attn.out_proj.bias)
     _set_norm(spec.layer_norm, norm)
 
