@@ -14,6 +14,12 @@ projections (`MultiHeadAttention.qkv_proj`), and each feed-forward block's first
 ReLU or GELU, which oneDNN applies as the product is written (docs/benchmarks.md, "Decoding steps
 on a CPU with fewer, larger operations").
 
+oneDNN's packed product wins at a server's small batches, but on some CPUs torch's BLAS (MKL)
+multiplies large ones faster (docs/benchmarks.md, "Large batches through BLAS"). So an fp32 model
+is calibrated when packed: each distinct layer shape is timed both ways at a few row counts
+(BLAS_ROWS), and a shape BLAS wins hands it every batch from the fewest rows it won at. The
+choice is timed, so it may differ between runs on one machine, and with it a score's last bits.
+
 The ops are torch.ops.mkldnn's `_reorder_linear_weight` and `_linear_pointwise`, which
 torch.compile's CPU backend uses for frozen linear layers. They are private: where this torch
 build lacks them, oneDNN, or (for bf16) oneDNN's bf16 support on this CPU, `pack` leaves the
@@ -23,10 +29,14 @@ weights but not the packed copies.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mt.device import Features, time_linear
+from mt.device import TIMED_CALLS, Features, plain_layer, time_linear
 from mt.model import FeedForward, MultiHeadAttention, Transformer
 from mt.search import Decoder, Ensemble
 
@@ -44,7 +54,15 @@ def available() -> bool:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the precisions packing serves
 
 
-ACTIVATIONS = {nn.ReLU: ("relu", ""), nn.GELU: ("gelu", "none")}  # oneDNN's name, algorithm
+# oneDNN's name and algorithm for each activation, and the same applied after a BLAS product.
+ACTIVATIONS: dict[type, tuple[str, str, Callable[[Tensor], Tensor]]] = {
+    nn.ReLU: ("relu", "", torch.relu_),
+    nn.GELU: ("gelu", "none", F.gelu),
+}
+BLAS_ROWS = (256, 2048)  # the rows at which `calibrate` times packed layers against BLAS
+BLAS_BUDGET = 0.5  # seconds of matrix products `calibrate` may spend at start-up
+
+log = logging.getLogger("mt")
 
 
 class PackedLinear(nn.Module):
@@ -52,6 +70,7 @@ class PackedLinear(nn.Module):
 
     The input is cast to `dtype` (bf16 autocast hands some layers fp32 activations). act: none,
     or a key of ACTIVATIONS (ReLU, or GELU without its tanh approximation), applied by oneDNN.
+    blas_rows: in fp32, batches of at least that many rows go to BLAS instead (see calibrate).
     """
 
     def __init__(
@@ -61,7 +80,10 @@ class PackedLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.dtype = dtype
         self.act = act
-        self.post, self.algorithm = ACTIVATIONS[act] if act is not None else ("none", "")
+        self.post, self.algorithm, self.apply_act = (
+            ACTIVATIONS[act] if act is not None else ("none", "", None)
+        )
+        self.blas_rows: int | None = None
         # The dense fp32 weight stays referenced (shared with the module it replaces, no copy)
         # so that a deep copy can pack it again: oneDNN's packed tensor has no storage to copy.
         self.weight = weight.detach()
@@ -71,18 +93,28 @@ class PackedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(..., in) -> (..., out)."""
         x = x if x.dtype == self.dtype else x.to(self.dtype)
+        if self.blas_rows is not None and x.numel() >= self.blas_rows * self.in_features:
+            return self.blas(x)
         ops = torch.ops.mkldnn
         return ops._linear_pointwise(x, self.packed, self.bias, self.post, [], self.algorithm)
 
+    def blas(self, x: Tensor) -> Tensor:
+        """The same through torch's BLAS on the dense weight (fp32), the activation after it."""
+        y = F.linear(x, self.weight, self.bias)  # (..., out)
+        return y if self.apply_act is None else self.apply_act(y)
+
     def __deepcopy__(self, memo: dict) -> PackedLinear:
         bias = None if self.bias is None else self.bias.clone()
-        return PackedLinear(self.weight.clone(), bias, self.dtype, self.act)
+        copied = PackedLinear(self.weight.clone(), bias, self.dtype, self.act)
+        copied.blas_rows = self.blas_rows
+        return copied
 
     def extra_repr(self) -> str:
         act = "" if self.act is None else f", then {self.post}"
+        blas = "" if self.blas_rows is None else f", BLAS from {self.blas_rows} rows"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"dtype={self.dtype}, oneDNN packed{act}"
+            f"dtype={self.dtype}, oneDNN packed{act}{blas}"
         )
 
 
@@ -118,7 +150,54 @@ def pack_transformer(model: Transformer, dtype: torch.dtype) -> Transformer:
             if type(child) is nn.Linear:
                 setattr(module, name, PackedLinear(child.weight, child.bias, dtype))
     model.output_layer = PackedLinear(model.tgt_embed.weight, None, dtype)  # the tied projection
+    if dtype == torch.float32:
+        calibrate(model)
     return model
+
+
+def calibrate(
+    model: Transformer, ladder: tuple[int, ...] = BLAS_ROWS, budget: float = BLAS_BUDGET
+) -> dict[Features, int]:
+    """Hand BLAS the large batches of the fp32 layers whose shapes it multiplies faster.
+
+    Every distinct (in, out) shape is timed packed and through BLAS at the `ladder`'s rows,
+    fewest first, until BLAS wins; the shape's layers then hand BLAS every batch of at least
+    those rows. A shape BLAS never wins, or that the `budget` cuts short, stays packed. Returns
+    {shape: rows} for the shapes handed to BLAS.
+    """
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    layers = [m for m in layers if m.dtype == torch.float32]
+    chosen: dict[Features, int] = {}
+    spent = 0.0
+    for rows in ladder:  # every shape at one rung before any at the next: the budget may end
+        for shape in sorted({(m.in_features, m.out_features) for m in layers} - set(chosen)):
+            won, seconds = blas_wins(shape, rows, budget - spent)
+            spent += seconds
+            if won:
+                chosen[shape] = rows
+    for m in layers:
+        m.blas_rows = chosen.get((m.in_features, m.out_features))
+    said = ", ".join(f"{n} -> {k} from {rows} rows" for (n, k), rows in chosen.items())
+    log.debug("packed fp32 layers handing large batches to BLAS: %s", said or "none")
+    return chosen
+
+
+def blas_wins(shape: Features, rows: int, budget: float) -> tuple[bool, float]:
+    """Whether BLAS multiplied `rows` rows of `shape` faster than a packed layer; seconds spent.
+
+    Each way's fastest of TIMED_CALLS calls counts, after an untimed one.
+    """
+    times: list[list[float]] = []
+    for layer in (packed_fp32, plain_layer):
+        times.append(time_linear("fp32", rows, shape, budget - sum(map(sum, times)), layer))
+    packed, blas = times
+    whole = len(packed) == len(blas) == 1 + TIMED_CALLS
+    return whole and min(blas[1:]) < min(packed[1:]), sum(map(sum, times))
+
+
+def packed_fp32(weight: Tensor) -> Callable[[Tensor], Tensor]:
+    """A packed fp32 layer of `weight` (out, in), without bias, as `calibrate` times it."""
+    return PackedLinear(weight, None, torch.float32)
 
 
 def fuse_self_attention(attn: MultiHeadAttention, dtype: torch.dtype) -> None:

@@ -7,8 +7,9 @@ Prints a Markdown table (settings, seconds, sentences/s, target tokens/s, BLEU) 
 docs/benchmarks.md. Each setting decodes the whole file once untimed, then `--repeats` times in
 this process; the median time is reported. Threads: torch's default (all cores) unless
 --threads is given. CPU set-up as `mt translate` (`configure_backends`: glibc keeps freed
-memory; linear layers packed by oneDNN, mt.packing). `--linear packed,plain` times the
-unpacked nn.Linear model too.
+memory; linear layers packed by oneDNN, large batches through BLAS where it was timed faster,
+mt.packing). `--linear packed,onednn,plain` times the packed model without that hand-off (every
+batch through oneDNN) and the unpacked nn.Linear model too.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 from mt.corpora import read_lines
 from mt.device import configure_backends
-from mt.packing import pack
+from mt.packing import PackedLinear, pack
 from mt.rundir import load_trained
 from mt.translate import decode_settings, translate_lines
 
@@ -51,6 +52,11 @@ def bench(
     models = {"plain": plain}
     if "packed" in linears:  # as `mt translate` decodes (unchanged where packing does not apply)
         models["packed"] = pack(copy.deepcopy(plain), device, precision)
+    if "onednn" in linears:  # packed, but no batch handed to BLAS (mt.packing.calibrate)
+        models["onednn"] = pack(copy.deepcopy(plain), device, precision)
+        for layer in models["onednn"].modules():
+            if isinstance(layer, PackedLinear):
+                layer.blas_rows = None
     sources, references = list(read_lines(src)), list(read_lines(ref))
     machine = platform.processor() or platform.machine()
     threads = torch.get_num_threads()
@@ -98,7 +104,8 @@ def main() -> None:
                         "budgets (default: the run's decode.max_tokens)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--linear", default="packed", help="comma-separated: packed (fp32 on a "
-                        "CPU, as mt translate), plain (nn.Linear)")  # fmt: skip
+                        "CPU, as mt translate), onednn (packed, no BLAS hand-off), plain "
+                        "(nn.Linear)")  # fmt: skip
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
@@ -107,8 +114,8 @@ def main() -> None:
     beams = [int(b) for b in args.beams.split(",")]
     budgets = [int(b) for b in args.max_tokens.split(",")] if args.max_tokens else [None]
     linears = args.linear.split(",")
-    if not set(linears) <= {"packed", "plain"}:
-        parser.error(f"--linear {args.linear}: expected packed and/or plain")
+    if not set(linears) <= {"packed", "onednn", "plain"}:
+        parser.error(f"--linear {args.linear}: expected packed, onednn and/or plain")
     bench(args.run, args.src, args.ref, beams, budgets, args.repeats, args.precision, linears)
 
 

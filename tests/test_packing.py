@@ -132,6 +132,89 @@ def test_a_deep_copy_of_a_packed_model_packs_its_own_weights() -> None:
     torch.testing.assert_close(copied(x), layer(x))
 
 
+@needs_onednn
+@pytest.mark.parametrize("act", [None, nn.ReLU, nn.GELU])
+def test_batches_from_blas_rows_go_through_blas_and_compute_the_same(
+    act: type | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(48, 80)
+    fast = PackedLinear(layer.weight, layer.bias, torch.float32, act)
+    fast.blas_rows = 6
+    through: list[tuple[int, ...]] = []
+    blas = fast.blas
+    monkeypatch.setattr(fast, "blas", lambda x: through.append(tuple(x.shape)) or blas(x))
+    expected = {None: lambda y: y, nn.ReLU: F.relu, nn.GELU: F.gelu}[act]
+    for x in (torch.randn(5, 48), torch.randn(6, 48), torch.randn(2, 4, 48)):
+        torch.testing.assert_close(fast(x), expected(layer(x)), rtol=1e-5, atol=1e-5)
+    assert through == [(6, 48), (2, 4, 48)]  # rows counted over every leading dimension
+    assert "BLAS from 6 rows" in repr(fast)
+    assert copy.deepcopy(fast).blas_rows == 6
+
+
+@needs_onednn
+def test_calibrate_hands_blas_each_shape_from_the_fewest_rows_it_won_at(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    asked: list[tuple[str, int, tuple[int, int], str]] = []
+    wins = {(32, 64): 8, (32, 40): 64}  # BLAS's first winning rows, per shape; others never
+
+    def timed(precision: str, rows: int, shape: tuple[int, int], budget: float, layer) -> list:
+        way = "blas" if layer is device.plain_layer else "packed"
+        asked.append((precision, rows, shape, way))
+        fast = (rows >= wins.get(shape, 10**9)) == (way == "blas")
+        return [1.0] + [0.1 if fast else 0.2] * device.TIMED_CALLS
+
+    monkeypatch.setattr(packing, "time_linear", timed)
+    model = pack(tiny_model(), CPU, "fp32")
+    asked.clear()
+    assert packing.calibrate(model, ladder=(8, 64), budget=60.0) == {(32, 64): 8, (32, 40): 64}
+    shapes = {(32, 32), (32, 40), (32, 64), (32, 96), (64, 32)}  # (in, out) of the tiny model
+    rungs = [(rows, shape) for _, rows, shape, _ in asked[::2]]  # the ladder, rung by rung
+    assert rungs == [(8, shape) for shape in sorted(shapes)] + [
+        (64, shape) for shape in sorted(shapes - {(32, 64)})
+    ]
+    assert [way for *_, way in asked] == ["packed", "blas"] * len(rungs)
+    assert {p for p, *_ in asked} == {"fp32"}
+    chosen = {
+        (m.in_features, m.out_features, m.blas_rows)
+        for m in model.modules()
+        if isinstance(m, PackedLinear)
+    }
+    assert chosen == {(32, 64, 8), (32, 40, 64)} | {
+        (*shape, None) for shape in shapes - {(32, 64), (32, 40)}
+    }
+
+
+@needs_onednn
+def test_calibrate_leaves_packed_what_the_budget_cut_short(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def timed(precision: str, rows: int, shape: tuple[int, int], budget: float, layer) -> list:
+        if budget < 1.5:  # no room for a whole timing
+            return [1.0]
+        return [1.0] + [0.1 if layer is device.plain_layer else 0.2] * device.TIMED_CALLS
+
+    monkeypatch.setattr(packing, "time_linear", timed)
+    model = pack(tiny_model(), CPU, "fp32")
+    # The first shape (32 -> 32) is timed both ways; the 1 s left cuts the next one short.
+    first = (1.0 + 0.2 * device.TIMED_CALLS) + (1.0 + 0.1 * device.TIMED_CALLS)
+    assert packing.calibrate(model, ladder=(64,), budget=first + 1.0) == {(32, 32): 64}
+    assert packing.calibrate(model, ladder=(64,), budget=0.0) == {}
+    assert all(m.blas_rows is None for m in model.modules() if isinstance(m, PackedLinear))
+
+
+@needs_onednn
+def test_pack_calibrates_fp32_models_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    calibrated: list[Transformer] = []
+    monkeypatch.setattr(packing, "calibrate", calibrated.append)
+    model = pack(tiny_model(), CPU, "fp32")
+    assert calibrated == [model]
+    if packing.packs(CPU, "bf16"):
+        pack(tiny_model(), CPU, "bf16")
+        assert calibrated == [model]
+
+
 @pytest.mark.skipif(not packing.packs(CPU, "bf16"), reason="no oneDNN bf16 on this CPU")
 def test_bf16_packed_linear_does_what_autocast_does_to_nn_linear() -> None:
     torch.manual_seed(0)
