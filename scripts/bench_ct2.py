@@ -5,23 +5,22 @@
     .venv/bin/python scripts/bench_ct2.py --smoke                             # seconds, for tests
 
 Every system decodes Multi30k's test_2016_flickr (German → English, 1,000 sentences) with beam
-5, in this one process, on the same threads: mt with `mt.translate.translate_lines` in fp32 (its
-linear layers packed, as `mt translate` runs them, and unpacked), with its int8 weights (`mt
-translate --quantize int8`, mt.quantize) and in bf16 where `--precision auto` (mt translate's
-default) picks it on this CPU, and CTranslate2 exported from the same
-weights by `mt.export.ct2.save_ct2`, run by `mt.export.ct2_search.translate_ct2` (batches of
-one source length, mt's length limits and a fitted length penalty; see
-mt/export/ct2_search.py). Times include tokenising and detokenising; each figure is the median
-of --repeats passes after an untimed one, the passes going round all systems in turn. The
-process applies mt's CPU malloc setting, as `mt translate` does; CTranslate2 at its best batching
-runs once more in a child process of its own (`ct2_worker`), with glibc's default malloc, as
-CTranslate2's users run it.
+5 on the same threads: mt with `mt.translate.translate_lines` in fp32 (its linear layers packed,
+as `mt translate` runs them, and unpacked), with its int8 weights (`mt translate --quantize
+int8`, mt.quantize) and in bf16 where `--precision auto` (mt translate's default) picks it on
+this CPU, each in a child process of its own set up as `mt translate` sets up (`mt_worker`), and
+CTranslate2 exported from the same weights by `mt.export.ct2.save_ct2`, in this process, run by
+`mt.export.ct2_search.translate_ct2` (batches of one source length, mt's length limits and a
+fitted length penalty; see mt/export/ct2_search.py) and by its own search. Times include
+tokenising and detokenising; each figure is the median of --repeats passes after an untimed one,
+the passes going round all systems in turn. This process applies mt's CPU malloc setting, as
+`mt translate` does; CTranslate2 at its best batching runs once more in a child process of its
+own (`ct2_worker`), with glibc's default malloc, as CTranslate2's users run it.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import shlex
@@ -77,6 +76,7 @@ CT2_OWN = {"CT2 float32, its defaults": 0, "CT2 float32, its defaults, 4,096-tok
 # The 4,096-token batches again, in a process of their own: without the malloc setting that this
 # process applies for mt, as CTranslate2's users run it.
 SHIPPED = "CT2 float32, its defaults, 4,096-token batches, own process"
+WORKERS = "CT2 float32, its defaults, 4,096-token batches, 2 workers"  # inter_threads=2
 TINY_DATA = ROOT / "tests" / "data" / "tiny"
 Decoder = Callable[[list[str]], list[list[int]]]
 
@@ -95,6 +95,16 @@ def smoke_run(workdir: Path) -> Path:
         ]
         train(load_config(ROOT / "configs" / "tiny.yaml", overrides))
     return run
+
+
+def mt_process(run: str, variant: str, threads: int, **overrides: Any) -> Decoder:
+    """mt decoding in a child process of its own (`mt_worker`): ids per line.
+
+    Not in this process: CTranslate2 calls OpenMP through the same runtime as torch once both
+    are loaded, and a Translator sets the calling thread's OpenMP threads to its own
+    `intra_threads` (1 for the two-worker rows), which torch's operators then use.
+    """
+    return child_process("--mt-worker", [run, variant, threads, overrides])
 
 
 def mt_decoder(
@@ -122,11 +132,20 @@ def ct2_decoder(
     return lambda lines: translate_ct2(translator, tokenizer, lines, decode, limit)
 
 
-def ct2_translator(directory: Path, threads: int, weights: str = "float32") -> Any:
-    """A CTranslate2 Translator for the export in `directory`, `threads` intra-op threads."""
+def ct2_translator(
+    directory: Path, threads: int, weights: str = "float32", workers: int = 1
+) -> Any:
+    """A CTranslate2 Translator for the export in `directory` on `threads` threads in all.
+
+    workers > 1: that many batches decoded at once (inter_threads), the threads shared out.
+    """
     ctranslate2 = import_ctranslate2()
     return ctranslate2.Translator(
-        str(directory), device="cpu", compute_type=weights, inter_threads=1, intra_threads=threads
+        str(directory),
+        device="cpu",
+        compute_type=weights,
+        inter_threads=workers,
+        intra_threads=max(1, threads // workers),
     )
 
 
@@ -153,16 +172,18 @@ def ct2_own_decoder(
     limit: int,
     length: int = 0,
     own_process: bool = False,
+    workers: int = 1,
 ) -> Decoder:
     """CTranslate2 float32 with its own search settings (`own_search`), ids per line.
 
     Sources are cut to `limit - 1` pieces, as mt cuts them. own_process: the search runs in a
-    child process (`ct2_worker`), which keeps glibc's default malloc settings.
+    child process (`ct2_worker`), which keeps glibc's default malloc settings. workers: see
+    ct2_translator.
     """
     if own_process:
         search = worker_search(directory, threads, beam, batch, length)
     else:
-        translator = ct2_translator(directory, threads)
+        translator = ct2_translator(directory, threads, workers=workers)
         search = lambda sources: own_search(translator, sources, beam, batch, length)  # noqa: E731
 
     def run(lines: list[str]) -> list[list[int]]:
@@ -176,25 +197,51 @@ def ct2_own_decoder(
 def worker_search(
     directory: Path, threads: int, beam: int, batch: int, length: int
 ) -> Callable[[list[list[str]]], list[list[str]]]:
-    """`own_search` in a child process started now: one JSON line each way per call."""
-    spec = json.dumps([str(directory), threads, beam, batch, length])
+    """`own_search` in a child process started now (`ct2_worker`)."""
+    return child_process("--ct2-worker", [str(directory), threads, beam, batch, length])
+
+
+def child_process(flag: str, spec: list[Any]) -> Callable[[Any], Any]:
+    """A call into a child process of this script started now: one JSON line each way."""
     child = subprocess.Popen(
-        [sys.executable, __file__, "--ct2-worker", spec],
+        [sys.executable, __file__, flag, json.dumps(spec)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
     assert child.stdin is not None and child.stdout is not None
 
-    def search(sources: list[list[str]]) -> list[list[str]]:
-        child.stdin.write(json.dumps(sources) + "\n")
+    def call(request: Any) -> Any:
+        child.stdin.write(json.dumps(request) + "\n")
         child.stdin.flush()
         answer = child.stdout.readline()
         if not answer:
-            raise MtError(f"bench_ct2: the CTranslate2 worker exited ({child.wait()})")
+            raise MtError(f"bench_ct2: the {flag[2:]} child exited ({child.wait()})")
         return json.loads(answer)
 
-    return search
+    return call
+
+
+def mt_worker(spec: str) -> None:
+    """The child of `mt_process`: lines in, mt's output ids out, a JSON line each.
+
+    It sets up as `mt translate` does on a CPU: threads, glibc keeping freed memory, the run's
+    model as `variant` asks (packed: fp32 as `mt translate` decodes it; plain: nn.Linear;
+    int8: `--quantize int8`; bf16: packed in bf16).
+    """
+    run, variant, threads, overrides = json.loads(spec)
+    torch.set_num_threads(threads)
+    keep_freed_memory()
+    cpu = torch.device("cpu")
+    config, tokenizer, model, _ = load_trained(Path(run), cpu)
+    precision = "bf16" if variant == "bf16" else "fp32"
+    if variant == "int8":
+        model = quantize(model, "int8")
+    elif variant != "plain":
+        model = pack(model, cpu, precision)
+    decoder = mt_decoder(model, tokenizer, decode_settings(config, **overrides), precision)
+    for line in sys.stdin:
+        print(json.dumps(decoder(json.loads(line))), flush=True)
 
 
 def ct2_worker(spec: str) -> None:
@@ -236,19 +283,17 @@ def bench(
     references = list(read_lines(data / f"{TEST_PREFIX}.en.gz"))[:n]
     decode = decode_settings(config, beam=args.beam, nbest=1)
     limit = model.max_positions
-    int8 = quantize(copy.deepcopy(model), "int8")
-    cpu = torch.device("cpu")
-    packed = pack(copy.deepcopy(model), cpu, "fp32")  # as `mt translate` decodes in fp32
+    settings = {"beam": args.beam, "nbest": 1}
     decoders = {
-        "mt": mt_decoder(packed, tokenizer, decode),
-        "mt, nn.Linear (unpacked)": mt_decoder(model, tokenizer, decode),
-        "mt int8": mt_decoder(int8, tokenizer, decode),
+        "mt": mt_process(args.run, "packed", args.threads, **settings),
+        "mt, nn.Linear (unpacked)": mt_process(args.run, "plain", args.threads, **settings),
+        "mt int8": mt_process(args.run, "int8", args.threads, **settings),
     }
     # What `mt translate` runs by default: --precision auto times fp32 against bf16 here.
     _, auto = resolve_runtime("cpu", "auto", Path(args.run))
     if auto != "fp32":
-        fast = pack(copy.deepcopy(model), cpu, auto)
-        decoders[f"mt {auto} (--precision auto here)"] = mt_decoder(fast, tokenizer, decode, auto)
+        name = f"mt {auto} (--precision auto here)"
+        decoders[name] = mt_process(args.run, auto, args.threads, **settings)
     dirs = export_all(model, tokenizer, Path(args.workdir))
     for name, directory in dirs.items():
         weights = CT2_TYPES[name]
@@ -260,16 +305,20 @@ def bench(
     decoders[SHIPPED] = ct2_own_decoder(
         dirs["CT2 float32"], args.threads, tokenizer, decode.beam, 4096, limit, own_process=True
     )
+    if args.threads >= 2:
+        decoders[WORKERS] = ct2_own_decoder(
+            dirs["CT2 float32"], args.threads, tokenizer, decode.beam, 4096, limit, workers=2
+        )
     res = {"sentences": len(sources), "decode": decode}
     res["systems"] = run_systems(decoders, sources, references, tokenizer, args.repeats)
     if args.fixed_length:
         L, float32 = args.fixed_length, dirs["CT2 float32"]
         # EOS is banned before L pieces and forced after them: exactly L, in mt and in the
         # CTranslate2 search that mirrors it.
-        exact = decode_settings(config, beam=args.beam, nbest=1, min_len=L, max_len_a=0,
-                                max_len_b=L + 1)  # fmt: skip
+        fixing = {**settings, "min_len": L, "max_len_a": 0, "max_len_b": L + 1}
+        exact = decode_settings(config, **fixing)
         fixed = {
-            "mt": mt_decoder(packed, tokenizer, exact),
+            "mt": mt_process(args.run, "packed", args.threads, **fixing),
             "CT2 float32": ct2_decoder(float32, "float32", args.threads, tokenizer, exact, limit),
             "CT2 float32, 4,096-token batches": ct2_own_decoder(
                 float32, args.threads, tokenizer, exact.beam, 4096, limit, length=L
@@ -278,6 +327,10 @@ def bench(
                 float32, args.threads, tokenizer, exact.beam, 4096, limit, L, own_process=True
             ),
         }
+        if args.threads >= 2:
+            fixed["CT2 float32, 4,096-token batches, 2 workers"] = ct2_own_decoder(
+                float32, args.threads, tokenizer, exact.beam, 4096, limit, L, workers=2
+            )
         res["fixed"] = run_systems(fixed, sources, references, tokenizer, args.repeats)
     return res
 
@@ -339,7 +392,9 @@ def report(args: argparse.Namespace, weights: Path, res: dict[str, Any]) -> str:
         f"{d.max_len_a} x source length + {d.max_len_b}, {d.length_penalty} length penalty "
         f"(alpha {d.alpha}); median of {args.repeats} passes in one process after an untimed "
         "one, each pass going round all systems in turn, tokenising and detokenising included. "
-        "mt: `mt.translate.translate_lines`, fp32, "
+        "mt: `mt.translate.translate_lines` in a child process per row, set up as `mt "
+        "translate` sets up (CTranslate2, loaded here, would share torch's OpenMP runtime and "
+        "set its thread count), fp32, "
         f"batches of {d.max_tokens:,} source tokens, linear layers packed by oneDNN as `mt "
         "translate` runs them on a CPU (mt.packing; the unpacked nn.Linear model as the row "
         "after it); mt int8: the same with `--quantize int8` (int8 weights per output row, "
@@ -353,7 +408,10 @@ def report(args: argparse.Namespace, weights: Path, res: dict[str, Any]) -> str:
         '`max_batch_size=4096, batch_type="tokens"`; sources encoded as mt encodes them. '
         '"Own process": the 4,096-token batches again in a child process that keeps glibc\'s '
         "default malloc settings, as CTranslate2's users run it (this process applies mt's, "
-        "`mt.device.keep_freed_memory`, which the other CTranslate2 rows share).",
+        '`mt.device.keep_freed_memory`, which the other CTranslate2 rows share). "2 '
+        'workers": the 4,096-token batches with `inter_threads=2` and the threads shared out, '
+        "two batches decoded at once (CTranslate2's other way to use the cores; mt decodes one "
+        "batch at a time on all of them).",
         "",
         "| system | seconds | sentences/s | vs mt | BLEU | outputs identical to mt |",
         "|---|---:|---:|---:|---:|---:|",
@@ -378,7 +436,8 @@ def fixed_rows(systems: dict[str, dict[str, Any]], length: int, n: int) -> list[
         f"and a limit of {length} pieces before EOS; CTranslate2: min and max decoding length "
         f"{length}), so no system gains by ending sentences early; BLEU means nothing here. "
         "CTranslate2 at mt's batching (one batch per source length) and at its best "
-        "(4,096-token batches), also in a process of its own with glibc's default malloc.",
+        "(4,096-token batches), also in a process of its own with glibc's default malloc and "
+        "with two workers (inter_threads=2).",
         "",
         f"| system | seconds | sentences/s | vs mt | outputs of {length} pieces |",
         "|---|---:|---:|---:|---:|",
@@ -408,9 +467,12 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="seconds-long run for tests")
     parser.add_argument("--write", help="Markdown file whose section to replace")
     parser.add_argument("--ct2-worker", help=argparse.SUPPRESS)  # worker_search's child
+    parser.add_argument("--mt-worker", help=argparse.SUPPRESS)  # mt_process's child
     args = parser.parse_args()
     if args.ct2_worker:
         return ct2_worker(args.ct2_worker)
+    if args.mt_worker:
+        return mt_worker(args.mt_worker)
     args.workdir = args.workdir or ("runs/bench-ct2-smoke" if args.smoke else "runs/bench-ct2")
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     if args.smoke:

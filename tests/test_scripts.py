@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import gzip
 import importlib.util
 import itertools
@@ -592,3 +593,29 @@ def test_bench_multilingual_stops_when_a_run_was_stopped_by_a_signal(
         "again to resume it"
     )
 
+
+def test_bench_ct2_decodes_mt_in_a_child_and_shares_threads_among_ct2_workers(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("ctranslate2", reason="ctranslate2 is not installed")
+    from mt.packing import pack
+    from mt.rundir import load_trained
+    from mt.translate import decode_settings
+
+    bench = load_script("bench_ct2")
+    config, tokenizer, model, _ = load_trained(trained_run, torch.device("cpu"))
+    lines = (TINY / "valid.de").read_text(encoding="utf-8").splitlines()[:12]
+    child = bench.mt_process(str(trained_run), "packed", 1, beam=2, nbest=1)
+    here = bench.mt_decoder(
+        pack(copy.deepcopy(model), torch.device("cpu"), "fp32"),
+        tokenizer,
+        decode_settings(config, beam=2),
+    )
+    assert child(lines) == here(lines) and len(child(lines)) == 12
+    directory = bench.export_all(model, tokenizer, tmp_path)["CT2 float32"]
+    threads = torch.get_num_threads()
+    try:
+        assert bench.ct2_translator(directory, 2, workers=2).num_translators == 2
+        assert bench.ct2_translator(directory, 2).num_translators == 1
+    finally:
+        torch.set_num_threads(threads)  # a Translator may set this thread's OpenMP threads
