@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mt.device import TIMED_CALLS, Features, plain_layer, time_linear
+from mt.device import TIMED_CALLS, Features, time_linear
 from mt.model import FeedForward, MultiHeadAttention, Transformer
 from mt.search import Decoder, Ensemble
 
@@ -187,17 +187,10 @@ def blas_wins(shape: Features, rows: int, budget: float) -> tuple[bool, float]:
 
     Each way's fastest of TIMED_CALLS calls counts, after an untimed one.
     """
-    times: list[list[float]] = []
-    for layer in (packed_fp32, plain_layer):
-        times.append(time_linear("fp32", rows, shape, budget - sum(map(sum, times)), layer))
-    packed, blas = times
+    packed = time_packed("fp32", rows, shape, budget)
+    blas = time_linear("fp32", rows, shape, budget - sum(packed))  # nn.Linear's product
     whole = len(packed) == len(blas) == 1 + TIMED_CALLS
-    return whole and min(blas[1:]) < min(packed[1:]), sum(map(sum, times))
-
-
-def packed_fp32(weight: Tensor) -> Callable[[Tensor], Tensor]:
-    """A packed fp32 layer of `weight` (out, in), without bias, as `calibrate` times it."""
-    return PackedLinear(weight, None, torch.float32)
+    return whole and min(blas[1:]) < min(packed[1:]), sum(packed) + sum(blas)
 
 
 def fuse_self_attention(attn: MultiHeadAttention, dtype: torch.dtype) -> None:

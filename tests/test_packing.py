@@ -159,7 +159,9 @@ def test_calibrate_hands_blas_each_shape_from_the_fewest_rows_it_won_at(
     asked: list[tuple[str, int, tuple[int, int], str]] = []
     wins = {(32, 64): 8, (32, 40): 64}  # BLAS's first winning rows, per shape; others never
 
-    def timed(precision: str, rows: int, shape: tuple[int, int], budget: float, layer) -> list:
+    def timed(
+        precision: str, rows: int, shape: tuple[int, int], budget: float, layer=device.plain_layer
+    ) -> list:
         way = "blas" if layer is device.plain_layer else "packed"
         asked.append((precision, rows, shape, way))
         fast = (rows >= wins.get(shape, 10**9)) == (way == "blas")
@@ -190,7 +192,9 @@ def test_calibrate_hands_blas_each_shape_from_the_fewest_rows_it_won_at(
 def test_calibrate_leaves_packed_what_the_budget_cut_short(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def timed(precision: str, rows: int, shape: tuple[int, int], budget: float, layer) -> list:
+    def timed(
+        precision: str, rows: int, shape: tuple[int, int], budget: float, layer=device.plain_layer
+    ) -> list:
         if budget < 1.5:  # no room for a whole timing
             return [1.0]
         return [1.0] + [0.1 if layer is device.plain_layer else 0.2] * device.TIMED_CALLS
