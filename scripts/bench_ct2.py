@@ -14,8 +14,9 @@ CTranslate2 exported from the same weights by `mt.export.ct2.save_ct2`, in this 
 fitted length penalty; see mt/export/ct2_search.py) and by its own search. Times include
 tokenising and detokenising; each figure is the median of --repeats passes after an untimed one,
 the passes going round all systems in turn. This process applies mt's CPU malloc setting, as
-`mt translate` does; CTranslate2 at its best batching runs once more in a child process of its
-own (`ct2_worker`), with glibc's default malloc, as CTranslate2's users run it.
+`mt translate` does; CTranslate2 at its best batching runs once more in a child process without
+torch (scripts/ct2_worker.py), with glibc's default malloc and its own OpenMP runtime, as
+CTranslate2's users run it, with one worker and with two.
 """
 
 from __future__ import annotations
@@ -48,12 +49,13 @@ from bench import (  # noqa: E402
     ratio,
     wrap,
 )
+from ct2_worker import ct2_translator, own_search  # noqa: E402
 
 from mt.config import Config, DecodeConfig, load_config  # noqa: E402
 from mt.corpora import read_lines  # noqa: E402
 from mt.device import keep_freed_memory  # noqa: E402
 from mt.errors import MtError  # noqa: E402
-from mt.export.ct2 import import_ctranslate2, save_ct2  # noqa: E402
+from mt.export.ct2 import save_ct2  # noqa: E402
 from mt.export.ct2_search import translate_ct2  # noqa: E402
 from mt.files import atomic_directory  # noqa: E402
 from mt.model import Transformer  # noqa: E402
@@ -76,7 +78,7 @@ CT2_OWN = {"CT2 float32, its defaults": 0, "CT2 float32, its defaults, 4,096-tok
 # The 4,096-token batches again, in a process of their own: without the malloc setting that this
 # process applies for mt, as CTranslate2's users run it.
 SHIPPED = "CT2 float32, its defaults, 4,096-token batches, own process"
-WORKERS = "CT2 float32, its defaults, 4,096-token batches, 2 workers"  # inter_threads=2
+WORKERS = "CT2 float32, its defaults, 4,096-token batches, 2 workers, own process"
 TINY_DATA = ROOT / "tests" / "data" / "tiny"
 Decoder = Callable[[list[str]], list[list[int]]]
 
@@ -104,7 +106,7 @@ def mt_process(run: str, variant: str, threads: int, **overrides: Any) -> Decode
     are loaded, and a Translator sets the calling thread's OpenMP threads to its own
     `intra_threads` (1 for the two-worker rows), which torch's operators then use.
     """
-    return child_process("--mt-worker", [run, variant, threads, overrides])
+    return child_process([__file__, "--mt-worker", json.dumps([run, variant, threads, overrides])])
 
 
 def mt_decoder(
@@ -128,39 +130,8 @@ def ct2_decoder(
     limit: int,
 ) -> Decoder:
     """CTranslate2 running an export from `directory` with `threads` intra-op threads."""
-    translator = ct2_translator(directory, threads, weights)
+    translator = ct2_translator(str(directory), threads, weights)
     return lambda lines: translate_ct2(translator, tokenizer, lines, decode, limit)
-
-
-def ct2_translator(
-    directory: Path, threads: int, weights: str = "float32", workers: int = 1
-) -> Any:
-    """A CTranslate2 Translator for the export in `directory` on `threads` threads in all.
-
-    workers > 1: that many batches decoded at once (inter_threads), the threads shared out.
-    """
-    ctranslate2 = import_ctranslate2()
-    return ctranslate2.Translator(
-        str(directory),
-        device="cpu",
-        compute_type=weights,
-        inter_threads=workers,
-        intra_threads=max(1, threads // workers),
-    )
-
-
-def own_search(
-    translator: Any, sources: list[list[str]], beam: int, batch: int, length: int = 0
-) -> list[list[str]]:
-    """CTranslate2's own search over source pieces, given only the beam size and batching.
-
-    `length` > 0: every output holds exactly that many pieces (its min and max decoding length).
-    """
-    exact = {"min_decoding_length": length, "max_decoding_length": length} if length else {}
-    results = translator.translate_batch(
-        sources, beam_size=beam, max_batch_size=batch, batch_type="tokens", **exact
-    )
-    return [r.hypotheses[0] for r in results]
 
 
 def ct2_own_decoder(
@@ -177,13 +148,13 @@ def ct2_own_decoder(
     """CTranslate2 float32 with its own search settings (`own_search`), ids per line.
 
     Sources are cut to `limit - 1` pieces, as mt cuts them. own_process: the search runs in a
-    child process (`ct2_worker`), which keeps glibc's default malloc settings. workers: see
-    ct2_translator.
+    child process without torch (scripts/ct2_worker.py), as CTranslate2's users run it. workers:
+    see ct2_worker.ct2_translator.
     """
     if own_process:
-        search = worker_search(directory, threads, beam, batch, length)
+        search = worker_search(directory, threads, beam, batch, length, workers)
     else:
-        translator = ct2_translator(directory, threads, workers=workers)
+        translator = ct2_translator(str(directory), threads, workers=workers)
         search = lambda sources: own_search(translator, sources, beam, batch, length)  # noqa: E731
 
     def run(lines: list[str]) -> list[list[int]]:
@@ -195,16 +166,17 @@ def ct2_own_decoder(
 
 
 def worker_search(
-    directory: Path, threads: int, beam: int, batch: int, length: int
+    directory: Path, threads: int, beam: int, batch: int, length: int, workers: int = 1
 ) -> Callable[[list[list[str]]], list[list[str]]]:
-    """`own_search` in a child process started now (`ct2_worker`)."""
-    return child_process("--ct2-worker", [str(directory), threads, beam, batch, length])
+    """`own_search` in a child process without torch, started now (scripts/ct2_worker.py)."""
+    spec = [str(directory), threads, beam, batch, length, workers]
+    return child_process([str(ROOT / "scripts" / "ct2_worker.py"), json.dumps(spec)])
 
 
-def child_process(flag: str, spec: list[Any]) -> Callable[[Any], Any]:
-    """A call into a child process of this script started now: one JSON line each way."""
+def child_process(args: list[str]) -> Callable[[Any], Any]:
+    """A call into a Python child process started now with `args`: one JSON line each way."""
     child = subprocess.Popen(
-        [sys.executable, __file__, flag, json.dumps(spec)],
+        [sys.executable, *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -216,7 +188,7 @@ def child_process(flag: str, spec: list[Any]) -> Callable[[Any], Any]:
         child.stdin.flush()
         answer = child.stdout.readline()
         if not answer:
-            raise MtError(f"bench_ct2: the {flag[2:]} child exited ({child.wait()})")
+            raise MtError(f"bench_ct2: the child {args[0]} exited ({child.wait()})")
         return json.loads(answer)
 
     return call
@@ -242,14 +214,6 @@ def mt_worker(spec: str) -> None:
     decoder = mt_decoder(model, tokenizer, decode_settings(config, **overrides), precision)
     for line in sys.stdin:
         print(json.dumps(decoder(json.loads(line))), flush=True)
-
-
-def ct2_worker(spec: str) -> None:
-    """The child of `worker_search`: source pieces in, output pieces out, a JSON line each."""
-    directory, threads, beam, batch, length = json.loads(spec)
-    translator = ct2_translator(Path(directory), threads)
-    for line in sys.stdin:
-        print(json.dumps(own_search(translator, json.loads(line), beam, batch, length)), flush=True)
 
 
 def export_all(model: Transformer, tokenizer: Tokenizer, workdir: Path) -> dict[str, Path]:
@@ -307,7 +271,7 @@ def bench(
     )
     if args.threads >= 2:
         decoders[WORKERS] = ct2_own_decoder(
-            dirs["CT2 float32"], args.threads, tokenizer, decode.beam, 4096, limit, workers=2
+            dirs["CT2 float32"], args.threads, tokenizer, decode.beam, 4096, limit, 0, True, 2
         )
     res = {"sentences": len(sources), "decode": decode}
     res["systems"] = run_systems(decoders, sources, references, tokenizer, args.repeats)
@@ -328,8 +292,8 @@ def bench(
             ),
         }
         if args.threads >= 2:
-            fixed["CT2 float32, 4,096-token batches, 2 workers"] = ct2_own_decoder(
-                float32, args.threads, tokenizer, exact.beam, 4096, limit, L, workers=2
+            fixed["CT2 float32, 4,096-token batches, 2 workers, own process"] = ct2_own_decoder(
+                float32, args.threads, tokenizer, exact.beam, 4096, limit, L, True, 2
             )
         res["fixed"] = run_systems(fixed, sources, references, tokenizer, args.repeats)
     return res
@@ -406,12 +370,14 @@ def report(args: argparse.Namespace, weights: Path, res: dict[str, Any]) -> str:
         'mt/export/ct2_search.py). "Its defaults": `translate_batch(sources, beam_size=5)` '
         "as a new user calls it (length penalty 1, up to 256 pieces), in one batch or with "
         '`max_batch_size=4096, batch_type="tokens"`; sources encoded as mt encodes them. '
-        '"Own process": the 4,096-token batches again in a child process that keeps glibc\'s '
-        "default malloc settings, as CTranslate2's users run it (this process applies mt's, "
-        '`mt.device.keep_freed_memory`, which the other CTranslate2 rows share). "2 '
-        'workers": the 4,096-token batches with `inter_threads=2` and the threads shared out, '
-        "two batches decoded at once (CTranslate2's other way to use the cores; mt decodes one "
-        "batch at a time on all of them).",
+        '"Own process": the 4,096-token batches again in a child process without torch '
+        "(scripts/ct2_worker.py), which keeps glibc's default malloc settings and CTranslate2's "
+        "own OpenMP runtime, as its users run it (this process applies mt's malloc setting, "
+        "`mt.device.keep_freed_memory`, and has torch's OpenMP runtime serve CTranslate2's "
+        'calls, as the other CTranslate2 rows have). "2 workers": the same with '
+        "`inter_threads=2` and the threads shared out, two batches decoded at once "
+        "(CTranslate2's other way to use the cores; mt decodes one batch at a time on all of "
+        "them).",
         "",
         "| system | seconds | sentences/s | vs mt | BLEU | outputs identical to mt |",
         "|---|---:|---:|---:|---:|---:|",
@@ -436,8 +402,8 @@ def fixed_rows(systems: dict[str, dict[str, Any]], length: int, n: int) -> list[
         f"and a limit of {length} pieces before EOS; CTranslate2: min and max decoding length "
         f"{length}), so no system gains by ending sentences early; BLEU means nothing here. "
         "CTranslate2 at mt's batching (one batch per source length) and at its best "
-        "(4,096-token batches), also in a process of its own with glibc's default malloc and "
-        "with two workers (inter_threads=2).",
+        "(4,096-token batches), also in a process of its own without torch, with one worker "
+        "and with two (inter_threads=2).",
         "",
         f"| system | seconds | sentences/s | vs mt | outputs of {length} pieces |",
         "|---|---:|---:|---:|---:|",
@@ -466,11 +432,8 @@ def main() -> None:
     parser.add_argument("--workdir", help="exports (default runs/bench-ct2[-smoke])")
     parser.add_argument("--smoke", action="store_true", help="seconds-long run for tests")
     parser.add_argument("--write", help="Markdown file whose section to replace")
-    parser.add_argument("--ct2-worker", help=argparse.SUPPRESS)  # worker_search's child
     parser.add_argument("--mt-worker", help=argparse.SUPPRESS)  # mt_process's child
     args = parser.parse_args()
-    if args.ct2_worker:
-        return ct2_worker(args.ct2_worker)
     if args.mt_worker:
         return mt_worker(args.mt_worker)
     args.workdir = args.workdir or ("runs/bench-ct2-smoke" if args.smoke else "runs/bench-ct2")

@@ -615,7 +615,7 @@ def test_bench_ct2_decodes_mt_in_a_child_and_shares_threads_among_ct2_workers(
     directory = bench.export_all(model, tokenizer, tmp_path)["CT2 float32"]
     threads = torch.get_num_threads()
     try:
-        assert bench.ct2_translator(directory, 2, workers=2).num_translators == 2
-        assert bench.ct2_translator(directory, 2).num_translators == 1
+        assert bench.ct2_translator(str(directory), 2, workers=2).num_translators == 2
+        assert bench.ct2_translator(str(directory), 2).num_translators == 1
     finally:
         torch.set_num_threads(threads)  # a Translator may set this thread's OpenMP threads
