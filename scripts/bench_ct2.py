@@ -271,8 +271,9 @@ def bench(
     )
     if args.threads >= 2:
         decoders[WORKERS] = ct2_own_decoder(
-            dirs["CT2 float32"], args.threads, tokenizer, decode.beam, 4096, limit, 0, True, 2
-        )
+            dirs["CT2 float32"], args.threads, tokenizer, decode.beam, 4096, limit,
+            own_process=True, workers=2,
+        )  # fmt: skip
     res = {"sentences": len(sources), "decode": decode}
     res["systems"] = run_systems(decoders, sources, references, tokenizer, args.repeats)
     if args.fixed_length:
@@ -293,8 +294,9 @@ def bench(
         }
         if args.threads >= 2:
             fixed["CT2 float32, 4,096-token batches, 2 workers, own process"] = ct2_own_decoder(
-                float32, args.threads, tokenizer, exact.beam, 4096, limit, L, True, 2
-            )
+                float32, args.threads, tokenizer, exact.beam, 4096, limit, L,
+                own_process=True, workers=2,
+            )  # fmt: skip
         res["fixed"] = run_systems(fixed, sources, references, tokenizer, args.repeats)
     return res
 
