@@ -151,11 +151,12 @@ def ct2_own_decoder(
     child process without torch (scripts/ct2_worker.py), as CTranslate2's users run it. workers:
     see ct2_worker.ct2_translator.
     """
+    most = min(256, limit - 1)  # CTranslate2's default, or what the model's positions hold
     if own_process:
-        search = worker_search(directory, threads, beam, batch, length, workers)
+        search = worker_search(directory, threads, beam, batch, length, most, workers)
     else:
         translator = ct2_translator(str(directory), threads, workers=workers)
-        search = lambda sources: own_search(translator, sources, beam, batch, length)  # noqa: E731
+        search = lambda sources: own_search(translator, sources, beam, batch, length, most)  # noqa: E731
 
     def run(lines: list[str]) -> list[list[int]]:
         ids = encode_sources(lines, tokenizer, limit - 1)
@@ -166,10 +167,10 @@ def ct2_own_decoder(
 
 
 def worker_search(
-    directory: Path, threads: int, beam: int, batch: int, length: int, workers: int = 1
+    directory: Path, threads: int, beam: int, batch: int, length: int, most: int, workers: int
 ) -> Callable[[list[list[str]]], list[list[str]]]:
     """`own_search` in a child process without torch, started now (scripts/ct2_worker.py)."""
-    spec = [str(directory), threads, beam, batch, length, workers]
+    spec = [str(directory), threads, beam, batch, length, most, workers]
     return child_process([str(ROOT / "scripts" / "ct2_worker.py"), json.dumps(spec)])
 
 

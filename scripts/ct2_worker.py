@@ -1,6 +1,6 @@
 """CTranslate2's own search in a process without torch: bench_ct2.py's "own process" rows.
 
-    python scripts/ct2_worker.py '[directory, threads, beam, batch, length, workers]'
+    python scripts/ct2_worker.py '[directory, threads, beam, batch, length, most, workers]'
 
 One JSON line of source pieces in per call, one JSON line of output pieces out. Nothing here
 imports torch: loaded first, torch's OpenMP runtime would serve CTranslate2's calls too (as it
@@ -32,13 +32,20 @@ def ct2_translator(directory: str, threads: int, weights: str = "float32", worke
 
 
 def own_search(
-    translator: Any, sources: list[list[str]], beam: int, batch: int, length: int = 0
+    translator: Any,
+    sources: list[list[str]],
+    beam: int,
+    batch: int,
+    length: int = 0,
+    most: int = 256,
 ) -> list[list[str]]:
     """CTranslate2's own search over source pieces, given only the beam size and batching.
 
-    `length` > 0: every output holds exactly that many pieces (its min and max decoding length).
+    `length` > 0: every output holds exactly that many pieces (its min and max decoding length);
+    else at most `most` (CTranslate2's default, lower only for a model with fewer positions).
     """
-    exact = {"min_decoding_length": length, "max_decoding_length": length} if length else {}
+    exact = {"min_decoding_length": length} if length else {}
+    exact["max_decoding_length"] = length or most
     results = translator.translate_batch(
         sources, beam_size=beam, max_batch_size=batch, batch_type="tokens", **exact
     )
@@ -47,10 +54,11 @@ def own_search(
 
 def main() -> None:
     """Serve `own_search` calls on stdin until it closes."""
-    directory, threads, beam, batch, length, workers = json.loads(sys.argv[1])
+    directory, threads, beam, batch, length, most, workers = json.loads(sys.argv[1])
     translator = ct2_translator(directory, threads, workers=workers)
     for line in sys.stdin:
-        print(json.dumps(own_search(translator, json.loads(line), beam, batch, length)), flush=True)
+        found = own_search(translator, json.loads(line), beam, batch, length, most)
+        print(json.dumps(found), flush=True)
 
 
 if __name__ == "__main__":
