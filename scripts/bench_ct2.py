@@ -106,7 +106,7 @@ def mt_process(run: str, variant: str, threads: int, **overrides: Any) -> Decode
     are loaded, and a Translator sets the calling thread's OpenMP threads to its own
     `intra_threads` (1 for the two-worker rows), which torch's operators then use.
     """
-    return child_process([__file__, "--mt-worker", json.dumps([run, variant, threads, overrides])])
+    return Child([__file__, "--mt-worker", json.dumps([run, variant, threads, overrides])])
 
 
 def mt_decoder(
@@ -171,28 +171,33 @@ def worker_search(
 ) -> Callable[[list[list[str]]], list[list[str]]]:
     """`own_search` in a child process without torch, started now (scripts/ct2_worker.py)."""
     spec = [str(directory), threads, beam, batch, length, most, workers]
-    return child_process([str(ROOT / "scripts" / "ct2_worker.py"), json.dumps(spec)])
+    return Child([str(ROOT / "scripts" / "ct2_worker.py"), json.dumps(spec)])
 
 
-def child_process(args: list[str]) -> Callable[[Any], Any]:
-    """A call into a Python child process started now with `args`: one JSON line each way."""
-    child = subprocess.Popen(
-        [sys.executable, *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert child.stdin is not None and child.stdout is not None
+class Child:
+    """A Python child process started with `args`, called with one JSON line each way."""
 
-    def call(request: Any) -> Any:
-        child.stdin.write(json.dumps(request) + "\n")
-        child.stdin.flush()
-        answer = child.stdout.readline()
+    def __init__(self, args: list[str]) -> None:
+        self.args = args
+        self.process = subprocess.Popen(
+            [sys.executable, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+
+    def __call__(self, request: Any) -> Any:
+        stdin, stdout = self.process.stdin, self.process.stdout
+        assert stdin is not None and stdout is not None
+        stdin.write(json.dumps(request) + "\n")
+        stdin.flush()
+        answer = stdout.readline()
         if not answer:
-            raise MtError(f"bench_ct2: the child {args[0]} exited ({child.wait()})")
+            raise MtError(f"the child {self.args[0]} exited ({self.process.wait()})")
         return json.loads(answer)
 
-    return call
+    def close(self) -> None:
+        """End the child: its input closes."""
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        self.process.wait()
 
 
 def mt_worker(spec: str) -> None:
@@ -420,16 +425,21 @@ def fixed_rows(systems: dict[str, dict[str, Any]], length: int, n: int) -> list[
     return lines
 
 
-def main() -> None:
-    """Parse arguments, decode with every system, print (and maybe write) the section."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_system_arguments(parser: argparse.ArgumentParser) -> None:
+    """The run, test sentences, threads and beam that mt and CTranslate2 decode with."""
     parser.add_argument("--run", help="trained mt run, checkpoints dir or .safetensors file")
     parser.add_argument("--data", help="Multi30k directory (default data/multi30k or "
                         "../shared/data/multi30k)")  # fmt: skip
+    parser.add_argument("--sentences", type=int, default=0, help="test sentences (0 = all)")
     parser.add_argument("--threads", type=int, default=2, help="threads for every system")
     parser.add_argument("--beam", type=int, default=5)
+
+
+def main() -> None:
+    """Parse arguments, decode with every system, print (and maybe write) the section."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_system_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per system")
-    parser.add_argument("--sentences", type=int, default=0, help="test sentences (0 = all)")
     parser.add_argument("--fixed-length", type=int, default=0, metavar="L",
                         help="also time each system making L pieces a sentence")  # fmt: skip
     parser.add_argument("--workdir", help="exports (default runs/bench-ct2[-smoke])")

@@ -227,6 +227,7 @@ def load_script(name: str) -> ModuleType:
     """A script under scripts/ as a module."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # where dataclasses look a module's names up
     spec.loader.exec_module(module)
     return module
 
@@ -619,3 +620,67 @@ def test_bench_ct2_decodes_mt_in_a_child_and_shares_threads_among_ct2_workers(
         assert bench.ct2_translator(str(directory), 2).num_translators == 1
     finally:
         torch.set_num_threads(threads)  # a Translator may set this thread's OpenMP threads
+
+
+PERF_REPORT = """\
+# Samples: 16K of event 'cpu-clock'
+#
+ 56.90%  |  9154 |libtorch_cpu.so   |[.] mkl_blas_def_sgemm_kernel_0_zen
+  3.70%  |   595 |libtorch_cpu.so   |[.] mkl_blas_def_sgemm_scopy_right16_bdz
+  8.90%  |  1432 |libc.so.6         |[.] __memmove_avx_unaligned_erms
+  2.90%  |   467 |libtorch_cpu.so   |[.] Sleef_finz_expf8_u10avx2
+  1.20%  |   193 |[JIT] tid 21676   |[.] 0x00007f45de40939c
+  3.30%  |   531 |libct2.so         |[.] ctranslate2::ops::TopK::compute<(ctranslate2::Device)0>
+  4.50%  |   724 |libgomp.so.1      |[.] 0x000000000001de62
+  1.00%  |   161 |[JIT] tid 21677   |[.] 0x00007f45de40a000
+  0.50%  |    80 |libgomp.so.1      |[.] 0x000000000001e02a
+  1.90%  |   306 |libpython3.11.so  |[.] _PyEval_EvalFrameDefault
+  0.70%  |   113 |[kernel.kallsyms] |[k] clear_page_erms
+  0.40%  |    64 |libc10.so         |[.] c10::TensorImpl::release_resources | something
+"""
+
+
+def test_profile_decode_groups_perf_samples_by_what_the_code_does() -> None:
+    profiler = load_script("profile_decode")
+    samples, rows = profiler.parse_report(PERF_REPORT)
+    assert samples == 9154 + 595 + 1432 + 467 + 193 + 531 + 724 + 161 + 80 + 306 + 113 + 64
+    assert rows[0] == (0.569, "libtorch_cpu.so", "mkl_blas_def_sgemm_kernel_0_zen")
+    # Code without symbols: one row per library, JIT code of every thread one row.
+    assert rows[2] == (pytest.approx(0.05), "libgomp.so.1", "(no symbol)")
+    assert (pytest.approx(0.022), "[JIT]", "(no symbol)") in rows
+    assert len(rows) == 10 and rows == sorted(rows, reverse=True)
+    assert rows[-1][2] == "c10::TensorImpl::release_resources | something"  # a | in a symbol
+    groups = profiler.Profile("mt", 8.2, samples, rows).groups()
+    assert list(groups) == [name for name, _ in profiler.GROUPS] + ["other"]
+    # MKL's copy inside a product counts as the product; oneDNN's JIT kernels too.
+    assert groups["matrix products (BLAS, oneDNN, JIT kernels)"] == pytest.approx(0.628)
+    assert groups["copies and gathers"] == pytest.approx(0.089)
+    assert groups["softmax, log-softmax and exp"] == pytest.approx(0.029)
+    assert groups["top-k and maxima"] == pytest.approx(0.033)
+    assert groups["OpenMP runtime (threads waiting)"] == pytest.approx(0.05)
+    assert groups["Python interpreter"] == pytest.approx(0.019)
+    assert groups["operating system kernel"] == pytest.approx(0.007)
+    assert groups["other"] == pytest.approx(0.004)
+    assert sum(groups.values()) == pytest.approx(sum(share for share, _, _ in rows))
+
+
+@pytest.mark.slow
+def test_profile_decode_samples_mt_and_ct2_passes_in_their_own_processes(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("ctranslate2", reason="ctranslate2 is not installed")
+    profiler = load_script("profile_decode")
+    unusable = profiler.perf_usable()
+    if unusable:
+        pytest.skip(unusable)
+    lines = (TINY / "valid.de").read_text(encoding="utf-8").splitlines()[:40]
+    profiles = profiler.profile(trained_run, lines, 1, 2, tmp_path)
+    assert [p.name for p in profiles] == ["mt", "CTranslate2"]
+    for p in profiles:
+        assert p.seconds > 0 and p.samples > 0 and p.symbols
+        assert sum(p.groups().values()) == pytest.approx(1.0, abs=0.02)  # perf's rounding
+    args = argparse.Namespace(threads=1, beam=2, top=3)
+    section = profiler.report(args, profiles, len(lines))
+    assert section.startswith(profiler.SECTION + "\n")
+    assert "| where the time goes | mt | CTranslate2 |" in section
+    assert section.count("'s top symbols:") == 2
