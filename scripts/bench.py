@@ -707,15 +707,20 @@ def wrap(line: str, width: int = 100) -> str:
 
 
 def write_section(path: Path, section: str, heading: str = SECTION) -> None:
-    """Put `section` into the Markdown file, replacing the one under the same `heading`."""
+    """Put `section` into the Markdown file, replacing the one under the same `heading`.
+
+    The old section ends at the next heading of its level or above (its subsections go with it).
+    """
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
     lines = text.splitlines(keepends=True)
     start = next((i for i, line in enumerate(lines) if line.rstrip() == heading), None)
     if start is None:
         new = text.rstrip("\n") + "\n\n" + section
     else:
+        level = len(heading) - len(heading.lstrip("#"))
+        ends = tuple("#" * n + " " for n in range(1, level + 1))
         end = next(
-            (j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines)
+            (j for j in range(start + 1, len(lines)) if lines[j].startswith(ends)), len(lines)
         )
         after = "".join(lines[end:])
         new = "".join(lines[:start]) + section + ("\n" + after if after else "")

@@ -174,6 +174,15 @@ def worker_search(
     return Child([str(ROOT / "scripts" / "ct2_worker.py"), json.dumps(spec)])
 
 
+def fixed_length(settings: dict[str, Any], length: int) -> dict[str, Any]:
+    """mt's decode `settings` making every output exactly `length` pieces.
+
+    EOS is banned before `length` pieces and forced after them, in mt and in the CTranslate2
+    search that mirrors it (mt.export.ct2_search).
+    """
+    return {**settings, "min_len": length, "max_len_a": 0, "max_len_b": length + 1}
+
+
 class Child:
     """A Python child process started with `args`, called with one JSON line each way."""
 
@@ -284,9 +293,7 @@ def bench(
     res["systems"] = run_systems(decoders, sources, references, tokenizer, args.repeats)
     if args.fixed_length:
         L, float32 = args.fixed_length, dirs["CT2 float32"]
-        # EOS is banned before L pieces and forced after them: exactly L, in mt and in the
-        # CTranslate2 search that mirrors it.
-        fixing = {**settings, "min_len": L, "max_len_a": 0, "max_len_b": L + 1}
+        fixing = fixed_length(settings, L)
         exact = decode_settings(config, **fixing)
         fixed = {
             "mt": mt_process(args.run, "packed", args.threads, **fixing),

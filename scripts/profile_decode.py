@@ -10,8 +10,9 @@ weights) with its own search in 4,096-token batches, in a child process without 
 (scripts/ct2_worker.py). Each child decodes the file once unsampled; then `perf record` attaches
 to it for a second pass only, so that start-up, imports and the first pass stay out. perf's
 samples are grouped by what the code does (GROUPS, matched on shared object and symbol) into a
-Markdown table, with each side's top symbols after it. Needs perf (Debian's linux-perf) allowed to
-sample this user's processes.
+Markdown table, with each side's top symbols after it. `--fixed-length L` makes every output of
+both exactly L pieces (as bench_ct2.py's fixed-length protocol), so that both do the same work.
+Needs perf (Debian's linux-perf) allowed to sample this user's processes.
 """
 
 from __future__ import annotations
@@ -38,7 +39,14 @@ for path in (ROOT, ROOT / "scripts"):  # run as a script from anywhere; bench.py
         sys.path.insert(0, str(path))
 
 from bench import TEST_PREFIX, cpu_model, find_data, log, publish, wrap  # noqa: E402
-from bench_ct2 import TINY_DATA, Child, add_system_arguments, export_all, smoke_run  # noqa: E402
+from bench_ct2 import (  # noqa: E402
+    TINY_DATA,
+    Child,
+    add_system_arguments,
+    export_all,
+    fixed_length,
+    smoke_run,
+)
 
 from mt.corpora import read_lines  # noqa: E402
 from mt.errors import MtError  # noqa: E402
@@ -158,15 +166,22 @@ def sampled(name: str, child: Child, request: Any, workdir: Path) -> Profile:
     return Profile(name, seconds, samples, symbols)
 
 
-def profile(run: Path, sources: list[str], threads: int, beam: int, workdir: Path) -> list[Profile]:
-    """mt's and CTranslate2's sampled passes over `sources`."""
+def profile(
+    run: Path, sources: list[str], threads: int, beam: int, workdir: Path, length: int = 0
+) -> list[Profile]:
+    """mt's and CTranslate2's sampled passes over `sources`.
+
+    length > 0: both make every output exactly that many pieces (the same work for both).
+    """
     _, tokenizer, model, _ = load_trained(run, torch.device("cpu"))
+    settings = {"beam": beam, "nbest": 1}
+    settings = fixed_length(settings, length) if length else settings
     mt = Child([str(ROOT / "scripts" / "bench_ct2.py"), "--mt-worker",
-                json.dumps([str(run), "packed", threads, {"beam": beam, "nbest": 1}])])  # fmt: skip
+                json.dumps([str(run), "packed", threads, settings])])  # fmt: skip
     profiles = [sampled("mt", mt, sources, workdir)]
     directory = export_all(model, tokenizer, workdir)["CT2 float32"]
     most = min(256, model.max_positions - 1)  # as bench_ct2.ct2_own_decoder
-    spec = [str(directory), threads, beam, BATCH, 0, most, 1]
+    spec = [str(directory), threads, beam, BATCH, length, most, 1]
     ct2 = Child([str(ROOT / "scripts" / "ct2_worker.py"), json.dumps(spec)])
     ids = encode_sources(sources, tokenizer, model.max_positions - 1)
     pieces = [[tokenizer.src.id_to_piece(t) for t in seq] for seq in ids]
@@ -174,13 +189,23 @@ def profile(run: Path, sources: list[str], threads: int, beam: int, workdir: Pat
     return profiles
 
 
+def section_heading(length: int) -> str:
+    """The section's heading: one for outputs of their own length, one per fixed length."""
+    return SECTION + (f", {length} pieces per output" if length else "")
+
+
 def report(args: argparse.Namespace, profiles: list[Profile], sentences: int) -> str:
     """The Markdown section: group shares side by side, then each side's top symbols."""
     import ctranslate2
 
     command = "python scripts/profile_decode.py " + " ".join(sys.argv[1:])
+    L = args.fixed_length
+    exact = (
+        f" Every output exactly {L} pieces (mt: `min_len` {L}, limit {L} + EOS; CTranslate2: "
+        f"`min_decoding_length` = `max_decoding_length` = {L}), the same work for both."
+    )
     lines = [
-        SECTION,
+        section_heading(L),
         "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {cpu_model()}, "
         f"{args.threads} threads for each; torch {torch.__version__}, ctranslate2 "
@@ -188,7 +213,7 @@ def report(args: argparse.Namespace, profiles: list[Profile], sentences: int) ->
         f"{args.beam}; one pass of each after an unsampled one, perf sampling its process at "
         f"{FREQUENCY} Hz per thread (cpu-clock). mt: fp32, packed, its own batches, as `mt "
         f"translate`; CTranslate2: float32, its own search in {BATCH:,}-token batches, in a "
-        "process without torch.",
+        "process without torch." + (exact if L else ""),
         "",
         "| where the time goes | " + " | ".join(p.name for p in profiles) + " |",
         "|---|" + "---:|" * len(profiles),
@@ -211,6 +236,8 @@ def main() -> None:
     """Parse arguments, sample both systems, print (and maybe write) the section."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_system_arguments(parser)
+    parser.add_argument("--fixed-length", type=int, default=0, metavar="L",
+                        help="make every output exactly L pieces, in both systems")  # fmt: skip
     parser.add_argument("--top", type=int, default=8, help="top symbols listed per system")
     parser.add_argument("--workdir", help="export and perf data (default runs/profile-decode)")
     parser.add_argument("--smoke", action="store_true", help="seconds-long run for tests")
@@ -227,10 +254,10 @@ def main() -> None:
     source = TINY_DATA / "valid.de" if args.smoke else find_data(args.data) / f"{TEST_PREFIX}.de.gz"
     sources = list(read_lines(source))[: args.sentences or (16 if args.smoke else None)]
     try:
-        profiles = profile(run, sources, args.threads, args.beam, workdir)
+        profiles = profile(run, sources, args.threads, args.beam, workdir, args.fixed_length)
     except MtError as exc:  # e.g. no ctranslate2, or not a run
         raise SystemExit(f"profile_decode: {exc}") from None
-    publish(report(args, profiles, len(sources)), args.write, SECTION)
+    publish(report(args, profiles, len(sources)), args.write, section_heading(args.fixed_length))
 
 
 if __name__ == "__main__":

@@ -67,6 +67,10 @@ def test_write_section_replaces_only_its_own_section(tmp_path: Path) -> None:
     fresh = tmp_path / "new.md"
     bench.write_section(fresh, f"{bench.SECTION}\n\nx\n")
     assert fresh.read_text() == f"# Benchmarks\n\n{bench.SECTION}\n\nx\n"
+    # A subsection ends at the next heading of its level: its sibling stays.
+    path.write_text("## A\n\n### One\n\nold\n\n#### Detail\n\nold too\n\n### Two\n\nkeep\n")
+    bench.write_section(path, "### One\n\nnew\n", heading="### One")
+    assert path.read_text() == "## A\n\n### One\n\nnew\n\n### Two\n\nkeep\n"
 
 
 @pytest.mark.slow

@@ -674,13 +674,14 @@ def test_profile_decode_samples_mt_and_ct2_passes_in_their_own_processes(
     if unusable:
         pytest.skip(unusable)
     lines = (TINY / "valid.de").read_text(encoding="utf-8").splitlines()[:40]
-    profiles = profiler.profile(trained_run, lines, 1, 2, tmp_path)
+    profiles = profiler.profile(trained_run, lines, 1, 2, tmp_path, length=6)
     assert [p.name for p in profiles] == ["mt", "CTranslate2"]
     for p in profiles:
         assert p.seconds > 0 and p.samples > 0 and p.symbols
         assert sum(p.groups().values()) == pytest.approx(1.0, abs=0.02)  # perf's rounding
-    args = argparse.Namespace(threads=1, beam=2, top=3)
+    args = argparse.Namespace(threads=1, beam=2, top=3, fixed_length=6)
     section = profiler.report(args, profiles, len(lines))
-    assert section.startswith(profiler.SECTION + "\n")
+    assert section.startswith(profiler.SECTION + ", 6 pieces per output\n")
+    assert "Every output exactly 6 pieces" in section
     assert "| where the time goes | mt | CTranslate2 |" in section
     assert section.count("'s top symbols:") == 2
