@@ -99,7 +99,7 @@ def smoke_run(workdir: Path) -> Path:
     return run
 
 
-def mt_process(run: str, variant: str, threads: int, **overrides: Any) -> Decoder:
+def mt_process(run: str, variant: str, threads: int, **overrides: Any) -> Child:
     """mt decoding in a child process of its own (`mt_worker`): ids per line.
 
     Not in this process: CTranslate2 calls OpenMP through the same runtime as torch once both
@@ -151,7 +151,7 @@ def ct2_own_decoder(
     child process without torch (scripts/ct2_worker.py), as CTranslate2's users run it. workers:
     see ct2_worker.ct2_translator.
     """
-    most = min(256, limit - 1)  # CTranslate2's default, or what the model's positions hold
+    most = own_most(limit)
     if own_process:
         search = worker_search(directory, threads, beam, batch, length, most, workers)
     else:
@@ -166,9 +166,14 @@ def ct2_own_decoder(
     return run
 
 
+def own_most(positions: int) -> int:
+    """The most pieces CTranslate2's own search makes: its default 256, or what positions hold."""
+    return min(256, positions - 1)
+
+
 def worker_search(
     directory: Path, threads: int, beam: int, batch: int, length: int, most: int, workers: int
-) -> Callable[[list[list[str]]], list[list[str]]]:
+) -> Child:
     """`own_search` in a child process without torch, started now (scripts/ct2_worker.py)."""
     spec = [str(directory), threads, beam, batch, length, most, workers]
     return Child([str(ROOT / "scripts" / "ct2_worker.py"), json.dumps(spec)])

@@ -18,7 +18,6 @@ Needs perf (Debian's linux-perf) allowed to sample this user's processes.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 import signal
@@ -45,7 +44,10 @@ from bench_ct2 import (  # noqa: E402
     add_system_arguments,
     export_all,
     fixed_length,
+    mt_process,
+    own_most,
     smoke_run,
+    worker_search,
 )
 
 from mt.corpora import read_lines  # noqa: E402
@@ -149,14 +151,16 @@ def sampled(name: str, child: Child, request: Any, workdir: Path) -> Profile:
          str(child.process.pid), "-o", str(data), "--quiet"],
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    time.sleep(ATTACH_SECONDS)
-    log(f"{name}: the sampled pass")
-    start = time.perf_counter()
-    child(request)
-    seconds = time.perf_counter() - start
-    perf.send_signal(signal.SIGINT)
-    perf.wait()
-    child.close()
+    try:
+        time.sleep(ATTACH_SECONDS)
+        log(f"{name}: the sampled pass")
+        start = time.perf_counter()
+        child(request)
+        seconds = time.perf_counter() - start
+    finally:
+        perf.send_signal(signal.SIGINT)
+        perf.wait()
+        child.close()
     report = subprocess.run(
         ["perf", "report", "-i", str(data), "-n", "--no-children", "--sort", "dso,sym",
          "-g", "none", "--stdio", "-t", "|"],
@@ -176,13 +180,11 @@ def profile(
     _, tokenizer, model, _ = load_trained(run, torch.device("cpu"))
     settings = {"beam": beam, "nbest": 1}
     settings = fixed_length(settings, length) if length else settings
-    mt = Child([str(ROOT / "scripts" / "bench_ct2.py"), "--mt-worker",
-                json.dumps([str(run), "packed", threads, settings])])  # fmt: skip
+    mt = mt_process(str(run), "packed", threads, **settings)
     profiles = [sampled("mt", mt, sources, workdir)]
     directory = export_all(model, tokenizer, workdir)["CT2 float32"]
-    most = min(256, model.max_positions - 1)  # as bench_ct2.ct2_own_decoder
-    spec = [str(directory), threads, beam, BATCH, length, most, 1]
-    ct2 = Child([str(ROOT / "scripts" / "ct2_worker.py"), json.dumps(spec)])
+    most = own_most(model.max_positions)
+    ct2 = worker_search(directory, threads, beam, BATCH, length, most, workers=1)
     ids = encode_sources(sources, tokenizer, model.max_positions - 1)
     pieces = [[tokenizer.src.id_to_piece(t) for t in seq] for seq in ids]
     profiles.append(sampled("CTranslate2", ct2, pieces, workdir))
