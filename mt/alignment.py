@@ -25,7 +25,7 @@ from mt.model import MultiHeadAttention, Transformer
 from mt.plot import plot_attention
 from mt.rundir import load_trained
 from mt.tokenizer import Tokenizer
-from mt.translate import check_target, decode_settings, resolve_runtime
+from mt.translate import check_target, decode_settings, encode_sources, resolve_runtime
 from mt.vocab import BOS_ID, EOS_ID
 
 
@@ -94,7 +94,7 @@ def align(
     like any piece, but it is not part of the sentence, so its column is left out unless
     `show_tag`.
     """
-    ids = tokenizer.encode_src([sentence], tgt_lang)[0][: model.max_positions - 1]
+    ids = encode_sources([sentence], tokenizer, model.max_positions - 1, tgt_lang)[0]
     settings = dataclasses.replace(decode, nbest=1, sampling=False)
     best = search.decode(model, source_tensor(model, ids), settings)[0][0]
     found = alignment(model, tokenizer, ids, best.tokens)
@@ -124,6 +124,16 @@ def alignment(
     )
 
 
+def check_sentence(sentence: str) -> None:
+    """MtError unless `sentence` is UTF-8 text with something to translate."""
+    try:
+        sentence.encode("utf-8")  # a shell passes any bytes; Python keeps bad ones as surrogates
+    except UnicodeEncodeError:
+        raise MtError("the sentence is not valid UTF-8") from None
+    if not sentence.strip():
+        raise MtError("the sentence is empty: nothing to translate")
+
+
 def plot_alignment(
     run: Path,
     sentence: str,
@@ -139,6 +149,7 @@ def plot_alignment(
     The heatmap shows the cross-attention of decoder layer `layer` (1 = first; 0: one panel
     per layer), averaged over heads; a multilingual model's tag only with `show_tag`.
     """
+    check_sentence(sentence)
     dev, _ = resolve_runtime(device, "fp32")
     config, tokenizer, model, _ = load_trained(run, dev)
     check_target(config, tokenizer, tgt_lang)

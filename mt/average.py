@@ -116,6 +116,24 @@ def average_checkpoints(paths: list[Path], output: Path) -> Path:
     return output
 
 
+def check_output(run_dir: Path, output: Path) -> None:
+    """MtError unless `output` is a new weights file in the run's checkpoints directory.
+
+    There it loads like any checkpoint (the run's config and tokenizer are beside it); a step
+    checkpoint, whose training state would no longer match it, or the `best` pointer is refused.
+    """
+    directory = checkpoint_dir(run_dir)
+    if output.parent.resolve() != directory.resolve():
+        raise MtError(
+            f"{output}: an average goes in {directory}, where it loads with the run's config "
+            "and tokenizer"
+        )
+    if not output.name.endswith(WEIGHTS_SUFFIX) or output.name == WEIGHTS_SUFFIX:
+        raise MtError(f"{output}: an average's file name ends in {WEIGHTS_SUFFIX}")
+    if Checkpoint.from_weights(output).is_step:
+        raise MtError(f"{output}: a step checkpoint's name; choose another (e.g. {AVERAGE_NAME})")
+
+
 def average_run(run_dir: Path, last: int = 0, best: int = 0, output: Path | None = None) -> Path:
     """Average a run's last `last` or best `best` checkpoints; returns the file written."""
     run_dir = Path(run_dir)
@@ -125,7 +143,6 @@ def average_run(run_dir: Path, last: int = 0, best: int = 0, output: Path | None
         raise MtError(f"{run_dir}: no checkpoints directory (not a run directory?)")
     chosen = select_last(run_dir, last) if last else select_best(run_dir, best)
     output = Path(output) if output is not None else checkpoint_dir(run_dir) / AVERAGE_NAME
-    if not output.parent.is_dir():
-        raise MtError(f"{output}: directory {output.parent} does not exist")
+    check_output(run_dir, output)
     log.info("averaging %s into %s", ", ".join(c.name for c in chosen), output)
     return average_checkpoints([c.weights for c in chosen], output)

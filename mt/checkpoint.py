@@ -79,6 +79,11 @@ class Checkpoint:
         return self.weights.name.removesuffix(WEIGHTS_SUFFIX)
 
     @property
+    def is_step(self) -> bool:
+        """Whether its name is a training step's (step-N)."""
+        return _STEP_NAME.fullmatch(self.name) is not None
+
+    @property
     def step(self) -> int:
         """The training step in the name; MtError for files not named step-N."""
         match = _STEP_NAME.fullmatch(self.name)
@@ -422,7 +427,7 @@ def _complete_in(directory: Path) -> list[Checkpoint]:
     found = []
     for weights in directory.glob("step-*" + WEIGHTS_SUFFIX):
         ckpt = Checkpoint.from_weights(weights)
-        if _STEP_NAME.fullmatch(ckpt.name) and _is_complete(ckpt):
+        if ckpt.is_step and _is_complete(ckpt):
             found.append(ckpt)
     return sorted(found, key=lambda ckpt: ckpt.step)
 
@@ -447,7 +452,10 @@ def set_best(run_dir: Path, ckpt: Checkpoint) -> None:
 
 def _follow_pointer(pointer: Path) -> Checkpoint:
     """The checkpoint a `best` pointer file names; MtError if it names nothing valid."""
-    name = pointer.read_text(encoding="utf-8").strip()
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        raise MtError(f"{pointer}: not a checkpoint name (not UTF-8 text)") from None
     # A bare name only: a pointer must not lead outside its checkpoints directory.
     if not name or "/" in name or "\\" in name or name.startswith("."):
         raise MtError(f"{pointer}: not a checkpoint name: {name!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import typer
 
 from mt.errors import MtError
+from mt.files import ends_quietly_on_a_closed_pipe
 from mt.serve.limits import Limits
 
 if TYPE_CHECKING:
@@ -160,8 +162,9 @@ def tokenizer_encode(
     from mt.rundir import find_tokenizer
 
     tokenizer = find_tokenizer(model)
-    for line in tokenizer.encode_lines(list(read_lines(path)), side, pieces):
-        typer.echo(line)
+    with ends_quietly_on_a_closed_pipe():
+        for line in tokenizer.encode_lines(list(read_lines(path)), side, pieces):
+            typer.echo(line)
 
 
 @tokenizer_app.command("decode")
@@ -175,8 +178,9 @@ def tokenizer_decode(
     from mt.rundir import find_tokenizer
 
     tokenizer = find_tokenizer(model)
-    for text in tokenizer.decode_lines(read_lines(path), side, input_name(path)):
-        typer.echo(text)
+    with ends_quietly_on_a_closed_pipe():
+        for text in tokenizer.decode_lines(read_lines(path), side, input_name(path)):
+            typer.echo(text)
 
 
 # --- translate, evaluate, average -------------------------------------------------------------
@@ -404,7 +408,9 @@ def average_command(
     output: Annotated[
         Path | None,
         typer.Option(
-            "--output", "-o", help="Where to write [default: RUN/checkpoints/average.safetensors]."
+            "--output",
+            "-o",
+            help="A FILE.safetensors in RUN/checkpoints (default: average.safetensors there).",
         ),
     ] = None,
 ) -> None:
@@ -593,10 +599,16 @@ def export_command(
     typer.echo(str(export_model(run, out, fmt, quantization=quantization, force=force)))
 
 
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM: unwind like Ctrl-C, so that temp files go (`mt train`/`serve` set their own)."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     """Entry point: run the app; user errors become one line on stderr and an exit code."""
     _setup_logging()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         app()
     except MtError as exc:

@@ -68,9 +68,18 @@ def format_json(scores: dict[str, MetricScore]) -> str:
 
 
 def check_aligned(hyps: list[str], refs: list[str], hyp_name: str, ref_name: str) -> None:
-    """MtError unless both sides have the same number of lines."""
+    """MtError unless both sides have the same number of lines, and some."""
     if len(hyps) != len(refs):
         raise MtError(f"{hyp_name} has {len(hyps)} lines but {ref_name} has {len(refs)}")
+    if not refs:
+        raise MtError(f"{hyp_name} and {ref_name} have no lines to score")
+
+
+def check_stdin(**paths: Path | None) -> None:
+    """MtError if more than one of the options (name=path) reads standard input ("-")."""
+    named = [f"--{name}" for name, path in paths.items() if path is not None and str(path) == "-"]
+    if len(named) > 1:
+        raise MtError(f"{' and '.join(named)} both read standard input (-): give one a file")
 
 
 def format_table(by_direction: dict[str, dict[str, MetricScore]]) -> str:
@@ -214,6 +223,7 @@ def evaluate(
     **overrides: Any,
 ) -> dict[str, MetricScore]:
     """Score --hyp against --ref, or --model's translations of --src (default: its test set)."""
+    check_stdin(hyp=hyp, ref=ref, src=src)
     if model is None:
         if hyp is None or ref is None:
             raise MtError("give --hyp and --ref, or --model (with --src and --ref, or neither)")

@@ -1,8 +1,11 @@
-"""Files: atomic writes, where nothing half-written ever appears under a final name; hashes.
+"""Files: atomic writes (nothing half-written ever appears under a final name), hashes, stdout.
 
 Data goes to a hidden temp file beside the target (`.NAME.<random hex>.tmp`), is fsynced, gets the
-permissions a plain `open()` would give, and is renamed over the target. If anything fails,
-the temp file is removed and the target is untouched. Whole directories work the same way.
+permissions a plain `open()` would give (an existing file's own, else 0666 less the umask), and
+is renamed over the target. If anything fails, the temp file is removed and the target is
+untouched. A symlink is written through: its target is replaced, the link stays. A target that
+is not a regular file (a FIFO, a device such as /dev/stdout) cannot be replaced by a rename and
+is written directly. Whole directories work the same way.
 
 A write the file system refuses (a full disk, a quota, a read-only mount) becomes one line,
 `PATH: cannot write (No space left on device)`, whichever library was writing.
@@ -17,6 +20,9 @@ import os
 import re
 import secrets
 import shutil
+import signal
+import stat
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,19 +121,32 @@ def write_errors(path: Path, temp: Path | None = None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """A temp path to write `path`'s new contents to (by any library); renamed into place after."""
+    """A temp path to write `path`'s new contents to (by any library); renamed into place after.
+
+    `path` itself where it is an existing file other than a regular one (a FIFO, a device).
+    """
     path = Path(path)
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        existing: os.stat_result | None = os.stat(path)  # through symlinks
+    except OSError:
+        existing = None
+    if existing is not None and not stat.S_ISREG(existing.st_mode):
+        with write_errors(path):
+            yield path  # no rename can replace a device or a pipe: write to it as open() would
+        return
+    target = Path(os.path.realpath(path))  # a symlink's target is replaced, the link kept
+    temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    mode = 0o666 & ~_umask() if existing is None else stat.S_IMODE(existing.st_mode)
     try:
         with write_errors(path, temp):
             yield temp
             _fsync(temp)
-            os.chmod(temp, 0o666 & ~_umask())
-            os.replace(temp, path)
+            os.chmod(temp, mode)
+            os.replace(temp, target)
     except BaseException:
         temp.unlink(missing_ok=True)  # a failed write leaves nothing behind
         raise
-    _fsync_dir(path.parent)
+    _fsync_dir(target.parent)
 
 
 @contextlib.contextmanager
@@ -186,3 +205,14 @@ def _swap_in(new: Path, path: Path, replace: bool) -> None:
         shutil.rmtree(old)
     else:
         old.unlink()
+
+
+@contextlib.contextmanager
+def ends_quietly_on_a_closed_pipe() -> Iterator[None]:
+    """stdout's reader left (`mt ... | head`): exit 141 quietly, as filters do."""
+    try:
+        yield
+    except BrokenPipeError:
+        # Python would fail again flushing stdout at exit: point it at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(128 + signal.SIGPIPE) from None

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from mt.device import (
     resolve_precision,
 )
 from mt.errors import ConfigError, MtError
-from mt.files import atomic_write
+from mt.files import atomic_write, ends_quietly_on_a_closed_pipe
 from mt.packing import pack, time_packed
 from mt.quantize import check_quantization, quantize
 from mt.rundir import load_run_config, load_trained
@@ -163,8 +162,8 @@ def load_models(
     """
     if weights and len(weights) != len(paths):
         raise MtError(f"--weights: {len(weights)} weights for {len(paths)} models")
-    if weights and (min(weights) < 0 or sum(weights) <= 0):
-        raise MtError("--weights: each must be >= 0, and one > 0")
+    if weights and not (all(0 <= w < math.inf for w in weights) and 0 < sum(weights) < math.inf):
+        raise MtError("--weights: each must be a finite number >= 0, and one > 0")
     loaded = [load_trained(path, device) for path in paths]
     config, tokenizer = loaded[0][0], loaded[0][1]
     for path, (_, other, _, _) in zip(paths[1:], loaded[1:], strict=True):
@@ -387,13 +386,8 @@ def output_stream(output: Path | None) -> Iterator[IO[bytes]]:
     """stdout, or a temp file beside `output` renamed over it only once everything is written."""
     if output is None:
         sys.stdout.flush()
-        try:
+        with ends_quietly_on_a_closed_pipe():
             yield sys.stdout.buffer
-        except BrokenPipeError:
-            # The reader left (e.g. `| head`): stop quietly like other filters, and keep Python
-            # from failing again when it flushes stdout at exit.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            raise SystemExit(141) from None  # 128 + SIGPIPE
         return
     with atomic_write(Path(output)) as stream:  # nothing half-written is ever left behind
         yield stream

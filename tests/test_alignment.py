@@ -63,6 +63,15 @@ def test_attention_command_writes_a_heatmap_sized_by_tokens(
     result = runner.invoke(app, ["attention", str(trained_run), SENTENCE, "--layer", "3"])
     assert isinstance(result.exception, MtError)
     assert str(result.exception) == "--layer 3: the model has 2 decoder layers"
+    for sentence, message in [
+        ("", "the sentence is empty: nothing to translate"),
+        ("  \t ", "the sentence is empty: nothing to translate"),
+        ("Der \udcff hund", "the sentence is not valid UTF-8"),  # argv's byte 0xff, as Python has it
+    ]:
+        out = tmp_path / "refused.png"
+        result = runner.invoke(app, ["attention", str(trained_run), sentence, "-o", str(out)])
+        assert str(result.exception) == message
+        assert not out.exists()
 
 
 def test_heatmap_labels_must_match_the_weights(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -80,7 +81,8 @@ def test_tied_weights_stay_tied(tmp_path: Path) -> None:
 def test_last_k_picks_the_highest_steps(tmp_path: Path) -> None:
     run = make_run(tmp_path / "run", [10, 20, 30])
     assert averaged_steps(average_run(run, last=2)) == [20, 30]
-    assert averaged_steps(average_run(run, last=1, output=tmp_path / "one.safetensors")) == [30]
+    one = run / "checkpoints" / "one.safetensors"
+    assert averaged_steps(average_run(run, last=1, output=one)) == [30]
 
 
 def test_best_k_picks_the_best_dev_bleu(tmp_path: Path) -> None:
@@ -107,8 +109,9 @@ def test_best_k_follows_the_runs_selected_direction(tmp_path: Path) -> None:
     corpora = "data.corpora=[{src_lang: de, tgt_lang: en}, {src_lang: en, tgt_lang: de}]"
     config = load_config(TINY_CONFIG, [corpora, "data.select_direction=en-de"])
     save_config(config, run / CONFIG_FILE)
-    assert averaged_steps(average_run(run, best=1, output=tmp_path / "a")) == [30]
-    assert averaged_steps(average_run(run, best=2, output=tmp_path / "b")) == [20, 30]
+    a, b = run / "checkpoints" / "a.safetensors", run / "checkpoints" / "b.safetensors"
+    assert averaged_steps(average_run(run, best=1, output=a)) == [30]
+    assert averaged_steps(average_run(run, best=2, output=b)) == [20, 30]
 
 
 def test_bad_requests_are_one_line_errors(tmp_path: Path) -> None:
@@ -122,6 +125,32 @@ def test_bad_requests_are_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(MtError, match="no checkpoints directory"):
         average_run(tmp_path / "nothing", last=1)
     assert not (run / "checkpoints" / AVERAGE_NAME).exists()
+
+
+def test_an_average_goes_only_where_it_loads_and_overwrites_no_training_file(
+    tmp_path: Path,
+) -> None:
+    run = make_run(tmp_path / "run", [10, 20])
+    directory = run / "checkpoints"
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+    elsewhere = tmp_path / "avg.safetensors"
+    refused = {
+        elsewhere: f"{elsewhere}: an average goes in {directory}, where it loads with the "
+        "run's config and tokenizer",
+        run / "config.yaml": f"{run / 'config.yaml'}: an average goes in {directory}, where it "
+        "loads with the run's config and tokenizer",
+        directory / "best": f"{directory / 'best'}: an average's file name ends in .safetensors",
+        directory / "step-00000010.safetensors": f"{directory / 'step-00000010.safetensors'}: a "
+        "step checkpoint's name; choose another (e.g. average.safetensors)",
+    }
+    for output, message in refused.items():
+        with pytest.raises(MtError) as error:
+            average_run(run, last=2, output=output)
+        assert str(error.value) == message
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+    assert not elsewhere.exists()
+    relative = Path(os.path.relpath(directory, Path.cwd())) / "mine.safetensors"
+    assert averaged_steps(average_run(run, last=2, output=relative)) == [10, 20]
 
 
 def test_inputs_must_agree(tmp_path: Path) -> None:

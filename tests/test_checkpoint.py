@@ -328,6 +328,11 @@ def test_dangling_best_pointer_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "checkpoints" / "best").write_text("../../etc/passwd")
     with pytest.raises(MtError, match="not a checkpoint name"):
         ck.best_checkpoint(tmp_path)
+    pointer = tmp_path / "checkpoints" / "best"
+    pointer.write_bytes(b"step-\xc1\xff")
+    with pytest.raises(MtError) as err:
+        ck.resolve_checkpoint(pointer)
+    assert str(err.value) == f"{pointer}: not a checkpoint name (not UTF-8 text)"
 
 
 def test_save_crash_is_not_listed(tmp_path: Path) -> None:

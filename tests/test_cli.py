@@ -290,6 +290,26 @@ def test_encode_pieces_keep_one_line_per_line(prepared: tuple[Path, str, str]) -
     assert out[0] and out[1] and out[2] == "" and out[3]
 
 
+def test_a_reader_that_leaves_early_ends_the_command_quietly(
+    prepared: tuple[Path, str, str], tmp_path: Path
+) -> None:
+    run_dir, _, _ = prepared
+    big = tmp_path / "big.de"
+    big.write_text("der hund mag den see im park\n" * 50_000, encoding="utf-8")  # > a pipe's buffer
+    proc = subprocess.Popen(
+        [*MT, "tokenizer", "encode", "-m", str(run_dir), str(big)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().split()  # `| head -1`: one line read, then the pipe closes
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 141  # 128 + SIGPIPE, as other filters end
+    assert proc.stderr.read() == b""
+
+
 def test_encode_invalid_utf8_names_the_line(
     prepared: tuple[Path, str, str], tmp_path: Path
 ) -> None:

@@ -113,6 +113,15 @@ def test_line_count_mismatch_is_a_one_line_error(tmp_path: Path) -> None:
     assert result.stdout == ""
 
 
+def test_empty_files_are_a_one_line_error(tmp_path: Path) -> None:
+    hyp, ref = tmp_path / "hyp.txt", tmp_path / "ref.txt"
+    hyp.write_text("", encoding="utf-8")
+    ref.write_text("", encoding="utf-8")
+    with pytest.raises(MtError) as err:
+        evaluate(hyp, ref)
+    assert str(err.value) == f"{hyp} and {ref} have no lines to score"
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -120,6 +129,8 @@ def test_line_count_mismatch_is_a_one_line_error(tmp_path: Path) -> None:
         ({"src": "s", "ref": "r", "hyp": "h"}, "--src needs --model"),
         ({"model": "m", "hyp": "h"}, "not both"),
         ({"model": "m", "src": "s"}, "needs both --src and --ref"),
+        ({"hyp": "-", "ref": "-"}, "^--hyp and --ref both read standard input"),
+        ({"model": "m", "src": "-", "ref": "-"}, "^--ref and --src both read standard input"),
     ],
 )
 def test_inconsistent_options(kwargs: dict, message: str) -> None:

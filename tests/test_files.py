@@ -13,17 +13,50 @@ from mt.errors import MtError
 from mt.files import atomic_directory, atomic_path, atomic_write, atomic_write_bytes
 
 
-def test_replaces_the_target_with_umask_permissions(tmp_path: Path) -> None:
+def test_a_new_file_gets_umask_permissions(tmp_path: Path) -> None:
     target = tmp_path / "out.txt"
-    target.write_text("old")
-    old = os.umask(0o022)
+    old = os.umask(0o027)
     try:
         atomic_write_bytes(target, b"new")
     finally:
         os.umask(old)
     assert target.read_bytes() == b"new"
-    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o750, 0o664])
+def test_an_existing_file_keeps_its_permissions(tmp_path: Path, mode: int) -> None:
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    target.chmod(mode)
+    atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"new"
+    assert stat.S_IMODE(target.stat().st_mode) == mode
+
+
+def test_a_symlink_is_written_through(tmp_path: Path) -> None:
+    real = tmp_path / "real.txt"
+    real.write_text("old")
+    link = tmp_path / "link.txt"
+    link.symlink_to("real.txt")
+    atomic_write_bytes(link, b"new")
+    assert link.is_symlink() and os.readlink(link) == "real.txt"
+    assert real.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.txt", "real.txt"]
+
+
+def test_a_fifo_is_written_to_not_replaced(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a writer's open() needs a reader
+    try:
+        atomic_write_bytes(fifo, b"through the pipe")
+        assert os.read(reader, 100) == b"through the pipe"
+    finally:
+        os.close(reader)
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo"]
 
 
 def test_a_failure_leaves_the_target_and_no_temp_file(tmp_path: Path) -> None:

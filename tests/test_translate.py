@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -212,6 +214,30 @@ def test_a_diverged_model_writes_every_line_then_fails(
 
 
 @pytest.mark.slow
+def test_sigterm_mid_file_leaves_nothing_half_written(trained_run: Path, tmp_path: Path) -> None:
+    source = tmp_path / "in.txt"
+    source.write_text("der hund mag den see im park .\n" * 20_000, encoding="utf-8")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mt", "translate", "-m", str(trained_run), str(source),
+         "-o", str(out_dir / "out.txt")],
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.stderr is not None
+    while not any(out_dir.iterdir()):  # until the temp file is there: the translation is under way
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.1)
+        assert proc.returncode is None, proc.stderr.read().decode()
+    proc.terminate()
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert "Traceback" not in proc.stderr.read().decode()
+    assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.slow
 def test_a_diverged_model_on_stdout_and_in_nbest_format(diverged_run: Path) -> None:
     result = run_mt("translate", "-m", str(diverged_run), stdin=DIVERGED_INPUT.encode())
     assert (result.returncode, result.stdout) == (1, b"\n\n\n")
@@ -351,6 +377,12 @@ def test_an_ensemble_of_a_model_with_itself_translates_as_the_model(trained_run:
     assert ensemble.stdout == alone.stdout  # scores printed to 4 decimals
     wrong = runner.invoke(app, [*args, "-m", str(trained_run), "--weights", "1"], input=source)
     assert str(wrong.exception) == "--weights: 1 weights for 2 models"
+    bad = "--weights: each must be a finite number >= 0, and one > 0"
+    for weights in (["nan", "1"], ["inf", "1"], ["1e308", "1e308"], ["-1", "2"], ["0", "0"]):
+        pair = [*args, "-m", str(trained_run), "--weights", weights[0], "--weights", weights[1]]
+        assert str(runner.invoke(app, pair, input=source).exception) == bad, weights
+    alone_nan = runner.invoke(app, [*args, "--weights", "nan"], input=source)
+    assert str(alone_nan.exception) == bad
 
 
 @pytest.fixture(scope="module")
