@@ -44,6 +44,7 @@ from mt.quantize import check_quantization, quantize
 from mt.rundir import load_run_config, load_trained
 from mt.search import Constraints, Decoder, Ensemble
 from mt.tokenizer import Tokenizer
+from mt.vocab import UNK_ID
 
 log = logging.getLogger("mt")
 
@@ -109,12 +110,19 @@ def encode_prefixes(path: Path, rows: Sequence[str], tokenizer: Tokenizer, limit
     """Target pieces of each line's prefix (none for an empty line), at most `limit` each."""
     ids = tokenizer.encode_tgt(list(rows))
     for number, seq in enumerate(ids, start=1):
+        check_spelled(seq, f"{path}: line {number}: the prefix")
         if len(seq) > limit:
             raise MtError(
                 f"{path}: line {number}: the prefix has {len(seq):,} pieces, more than the "
                 f"{limit:,} an output can hold"
             )
     return ids
+
+
+def check_spelled(ids: Sequence[int], what: str) -> None:
+    """MtError if forced pieces hold UNK: text that the target vocabulary cannot spell."""
+    if UNK_ID in ids:
+        raise MtError(f"{what} holds characters that the target vocabulary lacks")
 
 
 def encode_constraints(path: Path, rows: Sequence[str], tokenizer: Tokenizer, limit: int) -> list:
@@ -128,6 +136,7 @@ def encode_constraints(path: Path, rows: Sequence[str], tokenizer: Tokenizer, li
             where = f"{path}: line {number}: constraint {j}"
             if not seq:
                 raise MtError(f"{where} is empty")
+            check_spelled(seq, where)
             if len(seq) > limit:
                 raise MtError(
                     f"{where} has {len(seq):,} pieces, more than the {limit:,} an output can hold"

@@ -428,6 +428,11 @@ BAD_STEERING = [  # (option, its file's text, the error after "FILE: ")
     ("--constraints", "\t dog\n\n", "line 1: constraint 1 is empty"),
     ("--constraints", "\ndog\t{long}\n", f"line 2: constraint 2 has {{n}} {TOO_LONG}"),
     ("--prefix", "{long}\n\n", f"line 1: the prefix has {{n}} {TOO_LONG}"),
+    # tiny.yaml's tokenizer has no byte pieces: characters outside it would be forced as UNK
+    ("--prefix", "\nA 日本 dog\n", "line 2: the prefix holds characters that the target "
+     "vocabulary lacks"),
+    ("--constraints", "dog\tdog 日本\n\n", "line 1: constraint 2 holds characters that the "
+     "target vocabulary lacks"),
 ]  # fmt: skip
 
 
