@@ -316,9 +316,14 @@ class TrainConfig:
             f"train.label_smoothing={self.label_smoothing} must be in [0, 1)",
         )
         _check(
-            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
             "train.device",
             f"train.device={self.device!r} must be auto, cpu, cuda or cuda:N",
+        )
+        _check(
+            0 <= self.seed < 2**32,  # what numpy and SentencePiece take
+            "train.seed",
+            f"train.seed={self.seed} must be in [0, {2**32 - 1}]",
         )
 
 
@@ -357,6 +362,15 @@ class DecodeConfig:
             + ", ".join(LENGTH_PENALTIES),
         )
         _check(self.min_len >= 0, "decode.min_len", f"decode.min_len={self.min_len} must be >= 0")
+        for key in ("max_len_a", "max_len_b"):
+            value = getattr(self, key)
+            _check(value >= 0, f"decode.{key}", f"decode.{key}={value} must be >= 0")
+        _check(
+            self.max_len_a > 0 or self.max_len_b > 1,  # the limit counts the EOS
+            ("decode.max_len_a", "decode.max_len_b"),
+            f"decode.max_len_a=0 and decode.max_len_b={self.max_len_b} leave room for EOS alone: "
+            "every output would be empty",
+        )
         _check(
             self.max_tokens > 0,
             "decode.max_tokens",
@@ -387,6 +401,7 @@ class Config:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
     def __post_init__(self) -> None:
+        _check(self.run_dir.strip() != "", "run_dir", "run_dir is empty: name the run's directory")
         longest = self.data.max_len + 1  # a training sentence with its EOS (or BOS)
         _check(
             self.train.max_tokens >= longest,
@@ -541,6 +556,21 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     tree[leaf] = value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, but a key given twice in one mapping is an error, not the last."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -549,7 +579,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
     try:
-        tree = yaml.safe_load(text)
+        tree = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f"line {where.line + 1}: " if where is not None else ""

@@ -187,7 +187,7 @@ def encode(config: Config, tokenizer: Tokenizer, which: str, corpus: Corpus) -> 
     # which only load a trained model (translate, evaluate, serve, export) need not pay.
     from mt.data import encode_corpus
 
-    return encode_corpus(
+    encoded = encode_corpus(
         corpus,
         tokenizer,
         cache_dir(config),
@@ -196,6 +196,12 @@ def encode(config: Config, tokenizer: Tokenizer, which: str, corpus: Corpus) -> 
         max_ratio=config.data.max_ratio,
         num_proc=config.data.num_proc,
     )
+    if len(encoded) == 0:  # nothing to sample batches from: training would never take a step
+        raise DataError(
+            f"data.{which}: {corpus.describe()}: no pairs left to train on, "
+            f"{encoded.stats.describe()} (see data.max_len and data.max_ratio)"
+        )
+    return encoded
 
 
 def prepare_data(

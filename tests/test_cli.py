@@ -147,6 +147,15 @@ def test_data_errors_exit_1_with_one_line(tmp_path: Path) -> None:
     assert not run_dir.exists()  # checked before the tokenizer is trained
 
 
+def test_training_data_that_the_filters_empty_is_an_error(tmp_path: Path) -> None:
+    result = invoke("data", "prepare", *tiny_args(tmp_path / "run", "data.max_len=2"))
+    assert isinstance(result.exception, DataError)
+    message = str(result.exception)
+    assert message.startswith(f"data.train: {TINY_DATA / 'train.de'} + ")
+    assert ": no pairs left to train on, kept 0 of 500 pairs (dropped: 0 empty, " in message
+    assert message.endswith("(see data.max_len and data.max_ratio)")
+
+
 @pytest.mark.slow
 def test_os_errors_are_one_line(prepared: tuple[Path, str, str], tmp_path: Path) -> None:
     run_dir, _, _ = prepared

@@ -97,6 +97,18 @@ def test_invalid_yaml_names_line(tmp_path: Path) -> None:
         load_config(path)
 
 
+@pytest.mark.parametrize(
+    ("text", "line", "key"),
+    [("train:\n  lr: 1\nmodel:\n  dim: 8\ntrain:\n  seed: 3\n", 5, "train"),
+     ("train:\n  lr: 1\n  seed: 2\n  lr: 2\n", 4, "lr")],
+)  # fmt: skip
+def test_a_key_given_twice_is_an_error(tmp_path: Path, text: str, line: int, key: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: line {line}: invalid YAML ('{key}' given twice)"
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(tmp_path / "nope.yaml")
@@ -168,12 +180,30 @@ def test_share_embeddings_needs_joint_vocab(tmp_path: Path) -> None:
             "model.max_positions=100 is shorter than data.max_len=128 + 1",
         ),
         ("train.device=tpu", "train.device='tpu' must be auto, cpu, cuda or cuda:N"),
+        ("train.device=cudaX", "train.device='cudaX' must be auto, cpu, cuda or cuda:N"),
+        ("train.device=cuda:abc", "train.device='cuda:abc' must be auto, cpu, cuda or cuda:N"),
+        ("train.device=cuda:-1", "train.device='cuda:-1' must be auto, cpu, cuda or cuda:N"),
+        ("train.seed=-1", "train.seed=-1 must be in [0, 4294967295]"),
+        ("train.seed=4294967296", "train.seed=4294967296 must be in [0, 4294967295]"),
+        ("decode.max_len_a=-5", "decode.max_len_a=-5.0 must be >= 0"),
+        ("decode.max_len_b=-10", "decode.max_len_b=-10 must be >= 0"),
+        ("run_dir=", "run_dir is empty: name the run's directory"),
     ],
 )
 def test_impossible_values(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(CONFIGS / "multi30k.yaml", [override])
     assert str(err.value) == f"command line: {message}"
+
+
+def test_length_limits_that_leave_room_for_eos_alone() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "multi30k.yaml", ["decode.max_len_a=0", "decode.max_len_b=1"])
+    assert str(err.value) == (
+        "command line: decode.max_len_a=0 and decode.max_len_b=1 leave room for EOS alone: "
+        "every output would be empty"
+    )
+    load_config(CONFIGS / "multi30k.yaml", ["decode.max_len_a=0", "decode.max_len_b=2"])
 
 
 def test_save_and_reload_round_trip(tmp_path: Path) -> None:
