@@ -66,7 +66,7 @@ def test_attention_command_writes_a_heatmap_sized_by_tokens(
     for sentence, message in [
         ("", "the sentence is empty: nothing to translate"),
         ("  \t ", "the sentence is empty: nothing to translate"),
-        ("Der \udcff hund", "the sentence is not valid UTF-8"),  # argv's byte 0xff, as Python has it
+        ("Der \udcff hund", "the sentence is not valid UTF-8"),  # argv byte 0xff, as Python has it
     ]:
         out = tmp_path / "refused.png"
         result = runner.invoke(app, ["attention", str(trained_run), sentence, "-o", str(out)])

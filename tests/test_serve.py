@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import math
 import os
 import queue
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,6 +35,7 @@ from helpers.ports import free_port
 from mt import serve as serve_package
 from mt.alignment import align
 from mt.cli import app as cli_app
+from mt.config import CONFIG_FILE, load_config, save_config
 from mt.errors import MtError
 from mt.metrics import read_metrics
 from mt.model import count_parameters
@@ -119,6 +122,29 @@ def test_nbest_lists_equal_mt_translate_nbest(client: TestClient, trained_run: P
         assert translation["text"] == translation["nbest"][0]["text"]
     # As with mt translate, the list comes when asked for, even of one.
     assert len(post(client, {"text": "x", "nbest": 1}).json()["translations"][0]["nbest"]) == 1
+
+
+def test_a_sampling_server_draws_as_many_samples_as_mt_translate(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    sampling = ["decode.sampling=true", "decode.beam=1", "decode.nbest=4"]
+    save_config(load_config(run / CONFIG_FILE, sampling), run / CONFIG_FILE)
+    expected = mt_translate(run, [SENTENCES[0]])  # the run's default: 4 samples, as n-best rows
+    served = load(run, CPU, "fp32", None, Limits())
+    try:
+        with TestClient(create_app(served)) as client:
+            default = post(client, {"text": SENTENCES[0]}).json()["translations"][0]
+            assert len(default["nbest"]) == len(expected) == 4
+            asked = post(client, {"text": SENTENCES[0], "nbest": 6}).json()["translations"][0]
+            assert len(asked["nbest"]) == 6  # more than the beam: samples, not beams
+            over = post(client, {"text": SENTENCES[0], "nbest": 17})
+            assert (over.status_code, over.json()) == (
+                422, {"error": "nbest: 17 exceeds this server's limit of 16"}
+            )  # fmt: skip
+    finally:
+        served.batcher.stop()
 
 
 def test_pieces_are_the_tokenizers(client: TestClient, trained_run: Path) -> None:
@@ -230,6 +256,14 @@ BAD = [
     (b'{"text": "a", "prefix": ["A", 5]}', JSON, 422, "prefix[1]: Input should be a valid string"),
     (b'{"text": "a", "constraints": [["dog"], []]}', JSON, 422,
      "constraints: 2 for 1 sentence; give one per sentence"),
+    (b'{"text": ["a", "\\udfff"]}', JSON, 422,
+     "text[1]: not valid Unicode (a lone UTF-16 surrogate)"),
+    (b'{"text": "\\ud800 a", "prefix": "A"}', JSON, 422,
+     "text[0]: not valid Unicode (a lone UTF-16 surrogate)"),
+    (b'{"text": "a", "prefix": "\\ud800"}', JSON, 422,
+     "prefix[0]: not valid Unicode (a lone UTF-16 surrogate)"),
+    (b'{"text": "a", "constraints": [["dog", "\\ud800"]]}', JSON, 422,
+     "constraints[0][1]: not valid Unicode (a lone UTF-16 surrogate)"),
     (b'{"text": "a", "constraints": ["dog"]}', JSON, 422,
      "constraints[0]: Input should be a valid list"),
     (b'{"text": ["a", "b"], "constraints": [[], ["dog", " "]]}', JSON, 422,
@@ -602,8 +636,11 @@ def test_missing_serve_extra_gives_the_install_hint(monkeypatch: pytest.MonkeyPa
 def test_limits_are_checked() -> None:
     with pytest.raises(MtError, match=r"^--max-queue 0: must be >= 1$"):
         Limits(max_queue=0)
-    with pytest.raises(MtError, match=r"^--batch-wait-ms -1: must be >= 0$"):
-        Limits(batch_wait_ms=-1)
+    for wait in (-1, math.inf, 10_001, math.nan):
+        with pytest.raises(MtError) as err:
+            Limits(batch_wait_ms=wait)
+        assert str(err.value) == f"--batch-wait-ms {wait}: must be in [0, 10,000]"
+    assert Limits(batch_wait_ms=10_000).batch_wait_ms == 10_000
 
 
 # --- the load generator ----------------------------------------------------------------------

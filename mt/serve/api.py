@@ -259,6 +259,11 @@ def _settings(body: TranslateRequest, served: Served) -> tuple[int, int]:
     beam = body.beam or decode.beam
     if beam > limits.max_beam:
         raise RequestError("beam", f"{beam} exceeds this server's limit of {limits.max_beam}")
+    if decode.sampling:  # samples are drawn, as many as asked, whatever the beam (as mt translate)
+        nbest = body.nbest or decode.nbest
+        if nbest > limits.max_beam:
+            raise RequestError("nbest", f"{nbest} exceeds this server's limit of {limits.max_beam}")
+        return beam, nbest
     nbest = body.nbest or min(decode.nbest, beam)
     if nbest > beam:
         raise RequestError("nbest", f"{nbest} exceeds the beam ({beam})")
@@ -272,6 +277,7 @@ def _encode(lines: list[str], served: Served, tgt_lang: str | None) -> list[list
         raise RequestError("text", "empty list; give a string or a non-empty list of strings")
     if len(lines) > limit:
         raise RequestError("text", f"{len(lines)} sentences exceed the limit of {limit}")
+    _check_unicode("text", lines)
     ids = encode_sources(lines, served.tokenizer, sys.maxsize, tgt_lang)  # refused, not cut
     for index, seq in enumerate(ids):
         if len(seq) > longest:
@@ -285,6 +291,7 @@ def _prefixes(prefix: str | list[str], count: int, served: Served, room: int) ->
     """Target pieces of each sentence's prefix; refuses a count other than `count`, long ones."""
     rows = [prefix] if isinstance(prefix, str) else prefix
     _check_aligned("prefix", len(rows), count)
+    _check_unicode("prefix", rows)
     ids = served.tokenizer.encode_tgt(rows)
     for index, seq in enumerate(ids):
         _check_room("prefix" if isinstance(prefix, str) else f"prefix[{index}]", seq, room)
@@ -299,6 +306,8 @@ def _constraints(
     if served.batcher.decode.sampling:
         raise RequestError("constraints", "need beam search, but this server samples")
     _check_aligned("constraints", len(phrases), count)
+    for i, row in enumerate(phrases):
+        _check_unicode(f"constraints[{i}]", row)
     flat = iter(served.tokenizer.encode_tgt([text for row in phrases for text in row]))
     ids = [[next(flat) for _ in row] for row in phrases]
     for i, row in enumerate(ids):
@@ -307,6 +316,20 @@ def _constraints(
                 raise RequestError(f"constraints[{i}][{j}]", "empty phrase")
             _check_room(f"constraints[{i}][{j}]", seq, room)
     return ids
+
+
+def _check_unicode(field: str, rows: list[str]) -> None:
+    """RequestError naming `field[i]`, the first string that is not text (a lone surrogate).
+
+    JSON's \\ud800-style escapes may spell half a UTF-16 pair, which is not a character.
+    """
+    for index, row in enumerate(rows):
+        try:
+            row.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError(
+                f"{field}[{index}]", "not valid Unicode (a lone UTF-16 surrogate)"
+            ) from None
 
 
 def _check_aligned(field: str, given: int, count: int) -> None:

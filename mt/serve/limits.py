@@ -10,6 +10,8 @@ from dataclasses import dataclass, fields
 
 from mt.errors import MtError
 
+MAX_BATCH_WAIT_MS = 10_000  # longer, and clients time out while the worker still gathers
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -25,8 +27,8 @@ class Limits:
     def __post_init__(self) -> None:
         for field in fields(self):
             value = getattr(self, field.name)
-            if field.name == "batch_wait_ms" and value < 0:
-                raise MtError(f"--batch-wait-ms {value}: must be >= 0")
+            if field.name == "batch_wait_ms" and not 0 <= value <= MAX_BATCH_WAIT_MS:
+                raise MtError(f"--batch-wait-ms {value}: must be in [0, {MAX_BATCH_WAIT_MS:,}]")
             if field.name != "batch_wait_ms" and value is not None and value < 1:
                 raise MtError(f"--{option(field.name)} {value}: must be >= 1")
         if self.max_sentences > self.max_queue:
