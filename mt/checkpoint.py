@@ -535,6 +535,7 @@ def repair_checkpoints(run_dir: Path) -> None:
     for pattern in _TRAINER_TEMPS:
         for temp in directory.glob(pattern):
             temp.unlink(missing_ok=True)
+    _warn_unresumable(run_dir)
     pointer = directory / BEST_FILE
     try:
         _best_in(directory)
@@ -548,6 +549,22 @@ def repair_checkpoints(run_dir: Path) -> None:
     else:
         set_best(run_dir, latest)
         log.warning("%s; pointed it at the latest complete checkpoint, %s", problem, latest.name)
+
+
+def _warn_unresumable(run_dir: Path) -> None:
+    """Warn of step weights newer than the latest complete checkpoint: training skips them."""
+    latest = latest_checkpoint(run_dir)
+    since = "the start" if latest is None else latest.name
+    for weights in sorted(checkpoint_dir(run_dir).glob("step-*" + WEIGHTS_SUFFIX)):
+        ckpt = Checkpoint.from_weights(weights)
+        if ckpt.is_step and (latest is None or ckpt.step > latest.step) and not _is_complete(ckpt):
+            log.warning(
+                "%s: its training state %s is missing or not the one saved with it (an "
+                "interrupted save, or a damaged file); training goes on from %s",
+                weights,
+                ckpt.state.name,
+                since,
+            )
 
 
 def _weights_of(state: Path) -> Path:

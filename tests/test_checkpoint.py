@@ -496,6 +496,29 @@ def test_dangling_best_falls_back_and_is_repaired(tmp_path: Path, caplog) -> Non
     assert not pointer.exists()
 
 
+def test_a_damaged_newest_state_is_skipped_with_a_warning(tmp_path: Path, caplog) -> None:
+    first, second = save(tmp_path, 100), save(tmp_path, 200)
+    ck.set_best(tmp_path, second)
+    with second.state.open("r+b") as state:
+        state.truncate(1000)  # a damaged file; its weights are whole
+    with caplog.at_level(logging.WARNING, logger="mt"):
+        ck.repair_checkpoints(tmp_path)
+    assert caplog.messages == [
+        f"{second.weights}: its training state step-00000200.state.pt is missing or not the one "
+        "saved with it (an interrupted save, or a damaged file); training goes on from "
+        "step-00000100"
+    ]
+    assert ck.latest_checkpoint(tmp_path) == first
+    assert second.weights.is_file() and ck.best_checkpoint(tmp_path) == second  # still decodable
+    caplog.clear()
+    second.state.unlink()
+    first.state.unlink()
+    with caplog.at_level(logging.WARNING, logger="mt"):
+        ck.repair_checkpoints(tmp_path)
+    assert [m.split(": ")[0] for m in caplog.messages] == [str(first.weights), str(second.weights)]
+    assert all(m.endswith("training goes on from the start") for m in caplog.messages)
+
+
 def tensor_data_offset(path: Path) -> int:
     """Where a safetensors file's tensor bytes start (after its 8-byte length and JSON header)."""
     return 8 + int.from_bytes(path.read_bytes()[:8], "little")
