@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import logging
 
-from mt.average import average_run
-from mt.checkpoint import list_checkpoints
+from mt.average import AVERAGE_NAME, average_run
+from mt.checkpoint import checkpoint_dir, list_checkpoints
 from mt.config import Config
-from mt.report import write_report
+from mt.report import REPORT_FILE, write_report
 from mt.rundir import run_path
 from mt.train import TrainResult
 
@@ -19,14 +19,19 @@ log = logging.getLogger("mt")
 
 
 def finish(config: Config, result: TrainResult) -> None:
-    """Average (train.average_last) and report (train.report) a run that ended normally."""
-    if not result.main or result.idle or result.signum is not None:
+    """Average (train.average_last) and report (train.report) a run that ended normally.
+
+    A run that was already at its end (rerun after a signal stopped these jobs) does what is
+    missing of them.
+    """
+    if not result.main or result.signum is not None:
         return  # a signalled run resumes later; its end comes then
     run_dir, train = run_path(config), config.train
-    if train.average_last:
+    average = checkpoint_dir(run_dir) / AVERAGE_NAME
+    if train.average_last and not (result.idle and average.is_file()):
         last = min(train.average_last, len(list_checkpoints(run_dir)))
         path = average_run(run_dir, last=last)
         log.info("averaged the last %d checkpoints into %s", last, path)
-    if train.report:
+    if train.report and not (result.idle and (run_dir / REPORT_FILE).is_file()):
         # Test decoding at "auto" precision, as `mt evaluate` does.
         log.info("wrote %s", write_report(run_dir, device=result.device))

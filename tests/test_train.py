@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -453,6 +454,23 @@ def test_a_run_with_nothing_to_do_keeps_its_config(tmp_path: Path) -> None:
     before = (run / "config.yaml").read_bytes()
     assert train(tiny(run, "train.max_steps=15", "train.lr=0.5")).idle
     assert (run / "config.yaml").read_bytes() == before
+
+
+def test_a_rerun_at_the_end_does_the_average_and_report_a_signal_stopped(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    config = tiny(run, "train.max_steps=10", "train.average_last=2", "train.report=true")
+    result = train(config)
+    # A signal while they ran: training had ended, its average and report had not been written.
+    finish(config, dataclasses.replace(result, signum=signal.SIGTERM))
+    report, average = run / "report.md", run / "checkpoints" / "average.safetensors"
+    assert not report.exists() and not average.exists()
+    rerun = train(config)
+    assert rerun.idle
+    finish(config, rerun)
+    assert report.is_file() and average.is_file()
+    written = report.stat().st_mtime_ns, average.stat().st_mtime_ns
+    finish(config, train(config))  # nothing missing: nothing done again
+    assert (report.stat().st_mtime_ns, average.stat().st_mtime_ns) == written
 
 
 def test_non_finite_weights_are_never_checkpointed(
