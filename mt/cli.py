@@ -61,10 +61,13 @@ def train_command(
     ] = None,
 ) -> None:
     """Train a model: tokenizer (if the run has none), data, Transformer, checkpoints."""
-    cfg, _ = _load(config, overrides, ("train", "valid"))
+    cfg, _ = _load(config, overrides, ("train", "valid", "test"))
+    from mt.checkpoint import resolve_checkpoint
     from mt.finish import finish
     from mt.train import train
 
+    if resume is not None:
+        resolve_checkpoint(resume)  # a missing checkpoint is an error now, not after the data
     result = train(cfg, resume=resume)
     finish(cfg, result)
     if result.signum is not None:

@@ -86,8 +86,8 @@ def open_directions(config: Config, which: str) -> dict[str, Corpus]:
 def open_run(config: Config, splits: Sequence[str]) -> dict[str, dict[str, Corpus]]:
     """{split: {direction: corpus}} for the `splits` the config sets, and the run directory.
 
-    Each corpus must exist (DataError naming its key) and the directory must be creatable,
-    before any slow work starts.
+    Each corpus must exist (DataError naming its key), the directory must be creatable and the
+    cache directory, where set, a directory, before any slow work starts.
     """
     corpora = {}
     for which in splits:
@@ -99,6 +99,9 @@ def open_run(config: Config, splits: Sequence[str]) -> dict[str, dict[str, Corpu
     except OSError as exc:
         reason = exc.strerror or exc
         raise DataError(f"run_dir {config.run_dir}: cannot create ({reason})") from None
+    cache = cache_dir(config)
+    if cache.exists() and not cache.is_dir():
+        raise DataError(f"data.cache_dir {cache}: not a directory")
     return corpora
 
 

@@ -147,6 +147,23 @@ def test_data_errors_exit_1_with_one_line(tmp_path: Path) -> None:
     assert not run_dir.exists()  # checked before the tokenizer is trained
 
 
+def test_train_checks_test_data_resume_and_cache_before_any_work(tmp_path: Path) -> None:
+    run_dir, missing, a_file = tmp_path / "run", tmp_path / "missing", tmp_path / "a_file"
+    a_file.write_text("", encoding="utf-8")
+    cases = [
+        (tiny_args(run_dir, f"data.test={missing}"), f"data.test: corpus {missing}: no de file"),
+        ([*tiny_args(run_dir), "--resume", str(missing / "step-1.safetensors")],
+         f"{missing / 'step-1.safetensors'}: no checkpoint found"),
+        (tiny_args(run_dir, f"data.cache_dir={a_file}"),
+         f"data.cache_dir {a_file}: not a directory"),
+    ]  # fmt: skip
+    for args, message in cases:
+        result = invoke("train", *args)
+        assert isinstance(result.exception, MtError), result.output
+        assert str(result.exception).startswith(message)
+        assert not (run_dir / "tokenizer").exists()  # nothing slow has started
+
+
 def test_training_data_that_the_filters_empty_is_an_error(tmp_path: Path) -> None:
     result = invoke("data", "prepare", *tiny_args(tmp_path / "run", "data.max_len=2"))
     assert isinstance(result.exception, DataError)
