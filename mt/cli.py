@@ -64,8 +64,10 @@ def train_command(
     cfg, _ = _load(config, overrides, ("train", "valid", "test"))
     from mt.checkpoint import resolve_checkpoint
     from mt.finish import finish
+    from mt.rundir import check_config_file
     from mt.train import train
 
+    check_config_file(config, cfg)
     if resume is not None:
         resolve_checkpoint(resume)  # a missing checkpoint is an error now, not after the data
     result = train(cfg, resume=resume)

@@ -643,10 +643,15 @@ def _check_required(config: Config, key: str) -> None:
     )
 
 
+def config_text(config: Config) -> str:
+    """The resolved config as the YAML that `save_config` writes."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
 def save_config(config: Config, path: Path) -> None:
     """Write the resolved config as YAML, atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, yaml.safe_dump(config.to_dict(), sort_keys=False).encode("utf-8"))
+    atomic_write_bytes(path, config_text(config).encode("utf-8"))
 
 
 def diff(old: Config, new: Config, sections: typing.Iterable[str]) -> list[str]:

@@ -16,7 +16,7 @@ import torch
 
 from mt.batching import BatchSampler, MixtureSampler, describe_epoch
 from mt.checkpoint import Checkpoint, load_weights, resolve_checkpoint
-from mt.config import CONFIG_FILE, Config, load_config
+from mt.config import CONFIG_FILE, Config, config_text, load_config
 from mt.corpora import Corpus, open_corpus
 from mt.errors import ConfigError, DataError
 from mt.model import Transformer
@@ -49,6 +49,22 @@ def load_run_config(run_dir: str | Path) -> Config:
     if not path.exists():
         raise ConfigError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
     return load_config(path)
+
+
+def check_config_file(path: Path, config: Config) -> None:
+    """ConfigError if `path` is the run's config.yaml but not as mt wrote it.
+
+    `mt train` rewrites that file with the resolved config (overrides included, comments
+    gone), so a hand-written config must live elsewhere.
+    """
+    own = run_path(config) / CONFIG_FILE
+    if not own.is_file() or own.resolve() != Path(path).resolve():
+        return
+    if own.read_text(encoding="utf-8") != config_text(load_config(path)):
+        raise ConfigError(
+            f"{path}: the run's own {CONFIG_FILE}, which mt train rewrites with the resolved "
+            f"config; keep yours outside {config.run_dir} (e.g. in configs/)"
+        )
 
 
 def open_split(config: Config, which: str) -> Corpus:

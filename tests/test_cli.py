@@ -164,6 +164,27 @@ def test_train_checks_test_data_resume_and_cache_before_any_work(tmp_path: Path)
         assert not (run_dir / "tokenizer").exists()  # nothing slow has started
 
 
+def test_train_never_rewrites_a_hand_written_config_in_the_run_directory(tmp_path: Path) -> None:
+    from mt.config import load_config, save_config
+    from mt.rundir import check_config_file
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    mine = run_dir / "config.yaml"
+    args = tiny_args(run_dir)[2:]  # the overrides: run_dir and data paths
+    text = "# my experiment\n" + TINY.read_text(encoding="utf-8")
+    mine.write_text(text, encoding="utf-8")
+    result = invoke("train", "--config", str(mine), *args)
+    assert isinstance(result.exception, ConfigError)
+    assert str(result.exception) == (
+        f"{mine}: the run's own config.yaml, which mt train rewrites with the resolved config; "
+        f"keep yours outside {run_dir} (e.g. in configs/)"
+    )
+    assert mine.read_text(encoding="utf-8") == text
+    save_config(load_config(TINY, args), mine)  # as mt train writes it: resuming from it is fine
+    check_config_file(mine, load_config(mine, ["train.max_steps=5"]))
+
+
 def test_training_data_that_the_filters_empty_is_an_error(tmp_path: Path) -> None:
     result = invoke("data", "prepare", *tiny_args(tmp_path / "run", "data.max_len=2"))
     assert isinstance(result.exception, DataError)
