@@ -34,6 +34,8 @@ from mt.translate import decode_settings, resolve_runtime
 log = logging.getLogger("mt")
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 READY_TIMEOUT_S = 120  # serving(): how long a server thread may take to listen
+# Once told to exit and the queue is decoded: how long uvicorn may wait for connections to close.
+ANSWER_GRACE_S = 10
 EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -156,7 +158,15 @@ def serve(
         served.batcher.run()  # until drained: told to exit, or the server failed to start
     finally:
         server.should_exit = True  # already, unless the worker itself failed
-        http.join()
+        http.join(ANSWER_GRACE_S)  # what the worker decoded goes out to its clients
+        if http.is_alive():
+            log.warning(
+                "mt serve: a client still holds a connection %d s after the last answer "
+                "(a request never sent whole?); closing it",
+                ANSWER_GRACE_S,
+            )
+            server.force_exit = True
+            http.join()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     if not server.url:
