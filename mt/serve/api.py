@@ -447,10 +447,23 @@ def _explain(error: dict[str, Any]) -> tuple[int, str]:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
+    if exc.status_code == 400 and (why := _unparsed(exc.__cause__)):
+        return _error(400, f"body: {why}")
     where = "path" if exc.status_code in (404, 405) else "request"
     response = _error(exc.status_code, f"{where}: {exc.detail}")
     response.headers.update(exc.headers or {})
     return response
+
+
+def _unparsed(cause: BaseException | None) -> str | None:
+    """Why FastAPI could not parse a body as JSON, where its own answer does not say."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"not UTF-8 (byte {cause.start} of the body)"
+    if isinstance(cause, RecursionError):
+        return "JSON nested too deeply"
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        return "malformed JSON (an integer of more digits than Python reads)"
+    return None
 
 
 async def _server_error(request: Request, exc: Exception) -> JSONResponse:
