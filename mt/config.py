@@ -366,12 +366,6 @@ class DecodeConfig:
             value = getattr(self, key)
             _check(value >= 0, f"decode.{key}", f"decode.{key}={value} must be >= 0")
         _check(
-            self.max_len_a > 0 or self.max_len_b > 1,  # the limit counts the EOS
-            ("decode.max_len_a", "decode.max_len_b"),
-            f"decode.max_len_a=0 and decode.max_len_b={self.max_len_b} leave room for EOS alone: "
-            "every output would be empty",
-        )
-        _check(
             self.max_tokens > 0,
             "decode.max_tokens",
             f"decode.max_tokens={self.max_tokens} must be positive",

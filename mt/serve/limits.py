@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 
 from mt.errors import MtError
 
-MAX_BATCH_WAIT_MS = 10_000  # longer, and clients time out while the worker still gathers
+MAX_BATCH_WAIT_MS = 3_600_000  # an hour; more is a mistake (inf overflowed the worker's clock)
 
 
 @dataclass(frozen=True)
