@@ -125,6 +125,15 @@ def prepare_tokenizer(config: Config) -> Tokenizer:
     """The run's tokenizer: loaded if the run has one, otherwise trained on the training data."""
     directory = run_path(config) / TOKENIZER_DIR
     wanted = config.tokenizer
+    other = tokenizer_files(directory, not wanted.joint)
+    if all(p.exists() for p in other) and not all(
+        p.exists() for p in tokenizer_files(directory, wanted.joint)
+    ):  # training one of the other kind would replace the one its checkpoints need
+        kind = "joint" if not wanted.joint else "one per side"
+        raise ConfigError(
+            f"tokenizer.joint={str(wanted.joint).lower()}: the run's tokenizer in {directory} is "
+            f"{kind}; delete it to train another (the run's checkpoints need it)"
+        )
     if all(p.exists() for p in tokenizer_files(directory, wanted.joint)):
         tokenizer = load_tokenizer(directory)
         size = tokenizer.src_vocab_size

@@ -298,6 +298,17 @@ def test_tokenizer_train_reuses_and_reports_unk_rate(prepared: tuple[Path, str, 
         "valid: unknown pieces 0.000% source, 0.000% target",
     ]
     assert model.stat().st_mtime_ns == before
+    # A tokenizer of the other kind would replace the one the run's checkpoints need.
+    per_side = tiny_args(run_dir, "tokenizer.joint=false", "model.share_embeddings=false")
+    for command in (["tokenizer", "train"], ["data", "prepare"]):
+        refused = invoke(*command, *per_side)
+        assert isinstance(refused.exception, ConfigError)
+        assert str(refused.exception) == (
+            f"tokenizer.joint=false: the run's tokenizer in {run_dir / 'tokenizer'} is joint; "
+            "delete it to train another (the run's checkpoints need it)"
+        )
+    assert sorted(p.name for p in model.parent.iterdir()) == ["spm.model"]
+    assert model.stat().st_mtime_ns == before
 
 
 def test_tokenizer_train_from_scratch(tmp_path: Path) -> None:
