@@ -47,7 +47,7 @@ def _setup_logging() -> None:
         level=logging.INFO,
         stream=sys.stderr,
     )
-    for noisy in ("datasets", "filelock", "fsspec", "urllib3"):
+    for noisy in ("datasets", "filelock", "fsspec", "huggingface_hub", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -176,9 +176,9 @@ class TokenizerConfig:
             f"tokenizer.vocab_size={self.vocab_size} must be at least 8",
         )
         _check(
-            0 < self.character_coverage <= 1,
+            0.98 <= self.character_coverage <= 1,  # SentencePiece's own range
             "tokenizer.character_coverage",
-            f"tokenizer.character_coverage={self.character_coverage} must be in (0, 1]",
+            f"tokenizer.character_coverage={self.character_coverage} must be in [0.98, 1]",
         )
         _check(
             self.input_sentence_size >= 0,

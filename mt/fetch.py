@@ -68,6 +68,12 @@ def fetch_multi30k(
     """Fetch train/val/test_2016_flickr for ``langs`` into ``dest``, verified; return the paths."""
     names = multi30k_names(langs)
     base = mirror or os.environ.get(MIRROR_ENV) or MULTI30K_URL
+    _check_source(base, "--mirror" if mirror else MIRROR_ENV)
+    if not _is_url(base):  # a directory mirror is checked before anything is copied
+        wanted = [name for name in names if not _valid(dest / name, name)]
+        missing = [name for name in wanted if not (Path(base) / name).is_file()]
+        if missing:
+            raise DataError(f"mirror {base}: no {', '.join(missing)}")
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -76,7 +82,7 @@ def fetch_multi30k(
     for name in names:
         final = dest / name
         source = _join(base, name)
-        if final.is_file() and _problem(final, name) is None:
+        if _valid(final, name):
             _say(f"{name}: up to date")
         else:
             if final.exists():
@@ -105,6 +111,19 @@ def _join(base: str, name: str) -> str:
     if _is_url(base):
         return base.rstrip("/") + "/" + name
     return str(Path(base) / name)
+
+
+def _valid(path: Path, name: str) -> bool:
+    """Whether `path` holds the verified Multi30k file `name` already."""
+    return path.is_file() and _problem(path, name) is None
+
+
+def _check_source(base: str, where: str) -> None:
+    """DataError naming `where` when `base` is not a URL urllib can parse."""
+    try:
+        urllib.parse.urlsplit(base)
+    except ValueError as exc:
+        raise DataError(f"{where} {base}: not a valid URL ({exc})") from None
 
 
 def _is_url(source: str) -> bool:

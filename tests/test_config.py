@@ -188,6 +188,10 @@ def test_share_embeddings_needs_joint_vocab(tmp_path: Path) -> None:
         ("decode.max_len_a=-5", "decode.max_len_a=-5.0 must be >= 0"),
         ("decode.max_len_b=-10", "decode.max_len_b=-10 must be >= 0"),
         ("run_dir=", "run_dir is empty: name the run's directory"),
+        (
+            "tokenizer.character_coverage=0.5",
+            "tokenizer.character_coverage=0.5 must be in [0.98, 1]",
+        ),
     ],
 )
 def test_impossible_values(override: str, message: str) -> None:

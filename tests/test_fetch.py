@@ -135,8 +135,23 @@ def test_local_directory_mirror(
     assert served[2] == []
     (root / "test_2016_flickr.en.gz").unlink()
     (dest / "test_2016_flickr.en.gz").unlink()
-    with pytest.raises(DataError, match=r"test_2016_flickr\.en\.gz: cannot download \(No such"):
-        fetch.fetch_multi30k(dest, ("en",), mirror=str(root), progress=False)
+    with pytest.raises(DataError) as err:  # found missing before anything is copied
+        fetch.fetch_multi30k(dest, ("en", "de"), mirror=str(root), progress=False)
+    assert str(err.value) == f"mirror {root}: no test_2016_flickr.en.gz"
+    assert sorted(p.name for p in dest.iterdir()) == ["train.en.gz", "val.en.gz"]
+
+
+def test_a_malformed_mirror_url_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dest = tmp_path / "out"
+    with pytest.raises(DataError) as err:
+        fetch.fetch_multi30k(dest, ("de",), mirror="http://[::1", progress=False)
+    assert str(err.value) == "--mirror http://[::1: not a valid URL (Invalid IPv6 URL)"
+    monkeypatch.setenv(fetch.MIRROR_ENV, "http://[::1")
+    with pytest.raises(DataError, match=rf"^{fetch.MIRROR_ENV} http://\[::1: not a valid URL"):
+        fetch.fetch_multi30k(dest, ("de",), progress=False)
+    assert not dest.exists()
 
 
 def test_env_mirror(
