@@ -84,12 +84,19 @@ def open_directions(config: Config, which: str) -> dict[str, Corpus]:
 
     A missing corpus is a DataError naming its key: data.<which>, or data.corpora[i].<which>.
     """
-    corpora = {}
+    corpora: dict[str, Corpus] = {}
+    tsv_direction: dict[str, str] = {}  # a .tsv file -> the direction that reads it
     for i, direction in enumerate(config.data.directions()):
         spec = getattr(direction, which)
         if not spec:
             continue
         key = f"data.corpora[{i}].{which}" if config.data.corpora else f"data.{which}"
+        name = direction.direction
+        if spec.endswith((".tsv", ".tsv.gz")) and tsv_direction.setdefault(spec, name) != name:
+            raise DataError(
+                f"{key}: {spec}: a .tsv file holds one direction (source, tab, target), and "
+                f"{tsv_direction[spec]} reads this one: give {name} its own"
+            )
         try:
             corpora[direction.direction] = open_corpus(
                 spec, direction.src_lang, direction.tgt_lang, split=SPLITS[which]
@@ -102,14 +109,18 @@ def open_directions(config: Config, which: str) -> dict[str, Corpus]:
 def open_run(config: Config, splits: Sequence[str]) -> dict[str, dict[str, Corpus]]:
     """{split: {direction: corpus}} for the `splits` the config sets, and the run directory.
 
-    Each corpus must exist (DataError naming its key), the directory must be creatable and the
-    cache directory, where set, a directory, before any slow work starts.
+    Each corpus must exist (DataError naming its key), dev and test sets must read whole, the
+    directory must be creatable and the cache directory, where set, a directory, before any
+    slow work starts.
     """
     corpora = {}
     for which in splits:
         found = open_directions(config, which)
         if found:
             corpora[which] = found
+        if which != "train":  # small: read whole now, so that a bad line stops no long job late
+            for direction, corpus in found.items():
+                check_readable(corpus, split_label(config, which, direction))
     try:
         run_path(config).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -119,6 +130,15 @@ def open_run(config: Config, splits: Sequence[str]) -> dict[str, dict[str, Corpu
     if cache.exists() and not cache.is_dir():
         raise DataError(f"data.cache_dir {cache}: not a directory")
     return corpora
+
+
+def check_readable(corpus: Corpus, label: str) -> None:
+    """Read every pair of `corpus`: DataError, prefixed with its `label`, at the first bad one."""
+    try:
+        for _ in corpus.pairs():
+            pass
+    except DataError as exc:
+        raise DataError(f"{label}: {exc}") from None
 
 
 def prepare_tokenizer(config: Config) -> Tokenizer:

@@ -185,6 +185,28 @@ def test_train_never_rewrites_a_hand_written_config_in_the_run_directory(tmp_pat
     check_config_file(mine, load_config(mine, ["train.max_steps=5"]))
 
 
+def test_broken_dev_data_and_a_shared_tsv_are_found_before_any_work(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    lines = (TINY_DATA / "valid.en").read_text(encoding="utf-8").splitlines(keepends=True)
+    (tmp_path / "v.de").write_text((TINY_DATA / "valid.de").read_text(encoding="utf-8"))
+    (tmp_path / "v.en").write_text("".join(lines[:5]), encoding="utf-8")
+    result = invoke("data", "prepare", *tiny_args(run_dir, f"data.valid={tmp_path / 'v'}"))
+    assert isinstance(result.exception, DataError)
+    assert str(result.exception) == (
+        f"valid: {tmp_path / 'v.de'} has {len(lines)} lines but {tmp_path / 'v.en'} has 5"
+    )
+    assert not run_dir.exists()
+    tsv = tmp_path / "both.tsv"
+    tsv.write_text("Der hund .\tThe dog .\n", encoding="utf-8")
+    both = "data.corpora=[{src_lang: de, tgt_lang: en}, {src_lang: en, tgt_lang: de}]"
+    result = invoke("data", "prepare", *tiny_args(run_dir, f"data.train={tsv}", both))
+    assert isinstance(result.exception, DataError)
+    assert str(result.exception) == (
+        f"data.corpora[1].train: {tsv}: a .tsv file holds one direction (source, tab, target), "
+        "and de-en reads this one: give en-de its own"
+    )
+
+
 def test_training_data_that_the_filters_empty_is_an_error(tmp_path: Path) -> None:
     result = invoke("data", "prepare", *tiny_args(tmp_path / "run", "data.max_len=2"))
     assert isinstance(result.exception, DataError)
