@@ -371,10 +371,10 @@ def evaluate_command(
     """Score translations with sacreBLEU (see EVALUATE_HELP)."""
     from mt.evaluate import evaluate, evaluate_run, format_directions, format_json, format_text
 
-    if model and (hyp, src, ref, tgt_lang) == (None, None, None, None):
+    if model and (hyp, src, ref) == (None, None, None):
         decode = {"beam": beam, "alpha": alpha, "max_tokens": max_tokens}
         by_direction = evaluate_run(
-            model, lowercase, device, precision, weights, quantization=quantize, **decode
+            model, lowercase, device, precision, weights, quantize, tgt_lang, **decode
         )
         typer.echo(format_directions(by_direction, json_output))
         return

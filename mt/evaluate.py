@@ -117,12 +117,17 @@ def evaluate_run(
     precision: str = "auto",
     weights: Sequence[float] | None = None,
     quantization: str = "none",
+    tgt_lang: str | None = None,
     **overrides: Any,
 ) -> dict[str, dict[str, MetricScore]]:
-    """Translate and score the test set of every direction of the (first model's) run."""
+    """Translate and score the test set of every direction of the (first model's) run.
+
+    With `tgt_lang`, only the directions into it.
+    """
     translations = translate_test_sets(
-        models, device, precision, weights, quantization=quantization, **overrides
-    )
+        models, device, precision, weights, quantization=quantization, tgt_lang=tgt_lang,
+        **overrides,
+    )  # fmt: skip
     return {d: score(hyps, refs, lowercase) for d, (hyps, refs) in translations.items()}
 
 
@@ -133,9 +138,13 @@ def translate_test_sets(
     weights: Sequence[float] | None = None,
     split: str = "test",
     quantization: str = "none",
+    tgt_lang: str | None = None,
     **overrides: Any,
 ) -> dict[str, tuple[list[str], list[str]]]:
-    """Best translations and references of each direction's `split` (test or valid) set."""
+    """Best translations and references of each direction's `split` (test or valid) set.
+
+    With `tgt_lang`, only the directions into it.
+    """
     paths = [models] if isinstance(models, Path) else list(models)
     dev, prec = resolve_runtime(device, precision, paths[0], quantization)
     config, tokenizer, model, checkpoints = load_models(paths, dev, weights, quantization, prec)
@@ -144,6 +153,12 @@ def translate_test_sets(
         raise MtError(
             f"{paths[0]}: the run has no {split} set (data.{split}); give --src and --ref"
         )
+    if tgt_lang is not None:
+        into = {d: c for d, c in tests.items() if c.tgt_lang == tgt_lang}
+        if not into:
+            known = ", ".join(dict.fromkeys(c.tgt_lang for c in tests.values()))
+            raise MtError(f"--tgt-lang {tgt_lang}: the run's {split} sets translate into {known}")
+        tests = into
     decode = decode_settings(config, nbest=1, **overrides)  # only the best is scored
     out = {}
     for direction, corpus in tests.items():
@@ -227,6 +242,9 @@ def evaluate(
     if model is None:
         if hyp is None or ref is None:
             raise MtError("give --hyp and --ref, or --model (with --src and --ref, or neither)")
+        given = [name for name, value in overrides.items() if value is not None]
+        if given:  # decoding options mean nothing to a file of translations
+            raise MtError(f"--{given[0].replace('_', '-')} needs --model (to translate)")
         if src is not None:
             raise MtError("--src needs --model (to translate it)")
         hyps, refs = list(read_lines(hyp)), list(read_lines(ref))

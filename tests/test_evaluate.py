@@ -130,6 +130,7 @@ def test_empty_files_are_a_one_line_error(tmp_path: Path) -> None:
         ({"model": "m", "hyp": "h"}, "not both"),
         ({"model": "m", "src": "s"}, "needs both --src and --ref"),
         ({"hyp": "-", "ref": "-"}, "^--hyp and --ref both read standard input"),
+        ({"hyp": "h", "ref": "r", "tgt_lang": "fr"}, r"^--tgt-lang needs --model \(to"),
         ({"model": "m", "src": "-", "ref": "-"}, "^--ref and --src both read standard input"),
     ],
 )

@@ -170,6 +170,13 @@ def test_evaluate_scores_every_test_direction(multi_run: Path) -> None:
         [r["bleu"]["score"] for r in records], abs=0.006
     )
     assert lines[5].startswith("BLEU: nrefs:1|") and len(lines) == 8
+    # --tgt-lang: the directions into that language only
+    into = CliRunner().invoke(app, ["evaluate", "-m", str(multi_run), "--json", "--beam", "1",
+                                    "--tgt-lang", "en"])  # fmt: skip
+    assert into.exit_code == 0, into.output
+    assert json.loads(into.stdout) == [r for r in records if r["direction"] in ("de-en", "fr-en")]
+    wrong = CliRunner().invoke(app, ["evaluate", "-m", str(multi_run), "--tgt-lang", "xx"])
+    assert str(wrong.exception) == "--tgt-lang xx: the run's test sets translate into en, de, fr"
 
 
 def test_a_missing_corpus_file_names_its_entry(multiway: Path, tmp_path: Path) -> None:
