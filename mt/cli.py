@@ -605,7 +605,7 @@ def export_command(
 
 
 def _terminated(signum: int, frame: object) -> None:
-    """SIGTERM: unwind like Ctrl-C, so that temp files go (`mt train`/`serve` set their own)."""
+    """SIGTERM, SIGUSR1: unwind like Ctrl-C, so temp files go (`mt train`/`serve` set their own)."""
     raise SystemExit(128 + signum)
 
 
@@ -613,7 +613,8 @@ def main() -> None:
     """Entry point: run the app; user errors become one line on stderr and an exit code."""
     _setup_logging()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    signal.signal(signal.SIGTERM, _terminated)
+    for stop in (signal.SIGTERM, signal.SIGUSR1):  # SIGUSR1: SLURM's notice (scripts/slurm)
+        signal.signal(stop, _terminated)
     try:
         app()
     except MtError as exc:

@@ -223,3 +223,15 @@ def descends(pid: int, ancestor: int) -> bool:
         if pid == ancestor:
             return True
     return False
+
+
+def test_no_head_node_stops_the_script_before_any_rank(tmp_path: Path) -> None:
+    env = fake_slurm(tmp_path)
+    (tmp_path / "bin" / "scontrol").write_text("#!/bin/bash\nexit 1\n")  # e.g. not on PATH
+    proc = sbatch(env, tmp_path / "run")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert err.decode().splitlines() == [
+        "mt-train: no head node: scontrol show hostnames $SLURM_JOB_NODELIST gave nothing"
+    ]
+    assert not (tmp_path / "run").exists()

@@ -214,7 +214,10 @@ def test_a_diverged_model_writes_every_line_then_fails(
 
 
 @pytest.mark.slow
-def test_sigterm_mid_file_leaves_nothing_half_written(trained_run: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGUSR1])  # SIGUSR1: SLURM's notice
+def test_a_stop_signal_mid_file_leaves_nothing_half_written(
+    trained_run: Path, tmp_path: Path, stop: signal.Signals
+) -> None:
     source = tmp_path / "in.txt"
     source.write_text("der hund mag den see im park .\n" * 20_000, encoding="utf-8")
     out_dir = tmp_path / "out"
@@ -231,8 +234,8 @@ def test_sigterm_mid_file_leaves_nothing_half_written(trained_run: Path, tmp_pat
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=0.1)
         assert proc.returncode is None, proc.stderr.read().decode()
-    proc.terminate()
-    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    proc.send_signal(stop)
+    assert proc.wait(timeout=60) == 128 + stop
     assert "Traceback" not in proc.stderr.read().decode()
     assert list(out_dir.iterdir()) == []
 
