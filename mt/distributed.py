@@ -59,10 +59,13 @@ def setup(
     dead rank ends the job within `timeout_s` instead of hanging.
     """
     set_cpu_threads()
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = env_int("WORLD_SIZE", "1")
     if world_size == 1:
         return World(), resolve_device(device_name)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = env_int("RANK"), env_int("LOCAL_RANK", "0")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if not os.environ.get(name):
+            raise MtError(f"WORLD_SIZE={world_size} but {name} is not set (start with torchrun)")
     device = resolve_device(device_name)
     if device.type == "cuda":
         # A launcher may show each rank all the node's GPUs, or (Slurm's --gpu-bind) its own.
@@ -70,11 +73,30 @@ def setup(
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     nccl_errors_raise()  # read by each NCCL process group when it is created
-    dist.init_process_group(backend, timeout=timedelta(seconds=startup_timeout_s))
+    try:
+        dist.init_process_group(backend, timeout=timedelta(seconds=startup_timeout_s))
+    except (dist.DistStoreError, dist.DistNetworkError) as exc:  # a peer or port, not a bug
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        first = str(exc).strip().splitlines()[0]
+        raise MtError(
+            f"rank {rank}: cannot join the {world_size} ranks at {where} "
+            f"(train.dist_startup_timeout={startup_timeout_s:g}): {first}"
+        ) from None
     group = dist.new_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     threads = torch.get_num_threads()
     log.info("rank %d of %d on %s: %d intra-op threads", rank, world_size, device, threads)
     return World(rank, world_size, local_rank, group, timeout_s, startup_timeout_s), device
+
+
+def env_int(name: str, default: str | None = None) -> int:
+    """The integer a launcher put in environment variable `name`; MtError if missing or not one."""
+    value = os.environ.get(name, default)
+    if value is None:
+        raise MtError(f"{name} is not set, but WORLD_SIZE is (start with torchrun)")
+    try:
+        return int(value)
+    except ValueError:
+        raise MtError(f"{name}={value!r} is not an integer") from None
 
 
 def set_cpu_threads() -> None:

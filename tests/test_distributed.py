@@ -327,3 +327,39 @@ def test_resume_on_one_rank_continues_a_two_rank_run_exactly(
         state_b["epoch"],
         state_b["batches_done"],
     )
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"WORLD_SIZE": "2"}, "RANK is not set, but WORLD_SIZE is (start with torchrun)"),
+        ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not an integer"),
+        ({"WORLD_SIZE": "2", "RANK": "1"},
+         "WORLD_SIZE=2 but MASTER_ADDR is not set (start with torchrun)"),
+    ],
+)  # fmt: skip
+def test_a_launch_environment_that_cannot_work_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(MtError) as err:
+        distributed.setup("cpu", 10, 10)
+    assert str(err.value) == message
+
+
+def test_a_peer_that_never_joins_is_one_line_after_the_startup_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    port = free_port()
+    env = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(MtError) as err:
+        distributed.setup("cpu", 10, 1)
+    assert str(err.value).startswith(
+        f"rank 0: cannot join the 2 ranks at 127.0.0.1:{port} (train.dist_startup_timeout=1): "
+    )
+    assert not torch.distributed.is_initialized()
