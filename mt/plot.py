@@ -42,7 +42,7 @@ def run_curves(run_dir: Path) -> dict[tuple[str, str], dict[str, Curve]]:
     records = read_metrics(run_dir)
     if not records:
         raise MtError(f"{run_dir}: no {METRICS_FILE} records to plot (not a trained run?)")
-    start = records[0]["time"]
+    clock = training_clock(records)
     directions = next((record_directions(r) for r in records if r["kind"] == "valid"), [])
     curves: dict[tuple[str, str], dict[str, Curve]] = {}
     for kind, key, _ in CURVES:
@@ -50,15 +50,38 @@ def run_curves(run_dir: Path) -> dict[tuple[str, str], dict[str, Curve]]:
         curves[kind, key] = {}
         for name in names:
             field = f"{name}/{key}" if name else key
-            rows = [r for r in records if r["kind"] == kind and field in r]
-            times = [r["time"] - start for r in rows]
-            curves[kind, key][name] = ([r["step"] for r in rows], times, [r[field] for r in rows])
+            rows = [(r, t) for r, t in zip(records, clock, strict=True) if r["kind"] == kind]
+            rows = [(r, t) for r, t in rows if field in r]
+            curves[kind, key][name] = (
+                [r["step"] for r, _ in rows],
+                [t for _, t in rows],
+                [r[field] for r, _ in rows],
+            )
     return curves
+
+
+def training_clock(records: list[dict[str, Any]]) -> list[float]:
+    """Seconds of training at each record: time between a stop and its resume left out.
+
+    Every process of a run (the first and each resume) starts with a `precision` record.
+    """
+    clock, base, start = [], 0.0, records[0]["time"]
+    for i, record in enumerate(records):
+        if i and record["kind"] == "precision":  # a resumed process: go on from the last record
+            base, start = clock[-1], record["time"]
+        clock.append(base + record["time"] - start)
+    return clock
+
+
+def run_labels(run_dirs: list[Path]) -> list[str]:
+    """Legend names: each run directory's name, or the paths as given where names repeat."""
+    names = [Path(r).resolve().name for r in run_dirs]
+    return names if len(set(names)) == len(names) else [str(r) for r in run_dirs]
 
 
 def plot_curves(run_dirs: list[Path], output: Path, labels: list[str] | None = None) -> Path:
     """Train loss, dev loss and dev BLEU of runs against steps (top) and wall-clock (bottom)."""
-    labels = labels or [Path(r).name for r in run_dirs]
+    labels = labels or run_labels(run_dirs)
     curves = [run_curves(Path(r)) for r in run_dirs]
     seconds = [c[1] for run in curves for lines in run.values() for c in lines.values()]
     longest = max((max(s, default=0.0) for s in seconds), default=0.0)

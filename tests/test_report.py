@@ -56,6 +56,30 @@ def test_training_writes_report_with_true_numbers(trained_run: Path) -> None:
     assert Image.open(trained_run / "curves.png").size == SIZE
 
 
+def test_the_wall_clock_axis_leaves_out_the_time_between_a_stop_and_its_resume() -> None:
+    from mt.plot import training_clock
+
+    records = [
+        {"kind": "precision", "step": 0, "time": 100.0},
+        {"kind": "train", "step": 10, "time": 110.0},
+        {"kind": "precision", "step": 10, "time": 5000.0},  # resumed 81 minutes later
+        {"kind": "train", "step": 20, "time": 5012.0},
+        {"kind": "end", "step": 20, "time": 5013.5},
+    ]
+    assert training_clock(records) == [0.0, 10.0, 10.0, 22.0, 23.5]
+
+
+def test_legend_names_tell_runs_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mt.plot import run_labels
+
+    a, b = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    assert run_labels([a, tmp_path / "c"]) == ["run", "c"]
+    assert run_labels([a, b]) == [str(a), str(b)]
+    a.mkdir(parents=True)
+    monkeypatch.chdir(a)
+    assert run_labels([Path(".")]) == ["run"]
+
+
 @pytest.mark.slow
 def test_plot_several_runs_and_report_command(trained_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "both.png"
