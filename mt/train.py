@@ -1025,7 +1025,9 @@ def end(run: Run, signum: int | None) -> None:
             # The end of the run is validated: its last checkpoint may be the best. After a
             # signal, stop fast: the scheduler is waiting.
             save(run, window, best=record_validation(run) if signum is None else False)
-    if run.metrics is not None and signum is None:  # a signalled run ends when it resumes
+    # A signalled run ends when it resumes, unless it is done: validated at its last step.
+    done = state.step >= run.config.train.max_steps and state.validated
+    if run.metrics is not None and (signum is None or done):
         learner = run.learner
         run.metrics.write(
             "end",

@@ -473,6 +473,27 @@ def test_a_rerun_at_the_end_does_the_average_and_report_a_signal_stopped(tmp_pat
     assert (report.stat().st_mtime_ns, average.stat().st_mtime_ns) == written
 
 
+def test_a_signal_during_the_last_step_still_ends_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    config = tiny(run, "train.max_steps=10", "train.valid_every=5", "train.log_every=5")
+    log_window = train_module.log_window
+
+    def signalled_at_the_end(run_: object, bar: object) -> None:  # SIGTERM during step 10
+        log_window(run_, bar)
+        if run_.state.step == 10:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(train_module, "log_window", signalled_at_the_end)
+    assert train(config).signum == signal.SIGTERM  # exits 143: the scheduler is waiting
+    monkeypatch.undo()
+    # The step was done and validated: the run has ended, and says so.
+    assert [r["step"] for r in read_metrics(run, "valid")] == [5, 10]
+    assert [r["step"] for r in read_metrics(run, "end")] == [10]
+    assert train(config).idle  # the rerun does what `finish` still has to do
+
+
 def test_non_finite_weights_are_never_checkpointed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
