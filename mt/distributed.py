@@ -165,6 +165,15 @@ def all_reduce(
     return tensor.tolist()
 
 
+def gather_values(world: World, values: Sequence[float], device: torch.device) -> list[list[float]]:
+    """Every rank's `values`, by rank: one sum of vectors holding each rank's in its own slot."""
+    n = len(values)
+    slots = [0.0] * (n * world.world_size)
+    slots[world.rank * n : (world.rank + 1) * n] = values
+    flat = all_reduce(world, slots, device)  # exact: each slot adds zeros to one rank's value
+    return [flat[r * n : (r + 1) * n] for r in range(world.world_size)]
+
+
 def guarded(world: World, collective: Callable[[], dist.Work], startup: bool = False) -> None:
     """Run a collective and wait for it, within its group's timeout.
 

@@ -39,7 +39,8 @@ def run_curves(run_dir: Path) -> dict[tuple[str, str], dict[str, Curve]]:
     The name "" is the curve of `key` itself; a direction (e.g. "de-en") names the curve of
     `de-en/key` in a multilingual run's dev records.
     """
-    records = read_metrics(run_dir)
+    timed = (int, float)  # a record without a time (written by hand?) has no place on a clock
+    records = [r for r in read_metrics(run_dir) if isinstance(r.get("time"), timed)]
     if not records:
         raise MtError(f"{run_dir}: no {METRICS_FILE} records to plot (not a trained run?)")
     clock = training_clock(records)

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import sacrebleu
@@ -850,12 +851,33 @@ def window_totals(run: Run) -> dict[str, float]:
     return {**w, "loss": loss, "nll": nll, "tokens": tokens, "time": slowest}
 
 
-def restore_window(run: Run, totals: dict[str, float]) -> None:
-    """Continue a saved logging window: rank 0 holds all ranks' sums, the others start empty."""
+def saved_window(run: Run) -> dict[str, Any]:
+    """What a checkpoint keeps of the logging window: its totals, and each rank's own losses.
+
+    Every rank calls this. With its own sums back, each rank goes on adding its losses as an
+    uninterrupted run does, so the window's loss is the same to the last bit.
+    """
+    w, world = run.window, run.world
+    own = distributed.gather_values(world, [float(w["loss"]), float(w["nll"])], run.learner.device)
+    return {**window_totals(run), "rank_losses": own}
+
+
+def restore_window(run: Run, saved: dict[str, Any]) -> None:
+    """Continue a saved logging window: rank 0 holds all ranks' counts, each rank its losses.
+
+    A checkpoint from another number of ranks (or an older one) gives rank 0 all the losses.
+    """
     clear_window(run)
+    totals = {k: v for k, v in saved.items() if k != "rank_losses"}
+    own = saved.get("rank_losses")
     if run.world.is_main and totals:
         run.window.update(totals)
-        for key in ("loss", "nll"):
+    if own is not None and len(own) == run.world.world_size:
+        totals = dict(zip(("loss", "nll"), own[run.world.rank], strict=True))
+    elif not run.world.is_main:
+        return
+    for key in ("loss", "nll"):
+        if key in totals:
             run.window[key] = torch.tensor(totals[key], device=run.learner.device)
 
 
@@ -895,7 +917,7 @@ def validate_and_save(run: Run) -> bool:
     """Validate and checkpoint on rank 0 while the others wait; True if training should stop."""
     tc, state, world = run.config.train, run.state, run.world
     state.unvalidated, state.validated = False, True
-    window = window_totals(run)
+    window = saved_window(run)
     if world.is_main:
         check_finite_weights(run)
         improved = record_validation(run)
@@ -993,7 +1015,7 @@ def validate_direction(run: Run, dev: DevSet) -> dict[str, float]:
     }
 
 
-def save(run: Run, window: dict[str, float], best: bool) -> ckpt.Checkpoint:
+def save(run: Run, window: dict[str, Any], best: bool) -> ckpt.Checkpoint:
     """Write a complete checkpoint (weights, and all a resume needs), move `best`, prune."""
     learner, state = run.learner, run.state
     payload = {
@@ -1019,7 +1041,7 @@ def end(run: Run, signum: int | None) -> None:
     if run.last_saved != state.step:
         state.unvalidated = signum is not None and validation_due(run)
         state.validated = signum is None
-        window = window_totals(run)
+        window = saved_window(run)
         if run.world.is_main:
             check_finite_weights(run)
             # The end of the run is validated: its last checkpoint may be the best. After a

@@ -235,6 +235,8 @@ def test_setup_makes_nccl_errors_raise_before_creating_process_groups(
     monkeypatch.setattr(dist, "init_process_group", init_process_group)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # as torchrun sets them
+    monkeypatch.setenv("MASTER_PORT", "29500")
     monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)
     with pytest.raises(InterruptedError):
         distributed.setup("cpu", 20, 60)

@@ -69,6 +69,18 @@ def test_the_wall_clock_axis_leaves_out_the_time_between_a_stop_and_its_resume()
     assert training_clock(records) == [0.0, 10.0, 10.0, 22.0, 23.5]
 
 
+def test_curves_leave_out_a_record_without_a_time(tmp_path: Path) -> None:
+    from mt.plot import run_curves
+
+    lines = [
+        {"kind": "precision", "step": 0, "time": 100.0},
+        {"kind": "train", "step": 10, "loss": 4.0},  # no time: written by hand?
+        {"kind": "train", "step": 20, "time": 130.0, "loss": 3.0},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert run_curves(tmp_path)["train", "loss"] == {"": ([20], [30.0], [3.0])}
+
+
 def test_legend_names_tell_runs_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mt.plot import run_labels
 

@@ -775,3 +775,28 @@ def test_a_validation_put_off_by_a_signal_runs_on_resume(
     assert records(split) == records(straight)
     best = ckpt.resolve_checkpoint(split).weights.name
     assert best == ckpt.resolve_checkpoint(straight).weights.name
+
+
+def test_each_rank_resumes_its_own_share_of_the_logging_window() -> None:
+    from types import SimpleNamespace
+
+    from mt.distributed import World, gather_values
+
+    assert gather_values(World(), [1.5, 2.5], torch.device("cpu")) == [[1.5, 2.5]]
+    # Float32 sums of each rank, as a checkpoint saved them: each rank goes on adding to its
+    # own, as it would have without the stop (the sum of ranks' sums rounds otherwise).
+    saved = {"loss": 7.0, "nll": 6.0, "tokens": 90, "time": 2.0, "data_time": 0.1, "steps": 3,
+             "grad_norm": 1.0, "rank_losses": [[3.0000001, 2.5], [3.9999999, 3.5]]}  # fmt: skip
+    windows = []
+    for rank, size in ((0, 2), (1, 2), (0, 1), (1, 3)):
+        learner = SimpleNamespace(device=torch.device("cpu"), world=World(rank, size))
+        run = SimpleNamespace(learner=learner, world=learner.world, window={})
+        train_module.restore_window(run, saved)
+        windows.append({k: float(v) for k, v in run.window.items()})
+    counts = {k: v for k, v in saved.items() if k not in ("loss", "nll", "rank_losses")}
+    empty = dict.fromkeys(counts, 0.0)
+    own = [torch.tensor(3.0000001).item(), torch.tensor(3.9999999).item()]  # float32 values
+    assert windows[0] == {**counts, "loss": own[0], "nll": 2.5}  # rank 0 keeps the counts
+    assert windows[1] == {**empty, "loss": own[1], "nll": 3.5}
+    assert windows[2] == {**counts, "loss": 7.0, "nll": 6.0}  # other ranks: rank 0 has it all
+    assert windows[3] == {**empty, "loss": 0.0, "nll": 0.0}
