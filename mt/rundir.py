@@ -7,6 +7,7 @@ trained model it holds from here.
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -98,7 +99,7 @@ def open_directions(config: Config, which: str) -> dict[str, Corpus]:
                 f"{tsv_direction[spec]} reads this one: give {name} its own"
             )
         try:
-            corpora[direction.direction] = open_corpus(
+            corpora[name] = open_corpus(
                 spec, direction.src_lang, direction.tgt_lang, split=SPLITS[which]
             )
         except DataError as exc:
@@ -135,8 +136,7 @@ def open_run(config: Config, splits: Sequence[str]) -> dict[str, dict[str, Corpu
 def check_readable(corpus: Corpus, label: str) -> None:
     """Read every pair of `corpus`: DataError, prefixed with its `label`, at the first bad one."""
     try:
-        for _ in corpus.pairs():
-            pass
+        collections.deque(corpus.pairs(), maxlen=0)  # read through; the reader raises at a bad line
     except DataError as exc:
         raise DataError(f"{label}: {exc}") from None
 
@@ -145,16 +145,15 @@ def prepare_tokenizer(config: Config) -> Tokenizer:
     """The run's tokenizer: loaded if the run has one, otherwise trained on the training data."""
     directory = run_path(config) / TOKENIZER_DIR
     wanted = config.tokenizer
-    other = tokenizer_files(directory, not wanted.joint)
-    if all(p.exists() for p in other) and not all(
-        p.exists() for p in tokenizer_files(directory, wanted.joint)
-    ):  # training one of the other kind would replace the one its checkpoints need
+    has = all(p.exists() for p in tokenizer_files(directory, wanted.joint))
+    if not has and all(p.exists() for p in tokenizer_files(directory, not wanted.joint)):
+        # Training one of the other kind would replace the one the run's checkpoints need.
         kind = "joint" if not wanted.joint else "one per side"
         raise ConfigError(
             f"tokenizer.joint={str(wanted.joint).lower()}: the run's tokenizer in {directory} is "
             f"{kind}; delete it to train another (the run's checkpoints need it)"
         )
-    if all(p.exists() for p in tokenizer_files(directory, wanted.joint)):
+    if has:
         tokenizer = load_tokenizer(directory)
         size = tokenizer.src_vocab_size
         log.info("using the run's tokenizer in %s (%d pieces)", directory, size)

@@ -161,7 +161,7 @@ def serve(
         http.join(ANSWER_GRACE_S)  # what the worker decoded goes out to its clients
         if http.is_alive():
             log.warning(
-                "mt serve: a client still holds a connection %d s after the last answer "
+                "mt serve: a client still holds a connection %g s after the last answer "
                 "(a request never sent whole?); closing it",
                 ANSWER_GRACE_S,
             )
