@@ -259,12 +259,17 @@ def _open_hf(spec: str, src_lang: str, tgt_lang: str, default_split: str) -> HfC
     """Load one split of a Hugging Face dataset and check its columns."""
     name, config, explicit, split = _parse_hf_spec(spec, default_split)
     label = f"{name}:{config}" if config else name
-    if Path(name).is_dir():
+    if _is_saved(Path(name)):
         dataset = _split_of_saved(_load_saved(name), name, explicit, split)
-    else:
+    else:  # a hub name, or a local directory of data files (json, csv, parquet ...)
         dataset = _load_hub(name, config, split)
     translation = _check_columns(dataset, f"hf:{label}", src_lang, tgt_lang)
     return HfCorpus(spec, src_lang, tgt_lang, label, split, dataset, translation)
+
+
+def _is_saved(directory: Path) -> bool:
+    """Whether `directory` holds what ``save_to_disk`` writes (a Dataset or a DatasetDict)."""
+    return (directory / "dataset_dict.json").is_file() or (directory / "state.json").is_file()
 
 
 def _load_saved(name: str) -> Any:
@@ -273,8 +278,8 @@ def _load_saved(name: str) -> Any:
 
     try:
         return datasets.load_from_disk(name)
-    except (FileNotFoundError, ValueError, OSError) as exc:
-        raise DataError(f"hf:{name}: not a saved dataset ({first_line(exc)})") from None
+    except Exception as exc:  # a damaged save raises many types (KeyError for a bare state.json)
+        raise DataError(f"hf:{name}: not a readable saved dataset ({first_line(exc)})") from None
 
 
 def _split_of_saved(loaded: Any, name: str, explicit: str | None, split: str) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 from pathlib import Path
 
 import pytest
@@ -235,6 +236,25 @@ def test_hf_fingerprint_follows_contents(tmp_path: Path) -> None:
         open_corpus(f"hf:{first}", "de", "en").fingerprint()
         != open_corpus(f"hf:{second}", "de", "en").fingerprint()
     )
+
+
+def test_hf_a_local_directory_of_data_files(tmp_path: Path) -> None:
+    files = tmp_path / "jsonl"
+    files.mkdir()
+    lines = [json.dumps({"translation": {"de": de, "en": en}}) for de, en in PAIRS]
+    (files / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (files / "test.jsonl").write_text(lines[0] + "\n", encoding="utf-8")
+    datasets.disable_progress_bars()
+    assert list(open_corpus(f"hf:{files}", "de", "en").pairs()) == PAIRS
+    assert list(open_corpus(f"hf:{files}", "de", "en", split="test").pairs()) == PAIRS[:1]
+
+
+def test_hf_a_damaged_saved_dataset_is_one_line(tmp_path: Path) -> None:
+    path = _save(datasets.Dataset.from_dict({"de": DE, "en": EN}), tmp_path / "d")
+    (Path(path) / "state.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        open_corpus(f"hf:{path}", "de", "en")
+    assert str(err.value).startswith(f"hf:{path}: not a readable saved dataset (")
 
 
 def test_hf_hub_errors_are_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
