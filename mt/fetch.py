@@ -69,9 +69,9 @@ def fetch_multi30k(
     names = multi30k_names(langs)
     base = mirror or os.environ.get(MIRROR_ENV) or MULTI30K_URL
     _check_source(base, "--mirror" if mirror else MIRROR_ENV)
+    present = {name for name in names if _valid(dest / name, name)}  # verified: kept as they are
     if not _is_url(base):  # a directory mirror is checked before anything is copied
-        wanted = [name for name in names if not _valid(dest / name, name)]
-        missing = [name for name in wanted if not (Path(base) / name).is_file()]
+        missing = [n for n in names if n not in present and not (Path(base) / n).is_file()]
         if missing:
             raise DataError(f"mirror {base}: no {', '.join(missing)}")
     try:
@@ -82,7 +82,7 @@ def fetch_multi30k(
     for name in names:
         final = dest / name
         source = _join(base, name)
-        if _valid(final, name):
+        if name in present:
             _say(f"{name}: up to date")
         else:
             if final.exists():
