@@ -647,6 +647,23 @@ def test_serve_decodes_on_the_main_thread_and_sigterm_returns_cleanly(
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
+def test_a_second_ctrl_c_changes_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    import uvicorn
+
+    drained: list[bool] = []
+    server = server_module.Server(uvicorn.Config(create_app), lambda: drained.append(True))
+    with caplog.at_level(logging.INFO, logger="mt"):
+        for _ in range(3):
+            server.handle_exit(signal.SIGINT, None)
+    # uvicorn's force-exit would cancel requests the worker decodes anyway: their clients got
+    # bare 500s, and the process stopped no sooner.
+    assert (server.should_exit, server.force_exit, drained) == (True, False, [True])
+    assert (
+        caplog.messages
+        == ["mt serve: already stopping; answering what is queued (SIGKILL stops now)"] * 2
+    )
+
+
 def test_serve_on_a_taken_port_is_a_one_line_error(trained_run: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

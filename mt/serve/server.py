@@ -117,7 +117,14 @@ class Server(uvicorn.Server):
             self.ready.set()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        """Stop accepting (uvicorn), and let the worker decode what waits without gathering."""
+        """Stop accepting (uvicorn), and let the worker decode what waits without gathering.
+
+        A second signal changes nothing: uvicorn's force-exit would cancel requests whose
+        batch the worker decodes anyway (their clients got bare 500s), not stop it sooner.
+        """
+        if self.should_exit:
+            log.info("mt serve: already stopping; answering what is queued (SIGKILL stops now)")
+            return
         super().handle_exit(sig, frame)
         self.on_exit()
 
