@@ -572,18 +572,27 @@ def test_serve_command_answers_in_flight_work_on_sigterm_and_exits_0(trained_run
     assert texts == mt_translate(trained_run, body["text"])
 
 
-def test_a_request_never_sent_whole_does_not_hold_sigterm(
-    trained_run: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    monkeypatch.setattr(server_module, "ANSWER_GRACE_S", 0.5)
-    listening = threading.Event()
+@pytest.fixture
+def listening(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Set once an in-process `serve()` listens (its Server's startup has run)."""
+    event = threading.Event()
     startup = server_module.Server.startup
 
     async def announced(self: server_module.Server, sockets: list | None = None) -> None:
         await startup(self, sockets)
-        listening.set()
+        event.set()
 
     monkeypatch.setattr(server_module.Server, "startup", announced)
+    return event
+
+
+def test_a_request_never_sent_whole_does_not_hold_sigterm(
+    trained_run: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    listening: threading.Event,
+) -> None:
+    monkeypatch.setattr(server_module, "ANSWER_GRACE_S", 0.5)
     port = free_port()
     stalled = socket.socket()
 
@@ -610,7 +619,7 @@ def test_a_request_never_sent_whole_does_not_hold_sigterm(
 
 
 def test_serve_decodes_on_the_main_thread_and_sigterm_returns_cleanly(
-    trained_run: Path, monkeypatch: pytest.MonkeyPatch
+    trained_run: Path, monkeypatch: pytest.MonkeyPatch, listening: threading.Event
 ) -> None:
     threads: list[threading.Thread] = []
 
@@ -619,14 +628,6 @@ def test_serve_decodes_on_the_main_thread_and_sigterm_returns_cleanly(
         return translate_lines(*args, **kwargs)
 
     monkeypatch.setattr(worker, "translate_lines", recording)
-    listening = threading.Event()
-    startup = server_module.Server.startup
-
-    async def announced(self: server_module.Server, sockets: list | None = None) -> None:
-        await startup(self, sockets)
-        listening.set()
-
-    monkeypatch.setattr(server_module.Server, "startup", announced)
     url, answers = f"http://127.0.0.1:{free_port()}", []
 
     def client() -> None:  # once the server listens: one request, then SIGTERM to this process
