@@ -17,7 +17,7 @@ import torch
 
 from mt.batching import BatchSampler, MixtureSampler, describe_epoch
 from mt.checkpoint import Checkpoint, load_weights, resolve_checkpoint
-from mt.config import CONFIG_FILE, Config, config_text, load_config
+from mt.config import CONFIG_FILE, Config, TokenizerConfig, config_text, load_config
 from mt.corpora import Corpus, open_corpus
 from mt.errors import ConfigError, DataError
 from mt.model import Transformer
@@ -155,16 +155,9 @@ def prepare_tokenizer(config: Config) -> Tokenizer:
         )
     if has:
         tokenizer = load_tokenizer(directory)
-        size = tokenizer.src_vocab_size
-        log.info("using the run's tokenizer in %s (%d pieces)", directory, size)
-        if wanted.vocab_size not in (size, tokenizer.tgt_vocab_size):
-            log.warning(
-                "warning: the run's tokenizer has %d pieces, not tokenizer.vocab_size=%d; "
-                "delete %s to retrain it",
-                size,
-                wanted.vocab_size,
-                directory,
-            )
+        log.info("using the run's tokenizer in %s (%d pieces)", directory, tokenizer.src_vocab_size)
+        for difference in retrain_hints(tokenizer, wanted):
+            log.warning("warning: %s; delete %s to retrain it", difference, directory)
         check_tags(tokenizer, config, directory)
         return tokenizer
     log.info(
@@ -179,6 +172,23 @@ def prepare_tokenizer(config: Config) -> Tokenizer:
     corpora = list(open_directions(config, "train").values())
     temperature = config.data.temperature
     return train_multilingual_tokenizer(corpora, directory, wanted, seed, temperature)
+
+
+def retrain_hints(tokenizer: Tokenizer, wanted: TokenizerConfig) -> list[str]:
+    """How the settings a tokenizer was trained with differ from `wanted`, one line each."""
+
+    def spelled(value: object) -> str:
+        return str(value).lower() if isinstance(value, bool) else str(value)
+
+    out = []
+    for key, value in tokenizer.trained_with().items():
+        setting = getattr(wanted, key)
+        if value != (round(setting, 6) if isinstance(setting, float) else setting):
+            out.append(
+                f"the run's tokenizer was trained with tokenizer.{key}={spelled(value)}, "
+                f"not {spelled(setting)}"
+            )
+    return out
 
 
 def check_tags(tokenizer: Tokenizer, config: Config, directory: Path) -> None:

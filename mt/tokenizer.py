@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import sentencepiece as spm
+from sentencepiece.sentencepiece_model_pb2 import ModelProto, TrainerSpec
 
 from mt.config import TokenizerConfig
 from mt.errors import DataError, MtError, first_line
@@ -95,6 +96,16 @@ class Tokenizer:
     def tgt_vocab_size(self) -> int:
         """Number of target pieces, special ids included."""
         return self.tgt.vocab_size()
+
+    def trained_with(self) -> dict[str, object]:
+        """The `tokenizer.*` settings the source model was trained with, read from the model."""
+        spec = ModelProto.FromString(self.src.serialized_model_proto()).trainer_spec
+        return {
+            "type": TrainerSpec.ModelType.Name(spec.model_type).lower(),
+            "vocab_size": spec.vocab_size,
+            "character_coverage": round(spec.character_coverage, 6),  # stored as a float32
+            "byte_fallback": spec.byte_fallback,
+        }
 
     def fingerprint(self) -> str:
         """sha256 over the model file bytes: changes whenever the tokenizer changes."""

@@ -333,6 +333,27 @@ def test_tokenizer_train_reuses_and_reports_unk_rate(prepared: tuple[Path, str, 
     assert model.stat().st_mtime_ns == before
 
 
+def test_reusing_a_tokenizer_warns_of_each_setting_it_was_not_trained_with(
+    prepared: tuple[Path, str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    run_dir, _, _ = prepared
+    directory = run_dir / "tokenizer"
+    same = invoke("tokenizer", "train", *tiny_args(run_dir, "tokenizer.character_coverage=1"))
+    assert same.exit_code == 0, same.output
+    assert not [m for m in caplog.messages if m.startswith("warning")]
+    settings = ["type=unigram", "vocab_size=120", "character_coverage=0.9995", "byte_fallback=true"]
+    other = tiny_args(run_dir, *(f"tokenizer.{s}" for s in settings))
+    result = invoke("tokenizer", "train", *other)
+    assert result.exit_code == 0, result.output
+    warnings = [m for m in caplog.messages if m.startswith("warning")]
+    trained = ["type=bpe", "vocab_size=100", "character_coverage=1.0", "byte_fallback=false"]
+    assert warnings == [
+        f"warning: the run's tokenizer was trained with tokenizer.{was}, not "
+        f"{now.split('=')[1]}; delete {directory} to retrain it"
+        for was, now in zip(trained, settings, strict=True)
+    ]
+
+
 def test_tokenizer_train_from_scratch(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = invoke("tokenizer", "train", *tiny_args(run_dir, "data.valid=", "data.test="))

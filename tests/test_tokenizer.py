@@ -89,6 +89,18 @@ def test_per_side_has_two_files(split_dir: Path) -> None:
     assert tok.src.piece_to_id("ä") != UNK_ID and tok.tgt.piece_to_id("ä") == UNK_ID
 
 
+def test_a_tokenizer_knows_the_settings_it_was_trained_with(
+    joint_dir: Path, split_dir: Path
+) -> None:
+    assert load_tokenizer(joint_dir).trained_with() == {
+        "type": "bpe",
+        "vocab_size": VOCAB,
+        "character_coverage": 1.0,
+        "byte_fallback": True,
+    }
+    assert load_tokenizer(split_dir).trained_with()["type"] == "unigram"
+
+
 def test_retraining_other_layout_removes_stale_files(tiny: Corpus, tmp_path: Path) -> None:
     train_tokenizer(tiny, tmp_path, TokenizerConfig(vocab_size=VOCAB, joint=False), seed=1)
     tok = train_tokenizer(tiny, tmp_path, TokenizerConfig(vocab_size=VOCAB, joint=True), seed=1)
