@@ -83,6 +83,7 @@ class EncodedCorpus:
     src_lens: np.ndarray  # (N,) token counts without special tokens
     tgt_lens: np.ndarray
     stats: FilterStats
+    key: str = ""  # the cache entry's name: a digest of the text, tokenizer and filters
     _views: _ListViews = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -167,6 +168,11 @@ class CorpusMix:
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
+    def fingerprint(self) -> str:
+        """A digest of every part's text, tokenizer and filters: changes when the data do."""
+        keys = "\n".join(f"{name} {part.key}" for name, part in self.parts.items())
+        return hashlib.sha256(keys.encode()).hexdigest()
+
     def probabilities(self) -> np.ndarray:
         """(C,) the chance that a batch comes from each part."""
         sizes = np.array([len(p) for p in self.parts.values()], dtype=np.float64)
@@ -249,7 +255,7 @@ def load_encoded(directory: Path) -> EncodedCorpus:
         raise DataError(
             f"{directory}: unreadable encoded-corpus cache ({exc}); delete it"
         ) from None
-    return EncodedCorpus(dataset, lengths[0], lengths[1], stats)
+    return EncodedCorpus(dataset, lengths[0], lengths[1], stats, key=directory.name)
 
 
 TEMP_PREFIX = ".tmp-"

@@ -97,6 +97,7 @@ class TrainState:
     cooldown_steps: int = 0  # updates of the cool-down, fixed when it began (0: not begun)
     unvalidated: bool = False  # a signal stopped the run at a due validation: it runs on resume
     validated: bool = False  # this step was validated (a signal's fast stop skips it)
+    data: str = ""  # fingerprint of the training data (CorpusMix.fingerprint): resume compares
 
 
 @dataclass
@@ -480,7 +481,9 @@ def start(
         learner=learner,
         precision=precision,
         state=TrainState(
-            world_size=world.world_size, select_direction=config.data.select_direction
+            world_size=world.world_size,
+            select_direction=config.data.select_direction,
+            data=train_data.fingerprint(),
         ),
     )
     clear_window(run)
@@ -557,9 +560,22 @@ def restore(checkpoint: ckpt.Checkpoint, run: Run) -> TrainState:
         f"{ranks} ranks{moved})"
     )
     state.world_size = run.world.world_size
+    check_same_data(state, run)
     sync_cooldown(learner, state)
     reselect(state, run)
     return state
+
+
+def check_same_data(state: TrainState, run: Run) -> None:
+    """Warn when the training files changed since `state` was saved; `state` takes the new data."""
+    data = run.train_data.fingerprint()
+    if state.data and state.data != data and run.world.is_main:
+        log.warning(
+            f"warning: data.train: the training text changed since step {state.step} was "
+            "saved; training goes on with the new text, in other batches than an uninterrupted "
+            "run's"
+        )
+    state.data = data
 
 
 def reselect(state: TrainState, run: Run) -> None:

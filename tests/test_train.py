@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -230,6 +231,30 @@ def test_changed_tokenizer_is_refused_on_resume(tmp_path: Path) -> None:
     (run / "tokenizer" / "spm.model").write_bytes((other / "tokenizer" / "spm.model").read_bytes())
     with pytest.raises(MtError, match=r"tokenizer differs from the run's"):
         train(tiny(run, "train.max_steps=30"))
+
+
+@pytest.mark.slow
+def test_changed_training_text_warns_on_resume_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for suffix in ("de", "en"):
+        shutil.copy(ROOT / f"tests/data/tiny/train.{suffix}", tmp_path / f"train.{suffix}")
+    run = tmp_path / "run"
+
+    def resume(steps: int) -> list[str]:
+        caplog.clear()
+        train(tiny(run, f"train.max_steps={steps}", f"data.train={tmp_path / 'train'}"))
+        return [m for m in caplog.messages if m.startswith("warning: data.train")]
+
+    assert resume(6) == []
+    assert resume(8) == []
+    lines = (tmp_path / "train.en").read_text(encoding="utf-8").splitlines(keepends=True)
+    (tmp_path / "train.en").write_text("".join([lines[1], *lines[1:]]), encoding="utf-8")
+    assert resume(10) == [
+        "warning: data.train: the training text changed since step 8 was saved; training goes "
+        "on with the new text, in other batches than an uninterrupted run's"
+    ]
+    assert resume(12) == []  # the checkpoints now hold the new text's fingerprint
 
 
 def poisoned_loss(calls_to_poison: set[int] | None):
