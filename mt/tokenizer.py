@@ -351,7 +351,7 @@ def _train_one(where: str, side: str, sentences: Iterator[str], seed: int, optio
     except RuntimeError as exc:
         if feed.error is not None:
             raise feed.error from None
-        raise _training_error(where, side, options["vocab_size"], str(exc)) from None
+        raise _training_error(where, side, options, str(exc)) from None
     return model.getvalue()
 
 
@@ -393,9 +393,10 @@ class _Feed:
             raise
 
 
-def _training_error(corpus: str, side: str, vocab_size: int, message: str) -> DataError:
+def _training_error(corpus: str, side: str, options: dict, message: str) -> DataError:
     """A one-line DataError for SentencePiece's known training failures of `corpus`."""
     where = f"{corpus} ({side} side)" if side != "joint" else corpus
+    vocab_size = options["vocab_size"]
     too_high = re.search(
         r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", message
     )
@@ -407,10 +408,16 @@ def _training_error(corpus: str, side: str, vocab_size: int, message: str) -> Da
         )
     too_low = re.search(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)", message)
     if too_low:
-        need = too_low.group(1)
+        need = int(too_low.group(1))
+        small = f"tokenizer.vocab_size={vocab_size} is too small for the corpus {where}"
+        if options["byte_fallback"]:
+            return DataError(
+                f"{small}: its characters and 256 byte pieces alone need {need}; set "
+                f"tokenizer.vocab_size >= {need}, or tokenizer.byte_fallback=false (then the "
+                f"characters need {need - 256})"
+            )
         return DataError(
-            f"tokenizer.vocab_size={vocab_size} is too small for the corpus {where}: its "
-            f"characters (and byte pieces) alone need {need}; set tokenizer.vocab_size >= {need} "
+            f"{small}: its characters alone need {need}; set tokenizer.vocab_size >= {need} "
             "or lower tokenizer.character_coverage"
         )
     if "sentences_.empty()" in message:

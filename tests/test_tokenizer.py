@@ -187,8 +187,20 @@ def test_vocab_too_large_is_a_data_error(tiny: Corpus, tmp_path: Path) -> None:
 
 
 def test_vocab_too_small_for_the_alphabet(tiny: Corpus, tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=r"vocab_size=100 is too small .* need 282"):
-        train_tokenizer(tiny, tmp_path, TokenizerConfig(vocab_size=100), seed=1)
+    small = f"tokenizer.vocab_size=20 is too small for the corpus {tiny.describe()}"
+    with pytest.raises(DataError) as err:
+        train_tokenizer(tiny, tmp_path, TokenizerConfig(vocab_size=20), seed=1)
+    assert str(err.value) == (
+        f"{small}: its characters and 256 byte pieces alone need 282; set "
+        "tokenizer.vocab_size >= 282, or tokenizer.byte_fallback=false (then the characters "
+        "need 26)"
+    )
+    with pytest.raises(DataError) as err:
+        train_tokenizer(tiny, tmp_path, TokenizerConfig(vocab_size=20, byte_fallback=False), seed=1)
+    assert str(err.value) == (
+        f"{small}: its characters alone need 26; set tokenizer.vocab_size >= 26 or lower "
+        "tokenizer.character_coverage"
+    )
 
 
 def test_corpus_error_surfaces_through_training(tmp_path: Path) -> None:
