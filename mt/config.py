@@ -234,8 +234,8 @@ class TrainConfig:
     compile: bool = False  # wrap the model in torch.compile
     lr: float = 7e-4  # peak learning rate, reached at the end of warm-up
     warmup_steps: int = 4000  # linear warm-up, then inverse square root decay
-    cooldown: float = 0.0  # last share of the run (of max_minutes if set, else of max_steps)
-    # over which the lr falls linearly to 0 (0 = off)
+    cooldown: float = 0.0  # last share of the run (of max_steps, or of max_minutes if set and
+    # sooner) over which the lr falls linearly to 0 (0 = off)
     betas: tuple[float, float] = (0.9, 0.98)  # Adam betas
     eps: float = 1e-9  # Adam epsilon
     weight_decay: float = 0.0  # decoupled weight decay (AdamW)

@@ -7,11 +7,14 @@
 # Each section has a time limit, 540 s together, so that the whole run fits one 10-minute call
 # on one H100/H200: a section over its limit is lost, not the others, and the exit status says so.
 # Section 3 trains on data/multi30k if there is a copy (with an 8k vocabulary), else on made-up
-# text. The machine's python3 has torch and most of mt's needs; what it lacks (datasets, dill,
-# multiprocess) travels as wheels in .whl/ (downloaded here with pip download, carried along).
+# text. Python: $PYTHON, else .venv's (make install), else python3: a lent GPU machine's python3
+# has torch and most of mt's needs; what it lacks (datasets, dill, multiprocess) travels as wheels
+# in .whl/ (downloaded here with pip download, carried along).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+default_python=python3
+[ -x .venv/bin/python ] && default_python=.venv/bin/python
+PY=${PYTHON:-$default_python}
 if ! "$PY" -c "import datasets" 2>/dev/null; then
     if ! ls .whl/*.whl >/dev/null 2>&1; then
         echo "gpu_bench.sh: $PY lacks 'datasets' and there are no wheels in .whl/" >&2
