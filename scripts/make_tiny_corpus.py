@@ -4,6 +4,7 @@ Sentences are built from a small grammar, so a tiny model can learn the mapping 
 `der hund sieht die katze .` -> `the dog sees the cat .`
 """
 
+import argparse
 import itertools
 import random
 from pathlib import Path
@@ -50,4 +51,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help, no options
     main()
