@@ -978,9 +978,12 @@ def record_validation(run: Run) -> bool:
     state.best_bleu = bleu if improved else state.best_bleu
     state.bad_validations = 0 if improved else state.bad_validations + 1
     run.metrics.write("valid", state.step, scores)
+    selected = run.config.data.select_direction
+    # The best is of the BLEU that selects checkpoints: show that one beside the mean.
+    mean = f"BLEU {scores['bleu']:.2f} | {selected} " if f"{selected}/bleu" in scores else ""
     log.info(
         f"valid step {state.step} | loss {scores['loss']:.3f} | ppl {scores['ppl']:.2f} | "
-        f"BLEU {scores['bleu']:.2f} (best {state.best_bleu:.2f}) | {scores['seconds']:.1f}s"
+        f"{mean}BLEU {bleu:.2f} (best {state.best_bleu:.2f}) | {scores['seconds']:.1f}s"
     )
     return improved
 

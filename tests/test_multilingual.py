@@ -228,7 +228,7 @@ def test_serve_translates_into_the_requested_language(multi_run: Path) -> None:
 
 @pytest.mark.slow
 def test_resume_may_change_the_selected_direction_not_the_temperature(
-    multi_run: Path, multiway: Path, tmp_path: Path
+    multi_run: Path, multiway: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     run = tmp_path / "run"
     shutil.copytree(multi_run, run, ignore=shutil.ignore_patterns("tensorboard"))
@@ -245,3 +245,14 @@ def test_resume_may_change_the_selected_direction_not_the_temperature(
     after = train(multi_config(multiway, run, *fixture, "data.select_direction=en-fr")).state
     assert after.best_bleu == max(r["en-fr/bleu"] for r in valid) != before.best_bleu
     assert after.select_direction == "en-fr"
+    caplog.set_level("INFO", logger="mt")
+    more = ["train.max_steps=90", "data.select_direction=en-fr"]
+    train(multi_config(multiway, run, *fixture, *more))
+    # The validation line shows the mean and the selected direction's BLEU, the best of the latter.
+    last = read_metrics(run, "valid")[-1]
+    best = max(r["en-fr/bleu"] for r in read_metrics(run, "valid"))
+    line = next(m for m in caplog.messages if m.startswith("valid step 90 "))
+    assert (
+        f"| BLEU {last['bleu']:.2f} | en-fr BLEU {last['en-fr/bleu']:.2f} (best {best:.2f}) |"
+        in line
+    )
