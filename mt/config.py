@@ -654,6 +654,20 @@ def diff(old: Config, new: Config, sections: typing.Iterable[str]) -> list[str]:
     lines = []
     for section in sections:
         for key in a[section]:
-            if a[section][key] != b[section][key]:
-                lines.append(f"{section}.{key}: {a[section][key]!r} -> {b[section][key]!r}")
+            lines += _differences(f"{section}.{key}", a[section][key], b[section][key])
     return lines
+
+
+def _differences(name: str, old: Any, new: Any) -> list[str]:
+    """`name: old -> new`; for two lists of sections (data.corpora) of one length, per field."""
+    if old == new:
+        return []
+    sections = isinstance(old, list) and isinstance(new, list) and len(old) == len(new)
+    if sections and all(isinstance(x, dict) for x in [*old, *new]):
+        return [
+            line
+            for i, (x, y) in enumerate(zip(old, new, strict=True))
+            for key in x
+            for line in _differences(f"{name}[{i}].{key}", x[key], y.get(key))
+        ]
+    return [f"{name}: {old!r} -> {new!r}"]

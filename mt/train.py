@@ -75,6 +75,7 @@ log = logging.getLogger("mt")
 # planned with them.
 # data.select_direction only picks the best checkpoint (see reselect).
 RESUMABLE_DATA_KEYS = {"valid", "test", "num_proc", "cache_dir", "select_direction"}
+RESUMABLE_CORPUS_KEYS = {"valid", "test"}  # of each of data.corpora
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 PREFETCH_UPDATES = 2  # updates collated ahead of the training step, in a background thread
 
@@ -425,13 +426,20 @@ def check_resumable(config: Config, run_dir: Path) -> None:
     changes = [
         line
         for line in diff(saved, config, ["data", "tokenizer", "model"])
-        if line.split(":")[0].removeprefix("data.") not in RESUMABLE_DATA_KEYS
+        if not resumable(line.split(":")[0])
     ]
     if changes:
         raise ConfigError(
             f"{saved_path}: the run was started with other settings ({'; '.join(changes)}); "
             "use a new run_dir, or restore those settings to resume"
         )
+
+
+def resumable(key: str) -> bool:
+    """Whether a resumed run may change this key of the data, tokenizer or model sections."""
+    if key.startswith("data.corpora["):  # e.g. data.corpora[2].valid
+        return key.rsplit(".", 1)[1] in RESUMABLE_CORPUS_KEYS
+    return key.removeprefix("data.") in RESUMABLE_DATA_KEYS
 
 
 Prepared = tuple[Tokenizer, CorpusMix, dict[str, EncodedCorpus]]

@@ -256,3 +256,29 @@ def test_resume_may_change_the_selected_direction_not_the_temperature(
         f"| BLEU {last['bleu']:.2f} | en-fr BLEU {last['en-fr/bleu']:.2f} (best {best:.2f}) |"
         in line
     )
+
+
+@pytest.mark.slow
+def test_resume_may_change_a_corpus_dev_set_not_its_training_data(
+    multi_run: Path, multiway: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(multi_run, run, ignore=shutil.ignore_patterns("tensorboard"))
+    fixture = ["model.prenorm=false", "train.max_steps=60", "train.valid_every=30"]  # conftest's
+
+    def corpora(key: str, value: Path) -> str:
+        """data.corpora as multi_config's, with `key: value` set on the second corpus."""
+        items = [
+            f"src_lang: {d.split('-')[0]}, tgt_lang: {d.split('-')[1]}" for d in MULTI_DIRECTIONS
+        ]
+        items[1] += f", {key}: {value}"
+        return "data.corpora=[" + ", ".join(f"{{{item}}}" for item in items) + "]"
+
+    with pytest.raises(ConfigError) as err:
+        train(multi_config(multiway, run, *fixture, corpora("train", multiway / "valid")))
+    assert str(err.value) == (
+        f"{run / 'config.yaml'}: the run was started with other settings (data.corpora[1].train: "
+        f"'' -> '{multiway / 'valid'}'); use a new run_dir, or restore those settings to resume"
+    )
+    resumed = train(multi_config(multiway, run, *fixture, corpora("valid", multiway / "valid")))
+    assert resumed.state.step == 60
