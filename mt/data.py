@@ -434,18 +434,27 @@ def _quiet_datasets() -> Iterator[None]:
 
 
 def write_data_stats(
-    run_dir: Path, train: EncodedCorpus, tokenizer: Tokenizer, valid: Corpus | None
+    run_dir: Path, train: CorpusMix, tokenizer: Tokenizer, valid: dict[str, Corpus]
 ) -> dict[str, Any]:
-    """Save the training corpus's filter counts and token totals, and the dev set's unk rate."""
+    """Save the training filter counts and token totals, in all and per direction, with the unk
+    rate of each direction's dev set."""
+    directions = {}
+    for name, part in train.parts.items():
+        directions[name] = {
+            "train": asdict(part.stats),
+            "train_src_tokens": int(part.src_lens.sum()),
+            "train_tgt_tokens": int(part.tgt_lens.sum()),
+        }
+        if name in valid:
+            directions[name]["valid_unk_rate"] = list(unk_rate(tokenizer, valid[name]))
     stats: dict[str, Any] = {
         "train": asdict(train.stats),
         "train_src_tokens": int(train.src_lens.sum()),
         "train_tgt_tokens": int(train.tgt_lens.sum()),
         "src_vocab": tokenizer.src_vocab_size,
         "tgt_vocab": tokenizer.tgt_vocab_size,
+        "directions": directions,
     }
-    if valid is not None:
-        stats["valid_unk_rate"] = list(unk_rate(tokenizer, valid))
     text = json.dumps(stats, indent=2) + "\n"
     atomic_write_bytes(Path(run_dir) / DATA_FILE, text.encode("utf-8"))
     return stats

@@ -97,20 +97,32 @@ def _data_section(run_dir: Path, config: Config) -> list[str]:
     data = _read_json(run_dir / DATA_FILE)
     if not data:
         return []
-    t = data["train"]
-    lines = [
-        "## Data",
-        "",
-        f"- train `{config.data.train}`: kept {t['kept']:,} of {t['total']:,} pairs; dropped "
-        f"{t['empty']:,} empty, {t['too_long']:,} over {t['max_len']} tokens, "
-        f"{t['bad_ratio']:,} with a length ratio over {t['max_ratio']}",
-        f"- {data['train_src_tokens']:,} source and {data['train_tgt_tokens']:,} target "
-        "subword tokens kept",
-    ]
-    if "valid_unk_rate" in data:
-        src, tgt = data["valid_unk_rate"]
-        lines.append(f"- dev `{config.data.valid}`: unk rate {src:.3%} source, {tgt:.3%} target")
+    directions = {c.direction: c for c in config.data.directions()}
+    # data.json of runs from before per-direction statistics: one direction's, at the top level.
+    per = data.get("directions") or {next(iter(directions)): data}
+    lines = ["## Data", ""]
+    if len(per) > 1:
+        lines.append(f"- train, {len(per)} directions: {_kept(data)}")
+    for name, stats in per.items():
+        label, corpus = (f"{name} " if len(per) > 1 else ""), directions[name]
+        lines.append(f"- {label}train `{corpus.train}`: {_kept(stats)}")
+        if "valid_unk_rate" in stats:
+            src, tgt = stats["valid_unk_rate"]
+            lines.append(
+                f"- {label}dev `{corpus.valid}`: unk rate {src:.3%} source, {tgt:.3%} target"
+            )
     return [*lines, ""]
+
+
+def _kept(stats: dict[str, Any]) -> str:
+    """E.g. `kept 28,950 of 29,000 pairs (dropped ...); 377,534 source and ... tokens`."""
+    t = stats["train"]
+    return (
+        f"kept {t['kept']:,} of {t['total']:,} pairs (dropped {t['empty']:,} empty, "
+        f"{t['too_long']:,} over {t['max_len']} tokens, {t['bad_ratio']:,} with a length ratio "
+        f"over {t['max_ratio']}); {stats['train_src_tokens']:,} source and "
+        f"{stats['train_tgt_tokens']:,} target subword tokens"
+    )
 
 
 def _training_section(run_dir: Path, select_direction: str) -> list[str]:

@@ -665,8 +665,7 @@ def begin(run: Run, stack: contextlib.ExitStack) -> None:
     for name, test in encode_directions(config, run.tokenizer, "test").items():
         max_len = learner.model.max_positions - 1
         report_long(test, max_len, split_label(config, "test", name), "the report")
-    valid_corpus = next(iter(open_directions(config, "valid").values()), None)
-    write_data_stats(run.directory, run.train_data, run.tokenizer, valid_corpus)
+    write_data_stats(run.directory, run.train_data, run.tokenizer, open_directions(config, "valid"))
     tc = config.train
     log.info("train: %s", run.train_data.stats.describe())
     log.info("model: %s parameters", f"{count_parameters(learner.model):,}")

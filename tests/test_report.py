@@ -34,7 +34,8 @@ def test_training_writes_report_with_true_numbers(trained_run: Path) -> None:
     assert f"**{count_parameters(model):,} parameters**" in report
     data = json.loads((trained_run / "data.json").read_text())
     assert data["train"]["kept"] == data["train"]["total"] == 500
-    assert "kept 500 of 500 pairs" in report
+    assert f"- train `{config.data.train}`: kept 500 of 500 pairs (dropped 0 empty" in report
+    assert list(data["directions"]) == ["de-en"]
     valid = read_metrics(trained_run, "valid")
     best = max(valid, key=lambda r: r["bleu"])
     assert f"best dev BLEU **{best['bleu']:.2f}** at step {best['step']:,}" in report
@@ -144,6 +145,19 @@ def test_report_of_a_multilingual_run_has_a_row_per_direction(multi_copy: Path) 
         assert float(bleu) == pytest.approx(score(hyps, refs)["bleu"].score, abs=0.005)
         assert float(bleu_lc) == pytest.approx(score(hyps, refs, True)["bleu"].score, abs=0.005)
     assert f"- BLEU: `{score(hyps, refs)['bleu'].signature}`" in report
+    # The data section: the totals, then each direction's training counts and dev unk rates.
+    data = json.loads((multi_copy / "data.json").read_text())
+    per = data["directions"]
+    assert list(per) == list(MULTI_DIRECTIONS)
+    assert sum(p["train"]["kept"] for p in per.values()) == data["train"]["kept"]
+    assert sum(p["train_src_tokens"] for p in per.values()) == data["train_src_tokens"]
+    assert f"- train, 4 directions: kept {data['train']['kept']:,} of " in report
+    for direction, corpus in tests.items():
+        kept, total = per[direction]["train"]["kept"], per[direction]["train"]["total"]
+        assert f"- {direction} train `{corpus.train}`: kept {kept:,} of {total:,} pairs" in report
+        src, tgt = per[direction]["valid_unk_rate"]
+        unk = f"- {direction} dev `{corpus.valid}`: unk rate {src:.3%} source, {tgt:.3%} target"
+        assert unk in report
 
     valid = read_metrics(multi_copy, "valid")
     best = max(valid, key=lambda r: r["bleu"])
