@@ -376,7 +376,8 @@ def evaluate_command(
         by_direction = evaluate_run(
             model, lowercase, device, precision, weights, quantize, tgt_lang, **decode
         )
-        typer.echo(format_directions(by_direction, json_output))
+        # Directions picked by --tgt-lang are named, however many there are.
+        typer.echo(format_directions(by_direction, json_output, named=tgt_lang is not None))
         return
     scores = evaluate(
         hyp,

@@ -102,9 +102,11 @@ def format_json_records(by_direction: dict[str, dict[str, MetricScore]]) -> str:
     return json.dumps(records, indent=2, ensure_ascii=False)
 
 
-def format_directions(by_direction: dict[str, dict[str, MetricScore]], as_json: bool) -> str:
-    """The scores of one direction as for a file; of several, a table or a list of records."""
-    if len(by_direction) == 1:
+def format_directions(
+    by_direction: dict[str, dict[str, MetricScore]], as_json: bool, named: bool = False
+) -> str:
+    """The scores of one direction as for a file; of several (or `named`), a table or records."""
+    if len(by_direction) == 1 and not named:
         (scores,) = by_direction.values()
         return format_json(scores) if as_json else format_text(scores)
     return format_json_records(by_direction) if as_json else format_table(by_direction)

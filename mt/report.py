@@ -47,7 +47,8 @@ def test_scores(
     """Translate every test direction with the report checkpoint; scores by direction.
 
     The hypotheses are written next to the report as test.hyp.<tgt_lang> for a run of one
-    direction, test.hyp.<direction> (e.g. test.hyp.de-en) for several.
+    direction, test.hyp.<direction> (e.g. test.hyp.de-en) for a run of several, even where only
+    one of them has a test set.
     """
     from mt.evaluate import translate_test_sets
 
@@ -56,7 +57,7 @@ def test_scores(
     targets = {c.direction: c.tgt_lang for c in load_run_config(run_dir).data.directions()}
     out = {}
     for direction, (hyps, refs) in translations.items():
-        suffix = direction if len(translations) > 1 else targets[direction]
+        suffix = direction if len(targets) > 1 else targets[direction]
         text = "".join(h + "\n" for h in hyps)
         atomic_write_bytes(run_dir / f"test.hyp.{suffix}", text.encode("utf-8"))
         cased = score(hyps, refs)
@@ -186,7 +187,7 @@ def _test_section(checkpoint: str, by_direction: dict[str, Scores], config: Conf
         f"alpha {config.decode.alpha}).",
         "",
     ]
-    if len(by_direction) == 1:
+    if len(config.data.directions()) == 1:
         (scores,) = by_direction.values()
         lines += ["| metric | score | sacreBLEU signature |", "|---|---:|---|"]
         for key, s in scores.items():

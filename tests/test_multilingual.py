@@ -175,6 +175,13 @@ def test_evaluate_scores_every_test_direction(multi_run: Path) -> None:
                                     "--tgt-lang", "en"])  # fmt: skip
     assert into.exit_code == 0, into.output
     assert json.loads(into.stdout) == [r for r in records if r["direction"] in ("de-en", "fr-en")]
+    # ... named even where one direction is left: the output keeps its shape.
+    into_de = CliRunner().invoke(app, ["evaluate", "-m", str(multi_run), "--json", "--beam", "1",
+                                       "--tgt-lang", "de"])  # fmt: skip
+    assert json.loads(into_de.stdout) == [r for r in records if r["direction"] == "en-de"]
+    table = CliRunner().invoke(app, ["evaluate", "-m", str(multi_run), "--beam", "1",
+                                     "--tgt-lang", "de"])  # fmt: skip
+    assert [line.split()[0] for line in table.stdout.splitlines()[:2]] == ["direction", "en-de"]
     wrong = CliRunner().invoke(app, ["evaluate", "-m", str(multi_run), "--tgt-lang", "xx"])
     assert str(wrong.exception) == "--tgt-lang xx: the run's test sets translate into en, de, fr"
 

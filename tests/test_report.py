@@ -212,3 +212,19 @@ def test_the_model_section_names_a_dropout_schedule(tmp_path: Path) -> None:
     assert ", dropout 0.3, " in _model_section(plain, tmp_path)[2]
     line = _model_section(scheduled, tmp_path)[2]
     assert ", dropout 0.3 (0.1 for the first 1,500 updates), " in line
+
+
+@pytest.mark.slow  # conftest's multilingual run
+def test_a_multilingual_run_with_one_test_set_names_its_direction(multi_copy: Path) -> None:
+    config = load_config(multi_copy / "config.yaml")
+    test, config.data.test = config.data.test, ""
+    config.data.corpora[1].test = test  # en-de's only
+    save_config(config, multi_copy / "config.yaml")
+    for old in multi_copy.glob("test.hyp.*"):
+        old.unlink()
+    report = write_report(multi_copy, device="cpu", precision="fp32").read_text(encoding="utf-8")
+    assert [p.name for p in multi_copy.glob("test.hyp.*")] == ["test.hyp.en-de"]
+    rows = re.findall(r"^\| (\S+) \| BLEU \|", report, re.M) + re.findall(
+        r"^\| (en-de) \| [\d.]+ \|", report, re.M
+    )
+    assert rows == ["direction", "en-de"]
