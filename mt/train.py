@@ -568,6 +568,9 @@ def restore(checkpoint: ckpt.Checkpoint, run: Run) -> TrainState:
         f"{ranks} ranks{moved})"
     )
     state.world_size = run.world.world_size
+    if checkpoint.weights.parent.resolve() != ckpt.checkpoint_dir(run.directory).resolve():
+        # Another run's checkpoint: this run's best is among its own checkpoints.
+        state.best_bleu, state.bad_validations = -1.0, 0
     check_same_data(state, run)
     sync_cooldown(learner, state)
     reselect(state, run)

@@ -257,6 +257,25 @@ def test_changed_training_text_warns_on_resume_once(
     assert resume(12) == []  # the checkpoints now hold the new text's fingerprint
 
 
+@pytest.mark.slow
+def test_a_run_started_from_another_runs_checkpoint_has_its_own_best(tmp_path: Path) -> None:
+    first = train(tiny(tmp_path / "first", "train.max_steps=120", "train.valid_every=120"))
+    start = ckpt.latest_checkpoint(tmp_path / "first")
+    assert start is not None
+    second = tmp_path / "second"
+    # Outputs of one piece score far below the first run's best: a best carried over from it
+    # would never let this run have a best checkpoint of its own.
+    short = ["decode.max_len_a=0", "decode.max_len_b=1"]
+    result = train(
+        tiny(second, "train.max_steps=130", "train.valid_every=10", *short), start.weights
+    )
+    valid = read_metrics(second, "valid")
+    assert [r["step"] for r in valid] == [130]
+    assert result.state.best_bleu == valid[0]["bleu"] < first.state.best_bleu
+    best = ckpt.best_checkpoint(second)
+    assert best is not None and best.step == 130
+
+
 def poisoned_loss(calls_to_poison: set[int] | None):
     """label_smoothed_nll, but NaN on the given calls (all calls for None)."""
     calls = {"n": 0}
