@@ -490,7 +490,8 @@ def _build_list(values: Any, cls: type, key: str) -> list[Any]:
         except _Invalid as exc:
             # __post_init__ blames bare field names: put the element's key in front.
             text = str(exc) if prefix in str(exc) else f"{prefix}.{exc}"
-            raise _Invalid((*exc.keys, key), text) from None
+            keys = (k if k.startswith(prefix) else f"{prefix}.{k}" for k in exc.keys)
+            raise _Invalid((*keys, key), text) from None
     return out
 
 
@@ -523,16 +524,23 @@ def _section_types(cls: type = Config, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+_CORPUS_KEY = re.compile(r"data\.corpora\[(\d+)\]\.(\w+)")  # an override of one corpus's field
+
+
 def _parse_override(item: str) -> tuple[str, Any]:
     """`model.layers=3` -> ("model.layers", 3); string fields keep the raw text."""
     key, sep, raw = item.partition("=")
     key = key.strip().removeprefix("--")
     if not sep or not key:
         raise _Invalid(key, f"override {item!r} is not of the form key=value")
-    types_by_key = _section_types()
-    if key not in types_by_key:
+    corpus = _CORPUS_KEY.fullmatch(key)
+    if corpus:  # data.corpora[1].weight: one field of one corpus
+        tp = typing.get_type_hints(CorpusConfig).get(corpus.group(2))
+    else:
+        tp = _section_types().get(key)
+    if tp is None:
         raise _Invalid(key, f"unknown key {key}")
-    if types_by_key[key] is str:
+    if tp is str:
         return key, raw
     try:
         return key, yaml.safe_load(raw)
@@ -541,6 +549,9 @@ def _parse_override(item: str) -> tuple[str, Any]:
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    if corpus := _CORPUS_KEY.fullmatch(key):
+        _set_corpus_field(tree, key, int(corpus.group(1)), corpus.group(2), value)
+        return
     *parents, leaf = key.split(".")
     for part in parents:
         node = tree.setdefault(part, {})
@@ -548,6 +559,16 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
             raise _Invalid(key, f"{part} must be a section (a mapping), got {node!r}")
         tree = node
     tree[leaf] = value
+
+
+def _set_corpus_field(tree: dict[str, Any], key: str, index: int, name: str, value: Any) -> None:
+    """Set field `name` of corpus `index` of the tree's data.corpora, which must have it."""
+    data = tree.get("data")
+    corpora = data.get("corpora") if isinstance(data, dict) else None
+    count = len(corpora) if isinstance(corpora, list) else 0
+    if index >= count or not isinstance(corpora[index], dict):
+        raise _Invalid(key, f"there is no data.corpora[{index}] (data.corpora has {count})")
+    corpora[index][name] = value
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

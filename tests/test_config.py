@@ -150,6 +150,29 @@ def test_override_errors_name_the_command_line() -> None:
     assert str(err.value) == "command line: model.heads=7 does not divide model.dim=512"
 
 
+def test_one_field_of_one_corpus_can_be_overridden() -> None:
+    multi = CONFIGS / "multi30k-multi.yaml"
+    config = load_config(multi, ["data.corpora[1].weight=3", "data.corpora[0].valid=dev"])
+    before = load_config(multi)
+    assert [c.weight for c in config.data.corpora] == [
+        3.0 if i == 1 else c.weight for i, c in enumerate(before.data.corpora)
+    ]
+    assert config.data.corpora[0].valid == "dev"  # string fields keep the raw text
+    assert config.data.corpora[2:] == before.data.corpora[2:]
+    for override, message in [
+        ("data.corpora[4].weight=1", "there is no data.corpora[4] (data.corpora has 4)"),
+        ("data.corpora[0].wait=1", "unknown key data.corpora[0].wait"),
+        ("data.corpora[0].weight=abc", "data.corpora[0].weight must be a number, got 'abc'"),
+        ("data.corpora[2].weight=-1", "data.corpora[2].weight=-1.0 must be positive"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            load_config(multi, [override])
+        assert str(err.value) == f"command line: {message}"
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "base.yaml", ["data.corpora[0].weight=2"])
+    assert str(err.value) == ("command line: there is no data.corpora[0] (data.corpora has 0)")
+
+
 def test_share_embeddings_needs_joint_vocab(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, "tokenizer: {joint: false}\n"))
