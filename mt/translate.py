@@ -308,16 +308,18 @@ def translate_batches(
 
 
 def _detokenise(tokenizer: Tokenizer, hyps: Sequence[Any], nbest: int) -> list[Translation]:
-    """The `nbest` best finite-scored hypotheses of one line as Translations, one-line text."""
-    # Search may return nothing, or only non-finite hypotheses, for a line the model cannot score.
+    """The `nbest` best finite-scored hypotheses of one line as Translations, one-line text.
+
+    Always `nbest` of them: NOT_FOUND fills the places of outputs the search could not find (a
+    length limit that leaves fewer possible outputs, unmet constraints, scores not finite).
+    """
     hyps = [h for h in hyps if math.isfinite(h.score)][:nbest]
-    if not hyps:
-        return [NOT_FOUND] * nbest
-    texts = tokenizer.decode_tgt([list(h.tokens) for h in hyps])
-    return [
+    texts = tokenizer.decode_tgt([list(h.tokens) for h in hyps]) if hyps else []
+    found = [
         Translation(text.translate(_LINE_BREAKS), float(h.score), list(h.tokens))
         for text, h in zip(texts, hyps, strict=True)
     ]
+    return found + [NOT_FOUND] * (nbest - len(found))
 
 
 def translate_lines(

@@ -138,6 +138,23 @@ def test_nbest_lines(trained_run: Path, tmp_path: Path) -> None:
     assert [row[2] for row in rows[3:6]] == ["", "", ""]  # a blank line: K blank hypotheses
 
 
+def test_nbest_lines_where_fewer_outputs_are_possible(trained_run: Path, tmp_path: Path) -> None:
+    source, prefixes = tmp_path / "in.txt", tmp_path / "prefixes.txt"
+    source.write_text("Der hund mag den see .\nDas kind findet ein auto .\n", encoding="utf-8")
+    # A prefix past the output length limit: the limit becomes the prefix and its EOS, so the
+    # search can find one output only.
+    long = " ".join(["The dog sees the cat ."] * 6)
+    prefixes.write_text(f"{long}\n\n", encoding="utf-8")
+    args = ["translate", "-m", str(trained_run), str(source), "--nbest", "3", "--beam", "4"]
+    result = CliRunner().invoke(app, [*args, "--prefix", str(prefixes)])
+    assert result.exit_code == 0, result.output
+    rows = [line.split("\t") for line in result.stdout.splitlines()]
+    assert [row[0] for row in rows] == ["0", "0", "0", "1", "1", "1"]
+    assert rows[0][2] == long and float(rows[0][1]) < 0
+    assert rows[1:3] == [["0", "nan", ""], ["0", "nan", ""]]
+    assert all(float(row[1]) < 0 and row[2] for row in rows[3:])
+
+
 def test_nbest_larger_than_beam_is_a_one_line_error(trained_run: Path, tmp_path: Path) -> None:
     source = tmp_path / "in.txt"
     source.write_text("Der hund .\n", encoding="utf-8")
