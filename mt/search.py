@@ -136,14 +136,19 @@ def max_lengths(src: Tensor, a: float, b: int, limit: int) -> Tensor:
 def output_limits(
     model: Decoder, src: Tensor, config: DecodeConfig, forced: Tensor | None = None
 ) -> Tensor:
-    """Each sentence's length limit (B,): `max_lengths`, raised to hold `forced` pieces and EOS.
+    """Each sentence's length limit (B,): `max_lengths`, or where the `forced` pieces and EOS
+    do not fit in it, those pieces, max_len_b more and EOS.
 
     forced (B,) counts the pieces a sentence's output must hold (prefix and constraints), so
-    that a prefix or constraint longer than the usual limit still leaves room to end.
+    that a prefix or constraint longer than the usual limit still leaves room to go on and end;
+    one that fits keeps the limit (an output given back as a prefix gives that output).
     """
     cap = model.max_positions - 1
     limit = max_lengths(src, config.max_len_a, config.max_len_b, cap)  # (B,)
-    return limit if forced is None else torch.maximum(limit, forced + 1).clamp(max=cap)
+    if forced is None:
+        return limit
+    raised = torch.where(forced + 1 > limit, forced + config.max_len_b + 1, limit)
+    return raised.clamp(max=cap)
 
 
 def forced_pieces(prefix: Tensor | None, constraints: Constraints | None) -> Tensor | None:

@@ -28,6 +28,7 @@ from mt.search import (
     greedy_search,
     length_penalty,
     max_lengths,
+    output_limits,
     prefixes,
     row_candidates,
     sample,
@@ -600,7 +601,14 @@ def test_a_prefix_longer_than_the_limit_raises_it(reverser: Transformer) -> None
     prefix = prefixes([[6, 7, 8, 9, 10]], torch.device("cpu"))
     short = DecodeConfig(beam=2, max_len_a=1.0, max_len_b=1)
     assert len(decode(reverser, src, short)[0][0].tokens) <= 2
-    assert decode(reverser, src, short, prefix=prefix)[0][0].tokens == [6, 7, 8, 9, 10]
+    # The prefix, then up to max_len_b pieces more: the limit is 5 + 1 + EOS.
+    for beam in (1, 2):
+        config = dataclasses.replace(short, beam=beam)
+        assert output_limits(reverser, src, config, torch.tensor([5])).tolist() == [7]
+        for hyps in decode(reverser, src, config, prefix=prefix):
+            assert hyps[0].tokens[:5] == [6, 7, 8, 9, 10] and len(hyps[0].tokens) <= 6
+    none_more = DecodeConfig(beam=2, max_len_a=1.0, max_len_b=0)
+    assert decode(reverser, src, none_more, prefix=prefix)[0][0].tokens == [6, 7, 8, 9, 10]
 
 
 def test_its_own_greedy_output_as_prefix_gives_it_back(reverser: Transformer) -> None:

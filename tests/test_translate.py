@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from typer.testing import CliRunner
 
 from mt import checkpoint as ckpt
 from mt.cli import app
+from mt.config import load_config, save_config
 from mt.device import model_products
 from mt.errors import MtError
 from mt.rundir import load_trained
@@ -139,13 +141,16 @@ def test_nbest_lines(trained_run: Path, tmp_path: Path) -> None:
 
 
 def test_nbest_lines_where_fewer_outputs_are_possible(trained_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    save_config(load_config(run / "config.yaml", ["decode.max_len_b=0"]), run / "config.yaml")
     source, prefixes = tmp_path / "in.txt", tmp_path / "prefixes.txt"
     source.write_text("Der hund mag den see .\nDas kind findet ein auto .\n", encoding="utf-8")
-    # A prefix past the output length limit: the limit becomes the prefix and its EOS, so the
-    # search can find one output only.
+    # A prefix past the output length limit, with max_len_b 0: the limit becomes the prefix and
+    # its EOS, so the search can find one output only.
     long = " ".join(["The dog sees the cat ."] * 6)
     prefixes.write_text(f"{long}\n\n", encoding="utf-8")
-    args = ["translate", "-m", str(trained_run), str(source), "--nbest", "3", "--beam", "4"]
+    args = ["translate", "-m", str(run), str(source), "--nbest", "3", "--beam", "4"]
     result = CliRunner().invoke(app, [*args, "--prefix", str(prefixes)])
     assert result.exit_code == 0, result.output
     rows = [line.split("\t") for line in result.stdout.splitlines()]

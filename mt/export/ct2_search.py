@@ -38,11 +38,13 @@ TINY_PENALTY = 1e-6  # CT2 length penalty standing in for mt's "none" (see the m
 def output_limit(decode: DecodeConfig, source_length: int, max_positions: int, forced: int) -> int:
     """mt's output length limit (EOS included) for one source holding `forced` prefix pieces.
 
-    As `mt.search.output_limits`: a * length + b, raised to hold the prefix and EOS.
+    As `mt.search.output_limits`: a * length + b, or for a prefix that does not fit in it with
+    EOS, the prefix, b more and EOS.
     """
     src = torch.ones(1, source_length, dtype=torch.long)  # any non-pad ids: only the count matters
     limit = int(max_lengths(src, decode.max_len_a, decode.max_len_b, max_positions - 1)[0])
-    return min(max(limit, forced + 1), max_positions - 1)
+    raised = forced + decode.max_len_b + 1 if forced + 1 > limit else limit
+    return min(raised, max_positions - 1)
 
 
 def ct2_options(
