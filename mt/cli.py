@@ -309,6 +309,38 @@ def translate_command(
     ] = None,
     weights: WeightsOption = None,
     quantize: QuantizeOption = "none",
+    sampling: Annotated[
+        bool | None,
+        typer.Option(
+            "--sampling/--no-sampling",
+            help=f"Sample translations instead of searching; --beam N draws N. {FROM_RUN}",
+            show_default=False,
+        ),
+    ] = None,
+    temperature: Annotated[
+        float | None,
+        typer.Option(help=f"Sampling temperature. {FROM_RUN}", show_default=False),
+    ] = None,
+    top_k: Annotated[
+        int | None,
+        typer.Option(
+            help=f"Sample from the K most probable pieces (0 = all). {FROM_RUN}", show_default=False
+        ),
+    ] = None,
+    top_p: Annotated[
+        float | None,
+        typer.Option(
+            help=f"Sample from the most probable pieces of this total probability. {FROM_RUN}",
+            show_default=False,
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            help=f"Sampling seed: the same input, the same samples (-1: new each run). {FROM_RUN}",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Translate a file or stdin with a trained model (see TRANSLATE_HELP)."""
     from mt.translate import translate_file
@@ -328,6 +360,11 @@ def translate_command(
         alpha=alpha,
         nbest=nbest,
         max_tokens=max_tokens,
+        sampling=sampling,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
     )
 
 

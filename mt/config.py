@@ -343,6 +343,7 @@ class DecodeConfig:
     temperature: float = 1.0  # sampling temperature
     top_k: int = 0  # sample from the k most probable tokens (0 = all)
     top_p: float = 1.0  # sample from the smallest set of tokens with this total probability
+    seed: int = -1  # sampling's seed: the same input gets the same samples (-1: new each run)
     valid_beam: int = 1  # beam used for validation BLEU during training (1 = greedy, fastest)
 
     def __post_init__(self) -> None:
@@ -377,6 +378,9 @@ class DecodeConfig:
         )
         _check(self.top_k >= 0, "decode.top_k", f"decode.top_k={self.top_k} must be >= 0")
         _check(0 < self.top_p <= 1, "decode.top_p", f"decode.top_p={self.top_p} must be in (0, 1]")
+        _check(
+            -1 <= self.seed < 2**63, "decode.seed", f"decode.seed={self.seed} must be in [-1, 2^63)"
+        )
 
     def for_validation(self) -> DecodeConfig:
         """The search of validation BLEU: beam valid_beam, the best output only, no sampling."""

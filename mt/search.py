@@ -106,22 +106,24 @@ def decode(
     scores: bool = False,
     prefix: Tensor | None = None,
     constraints: Constraints | None = None,
+    generator: torch.Generator | None = None,
 ) -> list[list[Hypothesis]]:
     """The hypotheses of each sentence of src (B, S) that `config` asks for, best first.
 
     `model` is one Transformer or an Ensemble. `prefix` (B, P), PAD after each row's pieces,
     forces how outputs start; `constraints` are phrases each output must contain, and take
     beam search (even at beam 1), with the best unconstrained hypotheses where none meets them.
-    Sampling draws max(beam, nbest) outputs. A beam of 1 for one output without min_len is
-    greedy search, unless `scores` asks for beam search's scores (n-best output prints them):
-    greedy scores its outputs the same way, but its sums may differ in the last bits.
+    Sampling draws max(beam, nbest) outputs, with `generator`'s random numbers if given. A beam
+    of 1 for one output without min_len is greedy search, unless `scores` asks for beam search's
+    scores (n-best output prints them): greedy scores its outputs the same way, but its sums may
+    differ in the last bits.
     """
     if constraints is not None:
         if config.sampling:
             raise ValueError("constraints need beam search, not sampling")
         return constrained_search(model, src, config, prefix, constraints)
     if config.sampling:
-        return sample(model, src, config, prefix=prefix)
+        return sample(model, src, config, generator, prefix)
     if config.beam == 1 and config.nbest == 1 and config.min_len == 0 and not scores:
         return greedy_search(model, src, config, prefix)
     return beam_search(model, src, config, prefix)

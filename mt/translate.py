@@ -292,6 +292,9 @@ def translate_batches(
     if empty:
         yield empty, [[EMPTY] * nbest for _ in empty]
     bar = tqdm(total=len(lines) - len(empty), unit="sent", disable=not progress, file=sys.stderr)
+    generator = None  # torch's global random numbers
+    if decode.sampling and decode.seed >= 0:
+        generator = torch.Generator(device).manual_seed(decode.seed)
     for batch in source_batches(ids, max_tokens or decode.max_tokens):
         src = collate_source([ids[i] for i in batch], batch).src.to(device)  # (B, S)
         rows = batch.tolist()
@@ -299,7 +302,7 @@ def translate_batches(
         wanted = None if constraints is None else [constraints[i] for i in rows]
         wanted = None if wanted is None else Constraints.of(wanted, device)
         with autocast(device, precision):
-            hypotheses = search.decode(model, src, decode, scores, prefix, wanted)
+            hypotheses = search.decode(model, src, decode, scores, prefix, wanted, generator)
         if wanted is not None and constraints is not None:
             warn_unmet(rows, hypotheses, list(constraints))
         yield batch.tolist(), [_detokenise(tokenizer, hyps, nbest) for hyps in hypotheses]

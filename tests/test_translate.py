@@ -160,6 +160,29 @@ def test_nbest_lines_where_fewer_outputs_are_possible(trained_run: Path, tmp_pat
     assert all(float(row[1]) < 0 and row[2] for row in rows[3:])
 
 
+def test_sampling_from_the_command_line_with_a_seed(trained_run: Path, tmp_path: Path) -> None:
+    source = tmp_path / "in.txt"
+    source.write_text("Der hund mag den see .\nDas kind findet ein auto .\n", encoding="utf-8")
+    args = ["translate", "-m", str(trained_run), str(source), "--precision", "fp32"]
+    samples = [*args, "--sampling", "--beam", "4", "--nbest", "4", "--temperature", "2"]
+    first, again, other = (
+        CliRunner().invoke(app, [*samples, "--seed", seed]) for seed in ("1", "1", "2")
+    )
+    assert first.exit_code == 0, first.output
+    assert first.stdout == again.stdout != other.stdout
+    rows = [line.split("\t") for line in first.stdout.splitlines()]
+    assert [row[0] for row in rows] == ["0"] * 4 + ["1"] * 4
+    for i in (0, 4):
+        scores = [float(row[1]) for row in rows[i : i + 4]]
+        assert scores == sorted(scores, reverse=True)
+    # One sample from the most probable piece only is the greedy translation.
+    greedy = CliRunner().invoke(app, [*args, "--beam", "1"])
+    top1 = CliRunner().invoke(app, [*args, "--sampling", "--beam", "1", "--top-k", "1"])
+    assert top1.stdout == greedy.stdout and greedy.stdout.count("\n") == 2
+    bad = CliRunner().invoke(app, [*args, "--sampling", "--temperature", "0"])
+    assert str(bad.exception) == "command line: decode.temperature=0.0 must be positive"
+
+
 def test_nbest_larger_than_beam_is_a_one_line_error(trained_run: Path, tmp_path: Path) -> None:
     source = tmp_path / "in.txt"
     source.write_text("Der hund .\n", encoding="utf-8")
