@@ -444,6 +444,8 @@ def translate_file(
     constraint_rows = None if constraints is None else read_aligned(constraints, lines, source)
     if output is not None and not Path(output).parent.is_dir():
         raise MtError(f"{output}: directory {Path(output).parent} does not exist")
+    if output is not None and Path(output).is_dir():
+        raise MtError(f"{output}: is a directory, not a file to write")
     config, tokenizer, model, checkpoints = load_models(models, dev, weights, quantization, prec)
     check_target(config, tokenizer, tgt_lang)
     decode = decode_settings(config, **overrides)

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -181,6 +182,22 @@ def test_sampling_from_the_command_line_with_a_seed(trained_run: Path, tmp_path:
     assert top1.stdout == greedy.stdout and greedy.stdout.count("\n") == 2
     bad = CliRunner().invoke(app, [*args, "--sampling", "--temperature", "0"])
     assert str(bad.exception) == "command line: decode.temperature=0.0 must be positive"
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_translating(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    source = tmp_path / "in.txt"
+    source.write_text("Der hund mag den see .\n", encoding="utf-8")
+    args = ["translate", "-m", str(trained_run), str(source), "-o"]
+    for output, message in [
+        (tmp_path, f"{tmp_path}: is a directory, not a file to write"),
+        (tmp_path / "no" / "out", f"{tmp_path / 'no' / 'out'}: directory {tmp_path / 'no'} does "
+         "not exist"),
+    ]:  # fmt: skip
+        with mock.patch("mt.translate.load_models", side_effect=AssertionError("loaded")):
+            result = CliRunner().invoke(app, [*args, str(output)])
+        assert isinstance(result.exception, MtError) and str(result.exception) == message
 
 
 def test_nbest_larger_than_beam_is_a_one_line_error(trained_run: Path, tmp_path: Path) -> None:
