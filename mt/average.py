@@ -11,7 +11,6 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from mt.checkpoint import (
@@ -20,6 +19,7 @@ from mt.checkpoint import (
     checkpoint_dir,
     list_checkpoints,
     read_metadata,
+    read_verified,
     save_tensors,
 )
 from mt.config import CONFIG_FILE, load_config
@@ -84,24 +84,20 @@ def average_tensors(paths: list[Path]) -> dict[str, Tensor]:
     sums: dict[str, Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
     for path in paths:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            names = set(handle.keys())
-            if sums and names != set(sums):
-                odd = sorted(names ^ set(sums))[0]
-                raise MtError(f"cannot average {paths[0]} and {path}: only one has tensor {odd}")
-            for name in names:
-                tensor = handle.get_tensor(name)
-                if name not in sums:
-                    sums[name], dtypes[name] = (
-                        torch.zeros_like(tensor, dtype=torch.float64),
-                        tensor.dtype,
-                    )
-                elif tensor.shape != sums[name].shape:
-                    raise MtError(
-                        f"cannot average {paths[0]} and {path}: tensor {name} has shape "
-                        f"{list(sums[name].shape)} in one and {list(tensor.shape)} in the other"
-                    )
-                sums[name] += tensor.double()
+        stored = read_verified(path)  # a damaged or diverged input would pass into the mean
+        if sums and set(stored) != set(sums):
+            odd = sorted(set(stored) ^ set(sums))[0]
+            raise MtError(f"cannot average {paths[0]} and {path}: only one has tensor {odd}")
+        for name, tensor in stored.items():
+            if name not in sums:
+                sums[name] = torch.zeros_like(tensor, dtype=torch.float64)
+                dtypes[name] = tensor.dtype
+            elif tensor.shape != sums[name].shape:
+                raise MtError(
+                    f"cannot average {paths[0]} and {path}: tensor {name} has shape "
+                    f"{list(sums[name].shape)} in one and {list(tensor.shape)} in the other"
+                )
+            sums[name] += tensor.double()
     # Integer tensors (none in the model today) would be rounded back by the cast: acceptable.
     return {name: (total / len(paths)).to(dtypes[name]) for name, total in sums.items()}
 

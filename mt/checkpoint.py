@@ -277,6 +277,24 @@ def _check_finite(path: Path, plan: dict[str, str], stored: dict[str, Tensor]) -
             )
 
 
+def _check_digest(path: Path, header: dict[str, str], stored: dict[str, Tensor]) -> None:
+    """MtError unless the stored tensors have the digest the header holds."""
+    # Files written before digests were stored (or by other tools) have none to check.
+    if DIGEST_KEY in header and _digest(stored) != header[DIGEST_KEY]:
+        raise MtError(f"{path}: corrupt checkpoint (weights digest mismatch)")
+
+
+def read_verified(path: Path) -> dict[str, Tensor]:
+    """Every tensor of a weights file as stored (tied ones once), digest and values checked."""
+    path = Path(path)
+    with _open_weights(path) as handle:
+        header = dict(handle.metadata() or {})
+        stored = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    _check_digest(path, header, stored)
+    _check_finite(path, {name: name for name in stored}, stored)
+    return stored
+
+
 def load_weights(
     path: Path,
     model: nn.Module,
@@ -291,9 +309,7 @@ def load_weights(
         _check_metadata(path, header, expected or {})
         plan = _plan_load(path, handle, model_state)
         stored = {source: handle.get_tensor(source) for source in set(plan.values())}
-    # Files written before digests were stored (or by other tools) have none to check.
-    if DIGEST_KEY in header and _digest(stored) != header[DIGEST_KEY]:
-        raise MtError(f"{path}: corrupt checkpoint (weights digest mismatch)")
+    _check_digest(path, header, stored)
     if not allow_nonfinite:
         _check_finite(path, plan, stored)
     # Copies into the existing parameters, so tied weights stay one tensor.

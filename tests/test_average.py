@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from pathlib import Path
@@ -165,6 +166,28 @@ def test_inputs_must_agree(tmp_path: Path) -> None:
     with pytest.raises(MtError, match="only one has tensor"):
         average_checkpoints([a, c], tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_damaged_or_diverged_inputs_are_refused(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", [10, 20])
+    damaged = run / "checkpoints" / "step-00000020.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[-4:] = b"\x00\x00\x96\x43"  # the last float becomes 300.0: the digest no longer fits
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(MtError) as err:
+        average_run(run, last=2)
+    assert str(err.value) == f"{damaged}: corrupt checkpoint (weights digest mismatch)"
+    diverged = tmp_path / "c" / "nan.safetensors"
+    diverged.parent.mkdir()
+    model = tiny_model(1)
+    with torch.no_grad():
+        model.encoder[0].ffn.fc1.weight[0, 0] = math.nan
+    ckpt.save_weights(diverged, model, META)
+    good = run / "checkpoints" / "step-00000010.safetensors"
+    with pytest.raises(MtError, match=r"nan.safetensors: tensor .* holds non-finite values"):
+        average_checkpoints([good, diverged], tmp_path / "c" / "out.safetensors")
+    assert not (run / "checkpoints" / AVERAGE_NAME).exists()
+    assert not (tmp_path / "c" / "out.safetensors").exists()
 
 
 def test_low_precision_weights_keep_their_dtype(tmp_path: Path) -> None:
