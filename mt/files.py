@@ -169,11 +169,12 @@ def atomic_directory(path: Path, replace: bool = False) -> Iterator[Path]:
     A missing or empty `path` is taken over in one rename. A non-empty one raises
     FileExistsError, or with `replace` is moved aside, swapped and only then deleted.
     """
-    path = Path(path)
+    shown = Path(path)  # in messages, as the user wrote it
+    path = Path(os.path.realpath(shown))  # a symlink's target is filled, the link kept
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        with write_errors(path, temp):
+        with write_errors(shown, temp):
             temp.mkdir()
             yield temp
             for file in temp.rglob("*"):

@@ -409,6 +409,38 @@ def test_out_is_replaced_only_with_force(postnorm_run: Path, tmp_path: Path) -> 
         export_model(postnorm_run, postnorm_run, "ct2", force=True)
 
 
+def test_out_through_a_symlink_fills_its_target(postnorm_run: Path, tmp_path: Path) -> None:
+    pytest.importorskip("ctranslate2", reason=NO_CT2)
+    target, link = tmp_path / "target", tmp_path / "link"
+    target.mkdir()
+    link.symlink_to(target)
+    export_model(postnorm_run, link, "ct2")
+    assert link.is_symlink() and (target / "model.bin").is_file()
+    (target / "model.bin").unlink()
+    export_model(postnorm_run, link, "ct2", force=True)  # a non-empty target, replaced
+    assert link.is_symlink() and (target / "model.bin").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "target"]
+
+
+def test_out_that_cannot_be_a_new_directory_is_refused(
+    postnorm_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "afile").write_text("x")
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for out, message in [
+        (tmp_path / "afile" / "out", f"{tmp_path / 'afile' / 'out'}: {tmp_path / 'afile'} is not "
+         "a directory"),
+        (Path("."), ".: the working directory (or above it); name a directory to create"),
+        (tmp_path, f"{tmp_path}: the working directory (or above it); name a directory to create"),
+    ]:  # fmt: skip
+        with pytest.raises(MtError) as err:
+            export_model(postnorm_run, out, "hf", force=True)
+        assert str(err.value) == message
+    assert list(here.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ("fmt", "quantization", "message"),
     [

@@ -16,6 +16,7 @@ as mt would, `hf.py` converts to Marian, `readme.py` writes the README beside ea
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -35,10 +36,16 @@ FORMATS = ("ct2", "hf")
 
 
 def check_output(out: Path, force: bool, weights: Path) -> None:
-    """MtError if OUT cannot take the export: a file, non-empty without --force, or the run."""
+    """MtError if OUT cannot take the export: a file, non-empty without --force, the run, the
+    working directory, or under something that is not a directory."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise MtError(f"{out}: exists and is not a directory")
+    parent = Path(os.path.realpath(out)).parent
+    if parent.exists() and not parent.is_dir():
+        raise MtError(f"{out}: {parent} is not a directory")
+    if Path.cwd().resolve().is_relative_to(Path(os.path.realpath(out))):
+        raise MtError(f"{out}: the working directory (or above it); name a directory to create")
     if out.is_dir() and weights.resolve().is_relative_to(out.resolve()):
         raise MtError(f"{out}: holds the checkpoint being exported; choose another directory")
     if out.is_dir() and any(out.iterdir()) and not force:
