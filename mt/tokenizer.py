@@ -198,7 +198,8 @@ def load_tokenizer(directory: Path) -> Tokenizer:
 def _load_model(path: Path) -> spm.SentencePieceProcessor:
     """Load one model file and check that it uses the project's special ids."""
     try:
-        model = spm.SentencePieceProcessor(model_file=str(path))
+        # From bytes: SentencePiece takes only UTF-8 file names, and a path need not be one.
+        model = spm.SentencePieceProcessor(model_proto=path.read_bytes())
     except (OSError, RuntimeError) as exc:
         raise DataError(f"{path}: not a SentencePiece model ({first_line(exc)})") from None
     ids = (model.pad_id(), model.unk_id(), model.bos_id(), model.eos_id())

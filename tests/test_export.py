@@ -429,7 +429,9 @@ def test_out_that_cannot_be_a_new_directory_is_refused(
     here = tmp_path / "here"
     here.mkdir()
     monkeypatch.chdir(here)
+    odd = tmp_path / os.fsdecode(b"o\xfe")  # not UTF-8
     for out, message in [
+        (odd, f"{odd}: the Hugging Face export needs a directory whose path is UTF-8"),
         (tmp_path / "afile" / "out", f"{tmp_path / 'afile' / 'out'}: {tmp_path / 'afile'} is not "
          "a directory"),
         (Path("."), ".: the working directory (or above it); name a directory to create"),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +101,14 @@ def test_a_tokenizer_knows_the_settings_it_was_trained_with(
         "byte_fallback": True,
     }
     assert load_tokenizer(split_dir).trained_with()["type"] == "unigram"
+
+
+def test_a_tokenizer_loads_from_a_path_that_is_not_utf8(joint_dir: Path, tmp_path: Path) -> None:
+    odd = tmp_path / os.fsdecode(b"bad\xffname")
+    shutil.copytree(joint_dir, odd)
+    assert load_tokenizer(odd).encode_src(["der hund"]) == load_tokenizer(joint_dir).encode_src(
+        ["der hund"]
+    )
 
 
 def test_retraining_other_layout_removes_stale_files(tiny: Corpus, tmp_path: Path) -> None:

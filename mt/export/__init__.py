@@ -52,6 +52,15 @@ def check_output(out: Path, force: bool, weights: Path) -> None:
         raise MtError(f"{out}: exists and is not empty; use --force to replace it")
 
 
+def _utf8(path: Path) -> bool:
+    """Whether the path's bytes are UTF-8 (a name from the file system need not be)."""
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def check_format(fmt: str, quantization: str | None) -> None:
     """MtError for an unknown format, a misplaced --quantization or a missing library."""
     if fmt not in FORMATS:
@@ -77,6 +86,9 @@ def export_model(
     config, tokenizer, model, checkpoint = load_trained(Path(run), torch.device("cpu"))
     if fmt == "hf" and (reason := marian_obstacle(model)) is not None:
         raise MtError(f"mt export --format hf: {reason}; use --format ct2")
+    if fmt == "hf" and not _utf8(Path(os.path.realpath(out))):
+        # transformers hands SentencePiece file names, which it takes in UTF-8 only.
+        raise MtError(f"{out}: the Hugging Face export needs a directory whose path is UTF-8")
     with atomic_directory(Path(out), replace=force) as temp:
         if fmt == "ct2":
             save_ct2(model, tokenizer, temp, quantization)

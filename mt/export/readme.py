@@ -74,7 +74,7 @@ from transformers import MarianMTModel, MarianTokenizer
 
 tokenizer = MarianTokenizer.from_pretrained(".")
 model = MarianMTModel.from_pretrained(".").eval()
-batch = tokenizer(["{tag}{_example(config)}"], return_tensors="pt", padding=True)
+batch = tokenizer(["{tag}{_example(config)}"], return_tensors="pt", padding=True, truncation=True)
 out = model.generate(**batch)  # mt's search settings, from generation_config.json
 print(tokenizer.batch_decode(out, skip_special_tokens=True))
 """
