@@ -17,10 +17,10 @@ from mt.checkpoint import (
     WEIGHTS_SUFFIX,
     Checkpoint,
     checkpoint_dir,
-    list_checkpoints,
     read_metadata,
     read_verified,
     save_tensors,
+    weights_checkpoints,
 )
 from mt.config import CONFIG_FILE, load_config
 from mt.errors import MtError
@@ -33,15 +33,15 @@ _PER_CHECKPOINT = ("step",)  # metadata that differs between checkpoints of one 
 
 
 def select_last(run_dir: Path, k: int) -> list[Checkpoint]:
-    """The k complete checkpoints with the highest steps, oldest first."""
-    found = list_checkpoints(run_dir)
+    """The k checkpoints with the highest steps, oldest first (weights suffice)."""
+    found = weights_checkpoints(run_dir)
     if k > len(found):
         raise MtError(f"asked to average {k} checkpoints but {run_dir} has {len(found)}")
     return found[-k:]
 
 
 def select_best(run_dir: Path, k: int) -> list[Checkpoint]:
-    """The k complete checkpoints with the highest dev BLEU (later wins ties), oldest first.
+    """The k checkpoints with the highest dev BLEU (later wins ties), oldest first.
 
     The BLEU is the one that picks the run's best checkpoint: that of data.select_direction if
     the run's config sets it, else the mean over its directions.
@@ -52,7 +52,7 @@ def select_best(run_dir: Path, k: int) -> list[Checkpoint]:
     for record in read_metrics(Path(run_dir), "valid"):
         if "bleu" in record:  # a re-run step: the last counts
             bleu[int(record["step"])] = selected_bleu(record, select)
-    scored = [c for c in list_checkpoints(run_dir) if c.step in bleu]
+    scored = [c for c in weights_checkpoints(run_dir) if c.step in bleu]
     if k > len(scored):
         raise MtError(
             f"asked to average the best {k} checkpoints but {run_dir} has {len(scored)} "

@@ -448,6 +448,20 @@ def _complete_in(directory: Path) -> list[Checkpoint]:
     return sorted(found, key=lambda ckpt: ckpt.step)
 
 
+def _weights_in(directory: Path) -> list[Checkpoint]:
+    """Step checkpoints with weights, with or without their training state, oldest first.
+
+    Weights alone are enough to decode or average: runs are often shipped without the states.
+    """
+    found = (Checkpoint.from_weights(w) for w in directory.glob("step-*" + WEIGHTS_SUFFIX))
+    return sorted((c for c in found if c.is_step), key=lambda ckpt: ckpt.step)
+
+
+def weights_checkpoints(run_dir: Path) -> list[Checkpoint]:
+    """A run's step checkpoints that have weights (see _weights_in), oldest first."""
+    return _weights_in(checkpoint_dir(run_dir))
+
+
 def list_checkpoints(run_dir: Path) -> list[Checkpoint]:
     """Complete step checkpoints (weights and the state saved with them), oldest first."""
     return _complete_in(checkpoint_dir(run_dir))
@@ -589,23 +603,23 @@ def _weights_of(state: Path) -> Path:
 
 
 def _preferred_in(directory: Path) -> Checkpoint | None:
-    """A checkpoints directory's best checkpoint, else its latest complete one.
+    """A checkpoints directory's best checkpoint, else its latest weights, to decode with.
 
     A `best` that names nothing valid (an older version's kill, a manual deletion) gives way
-    to the latest complete checkpoint, with a warning.
+    to the latest weights, with a warning.
     """
     try:
         best = _best_in(directory)
     except MtError as exc:
-        complete = _complete_in(directory)
-        if not complete:
+        found = _weights_in(directory)
+        if not found:
             raise
-        log.warning("%s; using the latest complete checkpoint, %s", exc, complete[-1].name)
-        return complete[-1]
+        log.warning("%s; using the latest checkpoint, %s", exc, found[-1].name)
+        return found[-1]
     if best is not None:
         return best
-    complete = _complete_in(directory)
-    return complete[-1] if complete else None
+    found = _weights_in(directory)
+    return found[-1] if found else None
 
 
 def resolve_checkpoint(path: Path) -> Checkpoint:

@@ -68,8 +68,10 @@ def train_command(
     from mt.train import train
 
     check_config_file(config, cfg)
-    if resume is not None:
-        resolve_checkpoint(resume)  # a missing checkpoint is an error now, not after the data
+    if resume is not None:  # a missing checkpoint or state is an error now, not after the data
+        state = resolve_checkpoint(resume).state
+        if not state.is_file():
+            raise MtError(f"--resume {resume}: {state} is missing (resuming needs it)")
     result = train(cfg, resume=resume)
     finish(cfg, result)
     if result.signum is not None:

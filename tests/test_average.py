@@ -190,6 +190,16 @@ def test_damaged_or_diverged_inputs_are_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "c" / "out.safetensors").exists()
 
 
+def test_a_run_shipped_without_its_training_states_averages_and_decodes(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", [10, 20, 30], bleu={10: 5.0, 20: 7.0, 30: 6.0})
+    for state in (run / "checkpoints").glob("*.state.pt"):
+        state.unlink()
+    assert ckpt.list_checkpoints(run) == []  # nothing to resume from
+    assert ckpt.resolve_checkpoint(run).step == 30  # the latest weights, to decode with
+    assert averaged_steps(average_run(run, last=2)) == [20, 30]
+    assert averaged_steps(average_run(run, best=2)) == [20, 30]
+
+
 def test_low_precision_weights_keep_their_dtype(tmp_path: Path) -> None:
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     x = torch.tensor([1.0, 2.0, 3.0], dtype=torch.bfloat16)

@@ -150,10 +150,16 @@ def test_data_errors_exit_1_with_one_line(tmp_path: Path) -> None:
 def test_train_checks_test_data_resume_and_cache_before_any_work(tmp_path: Path) -> None:
     run_dir, missing, a_file = tmp_path / "run", tmp_path / "missing", tmp_path / "a_file"
     a_file.write_text("", encoding="utf-8")
+    shipped = tmp_path / "shipped" / "checkpoints" / "step-00000010.safetensors"  # no state
+    shipped.parent.mkdir(parents=True)
+    shipped.write_bytes(b"weights")
     cases = [
         (tiny_args(run_dir, f"data.test={missing}"), f"data.test: corpus {missing}: no de file"),
         ([*tiny_args(run_dir), "--resume", str(missing / "step-1.safetensors")],
          f"{missing / 'step-1.safetensors'}: no checkpoint found"),
+        ([*tiny_args(run_dir), "--resume", str(shipped.parent.parent)],
+         f"--resume {shipped.parent.parent}: {shipped.with_suffix('').with_suffix('.state.pt')} "
+         "is missing (resuming needs it)"),
         (tiny_args(run_dir, f"data.cache_dir={a_file}"),
          f"data.cache_dir {a_file}: not a directory"),
     ]  # fmt: skip
