@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mt.batching import BatchSampler, MixtureSampler, describe_epoch
-from mt.checkpoint import Checkpoint, load_weights, resolve_checkpoint
+from mt.checkpoint import CHECKPOINT_DIR, Checkpoint, load_weights, resolve_checkpoint
 from mt.config import CONFIG_FILE, Config, TokenizerConfig, config_text, load_config
 from mt.corpora import Corpus, open_corpus
 from mt.errors import ConfigError, DataError
@@ -319,6 +319,12 @@ def load_trained(
     """
     checkpoint = resolve_checkpoint(Path(path))
     run_dir = checkpoint.run_dir
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise ConfigError(
+            f"{checkpoint.weights}: not in a run's {CHECKPOINT_DIR} directory (no {CONFIG_FILE} "
+            f"in {run_dir}); a model file loads from RUN/{CHECKPOINT_DIR}/, beside the run's "
+            "config and tokenizer"
+        )
     config = load_run_config(run_dir)
     tokenizer = load_tokenizer(run_dir / TOKENIZER_DIR)
     model = Transformer(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)

@@ -210,6 +210,16 @@ def test_nbest_larger_than_beam_is_a_one_line_error(trained_run: Path, tmp_path:
 
 
 @pytest.mark.slow
+def test_a_model_file_outside_a_run_is_a_one_line_error(trained_run: Path, tmp_path: Path) -> None:
+    loose = tmp_path / "model.safetensors"
+    shutil.copyfile(ckpt.resolve_checkpoint(trained_run).weights, loose)
+    result = CliRunner().invoke(app, ["translate", "-m", str(loose)], input="Der hund .\n")
+    assert str(result.exception) == (
+        f"{loose}: not in a run's checkpoints directory (no config.yaml in {tmp_path.parent}); "
+        "a model file loads from RUN/checkpoints/, beside the run's config and tokenizer"
+    )
+
+
 def test_invalid_utf8_is_a_one_line_error(trained_run: Path, tmp_path: Path) -> None:
     source = tmp_path / "bad.txt"
     source.write_bytes(b"Der hund .\nDas \xff kind .\n")
