@@ -163,14 +163,16 @@ def tokenizer_encode(
     path: InputArg = "-",
     side: Annotated[Side, typer.Option(help="Which side's model to use.")] = "src",
     pieces: Annotated[bool, typer.Option(help="Print pieces instead of ids.")] = False,
+    tgt_lang: TgtLangOption = None,
 ) -> None:
     """Encode text: one line in, one line of space-separated ids (or pieces) out."""
     from mt.corpora import read_lines
     from mt.rundir import find_tokenizer
 
     tokenizer = find_tokenizer(model)
+    lines = list(read_lines(path))
     with ends_quietly_on_a_closed_pipe():
-        for line in tokenizer.encode_lines(list(read_lines(path)), side, pieces):
+        for line in tokenizer.encode_lines(lines, side, pieces, tgt_lang):
             typer.echo(line)
 
 

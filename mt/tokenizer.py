@@ -145,10 +145,22 @@ class Tokenizer:
         processor = self.side(side)
         return [processor.id_to_piece(i) for i in range(processor.vocab_size())]
 
-    def encode_lines(self, lines: list[str], side: str, pieces: bool) -> list[str]:
-        """Each text as its space-separated ids (or pieces), without BOS/EOS: one line each."""
-        encoded = self.side(side).encode(lines, out_type=str if pieces else int)
-        return [" ".join(map(str, row)) for row in encoded]
+    def encode_lines(
+        self, lines: list[str], side: str, pieces: bool, tgt_lang: str | None = None
+    ) -> list[str]:
+        """Each text as its space-separated ids (or pieces), without BOS/EOS: one line each.
+
+        With `tgt_lang`, sources start with its tag, as the model reads them.
+        """
+        if tgt_lang is None:
+            encoded = self.side(side).encode(lines, out_type=str if pieces else int)
+            return [" ".join(map(str, row)) for row in encoded]
+        if side != "src":
+            raise MtError("--tgt-lang tags sources: it needs --side src")
+        rows = self.encode_src(lines, tgt_lang)
+        return [
+            " ".join(self.src.id_to_piece(i) if pieces else str(i) for i in row) for row in rows
+        ]
 
     def decode_lines(self, lines: Iterable[str], side: str, name: str) -> list[str]:
         """Texts of lines of space-separated ids; DataError naming `name` and the line if bad.

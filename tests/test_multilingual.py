@@ -214,6 +214,7 @@ def test_serve_translates_into_the_requested_language(multi_run: Path) -> None:
             assert (info["source_languages"], info["target_languages"]) == (
                 ["de", "en", "fr"], ["en", "de", "fr"]
             )  # fmt: skip
+            assert info["directions"] == list(MULTI_DIRECTIONS)
             for lang in ("en", "fr"):
                 answer = client.post("/v1/translate", json={"text": lines, "tgt_lang": lang})
                 assert answer.status_code == 200, answer.text
@@ -289,3 +290,19 @@ def test_resume_may_change_a_corpus_dev_set_not_its_training_data(
     )
     resumed = train(multi_config(multiway, run, *fixture, corpora("valid", multiway / "valid")))
     assert resumed.state.step == 60
+
+
+@pytest.mark.slow
+def test_tokenizer_encode_puts_the_target_languages_tag_first(multi_run: Path) -> None:
+    tokenizer = prepare_tokenizer(load_config(multi_run / "config.yaml"))
+    args = ["tokenizer", "encode", "-m", str(multi_run), "--tgt-lang", "fr"]
+    pieces = CliRunner().invoke(app, [*args, "--pieces"], input="Ein mann .\n\n")
+    assert pieces.exit_code == 0, pieces.output
+    assert pieces.stdout.splitlines() == [
+        " ".join([">>fr<<", *tokenizer.src.encode("Ein mann .", out_type=str)]),
+        "",  # a blank line stays blank, untagged
+    ]
+    ids = CliRunner().invoke(app, args, input="Ein mann .\n")
+    assert ids.stdout.split()[0] == str(tokenizer.tags["fr"])
+    target = CliRunner().invoke(app, [*args, "--side", "tgt"], input="a man .\n")
+    assert str(target.exception) == "--tgt-lang tags sources: it needs --side src"

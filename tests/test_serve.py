@@ -182,6 +182,7 @@ def test_model_card_health_schema_and_page(client: TestClient, trained_run: Path
     _, _, model, _ = load_trained(trained_run, CPU)
     card = client.get("/v1/model").json()
     assert card["source_languages"] == ["de"] and card["target_languages"] == ["en"]
+    assert card["directions"] == ["de-en"]
     assert card["parameters"] == count_parameters(model)
     assert (card["checkpoint"], card["steps"]) == ("step-00000300", 300)
     assert card["best_dev_bleu"] == max(r["bleu"] for r in read_metrics(trained_run, "valid"))

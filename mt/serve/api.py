@@ -107,6 +107,9 @@ class ModelInfo(BaseModel):
 
     source_languages: list[str]
     target_languages: list[str]
+    directions: list[str] = Field(
+        description="The directions trained, e.g. de-en; others are zero-shot."
+    )
     parameters: int
     checkpoint: str
     steps: int | None = Field(description="Training steps (None when unknown).")
