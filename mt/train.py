@@ -58,6 +58,7 @@ from mt.metrics import MetricsLog, read_metrics, selected_bleu
 from mt.model import Transformer, count_parameters, set_dropout
 from mt.optim import Schedule, make_optimizer, make_scheduler
 from mt.rundir import (
+    TOKENIZER_DIR,
     checkpoint_metadata,
     encode_directions,
     encode_train,
@@ -656,6 +657,24 @@ def train(config: Config, resume: Path | None = None) -> TrainResult:
         distributed.teardown(world)
 
 
+UNK_WARNING = 0.01  # a dev set with more unknown pieces than this gets a warning
+
+
+def warn_unknown_pieces(config: Config, stats: dict[str, Any]) -> None:
+    """Warn of dev sets the tokenizer cannot spell (a language it was not trained on?)."""
+    for name, direction in stats["directions"].items():
+        rates = dict(
+            zip(("source", "target"), direction.get("valid_unk_rate", (0.0, 0.0)), strict=True)
+        )
+        for side, rate in rates.items():
+            if rate > UNK_WARNING:
+                log.warning(
+                    f"warning: {split_label(config, 'valid', name)}: {rate:.1%} of the {side} "
+                    "pieces are unknown to the tokenizer (was it trained without that language? "
+                    f"delete {run_path(config) / TOKENIZER_DIR} to retrain it)"
+                )
+
+
 def begin(run: Run, stack: contextlib.ExitStack) -> None:
     """Rank 0: record the accepted config, open the metrics log, describe the run."""
     if not run.world.is_main:
@@ -668,7 +687,10 @@ def begin(run: Run, stack: contextlib.ExitStack) -> None:
     for name, test in encode_directions(config, run.tokenizer, "test").items():
         max_len = learner.model.max_positions - 1
         report_long(test, max_len, split_label(config, "test", name), "the report")
-    write_data_stats(run.directory, run.train_data, run.tokenizer, open_directions(config, "valid"))
+    stats = write_data_stats(
+        run.directory, run.train_data, run.tokenizer, open_directions(config, "valid")
+    )
+    warn_unknown_pieces(config, stats)
     tc = config.train
     log.info("train: %s", run.train_data.stats.describe())
     log.info("model: %s parameters", f"{count_parameters(learner.model):,}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import os
 import shutil
@@ -274,6 +275,26 @@ def test_a_run_started_from_another_runs_checkpoint_has_its_own_best(tmp_path: P
     assert result.state.best_bleu == valid[0]["bleu"] < first.state.best_bleu
     best = ckpt.best_checkpoint(second)
     assert best is not None and best.step == 130
+
+
+@pytest.mark.slow
+def test_a_dev_set_the_tokenizer_cannot_spell_is_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tiny_dir = ROOT / "tests" / "data" / "tiny"
+    shutil.copy(tiny_dir / "valid.en", tmp_path / "valid.en")
+    lines = (tiny_dir / "valid.de").read_text(encoding="utf-8").splitlines()
+    greek = ["Ο σκύλος βλέπει τη γάτα ." if i % 2 else line for i, line in enumerate(lines)]
+    (tmp_path / "valid.de").write_text("".join(f"{line}\n" for line in greek), encoding="utf-8")
+    run = tmp_path / "run"
+    train(tiny(run, "train.max_steps=1", f"data.valid={tmp_path / 'valid'}"))  # no byte pieces
+    src, tgt = json.loads((run / "data.json").read_text())["directions"]["de-en"]["valid_unk_rate"]
+    assert src > 0.1 and tgt == 0
+    warnings = [m for m in caplog.messages if m.startswith("warning: valid")]
+    assert warnings == [
+        f"warning: valid: {src:.1%} of the source pieces are unknown to the tokenizer (was it "
+        f"trained without that language? delete {run / 'tokenizer'} to retrain it)"
+    ]
 
 
 def poisoned_loss(calls_to_poison: set[int] | None):
