@@ -106,26 +106,32 @@ def read_aligned(path: Path, lines: Sequence[str], source: str) -> list[str]:
     return rows
 
 
-def encode_prefixes(path: Path, rows: Sequence[str], tokenizer: Tokenizer, limit: int) -> list:
+def forced_problem(ids: Sequence[int], limit: int) -> str | None:
+    """What keeps target pieces from being forced into an output (a prefix or a constraint
+    phrase): empty, text the vocabulary cannot spell (UNK), more than `limit`; None if fine."""
+    if not ids:
+        return "is empty"
+    if UNK_ID in ids:
+        return "holds characters that the target vocabulary lacks"
+    if len(ids) > limit:
+        return f"has {len(ids):,} pieces, more than the {limit:,} an output can hold"
+    return None
+
+
+def encode_prefixes(
+    path: Path, rows: Sequence[str], tokenizer: Tokenizer, limit: int
+) -> list[list[int]]:
     """Target pieces of each line's prefix (none for an empty line), at most `limit` each."""
     ids = tokenizer.encode_tgt(list(rows))
     for number, seq in enumerate(ids, start=1):
-        check_spelled(seq, f"{path}: line {number}: the prefix")
-        if len(seq) > limit:
-            raise MtError(
-                f"{path}: line {number}: the prefix has {len(seq):,} pieces, more than the "
-                f"{limit:,} an output can hold"
-            )
+        if seq and (problem := forced_problem(seq, limit)):
+            raise MtError(f"{path}: line {number}: the prefix {problem}")
     return ids
 
 
-def check_spelled(ids: Sequence[int], what: str) -> None:
-    """MtError if forced pieces hold UNK: text that the target vocabulary cannot spell."""
-    if UNK_ID in ids:
-        raise MtError(f"{what} holds characters that the target vocabulary lacks")
-
-
-def encode_constraints(path: Path, rows: Sequence[str], tokenizer: Tokenizer, limit: int) -> list:
+def encode_constraints(
+    path: Path, rows: Sequence[str], tokenizer: Tokenizer, limit: int
+) -> list[list[list[int]]]:
     """Target pieces of each line's tab-separated phrases (none for an empty line)."""
     phrases = [row.split("\t") if row else [] for row in rows]
     flat = iter(tokenizer.encode_tgt([text for line in phrases for text in line]))
@@ -133,14 +139,8 @@ def encode_constraints(path: Path, rows: Sequence[str], tokenizer: Tokenizer, li
     for number, line in enumerate(phrases, start=1):
         ids = [next(flat) for _ in line]
         for j, seq in enumerate(ids, start=1):
-            where = f"{path}: line {number}: constraint {j}"
-            if not seq:
-                raise MtError(f"{where} is empty")
-            check_spelled(seq, where)
-            if len(seq) > limit:
-                raise MtError(
-                    f"{where} has {len(seq):,} pieces, more than the {limit:,} an output can hold"
-                )
+            if problem := forced_problem(seq, limit):
+                raise MtError(f"{path}: line {number}: constraint {j} {problem}")
         out.append(ids)
     return out
 

@@ -274,7 +274,7 @@ BAD = [
     (b'{"text": "a", "constraints": ["dog"]}', JSON, 422,
      "constraints[0]: Input should be a valid list"),
     (b'{"text": ["a", "b"], "constraints": [[], ["dog", " "]]}', JSON, 422,
-     "constraints[1][1]: empty phrase"),
+     "constraints[1][1]: is empty"),
 ]  # fmt: skip
 
 
@@ -311,12 +311,17 @@ def test_limits_on_size_sentences_and_length(
             "error": f"text[1]: {pieces} pieces exceed the model's limit of 127"
         }
         # Prefixes and constraints: mt translate's limit, the pieces an output holds before EOS.
-        out = f"{len(tokenizer.encode_tgt([long])[0])} pieces, more than the 126 an output can hold"
+        pieces = len(tokenizer.encode_tgt([long])[0])
+        out = f"has {pieces} pieces, more than the 126 an output can hold"
         for steering, error in (
             ({"prefix": ["", long]}, f"prefix[1]: {out}"),
             ({"constraints": [[], ["dog", long]]}, f"constraints[1][1]: {out}"),
-        ):
-            response = post(client, {"text": ["a", "b"], **steering})
+            ({"prefix": "Ω"}, "prefix: holds characters that the target vocabulary lacks"),
+            ({"constraints": [[], ["Ω"]]},
+             "constraints[1][0]: holds characters that the target vocabulary lacks"),
+        ):  # fmt: skip
+            text = ["a"] if isinstance(steering.get("prefix"), str) else ["a", "b"]
+            response = post(client, {"text": text, **steering})
             assert (response.status_code, response.json()) == (422, {"error": error})
 
 

@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mt.serve.limits import Limits
 from mt.serve.worker import Batcher, Job, Result, Unavailable
 from mt.tokenizer import Tokenizer
-from mt.translate import Translation, encode_sources
+from mt.translate import Translation, encode_sources, forced_problem
 
 RETRY_AFTER_S = 1  # what a 503 tells clients to wait: about one batch of decoding
 CLIENT_GONE = 499  # nginx's code for "client closed request": nobody reads this response
@@ -297,7 +297,8 @@ def _prefixes(prefix: str | list[str], count: int, served: Served, room: int) ->
     _check_unicode("prefix", rows)
     ids = served.tokenizer.encode_tgt(rows)
     for index, seq in enumerate(ids):
-        _check_room("prefix" if isinstance(prefix, str) else f"prefix[{index}]", seq, room)
+        if seq and (problem := forced_problem(seq, room)):
+            raise RequestError("prefix" if isinstance(prefix, str) else f"prefix[{index}]", problem)
     return ids
 
 
@@ -315,9 +316,8 @@ def _constraints(
     ids = [[next(flat) for _ in row] for row in phrases]
     for i, row in enumerate(ids):
         for j, seq in enumerate(row):
-            if not seq:
-                raise RequestError(f"constraints[{i}][{j}]", "empty phrase")
-            _check_room(f"constraints[{i}][{j}]", seq, room)
+            if problem := forced_problem(seq, room):
+                raise RequestError(f"constraints[{i}][{j}]", problem)
     return ids
 
 
@@ -340,12 +340,6 @@ def _check_aligned(field: str, given: int, count: int) -> None:
     if given != count:
         sentences = "1 sentence" if count == 1 else f"{count} sentences"
         raise RequestError(field, f"{given} for {sentences}; give one per sentence")
-
-
-def _check_room(field: str, seq: list[int], room: int) -> None:
-    """RequestError when `seq` cannot fit in an output of `room` pieces (as mt translate)."""
-    if len(seq) > room:
-        raise RequestError(field, f"{len(seq):,} pieces, more than the {room:,} an output can hold")
 
 
 async def _results(job: Job, request: Request, batcher: Batcher) -> list[Result] | None:
