@@ -195,15 +195,6 @@ def tokenizer_decode(
 # --- translate, evaluate, average -------------------------------------------------------------
 
 FROM_RUN = "(default: from the run's config)"
-TrainedModelOption = Annotated[
-    Path,
-    typer.Option(
-        "--model",
-        "-m",
-        help="Run directory (its best checkpoint, else its latest), checkpoints directory, "
-        "or .safetensors file (e.g. an average).",
-    ),
-]
 TrainedModelsOption = Annotated[
     list[Path],
     typer.Option(

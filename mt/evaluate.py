@@ -60,11 +60,15 @@ def format_text(scores: dict[str, MetricScore]) -> str:
 
 def format_json(scores: dict[str, MetricScore]) -> str:
     """{"bleu": {"name", "score", "signature"}, "chrf": ..., "ter": ...} as indented JSON."""
-    tree = {
+    return json.dumps(_tree(scores), indent=2, ensure_ascii=False)
+
+
+def _tree(scores: dict[str, MetricScore]) -> dict[str, dict[str, Any]]:
+    """Each metric's name, score and signature, as JSON wants them."""
+    return {
         key: {"name": s.name, "score": s.score, "signature": s.signature}
         for key, s in scores.items()
     }
-    return json.dumps(tree, indent=2, ensure_ascii=False)
 
 
 def check_aligned(hyps: list[str], refs: list[str], hyp_name: str, ref_name: str) -> None:
@@ -96,8 +100,7 @@ def format_table(by_direction: dict[str, dict[str, MetricScore]]) -> str:
 def format_json_records(by_direction: dict[str, dict[str, MetricScore]]) -> str:
     """A JSON list: one record per direction, {"direction", "bleu": {...}, "chrf", "ter"}."""
     records = [
-        {"direction": direction, **json.loads(format_json(scores))}
-        for direction, scores in by_direction.items()
+        {"direction": direction, **_tree(scores)} for direction, scores in by_direction.items()
     ]
     return json.dumps(records, indent=2, ensure_ascii=False)
 

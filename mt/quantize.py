@@ -9,8 +9,8 @@ fp32 and CTranslate2's int8.
 
 It uses torch's eager dynamic quantisation (torch.ao.quantization.quantize_dynamic, the
 fbgemm/oneDNN int8 kernels). torch marks it deprecated in favour of torchao, whose eager int8
-linear ran barely faster than fp32 on a CPU in a micro-benchmark (Zen 4, 2026-12-04: 15%, where
-this path ran 3-6x), so this stays until torch removes it; then `--quantize int8` says so.
+linear was far slower than this path when tried on a CPU, so this stays until torch removes it;
+then `--quantize int8` says so.
 """
 
 from __future__ import annotations

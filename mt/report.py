@@ -19,7 +19,7 @@ from mt.checkpoint import checkpoint_dir, resolve_checkpoint
 from mt.config import CONFIG_FILE, Config
 from mt.data import DATA_FILE
 from mt.device import describe_precision
-from mt.evaluate import MetricScore, score
+from mt.evaluate import MetricScore, score, translate_test_sets
 from mt.files import atomic_write_bytes
 from mt.metrics import read_metrics, record_directions, selected_bleu
 from mt.model import Transformer, count_parameters
@@ -50,8 +50,6 @@ def test_scores(
     direction, test.hyp.<direction> (e.g. test.hyp.de-en) for a run of several, even where only
     one of them has a test set.
     """
-    from mt.evaluate import translate_test_sets
-
     checkpoint = report_checkpoint(run_dir)
     translations = translate_test_sets(checkpoint, device, precision)
     targets = {c.direction: c.tgt_lang for c in load_run_config(run_dir).data.directions()}

@@ -173,7 +173,7 @@ def length_penalty(length: Tensor | int, alpha: float, kind: str) -> Tensor | fl
 
 
 def plan(src: Tensor, limit: Tensor) -> tuple[int, bool]:
-    """The steps to run, the longest limit (B,), and whether src holds padding: one device read.
+    """The steps to run (the longest of `limit` (B,)) and whether src holds padding: one read.
 
     Without padding the model attends without masks, which lets SDPA use its fastest kernels.
     """

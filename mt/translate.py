@@ -28,7 +28,7 @@ from mt import search
 from mt.batching import collate_source, source_batches
 from mt.checkpoint import read_metadata, resolve_checkpoint
 from mt.config import Config, DecodeConfig, from_dict
-from mt.corpora import read_lines
+from mt.corpora import input_name, read_lines
 from mt.device import (
     Features,
     autocast,
@@ -101,8 +101,7 @@ def read_aligned(path: Path, lines: Sequence[str], source: str) -> list[str]:
     """The lines of `path`, one per input line: MtError naming both when the counts differ."""
     rows = list(read_lines(path))
     if len(rows) != len(lines):
-        name = "stdin" if source == "-" else source
-        raise MtError(f"{path}: {len(rows)} lines, but {name} has {len(lines)}")
+        raise MtError(f"{path}: {len(rows)} lines, but {input_name(source)} has {len(lines)}")
     return rows
 
 
@@ -305,7 +304,7 @@ def translate_batches(
             hypotheses = search.decode(model, src, decode, scores, prefix, wanted, generator)
         if wanted is not None and constraints is not None:
             warn_unmet(rows, hypotheses, list(constraints))
-        yield batch.tolist(), [_detokenise(tokenizer, hyps, nbest) for hyps in hypotheses]
+        yield rows, [_detokenise(tokenizer, hyps, nbest) for hyps in hypotheses]
         bar.update(len(batch))
     bar.close()
 
