@@ -24,6 +24,8 @@ from mt.files import atomic_write_bytes
 CONFIG_FILE = "config.yaml"  # the resolved config inside a run directory
 LengthPenalty = Literal["gnmt", "average", "none"]
 LENGTH_PENALTIES = typing.get_args(LengthPenalty)
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+PRECISIONS = typing.get_args(Precision)
 
 
 class _Invalid(Exception):
@@ -227,7 +229,7 @@ class TrainConfig:
     max_epochs: int = 0  # stop after this many epochs (0 = no limit)
     max_minutes: float = 0.0  # stop after this much training time, validation included (0 = off)
     seed: int = 1  # seeds batching, dropout and initialisation
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = (
+    precision: Precision = (
         "auto"  # auto: bf16/fp16 on CUDA; on CPU bf16 if timed >= 1.2x faster than fp32 at start
     )
     device: str = "auto"  # auto, cpu, cuda, cuda:N

@@ -33,6 +33,7 @@ from mt.files import atomic_write_bytes, write_errors
 from mt.tokenizer import unk_rate
 
 if TYPE_CHECKING:
+    from mt.config import DataConfig
     from mt.corpora import Corpus
     from mt.tokenizer import Tokenizer
 
@@ -226,21 +227,23 @@ def encode_corpus(
     corpus: Corpus,
     tokenizer: Tokenizer,
     cache_dir: Path,
+    settings: DataConfig,
     *,
-    filter: bool,
-    max_len: int = 256,
-    max_ratio: float = 3.0,
-    num_proc: int = 1,
+    filter_lengths: bool,
 ) -> EncodedCorpus:
-    """Encode (and, with ``filter``, length-filter) a corpus, or load it from the cache."""
-    key = cache_key(corpus.fingerprint(), tokenizer.fingerprint(), filter, max_len, max_ratio)
+    """Encode a corpus, or load it from the cache; with `filter_lengths`, drop the pairs that
+    `settings` (data.max_len, data.max_ratio) rule out. data.num_proc processes encode."""
+    max_len, max_ratio = settings.max_len, settings.max_ratio
+    key = cache_key(
+        corpus.fingerprint(), tokenizer.fingerprint(), filter_lengths, max_len, max_ratio
+    )
     target = Path(cache_dir) / key
     remove_stale_temps(Path(cache_dir))
     if (target / STATS_FILE).is_file():
         log.info("%s: reused the cached encoding in %s", corpus.describe(), target)
     else:
-        limits = (max_len, max_ratio) if filter else None
-        _build(corpus, tokenizer, target, limits, num_proc)
+        limits = (max_len, max_ratio) if filter_lengths else None
+        _build(corpus, tokenizer, target, limits, settings.num_proc)
         log.info("%s: encoded and cached in %s", corpus.describe(), target)
     return load_encoded(target)
 

@@ -248,10 +248,8 @@ def encode(config: Config, tokenizer: Tokenizer, which: str, corpus: Corpus) -> 
         corpus,
         tokenizer,
         cache_dir(config),
-        filter=which == "train",
-        max_len=config.data.max_len,
-        max_ratio=config.data.max_ratio,
-        num_proc=config.data.num_proc,
+        config.data,
+        filter_lengths=which == "train",
     )
     if len(encoded) == 0:  # nothing to sample batches from: training would never take a step
         raise DataError(

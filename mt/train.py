@@ -307,6 +307,16 @@ def optimizer_step(
     return True
 
 
+def out_of_time(tc: TrainConfig, seconds: float) -> bool:
+    """Whether `seconds` of training have used up train.max_minutes (never, when it is 0)."""
+    return bool(tc.max_minutes) and seconds >= 60 * tc.max_minutes
+
+
+def perplexity(nll: float) -> float:
+    """exp of a per-token negative log-likelihood, capped so that a diverged one stays finite."""
+    return math.exp(min(nll, 100.0))
+
+
 def cooldown_due(tc: TrainConfig, state: TrainState, seconds: float) -> int:
     """Updates of the cool-down if it begins after the update being applied; 0 if not yet.
 
@@ -734,7 +744,7 @@ def loop(run: Run) -> TrainResult:
             stop_early = state.unvalidated and validate_and_save(run)
             # A run resumed with its time spent stops before another update. Every rank
             # restored the same train_seconds, so they all agree without a collective.
-            if spent := bool(tc.max_minutes) and state.train_seconds >= 60 * tc.max_minutes:
+            if spent := out_of_time(tc, state.train_seconds):
                 log.info("reached train.max_minutes=%g at step %d", tc.max_minutes, state.step)
             while not stop_early and not spent and state.step < tc.max_steps:
                 # 1. This rank's micro-batches of the next update, collated in the background.
@@ -747,7 +757,7 @@ def loop(run: Run) -> TrainResult:
                 # 2. Forward, backward, gradients summed. Dropout depends on (seed, rank, step).
                 torch.manual_seed(step_seed(tc.seed, run.world.rank, state.step))
                 set_dropout(learner.model, dropout_at(run.config, state.step))
-                late = bool(tc.max_minutes) and state.train_seconds >= 60 * tc.max_minutes
+                late = out_of_time(tc, state.train_seconds)
                 result = train_step(
                     learner,
                     update.batches,
@@ -935,7 +945,7 @@ def summarize(run: Run) -> dict[str, float]:
     tokens = w["tokens"]
     return {
         "loss": w["loss"] / tokens,
-        "ppl": math.exp(min(w["nll"] / tokens, 100.0)),
+        "ppl": perplexity(w["nll"] / tokens),
         "lr": run.learner.scheduler.get_last_lr()[0],
         "grad_norm": w["grad_norm"],
         "tgt_tok_s": tokens / w["time"],  # all ranks together
@@ -1027,7 +1037,7 @@ def validate(run: Run) -> dict[str, float]:
         return next(iter(per.values()))
     scores = {key: float(np.mean([s[key] for s in per.values()])) for key in ("loss", "nll")}
     scores["bleu"] = float(np.mean([s["bleu"] for s in per.values()]))
-    scores["ppl"] = math.exp(min(scores["nll"], 100.0))
+    scores["ppl"] = perplexity(scores["nll"])
     for name, direction in per.items():
         scores.update({f"{name}/{key}": value for key, value in direction.items()})
     return scores
@@ -1061,7 +1071,7 @@ def validate_direction(run: Run, dev: DevSet) -> dict[str, float]:
     return {
         "loss": loss_sum / max(tokens, 1),
         "nll": nll,
-        "ppl": math.exp(min(nll, 100.0)),
+        "ppl": perplexity(nll),
         "bleu": bleu.score,
     }
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from mt import search
 from mt.batching import collate_source, source_batches
 from mt.checkpoint import read_metadata, resolve_checkpoint
-from mt.config import Config, DecodeConfig, from_dict
+from mt.config import PRECISIONS, Config, DecodeConfig, from_dict
 from mt.corpora import input_name, read_lines
 from mt.device import (
     Features,
@@ -48,7 +48,6 @@ from mt.vocab import UNK_ID
 
 log = logging.getLogger("mt")
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Characters that would break the one-line-per-input (or tab-separated n-best) format.
 _LINE_BREAKS = str.maketrans({"\n": " ", "\r": " ", "\u2028": " ", "\u2029": " "})
 _NBEST_BREAKS = str.maketrans({"\t": " "})

@@ -48,7 +48,7 @@ for path in (ROOT, ROOT / "scripts"):  # run as a script from anywhere; bench.py
 from bench import cpu_model, log, run_phase, wrap, write_section  # noqa: E402
 
 from mt.batching import BatchSampler, plan_updates  # noqa: E402
-from mt.config import TokenizerConfig  # noqa: E402
+from mt.config import DataConfig, TokenizerConfig  # noqa: E402
 from mt.corpora import open_corpus  # noqa: E402
 from mt.data import encode_corpus  # noqa: E402
 from mt.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
@@ -216,9 +216,8 @@ def measure_phase(spec: dict[str, Any]) -> dict[str, Any]:
     res: dict[str, Any] = {"start": proc_status()}
     with MemoryPeaks() as peaks:
         t0, c0 = time.perf_counter(), cpu_seconds()
-        data = encode_corpus(
-            corpus, tokenizer, Path(spec["cache"]), filter=True, num_proc=spec["num_proc"]
-        )
+        settings = DataConfig(num_proc=spec["num_proc"])
+        data = encode_corpus(corpus, tokenizer, Path(spec["cache"]), settings, filter_lengths=True)
         t1, c1 = time.perf_counter(), cpu_seconds()
         peaks.end_phase("encode")
         sampler = BatchSampler(data.src_lens, data.tgt_lens, spec["max_tokens"], spec["seed"])

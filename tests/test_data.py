@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from helpers.corpus import synthetic_pairs, write_corpus
 
-from mt.config import TokenizerConfig
+from mt.config import DataConfig, TokenizerConfig
 from mt.corpora import Corpus, open_corpus
 from mt.data import CorpusMix, EncodedCorpus, FilterStats, encode_corpus, temp_prefix
 from mt.errors import DataError, MtError
@@ -77,7 +77,7 @@ def crafted(tok: Tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Corpus:
 
 
 def test_lengths_are_token_counts(tiny: Corpus, tok: Tokenizer, tmp_path: Path) -> None:
-    data = encode_corpus(tiny, tok, tmp_path, filter=False)
+    data = encode_corpus(tiny, tok, tmp_path, DataConfig(), filter_lengths=False)
     src, tgt = tok.encode_src(tiny.sources()), tok.encode_tgt(tiny.targets())
     assert len(data) == len(src) == 300
     assert rows(data) == list(zip(src, tgt, strict=True))
@@ -87,7 +87,9 @@ def test_lengths_are_token_counts(tiny: Corpus, tok: Tokenizer, tmp_path: Path) 
 
 
 def test_filter_counts_each_reason(crafted: Corpus, tok: Tokenizer, tmp_path: Path) -> None:
-    data = encode_corpus(crafted, tok, tmp_path, filter=True, max_len=10, max_ratio=3.0)
+    data = encode_corpus(
+        crafted, tok, tmp_path, DataConfig(max_len=10, max_ratio=3.0), filter_lengths=True
+    )
     assert data.stats == FilterStats(9, 3, 3, 2, 1, max_len=10, max_ratio=3.0)
     assert data.stats.describe() == (
         "kept 3 of 9 pairs (dropped: 3 empty, 2 over 10 tokens, 1 with length ratio over 3.0)"
@@ -106,7 +108,9 @@ def test_describe_formats_thousands() -> None:
 
 
 def test_unfiltered_keeps_everything(crafted: Corpus, tok: Tokenizer, tmp_path: Path) -> None:
-    data = encode_corpus(crafted, tok, tmp_path, filter=False, max_len=10, max_ratio=3.0)
+    data = encode_corpus(
+        crafted, tok, tmp_path, DataConfig(max_len=10, max_ratio=3.0), filter_lengths=False
+    )
     assert data.stats.describe() == "kept 9 of 9 pairs (not filtered)"
     assert len(data) == 9
     assert data.src_lens.tolist() == [3, 1, 10, 0, 1, 0, 11, 1, 1]
@@ -116,7 +120,7 @@ def test_unfiltered_keeps_everything(crafted: Corpus, tok: Tokenizer, tmp_path: 
 def test_cache_is_reused(
     tiny: Corpus, tok: Tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    first = encode_corpus(tiny, tok, tmp_path, filter=True)
+    first = encode_corpus(tiny, tok, tmp_path, DataConfig(), filter_lengths=True)
     entries = list(tmp_path.iterdir())
     assert len(entries) == 1  # only the final entry: no temporary or intermediate files
     assert {p.name for p in entries[0].iterdir()} == {
@@ -131,7 +135,7 @@ def test_cache_is_reused(
         raise AssertionError("re-encoded a cached corpus")
 
     monkeypatch.setattr(Tokenizer, "encode_src", fail)
-    second = encode_corpus(tiny, tok, tmp_path, filter=True)
+    second = encode_corpus(tiny, tok, tmp_path, DataConfig(), filter_lengths=True)
     assert rows(second) == rows(first) and second.stats == first.stats
     # Memory-mapped from the cache entry, not loaded into memory.
     assert [Path(f["filename"]).parent for f in second.dataset.cache_files] == entries
@@ -141,25 +145,25 @@ def test_cache_key_changes(tiny: Corpus, tok: Tokenizer, tok2: Tokenizer, tmp_pa
     def entries() -> int:
         return len(list(tmp_path.iterdir()))
 
-    encode_corpus(tiny, tok, tmp_path, filter=True)
-    encode_corpus(tiny, tok2, tmp_path, filter=True)
+    encode_corpus(tiny, tok, tmp_path, DataConfig(), filter_lengths=True)
+    encode_corpus(tiny, tok2, tmp_path, DataConfig(), filter_lengths=True)
     assert entries() == 2  # another tokenizer
-    encode_corpus(tiny, tok, tmp_path, filter=True, max_len=20)
+    encode_corpus(tiny, tok, tmp_path, DataConfig(max_len=20), filter_lengths=True)
     assert entries() == 3  # another max_len
-    encode_corpus(tiny, tok, tmp_path, filter=True, max_ratio=2.0)
+    encode_corpus(tiny, tok, tmp_path, DataConfig(max_ratio=2.0), filter_lengths=True)
     assert entries() == 4  # another max_ratio
-    encode_corpus(tiny, tok, tmp_path, filter=False)
-    encode_corpus(tiny, tok, tmp_path, filter=False, max_len=20)
+    encode_corpus(tiny, tok, tmp_path, DataConfig(), filter_lengths=False)
+    encode_corpus(tiny, tok, tmp_path, DataConfig(max_len=20), filter_lengths=False)
     assert entries() == 5  # unfiltered: the limits do not matter
     src, tgt = tiny.sources(), tiny.targets()
     changed = write_corpus(tmp_path.parent / "changed" / "train", [*src[:-1], "ka to"], tgt)
-    data = encode_corpus(changed, tok, tmp_path, filter=False)
+    data = encode_corpus(changed, tok, tmp_path, DataConfig(), filter_lengths=False)
     assert entries() == 6  # other content
     assert data.pairs(np.array([299]))[0][0] == tok.encode_src(["ka to"])[0]
 
 
 def test_pairs_in_requested_order(tiny: Corpus, tok: Tokenizer, tmp_path: Path) -> None:
-    data = encode_corpus(tiny, tok, tmp_path, filter=False)
+    data = encode_corpus(tiny, tok, tmp_path, DataConfig(), filter_lengths=False)
     order = np.array([5, 0, 299, 3, 3])
     src, tgt = tiny.sources(), tiny.targets()
     expected = [(tok.encode_src([src[i]])[0], tok.encode_tgt([tgt[i]])[0]) for i in order]
@@ -172,8 +176,10 @@ def test_pairs_in_requested_order(tiny: Corpus, tok: Tokenizer, tmp_path: Path) 
 def test_parallel_encoding_matches(tok: Tokenizer, tmp_path: Path) -> None:
     # More than one Arrow record batch (1,000 rows each), so rows span several chunks.
     corpus = write_corpus(tmp_path / "big" / "train", *synthetic_pairs(2500, seed=1))
-    one = encode_corpus(corpus, tok, tmp_path / "one", filter=True, max_len=20)
-    two = encode_corpus(corpus, tok, tmp_path / "two", filter=True, max_len=20, num_proc=2)
+    one = encode_corpus(corpus, tok, tmp_path / "one", DataConfig(max_len=20), filter_lengths=True)
+    two = encode_corpus(
+        corpus, tok, tmp_path / "two", DataConfig(max_len=20, num_proc=2), filter_lengths=True
+    )
     assert one.stats == two.stats and one.stats.too_long > 0 and one.stats.bad_ratio > 0
     everything = rows(one)
     assert everything == rows(two)
@@ -187,10 +193,10 @@ def test_parallel_encoding_matches(tok: Tokenizer, tmp_path: Path) -> None:
 def test_corpus_errors_are_data_errors(tok: Tokenizer, tmp_path: Path) -> None:
     mismatched = write_corpus(tmp_path / "bad" / "train", ["ka", "to"], ["ri"])
     with pytest.raises(DataError, match=r"has 2 lines but .* has 1"):
-        encode_corpus(mismatched, tok, tmp_path / "cache", filter=True)
+        encode_corpus(mismatched, tok, tmp_path / "cache", DataConfig(), filter_lengths=True)
     empty = write_corpus(tmp_path / "empty" / "train", [], [])
     with pytest.raises(DataError, match="no sentence pairs"):
-        encode_corpus(empty, tok, tmp_path / "cache", filter=True)
+        encode_corpus(empty, tok, tmp_path / "cache", DataConfig(), filter_lengths=True)
     assert list((tmp_path / "cache").iterdir()) == []  # nothing half-written is left
 
 
@@ -224,7 +230,7 @@ def test_temp_dirs_of_dead_encodings_are_removed_not_live_ones(
         path.mkdir()
     assert dead.name.startswith(f".tmp-{host}-{child.pid}-")
     with caplog.at_level(logging.INFO, logger="mt"):
-        encode_corpus(tiny, tok, tmp_path, filter=True)
+        encode_corpus(tiny, tok, tmp_path, DataConfig(), filter_lengths=True)
     assert not dead.exists()
     assert live.is_dir() and other_host.is_dir() and unknown.is_dir()
     assert f"{dead}: removed the temp directory of dead process {child.pid}" in [
@@ -238,7 +244,7 @@ def test_a_full_disk_under_the_cache_is_one_line(
     cache = small_fs.mount(tmp_path / "cache")
     small_fs.fill(cache)
     with pytest.raises(MtError, match=r"cannot write") as err:
-        encode_corpus(tiny, tok, cache, filter=True)
+        encode_corpus(tiny, tok, cache, DataConfig(), filter_lengths=True)
     assert re.fullmatch(
         rf"{cache}/[0-9a-f]{{64}}: cannot write \(No space left on device\)", str(err.value)
     )
@@ -274,8 +280,10 @@ def test_corpus_probabilities_follow_size_temperature_and_weight(
 def test_corpus_mix_numbers_rows_part_after_part(
     tiny: Corpus, tok: Tokenizer, tmp_path: Path
 ) -> None:
-    forth = encode_corpus(tiny, tok, tmp_path, filter=True)
-    back = encode_corpus(open_corpus(tiny.spec, "en", "de"), tok, tmp_path, filter=True)
+    forth = encode_corpus(tiny, tok, tmp_path, DataConfig(), filter_lengths=True)
+    back = encode_corpus(
+        open_corpus(tiny.spec, "en", "de"), tok, tmp_path, DataConfig(), filter_lengths=True
+    )
     mix = CorpusMix({"de-en": forth, "en-de": back}, [1.0, 1.0], 5.0)
     n = len(forth)
     assert len(mix) == 2 * n and mix.src_lens.tolist() == [*forth.src_lens, *back.src_lens]

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from mt.config import ModelConfig
+from mt.config import DataConfig, ModelConfig
 from mt.corpora import open_corpus
 from mt.data import encode_corpus
 from mt.metrics import read_metrics
@@ -191,7 +191,7 @@ def test_bench_data_smoke_counts_every_pair(tmp_path: Path) -> None:
     # ... and encoding the kept corpus again, independently, keeps the same pairs.
     corpus = open_corpus(str(tmp_path / "pairs-2000" / "train"), "src", "tgt")
     tokenizer = load_tokenizer(tmp_path / "tokenizer")
-    again = encode_corpus(corpus, tokenizer, tmp_path / "again", filter=True)
+    again = encode_corpus(corpus, tokenizer, tmp_path / "again", DataConfig(), filter_lengths=True)
     assert again.stats.kept == int(table[2000][1].replace(",", ""))
 
 
