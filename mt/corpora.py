@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import sys
 import zlib
 from abc import ABC, abstractmethod
@@ -28,6 +29,8 @@ from typing import Any
 
 from mt.errors import DataError, first_line
 from mt.files import file_sha256, stream_sha256
+
+log = logging.getLogger("mt")
 
 _HF_BATCH = 1000
 # Bumped if the fingerprint recipe changes, so old caches are not reused by mistake.
@@ -169,7 +172,7 @@ def open_corpus(spec: str, src_lang: str, tgt_lang: str, split: str = "train") -
     if spec.endswith((".tsv", ".tsv.gz")):
         path = Path(spec)
         if not path.is_file():
-            raise DataError(f"{spec}: no such file")
+            raise DataError(f"{spec}: {'not a regular file' if path.exists() else 'no such file'}")
         return TsvCorpus(spec, src_lang, tgt_lang, path)
     return _open_prefix(spec, src_lang, tgt_lang)
 
@@ -213,6 +216,8 @@ def _decode(raw: bytes, path: Path | str, number: int) -> str:
     """Strip one ``\\n`` or ``\\r\\n`` and decode UTF-8, naming the line on failure."""
     if raw.endswith(b"\n"):
         raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+    if b"\x00" in raw:  # valid UTF-8, but never text: UTF-16 without a BOM, or binary data
+        raise DataError(f"{path}: line {number} holds a NUL byte (mt reads UTF-8 text)")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -225,11 +230,15 @@ def _open_prefix(spec: str, src_lang: str, tgt_lang: str) -> FilePairCorpus:
     missing: list[str] = []
     for lang in (src_lang, tgt_lang):
         tried = [Path(f"{spec}.{lang}"), Path(f"{spec}.{lang}.gz")]
-        path = next((p for p in tried if p.is_file()), None)
-        if path is None:
-            missing.append(f"no {lang} file (tried {tried[0]}, {tried[1]})")
-        else:
-            found[lang] = path
+        files = [p for p in tried if p.is_file()]
+        odd = [p for p in tried if p.exists() and not p.is_file()]
+        if not files:
+            what = f"{odd[0]} is not a regular file" if odd else f"no {lang} file"
+            missing.append(f"{what} (tried {tried[0]}, {tried[1]})")
+            continue
+        if len(files) == 2:
+            log.warning("warning: %s and %s both exist; reading %s", *files, files[0])
+        found[lang] = files[0]
     if missing:
         raise DataError(f"corpus {spec}: " + "; ".join(missing))
     return FilePairCorpus(spec, src_lang, tgt_lang, found[src_lang], found[tgt_lang])

@@ -7,7 +7,6 @@ trained model it holds from here.
 
 from __future__ import annotations
 
-import collections
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -134,11 +133,15 @@ def open_run(config: Config, splits: Sequence[str]) -> dict[str, dict[str, Corpu
 
 
 def check_readable(corpus: Corpus, label: str) -> None:
-    """Read every pair of `corpus`: DataError, prefixed with its `label`, at the first bad one."""
+    """Read every pair of `corpus`: DataError, prefixed with its `label`, at the first bad one
+    or if it has none."""
     try:
-        collections.deque(corpus.pairs(), maxlen=0)  # read through; the reader raises at a bad line
+        # Read through, counting; the reader raises at a bad line.
+        count = sum(1 for _ in corpus.pairs())
     except DataError as exc:
         raise DataError(f"{label}: {exc}") from None
+    if count == 0:
+        raise DataError(f"{label}: {corpus.describe()}: no sentence pairs")
 
 
 def prepare_tokenizer(config: Config) -> Tokenizer:

@@ -150,11 +150,16 @@ def test_data_errors_exit_1_with_one_line(tmp_path: Path) -> None:
 def test_train_checks_test_data_resume_and_cache_before_any_work(tmp_path: Path) -> None:
     run_dir, missing, a_file = tmp_path / "run", tmp_path / "missing", tmp_path / "a_file"
     a_file.write_text("", encoding="utf-8")
+    for lang in ("de", "en"):
+        (tmp_path / f"empty.{lang}").write_text("", encoding="utf-8")
+    empty = tmp_path / "empty"
     shipped = tmp_path / "shipped" / "checkpoints" / "step-00000010.safetensors"  # no state
     shipped.parent.mkdir(parents=True)
     shipped.write_bytes(b"weights")
     cases = [
         (tiny_args(run_dir, f"data.test={missing}"), f"data.test: corpus {missing}: no de file"),
+        (tiny_args(run_dir, f"data.valid={empty}"),
+         f"valid: {empty}.de + {empty}.en: no sentence pairs"),
         ([*tiny_args(run_dir), "--resume", str(missing / "step-1.safetensors")],
          f"{missing / 'step-1.safetensors'}: no checkpoint found"),
         ([*tiny_args(run_dir), "--resume", str(shipped.parent.parent)],

@@ -85,10 +85,14 @@ def test_gzipped_prefix_matches_plain(tmp_path: Path) -> None:
     assert gzipped.fingerprint() == plain.fingerprint()
 
 
-def test_plain_file_wins_over_gz(tmp_path: Path) -> None:
+def test_plain_file_wins_over_gz_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     spec = _prefix(tmp_path)
     _write(tmp_path / "train.de.gz", ["other"] * len(DE))
     assert open_corpus(spec, "de", "en").sources() == DE
+    plain, gzipped = tmp_path / "train.de", tmp_path / "train.de.gz"
+    assert caplog.messages == [f"warning: {plain} and {gzipped} both exist; reading {plain}"]
 
 
 def test_mixed_plain_and_gz(tmp_path: Path) -> None:
@@ -139,6 +143,25 @@ def test_missing_files(tmp_path: Path) -> None:
     assert str(err.value) == (f"corpus {spec}: no en file (tried {spec}.en, {spec}.en.gz)")
     with pytest.raises(DataError, match=r"no fr file .*; no cs file"):
         open_corpus(spec, "fr", "cs")
+    (tmp_path / "train.en").mkdir()  # exists, but nothing to read lines from
+    with pytest.raises(DataError) as err:
+        open_corpus(spec, "de", "en")
+    assert str(err.value) == (
+        f"corpus {spec}: {spec}.en is not a regular file (tried {spec}.en, {spec}.en.gz)"
+    )
+    (tmp_path / "x.tsv").mkdir()
+    with pytest.raises(DataError) as err:
+        open_corpus(str(tmp_path / "x.tsv"), "de", "en")
+    assert str(err.value) == f"{tmp_path / 'x.tsv'}: not a regular file"
+
+
+def test_a_nul_byte_is_not_text(tmp_path: Path) -> None:
+    _write(tmp_path / "train.en", ["a", "b"])
+    # ASCII text as UTF-16LE: valid UTF-8 byte by byte, but a NUL after every letter.
+    (tmp_path / "train.de").write_bytes("eins\nzwei\n".encode("utf-16-le"))
+    with pytest.raises(DataError) as err:
+        list(open_corpus(str(tmp_path / "train"), "de", "en").pairs())
+    assert str(err.value) == f"{tmp_path}/train.de: line 1 holds a NUL byte (mt reads UTF-8 text)"
 
 
 def test_fingerprint_changes_with_one_byte(tmp_path: Path) -> None:
