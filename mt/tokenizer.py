@@ -36,6 +36,9 @@ TGT_FILE = "spm.tgt.model"
 # The trained model depends on the thread count, so it is fixed rather than taken from the
 # machine: the same corpus and settings must give the same model bytes everywhere.
 _NUM_THREADS = 4
+# SentencePiece leaves longer lines out of training (its default, 4,192 bytes, left out whole
+# paragraph-aligned corpora); the model's data.max_len filters pairs later anyway.
+MAX_SENTENCE_BYTES = 65_536
 _CHUNK = 10_000  # sentences encoded at once by unk_rate
 
 
@@ -281,6 +284,7 @@ def _options(config: TokenizerConfig) -> dict:
         "character_coverage": config.character_coverage,
         "byte_fallback": config.byte_fallback,
         "input_sentence_size": config.input_sentence_size,
+        "max_sentence_length": MAX_SENTENCE_BYTES,
         "normalization_rule_name": "nmt_nfkc",
         "pad_id": PAD_ID,
         "unk_id": UNK_ID,
@@ -433,8 +437,11 @@ def _training_error(corpus: str, side: str, options: dict, message: str) -> Data
             f"{small}: its characters alone need {need}; set tokenizer.vocab_size >= {need} "
             "or lower tokenizer.character_coverage"
         )
-    if "sentences_.empty()" in message:
-        return DataError(f"{where}: no sentences to train the tokenizer on")
+    if "sentences_.empty()" in message or "all_chars_count" in message:
+        return DataError(
+            f"{where}: no sentences to train the tokenizer on (SentencePiece skips empty lines "
+            f"and lines over {MAX_SENTENCE_BYTES:,} bytes)"
+        )
     return DataError(f"{where}: tokenizer training failed ({first_line(message)})")
 
 

@@ -186,6 +186,27 @@ def test_fingerprint_changes_with_vocab_size(tiny: Corpus, joint_dir: Path, tmp_
     assert other.fingerprint() != load_tokenizer(joint_dir).fingerprint()
 
 
+def test_long_lines_train_the_tokenizer(tmp_path: Path) -> None:
+    # Paragraphs of ~5,000 bytes each: SentencePiece's own limit (4,192) left every one out.
+    words = ["ein hund", "eine katze", "ein haus", "der baum", "die straße"]
+    long = [" ".join(words[(i + j) % 5] for j in range(500)) + " ." for i in range(20)]
+    assert min(len(line.encode()) for line in long) > 4192
+    corpus = write_corpus(tmp_path / "long", long, long)
+    tok = train_tokenizer(
+        corpus, tmp_path / "tok", TokenizerConfig(vocab_size=40, byte_fallback=False), seed=1
+    )
+    assert tok.src_vocab_size == 40 and tok.src.encode("ein", out_type=str) == ["▁ein"]
+    blank = write_corpus(tmp_path / "blank", [" "] * 3, [" "] * 3)
+    with pytest.raises(DataError) as err:
+        train_tokenizer(
+            blank, tmp_path / "tok2", TokenizerConfig(vocab_size=40, byte_fallback=False), seed=1
+        )
+    assert str(err.value) == (
+        f"{blank.describe()}: no sentences to train the tokenizer on (SentencePiece skips empty "
+        "lines and lines over 65,536 bytes)"
+    )
+
+
 def test_vocab_too_large_is_a_data_error(tiny: Corpus, tmp_path: Path) -> None:
     with pytest.raises(DataError) as err:
         train_tokenizer(tiny, tmp_path / "tok", TokenizerConfig(vocab_size=5000), seed=1)
