@@ -138,7 +138,16 @@ class HfCorpus(Corpus):
         """Stream pairs in batches straight from the Arrow table (never a whole Python list)."""
         columns = ["translation"] if self.translation_column else [self.src_lang, self.tgt_lang]
         row = 0
-        for batch in self.dataset.select_columns(columns).iter(batch_size=_HF_BATCH):
+        batches = self.dataset.select_columns(columns).iter(batch_size=_HF_BATCH)
+        while True:
+            try:
+                batch = next(batches, None)
+            except (UnicodeDecodeError, ValueError, OSError) as exc:  # damaged Arrow data
+                raise DataError(
+                    f"{self.describe()}: unreadable after row {row} ({first_line(exc)})"
+                ) from None
+            if batch is None:
+                return
             for src, tgt in self._batch_pairs(batch):
                 row += 1
                 if not isinstance(src, str) or not isinstance(tgt, str):

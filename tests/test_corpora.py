@@ -252,6 +252,18 @@ def test_hf_dataset_dict_splits(tmp_path: Path) -> None:
         open_corpus(f"hf:{path}", "fr", "en")
 
 
+def test_hf_damaged_arrow_data_is_one_line(tmp_path: Path) -> None:
+    rows = {"de": ["x" * 100] * 200, "en": ["y" * 100] * 200}
+    path = _save(datasets.Dataset.from_dict(rows), tmp_path / "saved")
+    (arrow,) = Path(path).glob("*.arrow")
+    data = bytearray(arrow.read_bytes())
+    middle = len(data) // 4  # inside the de column's 20,000 bytes of text: no longer UTF-8
+    data[middle : middle + 8] = b"\xff" * 8
+    arrow.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"^hf:.*saved@train: unreadable after row 0 \("):
+        list(open_corpus(f"hf:{path}", "de", "en").pairs())
+
+
 def test_hf_fingerprint_follows_contents(tmp_path: Path) -> None:
     first = _save(datasets.Dataset.from_dict({"de": ["a"], "en": ["b"]}), tmp_path / "1")
     second = _save(datasets.Dataset.from_dict({"de": ["a"], "en": ["c"]}), tmp_path / "2")
