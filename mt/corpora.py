@@ -317,7 +317,11 @@ def _split_of_saved(loaded: Any, name: str, explicit: str | None, split: str) ->
 def _load_hub(name: str, config: str | None, split: str) -> Any:
     """``datasets.load_dataset`` for one split, errors turned into one-line DataErrors."""
     import datasets
+    from huggingface_hub.utils import logging as hub_logging
 
+    # Its warnings are retries of a Hub it cannot reach, each printed twice (by its handler and
+    # by mt's); the failure that ends them is reported below, in one line.
+    hub_logging.set_verbosity_error()
     label = f"{name}:{config}" if config else name
     try:
         return datasets.load_dataset(name, config, split=split)

@@ -292,8 +292,16 @@ def test_hf_a_damaged_saved_dataset_is_one_line(tmp_path: Path) -> None:
     assert str(err.value).startswith(f"hf:{path}: not a readable saved dataset (")
 
 
-def test_hf_hub_errors_are_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hf_hub_errors_are_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from huggingface_hub.utils import logging as hub_logging
+
     def fail(*args: object, **kwargs: object) -> None:
+        # What an unreachable Hub does first: a warning per retry, through its own handler.
+        hub_logging.get_logger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
         raise FileNotFoundError("Couldn't find dataset nope/x\nmore detail")
 
     monkeypatch.setattr(datasets, "load_dataset", fail)
@@ -302,6 +310,7 @@ def test_hf_hub_errors_are_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     assert str(err.value) == (
         "hf:nope/x:de-en: cannot load split 'test' (Couldn't find dataset nope/x)"
     )
+    assert "Retrying" not in capfd.readouterr().err and "Retrying" not in caplog.text
 
 
 def test_hf_bad_spec() -> None:
