@@ -245,7 +245,22 @@ def encode_corpus(
         limits = (max_len, max_ratio) if filter_lengths else None
         _build(corpus, tokenizer, target, limits, settings.num_proc)
         log.info("%s: encoded and cached in %s", corpus.describe(), target)
-    return load_encoded(target)
+    encoded = load_encoded(target)
+    _check_ids(encoded, tokenizer, target)
+    return encoded
+
+
+def _check_ids(encoded: EncodedCorpus, tokenizer: Tokenizer, directory: Path) -> None:
+    """DataError if a cached id is outside the vocabulary: the cache was damaged since."""
+    table = encoded.dataset.data.table
+    sizes = {"src_ids": tokenizer.src_vocab_size, "tgt_ids": tokenizer.tgt_vocab_size}
+    for column, size in sizes.items():
+        bounds = pc.min_max(pc.list_flatten(table.column(column)))
+        low, high = bounds["min"].as_py(), bounds["max"].as_py()
+        if low is not None and (low < 0 or high >= size):
+            raise DataError(
+                f"{directory}: damaged encoded-corpus cache (ids outside the vocabulary); delete it"
+            )
 
 
 def load_encoded(directory: Path) -> EncodedCorpus:

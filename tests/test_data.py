@@ -141,6 +141,21 @@ def test_cache_is_reused(
     assert [Path(f["filename"]).parent for f in second.dataset.cache_files] == entries
 
 
+def test_a_damaged_cache_is_one_line(tiny: Corpus, tok: Tokenizer, tmp_path: Path) -> None:
+    encode_corpus(tiny, tok, tmp_path, DataConfig(), filter_lengths=True)
+    (entry,) = tmp_path.iterdir()
+    arrow = entry / "data-00000-of-00001.arrow"
+    data = bytearray(arrow.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 400] = b"\xff" * 400  # ids of -1, same size: only a check finds it
+    arrow.write_bytes(bytes(data))
+    with pytest.raises(DataError) as err:
+        encode_corpus(tiny, tok, tmp_path, DataConfig(), filter_lengths=True)
+    assert str(err.value) == (
+        f"{entry}: damaged encoded-corpus cache (ids outside the vocabulary); delete it"
+    )
+
+
 def test_cache_key_changes(tiny: Corpus, tok: Tokenizer, tok2: Tokenizer, tmp_path: Path) -> None:
     def entries() -> int:
         return len(list(tmp_path.iterdir()))
