@@ -81,7 +81,7 @@ class FilePairCorpus(Corpus):
     def pairs(self) -> Iterator[tuple[str, str]]:
         """Stream pairs; a line-count mismatch is raised once the shorter file ends."""
         n_src = n_tgt = 0
-        for src, tgt in zip_longest(read_lines(self.src_path), read_lines(self.tgt_path)):
+        for src, tgt in zip_longest(_corpus_lines(self.src_path), _corpus_lines(self.tgt_path)):
             # Keep consuming the longer file after the shorter ends, to report both counts.
             n_src += src is not None
             n_tgt += tgt is not None
@@ -107,7 +107,7 @@ class TsvCorpus(Corpus):
 
     def pairs(self) -> Iterator[tuple[str, str]]:
         """Stream pairs; a line without exactly one tab is a DataError."""
-        for number, line in enumerate(read_lines(self.path), start=1):
+        for number, line in enumerate(_corpus_lines(self.path), start=1):
             columns = line.split("\t")
             if len(columns) != 2:
                 raise DataError(
@@ -221,12 +221,19 @@ def _open_binary(path: Path) -> Any:
     return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
 
 
+def _corpus_lines(path: Path) -> Iterator[str]:
+    """read_lines for a corpus file: a NUL byte is an error (valid UTF-8, but never in text:
+    UTF-16 without a BOM, or binary data). Text to translate may hold one: it is passed on."""
+    for number, line in enumerate(read_lines(path), start=1):
+        if "\x00" in line:
+            raise DataError(f"{path}: line {number} holds a NUL byte (mt reads UTF-8 text)")
+        yield line
+
+
 def _decode(raw: bytes, path: Path | str, number: int) -> str:
     """Strip one ``\\n`` or ``\\r\\n`` and decode UTF-8, naming the line on failure."""
     if raw.endswith(b"\n"):
         raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
-    if b"\x00" in raw:  # valid UTF-8, but never text: UTF-16 without a BOM, or binary data
-        raise DataError(f"{path}: line {number} holds a NUL byte (mt reads UTF-8 text)")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
