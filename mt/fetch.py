@@ -74,25 +74,43 @@ def fetch_multi30k(
         missing = [n for n in names if n not in present and not (Path(base) / n).is_file()]
         if missing:
             raise DataError(f"mirror {base}: no {', '.join(missing)}")
+    created = not dest.exists()
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DataError(f"{dest}: cannot create directory ({exc.strerror or exc})") from None
-    paths = []
-    for name in names:
-        final = dest / name
-        source = _join(base, name)
-        if name in present:
-            _say(f"{name}: up to date")
-        else:
-            if final.exists():
-                _say(f"{name}: present but invalid; downloading again")
-            _download(source, final, progress)
-            _say(f"{name}: downloaded")
-        if MULTI30K_FILES[name] is None:
-            _say(f"warning: {name}: no pinned checksum; checked only gzip format and line count")
-        paths.append(final)
-    return paths
+    try:
+        return [
+            _fetch_one(dest / name, _join(base, name), name in present, progress) for name in names
+        ]
+    except DataError as exc:
+        if created and not any(dest.iterdir()):
+            dest.rmdir()  # nothing landed: leave no empty directory behind
+        if base == MULTI30K_URL and "cannot download" in str(exc):
+            raise DataError(
+                f"{exc}; without internet, set {MIRROR_ENV} (or --mirror) to a directory or URL "
+                "holding the files"
+            ) from None
+        raise
+
+
+def _fetch_one(final: Path, source: str, present: bool, progress: bool) -> Path:
+    """One verified file at `final`: kept if `present`, else downloaded (or copied) anew."""
+    name = final.name
+    if present:
+        _say(f"{name}: up to date")
+    else:
+        if final.exists():
+            _say(f"{name}: present but invalid; downloading again")
+        _download(source, final, progress)
+        pinned = MULTI30K_FILES[name] is not None
+        _say(
+            f"{name}: {'downloaded' if _is_url(source) else 'copied'}"
+            + (", SHA-256 verified" if pinned else "")
+        )
+    if MULTI30K_FILES[name] is None:
+        _say(f"warning: {name}: no pinned checksum; checked only gzip format and line count")
+    return final
 
 
 def multi30k_names(langs: Sequence[str]) -> list[str]:

@@ -95,7 +95,9 @@ def plot_curves(run_dirs: list[Path], output: Path, labels: list[str] | None = N
             for label, run in zip(labels, curves, strict=True):
                 for name, (steps, times, ys) in run[kind, key].items():
                     xs = steps if row == 0 else [t / per for t in times]
-                    style = {"marker": "o", "markersize": 3} if kind == "valid" else {}
+                    # Markers on dev points, and on a lone training point (a line needs two).
+                    marked = kind == "valid" or len(xs) == 1
+                    style = {"marker": "o", "markersize": 3} if marked else {}
                     if name:  # a direction: thinner than the mean, which stays the run's line
                         style.update(linewidth=0.8, linestyle="--", markersize=2)
                     ax.plot(xs, ys, label=f"{label} {name}".strip(), **style)
@@ -111,14 +113,13 @@ def plot_curves(run_dirs: list[Path], output: Path, labels: list[str] | None = N
 
 CELL_INCHES = 0.3  # heatmap cell size: the figure grows with the token counts
 MARGIN_INCHES = (2.0, 2.6)  # room for the piece labels, the title and the colour bar
+PANEL_MIN_INCHES = 4.5  # a panel's title fits even above a short sentence
 
 
 def heatmap_inches(sources: int, targets: int, panels: int) -> tuple[float, float]:
     """Figure size (width, height) for `panels` heatmaps of targets x sources cells."""
-    return (
-        MARGIN_INCHES[0] * panels + CELL_INCHES * sources * panels,
-        MARGIN_INCHES[1] + CELL_INCHES * targets,
-    )
+    panel = max(MARGIN_INCHES[0] + CELL_INCHES * sources, PANEL_MIN_INCHES)
+    return panel * panels, MARGIN_INCHES[1] + CELL_INCHES * targets
 
 
 def plot_attention(

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import atexit
 import errno
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from helpers.corpus import MULTI30K_DE_EN, multi_config, write_multiway
+
+# Datasets that `load_dataset` builds from local files are cached here, not in the user's
+# ~/.cache (every run added one); set before `datasets` is imported, which reads it once.
+_HF_CACHE = tempfile.mkdtemp(prefix="mt-tests-hf-")
+os.environ["HF_DATASETS_CACHE"] = _HF_CACHE
+atexit.register(shutil.rmtree, _HF_CACHE, ignore_errors=True)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DATA = ROOT / "tests" / "data" / "tiny"

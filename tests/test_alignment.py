@@ -108,3 +108,8 @@ def test_attention_of_a_multilingual_model_hides_its_tag_unless_asked(
     assert (
         str(missing.exception) == "the model translates into en, de, fr: choose one with --tgt-lang"
     )
+
+
+def test_a_short_sentence_still_gets_a_panel_wide_enough_for_its_title() -> None:
+    assert heatmap_inches(2, 3, 1)[0] == 4.5  # 2.0 + 2 x 0.3 would cut the title
+    assert heatmap_inches(20, 3, 2)[0] == 2 * (2.0 + 20 * 0.3)

@@ -116,13 +116,28 @@ def test_http_error(served: tuple[str, Path, list[str]], tmp_path: Path) -> None
     with pytest.raises(DataError) as err:
         fetch.fetch_multi30k(tmp_path / "out", ("de",), mirror=base, progress=False)
     assert str(err.value) == f"{base}train.de.gz: HTTP error 404 (File not found)"
-    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()  # created for the fetch, left empty: removed
 
 
 def test_unreachable(tmp_path: Path) -> None:
     # Port 9 (discard) on loopback: nothing listens there, so the connection is refused.
     with pytest.raises(DataError, match=r"^http://127\.0\.0\.1:9/train\.de\.gz: cannot download"):
         fetch.fetch_multi30k(tmp_path, ("de",), mirror="http://127.0.0.1:9", progress=False)
+
+
+def test_offline_without_a_mirror_says_how_to_use_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fetch, "MULTI30K_URL", "http://127.0.0.1:9/")  # the default, unreachable
+    monkeypatch.delenv(fetch.MIRROR_ENV, raising=False)
+    with pytest.raises(DataError) as err:
+        fetch.fetch_multi30k(tmp_path / "out", ("de",), progress=False)
+    assert str(err.value).startswith("http://127.0.0.1:9/train.de.gz: cannot download (")
+    assert str(err.value).endswith(
+        "); without internet, set MT_DATA_MIRROR (or --mirror) to a directory or URL holding "
+        "the files"
+    )
+    assert not (tmp_path / "out").exists()
 
 
 def test_local_directory_mirror(
