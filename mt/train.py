@@ -654,17 +654,26 @@ def train(config: Config, resume: Path | None = None) -> TrainResult:
     try:
         with contextlib.ExitStack() as stack:  # the run lock, the metrics log
             run = start(config, resume, world, device, stack)
-            if run.state.step >= tc.max_steps or cooled_down(run.learner, run.state):
+            if why := finished(run):
                 at = f"{run.directory} is already at step {run.state.step}"
-                why = f"train.max_steps={tc.max_steps}"
-                if run.state.step < tc.max_steps:
-                    why = "the end of its lr cool-down; a run that cooled down does not go on"
                 log.info(f"{at} ({why}): nothing to do")
                 return TrainResult(run.state, None, str(device), world.is_main, idle=True)
             begin(run, stack)
             return loop(run)
     finally:
         distributed.teardown(world)
+
+
+def finished(run: Run) -> str:
+    """Why a restored run has nothing left to do, or "" if it goes on."""
+    tc, state = run.config.train, run.state
+    if state.step >= tc.max_steps:
+        return f"train.max_steps={tc.max_steps}"
+    if cooled_down(run.learner, state):
+        return "the end of its lr cool-down; a run that cooled down does not go on"
+    if tc.patience and state.bad_validations >= tc.patience:
+        return f"it stopped early, train.patience={tc.patience}; a larger patience goes on"
+    return ""
 
 
 UNK_WARNING = 0.01  # a dev set with more unknown pieces than this gets a warning

@@ -386,6 +386,12 @@ def test_early_stopping_on_patience(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert result.state.best_bleu == 12.0
     assert ckpt.best_checkpoint(run).step == 10
     assert [r["bleu"] for r in read_metrics(run, "valid")] == [10.0, 12.0, 11.0, 11.5]
+    # The same command again: the run is over, as one at max_steps is.
+    again = train(tiny(run, "train.max_steps=100", "train.valid_every=5", "train.patience=2"))
+    assert again.idle and again.state.step == 20
+    # A larger patience goes on: 9.0 (step 25) is the third validation without a better BLEU.
+    more = train(tiny(run, "train.max_steps=100", "train.valid_every=5", "train.patience=3"))
+    assert more.state.step == 25 and not more.idle
 
 
 def test_time_limit_stops_with_a_checkpoint(
