@@ -31,7 +31,13 @@ def finish(config: Config, result: TrainResult) -> None:
     if train.average_last and not (result.idle and average.is_file()):
         last = min(train.average_last, len(list_checkpoints(run_dir)))
         path = average_run(run_dir, last=last)
-        log.info("averaged the last %d checkpoints into %s", last, path)
+        checkpoints = f"{last} checkpoint{'s' if last != 1 else ''}"
+        log.info("averaged the last %s into %s", checkpoints, path)
+        if last < train.average_last:
+            log.warning(
+                f"warning: train.average_last={train.average_last}, but the run has only "
+                f"{checkpoints} (see train.keep_last and train.valid_every)"
+            )
     if train.report and not (result.idle and (run_dir / REPORT_FILE).is_file()):
         # Test decoding at "auto" precision, as `mt evaluate` does.
         log.info("wrote %s", write_report(run_dir, device=result.device))

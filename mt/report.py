@@ -33,9 +33,12 @@ CURVES_FILE = "curves.png"
 
 
 def report_checkpoint(run_dir: Path) -> Path:
-    """The weights a report scores: the averaged ones if the run made them, else the best."""
+    """The weights a report scores: the averaged ones if the run makes them (train.average_last,
+    at its end), else the best; an average made otherwise may be of steps long gone."""
     averaged = checkpoint_dir(run_dir) / AVERAGE_NAME
-    return averaged if averaged.is_file() else resolve_checkpoint(Path(run_dir)).weights
+    if averaged.is_file() and load_run_config(run_dir).train.average_last:
+        return averaged
+    return resolve_checkpoint(Path(run_dir)).weights
 
 
 Scores = dict[str, MetricScore]  # by metric: bleu, bleu_lc (lowercased), chrf, ter

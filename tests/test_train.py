@@ -26,7 +26,7 @@ from mt.device import describe_precision
 from mt.errors import ConfigError, MtError
 from mt.finish import finish
 from mt.metrics import read_metrics
-from mt.report import write_report
+from mt.report import report_checkpoint, write_report
 from mt.train import TrainState, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -410,13 +410,25 @@ def test_time_limit_stops_with_a_checkpoint(
     assert read_metrics(run, "valid") == valid and valid[-1]["step"] == result.state.step
 
 
-def test_average_last_at_the_end(tmp_path: Path) -> None:
+def test_average_last_at_the_end(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     run = tmp_path / "run"
     config = tiny(run, "train.max_steps=30", "train.keep_last=2", "train.average_last=2")
     finish(config, train(config))  # what `mt train` runs when training ends
     a, b = (weights_at(run, step) for step in (15, 30))
     average = load_file(run / "checkpoints" / "average.safetensors")
     assert all(torch.allclose(average[k], (a[k] + b[k]) / 2, atol=1e-7) for k in a)
+    assert report_checkpoint(run) == run / "checkpoints" / "average.safetensors"
+    # Asked for more than the run has (one validation, one checkpoint): it says so.
+    few = tiny(
+        tmp_path / "few", "train.max_steps=20", "train.valid_every=100", "train.average_last=2"
+    )
+    finish(few, train(few))
+    assert "warning: train.average_last=2, but the run has only 1 checkpoint (see " \
+        "train.keep_last and train.valid_every)" in caplog.messages  # fmt: skip
+    # Went on without averaging: the average is of steps long gone, and the report scores best.
+    on = tiny(run, "train.max_steps=60", "train.keep_last=2")
+    finish(on, train(on))
+    assert report_checkpoint(run) == ckpt.best_checkpoint(run).weights
 
 
 def weights_at(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
