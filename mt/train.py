@@ -955,7 +955,7 @@ def summarize(run: Run) -> dict[str, float]:
     return {
         "loss": w["loss"] / tokens,
         "ppl": perplexity(w["nll"] / tokens),
-        "lr": run.learner.scheduler.get_last_lr()[0],
+        "lr": run.learner.schedule(run.state.step),  # of the update just made
         "grad_norm": w["grad_norm"],
         "tgt_tok_s": tokens / w["time"],  # all ranks together
         "rank_tgt_tok_s": run.window["tokens"] / run.window["time"],  # rank 0 alone

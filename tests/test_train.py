@@ -71,9 +71,9 @@ def test_tiny_run_writes_a_complete_run_directory(tmp_path: Path) -> None:
 def test_learning_rate_follows_the_schedule(tmp_path: Path) -> None:
     train(tiny(tmp_path / "run", "train.max_steps=20", "train.log_every=1"))
     records = read_metrics(tmp_path / "run", "train")
-    # tiny.yaml: lr 3e-3, warm-up 5. The lr logged after update n is the one for update n + 1.
+    # tiny.yaml: lr 3e-3, warm-up 5. The lr logged after update n is the one update n used.
     for r in records:
-        n = r["step"] + 1
+        n = r["step"]
         expected = 3e-3 * n / 5 if n < 5 else 3e-3 * (5 / n) ** 0.5
         assert r["lr"] == pytest.approx(expected, rel=1e-9)
 
@@ -87,9 +87,9 @@ def test_cooldown_takes_the_lr_to_zero_over_the_last_steps(
     lrs = {r["step"]: r["lr"] for r in read_metrics(run, "train")}
     # tiny.yaml: lr 3e-3, warm-up 5; 20 steps x 0.25: updates 16-20 cool down, from update 15's lr.
     at_15 = 3e-3 * (5 / 15) ** 0.5
-    assert lrs[14] == pytest.approx(at_15, rel=1e-9)  # (the lr of the next update)
+    assert lrs[15] == pytest.approx(at_15, rel=1e-9)  # (the lr update 15 used)
     assert [lrs[s] / at_15 for s in range(15, 21)] == pytest.approx(
-        [5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6, 0]
+        [1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6]
     )
     [record] = read_metrics(run, "cooldown")
     assert (record["step"], record["steps"]) == (15, 5)
