@@ -510,10 +510,25 @@ def start(
         ckpt.resolve_checkpoint(resume) if resume else ckpt.latest_checkpoint(run_path(config))
     )
     if checkpoint is not None:
+        if resume and world.is_main:
+            warn_later_checkpoints(checkpoint, run.directory)
         run.state = restore(checkpoint, run)
         # A validated checkpoint needs no second validation should the run end where it is.
         run.last_saved = run.state.step if run.state.validated else -1
     return run
+
+
+def warn_later_checkpoints(checkpoint: ckpt.Checkpoint, run_dir: Path) -> None:
+    """Warn when --resume goes back: the run's later checkpoints stay, the latest resumed next."""
+    if not checkpoint.is_step:
+        return
+    later = [c.name for c in ckpt.list_checkpoints(run_dir) if c.step > checkpoint.step]
+    if later:
+        log.warning(
+            f"warning: --resume {checkpoint.name} goes back; the run's later checkpoints "
+            f"({', '.join(later)}) stay, and a run without --resume continues from the latest: "
+            "delete them to abandon them"
+        )
 
 
 def run_precision(

@@ -297,6 +297,21 @@ def test_a_dev_set_the_tokenizer_cannot_spell_is_warned_of(
     ]
 
 
+@pytest.mark.slow
+def test_resuming_an_earlier_checkpoint_warns_of_the_later_ones(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    train(tiny(run, "train.max_steps=30"))  # checkpoints at 15 and 30
+    earlier = run / "checkpoints" / "step-00000015.safetensors"
+    result = train(tiny(run, "train.max_steps=20"), resume=earlier)
+    assert result.state.step == 20
+    assert [m for m in caplog.messages if m.startswith("warning: --resume")] == [
+        "warning: --resume step-00000015 goes back; the run's later checkpoints (step-00000030) "
+        "stay, and a run without --resume continues from the latest: delete them to abandon them"
+    ]
+
+
 def poisoned_loss(calls_to_poison: set[int] | None):
     """label_smoothed_nll, but NaN on the given calls (all calls for None)."""
     calls = {"n": 0}
