@@ -492,7 +492,7 @@ def test_fetch_from_a_local_mirror(multi30k: Path, tmp_path: Path) -> None:
         for lang in ("de", "en")
     ]
     assert out.splitlines() == [str(dest / name) for name in names]
-    assert err.splitlines() == [f"{name}: downloaded" for name in names]
+    assert err.splitlines() == [f"{name}: copied, SHA-256 verified" for name in names]
     for name in names:
         assert (dest / name).read_bytes() == (multi30k / name).read_bytes()
     mtimes = {p: p.stat().st_mtime_ns for p in dest.iterdir()}
