@@ -669,7 +669,7 @@ def train(config: Config, resume: Path | None = None) -> TrainResult:
     try:
         with contextlib.ExitStack() as stack:  # the run lock, the metrics log
             run = start(config, resume, world, device, stack)
-            if why := finished(run):
+            if why := why_done(run):
                 at = f"{run.directory} is already at step {run.state.step}"
                 log.info(f"{at} ({why}): nothing to do")
                 return TrainResult(run.state, None, str(device), world.is_main, idle=True)
@@ -679,7 +679,7 @@ def train(config: Config, resume: Path | None = None) -> TrainResult:
         distributed.teardown(world)
 
 
-def finished(run: Run) -> str:
+def why_done(run: Run) -> str:
     """Why a restored run has nothing left to do, or "" if it goes on."""
     tc, state = run.config.train, run.state
     if state.step >= tc.max_steps:
