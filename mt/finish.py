@@ -7,10 +7,12 @@ training returns, so that the training loop depends on nothing that decodes or s
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from mt.average import AVERAGE_NAME, average_run
 from mt.checkpoint import checkpoint_dir, list_checkpoints
 from mt.config import Config
+from mt.lock import hold_run_lock
 from mt.report import REPORT_FILE, write_report
 from mt.rundir import run_path
 from mt.train import TrainResult
@@ -26,7 +28,14 @@ def finish(config: Config, result: TrainResult) -> None:
     """
     if not result.main or result.signum is not None:
         return  # a signalled run resumes later; its end comes then
-    run_dir, train = run_path(config), config.train
+    run_dir = run_path(config)
+    with hold_run_lock(run_dir):  # no second trainer may write checkpoints under these jobs
+        _finish(config, result, run_dir)
+
+
+def _finish(config: Config, result: TrainResult, run_dir: Path) -> None:
+    """The average and report of a finished run, under its lock."""
+    train = config.train
     average = checkpoint_dir(run_dir) / AVERAGE_NAME
     if train.average_last and not (result.idle and average.is_file()):
         last = min(train.average_last, len(list_checkpoints(run_dir)))

@@ -25,6 +25,7 @@ from mt.config import Config, load_config
 from mt.device import describe_precision
 from mt.errors import ConfigError, MtError
 from mt.finish import finish
+from mt.lock import hold_run_lock
 from mt.metrics import read_metrics
 from mt.report import report_checkpoint, write_report
 from mt.train import TrainState, train
@@ -569,6 +570,20 @@ def test_a_rerun_at_the_end_does_the_average_and_report_a_signal_stopped(tmp_pat
     written = report.stat().st_mtime_ns, average.stat().st_mtime_ns
     finish(config, train(config))  # nothing missing: nothing done again
     assert (report.stat().st_mtime_ns, average.stat().st_mtime_ns) == written
+
+
+def test_the_end_of_run_jobs_hold_the_run_lock(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    config = tiny(run, "train.max_steps=10", "train.average_last=1", "train.report=true")
+    result = train(config)
+    # A second trainer took the run directory in the meantime:
+    in_use = pytest.raises(MtError, match=r"the run directory is in use by PID \d+")
+    with hold_run_lock(run), in_use:
+        finish(config, result)
+    assert not (run / "report.md").exists()
+    assert not (run / "checkpoints" / "average.safetensors").exists()
+    finish(config, result)
+    assert (run / "report.md").is_file()
 
 
 def test_a_signal_during_the_last_step_still_ends_the_run(
