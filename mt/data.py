@@ -451,24 +451,25 @@ def _quiet_datasets() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
+def _train_counts(data: EncodedCorpus | CorpusMix) -> dict[str, Any]:
+    """Filter counts and kept source / target tokens of (some) training data."""
+    return {
+        "train": asdict(data.stats),
+        "train_src_tokens": int(data.src_lens.sum()),
+        "train_tgt_tokens": int(data.tgt_lens.sum()),
+    }
+
+
 def write_data_stats(
     run_dir: Path, train: CorpusMix, tokenizer: Tokenizer, valid: dict[str, Corpus]
 ) -> dict[str, Any]:
     """Save the training filter counts and token totals, in all and per direction, with the unk
     rate of each direction's dev set."""
-    directions = {}
-    for name, part in train.parts.items():
-        directions[name] = {
-            "train": asdict(part.stats),
-            "train_src_tokens": int(part.src_lens.sum()),
-            "train_tgt_tokens": int(part.tgt_lens.sum()),
-        }
-        if name in valid:
-            directions[name]["valid_unk_rate"] = list(unk_rate(tokenizer, valid[name]))
+    directions = {name: _train_counts(part) for name, part in train.parts.items()}
+    for name, corpus in valid.items():
+        directions[name]["valid_unk_rate"] = list(unk_rate(tokenizer, corpus))
     stats: dict[str, Any] = {
-        "train": asdict(train.stats),
-        "train_src_tokens": int(train.src_lens.sum()),
-        "train_tgt_tokens": int(train.tgt_lens.sum()),
+        **_train_counts(train),
         "src_vocab": tokenizer.src_vocab_size,
         "tgt_vocab": tokenizer.tgt_vocab_size,
         "directions": directions,

@@ -97,18 +97,16 @@ def fetch_multi30k(
 def _fetch_one(final: Path, source: str, present: bool, progress: bool) -> Path:
     """One verified file at `final`: kept if `present`, else downloaded (or copied) anew."""
     name = final.name
+    pinned = MULTI30K_FILES[name] is not None
     if present:
         _say(f"{name}: up to date")
     else:
         if final.exists():
             _say(f"{name}: present but invalid; downloading again")
         _download(source, final, progress)
-        pinned = MULTI30K_FILES[name] is not None
-        _say(
-            f"{name}: {'downloaded' if _is_url(source) else 'copied'}"
-            + (", SHA-256 verified" if pinned else "")
-        )
-    if MULTI30K_FILES[name] is None:
+        verified = ", SHA-256 verified" if pinned else ""
+        _say(f"{name}: {'downloaded' if _is_url(source) else 'copied'}{verified}")
+    if not pinned:
         _say(f"warning: {name}: no pinned checksum; checked only gzip format and line count")
     return final
 
