@@ -7,29 +7,14 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sacrebleu.metrics import BLEU, CHRF, TER
 
 from mt.corpora import read_lines
 from mt.errors import MtError
 from mt.rundir import open_directions, open_split
-from mt.translate import (
-    check_found,
-    check_target,
-    count_missing,
-    decode_settings,
-    load_models,
-    resolve_runtime,
-    translate_lines,
-)
-
-if TYPE_CHECKING:
-    import torch
-
-    from mt.config import DecodeConfig
-    from mt.search import Decoder
-    from mt.tokenizer import Tokenizer
+from mt.translate import Translator, check_found, check_target, count_missing, load_translator
 
 
 @dataclass(frozen=True)
@@ -151,8 +136,9 @@ def translate_test_sets(
     With `tgt_lang`, only the directions into it.
     """
     paths = [models] if isinstance(models, Path) else list(models)
-    dev, prec = resolve_runtime(device, precision, paths[0], quantization)
-    config, tokenizer, model, checkpoints = load_models(paths, dev, weights, quantization, prec)
+    config, translator, checkpoints = load_translator(
+        paths, device, precision, weights, quantization, nbest=1, **overrides
+    )  # only the best is scored
     tests = open_directions(config, split)
     if not tests:
         raise MtError(
@@ -164,14 +150,10 @@ def translate_test_sets(
             known = ", ".join(dict.fromkeys(c.tgt_lang for c in tests.values()))
             raise MtError(f"--tgt-lang {tgt_lang}: the run's {split} sets translate into {known}")
         tests = into
-    decode = decode_settings(config, nbest=1, **overrides)  # only the best is scored
     out = {}
     for direction, corpus in tests.items():
         pairs = list(corpus.pairs())
-        sources = [s for s, _ in pairs]
-        hyps = best_translations(
-            sources, tokenizer, model, decode, dev, prec, checkpoints, corpus.tgt_lang
-        )
+        hyps = best_translations(translator, [s for s, _ in pairs], checkpoints, corpus.tgt_lang)
         out[direction] = (hyps, [t for _, t in pairs])
     return out
 
@@ -192,39 +174,22 @@ def model_translations(
     test set. The references are None unless the run's test set was translated.
     """
     paths = [models] if isinstance(models, Path) else list(models)
-    dev, prec = resolve_runtime(device, precision, paths[0], quantization)
-    config, tokenizer, model, checkpoints = load_models(paths, dev, weights, quantization, prec)
-    check_target(config, tokenizer, tgt_lang)
+    config, translator, checkpoints = load_translator(
+        paths, device, precision, weights, quantization, nbest=1, **overrides
+    )  # only the best is scored
+    check_target(config, translator.tokenizer, tgt_lang)
     refs = None
     if sources is None:
         pairs = list(open_split(config, "test").pairs())
         sources, refs = [s for s, _ in pairs], [t for _, t in pairs]
-    decode = decode_settings(config, nbest=1, **overrides)  # only the best is scored
-    hyps = best_translations(sources, tokenizer, model, decode, dev, prec, checkpoints, tgt_lang)
-    return hyps, refs
+    return best_translations(translator, sources, checkpoints, tgt_lang), refs
 
 
 def best_translations(
-    sources: list[str],
-    tokenizer: Tokenizer,
-    model: Decoder,
-    decode: DecodeConfig,
-    device: torch.device,
-    precision: str,
-    checkpoints: str,
-    tgt_lang: str | None,
+    translator: Translator, sources: list[str], checkpoints: str, tgt_lang: str | None
 ) -> list[str]:
     """The best translation of each source; MtError naming the checkpoints if one has none."""
-    translations = translate_lines(
-        sources,
-        tokenizer,
-        model,
-        decode,
-        device,
-        precision,
-        progress=sys.stderr.isatty(),
-        tgt_lang=tgt_lang,
-    )
+    translations = translator.translate(sources, progress=sys.stderr.isatty(), tgt_lang=tgt_lang)
     # Scores of a model that cannot translate every line would be meaningless.
     check_found(checkpoints, count_missing(translations), len(translations))
     return [hyps[0].text for hyps in translations]

@@ -262,100 +262,108 @@ def decoding_products(model: Path | None) -> tuple[list[Features] | None, int]:
 # --- translation ----------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def translate_batches(
-    lines: Sequence[str],
-    tokenizer: Tokenizer,
-    model: Decoder,
-    decode: DecodeConfig,
-    device: torch.device,
-    precision: str = "fp32",
-    max_tokens: int | None = None,
-    scores: bool = False,
-    progress: bool = False,
-    tgt_lang: str | None = None,
-    prefixes: Sequence[list[int]] | None = None,
-    constraints: Sequence[list[list[int]]] | None = None,
-) -> Iterator[tuple[list[int], list[list[Translation]]]]:
-    """(line indices, their n-best translations) batch by batch, longest batches last.
+@dataclass(frozen=True)
+class Translator:
+    """A model or ensemble with its tokenizer, decoding settings, device and precision.
 
-    Blank lines (and lines without pieces) come first, untranslated. `scores` forces beam
-    search even at beam 1. A line without a finite hypothesis gets `nbest` times NOT_FOUND.
-    prefixes and constraints hold target pieces per line (see encode_prefixes and
-    encode_constraints); a line whose output misses its constraints gets a warning.
+    `dataclasses.replace(translator, decode=...)` gives one with other settings (mt serve's
+    per-request beam).
     """
-    ids = encode_sources(lines, tokenizer, model.max_positions - 1, tgt_lang)  # - 1: room for EOS
-    nbest = decode.nbest
-    empty = [i for i, seq in enumerate(ids) if not seq]
-    if empty:
-        yield empty, [[EMPTY] * nbest for _ in empty]
-    bar = tqdm(total=len(lines) - len(empty), unit="sent", disable=not progress, file=sys.stderr)
-    generator = None  # torch's global random numbers
-    if decode.sampling and decode.seed >= 0:
-        generator = torch.Generator(device).manual_seed(decode.seed)
-    for batch in source_batches(ids, max_tokens or decode.max_tokens):
-        src = collate_source([ids[i] for i in batch], batch).src.to(device)  # (B, S)
-        rows = batch.tolist()
-        prefix = None if prefixes is None else search.prefixes([prefixes[i] for i in rows], device)
-        wanted = None if constraints is None else [constraints[i] for i in rows]
-        wanted = None if wanted is None else Constraints.of(wanted, device)
-        with autocast(device, precision):
-            hypotheses = search.decode(model, src, decode, scores, prefix, wanted, generator)
-        if wanted is not None and constraints is not None:
-            warn_unmet(rows, hypotheses, list(constraints))
-        yield rows, [_detokenise(tokenizer, hyps, nbest) for hyps in hypotheses]
-        bar.update(len(batch))
-    bar.close()
+
+    tokenizer: Tokenizer
+    model: Decoder
+    decode: DecodeConfig
+    device: torch.device
+    precision: str = "fp32"
+
+    @torch.no_grad()
+    def batches(
+        self,
+        lines: Sequence[str],
+        *,
+        max_tokens: int | None = None,
+        scores: bool = False,
+        progress: bool = False,
+        tgt_lang: str | None = None,
+        prefixes: Sequence[list[int]] | None = None,
+        constraints: Sequence[list[list[int]]] | None = None,
+    ) -> Iterator[tuple[list[int], list[list[Translation]]]]:
+        """(line indices, their n-best translations) batch by batch, longest batches last.
+
+        Blank lines (and lines without pieces) come first, untranslated. `max_tokens` overrides
+        decode.max_tokens; `scores` forces beam search even at beam 1. A line without a finite
+        hypothesis gets `nbest` times NOT_FOUND. prefixes and constraints hold target pieces per
+        line (see encode_prefixes and encode_constraints); a line whose output misses its
+        constraints gets a warning.
+        """
+        model, decode, device = self.model, self.decode, self.device
+        ids = encode_sources(lines, self.tokenizer, model.max_positions - 1, tgt_lang)  # + EOS
+        empty = [i for i, seq in enumerate(ids) if not seq]
+        if empty:
+            yield empty, [[EMPTY] * decode.nbest for _ in empty]
+        bar = tqdm(
+            total=len(lines) - len(empty), unit="sent", disable=not progress, file=sys.stderr
+        )
+        generator = None  # torch's global random numbers
+        if decode.sampling and decode.seed >= 0:
+            generator = torch.Generator(device).manual_seed(decode.seed)
+        for batch in source_batches(ids, max_tokens or decode.max_tokens):
+            src = collate_source([ids[i] for i in batch], batch).src.to(device)  # (B, S)
+            rows = batch.tolist()
+            prefix = (
+                None if prefixes is None else search.prefixes([prefixes[i] for i in rows], device)
+            )
+            wanted = None if constraints is None else [constraints[i] for i in rows]
+            wanted = None if wanted is None else Constraints.of(wanted, device)
+            with autocast(device, self.precision):
+                hypotheses = search.decode(model, src, decode, scores, prefix, wanted, generator)
+            if wanted is not None and constraints is not None:
+                warn_unmet(rows, hypotheses, list(constraints))
+            yield rows, [self._detokenise(hyps) for hyps in hypotheses]
+            bar.update(len(batch))
+        bar.close()
+
+    def translate(self, lines: Sequence[str], **options: Any) -> list[list[Translation]]:
+        """The n-best translations of every line, in input order; options as for batches."""
+        out: list[list[Translation]] = [[] for _ in lines]
+        for indices, translations in self.batches(lines, **options):
+            for i, hyps in zip(indices, translations, strict=True):
+                out[i] = hyps
+        return out
+
+    def _detokenise(self, hyps: Sequence[Any]) -> list[Translation]:
+        """The `nbest` best finite-scored hypotheses of one line as Translations, one-line text.
+
+        Always `nbest` of them: NOT_FOUND fills the places of outputs the search could not find
+        (a length limit that leaves fewer possible outputs, unmet constraints, scores not finite).
+        """
+        nbest = self.decode.nbest
+        hyps = [h for h in hyps if math.isfinite(h.score)][:nbest]
+        texts = self.tokenizer.decode_tgt([list(h.tokens) for h in hyps]) if hyps else []
+        found = [
+            Translation(text.translate(_LINE_BREAKS), float(h.score), list(h.tokens))
+            for text, h in zip(texts, hyps, strict=True)
+        ]
+        return found + [NOT_FOUND] * (nbest - len(found))
 
 
-def _detokenise(tokenizer: Tokenizer, hyps: Sequence[Any], nbest: int) -> list[Translation]:
-    """The `nbest` best finite-scored hypotheses of one line as Translations, one-line text.
+def load_translator(
+    models: Sequence[Path],
+    device: str = "auto",
+    precision: str = "auto",
+    weights: Sequence[float] | None = None,
+    quantization: str = "none",
+    **overrides: Any,
+) -> tuple[Config, Translator, str]:
+    """The first model's config, a Translator for the models, and their checkpoint(s).
 
-    Always `nbest` of them: NOT_FOUND fills the places of outputs the search could not find (a
-    length limit that leaves fewer possible outputs, unmet constraints, scores not finite).
+    The device and precision are resolved as resolve_runtime does; the decoding settings are
+    the run's with `overrides` (decode.*, None = the run's) applied; see load_models for the rest.
     """
-    hyps = [h for h in hyps if math.isfinite(h.score)][:nbest]
-    texts = tokenizer.decode_tgt([list(h.tokens) for h in hyps]) if hyps else []
-    found = [
-        Translation(text.translate(_LINE_BREAKS), float(h.score), list(h.tokens))
-        for text, h in zip(texts, hyps, strict=True)
-    ]
-    return found + [NOT_FOUND] * (nbest - len(found))
-
-
-def translate_lines(
-    lines: Sequence[str],
-    tokenizer: Tokenizer,
-    model: Decoder,
-    decode: DecodeConfig,
-    device: torch.device,
-    precision: str = "fp32",
-    max_tokens: int | None = None,
-    scores: bool = False,
-    progress: bool = False,
-    tgt_lang: str | None = None,
-    prefixes: Sequence[list[int]] | None = None,
-    constraints: Sequence[list[list[int]]] | None = None,
-) -> list[list[Translation]]:
-    """The n-best translations of every line, in input order (see translate_batches)."""
-    out: list[list[Translation]] = [[] for _ in lines]
-    for indices, translations in translate_batches(
-        lines,
-        tokenizer,
-        model,
-        decode,
-        device,
-        precision,
-        max_tokens,
-        scores,
-        progress,
-        tgt_lang,
-        prefixes,
-        constraints,
-    ):
-        for i, hyps in zip(indices, translations, strict=True):
-            out[i] = hyps
-    return out
+    dev, prec = resolve_runtime(device, precision, models[0], quantization)
+    config, tokenizer, model, checkpoints = load_models(models, dev, weights, quantization, prec)
+    decode = decode_settings(config, **overrides)
+    return config, Translator(tokenizer, model, decode, dev, prec), checkpoints
 
 
 # --- output ---------------------------------------------------------------------------------
@@ -436,7 +444,6 @@ def translate_file(
 
     Bad prefix or constraint files fail before anything is written.
     """
-    dev, prec = resolve_runtime(device, precision, models[0], quantization)
     lines = list(read_lines(source))  # before loading the model: bad input fails fast
     prefix_rows = None if prefix is None else read_aligned(prefix, lines, source)
     constraint_rows = None if constraints is None else read_aligned(constraints, lines, source)
@@ -444,12 +451,14 @@ def translate_file(
         raise MtError(f"{output}: directory {Path(output).parent} does not exist")
     if output is not None and Path(output).is_dir():
         raise MtError(f"{output}: is a directory, not a file to write")
-    config, tokenizer, model, checkpoints = load_models(models, dev, weights, quantization, prec)
+    config, translator, checkpoints = load_translator(
+        models, device, precision, weights, quantization, **overrides
+    )
+    tokenizer, decode = translator.tokenizer, translator.decode
     check_target(config, tokenizer, tgt_lang)
-    decode = decode_settings(config, **overrides)
     if constraints is not None and decode.sampling:
         raise MtError(f"--constraints {constraints}: constraints need beam search, not sampling")
-    room = model.max_positions - 2  # the output pieces before EOS
+    room = translator.model.max_positions - 2  # the output pieces before EOS
     prefixes = prefix_rows and encode_prefixes(prefix, prefix_rows, tokenizer, room)
     wanted = constraint_rows and encode_constraints(constraints, constraint_rows, tokenizer, room)
     # n-best format when asked for on the command line, or when the run's config asks for it.
@@ -459,13 +468,8 @@ def translate_file(
         writer = InOrderWriter(
             stream, len(lines), lambda i, hyps: format_translations(i, hyps, nbest)
         )
-        for indices, translations in translate_batches(
+        for indices, translations in translator.batches(
             lines,
-            tokenizer,
-            model,
-            decode,
-            dev,
-            prec,
             scores=nbest,
             progress=sys.stderr.isatty(),
             tgt_lang=tgt_lang,

@@ -57,7 +57,7 @@ from mt.packing import pack  # noqa: E402
 from mt.rundir import encode_split, load_trained, prepare_tokenizer  # noqa: E402
 from mt.search import max_lengths, strip  # noqa: E402
 from mt.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
-from mt.translate import decode_settings, encode_sources, translate_lines  # noqa: E402
+from mt.translate import Translator, decode_settings, encode_sources  # noqa: E402
 from mt.vocab import EOS_ID, PAD_ID  # noqa: E402
 
 SECTION = "## Speed: mt vs Hugging Face Marian"
@@ -303,7 +303,7 @@ def decode_phase(spec: dict[str, Any]) -> dict[str, Any]:
         pack(model, DEVICE, precision)  # as `mt translate` decodes
 
         def run() -> list[list[int]]:
-            outs = translate_lines(sources, tokenizer, model, decode, DEVICE, precision)
+            outs = Translator(tokenizer, model, decode, DEVICE, precision).translate(sources)
             return [o[0].tokens if o else [] for o in outs]
 
     rss_before = rss_mib()
@@ -497,7 +497,7 @@ def equivalence(spec: dict[str, Any], batch: Any, sentences: int) -> dict[str, A
     diff = float((ours - theirs).abs().max() / ours.abs().max())
     greedy = decode_settings(config, beam=1, nbest=1)
     sources, _ = test_files({**spec, "sentences": sentences})
-    mine = [o[0].tokens for o in translate_lines(sources, tokenizer, model, greedy, DEVICE)]
+    mine = [o[0].tokens for o in Translator(tokenizer, model, greedy, DEVICE).translate(sources)]
     hf_out = hf_translate(hf, sources, tokenizer, greedy, "fp32", model.max_positions - 1)
     same = sum(a == b for a, b in zip(mine, hf_out, strict=True))
     return {"max_rel_logit_diff": diff, "greedy_same": same, "greedy_total": len(sources)}
@@ -645,7 +645,7 @@ def report(args: argparse.Namespace, spec: dict[str, Any], res: dict[str, Any]) 
         f"### Decoding: {res['sentences']:,} sentences of {TEST_PREFIX}, beam {spec['beam']}, "
         f"median of {spec['decode_repeats']} passes",
         "",
-        f"Weights: {res['decode_weights']}. mt: `mt.translate.translate_lines` (batches of "
+        f"Weights: {res['decode_weights']}. mt: `mt.translate.Translator.translate` (batches of "
         "decode.max_tokens 8192 source tokens, length-sorted; limit 1.2 x source length + 10 "
         "tokens, EOS included, per sentence; GNMT length penalty 0.6). HF: `generate("
         "num_beams=5, early_stopping=True, length_penalty=0.6, "

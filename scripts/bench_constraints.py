@@ -26,7 +26,7 @@ from mt.corpora import read_lines
 from mt.device import configure_backends
 from mt.rundir import load_trained
 from mt.search import contains
-from mt.translate import Translation, decode_settings, translate_lines
+from mt.translate import Translation, Translator, decode_settings
 
 
 def missed_words(hypothesis: str, reference: str, count: int) -> list[str]:
@@ -55,7 +55,9 @@ def bench(args: argparse.Namespace) -> None:
     settings = decode_settings(config, beam=args.beam, nbest=1)
 
     def translate(constraints: list | None = None) -> list[list[Translation]]:
-        return translate_lines(sources, tokenizer, model, settings, device, constraints=constraints)
+        return Translator(tokenizer, model, settings, device).translate(
+            sources, constraints=constraints
+        )
 
     plain_seconds, plain = timed(translate, args.repeats)
     plain_texts = [hyps[0].text for hyps in plain]

@@ -4,19 +4,19 @@
     .venv/bin/python scripts/bench_ct2.py --run runs/multi30k --write docs/benchmarks.md
     .venv/bin/python scripts/bench_ct2.py --smoke                             # seconds, for tests
 
-Every system decodes Multi30k's test_2016_flickr (German → English, 1,000 sentences) with beam
-5 on the same threads: mt with `mt.translate.translate_lines` in fp32 (its linear layers packed,
-as `mt translate` runs them, and unpacked), with its int8 weights (`mt translate --quantize
-int8`, mt.quantize) and in bf16 where `--precision auto` (mt translate's default) picks it on
-this CPU, each in a child process of its own set up as `mt translate` sets up (`mt_worker`), and
-CTranslate2 exported from the same weights by `mt.export.ct2.save_ct2`, in this process, run by
-`mt.export.ct2_search.translate_ct2` (batches of one source length, mt's length limits and a
-fitted length penalty; see mt/export/ct2_search.py) and by its own search. Times include
-tokenising and detokenising; each figure is the median of --repeats passes after an untimed one,
-the passes going round all systems in turn. This process applies mt's CPU malloc setting, as
-`mt translate` does; CTranslate2 at its best batching runs once more in a child process without
-torch (scripts/ct2_worker.py), with glibc's default malloc and its own OpenMP runtime, as
-CTranslate2's users run it, with one worker and with two.
+Every system decodes Multi30k's test_2016_flickr (German → English, 1,000 sentences) with beam 5 on
+the same threads: mt with `mt.translate.Translator.translate` in fp32 (its linear layers packed, as
+`mt translate` runs them, and unpacked), with its int8 weights (`mt translate --quantize int8`,
+mt.quantize) and in bf16 where `--precision auto` (mt translate's default) picks it on this CPU,
+each in a child process of its own set up as `mt translate` sets up (`mt_worker`), and CTranslate2
+exported from the same weights by `mt.export.ct2.save_ct2`, in this process, run by
+`mt.export.ct2_search.translate_ct2` (batches of one source length, mt's length limits and a fitted
+length penalty; see mt/export/ct2_search.py) and by its own search. Times include tokenising and
+detokenising; each figure is the median of --repeats passes after an untimed one, the passes going
+round all systems in turn. This process applies mt's CPU malloc setting, as `mt translate` does;
+CTranslate2 at its best batching runs once more in a child process without torch
+(scripts/ct2_worker.py), with glibc's default malloc and its own OpenMP runtime, as CTranslate2's
+users run it, with one worker and with two.
 """
 
 from __future__ import annotations
@@ -64,10 +64,10 @@ from mt.quantize import quantize  # noqa: E402
 from mt.rundir import load_trained  # noqa: E402
 from mt.tokenizer import Tokenizer  # noqa: E402
 from mt.translate import (  # noqa: E402
+    Translator,
     decode_settings,
     encode_sources,
     resolve_runtime,
-    translate_lines,
 )
 
 SECTION = "## Speed: mt vs CTranslate2"
@@ -103,8 +103,8 @@ def mt_process(run: str, variant: str, threads: int, **overrides: Any) -> Child:
     """mt decoding in a child process of its own (`mt_worker`): ids per line.
 
     Not in this process: CTranslate2 calls OpenMP through the same runtime as torch once both
-    are loaded, and a Translator sets the calling thread's OpenMP threads to its own
-    `intra_threads` (1 for the two-worker rows), which torch's operators then use.
+    are loaded, and a CTranslate2 Translator sets the calling thread's OpenMP threads to its
+    own `intra_threads` (1 for the two-worker rows), which torch's operators then use.
     """
     return Child([__file__, "--mt-worker", json.dumps([run, variant, threads, overrides])])
 
@@ -115,7 +115,7 @@ def mt_decoder(
     """mt's own search on the CPU (int8 where the model is quantised): ids per line."""
 
     def run(lines: list[str]) -> list[list[int]]:
-        outs = translate_lines(lines, tokenizer, model, decode, torch.device("cpu"), precision)
+        outs = Translator(tokenizer, model, decode, torch.device("cpu"), precision).translate(lines)
         return [hyps[0].tokens if hyps else [] for hyps in outs]
 
     return run
@@ -376,7 +376,7 @@ def report(args: argparse.Namespace, weights: Path, res: dict[str, Any]) -> str:
         f"{d.max_len_a} x source length + {d.max_len_b}, {d.length_penalty} length penalty "
         f"(alpha {d.alpha}); median of {args.repeats} passes in one process after an untimed "
         "one, each pass going round all systems in turn, tokenising and detokenising included. "
-        "mt: `mt.translate.translate_lines` in a child process per row, set up as `mt "
+        "mt: `mt.translate.Translator.translate` in a child process per row, set up as `mt "
         "translate` sets up (CTranslate2, loaded here, would share torch's OpenMP runtime and "
         "set its thread count), fp32, "
         f"batches of {d.max_tokens:,} source tokens, linear layers packed by oneDNN as `mt "

@@ -28,7 +28,7 @@ from mt.corpora import read_lines
 from mt.device import configure_backends
 from mt.packing import PackedLinear, pack
 from mt.rundir import load_trained
-from mt.translate import decode_settings, translate_lines
+from mt.translate import Translator, decode_settings
 
 Setting = tuple[int, int, str]  # beam, decoding batch budget, linear layers
 
@@ -79,7 +79,9 @@ def bench(
             decode = decode_settings(config, beam=beam, nbest=1)
             model = models[linear]
             start = time.perf_counter()
-            found = translate_lines(sources, tokenizer, model, decode, device, precision, budget)
+            found = Translator(tokenizer, model, decode, device, precision).translate(
+                sources, max_tokens=budget
+            )
             if timed:
                 times[beam, budget, linear].append(time.perf_counter() - start)
             outputs[beam, budget, linear] = found

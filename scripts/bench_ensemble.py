@@ -24,7 +24,7 @@ import torch
 
 from mt.corpora import read_lines
 from mt.device import configure_backends
-from mt.translate import decode_settings, load_models, translate_lines
+from mt.translate import Translator, decode_settings, load_models
 
 
 def timed_bleu(
@@ -41,7 +41,7 @@ def timed_bleu(
     times, hyps = [], []
     for _ in range(args.repeats):
         start = time.perf_counter()
-        out = translate_lines(sources, tokenizer, model, settings, device)
+        out = Translator(tokenizer, model, settings, device).translate(sources)
         times.append(time.perf_counter() - start)
         hyps = [best[0].text if best else "" for best in out]
     return sacrebleu.corpus_bleu(hyps, [refs]).score, statistics.median(times)

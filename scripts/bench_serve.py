@@ -42,7 +42,7 @@ from mt.errors import MtError
 from mt.packing import pack
 from mt.quantize import quantize
 from mt.rundir import load_trained, open_split
-from mt.translate import resolve_runtime, translate_lines
+from mt.translate import Translator, resolve_runtime
 
 READY_TIMEOUT_S = 300
 
@@ -73,7 +73,7 @@ def offline_rates(
     def rate(batches: list[list[str]]) -> float:
         start = time.perf_counter()
         for batch in batches:
-            translate_lines(batch, tokenizer, model, config.decode, dev, prec)
+            Translator(tokenizer, model, config.decode, dev, prec).translate(batch)
         return sum(map(len, batches)) / (time.perf_counter() - start)
 
     rates = {0: rate([lines])}

@@ -20,7 +20,7 @@ from mt.errors import MtError
 from mt.metrics import MetricsLog
 from mt.model import Transformer
 from mt.rundir import load_trained
-from mt.translate import translate_lines
+from mt.translate import Translator
 
 CPU = torch.device("cpu")
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -220,5 +220,5 @@ def test_cli_average_of_a_trained_run_translates(trained_run: Path, tmp_path: Pa
     assert out == run / "checkpoints" / AVERAGE_NAME
     config, tokenizer, model, loaded = load_trained(out, torch.device("cpu"))
     assert loaded.weights == out and not model.training
-    hyps = translate_lines(["Der hund mag den see ."], tokenizer, model, config.decode, CPU)
+    hyps = Translator(tokenizer, model, config.decode, CPU).translate(["Der hund mag den see ."])
     assert len(hyps) == 1 and hyps[0][0].text

@@ -33,7 +33,7 @@ from mt.model import Transformer
 from mt.rundir import load_trained
 from mt.search import max_lengths
 from mt.tokenizer import Tokenizer
-from mt.translate import decode_settings, encode_prefixes, translate_lines
+from mt.translate import Translator, decode_settings, encode_prefixes
 from mt.vocab import BOS_ID, EOS_ID, PAD_ID
 
 pytestmark = pytest.mark.slow  # trains two more tiny runs; exports and runs CT2 and Marian
@@ -123,8 +123,8 @@ def mt_outputs(
     tgt_lang: str | None = None,
 ) -> list[list[int]]:
     """mt's own translations of the lines (starting with `prefixes`, if given): target ids."""
-    out = translate_lines(
-        lines, tokenizer, model, decode, CPU, prefixes=prefixes, tgt_lang=tgt_lang
+    out = Translator(tokenizer, model, decode, CPU).translate(
+        lines, prefixes=prefixes, tgt_lang=tgt_lang
     )
     return [h[0].tokens for h in out]
 

@@ -17,7 +17,7 @@ from mt.packing import PackedLinear, fuse_activation, pack
 from mt.quantize import quantize
 from mt.rundir import load_trained
 from mt.search import Ensemble, beam_search
-from mt.translate import load_models, resolve_runtime, translate_lines
+from mt.translate import Translator, load_models, resolve_runtime
 from mt.vocab import BOS_ID, EOS_ID
 
 CPU = torch.device("cpu")
@@ -270,8 +270,8 @@ def test_load_models_packs_for_fp32_on_the_cpu_and_translates_alike(trained_run:
     self_attentions = len(plain.encoder) + len(plain.decoder)  # 3 layers fused into 1 each
     assert packed(fast) == 1 + linears(plain) - 2 * self_attentions and packed(plain) == 0
     lines = (TINY / "valid.de").read_text(encoding="utf-8").splitlines()[:40]
-    mine = translate_lines(lines, tokenizer, fast, config.decode, CPU, "fp32")
-    theirs = translate_lines(lines, tokenizer, plain, config.decode, CPU, "fp32")
+    mine = Translator(tokenizer, fast, config.decode, CPU, "fp32").translate(lines)
+    theirs = Translator(tokenizer, plain, config.decode, CPU, "fp32").translate(lines)
     same = [a[0] for a, b in zip(mine, theirs, strict=True) if a[0].text == b[0].text]
     assert len(same) >= 36  # float rounding may flip a near tie, rarely
     for a, b in zip(mine, theirs, strict=True):

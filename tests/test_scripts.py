@@ -619,7 +619,7 @@ def test_bench_ct2_decodes_mt_in_a_child_and_shares_threads_among_ct2_workers(
         assert bench.ct2_translator(str(directory), 2, workers=2).num_translators == 2
         assert bench.ct2_translator(str(directory), 2).num_translators == 1
     finally:
-        torch.set_num_threads(threads)  # a Translator may set this thread's OpenMP threads
+        torch.set_num_threads(threads)  # CTranslate2 may set this thread's OpenMP threads
 
 
 PERF_REPORT = """\

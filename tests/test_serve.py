@@ -42,11 +42,10 @@ from mt.metrics import read_metrics
 from mt.model import count_parameters
 from mt.rundir import load_trained
 from mt.serve import server as server_module
-from mt.serve import worker
 from mt.serve.api import Served, create_app
 from mt.serve.limits import Limits
 from mt.serve.server import load, serve, serving
-from mt.translate import encode_constraints, encode_prefixes, translate_lines
+from mt.translate import Translator, encode_constraints, encode_prefixes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -328,13 +327,13 @@ def test_limits_on_size_sentences_and_length(
 def test_a_failed_batch_answers_500_without_a_traceback_and_the_next_succeeds(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = worker.translate_lines
+    real = Translator.translate
 
     def fail_once(*args: object, **kwargs: object) -> object:
-        monkeypatch.setattr(worker, "translate_lines", real)
+        monkeypatch.setattr(Translator, "translate", real)
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(worker, "translate_lines", fail_once)
+    monkeypatch.setattr(Translator, "translate", fail_once)
     response = post(client, {"text": "der Hund ."})
     assert (response.status_code, response.json()) == (
         500, {"error": "server: translation failed (see its log)"}
@@ -384,7 +383,7 @@ def test_concurrent_requests_get_mt_translates_answers_whatever_shares_their_bat
     for request, response in zip(requests, responses, strict=True):
         decode = dataclasses.replace(config.decode, beam=request["beam"], nbest=request["nbest"])
         for line, got in zip(request["text"], response.json()["translations"], strict=True):
-            alone = translate_lines([line], tokenizer, model, decode, CPU, scores=True)[0]
+            alone = Translator(tokenizer, model, decode, CPU).translate([line], scores=True)[0]
             assert [h["text"] for h in got["nbest"]] == [h.text for h in alone]
             assert [h["score"] for h in got["nbest"]] == pytest.approx(
                 [h.score for h in alone], abs=1e-5
@@ -440,10 +439,9 @@ def test_requests_steered_differently_share_batches_and_get_their_own_answers(
         wanted = request.get("constraints") and encode_constraints(
             Path("c"), ["\t".join(c) for c in request["constraints"]], tokenizer, room
         )
-        alone = translate_lines(
-            lines, tokenizer, model, config.decode, CPU, scores=True, prefixes=prefixes,
-            constraints=wanted,
-        )  # fmt: skip
+        alone = Translator(tokenizer, model, config.decode, CPU).translate(
+            lines, scores=True, prefixes=prefixes, constraints=wanted
+        )
         got = response.json()["translations"]
         assert [t["text"] for t in got] == [h[0].text for h in alone]
         assert [t["score"] for t in got] == pytest.approx([h[0].score for h in alone], abs=1e-5)
@@ -628,12 +626,13 @@ def test_serve_decodes_on_the_main_thread_and_sigterm_returns_cleanly(
     trained_run: Path, monkeypatch: pytest.MonkeyPatch, listening: threading.Event
 ) -> None:
     threads: list[threading.Thread] = []
+    real = Translator.translate
 
-    def recording(*args: object, **kwargs: object) -> object:
+    def recording(self: Translator, *args: object, **kwargs: object) -> object:
         threads.append(threading.current_thread())
-        return translate_lines(*args, **kwargs)
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(worker, "translate_lines", recording)
+    monkeypatch.setattr(Translator, "translate", recording)
     url, answers = f"http://127.0.0.1:{free_port()}", []
 
     def client() -> None:  # once the server listens: one request, then SIGTERM to this process

@@ -26,11 +26,11 @@ from mt.device import model_products
 from mt.errors import MtError
 from mt.rundir import load_trained
 from mt.translate import (
+    Translator,
     decoding_products,
     encode_constraints,
     encode_prefixes,
     resolve_runtime,
-    translate_lines,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def run_mt(*args: str, stdin: bytes = b"", cwd: Path = ROOT) -> subprocess.Compl
 def test_every_input_line_gives_one_output_line(loaded, caplog) -> None:
     config, tokenizer, model = loaded
     with caplog.at_level(logging.WARNING, logger="mt"):
-        out = translate_lines(EDGE_LINES, tokenizer, model, config.decode, CPU)
+        out = Translator(tokenizer, model, config.decode, CPU).translate(EDGE_LINES)
     assert len(out) == len(EDGE_LINES)
     assert all(len(hyps) == 1 for hyps in out)
     texts = [hyps[0].text for hyps in out]
@@ -94,8 +94,8 @@ def test_output_does_not_depend_on_batching(loaded) -> None:
     lines = [*valid[:20], *(line for line in EDGE_LINES if line != LONG)]
     for beam in (1, 3):
         decode = dataclasses.replace(config.decode, beam=beam)
-        one = translate_lines(lines, tokenizer, model, decode, CPU, max_tokens=1)
-        big = translate_lines(lines, tokenizer, model, decode, CPU, max_tokens=100_000)
+        one = Translator(tokenizer, model, decode, CPU).translate(lines, max_tokens=1)
+        big = Translator(tokenizer, model, decode, CPU).translate(lines, max_tokens=100_000)
         assert [h[0].text for h in one] == [h[0].text for h in big]
 
 
@@ -233,14 +233,14 @@ def test_sampling_and_scores(loaded) -> None:
     config, tokenizer, model = loaded
     lines = ["Der hund mag den see .", "", "Das kind findet ein auto ."]
     decode = dataclasses.replace(config.decode, sampling=True, beam=3, nbest=2, top_k=5)
-    out = translate_lines(lines, tokenizer, model, decode, CPU)
+    out = Translator(tokenizer, model, decode, CPU).translate(lines)
     assert [len(hyps) for hyps in out] == [2, 2, 2]
     assert out[1][0].text == "" and out[1][0].score == 0.0
     for hyps in (out[0], out[2]):
         assert hyps[0].score >= hyps[1].score
     greedy = dataclasses.replace(config.decode, beam=1, nbest=1)
-    scored = translate_lines(lines, tokenizer, model, greedy, CPU, scores=True)
-    plain = translate_lines(lines, tokenizer, model, greedy, CPU)
+    scored = Translator(tokenizer, model, greedy, CPU).translate(lines, scores=True)
+    plain = Translator(tokenizer, model, greedy, CPU).translate(lines)
     assert [h[0].text for h in scored] == [h[0].text for h in plain]
     assert all(h[0].score < 0 for h in (scored[0], scored[2]))
 
@@ -348,7 +348,7 @@ def test_lines_without_a_finite_hypothesis_are_empty(loaded, monkeypatch) -> Non
     lengths = [len(ids) for ids in tokenizer.encode_src(lines)]
     assert len(set(lengths)) == 3  # one batch (see max_tokens), rows told apart by length
     decode = dataclasses.replace(config.decode, beam=2, nbest=2)
-    out = translate_lines(lines, tokenizer, model, decode, CPU, max_tokens=100_000)
+    out = Translator(tokenizer, model, decode, CPU).translate(lines, max_tokens=100_000)
     longest, shortest = lengths.index(max(lengths)), lengths.index(min(lengths))
     assert out[longest] == out[shortest] == [NOT_FOUND, NOT_FOUND]
     (other,) = set(range(3)) - {longest, shortest}
@@ -360,8 +360,8 @@ def test_greedy_translations_are_scored_like_beam_search(loaded) -> None:
     config, tokenizer, model = loaded
     lines = (ROOT / "tests/data/tiny/valid.de").read_text(encoding="utf-8").splitlines()[:8]
     greedy = dataclasses.replace(config.decode, beam=1, nbest=1)
-    plain = translate_lines(lines, tokenizer, model, greedy, CPU)
-    beam1 = translate_lines(lines, tokenizer, model, greedy, CPU, scores=True)  # beam search
+    plain = Translator(tokenizer, model, greedy, CPU).translate(lines)
+    beam1 = Translator(tokenizer, model, greedy, CPU).translate(lines, scores=True)  # beam search
     assert [h[0].tokens for h in plain] == [h[0].tokens for h in beam1]
     assert [h[0].score for h in plain] == pytest.approx([h[0].score for h in beam1], abs=1e-5)
 
@@ -411,9 +411,9 @@ def test_prefixes_and_constraints_steer_the_translations(loaded) -> None:
     room = model.max_positions - 2
     prefixes = encode_prefixes(Path("p"), ["A cat", "", "The child sees", "A"], tokenizer, room)
     phrases = encode_constraints(Path("c"), ["lake\tcar", "", "house", "dog"], tokenizer, room)
-    plain = translate_lines(STEER_LINES, tokenizer, model, config.decode, CPU)
-    steered = translate_lines(
-        STEER_LINES, tokenizer, model, config.decode, CPU, prefixes=prefixes, constraints=phrases
+    plain = Translator(tokenizer, model, config.decode, CPU).translate(STEER_LINES)
+    steered = Translator(tokenizer, model, config.decode, CPU).translate(
+        STEER_LINES, prefixes=prefixes, constraints=phrases
     )
     texts = [h[0].text for h in steered]
     assert texts[0].startswith("A cat") and "lake" in texts[0] and "car" in texts[0]
@@ -430,9 +430,9 @@ def test_unmet_constraints_give_the_plain_translation_and_a_warning(loaded, capl
     many = " ".join(["dog"] * (room // (2 * dog) + 1))  # two of them cannot fit in one output
     phrases = encode_constraints(Path("c"), ["", f"{many}\t{many}"], tokenizer, room)
     lines = STEER_LINES[:2]
-    plain = translate_lines(lines, tokenizer, model, config.decode, CPU)
+    plain = Translator(tokenizer, model, config.decode, CPU).translate(lines)
     with caplog.at_level(logging.WARNING, logger="mt"):
-        out = translate_lines(lines, tokenizer, model, config.decode, CPU, constraints=phrases)
+        out = Translator(tokenizer, model, config.decode, CPU).translate(lines, constraints=phrases)
     assert [h[0].tokens for h in out] == [h[0].tokens for h in plain]  # alone: last bits differ
     assert [h[0].score for h in out] == pytest.approx([h[0].score for h in plain], abs=1e-5)
     assert [r.getMessage() for r in caplog.records] == [

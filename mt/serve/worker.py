@@ -5,7 +5,7 @@ Requests wait in one queue. Once free, the worker takes the first and gathers mo
 were in the server, answered or waiting, at the end of a recent batch: clients just answered
 tend to come straight back, and without this the wait splits them into batches decoded in
 turn), groups them by decoding settings and decodes each group with `mt translate`'s own batched
-search (translate_lines), so a sentence gets the translation `mt translate` gives it, whatever
+search (Translator.translate), so a sentence gets the translation `mt translate` gives it, whatever
 else shares its batch. Answers go back to each request's event loop through
 loop.call_soon_threadsafe: the HTTP side never waits on the model, and the model never waits on
 HTTP.
@@ -34,7 +34,7 @@ from mt.config import DecodeConfig
 from mt.model import Transformer
 from mt.serve.limits import Limits
 from mt.tokenizer import Tokenizer
-from mt.translate import Translation, translate_lines
+from mt.translate import Translation, Translator
 
 log = logging.getLogger("mt")
 RECENT_BATCHES = 4  # the loads (see Batcher._recent) the worker gathers towards
@@ -245,14 +245,10 @@ class Batcher:
             "decoding %d sentences of %d requests, beam %d", len(lines), len(jobs), decode.beam
         )
         try:
-            found = translate_lines(
+            translator = Translator(self.tokenizer, self.model, decode, self.device, self.precision)
+            found = translator.translate(
                 lines,
-                self.tokenizer,
-                self.model,
-                decode,
-                self.device,
-                self.precision,
-                self.max_tokens,
+                max_tokens=self.max_tokens,
                 scores=True,
                 tgt_lang=tgt_lang,
                 prefixes=_per_line(jobs, [job.prefixes for job in jobs]),
