@@ -17,6 +17,7 @@ from mt.checkpoint import (
     WEIGHTS_SUFFIX,
     Checkpoint,
     checkpoint_dir,
+    is_resume_point,
     read_metadata,
     read_verified,
     save_tensors,
@@ -33,8 +34,12 @@ _PER_CHECKPOINT = ("step",)  # metadata that differs between checkpoints of one 
 
 
 def select_last(run_dir: Path, k: int) -> list[Checkpoint]:
-    """The k checkpoints with the highest steps, oldest first (weights suffice)."""
-    found = weights_checkpoints(run_dir)
+    """The k checkpoints with the highest steps, oldest first (weights suffice).
+
+    Not resume points (a signal's checkpoints between validations): the last checkpoints of a
+    run stopped and resumed are those of an uninterrupted run.
+    """
+    found = [c for c in weights_checkpoints(run_dir) if not is_resume_point(c)]
     if k > len(found):
         raise MtError(f"asked to average {k} checkpoints but {run_dir} has {len(found)}")
     return found[-k:]

@@ -47,7 +47,8 @@ _STEP_NAME = re.compile(r"step-(\d+)")
 _TRAINER_TEMPS = (".step-*.tmp", ".best.*.tmp", ".crash-step-*.tmp")
 DIGEST_KEY = "weights_xxh3_128"  # header entry: digest of the tensors, checked at load
 STATE_KEY = "state_id"  # header entry: the id of the state file saved with the weights
-_INTERNAL_KEYS = (DIGEST_KEY, STATE_KEY)  # per file: not part of what read_metadata reports
+RESUME_KEY = "resume_point"  # header entry: "true" on a signal's unvalidated checkpoint
+_INTERNAL_KEYS = (DIGEST_KEY, STATE_KEY, RESUME_KEY)  # per file: not in read_metadata's answer
 _REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+)")  # how torch's weights_only unpickler names one
 _DESCRIPTIONS = {  # metadata keys that get a readable mismatch message
     "src_vocab": "source vocabulary",
@@ -383,6 +384,26 @@ def _is_complete(ckpt: Checkpoint) -> bool:
         return False
 
 
+def _state_damage(path: Path) -> str | None:
+    """What is wrong with a state file's bytes (a record whose CRC-32 fails), or None."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        return f"{path}: not a valid mt training state ({_reason(exc)})"
+    return None if bad is None else f"{path}: damaged (its record {bad} fails its CRC check)"
+
+
+def damage(ckpt: Checkpoint) -> str | None:
+    """What is wrong with a complete checkpoint's bytes, or None: weights that do not match
+    their digest, a state record that fails its CRC-32 (a disk or copy that changed them)."""
+    try:
+        read_verified(ckpt.weights)
+    except MtError as exc:
+        return str(exc)
+    return _state_damage(ckpt.state)
+
+
 def load_training_state(ckpt: Checkpoint) -> dict[str, Any]:
     """The training state saved with `ckpt`'s weights; MtError if it is another save's."""
     if ckpt.state.is_file() and not _is_complete(ckpt):
@@ -390,13 +411,25 @@ def load_training_state(ckpt: Checkpoint) -> dict[str, Any]:
             f"{ckpt.state}: not the training state saved with {ckpt.weights.name} "
             "(a save was interrupted); resume from another checkpoint"
         )
+    if ckpt.state.is_file() and (problem := _state_damage(ckpt.state)):
+        raise MtError(f"{problem}; resume from another checkpoint")
     return load_state(ckpt.state)
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model: nn.Module, state: dict[str, Any], metadata: dict[str, str]
+    run_dir: Path,
+    step: int,
+    model: nn.Module,
+    state: dict[str, Any],
+    metadata: dict[str, str],
+    resume_point: bool = False,
 ) -> Checkpoint:
-    """Atomically write the state, then the weights (naming that state), of checkpoint `step`."""
+    """Atomically write the state, then the weights (naming that state), of checkpoint `step`.
+
+    A `resume_point` (a signal's checkpoint, between validations) is kept only until a later
+    checkpoint is saved, and is never one of the last checkpoints averaged: a run stopped and
+    resumed keeps and averages the checkpoints an uninterrupted one does.
+    """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     _check_plain(state)  # fail now, not when a resume finds the state unreadable
@@ -414,6 +447,8 @@ def save_checkpoint(
         digest = pool.submit(_digest, flat)
         _atomic_write(ckpt.state, lambda temp: torch.save(state, temp))
         header = {"step": str(step), **metadata, STATE_KEY: _state_id(ckpt.state)}
+        if resume_point:
+            header[RESUME_KEY] = "true"
         _write_flat(ckpt.weights, flat, header, digest.result())  # last: marks it complete
     if stand_in is not None:
         set_best(run_dir, ckpt)
@@ -455,6 +490,14 @@ def _weights_in(directory: Path) -> list[Checkpoint]:
     """
     found = (Checkpoint.from_weights(w) for w in directory.glob("step-*" + WEIGHTS_SUFFIX))
     return sorted((c for c in found if c.is_step), key=lambda ckpt: ckpt.step)
+
+
+def is_resume_point(ckpt: Checkpoint) -> bool:
+    """Whether `ckpt` was saved as a resume point (see save_checkpoint)."""
+    try:
+        return _header(ckpt.weights).get(RESUME_KEY) == "true"
+    except MtError:
+        return False  # listed as any other, so that loading it says what is wrong
 
 
 def weights_checkpoints(run_dir: Path) -> list[Checkpoint]:
@@ -515,13 +558,16 @@ def best_checkpoint(run_dir: Path) -> Checkpoint | None:
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int) -> list[Path]:
-    """Delete step checkpoints older than the last `keep_last` (never the best) and crash debris."""
+    """Delete step checkpoints older than the last `keep_last` (never the best), resume points
+    older than the latest checkpoint, and crash debris. Resume points are not counted."""
     if keep_last < 0:
         raise ValueError(f"keep_last must be >= 0, got {keep_last}")
     directory = checkpoint_dir(run_dir)
     best = _best_or_none(directory)  # a dangling pointer protects nothing (repair_checkpoints)
     complete = list_checkpoints(run_dir)
-    doomed = complete[: max(len(complete) - keep_last, 0)]
+    kept = [c for c in complete if not is_resume_point(c)]
+    superseded = [c for c in complete[:-1] if is_resume_point(c)]
+    doomed = superseded + kept[: max(len(kept) - keep_last, 0)]
     deleted: list[Path] = []
     for ckpt in doomed:
         if best is not None and ckpt.name == best.name:
@@ -558,14 +604,15 @@ def repair_checkpoints(run_dir: Path) -> None:
     """At the start of training, holding the run lock: clear a killed trainer's debris.
 
     Removes the temp files of step checkpoints, `best` and crash dumps (only a trainer writes
-    those, and the lock says none other is alive), and points a dangling `best` at the latest
-    complete checkpoint, with a warning.
+    those, and the lock says none other is alive), sets damaged latest checkpoints aside, and
+    points a dangling `best` at the latest complete checkpoint, with a warning.
     """
     directory = checkpoint_dir(run_dir)
     for pattern in _TRAINER_TEMPS:
         for temp in directory.glob(pattern):
             temp.unlink(missing_ok=True)
     _warn_unresumable(run_dir)
+    _set_aside_damaged(run_dir)
     pointer = directory / BEST_FILE
     try:
         _best_in(directory)
@@ -579,6 +626,20 @@ def repair_checkpoints(run_dir: Path) -> None:
     else:
         set_best(run_dir, latest)
         log.warning("%s; pointed it at the latest complete checkpoint, %s", problem, latest.name)
+
+
+def _set_aside_damaged(run_dir: Path) -> None:
+    """Rename damaged latest checkpoints to damaged-step-N (kept for a look, never listed),
+    with a warning, until the latest is whole: training goes on from it, not from bad bytes."""
+    while (latest := latest_checkpoint(run_dir)) is not None:
+        problem = damage(latest)
+        if problem is None:
+            return
+        for path in (latest.weights, latest.state):  # weights first: they mark it complete
+            path.rename(path.with_name("damaged-" + path.name))
+        previous = latest_checkpoint(run_dir)
+        since = "the start" if previous is None else previous.name
+        log.warning(f"{problem}; renamed it damaged-{latest.name}, training goes on from {since}")
 
 
 def _warn_unresumable(run_dir: Path) -> None:

@@ -672,11 +672,32 @@ def train(config: Config, resume: Path | None = None) -> TrainResult:
             if why := why_done(run):
                 at = f"{run.directory} is already at step {run.state.step}"
                 log.info(f"{at} ({why}): nothing to do")
+                if world.is_main:
+                    record_missing_end(run)
                 return TrainResult(run.state, None, str(device), world.is_main, idle=True)
             begin(run, stack)
             return loop(run)
     finally:
         distributed.teardown(world)
+
+
+def end_values(run: Run) -> dict[str, Any]:
+    """The end record: training time, epoch, precision and device."""
+    state, learner = run.state, run.learner
+    return {
+        "train_seconds": state.train_seconds,
+        "epoch": state.epoch,
+        "precision": learner.precision,
+        "device": str(learner.device),
+    }
+
+
+def record_missing_end(run: Run) -> None:
+    """Write the end record of a run killed after its last checkpoint, before that record."""
+    if any(r["step"] == run.state.step for r in read_metrics(run.directory, "end")):
+        return
+    with contextlib.closing(MetricsLog(run.directory, resume_step=run.state.step)) as metrics:
+        metrics.write("end", run.state.step, end_values(run))
 
 
 def why_done(run: Run) -> str:
@@ -814,6 +835,10 @@ def loop(run: Run) -> TrainResult:
                 # 5. Validate and checkpoint every valid_every steps.
                 if stepped and validation_due(run) and validate_and_save(run):
                     break  # early stopping
+            # 6. A run that ends here logs the updates since its last log line (a signalled
+            # run's checkpoint keeps them for its resumption). Every rank has the same step.
+            if not stop.signum and state.step % tc.log_every and state.step < tc.max_steps:
+                log_window(run, bar)
         finally:
             updates.close()
             bar.close()
@@ -912,7 +937,7 @@ def add_to_window(
 def log_window(run: Run, bar: tqdm) -> None:
     """Average the window over ranks, write it to the metrics and the progress bar, clear it."""
     values = summarize(run)
-    if run.metrics is not None:
+    if run.metrics is not None and values is not None:
         run.metrics.write("train", run.state.step, values)
         bar.set_postfix(
             loss=f"{values['loss']:.3f}",
@@ -963,10 +988,12 @@ def restore_window(run: Run, saved: dict[str, Any]) -> None:
             run.window[key] = torch.tensor(totals[key], device=run.learner.device)
 
 
-def summarize(run: Run) -> dict[str, float]:
-    """The logging window over all ranks: loss, perplexity, lr, throughput."""
+def summarize(run: Run) -> dict[str, float] | None:
+    """The logging window over all ranks: loss, perplexity, lr, throughput; None if empty."""
     w = window_totals(run)
     tokens = w["tokens"]
+    if not tokens:  # a resumed run that stopped before an update
+        return None
     return {
         "loss": w["loss"] / tokens,
         "ppl": perplexity(w["nll"] / tokens),
@@ -1113,7 +1140,10 @@ def save(run: Run, window: dict[str, Any], best: bool) -> ckpt.Checkpoint:
     if learner.ema is not None:  # decoders load the EMA: the weights file holds it
         payload["model"] = learner.model.state_dict()  # the weights training continues from
     model = learner.eval_model
-    saved = ckpt.save_checkpoint(run.directory, state.step, model, payload, run.metadata)
+    resume_point = not state.validated  # a signal's: kept until the next checkpoint
+    saved = ckpt.save_checkpoint(
+        run.directory, state.step, model, payload, run.metadata, resume_point
+    )
     if best:
         ckpt.set_best(run.directory, saved)
     ckpt.prune_checkpoints(run.directory, run.config.train.keep_last)
@@ -1135,17 +1165,7 @@ def end(run: Run, signum: int | None) -> None:
     # A signalled run ends when it resumes, unless it is done: validated at its last step.
     done = state.step >= run.config.train.max_steps and state.validated
     if run.metrics is not None and (signum is None or done):
-        learner = run.learner
-        run.metrics.write(
-            "end",
-            state.step,
-            {
-                "train_seconds": state.train_seconds,
-                "epoch": state.epoch,
-                "precision": learner.precision,
-                "device": str(learner.device),
-            },
-        )
+        run.metrics.write("end", state.step, end_values(run))
     if signum is not None and run.world.is_main:
         log.info(
             "stopped by signal %d at step %d; checkpoint written; run the same command to resume",

@@ -9,8 +9,10 @@ import os
 import pickle
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -560,3 +562,44 @@ def test_non_finite_weights_are_refused(tmp_path: Path) -> None:
     inspected = tiny(2)
     ck.load_weights(crash, inspected, allow_nonfinite=True)
     assert_same(model, inspected)
+
+
+def flip_a_byte_of(state: Path, record_suffix: str) -> str:
+    """Change one byte inside a record of a torch.save file (its zip directory intact)."""
+    with zipfile.ZipFile(state) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith(record_suffix))
+    data = bytearray(state.read_bytes())
+    local = info.header_offset  # its local header: 30 bytes, then its name and extra field
+    name_length, extra_length = struct.unpack("<HH", data[local + 26 : local + 30])
+    data[local + 30 + name_length + extra_length + info.file_size // 2] ^= 0x40
+    state.write_bytes(bytes(data))
+    return info.filename
+
+
+@pytest.mark.parametrize("damaged", ["state", "weights"])
+def test_a_damaged_latest_checkpoint_is_set_aside_and_training_goes_on_from_the_one_before(
+    tmp_path: Path, damaged: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    save(tmp_path, 100)
+    model = tiny(2)
+    latest = ck.save_checkpoint(tmp_path, 200, model, train_state(model), META)
+    if damaged == "state":
+        record = flip_a_byte_of(latest.state, "/data/0")  # a tensor's bytes, not the directory
+        problem = f"{latest.state}: damaged (its record {record} fails its CRC check)"
+        with pytest.raises(MtError) as err:  # as --resume would load it
+            ck.load_training_state(latest)
+        assert str(err.value) == f"{problem}; resume from another checkpoint"
+    else:
+        data = latest.weights.read_bytes()
+        latest.weights.write_bytes(data[:-8] + bytes(8))  # the last tensor's bytes zeroed
+        problem = f"{latest.weights}: corrupt checkpoint (weights digest mismatch)"
+    assert ck.latest_checkpoint(tmp_path) == latest  # listed: its directory and header agree
+    with caplog.at_level(logging.WARNING, logger="mt"):
+        ck.repair_checkpoints(tmp_path)
+    assert caplog.messages == [
+        f"{problem}; renamed it damaged-step-00000200, training goes on from step-00000100"
+    ]
+    assert ck.latest_checkpoint(tmp_path).step == 100
+    names = sorted(p.name for p in (tmp_path / ck.CHECKPOINT_DIR).iterdir())
+    assert "damaged-step-00000200.safetensors" in names
+    assert "damaged-step-00000200.state.pt" in names

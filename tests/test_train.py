@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 import mt.train as train_module
 from mt import checkpoint as ckpt
+from mt.average import select_last
 from mt.config import Config, load_config
 from mt.device import describe_precision
 from mt.errors import ConfigError, MtError
@@ -913,3 +914,59 @@ def test_each_rank_resumes_its_own_share_of_the_logging_window() -> None:
     assert windows[1] == {**empty, "loss": own[1], "nll": 3.5}
     assert windows[2] == {**counts, "loss": 7.0, "nll": 6.0}  # other ranks: rank 0 has it all
     assert windows[3] == {**empty, "loss": 0.0, "nll": 0.0}
+
+
+def test_a_run_that_ends_between_log_steps_logs_its_last_updates(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    limits = ["train.max_steps=1000", "train.log_every=1000", "train.valid_every=1000"]
+    first = train(tiny(run, *limits, "train.max_epochs=1")).state.step
+    assert 0 < first < 1000
+    logged = read_metrics(run, "train")
+    assert [(r["step"], r["tokens_per_update"] > 0) for r in logged] == [(first, True)]
+    # Resumed for another epoch: its own updates in a record of their own.
+    second = train(tiny(run, *limits, "train.max_epochs=2")).state.step
+    assert [r["step"] for r in read_metrics(run, "train")] == [first, second]
+    assert first < second < 1000
+    # Resumed with nothing left to train: no empty record.
+    train(tiny(run, *limits, "train.max_epochs=2"))
+    assert [r["step"] for r in read_metrics(run, "train")] == [first, second]
+
+
+def test_a_signals_checkpoint_is_neither_kept_nor_averaged_once_the_run_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    steps = ["train.max_steps=12", "train.valid_every=4", "train.keep_last=2"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(tiny(straight, *steps))
+    log_window = train_module.log_window
+
+    def signalled_at_step_10(run_: object, bar: object) -> None:
+        log_window(run_, bar)
+        if run_.state.step == 10:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(train_module, "log_window", signalled_at_step_10)
+    assert train(tiny(split, *steps, "train.log_every=1")).signum == signal.SIGTERM
+    monkeypatch.undo()
+    kept = lambda run: [c.step for c in ckpt.list_checkpoints(run)]  # noqa: E731
+    stop = ckpt.latest_checkpoint(split).step  # the resume point: not counted in keep_last
+    assert kept(split) == [4, 8, stop] and 8 < stop < 12
+    assert [c.step for c in select_last(split, 2)] == [4, 8]
+    train(tiny(split, *steps, "train.log_every=1"))
+    assert kept(split) == kept(straight)
+    assert [c.step for c in select_last(split, 2)] == [8, 12]
+
+
+def test_a_run_killed_before_its_end_record_writes_it_when_rerun(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    config = tiny(run, "train.max_steps=10")
+    train(config)
+    metrics = run / "metrics.jsonl"
+    lines = metrics.read_text(encoding="utf-8").splitlines(keepends=True)
+    ended = json.loads(lines[-1])
+    assert (ended["kind"], ended["step"]) == ("end", 10)
+    metrics.write_text("".join(lines[:-1]), encoding="utf-8")  # killed just before writing it
+    assert train(config).idle
+    assert [(r["step"], r["epoch"]) for r in read_metrics(run, "end")] == [(10, ended["epoch"])]
+    assert train(config).idle  # written once
+    assert len(read_metrics(run, "end")) == 1
