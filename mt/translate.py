@@ -143,11 +143,19 @@ def encode_constraints(
     return out
 
 
-def warn_unmet(indices: Sequence[int], hypotheses: Sequence[Sequence[Any]], wanted: list) -> None:
-    """A warning naming each line whose best output misses one of its phrases `wanted`."""
-    for i, hyps in zip(indices, hypotheses, strict=True):
-        best = next((h for h in hyps if math.isfinite(h.score)), None)
-        if best is not None and not all(search.contains(best.tokens, p) for p in wanted[i]):
+def meets(tokens: Sequence[int], phrases: Sequence[list[int]]) -> bool:
+    """Whether output `tokens` contain every one of the constraint `phrases`."""
+    return all(search.contains(tokens, phrase) for phrase in phrases)
+
+
+def warn_unmet(
+    indices: Sequence[int], translations: Sequence[Sequence[Translation]], wanted: list
+) -> None:
+    """A warning naming each line whose best output misses one of its phrases `wanted`
+    (blank lines are not translated, so not steered: no warning)."""
+    for i, hyps in zip(indices, translations, strict=True):
+        best = hyps[0]
+        if best is not EMPTY and best.found and not meets(best.tokens, wanted[i]):
             log.warning("line %d: no translation met all its constraints; wrote one without", i + 1)
 
 
@@ -293,8 +301,7 @@ class Translator:
         Blank lines (and lines without pieces) come first, untranslated. `max_tokens` overrides
         decode.max_tokens; `scores` forces beam search even at beam 1. A line without a finite
         hypothesis gets `nbest` times NOT_FOUND. prefixes and constraints hold target pieces per
-        line (see encode_prefixes and encode_constraints); a line whose output misses its
-        constraints gets a warning.
+        line (see encode_prefixes and encode_constraints).
         """
         model, decode, device = self.model, self.decode, self.device
         ids = encode_sources(lines, self.tokenizer, model.max_positions - 1, tgt_lang)  # + EOS
@@ -317,8 +324,6 @@ class Translator:
             wanted = None if wanted is None else Constraints.of(wanted, device)
             with autocast(device, self.precision):
                 hypotheses = search.decode(model, src, decode, scores, prefix, wanted, generator)
-            if wanted is not None and constraints is not None:
-                warn_unmet(rows, hypotheses, list(constraints))
             yield rows, [self._detokenise(hyps) for hyps in hypotheses]
             bar.update(len(batch))
         bar.close()
@@ -478,5 +483,7 @@ def translate_file(
         ):
             writer.add(indices, translations)
             missing += count_missing(translations)
+            if wanted:
+                warn_unmet(indices, translations, wanted)
         writer.close()
     check_found(checkpoints, missing, len(lines))  # once all is written, --output too

@@ -225,6 +225,11 @@ def test_cors_only_when_configured(make_served: Callable[..., Served]) -> None:
     with TestClient(create_app(make_served(), ["http://example.org"])) as opened:
         headers = opened.get("/health", headers=origin).headers
         assert headers["access-control-allow-origin"] == "http://example.org"
+    # Refused before the app (BodyLimit): the page of that origin can still read why.
+    with TestClient(create_app(make_served(max_request_bytes=100), ["http://example.org"])) as c:
+        response = c.post("/v1/translate", json={"text": "a" * 200}, headers=origin)
+        assert response.status_code == 413
+        assert response.headers["access-control-allow-origin"] == "http://example.org"
 
 
 # --- bad input -------------------------------------------------------------------------------
@@ -412,6 +417,27 @@ def test_prefixes_and_constraints_equal_mt_translates(
     assert plain[0] != got[0] and plain[2] != got[2]  # the steering changed them
     one = post(client, {"text": STEERED[0], "prefix": PREFIXES[0], "constraints": CONSTRAINTS[:1]})
     assert one.json()["translations"][0]["text"] == got[0]
+    met = [t.get("constraints_met") for t in post(client, body).json()["translations"]]
+    assert met == [True, None, True, None]  # said of the sentences with constraints only
+
+
+def test_unmet_constraints_are_said_and_a_missing_hypothesis_has_a_null_score(
+    client: TestClient, trained_run: Path
+) -> None:
+    _, tokenizer, model, _ = load_trained(trained_run, CPU)
+    room = model.max_positions - 2
+    words = 1
+    while len(tokenizer.encode_tgt([" ".join(["dog"] * (words + 1))])[0]) <= room:
+        words += 1
+    full = " ".join(["dog"] * words)  # as many pieces as an output may hold: two cannot fit
+    steered = {"text": [SENTENCES[0]], "beam": 2, "nbest": 2}
+    answer = post(client, {**steered, "constraints": [[full, full]]}).json()["translations"][0]
+    assert answer["constraints_met"] is False
+    assert [h["constraints_met"] for h in answer["nbest"]] == [False, False]
+    # A prefix that fills the output: one hypothesis only, the second is empty with score null.
+    answer = post(client, {**steered, "prefix": [full]}).json()["translations"][0]
+    assert answer["nbest"][1] == {"text": "", "score": None}
+    assert answer["text"] == full and answer["score"] < 0 and "constraints_met" not in answer
 
 
 def test_requests_steered_differently_share_batches_and_get_their_own_answers(
@@ -594,6 +620,7 @@ def test_a_request_never_sent_whole_does_not_hold_sigterm(
     trained_run: Path,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
     listening: threading.Event,
 ) -> None:
     monkeypatch.setattr(server_module, "ANSWER_GRACE_S", 0.5)
@@ -620,6 +647,8 @@ def test_a_request_never_sent_whole_does_not_hold_sigterm(
         "mt serve: a client still holds a connection 0.5 s after the last answer (a request "
         "never sent whole?); closing it"
     ]
+    err = capfd.readouterr().err  # uvicorn's own log: the request ended as a disconnect
+    assert "Traceback" not in err and "500" not in err and "CancelledError" not in err
 
 
 def test_serve_decodes_on_the_main_thread_and_sigterm_returns_cleanly(

@@ -423,21 +423,28 @@ def test_prefixes_and_constraints_steer_the_translations(loaded) -> None:
     assert plain[0][0].text.startswith("The dog") and "lake" not in plain[0][0].text
 
 
-def test_unmet_constraints_give_the_plain_translation_and_a_warning(loaded, caplog) -> None:
+def test_unmet_constraints_give_the_plain_translation_and_a_warning(
+    loaded, trained_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     config, tokenizer, model = loaded
     room = model.max_positions - 2
     dog = len(tokenizer.encode_tgt([" dog"])[0])
     many = " ".join(["dog"] * (room // (2 * dog) + 1))  # two of them cannot fit in one output
-    phrases = encode_constraints(Path("c"), ["", f"{many}\t{many}"], tokenizer, room)
-    lines = STEER_LINES[:2]
+    wanted = ["dog", f"{many}\t{many}", "dog"]
+    phrases = encode_constraints(Path("c"), wanted, tokenizer, room)
+    lines = [STEER_LINES[0], STEER_LINES[1], ""]  # a blank line is not translated: no warning
     plain = Translator(tokenizer, model, config.decode, CPU).translate(lines)
+    out = Translator(tokenizer, model, config.decode, CPU).translate(lines, constraints=phrases)
+    assert [h[0].tokens for h in out[1:]] == [h[0].tokens for h in plain[1:]]  # last bits differ
+    assert out[1][0].score == pytest.approx(plain[1][0].score, abs=1e-5)
+    source, constraints = tmp_path / "in.txt", tmp_path / "constraints.txt"
+    source.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    constraints.write_text("".join(c + "\n" for c in wanted), encoding="utf-8")
+    args = ["translate", "-m", str(trained_run), str(source), "--constraints", str(constraints)]
     with caplog.at_level(logging.WARNING, logger="mt"):
-        out = Translator(tokenizer, model, config.decode, CPU).translate(lines, constraints=phrases)
-    assert [h[0].tokens for h in out] == [h[0].tokens for h in plain]  # alone: last bits differ
-    assert [h[0].score for h in out] == pytest.approx([h[0].score for h in plain], abs=1e-5)
-    assert [r.getMessage() for r in caplog.records] == [
-        "line 2: no translation met all its constraints; wrote one without"
-    ]
+        result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0 and result.stdout.splitlines()[1:] == [out[1][0].text, ""]
+    assert caplog.messages == ["line 2: no translation met all its constraints; wrote one without"]
 
 
 def test_an_ensemble_of_a_model_with_itself_translates_as_the_model(trained_run: Path) -> None:

@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mt.serve.limits import Limits
 from mt.serve.worker import Batcher, Job, Result, Unavailable
 from mt.tokenizer import Tokenizer
-from mt.translate import Translation, encode_sources, forced_problem
+from mt.translate import Translation, encode_sources, forced_problem, meets
 
 RETRY_AFTER_S = 1  # what a 503 tells clients to wait: about one batch of decoding
 CLIENT_GONE = 499  # nginx's code for "client closed request": nobody reads this response
@@ -75,6 +75,9 @@ class Hypothesis(BaseModel):
     text: str
     score: float | None = Field(description="Length-penalised log-probability.")
     pieces: list[str] | None = None
+    constraints_met: bool | None = Field(
+        None, description="Whether it contains every constraint (sentences with constraints)."
+    )
 
 
 class Attention(BaseModel):
@@ -90,6 +93,9 @@ class TranslationOut(BaseModel):
 
     text: str
     score: float | None = Field(description="Length-penalised log-probability of the text.")
+    constraints_met: bool | None = Field(
+        None, description="Whether the text contains every constraint (sentences with some)."
+    )
     nbest: list[Hypothesis] | None = None
     source_pieces: list[str] | None = None
     target_pieces: list[str] | None = None
@@ -185,7 +191,7 @@ router = APIRouter()
 @router.post(
     "/v1/translate",
     response_model=TranslateResponse,
-    response_model_exclude_none=True,
+    response_model_exclude_unset=True,  # a null score stays: unset options are left out
     responses=ERRORS,
 )
 async def translate(body: TranslateRequest, request: Request, served: ServedDep) -> Any:
@@ -216,6 +222,11 @@ async def translate(body: TranslateRequest, request: Request, served: ServedDep)
         _render(result, seq, served.tokenizer, with_nbest, body.pieces)
         for result, seq in zip(results, ids, strict=True)
     ]
+    for out, result, seq, phrases in zip(
+        translations, results, ids, constraints or [None] * len(ids), strict=True
+    ):
+        if phrases and seq:  # a blank sentence is not translated, so not steered
+            _mark_constraints(out, result.hypotheses, phrases)
     return TranslateResponse(translations=translations)
 
 
@@ -386,6 +397,15 @@ def _render(
     return out
 
 
+def _mark_constraints(
+    out: TranslationOut, hyps: list[Translation], phrases: list[list[int]]
+) -> None:
+    """Say of the best translation and each n-best one whether it meets every constraint."""
+    out.constraints_met = hyps[0].found and meets(hyps[0].tokens, phrases)
+    for shown, hyp in zip(out.nbest or [], hyps, strict=False):
+        shown.constraints_met = hyp.found and meets(hyp.tokens, phrases)
+
+
 def _pieces(tokenizer: Tokenizer, hyp: Translation) -> list[str]:
     return [tokenizer.tgt.id_to_piece(i) for i in hyp.tokens]
 
@@ -542,11 +562,13 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _server_error)
-    if cors_origins:  # none unless configured: browsers keep other sites' pages out
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=cors_origins,
-            allow_methods=["GET", "POST"],
-            allow_headers=["Content-Type"],
-        )
-    return BodyLimit(app, served.limits.max_request_bytes)
+    limited = BodyLimit(app, served.limits.max_request_bytes)
+    if not cors_origins:  # none unless configured: browsers keep other sites' pages out
+        return limited
+    # Outermost, so that every answer (a 413 from BodyLimit, a 500) carries its headers.
+    return CORSMiddleware(
+        limited,
+        allow_origins=cors_origins,
+        allow_methods=["GET", "POST"],
+        allow_headers=["Content-Type"],
+    )

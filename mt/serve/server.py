@@ -6,6 +6,7 @@ waiting to gather more, and exits 0.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -107,15 +108,28 @@ class Server(uvicorn.Server):
         self.on_exit = on_exit
         self.ready = threading.Event()
         self.url = ""
+        self.loop: asyncio.AbstractEventLoop | None = None  # uvicorn's, once started
 
     async def startup(self, sockets: list | None = None) -> None:
         """Start as uvicorn does, then log the URL (with the real port when asked for port 0)."""
+        self.loop = asyncio.get_running_loop()
         await super().startup(sockets)
         if self.started:
             host, port = self.servers[0].sockets[0].getsockname()[:2]
             self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
             log.info("mt serve: listening on %s (the page at /, API docs at /docs)", self.url)
             self.ready.set()
+
+    def close_connections(self) -> None:
+        """Close every open connection, from any thread: a request still being sent ends as its
+        client's disconnect, so the server shuts down without cancelling (500s, tracebacks)."""
+
+        def close() -> None:
+            for connection in list(self.server_state.connections):
+                connection.transport.close()
+
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(close)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         """Stop accepting (uvicorn), and let the worker decode what waits without gathering.
@@ -173,7 +187,9 @@ def serve(
                 "(a request never sent whole?); closing it",
                 ANSWER_GRACE_S,
             )
-            server.force_exit = True
+            server.close_connections()
+            http.join(ANSWER_GRACE_S)
+            server.force_exit = True  # if closing them did not end it
             http.join()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
