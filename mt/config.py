@@ -8,7 +8,9 @@ the file (or the command line) and the key, e.g.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
+import difflib
 import math
 import re
 import typing
@@ -153,6 +155,13 @@ class DataConfig:
             f"data.select_direction={self.select_direction!r} is not a direction of the run "
             f"({', '.join(names)})",
         )
+        chosen = [c for c in self.directions() if c.direction == self.select_direction]
+        _check(
+            not chosen or bool(chosen[0].valid),
+            "data.select_direction",
+            f"data.select_direction={self.select_direction!r}: that direction has no dev set "
+            "(data.valid, or its corpus's valid)",
+        )
         _check(
             self.temperature > 0,
             "data.temperature",
@@ -173,9 +182,9 @@ class TokenizerConfig:
 
     def __post_init__(self) -> None:
         _check(
-            self.vocab_size >= 8,
+            8 <= self.vocab_size < 2**31,  # SentencePiece's own int32
             "tokenizer.vocab_size",
-            f"tokenizer.vocab_size={self.vocab_size} must be at least 8",
+            f"tokenizer.vocab_size={self.vocab_size} must be in [8, {2**31 - 1}]",
         )
         _check(
             0.98 <= self.character_coverage <= 1,  # SentencePiece's own range
@@ -267,6 +276,8 @@ class TrainConfig:
             "valid_every",
             "valid_max_tokens",
             "keep_last",
+            "eps",
+            "min_loss_scale",
         ):
             value = getattr(self, key)
             _check(value > 0, f"train.{key}", f"train.{key}={value} must be positive")
@@ -416,6 +427,11 @@ class Config:
             f"data.max_len={self.data.max_len} + 1",
         )
         _check(
+            not self.train.patience or any(c.valid for c in self.data.directions()),
+            ("train.patience", "data.valid"),
+            f"train.patience={self.train.patience} needs a dev set (data.valid) to stop on",
+        )
+        _check(
             self.tokenizer.joint or not self.model.share_embeddings,
             ("model.share_embeddings", "tokenizer.joint"),
             "model.share_embeddings=true needs a joint vocabulary (tokenizer.joint=true)",
@@ -475,6 +491,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise _Invalid(key, f"{key}={value} must be finite")
     elif tp is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
+        if ok and not -(2**63) <= value < 2**63:  # what torch, numpy and islice take
+            raise _Invalid(key, f"{key}={value} is out of range (at most {2**63 - 1})")
     else:
         ok = isinstance(value, tp)
     if not ok:
@@ -508,15 +526,22 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     for key, value in values.items():
         dotted = f"{prefix}{key}"
         if key not in hints:
-            raise _Invalid(dotted, f"unknown key {dotted}")
+            raise _Invalid(dotted, f"unknown key {dotted}{_suggestion(str(key), hints, prefix)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
+            value = {} if value is None else value  # a section whose keys are all commented out
             if not isinstance(value, dict):
                 raise _Invalid(dotted, f"{dotted} must be a section (a mapping), got {value!r}")
             kwargs[key] = _build(tp, value, f"{dotted}.")
         else:
             kwargs[key] = _coerce(value, tp, dotted)
     return cls(**kwargs)
+
+
+def _suggestion(key: str, known: typing.Iterable[str], prefix: str = "") -> str:
+    """ "; did you mean data.train?" for a key close to a known one, else ""."""
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.75)
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
 
 
 def _section_types(cls: type = Config, prefix: str = "") -> dict[str, Any]:
@@ -544,8 +569,15 @@ def _parse_override(item: str) -> tuple[str, Any]:
         tp = typing.get_type_hints(CorpusConfig).get(corpus.group(2))
     else:
         tp = _section_types().get(key)
+    if tp is None and corpus:
+        fields = typing.get_type_hints(CorpusConfig)
+        known = _suggestion(corpus.group(2), fields, key.removesuffix(corpus.group(2)))
+        raise _Invalid(key, f"unknown key {key}{known}")
     if tp is None:
-        raise _Invalid(key, f"unknown key {key}")
+        keys = _section_types()
+        if any(k.startswith(f"{key}.") for k in keys):
+            raise _Invalid(key, f"{key} is a section: override one of its keys, e.g. {key}.KEY=v")
+        raise _Invalid(key, f"unknown key {key}{_suggestion(key, keys)}")
     if tp is str:
         return key, raw
     try:
@@ -583,7 +615,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults`: merged by SafeLoader, under the keys given here
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, collections.abc.Hashable):
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a key must be a name, not a list or a mapping", key_node.start_mark
+                )
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"{key!r} given twice", key_node.start_mark
@@ -603,6 +641,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         tree = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
+        if where is not None and where.index >= len(text.rstrip()):  # e.g. an unclosed quote
+            where = getattr(exc, "context_mark", None) or where  # where it was opened
         line = f"line {where.line + 1}: " if where is not None else ""
         raise ConfigError(f"{path}: {line}invalid YAML ({getattr(exc, 'problem', exc)})") from None
     if tree is None:

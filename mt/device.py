@@ -8,6 +8,7 @@ import ctypes.util
 import dataclasses
 import functools
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -30,7 +31,23 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name}: CUDA is not available on this machine")
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.index is not None and device.index >= count:
+        raise ConfigError(
+            f"train.device={name}: this machine has {count} CUDA device(s), cuda:0 to "
+            f"cuda:{count - 1}"
+        )
     return device
+
+
+def memory_bytes(device: torch.device) -> int | None:
+    """The memory of `device`: the GPU's, or the machine's RAM for a CPU (None if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system that says
+        return None
 
 
 def cpu_has_amx() -> bool:

@@ -53,7 +53,9 @@ def test_heads_must_divide_dim(tmp_path: Path) -> None:
 
 def test_unknown_key(tmp_path: Path) -> None:
     path = write(tmp_path, "model:\n  layers: 3\n")
-    with pytest.raises(ConfigError, match=r"x\.yaml: unknown key model\.layers$"):
+    with pytest.raises(
+        ConfigError, match=r"x\.yaml: unknown key model\.layers; did you mean model\.enc_layers\?$"
+    ):
         load_config(path)
 
 
@@ -89,6 +91,30 @@ def test_literal_choices(tmp_path: Path) -> None:
 def test_section_must_be_mapping(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="model must be a section"):
         load_config(write(tmp_path, "model: 3\n"))
+    # A section whose keys are all commented out is empty, not an error.
+    assert load_config(write(tmp_path, "data:\n#  train: x\nmodel:\n  dim: 64\n")).model.dim == 64
+
+
+def test_yaml_keys_must_be_names_and_merge_keys_work(tmp_path: Path) -> None:
+    path = write(tmp_path, "data:\n  train: a\nmodel:\n  [a, b]: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (
+        f"{path}: line 4: invalid YAML (a key must be a name, not a list or a mapping)"
+    )
+    merged = "shape: &shape {dim: 64, heads: 4}\nmodel:\n  <<: *shape\n  heads: 2\n"
+    path = write(tmp_path, merged)
+    with pytest.raises(ConfigError, match=r"unknown key shape$"):  # the anchor's own section
+        load_config(path)
+    model = load_config(write(tmp_path, "model:\n  <<: {dim: 64, heads: 4}\n  heads: 2\n")).model
+    assert (model.dim, model.heads) == (64, 2)
+
+
+def test_an_unclosed_quote_names_the_line_it_opens_on(tmp_path: Path) -> None:
+    path = write(tmp_path, 'data:\n  train: "abc\nmodel:\n  dim: 3\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}: line 2: invalid YAML (")
 
 
 def test_invalid_yaml_names_line(tmp_path: Path) -> None:
@@ -141,7 +167,18 @@ def test_override_errors_name_the_command_line() -> None:
     assert str(err.value) == "command line: model.enc_layers must be an integer, got 'abc'"
     with pytest.raises(ConfigError) as err:
         load_config(CONFIGS / "base.yaml", ["model.layerz=3"])
-    assert str(err.value) == "command line: unknown key model.layerz"
+    assert (
+        str(err.value) == "command line: unknown key model.layerz; did you mean model.enc_layers?"
+    )
+    for override, message in [
+        ("model.heds=2", "unknown key model.heds; did you mean model.heads?"),
+        ("modle.dim=3", "unknown key modle.dim; did you mean model.dim?"),
+        ("data=5", "data is a section: override one of its keys, e.g. data.KEY=v"),
+        ("train.patience=2", "train.patience=2 needs a dev set (data.valid) to stop on"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            load_config(CONFIGS / "base.yaml", [override, "data.valid="])
+        assert str(err.value) == f"command line: {message}"
     with pytest.raises(ConfigError) as err:
         load_config(CONFIGS / "base.yaml", ["model.heads"])
     assert str(err.value) == "command line: override 'model.heads' is not of the form key=value"
@@ -196,7 +233,19 @@ def test_share_embeddings_needs_joint_vocab(tmp_path: Path) -> None:
         ("train.cooldown=1", "train.cooldown=1.0 must be in [0, 1)"),
         ("train.cooldown=-0.1", "train.cooldown=-0.1 must be in [0, 1)"),
         ("data.src_lang=en", "data.src_lang and data.tgt_lang are both 'en'"),
-        ("tokenizer.vocab_size=4", "tokenizer.vocab_size=4 must be at least 8"),
+        ("tokenizer.vocab_size=4", "tokenizer.vocab_size=4 must be in [8, 2147483647]"),
+        (
+            "tokenizer.vocab_size=3000000000",
+            "tokenizer.vocab_size=3000000000 must be in [8, 2147483647]",
+        ),
+        (
+            "tokenizer.input_sentence_size=99999999999999999999",
+            "tokenizer.input_sentence_size="
+            "99999999999999999999 is out of range (at most 9223372036854775807)",
+        ),
+        ("train.eps=-1", "train.eps=-1.0 must be positive"),
+        ("train.eps=0", "train.eps=0.0 must be positive"),
+        ("train.min_loss_scale=0", "train.min_loss_scale=0.0 must be positive"),
         ("decode.beam=0", "decode.beam=0 must be >= 1"),
         (
             "model.max_positions=100",
@@ -217,7 +266,7 @@ def test_share_embeddings_needs_joint_vocab(tmp_path: Path) -> None:
         ),
     ],
 )
-def test_impossible_values(override: str, message: str) -> None:
+def test_impossible_values(override: str, message: str) -> None:  # fmt: skip
     with pytest.raises(ConfigError) as err:
         load_config(CONFIGS / "multi30k.yaml", [override])
     assert str(err.value) == f"command line: {message}"
@@ -372,6 +421,12 @@ def test_every_corpus_needs_training_data(tmp_path: Path) -> None:
 def test_select_direction_and_temperature_are_checked(tmp_path: Path) -> None:
     path = write(tmp_path, MULTI)
     assert load_config(path, ["data.select_direction=fr-en"]).data.select_direction == "fr-en"
+    with pytest.raises(ConfigError) as err:  # its dev BLEU would pick checkpoints: it needs one
+        load_config(path, ["data.select_direction=fr-en", "data.valid="])
+    assert str(err.value) == (
+        "command line: data.select_direction='fr-en': that direction has no dev set (data.valid, "
+        "or its corpus's valid)"
+    )
     with pytest.raises(ConfigError) as err:
         load_config(path, ["data.select_direction=de-fr"])
     assert str(err.value) == (

@@ -245,3 +245,21 @@ def test_a_measured_choice_is_recorded_with_both_rates(monkeypatch: pytest.Monke
         "bf16 (auto, measured on the model's matrix products at 1,024 rows in 0.46 s: "
         "fp32 100.1 GFLOP/s, bf16 2,513 GFLOP/s)"
     )
+
+
+def test_a_cuda_device_the_machine_lacks_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mt.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert device.resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ConfigError) as err:
+        device.resolve_device("cuda:7")
+    assert (
+        str(err.value) == "train.device=cuda:7: this machine has 2 CUDA device(s), cuda:0 to cuda:1"
+    )
+
+
+def test_memory_of_a_cpu_is_the_machines() -> None:
+    found = device.memory_bytes(torch.device("cpu"))
+    assert found is not None and found > 2**28  # at least 256 MiB: a machine that runs the tests
