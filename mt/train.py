@@ -47,6 +47,7 @@ from mt.device import (
     PrecisionChoice,
     autocast,
     configure_backends,
+    memory_bytes,
     model_products,
     resolve_precision,
 )
@@ -479,6 +480,7 @@ def start(
     run's latest.
     """
     configure_backends(device)
+    check_fits(config, device)
 
     def prepare_run() -> Prepared:
         if world.is_main:  # before anything is written: a second trainer stops here
@@ -516,6 +518,25 @@ def start(
         # A validated checkpoint needs no second validation should the run end where it is.
         run.last_saved = run.state.step if run.state.validated else -1
     return run
+
+
+TRAINING_BYTES = 16  # per parameter: fp32 weights, their gradients and Adam's two moments
+
+
+def check_fits(config: Config, device: torch.device) -> None:
+    """ConfigError, before any tokenizer or data work, for a model that cannot fit in memory to
+    train (a typo such as model.ffn_dim=204800). Its parameters are counted from below (the
+    feed-forward layers and one embedding), so no model that fits is refused."""
+    m = config.model
+    layers = m.enc_layers + m.dec_layers
+    parameters = layers * 2 * m.dim * m.ffn_dim + config.tokenizer.vocab_size * m.dim
+    need, have = TRAINING_BYTES * parameters, memory_bytes(device)
+    if have is not None and need > have:
+        raise ConfigError(
+            f"model: {layers} layers of dim {m.dim} and ffn_dim {m.ffn_dim} make at least "
+            f"{parameters:,} parameters, {need / 2**30:,.1f} GiB to train (weights, gradients "
+            f"and Adam's moments); {device} has {have / 2**30:,.1f} GiB"
+        )
 
 
 def warn_later_checkpoints(checkpoint: ckpt.Checkpoint, run_dir: Path) -> None:
@@ -598,6 +619,7 @@ def restore(checkpoint: ckpt.Checkpoint, run: Run) -> TrainState:
         # Another run's checkpoint: this run's best is among its own checkpoints.
         state.best_bleu, state.bad_validations = -1.0, 0
     check_same_data(state, run)
+    warn_replanned(state, run)
     sync_cooldown(learner, state)
     reselect(state, run)
     return state
@@ -613,6 +635,23 @@ def check_same_data(state: TrainState, run: Run) -> None:
             "run's"
         )
     state.data = data
+
+
+def warn_replanned(state: TrainState, run: Run) -> None:
+    """Warn when a run resumed mid-epoch batches the rest of the epoch anew: its position is a
+    count of batches, which another max_tokens or seed lays out otherwise."""
+    saved = run.directory / CONFIG_FILE
+    if not (state.batches_done and run.world.is_main and saved.is_file()):
+        return
+    before, now = load_config(saved).train, run.config.train
+    keys = ("max_tokens", "seed")
+    changed = [f"train.{k}" for k in keys if getattr(before, k) != getattr(now, k)]
+    if changed:
+        log.warning(
+            f"warning: {' and '.join(changed)} changed in epoch {state.epoch}: the rest of it is "
+            "batched anew, so some of its pairs come twice and others not at all (the next "
+            "epochs are whole)"
+        )
 
 
 def reselect(state: TrainState, run: Run) -> None:
