@@ -41,7 +41,8 @@ bench-data:
 	$(BIN)/python scripts/bench_data.py --write docs/benchmarks.md
 
 # One test process per core (at most 4): most tests run one thread or start their own processes.
-PYTEST_WORKERS ?= -n auto --maxprocesses 4
+# loadgroup: the tests of one xdist_group run on one worker, sharing its module fixtures.
+PYTEST_WORKERS ?= -n auto --maxprocesses 4 --dist loadgroup
 
 test:
 	$(BIN)/pytest $(PYTEST_WORKERS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -68,6 +69,7 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return ddp, err
 
 
+@pytest.mark.xdist_group("two_ranks")  # one worker builds the fixture once
 def test_two_ranks_equal_one_rank_with_update_freq_two(
     two_ranks: tuple[Path, str], tmp_path: Path
 ) -> None:
@@ -90,6 +92,7 @@ def test_two_ranks_equal_one_rank_with_update_freq_two(
     assert err.count("model: ") == 1 and err.count("train: kept") == 1  # rank 0 alone logs
 
 
+@pytest.mark.xdist_group("two_ranks")  # one worker builds the fixture once
 def test_resume_after_sigterm_to_torchrun_is_exact(
     two_ranks: tuple[Path, str], tmp_path: Path
 ) -> None:
@@ -130,24 +133,19 @@ def test_dead_rank_ends_the_job_within_the_timeout(tmp_path: Path) -> None:
     assert "rank 1: dying on purpose" in err
 
 
-def test_ranks_wait_for_a_preparation_longer_than_the_training_timeout(tmp_path: Path) -> None:
-    # Rank 0 prepares (tokenizer, encoding) while rank 1 waits: that wait is on the start-up
-    # group (dist_startup_timeout), not the training group, whose timeout is 8 s here.
-    worker, slow = "tests/helpers/faulty_worker.py", {"MT_FAULT": "slow:0:12"}
-    proc = torchrun(
-        tmp_path / "run", "train.max_steps=2", "train.dist_timeout=8", worker=worker, env=slow
-    )
-    code, err = finish(proc)
-    assert code == 0, err
-    assert ckpt.latest_checkpoint(tmp_path / "run").step == 2
-
-
-def test_out_of_memory_on_one_rank_skips_the_update_on_every_rank(tmp_path: Path) -> None:
-    # Rank 1 runs out of memory in a forward pass, later rank 0 in the (last, only) backward:
-    # the failing rank must still join the gradient sum, or the other would wait in it.
+def test_ranks_wait_for_a_long_preparation_and_skip_an_out_of_memory_update_together(
+    tmp_path: Path,
+) -> None:
+    # One launch, two faults of different phases.
+    # Rank 0 prepares (tokenizer, encoding) for 12 s longer while rank 1 waits: that wait is on
+    # the start-up group (dist_startup_timeout), not the training group, whose timeout is 8 s.
+    # Then rank 1 runs out of memory in a forward pass, later rank 0 in the (last, only)
+    # backward: the failing rank must still join the gradient sum, or the other would wait in it.
     run = tmp_path / "run"
-    worker, faults = "tests/helpers/faulty_worker.py", "oom:1:3,oom_backward:0:5"
-    proc = torchrun(run, "train.max_steps=6", worker=worker, env={"MT_FAULT": faults})
+    worker, faults = "tests/helpers/faulty_worker.py", "slow:0:12,oom:1:3,oom_backward:0:5"
+    proc = torchrun(
+        run, "train.max_steps=6", "train.dist_timeout=8", worker=worker, env={"MT_FAULT": faults}
+    )
     code, err = finish(proc)
     assert code == 0, err
     for step in (3, 4):  # attempts 3 and 5: the skipped attempt 3 did not count as a step
@@ -307,16 +305,19 @@ def test_ranks_run_one_thread_per_cpu_slurm_gave_them(
         torch.set_num_threads(before)
 
 
+@pytest.mark.xdist_group("two_ranks")  # one worker builds the fixture once
 def test_resume_on_one_rank_continues_a_two_rank_run_exactly(
     two_ranks: tuple[Path, str], tmp_path: Path
 ) -> None:
     # 2 ranks x update_freq 1 and 1 rank x update_freq 2 train on the same batches per update:
     # a run stopped on 2 ranks resumes on 1 where it stopped, and ends as if it had not moved.
+    # The 2-rank run's step-4 checkpoint (validated, kept: keep_last=2) is where it stopped.
     straight, _ = two_ranks
     moved = tmp_path / "moved"
-    code, err = finish(torchrun(moved, *EIGHT_STEPS[1:], "train.max_steps=4"))
-    assert code == 0, err
-    result = train(load_config(TINY, overrides(moved, *EIGHT_STEPS, "train.update_freq=2")))
+    shutil.copytree(straight, moved, ignore=shutil.ignore_patterns("tensorboard"))
+    at_4 = moved / "checkpoints" / "step-00000004.safetensors"
+    config = load_config(TINY, overrides(moved, *EIGHT_STEPS, "train.update_freq=2"))
+    result = train(config, resume=at_4)
     assert result.state.step == 8 and result.state.world_size == 1
     a, b = weights(straight), weights(moved)
     assert all(torch.allclose(a[k], b[k], atol=TOLERANCE) for k in a)

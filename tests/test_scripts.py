@@ -393,7 +393,7 @@ def test_bench_levers_smoke_trains_the_recipe_and_each_variant(
 
 @pytest.mark.slow
 def test_bench_multilingual_smoke_prints_and_writes_its_tables(
-    multi30k: Path, tmp_path: Path
+    multi30k: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     if not (multi30k / f"{TEST_PREFIX}.fr.gz").is_file():
         pytest.skip(f"no French Multi30k files in {multi30k}")
@@ -449,13 +449,21 @@ def test_bench_multilingual_smoke_prints_and_writes_its_tables(
 
     assert "same vocabulary size" not in proc.stdout
     assert tables(proc.stdout) == tables(main)
+    # Refusals in-process (a Python start-up each saved): the script's main() as it runs.
+    script = load_script("bench_multilingual")
+
+    def refusal(argv: list[str]) -> tuple[object, str]:
+        monkeypatch.setattr(sys, "argv", argv[1:])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stopped:
+            script.main()
+        return stopped.value.code, capsys.readouterr().err
+
     wrong = [*again[: again.index("--bilingual") + 1], str(tmp_path / "work" / "multi")]
-    proc = subprocess.run(wrong, capture_output=True, text=True, cwd=ROOT)
-    assert (proc.returncode, proc.stderr.splitlines()[-1]) == (
-        1,
+    assert refusal(wrong)[0] == (
         f"--bilingual {tmp_path / 'work' / 'multi'}: trains de-en, en-de, fr-en, en-fr; "
-        "expected one of de-en, en-de, fr-en, en-fr",
-    )
+        "expected one of de-en, en-de, fr-en, en-fr"
+    )  # (printed to stderr, exit status 1, by Python)
     # --score: the finished multilingual run scored alone, the same numbers as its table.
     scored = [*args[: args.index("--workdir") + 1], str(tmp_path / "work"), "--score",
               str(tmp_path / "work" / "multi")]  # fmt: skip
@@ -468,9 +476,8 @@ def test_bench_multilingual_smoke_prints_and_writes_its_tables(
         assert alone[direction] == [cells[direction][1], ""]
     for direction in ("de-fr", "fr-de"):
         assert alone[f"{direction} (zero-shot)"] == cells[direction]
-    both = [*scored, "--write", str(out_md)]
-    proc = subprocess.run(both, capture_output=True, text=True, cwd=ROOT)
-    assert (proc.returncode, proc.stderr.splitlines()[-1]) == (
+    code, err = refusal([*scored, "--write", str(out_md)])
+    assert (code, err.splitlines()[-1]) == (
         2,
         "bench_multilingual.py: error: --score prints its table; --write is for the whole "
         "benchmark's section",

@@ -169,7 +169,9 @@ def test_sigusr1_checkpoints_requeues_and_the_next_job_resumes(tmp_path: Path) -
     for rank in (0, 1):
         assert f"rank {rank} of 2 on cpu: 2 intra-op threads" in err
 
-    proc = sbatch(env, run, *SHORT)  # the requeued job: same command
+    # The requeued job: same command; one CPU per task (the threads were checked above, and
+    # two ranks of two spinning OpenMP threads each oversubscribe a 2-core machine).
+    proc = sbatch({**env, "SLURM_CPUS_PER_TASK": "1"}, run, *SHORT)
     _, err2 = proc.communicate(timeout=300)
     assert proc.returncode == 0, err2.decode()
     assert f"resumed from {run}/checkpoints/step-{stopped:08d}.safetensors" in err2.decode()
