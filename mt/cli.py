@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -637,8 +638,18 @@ def export_command(
     typer.echo(str(export_model(run, out, fmt, quantization=quantization, force=force)))
 
 
+def _stopped(signum: int) -> None:
+    """Say which signal stopped the command, and that running it again does what is left."""
+    with contextlib.suppress(OSError):  # a closed stderr says nothing
+        name = signal.Signals(signum).name
+        typer.echo(
+            f"stopped by {name}; nothing half-written is kept: run the command again", err=True
+        )
+
+
 def _terminated(signum: int, frame: object) -> None:
     """SIGTERM, SIGUSR1: unwind like Ctrl-C, so temp files go (`mt train`/`serve` set their own)."""
+    _stopped(signum)
     raise SystemExit(128 + signum)
 
 
@@ -654,6 +665,7 @@ def main() -> None:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
+        _stopped(signal.SIGINT)
         sys.exit(130)
     except OSError as exc:
         # The user's environment, not a bug: a full disk, a read-only or missing directory.

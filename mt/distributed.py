@@ -75,14 +75,16 @@ def setup(
     nccl_errors_raise()  # read by each NCCL process group when it is created
     try:
         dist.init_process_group(backend, timeout=timedelta(seconds=startup_timeout_s))
-    except (dist.DistStoreError, dist.DistNetworkError) as exc:  # a peer or port, not a bug
+        group = dist.new_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    # A peer or a port, not a bug: gloo's mesh raises a bare RuntimeError ("connectFullMesh
+    # failed"), e.g. when torchrun restarts ranks against a static --master_port.
+    except (dist.DistStoreError, dist.DistNetworkError, RuntimeError) as exc:
         where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         first = str(exc).strip().splitlines()[0]
         raise MtError(
             f"rank {rank}: cannot join the {world_size} ranks at {where} "
             f"(train.dist_startup_timeout={startup_timeout_s:g}): {first}"
         ) from None
-    group = dist.new_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     threads = torch.get_num_threads()
     log.info("rank %d of %d on %s: %d intra-op threads", rank, world_size, device, threads)
     return World(rank, world_size, local_rank, group, timeout_s, startup_timeout_s), device

@@ -5,8 +5,9 @@ kill -9 never leaves a stale lock behind. The file also names its holder (`pid N
 for two reasons: the refusal can say who holds the run, and on a shared filesystem (NFS,
 Lustre) where flock may be node-local or unsupported, a lock taken on another host is still
 refused, from what the file says. Such a lock cannot be checked from here, so it is never
-broken silently: the message says to delete the file once that run is over. A clean exit
-empties the file.
+broken silently: the message says to delete the file once that run is over, unless the holder
+was an earlier run of this same SLURM job (`job J restart R`: a requeued job keeps its id, and
+SLURM ends a run before it starts the next). A clean exit empties the file.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from mt.errors import MtError
 
 LOCK_FILE = "lock"
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}  # filesystems without flock
-_HOLDER = re.compile(r"pid (\d+) host (\S+)")
+_HOLDER = re.compile(r"pid (\d+) host (\S+)(?: job (\S+) restart (\d+))?")
 
 log = logging.getLogger("mt")
 
@@ -37,24 +38,35 @@ class Holder:
 
     pid: int
     host: str
+    job: str = ""  # SLURM_JOB_ID, if it ran as a SLURM job
+    restart: int = 0  # SLURM_RESTART_COUNT: how many times that job was requeued
 
     @classmethod
     def me(cls) -> Holder:
         """This process."""
-        return cls(os.getpid(), socket.gethostname())
+        job, restart = os.environ.get("SLURM_JOB_ID", ""), os.environ.get("SLURM_RESTART_COUNT")
+        return cls(os.getpid(), socket.gethostname(), job, int(restart or 0))
+
+    def earlier_run_of(self, other: Holder) -> bool:
+        """Whether this holder was a run of `other`'s SLURM job before it was requeued."""
+        return bool(self.job) and self.job == other.job and self.restart < other.restart
 
 
 def _read_holder(fd: int) -> Holder | None:
     """The holder the lock file names, or None if it is empty (free) or unreadable."""
     match = _HOLDER.match(os.pread(fd, 4096, 0).decode("utf-8", errors="replace"))
-    return Holder(int(match.group(1)), match.group(2)) if match else None
+    if not match:
+        return None
+    pid, host, job, restart = match.groups()
+    return Holder(int(pid), host, job or "", int(restart or 0))
 
 
 def _write_holder(fd: int, holder: Holder | None) -> None:
     """Name `holder` in the lock file, or empty it."""
     os.ftruncate(fd, 0)
     if holder is not None:
-        os.pwrite(fd, f"pid {holder.pid} host {holder.host}\n".encode(), 0)
+        job = f" job {holder.job} restart {holder.restart}" if holder.job else ""
+        os.pwrite(fd, f"pid {holder.pid} host {holder.host}{job}\n".encode(), 0)
     os.fsync(fd)
 
 
@@ -92,7 +104,16 @@ def _flock(fd: int, run_dir: Path) -> bool:
 def _claim(fd: int, run_dir: Path, path: Path, flocked: bool) -> None:
     """Write this process into the lock file unless it names a holder that may be alive."""
     holder, me = _read_holder(fd), Holder.me()
-    if holder is not None and holder != me:
+    if holder is not None and holder != me and holder.earlier_run_of(me):
+        log.warning(
+            "%s: taking over the lock of PID %d on host %s, a run of SLURM job %s before it was "
+            "requeued",
+            path,
+            holder.pid,
+            holder.host,
+            holder.job,
+        )
+    elif holder is not None and holder != me:
         if holder.host != me.host:  # flock may not reach that host: its word cannot be checked
             raise MtError(
                 f"{_in_use(run_dir, holder)} (a lock from another host; "

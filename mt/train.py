@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import logging
 import math
+import shutil
 import signal
 import sys
 import time
@@ -53,6 +54,7 @@ from mt.device import (
 )
 from mt.distributed import World, main_first
 from mt.errors import ConfigError, MtError
+from mt.files import atomic_directory
 from mt.lock import hold_run_lock
 from mt.loss import label_smoothed_nll
 from mt.metrics import MetricsLog, read_metrics, selected_bleu
@@ -68,7 +70,7 @@ from mt.rundir import (
     run_path,
     split_label,
 )
-from mt.tokenizer import Tokenizer
+from mt.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("mt")
 
@@ -447,6 +449,33 @@ def check_resumable(config: Config, run_dir: Path) -> None:
         )
 
 
+def start_from(checkpoint: ckpt.Checkpoint, config: Config) -> None:
+    """Before any data work, for a checkpoint of another run: refuse another model shape or
+    tokenizer, and give a run that has no tokenizer the checkpoint run's (its vocabulary)."""
+    source, here = checkpoint.run_dir, run_path(config)
+    if source.resolve() == here.resolve():
+        return
+    saved = source / CONFIG_FILE
+    changes = diff(load_config(saved), config, ["model"]) if saved.is_file() else []
+    if changes:
+        raise ConfigError(
+            f"--resume {checkpoint.weights}: its run has other model settings "
+            f"({'; '.join(changes)}); set them as that run's to start from it"
+        )
+    theirs, mine = source / TOKENIZER_DIR, here / TOKENIZER_DIR
+    if mine.exists():
+        wanted = ckpt.read_metadata(checkpoint.weights).get("tokenizer_sha256")
+        if wanted and load_tokenizer(mine).fingerprint() != wanted:
+            raise ConfigError(
+                f"--resume {checkpoint.weights}: its vocabulary is not this run's tokenizer "
+                f"({mine}); start a new run_dir, which takes the checkpoint run's tokenizer"
+            )
+    elif theirs.is_dir():
+        with atomic_directory(mine) as temp:
+            shutil.copytree(theirs, temp, dirs_exist_ok=True)
+        log.info("using the tokenizer of %s, whose checkpoint this run starts from", source)
+
+
 def resumable(key: str) -> bool:
     """Whether a resumed run may change this key of the data, tokenizer or model sections."""
     if key.startswith("data.corpora["):  # e.g. data.corpora[2].valid
@@ -486,6 +515,8 @@ def start(
         if world.is_main:  # before anything is written: a second trainer stops here
             stack.enter_context(hold_run_lock(run_path(config)))
             ckpt.repair_checkpoints(run_path(config))
+            if resume is not None:
+                start_from(ckpt.resolve_checkpoint(resume), config)
         return prepare(config, world)
 
     tokenizer, train_data, valid_data = main_first(world, device, prepare_run)

@@ -366,3 +366,20 @@ def test_a_peer_that_never_joins_is_one_line_after_the_startup_timeout(
         f"rank 0: cannot join the 2 ranks at 127.0.0.1:{port} (train.dist_startup_timeout=1): "
     )
     assert not torch.distributed.is_initialized()
+
+
+def test_a_mesh_that_cannot_connect_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29677"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+    def refused(*args: object, **kwargs: object) -> None:  # as gloo says it, after a restart
+        raise RuntimeError("Gloo connectFullMesh failed with [...] Connection refused\nmore")
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", refused)
+    with pytest.raises(MtError) as err:
+        distributed.setup("cpu", 10, 30)
+    assert str(err.value) == (
+        "rank 1: cannot join the 2 ranks at 127.0.0.1:29677 (train.dist_startup_timeout=30): "
+        "Gloo connectFullMesh failed with [...] Connection refused"
+    )

@@ -121,3 +121,25 @@ def test_without_flock_a_dead_holder_is_taken_over(tmp_path: Path, no_flock, cap
         assert path.read_text() == f"pid {os.getpid()} host {HOST}\n"
     assert f"taking over the lock of PID {pid}, which no longer holds it" in caplog.text
     assert path.read_text() == ""
+
+
+def test_a_requeued_slurm_job_takes_over_its_earlier_runs_lock_from_another_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / LOCK_FILE
+    earlier = "pid 4242 host node-a job 77 restart 0\n"  # killed with its node: no clean exit
+    path.write_text(earlier)
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")  # the same run of the job: still refused
+    assert refusal(tmp_path).startswith(f"{tmp_path}: the run directory is in use by PID 4242 on ")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # requeued: SLURM ended the earlier run
+    with caplog.at_level(logging.WARNING, logger="mt"), hold_run_lock(tmp_path):
+        assert (
+            path.read_text() == f"pid {os.getpid()} host {socket.gethostname()} job 77 restart 1\n"
+        )
+    assert caplog.messages == [
+        f"{path}: taking over the lock of PID 4242 on host node-a, a run of SLURM job 77 before "
+        "it was requeued"
+    ]
+    path.write_text(earlier.replace("job 77", "job 78"))  # another job's lock stays refused
+    assert "(a lock from another host;" in refusal(tmp_path)

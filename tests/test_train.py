@@ -975,3 +975,43 @@ def test_resuming_mid_epoch_with_another_batch_size_warns(
         "warning: train.max_tokens and train.seed changed in epoch 1: the rest of it is batched "
         "anew, so some of its pairs come twice and others not at all (the next epochs are whole)"
     ]
+
+
+@pytest.mark.slow
+def test_a_run_started_from_another_runs_checkpoint_takes_its_tokenizer(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = tmp_path / "first"
+    train(tiny(first, "train.max_steps=5"))
+    start = ckpt.latest_checkpoint(first).weights
+    second = tmp_path / "second"
+    with pytest.raises(ConfigError) as err:  # before any tokenizer or data work
+        train(tiny(second, "train.max_steps=8", "model.ffn_dim=128"), start)
+    assert str(err.value) == (
+        f"--resume {start}: its run has other model settings (model.ffn_dim: 64 -> 128); set "
+        "them as that run's to start from it"
+    )
+    assert not (second / "tokenizer").exists()
+    # Other training text, which would train another vocabulary: the run takes the first's.
+    tiny_dir = ROOT / "tests" / "data" / "tiny"
+    for lang in ("de", "en"):
+        lines = (tiny_dir / f"train.{lang}").read_text(encoding="utf-8").splitlines()[:200]
+        (tmp_path / f"half.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    half = [f"data.train={tmp_path / 'half'}"]
+    with caplog.at_level(logging.INFO, logger="mt"):
+        assert train(tiny(second, "train.max_steps=8", *half), start).state.step == 8
+    assert f"using the tokenizer of {first}, whose checkpoint this run starts from" in (
+        caplog.messages
+    )
+    assert sorted(p.name for p in (second / "tokenizer").iterdir()) == sorted(
+        p.name for p in (first / "tokenizer").iterdir()
+    )
+    # A run whose own tokenizer is another: refused at once, not after encoding its data.
+    third = tmp_path / "third"
+    train(tiny(third, "train.max_steps=2", "tokenizer.vocab_size=90", *half))
+    with pytest.raises(ConfigError) as err:
+        train(tiny(third, "train.max_steps=8", "tokenizer.vocab_size=90", *half), start)
+    assert str(err.value) == (
+        f"--resume {start}: its vocabulary is not this run's tokenizer ({third / 'tokenizer'}); "
+        "start a new run_dir, which takes the checkpoint run's tokenizer"
+    )
