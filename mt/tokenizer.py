@@ -155,6 +155,11 @@ class Tokenizer:
 
         With `tgt_lang`, sources start with its tag, as the model reads them.
         """
+        if tgt_lang is not None and not self.tags:
+            raise MtError(
+                f"--tgt-lang {tgt_lang}: this tokenizer has no language tags (its model has one "
+                "target language)"
+            )
         if tgt_lang is None:
             encoded = self.side(side).encode(lines, out_type=str if pieces else int)
             return [" ".join(map(str, row)) for row in encoded]

@@ -175,6 +175,8 @@ def load_models(
     vocabulary: MtError naming the first difference otherwise. `quantization` (see mt.quantize)
     applies to every model; on a CPU, fp32 and bf16 pack the linear layers (see mt.packing).
     """
+    if weights and len(paths) == 1:
+        raise MtError("--weights: they weigh the models of an ensemble; give several --model")
     if weights and len(weights) != len(paths):
         raise MtError(f"--weights: {len(weights)} weights for {len(paths)} models")
     if weights and not (all(0 <= w < math.inf for w in weights) and 0 < sum(weights) < math.inf):

@@ -192,6 +192,7 @@ def test_model_card_health_schema_and_page(client: TestClient, trained_run: Path
     assert (card["precision"], card["quantization"]) == ("fp32", "none")
     assert client.get("/health").json()["status"] == "ok"
     schema = client.get("/openapi.json").json()
+    assert schema["info"]["summary"] == "de → en translation with a Transformer trained by mt"
     assert {"/v1/translate", "/v1/model", "/health"} <= set(schema["paths"])
     request = schema["components"]["schemas"]["TranslateRequest"]
     assert ", ".join(request["properties"]) == FIELDS
@@ -270,9 +271,11 @@ BAD = [
     (b'{"text": ["a", "\\udfff"]}', JSON, 422,
      "text[1]: not valid Unicode (a lone UTF-16 surrogate)"),
     (b'{"text": "\\ud800 a", "prefix": "A"}', JSON, 422,
-     "text[0]: not valid Unicode (a lone UTF-16 surrogate)"),
+     "text: not valid Unicode (a lone UTF-16 surrogate)"),  # one string: no index
     (b'{"text": "a", "prefix": "\\ud800"}', JSON, 422,
-     "prefix[0]: not valid Unicode (a lone UTF-16 surrogate)"),
+     "prefix: not valid Unicode (a lone UTF-16 surrogate)"),
+    (b'{"text": ["\\ud800 a"], "prefix": ["\\ud800"]}', JSON, 422,
+     "text[0]: not valid Unicode (a lone UTF-16 surrogate)"),
     (b'{"text": "a", "constraints": [["dog", "\\ud800"]]}', JSON, 422,
      "constraints[0][1]: not valid Unicode (a lone UTF-16 surrogate)"),
     (b'{"text": "a", "constraints": ["dog"]}', JSON, 422,
@@ -471,6 +474,15 @@ def test_requests_steered_differently_share_batches_and_get_their_own_answers(
         got = response.json()["translations"]
         assert [t["text"] for t in got] == [h[0].text for h in alone]
         assert [t["score"] for t in got] == pytest.approx([h[0].score for h in alone], abs=1e-5)
+
+
+def test_health_says_draining_once_the_server_stops(make_served: Callable[..., Served]) -> None:
+    served = make_served()
+    with TestClient(create_app(served)) as client:
+        assert client.get("/health").status_code == 200
+        served.batcher.drain()  # as SIGTERM does: a load balancer should stop sending
+        response = client.get("/health")
+        assert (response.status_code, response.json()["status"]) == (503, "draining")
 
 
 def test_a_full_queue_answers_503_with_retry_after(make_served: Callable[..., Served]) -> None:

@@ -347,3 +347,13 @@ def test_the_sample_is_balanced_by_temperature(tmp_path: Path) -> None:
 def test_a_shared_file_counts_once(multiway: Path) -> None:
     texts = _texts(directions(multiway, "de-en", "en-de", "fr-en"), (0, 1))
     assert {lang: len(streams) for lang, streams in texts.items()} == {"de": 1, "en": 1, "fr": 1}
+
+
+def test_a_target_language_for_a_tokenizer_without_tags_is_refused(joint_dir: Path) -> None:
+    tokenizer = load_tokenizer(joint_dir)
+    assert tokenizer.tags == {}
+    with pytest.raises(MtError) as err:
+        tokenizer.encode_lines(["der hund"], "src", pieces=False, tgt_lang="fr")
+    assert str(err.value) == (
+        "--tgt-lang fr: this tokenizer has no language tags (its model has one target language)"
+    )

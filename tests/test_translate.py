@@ -308,7 +308,10 @@ def test_a_stop_signal_mid_file_leaves_nothing_half_written(
         assert proc.returncode is None, proc.stderr.read().decode()
     proc.send_signal(stop)
     assert proc.wait(timeout=60) == 128 + stop
-    assert "Traceback" not in proc.stderr.read().decode()
+    err = proc.stderr.read().decode()
+    assert "Traceback" not in err
+    said = f"stopped by {stop.name}; nothing half-written is kept: run the command again"
+    assert err.splitlines()[-1] == said
     assert list(out_dir.iterdir()) == []
 
 
@@ -463,8 +466,10 @@ def test_an_ensemble_of_a_model_with_itself_translates_as_the_model(trained_run:
     for weights in (["nan", "1"], ["inf", "1"], ["1e308", "1e308"], ["-1", "2"], ["0", "0"]):
         pair = [*args, "-m", str(trained_run), "--weights", weights[0], "--weights", weights[1]]
         assert str(runner.invoke(app, pair, input=source).exception) == bad, weights
-    alone_nan = runner.invoke(app, [*args, "--weights", "nan"], input=source)
-    assert str(alone_nan.exception) == bad
+    alone = runner.invoke(app, [*args, "--weights", "2"], input=source)  # nothing to weigh
+    assert str(alone.exception) == (
+        "--weights: they weigh the models of an ensemble; give several --model"
+    )
 
 
 @pytest.fixture(scope="module")

@@ -198,7 +198,7 @@ async def translate(body: TranslateRequest, request: Request, served: ServedDep)
     """Translate sentences; the answer has one translation per sentence, in order."""
     lines = [body.text] if isinstance(body.text, str) else body.text
     beam, nbest = _settings(body, served)
-    ids = _encode(lines, served, body.tgt_lang)
+    ids = _encode(lines, served, body.tgt_lang, isinstance(body.text, str))
     room = served.batcher.model.max_positions - 2  # output pieces before EOS, as mt translate
     prefixes = None if body.prefix is None else _prefixes(body.prefix, len(lines), served, room)
     wanted = body.constraints
@@ -236,10 +236,14 @@ async def model_info(served: ServedDep) -> ModelInfo:
     return served.info
 
 
-@router.get("/health", response_model=Health)
-async def health(served: ServedDep) -> Health:
-    """Liveness for probes, with the worker's counters."""
-    return Health(status="ok", **dataclasses.asdict(served.batcher.stats))
+@router.get("/health", response_model=Health, responses={503: {"model": Health}})
+async def health(served: ServedDep) -> Any:
+    """Liveness for probes, with the worker's counters; 503 "draining" once told to stop."""
+    draining = served.batcher.draining
+    status = Health(
+        status="draining" if draining else "ok", **dataclasses.asdict(served.batcher.stats)
+    )
+    return JSONResponse(status.model_dump(), status_code=503) if draining else status
 
 
 PAGE_HEADERS = {
@@ -284,32 +288,43 @@ def _settings(body: TranslateRequest, served: Served) -> tuple[int, int]:
     return beam, nbest
 
 
-def _encode(lines: list[str], served: Served, tgt_lang: str | None) -> list[list[int]]:
-    """Source ids per line (none for blank lines); refuses too many or too long sentences."""
+def _item(field: str, index: int, single: bool) -> str:
+    """How an error names one item of a field: `text[3]`, or `text` when given as one string."""
+    return field if single else f"{field}[{index}]"
+
+
+def _encode(
+    lines: list[str], served: Served, tgt_lang: str | None, single: bool = False
+) -> list[list[int]]:
+    """Source ids per line (none for blank lines); refuses too many or too long sentences.
+
+    `single`: the text was one string, which errors name without an index."""
     limit, longest = served.limits.max_sentences, served.info.max_source_pieces
     if not lines:
         raise RequestError("text", "empty list; give a string or a non-empty list of strings")
     if len(lines) > limit:
         raise RequestError("text", f"{len(lines)} sentences exceed the limit of {limit}")
-    _check_unicode("text", lines)
+    _check_unicode("text", lines, single)
     ids = encode_sources(lines, served.tokenizer, sys.maxsize, tgt_lang)  # refused, not cut
     for index, seq in enumerate(ids):
         if len(seq) > longest:
             raise RequestError(
-                f"text[{index}]", f"{len(seq)} pieces exceed the model's limit of {longest}"
+                _item("text", index, single),
+                f"{len(seq)} pieces exceed the model's limit of {longest}",
             )
     return ids
 
 
 def _prefixes(prefix: str | list[str], count: int, served: Served, room: int) -> list[list[int]]:
     """Target pieces of each sentence's prefix; refuses a count other than `count`, long ones."""
-    rows = [prefix] if isinstance(prefix, str) else prefix
+    single = isinstance(prefix, str)
+    rows = [prefix] if single else prefix
     _check_aligned("prefix", len(rows), count)
-    _check_unicode("prefix", rows)
+    _check_unicode("prefix", rows, single)
     ids = served.tokenizer.encode_tgt(rows)
     for index, seq in enumerate(ids):
         if seq and (problem := forced_problem(seq, room)):
-            raise RequestError("prefix" if isinstance(prefix, str) else f"prefix[{index}]", problem)
+            raise RequestError(_item("prefix", index, single), problem)
     return ids
 
 
@@ -332,8 +347,9 @@ def _constraints(
     return ids
 
 
-def _check_unicode(field: str, rows: list[str]) -> None:
-    """RequestError naming `field[i]`, the first string that is not text (a lone surrogate).
+def _check_unicode(field: str, rows: list[str], single: bool = False) -> None:
+    """RequestError naming `field[i]` (`field` if `single`), the first string that is not text
+    (a lone surrogate).
 
     JSON's \\ud800-style escapes may spell half a UTF-16 pair, which is not a character.
     """
@@ -342,7 +358,7 @@ def _check_unicode(field: str, rows: list[str]) -> None:
             row.encode("utf-8")
         except UnicodeEncodeError:
             raise RequestError(
-                f"{field}[{index}]", "not valid Unicode (a lone UTF-16 surrogate)"
+                _item(field, index, single), "not valid Unicode (a lone UTF-16 surrogate)"
             ) from None
 
 
@@ -551,8 +567,8 @@ def create_app(
 
     app = FastAPI(
         title="mt serve",
-        summary=f"{served.info.source_languages[0]} → {served.info.target_languages[0]} "
-        "translation with a Transformer trained by mt",
+        summary=", ".join(d.replace("-", " → ") for d in served.info.directions)
+        + " translation with a Transformer trained by mt",
         lifespan=lifespan,
     )
     app.state.served = served

@@ -160,6 +160,11 @@ class Batcher:
         """Run the worker on a thread of its own."""
         threading.Thread(target=self.run, name="mt-serve-worker", daemon=True).start()
 
+    @property
+    def draining(self) -> bool:
+        """Whether the worker was told to stop (it answers what is queued, takes nothing new)."""
+        return self._draining
+
     def drain(self) -> None:
         """Refuse new requests and decode what is queued without waiting to gather more."""
         with self._cond:
