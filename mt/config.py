@@ -458,7 +458,8 @@ def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is tuple:
-        return "a list of " + ", ".join(_type_name(a) for a in typing.get_args(tp))
+        args = typing.get_args(tp)
+        return f"a list of {len(args)}: " + ", ".join(_type_name(a) for a in args)
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[tp]
 
 
@@ -559,7 +560,7 @@ _CORPUS_KEY = re.compile(r"data\.corpora\[(\d+)\]\.(\w+)")  # an override of one
 
 
 def _parse_override(item: str) -> tuple[str, Any]:
-    """`model.layers=3` -> ("model.layers", 3); string fields keep the raw text."""
+    """`model.dim=512` -> ("model.dim", 512); string fields keep the raw text."""
     key, sep, raw = item.partition("=")
     key = key.strip().removeprefix("--")
     if not sep or not key:

@@ -438,9 +438,11 @@ def _training_error(corpus: str, side: str, options: dict, message: str) -> Data
                 f"tokenizer.vocab_size >= {need}, or tokenizer.byte_fallback=false (then the "
                 f"characters need {need - 256})"
             )
+        lower = (
+            " or lower tokenizer.character_coverage" if options["character_coverage"] > 0.98 else ""
+        )
         return DataError(
-            f"{small}: its characters alone need {need}; set tokenizer.vocab_size >= {need} "
-            "or lower tokenizer.character_coverage"
+            f"{small}: its characters alone need {need}; set tokenizer.vocab_size >= {need}{lower}"
         )
     if "sentences_.empty()" in message or "all_chars_count" in message:
         return DataError(

@@ -233,6 +233,22 @@ def test_cors_only_when_configured(make_served: Callable[..., Served]) -> None:
         assert response.headers["access-control-allow-origin"] == "http://example.org"
 
 
+def test_a_loopback_server_answers_only_requests_for_its_own_names(
+    make_served: Callable[..., Served],
+) -> None:
+    app = create_app(make_served(), local_only=True)  # as `mt serve` on 127.0.0.1 makes it
+    with TestClient(app, base_url="http://127.0.0.1:8000") as client:
+        for host in ("127.0.0.1:8000", "localhost:8000", "[::1]:8000", "LOCALHOST"):
+            assert client.get("/health", headers={"Host": host}).status_code == 200, host
+        # A page of another site whose name resolves to 127.0.0.1 (DNS rebinding):
+        refused = client.get("/health", headers={"Host": "evil.example:8000"})
+        assert (refused.status_code, refused.json()) == (
+            400,
+            {"error": "host: 'evil.example:8000' is not this server's name (127.0.0.1, ::1, "
+             "localhost)"},
+        )  # fmt: skip
+
+
 # --- bad input -------------------------------------------------------------------------------
 
 BAD = [
@@ -644,7 +660,7 @@ def test_a_request_never_sent_whole_does_not_hold_sigterm(
             return  # serve() failed: the assertions below say so
         stalled.connect(("127.0.0.1", port))
         stalled.sendall(
-            b"POST /v1/translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /v1/translate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b'Content-Length: 100\r\n\r\n{"te'
         )
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=TIMEOUT_S)  # the upload is taken

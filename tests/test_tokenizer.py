@@ -232,6 +232,10 @@ def test_vocab_too_small_for_the_alphabet(tiny: Corpus, tmp_path: Path) -> None:
         f"{small}: its characters alone need 26; set tokenizer.vocab_size >= 26 or lower "
         "tokenizer.character_coverage"
     )
+    at_least = TokenizerConfig(vocab_size=20, byte_fallback=False, character_coverage=0.98)
+    with pytest.raises(DataError) as err:  # the lowest coverage SentencePiece takes: no advice
+        train_tokenizer(tiny, tmp_path, at_least, seed=1)
+    assert str(err.value).endswith("its characters alone need 25; set tokenizer.vocab_size >= 25")
 
 
 def test_corpus_error_surfaces_through_training(tmp_path: Path) -> None:

@@ -504,6 +504,36 @@ async def _server_error(request: Request, exc: Exception) -> JSONResponse:
     return _error(500, "server: internal error (see the server's log)")
 
 
+LOCAL_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def _host_name(header: str) -> str:
+    """The name in a Host header, without its port: "[::1]:8000" -> "::1"."""
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
+class LocalHostsOnly:
+    """Refuses requests whose Host header is not a loopback name, with a JSON 400.
+
+    A server on 127.0.0.1 is out of other machines' reach, but not of a page of another site
+    whose name its owner points at 127.0.0.1 (DNS rebinding): the browser then sends that name.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        host = Headers(scope=scope).get("host", "") if scope["type"] == "http" else "localhost"
+        if _host_name(host).lower() in LOCAL_NAMES:
+            await self.app(scope, receive, send)
+            return
+        names = ", ".join(sorted(LOCAL_NAMES))
+        refusal = _error(400, f"host: {host!r} is not this server's name ({names})")
+        await refusal(scope, receive, send)
+
+
 class BodyLimit:
     """Refuses request bodies over max_bytes with a JSON 413, reading at most that much.
 
@@ -553,10 +583,14 @@ class BodyLimit:
 
 
 def create_app(
-    served: Served, cors_origins: list[str] | None = None, worker_thread: bool = True
+    served: Served,
+    cors_origins: list[str] | None = None,
+    worker_thread: bool = True,
+    local_only: bool = False,
 ) -> ASGIApp:
     """The FastAPI app serving `served`; the lifespan stops its worker, and starts it on a
-    thread of its own unless the caller runs it (worker_thread=False)."""
+    thread of its own unless the caller runs it (worker_thread=False). `local_only` refuses
+    requests for any host but this machine's loopback names (see LocalHostsOnly)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -578,7 +612,9 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _server_error)
-    limited = BodyLimit(app, served.limits.max_request_bytes)
+    limited: ASGIApp = BodyLimit(app, served.limits.max_request_bytes)
+    if local_only:
+        limited = LocalHostsOnly(limited)
     if not cors_origins:  # none unless configured: browsers keep other sites' pages out
         return limited
     # Outermost, so that every answer (a 413 from BodyLimit, a 500) carries its headers.

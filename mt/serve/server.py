@@ -164,7 +164,7 @@ def serve(
     if log_level == "debug":
         log.setLevel(logging.DEBUG)  # the worker's queue and batches
     config = uvicorn.Config(
-        create_app(served, cors_origins, worker_thread=False),
+        create_app(served, cors_origins, worker_thread=False, local_only=host in LOOPBACK),
         host=host,
         port=port,
         log_level=log_level,
