@@ -309,7 +309,8 @@ def translate_command(
         bool | None,
         typer.Option(
             "--sampling/--no-sampling",
-            help=f"Sample translations instead of searching; --beam N draws N. {FROM_RUN}",
+            help="Sample translations instead of searching; --beam N draws N (or --nbest, if "
+            f"more). {FROM_RUN}",
             show_default=False,
         ),
     ] = None,
@@ -660,15 +661,25 @@ def main() -> None:
     for stop in (signal.SIGTERM, signal.SIGUSR1):  # SIGUSR1: SLURM's notice (scripts/slurm)
         signal.signal(stop, _terminated)
     try:
-        app()
+        code = app(standalone_mode=False)  # its usage errors come here, to be said in one line
+    except typer.TyperException as exc:  # Click's usage errors: a bad option, a missing argument
+        command = exc.ctx.command_path if getattr(exc, "ctx", None) else "mt"
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        typer.echo(f"error: {command}: {message.rstrip('.')} (see {command} --help)", err=True)
+        sys.exit(getattr(exc, "exit_code", 2))
+    except typer.Abort:  # end of input at a prompt
+        sys.exit(1)
     except MtError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        _stopped(signal.SIGINT)
-        sys.exit(130)
+        code = 130
     except OSError as exc:
         # The user's environment, not a bug: a full disk, a read-only or missing directory.
         where = f"{exc.filename}: " if exc.filename else ""
         typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
         sys.exit(1)
+    if code == 130:  # Ctrl-C (Typer turns it into this exit status)
+        _stopped(signal.SIGINT)
+    if isinstance(code, int):
+        sys.exit(code)

@@ -115,6 +115,23 @@ def test_command_help_shows_options_and_defaults(command: list[str], shown: list
 
 
 @pytest.mark.slow
+def test_usage_errors_exit_2_with_one_line() -> None:
+    prog = "mt" if _SCRIPT.is_file() else "python -m mt"
+    cases = [
+        (["translate", "--beam", "0", "x"], f"error: {prog} translate: Invalid value for "
+         f"'--beam': Input should be greater than or equal to 1 (see {prog} translate --help)"),
+        (["train"], f"error: {prog} train: Missing option '--config' / '-c' (see {prog} train "
+         "--help)"),
+        (["bogus"], f"error: {prog}: No such command 'bogus' (see {prog} --help)"),
+    ]  # fmt: skip
+    for args, expected in cases:
+        code, _, err = run_mt(*args)
+        assert (code, err.splitlines()) == (2, [expected])
+    code, out, err = run_mt("translate", "--help")
+    assert code == 0 and "--beam" in out and err == ""
+
+
+@pytest.mark.slow
 def test_config_errors_exit_2_with_one_line(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     bad = tmp_path / "bad.yaml"
