@@ -1004,11 +1004,23 @@ def add_to_window(
     w["grad_norm"] = result.norm  # the last update's
 
 
+def expected_end(tc: TrainConfig, state: TrainState, seconds_per_step: float) -> int:
+    """The step a run will end at: train.max_steps, or sooner where train.max_minutes runs out
+    first at `seconds_per_step` (what the progress bar's total and time left go by)."""
+    if not tc.max_minutes or seconds_per_step <= 0:
+        return tc.max_steps
+    left = max(tc.max_minutes * 60 - state.train_seconds, 0.0)
+    return min(tc.max_steps, state.step + int(left / seconds_per_step))
+
+
 def log_window(run: Run, bar: tqdm) -> None:
     """Average the window over ranks, write it to the metrics and the progress bar, clear it."""
     values = summarize(run)
     if run.metrics is not None and values is not None:
         run.metrics.write("train", run.state.step, values)
+        if run.window["steps"]:
+            pace = run.window["time"] / run.window["steps"]
+            bar.total = expected_end(run.config.train, run.state, pace)
         bar.set_postfix(
             loss=f"{values['loss']:.3f}",
             lr=f"{values['lr']:.1e}",

@@ -32,7 +32,7 @@ from mt.finish import finish
 from mt.lock import hold_run_lock
 from mt.metrics import read_metrics
 from mt.report import report_checkpoint, write_report
-from mt.train import TrainState, train
+from mt.train import TrainState, expected_end, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -1015,3 +1015,13 @@ def test_a_run_started_from_another_runs_checkpoint_takes_its_tokenizer(
         f"--resume {start}: its vocabulary is not this run's tokenizer ({third / 'tokenizer'}); "
         "start a new run_dir, which takes the checkpoint run's tokenizer"
     )
+
+
+def test_the_progress_bar_ends_where_max_minutes_runs_out() -> None:
+    timed = load_config(TINY, ["train.max_steps=1000", "train.max_minutes=10"]).train
+    state = TrainState(step=100, train_seconds=300.0)
+    assert expected_end(timed, state, 0.5) == 100 + 600  # 300 s left at 0.5 s per step
+    assert expected_end(timed, state, 0.1) == 1000  # max_steps comes first
+    assert expected_end(load_config(TINY, ["train.max_steps=1000"]).train, state, 0.5) == 1000
+    state.train_seconds = 900.0  # past the limit: it ends now
+    assert expected_end(timed, state, 0.5) == 100
