@@ -386,10 +386,10 @@ def _is_complete(ckpt: Checkpoint) -> bool:
 
 def _state_damage(path: Path) -> str | None:
     """What is wrong with a state file's bytes (a record whose CRC-32 fails), or None."""
-    try:
+    try:  # an OSError (a disk or network error) is raised: the bytes may well be whole
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+    except (zipfile.BadZipFile, EOFError) as exc:
         return f"{path}: not a valid mt training state ({_reason(exc)})"
     return None if bad is None else f"{path}: damaged (its record {bad} fails its CRC check)"
 
@@ -557,16 +557,19 @@ def best_checkpoint(run_dir: Path) -> Checkpoint | None:
     return _best_in(checkpoint_dir(run_dir))
 
 
-def prune_checkpoints(run_dir: Path, keep_last: int) -> list[Path]:
+def prune_checkpoints(run_dir: Path, keep_last: int, saved: int | None = None) -> list[Path]:
     """Delete step checkpoints older than the last `keep_last` (never the best), resume points
-    older than the latest checkpoint, and crash debris. Resume points are not counted."""
+    of steps before `saved` (the step just saved; default: the latest), and crash debris.
+    Resume points are not counted among the last; those after `saved` (a run gone back with
+    --resume) stay, as the later checkpoints do."""
     if keep_last < 0:
         raise ValueError(f"keep_last must be >= 0, got {keep_last}")
     directory = checkpoint_dir(run_dir)
     best = _best_or_none(directory)  # a dangling pointer protects nothing (repair_checkpoints)
     complete = list_checkpoints(run_dir)
     kept = [c for c in complete if not is_resume_point(c)]
-    superseded = [c for c in complete[:-1] if is_resume_point(c)]
+    newest = saved if saved is not None else complete[-1].step if complete else 0
+    superseded = [c for c in complete if is_resume_point(c) and c.step < newest]
     doomed = superseded + kept[: max(len(kept) - keep_last, 0)]
     deleted: list[Path] = []
     for ckpt in doomed:
@@ -630,16 +633,34 @@ def repair_checkpoints(run_dir: Path) -> None:
 
 def _set_aside_damaged(run_dir: Path) -> None:
     """Rename damaged latest checkpoints to damaged-step-N (kept for a look, never listed),
-    with a warning, until the latest is whole: training goes on from it, not from bad bytes."""
-    while (latest := latest_checkpoint(run_dir)) is not None:
-        problem = damage(latest)
-        if problem is None:
-            return
-        for path in (latest.weights, latest.state):  # weights first: they mark it complete
-            path.rename(path.with_name("damaged-" + path.name))
-        previous = latest_checkpoint(run_dir)
-        since = "the start" if previous is None else previous.name
-        log.warning(f"{problem}; renamed it damaged-{latest.name}, training goes on from {since}")
+    with a warning: training goes on from the latest whole one, not from bad bytes. MtError
+    when none is whole (a run would start over, and its metrics with it)."""
+    damaged: list[tuple[Checkpoint, str]] = []
+    whole = None
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        if (problem := damage(ckpt)) is None:
+            whole = ckpt
+            break
+        damaged.append((ckpt, problem))
+    if damaged and whole is None:
+        raise MtError(
+            f"{damaged[0][1]}; no checkpoint of {run_dir} is whole: restore them from a copy, "
+            f"or delete {checkpoint_dir(run_dir)} to train from the start"
+        )
+    for ckpt, problem in damaged:
+        aside = _free_name(ckpt.weights.with_name("damaged-" + ckpt.name))
+        for path in (ckpt.weights, ckpt.state):  # weights first: they mark it complete
+            path.rename(path.with_name(aside.name + path.name.removeprefix(ckpt.name)))
+        log.warning(f"{problem}; renamed it {aside.name}, training goes on from {whole.name}")
+
+
+def _free_name(base: Path) -> Path:
+    """`base`, or `base.2`, `base.3`... : the first name no file of the checkpoint has."""
+    name, n = base, 1
+    while any(name.with_name(name.name + s).exists() for s in (WEIGHTS_SUFFIX, STATE_SUFFIX)):
+        n += 1
+        name = base.with_name(f"{base.name}.{n}")
+    return name
 
 
 def _warn_unresumable(run_dir: Path) -> None:

@@ -155,13 +155,6 @@ class DataConfig:
             f"data.select_direction={self.select_direction!r} is not a direction of the run "
             f"({', '.join(names)})",
         )
-        chosen = [c for c in self.directions() if c.direction == self.select_direction]
-        _check(
-            not chosen or bool(chosen[0].valid),
-            "data.select_direction",
-            f"data.select_direction={self.select_direction!r}: that direction has no dev set "
-            "(data.valid, or its corpus's valid)",
-        )
         _check(
             self.temperature > 0,
             "data.temperature",
@@ -277,7 +270,6 @@ class TrainConfig:
             "valid_max_tokens",
             "keep_last",
             "eps",
-            "min_loss_scale",
         ):
             value = getattr(self, key)
             _check(value > 0, f"train.{key}", f"train.{key}={value} must be positive")
@@ -290,6 +282,7 @@ class TrainConfig:
             "patience",
             "average_last",
             "initial_dropout_steps",
+            "min_loss_scale",
         ):
             value = getattr(self, key)
             _check(value >= 0, f"train.{key}", f"train.{key}={value} must be >= 0")
@@ -425,11 +418,6 @@ class Config:
             ("model.max_positions", "data.max_len"),
             f"model.max_positions={self.model.max_positions} is shorter than "
             f"data.max_len={self.data.max_len} + 1",
-        )
-        _check(
-            not self.train.patience or any(c.valid for c in self.data.directions()),
-            ("train.patience", "data.valid"),
-            f"train.patience={self.train.patience} needs a dev set (data.valid) to stop on",
         )
         _check(
             self.tokenizer.joint or not self.model.share_embeddings,

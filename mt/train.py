@@ -80,6 +80,8 @@ log = logging.getLogger("mt")
 # data.select_direction only picks the best checkpoint (see reselect).
 RESUMABLE_DATA_KEYS = {"valid", "test", "num_proc", "cache_dir", "select_direction"}
 RESUMABLE_CORPUS_KEYS = {"valid", "test"}  # of each of data.corpora
+# Model settings a run started from another run's checkpoint may change (fine-tuning).
+FINE_TUNABLE = {"model.dropout", "model.attn_dropout"}
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 PREFETCH_UPDATES = 2  # updates collated ahead of the training step, in a background thread
 
@@ -457,6 +459,7 @@ def start_from(checkpoint: ckpt.Checkpoint, config: Config) -> None:
         return
     saved = source / CONFIG_FILE
     changes = diff(load_config(saved), config, ["model"]) if saved.is_file() else []
+    changes = [c for c in changes if c.split(":")[0] not in FINE_TUNABLE]
     if changes:
         raise ConfigError(
             f"--resume {checkpoint.weights}: its run has other model settings "
@@ -509,6 +512,7 @@ def start(
     run's latest.
     """
     configure_backends(device)
+    check_trainable(config)
     check_fits(config, device)
 
     def prepare_run() -> Prepared:
@@ -551,16 +555,30 @@ def start(
     return run
 
 
+def check_trainable(config: Config) -> None:
+    """ConfigError for what only training needs, checked as a run starts (not at load: a run's
+    saved config must still load to translate with): a dev set for patience and selection."""
+    data, patience = config.data, config.train.patience
+    if patience and not any(c.valid for c in data.directions()):
+        raise ConfigError(f"train.patience={patience} needs a dev set (data.valid) to stop on")
+    chosen = [c for c in data.directions() if c.direction == data.select_direction]
+    if chosen and not chosen[0].valid:
+        raise ConfigError(
+            f"data.select_direction={data.select_direction!r}: that direction has no dev set "
+            "(data.valid, or its corpus's valid)"
+        )
+
+
 TRAINING_BYTES = 16  # per parameter: fp32 weights, their gradients and Adam's two moments
 
 
 def check_fits(config: Config, device: torch.device) -> None:
     """ConfigError, before any tokenizer or data work, for a model that cannot fit in memory to
     train (a typo such as model.ffn_dim=204800). Its parameters are counted from below (the
-    feed-forward layers and one embedding), so no model that fits is refused."""
+    feed-forward layers' weights alone), so no model that fits is refused."""
     m = config.model
     layers = m.enc_layers + m.dec_layers
-    parameters = layers * 2 * m.dim * m.ffn_dim + config.tokenizer.vocab_size * m.dim
+    parameters = layers * 2 * m.dim * m.ffn_dim
     need, have = TRAINING_BYTES * parameters, memory_bytes(device)
     if have is not None and need > have:
         raise ConfigError(
@@ -739,7 +757,11 @@ def train(config: Config, resume: Path | None = None) -> TrainResult:
     try:
         with contextlib.ExitStack() as stack:  # the run lock, the metrics log
             run = start(config, resume, world, device, stack)
-            if why := why_done(run):
+            if (why := why_done(run)) and not run.state.validated:
+                begin(run, stack)  # a signal stopped it at its end: validate, save, end record
+                end(run, None)
+                return TrainResult(run.state, None, str(device), world.is_main)
+            if why:
                 at = f"{run.directory} is already at step {run.state.step}"
                 log.info(f"{at} ({why}): nothing to do")
                 if world.is_main:
@@ -853,6 +875,7 @@ def loop(run: Run) -> TrainResult:
     quiet = not (run.world.is_main and sys.stderr.isatty())
     bar = tqdm(total=tc.max_steps, initial=state.step, desc="train", disable=quiet)
     # Log lines go through tqdm.write, so they print above the bar instead of through it.
+    halted = False
     with StopSignals() as stop, logging_redirect_tqdm(loggers=[logging.root]):
         try:
             # The validation a signal put off (see `end`) comes first, as it would have.
@@ -894,6 +917,7 @@ def loop(run: Run) -> TrainResult:
                 if stepped and (state.step % tc.log_every == 0 or state.step == tc.max_steps):
                     log_window(run, bar)
                 if result.stop:
+                    halted = True  # every rank agrees on result.stop, not on stop.signum
                     stop.signum = stop.signum or signal.SIGTERM
                     break
                 if result.out_of_time:
@@ -907,7 +931,7 @@ def loop(run: Run) -> TrainResult:
                     break  # early stopping
             # 6. A run that ends here logs the updates since its last log line (a signalled
             # run's checkpoint keeps them for its resumption). Every rank has the same step.
-            if not stop.signum and state.step % tc.log_every and state.step < tc.max_steps:
+            if not halted and state.step % tc.log_every and state.step < tc.max_steps:
                 log_window(run, bar)
         finally:
             updates.close()
@@ -1074,7 +1098,7 @@ def summarize(run: Run) -> dict[str, float] | None:
     """The logging window over all ranks: loss, perplexity, lr, throughput; None if empty."""
     w = window_totals(run)
     tokens = w["tokens"]
-    if not tokens:  # a resumed run that stopped before an update
+    if not tokens or not run.world.is_main:  # the rest is rank 0's (its log line)
         return None
     return {
         "loss": w["loss"] / tokens,
@@ -1228,7 +1252,7 @@ def save(run: Run, window: dict[str, Any], best: bool) -> ckpt.Checkpoint:
     )
     if best:
         ckpt.set_best(run.directory, saved)
-    ckpt.prune_checkpoints(run.directory, run.config.train.keep_last)
+    ckpt.prune_checkpoints(run.directory, run.config.train.keep_last, saved.step)
     return saved
 
 

@@ -603,3 +603,35 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_training_goes_on_from_the_
     names = sorted(p.name for p in (tmp_path / ck.CHECKPOINT_DIR).iterdir())
     assert "damaged-step-00000200.safetensors" in names
     assert "damaged-step-00000200.state.pt" in names
+
+
+def test_with_no_whole_checkpoint_left_the_start_is_refused(tmp_path: Path) -> None:
+    for step in (100, 200):
+        saved = save(tmp_path, step)
+        data = saved.weights.read_bytes()
+        saved.weights.write_bytes(data[:-8] + bytes(8))
+    with pytest.raises(MtError) as err:  # not a silent start from scratch
+        ck.repair_checkpoints(tmp_path)
+    weights = tmp_path / ck.CHECKPOINT_DIR / "step-00000200.safetensors"
+    assert str(err.value) == (
+        f"{weights}: corrupt checkpoint (weights digest mismatch); no checkpoint of {tmp_path} "
+        f"is whole: restore them from a copy, or delete {tmp_path / ck.CHECKPOINT_DIR} to train "
+        "from the start"
+    )
+    assert [c.step for c in ck.list_checkpoints(tmp_path)] == [100, 200]  # nothing renamed
+
+
+def test_a_checkpoint_damaged_twice_at_one_step_keeps_both_copies(tmp_path: Path) -> None:
+    save(tmp_path, 100)
+    for _ in range(2):
+        saved = save(tmp_path, 200)
+        data = saved.weights.read_bytes()
+        saved.weights.write_bytes(data[:-8] + bytes(8))
+        ck.repair_checkpoints(tmp_path)
+    names = sorted(p.name for p in (tmp_path / ck.CHECKPOINT_DIR).glob("damaged-*"))
+    assert names == [
+        "damaged-step-00000200.2.safetensors",
+        "damaged-step-00000200.2.state.pt",
+        "damaged-step-00000200.safetensors",
+        "damaged-step-00000200.state.pt",
+    ]

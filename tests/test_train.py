@@ -958,7 +958,7 @@ def test_a_model_too_large_for_the_machine_is_refused_before_any_work(tmp_path: 
         train(tiny(run, "model.ffn_dim=1000000000000"))
     assert str(err.value).startswith(
         "model: 4 layers of dim 32 and ffn_dim 1000000000000 make at least "
-        "256,000,000,003,200 parameters, 3,814,697.3 GiB to train (weights, gradients and "
+        "256,000,000,000,000 parameters, 3,814,697.3 GiB to train (weights, gradients and "
         "Adam's moments); cpu has "
     )
     assert not run.exists()  # no tokenizer trained, nothing encoded
@@ -1025,3 +1025,59 @@ def test_the_progress_bar_ends_where_max_minutes_runs_out() -> None:
     assert expected_end(load_config(TINY, ["train.max_steps=1000"]).train, state, 0.5) == 1000
     state.train_seconds = 900.0  # past the limit: it ends now
     assert expected_end(timed, state, 0.5) == 100
+
+
+def test_patience_and_select_direction_need_a_dev_set_to_train(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    for overrides, message in [
+        (["train.patience=2"], "train.patience=2 needs a dev set (data.valid) to stop on"),
+        (["data.select_direction=de-en"], "data.select_direction='de-en': that direction has no "
+         "dev set (data.valid, or its corpus's valid)"),
+    ]:  # fmt: skip
+        with pytest.raises(ConfigError) as err:
+            train(tiny(run, "data.valid=", *overrides))
+        assert str(err.value) == message
+    assert not run.exists()  # refused before any work
+
+
+def test_a_signal_during_the_last_update_is_validated_when_rerun(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    config = tiny(run, "train.max_steps=10", "train.valid_every=5")
+    real, calls = train_module.train_step, [0]
+
+    def signalled_in_update_10(learner, batches, tokens, stop, *rest):
+        calls[0] += 1
+        return real(learner, batches, tokens, stop or calls[0] == 10, *rest)
+
+    monkeypatch.setattr(train_module, "train_step", signalled_in_update_10)
+    assert train(config).signum == signal.SIGTERM
+    monkeypatch.undo()
+    assert [r["step"] for r in read_metrics(run, "valid")] == [5]  # a signal stops fast
+    rerun = train(config)  # the run is at max_steps, but its end was never validated
+    assert not rerun.idle and rerun.state.validated
+    assert [r["step"] for r in read_metrics(run, "valid")] == [5, 10]
+    assert [r["step"] for r in read_metrics(run, "end")] == [10]
+    assert [c.step for c in select_last(run, 1)] == [10]  # no longer a resume point
+    assert train(config).idle
+
+
+def test_a_resume_point_saved_after_going_back_is_kept_until_a_later_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    steps = ["train.max_steps=20", "train.valid_every=5", "train.keep_last=10"]
+    train(tiny(run, *steps))
+    earlier = run / "checkpoints" / "step-00000005.safetensors"
+    real, calls = train_module.train_step, [0]
+
+    def signalled_in_update_2(learner, batches, tokens, stop, *rest):
+        calls[0] += 1
+        return real(learner, batches, tokens, stop or calls[0] == 2, *rest)
+
+    monkeypatch.setattr(train_module, "train_step", signalled_in_update_2)
+    assert train(tiny(run, *steps), resume=earlier).signum == signal.SIGTERM
+    # Its resume point (step 7) is below the run's later checkpoints, and stays with them.
+    assert [c.step for c in ckpt.list_checkpoints(run)] == [5, 7, 10, 15, 20]
+    assert ckpt.is_resume_point(ckpt.list_checkpoints(run)[1])
