@@ -640,11 +640,11 @@ def export_command(
 
 
 def _stopped(signum: int) -> None:
-    """Say which signal stopped the command, and that running it again does what is left."""
-    with contextlib.suppress(OSError):  # a closed stderr says nothing
-        name = signal.Signals(signum).name
+    """Say which signal stopped the command (its temp files are gone; stdout may hold a part)."""
+    # A closed stderr says nothing; nor does a write that interrupted another (tqdm's).
+    with contextlib.suppress(OSError, RuntimeError):
         typer.echo(
-            f"stopped by {name}; nothing half-written is kept: run the command again", err=True
+            f"stopped by {signal.Signals(signum).name} before the end; run it again", err=True
         )
 
 

@@ -451,6 +451,8 @@ def translate_file(
 
     Bad prefix or constraint files fail before anything is written.
     """
+    # Resolved first, so that a bad --device or --precision fails before stdin is read.
+    dev, prec = resolve_runtime(device, precision, models[0], quantization)
     lines = list(read_lines(source))  # before loading the model: bad input fails fast
     prefix_rows = None if prefix is None else read_aligned(prefix, lines, source)
     constraint_rows = None if constraints is None else read_aligned(constraints, lines, source)
@@ -459,7 +461,7 @@ def translate_file(
     if output is not None and Path(output).is_dir():
         raise MtError(f"{output}: is a directory, not a file to write")
     config, translator, checkpoints = load_translator(
-        models, device, precision, weights, quantization, **overrides
+        models, str(dev), prec, weights, quantization, **overrides
     )
     tokenizer, decode = translator.tokenizer, translator.decode
     check_target(config, tokenizer, tgt_lang)

@@ -310,7 +310,7 @@ def test_a_stop_signal_mid_file_leaves_nothing_half_written(
     assert proc.wait(timeout=60) == 128 + stop
     err = proc.stderr.read().decode()
     assert "Traceback" not in err
-    said = f"stopped by {stop.name}; nothing half-written is kept: run the command again"
+    said = f"stopped by {stop.name} before the end; run it again"
     assert err.splitlines()[-1] == said
     assert list(out_dir.iterdir()) == []
 

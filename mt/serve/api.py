@@ -525,8 +525,8 @@ class LocalHostsOnly:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        host = Headers(scope=scope).get("host", "") if scope["type"] == "http" else "localhost"
-        if _host_name(host).lower() in LOCAL_NAMES:
+        host = Headers(scope=scope).get("host") if scope["type"] == "http" else None
+        if host is None or _host_name(host).lower() in LOCAL_NAMES:  # HTTP/1.0 may send none
             await self.app(scope, receive, send)
             return
         names = ", ".join(sorted(LOCAL_NAMES))

@@ -129,7 +129,8 @@ class Server(uvicorn.Server):
                 connection.transport.close()
 
         if self.loop is not None:
-            self.loop.call_soon_threadsafe(close)
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing is open
+                self.loop.call_soon_threadsafe(close)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         """Stop accepting (uvicorn), and let the worker decode what waits without gathering.
