@@ -59,6 +59,12 @@ def setup(
     dead rank ends the job within `timeout_s` instead of hanging.
     """
     set_cpu_threads()
+    tasks = os.environ.get("SLURM_STEP_NUM_TASKS", "1")
+    if "WORLD_SIZE" not in os.environ and tasks != "1":  # each task would train alone
+        raise MtError(
+            f"srun started {tasks} tasks but WORLD_SIZE is not set: run them with "
+            "scripts/slurm/train.sbatch (or torchrun)"
+        )
     world_size = env_int("WORLD_SIZE", "1")
     if world_size == 1:
         return World(), resolve_device(device_name)
@@ -69,7 +75,13 @@ def setup(
     device = resolve_device(device_name)
     if device.type == "cuda":
         # A launcher may show each rank all the node's GPUs, or (Slurm's --gpu-bind) its own.
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        count = torch.cuda.device_count()
+        if count > 1 and local_rank >= count:  # two ranks would share a GPU
+            raise MtError(
+                f"rank {rank}: LOCAL_RANK={local_rank} but this node shows {count} GPUs: start "
+                "one rank per GPU (e.g. --ntasks-per-node equal to --gpus-per-node)"
+            )
+        device = torch.device("cuda", local_rank % count)
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     nccl_errors_raise()  # read by each NCCL process group when it is created

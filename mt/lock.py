@@ -7,7 +7,8 @@ Lustre) where flock may be node-local or unsupported, a lock taken on another ho
 refused, from what the file says. Such a lock cannot be checked from here, so it is never
 broken silently: the message says to delete the file once that run is over, unless the holder
 was an earlier run of this same SLURM job (`job J restart R`: a requeued job keeps its id, and
-SLURM ends a run before it starts the next). A clean exit empties the file.
+SLURM ends a run before it starts the next, unless it lost a node that still runs it). A clean
+exit empties the file.
 """
 
 from __future__ import annotations
@@ -38,13 +39,15 @@ class Holder:
 
     pid: int
     host: str
-    job: str = ""  # SLURM_JOB_ID, if it ran as a SLURM job
+    job: str = ""  # SLURM_JOB_ID (after SLURM_CLUSTER_NAME/, if set), if it ran as a SLURM job
     restart: int = 0  # SLURM_RESTART_COUNT: how many times that job was requeued
 
     @classmethod
     def me(cls) -> Holder:
         """This process."""
         job, restart = os.environ.get("SLURM_JOB_ID", ""), os.environ.get("SLURM_RESTART_COUNT")
+        cluster = os.environ.get("SLURM_CLUSTER_NAME")  # job ids are per cluster
+        job = f"{cluster}/{job}" if job and cluster else job
         return cls(os.getpid(), socket.gethostname(), job, int(restart or 0))
 
     def earlier_run_of(self, other: Holder) -> bool:

@@ -451,6 +451,20 @@ def check_resumable(config: Config, run_dir: Path) -> None:
         )
 
 
+def resume_target(resume: Path | None, config: Config) -> Path | None:
+    """The checkpoint a run starts from: `resume`, unless that is another run's and this run
+    has checkpoints of its own; then its latest (None), as any rerun: the same command again
+    (a requeued job) goes on, instead of going back to where it began."""
+    here = run_path(config)
+    if resume is None or ckpt.resolve_checkpoint(resume).run_dir.resolve() == here.resolve():
+        return resume
+    latest = ckpt.latest_checkpoint(here)
+    if latest is None:
+        return resume
+    log.info(f"{here} goes on from its own {latest.name}; --resume {resume} began it")
+    return None
+
+
 def start_from(checkpoint: ckpt.Checkpoint, config: Config) -> None:
     """Before any data work, for a checkpoint of another run: refuse another model shape or
     tokenizer, and give a run that has no tokenizer the checkpoint run's (its vocabulary)."""
@@ -514,6 +528,7 @@ def start(
     configure_backends(device)
     check_trainable(config)
     check_fits(config, device)
+    resume = resume_target(resume, config)
 
     def prepare_run() -> Prepared:
         if world.is_main:  # before anything is written: a second trainer stops here

@@ -383,3 +383,14 @@ def test_a_mesh_that_cannot_connect_is_one_line(monkeypatch: pytest.MonkeyPatch)
         "rank 1: cannot join the 2 ranks at 127.0.0.1:29677 (train.dist_startup_timeout=30): "
         "Gloo connectFullMesh failed with [...] Connection refused"
     )
+
+
+def test_srun_tasks_without_a_world_size_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")  # `srun --ntasks 2 mt train`, no script
+    with pytest.raises(MtError) as err:
+        distributed.setup("cpu", 10, 30)
+    assert str(err.value) == (
+        "srun started 2 tasks but WORLD_SIZE is not set: run them with scripts/slurm/train.sbatch "
+        "(or torchrun)"
+    )

@@ -143,3 +143,17 @@ def test_a_requeued_slurm_job_takes_over_its_earlier_runs_lock_from_another_host
     ]
     path.write_text(earlier.replace("job 77", "job 78"))  # another job's lock stays refused
     assert "(a lock from another host;" in refusal(tmp_path)
+
+
+def test_a_lock_of_the_same_job_id_on_another_cluster_is_not_taken_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / LOCK_FILE
+    path.write_text("pid 4242 host node-a job alpha/77 restart 0\n")  # a live job elsewhere
+    monkeypatch.setenv("SLURM_CLUSTER_NAME", "beta")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert "(a lock from another host;" in refusal(tmp_path)
+    monkeypatch.setenv("SLURM_CLUSTER_NAME", "alpha")  # its own requeued job: taken over
+    with hold_run_lock(tmp_path):
+        assert path.read_text().endswith(" job alpha/77 restart 1\n")

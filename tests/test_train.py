@@ -1006,9 +1006,16 @@ def test_a_run_started_from_another_runs_checkpoint_takes_its_tokenizer(
     assert sorted(p.name for p in (second / "tokenizer").iterdir()) == sorted(
         p.name for p in (first / "tokenizer").iterdir()
     )
+    # The same command again (a requeued job): the run goes on from its own latest checkpoint.
+    with caplog.at_level(logging.INFO, logger="mt"):
+        assert train(tiny(second, "train.max_steps=9", *half), start).state.step == 9
+    assert f"{second} goes on from its own step-00000008; --resume {start} began it" in (
+        caplog.messages
+    )
     # A run whose own tokenizer is another: refused at once, not after encoding its data.
     third = tmp_path / "third"
     train(tiny(third, "train.max_steps=2", "tokenizer.vocab_size=90", *half))
+    shutil.rmtree(third / "checkpoints")  # its tokenizer alone, as `mt tokenizer train` leaves
     with pytest.raises(ConfigError) as err:
         train(tiny(third, "train.max_steps=8", "tokenizer.vocab_size=90", *half), start)
     assert str(err.value) == (
