@@ -394,3 +394,18 @@ def test_srun_tasks_without_a_world_size_are_refused(monkeypatch: pytest.MonkeyP
         "srun started 2 tasks but WORLD_SIZE is not set: run them with scripts/slurm/train.sbatch "
         "(or torchrun)"
     )
+
+
+def test_more_ranks_on_a_node_than_its_gpus_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {"WORLD_SIZE": "8", "RANK": "3", "LOCAL_RANK": "3", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": "29677"}  # fmt: skip
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(MtError) as err:
+        distributed.setup("cuda", 10, 30)
+    assert str(err.value) == (
+        "rank 3: LOCAL_RANK=3 but this node shows 2 GPUs: start one rank per GPU (e.g. "
+        "--ntasks-per-node equal to --gpus-per-node)"
+    )
