@@ -39,9 +39,12 @@ def select_last(run_dir: Path, k: int) -> list[Checkpoint]:
     Not resume points (a signal's checkpoints between validations): the last checkpoints of a
     run stopped and resumed are those of an uninterrupted run.
     """
-    found = [c for c in weights_checkpoints(run_dir) if not is_resume_point(c)]
+    every = weights_checkpoints(run_dir)
+    found = [c for c in every if not is_resume_point(c)]
     if k > len(found):
-        raise MtError(f"asked to average {k} checkpoints but {run_dir} has {len(found)}")
+        skipped = len(every) - len(found)
+        resume = f" (and {skipped} resume point(s) of a signal, not averaged)" if skipped else ""
+        raise MtError(f"asked to average {k} checkpoints but {run_dir} has {len(found)}{resume}")
     return found[-k:]
 
 
@@ -131,8 +134,10 @@ def check_output(run_dir: Path, output: Path) -> None:
         )
     if not output.name.endswith(WEIGHTS_SUFFIX) or output.name == WEIGHTS_SUFFIX:
         raise MtError(f"{output}: an average's file name ends in {WEIGHTS_SUFFIX}")
-    if Checkpoint.from_weights(output).is_step:
-        raise MtError(f"{output}: a step checkpoint's name; choose another (e.g. {AVERAGE_NAME})")
+    if Checkpoint.from_weights(output).is_step or output.name.startswith(("damaged-", "crash-")):
+        raise MtError(
+            f"{output}: a checkpoint's or a kept one's name; choose another (e.g. {AVERAGE_NAME})"
+        )
 
 
 def average_run(run_dir: Path, last: int = 0, best: int = 0, output: Path | None = None) -> Path:

@@ -433,6 +433,7 @@ def evaluate_command(
 
 AVERAGE_HELP = (
     "Average the weights of a run's last K (or best K by dev BLEU) checkpoints into one file.\n\n"
+    "A signal's checkpoint between validations (a resume point) is not among the last. "
     "Asking for more checkpoints than the run has is an error. The result loads like any other "
     "checkpoint, e.g. mt translate --model RUN/checkpoints/average.safetensors."
 )

@@ -216,6 +216,8 @@ def decode_settings(config: Config, **overrides: Any) -> DecodeConfig:
     given = {key: value for key, value in overrides.items() if value is not None}
     if not given:
         return config.decode
+    if "beam" in given and "nbest" not in given and not config.decode.sampling:
+        given["nbest"] = min(config.decode.nbest, given["beam"])  # --beam caps the run's n-best
     tree = config.to_dict()
     tree["decode"].update(given)
     return from_dict(tree, "command line").decode  # validates, e.g. nbest <= beam
@@ -451,11 +453,17 @@ def translate_file(
 
     Bad prefix or constraint files fail before anything is written.
     """
+    inputs = {"FILE": source, "--prefix": prefix, "--constraints": constraints}
+    reading = [name for name, path in inputs.items() if path is not None and str(path) == "-"]
+    if len(reading) > 1:
+        raise MtError(f"{' and '.join(reading)} both read standard input (-): give one a file")
     # Resolved first, so that a bad --device or --precision fails before stdin is read.
     dev, prec = resolve_runtime(device, precision, models[0], quantization)
     lines = list(read_lines(source))  # before loading the model: bad input fails fast
     prefix_rows = None if prefix is None else read_aligned(prefix, lines, source)
     constraint_rows = None if constraints is None else read_aligned(constraints, lines, source)
+    if output is not None and Path(output).parent.exists() and not Path(output).parent.is_dir():
+        raise MtError(f"{output}: {Path(output).parent} is not a directory")
     if output is not None and not Path(output).parent.is_dir():
         raise MtError(f"{output}: directory {Path(output).parent} does not exist")
     if output is not None and Path(output).is_dir():

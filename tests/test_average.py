@@ -142,7 +142,10 @@ def test_an_average_goes_only_where_it_loads_and_overwrites_no_training_file(
         "loads with the run's config and tokenizer",
         directory / "best": f"{directory / 'best'}: an average's file name ends in .safetensors",
         directory / "step-00000010.safetensors": f"{directory / 'step-00000010.safetensors'}: a "
-        "step checkpoint's name; choose another (e.g. average.safetensors)",
+        "checkpoint's or a kept one's name; choose another (e.g. average.safetensors)",
+        directory / "damaged-step-00000010.safetensors": f"{directory}/damaged-step-00000010."
+        "safetensors: a checkpoint's or a kept one's name; choose another (e.g. "
+        "average.safetensors)",
     }
     for output, message in refused.items():
         with pytest.raises(MtError) as error:

@@ -139,6 +139,16 @@ def test_inconsistent_options(kwargs: dict, message: str) -> None:
         evaluate(**{key: Path(value) for key, value in kwargs.items()})
 
 
+def test_model_options_are_refused_when_scoring_a_file() -> None:
+    for option, message in [
+        ({"weights": [1.0]}, "--weights"),
+        ({"quantization": "int8"}, "--quantize"),
+    ]:
+        with pytest.raises(MtError) as err:
+            evaluate(hyp=Path("h"), ref=Path("r"), **option)
+        assert str(err.value) == f"{message} needs --model (to translate)"
+
+
 def test_model_without_files_scores_the_test_set(trained_run: Path, tmp_path: Path) -> None:
     # The tiny config's test set is its dev set, and validation decodes greedily in the run's
     # fp32 (`auto` would pick bf16 on a CPU with AMX): same BLEU.

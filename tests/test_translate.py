@@ -27,10 +27,12 @@ from mt.errors import MtError
 from mt.rundir import load_trained
 from mt.translate import (
     Translator,
+    decode_settings,
     decoding_products,
     encode_constraints,
     encode_prefixes,
     resolve_runtime,
+    translate_file,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -538,3 +540,16 @@ def test_bad_prefix_and_constraint_files_are_one_line_errors(
     assert isinstance(result.exception, MtError) and result.exit_code != 0
     assert str(result.exception) == f"{steering}: " + error.format(source=source, n=n)
     assert sorted(tmp_path.iterdir()) == sorted([source, steering])  # nothing written
+
+
+def test_beam_caps_the_runs_nbest_and_one_stdin_at_most(trained_run: Path, tmp_path: Path) -> None:
+    config = load_config(trained_run / "config.yaml", ["decode.nbest=2", "decode.beam=2"])
+    assert decode_settings(config, beam=1).nbest == 1  # not "decode.nbest=2 exceeds decode.beam"
+    with pytest.raises(MtError) as err:
+        translate_file("-", [trained_run], prefix=Path("-"))
+    assert str(err.value) == "FILE and --prefix both read standard input (-): give one a file"
+    afile = tmp_path / "a.de"
+    afile.write_text("x\n", encoding="utf-8")
+    with pytest.raises(MtError) as err:
+        translate_file(str(afile), [trained_run], output=afile / "out.txt")
+    assert str(err.value) == f"{afile / 'out.txt'}: {afile} is not a directory"
