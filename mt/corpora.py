@@ -27,7 +27,7 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
-from mt.errors import DataError, first_line
+from mt.errors import DataError, MtError, first_line
 from mt.files import file_sha256, stream_sha256
 
 log = logging.getLogger("mt")
@@ -184,6 +184,13 @@ def open_corpus(spec: str, src_lang: str, tgt_lang: str, split: str = "train") -
             raise DataError(f"{spec}: {'not a regular file' if path.exists() else 'no such file'}")
         return TsvCorpus(spec, src_lang, tgt_lang, path)
     return _open_prefix(spec, src_lang, tgt_lang)
+
+
+def check_stdin(inputs: dict[str, str | Path | None]) -> None:
+    """MtError if more than one of the inputs (as the user names them) is "-": standard input."""
+    named = [name for name, path in inputs.items() if path is not None and str(path) == "-"]
+    if len(named) > 1:
+        raise MtError(f"{' and '.join(named)} both read standard input (-): give one a file")
 
 
 def read_lines(path: str | Path) -> Iterator[str]:

@@ -11,7 +11,7 @@ from typing import Any
 
 from sacrebleu.metrics import BLEU, CHRF, TER
 
-from mt.corpora import read_lines
+from mt.corpora import check_stdin, read_lines
 from mt.errors import MtError
 from mt.rundir import open_directions, open_split
 from mt.translate import Translator, check_found, check_target, count_missing, load_translator
@@ -62,13 +62,6 @@ def check_aligned(hyps: list[str], refs: list[str], hyp_name: str, ref_name: str
         raise MtError(f"{hyp_name} has {len(hyps)} lines but {ref_name} has {len(refs)}")
     if not refs:
         raise MtError(f"{hyp_name} and {ref_name} have no lines to score")
-
-
-def check_stdin(**paths: Path | None) -> None:
-    """MtError if more than one of the options (name=path) reads standard input ("-")."""
-    named = [f"--{name}" for name, path in paths.items() if path is not None and str(path) == "-"]
-    if len(named) > 1:
-        raise MtError(f"{' and '.join(named)} both read standard input (-): give one a file")
 
 
 def format_table(by_direction: dict[str, dict[str, MetricScore]]) -> str:
@@ -208,7 +201,7 @@ def evaluate(
     **overrides: Any,
 ) -> dict[str, MetricScore]:
     """Score --hyp against --ref, or --model's translations of --src (default: its test set)."""
-    check_stdin(hyp=hyp, ref=ref, src=src)
+    check_stdin({"--hyp": hyp, "--ref": ref, "--src": src})
     if model is None:
         if hyp is None or ref is None:
             raise MtError("give --hyp and --ref, or --model (with --src and --ref, or neither)")

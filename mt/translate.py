@@ -28,7 +28,7 @@ from mt import search
 from mt.batching import collate_source, source_batches
 from mt.checkpoint import read_metadata, resolve_checkpoint
 from mt.config import PRECISIONS, Config, DecodeConfig, from_dict
-from mt.corpora import input_name, read_lines
+from mt.corpora import check_stdin, input_name, read_lines
 from mt.device import (
     Features,
     autocast,
@@ -453,10 +453,7 @@ def translate_file(
 
     Bad prefix or constraint files fail before anything is written.
     """
-    inputs = {"FILE": source, "--prefix": prefix, "--constraints": constraints}
-    reading = [name for name, path in inputs.items() if path is not None and str(path) == "-"]
-    if len(reading) > 1:
-        raise MtError(f"{' and '.join(reading)} both read standard input (-): give one a file")
+    check_stdin({"FILE": source, "--prefix": prefix, "--constraints": constraints})
     # Resolved first, so that a bad --device or --precision fails before stdin is read.
     dev, prec = resolve_runtime(device, precision, models[0], quantization)
     lines = list(read_lines(source))  # before loading the model: bad input fails fast
