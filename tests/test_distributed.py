@@ -344,22 +344,25 @@ def test_resume_on_one_rank_continues_a_two_rank_run_exactly(
 def test_a_launch_environment_that_cannot_work_is_one_line(
     monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
 ) -> None:
+    launched(monkeypatch, **env)
+    with pytest.raises(MtError) as err:
+        distributed.setup("cpu", 10, 10)
+    assert str(err.value) == message
+
+
+def launched(monkeypatch: pytest.MonkeyPatch, **env: str) -> None:
+    """This process as a launcher would start a rank: WORLD_SIZE, RANK, MASTER_ADDR and more."""
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    with pytest.raises(MtError) as err:
-        distributed.setup("cpu", 10, 10)
-    assert str(err.value) == message
 
 
 def test_a_peer_that_never_joins_is_one_line_after_the_startup_timeout(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     port = free_port()
-    env = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
+    launched(monkeypatch, WORLD_SIZE="2", RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     with pytest.raises(MtError) as err:
         distributed.setup("cpu", 10, 1)
     assert str(err.value).startswith(
@@ -369,9 +372,7 @@ def test_a_peer_that_never_joins_is_one_line_after_the_startup_timeout(
 
 
 def test_a_mesh_that_cannot_connect_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    env = {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29677"}
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
+    launched(monkeypatch, WORLD_SIZE="2", RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29677")
 
     def refused(*args: object, **kwargs: object) -> None:  # as gloo says it, after a restart
         raise RuntimeError("Gloo connectFullMesh failed with [...] Connection refused\nmore")
@@ -397,10 +398,8 @@ def test_srun_tasks_without_a_world_size_are_refused(monkeypatch: pytest.MonkeyP
 
 
 def test_more_ranks_on_a_node_than_its_gpus_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    env = {"WORLD_SIZE": "8", "RANK": "3", "LOCAL_RANK": "3", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": "29677"}  # fmt: skip
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
+    launched(monkeypatch, WORLD_SIZE="8", RANK="3", LOCAL_RANK="3", MASTER_ADDR="127.0.0.1",
+             MASTER_PORT="29677")  # fmt: skip
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(MtError) as err:
