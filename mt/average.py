@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from mt.checkpoint import (
+    AVERAGE_NAME,
     WEIGHTS_SUFFIX,
     Checkpoint,
     checkpoint_dir,
@@ -29,7 +30,6 @@ from mt.metrics import read_metrics, selected_bleu
 
 log = logging.getLogger("mt")
 
-AVERAGE_NAME = "average" + WEIGHTS_SUFFIX
 _PER_CHECKPOINT = ("step",)  # metadata that differs between checkpoints of one run
 
 

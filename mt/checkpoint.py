@@ -42,6 +42,7 @@ CHECKPOINT_DIR = "checkpoints"
 BEST_FILE = "best"
 WEIGHTS_SUFFIX = ".safetensors"
 STATE_SUFFIX = ".state.pt"
+AVERAGE_NAME = "average" + WEIGHTS_SUFFIX  # `mt average`'s output; a run's own at its end
 _STEP_NAME = re.compile(r"step-(\d+)")
 # Temp files of the files only a trainer writes (mt.files names temps `.NAME.<hex>.tmp`).
 _TRAINER_TEMPS = (".step-*.tmp", ".best.*.tmp", ".crash-step-*.tmp")
@@ -498,6 +499,12 @@ def is_resume_point(ckpt: Checkpoint) -> bool:
         return _header(ckpt.weights).get(RESUME_KEY) == "true"
     except MtError:
         return False  # listed as any other, so that loading it says what is wrong
+
+
+def averaged_steps(path: Path) -> list[int]:
+    """The steps of the checkpoints an average was made of (its header's `averaged` names)."""
+    names = read_metadata(path).get("averaged", "").split(",")
+    return [int(match.group(1)) for name in names if (match := _STEP_NAME.fullmatch(name))]
 
 
 def weights_checkpoints(run_dir: Path) -> list[Checkpoint]:

@@ -196,13 +196,17 @@ def tokenizer_decode(
 # --- translate, evaluate, average -------------------------------------------------------------
 
 FROM_RUN = "(default: from the run's config)"
+RUN_MODEL = (
+    "Run directory (its model: the average of its last checkpoints where the run makes one, "
+    "as its report scores; else its best checkpoint, else its latest), checkpoints directory, "
+    "or .safetensors file"
+)
 TrainedModelsOption = Annotated[
     list[Path],
     typer.Option(
         "--model",
         "-m",
-        help="Run directory (its best checkpoint, else its latest), checkpoints directory, "
-        "or .safetensors file (e.g. an average). Repeat it for an ensemble of models that "
+        help=RUN_MODEL + " (e.g. an average). Repeat it for an ensemble of models that "
         "share their vocabulary (the first model's run gives the decoding settings).",
     ),
 ]
@@ -533,8 +537,7 @@ def serve_command(
         Path,
         typer.Argument(
             metavar="RUN_OR_CHECKPOINT",
-            help="Run directory (its best checkpoint, else its latest), checkpoints directory, "
-            "or .safetensors file.",
+            help=RUN_MODEL + ".",
         ),
     ],
     host: Annotated[
@@ -619,8 +622,7 @@ def export_command(
         Path,
         typer.Argument(
             metavar="RUN",
-            help="Run directory (its best checkpoint, else its latest), checkpoints directory, "
-            "or .safetensors file (e.g. an average).",
+            help=RUN_MODEL + " (e.g. an average).",
         ),
     ],
     out: Annotated[Path, typer.Argument(metavar="OUT", help="Directory to write.")],

@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from mt.average import AVERAGE_NAME, average_run
-from mt.checkpoint import checkpoint_dir, list_checkpoints
+from mt.average import average_run
+from mt.checkpoint import AVERAGE_NAME, checkpoint_dir, list_checkpoints
 from mt.config import Config
 from mt.lock import hold_run_lock
 from mt.report import REPORT_FILE, write_report

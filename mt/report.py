@@ -14,8 +14,6 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from mt.average import AVERAGE_NAME
-from mt.checkpoint import checkpoint_dir, resolve_checkpoint
 from mt.config import CONFIG_FILE, Config
 from mt.data import DATA_FILE
 from mt.device import describe_precision
@@ -24,21 +22,12 @@ from mt.files import atomic_write_bytes
 from mt.metrics import read_metrics, record_directions, selected_bleu
 from mt.model import Transformer, count_parameters
 from mt.plot import plot_curves
-from mt.rundir import load_run_config
+from mt.rundir import load_run_config, model_checkpoint
 
 log = logging.getLogger("mt")
 
 REPORT_FILE = "report.md"
 CURVES_FILE = "curves.png"
-
-
-def report_checkpoint(run_dir: Path) -> Path:
-    """The weights a report scores: the averaged ones if the run makes them (train.average_last,
-    at its end), else the best; an average made otherwise may be of steps long gone."""
-    averaged = checkpoint_dir(run_dir) / AVERAGE_NAME
-    if averaged.is_file() and load_run_config(run_dir).train.average_last:
-        return averaged
-    return resolve_checkpoint(Path(run_dir)).weights
 
 
 Scores = dict[str, MetricScore]  # by metric: bleu, bleu_lc (lowercased), chrf, ter
@@ -47,13 +36,13 @@ Scores = dict[str, MetricScore]  # by metric: bleu, bleu_lc (lowercased), chrf, 
 def test_scores(
     run_dir: Path, device: str = "auto", precision: str = "auto"
 ) -> tuple[str, dict[str, Scores]]:
-    """Translate every test direction with the report checkpoint; scores by direction.
+    """Translate every test direction with the run's model; scores by direction.
 
     The hypotheses are written next to the report as test.hyp.<tgt_lang> for a run of one
     direction, test.hyp.<direction> (e.g. test.hyp.de-en) for a run of several, even where only
     one of them has a test set.
     """
-    checkpoint = report_checkpoint(run_dir)
+    checkpoint = model_checkpoint(run_dir).weights  # the run's model, as `mt translate` uses
     translations = translate_test_sets(checkpoint, device, precision)
     targets = {c.direction: c.tgt_lang for c in load_run_config(run_dir).data.directions()}
     out = {}

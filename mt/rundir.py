@@ -15,7 +15,16 @@ from typing import TYPE_CHECKING
 import torch
 
 from mt.batching import BatchSampler, MixtureSampler, describe_epoch
-from mt.checkpoint import CHECKPOINT_DIR, Checkpoint, load_weights, resolve_checkpoint
+from mt.checkpoint import (
+    AVERAGE_NAME,
+    CHECKPOINT_DIR,
+    Checkpoint,
+    averaged_steps,
+    is_resume_point,
+    load_weights,
+    resolve_checkpoint,
+    weights_checkpoints,
+)
 from mt.config import CONFIG_FILE, Config, TokenizerConfig, config_text, load_config
 from mt.corpora import Corpus, open_corpus
 from mt.errors import ConfigError, DataError
@@ -310,6 +319,38 @@ def checkpoint_metadata(tokenizer: Tokenizer) -> dict[str, str]:
     }
 
 
+def run_average(run_dir: Path) -> Checkpoint | None:
+    """The average a run made of its last checkpoints at its end, if it is still the run's model.
+
+    Only a run that averages (train.average_last) has one, and only until the run trains on
+    (a resumed run's new checkpoints are not in it): an average of steps left behind is not.
+    """
+    average = Checkpoint.from_weights(Path(run_dir) / CHECKPOINT_DIR / AVERAGE_NAME)
+    if not average.weights.is_file() or not load_run_config(run_dir).train.average_last:
+        return None
+    steps = [c.step for c in weights_checkpoints(run_dir) if not is_resume_point(c)]
+    covered = not steps or max(averaged_steps(average.weights), default=-1) >= steps[-1]
+    return average if covered else None
+
+
+def model_checkpoint(path: Path) -> Checkpoint:
+    """The checkpoint that translates for `path`: a run's model, or the checkpoint path names.
+
+    A run's model (`path` a run directory or its checkpoints directory) is what its report
+    scores: its average (run_average) where it has one, else its best checkpoint, else its
+    latest. Any other path is a checkpoint's (see resolve_checkpoint).
+    """
+    path = Path(path)
+    if (path / CHECKPOINT_DIR).is_dir():
+        run_dir = path
+    elif path.is_dir() and path.name == CHECKPOINT_DIR:
+        run_dir = path.parent
+    else:
+        return resolve_checkpoint(path)
+    average = run_average(run_dir) if (run_dir / CONFIG_FILE).is_file() else None
+    return average or resolve_checkpoint(path)
+
+
 def load_trained(
     path: Path, device: torch.device
 ) -> tuple[Config, Tokenizer, Transformer, Checkpoint]:
@@ -318,7 +359,7 @@ def load_trained(
     The config and tokenizer come from the run directory holding the checkpoints directory, so
     an averaged checkpoint (a weights file without a training state) loads like any other.
     """
-    checkpoint = resolve_checkpoint(Path(path))
+    checkpoint = model_checkpoint(Path(path))
     run_dir = checkpoint.run_dir
     if not (run_dir / CONFIG_FILE).is_file():
         raise ConfigError(

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from mt import search
 from mt.batching import collate_source, source_batches
-from mt.checkpoint import read_metadata, resolve_checkpoint
+from mt.checkpoint import read_metadata
 from mt.config import PRECISIONS, Config, DecodeConfig, from_dict
 from mt.corpora import check_stdin, input_name, read_lines
 from mt.device import (
@@ -41,7 +41,7 @@ from mt.errors import ConfigError, MtError
 from mt.files import atomic_write, ends_quietly_on_a_closed_pipe
 from mt.packing import pack, time_packed
 from mt.quantize import check_quantization, quantize
-from mt.rundir import load_run_config, load_trained
+from mt.rundir import load_run_config, load_trained, model_checkpoint
 from mt.search import Constraints, Decoder, Ensemble
 from mt.tokenizer import Tokenizer
 from mt.vocab import UNK_ID
@@ -262,7 +262,7 @@ def decoding_products(model: Path | None) -> tuple[list[Features] | None, int]:
     if model is None:
         return None, 0
     try:
-        checkpoint = resolve_checkpoint(Path(model))
+        checkpoint = model_checkpoint(Path(model))
         config = load_run_config(checkpoint.run_dir)
         vocab = int(read_metadata(checkpoint.weights).get("tgt_vocab", "0"))
     except (MtError, ValueError):

@@ -19,7 +19,7 @@ from mt.config import CONFIG_FILE, ModelConfig, load_config, save_config
 from mt.errors import MtError
 from mt.metrics import MetricsLog
 from mt.model import Transformer
-from mt.rundir import load_trained
+from mt.rundir import load_trained, model_checkpoint
 from mt.translate import Translator
 
 CPU = torch.device("cpu")
@@ -45,12 +45,6 @@ def make_run(run_dir: Path, steps: list[int], bleu: dict[int, float] | None = No
     return run_dir
 
 
-def averaged_steps(path: Path) -> list[int]:
-    """The steps an averaged file was made from, from its metadata."""
-    names = ckpt.read_metadata(path)["averaged"].split(",")
-    return [int(name.removeprefix("step-")) for name in names]
-
-
 def test_average_is_the_parameter_mean(tmp_path: Path) -> None:
     run = make_run(tmp_path / "run", [10, 20])
     out = average_run(run, last=2)
@@ -63,7 +57,7 @@ def test_average_is_the_parameter_mean(tmp_path: Path) -> None:
         torch.testing.assert_close(tensor, (a[name] + b[name]) / 2, rtol=0, atol=1e-7)
     metadata = ckpt.read_metadata(out)
     assert {k: metadata[k] for k in META} == META
-    assert "step" not in metadata and averaged_steps(out) == [10, 20]
+    assert "step" not in metadata and ckpt.averaged_steps(out) == [10, 20]
     # It is not a step checkpoint: never listed, resumed from or pruned.
     assert [c.step for c in ckpt.list_checkpoints(run)] == [10, 20]
 
@@ -81,9 +75,9 @@ def test_tied_weights_stay_tied(tmp_path: Path) -> None:
 
 def test_last_k_picks_the_highest_steps(tmp_path: Path) -> None:
     run = make_run(tmp_path / "run", [10, 20, 30])
-    assert averaged_steps(average_run(run, last=2)) == [20, 30]
+    assert ckpt.averaged_steps(average_run(run, last=2)) == [20, 30]
     one = run / "checkpoints" / "one.safetensors"
-    assert averaged_steps(average_run(run, last=1, output=one)) == [30]
+    assert ckpt.averaged_steps(average_run(run, last=1, output=one)) == [30]
 
 
 def test_best_k_picks_the_best_dev_bleu(tmp_path: Path) -> None:
@@ -93,8 +87,8 @@ def test_best_k_picks_the_best_dev_bleu(tmp_path: Path) -> None:
     metrics = MetricsLog(run, tensorboard=False)
     metrics.write("valid", 10, {"bleu": 8.0})  # a resumed run re-validated step 10
     metrics.close()
-    assert averaged_steps(average_run(run, best=1)) == [20]
-    assert averaged_steps(average_run(run, best=2)) == [10, 20]
+    assert ckpt.averaged_steps(average_run(run, best=1)) == [20]
+    assert ckpt.averaged_steps(average_run(run, best=2)) == [10, 20]
     with pytest.raises(MtError, match=rf"best 4 checkpoints but {run} has 3 with a dev BLEU"):
         average_run(run, best=4)
 
@@ -106,13 +100,13 @@ def test_best_k_follows_the_runs_selected_direction(tmp_path: Path) -> None:
         record = {"loss": 1.0, "bleu": (de_en + en_de) / 2, "de-en/bleu": de_en}
         metrics.write("valid", step, {**record, "en-de/bleu": en_de})
     metrics.close()
-    assert averaged_steps(average_run(run, best=1)) == [10]  # the best mean, 5.0
+    assert ckpt.averaged_steps(average_run(run, best=1)) == [10]  # the best mean, 5.0
     corpora = "data.corpora=[{src_lang: de, tgt_lang: en}, {src_lang: en, tgt_lang: de}]"
     config = load_config(TINY_CONFIG, [corpora, "data.select_direction=en-de"])
     save_config(config, run / CONFIG_FILE)
     a, b = run / "checkpoints" / "a.safetensors", run / "checkpoints" / "b.safetensors"
-    assert averaged_steps(average_run(run, best=1, output=a)) == [30]
-    assert averaged_steps(average_run(run, best=2, output=b)) == [20, 30]
+    assert ckpt.averaged_steps(average_run(run, best=1, output=a)) == [30]
+    assert ckpt.averaged_steps(average_run(run, best=2, output=b)) == [20, 30]
 
 
 def test_bad_requests_are_one_line_errors(tmp_path: Path) -> None:
@@ -154,7 +148,7 @@ def test_an_average_goes_only_where_it_loads_and_overwrites_no_training_file(
     assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
     assert not elsewhere.exists()
     relative = Path(os.path.relpath(directory, Path.cwd())) / "mine.safetensors"
-    assert averaged_steps(average_run(run, last=2, output=relative)) == [10, 20]
+    assert ckpt.averaged_steps(average_run(run, last=2, output=relative)) == [10, 20]
 
 
 def test_inputs_must_agree(tmp_path: Path) -> None:
@@ -199,8 +193,32 @@ def test_a_run_shipped_without_its_training_states_averages_and_decodes(tmp_path
         state.unlink()
     assert ckpt.list_checkpoints(run) == []  # nothing to resume from
     assert ckpt.resolve_checkpoint(run).step == 30  # the latest weights, to decode with
-    assert averaged_steps(average_run(run, last=2)) == [20, 30]
-    assert averaged_steps(average_run(run, best=2)) == [20, 30]
+    assert ckpt.averaged_steps(average_run(run, last=2)) == [20, 30]
+    assert ckpt.averaged_steps(average_run(run, best=2)) == [20, 30]
+
+
+def test_a_runs_model_is_its_average_while_the_run_makes_one_and_it_is_current(
+    tmp_path: Path,
+) -> None:
+    run = make_run(tmp_path / "run", [10, 20, 30])
+    ckpt.set_best(
+        run, ckpt.Checkpoint.from_weights(run / "checkpoints" / "step-00000010.safetensors")
+    )
+    save_config(load_config(TINY_CONFIG, ["train.average_last=0"]), run / CONFIG_FILE)
+    average = ckpt.Checkpoint.from_weights(average_run(run, last=2))
+    assert model_checkpoint(run).step == 10  # a run that does not average: its best
+    save_config(load_config(TINY_CONFIG, ["train.average_last=2"]), run / CONFIG_FILE)
+    assert model_checkpoint(run) == model_checkpoint(run / "checkpoints") == average
+    assert model_checkpoint(average.weights) == average
+    assert model_checkpoint(run / "checkpoints" / "step-00000020").step == 20  # a name: as named
+    ckpt.save_checkpoint(run, 35, tiny_model(35), {"step": 35}, META, resume_point=True)
+    assert model_checkpoint(run) == average  # a signal's resume point is never averaged
+    ckpt.save_checkpoint(run, 40, tiny_model(40), {"step": 40}, META)
+    assert model_checkpoint(run).step == 10  # trained on past the average: its best again
+    for step in (10, 20, 30, 35, 40):  # shipped with the average alone
+        (run / "checkpoints" / ckpt.step_name(step)).with_suffix(".safetensors").unlink()
+    (run / "checkpoints" / "best").unlink()
+    assert model_checkpoint(run) == average
 
 
 def test_low_precision_weights_keep_their_dtype(tmp_path: Path) -> None:

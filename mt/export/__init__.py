@@ -22,13 +22,12 @@ from pathlib import Path
 
 import torch
 
-from mt.checkpoint import resolve_checkpoint
 from mt.errors import MtError
 from mt.export.ct2 import check_quantization, save_ct2
 from mt.export.hf import import_transformers, marian_obstacle, save_marian
 from mt.export.readme import ct2_readme, hf_readme
 from mt.files import atomic_directory
-from mt.rundir import load_trained
+from mt.rundir import load_trained, model_checkpoint
 
 log = logging.getLogger("mt")
 
@@ -80,9 +79,9 @@ def export_model(
     quantization: str | None = None,
     force: bool = False,
 ) -> Path:
-    """`mt export`: write the run's model (best checkpoint, else latest) to OUT, atomically."""
+    """`mt export`: a run's model (see model_checkpoint) or a checkpoint to OUT, atomically."""
     check_format(fmt, quantization)
-    check_output(out, force, resolve_checkpoint(Path(run)).weights)  # before loading anything
+    check_output(out, force, model_checkpoint(Path(run)).weights)  # before loading anything
     config, tokenizer, model, checkpoint = load_trained(Path(run), torch.device("cpu"))
     if fmt == "hf" and (reason := marian_obstacle(model)) is not None:
         raise MtError(f"mt export --format hf: {reason}; use --format ct2")
