@@ -392,12 +392,21 @@ def collate_source(seqs: Sequence[Sequence[int]], indices: np.ndarray) -> Source
 
 def source_batches(ids: Sequence[Sequence[int]], max_tokens: int) -> list[np.ndarray]:
     """Length-sorted token-budget batches of the non-empty sentences (indices into ids)."""
-    todo = np.array([i for i, seq in enumerate(ids) if seq], dtype=np.int64)
+    return pair_batches(ids, [[] for _ in ids], max_tokens)
+
+
+def pair_batches(
+    src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]], max_tokens: int
+) -> list[np.ndarray]:
+    """Length-sorted token-budget batches of the pairs with a non-empty source (indices)."""
+    todo = np.array([i for i, seq in enumerate(src) if seq], dtype=np.int64)
     if not todo.size:
         return []
-    lens = np.array([len(ids[i]) for i in todo], dtype=np.int64)
-    budget = max(max_tokens, int(lens.max()) + 1)  # + EOS: the longest line must fit alone
-    sampler = BatchSampler(lens, np.zeros_like(lens), budget, shuffle=False)
+    src_lens = np.array([len(src[i]) for i in todo], dtype=np.int64)
+    tgt_lens = np.array([len(tgt[i]) for i in todo], dtype=np.int64)
+    longest = int(np.maximum(src_lens, tgt_lens).max())
+    budget = max(max_tokens, longest + 1)  # + EOS or BOS: the longest pair must fit alone
+    sampler = BatchSampler(src_lens, tgt_lens, budget, shuffle=False)
     return [todo[batch] for batch in sampler.epoch_batches(1)]
 
 

@@ -226,6 +226,19 @@ AlphaOption = Annotated[
     float | None,
     typer.Option(min=0.0, help=f"Length penalty exponent. {FROM_RUN}", show_default=False),
 ]
+LengthPenaltyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--length-penalty",
+        help=f"gnmt ((5 + length) / 6)^alpha, average (length) or none: what a log-probability "
+        f"is divided by. {FROM_RUN}",
+        show_default=False,
+    ),
+]
+OutputOption = Annotated[
+    Path | None,
+    typer.Option("--output", "-o", help="Write here (atomically, once done) instead of to stdout."),
+]
 MaxTokensOption = Annotated[
     int | None,
     typer.Option(
@@ -280,14 +293,10 @@ def translate_command(
         str,
         typer.Argument(metavar="FILE", help="Input file, one sentence per line, or - for stdin."),
     ] = "-",
-    output: Annotated[
-        Path | None,
-        typer.Option(
-            "--output", "-o", help="Write here (atomically, once done) instead of to stdout."
-        ),
-    ] = None,
+    output: OutputOption = None,
     beam: BeamOption = None,
     alpha: AlphaOption = None,
+    length_penalty: LengthPenaltyOption = None,
     nbest: Annotated[
         int | None,
         typer.Option(
@@ -359,6 +368,7 @@ def translate_command(
         quantization=quantize,
         beam=beam,
         alpha=alpha,
+        length_penalty=length_penalty,
         nbest=nbest,
         max_tokens=max_tokens,
         sampling=sampling,
@@ -366,6 +376,53 @@ def translate_command(
         top_k=top_k,
         top_p=top_p,
         seed=seed,
+    )
+
+
+SCORE_HELP = (
+    "Score translations with a model: one line per line pair of SRC and TGT.\n\n"
+    "A pair's score is what translate --nbest prints for that output: the log-probability of "
+    "the target's pieces and EOS given the source, divided by the length penalty (--alpha, "
+    "--length-penalty none for the plain log-probability, average for its mean per piece). A "
+    "blank source line gives a blank line; a pair too long for the model gives nan, with a "
+    "warning naming the line. For reranking n-best lists (a right-to-left or reverse model) "
+    "and for filtering parallel data."
+)
+
+
+@app.command("score", help=SCORE_HELP)
+def score_command(
+    model: TrainedModelsOption,
+    source: Annotated[str, typer.Argument(metavar="SRC", help="Sources, one per line, or -.")],
+    target: Annotated[
+        str, typer.Argument(metavar="TGT", help="Their translations, one per line, or -.")
+    ],
+    output: OutputOption = None,
+    alpha: AlphaOption = None,
+    length_penalty: LengthPenaltyOption = None,
+    max_tokens: MaxTokensOption = None,
+    tgt_lang: TgtLangOption = None,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
+    weights: WeightsOption = None,
+    quantize: QuantizeOption = "none",
+) -> None:
+    """Score line pairs with a trained model (see SCORE_HELP)."""
+    from mt.score import score_file
+
+    score_file(
+        source,
+        target,
+        model,
+        output,
+        device=device,
+        precision=precision,
+        tgt_lang=tgt_lang,
+        weights=weights,
+        quantization=quantize,
+        alpha=alpha,
+        length_penalty=length_penalty,
+        max_tokens=max_tokens,
     )
 
 

@@ -65,14 +65,21 @@ class Ensemble:
         return torch.cat([model.encode(src, padded) for model in self.models], dim=2)
 
     def decode(
-        self, tgt_in: Tensor, memory: Tensor, src: Tensor, state: EnsembleState, padded: bool = True
+        self,
+        tgt_in: Tensor,
+        memory: Tensor,
+        src: Tensor,
+        state: EnsembleState | None = None,
+        padded: bool = True,
     ) -> Tensor:
-        """New target tokens (N, T) -> the weighted sum of log-probs (N, T, V), float32."""
+        """New target tokens (N, T) -> the weighted sum of log-probs (N, T, V), float32.
+
+        Without a state, tgt_in holds every target token (teacher forcing), as for a model.
+        """
         total = None
         parts = memory.split(self.dims, dim=2)  # (B, S, D) per model
-        for model, part, own, weight in zip(
-            self.models, parts, state.states, self.weights, strict=True
-        ):
+        states = [None] * len(self.models) if state is None else state.states
+        for model, part, own, weight in zip(self.models, parts, states, self.weights, strict=True):
             logits = model.decode(tgt_in, part, src, own, padded)  # (N, T, V)
             lprobs = F.log_softmax(logits, dim=-1, dtype=torch.float32) * weight
             total = lprobs if total is None else total + lprobs

@@ -96,11 +96,13 @@ def check_target(config: Config, tokenizer: Tokenizer, tgt_lang: str | None) -> 
         raise MtError(f"--tgt-lang {tgt_lang}: the model translates into {', '.join(known)} only")
 
 
-def read_aligned(path: Path, lines: Sequence[str], source: str) -> list[str]:
+def read_aligned(path: str | Path, lines: Sequence[str], source: str) -> list[str]:
     """The lines of `path`, one per input line: MtError naming both when the counts differ."""
     rows = list(read_lines(path))
     if len(rows) != len(lines):
-        raise MtError(f"{path}: {len(rows)} lines, but {input_name(source)} has {len(lines)}")
+        raise MtError(
+            f"{input_name(path)}: {len(rows)} lines, but {input_name(source)} has {len(lines)}"
+        )
     return rows
 
 
@@ -422,6 +424,19 @@ def output_stream(output: Path | None) -> Iterator[IO[bytes]]:
         yield stream
 
 
+def check_output_path(output: Path | None) -> None:
+    """MtError unless `output` (None: stdout) is a file that can be written once all is done."""
+    if output is None:
+        return
+    parent = Path(output).parent
+    if parent.exists() and not parent.is_dir():
+        raise MtError(f"{output}: {parent} is not a directory")
+    if not parent.is_dir():
+        raise MtError(f"{output}: directory {parent} does not exist")
+    if Path(output).is_dir():
+        raise MtError(f"{output}: is a directory, not a file to write")
+
+
 def count_missing(translations: Sequence[Sequence[Translation]]) -> int:
     """How many lines got no translation because no hypothesis had a finite score."""
     return sum(not hyps[0].found for hyps in translations)
@@ -459,12 +474,7 @@ def translate_file(
     lines = list(read_lines(source))  # before loading the model: bad input fails fast
     prefix_rows = None if prefix is None else read_aligned(prefix, lines, source)
     constraint_rows = None if constraints is None else read_aligned(constraints, lines, source)
-    if output is not None and Path(output).parent.exists() and not Path(output).parent.is_dir():
-        raise MtError(f"{output}: {Path(output).parent} is not a directory")
-    if output is not None and not Path(output).parent.is_dir():
-        raise MtError(f"{output}: directory {Path(output).parent} does not exist")
-    if output is not None and Path(output).is_dir():
-        raise MtError(f"{output}: is a directory, not a file to write")
+    check_output_path(output)
     config, translator, checkpoints = load_translator(
         models, str(dev), prec, weights, quantization, **overrides
     )

@@ -32,7 +32,7 @@ STAGES: list[tuple[str, set[str]]] = [
     ("model", {"model", "search", "quantize", "packing"}),
     ("run directory", {"rundir"}),
     ("training", {"train"}),
-    ("translation", {"translate"}),
+    ("translation", {"translate", "score"}),
     (
         "after training",
         {"average", "evaluate", "report", "finish", "alignment", "export", "serve"},

@@ -1,0 +1,143 @@
+"""`mt score`: how a model scores given translations, one line each (reranking, filtering).
+
+A pair's score is what `mt translate --nbest` prints for that output when its search finds it:
+the log-probability of the target's pieces and EOS given the source (an ensemble's weighted sum
+of log-probabilities, renormalised, as search uses it), divided by the length penalty of
+decode.length_penalty and decode.alpha. The pieces are the SentencePiece encoding of the target
+text, which for a search's output is nearly always the pieces it produced. decode.min_len and
+the output length limit do not apply: a score is the model's, whatever a search would allow.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from mt.batching import collate, pair_batches
+from mt.corpora import check_stdin, read_lines
+from mt.device import autocast
+from mt.search import Decoder, length_penalty
+from mt.translate import (
+    InOrderWriter,
+    Translator,
+    check_output_path,
+    check_target,
+    encode_sources,
+    load_translator,
+    output_stream,
+    read_aligned,
+    resolve_runtime,
+)
+from mt.vocab import PAD_ID
+
+log = logging.getLogger("mt")
+
+
+def sequence_logprobs(model: Decoder, src: Tensor, tgt_in: Tensor, tgt_out: Tensor) -> Tensor:
+    """Log-probability of each row of tgt_out (B, T) given src (B, S), PAD excluded: (B,) fp32.
+
+    tgt_in is BOS then tgt_out's pieces; PAD pads the rows of both on the right.
+    """
+    memory = model.encode(src)  # (B, S, D)
+    scores = model.decode(tgt_in, memory, src)  # (B, T, V): logits, or an ensemble's sum
+    lprobs = F.log_softmax(scores, dim=-1, dtype=torch.float32)  # (B, T, V)
+    picked = lprobs.gather(2, tgt_out.unsqueeze(2)).squeeze(2)  # (B, T)
+    return picked.masked_fill(tgt_out == PAD_ID, 0.0).sum(dim=1)  # (B,)
+
+
+def too_long(src_ids: list[list[int]], tgt_ids: list[list[int]], room: int) -> list[int]:
+    """Indices of the pairs with more than `room` pieces on a side, each named in a warning."""
+    found = []
+    for i, (src, tgt) in enumerate(zip(src_ids, tgt_ids, strict=True)):
+        if src and max(len(src), len(tgt)) > room:
+            log.warning(
+                "line %d: %s source and %s target pieces, more than the model's %s: score nan",
+                i + 1, f"{len(src):,}", f"{len(tgt):,}", f"{room:,}",
+            )  # fmt: skip
+            found.append(i)
+    return found
+
+
+@torch.no_grad()
+def score_pairs(
+    translator: Translator,
+    sources: Sequence[str],
+    targets: Sequence[str],
+    tgt_lang: str | None = None,
+    progress: bool = False,
+) -> Iterator[tuple[list[int], list[float | None]]]:
+    """(pair indices, their scores) batch by batch; None for a blank source, nan for too long.
+
+    Blank sources come first, unscored (`mt translate` leaves them blank too).
+    """
+    model, decode, device = translator.model, translator.decode, translator.device
+    room = model.max_positions - 1  # the pieces that fit beside EOS (source) or BOS (target)
+    src_ids = encode_sources(sources, translator.tokenizer, sys.maxsize, tgt_lang)
+    tgt_ids = translator.tokenizer.encode_tgt(list(targets))
+    blank = [i for i, seq in enumerate(src_ids) if not seq]
+    if blank:
+        yield blank, [None] * len(blank)
+    skipped = too_long(src_ids, tgt_ids, room)
+    if skipped:
+        yield skipped, [math.nan] * len(skipped)
+    for i in skipped:
+        src_ids[i] = []  # out of the batches
+    done = len(blank) + len(skipped)
+    bar = tqdm(total=len(sources), initial=done, unit="pair", disable=not progress, file=sys.stderr)
+    for batch in pair_batches(src_ids, tgt_ids, decode.max_tokens):
+        rows = batch.tolist()
+        pairs = collate([(src_ids[i], tgt_ids[i]) for i in rows], batch)
+        src, tgt_in, tgt_out = (t.to(device) for t in (pairs.src, pairs.tgt_in, pairs.tgt_out))
+        with autocast(device, translator.precision):
+            logprobs = sequence_logprobs(model, src, tgt_in, tgt_out)  # (B,)
+        lengths = (tgt_out != PAD_ID).sum(dim=1)  # (B,) pieces and EOS
+        scores = logprobs / length_penalty(lengths, decode.alpha, decode.length_penalty)
+        yield rows, scores.tolist()
+        bar.update(len(rows))
+    bar.close()
+
+
+def format_score(score: float | None) -> str:
+    """One output line: the score with 4 decimals (as n-best output), empty for a blank source."""
+    return "" if score is None else f"{score:.4f}"
+
+
+def score_file(
+    source: str,
+    target: str,
+    models: Sequence[Path],
+    output: Path | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    tgt_lang: str | None = None,
+    weights: Sequence[float] | None = None,
+    quantization: str = "none",
+    **overrides: Any,
+) -> None:
+    """`mt score`: one score per line pair of `source` and `target`; overrides are decode.*."""
+    check_stdin({"SRC": source, "TGT": target})
+    # Resolved first, so that a bad --device or --precision fails before stdin is read.
+    dev, prec = resolve_runtime(device, precision, models[0], quantization)
+    sources = list(read_lines(source))  # before loading the model: bad input fails fast
+    targets = read_aligned(target, sources, source)
+    check_output_path(output)
+    config, translator, _ = load_translator(
+        models, str(dev), prec, weights, quantization, **overrides
+    )
+    check_target(config, translator.tokenizer, tgt_lang)
+    with output_stream(output) as stream:
+        writer = InOrderWriter(stream, len(sources), lambda _, score: [format_score(score)])
+        for indices, scores in score_pairs(
+            translator, sources, targets, tgt_lang, progress=sys.stderr.isatty()
+        ):
+            writer.add(indices, scores)
+        writer.close()

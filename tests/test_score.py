@@ -1,0 +1,122 @@
+"""`mt score`: a pair's score is its search score; batching, ensembles, blank and long lines."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mt.cli import app
+from mt.errors import MtError
+from mt.rundir import load_trained
+from mt.score import score_pairs
+from mt.search import Ensemble
+from mt.translate import Translator
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+VALID = (ROOT / "tests/data/tiny/valid.de").read_text(encoding="utf-8").splitlines()[:12]
+
+
+@pytest.fixture(scope="module")
+def translator(trained_run: Path) -> Translator:
+    """The trained tiny run's model, beam 3 with its 3 best, fp32 on the CPU."""
+    config, tokenizer, model, _ = load_trained(trained_run, CPU)
+    return Translator(tokenizer, model, dataclasses.replace(config.decode, beam=3, nbest=3), CPU)
+
+
+def scores(translator: Translator, sources: list[str], targets: list[str], **options) -> list:
+    """score_pairs' scores in input order."""
+    out: list = [0.0] * len(sources)
+    for indices, found in score_pairs(translator, sources, targets, **options):
+        for i, score in zip(indices, found, strict=True):
+            out[i] = score
+    return out
+
+
+@pytest.mark.parametrize("penalty", ["gnmt", "none"])
+def test_a_search_output_scores_what_the_search_scored_it(
+    translator: Translator, penalty: str
+) -> None:
+    translator = dataclasses.replace(
+        translator, decode=dataclasses.replace(translator.decode, length_penalty=penalty)
+    )
+    hyps = translator.translate(VALID, scores=True)
+    pairs = [(src, h) for src, line in zip(VALID, hyps, strict=True) for h in line if h.found]
+    # A search may end in pieces that are not its text's own segmentation: only those that are.
+    tokenizer = translator.tokenizer
+    pairs = [(s, h) for s, h in pairs if tokenizer.encode_tgt([h.text])[0] == h.tokens]
+    assert len(pairs) >= 30
+    got = scores(translator, [s for s, _ in pairs], [h.text for _, h in pairs])
+    assert got == pytest.approx([h.score for _, h in pairs], abs=1e-4)
+
+
+def test_scores_are_log_probabilities_and_do_not_depend_on_batching(
+    translator: Translator,
+) -> None:
+    targets = [*VALID[1:], VALID[0]]  # the wrong translations: low scores, but scores
+    plain = dataclasses.replace(translator.decode, length_penalty="none", max_tokens=100_000)
+    one_batch = scores(dataclasses.replace(translator, decode=plain), VALID, targets)
+    assert all(-math.inf < s < 0 for s in one_batch)
+    one_each = dataclasses.replace(plain, max_tokens=1)
+    alone = scores(dataclasses.replace(translator, decode=one_each), VALID, targets)
+    assert alone == pytest.approx(one_batch, rel=1e-5)
+    average = dataclasses.replace(plain, length_penalty="average")
+    means = scores(dataclasses.replace(translator, decode=average), VALID, targets)
+    pieces = [len(p) + 1 for p in translator.tokenizer.encode_tgt(targets)]  # EOS included
+    assert means == pytest.approx([s / n for s, n in zip(one_batch, pieces, strict=True)])
+
+
+def test_an_ensemble_of_a_model_with_itself_scores_as_the_model(translator: Translator) -> None:
+    model = translator.model
+    assert isinstance(model, torch.nn.Module)
+    ensemble = dataclasses.replace(translator, model=Ensemble([model, model], [0.3, 0.7]))
+    assert scores(ensemble, VALID, VALID) == pytest.approx(
+        scores(translator, VALID, VALID), abs=1e-5
+    )
+
+
+def test_blank_sources_blank_lines_and_too_long_pairs_nan(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    long = " ".join(["haus"] * 300)  # over the tiny model's 128 positions
+    src, tgt = tmp_path / "src", tmp_path / "tgt"
+    src.write_text(f"{VALID[0]}\n\n{VALID[1]}\n{long}\n", encoding="utf-8")
+    tgt.write_text(f"{VALID[0]}\nDer hund .\n{long}\n\n", encoding="utf-8")
+    out = tmp_path / "scores"
+    args = ["score", str(src), str(tgt), "-m", str(trained_run), "--precision", "fp32"]
+    result = CliRunner().invoke(app, [*args, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    lines = out.read_text(encoding="utf-8").split("\n")
+    assert lines[1:] == ["", "nan", "nan", ""]  # blank source; too long target; too long source
+    assert -math.inf < float(lines[0]) < 0
+
+
+def test_bad_inputs_are_one_line_errors(
+    trained_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    src, tgt = tmp_path / "src", tmp_path / "tgt"
+    src.write_text("Der hund .\nDie katze .\n", encoding="utf-8")
+    tgt.write_text("The dog .\n", encoding="utf-8")
+    args = ["score", "-m", str(trained_run)]
+    result = CliRunner().invoke(app, [*args, str(src), str(tgt)])
+    assert isinstance(result.exception, MtError)
+    assert str(result.exception) == f"{tgt}: 1 lines, but {src} has 2"
+    result = CliRunner().invoke(app, [*args, "-", "-"], input="Der hund .\n")
+    assert str(result.exception) == "SRC and TGT both read standard input (-): give one a file"
+    result = CliRunner().invoke(app, [*args, str(src), str(src), "--length-penalty", "log"])
+    assert str(result.exception) == (
+        "command line: decode.length_penalty must be one of gnmt, average, none, got 'log'"
+    )
+    with caplog.at_level(logging.WARNING, logger="mt"):
+        tgt.write_text("x\n" + " ".join(["the"] * 200) + "\n", encoding="utf-8")
+        result = CliRunner().invoke(app, [*args, str(src), str(tgt)])
+    assert result.exit_code == 0, result.output
+    warning = r"line 2: \d+ source and 200 target pieces, more than the model's 127: score nan"
+    assert [m for m in caplog.messages if re.fullmatch(warning, m)] == caplog.messages[-1:]
