@@ -584,6 +584,22 @@ def test_bench_length_penalty_scores_each_setting_on_dev_and_test(trained_run: P
         assert float(means[row[2].strip().split(" (")[0]][0]) == pytest.approx(change, abs=0.011)
 
 
+def test_bench_rerank_weight_zero_is_the_forward_models_own_best(trained_run: Path) -> None:
+    from mt.evaluate import score, translate_test_sets
+
+    bench = load_script("bench_rerank")
+    res = bench.bench(trained_run, trained_run, nbest=2, weights=[0.0, 1.0])
+    ((hyps, refs),) = translate_test_sets(trained_run, "cpu", "fp32", split="valid").values()
+    assert res["valid"]["0"] == pytest.approx(score(hyps, refs)["bleu"].score)
+    for split in ("valid", "test"):
+        assert res[split]["oracle"] >= max(res[split]["0"], res[split]["1"])
+    args = argparse.Namespace(forward=trained_run, reverse=trained_run, nbest=2, weights="0,1")
+    rows = [line for line in bench.report(args, res).splitlines() if line.startswith("| ")]
+    names = [row.split(" |")[0].removesuffix(" (chosen)") for row in rows[1:]]
+    assert names == ["| 0", "| 1", "| oracle"]
+    assert sum("(chosen)" in row for row in rows) == 1
+
+
 def test_bench_multilingual_stops_when_a_run_was_stopped_by_a_signal(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
