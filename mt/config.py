@@ -162,6 +162,26 @@ class DataConfig:
         )
 
 
+def temperature_shares(
+    sizes: typing.Sequence[int], temperature: float, weights: typing.Sequence[float] = ()
+) -> list[float]:
+    """Each part's share, proportional to weight x size^(1/temperature), summing to 1.
+
+    Computed from logarithms: at a low temperature the powers of large sizes (or a huge
+    weight) overflow a float. Empty parts get 0; with none but empty ones, all get 0.
+    """
+    weights = weights or [1.0] * len(sizes)
+    logs = [
+        math.log(w) + math.log(n) / temperature if n > 0 and w > 0 else -math.inf
+        for n, w in zip(sizes, weights, strict=True)
+    ]
+    top = max(logs, default=-math.inf)
+    if top == -math.inf:
+        return [0.0] * len(sizes)
+    powers = [math.exp(x - top) for x in logs]
+    return [p / sum(powers) for p in powers]
+
+
 @dataclass
 class TokenizerConfig:
     """The SentencePiece model trained for a run that has none."""
@@ -473,6 +493,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         value = _float_or_same(value)  # YAML 1.1 reads `1e-3` as a string
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and isinstance(value, int) and abs(value) >= 2**1024:  # float() would raise
+            raise _Invalid(
+                key, f"{key} must be finite, got an integer of {len(str(abs(value)))} digits"
+            )
         value = float(value) if ok else value
         # One check for every float setting, before the range checks: inf passes `lr > 0` and
         # trains a model of NaNs, and NaN would fail a range check with a misleading message.
@@ -485,7 +509,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     else:
         ok = isinstance(value, tp)
     if not ok:
-        raise _Invalid(key, f"{key} must be {_type_name(tp)}, got {value!r}")
+        # YAML 1.1 reads yes/no/on/off unquoted as booleans: `src_lang: no` is Norwegian.
+        quote = " (quote it: YAML reads yes, no, on, off as booleans)" * (
+            tp is str and isinstance(value, bool)
+        )
+        raise _Invalid(key, f"{key} must be {_type_name(tp)}, got {value!r}{quote}")
     return value
 
 

@@ -238,9 +238,15 @@ def _corpus_lines(path: Path) -> Iterator[str]:
 
 
 def _decode(raw: bytes, path: Path | str, number: int) -> str:
-    """Strip one ``\\n`` or ``\\r\\n`` and decode UTF-8, naming the line on failure."""
+    """Strip one ``\\n`` or ``\\r\\n`` and decode UTF-8, naming the line on failure.
+
+    A byte order mark opening the first line (editors on Windows write one) is not text: it
+    would stay in references and in text to translate.
+    """
     if raw.endswith(b"\n"):
         raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+    if number == 1:
+        raw = raw.removeprefix(b"\xef\xbb\xbf")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -294,7 +300,8 @@ def _open_hf(spec: str, src_lang: str, tgt_lang: str, default_split: str) -> HfC
     if _is_saved(Path(name)):
         dataset = _split_of_saved(_load_saved(name), name, explicit, split)
     else:  # a hub name, or a local directory of data files (json, csv, parquet ...)
-        dataset = _load_hub(name, config, split)
+        local = Path(name).is_dir()
+        dataset = _load_hub(name, config, split, _local_cache(Path(name)) if local else None)
     translation = _check_columns(dataset, f"hf:{label}", src_lang, tgt_lang)
     return HfCorpus(spec, src_lang, tgt_lang, label, split, dataset, translation)
 
@@ -328,8 +335,31 @@ def _split_of_saved(loaded: Any, name: str, explicit: str | None, split: str) ->
     return loaded
 
 
-def _load_hub(name: str, config: str | None, split: str) -> Any:
-    """``datasets.load_dataset`` for one split, errors turned into one-line DataErrors."""
+def _local_cache(directory: Path) -> str:
+    """A datasets cache directory for a local folder of data files, named by their contents.
+
+    datasets keys its cache of such a folder by the files' paths and modification times, so a
+    file rewritten with its old time (``cp -p``, ``rsync -a``, an unpacked archive) would be
+    read from the cache of its old contents. Named by the contents, a changed file builds anew.
+    """
+    import datasets
+
+    digest = hashlib.sha256()
+    for path in sorted(directory.rglob("*")):
+        relative = path.relative_to(directory)
+        if path.is_file() and not any(part.startswith(".") for part in relative.parts):
+            try:
+                digest.update(f"{relative}\n{file_sha256(path)}\n".encode())
+            except OSError as exc:
+                raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return str(Path(datasets.config.HF_DATASETS_CACHE) / "mt-local" / digest.hexdigest()[:32])
+
+
+def _load_hub(name: str, config: str | None, split: str, cache_dir: str | None = None) -> Any:
+    """``datasets.load_dataset`` for one split, errors turned into one-line DataErrors.
+
+    `cache_dir` replaces datasets' own (see _local_cache).
+    """
     import datasets
     from huggingface_hub.utils import logging as hub_logging
 
@@ -338,7 +368,7 @@ def _load_hub(name: str, config: str | None, split: str) -> Any:
     hub_logging.set_verbosity_error()
     label = f"{name}:{config}" if config else name
     try:
-        return datasets.load_dataset(name, config, split=split)
+        return datasets.load_dataset(name, config, split=split, cache_dir=cache_dir)
     except Exception as exc:  # datasets raises many unrelated types; all mean "cannot load"
         raise DataError(f"hf:{label}: cannot load split '{split}' ({first_line(exc)})") from None
 

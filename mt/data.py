@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from datasets.exceptions import DatasetGenerationError
 
+from mt.config import temperature_shares
 from mt.errors import DataError, MtError
 from mt.files import atomic_write_bytes, write_errors
 from mt.tokenizer import unk_rate
@@ -176,9 +177,8 @@ class CorpusMix:
 
     def probabilities(self) -> np.ndarray:
         """(C,) the chance that a batch comes from each part."""
-        sizes = np.array([len(p) for p in self.parts.values()], dtype=np.float64)
-        raw = np.asarray(self.weights, dtype=np.float64) * sizes ** (1.0 / self.temperature)
-        return raw / raw.sum()
+        sizes = [len(p) for p in self.parts.values()]
+        return np.array(temperature_shares(sizes, self.temperature, self.weights))
 
     def pairs(self, indices: np.ndarray) -> list[tuple[list[int], list[int]]]:
         """The (source ids, target ids) of the given rows, in the given order."""
@@ -251,7 +251,16 @@ def encode_corpus(
 
 
 def _check_ids(encoded: EncodedCorpus, tokenizer: Tokenizer, directory: Path) -> None:
-    """DataError if a cached id is outside the vocabulary: the cache was damaged since."""
+    """DataError if a cached id is outside the vocabulary, or the length table is not the
+    data's (batching plans from it): the cache was damaged since."""
+    src_lens, tgt_lens = _lengths(encoded.dataset)
+    if not (
+        np.array_equal(src_lens, encoded.src_lens) and np.array_equal(tgt_lens, encoded.tgt_lens)
+    ):
+        raise DataError(
+            f"{directory}: damaged encoded-corpus cache ({LENGTHS_FILE} does not match the "
+            "data); delete it"
+        )
     table = encoded.dataset.data.table
     sizes = {"src_ids": tokenizer.src_vocab_size, "tgt_ids": tokenizer.tgt_vocab_size}
     for column, size in sizes.items():

@@ -8,6 +8,7 @@ trained model it holds from here.
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -88,23 +89,28 @@ def open_split(config: Config, which: str) -> Corpus:
     return open_corpus(spec, direction.src_lang, direction.tgt_lang, split=SPLITS[which])
 
 
-def open_directions(config: Config, which: str) -> dict[str, Corpus]:
+def open_directions(
+    config: Config, which: str, tsv_readers: dict[Path, str] | None = None
+) -> dict[str, Corpus]:
     """The `which` corpus of every direction that has one, by direction (e.g. ``de-en``).
 
     A missing corpus is a DataError naming its key: data.<which>, or data.corpora[i].<which>.
+    So is a .tsv file read by two directions (its columns are one direction's), however its
+    path is spelled, here or in the splits opened before with the same `tsv_readers`.
     """
     corpora: dict[str, Corpus] = {}
-    tsv_direction: dict[str, str] = {}  # a .tsv file -> the direction that reads it
+    tsv_direction = {} if tsv_readers is None else tsv_readers  # a .tsv file -> its direction
     for i, direction in enumerate(config.data.directions()):
         spec = getattr(direction, which)
         if not spec:
             continue
         key = f"data.corpora[{i}].{which}" if config.data.corpora else f"data.{which}"
         name = direction.direction
-        if spec.endswith((".tsv", ".tsv.gz")) and tsv_direction.setdefault(spec, name) != name:
+        tsv = Path(spec).resolve() if spec.endswith((".tsv", ".tsv.gz")) else None
+        if tsv is not None and tsv_direction.setdefault(tsv, name) != name:
             raise DataError(
                 f"{key}: {spec}: a .tsv file holds one direction (source, tab, target), and "
-                f"{tsv_direction[spec]} reads this one: give {name} its own"
+                f"{tsv_direction[tsv]} reads this one: give {name} its own"
             )
         try:
             corpora[name] = open_corpus(
@@ -118,27 +124,42 @@ def open_directions(config: Config, which: str) -> dict[str, Corpus]:
 def open_run(config: Config, splits: Sequence[str]) -> dict[str, dict[str, Corpus]]:
     """{split: {direction: corpus}} for the `splits` the config sets, and the run directory.
 
-    Each corpus must exist (DataError naming its key), dev and test sets must read whole, the
-    directory must be creatable and the cache directory, where set, a directory, before any
-    slow work starts.
+    Each corpus must exist (DataError naming its key), dev and test sets must read whole, and
+    the run and cache directories must take files, before any slow work starts.
     """
     corpora = {}
+    tsv_readers: dict[Path, str] = {}
     for which in splits:
-        found = open_directions(config, which)
+        found = open_directions(config, which, tsv_readers)
         if found:
             corpora[which] = found
         if which != "train":  # small: read whole now, so that a bad line stops no long job late
             for direction, corpus in found.items():
                 check_readable(corpus, split_label(config, which, direction))
+    check_writable(run_path(config), "run_dir", create=True)
+    check_writable(cache_dir(config), "data.cache_dir" if config.data.cache_dir else "run_dir")
+    return corpora
+
+
+def check_writable(directory: Path, key: str, create: bool = False) -> None:
+    """DataError naming `key` unless `directory` (made now if `create`) takes new files; one
+    not made yet must be possible to make: its nearest existing parent must take them."""
+    if directory.exists() and not directory.is_dir():
+        raise DataError(f"{key} {directory}: not a directory")
     try:
-        run_path(config).mkdir(parents=True, exist_ok=True)
+        if create:
+            directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"{key} {directory}: cannot create ({exc.strerror or exc})") from None
+    existing = next(p for p in (directory, *directory.parents) if p.exists())
+    if not existing.is_dir():
+        raise DataError(f"{key} {directory}: cannot create ({existing} is not a directory)")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
     except OSError as exc:
         reason = exc.strerror or exc
-        raise DataError(f"run_dir {config.run_dir}: cannot create ({reason})") from None
-    cache = cache_dir(config)
-    if cache.exists() and not cache.is_dir():
-        raise DataError(f"data.cache_dir {cache}: not a directory")
-    return corpora
+        raise DataError(f"{key} {directory}: cannot write files in {existing} ({reason})") from None
 
 
 def check_readable(corpus: Corpus, label: str) -> None:

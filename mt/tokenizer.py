@@ -22,7 +22,7 @@ import numpy as np
 import sentencepiece as spm
 from sentencepiece.sentencepiece_model_pb2 import ModelProto, TrainerSpec
 
-from mt.config import TokenizerConfig
+from mt.config import TokenizerConfig, temperature_shares
 from mt.errors import DataError, MtError, first_line
 from mt.files import atomic_write_bytes
 from mt.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID, strip_specials
@@ -338,8 +338,8 @@ def _balanced(
     """As many sentences as there are (at most `size`, if set); language l's share ~ n_l^(1/T)."""
     counts = {lang: sum(1 for f in streams for _ in f()) for lang, streams in languages.items()}
     total = min(size or math.inf, sum(counts.values()))
-    shares = np.array([n ** (1 / temperature) for n in counts.values()])
-    quotas = np.round(total * shares / shares.sum()).astype(int)
+    shares = np.array(temperature_shares(list(counts.values()), temperature))
+    quotas = np.round(total * shares).astype(int)
     out: list[str] = []
     for streams, n, quota in zip(languages.values(), counts.values(), quotas, strict=True):
         whole, rest = divmod(int(quota), max(n, 1))

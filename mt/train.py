@@ -589,12 +589,20 @@ TRAINING_BYTES = 16  # per parameter: fp32 weights, their gradients and Adam's t
 
 def check_fits(config: Config, device: torch.device) -> None:
     """ConfigError, before any tokenizer or data work, for a model that cannot fit in memory to
-    train (a typo such as model.ffn_dim=204800). Its parameters are counted from below (the
-    feed-forward layers' weights alone), so no model that fits is refused."""
+    train (a typo such as model.ffn_dim=204800 or model.max_positions=10**12). Its parameters
+    are counted from below (the feed-forward layers' weights alone), so no model that fits is
+    refused."""
     m = config.model
     layers = m.enc_layers + m.dec_layers
     parameters = layers * 2 * m.dim * m.ffn_dim
     need, have = TRAINING_BYTES * parameters, memory_bytes(device)
+    table = 4 * m.max_positions * m.dim  # the sinusoidal positions, float32
+    if have is not None and table > have:
+        raise ConfigError(
+            f"model.max_positions={m.max_positions:,}: its positional table of "
+            f"{m.max_positions:,} x {m.dim} needs {table / 2**30:,.1f} GiB; {device} has "
+            f"{have / 2**30:,.1f} GiB"
+        )
     if have is not None and need > have:
         raise ConfigError(
             f"model: {layers} layers of dim {m.dim} and ffn_dim {m.ffn_dim} make at least "

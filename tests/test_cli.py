@@ -233,6 +233,16 @@ def test_broken_dev_data_and_a_shared_tsv_are_found_before_any_work(tmp_path: Pa
         f"data.corpora[1].train: {tsv}: a .tsv file holds one direction (source, tab, target), "
         "and de-en reads this one: give en-de its own"
     )
+    alias = tmp_path / ".." / tmp_path.name / "both.tsv"  # the same file, from another split
+    other = tmp_path / "other.tsv"
+    other.write_text("The dog .\tDer hund .\n", encoding="utf-8")
+    split = f"[{{src_lang: de, tgt_lang: en, train: {tsv}}}, {{src_lang: en, tgt_lang: de, "
+    split += f"train: {other}, valid: {alias}}}]"
+    result = invoke("data", "prepare", *tiny_args(run_dir, f"data.corpora={split}"))
+    assert str(result.exception) == (
+        f"data.corpora[1].valid: {alias}: a .tsv file holds one direction (source, tab, target), "
+        "and de-en reads this one: give en-de its own"
+    )
 
 
 def test_training_data_that_the_filters_empty_is_an_error(tmp_path: Path) -> None:
@@ -251,7 +261,9 @@ def test_os_errors_are_one_line(prepared: tuple[Path, str, str], tmp_path: Path)
     blocker.write_text("x", encoding="utf-8")
     code, _, err = run_mt("data", "prepare", *tiny_args(run_dir, f"data.cache_dir={blocker}/c"))
     assert code == 1
-    assert err.splitlines()[-1] == f"error: {blocker}/c: Not a directory"
+    assert err.splitlines()[-1] == (
+        f"error: data.cache_dir {blocker}/c: cannot create ({blocker} is not a directory)"
+    )
     assert "Traceback" not in err
     result = invoke("tokenizer", "train", *tiny_args(blocker / "run"))
     assert isinstance(result.exception, DataError)

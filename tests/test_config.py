@@ -4,7 +4,15 @@ from pathlib import Path
 
 import pytest
 
-from mt.config import Config, DecodeConfig, diff, from_dict, load_config, save_config
+from mt.config import (
+    Config,
+    DecodeConfig,
+    diff,
+    from_dict,
+    load_config,
+    save_config,
+    temperature_shares,
+)
 from mt.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -299,12 +307,33 @@ def test_from_dict_and_diff() -> None:
         ("data.max_ratio=.inf", "data.max_ratio=inf must be finite"),
         ("decode.alpha=.nan", "decode.alpha=nan must be finite"),
         ("decode.max_len_a=inf", "decode.max_len_a=inf must be finite"),
+        ("train.lr=1" + "0" * 400, "train.lr must be finite, got an integer of 401 digits"),
     ],
 )
 def test_float_settings_refuse_inf_and_nan_on_the_command_line(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(CONFIGS / "tiny.yaml", [override])
     assert str(err.value) == f"command line: {message}"
+
+
+def test_a_yaml_boolean_for_a_string_says_to_quote_it(tmp_path: Path) -> None:
+    path = write(tmp_path, "data: {corpora: [{src_lang: de, tgt_lang: no}]}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (
+        f"{path}: data.corpora[0].tgt_lang must be a string, got False (quote it: YAML reads "
+        "yes, no, on, off as booleans)"
+    )
+    with pytest.raises(ConfigError, match=r"got True$"):  # quoting would not make it a number
+        load_config(write(tmp_path, "train: {lr: yes}\n"))
+
+
+def test_temperature_shares_do_not_overflow() -> None:
+    assert temperature_shares([900, 100], 1.0) == pytest.approx([0.9, 0.1])
+    assert temperature_shares([900, 100], 2.0, [1, 3]) == pytest.approx([0.5, 0.5])
+    assert temperature_shares([29_000, 1_000], 0.001) == [1.0, 0.0]  # 29,000^1000 overflows
+    assert temperature_shares([10, 10], 5.0, [1e308, 1e308]) == [0.5, 0.5]
+    assert temperature_shares([0, 5], 5.0) == [0.0, 1.0] and temperature_shares([0], 1.0) == [0.0]
 
 
 def test_float_settings_refuse_inf_and_nan_in_a_file(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,8 @@ def test_crlf_line_endings_are_stripped(tmp_path: Path) -> None:
     assert list(open_corpus(str(tmp_path / "t"), "de", "en").pairs()) == [("a", "x"), ("b", "y")]
     (tmp_path / "t.de").write_bytes(b"a\r\nb")  # no newline at the end: still two lines
     assert open_corpus(str(tmp_path / "t"), "de", "en").sources() == ["a", "b"]
+    (tmp_path / "t.de").write_bytes(b"\xef\xbb\xbfa\n\xef\xbb\xbfb\n")  # a BOM opens line 1 only
+    assert open_corpus(str(tmp_path / "t"), "de", "en").sources() == ["a", "\ufeffb"]
 
 
 @pytest.mark.parametrize("suffix", ["", ".gz"])
@@ -282,6 +285,11 @@ def test_hf_a_local_directory_of_data_files(tmp_path: Path) -> None:
     datasets.disable_progress_bars()
     assert list(open_corpus(f"hf:{files}", "de", "en").pairs()) == PAIRS
     assert list(open_corpus(f"hf:{files}", "de", "en", split="test").pairs()) == PAIRS[:1]
+    # Rewritten with its old time (cp -p, rsync -a): datasets' cache would serve the old text.
+    when = (files / "test.jsonl").stat().st_mtime_ns
+    (files / "test.jsonl").write_text(lines[1] + "\n", encoding="utf-8")
+    os.utime(files / "test.jsonl", ns=(when, when))
+    assert list(open_corpus(f"hf:{files}", "de", "en", split="test").pairs()) == PAIRS[1:2]
 
 
 def test_hf_a_damaged_saved_dataset_is_one_line(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -153,6 +154,16 @@ def test_a_damaged_cache_is_one_line(tiny: Corpus, tok: Tokenizer, tmp_path: Pat
         encode_corpus(tiny, tok, tmp_path, DataConfig(), filter_lengths=True)
     assert str(err.value) == (
         f"{entry}: damaged encoded-corpus cache (ids outside the vocabulary); delete it"
+    )
+    shutil.rmtree(entry)
+    encode_corpus(tiny, tok, tmp_path, DataConfig(), filter_lengths=True)
+    lengths = np.load(entry / "lengths.npy")
+    lengths[1, -2:] = 0  # what zeroed bytes at the end of the file hold
+    np.save(entry / "lengths.npy", lengths)
+    with pytest.raises(DataError) as err:
+        encode_corpus(tiny, tok, tmp_path, DataConfig(), filter_lengths=True)
+    assert str(err.value) == (
+        f"{entry}: damaged encoded-corpus cache (lengths.npy does not match the data); delete it"
     )
 
 

@@ -31,7 +31,8 @@ from mt.errors import ConfigError, MtError
 from mt.finish import finish
 from mt.lock import hold_run_lock
 from mt.metrics import read_metrics
-from mt.report import report_checkpoint, write_report
+from mt.report import write_report
+from mt.rundir import model_checkpoint
 from mt.train import TrainState, expected_end, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -432,7 +433,7 @@ def test_average_last_at_the_end(tmp_path: Path, caplog: pytest.LogCaptureFixtur
     a, b = (weights_at(run, step) for step in (15, 30))
     average = load_file(run / "checkpoints" / "average.safetensors")
     assert all(torch.allclose(average[k], (a[k] + b[k]) / 2, atol=1e-7) for k in a)
-    assert report_checkpoint(run) == run / "checkpoints" / "average.safetensors"
+    assert model_checkpoint(run).weights == run / "checkpoints" / "average.safetensors"
     # Asked for more than the run has (one validation, one checkpoint): it says so.
     few = tiny(
         tmp_path / "few", "train.max_steps=20", "train.valid_every=100", "train.average_last=2"
@@ -443,7 +444,7 @@ def test_average_last_at_the_end(tmp_path: Path, caplog: pytest.LogCaptureFixtur
     # Went on without averaging: the average is of steps long gone, and the report scores best.
     on = tiny(run, "train.max_steps=60", "train.keep_last=2")
     finish(on, train(on))
-    assert report_checkpoint(run) == ckpt.best_checkpoint(run).weights
+    assert model_checkpoint(run).weights == ckpt.best_checkpoint(run).weights
 
 
 def weights_at(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
@@ -960,6 +961,12 @@ def test_a_model_too_large_for_the_machine_is_refused_before_any_work(tmp_path: 
         "model: 4 layers of dim 32 and ffn_dim 1000000000000 make at least "
         "256,000,000,000,000 parameters, 3,814,697.3 GiB to train (weights, gradients and "
         "Adam's moments); cpu has "
+    )
+    with pytest.raises(ConfigError) as err:
+        train(tiny(run, "model.max_positions=1000000000000"))
+    assert str(err.value).startswith(
+        "model.max_positions=1,000,000,000,000: its positional table of 1,000,000,000,000 x 32 "
+        "needs 119,209.3 GiB; cpu has "
     )
     assert not run.exists()  # no tokenizer trained, nothing encoded
 
