@@ -442,7 +442,8 @@ def _filter(
     # Blank or whitespace-only text normalizes to no tokens at all.
     empty = shorter == 0
     too_long = ~empty & (longer > max_len)
-    bad_ratio = ~empty & ~too_long & (longer > max_ratio * shorter)
+    # A pair within max_len passes any ratio above it: the cap keeps the product finite.
+    bad_ratio = ~empty & ~too_long & (longer > min(max_ratio, max_len) * shorter)
     keep = ~(empty | too_long | bad_ratio)
     counts = [int(m.sum()) for m in (keep, empty, too_long, bad_ratio)]
     return keep, FilterStats(total, *counts, max_len=max_len, max_ratio=float(max_ratio))
