@@ -698,10 +698,24 @@ def load_config(
         config = _build(Config, tree, "")
         for key in required:
             _check_required(config, key)
+        _check_direction_keys(config, overridden)
     except _Invalid as exc:
         source = "command line" if overridden.intersection(exc.keys) else str(path)
         raise ConfigError(f"{source}: {exc}") from None
     return config
+
+
+def _check_direction_keys(config: Config, overridden: set[str]) -> None:
+    """Raise _Invalid for data.src_lang or data.tgt_lang set on the command line of a run of
+    data.corpora: they would do nothing (a run file always holds them, so only overrides)."""
+    unused = sorted({"data.src_lang", "data.tgt_lang"} & overridden) if config.data.corpora else []
+    if unused:
+        names = ", ".join(c.direction for c in config.data.directions())
+        raise _Invalid(
+            unused[0],
+            f"{unused[0]}: this config's directions are data.corpora's ({names}); set them "
+            "there (data.src_lang and data.tgt_lang are the direction of a run without it)",
+        )
 
 
 def _check_required(config: Config, key: str) -> None:

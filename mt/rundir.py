@@ -94,7 +94,8 @@ def open_directions(
 ) -> dict[str, Corpus]:
     """The `which` corpus of every direction that has one, by direction (e.g. ``de-en``).
 
-    A missing corpus is a DataError naming its key: data.<which>, or data.corpora[i].<which>.
+    A missing corpus is a DataError naming its key: data.<which> (for data.corpora[i]), or
+    data.corpora[i].<which>.
     So is a .tsv file read by two directions (its columns are one direction's), however its
     path is spelled, here or in the splits opened before with the same `tsv_readers`.
     """
@@ -104,7 +105,10 @@ def open_directions(
         spec = getattr(direction, which)
         if not spec:
             continue
-        key = f"data.corpora[{i}].{which}" if config.data.corpora else f"data.{which}"
+        key = f"data.{which}"  # unless the corpus sets its own
+        if config.data.corpora:
+            own = getattr(config.data.corpora[i], which)
+            key = f"data.corpora[{i}].{which}" if own else f"{key} for data.corpora[{i}]"
         name = direction.direction
         tsv = Path(spec).resolve() if spec.endswith((".tsv", ".tsv.gz")) else None
         if tsv is not None and tsv_direction.setdefault(tsv, name) != name:

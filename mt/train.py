@@ -727,17 +727,26 @@ def warn_replanned(state: TrainState, run: Run) -> None:
 
 
 def reselect(state: TrainState, run: Run) -> None:
-    """Re-read the best dev BLEU so far if data.select_direction changed since `state`.
+    """Choose the best checkpoint anew if data.select_direction changed since `state`.
 
-    The best checkpoint pointer stays until a validation beats that BLEU.
+    The best of the validated checkpoints still on disk by the new choice (the earliest of
+    equals, as validations choose) becomes `best`, and its dev BLEU the one to beat.
     """
     select = run.config.data.select_direction
     if state.select_direction == select or not run.world.is_main:
         return
     valid = read_metrics(run.directory, "valid")
     kept = [r for r in valid if r["step"] <= state.step and math.isfinite(r["loss"])]
-    state.best_bleu = max((selected_bleu(r, select) for r in kept), default=-1.0)
+    bleu = {r["step"]: selected_bleu(r, select) for r in kept}  # a step validated again: last
+    saved = [c for c in ckpt.weights_checkpoints(run.directory) if c.step in bleu]
     state.select_direction = select
+    if not saved:
+        state.best_bleu = max(bleu.values(), default=-1.0)
+        return
+    best = max(saved, key=lambda c: bleu[c.step])  # in step order: the earliest of equals
+    ckpt.set_best(run.directory, best)
+    state.best_bleu = bleu[best.step]
+    log.info(f"data.select_direction={select!r}: the best checkpoint is now {best.name}")
 
 
 def restore_weights(

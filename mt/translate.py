@@ -75,14 +75,16 @@ def encode_sources(
 ) -> list[list[int]]:
     """Source ids per line (none for blank lines), cut to max_len pieces with a warning.
 
-    A multilingual model's sources start with the tag of `tgt_lang` (see Tokenizer.encode_src).
+    A multilingual model's sources start with the tag of `tgt_lang` (see Tokenizer.encode_src),
+    which takes one of the max_len places; the warning counts the line's own pieces.
     """
     ids = tokenizer.encode_src([line if line.strip() else "" for line in lines], tgt_lang)
+    tag = int(tokenizer.tag_id(tgt_lang) is not None)
+    after = " (after the language tag)" if tag else ""
     for number, seq in enumerate(ids, start=1):
         if len(seq) > max_len:
-            log.warning(
-                "line %d: %s tokens, truncated to %s", number, f"{len(seq):,}", f"{max_len:,}"
-            )
+            have, keep = f"{len(seq) - tag:,}", f"{max_len - tag:,}"
+            log.warning("line %d: %s tokens, truncated to %s%s", number, have, keep, after)
             del seq[max_len:]
     return ids
 

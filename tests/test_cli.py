@@ -230,8 +230,8 @@ def test_broken_dev_data_and_a_shared_tsv_are_found_before_any_work(tmp_path: Pa
     result = invoke("data", "prepare", *tiny_args(run_dir, f"data.train={tsv}", both))
     assert isinstance(result.exception, DataError)
     assert str(result.exception) == (
-        f"data.corpora[1].train: {tsv}: a .tsv file holds one direction (source, tab, target), "
-        "and de-en reads this one: give en-de its own"
+        f"data.train for data.corpora[1]: {tsv}: a .tsv file holds one direction (source, tab, "
+        "target), and de-en reads this one: give en-de its own"
     )
     alias = tmp_path / ".." / tmp_path.name / "both.tsv"  # the same file, from another split
     other = tmp_path / "other.tsv"

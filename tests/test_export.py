@@ -306,6 +306,21 @@ def test_readmes_show_how_to_ask_a_multilingual_model_for_a_language(
         assert printed.startswith("['") and printed.endswith("']\n")  # one translation
 
 
+def test_readme_example_of_a_language_without_a_stock_one_is_a_dev_sentence(
+    tmp_path: Path,
+) -> None:
+    from mt.export.readme import _example, _literal
+
+    (tmp_path / "dev.pt").write_text('\nO "cão" corre .\n', encoding="utf-8")
+    (tmp_path / "dev.en").write_text("\nThe dog runs .\n", encoding="utf-8")
+    corpora = f"data.corpora=[{{src_lang: pt, tgt_lang: en, valid: {tmp_path / 'dev'}}}]"
+    config = load_config(ROOT / "configs" / "tiny.yaml", [corpora])
+    assert _example(config) == 'O "cão" corre .'  # the first with text
+    assert eval(_literal(_example(config))) == 'O "cão" corre .'  # a literal in the code
+    missing = f"data.corpora=[{{src_lang: pt, tgt_lang: en, valid: {tmp_path / 'none'}}}]"
+    assert _example(load_config(ROOT / "configs" / "tiny.yaml", [missing])) == "..."
+
+
 # --- Hugging Face Marian ----------------------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ from mt.cli import app
 from mt.config import load_config
 from mt.errors import ConfigError, DataError
 from mt.metrics import read_metrics
-from mt.rundir import encode_train, open_run, prepare_data, prepare_tokenizer
+from mt.rundir import encode_train, load_trained, open_run, prepare_data, prepare_tokenizer
 from mt.train import train
 
 
@@ -193,7 +193,8 @@ def test_a_missing_corpus_file_names_its_entry(multiway: Path, tmp_path: Path) -
         open_run(config, ["train", "valid"])
     train = multiway / "train"
     assert str(err.value) == (
-        f"data.corpora[1].train: corpus {train}: no cs file (tried {train}.cs, {train}.cs.gz)"
+        f"data.train for data.corpora[1]: corpus {train}: no cs file (tried {train}.cs, "
+        f"{train}.cs.gz)"
     )
 
 
@@ -215,6 +216,7 @@ def test_serve_translates_into_the_requested_language(multi_run: Path) -> None:
                 ["de", "en", "fr"], ["en", "de", "fr"]
             )  # fmt: skip
             assert info["directions"] == list(MULTI_DIRECTIONS)
+            assert info["max_source_pieces"] == 128 - 2  # max_positions less EOS and the tag
             for lang in ("en", "fr"):
                 answer = client.post("/v1/translate", json={"text": lines, "tgt_lang": lang})
                 assert answer.status_code == 200, answer.text
@@ -226,6 +228,12 @@ def test_serve_translates_into_the_requested_language(multi_run: Path) -> None:
                     input="".join(f"{line}\n" for line in lines),
                 )  # fmt: skip
                 assert texts == cli.stdout.splitlines()
+            # Attention over the user's pieces only, as `mt attention` shows it: not the tag.
+            request = {"text": lines[0], "tgt_lang": "en", "attention": True}
+            shown = client.post("/v1/translate", json=request).json()["translations"][0]
+            _, tokenizer, _, _ = load_trained(multi_run, torch.device("cpu"))
+            pieces = tokenizer.src.encode(lines[0], out_type=str)
+            assert shown["attention"]["source"] == [*pieces, "</s>"]
             missing = client.post("/v1/translate", json={"text": lines})
             assert missing.status_code == 422
             error = "tgt_lang: missing: this model translates into en, de, fr"
@@ -250,9 +258,17 @@ def test_resume_may_change_the_selected_direction_not_the_temperature(
     before = train(multi_config(multiway, run, *fixture)).state  # at max_steps: restores only
     valid = read_metrics(run, "valid")
     assert before.best_bleu == max(r["bleu"] for r in valid) and before.select_direction == ""
+    en_fr = {r["step"]: r["en-fr/bleu"] for r in valid}
+    assert len(set(en_fr.values())) == 2  # steps 30 and 60: one is the better
+    worse = min(en_fr, key=en_fr.__getitem__)
+    ckpt.set_best(
+        run,
+        ckpt.Checkpoint.from_weights(run / "checkpoints" / f"{ckpt.step_name(worse)}.safetensors"),
+    )
     after = train(multi_config(multiway, run, *fixture, "data.select_direction=en-fr")).state
-    assert after.best_bleu == max(r["en-fr/bleu"] for r in valid) != before.best_bleu
+    assert after.best_bleu == max(en_fr.values()) != before.best_bleu
     assert after.select_direction == "en-fr"
+    assert ckpt.best_checkpoint(run).step == max(en_fr, key=en_fr.__getitem__) != worse
     caplog.set_level("INFO", logger="mt")
     more = ["train.max_steps=90", "data.select_direction=en-fr"]
     train(multi_config(multiway, run, *fixture, *more))

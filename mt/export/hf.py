@@ -211,8 +211,8 @@ def save_marian_tokenizer(tokenizer: Tokenizer, config: Config, directory: Path)
         vocab=str(directory / "vocab.json"),
         target_vocab_file=str(target_vocab) if target_vocab else None,
         separate_vocabs=not tokenizer.joint,
-        source_lang=config.data.src_lang,
-        target_lang=config.data.tgt_lang,
+        source_lang=config.data.directions()[0].src_lang,
+        target_lang=config.data.directions()[0].tgt_lang,
         model_max_length=config.model.max_positions,  # mt: max_positions - 1 pieces + EOS
     ).save_pretrained(directory)
 

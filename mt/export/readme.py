@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import textwrap
 from pathlib import Path
 
 from mt.config import Config, DecodeConfig
+from mt.corpora import open_corpus
+from mt.errors import MtError
 from mt.export.hf import hf_length_penalty
 from mt.tokenizer import Tokenizer, tag_piece
 from mt.vocab import BOS_ID, PAD_ID
@@ -41,7 +45,7 @@ import sentencepiece as spm
 src = spm.SentencePieceProcessor(model_file="{spm_src}")
 tgt = spm.SentencePieceProcessor(model_file="{spm_tgt}")
 translator = ctranslate2.Translator(".", device="cpu", intra_threads=2)
-lines = ["{_example(config)}"]
+lines = [{_literal(_example(config))}]
 {_ct2_sources(config, tokenizer)}
 results = translator.translate_batch(
     sources,
@@ -74,7 +78,8 @@ from transformers import MarianMTModel, MarianTokenizer
 
 tokenizer = MarianTokenizer.from_pretrained(".")
 model = MarianMTModel.from_pretrained(".").eval()
-batch = tokenizer(["{tag}{_example(config)}"], return_tensors="pt", padding=True, truncation=True)
+lines = [{_literal(tag + _example(config))}]
+batch = tokenizer(lines, return_tensors="pt", padding=True, truncation=True)
 out = model.generate(**batch)  # mt's search settings, from generation_config.json
 print(tokenizer.batch_decode(out, skip_special_tokens=True))
 """
@@ -91,10 +96,29 @@ def _pair(config: Config) -> str:
     return ", ".join(c.direction.replace("-", "→") for c in config.data.directions())
 
 
+EXAMPLES = {
+    "de": "Zwei Hunde spielen im Schnee .",
+    "en": "Two dogs play in the snow .",
+    "fr": "Deux chiens jouent dans la neige .",
+    "cs": "Dva psi si hrají ve sněhu .",
+}
+
+
 def _example(config: Config) -> str:
-    """A sentence to show in the READMEs, in the source language of the first direction."""
-    examples = {"de": "Zwei Hunde spielen im Schnee .", "en": "Two dogs play in the snow ."}
-    return examples.get(config.data.directions()[0].src_lang, "...")
+    """A sentence to show in the READMEs, in the source language of the first direction: a
+    stock one, else the first of that direction's dev set where it can be read here."""
+    first = config.data.directions()[0]
+    if first.src_lang in EXAMPLES or not first.valid:
+        return EXAMPLES.get(first.src_lang, "...")
+    with contextlib.suppress(MtError):
+        corpus = open_corpus(first.valid, first.src_lang, first.tgt_lang, split="validation")
+        return next((src for src, _ in corpus.pairs() if src.strip()), "...")
+    return "..."
+
+
+def _literal(text: str) -> str:
+    """`text` as a Python string literal for the READMEs' code (JSON's quoting is Python's)."""
+    return json.dumps(text, ensure_ascii=False)
 
 
 def _example_tag(config: Config) -> str:

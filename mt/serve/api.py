@@ -306,11 +306,12 @@ def _encode(
         raise RequestError("text", f"{len(lines)} sentences exceed the limit of {limit}")
     _check_unicode("text", lines, single)
     ids = encode_sources(lines, served.tokenizer, sys.maxsize, tgt_lang)  # refused, not cut
+    tag = int(served.tokenizer.tag_id(tgt_lang) is not None)  # a place of the source's own
     for index, seq in enumerate(ids):
-        if len(seq) > longest:
+        if len(seq) - tag > longest:
             raise RequestError(
                 _item("text", index, single),
-                f"{len(seq)} pieces exceed the model's limit of {longest}",
+                f"{len(seq) - tag} pieces exceed the model's limit of {longest}",
             )
     return ids
 

@@ -22,7 +22,7 @@ import uvicorn
 from mt.checkpoint import Checkpoint
 from mt.config import Config, DecodeConfig
 from mt.errors import MtError
-from mt.metrics import read_metrics
+from mt.metrics import read_metrics, selected_bleu
 from mt.model import Transformer, count_parameters
 from mt.packing import pack
 from mt.quantize import quantize
@@ -55,6 +55,8 @@ def load(
         raise MtError(f"--beam {decode.beam} exceeds --max-beam {limits.max_beam}")
     batcher = Batcher(model, tokenizer, decode, device, precision, limits)
     info = describe(config, model, checkpoint, decode, batcher, precision, quantization)
+    if tokenizer.tags:  # the language tag takes one of the source's places
+        info.max_source_pieces -= 1
     # After describe, which counts the fp32 model's parameters.
     pack(quantize(model, quantization), device, precision)
     return Served(tokenizer, batcher, info, limits)
@@ -71,7 +73,8 @@ def describe(
 ) -> ModelInfo:
     """What GET /v1/model says: no paths, only what the model is and how it is served."""
     run_dir = checkpoint.run_dir
-    bleus = [r["bleu"] for r in read_metrics(run_dir, "valid") if "bleu" in r]
+    select = config.data.select_direction  # the BLEU that chose the run's best checkpoint
+    bleus = [selected_bleu(r, select) for r in read_metrics(run_dir, "valid") if "bleu" in r]
     limits = {**dataclasses.asdict(batcher.limits), "max_tokens": batcher.max_tokens}
     return ModelInfo(
         source_languages=list(dict.fromkeys(c.src_lang for c in config.data.directions())),

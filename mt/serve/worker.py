@@ -273,7 +273,10 @@ class Batcher:
         ids = job.ids[index]
         if not (job.attention and ids):
             return Result(hyps, None)
-        return Result(hyps, alignment(self.model, self.tokenizer, ids, hyps[0].tokens))
+        found = alignment(self.model, self.tokenizer, ids, hyps[0].tokens)
+        # A multilingual model's tag is not the user's text: left out, as `mt attention` does.
+        tagged = self.tokenizer.tag_id(job.tgt_lang) is not None
+        return Result(hyps, found.without_first_source() if tagged else found)
 
 
 def _per_line(jobs: list[Job], given: list[list[Any] | None]) -> list[Any] | None:
