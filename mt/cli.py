@@ -465,14 +465,18 @@ def evaluate_command(
 ) -> None:
     """Score translations with sacreBLEU (see EVALUATE_HELP)."""
     from mt.evaluate import evaluate, evaluate_run, format_directions, format_json, format_text
+    from mt.rundir import load_run_config, model_checkpoint
 
     if model and (hyp, src, ref) == (None, None, None):
         decode = {"beam": beam, "alpha": alpha, "max_tokens": max_tokens}
         by_direction = evaluate_run(
             model, lowercase, device, precision, weights, quantize, tgt_lang, **decode
         )
-        # Directions picked by --tgt-lang are named, however many there are.
-        typer.echo(format_directions(by_direction, json_output, named=tgt_lang is not None))
+        # A run of several directions names them (and so does --tgt-lang), however many have
+        # a test set.
+        run = load_run_config(model_checkpoint(model[0]).run_dir)
+        named = tgt_lang is not None or len(run.data.directions()) > 1
+        typer.echo(format_directions(by_direction, json_output, named=named))
         return
     scores = evaluate(
         hyp,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -17,7 +18,7 @@ from typer.testing import CliRunner
 from mt import checkpoint as ckpt
 from mt.batching import MixtureSampler, padding_efficiency
 from mt.cli import app
-from mt.config import load_config
+from mt.config import load_config, save_config
 from mt.errors import ConfigError, DataError
 from mt.metrics import read_metrics
 from mt.rundir import encode_train, load_trained, open_run, prepare_data, prepare_tokenizer
@@ -155,7 +156,9 @@ def test_one_target_language_needs_no_tag(trained_run: Path, tmp_path: Path) -> 
 
 
 @pytest.mark.slow
-def test_evaluate_scores_every_test_direction(multi_run: Path) -> None:
+def test_evaluate_scores_every_test_direction(
+    multi_run: Path, multiway: Path, tmp_path: Path
+) -> None:
     result = CliRunner().invoke(app, ["evaluate", "-m", str(multi_run), "--json", "--beam", "1"])
     assert result.exit_code == 0, result.output
     records = json.loads(result.stdout)
@@ -184,6 +187,17 @@ def test_evaluate_scores_every_test_direction(multi_run: Path) -> None:
     assert [line.split()[0] for line in table.stdout.splitlines()[:2]] == ["direction", "en-de"]
     wrong = CliRunner().invoke(app, ["evaluate", "-m", str(multi_run), "--tgt-lang", "xx"])
     assert str(wrong.exception) == "--tgt-lang xx: the run's test sets translate into en, de, fr"
+    # A run of several directions, one with a test set: named too.
+    one = tmp_path / "run"
+    shutil.copytree(multi_run, one, ignore=shutil.ignore_patterns("cache", "tensorboard"))
+    data = load_config(one / "config.yaml").data
+    first = dataclasses.replace(data.corpora[0], test=str(multiway / "valid"))
+    data = dataclasses.replace(data, test="", corpora=[first, *data.corpora[1:]])
+    save_config(
+        dataclasses.replace(load_config(one / "config.yaml"), data=data), one / "config.yaml"
+    )
+    alone = CliRunner().invoke(app, ["evaluate", "-m", str(one), "--json", "--beam", "1"])
+    assert [r["direction"] for r in json.loads(alone.stdout)] == ["de-en"]
 
 
 def test_a_missing_corpus_file_names_its_entry(multiway: Path, tmp_path: Path) -> None:
