@@ -8,9 +8,11 @@ A corpus is named by a spec string:
 * a ``.tsv`` or ``.tsv.gz`` file: one ``source<TAB>target`` pair per line, columns in
   (src_lang, tgt_lang) order.
 * ``hf:NAME[:CONFIG][@SPLIT]``: a Hugging Face dataset, either a directory written by
-  ``save_to_disk`` or anything ``datasets.load_dataset`` accepts.
+  ``save_to_disk`` or anything ``datasets.load_dataset`` accepts (a local folder of data files
+  is cached by its files' contents, not their times).
 
-Lines lose only their trailing ``\\n`` or ``\\r\\n``; all other whitespace is kept.
+Lines lose only their trailing ``\\n`` or ``\\r\\n``, and the first line a UTF-8 byte order
+mark; all other whitespace is kept.
 """
 
 from __future__ import annotations
