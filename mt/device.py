@@ -305,12 +305,14 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return stack
 
 
-def configure_backends(device: torch.device) -> None:
-    """TF32 on CUDA (free speed on Ampere and later); a page-keeping allocator on CPU."""
+def configure_backends(device: torch.device, keep_memory: bool = True) -> None:
+    """TF32 on CUDA (free speed on Ampere and later); on CPU a page-keeping allocator, unless
+    not `keep_memory` (work whose large tensors change shape every call, which kept pages
+    fragment)."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    else:
+    elif keep_memory:
         keep_freed_memory()
 
 

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from mt.average import average_run
-from mt.checkpoint import AVERAGE_NAME, checkpoint_dir, list_checkpoints
+from mt.checkpoint import AVERAGE_NAME, checkpoint_dir, is_resume_point, weights_checkpoints
 from mt.config import Config
 from mt.lock import hold_run_lock
 from mt.report import REPORT_FILE, write_report
@@ -33,20 +33,26 @@ def finish(config: Config, result: TrainResult) -> None:
         _finish(config, result, run_dir)
 
 
+def _average(run_dir: Path, wanted: int) -> None:
+    """Average the run's last `wanted` checkpoints, or as many as it has, saying so."""
+    last = min(wanted, sum(not is_resume_point(c) for c in weights_checkpoints(run_dir)))
+    checkpoints = f"{last} checkpoint{'s' if last != 1 else ''}"
+    if last:
+        log.info("averaged the last %s into %s", checkpoints, average_run(run_dir, last=last))
+    if last < wanted:
+        log.warning(
+            f"warning: train.average_last={wanted}, but the run has "
+            f"{f'only {checkpoints}' if last else 'no checkpoint to average'} (see "
+            "train.keep_last and train.valid_every)"
+        )
+
+
 def _finish(config: Config, result: TrainResult, run_dir: Path) -> None:
     """The average and report of a finished run, under its lock."""
     train = config.train
     average = checkpoint_dir(run_dir) / AVERAGE_NAME
     if train.average_last and not (result.idle and average.is_file()):
-        last = min(train.average_last, len(list_checkpoints(run_dir)))
-        path = average_run(run_dir, last=last)
-        checkpoints = f"{last} checkpoint{'s' if last != 1 else ''}"
-        log.info("averaged the last %s into %s", checkpoints, path)
-        if last < train.average_last:
-            log.warning(
-                f"warning: train.average_last={train.average_last}, but the run has only "
-                f"{checkpoints} (see train.keep_last and train.valid_every)"
-            )
+        _average(run_dir, train.average_last)
     if train.report and not (result.idle and (run_dir / REPORT_FILE).is_file()):
         # Test decoding at "auto" precision, as `mt evaluate` does.
         log.info("wrote %s", write_report(run_dir, device=result.device))

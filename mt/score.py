@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
@@ -29,6 +28,7 @@ from mt.search import Decoder, length_penalty
 from mt.translate import (
     InOrderWriter,
     Translator,
+    check_found,
     check_output_path,
     check_target,
     encode_sources,
@@ -42,26 +42,33 @@ from mt.vocab import PAD_ID
 log = logging.getLogger("mt")
 
 
+CHUNK_PAIRS = 20_000  # pairs encoded and batched at a time: memory stays flat on any input
+LOGITS_ELEMENTS = 2**24  # a batch's (B, T, V) scores at most (64 MiB in float32)
+
+
 def sequence_logprobs(model: Decoder, src: Tensor, tgt_in: Tensor, tgt_out: Tensor) -> Tensor:
     """Log-probability of each row of tgt_out (B, T) given src (B, S), PAD excluded: (B,) fp32.
 
     tgt_in is BOS then tgt_out's pieces; PAD pads the rows of both on the right.
     """
     memory = model.encode(src)  # (B, S, D)
-    scores = model.decode(tgt_in, memory, src)  # (B, T, V): logits, or an ensemble's sum
-    lprobs = F.log_softmax(scores, dim=-1, dtype=torch.float32)  # (B, T, V)
-    picked = lprobs.gather(2, tgt_out.unsqueeze(2)).squeeze(2)  # (B, T)
+    scores = model.decode(tgt_in, memory, src).float()  # (B, T, V): logits, or an ensemble's sum
+    picked = scores.gather(2, tgt_out.unsqueeze(2)).squeeze(2)  # (B, T)
+    picked = picked - torch.logsumexp(scores, dim=-1)  # log_softmax, without a (B, T, V) copy
     return picked.masked_fill(tgt_out == PAD_ID, 0.0).sum(dim=1)  # (B,)
 
 
-def too_long(src_ids: list[list[int]], tgt_ids: list[list[int]], room: int) -> list[int]:
-    """Indices of the pairs with more than `room` pieces on a side, each named in a warning."""
+def too_long(
+    src_ids: list[list[int]], tgt_ids: list[list[int]], room: int, first: int
+) -> list[int]:
+    """Indices of the pairs with more than `room` pieces on a side, each named in a warning
+    (line numbers from `first`)."""
     found = []
     for i, (src, tgt) in enumerate(zip(src_ids, tgt_ids, strict=True)):
         if src and max(len(src), len(tgt)) > room:
             log.warning(
                 "line %d: %s source and %s target pieces, more than the model's %s: score nan",
-                i + 1, f"{len(src):,}", f"{len(tgt):,}", f"{room:,}",
+                first + i, f"{len(src):,}", f"{len(tgt):,}", f"{room:,}",
             )  # fmt: skip
             found.append(i)
     return found
@@ -77,33 +84,62 @@ def score_pairs(
 ) -> Iterator[tuple[list[int], list[float | None]]]:
     """(pair indices, their scores) batch by batch; None for a blank source, nan for too long.
 
-    Blank sources come first, unscored (`mt translate` leaves them blank too).
+    Pairs go CHUNK_PAIRS at a time, each chunk's blank sources first (unscored: `mt translate`
+    leaves them blank too), then its batches by length.
     """
+    for rows, scores, _ in scored_batches(translator, sources, targets, tgt_lang, progress):
+        yield rows, scores
+
+
+def scored_batches(
+    translator: Translator,
+    sources: Sequence[str],
+    targets: Sequence[str],
+    tgt_lang: str | None = None,
+    progress: bool = False,
+) -> Iterator[tuple[list[int], list[float | None], bool]]:
+    """score_pairs' batches, each with whether the model scored it (not blank, not too long)."""
+    bar = tqdm(total=len(sources), unit="pair", disable=not progress, file=sys.stderr)
+    for start in range(0, len(sources), CHUNK_PAIRS):
+        chunk = slice(start, start + CHUNK_PAIRS)
+        for rows, scores, scored in _score_chunk(
+            translator, sources[chunk], targets[chunk], tgt_lang, start
+        ):
+            yield [start + i for i in rows], scores, scored
+            bar.update(len(rows))
+    bar.close()
+
+
+def _score_chunk(
+    translator: Translator,
+    sources: Sequence[str],
+    targets: Sequence[str],
+    tgt_lang: str | None,
+    start: int,
+) -> Iterator[tuple[list[int], list[float | None], bool]]:
+    """scored_batches for pairs that start at line `start` + 1 of the input."""
     model, decode, device = translator.model, translator.decode, translator.device
     room = model.max_positions - 1  # the pieces that fit beside EOS (source) or BOS (target)
     src_ids = encode_sources(sources, translator.tokenizer, sys.maxsize, tgt_lang)
     tgt_ids = translator.tokenizer.encode_tgt(list(targets))
     blank = [i for i, seq in enumerate(src_ids) if not seq]
     if blank:
-        yield blank, [None] * len(blank)
-    skipped = too_long(src_ids, tgt_ids, room)
+        yield blank, [None] * len(blank), False
+    skipped = too_long(src_ids, tgt_ids, room, start + 1)
     if skipped:
-        yield skipped, [math.nan] * len(skipped)
+        yield skipped, [math.nan] * len(skipped), False
     for i in skipped:
         src_ids[i] = []  # out of the batches
-    done = len(blank) + len(skipped)
-    bar = tqdm(total=len(sources), initial=done, unit="pair", disable=not progress, file=sys.stderr)
-    for batch in pair_batches(src_ids, tgt_ids, decode.max_tokens):
+    budget = min(decode.max_tokens, LOGITS_ELEMENTS // translator.tokenizer.tgt_vocab_size)
+    for batch in pair_batches(src_ids, tgt_ids, budget):
         rows = batch.tolist()
         pairs = collate([(src_ids[i], tgt_ids[i]) for i in rows], batch)
         src, tgt_in, tgt_out = (t.to(device) for t in (pairs.src, pairs.tgt_in, pairs.tgt_out))
         with autocast(device, translator.precision):
             logprobs = sequence_logprobs(model, src, tgt_in, tgt_out)  # (B,)
         lengths = (tgt_out != PAD_ID).sum(dim=1)  # (B,) pieces and EOS
-        scores = logprobs / length_penalty(lengths, decode.alpha, decode.length_penalty)
-        yield rows, scores.tolist()
-        bar.update(len(rows))
-    bar.close()
+        scores = logprobs / length_penalty(lengths, decode.alpha, decode.length_penalty)  # (B,)
+        yield rows, scores.tolist(), True
 
 
 def format_score(score: float | None) -> str:
@@ -125,19 +161,22 @@ def score_file(
 ) -> None:
     """`mt score`: one score per line pair of `source` and `target`; overrides are decode.*."""
     check_stdin({"SRC": source, "TGT": target})
-    # Resolved first, so that a bad --device or --precision fails before stdin is read.
-    dev, prec = resolve_runtime(device, precision, models[0], quantization)
+    # Resolved first, so that a bad --device or --precision fails before stdin is read. Its
+    # batches' shapes all differ: freed memory is given back (see configure_backends).
+    dev, prec = resolve_runtime(device, precision, models[0], quantization, keep_memory=False)
     sources = list(read_lines(source))  # before loading the model: bad input fails fast
     targets = read_aligned(target, sources, source)
     check_output_path(output)
-    config, translator, _ = load_translator(
-        models, str(dev), prec, weights, quantization, **overrides
+    config, translator, checkpoints = load_translator(
+        models, str(dev), prec, weights, quantization, keep_memory=False, **overrides
     )
     check_target(config, translator.tokenizer, tgt_lang)
+    batches = scored_batches(translator, sources, targets, tgt_lang, sys.stderr.isatty())
+    missing = 0  # pairs the model scores nan or inf: diverged weights
     with output_stream(output) as stream:
         writer = InOrderWriter(stream, len(sources), lambda _, score: [format_score(score)])
-        for indices, scores in score_pairs(
-            translator, sources, targets, tgt_lang, progress=sys.stderr.isatty()
-        ):
+        for indices, scores, scored in batches:
             writer.add(indices, scores)
+            missing += scored and sum(not math.isfinite(s) for s in scores)
         writer.close()
+    check_found(checkpoints, missing, len(sources), "score")

@@ -688,13 +688,43 @@ def restore(checkpoint: ckpt.Checkpoint, run: Run) -> TrainState:
     )
     state.world_size = run.world.world_size
     if checkpoint.weights.parent.resolve() != ckpt.checkpoint_dir(run.directory).resolve():
-        # Another run's checkpoint: this run's best is among its own checkpoints.
-        state.best_bleu, state.bad_validations = -1.0, 0
+        start_anew(state, run)
     check_same_data(state, run)
     warn_replanned(state, run)
     sync_cooldown(learner, state)
+    apply_optimizer_settings(learner, run.config.train)
     reselect(state, run)
     return state
+
+
+def start_anew(state: TrainState, run: Run) -> None:
+    """What a new run keeps of another run's state: its step, and its place in the data if it
+    trains on the same data. Its own best, time (train.max_minutes), cool-down and counts."""
+    fresh = TrainState(step=state.step, world_size=state.world_size)
+    if state.data == run.train_data.fingerprint():
+        fresh.epoch, fresh.batches_done, fresh.data = state.epoch, state.batches_done, state.data
+    for name, value in dataclasses.asdict(fresh).items():
+        setattr(state, name, value)
+
+
+def apply_optimizer_settings(learner: Learner, train: TrainConfig) -> None:
+    """Make a restored optimizer use the config's train.lr, betas, eps and weight_decay.
+
+    A state holds those it was saved with: a rerun or a fine-tune with other ones (a lower
+    lr, say) would train with the old ones and log the new. The lr of the next update is
+    recomputed from the schedule as the scheduler computes it, so unchanged settings resume
+    exactly.
+    """
+    scheduler = learner.scheduler
+    scheduler.base_lrs = [train.lr] * len(learner.optimizer.param_groups)
+    for group, rate in zip(learner.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group.update(
+            initial_lr=train.lr,
+            betas=tuple(train.betas),
+            eps=train.eps,
+            weight_decay=train.weight_decay,
+            lr=train.lr * rate(scheduler.last_epoch),  # as LambdaLR.get_lr
+        )
 
 
 def check_same_data(state: TrainState, run: Run) -> None:

@@ -228,14 +228,18 @@ def decode_settings(config: Config, **overrides: Any) -> DecodeConfig:
 
 
 def resolve_runtime(
-    device: str, precision: str, model: Path | None = None, quantization: str = "none"
+    device: str,
+    precision: str,
+    model: Path | None = None,
+    quantization: str = "none",
+    keep_memory: bool = True,
 ) -> tuple[torch.device, str]:
     """The device and autocast precision, backends set up; fp16 needs CUDA (bf16 runs on CPU).
 
     `auto` on CPU times fp32 against bf16 on the layers of `model` (a run or checkpoint), packed
     as decoding runs them (mt.packing), once per command; without it, by the AMX rule
     (mt.device.resolve_precision). A `quantization` other than none decodes in fp32 on the CPU
-    (mt.quantize).
+    (mt.quantize). keep_memory: see mt.device.configure_backends.
     """
     if precision not in PRECISIONS:
         raise MtError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
@@ -248,7 +252,7 @@ def resolve_runtime(
     if precision == "fp16" and dev.type != "cuda":
         raise MtError(f"--precision fp16 needs a CUDA device, not {dev}")
     check_quantization(quantization, dev, precision)
-    configure_backends(dev)
+    configure_backends(dev, keep_memory)
     if quantization != "none":
         return dev, "fp32"
     choice = resolve_precision(precision, dev, *decoding_products(model), time_calls=time_packed)
@@ -366,6 +370,7 @@ def load_translator(
     precision: str = "auto",
     weights: Sequence[float] | None = None,
     quantization: str = "none",
+    keep_memory: bool = True,
     **overrides: Any,
 ) -> tuple[Config, Translator, str]:
     """The first model's config, a Translator for the models, and their checkpoint(s).
@@ -373,7 +378,7 @@ def load_translator(
     The device and precision are resolved as resolve_runtime does; the decoding settings are
     the run's with `overrides` (decode.*, None = the run's) applied; see load_models for the rest.
     """
-    dev, prec = resolve_runtime(device, precision, models[0], quantization)
+    dev, prec = resolve_runtime(device, precision, models[0], quantization, keep_memory)
     config, tokenizer, model, checkpoints = load_models(models, dev, weights, quantization, prec)
     decode = decode_settings(config, **overrides)
     return config, Translator(tokenizer, model, decode, dev, prec), checkpoints
@@ -444,12 +449,14 @@ def count_missing(translations: Sequence[Sequence[Translation]]) -> int:
     return sum(not hyps[0].found for hyps in translations)
 
 
-def check_found(checkpoint: Path | str, missing: int, total: int) -> None:
-    """MtError naming the checkpoint when `missing` of `total` lines got no translation."""
+def check_found(
+    checkpoint: Path | str, missing: int, total: int, what: str = "translation"
+) -> None:
+    """MtError naming the checkpoint when `missing` of `total` lines got no `what`."""
     if missing:
         raise MtError(
             f"{checkpoint}: the model's scores are not finite (diverged weights?): no "
-            f"translation for {missing} of {total} lines"
+            f"{what} for {missing} of {total} lines"
         )
 
 

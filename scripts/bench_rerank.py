@@ -15,6 +15,7 @@ chosen on dev, and the oracle (each sentence's candidate of highest sentence BLE
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ from bench import cpu_model, log, publish, wrap  # noqa: E402
 from mt.evaluate import score  # noqa: E402
 from mt.rundir import open_split  # noqa: E402
 from mt.score import score_pairs  # noqa: E402
-from mt.translate import Translator, load_translator, resolve_runtime  # noqa: E402
+from mt.translate import Translator, load_translator  # noqa: E402
 
 SECTION = "## Reranking n-best lists with a reverse model (`mt score`)"
 SPLITS = {"valid": "dev", "test": "test"}
@@ -52,8 +53,8 @@ def candidates(
     back = [0.0] * len(flat)
     outputs, originals = [h.text for _, h in flat], [sources[i] for i, _ in flat]
     for indices, found in score_pairs(reverse, outputs, originals, src_lang):
-        for j, value in zip(indices, found, strict=True):
-            back[j] = float("-inf") if value is None else value
+        for j, value in zip(indices, found, strict=True):  # unscored (too long): never preferred
+            back[j] = value if value is not None and math.isfinite(value) else -math.inf
     out: Candidates = [[] for _ in sources]
     for (i, h), value in zip(flat, back, strict=True):
         out[i].append((h.text, h.score, value))
@@ -61,8 +62,12 @@ def candidates(
 
 
 def top(cands: Candidates, weight: float) -> list[str]:
-    """Each sentence's best candidate by forward + weight x reverse score (empty for none)."""
-    return [max(c, key=lambda x: x[1] + weight * x[2])[0] if c else "" for c in cands]
+    """Each sentence's best candidate by forward + weight x reverse score (empty for none);
+    at weight 0, the forward model's own best."""
+    return [
+        max(c, key=lambda x: x[1] + weight * x[2] if weight else x[1])[0] if c else ""
+        for c in cands
+    ]
 
 
 def oracle(cands: Candidates, refs: list[str]) -> list[str]:
@@ -77,11 +82,9 @@ def bench(
     forward_run: Path, reverse_run: Path, nbest: int, weights: list[float]
 ) -> dict[str, dict[str, float]]:
     """{split: {weight as text, or "oracle": BLEU}} for the forward run's dev and test sets."""
-    _, precision = resolve_runtime("cpu", "auto", forward_run)
-    config, forward, _ = load_translator([forward_run], "cpu", precision, nbest=nbest)
-    if forward.decode.beam < nbest:
-        raise SystemExit(f"--nbest {nbest}: more than the forward run's beam, {config.decode.beam}")
-    _, reverse, _ = load_translator([reverse_run], "cpu", precision, length_penalty="average")
+    # fp32: outputs and scores the same on every CPU (auto may pick bf16 by timing).
+    config, forward, _ = load_translator([forward_run], "cpu", "fp32", nbest=nbest)
+    _, reverse, _ = load_translator([reverse_run], "cpu", "fp32", length_penalty="average")
     langs = (config.data.src_lang, config.data.tgt_lang)
     res: dict[str, dict[str, float]] = {}
     for split in SPLITS:
@@ -103,7 +106,7 @@ def report(args: argparse.Namespace, res: dict[str, dict[str, float]]) -> str:
         "",
         f"`scripts/bench_rerank.py {args.forward} {args.reverse} --nbest {args.nbest} "
         f"--weights {args.weights}` on {cpu_model()}, {torch.get_num_threads()} threads, "
-        f"{time.strftime('%Y-%m-%d')}. The forward run's {args.nbest} best outputs (beam "
+        f"{time.strftime('%Y-%m-%d')}, fp32. The forward run's {args.nbest} best outputs (beam "
         "search as its config says), reranked by forward score + weight x the reverse run's "
         "mean log-probability per piece of the source given the output (`mt score "
         "--length-penalty average`); sacreBLEU, cased. Weight 0 is the forward model alone; "

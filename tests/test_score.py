@@ -73,13 +73,48 @@ def test_scores_are_log_probabilities_and_do_not_depend_on_batching(
     assert means == pytest.approx([s / n for s, n in zip(one_batch, pieces, strict=True)])
 
 
-def test_an_ensemble_of_a_model_with_itself_scores_as_the_model(translator: Translator) -> None:
-    model = translator.model
-    assert isinstance(model, torch.nn.Module)
-    ensemble = dataclasses.replace(translator, model=Ensemble([model, model], [0.3, 0.7]))
-    assert scores(ensemble, VALID, VALID) == pytest.approx(
-        scores(translator, VALID, VALID), abs=1e-5
+def test_an_ensemble_scores_what_its_search_scored(
+    translator: Translator, trained_run: Path
+) -> None:
+    earlier = load_trained(trained_run / "checkpoints" / "step-00000200", CPU)[2]
+    ensemble = Ensemble([translator.model, earlier], [0.3, 0.7])
+    joint = dataclasses.replace(translator, model=ensemble)
+    hyps = [h for line in joint.translate(VALID[:6], scores=True) for h in line]
+    sources = [src for src in VALID[:6] for _ in range(3)]  # nbest 3
+    pairs = [(s, h) for s, h in zip(sources, hyps, strict=True) if h.found]
+    tokenizer = translator.tokenizer
+    pairs = [(s, h) for s, h in pairs if tokenizer.encode_tgt([h.text])[0] == h.tokens]
+    got = scores(joint, [s for s, _ in pairs], [h.text for _, h in pairs])
+    assert len(pairs) >= 12 and got == pytest.approx([h.score for _, h in pairs], abs=1e-4)
+    alone = scores(translator, [s for s, _ in pairs], [h.text for _, h in pairs])
+    assert alone != pytest.approx(got, abs=1e-3)  # the second model counts
+
+
+def test_inputs_go_in_chunks_with_their_own_line_numbers(
+    translator: Translator, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    long = " ".join(["haus"] * 300)
+    sources, targets = [*VALID[:5], long, "", *VALID[5:9]], [*VALID[:5], "x", "y", *VALID[5:9]]
+    whole = scores(translator, sources, targets)
+    monkeypatch.setattr("mt.score.CHUNK_PAIRS", 3)
+    with caplog.at_level(logging.WARNING, logger="mt"):
+        chunked = scores(translator, sources, targets)
+    assert chunked[6] is None and math.isnan(chunked[5])
+    ok = [i for i in range(len(sources)) if i not in (5, 6)]
+    assert [chunked[i] for i in ok] == pytest.approx([whole[i] for i in ok], rel=1e-5)
+    assert [m.split(":")[0] for m in caplog.messages] == ["line 6", "line 6"]  # whole, chunked
+
+
+def test_a_diverged_model_writes_every_score_then_fails(diverged_run: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.write_text(f"{VALID[0]}\n\n", encoding="utf-8")
+    out = tmp_path / "scores"
+    args = ["score", str(src), str(src), "-m", str(diverged_run), "-o", str(out)]
+    result = CliRunner().invoke(app, [*args, "--precision", "fp32"])
+    assert str(result.exception).endswith(
+        ": the model's scores are not finite (diverged weights?): no score for 1 of 2 lines"
     )
+    assert out.read_text(encoding="utf-8") == "nan\n\n"
 
 
 def test_blank_sources_blank_lines_and_too_long_pairs_nan(

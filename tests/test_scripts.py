@@ -591,8 +591,12 @@ def test_bench_rerank_weight_zero_is_the_forward_models_own_best(trained_run: Pa
     res = bench.bench(trained_run, trained_run, nbest=2, weights=[0.0, 1.0])
     ((hyps, refs),) = translate_test_sets(trained_run, "cpu", "fp32", split="valid").values()
     assert res["valid"]["0"] == pytest.approx(score(hyps, refs)["bleu"].score)
-    for split in ("valid", "test"):
-        assert res[split]["oracle"] >= max(res[split]["0"], res[split]["1"])
+    assert set(res) == {"valid", "test"} and all(
+        set(r) == {"0", "1", "oracle"} for r in res.values()
+    )
+    cands = [[("a b c", -1.0, -math.inf), ("the dog runs", -2.0, -1.0)]]  # -inf: unscored
+    assert bench.top(cands, 0.0) == ["a b c"] and bench.top(cands, 1.0) == ["the dog runs"]
+    assert bench.oracle(cands, ["the dog runs"]) == ["the dog runs"]
     args = argparse.Namespace(forward=trained_run, reverse=trained_run, nbest=2, weights="0,1")
     rows = [line for line in bench.report(args, res).splitlines() if line.startswith("| ")]
     names = [row.split(" |")[0].removesuffix(" (chosen)") for row in rows[1:]]

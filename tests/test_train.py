@@ -33,7 +33,7 @@ from mt.lock import hold_run_lock
 from mt.metrics import read_metrics
 from mt.report import write_report
 from mt.rundir import model_checkpoint
-from mt.train import TrainState, expected_end, train
+from mt.train import TrainResult, TrainState, expected_end, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -426,6 +426,41 @@ def test_time_limit_stops_with_a_checkpoint(
     assert read_metrics(run, "valid") == valid and valid[-1]["step"] == result.state.step
 
 
+def test_a_resumed_run_trains_with_its_own_optimizer_settings(tmp_path: Path) -> None:
+    first = tmp_path / "first"
+    train(tiny(first, "train.max_steps=10", "train.valid_every=10", "train.cooldown=0.2"))
+    settings = [
+        "train.lr=1e-4",
+        "train.weight_decay=0.5",
+        "train.betas=[0.8, 0.9]",
+        "train.eps=1e-6",
+    ]
+    tune = tmp_path / "tune"  # another run from the cooled-down end of the first: a fine-tune
+    config = tiny(
+        tune, "train.max_steps=14", "train.valid_every=14", "train.log_every=1", *settings
+    )
+    result = train(config, resume=first / "checkpoints" / "step-00000010.safetensors")
+    assert result.state.step == 14 and result.state.cooldown_steps == 0  # its own schedule
+    assert result.state.train_seconds < ckpt_state(first, 10)["train"]["train_seconds"] + 60
+    group = ckpt_state(tune, 14)["optimizer"]["param_groups"][0]
+    assert (group["initial_lr"], group["weight_decay"], tuple(group["betas"]), group["eps"]) == (
+        1e-4, 0.5, (0.8, 0.9), 1e-6
+    )  # fmt: skip
+    logged = [r["lr"] for r in read_metrics(tune, "train")]
+    assert logged == pytest.approx([1e-4 * math.sqrt(5 / step) for step in (11, 12, 13, 14)])
+    assert group["lr"] == pytest.approx(1e-4 * math.sqrt(5 / 15))  # the next update's
+    again = tiny(tune, "train.max_steps=15", "train.valid_every=15", "train.lr=2e-4", *settings[1:])
+    train(again)  # a rerun of the run itself, with another lr
+    assert ckpt_state(tune, 15)["optimizer"]["param_groups"][0]["initial_lr"] == 2e-4
+
+
+def ckpt_state(run: Path, step: int) -> dict:
+    """The training state saved with a run's checkpoint of `step`."""
+    return ckpt.load_training_state(ckpt.Checkpoint.from_weights(
+        run / "checkpoints" / f"step-{step:08d}.safetensors"
+    ))  # fmt: skip
+
+
 def test_average_last_at_the_end(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     run = tmp_path / "run"
     config = tiny(run, "train.max_steps=30", "train.keep_last=2", "train.average_last=2")
@@ -445,6 +480,13 @@ def test_average_last_at_the_end(tmp_path: Path, caplog: pytest.LogCaptureFixtur
     on = tiny(run, "train.max_steps=60", "train.keep_last=2")
     finish(on, train(on))
     assert model_checkpoint(run).weights == ckpt.best_checkpoint(run).weights
+    # A run without a checkpoint (all set aside, say) has nothing to average: it says so.
+    empty = tiny(tmp_path / "empty", "train.average_last=2", "train.report=false")
+    finish(empty, TrainResult(TrainState(step=5)))
+    assert (
+        "warning: train.average_last=2, but the run has no checkpoint to average (see "
+        in "".join(caplog.messages)
+    )
 
 
 def weights_at(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
