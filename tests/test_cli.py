@@ -1,7 +1,8 @@
 """Tests for the `mt` command line: help, error reporting, data fetch/prepare, tokenizer commands.
 
-A few tests run the real `mt` entry point in a subprocess (exit codes, the one-line `error:`
-message on stderr, log lines); the rest use Typer's CliRunner on `mt.cli.app`, where a user
+A few tests run the real `mt` entry point (exit codes, the one-line `error:` message on stderr,
+log lines): in a subprocess, or in-process through `main()` (helpers.entry) where no start-up,
+signal or file descriptor matters; the rest use Typer's CliRunner on `mt.cli.app`, where a user
 error surfaces as the MtError that `main()` would print.
 """
 
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.entry import run_main as run_mt_here
 from typer.testing import CliRunner, Result
 
 from mt.cli import app
@@ -114,25 +116,38 @@ def test_command_help_shows_options_and_defaults(command: list[str], shown: list
 # --- errors through the real entry point -----------------------------------------------------
 
 
-@pytest.mark.slow
-def test_usage_errors_exit_2_with_one_line() -> None:
-    prog = "mt" if _SCRIPT.is_file() else "python -m mt"
+def test_usage_errors_exit_2_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
     cases = [
-        (["translate", "--beam", "0", "x"], f"error: {prog} translate: Invalid value for "
-         f"'--beam': Input should be greater than or equal to 1 (see {prog} translate --help)"),
-        (["train"], f"error: {prog} train: Missing option '--config' / '-c' (see {prog} train "
-         "--help)"),
-        (["bogus"], f"error: {prog}: No such command 'bogus' (see {prog} --help)"),
+        (["translate", "--beam", "0", "x"], "error: mt translate: Invalid value for '--beam': "
+         "Input should be greater than or equal to 1 (see mt translate --help)"),
+        (["train"], "error: mt train: Missing option '--config' / '-c' (see mt train --help)"),
+        (["bogus"], "error: mt: No such command 'bogus' (see mt --help)"),
     ]  # fmt: skip
-    for args, expected in cases:
-        code, _, err = run_mt(*args)
+    for args, expected in cases:  # in-process: main() as `mt` runs it, a Python start-up less
+        code, _, err = run_mt_here(monkeypatch, capsys, caplog, *args)
         assert (code, err.splitlines()) == (2, [expected])
+
+
+@pytest.mark.slow
+def test_the_real_command_names_itself_in_usage_errors_and_prints_help() -> None:
+    prog = "mt" if _SCRIPT.is_file() else "python -m mt"
+    code, _, err = run_mt("translate", "--beam", "0", "x")
+    assert (code, err.splitlines()) == (2, [
+        f"error: {prog} translate: Invalid value for '--beam': Input should be greater than or "
+        f"equal to 1 (see {prog} translate --help)"
+    ])  # fmt: skip
     code, out, err = run_mt("translate", "--help")
     assert code == 0 and "--beam" in out and err == ""
 
 
-@pytest.mark.slow
-def test_config_errors_exit_2_with_one_line(tmp_path: Path) -> None:
+def test_config_errors_exit_2_with_one_line(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     run_dir = tmp_path / "run"
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  heads: 3\n", encoding="utf-8")
@@ -146,8 +161,8 @@ def test_config_errors_exit_2_with_one_line(tmp_path: Path) -> None:
         (["--config", str(TINY), f"run_dir={run_dir}", "data.train="],
          "error: command line: data.train is empty; set it in the config or data.train=PATH"),
     ]  # fmt: skip
-    for args, expected in cases:
-        code, _, err = run_mt("data", "prepare", *args)
+    for args, expected in cases:  # in-process: main() as `mt` runs it, a Python start-up less
+        code, _, err = run_mt_here(monkeypatch, capsys, caplog, "data", "prepare", *args)
         assert code == 2, err
         assert only_error_line(err) == expected
     assert not run_dir.exists()  # nothing written

@@ -24,7 +24,6 @@ from mt.errors import MtError
 from mt.metrics import read_metrics
 from mt.train import train
 
-pytestmark = pytest.mark.slow  # each test starts torchrun with two workers
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -69,6 +68,7 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return ddp, err
 
 
+@pytest.mark.slow  # starts torchrun with two workers (the fixture)
 @pytest.mark.xdist_group("two_ranks")  # one worker builds the fixture once
 def test_two_ranks_equal_one_rank_with_update_freq_two(
     two_ranks: tuple[Path, str], tmp_path: Path
@@ -92,6 +92,7 @@ def test_two_ranks_equal_one_rank_with_update_freq_two(
     assert err.count("model: ") == 1 and err.count("train: kept") == 1  # rank 0 alone logs
 
 
+@pytest.mark.slow  # starts torchrun with two workers (the fixture)
 @pytest.mark.xdist_group("two_ranks")  # one worker builds the fixture once
 def test_resume_after_sigterm_to_torchrun_is_exact(
     two_ranks: tuple[Path, str], tmp_path: Path
@@ -116,6 +117,7 @@ def test_resume_after_sigterm_to_torchrun_is_exact(
     assert {r["step"]: r["bleu"] for r in read_metrics(split, "valid")} == bleu
 
 
+@pytest.mark.slow  # starts torchrun with two workers
 def test_nan_on_one_rank_stops_every_rank_quickly(tmp_path: Path) -> None:
     proc = torchrun(tmp_path / "run", "train.max_steps=50", worker="tests/helpers/faulty_worker.py",
                     env={"MT_FAULT": "nan:1:3"})  # fmt: skip
@@ -125,6 +127,7 @@ def test_nan_on_one_rank_stops_every_rank_quickly(tmp_path: Path) -> None:
     assert err.count("error: non-finite loss or gradient at step 3") == 2, err
 
 
+@pytest.mark.slow  # starts torchrun with two workers
 def test_dead_rank_ends_the_job_within_the_timeout(tmp_path: Path) -> None:
     proc = torchrun(tmp_path / "run", "train.max_steps=50", worker="tests/helpers/faulty_worker.py",
                     env={"MT_FAULT": "die:1:3"})  # fmt: skip
@@ -133,16 +136,18 @@ def test_dead_rank_ends_the_job_within_the_timeout(tmp_path: Path) -> None:
     assert "rank 1: dying on purpose" in err
 
 
+@pytest.mark.slow  # starts torchrun with two workers
 def test_ranks_wait_for_a_long_preparation_and_skip_an_out_of_memory_update_together(
     tmp_path: Path,
 ) -> None:
     # One launch, two faults of different phases.
-    # Rank 0 prepares (tokenizer, encoding) for 12 s longer while rank 1 waits: that wait is on
-    # the start-up group (dist_startup_timeout), not the training group, whose timeout is 8 s.
+    # Rank 0 prepares (tokenizer, encoding) for 10 s longer while rank 1 waits: that wait is on
+    # the start-up group (dist_startup_timeout), not the training group, whose timeout is 8 s
+    # (rank 1 waits the 10 s and rank 0's real preparation: longer than 8 s by seconds).
     # Then rank 1 runs out of memory in a forward pass, later rank 0 in the (last, only)
     # backward: the failing rank must still join the gradient sum, or the other would wait in it.
     run = tmp_path / "run"
-    worker, faults = "tests/helpers/faulty_worker.py", "slow:0:12,oom:1:3,oom_backward:0:5"
+    worker, faults = "tests/helpers/faulty_worker.py", "slow:0:10,oom:1:3,oom_backward:0:5"
     proc = torchrun(
         run, "train.max_steps=6", "train.dist_timeout=8", worker=worker, env={"MT_FAULT": faults}
     )
@@ -155,6 +160,7 @@ def test_ranks_wait_for_a_long_preparation_and_skip_an_out_of_memory_update_toge
     assert state["optimizer"]["state"][0]["step"].item() == 6  # both ranks went on, in step
 
 
+@pytest.mark.slow  # starts torchrun with two workers
 def test_ranks_agree_on_a_cooldown_begun_on_time(tmp_path: Path) -> None:
     # Rank 1's clock runs three times as fast: on its own it would begin the cool-down, and end
     # it, sooner than rank 0, leave the loop first and leave rank 0 waiting in a collective.
@@ -200,6 +206,7 @@ finally:
 """
 
 
+@pytest.mark.slow  # starts two Python ranks
 def test_a_failure_of_rank_0_while_preparing_stops_the_others_at_once(tmp_path: Path) -> None:
     port = str(free_port())
 
@@ -305,6 +312,7 @@ def test_ranks_run_one_thread_per_cpu_slurm_gave_them(
         torch.set_num_threads(before)
 
 
+@pytest.mark.slow  # starts torchrun with two workers (the fixture)
 @pytest.mark.xdist_group("two_ranks")  # one worker builds the fixture once
 def test_resume_on_one_rank_continues_a_two_rank_run_exactly(
     two_ranks: tuple[Path, str], tmp_path: Path

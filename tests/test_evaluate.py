@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.entry import run_main
 from typer.testing import CliRunner
 
 from mt import checkpoint as ckpt
@@ -95,22 +96,21 @@ def test_json_output(files: tuple[Path, Path]) -> None:
     assert tree["ter"]["score"] == evaluate(hyp, ref)["ter"].score
 
 
-@pytest.mark.slow
-def test_line_count_mismatch_is_a_one_line_error(tmp_path: Path) -> None:
+def test_line_count_mismatch_is_a_one_line_error(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     (tmp_path / "hyp.txt").write_text("a\n" * 10, encoding="utf-8")
     (tmp_path / "ref.txt").write_text("a\n" * 11, encoding="utf-8")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "mt", "evaluate", "--hyp", "hyp.txt", "--ref", "ref.txt"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=120,
+    monkeypatch.chdir(tmp_path)
+    args = ["evaluate", "--hyp", "hyp.txt", "--ref", "ref.txt"]
+    assert run_main(monkeypatch, capsys, caplog, *args) == (
+        1,
+        "",
+        "error: hyp.txt has 10 lines but ref.txt has 11\n",
     )
-    assert result.returncode == 1
-    assert result.stderr == "error: hyp.txt has 10 lines but ref.txt has 11\n"
-    assert result.stdout == ""
 
 
 def test_empty_files_are_a_one_line_error(tmp_path: Path) -> None:

@@ -36,7 +36,6 @@ from mt.tokenizer import Tokenizer
 from mt.translate import Translator, decode_settings, encode_prefixes
 from mt.vocab import BOS_ID, EOS_ID, PAD_ID
 
-pytestmark = pytest.mark.slow  # trains two more tiny runs; exports and runs CT2 and Marian
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DATA = ROOT / "tests" / "data" / "tiny"
 CPU = torch.device("cpu")
@@ -139,6 +138,7 @@ def ct2_translator(run: Path, out: Path) -> Any:
 # --- CTranslate2 ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # trains more tiny runs, or exports and runs CT2 or Marian
 def test_ct2_export_scores_and_searches_like_mt(
     any_run: Path, lines: list[str], tmp_path: Path
 ) -> None:
@@ -167,6 +167,7 @@ def test_ct2_export_scores_and_searches_like_mt(
         assert same >= wanted * len(lines), f"beam {beam}: {same} of {len(lines)} identical"
 
 
+@pytest.mark.slow  # trains more tiny runs, or exports and runs CT2 or Marian
 def test_ct2_export_takes_target_prefixes_like_mt(
     trained_run: Path, lines: list[str], tmp_path: Path
 ) -> None:
@@ -190,6 +191,7 @@ def test_ct2_export_takes_target_prefixes_like_mt(
         assert same >= wanted * len(lines), f"beam {beam}: {same} of {len(lines)} identical"
 
 
+@pytest.mark.slow  # trains more tiny runs, or exports and runs CT2 or Marian
 def test_ct2_int8_export_stores_the_weights_within_rounding(
     postnorm_run: Path, tmp_path: Path
 ) -> None:
@@ -224,6 +226,7 @@ def test_ct2_int8_export_stores_the_weights_within_rounding(
     assert exports["int8"].stat().st_size < 0.6 * exports["float32"].stat().st_size
 
 
+@pytest.mark.slow  # trains more tiny runs, or exports and runs CT2 or Marian
 def test_ct2_int8_export_translates_like_the_model(
     postnorm_run: Path, lines: list[str], tmp_path: Path
 ) -> None:
@@ -255,6 +258,7 @@ def test_ct2_int8_export_translates_like_the_model(
     assert len(outputs) == len(lines) and outputs[-1] == []
 
 
+@pytest.mark.slow  # trains more tiny runs, or exports and runs CT2 or Marian
 def test_ct2_export_directory_layout_and_readme(postnorm_run: Path, tmp_path: Path) -> None:
     pytest.importorskip("ctranslate2", reason=NO_CT2)
     out = tmp_path / "deep" / "ct2"
@@ -277,6 +281,7 @@ def readme_code(directory: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, A
     return names
 
 
+@pytest.mark.slow  # trains more tiny runs, or exports and runs CT2 or Marian
 @pytest.mark.filterwarnings("ignore:Recommended. pip install sacremoses")  # never used by Marian
 def test_readmes_show_how_to_ask_a_multilingual_model_for_a_language(
     multi_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
@@ -324,6 +329,7 @@ def test_readme_example_of_a_language_without_a_stock_one_is_a_dev_sentence(
 # --- Hugging Face Marian ----------------------------------------------------------------------
 
 
+@pytest.mark.slow  # trains more tiny runs, or exports and runs CT2 or Marian
 @pytest.mark.filterwarnings("ignore:Recommended. pip install sacremoses")  # never used by Marian
 def test_hf_export_loads_and_computes_like_mt(
     marian_run: Path, lines: list[str], tmp_path: Path
@@ -409,6 +415,7 @@ def test_missing_ctranslate2_prints_the_install_hint(
     assert not out.exists()
 
 
+@pytest.mark.slow  # trains more tiny runs, or exports and runs CT2 or Marian
 def test_out_is_replaced_only_with_force(postnorm_run: Path, tmp_path: Path) -> None:
     pytest.importorskip("ctranslate2", reason=NO_CT2)
     out = tmp_path / "out"
@@ -424,6 +431,7 @@ def test_out_is_replaced_only_with_force(postnorm_run: Path, tmp_path: Path) -> 
         export_model(postnorm_run, postnorm_run, "ct2", force=True)
 
 
+@pytest.mark.slow  # trains more tiny runs, or exports and runs CT2 or Marian
 def test_out_through_a_symlink_fills_its_target(postnorm_run: Path, tmp_path: Path) -> None:
     pytest.importorskip("ctranslate2", reason=NO_CT2)
     target, link = tmp_path / "target", tmp_path / "link"
@@ -437,6 +445,7 @@ def test_out_through_a_symlink_fills_its_target(postnorm_run: Path, tmp_path: Pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "target"]
 
 
+@pytest.mark.slow  # trains more tiny runs, or exports and runs CT2 or Marian
 def test_out_that_cannot_be_a_new_directory_is_refused(
     postnorm_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -458,6 +467,7 @@ def test_out_that_cannot_be_a_new_directory_is_refused(
     assert list(here.iterdir()) == []
 
 
+@pytest.mark.slow  # trains more tiny runs, or exports and runs CT2 or Marian
 @pytest.mark.parametrize(
     ("fmt", "quantization", "message"),
     [
@@ -479,6 +489,7 @@ def test_bad_options_fail_before_any_work(
 # --- scripts/bench_ct2.py ---------------------------------------------------------------------
 
 
+@pytest.mark.slow  # trains more tiny runs, or exports and runs CT2 or Marian
 def test_bench_ct2_smoke_prints_and_writes_its_table(
     multi30k: Path, postnorm_run: Path, tmp_path: Path
 ) -> None:

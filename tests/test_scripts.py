@@ -34,12 +34,13 @@ TEST_PREFIX = "test_2016_flickr"
 
 
 @pytest.mark.slow
-def test_bench_decode_prints_a_table(trained_run: Path) -> None:
-    args = [sys.executable, str(ROOT / "scripts" / "bench_decode.py"), str(trained_run),
-            "--src", str(TINY / "valid.de"), "--ref", str(TINY / "valid.en"), "--beams", "1,2",
-            "--max-tokens", "64,100000", "--repeats", "1", "--threads", "1",
+def test_bench_decode_prints_a_table(
+    trained_run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    args = [str(trained_run), "--src", str(TINY / "valid.de"), "--ref", str(TINY / "valid.en"),
+            "--beams", "1,2", "--max-tokens", "64,100000", "--repeats", "1", "--threads", "1",
             "--linear", "packed,onednn,plain"]  # fmt: skip
-    out = subprocess.run(args, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    out = run_script(monkeypatch, capsys, "bench_decode", *args)
     rows = [
         [cell.strip() for cell in line.split("|")[1:-1]]
         for line in out.splitlines()
@@ -166,14 +167,11 @@ def test_gpu_bench_trainer_section_runs_mt_train_on_cpu(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_bench_data_smoke_counts_every_pair(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench_data.py"), "--smoke", "--keep",
-         "--workdir", str(tmp_path)],
-        capture_output=True, text=True, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = proc.stdout.splitlines()
+def test_bench_data_smoke_counts_every_pair(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    args = ["--smoke", "--keep", "--workdir", str(tmp_path)]
+    lines = run_script(monkeypatch, capsys, "bench_data", *args).splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("| pairs | kept |"))
     rows = itertools.takewhile(lambda line: line.startswith("|"), lines[start + 2 :])
     table = {int(r.split("|")[1].replace(",", "")): r.split("|")[1:-1] for r in rows}
@@ -196,15 +194,15 @@ def test_bench_data_smoke_counts_every_pair(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_ema_compare_scores_the_ema_and_the_trained_weights(tmp_path: Path) -> None:
-    args = [sys.executable, str(ROOT / "scripts" / "ema_compare.py"), "--config",
-            str(ROOT / "configs" / "tiny.yaml"), "--run", str(tmp_path / "run"), "--steps", "4,8",
-            "--decays", "0.9", "--device", "cpu", "--precision", "fp32", "--",
+def test_ema_compare_scores_the_ema_and_the_trained_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    args = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--run", str(tmp_path / "run"),
+            "--steps", "4,8", "--decays", "0.9", "--device", "cpu", "--precision", "fp32", "--",
             f"data.cache_dir={tmp_path / 'cache'}", "decode.beam=1",
             "decode.max_len_b=5"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(args, capture_output=True, text=True, check=True, cwd=ROOT, env=env)
-    rows = [line.split("|")[1:5] for line in out.stdout.splitlines() if line.startswith("| ")]
+    out = run_script(monkeypatch, capsys, "ema_compare", *args)  # `mt train` in a child
+    rows = [line.split("|")[1:5] for line in out.splitlines() if line.startswith("| ")]
     assert [(r[0].strip(), r[1].strip()) for r in rows[1:]] == [
         ("4", "trained"), ("4", "EMA 0.9"), ("8", "trained"), ("8", "EMA 0.9")
     ]  # fmt: skip
@@ -214,12 +212,11 @@ def test_ema_compare_scores_the_ema_and_the_trained_weights(tmp_path: Path) -> N
     assert trained.keys() == ema.keys()
     assert not all(torch.equal(trained[k], ema[k]) for k in ema)
     # --existing scores the same run's checkpoints again, without training: the same table.
-    again = [sys.executable, str(ROOT / "scripts" / "ema_compare.py"), "--existing",
-             str(tmp_path / "run-ema0.9"), "--steps", "4,8", "--device", "cpu",
+    again = ["--existing", str(tmp_path / "run-ema0.9"), "--steps", "4,8", "--device", "cpu",
              "--precision", "fp32"]  # fmt: skip
-    out2 = subprocess.run(again, capture_output=True, text=True, check=True, cwd=ROOT, env=env)
-    assert [line for line in out2.stdout.splitlines() if line.startswith("| ")] == [
-        line for line in out.stdout.splitlines() if line.startswith("| ")
+    out2 = run_script(monkeypatch, capsys, "ema_compare", *again)
+    assert [line for line in out2.splitlines() if line.startswith("| ")] == [
+        line for line in out.splitlines() if line.startswith("| ")
     ]
 
 
@@ -230,6 +227,21 @@ def load_script(name: str) -> ModuleType:
     sys.modules[name] = module  # where dataclasses look a module's names up
     spec.loader.exec_module(module)
     return module
+
+
+def run_script(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, name: str, *args: str
+) -> str:
+    """scripts/NAME.py ARGS in this process, through its main(), from the checkout: its stdout.
+
+    A Python start-up (torch, mt) saved per run; the scripts' own children still run apart.
+    """
+    script = load_script(name)
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", *args])
+    capsys.readouterr()
+    script.main()
+    return capsys.readouterr().out
 
 
 def test_bench_padding_mirrors_the_model_and_both_losses_agree() -> None:
@@ -258,17 +270,21 @@ def test_bench_attention_variants_agree_with_sdpa_on_the_decoders_layouts() -> N
 
 
 @pytest.mark.slow
-def test_bench_constraints_prints_a_table(trained_run: Path, tmp_path: Path) -> None:
+def test_bench_constraints_prints_a_table(
+    trained_run: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
     sources = (TINY / "valid.de").read_text(encoding="utf-8").splitlines()[:8]
     refs = (TINY / "valid.en").read_text(encoding="utf-8").splitlines()[:8]
     src, ref = tmp_path / "src.de", tmp_path / "ref.en"
     src.write_text("\n".join(sources) + "\n", encoding="utf-8")
     # Each source's reference is its neighbour's, so that outputs miss words to constrain.
     ref.write_text("\n".join(refs[1:] + refs[:1]) + "\n", encoding="utf-8")
-    args = [sys.executable, str(ROOT / "scripts" / "bench_constraints.py"), str(trained_run),
-            "--src", str(src), "--ref", str(ref), "--counts", "1,2", "--beam", "2",
-            "--repeats", "1", "--threads", "1"]  # fmt: skip
-    out = subprocess.run(args, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    args = [str(trained_run), "--src", str(src), "--ref", str(ref), "--counts", "1,2",
+            "--beam", "2", "--repeats", "1", "--threads", "1"]  # fmt: skip
+    out = run_script(monkeypatch, capsys, "bench_constraints", *args)
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| 1 ")]
     rows += [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| 2 ")]
     assert len(rows) == 2
@@ -341,14 +357,14 @@ def test_bench_levers_lists_each_validation_by_tokens_seen(tmp_path: Path) -> No
     ]
 
 
-def test_bench_levers_refuses_a_variant_named_like_the_baseline() -> None:
-    args = [sys.executable, str(ROOT / "scripts" / "bench_levers.py"), "--variant", "recipe",
-            "model.dropout=0.1"]  # fmt: skip
-    proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 2
-    assert proc.stderr.splitlines()[-1].endswith(
-        "error: --variant names must be unique and not 'recipe'"
-    )
+def test_bench_levers_refuses_a_variant_named_like_the_baseline(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    with pytest.raises(SystemExit) as stopped:  # argparse's exit, as the script would exit
+        run_script(monkeypatch, capsys, "bench_levers", "--variant", "recipe", "model.dropout=0.1")
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].endswith("error: --variant names must be unique and not 'recipe'")
 
 
 @pytest.mark.slow
@@ -518,7 +534,9 @@ def test_bench_ensemble_scores_each_member_and_the_ensemble(trained_run: Path) -
 
 
 @pytest.mark.slow
-def test_bench_demo_trains_both_configs_and_tables_their_scores(tmp_path: Path) -> None:
+def test_bench_demo_trains_both_configs_and_tables_their_scores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     data = tmp_path / "multi30k"  # the tiny corpus under Multi30k's file names
     data.mkdir()
     tiny = ROOT / "tests/data/tiny"
@@ -532,15 +550,12 @@ def test_bench_demo_trains_both_configs_and_tables_their_scores(tmp_path: Path) 
                   "train.precision=fp32", "train.device=cpu", "train.report=false",
                   "decode.beam=1"]  # fmt: skip
     out_md = tmp_path / "benchmarks.md"
-    command = [sys.executable, str(ROOT / "scripts/bench_demo.py"), "--data", str(data),
-               "--minutes", "0", "--out", str(tmp_path / "runs"), "--write", str(out_md),
-               "--set", *tiny_model]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.startswith("## make demo: what a newcomer gets in minutes\n")
-    assert out_md.read_text() == f"# Benchmarks\n\n{proc.stdout}"
-    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| c")]
+    command = ["--data", str(data), "--minutes", "0", "--out", str(tmp_path / "runs"),
+               "--write", str(out_md), "--set", *tiny_model]  # fmt: skip
+    out = run_script(monkeypatch, capsys, "bench_demo", *command)  # each `mt train` a child
+    assert out.startswith("## make demo: what a newcomer gets in minutes\n")
+    assert out_md.read_text() == f"# Benchmarks\n\n{out}"
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| c")]
     assert [row[0].strip() for row in rows][1:] == [
         "configs/demo.yaml", "configs/multi30k.yaml, warm-up 200, lr 2e-3 (the demo before)"
     ]  # fmt: skip

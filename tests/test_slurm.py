@@ -20,7 +20,6 @@ from helpers.waiting import read_until
 from mt import checkpoint as ckpt
 from mt.metrics import read_metrics
 
-pytestmark = pytest.mark.slow  # each test starts torchrun with two workers
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "scripts" / "slurm" / "train.sbatch"
 
@@ -151,6 +150,7 @@ def stderr_until(proc: subprocess.Popen, text: str) -> str:
     return read_until(proc.stderr, text).decode()
 
 
+@pytest.mark.slow  # two jobs of two ranks
 def test_sigusr1_checkpoints_requeues_and_the_next_job_resumes(tmp_path: Path) -> None:
     env = fake_slurm(tmp_path, cpus_per_task=2)
     # The requeued job trains to the end: 16 steps, enough to stop and resume in between.
@@ -180,6 +180,7 @@ def test_sigusr1_checkpoints_requeues_and_the_next_job_resumes(tmp_path: Path) -
     assert steps_logged == list(range(1, 17))  # nothing repeated, nothing lost
 
 
+@pytest.mark.slow  # a job of two ranks
 @pytest.mark.parametrize("sender", ["script", "ranks"])
 def test_sigterm_checkpoints_and_stops(tmp_path: Path, sender: str) -> None:
     # `scancel --signal=TERM --batch` signals the script; `scancel --signal=TERM` the ranks.
