@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gzip
+import importlib.util
 import json
 import logging
 import math
@@ -770,10 +772,14 @@ def test_limits_are_checked() -> None:
 
 
 @pytest.mark.slow
-def test_load_generator_smoke_run(trained_run: Path) -> None:
+def test_load_generator_smoke_run(trained_run: Path, tmp_path: Path) -> None:
     # int8 both offline and in the server: it decodes in fp32 whatever the CPU (mt.quantize).
+    # 8 of the test set's 40 sentences: the offline rates, most of the time, decode a fifth as
+    # much (the default, the run's test set, is test_load_generator_reads_the_runs_test_set's).
+    src = tmp_path / "src.de"
+    src.write_text("".join(load_generator_sentences(trained_run)[:8]), encoding="utf-8")
     args = [sys.executable, str(ROOT / "scripts" / "bench_serve.py"), str(trained_run), "--smoke",
-            "--quantize", "int8"]  # fmt: skip
+            "--quantize", "int8", "--src", str(src)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -793,6 +799,31 @@ def test_load_generator_smoke_run(trained_run: Path) -> None:
         assert 100 * low - 0.5 <= int(share[:-1]) <= 100 * high + 0.5
         assert len(row) == 15 and float(row[12]) > 0 and re.fullmatch(r"\d+%", row[13].strip())
     assert re.search(r"server RSS: \d+ MiB before, \d+ MiB after \d+ requests", out.stdout)
+    assert "| 8 sentences |" in out.stdout.splitlines()[0]
+
+
+def load_generator_sentences(run: Path) -> list[str]:
+    """The lines of the run's test set's source file (the tiny dev set), newlines kept."""
+    config = load_config(run / CONFIG_FILE)
+    return (
+        Path(f"{config.data.test}.{config.data.src_lang}")
+        .read_text(encoding="utf-8")
+        .splitlines(keepends=True)
+    )
+
+
+def test_load_generator_reads_the_runs_test_set(trained_run: Path, tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "bench_serve", ROOT / "scripts" / "bench_serve.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    lines = [line.rstrip("\n") for line in load_generator_sentences(trained_run)]
+    assert len(lines) == 40 and bench.sentences(trained_run, None) == lines
+    # --src instead: its non-blank lines, plain or gzipped.
+    src = tmp_path / "src.de.gz"
+    src.write_bytes(gzip.compress(b"eins\n\n  \nzwei\n"))
+    assert bench.sentences(trained_run, src) == ["eins", "zwei"]
 
 
 def test_readme_limits_table_shows_the_defaults() -> None:
