@@ -235,12 +235,17 @@ def run_script(
     """scripts/NAME.py ARGS in this process, through its main(), from the checkout: its stdout.
 
     A Python start-up (torch, mt) saved per run; the scripts' own children still run apart.
+    The torch thread count a script sets (--threads) is undone for the tests after it.
     """
     script = load_script(name)
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(sys, "argv", [f"{name}.py", *args])
     capsys.readouterr()
-    script.main()
+    threads = torch.get_num_threads()
+    try:
+        script.main()
+    finally:
+        torch.set_num_threads(threads)
     return capsys.readouterr().out
 
 
