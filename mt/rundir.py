@@ -21,7 +21,6 @@ from mt.checkpoint import (
     CHECKPOINT_DIR,
     Checkpoint,
     averaged_steps,
-    is_resume_point,
     load_weights,
     resolve_checkpoint,
     weights_checkpoints,
@@ -348,12 +347,13 @@ def run_average(run_dir: Path) -> Checkpoint | None:
     """The average a run made of its last checkpoints at its end, if it is still the run's model.
 
     Only a run that averages (train.average_last) has one, and only until the run trains on
-    (a resumed run's new checkpoints are not in it): an average of steps left behind is not.
+    (a resumed run's new checkpoints, a signal's resume point among them, are not in it): an
+    average of steps left behind is not.
     """
     average = Checkpoint.from_weights(Path(run_dir) / CHECKPOINT_DIR / AVERAGE_NAME)
     if not average.weights.is_file() or not load_run_config(run_dir).train.average_last:
         return None
-    steps = [c.step for c in weights_checkpoints(run_dir) if not is_resume_point(c)]
+    steps = [c.step for c in weights_checkpoints(run_dir)]
     covered = not steps or max(averaged_steps(average.weights), default=-1) >= steps[-1]
     return average if covered else None
 

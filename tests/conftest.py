@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.corpus import MULTI30K_DE_EN, multi_config, write_multiway
+from helpers.shared import built_once
 
 # Datasets that `load_dataset` builds from local files are cached here, not in the user's
 # ~/.cache (every run added one); set before `datasets` is imported, which reads it once.
@@ -72,25 +73,26 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mt.finish import finish
     from mt.train import train
 
-    run_dir = tmp_path_factory.mktemp("trained") / "run"
-    overrides = [
-        f"run_dir={run_dir}",
-        "train.max_steps=300",
-        "train.valid_every=100",
-        f"data.train={TINY_DATA / 'train'}",
-        f"data.valid={TINY_DATA / 'valid'}",
-        f"data.test={TINY_DATA / 'valid'}",
-        "train.report=true",
-    ]
-    config = load_config(ROOT / "configs" / "tiny.yaml", overrides)
-    finish(config, train(config))
-    return run_dir
+    def build(directory: Path) -> None:
+        overrides = [
+            f"run_dir={directory / 'run'}",
+            "train.max_steps=300",
+            "train.valid_every=100",
+            f"data.train={TINY_DATA / 'train'}",
+            f"data.valid={TINY_DATA / 'valid'}",
+            f"data.test={TINY_DATA / 'valid'}",
+            "train.report=true",
+        ]
+        config = load_config(ROOT / "configs" / "tiny.yaml", overrides)
+        finish(config, train(config))
+
+    return built_once(tmp_path_factory, "trained", build) / "run"
 
 
 @pytest.fixture(scope="session")
 def multiway(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny de/en corpus and a made-up fr, line-aligned (see write_multiway)."""
-    return write_multiway(tmp_path_factory.mktemp("multiway"), TINY_DATA)
+    return built_once(tmp_path_factory, "multiway", lambda d: write_multiway(d, TINY_DATA))
 
 
 @pytest.fixture(scope="session")
@@ -102,10 +104,11 @@ def multi_run(multiway: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """
     from mt.train import train
 
-    run_dir = tmp_path_factory.mktemp("multi") / "run"
-    overrides = ["model.prenorm=false", "train.max_steps=60", "train.valid_every=30"]
-    train(multi_config(multiway, run_dir, *overrides))
-    return run_dir
+    def build(directory: Path) -> None:
+        overrides = ["model.prenorm=false", "train.max_steps=60", "train.valid_every=30"]
+        train(multi_config(multiway, directory / "run", *overrides))
+
+    return built_once(tmp_path_factory, "multi", build) / "run"
 
 
 @pytest.fixture(scope="session")

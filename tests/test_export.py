@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers.ct2_model import read_ct2_model
+from helpers.shared import built_once
 from helpers.waiting import SAFETY_NET_S
 from sacrebleu.metrics import BLEU
 from typer.testing import CliRunner
@@ -63,21 +64,23 @@ def train_tiny(run_dir: Path, *overrides: str) -> Path:
     return run_dir
 
 
+def shared_run(tmp_path_factory: pytest.TempPathFactory, name: str, *overrides: str) -> Path:
+    """train_tiny's run with `overrides`, trained once per session (helpers.shared)."""
+    return built_once(tmp_path_factory, name, lambda d: train_tiny(d / "run", *overrides)) / "run"
+
+
 @pytest.fixture(scope="module")
 def postnorm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Post-norm, ReLU, one joint vocabulary, three-way tied embeddings."""
-    return train_tiny(tmp_path_factory.mktemp("export") / "post", "model.prenorm=false")
+    return shared_run(tmp_path_factory, "export-postnorm", "model.prenorm=false")
 
 
 @pytest.fixture(scope="module")
 def separate_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Post-norm, GELU, source and target SentencePiece models and embeddings of their own."""
-    return train_tiny(
-        tmp_path_factory.mktemp("export") / "separate",
-        "model.prenorm=false",
-        "model.activation=gelu",
-        "tokenizer.joint=false",
-        "model.share_embeddings=false",
+    settings = ["model.prenorm=false", "model.activation=gelu", "tokenizer.joint=false"]
+    return shared_run(
+        tmp_path_factory, "export-separate", *settings, "model.share_embeddings=false"
     )
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.shared import built_once
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mt.config import DecodeConfig, ModelConfig
@@ -74,8 +75,21 @@ def random_sources(n: int, seed: int, low: int = 1, high: int = 9) -> list[list[
 
 
 @pytest.fixture(scope="module")
-def reverser() -> Transformer:
-    """A model briefly trained to reverse its source: confident, outputs of varied lengths."""
+def reverser(tmp_path_factory: pytest.TempPathFactory) -> Transformer:
+    """A model briefly trained to reverse its source: confident, outputs of varied lengths.
+
+    Trained once per session (helpers.shared.built_once), whichever test worker asks first.
+    """
+    built = built_once(tmp_path_factory, "reverser", lambda d: torch.save(
+        train_reverser().state_dict(), d / "model.pt"
+    ))  # fmt: skip
+    model = tiny(0)
+    model.load_state_dict(torch.load(built / "model.pt", weights_only=True))
+    return model.eval()
+
+
+def train_reverser() -> Transformer:
+    """tiny(0) trained for 400 steps to reverse random sources."""
     model = tiny(0)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
