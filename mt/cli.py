@@ -167,10 +167,20 @@ def tokenizer_encode(
     tgt_lang: TgtLangOption = None,
 ) -> None:
     """Encode text: one line in, one line of space-separated ids (or pieces) out."""
+    from mt.config import CONFIG_FILE, load_config
     from mt.corpora import read_lines
     from mt.rundir import find_tokenizer
 
     tokenizer = find_tokenizer(model)
+    config = Path(model) / CONFIG_FILE
+    if tgt_lang is not None and not tokenizer.tags and config.is_file():
+        # A run of one target language: its sources carry no tag, as translate reads them.
+        targets = load_config(config).data.target_languages()
+        if tgt_lang not in targets:
+            raise MtError(
+                f"--tgt-lang {tgt_lang}: the model translates into {', '.join(targets)} only"
+            )
+        tgt_lang = None
     lines = list(read_lines(path))
     with ends_quietly_on_a_closed_pipe():
         for line in tokenizer.encode_lines(lines, side, pieces, tgt_lang):

@@ -446,6 +446,15 @@ def test_encode_pieces_keep_one_line_per_line(prepared: tuple[Path, str, str]) -
     assert out[0] and out[1] and out[2] == "" and out[3]
 
 
+def test_encode_takes_the_one_target_language_of_a_run_without_tags(trained_run: Path) -> None:
+    run_dir = trained_run  # de-en: one target language, no tags
+    plain = invoke("tokenizer", "encode", "-m", str(run_dir), stdin=b"der hund\n")
+    en = invoke("tokenizer", "encode", "-m", str(run_dir), "--tgt-lang", "en", stdin=b"der hund\n")
+    assert en.exit_code == 0 and en.stdout == plain.stdout != ""  # as translate reads it
+    fr = invoke("tokenizer", "encode", "-m", str(run_dir), "--tgt-lang", "fr", stdin=b"der hund\n")
+    assert str(fr.exception) == "--tgt-lang fr: the model translates into en only"
+
+
 def test_a_reader_that_leaves_early_ends_the_command_quietly(
     prepared: tuple[Path, str, str], tmp_path: Path
 ) -> None:
