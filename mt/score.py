@@ -42,7 +42,7 @@ from mt.vocab import PAD_ID
 log = logging.getLogger("mt")
 
 
-CHUNK_PAIRS = 20_000  # pairs encoded and batched at a time: memory stays flat on any input
+CHUNK_PAIRS = 20_000  # pairs encoded and batched at a time: never the whole input's ids at once
 LOGITS_ELEMENTS = 2**24  # a batch's (B, T, V) scores at most (64 MiB in float32)
 
 
@@ -54,7 +54,7 @@ def sequence_logprobs(model: Decoder, src: Tensor, tgt_in: Tensor, tgt_out: Tens
     memory = model.encode(src)  # (B, S, D)
     scores = model.decode(tgt_in, memory, src).float()  # (B, T, V): logits, or an ensemble's sum
     picked = scores.gather(2, tgt_out.unsqueeze(2)).squeeze(2)  # (B, T)
-    picked = picked - torch.logsumexp(scores, dim=-1)  # log_softmax, without a (B, T, V) copy
+    picked = picked - torch.logsumexp(scores, dim=-1)  # log_softmax at the targets alone
     return picked.masked_fill(tgt_out == PAD_ID, 0.0).sum(dim=1)  # (B,)
 
 
