@@ -158,8 +158,7 @@ def check_writable(directory: Path, key: str, create: bool = False) -> None:
     if not existing.is_dir():
         raise DataError(f"{key} {directory}: cannot create ({existing} is not a directory)")
     try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
+        tempfile.TemporaryFile(dir=existing).close()  # a file made and removed: a probe
     except OSError as exc:
         reason = exc.strerror or exc
         raise DataError(f"{key} {directory}: cannot write files in {existing} ({reason})") from None
