@@ -688,7 +688,7 @@ def restore(checkpoint: ckpt.Checkpoint, run: Run) -> TrainState:
     )
     state.world_size = run.world.world_size
     if checkpoint.weights.parent.resolve() != ckpt.checkpoint_dir(run.directory).resolve():
-        start_anew(state, run)
+        state = started_anew(state, run)
     check_same_data(state, run)
     warn_replanned(state, run)
     sync_cooldown(learner, state)
@@ -697,14 +697,14 @@ def restore(checkpoint: ckpt.Checkpoint, run: Run) -> TrainState:
     return state
 
 
-def start_anew(state: TrainState, run: Run) -> None:
+def started_anew(state: TrainState, run: Run) -> TrainState:
     """What a new run keeps of another run's state: its step, and its place in the data if it
-    trains on the same data. Its own best, time (train.max_minutes), cool-down and counts."""
+    trains on the same data. Its best, time (train.max_minutes), cool-down and counts are its
+    own."""
     fresh = TrainState(step=state.step, world_size=state.world_size)
     if state.data == run.train_data.fingerprint():
         fresh.epoch, fresh.batches_done, fresh.data = state.epoch, state.batches_done, state.data
-    for name, value in dataclasses.asdict(fresh).items():
-        setattr(state, name, value)
+    return fresh
 
 
 def apply_optimizer_settings(learner: Learner, train: TrainConfig) -> None:
