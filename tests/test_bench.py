@@ -28,6 +28,7 @@ def load_bench():
 
 
 @needs_transformers
+@pytest.mark.slow  # a second or more: the full suite runs it
 def test_marian_twin_computes_the_same_function() -> None:
     bench = load_bench()
     torch.manual_seed(0)

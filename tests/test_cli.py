@@ -455,6 +455,7 @@ def test_encode_takes_the_one_target_language_of_a_run_without_tags(trained_run:
     assert str(fr.exception) == "--tgt-lang fr: the model translates into en only"
 
 
+@pytest.mark.slow  # a second or more: the full suite runs it
 def test_a_reader_that_leaves_early_ends_the_command_quietly(
     prepared: tuple[Path, str, str], tmp_path: Path
 ) -> None:

@@ -366,6 +366,7 @@ def launched(monkeypatch: pytest.MonkeyPatch, **env: str) -> None:
         monkeypatch.setenv(name, value)
 
 
+@pytest.mark.slow  # a second or more: the full suite runs it
 def test_a_peer_that_never_joins_is_one_line_after_the_startup_timeout(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

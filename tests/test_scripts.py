@@ -642,6 +642,7 @@ def test_bench_multilingual_stops_when_a_run_was_stopped_by_a_signal(
     )
 
 
+@pytest.mark.slow  # a second or more: the full suite runs it
 def test_bench_ct2_decodes_mt_in_a_child_and_shares_threads_among_ct2_workers(
     trained_run: Path, tmp_path: Path
 ) -> None:

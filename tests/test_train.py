@@ -85,6 +85,7 @@ def test_learning_rate_follows_the_schedule(tmp_path: Path) -> None:
         assert r["lr"] == pytest.approx(expected, rel=1e-9)
 
 
+@pytest.mark.slow  # a second or more: the full suite runs it
 def test_cooldown_takes_the_lr_to_zero_over_the_last_steps(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -461,6 +462,7 @@ def ckpt_state(run: Path, step: int) -> dict:
     ))  # fmt: skip
 
 
+@pytest.mark.slow  # a second or more: the full suite runs it
 def test_average_last_at_the_end(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     run = tmp_path / "run"
     config = tiny(run, "train.max_steps=30", "train.keep_last=2", "train.average_last=2")
@@ -579,6 +581,7 @@ def test_a_run_with_nothing_to_do_keeps_its_config(tmp_path: Path) -> None:
     assert (run / "config.yaml").read_bytes() == before
 
 
+@pytest.mark.slow  # a second or more: the full suite runs it
 def test_a_rerun_at_the_end_does_the_average_and_report_a_signal_stopped(tmp_path: Path) -> None:
     run = tmp_path / "run"
     config = tiny(run, "train.max_steps=10", "train.average_last=2", "train.report=true")
@@ -596,6 +599,7 @@ def test_a_rerun_at_the_end_does_the_average_and_report_a_signal_stopped(tmp_pat
     assert (report.stat().st_mtime_ns, average.stat().st_mtime_ns) == written
 
 
+@pytest.mark.slow  # a second or more: the full suite runs it
 def test_the_end_of_run_jobs_hold_the_run_lock(tmp_path: Path) -> None:
     run = tmp_path / "run"
     config = tiny(run, "train.max_steps=10", "train.average_last=1", "train.report=true")
@@ -939,6 +943,7 @@ def test_each_rank_resumes_its_own_share_of_the_logging_window() -> None:
     assert windows[3] == {**empty, "loss": 0.0, "nll": 0.0}
 
 
+@pytest.mark.slow  # a second or more: the full suite runs it
 def test_a_run_that_ends_between_log_steps_logs_its_last_updates(tmp_path: Path) -> None:
     run = tmp_path / "run"
     limits = ["train.max_steps=1000", "train.log_every=1000", "train.valid_every=1000"]
@@ -955,6 +960,7 @@ def test_a_run_that_ends_between_log_steps_logs_its_last_updates(tmp_path: Path)
     assert [r["step"] for r in read_metrics(run, "train")] == [first, second]
 
 
+@pytest.mark.slow  # a second or more: the full suite runs it
 def test_a_signals_checkpoint_is_neither_kept_nor_averaged_once_the_run_resumes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1119,6 +1125,7 @@ def test_a_signal_during_the_last_update_is_validated_when_rerun(
     assert train(config).idle
 
 
+@pytest.mark.slow  # a second or more: the full suite runs it
 def test_a_resume_point_saved_after_going_back_is_kept_until_a_later_save(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

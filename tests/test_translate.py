@@ -222,6 +222,7 @@ def test_a_model_file_outside_a_run_is_a_one_line_error(trained_run: Path, tmp_p
     )
 
 
+@pytest.mark.slow  # a second or more: the full suite runs it
 def test_invalid_utf8_is_a_one_line_error(trained_run: Path, tmp_path: Path) -> None:
     source = tmp_path / "bad.txt"
     source.write_bytes(b"Der hund .\nDas \xff kind .\n")
