@@ -143,10 +143,19 @@ class DataConfig:
         seen: dict[str, int] = {}
         for i, corpus in enumerate(self.corpora):
             first = seen.setdefault(corpus.direction, i)
+            other = self.corpora[first]
+            _check(
+                first == i
+                or (other.src_lang, other.tgt_lang) != (corpus.src_lang, corpus.tgt_lang),
+                "data.corpora",
+                f"data.corpora[{i}]: direction {corpus.direction} is already data.corpora[{first}]",
+            )
             _check(
                 first == i,
                 "data.corpora",
-                f"data.corpora[{i}]: direction {corpus.direction} is already data.corpora[{first}]",
+                f"data.corpora[{i}]: {corpus.src_lang} -> {corpus.tgt_lang} and data.corpora"
+                f"[{first}]'s {other.src_lang} -> {other.tgt_lang} are both named "
+                f"{corpus.direction}: write a code with _ instead of - (pt_BR)",
             )
         names = [c.direction for c in self.directions()]
         _check(

@@ -407,6 +407,11 @@ def test_corpora_share_the_data_files_unless_they_name_their_own(tmp_path: Path)
             "data.corpora[2]: direction de-en is already data.corpora[0]",
         ),
         (
+            "[{src_lang: pt-BR, tgt_lang: en}, {src_lang: pt, tgt_lang: BR-en}]",
+            "data.corpora[1]: pt -> BR-en and data.corpora[0]'s pt-BR -> en are both named "
+            "pt-BR-en: write a code with _ instead of - (pt_BR)",
+        ),
+        (
             "[{src_lang: de, tgt_lang: 'e n'}]",
             "data.corpora[0].tgt_lang='e n' is not a language code (letters, digits, - and _)",
         ),
