@@ -863,7 +863,21 @@ def why_done(run: Run) -> str:
         return "the end of its lr cool-down; a run that cooled down does not go on"
     if tc.patience and state.bad_validations >= tc.patience:
         return f"it stopped early, train.patience={tc.patience}; a larger patience goes on"
+    # Every rank restored the same train_seconds and position, so they all agree.
+    if out_of_time(tc, state.train_seconds):
+        return f"train.max_minutes={tc.max_minutes:g}"
+    if tc.max_epochs and state.epoch >= tc.max_epochs and epoch_done(run):
+        return f"train.max_epochs={tc.max_epochs}"
     return ""
+
+
+def epoch_done(run: Run) -> bool:
+    """Whether the run has trained on every batch of its current epoch."""
+    tc = run.config.train
+    sampler = MixtureSampler.of(
+        run.train_data, tc.max_tokens, tc.seed, run.config.data.mixed_batches
+    )
+    return run.state.batches_done >= len(sampler.epoch_batches(run.state.epoch))
 
 
 UNK_WARNING = 0.01  # a dev set with more unknown pieces than this gets a warning
@@ -942,11 +956,7 @@ def loop(run: Run) -> TrainResult:
         try:
             # The validation a signal put off (see `end`) comes first, as it would have.
             stop_early = state.unvalidated and validate_and_save(run)
-            # A run resumed with its time spent stops before another update. Every rank
-            # restored the same train_seconds, so they all agree without a collective.
-            if spent := out_of_time(tc, state.train_seconds):
-                log.info("reached train.max_minutes=%g at step %d", tc.max_minutes, state.step)
-            while not stop_early and not spent and state.step < tc.max_steps:
+            while not stop_early and state.step < tc.max_steps:
                 # 1. This rank's micro-batches of the next update, collated in the background.
                 t0 = time.perf_counter()
                 update = next(updates, None)

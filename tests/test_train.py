@@ -423,6 +423,7 @@ def test_time_limit_stops_with_a_checkpoint(
     # Run again with the budget spent already: no further update, no second validation.
     valid = read_metrics(run, "valid")
     again = train(tiny(run, "train.max_steps=1000", "train.max_minutes=0.00001"))
+    assert again.idle  # nothing to do: the end's average and report are not made again
     assert again.state.step == result.state.step == ckpt.latest_checkpoint(run).step
     assert read_metrics(run, "valid") == valid and valid[-1]["step"] == result.state.step
 
@@ -955,8 +956,8 @@ def test_a_run_that_ends_between_log_steps_logs_its_last_updates(tmp_path: Path)
     second = train(tiny(run, *limits, "train.max_epochs=2")).state.step
     assert [r["step"] for r in read_metrics(run, "train")] == [first, second]
     assert first < second < 1000
-    # Resumed with nothing left to train: no empty record.
-    train(tiny(run, *limits, "train.max_epochs=2"))
+    # Resumed with nothing left to train: no empty record, nothing done.
+    assert train(tiny(run, *limits, "train.max_epochs=2")).idle
     assert [r["step"] for r in read_metrics(run, "train")] == [first, second]
 
 
