@@ -81,24 +81,13 @@ def score_pairs(
     targets: Sequence[str],
     tgt_lang: str | None = None,
     progress: bool = False,
-) -> Iterator[tuple[list[int], list[float | None]]]:
-    """(pair indices, their scores) batch by batch; None for a blank source, nan for too long.
+) -> Iterator[tuple[list[int], list[float | None], bool]]:
+    """(pair indices, their scores, whether the model scored them) batch by batch: None for a
+    blank source, nan for a pair too long (neither scored by the model).
 
     Pairs go CHUNK_PAIRS at a time, each chunk's blank sources first (unscored: `mt translate`
     leaves them blank too), then its batches by length.
     """
-    for rows, scores, _ in scored_batches(translator, sources, targets, tgt_lang, progress):
-        yield rows, scores
-
-
-def scored_batches(
-    translator: Translator,
-    sources: Sequence[str],
-    targets: Sequence[str],
-    tgt_lang: str | None = None,
-    progress: bool = False,
-) -> Iterator[tuple[list[int], list[float | None], bool]]:
-    """score_pairs' batches, each with whether the model scored it (not blank, not too long)."""
     bar = tqdm(total=len(sources), unit="pair", disable=not progress, file=sys.stderr)
     for start in range(0, len(sources), CHUNK_PAIRS):
         chunk = slice(start, start + CHUNK_PAIRS)
@@ -117,7 +106,7 @@ def _score_chunk(
     tgt_lang: str | None,
     start: int,
 ) -> Iterator[tuple[list[int], list[float | None], bool]]:
-    """scored_batches for pairs that start at line `start` + 1 of the input."""
+    """score_pairs for pairs that start at line `start` + 1 of the input."""
     model, decode, device = translator.model, translator.decode, translator.device
     room = model.max_positions - 1  # the pieces that fit beside EOS (source) or BOS (target)
     src_ids = encode_sources(sources, translator.tokenizer, sys.maxsize, tgt_lang)
@@ -171,7 +160,7 @@ def score_file(
         models, str(dev), prec, weights, quantization, keep_memory=False, **overrides
     )
     check_target(config, translator.tokenizer, tgt_lang)
-    batches = scored_batches(translator, sources, targets, tgt_lang, sys.stderr.isatty())
+    batches = score_pairs(translator, sources, targets, tgt_lang, sys.stderr.isatty())
     missing = 0  # pairs the model scores nan or inf: diverged weights
     with output_stream(output) as stream:
         writer = InOrderWriter(stream, len(sources), lambda _, score: [format_score(score)])

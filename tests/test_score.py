@@ -34,7 +34,7 @@ def translator(trained_run: Path) -> Translator:
 def scores(translator: Translator, sources: list[str], targets: list[str], **options) -> list:
     """score_pairs' scores in input order."""
     out: list = [0.0] * len(sources)
-    for indices, found in score_pairs(translator, sources, targets, **options):
+    for indices, found, _ in score_pairs(translator, sources, targets, **options):
         for i, score in zip(indices, found, strict=True):
             out[i] = score
     return out
