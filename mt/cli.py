@@ -396,7 +396,10 @@ SCORE_HELP = (
     "--length-penalty none for the plain log-probability, average for its mean per piece). A "
     "blank source line gives a blank line; a pair too long for the model gives nan, with a "
     "warning naming the line. For reranking n-best lists (a right-to-left or reverse model) "
-    "and for filtering parallel data."
+    "and for filtering parallel data.\n\n"
+    "--piece-scores adds, after a tab, the log-probability of each target piece and of EOS; "
+    "--summary prints instead one line: the cross-entropy per target piece and its perplexity "
+    "over every pair scored (a dev set's are the dev nll and ppl training logs)."
 )
 
 
@@ -416,6 +419,12 @@ def score_command(
     precision: PrecisionOption = "auto",
     weights: WeightsOption = None,
     quantize: QuantizeOption = "none",
+    piece_scores: Annotated[
+        bool, typer.Option(help="After each score, a tab and every piece's log-probability.")
+    ] = False,
+    summary: Annotated[
+        bool, typer.Option(help="One line instead: cross-entropy and perplexity of the whole.")
+    ] = False,
 ) -> None:
     """Score line pairs with a trained model (see SCORE_HELP)."""
     from mt.score import score_file
@@ -430,6 +439,8 @@ def score_command(
         tgt_lang=tgt_lang,
         weights=weights,
         quantization=quantize,
+        piece_scores=piece_scores,
+        summary=summary,
         alpha=alpha,
         length_penalty=length_penalty,
         max_tokens=max_tokens,

@@ -52,7 +52,7 @@ def candidates(
     flat = [(i, h) for i, hyps in enumerate(nbest) for h in hyps if h.found and h.text.strip()]
     back = [0.0] * len(flat)
     outputs, originals = [h.text for _, h in flat], [sources[i] for i, _ in flat]
-    for indices, found, _ in score_pairs(reverse, outputs, originals, src_lang):
+    for indices, found, _, _ in score_pairs(reverse, outputs, originals, src_lang):
         for j, value in zip(indices, found, strict=True):  # unscored (too long): never preferred
             back[j] = value if value is not None and math.isfinite(value) else -math.inf
     out: Candidates = [[] for _ in sources]

@@ -1,8 +1,10 @@
-"""`mt score`: a pair's score is its search score; batching, ensembles, blank and long lines."""
+"""`mt score`: a pair's score is its search score; batching, ensembles, blank and long lines;
+per-piece scores and the summary (training's dev nll)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import re
@@ -34,7 +36,7 @@ def translator(trained_run: Path) -> Translator:
 def scores(translator: Translator, sources: list[str], targets: list[str], **options) -> list:
     """score_pairs' scores in input order."""
     out: list = [0.0] * len(sources)
-    for indices, found, _ in score_pairs(translator, sources, targets, **options):
+    for indices, found, _, _ in score_pairs(translator, sources, targets, **options):
         for i, score in zip(indices, found, strict=True):
             out[i] = score
     return out
@@ -103,6 +105,43 @@ def test_inputs_go_in_chunks_with_their_own_line_numbers(
     ok = [i for i in range(len(sources)) if i not in (5, 6)]
     assert [chunked[i] for i in ok] == pytest.approx([whole[i] for i in ok], rel=1e-5)
     assert [m.split(":")[0] for m in caplog.messages] == ["line 6", "line 6"]  # whole, chunked
+
+
+def test_piece_scores_sum_to_the_score_and_the_summary_is_the_dev_nll_training_logged(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    src, tgt = (ROOT / f"tests/data/tiny/valid.{lang}" for lang in ("de", "en"))
+    step = trained_run / "checkpoints" / "step-00000300.safetensors"
+    args = ["score", str(src), str(tgt), "-m", str(step), "--precision", "fp32"]
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, [*args, "--piece-scores", "--length-penalty", "none"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    pieces = [line.split("\t")[1].split(" ") for line in lines]
+    assert len(lines) == 40 and [len(p) for p in pieces] == [
+        len(ids) + 1
+        for ids in load_trained(trained_run, CPU)[1].encode_tgt(tgt.read_text().splitlines())
+    ]
+    for line, row in zip(lines, pieces, strict=True):
+        assert float(line.split("\t")[0]) == pytest.approx(sum(map(float, row)), abs=1e-3)
+    result = CliRunner().invoke(app, [*args, "--summary", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = out.read_text(encoding="utf-8")
+    found = re.fullmatch(
+        r"cross-entropy (\S+) nats per piece, perplexity (\S+), over ([\d,]+) target pieces "
+        r"\(EOS included\) of 40 pairs\n",
+        summary,
+    )
+    assert found, summary
+    logged = [json.loads(line) for line in (trained_run / "metrics.jsonl").open()]
+    dev = next(r for r in logged if r["kind"] == "valid" and r.get("step") == 300)
+    assert float(found[1]) == pytest.approx(dev["nll"], abs=1e-4)
+    assert float(found[2]) == pytest.approx(dev["ppl"], rel=1e-3)
+    assert int(found[3].replace(",", "")) == sum(len(p) for p in pieces)
+    result = CliRunner().invoke(app, [*args, "--summary", "--piece-scores"])
+    assert (
+        str(result.exception) == "--piece-scores and --summary: give one (the summary has no lines)"
+    )
 
 
 def test_a_diverged_model_writes_every_score_then_fails(diverged_run: Path, tmp_path: Path) -> None:
