@@ -170,6 +170,16 @@ def test_blank_sources_blank_lines_and_too_long_pairs_nan(
     lines = out.read_text(encoding="utf-8").split("\n")
     assert lines[1:] == ["", "nan", "nan", ""]  # blank source; too long target; too long source
     assert -math.inf < float(lines[0]) < 0
+    result = CliRunner().invoke(app, [*args, "-o", str(out), "--piece-scores"])
+    assert out.read_text(encoding="utf-8").split("\n")[1:] == ["", "nan", "nan", ""]
+    result = CliRunner().invoke(app, [*args, "--summary"])
+    assert result.stdout.endswith(" of 1 pairs; 3 not scored (blank source or too long)\n")
+    src.write_text("\n\n", encoding="utf-8")
+    tgt.write_text("a\nb\n", encoding="utf-8")
+    result = CliRunner().invoke(app, [*args, "--summary"])
+    assert str(result.exception) == (
+        f"{src}: no pair to score (every source line is blank or too long)"
+    )
 
 
 def test_bad_inputs_are_one_line_errors(
