@@ -699,6 +699,7 @@ class Constraints:
         cls, rows: Sequence[Sequence[Sequence[int]]], device: torch.device
     ) -> Constraints | None:
         """The constraints of each sentence's phrases (lists of ids); None when there are none."""
+        rows = [essential(row) for row in rows]
         C = max((len(row) for row in rows), default=0)
         if C == 0:
             return None
@@ -719,6 +720,22 @@ class Constraints:
     def select(self, index: Tensor) -> Constraints:
         """The constraints of sentences `index` (B',)."""
         return Constraints(self.phrases.index_select(0, index), self.lengths.index_select(0, index))
+
+
+def essential(row: Sequence[Sequence[int]]) -> list[Sequence[int]]:
+    """A sentence's phrases less those inside another of them (and repeats of one).
+
+    An output holding the rest holds them too; kept, they would have to occur a second time,
+    since Progress matches one phrase at a time ("New York" inside "New York Times").
+    """
+    return [
+        phrase
+        for i, phrase in enumerate(row)
+        if not any(
+            j != i and contains(other, phrase) and (len(other) > len(phrase) or j < i)
+            for j, other in enumerate(row)
+        )
+    ]
 
 
 def contains(tokens: Sequence[int], phrase: Sequence[int]) -> bool:

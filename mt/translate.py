@@ -215,12 +215,19 @@ def vocabulary_difference(first: Tokenizer, other: Tokenizer) -> str | None:
 # --- decoding settings ----------------------------------------------------------------------
 
 
+SAMPLING_ONLY = ("temperature", "top_k", "top_p", "seed")  # decode.* no search reads
+
+
 def decode_settings(config: Config, **overrides: Any) -> DecodeConfig:
     """The run's decode section with command-line values (None = keep the run's) applied."""
     given = {key: value for key, value in overrides.items() if value is not None}
     if not given:
         return config.decode
-    if "beam" in given and "nbest" not in given and not config.decode.sampling:
+    sampling = given.get("sampling", config.decode.sampling)
+    if ignored := [key for key in SAMPLING_ONLY if key in given and not sampling]:
+        option = "--" + ignored[0].replace("_", "-")
+        raise MtError(f"command line: {option} applies to sampling only: add --sampling")
+    if "beam" in given and "nbest" not in given and not sampling:
         given["nbest"] = min(config.decode.nbest, given["beam"])  # --beam caps the run's n-best
     tree = config.to_dict()
     tree["decode"].update(given)

@@ -724,6 +724,24 @@ def test_constraints_are_batch_invariant_and_work_with_prefixes(reverser: Transf
         assert all(contains(h.tokens, c) for h in hyps for c in wanted_phrases)
 
 
+def test_a_phrase_inside_another_or_repeated_asks_for_nothing_more(reverser: Transformer) -> None:
+    srcs, cpu = random_sources(6, seed=85, low=5), torch.device("cpu")
+    longer = [[src[1:4]] for src in srcs]  # three pieces of each source: its reversal holds them
+    inside = [[p[0][1:], p[0], p[0][:2]] for p in longer]  # the tail, the whole, the head
+    repeated = [[p[0][1:2], p[0][1:2]] for p in longer]
+    config = DecodeConfig(beam=4, nbest=2)
+    out = decode(reverser, pad_batch(srcs), config, constraints=Constraints.of(longer, cpu))
+    both = decode(reverser, pad_batch(srcs), config, constraints=Constraints.of(inside, cpu))
+    assert all(contains(h.tokens, p[0]) for hyps, p in zip(out, longer, strict=True) for h in hyps)
+    for one, other in zip(out, both, strict=True):
+        assert_same_hypotheses(one, other)
+    once = [[p[0]] for p in repeated]
+    out = decode(reverser, pad_batch(srcs), config, constraints=Constraints.of(once, cpu))
+    twice = decode(reverser, pad_batch(srcs), config, constraints=Constraints.of(repeated, cpu))
+    for one, other in zip(out, twice, strict=True):
+        assert_same_hypotheses(one, other)
+
+
 def test_unsatisfiable_constraints_give_the_unconstrained_output() -> None:
     model = tiny(6, max_positions=8)  # at most 6 pieces before EOS
     srcs = random_sources(3, seed=83, high=5)

@@ -546,6 +546,13 @@ def test_bad_prefix_and_constraint_files_are_one_line_errors(
 def test_beam_caps_the_runs_nbest_and_one_stdin_at_most(trained_run: Path, tmp_path: Path) -> None:
     config = load_config(trained_run / "config.yaml", ["decode.nbest=2", "decode.beam=2"])
     assert decode_settings(config, beam=1).nbest == 1  # not "decode.nbest=2 exceeds decode.beam"
+    sampled = load_config(trained_run / "config.yaml", ["decode.sampling=true", "decode.nbest=4"])
+    assert decode_settings(sampled, sampling=False, beam=2).nbest == 2  # beam search: capped
+    assert decode_settings(config, sampling=True, beam=1).nbest == 2  # samples: not capped
+    with pytest.raises(MtError) as err:
+        decode_settings(config, beam=3, top_p=0.9, seed=1)  # sampling is off: they do nothing
+    assert str(err.value) == "command line: --top-p applies to sampling only: add --sampling"
+    assert decode_settings(sampled, top_k=5).top_k == 5
     with pytest.raises(MtError) as err:
         translate_file("-", [trained_run], prefix=Path("-"))
     assert str(err.value) == "FILE and --prefix both read standard input (-): give one a file"
