@@ -234,6 +234,17 @@ def decode_settings(config: Config, **overrides: Any) -> DecodeConfig:
     return from_dict(tree, "command line").decode  # validates, e.g. nbest <= beam
 
 
+def settings_before_input(model: Path, **overrides: Any) -> DecodeConfig | None:
+    """decode_settings from `model`'s run config alone, so that bad options fail before any
+    input is read or model loaded; None where the config cannot be read (loading the model
+    then says why)."""
+    try:
+        config = load_run_config(model_checkpoint(Path(model)).run_dir)
+    except MtError:
+        return None
+    return decode_settings(config, **overrides)
+
+
 def resolve_runtime(
     device: str,
     precision: str,
@@ -487,6 +498,9 @@ def translate_file(
     check_stdin({"FILE": source, "--prefix": prefix, "--constraints": constraints})
     # Resolved first, so that a bad --device or --precision fails before stdin is read.
     dev, prec = resolve_runtime(device, precision, models[0], quantization)
+    early = settings_before_input(models[0], **overrides)
+    if constraints is not None and early is not None and early.sampling:
+        raise MtError(f"--constraints {constraints}: constraints need beam search, not sampling")
     lines = list(read_lines(source))  # before loading the model: bad input fails fast
     prefix_rows = None if prefix is None else read_aligned(prefix, lines, source)
     constraint_rows = None if constraints is None else read_aligned(constraints, lines, source)
@@ -496,8 +510,6 @@ def translate_file(
     )
     tokenizer, decode = translator.tokenizer, translator.decode
     check_target(config, tokenizer, tgt_lang)
-    if constraints is not None and decode.sampling:
-        raise MtError(f"--constraints {constraints}: constraints need beam search, not sampling")
     room = translator.model.max_positions - 2  # the output pieces before EOS
     prefixes = prefix_rows and encode_prefixes(prefix, prefix_rows, tokenizer, room)
     wanted = constraint_rows and encode_constraints(constraints, constraint_rows, tokenizer, room)

@@ -750,6 +750,8 @@ def test_serve_command_errors_are_one_line(trained_run: Path, tmp_path: Path) ->
     )
     result = runner.invoke(cli_app, ["serve", str(trained_run), "--beam", "20"])
     assert str(result.exception) == "--beam 20 exceeds --max-beam 16"
+    result = runner.invoke(cli_app, ["serve", str(trained_run), "--max-beam", "1"])
+    assert str(result.exception) == "the run's decode.beam=2 exceeds --max-beam 1"
 
 
 def test_missing_serve_extra_gives_the_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -202,13 +202,29 @@ def test_an_output_that_cannot_be_written_is_refused_before_translating(
         assert isinstance(result.exception, MtError) and str(result.exception) == message
 
 
-def test_nbest_larger_than_beam_is_a_one_line_error(trained_run: Path, tmp_path: Path) -> None:
-    source = tmp_path / "in.txt"
-    source.write_text("Der hund .\n", encoding="utf-8")
-    args = ["translate", "-m", str(trained_run), str(source), "--nbest", "3", "--beam", "2"]
+def test_bad_decoding_options_fail_before_any_input_is_read(
+    trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unread(path: object) -> None:
+        raise AssertionError(f"{path} read before the options were checked")
+
+    for module in ("mt.translate", "mt.score"):
+        monkeypatch.setattr(f"{module}.read_lines", unread)
+    args = ["translate", "-m", str(trained_run), "-", "--nbest", "3", "--beam", "2"]
     result = CliRunner().invoke(app, args)
     assert isinstance(result.exception, MtError)
-    assert "decode.nbest=3 exceeds decode.beam=2" in str(result.exception)
+    assert str(result.exception) == "command line: decode.nbest=3 exceeds decode.beam=2"
+    terms = tmp_path / "terms.tsv"
+    args = ["translate", "-m", str(trained_run), "-", "--sampling", "--constraints", str(terms)]
+    result = CliRunner().invoke(app, args)
+    assert str(result.exception) == (
+        f"--constraints {terms}: constraints need beam search, not sampling"
+    )
+    args = ["score", "-m", str(trained_run), "-", str(terms), "--length-penalty", "log"]
+    result = CliRunner().invoke(app, args)
+    assert str(result.exception) == (
+        "command line: decode.length_penalty must be one of gnmt, average, none, got 'log'"
+    )
 
 
 @pytest.mark.slow

@@ -52,7 +52,8 @@ def load(
     config, tokenizer, model, checkpoint = load_trained(model_path, device)
     decode = decode_settings(config, beam=beam)
     if decode.beam > limits.max_beam:
-        raise MtError(f"--beam {decode.beam} exceeds --max-beam {limits.max_beam}")
+        given = f"--beam {beam}" if beam is not None else f"the run's decode.beam={decode.beam}"
+        raise MtError(f"{given} exceeds --max-beam {limits.max_beam}")
     batcher = Batcher(model, tokenizer, decode, device, precision, limits)
     info = describe(config, model, checkpoint, decode, batcher, precision, quantization)
     if tokenizer.tags:  # the language tag takes one of the source's places
