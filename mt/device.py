@@ -117,7 +117,7 @@ def describe_precision(record: dict[str, object]) -> str:
     if how == "asked":
         return f"{precision} (as asked)"
     if how == "cuda":
-        return f"{precision} (auto on CUDA: bf16 where supported, else fp16)"
+        return f"{precision} (auto on CUDA: bf16 where the GPU has bf16 units, else fp16)"
     if how == "amx":
         return f"{precision} (auto by the AMX rule: {record.get('why', '')})"
     rates = ", ".join(
@@ -256,7 +256,8 @@ def resolve_precision(
     rows: int = 0,
     time_calls: TimeCalls = time_linear,
 ) -> PrecisionChoice:
-    """`auto`: on CUDA bf16 where supported, else fp16; on CPU the faster of fp32 and bf16.
+    """`auto`: on CUDA bf16 where the GPU has bf16 units, else fp16; on CPU the faster of fp32
+    and bf16.
 
     On CPU `auto` times both on the model's `products` (model_products) at up to `rows` rows
     (a batch's tokens), through the layers `time_calls` runs (nn.Linear's product unless told
@@ -266,7 +267,9 @@ def resolve_precision(
     if name != "auto":
         return PrecisionChoice(name, "asked")
     if device.type == "cuda":
-        return PrecisionChoice("bf16" if torch.cuda.is_bf16_supported() else "fp16", "cuda")
+        # Without emulation: before compute capability 8 (V100, T4), bf16 runs emulated, slowly.
+        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        return PrecisionChoice("bf16" if bf16 else "fp16", "cuda")
     if device.type != "cpu":
         return amx_rule(f"{device.type} devices are not timed")
     if not products:

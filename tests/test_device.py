@@ -95,6 +95,21 @@ def test_choose_precision_needs_bf16_faster_by_the_margin_on_enough_rows() -> No
     assert choose_precision(Measurement(8, {"fp32": 1.0}, 0.5, False), rows=64) == "fp32"
 
 
+@pytest.mark.parametrize(("units", "expected"), [(True, "bf16"), (False, "fp16")])
+def test_auto_on_cuda_is_bf16_only_with_bf16_units(
+    monkeypatch: pytest.MonkeyPatch, units: bool, expected: str
+) -> None:
+    # A V100 or T4 "supports" bf16 by emulation alone: auto must give it fp16.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: (
+        units or including_emulation
+    ))  # fmt: skip
+    choice = device.resolve_precision("auto", torch.device("cuda"))
+    assert choice.record()["precision"] == expected
+    assert choice.describe() == (
+        f"{expected} (auto on CUDA: bf16 where the GPU has bf16 units, else fp16)"
+    )
+
+
 class FakeMatmul:
     """F.linear at fixed GFLOP/s per dtype, on a clock that only its products advance."""
 
