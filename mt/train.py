@@ -193,7 +193,7 @@ def build_learner(
         optimizer=optimizer,
         schedule=schedule,
         scheduler=make_scheduler(optimizer, schedule),
-        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+        scaler=loss_scaler(device, enabled=precision == "fp16"),
         world=world,
         device=device,
         precision=precision,
@@ -798,6 +798,14 @@ def restore_weights(
         learner.model.load_state_dict(payload["model"])
 
 
+def loss_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
+    """fp16's loss scaler, its scale made now: a rank whose first update runs out of memory
+    before scaling a loss, or has no batch, still unscales (GradScaler makes it lazily)."""
+    scaler = torch.amp.GradScaler(device.type, enabled=enabled)
+    scaler.scale(torch.zeros((), device=device))
+    return scaler
+
+
 def restore_scaler(learner: Learner, saved: dict[str, object]) -> None:
     """Restore the fp16 loss scaler; a run may switch precision when it resumes."""
     if learner.scaler.is_enabled() and not saved:
@@ -1035,6 +1043,8 @@ def apply(run: Run, result: StepResult) -> bool:
     state, learner = run.state, run.learner
     if result.out_of_memory:
         learner.optimizer.zero_grad(set_to_none=True)
+        # The step unscaled: end the scaler's update too (same scale), or the next unscale fails.
+        learner.scaler.update(learner.scaler.get_scale())
         state.oom_steps += 1
         if run.world.is_main:
             log.warning(

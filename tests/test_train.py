@@ -501,19 +501,23 @@ def test_average_last_needs_the_checkpoints_kept(tmp_path: Path) -> None:
         tiny(tmp_path / "run", "train.keep_last=2", "train.average_last=3")
 
 
-def test_out_of_memory_skips_the_update(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("precision", "failing_call"), [("fp32", 2), ("fp16", 2), ("fp16", 1)])
+def test_out_of_memory_skips_the_update(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str, failing_call: int
+) -> None:
     real = train_module.label_smoothed_nll
     calls = {"n": 0}
 
     def loss(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == failing_call:  # fp16's first: before the loss scaler ever scaled
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "label_smoothed_nll", loss)
     run = tmp_path / "run"
-    result = train(tiny(run, "train.max_steps=5", "train.valid_every=1000", "train.log_every=1"))
+    overrides = ["train.max_steps=5", "train.valid_every=1000", "train.log_every=1"]
+    result = train(tiny(run, *overrides, f"train.precision={precision}"))
     assert result.state.step == 5 and result.state.oom_steps == 1
     assert [r["step"] for r in read_metrics(run, "train")] == [1, 2, 3, 4, 5]
 
