@@ -27,6 +27,7 @@ from mt.checkpoint import (
 from mt.config import CONFIG_FILE, load_config
 from mt.errors import MtError
 from mt.metrics import read_metrics, selected_bleu
+from mt.rundir import run_average
 
 log = logging.getLogger("mt")
 
@@ -140,8 +141,29 @@ def check_output(run_dir: Path, output: Path) -> None:
         )
 
 
-def average_run(run_dir: Path, last: int = 0, best: int = 0, output: Path | None = None) -> Path:
-    """Average a run's last `last` or best `best` checkpoints; returns the file written."""
+def check_not_own(run_dir: Path, output: Path) -> None:
+    """MtError if `output` is the average the run made at its end while it is the run's model
+    (run_average): replaced, the run's model would change or fall back to its best."""
+    own = run_average(run_dir) if (run_dir / CONFIG_FILE).is_file() else None
+    if own is not None and own.weights.resolve() == output.resolve():
+        wanted = load_config(run_dir / CONFIG_FILE).train.average_last
+        raise MtError(
+            f"{output}: the run's own average of its last {wanted} checkpoints, its model; "
+            "name another file with --output"
+        )
+
+
+def average_run(
+    run_dir: Path,
+    last: int = 0,
+    best: int = 0,
+    output: Path | None = None,
+    replace_own: bool = False,
+) -> Path:
+    """Average a run's last `last` or best `best` checkpoints; returns the file written.
+
+    The run's own end-of-run average is replaced only with `replace_own` (the run's end).
+    """
     run_dir = Path(run_dir)
     if (last > 0) == (best > 0) or min(last, best) < 0:
         raise MtError("give one of --last K or --best K, with K >= 1")
@@ -150,5 +172,7 @@ def average_run(run_dir: Path, last: int = 0, best: int = 0, output: Path | None
     chosen = select_last(run_dir, last) if last else select_best(run_dir, best)
     output = Path(output) if output is not None else checkpoint_dir(run_dir) / AVERAGE_NAME
     check_output(run_dir, output)
+    if not replace_own:
+        check_not_own(run_dir, output)
     log.info("averaging %s into %s", ", ".join(c.name for c in chosen), output)
     return average_checkpoints([c.weights for c in chosen], output)

@@ -38,7 +38,11 @@ def _average(run_dir: Path, wanted: int) -> None:
     last = min(wanted, sum(not is_resume_point(c) for c in weights_checkpoints(run_dir)))
     checkpoints = f"{last} checkpoint{'s' if last != 1 else ''}"
     if last:
-        log.info("averaged the last %s into %s", checkpoints, average_run(run_dir, last=last))
+        log.info(
+            "averaged the last %s into %s",
+            checkpoints,
+            average_run(run_dir, last=last, replace_own=True),
+        )
     if last < wanted:
         log.warning(
             f"warning: train.average_last={wanted}, but the run has "

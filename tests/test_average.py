@@ -210,6 +210,14 @@ def test_a_runs_model_is_its_average_while_the_run_makes_one_and_it_is_current(
     save_config(load_config(TINY_CONFIG, ["train.average_last=2"]), run / CONFIG_FILE)
     assert model_checkpoint(run) == model_checkpoint(run / "checkpoints") == average
     assert model_checkpoint(average.weights) == average
+    with pytest.raises(MtError) as error:  # `mt average RUN --last 1` would replace the model
+        average_run(run, last=1)
+    assert str(error.value) == (
+        f"{average.weights}: the run's own average of its last 2 checkpoints, its model; name "
+        "another file with --output"
+    )
+    assert ckpt.averaged_steps(average.weights) == [20, 30]
+    assert average_run(run, last=2, replace_own=True) == average.weights  # the run's end
     assert model_checkpoint(run / "checkpoints" / "step-00000020").step == 20  # a name: as named
     ckpt.save_checkpoint(run, 35, tiny_model(35), {"step": 35}, META, resume_point=True)
     assert model_checkpoint(run).step == 10  # trained on past the average: its best again
