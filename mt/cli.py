@@ -451,7 +451,9 @@ EVALUATE_HELP = (
     "Print sacreBLEU's BLEU, chrF and TER, each with its signature.\n\n"
     "Score a file (--hyp and --ref), a model's translation of a file (--model, --src and --ref), "
     "or a model's translation of its run's test set (--model alone): of every direction of a "
-    "multilingual run, one row (or --json record) each."
+    "multilingual run, one row (or --json record) each.\n\n"
+    "BLEU tokenizes with 13a, or for a model translating into Chinese, Japanese or Korean as "
+    "sacrebleu -l xx-zh (ja, ko) does; --tokenize chooses."
 )
 
 
@@ -472,6 +474,10 @@ def evaluate_command(
         ),
     ] = None,
     lowercase: Annotated[bool, typer.Option(help="Case-insensitive BLEU.")] = False,
+    tokenize: Annotated[
+        str | None,
+        typer.Option(help="sacreBLEU's BLEU tokenizer: 13a, intl, zh, ja-mecab, char, ..."),
+    ] = None,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print a JSON object instead of text.")
     ] = False,
@@ -491,7 +497,7 @@ def evaluate_command(
     if model and (hyp, src, ref) == (None, None, None):
         decode = {"beam": beam, "alpha": alpha, "max_tokens": max_tokens}
         by_direction = evaluate_run(
-            model, lowercase, device, precision, weights, quantize, tgt_lang, **decode
+            model, lowercase, device, precision, weights, quantize, tgt_lang, tokenize, **decode
         )
         # A run of several directions names them (and so does --tgt-lang), however many have
         # a test set.
@@ -509,6 +515,7 @@ def evaluate_command(
         precision=precision,
         weights=weights,
         quantization=quantize,
+        tokenize=tokenize,
         beam=beam,
         alpha=alpha,
         max_tokens=max_tokens,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sacrebleu.metrics import BLEU, CHRF, TER
 
@@ -27,9 +30,56 @@ class MetricScore:
     line: str  # sacreBLEU's own one-line rendering, e.g. "BLEU = 35.12 66.7/40.0/... (BP = ...)"
 
 
-def score(hyps: list[str], refs: list[str], lowercase: bool = False) -> dict[str, MetricScore]:
-    """BLEU (optionally lowercased), chrF and TER of hypotheses against one reference each."""
-    metrics = {"bleu": BLEU(lowercase=lowercase), "chrf": CHRF(), "ter": TER()}
+log = logging.getLogger("mt")
+
+# BLEU's tokenizer by target language, as `sacrebleu -l xx-LANG` picks it (13a for the rest):
+# 13a splits at spaces and punctuation only, so unsegmented Chinese would be one word a clause.
+LANGUAGE_TOKENIZERS = {"zh": "zh", "ja": "ja-mecab", "ko": "ko-mecab"}
+DEFAULT_TOKENIZER = "13a"
+
+
+def bleu_tokenizer(tgt_lang: str | None) -> str:
+    """The BLEU tokenizer for text in `tgt_lang` (e.g. zh, zh-Hans, ja_JP): see
+    LANGUAGE_TOKENIZERS. Without MeCab (`pip install "sacrebleu[ja]"`, `[ko]`), char, with a
+    warning: a run must not fail at its first validation for want of it."""
+    name = LANGUAGE_TOKENIZERS.get(re.split(r"[-_]", tgt_lang or "")[0].lower(), DEFAULT_TOKENIZER)
+    return name if _available(name) else "char"
+
+
+@functools.cache
+def _available(name: str) -> bool:
+    """Whether sacreBLEU can make tokenizer `name` here (MeCab's need extras); warns once if not."""
+    try:
+        BLEU(tokenize=name)
+    except RuntimeError:
+        log.warning(
+            f'warning: BLEU\'s {name} tokenizer needs MeCab (pip install "sacrebleu[{name[:2]}]"):'
+            " scoring with char instead (see the signature)"
+        )
+        return False
+    return True
+
+
+def check_tokenize(tokenize: str | None) -> None:
+    """MtError unless `tokenize` (None: by language) is a BLEU tokenizer sacreBLEU has here."""
+    if tokenize is None:
+        return
+    if tokenize not in BLEU.TOKENIZERS:
+        known = ", ".join(BLEU.TOKENIZERS)
+        raise MtError(f"--tokenize {tokenize}: sacreBLEU's tokenizers are {known}")
+    try:
+        BLEU(tokenize=tokenize)
+    except RuntimeError as error:  # MeCab's, without their extras
+        raise MtError(f"--tokenize {tokenize}: {' '.join(str(error).split())}") from None
+
+
+def score(
+    hyps: list[str], refs: list[str], lowercase: bool = False, tokenize: str = DEFAULT_TOKENIZER
+) -> dict[str, MetricScore]:
+    """BLEU (optionally lowercased, with sacreBLEU's tokenizer `tokenize`), chrF and TER of
+    hypotheses against one reference each."""
+    bleu = BLEU(lowercase=lowercase, tokenize=tokenize)
+    metrics = {"bleu": bleu, "chrf": CHRF(), "ter": TER()}
     out = {}
     for key, metric in metrics.items():
         result = metric.corpus_score(hyps, [refs])
@@ -101,17 +151,31 @@ def evaluate_run(
     weights: Sequence[float] | None = None,
     quantization: str = "none",
     tgt_lang: str | None = None,
+    tokenize: str | None = None,
     **overrides: Any,
 ) -> dict[str, dict[str, MetricScore]]:
     """Translate and score the test set of every direction of the (first model's) run.
 
-    With `tgt_lang`, only the directions into it.
+    With `tgt_lang`, only the directions into it. BLEU tokenizes with `tokenize`, by default
+    that of each direction's target language (bleu_tokenizer).
     """
+    check_tokenize(tokenize)
     translations = translate_test_sets(
         models, device, precision, weights, quantization=quantization, tgt_lang=tgt_lang,
         **overrides,
     )  # fmt: skip
-    return {d: score(hyps, refs, lowercase) for d, (hyps, refs) in translations.items()}
+    return {
+        direction: score(t.hyps, t.refs, lowercase, tokenize or bleu_tokenizer(t.tgt_lang))
+        for direction, t in translations.items()
+    }
+
+
+class TestTranslations(NamedTuple):
+    """A direction's test (or dev) set translated: best translations, references, language."""
+
+    hyps: list[str]
+    refs: list[str]
+    tgt_lang: str
 
 
 def translate_test_sets(
@@ -123,7 +187,7 @@ def translate_test_sets(
     quantization: str = "none",
     tgt_lang: str | None = None,
     **overrides: Any,
-) -> dict[str, tuple[list[str], list[str]]]:
+) -> dict[str, TestTranslations]:
     """Best translations and references of each direction's `split` (test or valid) set.
 
     With `tgt_lang`, only the directions into it.
@@ -147,7 +211,7 @@ def translate_test_sets(
     for direction, corpus in tests.items():
         pairs = list(corpus.pairs())
         hyps = best_translations(translator, [s for s, _ in pairs], checkpoints, corpus.tgt_lang)
-        out[direction] = (hyps, [t for _, t in pairs])
+        out[direction] = TestTranslations(hyps, [t for _, t in pairs], corpus.tgt_lang)
     return out
 
 
@@ -160,8 +224,9 @@ def model_translations(
     tgt_lang: str | None = None,
     quantization: str = "none",
     **overrides: Any,
-) -> tuple[list[str], list[str] | None]:
-    """Best translations of `sources` (None: the run's test set) and the test references.
+) -> tuple[list[str], list[str] | None, str]:
+    """Best translations of `sources` (None: the run's test set), the test references, and
+    the language translated into.
 
     Several models translate as an ensemble, the first one's run giving the settings and the
     test set. The references are None unless the run's test set was translated.
@@ -175,7 +240,8 @@ def model_translations(
     if sources is None:
         pairs = list(open_split(config, "test").pairs())
         sources, refs = [s for s, _ in pairs], [t for _, t in pairs]
-    return best_translations(translator, sources, checkpoints, tgt_lang), refs
+    into = tgt_lang or config.data.target_languages()[0]
+    return best_translations(translator, sources, checkpoints, tgt_lang), refs, into
 
 
 def best_translations(
@@ -198,9 +264,15 @@ def evaluate(
     precision: str = "auto",
     weights: Sequence[float] | None = None,
     quantization: str = "none",
+    tokenize: str | None = None,
     **overrides: Any,
 ) -> dict[str, MetricScore]:
-    """Score --hyp against --ref, or --model's translations of --src (default: its test set)."""
+    """Score --hyp against --ref, or --model's translations of --src (default: its test set).
+
+    BLEU tokenizes with `tokenize`, by default 13a for files and for a model the one of the
+    language it translates into (bleu_tokenizer).
+    """
+    check_tokenize(tokenize)
     check_stdin({"--hyp": hyp, "--ref": ref, "--src": src})
     if model is None:
         if hyp is None or ref is None:
@@ -213,7 +285,7 @@ def evaluate(
             raise MtError("--src needs --model (to translate it)")
         hyps, refs = list(read_lines(hyp)), list(read_lines(ref))
         check_aligned(hyps, refs, str(hyp), str(ref))
-        return score(hyps, refs, lowercase)
+        return score(hyps, refs, lowercase, tokenize or DEFAULT_TOKENIZER)
     if hyp is not None:
         raise MtError("give either --hyp (to score a file) or --model (to translate), not both")
     if (src is None) != (ref is None):
@@ -222,9 +294,9 @@ def evaluate(
     if src is not None and ref is not None:
         sources, refs = list(read_lines(src)), list(read_lines(ref))
         check_aligned(sources, refs, str(src), str(ref))  # before spending time translating
-    hyps, test_refs = model_translations(
+    hyps, test_refs, into = model_translations(
         model, sources, device, precision, weights, quantization=quantization, **overrides
     )
     refs = refs if refs is not None else test_refs
     assert refs is not None
-    return score(hyps, refs, lowercase)
+    return score(hyps, refs, lowercase, tokenize or bleu_tokenizer(into))

@@ -17,7 +17,7 @@ from typing import Any
 from mt.config import CONFIG_FILE, Config
 from mt.data import DATA_FILE
 from mt.device import describe_precision
-from mt.evaluate import MetricScore, score, translate_test_sets
+from mt.evaluate import MetricScore, bleu_tokenizer, score, translate_test_sets
 from mt.files import atomic_write_bytes
 from mt.metrics import read_metrics, record_directions, selected_bleu
 from mt.model import Transformer, count_parameters
@@ -46,12 +46,12 @@ def test_scores(
     translations = translate_test_sets(checkpoint, device, precision)
     targets = {c.direction: c.tgt_lang for c in load_run_config(run_dir).data.directions()}
     out = {}
-    for direction, (hyps, refs) in translations.items():
+    for direction, (hyps, refs, tgt_lang) in translations.items():
         suffix = direction if len(targets) > 1 else targets[direction]
         text = "".join(h + "\n" for h in hyps)
         atomic_write_bytes(run_dir / f"test.hyp.{suffix}", text.encode("utf-8"))
-        cased = score(hyps, refs)
-        lowercased = score(hyps, refs, lowercase=True)["bleu"]
+        cased = score(hyps, refs, tokenize=bleu_tokenizer(tgt_lang))
+        lowercased = score(hyps, refs, True, bleu_tokenizer(tgt_lang))["bleu"]
         out[direction] = {"bleu": cased["bleu"], "bleu_lc": lowercased, **cased}
     return checkpoint.name, out
 

@@ -54,6 +54,7 @@ from mt.device import (
 )
 from mt.distributed import World, main_first
 from mt.errors import ConfigError, MtError
+from mt.evaluate import DEFAULT_TOKENIZER, bleu_tokenizer
 from mt.files import atomic_directory
 from mt.lock import hold_run_lock
 from mt.loss import label_smoothed_nll
@@ -398,6 +399,7 @@ class DevSet:
     data: EncodedCorpus
     references: list[str]
     max_len: int  # pieces per side: model.max_positions - 1, room for EOS / BOS
+    tokenize: str = DEFAULT_TOKENIZER  # BLEU's tokenizer for the target language
 
     def pairs(self, indices: np.ndarray) -> list[tuple[list[int], list[int]]]:
         """The (source, target) ids of the given rows, cut to max_len pieces each."""
@@ -650,7 +652,8 @@ def dev_sets(
     corpora, max_len = open_directions(config, "valid"), model.max_positions - 1
     devs = {}
     for name, data in valid_data.items():
-        devs[name] = DevSet(data, corpora[name].targets(), max_len)
+        corpus = corpora[name]
+        devs[name] = DevSet(data, corpus.targets(), max_len, bleu_tokenizer(corpus.tgt_lang))
         report_long(data, max_len, split_label(config, "dev", name), "validation")
     return devs
 
@@ -1305,7 +1308,7 @@ def validate_direction(run: Run, dev: DevSet) -> dict[str, float]:
         for index, text in zip(indices.tolist(), output, strict=True):
             hypotheses[index] = text
     model.train()
-    bleu = sacrebleu.corpus_bleu(hypotheses, [dev.references])
+    bleu = sacrebleu.corpus_bleu(hypotheses, [dev.references], tokenize=dev.tokenize)
     nll = nll_sum / max(tokens, 1)
     return {
         "loss": loss_sum / max(tokens, 1),

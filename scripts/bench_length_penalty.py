@@ -26,7 +26,7 @@ for path in (ROOT, ROOT / "scripts"):  # run as a script from anywhere; bench.py
 import torch  # noqa: E402
 from bench import cpu_model, log, publish, wrap  # noqa: E402
 
-from mt.evaluate import score, translate_test_sets  # noqa: E402
+from mt.evaluate import bleu_tokenizer, score, translate_test_sets  # noqa: E402
 from mt.rundir import load_run_config  # noqa: E402
 from mt.translate import resolve_runtime  # noqa: E402
 
@@ -57,7 +57,10 @@ def bleu_of(run: Path, setting: Setting, split: str, precision: str) -> dict[str
     found = translate_test_sets(
         run, "cpu", precision, split=split, length_penalty=kind, alpha=alpha_given
     )
-    return {d: score(hyps, refs)["bleu"].score for d, (hyps, refs) in found.items()}
+    return {
+        direction: score(t.hyps, t.refs, tokenize=bleu_tokenizer(t.tgt_lang))["bleu"].score
+        for direction, t in found.items()
+    }
 
 
 def own_setting(run: Path) -> Setting:

@@ -41,7 +41,13 @@ from bench import TEST_PREFIX, cpu_model, find_data, log, publish, wrap  # noqa:
 
 from mt.config import Config, load_config  # noqa: E402
 from mt.corpora import open_corpus, read_lines  # noqa: E402
-from mt.evaluate import MetricScore, evaluate_run, model_translations, score  # noqa: E402
+from mt.evaluate import (  # noqa: E402
+    MetricScore,
+    bleu_tokenizer,
+    evaluate_run,
+    model_translations,
+    score,
+)
 from mt.metrics import read_metrics  # noqa: E402
 from mt.rundir import load_run_config  # noqa: E402
 
@@ -176,8 +182,8 @@ def score_zero_shot(run: Path, multi: Config, data: Path) -> dict[str, dict[str,
     for src, tgt in zero_shot(multi):
         pairs = list(open_corpus(str(data / TEST_PREFIX), src, tgt, split="test").pairs())
         sources, refs = [s for s, _ in pairs], [t for _, t in pairs]
-        hyps, _ = model_translations(run, sources, "auto", "auto", tgt_lang=tgt)
-        bleu = score(hyps, refs)["bleu"]
+        hyps, _, _ = model_translations(run, sources, "auto", "auto", tgt_lang=tgt)
+        bleu = score(hyps, refs, tokenize=bleu_tokenizer(tgt))["bleu"]
         out[f"{src}-{tgt}"] = {"bleu": bleu, "off_target": off_target(hyps, tgt, languages)}
     return out
 

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from mt import checkpoint as ckpt
-from mt.evaluate import model_translations, score
+from mt.evaluate import bleu_tokenizer, model_translations, score
 from mt.metrics import read_metrics
 from mt.rundir import load_run_config, open_split
 
@@ -70,8 +70,8 @@ def bleu(weights: Path, run: Path, split: str, args: argparse.Namespace) -> floa
     """Cased BLEU of `weights` on the run's dev ("valid") or test set."""
     pairs = list(open_split(load_run_config(run), split).pairs())
     sources, refs = [s for s, _ in pairs], [t for _, t in pairs]
-    hyps, _ = model_translations(weights, sources, args.device, args.precision)
-    return score(hyps, refs)["bleu"].score
+    hyps, _, tgt_lang = model_translations(weights, sources, args.device, args.precision)
+    return score(hyps, refs, tokenize=bleu_tokenizer(tgt_lang))["bleu"].score
 
 
 def main() -> None:

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 from helpers.entry import run_main
+from sacrebleu.metrics import BLEU
 from typer.testing import CliRunner
 
 from mt import checkpoint as ckpt
+from mt import evaluate as mt_evaluate
 from mt.cli import app
 from mt.errors import MtError
-from mt.evaluate import evaluate
+from mt.evaluate import bleu_tokenizer, evaluate
 from mt.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,6 +72,49 @@ def test_scores_equal_the_sacrebleu_tool(files: tuple[Path, Path]) -> None:
     assert round(lower.score, 4) == theirs_lower["score"]
     assert lower.signature == theirs_lower["signature"]
     assert "case:lc" in lower.signature and lower.score > ours["bleu"].score
+
+
+def test_chinese_is_scored_as_sacrebleu_scores_it_given_the_language(tmp_path: Path) -> None:
+    hyp, ref = tmp_path / "hyp.zh", tmp_path / "ref.zh"
+    hyp.write_text("一个男人在街上骑自行车。\n两只狗在草地上玩。\n", encoding="utf-8")
+    ref.write_text("一个男人在路上骑自行车。\n两只狗在草地上跑。\n", encoding="utf-8")
+    ours = evaluate(hyp, ref, tokenize="zh")["bleu"]
+    theirs = sacrebleu_cli(hyp, ref, "-m", "bleu", "-l", "en-zh")["bleu"]
+    assert round(ours.score, 4) == theirs["score"] and ours.signature == theirs["signature"]
+    assert evaluate(hyp, ref)["bleu"].score == 0.0  # 13a: each line one word, none alike
+    assert [bleu_tokenizer(lang) for lang in ("zh", "zh-Hans", "ZH_tw", "en", None)] == [
+        "zh", "zh", "zh", "13a", "13a"
+    ]  # fmt: skip
+    with pytest.raises(MtError) as error:
+        evaluate(hyp, ref, tokenize="words")
+    assert str(error.value).startswith("--tokenize words: sacreBLEU's tokenizers are none, zh, 13a")
+
+
+def test_without_mecab_japanese_is_scored_by_character_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    class NoMecab(BLEU):
+        def __init__(self, tokenize: str | None = None, **options: object) -> None:
+            if tokenize is not None and tokenize.endswith("mecab"):
+                raise RuntimeError("Japanese tokenization requires\n extra dependencies")
+            super().__init__(tokenize=tokenize, **options)
+
+    monkeypatch.setattr("mt.evaluate.BLEU", NoMecab)
+    mt_evaluate._available.cache_clear()
+    try:
+        assert bleu_tokenizer("ja") == bleu_tokenizer("ja") == "char"
+        assert caplog.messages == [
+            'warning: BLEU\'s ja-mecab tokenizer needs MeCab (pip install "sacrebleu[ja]"): '
+            "scoring with char instead (see the signature)"
+        ]
+        with pytest.raises(MtError) as error:
+            mt_evaluate.check_tokenize("ko-mecab")
+        assert (
+            str(error.value)
+            == "--tokenize ko-mecab: Japanese tokenization requires extra dependencies"
+        )
+    finally:
+        mt_evaluate._available.cache_clear()
 
 
 def test_text_output_prints_each_score_with_its_signature(files: tuple[Path, Path]) -> None:

@@ -609,7 +609,7 @@ def test_bench_rerank_weight_zero_is_the_forward_models_own_best(trained_run: Pa
 
     bench = load_script("bench_rerank")
     res = bench.bench(trained_run, trained_run, nbest=2, weights=[0.0, 1.0])
-    ((hyps, refs),) = translate_test_sets(trained_run, "cpu", "fp32", split="valid").values()
+    ((hyps, refs, _),) = translate_test_sets(trained_run, "cpu", "fp32", split="valid").values()
     assert res["valid"]["0"] == pytest.approx(score(hyps, refs)["bleu"].score)
     assert set(res) == {"valid", "test"} and all(
         set(r) == {"0", "1", "oracle"} for r in res.values()
