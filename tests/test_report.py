@@ -23,6 +23,7 @@ from mt.metrics import read_metrics
 from mt.model import count_parameters
 from mt.plot import DPI, FIGURE_INCHES, plot_curves
 from mt.report import _model_section, write_report
+from mt.report import test_scores as report_test_scores
 from mt.rundir import load_trained, open_split
 
 SIZE = (int(FIGURE_INCHES[0] * DPI), int(FIGURE_INCHES[1] * DPI))
@@ -111,6 +112,16 @@ def test_plot_several_runs_and_report_command(trained_run: Path, tmp_path: Path)
     text = (copy / "report.md").read_text(encoding="utf-8")
     assert "## Test" not in text
     assert "## Training" in text and (copy / "curves.png").is_file()
+
+
+def test_a_run_that_samples_is_tested_by_beam_search(trained_run: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run, copy, ignore=shutil.ignore_patterns("cache", "tensorboard"))
+    _, searched = report_test_scores(copy, "cpu", "fp32")
+    config = load_config(copy / "config.yaml", ["decode.sampling=true", "decode.temperature=5"])
+    save_config(config, copy / "config.yaml")  # e.g. a run kept for back-translation
+    _, again = report_test_scores(copy, "cpu", "fp32")
+    assert again["de-en"]["bleu"].score == searched["de-en"]["bleu"].score > 90
 
 
 def test_plot_without_metrics_is_one_line_error(tmp_path: Path) -> None:
