@@ -18,7 +18,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -225,8 +225,11 @@ def train_step(
     stop: bool,
     out_of_time: bool,
     seconds: float = 0.0,
+    seeds: Sequence[int] = (),
 ) -> StepResult:
     """Forward and backward over this rank's micro-batches, then gradients summed over ranks.
+
+    `seeds`, one per micro-batch, seed the random numbers (dropout) of each before its forward.
 
     Each micro-batch's summed loss is divided by the update's target tokens over all ranks
     (`tokens`), so accumulation and data parallelism give the gradient of one big batch. The
@@ -241,7 +244,9 @@ def train_step(
     nll_sum = torch.zeros((), device=learner.device)
     out_of_memory = False
     try:
-        for batch in batches:
+        for i, batch in enumerate(batches):
+            if seeds:
+                torch.manual_seed(seeds[i])
             loss, nll = forward_backward(learner, batch, tokens)
             loss_sum += loss
             nll_sum += nll
@@ -378,9 +383,18 @@ def update_ema(learner: Learner, step: int) -> None:
     torch._foreach_lerp_(list(learner.ema.parameters()), list(learner.model.parameters()), weight)
 
 
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """Dropout seed of one update: a function of (seed, rank, step), so resume needs no RNG."""
-    return (seed * 1_000_003 + rank * 7_919 + step) % (2**63)
+def step_seed(seed: int, batch: int, step: int) -> int:
+    """Dropout seed of a micro-batch: a function of (seed, its place among the update's
+    batches, step), so resume needs no RNG state, and a batch gets the same dropout whichever
+    rank and micro-batch it falls to (2 ranks train as 1 with update_freq 2)."""
+    return (seed * 1_000_003 + batch * 7_919 + step) % (2**63)
+
+
+def micro_batch_seeds(seed: int, world: World, step: int, micro_batches: int) -> list[int]:
+    """The seeds of this rank's micro-batches: the update's batches are dealt out round the
+    ranks, so its i-th is batch rank + i x ranks of the update."""
+    batches = (world.rank + i * world.world_size for i in range(micro_batches))
+    return [step_seed(seed, batch, step) for batch in batches]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -975,8 +989,7 @@ def loop(run: Run) -> TrainResult:
                     log.info("reached train.max_epochs=%d", tc.max_epochs)
                     break
                 waited = time.perf_counter() - t0
-                # 2. Forward, backward, gradients summed. Dropout depends on (seed, rank, step).
-                torch.manual_seed(step_seed(tc.seed, run.world.rank, state.step))
+                # 2. Forward, backward, gradients summed. Dropout depends on (seed, batch, step).
                 set_dropout(learner.model, dropout_at(run.config, state.step))
                 late = out_of_time(tc, state.train_seconds)
                 result = train_step(
@@ -986,6 +999,7 @@ def loop(run: Run) -> TrainResult:
                     bool(stop.signum),
                     late,
                     state.train_seconds,
+                    micro_batch_seeds(tc.seed, run.world, state.step, len(update.batches)),
                 )
                 state.epoch, state.batches_done = update.epoch, update.done
                 # 3. The update itself, unless a rank ran out of memory or gradients overflowed.
