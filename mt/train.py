@@ -583,7 +583,23 @@ def start(
         run.state = restore(checkpoint, run)
         # A validated checkpoint needs no second validation should the run end where it is.
         run.last_saved = run.state.step if run.state.validated else -1
+    check_same_start(run)
     return run
+
+
+def check_same_start(run: Run) -> None:
+    """MtError on every rank unless all start from the same step: a run directory each node
+    sees its own copy of (node-local disk) resumes rank 0 alone and trains on garbage."""
+    step = float(run.state.step)
+    highest, lowest = distributed.all_reduce(
+        run.world, [step, -step], run.learner.device, op="max", startup=True
+    )
+    if highest != -lowest:
+        raise MtError(
+            f"rank {run.world.rank}: the ranks start from different steps ({-lowest:,.0f} to "
+            f"{highest:,.0f}; this one {step:,.0f}): train.run_dir must be on storage that "
+            "every node shares"
+        )
 
 
 def check_trainable(config: Config) -> None:
@@ -1228,16 +1244,35 @@ def validation_due(run: Run) -> bool:
 
 
 def validate_and_save(run: Run) -> bool:
-    """Validate and checkpoint on rank 0 while the others wait; True if training should stop."""
+    """Validate and checkpoint on rank 0 while the others wait; True if training should stop.
+
+    The others then take rank 0's clock, which counted the validation (a cool-down planned on
+    their own would run out of time before it ends). If rank 0 fails here, it tells them, so
+    that they stop at once instead of waiting out train.dist_startup_timeout.
+    """
     tc, state, world = run.config.train, run.state, run.world
     state.unvalidated, state.validated = False, True
     window = saved_window(run)
+    device = run.learner.device
     if world.is_main:
-        check_finite_weights(run)
-        improved = record_validation(run)
-        save(run, window, best=improved)
+        try:
+            check_finite_weights(run)
+            improved = record_validation(run)
+            save(run, window, best=improved)
+        except Exception:
+            with contextlib.suppress(MtError):  # rank 0's own error is the one to report
+                distributed.all_reduce(world, [1.0, 0.0], device, op="max", startup=True)
+            raise
     run.last_saved = state.step
-    distributed.barrier(world, startup=True)  # the others wait for validation
+    # The others wait for validation on the start-up group (it may take long).
+    failed, seconds = distributed.all_reduce(
+        world, [0.0, state.train_seconds], device, op="max", startup=True
+    )
+    if failed:
+        raise MtError(
+            f"rank {world.rank}: rank 0 failed while validating or saving (see its error)"
+        )
+    state.train_seconds = seconds
     stop_early = bool(tc.patience) and state.bad_validations >= tc.patience
     if stop_early and world.is_main:
         log.info("no better dev BLEU in %d validations: stopping early", tc.patience)

@@ -179,6 +179,62 @@ def test_ranks_agree_on_a_cooldown_begun_on_time(tmp_path: Path) -> None:
     assert record["step"] <= state["step"] <= record["step"] + record["steps"]
 
 
+def srun_ranks(
+    args: list[list[str]], env: dict[str, str] | None = None, timeout: float = 120
+) -> list[tuple[int, str]]:
+    """Two `mt train` ranks launched as srun launches them (no torchrun agent to kill the
+    others when one fails), rank r with args[r]: each one's exit status and stderr."""
+    port = str(free_port())
+
+    def rank(r: int) -> subprocess.Popen:
+        ranks = {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2"}
+        env_r = {**os.environ, **ranks, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                 "OMP_NUM_THREADS": "1", **(env or {})}  # fmt: skip
+        command = [sys.executable, "tests/helpers/faulty_worker.py", "train", "--config", str(TINY)]
+        return subprocess.Popen([*command, *args[r]], cwd=ROOT, env=env_r, stderr=subprocess.PIPE)
+
+    procs = [rank(0), rank(1)]
+    return [(p.communicate(timeout=timeout)[1].decode(), p.returncode)[::-1] for p in procs]
+
+
+# Waits on the start-up group last up to train.dist_startup_timeout: 600 s, far over `timeout`.
+SRUN = ["train.dist_timeout=20", "train.dist_startup_timeout=600"]
+
+
+@pytest.mark.slow  # starts two Python ranks
+def test_a_failure_of_rank_0_while_validating_stops_the_others_at_once(tmp_path: Path) -> None:
+    # Rank 1 would wait for rank 0 in the validation's barrier until the start-up timeout.
+    args = overrides(tmp_path / "run", "train.max_steps=20", "train.valid_every=4", *SRUN)
+    (code0, err0), (code1, err1) = srun_ranks([args, args], {"MT_FAULT": "valid:0:2"})
+    assert (code0, code1) == (1, 1)
+    assert "validation on fire (injected)" in err0
+    assert "valid step 4" in err0 and "valid step 8" not in err0
+    assert err1.splitlines()[-1] == (
+        "error: rank 1: rank 0 failed while validating or saving (see its error)"
+    )
+
+
+@pytest.mark.slow  # starts two Python ranks
+def test_ranks_that_would_start_from_different_steps_stop(tmp_path: Path) -> None:
+    # Node-local run directories: rank 0's holds a checkpoint at step 4, rank 1's nothing.
+    shared = tmp_path / "shared"
+    train(load_config(TINY, overrides(shared, "train.max_steps=4", "train.valid_every=4")))
+    local = tmp_path / "local"  # the same tokenizer: the ranks' models have the same shapes
+    shutil.copytree(shared, local, ignore=shutil.ignore_patterns("checkpoints", "metrics.jsonl"))
+    (code0, err0), (code1, err1) = srun_ranks(
+        [
+            overrides(shared, "train.max_steps=8", *SRUN),
+            overrides(local, "train.max_steps=8", *SRUN),
+        ]
+    )
+    assert (code0, code1) == (1, 1)
+    for rank, (err, step) in enumerate(((err0, 4), (err1, 0))):
+        assert err.splitlines()[-1] == (
+            f"error: rank {rank}: the ranks start from different steps (0 to 4; this one "
+            f"{step}): train.run_dir must be on storage that every node shares"
+        )
+
+
 # Two ranks of a bare `distributed.setup` + `main_first`; rank 0's preparation fails with an
 # error that is not an MtError. Rank 0 then stays alive until its stdin closes, as a rank whose
 # death NCCL would not notice before the start-up timeout.

@@ -4,7 +4,8 @@ MT_FAULT=KIND:RANK:CALL, with KIND `nan` (the loss of that loss call is NaN), `o
 raises CUDA's out-of-memory error), `oom_backward` (the backward pass of that call's loss
 raises it) or `die` (the process exits with status 1 there), e.g.
 MT_FAULT=nan:1:3; or MT_FAULT=slow:RANK:SECONDS: that rank's data preparation takes SECONDS
-longer; or MT_FAULT=clock:RANK:FACTOR: that rank's time.perf_counter runs FACTOR times as fast.
+longer; or MT_FAULT=clock:RANK:FACTOR: that rank's time.perf_counter runs FACTOR times as fast;
+or MT_FAULT=valid:RANK:CALL: that rank's validation number CALL raises an error.
 Several faults are separated by commas: MT_FAULT=oom:1:3,oom_backward:0:5.
 """
 
@@ -28,6 +29,9 @@ def inject(fault: str) -> None:
         return
     if kind == "clock":
         fast_clock(float(call))
+        return
+    if kind == "valid":
+        failing_validation(int(call))
         return
     real = mt.train.label_smoothed_nll
     calls = {"n": 0}
@@ -64,6 +68,20 @@ def slow_prepare(seconds: float) -> None:
         return real(*args, **kwargs)
 
     mt.train.prepare = prepare
+
+
+def failing_validation(call: int) -> None:
+    """Make this rank's validation number `call` raise (as a beam search out of memory would)."""
+    real = mt.train.record_validation
+    calls = {"n": 0}
+
+    def record_validation(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise RuntimeError("validation on fire (injected)")
+        return real(*args, **kwargs)
+
+    mt.train.record_validation = record_validation
 
 
 def fast_clock(factor: float) -> None:
