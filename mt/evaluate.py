@@ -170,7 +170,7 @@ def evaluate_run(
     }
 
 
-class TestTranslations(NamedTuple):
+class SetTranslations(NamedTuple):
     """A direction's test (or dev) set translated: best translations, references, language."""
 
     hyps: list[str]
@@ -187,7 +187,7 @@ def translate_test_sets(
     quantization: str = "none",
     tgt_lang: str | None = None,
     **overrides: Any,
-) -> dict[str, TestTranslations]:
+) -> dict[str, SetTranslations]:
     """Best translations and references of each direction's `split` (test or valid) set.
 
     With `tgt_lang`, only the directions into it.
@@ -211,7 +211,7 @@ def translate_test_sets(
     for direction, corpus in tests.items():
         pairs = list(corpus.pairs())
         hyps = best_translations(translator, [s for s, _ in pairs], checkpoints, corpus.tgt_lang)
-        out[direction] = TestTranslations(hyps, [t for _, t in pairs], corpus.tgt_lang)
+        out[direction] = SetTranslations(hyps, [t for _, t in pairs], corpus.tgt_lang)
     return out
 
 
