@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -331,12 +332,34 @@ def keep_freed_memory() -> bool:
     pages; the cost is that the process keeps its peak memory.
     Returns False (and changes nothing) where the C library is not glibc.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and others have no mallopt
+    mallopt = _glibc("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def give_back_freed_memory() -> bool:
+    """Hand the pages of freed heap memory back to the kernel now (glibc's malloc_trim).
+
+    The heap keep_freed_memory never trims also keeps what work of other shapes freed, such as
+    validation's beam search: each validation left the process a few hundred MB larger. After
+    one, training calls this; its steps' own pages come back on their first touch.
+    Returns False where the C library is not glibc.
+    """
+    trim = _glibc("malloc_trim")
+    if trim is None:
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True
+
+
+def _glibc(name: str) -> Any:
+    """glibc's function `name` through ctypes, or None (not Linux, or another C library)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):  # musl and others have no mallopt or malloc_trim
+        return None

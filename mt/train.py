@@ -48,6 +48,7 @@ from mt.device import (
     PrecisionChoice,
     autocast,
     configure_backends,
+    give_back_freed_memory,
     memory_bytes,
     model_products,
     resolve_precision,
@@ -1273,6 +1274,8 @@ def validate_and_save(run: Run) -> bool:
             f"rank {world.rank}: rank 0 failed while validating or saving (see its error)"
         )
     state.train_seconds = seconds
+    if device.type == "cpu":
+        give_back_freed_memory()  # what validation freed (see there)
     stop_early = bool(tc.patience) and state.bad_validations >= tc.patience
     if stop_early and world.is_main:
         log.info("no better dev BLEU in %d validations: stopping early", tc.patience)

@@ -18,19 +18,25 @@ from mt.device import Measurement, autocast, choose_precision
 
 HEAP = """
 import ctypes, json, sys, torch
-from mt.device import keep_freed_memory
+from mt.device import give_back_freed_memory, keep_freed_memory
 FIELDS = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
           "fordblks", "keepcost")
 class Info(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in FIELDS]
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = Info
-if sys.argv[1] == "keep":
+def resident():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+if sys.argv[1] in ("keep", "trim"):
     assert keep_freed_memory()
 x = torch.ones(16 * 2**20)  # 64 MiB, the size of a Multi30k logits tensor
 mapped = libc.mallinfo2().hblkhd  # bytes in separately mmapped blocks
 del x
-print(json.dumps({"mapped": mapped, "free_in_heap": libc.mallinfo2().fordblks}))
+before = resident()
+if sys.argv[1] == "trim":
+    assert give_back_freed_memory()
+print(json.dumps({"mapped": mapped, "free_in_heap": libc.mallinfo2().fordblks,
+                  "given_back": before - resident()}))
 """
 
 
@@ -44,12 +50,15 @@ def heap_after_free(mode: str) -> dict[str, int]:
 
 @pytest.mark.slow  # two Python processes importing torch
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
-def test_keep_freed_memory_keeps_large_blocks_in_the_heap() -> None:
+def test_keep_freed_memory_keeps_large_blocks_in_the_heap_until_given_back() -> None:
     # By default a large tensor is its own mmap, unmapped when freed: the next one is faulted
     # in and zeroed by the kernel again. With the setting it comes from the heap and stays.
     default, keep = heap_after_free("default"), heap_after_free("keep")
     assert default["mapped"] >= 64 * 2**20 and default["free_in_heap"] < 64 * 2**20
     assert keep["mapped"] < 64 * 2**20 and keep["free_in_heap"] >= 64 * 2**20
+    assert keep["given_back"] < 2**20  # kept: still resident
+    # give_back_freed_memory (after a validation) hands the freed pages back at once.
+    assert heap_after_free("trim")["given_back"] >= 60 * 2**20
 
 
 def sdpa_kernels(precision: str, grad: bool = True) -> set[str]:
