@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import functools
 import json
-import logging
-import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,6 +11,7 @@ from typing import Any, NamedTuple
 
 from sacrebleu.metrics import BLEU, CHRF, TER
 
+from mt.bleu import DEFAULT_TOKENIZER, bleu_tokenizer
 from mt.corpora import check_stdin, read_lines
 from mt.errors import MtError
 from mt.rundir import open_directions, open_split
@@ -28,36 +26,6 @@ class MetricScore:
     score: float
     signature: str
     line: str  # sacreBLEU's own one-line rendering, e.g. "BLEU = 35.12 66.7/40.0/... (BP = ...)"
-
-
-log = logging.getLogger("mt")
-
-# BLEU's tokenizer by target language, as `sacrebleu -l xx-LANG` picks it (13a for the rest):
-# 13a splits at spaces and punctuation only, so unsegmented Chinese would be one word a clause.
-LANGUAGE_TOKENIZERS = {"zh": "zh", "ja": "ja-mecab", "ko": "ko-mecab"}
-DEFAULT_TOKENIZER = "13a"
-
-
-def bleu_tokenizer(tgt_lang: str | None) -> str:
-    """The BLEU tokenizer for text in `tgt_lang` (e.g. zh, zh-Hans, ja_JP): see
-    LANGUAGE_TOKENIZERS. Without MeCab (`pip install "sacrebleu[ja]"`, `[ko]`), char, with a
-    warning: a run must not fail at its first validation for want of it."""
-    name = LANGUAGE_TOKENIZERS.get(re.split(r"[-_]", tgt_lang or "")[0].lower(), DEFAULT_TOKENIZER)
-    return name if _available(name) else "char"
-
-
-@functools.cache
-def _available(name: str) -> bool:
-    """Whether sacreBLEU can make tokenizer `name` here (MeCab's need extras); warns once if not."""
-    try:
-        BLEU(tokenize=name)
-    except RuntimeError:
-        log.warning(
-            f'warning: BLEU\'s {name} tokenizer needs MeCab (pip install "sacrebleu[{name[:2]}]"):'
-            " scoring with char instead (see the signature)"
-        )
-        return False
-    return True
 
 
 def check_tokenize(tokenize: str | None) -> None:

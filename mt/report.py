@@ -14,10 +14,11 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from mt.bleu import bleu_tokenizer
 from mt.config import CONFIG_FILE, Config
 from mt.data import DATA_FILE
 from mt.device import describe_precision
-from mt.evaluate import MetricScore, bleu_tokenizer, score, translate_test_sets
+from mt.evaluate import MetricScore, score, translate_test_sets
 from mt.files import atomic_write_bytes
 from mt.metrics import read_metrics, record_directions, selected_bleu
 from mt.model import Transformer, count_parameters

@@ -41,6 +41,7 @@ from mt.batching import (
     collate,
     plan_updates,
 )
+from mt.bleu import DEFAULT_TOKENIZER, bleu_tokenizer
 from mt.config import CONFIG_FILE, Config, TrainConfig, diff, load_config, save_config
 from mt.data import CorpusMix, EncodedCorpus, write_data_stats
 from mt.device import (
@@ -55,7 +56,6 @@ from mt.device import (
 )
 from mt.distributed import World, main_first
 from mt.errors import ConfigError, MtError
-from mt.evaluate import DEFAULT_TOKENIZER, bleu_tokenizer
 from mt.files import atomic_directory
 from mt.lock import hold_run_lock
 from mt.loss import label_smoothed_nll

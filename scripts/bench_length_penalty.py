@@ -26,7 +26,8 @@ for path in (ROOT, ROOT / "scripts"):  # run as a script from anywhere; bench.py
 import torch  # noqa: E402
 from bench import cpu_model, log, publish, wrap  # noqa: E402
 
-from mt.evaluate import bleu_tokenizer, score, translate_test_sets  # noqa: E402
+from mt.bleu import bleu_tokenizer  # noqa: E402
+from mt.evaluate import score, translate_test_sets  # noqa: E402
 from mt.rundir import load_run_config  # noqa: E402
 from mt.translate import resolve_runtime  # noqa: E402
 

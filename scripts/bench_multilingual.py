@@ -39,15 +39,10 @@ for path in (ROOT, ROOT / "scripts"):  # run as a script from anywhere; bench.py
 import torch  # noqa: E402
 from bench import TEST_PREFIX, cpu_model, find_data, log, publish, wrap  # noqa: E402
 
+from mt.bleu import bleu_tokenizer  # noqa: E402
 from mt.config import Config, load_config  # noqa: E402
 from mt.corpora import open_corpus, read_lines  # noqa: E402
-from mt.evaluate import (  # noqa: E402
-    MetricScore,
-    bleu_tokenizer,
-    evaluate_run,
-    model_translations,
-    score,
-)
+from mt.evaluate import MetricScore, evaluate_run, model_translations, score  # noqa: E402
 from mt.metrics import read_metrics  # noqa: E402
 from mt.rundir import load_run_config  # noqa: E402
 

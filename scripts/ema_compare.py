@@ -27,7 +27,8 @@ import sys
 from pathlib import Path
 
 from mt import checkpoint as ckpt
-from mt.evaluate import bleu_tokenizer, model_translations, score
+from mt.bleu import bleu_tokenizer
+from mt.evaluate import model_translations, score
 from mt.metrics import read_metrics
 from mt.rundir import load_run_config, open_split
 

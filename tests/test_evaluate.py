@@ -13,11 +13,13 @@ from helpers.entry import run_main
 from sacrebleu.metrics import BLEU
 from typer.testing import CliRunner
 
+from mt import bleu as mt_bleu
 from mt import checkpoint as ckpt
 from mt import evaluate as mt_evaluate
+from mt.bleu import bleu_tokenizer
 from mt.cli import app
 from mt.errors import MtError
-from mt.evaluate import bleu_tokenizer, evaluate
+from mt.evaluate import evaluate
 from mt.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,8 +101,9 @@ def test_without_mecab_japanese_is_scored_by_character_with_a_warning(
                 raise RuntimeError("Japanese tokenization requires\n extra dependencies")
             super().__init__(tokenize=tokenize, **options)
 
+    monkeypatch.setattr("mt.bleu.BLEU", NoMecab)
     monkeypatch.setattr("mt.evaluate.BLEU", NoMecab)
-    mt_evaluate._available.cache_clear()
+    mt_bleu.available.cache_clear()
     try:
         assert bleu_tokenizer("ja") == bleu_tokenizer("ja") == "char"
         assert caplog.messages == [
@@ -114,7 +117,7 @@ def test_without_mecab_japanese_is_scored_by_character_with_a_warning(
             == "--tokenize ko-mecab: Japanese tokenization requires extra dependencies"
         )
     finally:
-        mt_evaluate._available.cache_clear()
+        mt_bleu.available.cache_clear()
 
 
 def test_text_output_prints_each_score_with_its_signature(files: tuple[Path, Path]) -> None:

@@ -22,7 +22,7 @@ PACKAGE = ROOT / "mt"
 # In data-flow order, as the README's tour lists them: what every stage uses first, the command
 # line last. Training depends on what it trains with, never on what runs after it.
 STAGES: list[tuple[str, set[str]]] = [
-    ("foundations", {"errors", "files", "vocab", "loss", "optim", "lock"}),
+    ("foundations", {"errors", "files", "vocab", "loss", "bleu", "optim", "lock"}),
     (
         "settings, the machine and the run's records",
         {"config", "device", "distributed", "checkpoint", "metrics", "plot"},

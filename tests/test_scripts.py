@@ -733,3 +733,19 @@ def test_profile_decode_samples_mt_and_ct2_passes_in_their_own_processes(
     assert "Every output exactly 6 pieces" in section
     assert "| where the time goes | mt | CTranslate2 |" in section
     assert section.count("'s top symbols:") == 2
+
+
+@pytest.mark.slow  # two tiny `mt train` processes
+def test_bench_memory_tables_resident_memory_after_each_validation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    args = ["--config", "configs/tiny.yaml", "--data", str(TINY), "--test", "valid", "--steps",
+            "6", "--valid-every", "2", "--", f"data.valid={TINY / 'valid'}"]  # fmt: skip
+    out = run_script(monkeypatch, capsys, "bench_memory", *args)
+    rows = [line for line in out.splitlines() if line.startswith("| ")][1:]
+    assert [row.split(" | ")[0] for row in rows] == ["| 2", "| 4", "| peak over the run"]
+    for row in rows:
+        trimmed, untrimmed = (
+            float(cell.replace(",", "")) for cell in row.strip("| ").split(" | ")[1:]
+        )
+        assert min(trimmed, untrimmed) > 50  # MiB: a Python process with torch
