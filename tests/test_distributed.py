@@ -190,7 +190,8 @@ def srun_ranks(
         ranks = {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2"}
         env_r = {**os.environ, **ranks, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
                  "OMP_NUM_THREADS": "1", **(env or {})}  # fmt: skip
-        command = [sys.executable, "tests/helpers/faulty_worker.py", "train", "--config", str(TINY)]
+        worker = ["tests/helpers/faulty_worker.py"] if "MT_FAULT" in env_r else ["-m", "mt"]
+        command = [sys.executable, *worker, "train", "--config", str(TINY)]
         return subprocess.Popen([*command, *args[r]], cwd=ROOT, env=env_r, stderr=subprocess.PIPE)
 
     procs = [rank(0), rank(1)]
@@ -211,7 +212,7 @@ def test_a_failure_of_rank_0_while_validating_stops_the_others_at_once(tmp_path:
     assert "valid step 4" in err0 and "valid step 8" not in err0
     assert err1.splitlines()[-1] == (
         "error: rank 1: rank 0 failed while validating or saving (see its error)"
-    )
+    ), (err0, err1)
 
 
 @pytest.mark.slow  # starts two Python ranks

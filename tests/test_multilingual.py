@@ -159,12 +159,14 @@ def test_one_target_language_needs_no_tag(trained_run: Path, tmp_path: Path) -> 
 def test_evaluate_scores_every_test_direction(
     multi_run: Path, multiway: Path, tmp_path: Path
 ) -> None:
-    result = CliRunner().invoke(app, ["evaluate", "-m", str(multi_run), "--json", "--beam", "1"])
+    # fp32: `auto` times fp32 against bf16 on each call, and may choose otherwise on a busy CPU.
+    base = ["evaluate", "-m", str(multi_run), "--beam", "1", "--precision", "fp32"]
+    result = CliRunner().invoke(app, [*base, "--json"])
     assert result.exit_code == 0, result.output
     records = json.loads(result.stdout)
     assert [r["direction"] for r in records] == list(MULTI_DIRECTIONS)
     assert all(set(r) == {"direction", "bleu", "chrf", "ter"} for r in records)
-    table = CliRunner().invoke(app, ["evaluate", "-m", str(multi_run), "--beam", "1"])
+    table = CliRunner().invoke(app, base)
     lines = table.stdout.splitlines()
     assert lines[0].split() == ["direction", "BLEU", "chrF2", "TER"]
     rows = [line.split() for line in lines[1:5]]
@@ -174,16 +176,13 @@ def test_evaluate_scores_every_test_direction(
     )
     assert lines[5].startswith("BLEU: nrefs:1|") and len(lines) == 8
     # --tgt-lang: the directions into that language only
-    into = CliRunner().invoke(app, ["evaluate", "-m", str(multi_run), "--json", "--beam", "1",
-                                    "--tgt-lang", "en"])  # fmt: skip
+    into = CliRunner().invoke(app, [*base, "--json", "--tgt-lang", "en"])
     assert into.exit_code == 0, into.output
     assert json.loads(into.stdout) == [r for r in records if r["direction"] in ("de-en", "fr-en")]
     # ... named even where one direction is left: the output keeps its shape.
-    into_de = CliRunner().invoke(app, ["evaluate", "-m", str(multi_run), "--json", "--beam", "1",
-                                       "--tgt-lang", "de"])  # fmt: skip
+    into_de = CliRunner().invoke(app, [*base, "--json", "--tgt-lang", "de"])
     assert json.loads(into_de.stdout) == [r for r in records if r["direction"] == "en-de"]
-    table = CliRunner().invoke(app, ["evaluate", "-m", str(multi_run), "--beam", "1",
-                                     "--tgt-lang", "de"])  # fmt: skip
+    table = CliRunner().invoke(app, [*base, "--tgt-lang", "de"])
     assert [line.split()[0] for line in table.stdout.splitlines()[:2]] == ["direction", "en-de"]
     wrong = CliRunner().invoke(app, ["evaluate", "-m", str(multi_run), "--tgt-lang", "xx"])
     assert str(wrong.exception) == "--tgt-lang xx: the run's test sets translate into en, de, fr"
@@ -196,7 +195,9 @@ def test_evaluate_scores_every_test_direction(
     save_config(
         dataclasses.replace(load_config(one / "config.yaml"), data=data), one / "config.yaml"
     )
-    alone = CliRunner().invoke(app, ["evaluate", "-m", str(one), "--json", "--beam", "1"])
+    alone = CliRunner().invoke(
+        app, ["evaluate", "-m", str(one), "--json", "--beam", "1", "--precision", "fp32"]
+    )
     assert [r["direction"] for r in json.loads(alone.stdout)] == ["de-en"]
 
 

@@ -740,7 +740,8 @@ def test_bench_memory_tables_resident_memory_after_each_validation(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     args = ["--config", "configs/tiny.yaml", "--data", str(TINY), "--test", "valid", "--steps",
-            "6", "--valid-every", "2", "--", f"data.valid={TINY / 'valid'}"]  # fmt: skip
+            "6", "--valid-every", "2", "--", f"data.valid={TINY / 'valid'}",
+            "train.log_every=1"]  # fmt: skip
     out = run_script(monkeypatch, capsys, "bench_memory", *args)
     rows = [line for line in out.splitlines() if line.startswith("| ")][1:]
     assert [row.split(" | ")[0] for row in rows] == ["| 2", "| 4", "| peak over the run"]

@@ -450,9 +450,9 @@ def test_unmet_constraints_are_said_and_a_missing_hypothesis_has_a_null_score(
     words = 1
     while len(tokenizer.encode_tgt([" ".join(["dog"] * (words + 1))])[0]) <= room:
         words += 1
-    full = " ".join(["dog"] * words)  # as many pieces as an output may hold: two cannot fit
+    full = " ".join(["dog"] * words)  # as many pieces as an output may hold: nothing else fits
     steered = {"text": [SENTENCES[0]], "beam": 2, "nbest": 2}
-    answer = post(client, {**steered, "constraints": [[full, full]]}).json()["translations"][0]
+    answer = post(client, {**steered, "constraints": [[full, "cat"]]}).json()["translations"][0]
     assert answer["constraints_met"] is False
     assert [h["constraints_met"] for h in answer["nbest"]] == [False, False]
     # A prefix that fills the output: one hypothesis only, the second is empty with score null.

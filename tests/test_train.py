@@ -118,7 +118,7 @@ def test_cooldown_resume_inside_it_is_exact(
     real, calls = train_module.train_step, itertools.count(1)
 
     def signalled_at_9(*args: object) -> object:
-        learner, batches, tokens, stop, late, seconds = args
+        learner, batches, tokens, stop, late, seconds, *_ = args
         return real(learner, batches, tokens, stop or next(calls) == 9, late, seconds)
 
     monkeypatch.setattr(train_module, "train_step", signalled_at_9)
@@ -908,7 +908,7 @@ def test_a_validation_put_off_by_a_signal_runs_on_resume(
     real, calls = train_module.train_step, itertools.count(1)
 
     def signalled_at_5(*args: object) -> object:  # (learner, batches, tokens, stop, late, seconds)
-        learner, batches, tokens, stop, late, seconds = args
+        learner, batches, tokens, stop, late, seconds, *_ = args
         return real(learner, batches, tokens, stop or next(calls) == 5, late, seconds)
 
     split = tmp_path / "split"

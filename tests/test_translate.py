@@ -450,9 +450,10 @@ def test_unmet_constraints_give_the_plain_translation_and_a_warning(
 ) -> None:
     config, tokenizer, model = loaded
     room = model.max_positions - 2
-    dog = len(tokenizer.encode_tgt([" dog"])[0])
-    many = " ".join(["dog"] * (room // (2 * dog) + 1))  # two of them cannot fit in one output
-    wanted = ["dog", f"{many}\t{many}", "dog"]
+    dog, cat = (len(tokenizer.encode_tgt([f" {word}"])[0]) for word in ("dog", "cat"))
+    dogs = " ".join(["dog"] * (room // (2 * dog) + 1))  # over half an output each: both
+    cats = " ".join(["cat"] * (room // (2 * cat) + 1))  # cannot fit in one
+    wanted = ["dog", f"{dogs}\t{cats}", "dog"]
     phrases = encode_constraints(Path("c"), wanted, tokenizer, room)
     lines = [STEER_LINES[0], STEER_LINES[1], ""]  # a blank line is not translated: no warning
     plain = Translator(tokenizer, model, config.decode, CPU).translate(lines)
