@@ -14,7 +14,6 @@ its peak over the run. Arguments after `--` go to `mt train`.
 from __future__ import annotations
 
 import argparse
-import platform
 import re
 import subprocess
 import sys
@@ -24,6 +23,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "scripts") not in sys.path:  # run as a script from anywhere; bench.py sits beside it
+    sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench import cpu_model  # noqa: E402
+
 # `mt train` with the trim after validation replaced by nothing.
 UNTRIMMED = (
     "import sys, mt.train; mt.train.give_back_freed_memory = lambda: False; "
@@ -94,8 +98,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         trimmed, untrimmed = (run(trim, args, Path(tmp)) for trim in (True, False))
-    cpu = platform.processor() or platform.machine()
-    print(f"`python scripts/bench_memory.py {' '.join(sys.argv[1:])}` ({cpu})\n")
+    print(f"`python scripts/bench_memory.py {' '.join(sys.argv[1:])}` ({cpu_model()})\n")
     print("| after validation at step | resident MiB, trimmed | not trimmed |")
     print("|---:|---:|---:|")
     for step, mib in trimmed["after_validation"].items():
