@@ -268,13 +268,14 @@ def bench(
     decode = decode_settings(config, beam=args.beam, nbest=1)
     limit = model.max_positions
     settings = {"beam": args.beam, "nbest": 1}
+    # What `mt translate` runs by default: --precision auto times fp32 against bf16 here, before
+    # the mt processes start (their start-up would share the cores with the timing).
+    _, auto = resolve_runtime("cpu", "auto", Path(args.run))
     decoders = {
         "mt": mt_process(args.run, "packed", args.threads, **settings),
         "mt, nn.Linear (unpacked)": mt_process(args.run, "plain", args.threads, **settings),
         "mt int8": mt_process(args.run, "int8", args.threads, **settings),
     }
-    # What `mt translate` runs by default: --precision auto times fp32 against bf16 here.
-    _, auto = resolve_runtime("cpu", "auto", Path(args.run))
     if auto != "fp32":
         name = f"mt {auto} (--precision auto here)"
         decoders[name] = mt_process(args.run, auto, args.threads, **settings)
