@@ -28,14 +28,22 @@ def bleu_tokenizer(tgt_lang: str | None) -> str:
 
 
 @functools.cache
-def available(name: str) -> bool:
-    """Whether sacreBLEU can make tokenizer `name` here (MeCab's need extras); warns once if not."""
+def missing_extra(name: str) -> str | None:
+    """Why sacreBLEU cannot make tokenizer `name` here (MeCab's need extras), or None."""
     try:
         BLEU(tokenize=name)
-    except RuntimeError:
-        log.warning(
-            f'warning: BLEU\'s {name} tokenizer needs MeCab (pip install "sacrebleu[{name[:2]}]"):'
-            " scoring with char instead (see the signature)"
-        )
-        return False
-    return True
+    except RuntimeError as error:
+        return " ".join(str(error).split())
+    return None
+
+
+@functools.cache
+def available(name: str) -> bool:
+    """Whether sacreBLEU can make tokenizer `name` here; warns once if not."""
+    if missing_extra(name) is None:
+        return True
+    log.warning(
+        f'warning: BLEU\'s {name} tokenizer needs MeCab (pip install "sacrebleu[{name[:2]}]"):'
+        " scoring with char instead (see the signature)"
+    )
+    return False

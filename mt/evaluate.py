@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 from sacrebleu.metrics import BLEU, CHRF, TER
 
-from mt.bleu import DEFAULT_TOKENIZER, bleu_tokenizer
+from mt.bleu import DEFAULT_TOKENIZER, bleu_tokenizer, missing_extra
 from mt.corpora import check_stdin, read_lines
 from mt.errors import MtError
 from mt.rundir import open_directions, open_split
@@ -35,10 +35,8 @@ def check_tokenize(tokenize: str | None) -> None:
     if tokenize not in BLEU.TOKENIZERS:
         known = ", ".join(BLEU.TOKENIZERS)
         raise MtError(f"--tokenize {tokenize}: sacreBLEU's tokenizers are {known}")
-    try:
-        BLEU(tokenize=tokenize)
-    except RuntimeError as error:  # MeCab's, without their extras
-        raise MtError(f"--tokenize {tokenize}: {' '.join(str(error).split())}") from None
+    if (reason := missing_extra(tokenize)) is not None:
+        raise MtError(f"--tokenize {tokenize}: {reason}")
 
 
 def score(

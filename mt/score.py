@@ -34,6 +34,7 @@ from mt.search import Decoder, length_penalty
 from mt.translate import (
     InOrderWriter,
     Translator,
+    check_decode_options,
     check_found,
     check_output_path,
     check_target,
@@ -42,7 +43,6 @@ from mt.translate import (
     output_stream,
     read_aligned,
     resolve_runtime,
-    settings_before_input,
 )
 from mt.vocab import PAD_ID
 
@@ -208,7 +208,7 @@ def score_file(
     # Resolved first, so that a bad --device or --precision fails before stdin is read. Its
     # batches' shapes all differ: freed memory is given back (see configure_backends).
     dev, prec = resolve_runtime(device, precision, models[0], quantization, keep_memory=False)
-    settings_before_input(models[0], **overrides)
+    check_decode_options(models[0], **overrides)
     sources = list(read_lines(source))  # before loading the model: bad input fails fast
     targets = read_aligned(target, sources, source)
     check_output_path(output)

@@ -245,6 +245,12 @@ def settings_before_input(model: Path, **overrides: Any) -> DecodeConfig | None:
     return decode_settings(config, **overrides)
 
 
+def check_decode_options(model: Path, **overrides: Any) -> None:
+    """MtError for decoding options that `model`'s run config refuses (settings_before_input),
+    for commands that load the model's settings later."""
+    settings_before_input(model, **overrides)
+
+
 def resolve_runtime(
     device: str,
     precision: str,
