@@ -1358,7 +1358,7 @@ def validate_direction(run: Run, dev: DevSet) -> dict[str, float]:
         tokens += batch.tgt_tokens
         output = run.tokenizer.decode_tgt([hyps[0].tokens for hyps in found])
         for index, text in zip(indices.tolist(), output, strict=True):
-            hypotheses[index] = text
+            hypotheses[index] = text if dev.data.src_lens[index] else ""  # as mt translate
     model.train()
     bleu = sacrebleu.corpus_bleu(hypotheses, [dev.references], tokenize=dev.tokenize)
     nll = nll_sum / max(tokens, 1)

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import sacrebleu
 import torch
 from helpers.waiting import read_until
 from safetensors.torch import load_file
@@ -33,6 +34,8 @@ from mt.lock import hold_run_lock
 from mt.metrics import read_metrics
 from mt.report import write_report
 from mt.rundir import model_checkpoint
+from mt.search import Hypothesis
+from mt.tokenizer import load_tokenizer
 from mt.train import TrainResult, TrainState, expected_end, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -826,6 +829,31 @@ def test_the_weights_file_holds_the_ema_of_the_weights(
 
 
 @pytest.mark.slow
+def test_validation_leaves_blank_dev_sources_untranslated_as_mt_translate_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sources = (ROOT / "tests" / "data" / "tiny" / "valid.de").read_text().splitlines()[:6]
+    refs = (ROOT / "tests" / "data" / "tiny" / "valid.en").read_text().splitlines()[:6]
+    sources[1] = sources[4] = "  "  # blank sources, references kept
+    (tmp_path / "dev.de").write_text("\n".join(sources) + "\n")
+    (tmp_path / "dev.en").write_text("\n".join(refs) + "\n")
+    seen: list[list[str]] = []
+    score = sacrebleu.corpus_bleu
+
+    def every_row_says_piece_10(model, src, config, *args, **kwargs) -> list[list[Hypothesis]]:
+        return [[Hypothesis([10], 0.0, 0.0)] for _ in range(src.shape[0])]
+
+    def corpus_bleu(hypotheses: list[str], references, **kwargs):
+        seen.append(list(hypotheses))
+        return score(hypotheses, references, **kwargs)
+
+    monkeypatch.setattr(train_module.search, "decode", every_row_says_piece_10)
+    monkeypatch.setattr(train_module.sacrebleu, "corpus_bleu", corpus_bleu)
+    train(tiny(tmp_path / "run", f"data.valid={tmp_path / 'dev'}", "train.max_steps=2"))
+    said = load_tokenizer(tmp_path / "run" / "tokenizer").decode_tgt([[10]])[0]
+    assert said and seen and all(hyps == [said, "", said, said, "", said] for hyps in seen)
+
+
 def test_ema_changes_what_is_validated_and_saved_but_not_training(tmp_path: Path) -> None:
     plain, ema = tmp_path / "plain", tmp_path / "ema"
     train(tiny(plain, "train.max_steps=15"))
