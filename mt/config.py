@@ -618,7 +618,9 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
         return
     *parents, leaf = key.split(".")
     for part in parents:
-        node = tree.setdefault(part, {})
+        if tree.get(part) is None:  # absent, or every key commented out: an empty section
+            tree[part] = {}
+        node = tree[part]
         if not isinstance(node, dict):
             raise _Invalid(key, f"{part} must be a section (a mapping), got {node!r}")
         tree = node

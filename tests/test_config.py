@@ -101,6 +101,9 @@ def test_section_must_be_mapping(tmp_path: Path) -> None:
         load_config(write(tmp_path, "model: 3\n"))
     # A section whose keys are all commented out is empty, not an error.
     assert load_config(write(tmp_path, "data:\n#  train: x\nmodel:\n  dim: 64\n")).model.dim == 64
+    # and a key=value override fills it
+    commented = write(tmp_path, "model:\n#  dim: 64\n")
+    assert load_config(commented, ["model.dim=48", "model.heads=4"]).model.dim == 48
 
 
 def test_yaml_keys_must_be_names_and_merge_keys_work(tmp_path: Path) -> None:
