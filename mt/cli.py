@@ -612,6 +612,9 @@ MaxSentencesOption = Annotated[int, typer.Option(min=1, help="Sentences per requ
 MaxBeamOption = Annotated[
     int, typer.Option(min=1, help="Largest beam (and n-best) a request may ask for.")
 ]
+MaxConstraintsOption = Annotated[
+    int, typer.Option(min=1, help="Constraint phrases one sentence may ask for.")
+]
 MaxQueueOption = Annotated[
     int, typer.Option(min=1, help="Sentences waiting for the model; then 503.")
 ]
@@ -642,6 +645,7 @@ def serve_command(
     max_request_bytes: MaxRequestBytesOption = LIMITS.max_request_bytes,
     max_sentences: MaxSentencesOption = LIMITS.max_sentences,
     max_beam: MaxBeamOption = LIMITS.max_beam,
+    max_constraints: MaxConstraintsOption = LIMITS.max_constraints,
     max_queue: MaxQueueOption = LIMITS.max_queue,
     batch_wait_ms: BatchWaitOption = LIMITS.batch_wait_ms,
     max_tokens: MaxTokensOption = None,
@@ -664,6 +668,7 @@ def serve_command(
         max_request_bytes=max_request_bytes,
         max_sentences=max_sentences,
         max_beam=max_beam,
+        max_constraints=max_constraints,
         max_queue=max_queue,
         batch_wait_ms=batch_wait_ms,
         max_tokens=max_tokens,

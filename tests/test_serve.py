@@ -298,6 +298,8 @@ BAD = [
      "constraints[0][1]: not valid Unicode (a lone UTF-16 surrogate)"),
     (b'{"text": "a", "constraints": ["dog"]}', JSON, 422,
      "constraints[0]: Input should be a valid list"),
+    (b'{"text": "a", "constraints": [[' + b'"dog", ' * 16 + b'"cat"]]}', JSON, 422,
+     "constraints[0]: 17 phrases exceed this server's limit of 16"),
     (b'{"text": ["a", "b"], "constraints": [[], ["dog", " "]]}', JSON, 422,
      "constraints[1][1]: is empty"),
 ]  # fmt: skip
@@ -681,8 +683,12 @@ def test_a_request_never_sent_whole_does_not_hold_sigterm(
     assert "Traceback" not in err and "500" not in err and "CancelledError" not in err
 
 
-def test_serve_decodes_on_the_main_thread_and_sigterm_returns_cleanly(
-    trained_run: Path, monkeypatch: pytest.MonkeyPatch, listening: threading.Event
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGUSR1], ids=["TERM", "USR1"])
+def test_serve_decodes_on_the_main_thread_and_a_stop_signal_returns_cleanly(
+    trained_run: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    listening: threading.Event,
+    stop: signal.Signals,
 ) -> None:
     threads: list[threading.Thread] = []
     real = Translator.translate
@@ -694,14 +700,14 @@ def test_serve_decodes_on_the_main_thread_and_sigterm_returns_cleanly(
     monkeypatch.setattr(Translator, "translate", recording)
     url, answers = f"http://127.0.0.1:{free_port()}", []
 
-    def client() -> None:  # once the server listens: one request, then SIGTERM to this process
+    def client() -> None:  # once the server listens: one request, then `stop` to this process
         if not listening.wait(TIMEOUT_S):
             return  # serve() failed: the assertions below say so
         body = {"text": SENTENCES[:3]}
         answers.append(httpx.post(f"{url}/v1/translate", json=body, timeout=TIMEOUT_S))
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), stop)
 
-    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    before = [signal.getsignal(sig) for sig in server_module.EXIT_SIGNALS]
     sender = threading.Thread(target=client, daemon=True)
     sender.start()
     serve(trained_run, port=int(url.rsplit(":", 1)[1]), device="cpu", precision="fp32")
@@ -709,7 +715,7 @@ def test_serve_decodes_on_the_main_thread_and_sigterm_returns_cleanly(
     assert threads and all(t is threading.main_thread() for t in threads)
     texts = [t["text"] for t in answers[0].json()["translations"]]
     assert texts == mt_translate(trained_run, SENTENCES[:3])
-    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    assert [signal.getsignal(sig) for sig in server_module.EXIT_SIGNALS] == before
 
 
 def test_a_second_ctrl_c_changes_nothing(caplog: pytest.LogCaptureFixture) -> None:

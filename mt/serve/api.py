@@ -332,12 +332,17 @@ def _prefixes(prefix: str | list[str], count: int, served: Served, room: int) ->
 def _constraints(
     phrases: list[list[str]], count: int, served: Served, room: int
 ) -> list[list[list[int]]]:
-    """Target pieces of each sentence's phrases; refuses a count other than `count`, empty or
-    long phrases, and a server that samples."""
+    """Target pieces of each sentence's phrases; refuses a count other than `count`, more
+    phrases than the limit, empty or long phrases, and a server that samples."""
     if served.batcher.decode.sampling:
         raise RequestError("constraints", "need beam search, but this server samples")
     _check_aligned("constraints", len(phrases), count)
+    limit = served.limits.max_constraints
     for i, row in enumerate(phrases):
+        if len(row) > limit:  # the search's work grows with the phrases a sentence has
+            raise RequestError(
+                f"constraints[{i}]", f"{len(row)} phrases exceed this server's limit of {limit}"
+            )
         _check_unicode(f"constraints[{i}]", row)
     flat = iter(served.tokenizer.encode_tgt([text for row in phrases for text in row]))
     ids = [[next(flat) for _ in row] for row in phrases]

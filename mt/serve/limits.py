@@ -20,6 +20,7 @@ class Limits:
     max_request_bytes: int = 65_536  # a larger request body is refused (413)
     max_sentences: int = 64  # sentences in one request
     max_beam: int = 16  # the largest beam (and n-best) a request may ask for
+    max_constraints: int = 16  # phrases one sentence may be constrained to contain
     max_queue: int = 512  # sentences waiting for the model; beyond it, 503 with Retry-After
     batch_wait_ms: float = 20.0  # how long the worker gathers requests before it decodes
     max_tokens: int | None = None  # source tokens per decoding batch (None: the run's decode)

@@ -37,7 +37,7 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 READY_TIMEOUT_S = 120  # serving(): how long a server thread may take to listen
 # Once told to exit and the queue is decoded: how long uvicorn may wait for connections to close.
 ANSWER_GRACE_S = 10
-EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # USR1: SLURM's notice
 
 
 def load(
