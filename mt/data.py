@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from mt.tokenizer import Tokenizer
 
 # Bumped whenever the cached layout or the encoding recipe changes, so old caches are not reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 STATS_FILE = "stats.json"
 LENGTHS_FILE = "lengths.npy"
 DATA_FILE = "data.json"  # a run's corpus statistics, for its report
@@ -338,7 +338,8 @@ def _build(
         with _quiet_datasets():
             encoded = _encode(corpus, tokenizer, Path(tmp), target.name, num_proc)
             src_lens, tgt_lens = _lengths(encoded)
-            keep, stats = _filter(src_lens, tgt_lens, limits)
+            tagged = bool(tokenizer.tags)  # encode_src puts a tag before every source
+            keep, stats = length_filter(src_lens, tgt_lens, limits, tagged)
             if stats.kept < stats.total:
                 encoded = _select_rows(encoded, np.flatnonzero(keep), f"{target.name[:32]}-kept")
             final = Path(tmp) / "final"
@@ -430,18 +431,27 @@ def _lengths(dataset: datasets.Dataset) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
-def _filter(
-    src_lens: np.ndarray, tgt_lens: np.ndarray, limits: tuple[int, float] | None
+def length_filter(
+    src_lens: np.ndarray,
+    tgt_lens: np.ndarray,
+    limits: tuple[int, float] | None,
+    tagged: bool = False,
 ) -> tuple[np.ndarray, FilterStats]:
-    """Keep mask and counts; a dropped pair counts under its first reason: empty, long, ratio."""
+    """Keep mask and counts; a dropped pair counts under its first reason: empty, long, ratio.
+
+    `tagged`: each non-empty source starts with a target-language tag, which takes a position
+    (max_len counts it) but is not text (emptiness and the length ratio leave it out), so every
+    direction of a multi-way corpus keeps the pairs a bilingual run would.
+    """
     total = len(src_lens)
     if limits is None:
         return np.ones(total, dtype=bool), FilterStats(total, total, 0, 0, 0)
     max_len, max_ratio = limits
-    shorter, longer = np.minimum(src_lens, tgt_lens), np.maximum(src_lens, tgt_lens)
+    src_text = src_lens - (src_lens > 0) if tagged else src_lens
+    shorter, longer = np.minimum(src_text, tgt_lens), np.maximum(src_text, tgt_lens)
     # Blank or whitespace-only text normalizes to no tokens at all.
     empty = shorter == 0
-    too_long = ~empty & (longer > max_len)
+    too_long = ~empty & (np.maximum(src_lens, tgt_lens) > max_len)
     # A pair within max_len passes any ratio above it: the cap keeps the product finite.
     bad_ratio = ~empty & ~too_long & (longer > min(max_ratio, max_len) * shorter)
     keep = ~(empty | too_long | bad_ratio)

@@ -18,7 +18,14 @@ from helpers.corpus import synthetic_pairs, write_corpus
 
 from mt.config import DataConfig, TokenizerConfig
 from mt.corpora import Corpus, open_corpus
-from mt.data import CorpusMix, EncodedCorpus, FilterStats, encode_corpus, temp_prefix
+from mt.data import (
+    CorpusMix,
+    EncodedCorpus,
+    FilterStats,
+    encode_corpus,
+    length_filter,
+    temp_prefix,
+)
 from mt.errors import DataError, MtError
 from mt.tokenizer import Tokenizer, train_tokenizer
 
@@ -98,6 +105,17 @@ def test_filter_counts_each_reason(crafted: Corpus, tok: Tokenizer, tmp_path: Pa
     kept = list(zip(crafted.sources()[:3], crafted.targets()[:3], strict=True))
     assert rows(data) == [(tok.encode_src([s])[0], tok.encode_tgt([t])[0]) for s, t in kept]
     assert data.src_lens.tolist() == [3, 1, 10] and data.tgt_lens.tolist() == [2, 3, 10]
+
+
+def test_a_target_language_tag_counts_as_a_position_but_not_as_text() -> None:
+    # Sources of 1, 3, 10 and 0 pieces of text, each non-empty one after its tag.
+    src, tgt = np.array([2, 4, 11, 0]), np.array([4, 1, 10, 3])
+    keep, stats = length_filter(src, tgt, (10, 3.0), tagged=True)
+    # 4 > 3 x 1: a bad ratio; 3 = 3 x 1: kept; 11 positions > 10: too long; no text: empty.
+    assert keep.tolist() == [False, True, False, False]
+    assert stats == FilterStats(4, 1, 1, 1, 1, max_len=10, max_ratio=3.0)
+    untagged = length_filter(src - (src > 0), tgt, (10, 3.0))[0]  # the bilingual run's pairs
+    assert untagged.tolist() == [False, True, True, False]  # but for the tag's position
 
 
 def test_describe_formats_thousands() -> None:
