@@ -34,6 +34,8 @@ from mt.files import file_sha256, stream_sha256
 
 log = logging.getLogger("mt")
 
+TSV_HEADERS = (["source", "target"], ["src", "tgt"])  # and the two languages, e.g. de, en
+
 _HF_BATCH = 1000
 # Bumped if the fingerprint recipe changes, so old caches are not reused by mistake.
 _FINGERPRINT_VERSION = "mt-corpus-v1"
@@ -108,9 +110,12 @@ class TsvCorpus(Corpus):
     path: Path
 
     def pairs(self) -> Iterator[tuple[str, str]]:
-        """Stream pairs; a line without exactly one tab is a DataError."""
+        """Stream pairs; a line without exactly one tab is a DataError. A first line that
+        names the columns (`de<TAB>en` for de-en, or `source<TAB>target`) is a header: skipped."""
         for number, line in enumerate(_corpus_lines(self.path), start=1):
             columns = line.split("\t")
+            if number == 1 and self._is_header(columns):
+                continue
             if len(columns) != 2:
                 raise DataError(
                     f"{self.path}: line {number} has {len(columns) - 1} tabs, "
@@ -121,6 +126,11 @@ class TsvCorpus(Corpus):
     def fingerprint(self) -> str:
         """Digest of the decompressed text."""
         return self._combine("tsv", [_text_digest(self.path)])
+
+    def _is_header(self, columns: list[str]) -> bool:
+        names = [c.strip().lower() for c in columns]
+        headers = ([self.src_lang.lower(), self.tgt_lang.lower()], *TSV_HEADERS)
+        return names in headers
 
     def describe(self) -> str:
         """The file's path."""

@@ -188,6 +188,18 @@ def test_tsv(tmp_path: Path, name: str) -> None:
     assert len(corpus.fingerprint()) == 64
 
 
+@pytest.mark.parametrize("header", ["de\ten", "DE\tEN", "source\ttarget", "src\ttgt"])
+def test_a_tsv_header_is_skipped(tmp_path: Path, header: str) -> None:
+    path = _write(tmp_path / "c.tsv", [header, "Ein Hund\tA dog", "de\ten"])
+    pairs = [("Ein Hund", "A dog"), ("de", "en")]  # only the first line can be a header
+    assert list(open_corpus(str(path), "de", "en").pairs()) == pairs
+
+
+def test_a_first_line_naming_other_languages_is_data(tmp_path: Path) -> None:
+    path = _write(tmp_path / "c.tsv", ["de\ten", "A dog\tEin Hund"])
+    assert list(open_corpus(str(path), "en", "de").pairs()) == [("de", "en"), ("A dog", "Ein Hund")]
+
+
 def test_tsv_bad_line(tmp_path: Path) -> None:
     path = _write(tmp_path / "c.tsv", ["a\tb", "no tab here", "c\td"])
     with pytest.raises(DataError) as err:
