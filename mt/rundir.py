@@ -7,6 +7,7 @@ trained model it holds from here.
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -28,6 +29,7 @@ from mt.checkpoint import (
 from mt.config import CONFIG_FILE, Config, TokenizerConfig, config_text, load_config
 from mt.corpora import Corpus, open_corpus
 from mt.errors import ConfigError, DataError
+from mt.files import atomic_write_bytes
 from mt.model import Transformer
 from mt.tokenizer import (
     Tokenizer,
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mt")
 
 TOKENIZER_DIR = "tokenizer"
+TRAINED_ON = "trained_on.json"  # in TOKENIZER_DIR: the training data `mt train` trained it on
 SPLITS = {"train": "train", "valid": "validation", "test": "test"}  # config key -> HF split
 
 
@@ -191,7 +194,7 @@ def prepare_tokenizer(config: Config) -> Tokenizer:
     if has:
         tokenizer = load_tokenizer(directory)
         log.info("using the run's tokenizer in %s (%d pieces)", directory, tokenizer.src_vocab_size)
-        for difference in retrain_hints(tokenizer, wanted):
+        for difference in [*retrain_hints(tokenizer, wanted), *other_data(config, directory)]:
             log.warning("warning: %s; delete %s to retrain it", difference, directory)
         check_tags(tokenizer, config, directory)
         return tokenizer
@@ -203,10 +206,40 @@ def prepare_tokenizer(config: Config) -> Tokenizer:
     )
     seed = config.train.seed
     if len(config.data.directions()) == 1:
-        return train_tokenizer(open_split(config, "train"), directory, wanted, seed)
-    corpora = list(open_directions(config, "train").values())
-    temperature = config.data.temperature
-    return train_multilingual_tokenizer(corpora, directory, wanted, seed, temperature)
+        tokenizer = train_tokenizer(open_split(config, "train"), directory, wanted, seed)
+    else:
+        corpora = list(open_directions(config, "train").values())
+        temperature = config.data.temperature
+        tokenizer = train_multilingual_tokenizer(corpora, directory, wanted, seed, temperature)
+    record = json.dumps(training_data(config), indent=1, ensure_ascii=False) + "\n"
+    atomic_write_bytes(directory / TRAINED_ON, record.encode())
+    return tokenizer
+
+
+def training_data(config: Config) -> dict[str, str]:
+    """Each direction's training data as the config names it, local paths made absolute."""
+
+    def spelled(spec: str) -> str:
+        return spec if spec.startswith("hf:") else str(Path(spec).resolve())
+
+    return {c.direction: spelled(c.train) for c in config.data.directions()}
+
+
+def other_data(config: Config, directory: Path) -> list[str]:
+    """How the data `mt train` trained the tokenizer in `directory` on differs from the run's
+    (a tokenizer trained otherwise, or copied from the run a fine-tuning starts from: none)."""
+    try:
+        trained_on = json.loads((directory / TRAINED_ON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    now = training_data(config)
+    if trained_on == now:
+        return []
+
+    def spelled(data: dict[str, str]) -> str:
+        return ", ".join(f"{direction} {spec}" for direction, spec in data.items())
+
+    return [f"the run's tokenizer was trained on {spelled(trained_on)}, not {spelled(now)}"]
 
 
 def retrain_hints(tokenizer: Tokenizer, wanted: TokenizerConfig) -> list[str]:

@@ -64,6 +64,7 @@ from mt.model import Transformer, count_parameters, set_dropout
 from mt.optim import Schedule, make_optimizer, make_scheduler
 from mt.rundir import (
     TOKENIZER_DIR,
+    TRAINED_ON,
     checkpoint_metadata,
     encode_directions,
     encode_train,
@@ -506,7 +507,10 @@ def start_from(checkpoint: ckpt.Checkpoint, config: Config) -> None:
             )
     elif theirs.is_dir():
         with atomic_directory(mine) as temp:
-            shutil.copytree(theirs, temp, dirs_exist_ok=True)
+            # Without its record of the data: this run trains on other data by design.
+            shutil.copytree(
+                theirs, temp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(TRAINED_ON)
+            )
         log.info("using the tokenizer of %s, whose checkpoint this run starts from", source)
 
 

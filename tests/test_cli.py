@@ -8,6 +8,7 @@ error surfaces as the MtError that `main()` would print.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -384,7 +385,7 @@ def test_tokenizer_train_reuses_and_reports_unk_rate(prepared: tuple[Path, str, 
             f"tokenizer.joint=false: the run's tokenizer in {run_dir / 'tokenizer'} is joint; "
             "delete it to train another (the run's checkpoints need it)"
         )
-    assert sorted(p.name for p in model.parent.iterdir()) == ["spm.model"]
+    assert sorted(p.name for p in model.parent.iterdir()) == ["spm.model", "trained_on.json"]
     assert model.stat().st_mtime_ns == before
 
 
@@ -406,6 +407,25 @@ def test_reusing_a_tokenizer_warns_of_each_setting_it_was_not_trained_with(
         f"warning: the run's tokenizer was trained with tokenizer.{was}, not "
         f"{now.split('=')[1]}; delete {directory} to retrain it"
         for was, now in zip(trained, settings, strict=True)
+    ]
+
+
+def test_reusing_a_tokenizer_trained_on_other_data_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run_dir, other = tmp_path / "run", tmp_path / "other"
+    for lang in ("de", "en"):  # the same text, named otherwise: a changed data.train
+        (tmp_path / f"other.{lang}").write_bytes((TINY_DATA / f"train.{lang}").read_bytes())
+    assert invoke("tokenizer", "train", *tiny_args(run_dir)).exit_code == 0
+    assert json.loads((run_dir / "tokenizer" / "trained_on.json").read_text()) == {
+        "de-en": str(TINY_DATA / "train")
+    }
+    assert invoke("tokenizer", "train", *tiny_args(run_dir)).exit_code == 0
+    assert not [m for m in caplog.messages if m.startswith("warning")]
+    assert invoke("tokenizer", "train", *tiny_args(run_dir, f"data.train={other}")).exit_code == 0
+    assert [m for m in caplog.messages if m.startswith("warning")] == [
+        f"warning: the run's tokenizer was trained on de-en {TINY_DATA / 'train'}, not de-en "
+        f"{other.resolve()}; delete {run_dir / 'tokenizer'} to retrain it"
     ]
 
 
