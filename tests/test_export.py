@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from helpers.ct2_model import read_ct2_model
 from helpers.shared import built_once
 from helpers.waiting import SAFETY_NET_S
@@ -312,6 +314,35 @@ def test_readmes_show_how_to_ask_a_multilingual_model_for_a_language(
         assert sources == [wanted]
         printed = capsys.readouterr().out
         assert printed.startswith("['") and printed.endswith("']\n")  # one translation
+
+
+@pytest.mark.slow  # trains more tiny runs, or exports and runs CT2 or Marian
+@pytest.mark.filterwarnings("ignore:Recommended. pip install sacremoses")  # never used by Marian
+def test_exports_of_a_run_that_samples_sample_with_its_settings(
+    postnorm_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    pytest.importorskip("ctranslate2", reason=NO_CT2)
+    pytest.importorskip("transformers", reason=NO_HF)
+    from transformers import GenerationConfig
+
+    run = tmp_path / "run"
+    shutil.copytree(postnorm_run, run)
+    tree = yaml.safe_load((run / "config.yaml").read_text())
+    tree["decode"] |= {"sampling": True, "beam": 4, "temperature": 0.7, "top_k": 5, "top_p": 0.9}
+    (run / "config.yaml").write_text(yaml.safe_dump(tree))
+
+    gen = GenerationConfig.from_pretrained(export_model(run, tmp_path / "hf", "hf"))
+    assert (gen.do_sample, gen.num_beams, gen.temperature, gen.top_k, gen.top_p) == (
+        True, 1, 0.7, 5, 0.9,
+    )  # fmt: skip
+    ct2 = export_model(run, tmp_path / "ct2", "ct2")
+    for out in (tmp_path / "hf", ct2):
+        prose = " ".join((out / "README.md").read_text().split())
+        assert "The run samples (temperature 0.7, top-k 5, top-p 0.9): mt draws 4 samples" in prose
+    code = (ct2 / "README.md").read_text()
+    assert "beam_size=1,\n    sampling_topk=5,\n    sampling_topp=0.9," in code
+    readme_code(ct2, monkeypatch)  # CTranslate2 takes the arguments
+    assert capsys.readouterr().out.startswith("['")
 
 
 def test_readme_example_of_a_language_without_a_stock_one_is_a_dev_sentence(

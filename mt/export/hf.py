@@ -154,16 +154,23 @@ def generation_config(decode: DecodeConfig, max_positions: int) -> Any:
 
     `max_new_tokens` is mt's cap; pass mt's per-sentence limit (a * source length + b) instead.
     HF's beam penalty is length^p like CT2's (see `ct2_options`): "gnmt" is approximated with
-    p = alpha.
+    p = alpha. A run that samples exports sampling with its temperature, top-k and top-p (one
+    sample per sentence: mt keeps the best of `beam` samples, which generate() cannot rank).
     """
     from transformers import GenerationConfig
 
-    beam = {}
-    if decode.beam > 1:  # early stopping: fairseq's (and mt's) rule, stop at `beam` finished
-        beam = {"early_stopping": True, "length_penalty": hf_length_penalty(decode)}
+    search: dict[str, Any] = {"num_beams": decode.beam, "do_sample": False}
+    if decode.sampling:
+        search = {
+            "num_beams": 1,
+            "do_sample": True,
+            "temperature": decode.temperature,
+            "top_k": decode.top_k,  # 0: no top-k, as mt's
+            "top_p": decode.top_p,
+        }
+    elif decode.beam > 1:  # early stopping: fairseq's (and mt's) rule, stop at `beam` finished
+        search |= {"early_stopping": True, "length_penalty": hf_length_penalty(decode)}
     return GenerationConfig(
-        num_beams=decode.beam,
-        do_sample=False,
         max_new_tokens=max_positions - 1,  # mt's cap: max_positions - 2 tokens + EOS
         min_new_tokens=decode.min_len or None,
         decoder_start_token_id=BOS_ID,
@@ -172,7 +179,7 @@ def generation_config(decode: DecodeConfig, max_positions: int) -> Any:
         pad_token_id=PAD_ID,
         forced_eos_token_id=EOS_ID,
         suppress_tokens=[PAD_ID, BOS_ID],
-        **beam,
+        **search,
     )
 
 

@@ -49,8 +49,7 @@ lines = [{_literal(_example(config))}]
 {_ct2_sources(config, tokenizer)}
 results = translator.translate_batch(
     sources,
-    beam_size={decode.beam},
-    length_penalty={hf_length_penalty(decode)},
+{_ct2_search(decode)}
     min_decoding_length={decode.min_len},
     max_decoding_length={positions - 2},
     max_input_length={positions - 1},
@@ -58,7 +57,8 @@ results = translator.translate_batch(
 )
 print([tgt.decode(r.hypotheses[0]) for r in results])
 """
-    notes = f"""This is mt's search but for two settings. mt limits each output to
+    notes = f"""{_sampling_note(decode, "CTranslate2")}This is mt's search but for two
+    settings. mt limits each output to
     {_limits(decode)} tokens, end token included, and its length penalty is
     "{decode.length_penalty}" (alpha {decode.alpha}), where CTranslate2 divides by
     length^length_penalty. `mt.export.ct2_search.translate_ct2` batches sentences by source
@@ -83,13 +83,43 @@ batch = tokenizer(lines, return_tensors="pt", padding=True, truncation=True)
 out = model.generate(**batch)  # mt's search settings, from generation_config.json
 print(tokenizer.batch_decode(out, skip_special_tokens=True))
 """
-    notes = f"""generation_config.json bans PAD and BOS, forces the end token at the length limit
-    and uses beam {decode.beam}; with `num_beams=1`, `generate` is mt's greedy search. mt limits
+    notes = f"""{_sampling_note(decode, "generate()")}generation_config.json bans PAD and BOS,
+    forces the end token at the length limit and {_hf_search(decode)}. mt limits
     each output to {_limits(decode)} tokens, end token included: pass that as `max_new_tokens` (the
     default is the model's cap, {config.model.max_positions - 1}). The beam length penalty
     divides by length^{hf_length_penalty(decode)}, where mt's is "{decode.length_penalty}" (alpha
     {decode.alpha})."""
     return _markdown("Hugging Face MarianMTModel exported by `mt export`", intro, code, notes)
+
+
+def _ct2_search(decode: DecodeConfig) -> str:
+    """translate_batch's search arguments (indented lines) for mt's decode settings."""
+    if decode.sampling:  # sampling_topk 0: the whole distribution, as mt's top_k 0
+        lines = [
+            "beam_size=1",
+            f"sampling_topk={decode.top_k}",
+            f"sampling_topp={decode.top_p}",
+            f"sampling_temperature={decode.temperature}",
+        ]
+    else:
+        lines = [f"beam_size={decode.beam}", f"length_penalty={hf_length_penalty(decode)}"]
+    return "\n".join(f"    {line}," for line in lines)
+
+
+def _hf_search(decode: DecodeConfig) -> str:
+    """What generation_config.json's search is, in words."""
+    if decode.sampling:
+        return "samples one output per sentence"
+    return f"uses beam {decode.beam}; with `num_beams=1`, `generate` is mt's greedy search"
+
+
+def _sampling_note(decode: DecodeConfig, system: str) -> str:
+    """For a run that samples: its settings, and what the export does not do as mt does."""
+    if not decode.sampling:
+        return ""
+    return f"""The run samples (temperature {decode.temperature}, top-k {decode.top_k}, top-p
+    {decode.top_p}): mt draws {decode.beam} samples per sentence and keeps the best by its
+    length-penalised score; {system} as set up here draws one. """
 
 
 def _pair(config: Config) -> str:
