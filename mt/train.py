@@ -732,7 +732,22 @@ def restore(checkpoint: ckpt.Checkpoint, run: Run) -> TrainState:
     sync_cooldown(learner, state)
     apply_optimizer_settings(learner, run.config.train)
     reselect(state, run)
+    repoint_best(checkpoint, state, run)
     return state
+
+
+def repoint_best(checkpoint: ckpt.Checkpoint, state: TrainState, run: Run) -> None:
+    """Point `best` at the run's latest checkpoint if it was saved as the best, but `best` was
+    never moved to it (a kill or a full disk between the two): later checkpoints would have to
+    beat its score before `best` moved, and pruning would delete it."""
+    if not (run.world.is_main and state.validated and state.bad_validations == 0):
+        return
+    latest, best = ckpt.latest_checkpoint(run.directory), ckpt.best_checkpoint(run.directory)
+    if latest is None or latest.weights.resolve() != checkpoint.weights.resolve():
+        return  # another run's, or an earlier one of this run, resumed on purpose
+    if best is None or best.step != latest.step:
+        ckpt.set_best(run.directory, latest)
+        log.warning(f"warning: {latest.name} was saved as the best; checkpoints/best now says so")
 
 
 def started_anew(state: TrainState, run: Run) -> TrainState:

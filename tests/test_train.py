@@ -392,6 +392,27 @@ def test_fp16_overflow_skips_steps_then_stops_at_the_floor(
     )
 
 
+def test_a_best_checkpoint_whose_pointer_was_never_moved_becomes_the_best_on_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    bleus = iter([10.0, 20.0, 5.0])
+
+    def fake_validate(run) -> dict[str, float]:
+        return {"loss": 1.0, "nll": 1.0, "ppl": 2.7, "bleu": next(bleus)}
+
+    monkeypatch.setattr(train_module, "validate", fake_validate)
+    run = tmp_path / "run"
+    train(tiny(run, "train.max_steps=10", "train.valid_every=5"))
+    assert ckpt.best_checkpoint(run).step == 10
+    first = ckpt.list_checkpoints(run)[0]
+    ckpt.set_best(run, first)  # as if killed after saving step 10, before moving `best`
+    train(tiny(run, "train.max_steps=11", "train.valid_every=5"))  # 5.0 at step 11: no better
+    assert ckpt.best_checkpoint(run).step == 10
+    assert "warning: step-00000010 was saved as the best; checkpoints/best now says so" in (
+        caplog.messages
+    )
+
+
 def test_early_stopping_on_patience(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bleus = iter([10.0, 12.0, 11.0, 11.5, 9.0, 20.0])
 
