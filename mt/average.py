@@ -8,6 +8,7 @@ with the inputs' metadata; it is not a step checkpoint, so it is never resumed f
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -61,6 +62,8 @@ def select_best(run_dir: Path, k: int) -> list[Checkpoint]:
     for record in read_metrics(Path(run_dir), "valid"):
         if "bleu" in record:  # a re-run step: the last counts
             bleu[int(record["step"])] = selected_bleu(record, select)
+        if not math.isfinite(record.get("loss", 0.0)):  # never a best in training either
+            bleu.pop(int(record["step"]), None)
     scored = [c for c in weights_checkpoints(run_dir) if c.step in bleu]
     if k > len(scored):
         raise MtError(

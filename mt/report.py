@@ -146,7 +146,8 @@ def _training_section(run_dir: Path, select_direction: str) -> list[str]:
 
 def _dev_lines(valid: list[dict[str, Any]], select_direction: str) -> list[str]:
     """The best dev BLEU, and the dev scores at each validation (BLEU of each direction too)."""
-    best = max(valid, key=lambda r: selected_bleu(r, select_direction))
+    finite = [r for r in valid if math.isfinite(r["loss"])]  # as training chooses its best
+    best = max(finite or valid, key=lambda r: selected_bleu(r, select_direction))
     directions = record_directions(valid[-1])
     mean = f" (mean of the {len(directions)} directions)" if directions else ""
     head = f"- best dev BLEU{mean} **{best['bleu']:.2f}** at step {best['step']:,}"

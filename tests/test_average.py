@@ -93,6 +93,14 @@ def test_best_k_picks_the_best_dev_bleu(tmp_path: Path) -> None:
         average_run(run, best=4)
 
 
+def test_best_k_leaves_out_validations_whose_dev_loss_was_not_finite(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", [10, 20, 30], {10: 1.0, 20: 9.0})
+    metrics = MetricsLog(run, tensorboard=False)
+    metrics.write("valid", 30, {"loss": math.nan, "bleu": 50.0})  # never a best in training
+    metrics.close()
+    assert ckpt.averaged_steps(average_run(run, best=2)) == [10, 20]
+
+
 def test_best_k_follows_the_runs_selected_direction(tmp_path: Path) -> None:
     run = make_run(tmp_path / "run", [10, 20, 30])
     metrics = MetricsLog(run, tensorboard=False)

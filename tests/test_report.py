@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -22,7 +23,7 @@ from mt.evaluate import score
 from mt.metrics import read_metrics
 from mt.model import count_parameters
 from mt.plot import DPI, FIGURE_INCHES, plot_curves
-from mt.report import _model_section, write_report
+from mt.report import _dev_lines, _model_section, write_report
 from mt.report import test_scores as report_test_scores
 from mt.rundir import load_trained, open_split
 
@@ -69,6 +70,14 @@ def test_the_wall_clock_axis_leaves_out_the_time_between_a_stop_and_its_resume()
         {"kind": "end", "step": 20, "time": 5013.5},
     ]
     assert training_clock(records) == [0.0, 10.0, 10.0, 22.0, 23.5]
+
+
+def test_the_best_dev_bleu_is_of_a_validation_with_a_finite_loss() -> None:
+    valid = [
+        {"step": 10, "loss": 3.0, "ppl": 20.0, "bleu": 12.0},
+        {"step": 20, "loss": math.nan, "ppl": math.nan, "bleu": 30.0},  # training's best never
+    ]
+    assert _dev_lines(valid, "")[0] == "- best dev BLEU **12.00** at step 10"
 
 
 def test_curves_leave_out_a_record_without_a_time(tmp_path: Path) -> None:
