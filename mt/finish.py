@@ -10,11 +10,11 @@ import logging
 from pathlib import Path
 
 from mt.average import average_run
-from mt.checkpoint import AVERAGE_NAME, checkpoint_dir, is_resume_point, weights_checkpoints
+from mt.checkpoint import is_resume_point, latest_checkpoint, weights_checkpoints
 from mt.config import Config
 from mt.lock import hold_run_lock
 from mt.report import REPORT_FILE, write_report
-from mt.rundir import run_path
+from mt.rundir import model_checkpoint, run_average, run_path
 from mt.train import TrainResult
 
 log = logging.getLogger("mt")
@@ -51,12 +51,25 @@ def _average(run_dir: Path, wanted: int) -> None:
         )
 
 
+def _newer_than_model(path: Path, run_dir: Path) -> bool:
+    """Whether `path` exists and was written after the run's model and latest checkpoint."""
+    if not path.is_file():
+        return False
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return True
+    made = (latest.weights, model_checkpoint(run_dir).weights)
+    return all(path.stat().st_mtime_ns >= m.stat().st_mtime_ns for m in made if m.is_file())
+
+
 def _finish(config: Config, result: TrainResult, run_dir: Path) -> None:
     """The average and report of a finished run, under its lock."""
     train = config.train
-    average = checkpoint_dir(run_dir) / AVERAGE_NAME
-    if train.average_last and not (result.idle and average.is_file()):
+    # An idle rerun does what a signal left undone: an average that covers the run's last
+    # checkpoint, a report newer than the run's model (a run extended and stopped in these
+    # jobs has older ones, of fewer steps).
+    if train.average_last and not (result.idle and run_average(run_dir) is not None):
         _average(run_dir, train.average_last)
-    if train.report and not (result.idle and (run_dir / REPORT_FILE).is_file()):
+    if train.report and not (result.idle and _newer_than_model(run_dir / REPORT_FILE, run_dir)):
         # Test decoding at "auto" precision, as `mt evaluate` does.
         log.info("wrote %s", write_report(run_dir, device=result.device))

@@ -626,6 +626,14 @@ def test_a_rerun_at_the_end_does_the_average_and_report_a_signal_stopped(tmp_pat
     written = report.stat().st_mtime_ns, average.stat().st_mtime_ns
     finish(config, train(config))  # nothing missing: nothing done again
     assert (report.stat().st_mtime_ns, average.stat().st_mtime_ns) == written
+    # Extended by two steps, and a signal while the jobs ran: the old average and report were
+    # of 10 steps; the idle rerun makes them anew.
+    longer = dataclasses.replace(config, train=dataclasses.replace(config.train, max_steps=12))
+    finish(longer, dataclasses.replace(train(longer), signum=signal.SIGTERM))
+    assert ckpt.averaged_steps(average)[-1] == 10
+    finish(longer, train(longer))
+    assert ckpt.averaged_steps(average)[-1] == 12
+    assert report.stat().st_mtime_ns > written[0]
 
 
 @pytest.mark.slow  # a second or more: the full suite runs it
