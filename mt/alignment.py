@@ -38,6 +38,10 @@ class Alignment:
     weights: Tensor  # (layers, heads, T, S) float32, rows sum to 1 (less a hidden tag's share)
     translation: str
 
+    def heads_averaged(self) -> Alignment:
+        """The same alignment with its heads averaged into one: weights (layers, 1, T, S)."""
+        return dataclasses.replace(self, weights=self.weights.mean(dim=1, keepdim=True))
+
     def without_first_source(self) -> Alignment:
         """The same alignment without the first source piece's column (a multilingual tag).
 

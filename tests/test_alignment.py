@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from mt.alignment import align, attention_weights
+from mt.alignment import Alignment, align, attention_weights
 from mt.cli import app
 from mt.errors import MtError
 from mt.plot import DPI, heatmap_inches
@@ -113,3 +113,16 @@ def test_attention_of_a_multilingual_model_hides_its_tag_unless_asked(
 def test_a_short_sentence_still_gets_a_panel_wide_enough_for_its_title() -> None:
     assert heatmap_inches(2, 3, 1)[0] == 4.5  # 2.0 + 2 x 0.3 would cut the title
     assert heatmap_inches(20, 3, 2)[0] == 2 * (2.0 + 20 * 0.3)
+
+
+def test_heads_averaged_keeps_the_layers_and_averages_the_heads() -> None:
+    weights = torch.rand(2, 4, 3, 5).softmax(dim=-1)  # (layers, heads, T, S)
+    found = Alignment(["a", "b", "c", "d", "</s>"], ["x", "y", "</s>"], weights, "x y")
+    averaged = found.heads_averaged()
+    assert averaged.weights.shape == (2, 1, 3, 5)
+    torch.testing.assert_close(averaged.weights[:, 0], weights.mean(dim=1))
+    torch.testing.assert_close(averaged.weights.sum(dim=-1), torch.ones(2, 1, 3))
+    assert (averaged.source_pieces, averaged.target_pieces) == (
+        found.source_pieces,
+        found.target_pieces,
+    )

@@ -218,10 +218,15 @@ async def translate(body: TranslateRequest, request: Request, served: ServedDep)
         return Response(status_code=CLIENT_GONE)
     # n-best lists when asked for, or when the server's default gives several (as mt translate).
     with_nbest = body.nbest is not None or nbest > 1
-    translations = [
-        _render(result, seq, served.tokenizer, with_nbest, body.pieces)
-        for result, seq in zip(results, ids, strict=True)
-    ]
+
+    def render() -> list[TranslationOut]:
+        return [
+            _render(result, seq, served.tokenizer, with_nbest, body.pieces)
+            for result, seq in zip(results, ids, strict=True)
+        ]
+
+    # Attention maps are many floats to turn into lists: off the event loop, which serves others.
+    translations = await asyncio.to_thread(render) if body.attention else render()
     for out, result, seq, phrases in zip(
         translations, results, ids, constraints or [None] * len(ids), strict=True
     ):

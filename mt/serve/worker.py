@@ -273,7 +273,8 @@ class Batcher:
         ids = job.ids[index]
         if not (job.attention and ids):
             return Result(hyps, None)
-        found = alignment(self.model, self.tokenizer, ids, hyps[0].tokens)
+        # Heads averaged at once (what the answer shows): a waiting answer holds 1/H of them.
+        found = alignment(self.model, self.tokenizer, ids, hyps[0].tokens).heads_averaged()
         # A multilingual model's tag is not the user's text: left out, as `mt attention` does.
         tagged = self.tokenizer.tag_id(job.tgt_lang) is not None
         return Result(hyps, found.without_first_source() if tagged else found)
