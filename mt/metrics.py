@@ -31,18 +31,23 @@ class MetricsLog:
     """Appends one JSON record per event to metrics.jsonl and mirrors numbers to TensorBoard."""
 
     def __init__(
-        self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None
+        self,
+        run_dir: Path,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+        revalidate: bool = False,
     ) -> None:
         """Open the run's metrics for appending, a torn last line cut off.
 
         With `resume_step` S (the step of the checkpoint training continues from; 0 for a
         fresh start), records after S are dropped, and so are `end` records: the steps after S
-        will be logged again, and this process writes its own `end`. TensorBoard hides its
-        events after S too.
+        will be logged again, and this process writes its own `end`. `revalidate`: S's
+        validation runs again (a signal put it off), so a `valid` record of S goes too (an
+        earlier resume's, killed before it saved). TensorBoard hides its events after S too.
         """
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / METRICS_FILE
-        repair_metrics(self.path, resume_step)
+        repair_metrics(self.path, resume_step, revalidate)
         with write_errors(self.path):
             self.file = self.path.open("a", encoding="utf-8")
         self.tensorboard_dir = run_dir / TENSORBOARD_DIR
@@ -148,7 +153,7 @@ def read_metrics(run_dir: Path, kind: str | None = None) -> list[dict[str, Any]]
     return [r for _, r in _records(path) if kind is None or r["kind"] == kind]
 
 
-def repair_metrics(path: Path, resume_step: int | None = None) -> None:
+def repair_metrics(path: Path, resume_step: int | None = None, revalidate: bool = False) -> None:
     """Cut a torn last line off `path`; with `resume_step`, drop what follows (see MetricsLog)."""
     if not path.is_file():
         return
@@ -162,7 +167,7 @@ def repair_metrics(path: Path, resume_step: int | None = None) -> None:
         kept = [
             line
             for number, line in enumerate(lines, start=1)
-            if _survives(path, number, line, resume_step)
+            if _survives(path, number, line, resume_step, revalidate)
         ]
         if len(kept) < len(lines):
             log.info(
@@ -175,14 +180,16 @@ def repair_metrics(path: Path, resume_step: int | None = None) -> None:
         atomic_write_bytes(path, repaired)
 
 
-def _survives(path: Path, number: int, line: bytes, step: int) -> bool:
-    """Whether a line is kept by a resume at `step`: a readable record up to it, not an `end`."""
+def _survives(path: Path, number: int, line: bytes, step: int, revalidate: bool) -> bool:
+    """Whether a line is kept by a resume at `step`: a readable record up to it, not an `end`,
+    nor, with `revalidate`, a `valid` record of `step`."""
     record = _parse(line)
     if record is None:
         if line.strip():
             _warn_unreadable(path, number)
         return False
-    return record["step"] <= step and record["kind"] != "end"
+    again = revalidate and record["kind"] == "valid" and record["step"] == step
+    return record["step"] <= step and record["kind"] != "end" and not again
 
 
 def record_directions(record: dict[str, Any]) -> list[str]:

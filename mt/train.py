@@ -966,7 +966,8 @@ def begin(run: Run, stack: contextlib.ExitStack) -> None:
     config, learner = run.config, run.learner
     save_config(config, run.directory / CONFIG_FILE)
     # Records of steps after the checkpoint resumed from are dropped: they are run again.
-    metrics = MetricsLog(run.directory, resume_step=run.state.step)
+    state = run.state
+    metrics = MetricsLog(run.directory, resume_step=state.step, revalidate=state.unvalidated)
     run.metrics = stack.enter_context(contextlib.closing(metrics))
     for name, test in encode_directions(config, run.tokenizer, "test").items():
         max_len = learner.model.max_positions - 1
