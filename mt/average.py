@@ -8,7 +8,6 @@ with the inputs' metadata; it is not a step checkpoint, so it is never resumed f
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ from mt.checkpoint import (
 )
 from mt.config import CONFIG_FILE, load_config
 from mt.errors import MtError
-from mt.metrics import read_metrics, selected_bleu
+from mt.metrics import may_be_best, read_metrics, selected_bleu
 from mt.rundir import run_average
 
 log = logging.getLogger("mt")
@@ -62,7 +61,7 @@ def select_best(run_dir: Path, k: int) -> list[Checkpoint]:
     for record in read_metrics(Path(run_dir), "valid"):
         if "bleu" in record:  # a re-run step: the last counts
             bleu[int(record["step"])] = selected_bleu(record, select)
-        if not math.isfinite(record.get("loss", 0.0)):  # never a best in training either
+        if not may_be_best(record):  # as in training
             bleu.pop(int(record["step"]), None)
     scored = [c for c in weights_checkpoints(run_dir) if c.step in bleu]
     if k > len(scored):

@@ -200,6 +200,11 @@ def record_directions(record: dict[str, Any]) -> list[str]:
     return [key.removesuffix("/bleu") for key in record if key.endswith("/bleu")]
 
 
+def may_be_best(record: dict[str, Any]) -> bool:
+    """Whether a validation record may choose the best checkpoint: its dev loss is finite."""
+    return math.isfinite(record.get("loss", 0.0))
+
+
 def selected_bleu(record: dict[str, Any], select_direction: str) -> float:
     """The dev BLEU that picks the best checkpoint: `select_direction`'s if set, else the mean.
 

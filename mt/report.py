@@ -20,7 +20,7 @@ from mt.data import DATA_FILE
 from mt.device import describe_precision
 from mt.evaluate import MetricScore, score, translate_test_sets
 from mt.files import atomic_write_bytes
-from mt.metrics import read_metrics, record_directions, selected_bleu
+from mt.metrics import may_be_best, read_metrics, record_directions, selected_bleu
 from mt.model import Transformer, count_parameters
 from mt.plot import plot_curves
 from mt.rundir import load_run_config, model_checkpoint
@@ -146,8 +146,8 @@ def _training_section(run_dir: Path, select_direction: str) -> list[str]:
 
 def _dev_lines(valid: list[dict[str, Any]], select_direction: str) -> list[str]:
     """The best dev BLEU, and the dev scores at each validation (BLEU of each direction too)."""
-    finite = [r for r in valid if math.isfinite(r["loss"])]  # as training chooses its best
-    best = max(finite or valid, key=lambda r: selected_bleu(r, select_direction))
+    eligible = [r for r in valid if may_be_best(r)]  # as training chooses its best
+    best = max(eligible or valid, key=lambda r: selected_bleu(r, select_direction))
     directions = record_directions(valid[-1])
     mean = f" (mean of the {len(directions)} directions)" if directions else ""
     head = f"- best dev BLEU{mean} **{best['bleu']:.2f}** at step {best['step']:,}"

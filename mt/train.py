@@ -59,7 +59,7 @@ from mt.errors import ConfigError, MtError
 from mt.files import atomic_directory
 from mt.lock import hold_run_lock
 from mt.loss import label_smoothed_nll
-from mt.metrics import MetricsLog, read_metrics, selected_bleu
+from mt.metrics import MetricsLog, may_be_best, read_metrics, selected_bleu
 from mt.model import Transformer, count_parameters, set_dropout
 from mt.optim import Schedule, make_optimizer, make_scheduler
 from mt.rundir import (
@@ -819,7 +819,7 @@ def reselect(state: TrainState, run: Run) -> None:
     if state.select_direction == select or not run.world.is_main:
         return
     valid = read_metrics(run.directory, "valid")
-    kept = [r for r in valid if r["step"] <= state.step and math.isfinite(r["loss"])]
+    kept = [r for r in valid if r["step"] <= state.step and may_be_best(r)]
     bleu = {r["step"]: selected_bleu(r, select) for r in kept}  # a step validated again: last
     saved = [c for c in ckpt.weights_checkpoints(run.directory) if c.step in bleu]
     state.select_direction = select
@@ -1330,7 +1330,7 @@ def record_validation(run: Run) -> bool:
     scores["seconds"] = time.perf_counter() - t0
     state.train_seconds += scores["seconds"]
     bleu = selected_bleu(scores, run.config.data.select_direction)
-    improved = math.isfinite(scores["loss"]) and bleu > state.best_bleu
+    improved = may_be_best(scores) and bleu > state.best_bleu
     state.best_bleu = bleu if improved else state.best_bleu
     state.bad_validations = 0 if improved else state.bad_validations + 1
     run.metrics.write("valid", state.step, scores)
