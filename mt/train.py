@@ -1362,6 +1362,7 @@ def validate_direction(run: Run, dev: DevSet) -> dict[str, float]:
     """Dev loss and perplexity (teacher forcing) and BLEU of batched greedy or beam search."""
     learner, config = run.learner, run.config
     model, device = learner.eval_model, learner.device
+    training = model.training  # the EMA copy stays in eval mode, the trained model goes back
     model.eval()
     budget = max(config.train.valid_max_tokens, dev.max_len + 1)
     sampler = BatchSampler(*dev.lengths(), budget, shuffle=False)
@@ -1379,7 +1380,7 @@ def validate_direction(run: Run, dev: DevSet) -> dict[str, float]:
         output = run.tokenizer.decode_tgt([hyps[0].tokens for hyps in found])
         for index, text in zip(indices.tolist(), output, strict=True):
             hypotheses[index] = text if dev.data.src_lens[index] else ""  # as mt translate
-    model.train()
+    model.train(training)
     bleu = sacrebleu.corpus_bleu(hypotheses, [dev.references], tokenize=dev.tokenize)
     nll = nll_sum / max(tokens, 1)
     return {

@@ -883,6 +883,21 @@ def test_validation_leaves_blank_dev_sources_untranslated_as_mt_translate_does(
     assert said and seen and all(hyps == [said, "", said, said, "", said] for hyps in seen)
 
 
+def test_validation_leaves_the_ema_in_eval_mode_and_the_trained_model_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real, modes = train_module.validate_direction, []
+
+    def recording(run, dev):
+        scores = real(run, dev)
+        modes.append((run.learner.model.training, run.learner.eval_model.training))
+        return scores
+
+    monkeypatch.setattr(train_module, "validate_direction", recording)
+    train(tiny(tmp_path / "run", "train.max_steps=4", "train.valid_every=2", "train.ema_decay=0.9"))
+    assert modes == [(True, False), (True, False)]
+
+
 def test_ema_changes_what_is_validated_and_saved_but_not_training(tmp_path: Path) -> None:
     plain, ema = tmp_path / "plain", tmp_path / "ema"
     train(tiny(plain, "train.max_steps=15"))
