@@ -262,8 +262,9 @@ def cut_batches(
     monotone test: one vectorised check per batch finds n. Batches never cross windows.
     """
     n_total = len(order)
-    # n * widths[i + n - 1] <= max_tokens implies n <= max_tokens // widths[i]: bounds the slice.
-    counts = np.arange(1, max_tokens + 1, dtype=np.int64)
+    # n * widths[i + n - 1] <= max_tokens implies n <= max_tokens // widths[i]: bounds the slice,
+    # as does the window; so no batch holds more than min(max_tokens, window) sentences.
+    counts = np.arange(1, min(max_tokens, window) + 1, dtype=np.int64)
     cuts = []
     i = 0
     while i < n_total:

@@ -385,13 +385,34 @@ def _load_hub(name: str, config: str | None, split: str, cache_dir: str | None =
         raise DataError(f"hf:{label}: cannot load split '{split}' ({first_line(exc)})") from None
 
 
+def _languages(feature: Any) -> list[str] | None:
+    """The languages of a ``translation`` column, or None for another kind of column.
+
+    Datasets built from dicts have a dict feature; hub ones (wmt) a Translation feature. A
+    TranslationVariableLanguages column holds parallel lists instead, which mt does not read.
+    """
+    import datasets
+
+    if isinstance(feature, dict):
+        return [str(lang) for lang in feature]
+    if isinstance(feature, datasets.Translation):
+        return list(feature.languages)
+    return None
+
+
 def _check_columns(dataset: Any, label: str, src_lang: str, tgt_lang: str) -> bool:
     """True for a ``translation`` column, False for two language columns; else DataError."""
     features = dataset.features
     if "translation" in features:
-        feature = features["translation"]
-        # Datasets built from dicts have a dict feature; hub ones (wmt) a Translation feature.
-        langs = list(feature) if isinstance(feature, dict) else list(feature.languages)
+        langs = _languages(features["translation"])
+        if langs is None and src_lang in features and tgt_lang in features:
+            return False  # a column that happens to be called "translation"
+        if langs is None:
+            raise DataError(
+                f"{label}: column 'translation' is not a mapping of languages "
+                f"({type(features['translation']).__name__}); needs one with {src_lang} and "
+                f"{tgt_lang}, or '{src_lang}' and '{tgt_lang}' columns"
+            )
         if src_lang in langs and tgt_lang in langs:
             return True
         raise DataError(

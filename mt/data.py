@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 from datasets.exceptions import DatasetGenerationError
 
 from mt.config import temperature_shares
-from mt.errors import DataError, MtError
+from mt.errors import DataError, MtError, first_line
 from mt.files import atomic_write_bytes, write_errors
 from mt.tokenizer import unk_rate
 
@@ -278,9 +278,11 @@ def load_encoded(directory: Path) -> EncodedCorpus:
         dataset = datasets.load_from_disk(str(directory))
         lengths = np.load(directory / LENGTHS_FILE)
         stats = FilterStats(**json.loads((directory / STATS_FILE).read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError) as exc:
+        if lengths.shape != (2, len(dataset)):
+            raise ValueError(f"{LENGTHS_FILE} holds {lengths.shape}, not (2, {len(dataset)})")
+    except Exception as exc:  # datasets raises many types (KeyError for a damaged state.json)
         raise DataError(
-            f"{directory}: unreadable encoded-corpus cache ({exc}); delete it"
+            f"{directory}: unreadable encoded-corpus cache ({first_line(exc)}); delete it"
         ) from None
     return EncodedCorpus(dataset, lengths[0], lengths[1], stats, key=directory.name)
 

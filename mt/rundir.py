@@ -91,6 +91,16 @@ def open_split(config: Config, which: str) -> Corpus:
     return open_corpus(spec, direction.src_lang, direction.tgt_lang, split=SPLITS[which])
 
 
+def corpus_key(config: Config, which: str, index: int = 0) -> str:
+    """The config key that names direction `index`'s `which` corpus, for errors about it:
+    data.<which>, data.corpora[i].<which>, or data.<which> for data.corpora[i]."""
+    key = f"data.{which}"
+    if config.data.corpora:
+        own = getattr(config.data.corpora[index], which)
+        key = f"data.corpora[{index}].{which}" if own else f"{key} for data.corpora[{index}]"
+    return key
+
+
 def open_directions(
     config: Config, which: str, tsv_readers: dict[Path, str] | None = None
 ) -> dict[str, Corpus]:
@@ -107,10 +117,7 @@ def open_directions(
         spec = getattr(direction, which)
         if not spec:
             continue
-        key = f"data.{which}"  # unless the corpus sets its own
-        if config.data.corpora:
-            own = getattr(config.data.corpora[i], which)
-            key = f"data.corpora[{i}].{which}" if own else f"{key} for data.corpora[{i}]"
+        key = corpus_key(config, which, i)
         name = direction.direction
         tsv = Path(spec).resolve() if spec.endswith((".tsv", ".tsv.gz")) else None
         if tsv is not None and tsv_direction.setdefault(tsv, name) != name:
@@ -288,13 +295,22 @@ def cache_dir(config: Config) -> Path:
 
 def encode_split(config: Config, tokenizer: Tokenizer, which: str) -> EncodedCorpus:
     """The encoded `which` corpus of a run with one direction (see encode)."""
-    return encode(config, tokenizer, which, open_split(config, which))
+    return encode(config, tokenizer, which, open_split(config, which), corpus_key(config, which))
 
 
 def encode_directions(config: Config, tokenizer: Tokenizer, which: str) -> dict[str, EncodedCorpus]:
     """The encoded `which` corpus of every direction that has one, by direction."""
     corpora = open_directions(config, which)
-    return {name: encode(config, tokenizer, which, c) for name, c in corpora.items()}
+    return {
+        name: encode(config, tokenizer, which, c, direction_key(config, which, name))
+        for name, c in corpora.items()
+    }
+
+
+def direction_key(config: Config, which: str, direction: str) -> str:
+    """corpus_key of the direction named `direction` (e.g. ``de-en``)."""
+    names = [d.direction for d in config.data.directions()]
+    return corpus_key(config, which, names.index(direction))
 
 
 def encode_train(config: Config, tokenizer: Tokenizer) -> CorpusMix:
@@ -306,8 +322,13 @@ def encode_train(config: Config, tokenizer: Tokenizer) -> CorpusMix:
     return CorpusMix(parts, weights, config.data.temperature)
 
 
-def encode(config: Config, tokenizer: Tokenizer, which: str, corpus: Corpus) -> EncodedCorpus:
-    """The encoded (and, for training data only, filtered) corpus, from the cache when possible."""
+def encode(
+    config: Config, tokenizer: Tokenizer, which: str, corpus: Corpus, key: str
+) -> EncodedCorpus:
+    """The encoded (and, for training data only, filtered) corpus, from the cache when possible.
+
+    `key` is the config key that names the corpus (corpus_key), for the error if none is left.
+    """
     # Imported here: the data cache needs `datasets`, whose import takes seconds that commands
     # which only load a trained model (translate, evaluate, serve, export) need not pay.
     from mt.data import encode_corpus
@@ -321,7 +342,7 @@ def encode(config: Config, tokenizer: Tokenizer, which: str, corpus: Corpus) -> 
     )
     if len(encoded) == 0:  # nothing to sample batches from: training would never take a step
         raise DataError(
-            f"data.{which}: {corpus.describe()}: no pairs left to train on, "
+            f"{key}: {corpus.describe()}: no pairs left to train on, "
             f"{encoded.stats.describe()} (see data.max_len and data.max_ratio)"
         )
     return encoded
@@ -337,7 +358,7 @@ def prepare_data(
     several = len(config.data.directions()) > 1
     for which, directions in corpora.items():
         for name, corpus in directions.items():
-            data = encode(config, tokenizer, which, corpus)
+            data = encode(config, tokenizer, which, corpus, direction_key(config, which, name))
             label = split_label(config, which, name)
             yield f"{label}: {data.stats.describe()}"
             yield f"{label}: {data.describe_tokens()}"

@@ -48,6 +48,16 @@ def test_budget_and_coverage(shuffle: bool, window: int, max_tokens: int) -> Non
         assert_valid_epoch(sampler.epoch_batches(epoch), src, tgt, max_tokens, 3000)
 
 
+def test_a_huge_budget_costs_no_memory_of_its_size() -> None:
+    # A budget of 10**15 tokens (a typo of train.valid_max_tokens or --max-tokens) batches
+    # a window at a time; it used to allocate 8 bytes per budget token.
+    src, tgt = random_lens(3000)
+    batches = BatchSampler(src, tgt, 10**15, shuffle=False, window=1000).epoch_batches(1)
+    assert [len(b) for b in batches] == [1000, 1000, 1000]
+    assert_valid_epoch(batches, src, tgt, 10**15, 3000)
+    assert [len(b) for b in batching.source_batches([[5]] * 10, max_tokens=10**15)] == [10]
+
+
 def test_batches_are_reasonably_full() -> None:
     src, tgt = random_lens(3000)
     batches = BatchSampler(src, tgt, 2000).epoch_batches(1)

@@ -268,6 +268,14 @@ def test_training_data_that_the_filters_empty_is_an_error(tmp_path: Path) -> Non
     assert message.startswith(f"data.train: {TINY_DATA / 'train.de'} + ")
     assert ": no pairs left to train on, kept 0 of 500 pairs (dropped: 0 empty, " in message
     assert message.endswith("(see data.max_len and data.max_ratio)")
+    # In a run of several directions the message names the corpus's own key.
+    tsv = tmp_path / "short.tsv"
+    tsv.write_text("x\ta b c d e f g h i j k l m n o p q r s t\n", encoding="utf-8")
+    second = f"{{src_lang: en, tgt_lang: de, train: {tsv}}}"
+    both = f"data.corpora=[{{src_lang: de, tgt_lang: en}}, {second}]"
+    result = invoke("data", "prepare", *tiny_args(tmp_path / "run2", both))
+    assert isinstance(result.exception, DataError)
+    assert str(result.exception).startswith(f"data.corpora[1].train: {tsv}: no pairs left to train")
 
 
 @pytest.mark.slow

@@ -247,6 +247,27 @@ def test_hf_two_columns(tmp_path: Path) -> None:
         open_corpus(f"hf:{path}@test", "de", "en")
 
 
+def test_hf_a_translation_column_of_plain_text(tmp_path: Path) -> None:
+    # A column called "translation" that holds text: the language columns are read, and
+    # without them the error says what the column is, not an AttributeError.
+    rows = {"de": DE, "en": EN, "translation": ["note"] * len(DE)}
+    path = _save(datasets.Dataset.from_dict(rows), tmp_path / "notes")
+    assert list(open_corpus(f"hf:{path}", "de", "en").pairs()) == PAIRS
+    with pytest.raises(DataError) as err:
+        open_corpus(f"hf:{path}", "de", "fr")
+    assert str(err.value) == (
+        f"hf:{path}: column 'translation' is not a mapping of languages (Value); needs one "
+        "with de and fr, or 'de' and 'fr' columns"
+    )
+    variable = datasets.Features(
+        {"translation": datasets.TranslationVariableLanguages(languages=["de", "en"])}
+    )
+    rows = {"translation": [{"de": "a", "en": "b"}]}
+    path = _save(datasets.Dataset.from_dict(rows, features=variable), tmp_path / "variable")
+    with pytest.raises(DataError, match=r"mapping of languages \(TranslationVariableLanguages\)"):
+        open_corpus(f"hf:{path}", "de", "en")
+
+
 def test_hf_dataset_dict_splits(tmp_path: Path) -> None:
     def part(n: int) -> object:
         return datasets.Dataset.from_dict({"translation": [{"de": f"d{n}", "en": f"e{n}"}]})

@@ -183,6 +183,18 @@ def test_a_damaged_cache_is_one_line(tiny: Corpus, tok: Tokenizer, tmp_path: Pat
     assert str(err.value) == (
         f"{entry}: damaged encoded-corpus cache (lengths.npy does not match the data); delete it"
     )
+    np.save(entry / "lengths.npy", lengths[0])  # one row: was an IndexError
+    with pytest.raises(DataError) as err:
+        encode_corpus(tiny, tok, tmp_path, DataConfig(), filter_lengths=True)
+    size = len(lengths[0])
+    assert str(err.value) == (
+        f"{entry}: unreadable encoded-corpus cache (lengths.npy holds ({size},), not (2, {size}))"
+        "; delete it"
+    )
+    np.save(entry / "lengths.npy", lengths)
+    (entry / "state.json").write_text("{}", encoding="utf-8")  # datasets raises a KeyError
+    with pytest.raises(DataError, match=r"unreadable encoded-corpus cache \(.*\); delete it$"):
+        encode_corpus(tiny, tok, tmp_path, DataConfig(), filter_lengths=True)
 
 
 def test_cache_key_changes(tiny: Corpus, tok: Tokenizer, tok2: Tokenizer, tmp_path: Path) -> None:
