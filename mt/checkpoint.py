@@ -49,7 +49,10 @@ _TRAINER_TEMPS = (".step-*.tmp", ".best.*.tmp", ".crash-step-*.tmp")
 DIGEST_KEY = "weights_xxh3_128"  # header entry: digest of the tensors, checked at load
 STATE_KEY = "state_id"  # header entry: the id of the state file saved with the weights
 RESUME_KEY = "resume_point"  # header entry: "true" on a signal's unvalidated checkpoint
-_INTERNAL_KEYS = (DIGEST_KEY, STATE_KEY, RESUME_KEY)  # per file: not in read_metadata's answer
+# Header entry: the checkpoint that `--resume` named when the run that saved this one began, if
+# it was the run's own (a run gone back): a restarted job finds where it got to from there.
+ORIGIN_KEY = "resumed_from"
+_INTERNAL_KEYS = (DIGEST_KEY, STATE_KEY, RESUME_KEY, ORIGIN_KEY)  # per file: not in read_metadata
 _REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+)")  # how torch's weights_only unpickler names one
 _DESCRIPTIONS = {  # metadata keys that get a readable mismatch message
     "src_vocab": "source vocabulary",
@@ -424,12 +427,14 @@ def save_checkpoint(
     state: dict[str, Any],
     metadata: dict[str, str],
     resume_point: bool = False,
+    origin: str = "",
 ) -> Checkpoint:
     """Atomically write the state, then the weights (naming that state), of checkpoint `step`.
 
     A `resume_point` (a signal's checkpoint, between validations) is kept only until a later
     checkpoint is saved, and is never one of the last checkpoints averaged: a run stopped and
-    resumed keeps and averages the checkpoints an uninterrupted one does.
+    resumed keeps and averages the checkpoints an uninterrupted one does. `origin` names the
+    run's own checkpoint that its `--resume` named, if any (latest_descendant).
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
@@ -450,6 +455,8 @@ def save_checkpoint(
         header = {"step": str(step), **metadata, STATE_KEY: _state_id(ckpt.state)}
         if resume_point:
             header[RESUME_KEY] = "true"
+        if origin:
+            header[ORIGIN_KEY] = origin
         _write_flat(ckpt.weights, flat, header, digest.result())  # last: marks it complete
     if stand_in is not None:
         set_best(run_dir, ckpt)
@@ -491,6 +498,19 @@ def _weights_in(directory: Path) -> list[Checkpoint]:
     """
     found = (Checkpoint.from_weights(w) for w in directory.glob("step-*" + WEIGHTS_SUFFIX))
     return sorted((c for c in found if c.is_step), key=lambda ckpt: ckpt.step)
+
+
+def latest_descendant(run_dir: Path, origin: Checkpoint) -> Checkpoint | None:
+    """The latest complete checkpoint after `origin` saved by runs that `--resume origin`
+    began (a job gone back, then requeued), or None."""
+    later = [c for c in list_checkpoints(run_dir) if c.step > origin.step]
+    for ckpt in reversed(later):
+        try:
+            if _header(ckpt.weights).get(ORIGIN_KEY) == origin.name:
+                return ckpt
+        except MtError:  # unreadable: not one to resume from
+            continue
+    return None
 
 
 def is_resume_point(ckpt: Checkpoint) -> bool:

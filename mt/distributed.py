@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeVar
@@ -208,27 +208,50 @@ def guarded(world: World, collective: Callable[[], dist.Work], startup: bool = F
         ) from None
 
 
+RESTART_COUNTS = ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT")  # set in restarted jobs
+
+
+def restarted() -> bool:
+    """Whether this process is a scheduler's restart of its job: Slurm requeued it, or torchrun
+    restarted its workers. It runs the same command as the first one did."""
+    return any(os.environ.get(name, "0").strip() not in ("", "0") for name in RESTART_COUNTS)
+
+
+@contextlib.contextmanager
+def together(world: World, device: torch.device, doing: str) -> Iterator[None]:
+    """Run a block on every rank, then agree on the start-up group whether it failed anywhere.
+
+    A rank whose block raises (an error, or the CLI's SystemExit on a stop signal) tells the
+    others before raising; they raise an MtError naming `doing` instead of going on to wait in
+    the next collective until its timeout (NCCL notices no dead rank before). The block must
+    hold no collective of its own: a rank that failed before it would leave the others waiting.
+    """
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(MtError):  # this rank's own error is the one to report
+            all_reduce(world, [1.0], device, op="max", startup=True)
+        raise
+    if all_reduce(world, [0.0], device, op="max", startup=True)[0]:
+        raise MtError(f"rank {world.rank}: another rank failed while {doing} (see its error)")
+
+
 def main_first(world: World, device: torch.device, prepare: Callable[[], T]) -> T:
     """Run `prepare` on rank 0, then on the others (which then find its files and caches).
 
     The others wait on the start-up group (`train.dist_startup_timeout`): preparing a large
-    corpus can take longer than the training group's timeout. If rank 0 fails, with any error,
-    it tells them before raising, so that they stop at once instead of waiting that long: with
-    NCCL a rank that died is not noticed before the timeout. `device` must suit the backend
-    (CUDA tensors for NCCL).
+    corpus can take longer than the training group's timeout. If rank 0 fails, with any error
+    or stopped by a signal (the CLI's SystemExit), it tells them before raising, so that they
+    stop at once instead of waiting that long: with NCCL a rank that died is not noticed before
+    the timeout, and a job whose ranks wait out its notice is not requeued. `device` must suit
+    the backend (CUDA tensors for NCCL).
     """
     if not world.distributed:
         return prepare()
     result = None
-    if world.is_main:
-        try:
+    with together(world, device, "preparing the run"):
+        if world.is_main:
             result = prepare()
-        except Exception:
-            with contextlib.suppress(MtError):  # rank 0's own error is the one to report
-                all_reduce(world, [1.0], device, startup=True)
-            raise
-    if all_reduce(world, [0.0], device, startup=True)[0]:
-        raise MtError(f"rank {world.rank}: rank 0 failed while preparing the run (see its error)")
     return result if world.is_main else prepare()
 
 

@@ -443,6 +443,7 @@ class Run:
     state: TrainState
     metrics: MetricsLog | None = None  # rank 0 only, opened when training begins
     last_saved: int = -1  # the step of the last checkpoint written
+    origin: str = ""  # the run's own checkpoint that --resume named, if any (resume_origin)
     window: dict[str, float] = field(default_factory=dict)  # the logging window's sums
 
     @property
@@ -470,17 +471,51 @@ def check_resumable(config: Config, run_dir: Path) -> None:
 
 
 def resume_target(resume: Path | None, config: Config) -> Path | None:
-    """The checkpoint a run starts from: `resume`, unless that is another run's and this run
-    has checkpoints of its own; then its latest (None), as any rerun: the same command again
-    (a requeued job) goes on, instead of going back to where it began."""
+    """The checkpoint a run starts from: `resume`, unless the same command again (a requeued
+    job) should go on instead of going back to where it began. That is, for another run's
+    checkpoint, when this run has checkpoints of its own: its latest (None); for one of this
+    run's, in a job that its scheduler restarted: the latest that runs begun from it saved
+    (pruning may have deleted the one `resume` names since)."""
     here = run_path(config)
-    if resume is None or ckpt.resolve_checkpoint(resume).run_dir.resolve() == here.resolve():
-        return resume
+    if resume is None:
+        return None
+    origin = own_checkpoint(resume, config)
+    if origin is not None:
+        restarted = distributed.restarted() and origin.is_step
+        went_on = ckpt.latest_descendant(here, origin) if restarted else None
+        if went_on is None:
+            return resume
+        log.info(f"{here} goes on from its own {went_on.name}; --resume {resume} began it")
+        return went_on.weights
+    ckpt.resolve_checkpoint(resume)  # another run's: MtError if there is none
     latest = ckpt.latest_checkpoint(here)
     if latest is None:
         return resume
     log.info(f"{here} goes on from its own {latest.name}; --resume {resume} began it")
     return None
+
+
+def own_checkpoint(resume: Path, config: Config) -> ckpt.Checkpoint | None:
+    """The checkpoint of this run that `resume` names, else None: one found, or the path of a
+    step checkpoint in the run's checkpoints directory that is no longer there."""
+    try:
+        chosen = ckpt.resolve_checkpoint(resume)
+    except MtError:
+        path = Path(resume)
+        if not path.name.endswith(ckpt.WEIGHTS_SUFFIX):
+            path = path.with_name(path.name + ckpt.WEIGHTS_SUFFIX)
+        chosen = ckpt.Checkpoint.from_weights(path)
+        if not chosen.is_step:
+            return None
+    here = ckpt.checkpoint_dir(run_path(config)).resolve()
+    return chosen if chosen.weights.parent.resolve() == here else None
+
+
+def resume_origin(resume: Path | None, config: Config) -> str:
+    """The name of `resume`'s checkpoint if it is one of this run's (a run gone back): the
+    origin its checkpoints record, for resume_target in a restarted job. Else ""."""
+    origin = None if resume is None else own_checkpoint(resume, config)
+    return "" if origin is None else origin.name
 
 
 def start_from(checkpoint: ckpt.Checkpoint, config: Config) -> None:
@@ -549,7 +584,7 @@ def start(
     configure_backends(device)
     check_trainable(config)
     check_fits(config, device)
-    resume = resume_target(resume, config)
+    asked, resume = resume, resume_target(resume, config)
 
     def prepare_run() -> Prepared:
         if world.is_main:  # before anything is written: a second trainer stops here
@@ -563,31 +598,33 @@ def start(
     vocab = (tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
     precision = run_precision(config, vocab[1], world, device)
     learner = build_learner(config, vocab, world, device, precision.precision)
-    run = Run(
-        config=config,
-        directory=run_path(config),
-        tokenizer=tokenizer,
-        train_data=train_data,
-        dev=dev_sets(config, valid_data, learner.model) if world.is_main else {},
-        metadata=checkpoint_metadata(tokenizer),
-        learner=learner,
-        precision=precision,
-        state=TrainState(
-            world_size=world.world_size,
-            select_direction=config.data.select_direction,
-            data=train_data.fingerprint(),
-        ),
-    )
-    clear_window(run)
-    checkpoint = (
-        ckpt.resolve_checkpoint(resume) if resume else ckpt.latest_checkpoint(run_path(config))
-    )
-    if checkpoint is not None:
-        if resume and world.is_main:
-            warn_later_checkpoints(checkpoint, run.directory)
-        run.state = restore(checkpoint, run)
-        # A validated checkpoint needs no second validation should the run end where it is.
-        run.last_saved = run.state.step if run.state.validated else -1
+    with distributed.together(world, device, "restoring the run"):  # rank 0's work: files
+        run = Run(
+            config=config,
+            directory=run_path(config),
+            tokenizer=tokenizer,
+            train_data=train_data,
+            dev=dev_sets(config, valid_data, learner.model) if world.is_main else {},
+            metadata=checkpoint_metadata(tokenizer),
+            learner=learner,
+            precision=precision,
+            state=TrainState(
+                world_size=world.world_size,
+                select_direction=config.data.select_direction,
+                data=train_data.fingerprint(),
+            ),
+            origin=resume_origin(asked, config),
+        )
+        clear_window(run)
+        checkpoint = (
+            ckpt.resolve_checkpoint(resume) if resume else ckpt.latest_checkpoint(run.directory)
+        )
+        if checkpoint is not None:
+            if resume and world.is_main:
+                warn_later_checkpoints(checkpoint, run.directory)
+            run.state = restore(checkpoint, run)
+            # A validated checkpoint needs no second validation should the run end where it is.
+            run.last_saved = run.state.step if run.state.validated else -1
     check_same_start(run)
     return run
 
@@ -731,8 +768,8 @@ def restore(checkpoint: ckpt.Checkpoint, run: Run) -> TrainState:
     warn_replanned(state, run)
     sync_cooldown(learner, state)
     apply_optimizer_settings(learner, run.config.train)
+    repoint_best(checkpoint, state, run)  # first: it repairs `best` by the saved choice
     reselect(state, run)
-    repoint_best(checkpoint, state, run)
     return state
 
 
@@ -813,7 +850,8 @@ def reselect(state: TrainState, run: Run) -> None:
     """Choose the best checkpoint anew if data.select_direction changed since `state`.
 
     The best of the validated checkpoints still on disk by the new choice (the earliest of
-    equals, as validations choose) becomes `best`, and its dev BLEU the one to beat.
+    equals, as validations choose) becomes `best`, its dev BLEU the one to beat, and the
+    validations since it the count that early stopping (train.patience) goes by.
     """
     select = run.config.data.select_direction
     if state.select_direction == select or not run.world.is_main:
@@ -829,6 +867,7 @@ def reselect(state: TrainState, run: Run) -> None:
     best = max(saved, key=lambda c: bleu[c.step])  # in step order: the earliest of equals
     ckpt.set_best(run.directory, best)
     state.best_bleu = bleu[best.step]
+    state.bad_validations = len({r["step"] for r in valid if best.step < r["step"] <= state.step})
     log.info(f"data.select_direction={select!r}: the best checkpoint is now {best.name}")
 
 
@@ -960,9 +999,15 @@ def warn_unknown_pieces(config: Config, stats: dict[str, Any]) -> None:
 
 
 def begin(run: Run, stack: contextlib.ExitStack) -> None:
-    """Rank 0: record the accepted config, open the metrics log, describe the run."""
-    if not run.world.is_main:
-        return
+    """Rank 0: record the accepted config, open the metrics log, describe the run (the
+    others wait to hear that it did)."""
+    with distributed.together(run.world, run.learner.device, "beginning the run"):
+        if run.world.is_main:
+            describe_start(run, stack)
+
+
+def describe_start(run: Run, stack: contextlib.ExitStack) -> None:
+    """begin's work on rank 0."""
     config, learner = run.config, run.learner
     save_config(config, run.directory / CONFIG_FILE)
     # Records of steps after the checkpoint resumed from are dropped: they are run again.
@@ -1280,7 +1325,7 @@ def validate_and_save(run: Run) -> bool:
             check_finite_weights(run)
             improved = record_validation(run)
             save(run, window, best=improved)
-        except Exception:
+        except BaseException:  # a second Ctrl-C too
             with contextlib.suppress(MtError):  # rank 0's own error is the one to report
                 distributed.all_reduce(world, [1.0, 0.0], device, op="max", startup=True)
             raise
@@ -1406,7 +1451,7 @@ def save(run: Run, window: dict[str, Any], best: bool) -> ckpt.Checkpoint:
     model = learner.eval_model
     resume_point = not state.validated  # a signal's: kept until the next checkpoint
     saved = ckpt.save_checkpoint(
-        run.directory, state.step, model, payload, run.metadata, resume_point
+        run.directory, state.step, model, payload, run.metadata, resume_point, run.origin
     )
     if best:
         ckpt.set_best(run.directory, saved)
@@ -1421,11 +1466,13 @@ def end(run: Run, signum: int | None) -> None:
         state.unvalidated = signum is not None and validation_due(run)
         state.validated = signum is None
         window = saved_window(run)
-        if run.world.is_main:
-            check_finite_weights(run)
-            # The end of the run is validated: its last checkpoint may be the best. After a
-            # signal, stop fast: the scheduler is waiting.
-            save(run, window, best=record_validation(run) if signum is None else False)
+        # The others must not exit as if it were written (after a signal: requeued for nothing).
+        with distributed.together(run.world, run.learner.device, "writing the last checkpoint"):
+            if run.world.is_main:
+                check_finite_weights(run)
+                # The end of the run is validated: its last checkpoint may be the best. After
+                # a signal, stop fast: the scheduler is waiting.
+                save(run, window, best=record_validation(run) if signum is None else False)
     # A signalled run ends when it resumes, unless it is done: validated at its last step.
     done = state.step >= run.config.train.max_steps and state.validated
     if run.metrics is not None and (signum is None or done):

@@ -216,6 +216,21 @@ def test_a_failure_of_rank_0_while_validating_stops_the_others_at_once(tmp_path:
 
 
 @pytest.mark.slow  # starts two Python ranks
+def test_a_failure_of_rank_0_to_write_the_last_checkpoint_fails_every_rank(tmp_path: Path) -> None:
+    # The run ends on train.max_minutes, between validations: rank 0 writes its last checkpoint
+    # alone. The others used to exit as if it were written (status 138 after a signal, which
+    # the Slurm script answers by requeueing the job).
+    budget = ["train.max_steps=100000", "train.max_minutes=0.02", "train.valid_every=100000"]
+    args = overrides(tmp_path / "run", *budget, *SRUN)
+    (code0, err0), (code1, err1) = srun_ranks([args, args], {"MT_FAULT": "save:0:1"})
+    assert (code0, code1) == (1, 1), (err0, err1)
+    assert "No space left on device (injected)" in err0.splitlines()[-1]
+    assert err1.splitlines()[-1] == (
+        "error: rank 1: another rank failed while writing the last checkpoint (see its error)"
+    ), (err0, err1)
+
+
+@pytest.mark.slow  # starts two Python ranks
 def test_ranks_that_would_start_from_different_steps_stop(tmp_path: Path) -> None:
     # Node-local run directories: rank 0's holds a checkpoint at step 4, rank 1's nothing.
     shared = tmp_path / "shared"
@@ -237,16 +252,19 @@ def test_ranks_that_would_start_from_different_steps_stop(tmp_path: Path) -> Non
 
 
 # Two ranks of a bare `distributed.setup` + `main_first`; rank 0's preparation fails with an
-# error that is not an MtError. Rank 0 then stays alive until its stdin closes, as a rank whose
-# death NCCL would not notice before the start-up timeout.
+# error that is not an MtError, or is stopped as the CLI stops it on SIGTERM or SIGUSR1
+# (SystemExit). Rank 0 then stays alive until its stdin closes, as a rank whose death NCCL
+# would not notice before the start-up timeout.
 RANK0_FAILS = """
-import sys
+import os, sys
 from mt import distributed
 from mt.errors import MtError
 
 world, device = distributed.setup("cpu", 20, 600)
 
 def prepare():
+    if world.is_main and os.environ["FAILURE"] == "signal":
+        raise SystemExit(138)  # mt.cli's handler of SIGUSR1, outside the training loop
     if world.is_main:
         raise RuntimeError("the corpus is on fire")
     return "prepared"
@@ -255,7 +273,7 @@ try:
     distributed.main_first(world, device, prepare)
 except MtError as exc:
     sys.exit(f"error: {exc}")
-except RuntimeError as exc:
+except (RuntimeError, SystemExit) as exc:
     print(f"rank 0: {exc}", file=sys.stderr, flush=True)
     sys.stdin.read()
     sys.exit(1)
@@ -265,12 +283,14 @@ finally:
 
 
 @pytest.mark.slow  # starts two Python ranks
-def test_a_failure_of_rank_0_while_preparing_stops_the_others_at_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("failure", ["error", "signal"])
+def test_a_failure_of_rank_0_while_preparing_stops_the_others_at_once(failure: str) -> None:
     port = str(free_port())
 
     def rank(r: int) -> subprocess.Popen:
         env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}  # fmt: skip
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1",
+               "FAILURE": failure}  # fmt: skip
         pipes = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         return subprocess.Popen([sys.executable, "-c", RANK0_FAILS], cwd=ROOT, env=env, **pipes)
 
@@ -281,9 +301,10 @@ def test_a_failure_of_rank_0_while_preparing_stops_the_others_at_once(tmp_path: 
         _, err0 = procs[0].communicate(timeout=60)  # closes rank 0's stdin: it exits
     assert procs[1].returncode == 1
     assert err.decode().splitlines() == [
-        "error: rank 1: rank 0 failed while preparing the run (see its error)"
+        "error: rank 1: another rank failed while preparing the run (see its error)"
     ]
-    assert "rank 0: the corpus is on fire" in err0.decode()
+    expected = "138" if failure == "signal" else "the corpus is on fire"
+    assert f"rank 0: {expected}" in err0.decode()
 
 
 def test_setup_makes_nccl_errors_raise_before_creating_process_groups(

@@ -298,6 +298,28 @@ def test_resume_may_change_the_selected_direction_not_the_temperature(
 
 
 @pytest.mark.slow
+def test_a_new_selected_direction_outranks_the_saved_best(
+    multi_run: Path, multiway: Path, tmp_path: Path
+) -> None:
+    # The latest checkpoint was saved as the best by the mean BLEU; by en-fr's the first one is
+    # (its record edited so): the new choice holds, and counts one validation since its best.
+    run = tmp_path / "run"
+    shutil.copytree(multi_run, run, ignore=shutil.ignore_patterns("tensorboard"))
+    fixture = ["model.prenorm=false", "train.max_steps=60", "train.valid_every=30"]  # conftest's
+    before = train(multi_config(multiway, run, *fixture)).state  # at max_steps: restores only
+    assert (before.bad_validations, ckpt.best_checkpoint(run).step) == (0, 60)
+    metrics = run / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines()]
+    for record in records:
+        if record["kind"] == "valid" and record["step"] == 30:
+            record["en-fr/bleu"] = 99.0
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    after = train(multi_config(multiway, run, *fixture, "data.select_direction=en-fr")).state
+    assert ckpt.best_checkpoint(run).step == 30
+    assert (after.best_bleu, after.bad_validations) == (99.0, 1)
+
+
+@pytest.mark.slow
 def test_resume_may_change_a_corpus_dev_set_not_its_training_data(
     multi_run: Path, multiway: Path, tmp_path: Path
 ) -> None:

@@ -328,6 +328,21 @@ def test_resuming_an_earlier_checkpoint_warns_of_the_later_ones(
         "warning: --resume step-00000015 goes back; the run's later checkpoints (step-00000030) "
         "stay, and a run without --resume continues from the latest: delete them to abandon them"
     ]
+    # The same command in a job its scheduler restarted (requeued) goes on from where the run
+    # begun from step 15 got to, not from step 15 again, nor from the abandoned step 30; even
+    # with step 15 itself pruned since (train.keep_last=2).
+    assert not earlier.exists()
+    caplog.clear()
+    caplog.set_level("INFO", logger="mt")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SLURM_RESTART_COUNT", "1")
+        again = train(tiny(run, "train.max_steps=25"), resume=earlier)
+    assert again.state.step == 25
+    assert f"{run} goes on from its own step-00000020; --resume {earlier} began it" in (
+        caplog.messages
+    )
+    assert [r["step"] for r in read_metrics(run, "train")][-1] == 25
+    assert ckpt.latest_descendant(run, ckpt.Checkpoint.from_weights(earlier)).step == 25
 
 
 def poisoned_loss(calls_to_poison: set[int] | None):

@@ -5,7 +5,8 @@ raises CUDA's out-of-memory error), `oom_backward` (the backward pass of that ca
 raises it) or `die` (the process exits with status 1 there), e.g.
 MT_FAULT=nan:1:3; or MT_FAULT=slow:RANK:SECONDS: that rank's data preparation takes SECONDS
 longer; or MT_FAULT=clock:RANK:FACTOR: that rank's time.perf_counter runs FACTOR times as fast;
-or MT_FAULT=valid:RANK:CALL: that rank's validation number CALL raises an error.
+or MT_FAULT=valid:RANK:CALL: that rank's validation number CALL raises an error; or
+MT_FAULT=save:RANK:CALL: that rank's checkpoint number CALL fails as a full disk does.
 Several faults are separated by commas: MT_FAULT=oom:1:3,oom_backward:0:5.
 """
 
@@ -32,6 +33,9 @@ def inject(fault: str) -> None:
         return
     if kind == "valid":
         failing_validation(int(call))
+        return
+    if kind == "save":
+        failing_save(int(call))
         return
     real = mt.train.label_smoothed_nll
     calls = {"n": 0}
@@ -82,6 +86,20 @@ def failing_validation(call: int) -> None:
         return real(*args, **kwargs)
 
     mt.train.record_validation = record_validation
+
+
+def failing_save(call: int) -> None:
+    """Make this rank's checkpoint number `call` fail as a full disk does."""
+    real = mt.train.save
+    calls = {"n": 0}
+
+    def save(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise OSError(28, "No space left on device (injected)")
+        return real(*args, **kwargs)
+
+    mt.train.save = save
 
 
 def fast_clock(factor: float) -> None:
