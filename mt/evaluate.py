@@ -160,8 +160,8 @@ def translate_test_sets(
     """
     paths = [models] if isinstance(models, Path) else list(models)
     config, translator, checkpoints = load_translator(
-        paths, device, precision, weights, quantization, nbest=1, **overrides
-    )  # only the best is scored
+        paths, device, precision, weights, quantization, **scored_search(overrides)
+    )
     tests = open_directions(config, split)
     if not tests:
         raise MtError(
@@ -179,6 +179,12 @@ def translate_test_sets(
         hyps = best_translations(translator, [s for s, _ in pairs], checkpoints, corpus.tgt_lang)
         out[direction] = SetTranslations(hyps, [t for _, t in pairs], corpus.tgt_lang)
     return out
+
+
+def scored_search(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Decoding overrides for a score: the best output only, of beam search (or greedy) even
+    where the run samples (its report and validation score the same search)."""
+    return {"sampling": False, **overrides, "nbest": 1}
 
 
 def model_translations(
@@ -199,8 +205,8 @@ def model_translations(
     """
     paths = [models] if isinstance(models, Path) else list(models)
     config, translator, checkpoints = load_translator(
-        paths, device, precision, weights, quantization, nbest=1, **overrides
-    )  # only the best is scored
+        paths, device, precision, weights, quantization, **scored_search(overrides)
+    )
     check_target(config, translator.tokenizer, tgt_lang)
     refs = None
     if sources is None:

@@ -44,8 +44,8 @@ def test_scores(
     one of them has a test set.
     """
     checkpoint = model_checkpoint(run_dir).weights  # the run's model, as `mt translate` uses
-    # Beam search (or greedy), as validation: a run that samples (for back-translation) too.
-    translations = translate_test_sets(checkpoint, device, precision, sampling=False)
+    # Beam search (or greedy), as validation, even where the run samples (translate_test_sets).
+    translations = translate_test_sets(checkpoint, device, precision)
     targets = {c.direction: c.tgt_lang for c in load_run_config(run_dir).data.directions()}
     out = {}
     for direction, (hyps, refs, tgt_lang) in translations.items():

@@ -127,7 +127,7 @@ def encode_prefixes(
     ids = tokenizer.encode_tgt(list(rows))
     for number, seq in enumerate(ids, start=1):
         if seq and (problem := forced_problem(seq, limit)):
-            raise MtError(f"{path}: line {number}: the prefix {problem}")
+            raise MtError(f"{input_name(path)}: line {number}: the prefix {problem}")
     return ids
 
 
@@ -142,7 +142,7 @@ def encode_constraints(
         ids = [next(flat) for _ in line]
         for j, seq in enumerate(ids, start=1):
             if problem := forced_problem(seq, limit):
-                raise MtError(f"{path}: line {number}: constraint {j} {problem}")
+                raise MtError(f"{input_name(path)}: line {number}: constraint {j} {problem}")
         out.append(ids)
     return out
 

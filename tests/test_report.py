@@ -19,7 +19,7 @@ from mt.cli import app
 from mt.config import load_config, save_config
 from mt.corpora import open_corpus
 from mt.errors import MtError
-from mt.evaluate import score
+from mt.evaluate import model_translations, score
 from mt.metrics import read_metrics
 from mt.model import count_parameters
 from mt.plot import DPI, FIGURE_INCHES, plot_curves
@@ -127,10 +127,12 @@ def test_a_run_that_samples_is_tested_by_beam_search(trained_run: Path, tmp_path
     copy = tmp_path / "run"
     shutil.copytree(trained_run, copy, ignore=shutil.ignore_patterns("cache", "tensorboard"))
     _, searched = report_test_scores(copy, "cpu", "fp32")
+    hyps, _, _ = model_translations(copy, None, "cpu", "fp32")
     config = load_config(copy / "config.yaml", ["decode.sampling=true", "decode.temperature=5"])
     save_config(config, copy / "config.yaml")  # e.g. a run kept for back-translation
     _, again = report_test_scores(copy, "cpu", "fp32")
     assert again["de-en"]["bleu"].score == searched["de-en"]["bleu"].score > 90
+    assert model_translations(copy, None, "cpu", "fp32")[0] == hyps  # so is `mt evaluate`
 
 
 def test_plot_without_metrics_is_one_line_error(tmp_path: Path) -> None:

@@ -560,6 +560,17 @@ def test_bad_prefix_and_constraint_files_are_one_line_errors(
     assert sorted(tmp_path.iterdir()) == sorted([source, steering])  # nothing written
 
 
+def test_a_bad_prefix_on_stdin_is_named_stdin(trained_run: Path, tmp_path: Path) -> None:
+    source = tmp_path / "in.txt"
+    source.write_text("Der hund .\nDas kind .\n", encoding="utf-8")
+    args = ["translate", "-m", str(trained_run), str(source), "--prefix", "-"]
+    result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "out.txt")], input="\nA 日本\n")
+    assert isinstance(result.exception, MtError)
+    assert str(result.exception) == (
+        "stdin: line 2: the prefix holds characters that the target vocabulary lacks"
+    )
+
+
 def test_beam_caps_the_runs_nbest_and_one_stdin_at_most(trained_run: Path, tmp_path: Path) -> None:
     config = load_config(trained_run / "config.yaml", ["decode.nbest=2", "decode.beam=2"])
     assert decode_settings(config, beam=1).nbest == 1  # not "decode.nbest=2 exceeds decode.beam"
