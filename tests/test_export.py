@@ -463,6 +463,12 @@ def test_out_is_replaced_only_with_force(postnorm_run: Path, tmp_path: Path) -> 
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     with pytest.raises(MtError, match="holds the checkpoint being exported"):
         export_model(postnorm_run, postnorm_run, "ct2", force=True)
+    with pytest.raises(MtError) as err:  # replacing it would leave the run without a tokenizer
+        export_model(postnorm_run, postnorm_run / "tokenizer", "hf", force=True)
+    assert str(err.value) == (
+        f"{postnorm_run / 'tokenizer'}: holds files of the run being exported; choose another "
+        "directory"
+    )
 
 
 @pytest.mark.slow  # trains more tiny runs, or exports and runs CT2 or Marian

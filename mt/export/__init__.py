@@ -22,12 +22,14 @@ from pathlib import Path
 
 import torch
 
+from mt.checkpoint import Checkpoint
+from mt.config import CONFIG_FILE
 from mt.errors import MtError
 from mt.export.ct2 import check_quantization, save_ct2
 from mt.export.hf import import_transformers, marian_obstacle, save_marian
 from mt.export.readme import ct2_readme, hf_readme
 from mt.files import atomic_directory
-from mt.rundir import load_trained, model_checkpoint
+from mt.rundir import TOKENIZER_DIR, load_trained, model_checkpoint
 
 log = logging.getLogger("mt")
 
@@ -47,6 +49,10 @@ def check_output(out: Path, force: bool, weights: Path) -> None:
         raise MtError(f"{out}: the working directory (or above it); name a directory to create")
     if out.is_dir() and weights.resolve().is_relative_to(out.resolve()):
         raise MtError(f"{out}: holds the checkpoint being exported; choose another directory")
+    run = Checkpoint.from_weights(weights).run_dir
+    needed = [run / CONFIG_FILE, run / TOKENIZER_DIR, run / "checkpoints"]  # --force replaces OUT
+    if out.is_dir() and any(p.resolve().is_relative_to(out.resolve()) for p in needed):
+        raise MtError(f"{out}: holds files of the run being exported; choose another directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise MtError(f"{out}: exists and is not empty; use --force to replace it")
 

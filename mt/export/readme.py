@@ -52,7 +52,8 @@ results = translator.translate_batch(
 {_ct2_search(decode)}
     min_decoding_length={decode.min_len},
     max_decoding_length={positions - 2},
-    max_input_length={positions - 1},
+    max_input_length={positions},  # EOS included, as in mt
+    return_end_token=True,  # EOS counts in the length penalty, as in mt
     suppress_sequences=[["{pad}"], ["{bos}"]],
 )
 print([tgt.decode(r.hypotheses[0]) for r in results])
