@@ -356,6 +356,18 @@ def test_dropout_rate_scale_and_gradient(p: float) -> None:
     assert torch.equal(x.grad, y.detach())  # d(sum)/dx is the scaled mask itself
 
 
+def test_bf16_dropout_keeps_the_expected_value() -> None:
+    # Kept activations are x / (1 - p) rounded one by one, not x times a rounded factor:
+    # bf16 holds 1 / 0.75 as 1.3359, which biased every activation by +0.2%.
+    torch.manual_seed(0)
+    x = torch.randn(1000, 1000).to(torch.bfloat16)
+    y = Dropout(0.25)(x)
+    kept = y != 0
+    ratio = y[kept].double() / (x[kept].double() / 0.75)
+    assert abs(ratio.mean().item() - 1) < 2e-4  # unbiased; each within bf16's rounding
+    assert (ratio - 1).abs().max().item() <= 2**-8
+
+
 def test_dropout_is_seeded_odd_sized_and_off_in_eval() -> None:
     drop = Dropout(0.3)
     x = torch.randn(7, 5, 3)  # 105 elements: the last 64-bit word is a quarter used
