@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from typer.testing import CliRunner
 
 from mt import checkpoint as ckpt
+from mt import corpora
 from mt.batching import MixtureSampler, padding_efficiency
 from mt.cli import app
 from mt.config import load_config, save_config
@@ -62,10 +63,16 @@ def test_sources_start_with_the_target_languages_tag(multi_run: Path) -> None:
 
 
 @pytest.mark.slow
-def test_data_prepare_describes_the_mixed_batches(multi_run: Path) -> None:
+def test_data_prepare_describes_the_mixed_batches(
+    multi_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config = load_config(multi_run / "config.yaml", ["data.mixed_batches=true"])
     tokenizer = prepare_tokenizer(config)
+    digests = []
+    real = corpora._text_digest
+    monkeypatch.setattr(corpora, "_text_digest", lambda path: digests.append(path) or real(path))
     lines = list(prepare_data(config, tokenizer, open_run(config, ["train"])))
+    assert len(digests) == 2 * len(MULTI_DIRECTIONS)  # each direction's two files, read once
     shares = ", ".join(f"{d} 25.0%" for d in MULTI_DIRECTIONS)
     assert lines[-2] == f"train: sentences drawn from {shares} (data.temperature=5)"
     mix = encode_train(config, tokenizer)
@@ -244,11 +251,12 @@ def test_serve_translates_into_the_requested_language(multi_run: Path) -> None:
                 )  # fmt: skip
                 assert texts == cli.stdout.splitlines()
             # Attention over the user's pieces only, as `mt attention` shows it: not the tag.
-            request = {"text": lines[0], "tgt_lang": "en", "attention": True}
+            request = {"text": lines[0], "tgt_lang": "en", "attention": True, "pieces": True}
             shown = client.post("/v1/translate", json=request).json()["translations"][0]
             _, tokenizer, _, _ = load_trained(multi_run, torch.device("cpu"))
             pieces = tokenizer.src.encode(lines[0], out_type=str)
             assert shown["attention"]["source"] == [*pieces, "</s>"]
+            assert shown["source_pieces"] == pieces  # so do the pieces: not >>en<<
             missing = client.post("/v1/translate", json={"text": lines})
             assert missing.status_code == 422
             error = "tgt_lang: missing: this model translates into en, de, fr"

@@ -44,6 +44,7 @@ from mt.metrics import read_metrics
 from mt.model import count_parameters
 from mt.rundir import load_trained
 from mt.serve import server as server_module
+from mt.serve import worker as worker_module
 from mt.serve.api import Served, create_app
 from mt.serve.limits import Limits
 from mt.serve.server import load, serve, serving
@@ -392,6 +393,21 @@ def queued_then_answered(served: Served, requests: list[dict]) -> list[httpx.Res
             return responses
 
     return asyncio.run(scenario())
+
+
+def test_a_request_whose_attention_fails_leaves_its_batch_answered(
+    make_served: Callable[..., Served], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def out_of_memory(*args: object, **kwargs: object) -> object:
+        raise RuntimeError("out of memory (injected)")
+
+    monkeypatch.setattr(worker_module, "alignment", out_of_memory)
+    served = make_served()
+    requests = [{"text": ["der Hund ."]}, {"text": ["das Haus ."], "attention": True}]
+    requests.append({"text": ["der Mann ."]})
+    responses = queued_then_answered(served, requests)
+    assert served.batcher.stats.most_requests == 3  # one batch held all three
+    assert [r.status_code for r in responses] == [200, 500, 200]
 
 
 @pytest.mark.slow
@@ -758,6 +774,12 @@ def test_serve_command_errors_are_one_line(trained_run: Path, tmp_path: Path) ->
     assert str(result.exception) == "--beam 20 exceeds --max-beam 16"
     result = runner.invoke(cli_app, ["serve", str(trained_run), "--max-beam", "1"])
     assert str(result.exception) == "the run's decode.beam=2 exceeds --max-beam 1"
+    run = tmp_path / "sampling"  # 20 samples per sentence: every request would be refused
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("cache", "tensorboard"))
+    config = load_config(run / CONFIG_FILE, ["decode.sampling=true", "decode.nbest=20"])
+    save_config(config, run / CONFIG_FILE)
+    result = runner.invoke(cli_app, ["serve", str(run)])
+    assert str(result.exception) == "the run's decode.nbest=20 exceeds --max-beam 16"
 
 
 def test_missing_serve_extra_gives_the_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -219,9 +219,12 @@ async def translate(body: TranslateRequest, request: Request, served: ServedDep)
     # n-best lists when asked for, or when the server's default gives several (as mt translate).
     with_nbest = body.nbest is not None or nbest > 1
 
+    # A multilingual model's tag is not the user's text: its pieces leave it out, as attention.
+    tagged = served.tokenizer.tag_id(body.tgt_lang) is not None
+
     def render() -> list[TranslationOut]:
         return [
-            _render(result, seq, served.tokenizer, with_nbest, body.pieces)
+            _render(result, seq[1:] if tagged else seq, served.tokenizer, with_nbest, body.pieces)
             for result, seq in zip(results, ids, strict=True)
         ]
 

@@ -54,6 +54,8 @@ def load(
     if decode.beam > limits.max_beam:
         given = f"--beam {beam}" if beam is not None else f"the run's decode.beam={decode.beam}"
         raise MtError(f"{given} exceeds --max-beam {limits.max_beam}")
+    if decode.nbest > limits.max_beam:  # a run that samples may ask more outputs than its beam
+        raise MtError(f"the run's decode.nbest={decode.nbest} exceeds --max-beam {limits.max_beam}")
     batcher = Batcher(model, tokenizer, decode, device, precision, limits)
     info = describe(config, model, checkpoint, decode, batcher, precision, quantization)
     if tokenizer.tags:  # the language tag takes one of the source's places

@@ -259,15 +259,22 @@ class Batcher:
                 prefixes=_per_line(jobs, [job.prefixes for job in jobs]),
                 constraints=_per_line(jobs, [job.constraints for job in jobs]),
             )
-            start = 0
-            for job in jobs:
-                hyps = found[start : start + len(job.lines)]
-                start += len(job.lines)
-                _answer(job, [self._result(job, i, h) for i, h in enumerate(hyps)])
         except Exception as exc:  # the worker must outlive a failed batch; its requests get 500
             log.exception("decoding %d sentences failed", len(lines))
             for job in jobs:
                 _answer(job, exc)
+            return
+        start = 0
+        for job in jobs:
+            hyps = found[start : start + len(job.lines)]
+            start += len(job.lines)
+            try:  # one request's attention failing (out of memory) fails that request alone
+                results = [self._result(job, i, h) for i, h in enumerate(hyps)]
+            except Exception as exc:
+                log.exception("the results of a request of %d sentences failed", len(job.lines))
+                _answer(job, exc)
+                continue
+            _answer(job, results)
 
     def _result(self, job: Job, index: int, hyps: list[Translation]) -> Result:
         ids = job.ids[index]
