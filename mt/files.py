@@ -46,10 +46,30 @@ def stream_sha256(stream: BinaryIO) -> str:
     return digest.hexdigest()
 
 
+# file_sha256's answers in this process, by the file's identity and its inode's change time.
+_DIGESTS: dict[tuple[str, int, int, int, int, int], str] = {}
+
+
 def file_sha256(path: Path) -> str:
-    """sha256 hex of a file's bytes as stored."""
+    """sha256 hex of a file's bytes as stored; each file is read once per process while it stays
+    as it is (a local dataset folder is hashed each time a split of it is opened).
+
+    The key holds the inode's change time, which every write sets, even one that puts back the
+    old modification time (``cp -p``, ``rsync -a``).
+    """
     with open(path, "rb") as stream:
-        return stream_sha256(stream)
+        st = os.fstat(stream.fileno())
+        key = (
+            os.path.realpath(path),
+            st.st_dev,
+            st.st_ino,
+            st.st_size,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
+        )
+        if key not in _DIGESTS:
+            _DIGESTS[key] = stream_sha256(stream)
+        return _DIGESTS[key]
 
 
 def _umask() -> int:

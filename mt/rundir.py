@@ -315,10 +315,14 @@ def direction_key(config: Config, which: str, direction: str) -> str:
 
 def encode_train(config: Config, tokenizer: Tokenizer) -> CorpusMix:
     """The training corpora of every direction, encoded and filtered, to sample batches from."""
+    return train_mix(config, encode_directions(config, tokenizer, "train"))
+
+
+def train_mix(config: Config, parts: dict[str, EncodedCorpus]) -> CorpusMix:
+    """The encoded training corpora of the directions (by name), mixed as the config says."""
     from mt.data import CorpusMix
 
     weights = [c.weight for c in config.data.directions()]
-    parts = encode_directions(config, tokenizer, "train")
     return CorpusMix(parts, weights, config.data.temperature)
 
 
@@ -356,6 +360,7 @@ def prepare_data(
     A run with several directions names the direction on each line (``train de-en: ...``).
     """
     several = len(config.data.directions()) > 1
+    train_parts: dict[str, EncodedCorpus] = {}
     for which, directions in corpora.items():
         for name, corpus in directions.items():
             data = encode(config, tokenizer, which, corpus, direction_key(config, which, name))
@@ -363,13 +368,14 @@ def prepare_data(
             yield f"{label}: {data.stats.describe()}"
             yield f"{label}: {data.describe_tokens()}"
             if which == "train":
+                train_parts[name] = data
                 train = config.train  # max_tokens >= data.max_len + 1: checked at config load
                 sampler = BatchSampler(data.src_lens, data.tgt_lens, train.max_tokens, train.seed)
                 yield f"{label}: {describe_epoch(data, sampler)}"
             if which == "valid":
                 yield f"{label}: {describe_unk_rate(tokenizer, corpus)}"
-    if several and "train" in corpora:
-        mix = encode_train(config, tokenizer)
+    if several and train_parts:
+        mix = train_mix(config, train_parts)  # encoded above: not hashed and read again
         chances = zip(mix.parts, mix.probabilities(), strict=True)
         shares = ", ".join(f"{name} {p:.1%}" for name, p in chances)
         temperature = f"data.temperature={config.data.temperature:g}"

@@ -325,6 +325,35 @@ def test_hf_a_local_directory_of_data_files(tmp_path: Path) -> None:
     assert list(open_corpus(f"hf:{files}", "de", "en", split="test").pairs()) == PAIRS[1:2]
 
 
+def test_a_local_dataset_folder_is_hashed_once_per_process_while_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mt import files as files_module
+
+    folder = tmp_path / "jsonl"
+    folder.mkdir()
+    lines = [json.dumps({"translation": {"de": de, "en": en}}) for de, en in PAIRS]
+    (folder / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (folder / "test.jsonl").write_text(lines[0] + "\n", encoding="utf-8")
+    datasets.disable_progress_bars()
+    hashed: list[str] = []
+    real = files_module.stream_sha256
+
+    def counting(stream):  # type: ignore[no-untyped-def]
+        hashed.append(Path(stream.name).name)
+        return real(stream)
+
+    monkeypatch.setattr(files_module, "stream_sha256", counting)
+    for split in ("train", "test", "train"):
+        open_corpus(f"hf:{folder}", "de", "en", split=split)
+    assert sorted(hashed) == ["test.jsonl", "train.jsonl"]  # each file once, not once per split
+    when = (folder / "test.jsonl").stat().st_mtime_ns
+    (folder / "test.jsonl").write_text(lines[1] + "\n", encoding="utf-8")
+    os.utime(folder / "test.jsonl", ns=(when, when))  # rewritten with its old time
+    assert list(open_corpus(f"hf:{folder}", "de", "en", split="test").pairs()) == PAIRS[1:2]
+    assert sorted(hashed) == ["test.jsonl", "test.jsonl", "train.jsonl"]
+
+
 def test_hf_a_damaged_saved_dataset_is_one_line(tmp_path: Path) -> None:
     path = _save(datasets.Dataset.from_dict({"de": DE, "en": EN}), tmp_path / "d")
     (Path(path) / "state.json").write_text("{}", encoding="utf-8")
