@@ -281,6 +281,8 @@ BAD = [
     (b'{"text": "a", "pieces": 1}', JSON, 422, "pieces: Input should be a valid boolean"),
     (b'{"text": "a", "model": "/etc/passwd"}', JSON, 422,
      f"model: unknown field (the fields are {FIELDS})"),
+    (b'{"text": "a", "str": 1}', JSON, 422, f"str: unknown field (the fields are {FIELDS})"),
+    (b'{"text": "a", "\\nx": 1}', JSON, 422, f"'\\nx': unknown field (the fields are {FIELDS})"),
     (b'{"text": ["a", "b"], "prefix": "A"}', JSON, 422,
      "prefix: 1 for 2 sentences; give one per sentence"),
     (b'{"text": "a", "prefix": 5}', JSON, 422, "prefix: expected a string or a list of strings"),

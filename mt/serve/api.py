@@ -479,14 +479,16 @@ def _explain(error: dict[str, Any]) -> tuple[int, str]:
     ).lstrip(".")
     if kind == "json_invalid":
         return 400, f"body: malformed JSON ({error['ctx']['error']} at character {loc[0]})"
+    if kind == "extra_forbidden":  # the key as sent (a key "str" is no union member)
+        key = str(loc[-1])
+        shown = key if key and key.isprintable() and key.strip() == key else repr(key)
+        return 422, f"{shown}: unknown field (the fields are {FIELDS})"
     if not field:
         if kind == "missing":
             return 400, 'body: empty; expected a JSON object such as {"text": ["..."]}'
         if isinstance(error.get("input"), bytes):  # not parsed: the Content-Type was not JSON
             return 400, "body: not JSON; send it with Content-Type: application/json"
         return 422, 'body: expected a JSON object such as {"text": ["..."]}'
-    if kind == "extra_forbidden":
-        return 422, f"{field}: unknown field (the fields are {FIELDS})"
     if field in ("text", "prefix") and kind in ("string_type", "list_type"):
         return 422, f"{field}: expected a string or a list of strings"
     return 422, f"{field}: {error['msg']}"
