@@ -309,13 +309,19 @@ def test_hf_fingerprint_follows_contents(tmp_path: Path) -> None:
     )
 
 
-def test_hf_a_local_directory_of_data_files(tmp_path: Path) -> None:
-    files = tmp_path / "jsonl"
-    files.mkdir()
+def jsonl_folder(tmp_path: Path) -> tuple[Path, list[str]]:
+    """A local folder of data files: train.jsonl (PAIRS) and test.jsonl (the first); its lines."""
+    folder = tmp_path / "jsonl"
+    folder.mkdir()
     lines = [json.dumps({"translation": {"de": de, "en": en}}) for de, en in PAIRS]
-    (files / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (files / "test.jsonl").write_text(lines[0] + "\n", encoding="utf-8")
+    (folder / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (folder / "test.jsonl").write_text(lines[0] + "\n", encoding="utf-8")
     datasets.disable_progress_bars()
+    return folder, lines
+
+
+def test_hf_a_local_directory_of_data_files(tmp_path: Path) -> None:
+    files, lines = jsonl_folder(tmp_path)
     assert list(open_corpus(f"hf:{files}", "de", "en").pairs()) == PAIRS
     assert list(open_corpus(f"hf:{files}", "de", "en", split="test").pairs()) == PAIRS[:1]
     # Rewritten with its old time (cp -p, rsync -a): datasets' cache would serve the old text.
@@ -330,12 +336,7 @@ def test_a_local_dataset_folder_is_hashed_once_per_process_while_unchanged(
 ) -> None:
     from mt import files as files_module
 
-    folder = tmp_path / "jsonl"
-    folder.mkdir()
-    lines = [json.dumps({"translation": {"de": de, "en": en}}) for de, en in PAIRS]
-    (folder / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (folder / "test.jsonl").write_text(lines[0] + "\n", encoding="utf-8")
-    datasets.disable_progress_bars()
+    folder, lines = jsonl_folder(tmp_path)
     hashed: list[str] = []
     real = files_module.stream_sha256
 

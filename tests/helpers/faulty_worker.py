@@ -31,11 +31,11 @@ def inject(fault: str) -> None:
     if kind == "clock":
         fast_clock(float(call))
         return
-    if kind == "valid":
-        failing_validation(int(call))
+    if kind == "valid":  # as a beam search out of memory would
+        failing("record_validation", int(call), RuntimeError("validation on fire (injected)"))
         return
-    if kind == "save":
-        failing_save(int(call))
+    if kind == "save":  # as a full disk would
+        failing("save", int(call), OSError(28, "No space left on device (injected)"))
         return
     real = mt.train.label_smoothed_nll
     calls = {"n": 0}
@@ -74,32 +74,18 @@ def slow_prepare(seconds: float) -> None:
     mt.train.prepare = prepare
 
 
-def failing_validation(call: int) -> None:
-    """Make this rank's validation number `call` raise (as a beam search out of memory would)."""
-    real = mt.train.record_validation
+def failing(name: str, call: int, error: Exception) -> None:
+    """Make this rank's call number `call` of mt.train's function `name` raise `error`."""
+    real = getattr(mt.train, name)
     calls = {"n": 0}
 
-    def record_validation(*args, **kwargs):
+    def wrapper(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == call:
-            raise RuntimeError("validation on fire (injected)")
+            raise error
         return real(*args, **kwargs)
 
-    mt.train.record_validation = record_validation
-
-
-def failing_save(call: int) -> None:
-    """Make this rank's checkpoint number `call` fail as a full disk does."""
-    real = mt.train.save
-    calls = {"n": 0}
-
-    def save(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == call:
-            raise OSError(28, "No space left on device (injected)")
-        return real(*args, **kwargs)
-
-    mt.train.save = save
+    setattr(mt.train, name, wrapper)
 
 
 def fast_clock(factor: float) -> None:
