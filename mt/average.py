@@ -34,13 +34,15 @@ log = logging.getLogger("mt")
 _PER_CHECKPOINT = ("step",)  # metadata that differs between checkpoints of one run
 
 
-def select_last(run_dir: Path, k: int) -> list[Checkpoint]:
-    """The k checkpoints with the highest steps, oldest first (weights suffice).
+def select_last(run_dir: Path, k: int, upto: int | None = None) -> list[Checkpoint]:
+    """The k checkpoints with the highest steps (up to step `upto`), oldest first (weights
+    suffice).
 
     Not resume points (a signal's checkpoints between validations): the last checkpoints of a
-    run stopped and resumed are those of an uninterrupted run.
+    run stopped and resumed are those of an uninterrupted run. `upto` leaves out those of the
+    steps after a run's end that a run gone back with --resume left on disk.
     """
-    every = weights_checkpoints(run_dir)
+    every = [c for c in weights_checkpoints(run_dir) if upto is None or c.step <= upto]
     found = [c for c in every if not is_resume_point(c)]
     if k > len(found):
         skipped = len(every) - len(found)
@@ -161,8 +163,10 @@ def average_run(
     best: int = 0,
     output: Path | None = None,
     replace_own: bool = False,
+    upto: int | None = None,
 ) -> Path:
-    """Average a run's last `last` or best `best` checkpoints; returns the file written.
+    """Average a run's last `last` (up to step `upto`) or best `best` checkpoints; returns the
+    file written.
 
     The run's own end-of-run average is replaced only with `replace_own` (the run's end).
     """
@@ -171,7 +175,7 @@ def average_run(
         raise MtError("give one of --last K or --best K, with K >= 1")
     if not checkpoint_dir(run_dir).is_dir():
         raise MtError(f"{run_dir}: no checkpoints directory (not a run directory?)")
-    chosen = select_last(run_dir, last) if last else select_best(run_dir, best)
+    chosen = select_last(run_dir, last, upto) if last else select_best(run_dir, best)
     output = Path(output) if output is not None else checkpoint_dir(run_dir) / AVERAGE_NAME
     check_output(run_dir, output)
     if not replace_own:

@@ -584,18 +584,24 @@ def best_checkpoint(run_dir: Path) -> Checkpoint | None:
     return _best_in(checkpoint_dir(run_dir))
 
 
+def best_step(run_dir: Path) -> int | None:
+    """The step of the checkpoint `best` names, or None without a pointer that names one."""
+    best = _best_or_none(checkpoint_dir(run_dir))
+    return best.step if best is not None and best.is_step else None
+
+
 def prune_checkpoints(run_dir: Path, keep_last: int, saved: int | None = None) -> list[Path]:
     """Delete step checkpoints older than the last `keep_last` (never the best), resume points
     of steps before `saved` (the step just saved; default: the latest), and crash debris.
-    Resume points are not counted among the last; those after `saved` (a run gone back with
-    --resume) stay, as the later checkpoints do."""
+    Neither resume points nor checkpoints after `saved` (a run gone back with --resume) are
+    counted among the last; those after `saved` stay."""
     if keep_last < 0:
         raise ValueError(f"keep_last must be >= 0, got {keep_last}")
     directory = checkpoint_dir(run_dir)
     best = _best_or_none(directory)  # a dangling pointer protects nothing (repair_checkpoints)
     complete = list_checkpoints(run_dir)
-    kept = [c for c in complete if not is_resume_point(c)]
     newest = saved if saved is not None else complete[-1].step if complete else 0
+    kept = [c for c in complete if not is_resume_point(c) and c.step <= newest]
     superseded = [c for c in complete if is_resume_point(c) and c.step < newest]
     doomed = superseded + kept[: max(len(kept) - keep_last, 0)]
     deleted: list[Path] = []

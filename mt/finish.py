@@ -33,15 +33,17 @@ def finish(config: Config, result: TrainResult) -> None:
         _finish(config, result, run_dir)
 
 
-def _average(run_dir: Path, wanted: int) -> None:
-    """Average the run's last `wanted` checkpoints, or as many as it has, saying so."""
-    last = min(wanted, sum(not is_resume_point(c) for c in weights_checkpoints(run_dir)))
+def _average(run_dir: Path, wanted: int, step: int) -> None:
+    """Average the run's last `wanted` checkpoints up to its last `step`, or as many as it has
+    (never those of later steps, which a run gone back with --resume leaves), saying so."""
+    ours = [c for c in weights_checkpoints(run_dir) if c.step <= step and not is_resume_point(c)]
+    last = min(wanted, len(ours))
     checkpoints = f"{last} checkpoint{'s' if last != 1 else ''}"
     if last:
         log.info(
             "averaged the last %s into %s",
             checkpoints,
-            average_run(run_dir, last=last, replace_own=True),
+            average_run(run_dir, last=last, replace_own=True, upto=step),
         )
     if last < wanted:
         log.warning(
@@ -69,7 +71,7 @@ def _finish(config: Config, result: TrainResult, run_dir: Path) -> None:
     # checkpoint, a report newer than the run's model (a run extended and stopped in these
     # jobs has older ones, of fewer steps).
     if train.average_last and not (result.idle and run_average(run_dir) is not None):
-        _average(run_dir, train.average_last)
+        _average(run_dir, train.average_last, result.state.step)
     if train.report and not (result.idle and _newer_than_model(run_dir / REPORT_FILE, run_dir)):
         # Test decoding at "auto" precision, as `mt evaluate` does.
         log.info("wrote %s", write_report(run_dir, device=result.device))

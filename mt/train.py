@@ -856,19 +856,33 @@ def reselect(state: TrainState, run: Run) -> None:
     select = run.config.data.select_direction
     if state.select_direction == select or not run.world.is_main:
         return
+    state.select_direction = select
+    best = choose_best(state, run)
+    if best is not None:
+        log.info(f"data.select_direction={select!r}: the best checkpoint is now {best.name}")
+
+
+def choose_best(state: TrainState, run: Run) -> ckpt.Checkpoint | None:
+    """Point `best` at the best validated checkpoint on disk up to `state.step` (the earliest of
+    equals, as validations choose) and make its dev BLEU the one to beat, and the validations
+    since it the count that early stopping (train.patience) goes by; the chosen one, or None
+    when no checkpoint on disk was validated.
+    """
     valid = read_metrics(run.directory, "valid")
     kept = [r for r in valid if r["step"] <= state.step and may_be_best(r)]
+    select = run.config.data.select_direction
     bleu = {r["step"]: selected_bleu(r, select) for r in kept}  # a step validated again: last
+    if not state.validated:
+        bleu.pop(state.step, None)  # its record, if any, is of weights this save replaced
     saved = [c for c in ckpt.weights_checkpoints(run.directory) if c.step in bleu]
-    state.select_direction = select
     if not saved:
         state.best_bleu = max(bleu.values(), default=-1.0)
-        return
+        return None
     best = max(saved, key=lambda c: bleu[c.step])  # in step order: the earliest of equals
     ckpt.set_best(run.directory, best)
     state.best_bleu = bleu[best.step]
     state.bad_validations = len({r["step"] for r in valid if best.step < r["step"] <= state.step})
-    log.info(f"data.select_direction={select!r}: the best checkpoint is now {best.name}")
+    return best
 
 
 def restore_weights(
@@ -1450,11 +1464,14 @@ def save(run: Run, window: dict[str, Any], best: bool) -> ckpt.Checkpoint:
         payload["model"] = learner.model.state_dict()  # the weights training continues from
     model = learner.eval_model
     resume_point = not state.validated  # a signal's: kept until the next checkpoint
+    named = ckpt.best_step(run.directory)
     saved = ckpt.save_checkpoint(
         run.directory, state.step, model, payload, run.metadata, resume_point, run.origin
     )
     if best:
         ckpt.set_best(run.directory, saved)
+    elif named == saved.step:  # a run gone back with --resume replaced the best's weights
+        choose_best(state, run)
     ckpt.prune_checkpoints(run.directory, run.config.train.keep_last, saved.step)
     return saved
 

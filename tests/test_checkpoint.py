@@ -141,6 +141,23 @@ def test_list_latest_best_prune(tmp_path: Path) -> None:
     assert ck.prune_checkpoints(tmp_path, keep_last=2) == []
 
 
+def test_prune_after_going_back_counts_only_the_steps_up_to_the_one_saved(
+    tmp_path: Path,
+) -> None:
+    # A run resumed from step 100 while 300 and 400 stay (--resume went back): its own
+    # checkpoints are the last; the later ones neither count nor push its new ones out.
+    for step in (100, 300, 400, 200):
+        save(tmp_path, step)
+    assert ck.prune_checkpoints(tmp_path, keep_last=2, saved=200) == []
+    save(tmp_path, 250)
+    deleted = ck.prune_checkpoints(tmp_path, keep_last=2, saved=250)
+    assert sorted(p.name for p in deleted) == [
+        "step-00000100.safetensors",
+        "step-00000100.state.pt",
+    ]
+    assert [c.step for c in ck.list_checkpoints(tmp_path)] == [200, 250, 300, 400]
+
+
 def test_crash_while_writing_weights_keeps_previous(tmp_path: Path, monkeypatch) -> None:
     previous = save(tmp_path, 100)
     real_replace = os.replace

@@ -322,21 +322,23 @@ def test_resuming_an_earlier_checkpoint_warns_of_the_later_ones(
     run = tmp_path / "run"
     train(tiny(run, "train.max_steps=30"))  # checkpoints at 15 and 30
     earlier = run / "checkpoints" / "step-00000015.safetensors"
-    result = train(tiny(run, "train.max_steps=20"), resume=earlier)
+    result = train(tiny(run, "train.max_steps=20", "train.keep_last=1"), resume=earlier)
     assert result.state.step == 20
     assert [m for m in caplog.messages if m.startswith("warning: --resume")] == [
         "warning: --resume step-00000015 goes back; the run's later checkpoints (step-00000030) "
         "stay, and a run without --resume continues from the latest: delete them to abandon them"
     ]
+    # Pruning keeps the last of the run's own checkpoints, not of those it went back from.
+    assert [c.step for c in ckpt.list_checkpoints(run)] == [20, 30]
     # The same command in a job its scheduler restarted (requeued) goes on from where the run
     # begun from step 15 got to, not from step 15 again, nor from the abandoned step 30; even
-    # with step 15 itself pruned since (train.keep_last=2).
+    # with step 15 itself pruned since (train.keep_last=1).
     assert not earlier.exists()
     caplog.clear()
     caplog.set_level("INFO", logger="mt")
     with pytest.MonkeyPatch.context() as env:
         env.setenv("SLURM_RESTART_COUNT", "1")
-        again = train(tiny(run, "train.max_steps=25"), resume=earlier)
+        again = train(tiny(run, "train.max_steps=25", "train.keep_last=1"), resume=earlier)
     assert again.state.step == 25
     assert f"{run} goes on from its own step-00000020; --resume {earlier} began it" in (
         caplog.messages
@@ -426,6 +428,28 @@ def test_a_best_checkpoint_whose_pointer_was_never_moved_becomes_the_best_on_res
     assert "warning: step-00000010 was saved as the best; checkpoints/best now says so" in (
         caplog.messages
     )
+
+
+def test_going_back_and_saving_the_best_step_worse_moves_best_to_the_real_best(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bleus = iter([25.0, 30.0, 10.0, 12.0, 24.0])
+
+    def fake_validate(run) -> dict[str, float]:
+        return {"loss": 1.0, "nll": 1.0, "ppl": 2.7, "bleu": next(bleus)}
+
+    monkeypatch.setattr(train_module, "validate", fake_validate)
+    run = tmp_path / "run"
+    every = ("train.valid_every=5", "train.keep_last=5")
+    train(tiny(run, "train.max_steps=20", *every))  # 25, 30 (best, step 10), 10, 12
+    assert ckpt.best_checkpoint(run).step == 10
+    first = run / "checkpoints" / "step-00000005.safetensors"
+    result = train(tiny(run, "train.max_steps=10", *every), resume=first)
+    # Step 10 again, now 24: the weights `best` named are gone, and the best on disk up to
+    # step 10 is step 5's 25, as the state resumed from says.
+    assert ckpt.best_checkpoint(run).step == 5
+    assert (result.state.best_bleu, result.state.bad_validations) == (25.0, 1)
+    assert [c.step for c in ckpt.list_checkpoints(run)] == [5, 10, 15, 20]
 
 
 def test_early_stopping_on_patience(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -529,6 +553,19 @@ def test_average_last_at_the_end(tmp_path: Path, caplog: pytest.LogCaptureFixtur
         "warning: train.average_last=2, but the run has no checkpoint to average (see "
         in "".join(caplog.messages)
     )
+
+
+def test_the_end_average_of_a_run_gone_back_leaves_out_the_later_steps(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    kept = ("train.keep_last=2", "train.average_last=2", "train.report=false")
+    train(tiny(run, "train.max_steps=30", *kept))  # checkpoints at 15 and 30
+    back = tiny(run, "train.max_steps=20", *kept)
+    finish(back, train(back, resume=run / "checkpoints" / "step-00000015.safetensors"))
+    average = run / "checkpoints" / "average.safetensors"
+    assert ckpt.averaged_steps(average) == [15, 20]  # not the abandoned step 30
+    # Step 30 stays (--resume's warning says so): the average is not the run's model then.
+    assert [c.step for c in ckpt.list_checkpoints(run)] == [15, 20, 30]
+    assert model_checkpoint(run).weights == ckpt.best_checkpoint(run).weights
 
 
 def weights_at(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
