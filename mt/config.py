@@ -144,23 +144,31 @@ class DataConfig:
         for i, corpus in enumerate(self.corpora):
             first = seen.setdefault(corpus.direction, i)
             other = self.corpora[first]
+            # Either corpus's languages may be what the command line changed.
+            keys = (
+                "data.corpora",
+                *(f"data.corpora[{n}].{k}_lang" for n in (first, i) for k in ("src", "tgt")),
+            )
             _check(
                 first == i
                 or (other.src_lang, other.tgt_lang) != (corpus.src_lang, corpus.tgt_lang),
-                "data.corpora",
+                keys,
                 f"data.corpora[{i}]: direction {corpus.direction} is already data.corpora[{first}]",
             )
             _check(
                 first == i,
-                "data.corpora",
+                keys,
                 f"data.corpora[{i}]: {corpus.src_lang} -> {corpus.tgt_lang} and data.corpora"
                 f"[{first}]'s {other.src_lang} -> {other.tgt_lang} are both named "
                 f"{corpus.direction}: write a code with _ instead of - (pt_BR)",
             )
         names = [c.direction for c in self.directions()]
+        languages = (
+            f"data.corpora[{n}].{k}_lang" for n in range(len(self.corpora)) for k in ("src", "tgt")
+        )
         _check(
             not self.select_direction or self.select_direction in names,
-            "data.select_direction",
+            ("data.select_direction", "data.src_lang", "data.tgt_lang", *languages),
             f"data.select_direction={self.select_direction!r} is not a direction of the run "
             f"({', '.join(names)})",
         )
@@ -607,8 +615,8 @@ def _parse_override(item: str) -> tuple[str, Any]:
     if tp is str:
         return key, raw
     try:
-        return key, yaml.safe_load(raw)
-    except yaml.YAMLError:
+        return key, yaml.load(raw, Loader=_UniqueKeyLoader)
+    except (yaml.YAMLError, ValueError):
         return key, raw
 
 
@@ -658,6 +666,21 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# YAML 1.1 reads 045 as octal 37, 0x10 and 1:30 as numbers and 2024-09-31 as a date (an
+# exception when it is none): no config key wants those, so integers are decimal, dates text.
+_IMPLICIT = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:timestamp")
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _IMPLICIT]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9]+(?:_[0-9]+)*$"), list("-+0123456789")
+)
+_UniqueKeyLoader.add_constructor(
+    "tag:yaml.org,2002:int", lambda loader, node: int(loader.construct_scalar(node), 10)
+)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -667,6 +690,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
     try:
         tree = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.reader.ReaderError as exc:  # a control character: it has no mark
+        line = text.count("\n", 0, exc.position) + 1
+        raise ConfigError(
+            f"{path}: line {line}: invalid YAML (character U+{exc.character:04X} is not allowed)"
+        ) from None
+    except ValueError as exc:  # an explicit !!int or !!float that is none
+        raise ConfigError(f"{path}: invalid YAML ({exc})") from None
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         if where is not None and where.index >= len(text.rstrip()):  # e.g. an unclosed quote

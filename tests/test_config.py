@@ -172,6 +172,34 @@ def test_overrides_are_typed(tmp_path: Path) -> None:
     assert config.train.lr == 1e-3
 
 
+def test_integers_are_decimal_and_dates_are_text(tmp_path: Path) -> None:
+    # YAML 1.1 read 045 as octal 37 and 2024-09-31 as a date (a traceback: no such day).
+    config = load_config(
+        CONFIGS / "base.yaml",
+        ["train.max_minutes=045", "train.valid_every=0500", "train.max_tokens=4_096"],
+    )
+    assert (config.train.max_minutes, config.train.valid_every) == (45.0, 500)
+    assert config.train.max_tokens == 4096
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "base.yaml", ["model.dim=0x200"])
+    assert str(err.value) == "command line: model.dim must be an integer, got '0x200'"
+    path = write(tmp_path, "run_dir: 2024-09-31\ntrain:\n  seed: 0123\n")
+    config = load_config(path)
+    assert (config.run_dir, config.train.seed) == ("2024-09-31", 123)
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, "train:\n  seed: !!int 0x10\n"))
+    assert str(err.value) == (
+        f"{tmp_path / 'x.yaml'}: invalid YAML (invalid literal for int() with base 10: '0x10')"
+    )
+
+
+def test_a_control_character_names_its_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "model:\n  dim: 64\n\x0c\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: line 3: invalid YAML (character U+000C is not allowed)"
+
+
 def test_override_errors_name_the_command_line() -> None:
     with pytest.raises(ConfigError) as err:
         load_config(CONFIGS / "base.yaml", ["model.enc_layers=abc"])
@@ -467,6 +495,21 @@ def test_select_direction_and_temperature_are_checked(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"^command line: data.temperature=0.0 must be positive$"):
         load_config(path, ["data.temperature=0"])
+    # A corpus's languages changed on the command line: the file is not to blame.
+    multi = CONFIGS / "multi30k-multi.yaml"
+    for override, message in [
+        (
+            "data.corpora[2].src_lang=de",
+            "data.corpora[2]: direction de-en is already data.corpora[0]",
+        ),
+        (
+            "data.corpora[0].src_lang=fr",
+            "data.corpora[2]: direction fr-en is already data.corpora[0]",
+        ),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            load_config(multi, [override])
+        assert str(err.value) == f"command line: {message}"
 
 
 def test_the_multilingual_recipe_has_four_directions() -> None:
