@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import http.client
 import os
@@ -10,7 +11,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -83,7 +84,7 @@ def fetch_multi30k(
         return [
             _fetch_one(dest / name, _join(base, name), name in present, progress) for name in names
         ]
-    except DataError as exc:
+    except MtError as exc:  # DataError, or a file that could not be written
         if created and not any(dest.iterdir()):
             dest.rmdir()  # nothing landed: leave no empty directory behind
         if base == MULTI30K_URL and "cannot download" in str(exc):
@@ -158,24 +159,40 @@ def _download(source: str, final: Path, progress: bool) -> None:
 
 
 def _copy(source: str, out: BinaryIO, name: str, progress: bool) -> None:
-    """Stream ``source`` into ``out`` with a progress bar; network errors become DataError."""
-    try:
-        with _open_source(source) as stream:
+    """Stream ``source`` into ``out`` with a progress bar; network errors become DataError.
+
+    Errors writing ``out`` (a full disk) stay OSError, for atomic_path to name the file.
+    """
+    with _download_errors(source):
+        stream = _open_source(source)
+    with stream:
+        with _download_errors(source):
             total = _size(stream, source)
-            show = progress and sys.stderr.isatty()
-            with tqdm(
-                total=total,
-                desc=name,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                file=sys.stderr,
-                disable=not show,
-                leave=False,
-            ) as bar:
-                while chunk := stream.read(_CHUNK):
-                    out.write(chunk)
-                    bar.update(len(chunk))
+        show = progress and sys.stderr.isatty()
+        with tqdm(
+            total=total,
+            desc=name,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            file=sys.stderr,
+            disable=not show,
+            leave=False,
+        ) as bar:
+            while True:
+                with _download_errors(source):
+                    chunk = stream.read(_CHUNK)
+                if not chunk:
+                    break
+                out.write(chunk)
+                bar.update(len(chunk))
+
+
+@contextlib.contextmanager
+def _download_errors(source: str) -> Iterator[None]:
+    """Reading ``source`` failed: DataError naming it."""
+    try:
+        yield
     except urllib.error.HTTPError as exc:
         raise DataError(f"{source}: HTTP error {exc.code} ({exc.reason})") from None
     except urllib.error.URLError as exc:

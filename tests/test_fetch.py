@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
+import os
 import shutil
 import threading
 from collections.abc import Iterator
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers.corpus import MULTI30K_DE_EN as DE_EN
 
 from mt import fetch
-from mt.errors import DataError
+from mt.errors import DataError, MtError
 
 
 class _Handler(SimpleHTTPRequestHandler):
@@ -117,6 +120,36 @@ def test_http_error(served: tuple[str, Path, list[str]], tmp_path: Path) -> None
         fetch.fetch_multi30k(tmp_path / "out", ("de",), mirror=base, progress=False)
     assert str(err.value) == f"{base}train.de.gz: HTTP error 404 (File not found)"
     assert not (tmp_path / "out").exists()  # created for the fetch, left empty: removed
+
+
+def test_a_full_disk_names_the_file_not_the_download(
+    multi30k: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dest, real_open = tmp_path / "out", Path.open
+
+    class FullDisk:
+        def __init__(self, file: Any) -> None:
+            self.file = file
+
+        def write(self, data: bytes) -> int:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __enter__(self) -> FullDisk:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.file.close()
+
+    def open_full(path: Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        file = real_open(path, mode, *args, **kwargs)
+        return FullDisk(file) if mode == "wb" and path.parent == dest else file
+
+    monkeypatch.setattr(Path, "open", open_full)
+    with pytest.raises(MtError) as err:
+        fetch.fetch_multi30k(dest, ("de",), mirror=str(multi30k), progress=False)
+    # Not "cannot download", nor advice to use a mirror: the disk is full.
+    assert str(err.value) == f"{dest / 'train.de.gz'}: cannot write (No space left on device)"
+    assert not dest.exists()
 
 
 def test_unreachable(tmp_path: Path) -> None:
