@@ -116,10 +116,25 @@ MARGIN_INCHES = (2.0, 2.6)  # room for the piece labels, the title and the colou
 PANEL_MIN_INCHES = 4.5  # a panel's title fits even above a short sentence
 
 
+MAX_PIXELS = 2**16 - 1  # matplotlib's Agg renderer draws no larger image, either way
+
+
 def heatmap_inches(sources: int, targets: int, panels: int) -> tuple[float, float]:
     """Figure size (width, height) for `panels` heatmaps of targets x sources cells."""
     panel = max(MARGIN_INCHES[0] + CELL_INCHES * sources, PANEL_MIN_INCHES)
     return panel * panels, MARGIN_INCHES[1] + CELL_INCHES * targets
+
+
+def check_heatmap_size(sources: int, targets: int, panels: int) -> None:
+    """MtError if `panels` heatmaps of targets x sources cells are too large to draw."""
+    width, height = (round(inches * DPI) for inches in heatmap_inches(sources, targets, panels))
+    if max(width, height) > MAX_PIXELS:
+        fewer = " (one layer's with --layer is smaller)" if panels > 1 else ""
+        raise MtError(
+            f"{panels} heatmap{'s' if panels > 1 else ''} of {targets} x {sources} pieces would "
+            f"be {width:,} x {height:,} pixels, over the {MAX_PIXELS:,} a side a PNG can be "
+            f"drawn at{fewer}"
+        )
 
 
 def plot_attention(
@@ -129,6 +144,7 @@ def plot_attention(
     panels, rows, cols = weights.shape
     if (rows, cols) != (len(target), len(source)):
         raise ValueError(f"weights of {rows} x {cols} for {len(target)} x {len(source)} labels")
+    check_heatmap_size(cols, rows, panels)
     plt = _pyplot()
     fig, axes = plt.subplots(
         1,

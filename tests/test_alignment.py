@@ -81,6 +81,23 @@ def test_heatmap_labels_must_match_the_weights(tmp_path: Path) -> None:
         plot_attention(np.zeros((1, 2, 3)), ["a", "b"], ["x", "y"], ["t"], tmp_path / "a.png")
 
 
+def test_a_heatmap_too_large_to_draw_is_refused_in_one_line(tmp_path: Path) -> None:
+    from mt.plot import plot_attention
+
+    # Six decoder layers of a 400-piece sentence: 73,380 pixels across; matplotlib raised.
+    out = tmp_path / "a.png"
+    weights = np.zeros((6, 3, 400))
+    with pytest.raises(MtError) as err:
+        plot_attention(weights, ["s"] * 400, ["t"] * 3, ["layer"] * 6, out)
+    assert str(err.value) == (
+        "6 heatmaps of 3 x 400 pieces would be 73,200 x 350 pixels, over the 65,535 a side a "
+        "PNG can be drawn at (one layer's with --layer is smaller)"
+    )
+    assert not out.exists()
+    plot_attention(weights[:1], ["s"] * 400, ["t"] * 3, ["layer"], out)  # one panel fits
+    assert Image.open(out).size == (12200, 350)
+
+
 @pytest.mark.slow  # conftest's multilingual run
 def test_attention_of_a_multilingual_model_hides_its_tag_unless_asked(
     multi_run: Path, tmp_path: Path
