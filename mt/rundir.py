@@ -267,15 +267,25 @@ def retrain_hints(tokenizer: Tokenizer, wanted: TokenizerConfig) -> list[str]:
 
 
 def check_tags(tokenizer: Tokenizer, config: Config, directory: Path) -> None:
-    """DataError unless the tokenizer has a tag for each target language (none for one)."""
+    """DataError unless the tokenizer has a tag for each target language (none for one).
+
+    More tags than targets are those of a multilingual model fine-tuned on some of its
+    directions (--resume): its sources are tagged as before.
+    """
     targets = config.data.target_languages()
-    wanted = targets if len(targets) > 1 else []
-    if sorted(tokenizer.tags) != sorted(wanted):
-        has = ", ".join(tokenizer.tags) or "none"
+    if set(targets) <= set(tokenizer.tags) if len(targets) > 1 else not tokenizer.tags:
+        return
+    has = ", ".join(tokenizer.tags) or "none"
+    problem = (
+        f"{directory}: the tokenizer has target-language tags for {has}, but the run "
+        f"translates into {', '.join(targets)}"
+    )
+    if len(targets) == 1:  # a model with tags reads a tag before every source
         raise DataError(
-            f"{directory}: the tokenizer has target-language tags for {has}, but the run "
-            f"translates into {', '.join(targets)}; delete it to retrain it"
+            f"{problem}; a model with tags translates into two languages or more (name them "
+            "in data.corpora), or delete the tokenizer to train a model without tags"
         )
+    raise DataError(f"{problem}; delete it to retrain it")
 
 
 def find_tokenizer(path: Path) -> Tokenizer:

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,8 +23,35 @@ from mt.cli import app
 from mt.config import load_config, save_config
 from mt.errors import ConfigError, DataError
 from mt.metrics import read_metrics
-from mt.rundir import encode_train, load_trained, open_run, prepare_data, prepare_tokenizer
+from mt.rundir import (
+    check_tags,
+    encode_train,
+    load_trained,
+    open_run,
+    prepare_data,
+    prepare_tokenizer,
+)
 from mt.train import train
+
+
+def test_a_run_may_use_some_of_a_tokenizers_tags(tmp_path: Path) -> None:
+    # A multilingual model fine-tuned on some of its directions (--resume copies its
+    # tokenizer); a run into one language cannot read tagged sources, and says how to go on.
+    tags = SimpleNamespace(tags={"de": 4, "en": 5, "fr": 6})
+    two = "data.corpora=[{src_lang: de, tgt_lang: en}, {src_lang: en, tgt_lang: de}]"
+    check_tags(tags, multi_config(tmp_path, tmp_path / "run", two), tmp_path)  # type: ignore[arg-type]
+    one = multi_config(tmp_path, tmp_path / "run", "data.corpora=[{src_lang: de, tgt_lang: en}]")
+    with pytest.raises(DataError) as err:
+        check_tags(tags, one, tmp_path)  # type: ignore[arg-type]
+    assert str(err.value) == (
+        f"{tmp_path}: the tokenizer has target-language tags for de, en, fr, but the run "
+        "translates into en; a model with tags translates into two languages or more (name "
+        "them in data.corpora), or delete the tokenizer to train a model without tags"
+    )
+    other = multi_config(tmp_path, tmp_path / "run", two.replace("tgt_lang: de", "tgt_lang: it"))
+    with pytest.raises(DataError, match=r"translates into en, it; delete it to retrain it$"):
+        check_tags(tags, other, tmp_path)  # type: ignore[arg-type]
+    check_tags(SimpleNamespace(tags={}), one, tmp_path)  # type: ignore[arg-type]
 
 
 @pytest.mark.slow
@@ -134,6 +162,22 @@ def test_translate_asks_for_a_target_language(multi_run: Path, tmp_path: Path) -
     )
     unknown = CliRunner().invoke(app, [*args, "--tgt-lang", "cs"])
     assert str(unknown.exception) == "--tgt-lang cs: the model translates into en, de, fr only"
+
+
+@pytest.mark.slow
+def test_a_multilingual_model_fine_tunes_on_some_of_its_directions(
+    multi_run: Path, multiway: Path, tmp_path: Path
+) -> None:
+    two = "data.corpora=[{src_lang: de, tgt_lang: en}, {src_lang: en, tgt_lang: de}]"
+    run = tmp_path / "ft"
+    config = multi_config(multiway, run, two, "model.prenorm=false", "train.max_steps=65")
+    assert train(config, resume=multi_run).state.step == 65
+    source = tmp_path / "in.txt"
+    source.write_text("Ein mann sieht den see .\n", encoding="utf-8")
+    assert len(translate_cli(run, source, "--beam", "1", "--tgt-lang", "en")) == 1
+    args = ["translate", "-m", str(run), str(source), "--tgt-lang", "fr"]
+    refused = CliRunner().invoke(app, args)
+    assert str(refused.exception) == "--tgt-lang fr: the model translates into en, de only"
 
 
 @pytest.mark.slow

@@ -37,7 +37,7 @@ def ct2_readme(
     pad, bos = tokenizer.tgt.id_to_piece(PAD_ID), tokenizer.tgt.id_to_piece(BOS_ID)
     intro = f"""From `{weights}` ({_pair(config)}), weights stored as {quantization or "float32"}.
     Sources are pieces of the SentencePiece model `{spm_src}`; CTranslate2 adds the end token.
-    {_tags_intro(tokenizer, "piece")}"""
+    {_tags_intro(config, tokenizer, "piece")}"""
     code = f"""
 import ctranslate2
 import sentencepiece as spm
@@ -71,8 +71,9 @@ print([tgt.decode(r.hypotheses[0]) for r in results])
 def hf_readme(config: Config, tokenizer: Tokenizer, weights: Path) -> str:
     """How to translate with the Hugging Face export."""
     decode = config.decode
+    tags = _tags_intro(config, tokenizer, "word (MarianTokenizer keeps it whole)")
     intro = f"""From `{weights}` ({_pair(config)}): MarianMTModel weights, generation settings
-    and a MarianTokenizer. {_tags_intro(tokenizer, "word (MarianTokenizer keeps it whole)")}"""
+    and a MarianTokenizer. {tags}"""
     tag = f"{_example_tag(config)} " if tokenizer.tags else ""
     code = f"""
 from transformers import MarianMTModel, MarianTokenizer
@@ -157,11 +158,12 @@ def _example_tag(config: Config) -> str:
     return tag_piece(config.data.directions()[0].tgt_lang)
 
 
-def _tags_intro(tokenizer: Tokenizer, token: str) -> str:
+def _tags_intro(config: Config, tokenizer: Tokenizer, token: str) -> str:
     """How to ask a multilingual model for a target language (nothing for one target)."""
     if not tokenizer.tags:
         return ""
-    tags = ", ".join(f"`{tag_piece(lang)}`" for lang in tokenizer.tags)
+    # The run's targets: a model fine-tuned on some directions has the tags of all.
+    tags = ", ".join(f"`{tag_piece(lang)}`" for lang in config.data.target_languages())
     return f"""The model translates into several languages: start each source with the {token}
     naming the one wanted, one of {tags} (Marian's convention)."""
 
