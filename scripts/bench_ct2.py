@@ -1,8 +1,8 @@
 """Speed and BLEU of one trained mt model decoded by mt and CTranslate2 (fp32, int8; mt bf16).
 
-    .venv/bin/python scripts/bench_ct2.py --run runs/multi30k                 # Markdown on stdout
-    .venv/bin/python scripts/bench_ct2.py --run runs/multi30k --write docs/benchmarks.md
-    .venv/bin/python scripts/bench_ct2.py --smoke                             # seconds, for tests
+    .venv/bin/python scripts/bench_ct2.py --run runs/multi30k-de-en           # Markdown on stdout
+    .venv/bin/python scripts/bench_ct2.py --run runs/multi30k-de-en --write docs/benchmarks.md
+    .venv/bin/python scripts/bench_ct2.py --smoke                       # seconds, for tests
 
 Every system decodes Multi30k's test_2016_flickr (German → English, 1,000 sentences) with beam 5 on
 the same threads: mt with `mt.translate.Translator.translate` in fp32 (its linear layers packed, as

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Multi30k (task 1, test_2016_flickr) end to end, both directions, as in docs/benchmarks.md:
-# fetch, tokenizer + train (58 minutes each on a 2-core CPU) + checkpoint averaging, translate
-# the test set, score it (cased and lowercased BLEU, chrF, TER, with signatures).
+# fetch, tokenizer + train (58 minutes each on a 2-core CPU), translate the test set with the
+# run's model (its best checkpoint; its average where train.average_last is set), score it
+# (cased and lowercased BLEU, chrF, TER, with signatures).
 #   scripts/multi30k.sh                     # de-en, then en-de
 #   DIRECTIONS=de-en scripts/multi30k.sh    # one direction
 #   scripts/multi30k.sh train.max_minutes=5 # any override is passed to mt train

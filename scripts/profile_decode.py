@@ -1,6 +1,6 @@
 """Where decoding's time goes in mt and in CTranslate2: each one's own process, sampled by perf.
 
-    .venv/bin/python scripts/profile_decode.py --run runs/multi30k --data data/multi30k
+    .venv/bin/python scripts/profile_decode.py --run runs/multi30k-de-en --data data/multi30k
     .venv/bin/python scripts/profile_decode.py --smoke          # seconds, for tests
 
 Both decode Multi30k's test_2016_flickr (German → English) with beam 5 on the same threads, as
