@@ -103,6 +103,7 @@ class TrainState:
     overflow_steps: int = 0  # fp16 updates skipped because gradients overflowed
     oom_steps: int = 0  # updates skipped on every rank because one ran out of memory
     train_seconds: float = 0.0  # wall-clock spent in training steps and validation
+    clock_step: int = 0  # updates done before train_seconds began (another run's, --resume)
     cooldown_start: int = 0  # updates done when the lr's cool-down began (train.cooldown)
     cooldown_steps: int = 0  # updates of the cool-down, fixed when it began (0: not begun)
     unvalidated: bool = False  # a signal stopped the run at a due validation: it runs on resume
@@ -346,7 +347,8 @@ def cooldown_due(tc: TrainConfig, state: TrainState, seconds: float) -> int:
         due.append(tc.max_steps - step)
     budget = 60 * tc.max_minutes
     if budget and seconds >= (1 - tc.cooldown) * budget:
-        due.append(max(math.floor((budget - seconds) * step / seconds), 1))
+        rate = (step - state.clock_step) / seconds  # the updates this run's clock has timed
+        due.append(max(math.floor((budget - seconds) * rate), 1))
     return min(due, default=0)
 
 
@@ -626,7 +628,17 @@ def start(
             # A validated checkpoint needs no second validation should the run end where it is.
             run.last_saved = run.state.step if run.state.validated else -1
     check_same_start(run)
+    share_best(run)
     return run
+
+
+def share_best(run: Run) -> None:
+    """Every rank takes rank 0's best dev BLEU and validations since it, which only rank 0
+    restores anew (reselect): early stopping (train.patience) must stop all ranks or none."""
+    state, main = run.state, run.world.is_main
+    values = [state.best_bleu, float(state.bad_validations)] if main else [0.0, 0.0]
+    best, bad = distributed.all_reduce(run.world, values, run.learner.device, startup=True)
+    state.best_bleu, state.bad_validations = best, int(bad)
 
 
 def check_same_start(run: Run) -> None:
@@ -764,6 +776,7 @@ def restore(checkpoint: ckpt.Checkpoint, run: Run) -> TrainState:
     state.world_size = run.world.world_size
     if checkpoint.weights.parent.resolve() != ckpt.checkpoint_dir(run.directory).resolve():
         state = started_anew(state, run)
+        clear_window(run)  # the other run's updates since its last log line are not this one's
     check_same_data(state, run)
     warn_replanned(state, run)
     sync_cooldown(learner, state)
@@ -791,7 +804,7 @@ def started_anew(state: TrainState, run: Run) -> TrainState:
     """What a new run keeps of another run's state: its step, and its place in the data if it
     trains on the same data. Its best, time (train.max_minutes), cool-down and counts are its
     own."""
-    fresh = TrainState(step=state.step, world_size=state.world_size)
+    fresh = TrainState(step=state.step, world_size=state.world_size, clock_step=state.step)
     if state.data == run.train_data.fingerprint():
         fresh.epoch, fresh.batches_done, fresh.data = state.epoch, state.batches_done, state.data
     return fresh
@@ -1120,8 +1133,15 @@ def loop(run: Run) -> TrainResult:
                     log.info("the lr's cool-down ended at step %d", state.step)
                     break
                 # 5. Validate and checkpoint every valid_every steps.
-                if stepped and validation_due(run) and validate_and_save(run):
-                    break  # early stopping
+                if stepped and validation_due(run):
+                    if validate_and_save(run):
+                        break  # early stopping
+                    # Its time counts: the ranks now agree on a clock that may have run out.
+                    if out_of_time(tc, state.train_seconds):
+                        log.info(
+                            "reached train.max_minutes=%g at step %d", tc.max_minutes, state.step
+                        )
+                        break
             # 6. A run that ends here logs the updates since its last log line (a signalled
             # run's checkpoint keeps them for its resumption). Every rank has the same step.
             if not halted and state.step % tc.log_every and state.step < tc.max_steps:

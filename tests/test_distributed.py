@@ -17,6 +17,7 @@ from helpers.ports import free_port
 from helpers.waiting import read_until
 from safetensors.torch import load_file
 
+import mt.train as train_module
 from mt import checkpoint as ckpt
 from mt import distributed
 from mt.config import load_config
@@ -228,6 +229,30 @@ def test_a_failure_of_rank_0_to_write_the_last_checkpoint_fails_every_rank(tmp_p
     assert err1.splitlines()[-1] == (
         "error: rank 1: another rank failed while writing the last checkpoint (see its error)"
     ), (err0, err1)
+
+
+@pytest.mark.slow  # starts two Python ranks
+def test_ranks_agree_on_early_stopping_when_the_best_is_chosen_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Saved at step 20: best 30.0 (step 5), three validations since. With step 5 deleted and a
+    # new data.select_direction, rank 0 chooses step 15 (20.0), one validation ago; rank 1 kept
+    # three, stopped early (train.patience=2) and left rank 0 waiting for it.
+    bleus = iter([30.0, 10.0, 20.0, 15.0])
+    scores = {"loss": 1.0, "nll": 1.0, "ppl": 2.7}
+    monkeypatch.setattr(train_module, "validate", lambda run: {**scores, "bleu": next(bleus)})
+    run = tmp_path / "run"
+    every = ["train.valid_every=5", "train.keep_last=5"]
+    train(load_config(TINY, overrides(run, "train.max_steps=20", *every)))
+    for path in (run / "checkpoints").glob("step-00000005.*"):
+        path.unlink()
+    args = overrides(
+        run, "train.max_steps=40", *every, "train.patience=2", "data.select_direction=de-en", *SRUN
+    )
+    (code0, err0), (code1, err1) = srun_ranks([args, args])
+    assert (code0, code1) == (0, 0), (err0, err1)
+    steps = [r["step"] for r in read_metrics(run, "valid")]
+    assert steps[:4] == [5, 10, 15, 20] and len(steps) in (5, 6, 7)  # trained on, together
 
 
 @pytest.mark.slow  # starts two Python ranks

@@ -153,6 +153,11 @@ def test_cooldown_due_by_steps_and_by_minutes() -> None:
     assert due(timed, TrainState(step=799), 450.0) == 200  # max_steps comes first
     off = load_config(TINY, ["train.max_steps=100"]).train
     assert due(off, TrainState(step=99), 1e9) == 0
+    # Started from another run's step 20,000: the rate is of the updates this run has timed.
+    on = load_config(
+        TINY, ["train.max_steps=100000", "train.max_minutes=10", "train.cooldown=0.25"]
+    ).train
+    assert due(on, TrainState(step=20089, clock_step=20000), 450.0) == 30
 
 
 def test_update_freq_two_equals_double_batch(tmp_path: Path) -> None:
@@ -277,11 +282,22 @@ def test_changed_training_text_warns_on_resume_once(
 
 
 @pytest.mark.slow
-def test_a_run_started_from_another_runs_checkpoint_has_its_own_best(tmp_path: Path) -> None:
-    first = train(tiny(tmp_path / "first", "train.max_steps=120", "train.valid_every=120"))
+def test_a_run_started_from_another_runs_checkpoint_has_its_own_best(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Saved at step 120 with the logging window of updates 101-120 (train.log_every=50).
+    every = ("train.max_steps=120", "train.valid_every=120", "train.log_every=50")
+    first = train(tiny(tmp_path / "first", *every))
     start = ckpt.latest_checkpoint(tmp_path / "first")
     assert start is not None
     second = tmp_path / "second"
+    windows = []
+    real_log_window = train_module.log_window
+    monkeypatch.setattr(
+        train_module,
+        "log_window",
+        lambda run, bar: (windows.append(run.window["steps"]), real_log_window(run, bar)),
+    )
     # Outputs of one piece score far below the first run's best: a best carried over from it
     # would never let this run have a best checkpoint of its own.
     short = ["decode.max_len_a=0", "decode.max_len_b=1"]
@@ -293,6 +309,10 @@ def test_a_run_started_from_another_runs_checkpoint_has_its_own_best(tmp_path: P
     assert result.state.best_bleu == valid[0]["bleu"] < first.state.best_bleu
     best = ckpt.best_checkpoint(second)
     assert best is not None and best.step == 130
+    # Its first log line is of its own 10 updates, not also of the first run's last 20; its
+    # clock (train.max_minutes, the cool-down's rate) times the updates from step 120.
+    assert windows[0] == 10
+    assert result.state.clock_step == 120
 
 
 @pytest.mark.slow
@@ -450,6 +470,22 @@ def test_going_back_and_saving_the_best_step_worse_moves_best_to_the_real_best(
     assert ckpt.best_checkpoint(run).step == 5
     assert (result.state.best_bleu, result.state.bad_validations) == (25.0, 1)
     assert [c.step for c in ckpt.list_checkpoints(run)] == [5, 10, 15, 20]
+
+
+def test_a_validation_that_uses_up_the_time_ends_the_run_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def slow_validate(run) -> dict[str, float]:
+        run.state.train_seconds += 3600  # as if it took an hour
+        return {"loss": 1.0, "nll": 1.0, "ppl": 2.7, "bleu": 10.0}
+
+    monkeypatch.setattr(train_module, "validate", slow_validate)
+    run = tmp_path / "run"
+    config = tiny(run, "train.max_steps=100", "train.valid_every=5", "train.max_minutes=30")
+    # Not one more update, validated and saved again an hour later.
+    assert train(config).state.step == 5
+    assert [r["step"] for r in read_metrics(run, "valid")] == [5]
+    assert [c.step for c in ckpt.list_checkpoints(run)] == [5]
 
 
 def test_early_stopping_on_patience(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
