@@ -375,6 +375,7 @@ def test_hf_export_loads_and_computes_like_mt(
     hf = MarianMTModel.from_pretrained(tmp_path / "hf").eval()
     hf_tokenizer = MarianTokenizer.from_pretrained(tmp_path / "hf")
     lines = [line for line in lines if line]  # mt leaves blank lines untranslated
+    lines.append("Das ist <s>alt</s> neu <unk> <pad>")  # text, not special tokens, for both
     config, tokenizer, model, _ = load_trained(marian_run, CPU)
     tgt_lang = target_language(config, tokenizer)
     decode = decode_settings(config, beam=1)

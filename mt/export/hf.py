@@ -221,6 +221,7 @@ def save_marian_tokenizer(tokenizer: Tokenizer, config: Config, directory: Path)
         source_lang=config.data.directions()[0].src_lang,
         target_lang=config.data.directions()[0].tgt_lang,
         model_max_length=config.model.max_positions,  # mt: max_positions - 1 pieces + EOS
+        split_special_tokens=True,  # "</s>" in a source is text, as SentencePiece reads it in mt
     ).save_pretrained(directory)
 
 

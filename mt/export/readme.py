@@ -90,7 +90,8 @@ print(tokenizer.batch_decode(out, skip_special_tokens=True))
     each output to {_limits(decode)} tokens, end token included: pass that as `max_new_tokens` (the
     default is the model's cap, {config.model.max_positions - 1}). The beam length penalty
     divides by length^{hf_length_penalty(decode)}, where mt's is "{decode.length_penalty}" (alpha
-    {decode.alpha})."""
+    {decode.alpha}). At the limit generate() scores the forced end token 0 where mt scores it
+    by its probability, so beam search may rank an output cut at the limit higher than mt."""
     return _markdown("Hugging Face MarianMTModel exported by `mt export`", intro, code, notes)
 
 
