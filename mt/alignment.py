@@ -24,7 +24,7 @@ from mt.errors import MtError
 from mt.model import MultiHeadAttention, Transformer
 from mt.plot import plot_attention
 from mt.rundir import load_trained
-from mt.tokenizer import Tokenizer
+from mt.tokenizer import LINE_BREAKS, Tokenizer
 from mt.translate import check_target, decode_settings, encode_sources, resolve_runtime
 from mt.vocab import BOS_ID, EOS_ID
 
@@ -124,7 +124,7 @@ def alignment(
         source_pieces=[tokenizer.src.id_to_piece(i) for i in ids] + ["</s>"],
         target_pieces=[pieces(i) for i in tokens] + ["</s>"],
         weights=weights,
-        translation=tokenizer.decode_tgt([[*tokens, EOS_ID]])[0],
+        translation=tokenizer.decode_tgt([[*tokens, EOS_ID]])[0].translate(LINE_BREAKS),
     )
 
 

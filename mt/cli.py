@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import typer
 
 from mt.errors import MtError
-from mt.files import ends_quietly_on_a_closed_pipe
+from mt.files import stdout_errors
 from mt.serve.limits import Limits
 
 if TYPE_CHECKING:
@@ -182,7 +182,7 @@ def tokenizer_encode(
             )
         tgt_lang = None
     lines = list(read_lines(path))
-    with ends_quietly_on_a_closed_pipe():
+    with stdout_errors():
         for line in tokenizer.encode_lines(lines, side, pieces, tgt_lang):
             typer.echo(line)
 
@@ -198,7 +198,7 @@ def tokenizer_decode(
     from mt.rundir import find_tokenizer
 
     tokenizer = find_tokenizer(model)
-    with ends_quietly_on_a_closed_pipe():
+    with stdout_errors():
         for text in tokenizer.decode_lines(read_lines(path), side, input_name(path)):
             typer.echo(text)
 
@@ -503,7 +503,8 @@ def evaluate_command(
         # a test set.
         run = load_run_config(model_checkpoint(model[0]).run_dir)
         named = tgt_lang is not None or len(run.data.directions()) > 1
-        typer.echo(format_directions(by_direction, json_output, named=named))
+        with stdout_errors():
+            typer.echo(format_directions(by_direction, json_output, named=named))
         return
     scores = evaluate(
         hyp,
@@ -521,7 +522,8 @@ def evaluate_command(
         max_tokens=max_tokens,
         tgt_lang=tgt_lang,
     )
-    typer.echo(format_json(scores) if json_output else format_text(scores))
+    with stdout_errors():
+        typer.echo(format_json(scores) if json_output else format_text(scores))
 
 
 AVERAGE_HELP = (
@@ -753,6 +755,8 @@ def _terminated(signum: int, frame: object) -> None:
 
 def main() -> None:
     """Entry point: run the app; user errors become one line on stderr and an exit code."""
+    if sys.stderr is None:  # started with stderr closed (2>&-): say nothing, but do the work
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (open for the life of the process)
     _setup_logging()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for stop in (signal.SIGTERM, signal.SIGUSR1):  # SIGUSR1: SLURM's notice (scripts/slurm)

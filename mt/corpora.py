@@ -212,6 +212,8 @@ def read_lines(path: str | Path) -> Iterator[str]:
     (``\\x0b``, ``\\x85``, ``\\u2028``...), so line N is line N for wc -l, paste and sacrebleu too.
     """
     if str(path) == "-":
+        if sys.stdin is None:  # started with stdin closed (<&-)
+            raise DataError("stdin: closed; give a file")
         for number, raw in enumerate(sys.stdin.buffer, start=1):
             yield _decode(raw, input_name(path), number)
         return

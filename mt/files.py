@@ -229,11 +229,21 @@ def _swap_in(new: Path, path: Path, replace: bool) -> None:
 
 
 @contextlib.contextmanager
-def ends_quietly_on_a_closed_pipe() -> Iterator[None]:
-    """stdout's reader left (`mt ... | head`): exit 141 quietly, as filters do."""
+def stdout_errors() -> Iterator[None]:
+    """While writing stdout: its reader left (`mt ... | head`): exit 141 quietly, as filters do;
+    it cannot take more (`> FILE` on a full disk): MtError saying so."""
     try:
         yield
     except BrokenPipeError:
-        # Python would fail again flushing stdout at exit: point it at /dev/null first.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _drop_stdout()
         raise SystemExit(128 + signal.SIGPIPE) from None
+    except OSError as exc:
+        if exc.filename is not None:  # a file's, named: not stdout's
+            raise
+        _drop_stdout()
+        raise MtError(f"stdout: cannot write ({exc.strerror or exc})") from None
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null: Python would fail again flushing it at exit, noisily."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -18,6 +18,7 @@ from mt.bleu import bleu_tokenizer
 from mt.config import CONFIG_FILE, Config
 from mt.data import DATA_FILE
 from mt.device import describe_precision
+from mt.errors import MtError
 from mt.evaluate import MetricScore, score, translate_test_sets
 from mt.files import atomic_write_bytes
 from mt.metrics import may_be_best, read_metrics, record_directions, selected_bleu
@@ -200,7 +201,16 @@ def _test_section(checkpoint: str, by_direction: dict[str, Scores], config: Conf
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """A run's JSON record ({} without one); MtError naming it where it is damaged."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # a file cut short, or bytes that are not UTF-8
+        raise MtError(f"{path}: damaged, not JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise MtError(f"{path}: damaged, not a JSON object")
+    return data
 
 
 def write_report(

@@ -44,6 +44,8 @@ _CHUNK = 10_000  # sentences encoded at once by unk_rate
 
 TAG = ">>{}<<"  # the piece that asks for a target language: Marian's and OPUS-MT's convention
 _TAG = re.compile(r">>([A-Za-z0-9_-]+)<<")
+# What would break one line out per line in, in a decoded text: byte pieces can spell these.
+LINE_BREAKS = str.maketrans({"\n": " ", "\r": " ", "\u2028": " ", "\u2029": " "})
 
 
 def tag_piece(lang: str) -> str:
@@ -187,7 +189,8 @@ class Tokenizer:
                     f"from 0 to {size - 1}, separated by spaces)"
                 )
             ids.append([int(t) for t in tokens])
-        return self.decode_tgt(ids) if side == "tgt" else processor.decode(ids)
+        texts = self.decode_tgt(ids) if side == "tgt" else processor.decode(ids)
+        return [text.translate(LINE_BREAKS) for text in texts]
 
 
 def _is_id(text: str, size: int) -> bool:

@@ -38,18 +38,16 @@ from mt.device import (
     resolve_precision,
 )
 from mt.errors import ConfigError, MtError
-from mt.files import atomic_write, ends_quietly_on_a_closed_pipe
+from mt.files import atomic_write, stdout_errors
 from mt.packing import pack, time_packed
 from mt.quantize import check_quantization, quantize
 from mt.rundir import load_run_config, load_trained, model_checkpoint
 from mt.search import Constraints, Decoder, Ensemble
-from mt.tokenizer import Tokenizer
+from mt.tokenizer import LINE_BREAKS, Tokenizer
 from mt.vocab import UNK_ID
 
 log = logging.getLogger("mt")
 
-# Characters that would break the one-line-per-input (or tab-separated n-best) format.
-_LINE_BREAKS = str.maketrans({"\n": " ", "\r": " ", "\u2028": " ", "\u2029": " "})
 _NBEST_BREAKS = str.maketrans({"\t": " "})
 
 
@@ -382,7 +380,7 @@ class Translator:
         hyps = [h for h in hyps if math.isfinite(h.score)][:nbest]
         texts = self.tokenizer.decode_tgt([list(h.tokens) for h in hyps]) if hyps else []
         found = [
-            Translation(text.translate(_LINE_BREAKS), float(h.score), list(h.tokens))
+            Translation(text.translate(LINE_BREAKS), float(h.score), list(h.tokens))
             for text, h in zip(texts, hyps, strict=True)
         ]
         return found + [NOT_FOUND] * (nbest - len(found))
@@ -448,7 +446,7 @@ def output_stream(output: Path | None) -> Iterator[IO[bytes]]:
     """stdout, or a temp file beside `output` renamed over it only once everything is written."""
     if output is None:
         sys.stdout.flush()
-        with ends_quietly_on_a_closed_pipe():
+        with stdout_errors():
             yield sys.stdout.buffer
         return
     with atomic_write(Path(output)) as stream:  # nothing half-written is ever left behind
@@ -458,6 +456,8 @@ def output_stream(output: Path | None) -> Iterator[IO[bytes]]:
 def check_output_path(output: Path | None) -> None:
     """MtError unless `output` (None: stdout) is a file that can be written once all is done."""
     if output is None:
+        if sys.stdout is None:  # started with stdout closed (>&-)
+            raise MtError("stdout: closed; give --output FILE")
         return
     parent = Path(output).parent
     if parent.exists() and not parent.is_dir():

@@ -463,6 +463,40 @@ def test_encode_decode_round_trip(prepared: tuple[Path, str, str], tmp_path: Pat
     assert by_file.stdout.splitlines() == by_stdin.stdout.splitlines() == lines
 
 
+def test_a_closed_stdin_or_stdout_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mt.corpora import read_lines
+    from mt.translate import check_output_path
+
+    monkeypatch.setattr(sys, "stdin", None)  # what Python makes of `mt ... <&-`
+    with pytest.raises(DataError, match=r"^stdin: closed; give a file$"):
+        list(read_lines("-"))
+    monkeypatch.setattr(sys, "stdout", None)  # `>&-`: refused before a model is loaded
+    with pytest.raises(MtError, match=r"^stdout: closed; give --output FILE$"):
+        check_output_path(None)
+
+
+@pytest.mark.slow  # starts mt
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_stdout_on_a_full_disk_is_one_line_and_a_closed_stderr_stops_nothing(
+    tmp_path: Path,
+) -> None:
+    hyp = tmp_path / "hyp.txt"
+    hyp.write_text("a dog runs .\n", encoding="utf-8")
+    command = [*MT, "evaluate", "--hyp", str(hyp), "--ref", str(hyp)]  # as translate, encode
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, env=env, timeout=120)
+    assert proc.returncode == 1  # not 120, from Python failing to flush stdout again at exit
+    assert proc.stderr.decode().splitlines() == [
+        "error: stdout: cannot write (No space left on device)"
+    ]
+    closed = subprocess.run(
+        command, capture_output=True, env=env, timeout=120, preexec_fn=lambda: os.close(2)
+    )
+    assert closed.returncode == 0
+    assert closed.stdout.decode().startswith("BLEU = 100.00 ")
+
+
 def test_encode_pieces_keep_one_line_per_line(prepared: tuple[Path, str, str]) -> None:
     run_dir, _, _ = prepared
     # \x0c and \u2028 are line breaks to str.splitlines() but not to files; \r\n is one ending.

@@ -236,6 +236,23 @@ def test_the_model_section_names_a_dropout_schedule(tmp_path: Path) -> None:
     assert ", dropout 0.3 (0.1 for the first 1,500 updates), " in line
 
 
+def test_a_damaged_data_record_is_one_line(tmp_path: Path) -> None:
+    tiny = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    record = tmp_path / "data.json"
+    for text, problem in [
+        (
+            "{",
+            "not JSON (Expecting property name enclosed in double quotes: line 1 column 2 "
+            "(char 1))",
+        ),
+        ("[1, 2]", "not a JSON object"),
+    ]:
+        record.write_text(text, encoding="utf-8")
+        with pytest.raises(MtError) as err:
+            _model_section(tiny, tmp_path)
+        assert str(err.value) == f"{record}: damaged, {problem}"
+
+
 @pytest.mark.slow  # conftest's multilingual run
 def test_a_multilingual_run_with_one_test_set_names_its_direction(multi_copy: Path) -> None:
     config = load_config(multi_copy / "config.yaml")

@@ -137,6 +137,16 @@ def test_encode_has_no_bos_eos_and_decode_skips_specials(tiny: Corpus, joint_dir
     assert tok.decode_tgt([padded, [PAD_ID, *ids, PAD_ID]]) == [text, text]
 
 
+def test_decoded_lines_stay_one_line_each(joint_dir: Path) -> None:
+    # Byte pieces may spell a line break: one line out per line in, as mt translate writes.
+    tok = load_tokenizer(joint_dir)
+    breaks = [tok.tgt.piece_to_id(f"<0x{b:02X}>") for b in b"\n\r"]
+    assert tok.tgt.unk_id() not in breaks  # the tokenizer has byte pieces
+    lines = tok.decode_lines([f"5 {breaks[0]} 6", str(breaks[1])], "tgt", "stdin")
+    assert len(lines) == 2 and not any("\n" in line or "\r" in line for line in lines)
+    assert lines == [" ".join(tok.decode_tgt([[5]]) + tok.decode_tgt([[6]])), " "]
+
+
 def test_training_is_deterministic(tiny: Corpus, joint_dir: Path, tmp_path: Path) -> None:
     again = train_tokenizer(tiny, tmp_path, TokenizerConfig(vocab_size=VOCAB), seed=1)
     assert again.paths[0].read_bytes() == (joint_dir / "spm.model").read_bytes()
