@@ -34,6 +34,16 @@ log = logging.getLogger("mt")
 _PER_CHECKPOINT = ("step",)  # metadata that differs between checkpoints of one run
 
 
+def averageable(run_dir: Path, upto: int | None = None) -> list[Checkpoint]:
+    """The checkpoints `--last K` chooses from, oldest first: not resume points, none after
+    step `upto`."""
+    return [
+        c
+        for c in weights_checkpoints(run_dir)
+        if not is_resume_point(c) and (upto is None or c.step <= upto)
+    ]
+
+
 def select_last(run_dir: Path, k: int, upto: int | None = None) -> list[Checkpoint]:
     """The k checkpoints with the highest steps (up to step `upto`), oldest first (weights
     suffice).
@@ -42,9 +52,9 @@ def select_last(run_dir: Path, k: int, upto: int | None = None) -> list[Checkpoi
     run stopped and resumed are those of an uninterrupted run. `upto` leaves out those of the
     steps after a run's end that a run gone back with --resume left on disk.
     """
-    every = [c for c in weights_checkpoints(run_dir) if upto is None or c.step <= upto]
-    found = [c for c in every if not is_resume_point(c)]
+    found = averageable(run_dir, upto)
     if k > len(found):
+        every = [c for c in weights_checkpoints(run_dir) if upto is None or c.step <= upto]
         skipped = len(every) - len(found)
         resume = f" (and {skipped} resume point(s) of a signal, not averaged)" if skipped else ""
         raise MtError(f"asked to average {k} checkpoints but {run_dir} has {len(found)}{resume}")

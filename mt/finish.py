@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from mt.average import average_run
-from mt.checkpoint import is_resume_point, latest_checkpoint, weights_checkpoints
+from mt.average import average_run, averageable
+from mt.checkpoint import latest_checkpoint
 from mt.config import Config
 from mt.lock import hold_run_lock
 from mt.report import REPORT_FILE, write_report
@@ -36,8 +36,7 @@ def finish(config: Config, result: TrainResult) -> None:
 def _average(run_dir: Path, wanted: int, step: int) -> None:
     """Average the run's last `wanted` checkpoints up to its last `step`, or as many as it has
     (never those of later steps, which a run gone back with --resume leaves), saying so."""
-    ours = [c for c in weights_checkpoints(run_dir) if c.step <= step and not is_resume_point(c)]
-    last = min(wanted, len(ours))
+    last = min(wanted, len(averageable(run_dir, step)))
     checkpoints = f"{last} checkpoint{'s' if last != 1 else ''}"
     if last:
         log.info(
