@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 from sacrebleu.metrics import BLEU, CHRF, TER
 
 from mt.bleu import DEFAULT_TOKENIZER, bleu_tokenizer, missing_extra
-from mt.corpora import check_stdin, read_lines
+from mt.corpora import check_stdin, input_name, read_lines
 from mt.errors import MtError
 from mt.rundir import open_directions, open_split
 from mt.translate import Translator, check_found, check_target, count_missing, load_translator
@@ -87,8 +87,26 @@ def format_table(by_direction: dict[str, dict[str, MetricScore]]) -> str:
     rows = [f"{'direction':<12}" + "".join(f"{n:>8}" for n in names)]
     for direction, scores in by_direction.items():
         rows.append(f"{direction:<12}" + "".join(f"{s.score:>8.2f}" for s in scores.values()))
-    rows += [f"{s.name}: {s.signature}" for s in first.values()]
+    rows += [f"{first[key].name}{of}: {sig}" for key, of, sig in signatures(by_direction)]
     return "\n".join(rows)
+
+
+def signatures(by_direction: dict[str, dict[str, MetricScore]]) -> list[tuple[str, str, str]]:
+    """(metric key, "", signature) where every direction shares it, else one per direction,
+    (key, " (direction)", signature).
+
+    Directions differ where BLEU tokenizes by target language (zh, ja, ko), so one signature
+    under a table of several would misname how the others were scored.
+    """
+    first = next(iter(by_direction.values()))
+    found: list[tuple[str, str, str]] = []
+    for key in first:
+        each = {direction: scores[key].signature for direction, scores in by_direction.items()}
+        if len(set(each.values())) == 1:
+            found.append((key, "", first[key].signature))
+        else:
+            found += [(key, f" ({direction})", signature) for direction, signature in each.items()]
+    return found
 
 
 def format_json_records(by_direction: dict[str, dict[str, MetricScore]]) -> str:
@@ -256,7 +274,7 @@ def evaluate(
         if src is not None:
             raise MtError("--src needs --model (to translate it)")
         hyps, refs = list(read_lines(hyp)), list(read_lines(ref))
-        check_aligned(hyps, refs, str(hyp), str(ref))
+        check_aligned(hyps, refs, input_name(hyp), input_name(ref))
         return score(hyps, refs, lowercase, tokenize or DEFAULT_TOKENIZER)
     if hyp is not None:
         raise MtError("give either --hyp (to score a file) or --model (to translate), not both")
@@ -265,7 +283,9 @@ def evaluate(
     sources = refs = None
     if src is not None and ref is not None:
         sources, refs = list(read_lines(src)), list(read_lines(ref))
-        check_aligned(sources, refs, str(src), str(ref))  # before spending time translating
+        check_aligned(
+            sources, refs, input_name(src), input_name(ref)
+        )  # before spending time translating
     hyps, test_refs, into = model_translations(
         model, sources, device, precision, weights, quantization=quantization, **overrides
     )

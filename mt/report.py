@@ -19,7 +19,7 @@ from mt.config import CONFIG_FILE, Config
 from mt.data import DATA_FILE
 from mt.device import describe_precision
 from mt.errors import MtError
-from mt.evaluate import MetricScore, score, translate_test_sets
+from mt.evaluate import MetricScore, score, signatures, translate_test_sets
 from mt.files import atomic_write_bytes
 from mt.metrics import may_be_best, read_metrics, record_directions, selected_bleu
 from mt.model import Transformer, count_parameters
@@ -196,7 +196,9 @@ def _test_section(checkpoint: str, by_direction: dict[str, Scores], config: Conf
     for direction, scores in by_direction.items():
         lines.append(_row([direction, *(f"{s.score:.2f}" for s in scores.values())]))
     lines += ["", "sacreBLEU signatures:", ""]
-    lines += [f"- {LABELS[key]}: `{s.signature}`" for key, s in first.items()]
+    lines += [
+        f"- {LABELS[key]}{of}: `{signature}`" for key, of, signature in signatures(by_direction)
+    ]
     return [*lines, ""]
 
 

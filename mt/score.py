@@ -27,7 +27,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from mt.batching import collate, pair_batches
-from mt.corpora import check_stdin, read_lines
+from mt.corpora import check_stdin, input_name, read_lines
 from mt.device import autocast
 from mt.errors import MtError
 from mt.search import Decoder, length_penalty
@@ -248,6 +248,8 @@ def _write_summary(stream: IO[bytes], batches: Iterator[Scored], source: str) ->
         summary.add(found)
         missing += found.by_model and sum(not math.isfinite(s) for s in found.scores)
     if not summary.pieces:
-        raise MtError(f"{source}: no pair to score (every source line is blank or too long)")
+        raise MtError(
+            f"{input_name(source)}: no pair to score (every source line is blank or too long)"
+        )
     stream.write((summary.line() + "\n").encode("utf-8"))
     return missing

@@ -92,6 +92,22 @@ def test_chinese_is_scored_as_sacrebleu_scores_it_given_the_language(tmp_path: P
     assert str(error.value).startswith("--tokenize words: sacreBLEU's tokenizers are none, zh, 13a")
 
 
+def test_a_table_of_directions_names_each_signature_that_is_not_shared() -> None:
+    de = mt_evaluate.score(["Ein Hund läuft."], ["Ein Hund rennt."], tokenize="13a")
+    zh = mt_evaluate.score(["两只狗在草地上玩。"], ["两只狗在草地上跑。"], tokenize="zh")
+    table = mt_evaluate.format_table({"en-de": de, "en-zh": zh}).splitlines()
+    assert table[3:] == [
+        f"BLEU (en-de): {de['bleu'].signature}",
+        f"BLEU (en-zh): {zh['bleu'].signature}",
+        f"chrF2: {de['chrf'].signature}",
+        f"TER: {de['ter'].signature}",
+    ]
+    assert "tok:13a" in table[3] and "tok:zh" in table[4]
+    assert zh["chrf"].signature == de["chrf"].signature  # shared: one line, no direction
+    same = mt_evaluate.format_table({"en-de": de, "de-de": de}).splitlines()
+    assert same[3] == f"BLEU: {de['bleu'].signature}"
+
+
 def test_without_mecab_japanese_is_scored_by_character_with_a_warning(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -159,6 +175,8 @@ def test_line_count_mismatch_is_a_one_line_error(
         "",
         "error: hyp.txt has 10 lines but ref.txt has 11\n",
     )
+    piped = CliRunner().invoke(app, ["evaluate", "--hyp", "-", "--ref", "ref.txt"], input="a\n")
+    assert str(piped.exception) == "stdin has 1 lines but ref.txt has 11"
 
 
 def test_empty_files_are_a_one_line_error(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.corpus import MULTI_DIRECTIONS
+from helpers.corpus import MULTI_DIRECTIONS, multi_config
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -23,7 +23,7 @@ from mt.evaluate import model_translations, score
 from mt.metrics import read_metrics
 from mt.model import count_parameters
 from mt.plot import DPI, FIGURE_INCHES, plot_curves
-from mt.report import _dev_lines, _model_section, write_report
+from mt.report import _dev_lines, _model_section, _test_section, write_report
 from mt.report import test_scores as report_test_scores
 from mt.rundir import load_trained, open_split
 
@@ -144,6 +144,22 @@ def test_plot_without_metrics_is_one_line_error(tmp_path: Path) -> None:
         == f"{tmp_path}: no metrics.jsonl records to plot (not a trained run?)"
     )
     assert not out.exists()
+
+
+def test_a_report_names_the_direction_of_a_signature_it_does_not_share(tmp_path: Path) -> None:
+    config = multi_config(tmp_path, tmp_path / "run")  # de-en, en-de, fr-en, en-fr
+    latin = score(["A dog runs."], ["A dog is running."])
+    chinese = score(["两只狗在玩。"], ["两只狗在跑。"], tokenize="zh")  # as a zh target is scored
+    by_direction = {d: {**latin, "bleu": (chinese if d == "en-de" else latin)["bleu"]}
+                    for d in MULTI_DIRECTIONS}  # fmt: skip
+    lines = _test_section("step-00000010.safetensors", by_direction, config)
+    signatures = lines[lines.index("sacreBLEU signatures:") + 2 : -1]
+    assert signatures == [
+        *(f"- BLEU ({d}): `{by_direction[d]['bleu'].signature}`" for d in MULTI_DIRECTIONS),
+        f"- chrF: `{latin['chrf'].signature}`",
+        f"- TER: `{latin['ter'].signature}`",
+    ]
+    assert "tok:zh" in signatures[1] and "tok:13a" in signatures[0]
 
 
 @pytest.fixture

@@ -180,6 +180,10 @@ def test_blank_sources_blank_lines_and_too_long_pairs_nan(
     assert str(result.exception) == (
         f"{src}: no pair to score (every source line is blank or too long)"
     )
+    piped = CliRunner().invoke(app, ["score", "-", *args[2:], "--summary"], input="\n\n")
+    assert (
+        str(piped.exception) == "stdin: no pair to score (every source line is blank or too long)"
+    )
 
 
 def test_bad_inputs_are_one_line_errors(
