@@ -359,8 +359,11 @@ def finished_hypothesis(tokens: list[int], logprob: float, alpha: float, kind: s
 
 
 def ranked(hyps: list[Hypothesis], n: int) -> list[Hypothesis]:
-    """The n best hypotheses by score, best first (stable on ties)."""
-    return sorted(hyps, key=lambda h: -h.score)[:n]
+    """The n best hypotheses by score, best first (stable on ties), nan last.
+
+    A nan key would leave sorted's order undefined: a sample that diverged sorts as -inf.
+    """
+    return sorted(hyps, key=lambda h: -h.score if h.score == h.score else math.inf)[:n]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -748,9 +751,10 @@ def contains(tokens: Sequence[int], phrase: Sequence[int]) -> bool:
 class Progress:
     """How far each row's output has come through its sentence's phrases.
 
-    One phrase at a time is being matched; a piece that does not continue it drops it (its
-    matched pieces no longer count) and may start another. Where unmet phrases start alike,
-    the first is tried: its rival may then be met only after it.
+    The state of an Aho-Corasick automaton over the unmet phrases: the longest end of the output
+    that begins one of them (its first such phrase where several begin alike). Every shorter end
+    is an end of that one, so the next piece can be judged from it alone: phrases overlap (`New
+    York`, `York Times` in `New York Times`) and repeat their start (`a a b` in `a a a b`).
     """
 
     met: Tensor  # (N, C) bool: the phrase appears in the output (empty slots count as met)
@@ -782,17 +786,41 @@ class Progress:
 
     def after(self, tokens: Tensor, phrases: Tensor, lengths: Tensor) -> Progress:
         """The progress once rows have produced tokens (N,): phrases (N, C, L), lengths (N, C)."""
-        slot = torch.arange(phrases.size(1), device=tokens.device)  # (C,)
-        next_piece = self.wanted(phrases).gather(1, self.phrase.clamp(min=0).unsqueeze(1))
-        continues = (self.phrase >= 0) & (next_piece.squeeze(1) == tokens)  # (N,)
-        starts = ~self.met & (phrases[:, :, 0] == tokens.unsqueeze(1))  # (N, C)
-        first = torch.where(starts.any(dim=1), starts.long().argmax(dim=1), -1)  # (N,)
-        phrase = torch.where(continues, self.phrase, first)  # (N,)
-        matched = torch.where(continues, self.matched + 1, (first >= 0).long())  # (N,)
-        length = lengths.gather(1, phrase.clamp(min=0).unsqueeze(1)).squeeze(1)  # (N,)
-        complete = (phrase >= 0) & (matched == length)  # (N,)
-        met = self.met | ((slot == phrase.unsqueeze(1)) & complete.unsqueeze(1))  # (N, C)
-        return Progress(met, phrase.masked_fill(complete, -1), matched.masked_fill(complete, 0))
+        N, C, L = phrases.shape
+        ends = self.ends(tokens, phrases)  # (N, C, L): phrase c's first s + 1 pieces end the output
+        size = torch.arange(1, L + 1, device=tokens.device)  # (L,) s + 1
+        unmet = ~self.met.unsqueeze(2)  # (N, C, 1)
+        complete = ends & unmet & (size == lengths.unsqueeze(2))  # (N, C, L)
+        # At most one phrase completes a step: of two ending alike, one is inside the other, and
+        # Constraints.of keeps only the outer one (essential).
+        met = self.met | complete.any(dim=2)  # (N, C)
+        partial = ends & ~met.unsqueeze(2) & (size < lengths.unsqueeze(2))  # (N, C, L)
+        # The longest partial match, then the first phrase: score s * C + (C - 1 - c).
+        rank = size * C + (C - 1 - torch.arange(C, device=tokens.device)).unsqueeze(1)  # (C, L)
+        best = torch.where(partial, rank, -1).view(N, -1).max(dim=1).values  # (N,)
+        found = best >= 0
+        phrase = torch.where(found, C - 1 - best % C, -1)
+        return Progress(met, phrase, torch.where(found, best // C, 0))
+
+    def ends(self, tokens: Tensor, phrases: Tensor) -> Tensor:
+        """Whether each phrase's first s + 1 pieces (N, C, L) end the output once it has `tokens`.
+
+        The output's end that can matter is the matched part of the phrase being matched, then
+        the token: right-aligned in L places, -1 (no piece) before it.
+        """
+        N, L = phrases.size(0), phrases.size(2)
+        place = torch.arange(L, device=tokens.device)  # (L,)
+        matched = phrases.gather(1, self.phrase.clamp(min=0).view(N, 1, 1).expand(N, 1, L))
+        source = self.matched.unsqueeze(1) - (L - 1) + place  # (N, L) its piece at each place
+        text = matched.squeeze(1).gather(1, source.clamp(0, L - 1))  # (N, L)
+        text = text.masked_fill((source < 0) | (self.phrase < 0).unsqueeze(1), -1)
+        text[:, -1] = tokens
+        # The last s + 1 places of text against a phrase's first s + 1 pieces (L, L) at once.
+        at = (L - 1 - place).unsqueeze(1) + place  # (L, L): for s, the place of piece t
+        valid = place <= place.unsqueeze(1)  # (L, L): t <= s
+        window = text[:, at.clamp(max=L - 1)]  # (N, L, L)
+        same = window.unsqueeze(1) == phrases.unsqueeze(2)  # (N, C, L, L)
+        return (same | ~valid).all(dim=3)
 
 
 def constrained_candidates(

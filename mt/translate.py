@@ -132,8 +132,8 @@ def encode_prefixes(
 def encode_constraints(
     path: Path, rows: Sequence[str], tokenizer: Tokenizer, limit: int
 ) -> list[list[list[int]]]:
-    """Target pieces of each line's tab-separated phrases (none for an empty line)."""
-    phrases = [row.split("\t") if row else [] for row in rows]
+    """Target pieces of each line's tab-separated phrases (none for a blank line)."""
+    phrases = [row.split("\t") if row.strip() else [] for row in rows]
     flat = iter(tokenizer.encode_tgt([text for line in phrases for text in line]))
     out = []
     for number, line in enumerate(phrases, start=1):

@@ -26,11 +26,13 @@ from mt.search import (
     block_width,
     contains,
     decode,
+    essential,
     greedy_search,
     length_penalty,
     max_lengths,
     output_limits,
     prefixes,
+    ranked,
     row_candidates,
     sample,
     step_logprobs,
@@ -667,6 +669,55 @@ def test_progress_follows_phrases_in_any_order() -> None:
         banks.append(int(progress.met_pieces(lengths)))
     assert banks == [1, 0, 1, 2, 2, 3, 3]
     assert progress.met.tolist() == [[True, True, True]] and progress.phrase.tolist() == [-1]
+
+
+def test_ranked_puts_a_nan_score_last() -> None:
+    hyps = [
+        Hypothesis([4], -3.0, -3.0),
+        Hypothesis([5], math.nan, math.nan),
+        Hypothesis([6], -1.0, -1.0),
+    ]
+    assert [h.tokens for h in ranked(hyps, 3)] == [[6], [4], [5]]
+    assert [h.tokens for h in ranked(hyps, 2)] == [[6], [4]]
+
+
+def met_after(tokens: list[int], *phrases: list[int]) -> list[list[bool]]:
+    """Which of `phrases` (one sentence's) the output `tokens` has met, by Progress."""
+    constraints = Constraints.of([phrases], torch.device("cpu"))
+    assert constraints is not None
+    progress = Progress.start(constraints.lengths)
+    for token in tokens:
+        progress = progress.after(torch.tensor([token]), constraints.phrases, constraints.lengths)
+    return progress.met.tolist()
+
+
+def test_progress_finds_phrases_that_overlap_or_repeat_their_start() -> None:
+    assert met_after([5, 5, 5, 6], [5, 5, 6]) == [[True]]  # a failed match keeps its end
+    assert met_after([5, 6, 5, 6, 7], [5, 6, 7]) == [[True]]
+    assert met_after([5, 5, 6], [5, 5, 5, 6]) == [[False]]
+    assert met_after([4, 5, 7], [4, 5, 6], [5, 7]) == [[False, True]]  # inside another's start
+    assert met_after([4, 5, 6], [4, 5], [5, 6]) == [[True, True]]  # New York Times
+    assert met_after([4, 5, 6], [5, 6], [4, 5]) == [[True, True]]
+    assert met_after([4, 6, 5], [4, 5], [5, 6]) == [[False, False]]
+    for tokens, phrases in [([8, 4, 4, 5, 9], [[4, 5]]), ([4, 5, 4, 5, 6], [[4, 5, 6], [5, 4]])]:
+        assert met_after(tokens, *phrases) == [[contains(tokens, p) for p in phrases]]
+
+
+def test_progress_meets_exactly_the_phrases_an_output_contains() -> None:
+    gen = torch.Generator().manual_seed(5)
+    draw = lambda n: torch.randint(4, 7, (n,), generator=gen).tolist()  # noqa: E731
+    rows = [[draw(int(torch.randint(1, 5, (1,), generator=gen))) for _ in range(3)]
+            for _ in range(300)]  # fmt: skip
+    outputs = torch.randint(4, 7, (300, 14), generator=gen)  # 3 pieces: many overlaps
+    constraints = Constraints.of(rows, torch.device("cpu"))
+    assert constraints is not None
+    progress = Progress.start(constraints.lengths)
+    for step in range(outputs.size(1)):
+        progress = progress.after(outputs[:, step], constraints.phrases, constraints.lengths)
+    for row, output, met in zip(rows, outputs.tolist(), progress.met.tolist(), strict=True):
+        kept = essential(row)
+        assert met[: len(kept)] == [contains(output, p) for p in kept], (row, output)
+        assert all(met[len(kept) :])  # empty slots
 
 
 def random_constraints(n: int, seed: int) -> list[list[list[int]]]:

@@ -432,7 +432,8 @@ def test_prefixes_and_constraints_steer_the_translations(loaded) -> None:
     config, tokenizer, model = loaded
     room = model.max_positions - 2
     prefixes = encode_prefixes(Path("p"), ["A cat", "", "The child sees", "A"], tokenizer, room)
-    phrases = encode_constraints(Path("c"), ["lake\tcar", "", "house", "dog"], tokenizer, room)
+    phrases = encode_constraints(Path("c"), ["lake\tcar", " \t", "house", "dog"], tokenizer, room)
+    assert phrases[1] == []  # a blank line asks for nothing, as an empty one does
     plain = Translator(tokenizer, model, config.decode, CPU).translate(STEER_LINES)
     steered = Translator(tokenizer, model, config.decode, CPU).translate(
         STEER_LINES, prefixes=prefixes, constraints=phrases
