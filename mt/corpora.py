@@ -38,7 +38,7 @@ TSV_HEADERS = (["source", "target"], ["src", "tgt"])  # and the two languages, e
 
 _HF_BATCH = 1000
 # Bumped if the fingerprint recipe changes, so old caches are not reused by mistake.
-_FINGERPRINT_VERSION = "mt-corpus-v1"
+_FINGERPRINT_VERSION = "mt-corpus-v2"  # v2: TSV headers (caches of v1 read them as data)
 
 
 @dataclass(frozen=True)
@@ -111,26 +111,33 @@ class TsvCorpus(Corpus):
 
     def pairs(self) -> Iterator[tuple[str, str]]:
         """Stream pairs; a line without exactly one tab is a DataError. A first line that
-        names the columns (`de<TAB>en` for de-en, or `source<TAB>target`) is a header: skipped."""
+        names the columns (`de<TAB>en` for de-en, or `source<TAB>target`) is a header: skipped.
+        A header naming the languages the other way round (`en<TAB>de` for de-en) says the
+        target comes first: each line is read that way."""
+        flip = False
         for number, line in enumerate(_corpus_lines(self.path), start=1):
             columns = line.split("\t")
-            if number == 1 and self._is_header(columns):
+            if number == 1 and (header := self._header(columns)) is not None:
+                flip = header
                 continue
             if len(columns) != 2:
                 raise DataError(
                     f"{self.path}: line {number} has {len(columns) - 1} tabs, "
                     "expected exactly 1 (source<TAB>target)"
                 )
-            yield columns[0], columns[1]
+            yield (columns[1], columns[0]) if flip else (columns[0], columns[1])
 
     def fingerprint(self) -> str:
         """Digest of the decompressed text."""
         return self._combine("tsv", [_text_digest(self.path)])
 
-    def _is_header(self, columns: list[str]) -> bool:
+    def _header(self, columns: list[str]) -> bool | None:
+        """For a header line, whether it puts the target first; None for a line of data."""
         names = [c.strip().lower() for c in columns]
-        headers = ([self.src_lang.lower(), self.tgt_lang.lower()], *TSV_HEADERS)
-        return names in headers
+        src, tgt = self.src_lang.lower(), self.tgt_lang.lower()
+        if names in ([src, tgt], *TSV_HEADERS):
+            return False
+        return True if names == [tgt, src] and src != tgt else None
 
     def describe(self) -> str:
         """The file's path."""

@@ -43,6 +43,7 @@ from mt.batching import (
 )
 from mt.bleu import DEFAULT_TOKENIZER, bleu_tokenizer
 from mt.config import CONFIG_FILE, Config, TrainConfig, diff, load_config, save_config
+from mt.corpora import Corpus
 from mt.data import CorpusMix, EncodedCorpus, write_data_stats
 from mt.device import (
     DTYPES,
@@ -737,9 +738,22 @@ def dev_sets(
     devs = {}
     for name, data in valid_data.items():
         corpus = corpora[name]
-        devs[name] = DevSet(data, corpus.targets(), max_len, bleu_tokenizer(corpus.tgt_lang))
+        references = dev_references(corpus, data)
+        devs[name] = DevSet(data, references, max_len, bleu_tokenizer(corpus.tgt_lang))
         report_long(data, max_len, split_label(config, "dev", name), "validation")
     return devs
+
+
+def dev_references(corpus: Corpus, data: EncodedCorpus) -> list[str]:
+    """The dev set's references, one per pair of its encoded copy: MtError where they differ
+    (a cache entry from code that read the file otherwise), not a failure at validation."""
+    references = corpus.targets()
+    if len(references) != len(data):
+        raise MtError(
+            f"{corpus.describe()}: {len(references):,} pairs, but its encoded copy in the cache "
+            f"({data.key}) has {len(data):,}: delete that entry of data.cache_dir and run again"
+        )
+    return references
 
 
 def report_long(data: EncodedCorpus, max_len: int, name: str, user: str) -> None:

@@ -195,9 +195,14 @@ def test_a_tsv_header_is_skipped(tmp_path: Path, header: str) -> None:
     assert list(open_corpus(str(path), "de", "en").pairs()) == pairs
 
 
-def test_a_first_line_naming_other_languages_is_data(tmp_path: Path) -> None:
-    path = _write(tmp_path / "c.tsv", ["de\ten", "A dog\tEin Hund"])
-    assert list(open_corpus(str(path), "en", "de").pairs()) == [("de", "en"), ("A dog", "Ein Hund")]
+def test_a_header_naming_the_target_first_reads_each_line_that_way(tmp_path: Path) -> None:
+    path = _write(tmp_path / "c.tsv", ["DE\ten", "Ein Hund\tA dog", "Eine Katze\tA cat"])
+    assert list(open_corpus(str(path), "en", "de").pairs()) == [
+        ("A dog", "Ein Hund"), ("A cat", "Eine Katze")
+    ]  # fmt: skip
+    assert list(open_corpus(str(path), "de", "en").pairs())[:1] == [("Ein Hund", "A dog")]
+    _write(path, ["de\tfr", "Ein Hund\tUn chien"])  # other languages: data
+    assert list(open_corpus(str(path), "en", "de").pairs())[:1] == [("de", "fr")]
 
 
 def test_tsv_bad_line(tmp_path: Path) -> None:

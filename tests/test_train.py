@@ -27,6 +27,7 @@ from mt import checkpoint as ckpt
 from mt.average import select_last
 from mt.cli import app as cli_app
 from mt.config import Config, load_config
+from mt.corpora import open_corpus
 from mt.device import describe_precision
 from mt.errors import ConfigError, MtError
 from mt.finish import finish
@@ -36,7 +37,7 @@ from mt.report import write_report
 from mt.rundir import model_checkpoint
 from mt.search import Hypothesis
 from mt.tokenizer import load_tokenizer
-from mt.train import TrainResult, TrainState, expected_end, train
+from mt.train import TrainResult, TrainState, dev_references, expected_end, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -1316,3 +1317,26 @@ def test_a_resume_point_saved_after_going_back_is_kept_until_a_later_save(
     # Its resume point (step 7) is below the run's later checkpoints, and stays with them.
     assert [c.step for c in ckpt.list_checkpoints(run)] == [5, 7, 10, 15, 20]
     assert ckpt.is_resume_point(ckpt.list_checkpoints(run)[1])
+
+
+class _Encoded:
+    """An encoded corpus as dev_references sees it: its cache key and its number of pairs."""
+
+    def __init__(self, pairs: int) -> None:
+        self.key, self.pairs = "0f3a", pairs
+
+    def __len__(self) -> int:
+        return self.pairs
+
+
+def test_a_dev_set_whose_cache_entry_disagrees_with_its_file_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "dev.tsv"
+    path.write_text("de\ten\nEin Hund\tA dog\nEine Katze\tA cat\n", encoding="utf-8")
+    corpus = open_corpus(str(path), "de", "en")
+    assert dev_references(corpus, _Encoded(2)) == ["A dog", "A cat"]  # type: ignore[arg-type]
+    with pytest.raises(MtError) as error:
+        dev_references(corpus, _Encoded(3))  # type: ignore[arg-type]
+    assert str(error.value) == (
+        f"{path}: 2 pairs, but its encoded copy in the cache (0f3a) has 3: delete that entry of "
+        "data.cache_dir and run again"
+    )
