@@ -412,6 +412,27 @@ def test_a_request_whose_attention_fails_leaves_its_batch_answered(
     assert [r.status_code for r in responses] == [200, 500, 200]
 
 
+def test_a_request_whose_decoding_fails_leaves_its_batch_answered(
+    make_served: Callable[..., Served], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = Translator.translate
+
+    def fail_on_house(self: Translator, lines: list[str], **kwargs: object) -> object:
+        if "das Haus ." in lines:
+            raise RuntimeError("out of memory (injected)")
+        return real(self, lines, **kwargs)
+
+    monkeypatch.setattr(Translator, "translate", fail_on_house)
+    served = make_served()
+    requests = [{"text": ["der Hund ."]}, {"text": ["das Haus ."]}, {"text": ["der Mann ."]}]
+    responses = queued_then_answered(served, requests)
+    assert served.batcher.stats.most_requests == 3  # one batch held all three
+    assert [r.status_code for r in responses] == [200, 500, 200]
+    b = served.batcher
+    alone = Translator(b.tokenizer, b.model, b.decode, b.device, b.precision)
+    assert responses[0].json()["translations"][0]["text"] == real(alone, ["der Hund ."])[0][0].text
+
+
 @pytest.mark.slow
 def test_concurrent_requests_get_mt_translates_answers_whatever_shares_their_batch(
     make_served: Callable[..., Served], trained_run: Path

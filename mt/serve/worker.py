@@ -260,9 +260,16 @@ class Batcher:
                 constraints=_per_line(jobs, [job.constraints for job in jobs]),
             )
         except Exception as exc:  # the worker must outlive a failed batch; its requests get 500
+            if len(jobs) > 1:  # one request may be the cause (out of memory): spare the others
+                log.warning(
+                    "decoding %d sentences of %d requests failed (%s): each request again, alone",
+                    len(lines), len(jobs), exc,
+                )  # fmt: skip
+                for job in jobs:
+                    self._decode([job], decode, tgt_lang)
+                return
             log.exception("decoding %d sentences failed", len(lines))
-            for job in jobs:
-                _answer(job, exc)
+            _answer(jobs[0], exc)
             return
         start = 0
         for job in jobs:
