@@ -617,6 +617,14 @@ MaxBeamOption = Annotated[
 MaxConstraintsOption = Annotated[
     int, typer.Option(min=1, help="Constraint phrases one sentence may ask for.")
 ]
+MaxAttentionOption = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        help="Attention weights one request may ask for (decoder layers x output limit x "
+        "source pieces, over its sentences).",
+    ),
+]
 MaxQueueOption = Annotated[
     int, typer.Option(min=1, help="Sentences waiting for the model; then 503.")
 ]
@@ -648,6 +656,7 @@ def serve_command(
     max_sentences: MaxSentencesOption = LIMITS.max_sentences,
     max_beam: MaxBeamOption = LIMITS.max_beam,
     max_constraints: MaxConstraintsOption = LIMITS.max_constraints,
+    max_attention_weights: MaxAttentionOption = LIMITS.max_attention_weights,
     max_queue: MaxQueueOption = LIMITS.max_queue,
     batch_wait_ms: BatchWaitOption = LIMITS.batch_wait_ms,
     max_tokens: MaxTokensOption = None,
@@ -671,6 +680,7 @@ def serve_command(
         max_sentences=max_sentences,
         max_beam=max_beam,
         max_constraints=max_constraints,
+        max_attention_weights=max_attention_weights,
         max_queue=max_queue,
         batch_wait_ms=batch_wait_ms,
         max_tokens=max_tokens,

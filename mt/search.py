@@ -138,8 +138,7 @@ def decode(
 
 def max_lengths(src: Tensor, a: float, b: int, limit: int) -> Tensor:
     """Per-sentence output length limits a * source length + b, capped at `limit`: (B,) long."""
-    src_len = (src != PAD_ID).sum(dim=1)  # (B,) real tokens, EOS included
-    return (a * src_len.float() + b).long().clamp(1, limit)
+    return limits_of((src != PAD_ID).sum(dim=1), a, b, limit)  # real tokens, EOS included
 
 
 def output_limits(
@@ -152,12 +151,17 @@ def output_limits(
     that a prefix or constraint longer than the usual limit still leaves room to go on and end;
     one that fits keeps the limit (an output given back as a prefix gives that output).
     """
-    cap = model.max_positions - 1
-    limit = max_lengths(src, config.max_len_a, config.max_len_b, cap)  # (B,)
+    src_len = (src != PAD_ID).sum(dim=1)  # (B,) real tokens, EOS included
+    return limits_of(src_len, config.max_len_a, config.max_len_b, model.max_positions - 1, forced)
+
+
+def limits_of(src_len: Tensor, a: float, b: int, cap: int, forced: Tensor | None = None) -> Tensor:
+    """`output_limits` (B,) of sources of `src_len` (B,) tokens, EOS included: a * src_len + b,
+    or the `forced` pieces, b more and EOS where those do not fit; at most `cap`."""
+    limit = (a * src_len.float() + b).long().clamp(1, cap)  # (B,)
     if forced is None:
         return limit
-    raised = torch.where(forced + 1 > limit, forced + config.max_len_b + 1, limit)
-    return raised.clamp(max=cap)
+    return torch.where(forced + 1 > limit, forced + b + 1, limit).clamp(max=cap)
 
 
 def forced_pieces(prefix: Tensor | None, constraints: Constraints | None) -> Tensor | None:

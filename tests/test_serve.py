@@ -180,6 +180,29 @@ def test_attention_is_what_mt_attention_plots(client: TestClient, trained_run: P
     assert "attention" not in blank
 
 
+def test_attention_is_refused_over_the_limit_on_its_weights(
+    make_served: Callable[..., Served], trained_run: Path
+) -> None:
+    config, tokenizer, _, _ = load_trained(trained_run, CPU)
+    text, prefix = ["der Hund läuft schnell .", "", "das Haus ."], ["", "", "The house"]
+    src = [len(ids) + 1 for ids in tokenizer.encode_src(text)]  # with EOS
+    limits = [int(config.decode.max_len_a * n + config.decode.max_len_b) for n in src]
+    assert len(tokenizer.encode_tgt([prefix[2]])[0]) + 1 <= limits[2]  # the prefix fits
+    weights = config.model.dec_layers * (limits[0] * src[0] + limits[2] * src[2])  # not the blank
+    with TestClient(create_app(make_served(max_attention_weights=weights))) as client:
+        body = {"text": text, "prefix": prefix, "attention": True}
+        assert post(client, body).status_code == 200
+        assert post(client, {**body, "attention": False}).status_code == 200
+    with TestClient(create_app(make_served(max_attention_weights=weights - 1))) as client:
+        assert post(client, {**body, "attention": False}).status_code == 200
+        response = post(client, body)
+        assert (response.status_code, response.json()) == (422, {"error": (
+            f"attention: up to {weights:,} weights for these sentences (decoder layers x output "
+            f"limit x source pieces), over this server's limit of {weights - 1:,}: ask for "
+            "fewer sentences"
+        )})  # fmt: skip
+
+
 def test_model_card_health_schema_and_page(client: TestClient, trained_run: Path) -> None:
     _, _, model, _ = load_trained(trained_run, CPU)
     card = client.get("/v1/model").json()

@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Annotated, Any
 
+import torch
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -30,6 +31,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mt.search import limits_of
 from mt.serve.limits import Limits
 from mt.serve.worker import Batcher, Job, Result, Unavailable
 from mt.tokenizer import Tokenizer
@@ -203,6 +205,8 @@ async def translate(body: TranslateRequest, request: Request, served: ServedDep)
     prefixes = None if body.prefix is None else _prefixes(body.prefix, len(lines), served, room)
     wanted = body.constraints
     constraints = None if wanted is None else _constraints(wanted, len(lines), served, room)
+    if body.attention:
+        _check_attention(ids, prefixes, constraints, served)
     try:
         job = served.batcher.submit(
             lines, ids, beam, nbest, body.attention, body.tgt_lang, prefixes, constraints
@@ -359,6 +363,33 @@ def _constraints(
             if problem := forced_problem(seq, room):
                 raise RequestError(f"constraints[{i}][{j}]", problem)
     return ids
+
+
+def _check_attention(
+    ids: list[list[int]],
+    prefixes: list[list[int]] | None,
+    constraints: list[list[list[int]]] | None,
+    served: Served,
+) -> None:
+    """RequestError where the request's attention could hold more weights than the limit:
+    decoder layers x output limit x source pieces (EOS included), over its sentences."""
+    model, decode = served.batcher.model, served.batcher.decode
+    src_len = torch.tensor([len(seq) + 1 for seq in ids])  # (B,)
+    forced = torch.tensor([
+        len(prefixes[i] if prefixes else []) + sum(map(len, constraints[i] if constraints else []))
+        for i in range(len(ids))
+    ])  # fmt: skip
+    cap = model.max_positions - 1
+    limits = limits_of(src_len, decode.max_len_a, decode.max_len_b, cap, forced)  # (B,)
+    blank = torch.tensor([not seq for seq in ids])  # not translated
+    weights = int((len(model.decoder) * limits * src_len).masked_fill(blank, 0).sum())
+    limit = served.limits.max_attention_weights
+    if weights > limit:
+        raise RequestError(
+            "attention",
+            f"up to {weights:,} weights for these sentences (decoder layers x output limit x "
+            f"source pieces), over this server's limit of {limit:,}: ask for fewer sentences",
+        )
 
 
 def _check_unicode(field: str, rows: list[str], single: bool = False) -> None:

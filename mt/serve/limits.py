@@ -21,6 +21,9 @@ class Limits:
     max_sentences: int = 64  # sentences in one request
     max_beam: int = 16  # the largest beam (and n-best) a request may ask for
     max_constraints: int = 16  # phrases one sentence may be constrained to contain
+    # Cross-attention weights one request may ask for (decoder layers x output limit x source
+    # pieces, summed over its sentences): each becomes a JSON number in the answer.
+    max_attention_weights: int = 2_000_000
     max_queue: int = 512  # sentences waiting for the model; beyond it, 503 with Retry-After
     batch_wait_ms: float = 20.0  # how long the worker gathers requests before it decodes
     max_tokens: int | None = None  # source tokens per decoding batch (None: the run's decode)
