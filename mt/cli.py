@@ -479,7 +479,10 @@ def evaluate_command(
         typer.Option(help="sacreBLEU's BLEU tokenizer: 13a, intl, zh, ja-mecab, char, ..."),
     ] = None,
     json_output: Annotated[
-        bool, typer.Option("--json", help="Print a JSON object instead of text.")
+        bool,
+        typer.Option(
+            "--json", help="Print JSON instead of text: the scores, or one record per direction."
+        ),
     ] = False,
     beam: BeamOption = None,
     alpha: AlphaOption = None,
@@ -643,7 +646,8 @@ def serve_command(
         ),
     ],
     host: Annotated[
-        str, typer.Option(help="Address to listen on; any other than 127.0.0.1 is public.")
+        str,
+        typer.Option(help="Address to listen on; any but 127.0.0.1, ::1 and localhost is public."),
     ] = "127.0.0.1",
     port: Annotated[
         int, typer.Option(min=0, max=65535, help="Port; 0 picks a free one (printed).")

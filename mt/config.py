@@ -381,7 +381,7 @@ class DecodeConfig:
     max_len_a: float = 1.2  # maximum output length = a * source length + b
     max_len_b: int = 10  # see max_len_a
     max_tokens: int = 8192  # token budget of decoding batches
-    nbest: int = 1  # hypotheses returned per sentence (at most beam)
+    nbest: int = 1  # hypotheses returned per sentence (at most beam, unless sampling)
     sampling: bool = False  # sample instead of searching (beam is then the number of samples)
     temperature: float = 1.0  # sampling temperature
     top_k: int = 0  # sample from the k most probable tokens (0 = all)

@@ -29,8 +29,7 @@ for direction in $DIRECTIONS; do
     echo "== $direction: training into $run =="
     "$MT" train --config "$config" run_dir="$run" data.train="$DATA/train" \
         data.valid="$DATA/val" data.test="$DATA/test_2016_flickr" "$@"
-    model=$run/checkpoints/average.safetensors
-    [ -f "$model" ] || model=$run  # the run's best checkpoint when averaging is off
+    model=$run  # the run's model: its best checkpoint, or its average where train.average_last
     gzip -dc "$DATA/test_2016_flickr.$src.gz" > "$run/test.$src"
     gzip -dc "$DATA/test_2016_flickr.$tgt.gz" > "$run/test.$tgt"
     "$MT" translate "$run/test.$src" --model "$model" --output "$run/test.out.$tgt"
