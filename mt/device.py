@@ -269,7 +269,10 @@ def resolve_precision(
         return PrecisionChoice(name, "asked")
     if device.type == "cuda":
         # Without emulation: before compute capability 8 (V100, T4), bf16 runs emulated, slowly.
-        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        # torch asks the current GPU: make it the one asked for (cuda:1 of mixed cards); -1 for
+        # plain "cuda" leaves the current one.
+        with torch.cuda.device(-1 if device.index is None else device.index):
+            bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
         return PrecisionChoice("bf16" if bf16 else "fp16", "cuda")
     if device.type != "cpu":
         return amx_rule(f"{device.type} devices are not timed")

@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -240,11 +240,12 @@ def main_first(world: World, device: torch.device, prepare: Callable[[], T]) -> 
     """Run `prepare` on rank 0, then on the others (which then find its files and caches).
 
     The others wait on the start-up group (`train.dist_startup_timeout`): preparing a large
-    corpus can take longer than the training group's timeout. If rank 0 fails, with any error
-    or stopped by a signal (the CLI's SystemExit), it tells them before raising, so that they
-    stop at once instead of waiting that long: with NCCL a rank that died is not noticed before
-    the timeout, and a job whose ranks wait out its notice is not requeued. `device` must suit
-    the backend (CUDA tensors for NCCL).
+    corpus can take longer than the training group's timeout; then rank 0 waits for them (they
+    load what it wrote). A rank that fails in either turn, with any error or stopped by a signal
+    (the CLI's SystemExit), tells the others before raising, so that they stop at once instead
+    of waiting that long: with NCCL a rank that died is not noticed before the timeout, and a
+    job whose ranks wait out its notice is not requeued. `device` must suit the backend (CUDA
+    tensors for NCCL).
     """
     if not world.distributed:
         return prepare()
@@ -252,7 +253,10 @@ def main_first(world: World, device: torch.device, prepare: Callable[[], T]) -> 
     with together(world, device, "preparing the run"):
         if world.is_main:
             result = prepare()
-    return result if world.is_main else prepare()
+    with together(world, device, "loading the prepared run"):
+        if not world.is_main:
+            result = prepare()
+    return cast(T, result)
 
 
 def broadcast_parameters(world: World, model: nn.Module) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import subprocess
 import sys
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -117,6 +119,28 @@ def test_auto_on_cuda_is_bf16_only_with_bf16_units(
     assert choice.describe() == (
         f"{expected} (auto on CUDA: bf16 where the GPU has bf16 units, else fp16)"
     )
+
+
+def test_auto_on_cuda_asks_the_gpu_it_runs_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    current = [0]  # torch's current GPU: 0 a V100 (emulated bf16), 1 an A100
+
+    @contextlib.contextmanager
+    def on(index: int) -> Iterator[None]:  # torch.cuda.device: -1 changes nothing
+        before = current[0]
+        current[0] = before if index < 0 else index
+        yield
+        current[0] = before
+
+    monkeypatch.setattr(torch.cuda, "device", on)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: (
+        current[0] == 1 or including_emulation
+    ))  # fmt: skip
+    chosen = {
+        name: device.resolve_precision("auto", torch.device(name)).precision
+        for name in ("cuda:1", "cuda:0", "cuda")
+    }
+    assert chosen == {"cuda:1": "bf16", "cuda:0": "fp16", "cuda": "fp16"}
+    assert current == [0]
 
 
 class FakeMatmul:

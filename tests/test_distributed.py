@@ -280,27 +280,29 @@ def test_ranks_that_would_start_from_different_steps_stop(tmp_path: Path) -> Non
 # error that is not an MtError, or is stopped as the CLI stops it on SIGTERM or SIGUSR1
 # (SystemExit). Rank 0 then stays alive until its stdin closes, as a rank whose death NCCL
 # would not notice before the start-up timeout.
-RANK0_FAILS = """
+ONE_RANK_FAILS = """
 import os, sys
 from mt import distributed
 from mt.errors import MtError
 
 world, device = distributed.setup("cpu", 20, 600)
+failing = world.rank == int(os.environ["FAILING"])
 
 def prepare():
-    if world.is_main and os.environ["FAILURE"] == "signal":
+    if failing and os.environ["FAILURE"] == "signal":
         raise SystemExit(138)  # mt.cli's handler of SIGUSR1, outside the training loop
-    if world.is_main:
+    if failing:
         raise RuntimeError("the corpus is on fire")
     return "prepared"
 
 try:
     distributed.main_first(world, device, prepare)
+    distributed.all_reduce(world, [0.0], device, startup=True)  # as the run's next step
 except MtError as exc:
     sys.exit(f"error: {exc}")
 except (RuntimeError, SystemExit) as exc:
-    print(f"rank 0: {exc}", file=sys.stderr, flush=True)
-    sys.stdin.read()
+    print(f"rank {world.rank}: {exc}", file=sys.stderr, flush=True)
+    sys.stdin.read()  # alive, as a rank that NCCL would not notice dead
     sys.exit(1)
 finally:
     distributed.teardown(world)  # as `train` does: exiting with the groups alive may abort
@@ -309,27 +311,33 @@ finally:
 
 @pytest.mark.slow  # starts two Python ranks
 @pytest.mark.parametrize("failure", ["error", "signal"])
-def test_a_failure_of_rank_0_while_preparing_stops_the_others_at_once(failure: str) -> None:
+@pytest.mark.parametrize(
+    ("failing", "doing"), [(0, "preparing the run"), (1, "loading the prepared run")]
+)
+def test_a_failure_of_one_rank_while_preparing_stops_the_other_at_once(
+    failure: str, failing: int, doing: str
+) -> None:
     port = str(free_port())
 
     def rank(r: int) -> subprocess.Popen:
         env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1",
-               "FAILURE": failure}  # fmt: skip
+               "FAILURE": failure, "FAILING": str(failing)}  # fmt: skip
         pipes = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        return subprocess.Popen([sys.executable, "-c", RANK0_FAILS], cwd=ROOT, env=env, **pipes)
+        return subprocess.Popen([sys.executable, "-c", ONE_RANK_FAILS], cwd=ROOT, env=env, **pipes)
 
     procs = [rank(0), rank(1)]
+    other = 1 - failing
     try:
-        _, err = procs[1].communicate(timeout=120)  # far below the start-up timeout, 600 s
+        _, err = procs[other].communicate(timeout=120)  # far below the start-up timeout, 600 s
     finally:
-        _, err0 = procs[0].communicate(timeout=60)  # closes rank 0's stdin: it exits
-    assert procs[1].returncode == 1
+        _, err_failing = procs[failing].communicate(timeout=60)  # closes its stdin: it exits
+    assert procs[other].returncode == 1
     assert err.decode().splitlines() == [
-        "error: rank 1: another rank failed while preparing the run (see its error)"
+        f"error: rank {other}: another rank failed while {doing} (see its error)"
     ]
     expected = "138" if failure == "signal" else "the corpus is on fire"
-    assert f"rank 0: {expected}" in err0.decode()
+    assert f"rank {failing}: {expected}" in err_failing.decode()
 
 
 def test_setup_makes_nccl_errors_raise_before_creating_process_groups(
