@@ -318,7 +318,7 @@ def optimizer_step(
         state.cooldown_start, state.cooldown_steps = state.step, cooldown
         sync_cooldown(learner, state)
     learner.scheduler.step()  # the lr of the next update
-    update_ema(learner, state.step)
+    update_ema(learner, state.step - state.clock_step)  # warmed up over this run's own updates
     return True
 
 
@@ -336,15 +336,16 @@ def cooldown_due(tc: TrainConfig, state: TrainState, seconds: float) -> int:
     """Updates of the cool-down if it begins after the update being applied; 0 if not yet.
 
     It begins after (1 - train.cooldown) of the steps, or of the minutes where train.max_minutes
-    is set, whichever comes first. On time, its length is the number of updates the minutes
-    left will hold at the run's rate so far (validations included): the same schedule on every
-    CPU, each cooling down over the updates it can make.
+    is set, whichever comes first: this run's own, from the step it started at (another run's,
+    with --resume). On time, its length is the number of updates the minutes left will hold at
+    the run's rate so far (validations included): the same schedule on every CPU, each cooling
+    down over the updates it can make.
     """
     step = state.step + 1
     if not tc.cooldown or state.cooldown_steps or step >= tc.max_steps:
         return 0
     due = []
-    if step >= tc.max_steps - math.floor(tc.cooldown * tc.max_steps):
+    if step >= tc.max_steps - math.floor(tc.cooldown * (tc.max_steps - state.clock_step)):
         due.append(tc.max_steps - step)
     budget = 60 * tc.max_minutes
     if budget and seconds >= (1 - tc.cooldown) * budget:
@@ -380,7 +381,7 @@ def ema_decay_at(decay: float, step: int) -> float:
 
 @torch.no_grad()
 def update_ema(learner: Learner, step: int) -> None:
-    """Move the EMA of the weights towards the weights after update `step`."""
+    """Move the EMA of the weights towards the weights after the run's update `step`."""
     if learner.ema is None:
         return
     weight = 1.0 - ema_decay_at(learner.ema_decay, step)

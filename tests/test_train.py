@@ -946,6 +946,39 @@ def test_the_weights_file_holds_the_ema_of_the_weights(
     assert identical(raw_weights(run), after[-1])
 
 
+def test_a_run_from_another_runs_checkpoint_warms_its_ema_up_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parent, child = tmp_path / "parent", tmp_path / "child"
+    train(tiny(parent, "train.max_steps=6", "train.ema_decay=0.9", "train.valid_every=6"))
+    after: list[dict[str, torch.Tensor]] = []  # the trained weights after each of child's updates
+    real = train_module.optimizer_step
+
+    def recording_step(learner, state, min_loss_scale, cooldown=0):
+        stepped = real(learner, state, min_loss_scale, cooldown)
+        after.append({k: v.clone() for k, v in learner.model.state_dict().items()})
+        return stepped
+
+    monkeypatch.setattr(train_module, "optimizer_step", recording_step)
+    config = tiny(child, "train.max_steps=10", "train.ema_decay=0.9", "train.valid_every=10")
+    train(config, resume=parent / "checkpoints" / "step-00000006.safetensors")
+    assert len(after) == 4  # updates 7-10, the child's own 1-4
+    for name, tensor in weights(child).items():
+        expected = weights(parent)[name]  # the parent's model, its EMA
+        for step, current in enumerate(after, start=1):
+            decay = min(0.9, (1 + step) / (10 + step))  # 2/11, 3/12, ...: the child's own
+            expected = decay * expected + (1 - decay) * current[name]
+        torch.testing.assert_close(tensor, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_run_from_another_runs_checkpoint_cools_down_over_its_own_steps() -> None:
+    steps = load_config(TINY, ["train.max_steps=55000", "train.cooldown=0.2"]).train
+    due = train_module.cooldown_due
+    assert due(steps, TrainState(step=50000, clock_step=50000), 0.0) == 0
+    assert due(steps, TrainState(step=53998, clock_step=50000), 0.0) == 0
+    assert due(steps, TrainState(step=53999, clock_step=50000), 0.0) == 1000  # its last fifth
+
+
 @pytest.mark.slow
 def test_validation_leaves_blank_dev_sources_untranslated_as_mt_translate_does(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
