@@ -283,9 +283,8 @@ def evaluate(
     sources = refs = None
     if src is not None and ref is not None:
         sources, refs = list(read_lines(src)), list(read_lines(ref))
-        check_aligned(
-            sources, refs, input_name(src), input_name(ref)
-        )  # before spending time translating
+        # Before spending time translating.
+        check_aligned(sources, refs, input_name(src), input_name(ref))
     hyps, test_refs, into = model_translations(
         model, sources, device, precision, weights, quantization=quantization, **overrides
     )
