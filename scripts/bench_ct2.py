@@ -4,19 +4,19 @@
     .venv/bin/python scripts/bench_ct2.py --run runs/multi30k-de-en --write docs/benchmarks.md
     .venv/bin/python scripts/bench_ct2.py --smoke                       # seconds, for tests
 
-Every system decodes Multi30k's test_2016_flickr (German → English, 1,000 sentences) with beam 5 on
-the same threads: mt with `mt.translate.Translator.translate` in fp32 (its linear layers packed, as
-`mt translate` runs them, and unpacked), with its int8 weights (`mt translate --quantize int8`,
-mt.quantize) and in bf16 where `--precision auto` (mt translate's default) picks it on this CPU,
-each in a child process of its own set up as `mt translate` sets up (`mt_worker`), and CTranslate2
-exported from the same weights by `mt.export.ct2.save_ct2`, in this process, run by
+Every system decodes Multi30k's test_2016_flickr (1,000 sentences, in the run's direction) with
+beam 5 on the same threads: mt with `mt.translate.Translator.translate` in fp32 (its linear layers
+packed, as `mt translate` runs them, and unpacked), with its int8 weights (`mt translate --quantize
+int8`, mt.quantize) and in bf16 where `--precision auto` (mt translate's default) picks it on this
+CPU, each in a child process of its own set up as `mt translate` sets up (`mt_worker`), and
+CTranslate2 exported from the same weights by `mt.export.ct2.save_ct2`, in this process, run by
 `mt.export.ct2_search.translate_ct2` (batches of one source length, mt's length limits and a fitted
-length penalty; see mt/export/ct2_search.py) and by its own search. Times include tokenising and
-detokenising; each figure is the median of --repeats passes after an untimed one, the passes going
-round all systems in turn. This process applies mt's CPU malloc setting, as `mt translate` does;
-CTranslate2 at its best batching runs once more in a child process without torch
-(scripts/ct2_worker.py), with glibc's default malloc and its own OpenMP runtime, as CTranslate2's
-users run it, with one worker and with two.
+length penalty; see mt/export/ct2_search.py) and by its own search. Times include tokenising (and
+mt's detokenising: CTranslate2's ids are detokenised after the clock stops); each figure is the
+median of --repeats passes after an untimed one, the passes going round all systems in turn. This
+process applies mt's CPU malloc setting, as `mt translate` does; CTranslate2 at its best batching
+runs once more in a child process without torch (scripts/ct2_worker.py), with glibc's default
+malloc and its own OpenMP runtime, as CTranslate2's users run it, with one worker and with two.
 """
 
 from __future__ import annotations
@@ -99,14 +99,22 @@ def smoke_run(workdir: Path) -> Path:
     return run
 
 
+READY = "ready"  # an mt worker's first line: set up, packing calibrated
+
+
 def mt_process(run: str, variant: str, threads: int, **overrides: Any) -> Child:
     """mt decoding in a child process of its own (`mt_worker`): ids per line.
 
     Not in this process: CTranslate2 calls OpenMP through the same runtime as torch once both
     are loaded, and a CTranslate2 Translator sets the calling thread's OpenMP threads to its
     own `intra_threads` (1 for the two-worker rows), which torch's operators then use.
+    Returns once the child is set up: its packing times BLAS against packed products
+    (mt.packing.calibrate), which other start-up work on the cores would skew.
     """
-    return Child([__file__, "--mt-worker", json.dumps([run, variant, threads, overrides])])
+    child = Child([__file__, "--mt-worker", json.dumps([run, variant, threads, overrides])])
+    if child.answer() != READY:
+        raise MtError(f"the mt worker for {variant} did not start")
+    return child
 
 
 def mt_decoder(
@@ -198,11 +206,15 @@ class Child:
         )
 
     def __call__(self, request: Any) -> Any:
-        stdin, stdout = self.process.stdin, self.process.stdout
-        assert stdin is not None and stdout is not None
-        stdin.write(json.dumps(request) + "\n")
-        stdin.flush()
-        answer = stdout.readline()
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        return self.answer()
+
+    def answer(self) -> Any:
+        """The child's next JSON line."""
+        assert self.process.stdout is not None
+        answer = self.process.stdout.readline()
         if not answer:
             raise MtError(f"the child {self.args[0]} exited ({self.process.wait()})")
         return json.loads(answer)
@@ -232,6 +244,7 @@ def mt_worker(spec: str) -> None:
     elif variant != "plain":
         model = pack(model, cpu, precision)
     decoder = mt_decoder(model, tokenizer, decode_settings(config, **overrides), precision)
+    print(json.dumps(READY), flush=True)
     for line in sys.stdin:
         print(json.dumps(decoder(json.loads(line))), flush=True)
 
@@ -263,8 +276,9 @@ def bench(
     """
     data = find_data(args.data)
     n = args.sentences or None
-    sources = list(read_lines(data / f"{TEST_PREFIX}.de.gz"))[:n]
-    references = list(read_lines(data / f"{TEST_PREFIX}.en.gz"))[:n]
+    src, tgt = config.data.src_lang, config.data.tgt_lang  # the run's direction
+    sources = list(read_lines(data / f"{TEST_PREFIX}.{src}.gz"))[:n]
+    references = list(read_lines(data / f"{TEST_PREFIX}.{tgt}.gz"))[:n]
     decode = decode_settings(config, beam=args.beam, nbest=1)
     limit = model.max_positions
     settings = {"beam": args.beam, "nbest": 1}
@@ -376,7 +390,9 @@ def report(args: argparse.Namespace, weights: Path, res: dict[str, Any]) -> str:
         f"Weights: {weights}. {n:,} sentences of {TEST_PREFIX}, beam {d.beam}, limit "
         f"{d.max_len_a} x source length + {d.max_len_b}, {d.length_penalty} length penalty "
         f"(alpha {d.alpha}); median of {args.repeats} passes in one process after an untimed "
-        "one, each pass going round all systems in turn, tokenising and detokenising included. "
+        "one, each pass going round all systems in turn, tokenising included (and for mt, whose "
+        "search returns text, detokenising; CTranslate2 returns ids, detokenised after the "
+        "clock stops). "
         "mt: `mt.translate.Translator.translate` in a child process per row, set up as `mt "
         "translate` sets up (CTranslate2, loaded here, would share torch's OpenMP runtime and "
         "set its thread count), fp32, "
@@ -421,7 +437,8 @@ def fixed_rows(systems: dict[str, dict[str, Any]], length: int, n: int) -> list[
         f"Fixed-length protocol (`--fixed-length {length}`): the same sentences and beam, every "
         f"system made to output exactly {length} pieces per sentence (mt: `min_len` {length} "
         f"and a limit of {length} pieces before EOS; CTranslate2: min and max decoding length "
-        f"{length}), so no system gains by ending sentences early; BLEU means nothing here. "
+        f"{length}; mt makes one decoder step more, scoring the end token after the last "
+        "piece), so no system gains by ending sentences early; BLEU means nothing here. "
         "CTranslate2 at mt's batching (one batch per source length) and at its best "
         "(4,096-token batches), also in a process of its own without torch, with one worker "
         "and with two (inter_threads=2).",

@@ -40,13 +40,14 @@ SYSTEMS = {
     "configs/demo.yaml": ("configs/demo.yaml", []),
     "configs/multi30k.yaml, warm-up 200, lr 2e-3 (the demo before)": (
         "configs/multi30k.yaml",
-        # The recipe as it was then: dropout 0.3, no cool-down.
+        # The recipe as it was then: dropout 0.3, no cool-down, no EMA.
         [
             "train.warmup_steps=200",
             "train.lr=2e-3",
             "train.valid_every=100",
             "model.dropout=0.3",
             "train.cooldown=0",
+            "train.ema_decay=0",
         ],
     ),
 }

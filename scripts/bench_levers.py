@@ -42,7 +42,9 @@ from bench_multilingual import (  # noqa: E402
     train_run,
 )
 
+from mt.config import diff  # noqa: E402
 from mt.metrics import read_metrics  # noqa: E402
+from mt.rundir import load_run_config  # noqa: E402
 
 SECTION = "## Recipe levers at a fixed number of updates (Multi30k)"
 BASELINE = "recipe"  # the name of the unchanged run
@@ -95,6 +97,38 @@ def bench(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     if args.baseline:
         runs = {BASELINE: run_record(Path(args.baseline), args.steps, []), **runs}
     return runs
+
+
+# Settings that do not change the updates (where and how often a run logs, validates, keeps).
+UNCOMPARED = {
+    f"train.{key}"
+    for key in ("keep_last", "log_every", "valid_every", "valid_max_tokens", "report",
+                "average_last", "device", "dist_timeout", "dist_startup_timeout")
+}  # fmt: skip
+
+
+def check_baseline(args: argparse.Namespace) -> None:
+    """SystemExit unless --baseline trained what the variants change: the recipe, with --set.
+
+    With a cool-down, also to --steps updates and no minutes (its lr falls over the last share
+    of the run: a longer run's is still high at --steps).
+    """
+    fixed = [f"train.max_steps={args.steps}", "train.max_minutes=0"]
+    run = Path(args.baseline)
+    ours = run_config(BILINGUAL_CONFIG, run, args.data, [*args.overrides, *fixed])
+    ignored = UNCOMPARED | (
+        set() if ours.train.cooldown else {"train.max_steps", "train.max_minutes"}
+    )
+    changed = [
+        line
+        for line in diff(load_run_config(run), ours, ("model", "tokenizer", "train"))
+        if line.split(":")[0] not in ignored
+    ]
+    if changed:
+        raise SystemExit(
+            f"bench_levers: --baseline {run} did not train the recipe the variants change "
+            f"({'; '.join(changed)}); leave --baseline out to train it here"
+        )
 
 
 def rows(runs: dict[str, dict[str, Any]]) -> list[str]:
@@ -186,6 +220,8 @@ def main() -> None:
     set_up(args)
     if args.smoke:
         args.steps = 10  # the smoke overrides' max_steps
+    if args.baseline:
+        check_baseline(args)
     publish(report(args, bench(args)), args.write, SECTION)
 
 

@@ -31,6 +31,7 @@ from mt.bleu import bleu_tokenizer
 from mt.evaluate import model_translations, score
 from mt.metrics import read_metrics
 from mt.rundir import load_run_config, open_split
+from mt.translate import resolve_runtime
 
 
 def train(args: argparse.Namespace, decay: str, run: Path, extra: list[str]) -> None:
@@ -98,6 +99,9 @@ def main() -> None:
     else:
         parser.error("give --config and --run to train, or --existing RUN")
     first = next(iter(runs.values()))
+    # One choice for every decode: `auto` times fp32 against bf16, and two timings on a busy
+    # machine may disagree, which would decode the trained and the EMA weights differently.
+    _, args.precision = resolve_runtime(args.device, args.precision, first)
     rows = ["| updates | weights | dev BLEU | test BLEU |", "|---:|---|---:|---:|"]
     for step in args.steps:
         models = {"trained": trained_weights(first, step)}

@@ -52,7 +52,7 @@ from bench_ct2 import (  # noqa: E402
 
 from mt.corpora import read_lines  # noqa: E402
 from mt.errors import MtError  # noqa: E402
-from mt.rundir import load_trained  # noqa: E402
+from mt.rundir import load_run_config, load_trained  # noqa: E402
 from mt.translate import encode_sources  # noqa: E402
 
 SECTION = "### Where a decoding pass goes: mt and CTranslate2 sampled by perf"
@@ -253,7 +253,9 @@ def main() -> None:
     run = Path(args.run) if args.run else smoke_run(workdir) if args.smoke else None
     if run is None:
         parser.error("--run is required (or --smoke)")
-    source = TINY_DATA / "valid.de" if args.smoke else find_data(args.data) / f"{TEST_PREFIX}.de.gz"
+    src = load_run_config(run).data.src_lang  # the run's source language
+    test = f"{TEST_PREFIX}.{src}.gz"
+    source = TINY_DATA / "valid.de" if args.smoke else find_data(args.data) / test
     sources = list(read_lines(source))[: args.sentences or (16 if args.smoke else None)]
     try:
         profiles = profile(run, sources, args.threads, args.beam, workdir, args.fixed_length)

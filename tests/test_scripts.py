@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from mt.config import DataConfig, ModelConfig
+from mt.config import DataConfig, ModelConfig, load_config, save_config
 from mt.corpora import open_corpus
 from mt.data import encode_corpus
 from mt.metrics import read_metrics
@@ -370,6 +370,31 @@ def test_bench_levers_refuses_a_variant_named_like_the_baseline(
     assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert err.splitlines()[-1].endswith("error: --variant names must be unique and not 'recipe'")
+
+
+def test_bench_levers_refuses_a_baseline_of_another_recipe(tmp_path: Path) -> None:
+    levers = load_script("bench_levers")
+    recipe = ROOT / "configs" / "multi30k.yaml"
+    args = argparse.Namespace(baseline=str(tmp_path), steps=1200, data=tmp_path, overrides=[])
+
+    def baseline(*overrides: str) -> None:
+        save_config(
+            load_config(recipe, [f"run_dir={tmp_path}", *overrides]), tmp_path / "config.yaml"
+        )
+
+    baseline("train.max_steps=1200", "train.max_minutes=0", "train.keep_last=30")
+    levers.check_baseline(args)  # the recipe to the same updates: kept only more checkpoints
+    baseline("train.max_minutes=58")  # the hour recipe: its cool-down is at its own end
+    with pytest.raises(SystemExit) as stopped:
+        levers.check_baseline(args)
+    assert str(stopped.value) == (
+        f"bench_levers: --baseline {tmp_path} did not train the recipe the variants change "
+        "(train.max_steps: 100000 -> 1200; train.max_minutes: 58.0 -> 0.0); leave --baseline out "
+        "to train it here"
+    )
+    args.overrides = ["train.cooldown=0"]  # no cool-down: where a run ends does not matter
+    baseline("train.max_minutes=58", "train.cooldown=0")
+    levers.check_baseline(args)
 
 
 @pytest.mark.slow
