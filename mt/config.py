@@ -23,6 +23,8 @@ import yaml
 from mt.errors import ConfigError
 from mt.files import atomic_write_bytes
 
+DEVICE_NAMES = r"auto|cpu|cuda(:\d+)?"  # train.device and --device: the devices mt runs on
+
 CONFIG_FILE = "config.yaml"  # the resolved config inside a run directory
 LengthPenalty = Literal["gnmt", "average", "none"]
 LENGTH_PENALTIES = typing.get_args(LengthPenalty)
@@ -359,7 +361,7 @@ class TrainConfig:
             f"train.label_smoothing={self.label_smoothing} must be in [0, 1)",
         )
         _check(
-            re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+            re.fullmatch(DEVICE_NAMES, self.device) is not None,
             "train.device",
             f"train.device={self.device!r} must be auto, cpu, cuda or cuda:N",
         )

@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -20,13 +21,17 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from mt.config import DEVICE_NAMES
 from mt.errors import ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when present; an unavailable CUDA device is a config error."""
+    """`auto` picks CUDA when present; another name than DEVICE_NAMES, or an unavailable CUDA
+    device, is a config error."""
+    if re.fullmatch(DEVICE_NAMES, name) is None:  # torch knows mps, meta, ...: mt runs on none
+        raise ConfigError(f"train.device={name}: expected auto, cpu, cuda or cuda:N")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)

@@ -24,7 +24,7 @@ from mt.files import atomic_write_bytes
 from mt.metrics import may_be_best, read_metrics, record_directions, selected_bleu
 from mt.model import Transformer, count_parameters
 from mt.plot import plot_curves
-from mt.rundir import load_run_config, model_checkpoint
+from mt.rundir import check_writable, load_run_config, model_checkpoint
 
 log = logging.getLogger("mt")
 
@@ -221,6 +221,7 @@ def write_report(
     """Write RUN/report.md and RUN/curves.png; with `test`, score the test set if it has one."""
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
+    check_writable(run_dir, "RUN")  # before translating the test set, not after
     lines = [f"# Run report: `{run_dir}`", ""]
     lines += _model_section(config, run_dir)
     lines += _data_section(run_dir, config)

@@ -22,6 +22,7 @@ from mt.checkpoint import (
     CHECKPOINT_DIR,
     Checkpoint,
     averaged_steps,
+    checkpoint_dir,
     load_weights,
     resolve_checkpoint,
     weights_checkpoints,
@@ -150,6 +151,8 @@ def open_run(config: Config, splits: Sequence[str]) -> dict[str, dict[str, Corpu
             for direction, corpus in found.items():
                 check_readable(corpus, split_label(config, which, direction))
     check_writable(run_path(config), "run_dir", create=True)
+    if (checkpoints := checkpoint_dir(run_path(config))).exists():  # a resumed run saves there
+        check_writable(checkpoints, "run_dir")
     check_writable(cache_dir(config), "data.cache_dir" if config.data.cache_dir else "run_dir")
     return corpora
 

@@ -222,7 +222,10 @@ def _load_model(path: Path) -> spm.SentencePieceProcessor:
     """Load one model file and check that it uses the project's special ids."""
     try:
         # From bytes: SentencePiece takes only UTF-8 file names, and a path need not be one.
-        model = spm.SentencePieceProcessor(model_proto=path.read_bytes())
+        proto = path.read_bytes()
+        if not proto:  # SentencePiece loads nothing from no bytes, and says nothing
+            raise RuntimeError("an empty file")
+        model = spm.SentencePieceProcessor(model_proto=proto)
     except (OSError, RuntimeError) as exc:
         raise DataError(f"{path}: not a SentencePiece model ({first_line(exc)})") from None
     ids = (model.pad_id(), model.unk_id(), model.bos_id(), model.eos_id())

@@ -269,8 +269,6 @@ def resolve_runtime(
         dev = resolve_device(device)
     except ConfigError as exc:  # it names train.device, not the option the user gave
         raise MtError(f"--device {device}: {str(exc).rsplit(': ', 1)[-1]}") from None
-    except RuntimeError:  # torch's parse error for names like "gpu"
-        raise MtError(f"--device {device}: expected auto, cpu, cuda or cuda:N") from None
     if precision == "fp16" and dev.type != "cuda":
         raise MtError(f"--precision fp16 needs a CUDA device, not {dev}")
     check_quantization(quantization, dev, precision)

@@ -8,6 +8,7 @@ import math
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -306,6 +307,21 @@ def test_a_cuda_device_the_machine_lacks_is_a_config_error(monkeypatch: pytest.M
     assert (
         str(err.value) == "train.device=cuda:7: this machine has 2 CUDA device(s), cuda:0 to cuda:1"
     )
+
+
+@pytest.mark.parametrize("name", ["mps", "mps:0", "meta", "xpu", "gpu", "CPU"])
+def test_a_device_mt_does_not_run_on_is_one_line_before_any_work(
+    name: str, trained_run: Path
+) -> None:
+    from mt.errors import ConfigError, MtError
+    from mt.translate import resolve_runtime
+
+    with pytest.raises(ConfigError) as err:
+        device.resolve_device(name)
+    assert str(err.value) == f"train.device={name}: expected auto, cpu, cuda or cuda:N"
+    with pytest.raises(MtError) as err:
+        resolve_runtime(name, "auto", trained_run)
+    assert str(err.value) == f"--device {name}: expected auto, cpu, cuda or cuda:N"
 
 
 def test_memory_of_a_cpu_is_the_machines() -> None:

@@ -26,6 +26,7 @@ from helpers.waiting import SAFETY_NET_S
 from sacrebleu.metrics import BLEU
 from typer.testing import CliRunner
 
+from mt import export as export_module
 from mt.cli import app, main
 from mt.config import Config, DecodeConfig, load_config
 from mt.errors import MtError
@@ -441,6 +442,7 @@ def test_missing_ctranslate2_prints_the_install_hint(
     trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
     monkeypatch.setitem(sys.modules, "ctranslate2", None)  # `import ctranslate2` now fails
+    monkeypatch.setattr(export_module, "load_trained", None)  # refused before the model loads
     out = tmp_path / "ct2"
     assert run_main(monkeypatch, "export", "-f", "ct2", str(trained_run), str(out)) == 1
     assert capsys.readouterr().err == (

@@ -14,7 +14,8 @@ from helpers.corpus import MULTI_DIRECTIONS, multi_config
 from PIL import Image
 from typer.testing import CliRunner
 
-from mt import plot
+from mt import plot, rundir
+from mt import report as report_module
 from mt.cli import app
 from mt.config import load_config, save_config
 from mt.corpora import open_corpus
@@ -160,6 +161,24 @@ def test_a_report_names_the_direction_of_a_signature_it_does_not_share(tmp_path:
         f"- TER: `{latin['ter'].signature}`",
     ]
     assert "tok:zh" in signatures[1] and "tok:13a" in signatures[0]
+
+
+def test_a_report_of_a_run_it_cannot_write_into_stops_before_translating(
+    trained_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def read_only(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    def translating(*args: object, **kwargs: object) -> None:
+        raise AssertionError("translated the test set first")
+
+    monkeypatch.setattr(rundir.tempfile, "TemporaryFile", read_only)  # the write probe
+    monkeypatch.setattr(report_module, "translate_test_sets", translating)
+    with pytest.raises(MtError) as err:
+        write_report(trained_run, device="cpu", precision="fp32")
+    assert str(err.value) == (
+        f"RUN {trained_run}: cannot write files in {trained_run} (Permission denied)"
+    )
 
 
 @pytest.fixture

@@ -260,6 +260,10 @@ def test_load_without_model_is_a_data_error(tmp_path: Path) -> None:
     (tmp_path / "spm.model").write_bytes(b"not a model")
     with pytest.raises(DataError, match="not a SentencePiece model"):
         load_tokenizer(tmp_path)
+    (tmp_path / "spm.model").write_bytes(b"")  # a copy cut short
+    with pytest.raises(DataError) as err:
+        load_tokenizer(tmp_path)
+    assert str(err.value) == f"{tmp_path / 'spm.model'}: not a SentencePiece model (an empty file)"
 
 
 def test_unk_rate_with_and_without_byte_fallback(

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sacrebleu
@@ -24,6 +25,7 @@ from typer.testing import CliRunner
 
 import mt.train as train_module
 from mt import checkpoint as ckpt
+from mt import rundir as rundir_module
 from mt.average import select_last
 from mt.cli import app as cli_app
 from mt.config import Config, load_config
@@ -1373,3 +1375,24 @@ def test_a_dev_set_whose_cache_entry_disagrees_with_its_file_is_one_line(tmp_pat
         f"{path}: 2 pairs, but its encoded copy in the cache (0f3a) has 3: delete that entry of "
         "data.cache_dir and run again"
     )
+
+
+def test_a_run_whose_checkpoints_cannot_be_written_stops_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)  # e.g. a copied run whose checkpoints are read-only
+    probe = rundir_module.tempfile.TemporaryFile
+
+    def read_only_checkpoints(*args: object, **kwargs: Any) -> Any:
+        if kwargs.get("dir") == checkpoints:
+            raise PermissionError(13, "Permission denied")
+        return probe(*args, **kwargs)
+
+    monkeypatch.setattr(rundir_module.tempfile, "TemporaryFile", read_only_checkpoints)
+    args = ["train", "--config", str(TINY), f"run_dir={tmp_path / 'run'}"]
+    result = CliRunner().invoke(cli_app, [*args, f"data.cache_dir={tmp_path / 'cache'}"])
+    assert str(result.exception) == (
+        f"run_dir {checkpoints}: cannot write files in {checkpoints} (Permission denied)"
+    )
+    assert not (tmp_path / "run" / "tokenizer").exists()  # nothing done before it

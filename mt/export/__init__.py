@@ -25,7 +25,7 @@ import torch
 from mt.checkpoint import Checkpoint
 from mt.config import CONFIG_FILE
 from mt.errors import MtError
-from mt.export.ct2 import check_quantization, save_ct2
+from mt.export.ct2 import check_quantization, import_ctranslate2, save_ct2
 from mt.export.hf import import_transformers, marian_obstacle, save_marian
 from mt.export.readme import ct2_readme, hf_readme
 from mt.files import atomic_directory
@@ -71,6 +71,7 @@ def check_format(fmt: str, quantization: str | None) -> None:
     if fmt not in FORMATS:
         raise MtError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
     if fmt == "ct2":
+        import_ctranslate2()  # before the model loads
         check_quantization(quantization)
         return
     if quantization is not None:
