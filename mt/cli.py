@@ -767,6 +767,12 @@ def _terminated(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def _out_of_gpu_memory(exc: Exception) -> bool:
+    """Whether `exc` is torch's CUDA out-of-memory error (torch imported only if it was)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError)
+
+
 def main() -> None:
     """Entry point: run the app; user errors become one line on stderr and an exit code."""
     if sys.stderr is None:  # started with stderr closed (2>&-): say nothing, but do the work
@@ -793,6 +799,15 @@ def main() -> None:
         # The user's environment, not a bug: a full disk, a read-only or missing directory.
         where = f"{exc.filename}: " if exc.filename else ""
         typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
+        sys.exit(1)
+    except Exception as exc:
+        if not _out_of_gpu_memory(exc):
+            raise
+        typer.echo(
+            "error: out of GPU memory: decode in smaller batches (--max-tokens) or with a "
+            "smaller --beam",
+            err=True,
+        )
         sys.exit(1)
     if code == 130:  # Ctrl-C (Typer turns it into this exit status)
         _stopped(signal.SIGINT)

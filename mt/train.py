@@ -1420,7 +1420,15 @@ def record_validation(run: Run) -> bool:
     if not run.dev:
         return True
     t0 = time.perf_counter()
-    scores = validate(run)
+    try:
+        scores = validate(run)
+    except torch.cuda.OutOfMemoryError:  # one line, naming what sizes validation
+        tc, decode = run.config.train, run.config.decode
+        raise MtError(
+            f"validation at step {state.step:,} ran out of GPU memory: lower "
+            f"train.valid_max_tokens (now {tc.valid_max_tokens:,}) or decode.valid_beam (now "
+            f"{decode.valid_beam}) and run again (it resumes from the last checkpoint)"
+        ) from None
     scores["seconds"] = time.perf_counter() - t0
     state.train_seconds += scores["seconds"]
     bleu = selected_bleu(scores, run.config.data.select_direction)

@@ -637,6 +637,21 @@ def test_out_of_memory_skips_the_update(
     assert [r["step"] for r in read_metrics(run, "train")] == [1, 2, 3, 4, 5]
 
 
+def test_out_of_memory_in_validation_is_one_line_naming_its_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(train_module, "validate_direction", out_of_memory)
+    with pytest.raises(MtError) as err:
+        train(tiny(tmp_path / "run", "train.max_steps=4", "train.valid_every=2"))
+    assert str(err.value) == (
+        "validation at step 2 ran out of GPU memory: lower train.valid_max_tokens (now 8,192) "
+        "or decode.valid_beam (now 1) and run again (it resumes from the last checkpoint)"
+    )
+
+
 def test_out_of_memory_in_the_backward_skips_the_update(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -17,6 +17,7 @@ from unittest import mock
 
 import pytest
 import torch
+from helpers.entry import run_main
 from typer.testing import CliRunner
 
 from mt import checkpoint as ckpt
@@ -559,6 +560,29 @@ def test_bad_prefix_and_constraint_files_are_one_line_errors(
     assert isinstance(result.exception, MtError) and result.exit_code != 0
     assert str(result.exception) == f"{steering}: " + error.format(source=source, n=n)
     assert sorted(tmp_path.iterdir()) == sorted([source, steering])  # nothing written
+
+
+def test_out_of_gpu_memory_is_one_line(
+    trained_run: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Translator, "batches", out_of_memory)
+    source = tmp_path / "in.txt"
+    source.write_text("Der hund .\n", encoding="utf-8")
+    code, out, err = run_main(monkeypatch, capsys, caplog, "translate", "-m", str(trained_run),
+                              str(source), "--precision", "fp32")  # fmt: skip
+    assert (code, out) == (1, "")
+    assert err.splitlines()[-1] == (
+        "error: out of GPU memory: decode in smaller batches (--max-tokens) or with a "
+        "smaller --beam"
+    )
+    assert "Traceback" not in err
 
 
 def test_a_bad_prefix_on_stdin_is_named_stdin(trained_run: Path, tmp_path: Path) -> None:
