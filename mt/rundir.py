@@ -33,8 +33,12 @@ from mt.errors import ConfigError, DataError
 from mt.files import atomic_write_bytes
 from mt.model import Transformer
 from mt.tokenizer import (
+    JOINT_FILE,
+    SRC_FILE,
+    TGT_FILE,
     Tokenizer,
     describe_unk_rate,
+    load_model_file,
     load_tokenizer,
     tokenizer_files,
     train_multilingual_tokenizer,
@@ -291,10 +295,16 @@ def check_tags(tokenizer: Tokenizer, config: Config, directory: Path) -> None:
     raise DataError(f"{problem}; delete it to retrain it")
 
 
+TOKENIZER_FILES = (JOINT_FILE, SRC_FILE, TGT_FILE)  # a tokenizer directory's: it loads whole
+
+
 def find_tokenizer(path: Path) -> Tokenizer:
-    """The tokenizer of a run directory, of a tokenizer directory or beside a model file."""
+    """The tokenizer of a run directory, of a tokenizer directory (or one of its files), or a
+    SentencePiece model file of another name for both sides."""
     if not path.exists():
         raise DataError(f"{path}: no such run or tokenizer directory")
+    if path.is_file() and path.suffix == ".model" and path.name not in TOKENIZER_FILES:
+        return load_model_file(path)
     directory = path.parent if path.is_file() else path
     if (directory / TOKENIZER_DIR).is_dir() or (directory / CONFIG_FILE).is_file():
         directory = directory / TOKENIZER_DIR

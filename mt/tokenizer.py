@@ -206,6 +206,12 @@ def tokenizer_files(directory: Path, joint: bool) -> list[Path]:
     return [directory / SRC_FILE, directory / TGT_FILE]
 
 
+def load_model_file(path: Path) -> Tokenizer:
+    """One SentencePiece model file as the tokenizer of both sides."""
+    model = _load_model(path)
+    return Tokenizer(src=model, tgt=model, paths=[path])
+
+
 def load_tokenizer(directory: Path) -> Tokenizer:
     """Load the joint model, or else the per-side pair, from ``directory``."""
     for joint in (True, False):

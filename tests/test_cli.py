@@ -461,6 +461,14 @@ def test_encode_decode_round_trip(prepared: tuple[Path, str, str], tmp_path: Pat
     by_file = invoke("tokenizer", "decode", "-m", str(run_dir), str(ids_file))
     by_stdin = invoke("tokenizer", "decode", "-m", str(run_dir / "tokenizer"), stdin=result.stdout)
     assert by_file.stdout.splitlines() == by_stdin.stdout.splitlines() == lines
+    # A model file of any name: that file (one beside it named spm.model is another model).
+    custom = tmp_path / "sp" / "custom.model"
+    custom.parent.mkdir()
+    shutil.copy(run_dir / "tokenizer" / "spm.model", custom)
+    (custom.parent / "spm.model").write_bytes(b"")
+    by_model = invoke("tokenizer", "decode", "-m", str(custom), str(ids_file))
+    assert by_model.exit_code == 0, by_model.output
+    assert by_model.stdout.splitlines() == lines
 
 
 def test_a_closed_stdin_or_stdout_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
