@@ -537,8 +537,8 @@ def start_from(checkpoint: ckpt.Checkpoint, config: Config) -> None:
             f"({'; '.join(changes)}); set them as that run's to start from it"
         )
     theirs, mine = source / TOKENIZER_DIR, here / TOKENIZER_DIR
+    wanted = ckpt.read_metadata(checkpoint.weights).get("tokenizer_sha256")
     if mine.exists():
-        wanted = ckpt.read_metadata(checkpoint.weights).get("tokenizer_sha256")
         if wanted and load_tokenizer(mine).fingerprint() != wanted:
             raise ConfigError(
                 f"--resume {checkpoint.weights}: its vocabulary is not this run's tokenizer "
@@ -551,6 +551,11 @@ def start_from(checkpoint: ckpt.Checkpoint, config: Config) -> None:
                 theirs, temp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(TRAINED_ON)
             )
         log.info("using the tokenizer of %s, whose checkpoint this run starts from", source)
+    elif wanted:  # a tokenizer trained now would not be its vocabulary: refused after hours
+        raise ConfigError(
+            f"--resume {checkpoint.weights}: no tokenizer in its run ({theirs}) or in this one "
+            f"({mine}); copy the tokenizer it was trained with to {mine}"
+        )
 
 
 def resumable(key: str) -> bool:

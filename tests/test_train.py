@@ -530,6 +530,26 @@ def test_time_limit_stops_with_a_checkpoint(
     assert read_metrics(run, "valid") == valid and valid[-1]["step"] == result.state.step
 
 
+def test_a_checkpoint_without_its_tokenizer_is_refused_before_any_data_work(
+    tmp_path: Path,
+) -> None:
+    first = tmp_path / "first"
+    train(tiny(first, "train.max_steps=2", "train.valid_every=2"))
+    lone = tmp_path / "copied" / "checkpoints"  # the two files alone, away from their run
+    lone.mkdir(parents=True)
+    for name in ("step-00000002.safetensors", "step-00000002.state.pt"):
+        shutil.copy(first / "checkpoints" / name, lone / name)
+    run = tmp_path / "tune"
+    with pytest.raises(ConfigError) as err:
+        train(tiny(run, "train.max_steps=4"), resume=lone / "step-00000002.safetensors")
+    assert str(err.value) == (
+        f"--resume {lone / 'step-00000002.safetensors'}: no tokenizer in its run "
+        f"({tmp_path / 'copied' / 'tokenizer'}) or in this one ({run / 'tokenizer'}); copy the "
+        f"tokenizer it was trained with to {run / 'tokenizer'}"
+    )
+    assert not (run / "tokenizer").exists()
+
+
 def test_a_resumed_run_trains_with_its_own_optimizer_settings(tmp_path: Path) -> None:
     first = tmp_path / "first"
     train(tiny(first, "train.max_steps=10", "train.valid_every=10", "train.cooldown=0.2"))
