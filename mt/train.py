@@ -56,7 +56,7 @@ from mt.device import (
     resolve_precision,
 )
 from mt.distributed import World, main_first
-from mt.errors import ConfigError, MtError
+from mt.errors import ConfigError, MtError, first_line
 from mt.files import atomic_directory
 from mt.lock import hold_run_lock
 from mt.loss import label_smoothed_nll
@@ -593,6 +593,8 @@ def start(
     configure_backends(device)
     check_trainable(config)
     check_fits(config, device)
+    if config.train.compile:
+        check_compile(device)
     asked, resume = resume, resume_target(resume, config)
 
     def prepare_run() -> Prepared:
@@ -678,6 +680,23 @@ def check_trainable(config: Config) -> None:
 
 
 TRAINING_BYTES = 16  # per parameter: fp32 weights, their gradients and Adam's two moments
+
+
+def check_compile(device: torch.device) -> None:
+    """ConfigError unless torch.compile works here, found by compiling and running a tiny
+    function: a machine without a working compiler (a slim image without gcc) would otherwise
+    fail at the first update, after the tokenizer and data work."""
+    try:
+        torch.compile(_twice_plus_one)(torch.ones(2, device=device))
+    except Exception as exc:  # inductor's failures have no common base but Exception
+        raise ConfigError(
+            f"train.compile=true: torch.compile fails on this machine ({first_line(exc)}); "
+            "set train.compile=false"
+        ) from None
+
+
+def _twice_plus_one(x: Tensor) -> Tensor:
+    return x * 2 + 1
 
 
 def check_fits(config: Config, device: torch.device) -> None:

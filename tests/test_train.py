@@ -1431,3 +1431,23 @@ def test_a_run_whose_checkpoints_cannot_be_written_stops_before_training(
         f"run_dir {checkpoints}: cannot write files in {checkpoints} (Permission denied)"
     )
     assert not (tmp_path / "run" / "tokenizer").exists()  # nothing done before it
+
+
+def test_a_compile_that_fails_here_is_refused_before_any_data_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_compiler(fn: Any, **kwargs: Any) -> Any:
+        def compiled(*args: Any) -> Any:
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError) as err:
+        train(tiny(run, "train.compile=true", "train.max_steps=2"))
+    assert str(err.value) == (
+        "train.compile=true: torch.compile fails on this machine (InvalidCxxCompiler: No working "
+        "C++ compiler found); set train.compile=false"
+    )
+    assert not (run / "tokenizer").exists()
