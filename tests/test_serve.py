@@ -461,7 +461,7 @@ def test_concurrent_requests_get_mt_translates_answers_whatever_shares_their_bat
     make_served: Callable[..., Served], trained_run: Path
 ) -> None:
     """Requests of mixed settings, all queued before the worker starts, so batches mix them."""
-    config, tokenizer, model, _ = load_trained(trained_run, CPU)
+    config, tokenizer, _, _ = load_trained(trained_run, CPU)
     served = make_served(max_tokens=256)  # a few sentences per batch: several rounds
     requests = [
         {"text": SENTENCES[i : i + 1 + i % 3], "beam": 1 + i % 3, "nbest": 1 + i % 3 // 2}
@@ -470,6 +470,7 @@ def test_concurrent_requests_get_mt_translates_answers_whatever_shares_their_bat
     responses = queued_then_answered(served, requests)
     stats = served.batcher.stats
     assert stats.most_requests > 1 and stats.rounds > 1  # batches mixed requests
+    model = served.batcher.model  # packed as `mt translate` packs it: its products, its bits
     for request, response in zip(requests, responses, strict=True):
         decode = dataclasses.replace(config.decode, beam=request["beam"], nbest=request["nbest"])
         for line, got in zip(request["text"], response.json()["translations"], strict=True):
@@ -529,7 +530,7 @@ def test_requests_steered_differently_share_batches_and_get_their_own_answers(
     make_served: Callable[..., Served], trained_run: Path
 ) -> None:
     """Plain, prefixed, constrained and both, queued before the worker starts: mixed batches."""
-    config, tokenizer, model, _ = load_trained(trained_run, CPU)
+    config, tokenizer, _, _ = load_trained(trained_run, CPU)
     served = make_served()
     requests: list[dict] = []
     for i in range(8):
@@ -541,6 +542,7 @@ def test_requests_steered_differently_share_batches_and_get_their_own_answers(
         requests.append(request)
     responses = queued_then_answered(served, requests)
     assert served.batcher.stats.most_requests > 2  # prefixed and plain ones shared a batch
+    model = served.batcher.model  # packed as `mt translate` packs it: its products, its bits
     room = model.max_positions - 2
     for request, response in zip(requests, responses, strict=True):
         lines = request["text"]
