@@ -292,7 +292,18 @@ TEMP_PREFIX = ".tmp-"
 
 def temp_prefix() -> str:
     """This process's prefix for temp directories: the owner to check before removing one."""
-    return f"{TEMP_PREFIX}{socket.gethostname()}-{os.getpid()}-"
+    return f"{TEMP_PREFIX}{process_space()}-{os.getpid()}-"
+
+
+def process_space() -> str:
+    """Where this process's id means this process: the host, and its PID namespace where it
+    has one (containers that share the host's name, as with host networking, each have their
+    own process ids, so a live encoding of one is dead to the other's check)."""
+    host = socket.gethostname()
+    try:
+        return f"{host}~{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:  # not Linux
+        return host
 
 
 def _alive(pid: int) -> bool:
@@ -309,14 +320,15 @@ def _alive(pid: int) -> bool:
 def remove_stale_temps(cache_dir: Path) -> None:
     """Remove temp directories that encodings killed on this host left in `cache_dir`.
 
-    A directory whose process still runs is kept, and so is one of another host (a cache on a
-    shared file system) or with a name of another form: nothing proves that it is dead.
+    A directory whose process still runs is kept, and so is one of another host or PID
+    namespace (a cache on a shared file system, another container) or with a name of another
+    form: nothing proves that it is dead.
     """
-    host = socket.gethostname()
+    space = process_space()
     for path in sorted(Path(cache_dir).glob(f"{TEMP_PREFIX}*")):
-        # host (it may hold "-"), pid, tempfile's random suffix (it never holds "-")
+        # host (it may hold "-") and namespace, pid, tempfile's random suffix (never a "-")
         parts = path.name[len(TEMP_PREFIX) :].rsplit("-", 2)
-        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+        if len(parts) != 3 or parts[0] != space or not parts[1].isdigit():
             continue
         if path.is_dir() and not _alive(int(parts[1])):
             shutil.rmtree(path, ignore_errors=True)

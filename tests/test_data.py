@@ -24,6 +24,7 @@ from mt.data import (
     FilterStats,
     encode_corpus,
     length_filter,
+    process_space,
     temp_prefix,
 )
 from mt.errors import DataError, MtError
@@ -279,16 +280,17 @@ def test_temp_dirs_of_dead_encodings_are_removed_not_live_ones(
     child.kill()
     child.wait()  # reaped: its pid no longer exists
     live = Path(tempfile.mkdtemp(prefix=temp_prefix(), dir=tmp_path))  # this process's
-    host = socket.gethostname()
+    host, space = socket.gethostname(), process_space()
     other_host = tmp_path / f".tmp-{host}x-{child.pid}-abc"  # can't tell: another machine
+    other_space = tmp_path / f".tmp-{host}~1-{child.pid}-abc"  # another container of this host
     unknown = tmp_path / ".tmp-k3j4h5"  # can't tell: no owner in the name
-    for path in (other_host, unknown):
+    for path in (other_host, other_space, unknown):
         path.mkdir()
-    assert dead.name.startswith(f".tmp-{host}-{child.pid}-")
+    assert dead.name.startswith(f".tmp-{space}-{child.pid}-") and space.startswith(host)
     with caplog.at_level(logging.INFO, logger="mt"):
         encode_corpus(tiny, tok, tmp_path, DataConfig(), filter_lengths=True)
     assert not dead.exists()
-    assert live.is_dir() and other_host.is_dir() and unknown.is_dir()
+    assert live.is_dir() and other_host.is_dir() and other_space.is_dir() and unknown.is_dir()
     assert f"{dead}: removed the temp directory of dead process {child.pid}" in [
         r.getMessage() for r in caplog.records
     ]
