@@ -156,15 +156,24 @@ def check_output(run_dir: Path, output: Path) -> None:
 
 
 def check_not_own(run_dir: Path, output: Path) -> None:
-    """MtError if `output` is the average the run made at its end while it is the run's model
-    (run_average): replaced, the run's model would change or fall back to its best."""
-    own = run_average(run_dir) if (run_dir / CONFIG_FILE).is_file() else None
-    if own is not None and own.weights.resolve() == output.resolve():
-        wanted = load_config(run_dir / CONFIG_FILE).train.average_last
+    """MtError if `output` is the average a run that averages (train.average_last) makes at its
+    end: replaced while it is the run's model (run_average), the model would change; written
+    by hand, other checkpoints could pass for the run's model."""
+    if not (run_dir / CONFIG_FILE).is_file():
+        return
+    wanted = load_config(run_dir / CONFIG_FILE).train.average_last
+    own = checkpoint_dir(run_dir) / AVERAGE_NAME
+    if not wanted or own.resolve() != output.resolve():
+        return
+    if run_average(run_dir) is not None:
         raise MtError(
             f"{output}: the run's own average of its last {wanted} checkpoints, its model; "
             "name another file with --output"
         )
+    raise MtError(
+        f"{output}: the name of the run's own average of its last {wanted} checkpoints "
+        "(train.average_last), which mt train makes at its end; name another file with --output"
+    )
 
 
 def average_run(

@@ -229,6 +229,12 @@ def test_a_runs_model_is_its_average_while_the_run_makes_one_and_it_is_current(
     assert model_checkpoint(run / "checkpoints" / "step-00000020").step == 20  # a name: as named
     ckpt.save_checkpoint(run, 35, tiny_model(35), {"step": 35}, META, resume_point=True)
     assert model_checkpoint(run).step == 10  # trained on past the average: its best again
+    with pytest.raises(MtError) as error:  # another average there could pass for the model
+        average_run(run, last=1)
+    assert str(error.value) == (
+        f"{average.weights}: the name of the run's own average of its last 2 checkpoints "
+        "(train.average_last), which mt train makes at its end; name another file with --output"
+    )
     for step in (10, 20, 30, 35):  # shipped with the average alone
         (run / "checkpoints" / ckpt.step_name(step)).with_suffix(".safetensors").unlink()
     (run / "checkpoints" / "best").unlink()
