@@ -1,7 +1,8 @@
 """One trainer per run directory: an exclusive lock on RUN/lock, held for the whole run.
 
 The lock is an `fcntl.flock`, which the kernel drops when its holder dies, so a crash or a
-kill -9 never leaves a stale lock behind. The file also names its holder (`pid N host H`),
+kill -9 never leaves a stale lock behind. The file also names its holder (`pid N host H`, and
+when it started, so that a PID reused by another process after a crash is not taken for it),
 for two reasons: the refusal can say who holds the run, and on a shared filesystem (NFS,
 Lustre) where flock may be node-local or unsupported, a lock taken on another host is still
 refused, from what the file says. Such a lock cannot be checked from here, so it is never
@@ -28,7 +29,7 @@ from mt.errors import MtError
 
 LOCK_FILE = "lock"
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}  # filesystems without flock
-_HOLDER = re.compile(r"pid (\d+) host (\S+)(?: job (\S+) restart (\d+))?")
+_HOLDER = re.compile(r"pid (\d+) host (\S+)(?: job (\S+) restart (\d+))?(?: started (\d+))?")
 
 log = logging.getLogger("mt")
 
@@ -41,6 +42,7 @@ class Holder:
     host: str
     job: str = ""  # SLURM_JOB_ID (after SLURM_CLUSTER_NAME/, if set), if it ran as a SLURM job
     restart: int = 0  # SLURM_RESTART_COUNT: how many times that job was requeued
+    started: str = ""  # when the process started (clock ticks after boot): its PID's owner
 
     @classmethod
     def me(cls) -> Holder:
@@ -48,7 +50,16 @@ class Holder:
         job, restart = os.environ.get("SLURM_JOB_ID", ""), os.environ.get("SLURM_RESTART_COUNT")
         cluster = os.environ.get("SLURM_CLUSTER_NAME")  # job ids are per cluster
         job = f"{cluster}/{job}" if job and cluster else job
-        return cls(os.getpid(), socket.gethostname(), job, int(restart or 0))
+        pid = os.getpid()
+        return cls(pid, socket.gethostname(), job, int(restart or 0), start_time(pid) or "")
+
+    def alive(self) -> bool:
+        """Whether the holder still runs on this host: its PID exists and, where both are
+        known, started when the holder did (a PID reused by another process is not it)."""
+        if not _alive(self.pid):
+            return False
+        now = start_time(self.pid)
+        return not (self.started and now) or now == self.started
 
     def earlier_run_of(self, other: Holder) -> bool:
         """Whether this holder was a run of `other`'s SLURM job before it was requeued."""
@@ -60,8 +71,8 @@ def _read_holder(fd: int) -> Holder | None:
     match = _HOLDER.match(os.pread(fd, 4096, 0).decode("utf-8", errors="replace"))
     if not match:
         return None
-    pid, host, job, restart = match.groups()
-    return Holder(int(pid), host, job or "", int(restart or 0))
+    pid, host, job, restart, started = match.groups()
+    return Holder(int(pid), host, job or "", int(restart or 0), started or "")
 
 
 def _write_holder(fd: int, holder: Holder | None) -> None:
@@ -69,7 +80,8 @@ def _write_holder(fd: int, holder: Holder | None) -> None:
     os.ftruncate(fd, 0)
     if holder is not None:
         job = f" job {holder.job} restart {holder.restart}" if holder.job else ""
-        os.pwrite(fd, f"pid {holder.pid} host {holder.host}{job}\n".encode(), 0)
+        started = f" started {holder.started}" if holder.started else ""
+        os.pwrite(fd, f"pid {holder.pid} host {holder.host}{job}{started}\n".encode(), 0)
     os.fsync(fd)
 
 
@@ -82,6 +94,16 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
+
+
+def start_time(pid: int) -> str | None:
+    """When process `pid` started, in clock ticks after boot (Linux's /proc); None if unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()  # after the command name, which may hold spaces
+    return fields[19] if len(fields) > 19 else None  # field 22 of stat, the 20th after it
 
 
 def _in_use(run_dir: Path, holder: Holder | None) -> str:
@@ -122,7 +144,7 @@ def _claim(fd: int, run_dir: Path, path: Path, flocked: bool) -> None:
                 f"{_in_use(run_dir, holder)} (a lock from another host; "
                 f"if no run is using this directory, delete {path})"
             )
-        if not flocked and _alive(holder.pid):
+        if not flocked and holder.alive():
             raise MtError(_in_use(run_dir, holder))
         # Same host and we hold the flock (or the PID is gone): its holder has died.
         log.warning(

@@ -46,6 +46,11 @@ def refusal(run: Path) -> str:
     return str(err.value)
 
 
+def named(pid: int, job: str = "") -> str:
+    """The lock file's line for process `pid` of this host (in a SLURM job `job`)."""
+    return f"pid {pid} host {HOST}{job} started {lock.start_time(pid)}\n"
+
+
 def dead_pid() -> int:
     """The PID of a process that has exited and been reaped."""
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -56,24 +61,25 @@ def dead_pid() -> int:
 def test_second_process_is_refused_and_clean_exit_frees(tmp_path: Path, caplog) -> None:
     run = tmp_path / "run"
     holder = start_holder(run)
-    assert (run / LOCK_FILE).read_text() == f"pid {holder.pid} host {HOST}\n"
+    assert (run / LOCK_FILE).read_text() == named(holder.pid)
     assert refusal(run) == f"{run}: the run directory is in use by PID {holder.pid} on host {HOST}"
     holder.communicate("", timeout=60)  # closes stdin: the holder leaves its block and exits
     assert holder.returncode == 0
     assert (run / LOCK_FILE).read_text() == ""
     with caplog.at_level(logging.WARNING, logger="mt"), hold_run_lock(run) as path:
-        assert path.read_text() == f"pid {os.getpid()} host {HOST}\n"
+        assert path.read_text() == named(os.getpid())
     assert caplog.records == []  # a cleanly released lock is simply free
 
 
 def test_lock_of_a_killed_holder_is_taken_over(tmp_path: Path, caplog) -> None:
     run = tmp_path / "run"
     holder = start_holder(run)
+    line = named(holder.pid)
     holder.kill()  # SIGKILL: the kernel drops the flock; the file still names the holder
     holder.wait(timeout=60)
-    assert (run / LOCK_FILE).read_text() == f"pid {holder.pid} host {HOST}\n"
+    assert (run / LOCK_FILE).read_text() == line
     with caplog.at_level(logging.WARNING, logger="mt"), hold_run_lock(run) as path:
-        assert path.read_text() == f"pid {os.getpid()} host {HOST}\n"
+        assert path.read_text() == named(os.getpid())
         assert refusal(run).endswith(f"in use by PID {os.getpid()} on host {HOST}")
     assert [r.getMessage() for r in caplog.records] == [
         f"{path}: taking over the lock of PID {holder.pid}, which no longer holds it"
@@ -113,12 +119,25 @@ def test_without_flock_a_live_holder_refuses(tmp_path: Path, no_flock) -> None:
     )
 
 
+def test_without_flock_a_pid_reused_by_another_process_is_taken_over(
+    tmp_path: Path, no_flock, caplog
+) -> None:
+    parent = os.getppid()  # alive, but not the process that wrote the lock: it started later
+    path = tmp_path / LOCK_FILE
+    path.write_text(f"pid {parent} host {HOST} started {int(lock.start_time(parent)) - 1}\n")
+    with caplog.at_level(logging.WARNING, logger="mt"), hold_run_lock(tmp_path):
+        assert path.read_text() == named(os.getpid())
+    assert f"taking over the lock of PID {parent}, which no longer holds it" in caplog.text
+    path.write_text(named(parent))  # the very process: refused
+    assert refusal(tmp_path).endswith(f"in use by PID {parent} on host {HOST}")
+
+
 def test_without_flock_a_dead_holder_is_taken_over(tmp_path: Path, no_flock, caplog) -> None:
     pid = dead_pid()
     path = tmp_path / LOCK_FILE
     path.write_text(f"pid {pid} host {HOST}\n")
     with caplog.at_level(logging.WARNING, logger="mt"), hold_run_lock(tmp_path):
-        assert path.read_text() == f"pid {os.getpid()} host {HOST}\n"
+        assert path.read_text() == named(os.getpid())
     assert f"taking over the lock of PID {pid}, which no longer holds it" in caplog.text
     assert path.read_text() == ""
 
@@ -134,9 +153,7 @@ def test_a_requeued_slurm_job_takes_over_its_earlier_runs_lock_from_another_host
     assert refusal(tmp_path).startswith(f"{tmp_path}: the run directory is in use by PID 4242 on ")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # requeued: SLURM ended the earlier run
     with caplog.at_level(logging.WARNING, logger="mt"), hold_run_lock(tmp_path):
-        assert (
-            path.read_text() == f"pid {os.getpid()} host {socket.gethostname()} job 77 restart 1\n"
-        )
+        assert path.read_text() == named(os.getpid(), " job 77 restart 1")
     assert caplog.messages == [
         f"{path}: taking over the lock of PID 4242 on host node-a, a run of SLURM job 77 before "
         "it was requeued"
@@ -156,4 +173,6 @@ def test_a_lock_of_the_same_job_id_on_another_cluster_is_not_taken_over(
     assert "(a lock from another host;" in refusal(tmp_path)
     monkeypatch.setenv("SLURM_CLUSTER_NAME", "alpha")  # its own requeued job: taken over
     with hold_run_lock(tmp_path):
-        assert path.read_text().endswith(" job alpha/77 restart 1\n")
+        assert (
+            f" job alpha/77 restart 1 started {lock.start_time(os.getpid())}\n" in path.read_text()
+        )
