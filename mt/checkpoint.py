@@ -18,12 +18,13 @@ unpickles code: weights are safetensors, states load with `weights_only=True`.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import logging
 import re
 import warnings
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from mt.errors import MtError
-from mt.files import atomic_path
+from mt.files import atomic_path, fsync, write_errors
 
 CHECKPOINT_DIR = "checkpoints"
 BEST_FILE = "best"
@@ -117,9 +118,16 @@ def step_name(step: int) -> str:
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Run `write(temp)` on a temp file beside `path`, then rename it to `path` (mt.files)."""
+    with _own_temp(path) as temp:
+        write(temp)
+
+
+@contextlib.contextmanager
+def _own_temp(path: Path) -> Iterator[Path]:
+    """mt.files.atomic_path, its temp listed as this process's while it exists."""
     with atomic_path(path) as temp:
         _OWN_TEMPS.add(temp.absolute())
-        write(temp)
+        yield temp
     _OWN_TEMPS.discard(temp.absolute())  # renamed into place (a failure leaves it listed)
 
 
@@ -166,9 +174,14 @@ def _digest(tensors: dict[str, Tensor]) -> str:
 
 def _write_flat(path: Path, flat: dict[str, Tensor], metadata: dict[str, str], digest: str) -> None:
     """Atomically write deduplicated tensors, their metadata and their digest as safetensors."""
+    _atomic_write(Path(path), lambda temp: _save_flat(temp, flat, metadata, digest))
+
+
+def _save_flat(path: Path, flat: dict[str, Tensor], metadata: dict[str, str], digest: str) -> None:
+    """Write deduplicated tensors, their metadata and their digest to `path` as safetensors."""
     header = {"format": "pt", **{key: str(value) for key, value in metadata.items()}}
     header[DIGEST_KEY] = digest  # always this file's own: copied metadata may carry another
-    _atomic_write(Path(path), lambda temp: save_file(flat, str(temp), metadata=header))
+    save_file(flat, str(path), metadata=header)
 
 
 def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
@@ -448,16 +461,25 @@ def save_checkpoint(
     if stand_in is not None:
         set_best(run_dir, stand_in)
     flat = _dedupe(model.state_dict())
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    header = {"step": str(step), **metadata}
+    if resume_point:
+        header[RESUME_KEY] = "true"
+    if origin:
+        header[ORIGIN_KEY] = origin
+    # Both files are written whole and synced before either replaces its namesake: a step saved
+    # again (a resume point validated, a run gone back) is broken only between the two renames,
+    # not while the weights are written (a kill, a full disk). The weights' rename comes last:
+    # it marks the pair complete.
+    with ThreadPoolExecutor(max_workers=1) as pool, _own_temp(ckpt.weights) as weights_temp:
         # xxhash releases the GIL: the weights are hashed while the state is written and synced.
         digest = pool.submit(_digest, flat)
-        _atomic_write(ckpt.state, lambda temp: torch.save(state, temp))
-        header = {"step": str(step), **metadata, STATE_KEY: _state_id(ckpt.state)}
-        if resume_point:
-            header[RESUME_KEY] = "true"
-        if origin:
-            header[ORIGIN_KEY] = origin
-        _write_flat(ckpt.weights, flat, header, digest.result())  # last: marks it complete
+        with _own_temp(ckpt.state) as state_temp:
+            torch.save(state, state_temp)
+            fsync(state_temp)
+            header[STATE_KEY] = _state_id(state_temp)
+            with write_errors(ckpt.weights, weights_temp):  # named as the weights' failure
+                _save_flat(weights_temp, flat, header, digest.result())
+                fsync(weights_temp)
     if stand_in is not None:
         set_best(run_dir, ckpt)
     return ckpt

@@ -78,7 +78,8 @@ def _umask() -> int:
     return mask
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
+    """Write a file's data to its disk (a rename after it is then durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -89,7 +90,7 @@ def _fsync(path: Path) -> None:
 def _fsync_dir(directory: Path) -> None:
     """Make a rename durable; directories cannot be opened for fsync on every OS."""
     with contextlib.suppress(OSError):
-        _fsync(directory)
+        fsync(directory)
 
 
 def _refusal(directory: Path) -> str | None:
@@ -160,7 +161,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     try:
         with write_errors(path, temp):
             yield temp
-            _fsync(temp)
+            fsync(temp)
             os.chmod(temp, mode)
             os.replace(temp, target)
     except BaseException:
@@ -200,7 +201,7 @@ def atomic_directory(path: Path, replace: bool = False) -> Iterator[Path]:
             for file in temp.rglob("*"):
                 if file.is_file():  # open()'s permissions: some libraries write 0600 files
                     os.chmod(file, 0o666 & ~_umask())
-                    _fsync(file)
+                    fsync(file)
         _swap_in(temp, path, replace)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)  # a failed export leaves nothing behind

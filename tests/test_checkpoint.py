@@ -208,6 +208,26 @@ def test_crash_inside_tensor_writer_leaves_nothing(tmp_path: Path, monkeypatch) 
     assert stray_files(tmp_path) == []
 
 
+def test_a_step_saved_again_stays_whole_when_the_new_weights_fail(
+    tmp_path: Path, monkeypatch
+) -> None:
+    first = ck.save_checkpoint(tmp_path, 100, tiny(100), {"step": 100}, META, resume_point=True)
+
+    def full(tensors, filename, metadata=None):  # the disk fills while the weights are written
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ck, "save_file", full)
+    with pytest.raises(MtError, match=r"step-00000100\.safetensors: cannot write"):
+        save(tmp_path, 100, tiny(7))  # the resume point validated: saved again
+    monkeypatch.undo()
+    assert ck.list_checkpoints(tmp_path) == [first]  # its state untouched: still a pair
+    assert ck.load_training_state(first) == {"step": 100}
+    assert stray_files(tmp_path) == []
+    fresh = tiny(5)
+    ck.load_weights(first.weights, fresh, expected=META)
+    assert_same(tiny(100), fresh)
+
+
 class Payload:
     """A pickle that would create a marker file when unpickled."""
 
@@ -464,11 +484,11 @@ def test_pruning_removes_only_this_process_temp_files(tmp_path: Path, monkeypatc
     with pytest.raises(PermissionError):
         save(tmp_path, 200)
     monkeypatch.undo()
-    [own] = [name for name in stray_files(tmp_path) if name != foreign.name]
-    assert own.startswith(".step-00000200.safetensors.")
+    own = [name for name in stray_files(tmp_path) if name != foreign.name]
+    assert [name.split(".")[2] for name in own] == ["safetensors", "state"]  # neither renamed
 
     deleted = ck.prune_checkpoints(tmp_path, keep_last=5)
-    assert [p.name for p in deleted] == ["step-00000200.state.pt", own]
+    assert [p.name for p in deleted] == own
     assert stray_files(tmp_path) == [foreign.name]
     assert foreign.read_bytes() == b"in flight"
 
