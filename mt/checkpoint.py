@@ -395,9 +395,9 @@ def _is_complete(ckpt: Checkpoint) -> bool:
         return True  # listed, so that loading it says what is wrong with the file
     if recorded is None:  # saved before states were named: trusted as before
         return True
-    try:
+    try:  # an OSError (a disk or network error) is raised: taken for debris, pruning deletes
         return _state_id(ckpt.state) == recorded
-    except (OSError, zipfile.BadZipFile):
+    except zipfile.BadZipFile:
         return False
 
 

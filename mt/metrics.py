@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import math
+import os
 import threading
 import time
 from pathlib import Path
@@ -74,6 +75,11 @@ class MetricsLog:
                         self.writer.add_scalar(f"{kind}/{key}", value, step)
                 # Waits for the writer thread, and raises here what it failed to write.
                 self.writer.flush()
+
+    def sync(self) -> None:
+        """Put the records written so far on disk (before a checkpoint that counts on them)."""
+        with write_errors(self.path):
+            os.fsync(self.file.fileno())
 
     def close(self) -> None:
         """Flush and close the file and the TensorBoard writer."""

@@ -1532,6 +1532,10 @@ def save(run: Run, window: dict[str, Any], best: bool) -> ckpt.Checkpoint:
     model = learner.eval_model
     resume_point = not state.validated  # a signal's: kept until the next checkpoint
     named = ckpt.best_step(run.directory)
+    # The records up to this step first: after a power loss, a checkpoint on disk without them
+    # would resume past them, and they would never be written again.
+    if run.metrics is not None:
+        run.metrics.sync()
     saved = ckpt.save_checkpoint(
         run.directory, state.step, model, payload, run.metadata, resume_point, run.origin
     )

@@ -228,6 +228,24 @@ def test_a_step_saved_again_stays_whole_when_the_new_weights_fail(
     assert_same(tiny(100), fresh)
 
 
+def test_a_state_that_cannot_be_read_now_is_not_pruned_as_debris(
+    tmp_path: Path, monkeypatch
+) -> None:
+    kept = [save(tmp_path, step) for step in (100, 200)]
+    real = ck._state_id
+
+    def flaky(path: Path) -> str:  # a network file system's passing error on one file
+        if path.name == "step-00000100.state.pt":
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return real(path)
+
+    monkeypatch.setattr(ck, "_state_id", flaky)
+    with pytest.raises(OSError):
+        ck.prune_checkpoints(tmp_path, keep_last=5)
+    monkeypatch.undo()
+    assert ck.list_checkpoints(tmp_path) == kept  # both whole, nothing deleted
+
+
 class Payload:
     """A pickle that would create a marker file when unpickled."""
 

@@ -1451,3 +1451,27 @@ def test_a_compile_that_fails_here_is_refused_before_any_data_work(
         "C++ compiler found); set train.compile=false"
     )
     assert not (run / "tokenizer").exists()
+
+
+def test_the_metrics_are_on_disk_before_the_checkpoint_that_follows_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        metrics = run / "metrics.jsonl"
+        if metrics.exists() and os.fstat(fd).st_ino == metrics.stat().st_ino:
+            events.append("metrics synced")
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any) -> None:
+        if str(dst).endswith(".state.pt"):
+            events.append("state renamed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    train(tiny(run, "train.max_steps=4", "train.valid_every=2"))
+    assert events == ["metrics synced", "state renamed"] * 2
