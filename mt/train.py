@@ -986,8 +986,12 @@ def train(config: Config, resume: Path | None = None) -> TrainResult:
         with contextlib.ExitStack() as stack:  # the run lock, the metrics log
             run = start(config, resume, world, device, stack)
             if (why := why_done(run)) and not run.state.validated:
-                begin(run, stack)  # a signal stopped it at its end: validate, save, end record
-                end(run, None)
+                # A signal stopped it at its end: validate, save, end record; a signal now waits
+                # for the save, as in the loop (one that breaks it off would break the step's
+                # checkpoint, which is saved again).
+                with StopSignals():
+                    begin(run, stack)
+                    end(run, None)
                 return TrainResult(run.state, None, str(device), world.is_main)
             if why:
                 at = f"{run.directory} is already at step {run.state.step}"

@@ -1475,3 +1475,38 @@ def test_the_metrics_are_on_disk_before_the_checkpoint_that_follows_them(
     monkeypatch.setattr(os, "replace", replace)
     train(tiny(run, "train.max_steps=4", "train.valid_every=2"))
     assert events == ["metrics synced", "state renamed"] * 2
+
+
+def test_a_signal_while_the_end_of_a_stopped_run_is_saved_waits_for_the_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    steps = ["train.max_epochs=1", "train.valid_every=1000"]  # its end: no validation due
+    run = tmp_path / "run"
+    real_step, calls = train_module.train_step, itertools.count(1)
+    last = train(tiny(tmp_path / "straight", *steps)).state.step
+
+    def signalled_at_the_last(*args: object) -> object:
+        learner, batches, tokens, stop, late, seconds, *_ = args
+        return real_step(learner, batches, tokens, stop or next(calls) == last, late, seconds)
+
+    monkeypatch.setattr(train_module, "train_step", signalled_at_the_last)
+    assert train(tiny(run, *steps)).state.validated is False  # a resume point at its end
+    monkeypatch.undo()
+
+    def stopped(signum: int, frame: object) -> None:  # what `mt` does on SIGTERM outside training
+        raise SystemExit(128 + signum)
+
+    real_save = ckpt._save_flat
+
+    def signalled_while_saving(*args: object) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        real_save(*args)
+
+    previous = signal.signal(signal.SIGTERM, stopped)
+    try:
+        monkeypatch.setattr(ckpt, "_save_flat", signalled_while_saving)
+        result = train(tiny(run, *steps))  # the rerun validates and saves that end
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert result.state.validated and result.state.step == last
+    assert [c.step for c in ckpt.list_checkpoints(run)] == [last]  # whole
