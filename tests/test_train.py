@@ -715,12 +715,12 @@ def records(run_dir: Path) -> list[dict]:
 @pytest.mark.slow
 def test_metrics_after_a_kill_9_equal_an_uninterrupted_runs(tmp_path: Path) -> None:
     # Records written after the last checkpoint are run again on resume: they are dropped.
-    steps = ["train.max_steps=30", "train.log_every=2", "train.valid_every=5"]
+    steps = ["train.max_steps=30", "train.log_every=2", "train.valid_every=10"]
     straight = tmp_path / "straight"
     train(tiny(straight, *steps))
     split = tmp_path / "split"
     proc = run_cli(split, *steps)
-    wait_for_step(proc, 8)
+    wait_for_step(proc, 12)  # 8 updates before the next checkpoint: room on a busy machine
     proc.kill()
     proc.communicate(timeout=60)
     assert max(r["step"] for r in read_metrics(split)) > ckpt.latest_checkpoint(split).step
