@@ -31,6 +31,7 @@ from datasets.exceptions import DatasetGenerationError
 from mt.config import temperature_shares
 from mt.errors import DataError, MtError, first_line
 from mt.files import atomic_write_bytes, write_errors
+from mt.lock import pid_alive
 from mt.tokenizer import unk_rate
 
 if TYPE_CHECKING:
@@ -306,17 +307,6 @@ def process_space() -> str:
         return host
 
 
-def _alive(pid: int) -> bool:
-    """Whether a process with this id runs on this host (signal 0 checks without sending)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def remove_stale_temps(cache_dir: Path) -> None:
     """Remove temp directories that encodings killed on this host left in `cache_dir`.
 
@@ -330,7 +320,7 @@ def remove_stale_temps(cache_dir: Path) -> None:
         parts = path.name[len(TEMP_PREFIX) :].rsplit("-", 2)
         if len(parts) != 3 or parts[0] != space or not parts[1].isdigit():
             continue
-        if path.is_dir() and not _alive(int(parts[1])):
+        if path.is_dir() and not pid_alive(int(parts[1])):
             shutil.rmtree(path, ignore_errors=True)
             log.info("%s: removed the temp directory of dead process %s", path, parts[1])
 

@@ -56,7 +56,7 @@ class Holder:
     def alive(self) -> bool:
         """Whether the holder still runs on this host: its PID exists and, where both are
         known, started when the holder did (a PID reused by another process is not it)."""
-        if not _alive(self.pid):
+        if not pid_alive(self.pid):
             return False
         now = start_time(self.pid)
         return not (self.started and now) or now == self.started
@@ -85,8 +85,8 @@ def _write_holder(fd: int, holder: Holder | None) -> None:
     os.fsync(fd)
 
 
-def _alive(pid: int) -> bool:
-    """Whether a process with this PID exists on this host."""
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists on this host (signal 0 checks without sending)."""
     try:
         os.kill(pid, 0)  # signal 0: existence check only
     except ProcessLookupError:
