@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from mt.config import DecodeConfig
-from mt.search import max_lengths
+from mt.search import limits_of
 from mt.tokenizer import Tokenizer
 from mt.translate import encode_sources
 from mt.vocab import BOS_ID, EOS_ID, PAD_ID
@@ -38,13 +38,12 @@ TINY_PENALTY = 1e-6  # CT2 length penalty standing in for mt's "none" (see the m
 def output_limit(decode: DecodeConfig, source_length: int, max_positions: int, forced: int) -> int:
     """mt's output length limit (EOS included) for one source holding `forced` prefix pieces.
 
-    As `mt.search.output_limits`: a * length + b, or for a prefix that does not fit in it with
-    EOS, the prefix, b more and EOS.
+    `mt.search.output_limits`' rule: a * length + b, or for a prefix that does not fit in it
+    with EOS, the prefix, b more and EOS.
     """
-    src = torch.ones(1, source_length, dtype=torch.long)  # any non-pad ids: only the count matters
-    limit = int(max_lengths(src, decode.max_len_a, decode.max_len_b, max_positions - 1)[0])
-    raised = forced + decode.max_len_b + 1 if forced + 1 > limit else limit
-    return min(raised, max_positions - 1)
+    lengths, pieces = torch.tensor([source_length]), torch.tensor([forced])
+    cap = max_positions - 1
+    return int(limits_of(lengths, decode.max_len_a, decode.max_len_b, cap, pieces)[0])
 
 
 def ct2_options(
