@@ -114,12 +114,12 @@ class BatchSampler:
 class MixtureSampler:
     """Batches of several corpora, deterministic per (seed, epoch).
 
-    An epoch has as many batches as the corpora together (in epoch 1). Corpus c fills a share
-    `probabilities[c]` of them (rounded), in an order shuffled per epoch, taking its batches
-    from its own shuffled passes: a large corpus is cut short, a small one goes round several
-    times. With `mixed`, the shares are of sentences instead, and each batch holds sentences of
-    any corpus, of similar lengths. One corpus gives exactly its BatchSampler's batches. Indices
-    count rows corpus after corpus, as CorpusMix numbers them.
+    An epoch has as many batches as the corpora together (in epoch 1). Corpus c gives about a
+    share `probabilities[c]` of the sentences, in whole batches of its own (`counts`), in an
+    order shuffled per epoch, taking them from its own shuffled passes: a large corpus is cut
+    short, a small one goes round several times. With `mixed`, each batch holds sentences of any
+    corpus, of similar lengths, in the same shares. One corpus gives exactly its BatchSampler's
+    batches. Indices count rows corpus after corpus, as CorpusMix numbers them.
     """
 
     samplers: list[BatchSampler]  # one per corpus, on its own lengths
@@ -166,8 +166,17 @@ class MixtureSampler:
         return len(self.mixed_batches(1))
 
     def counts(self) -> np.ndarray:
-        """(C,) batches each corpus gives an epoch: shares of len(self), largest remainders."""
-        return shares(len(self), self.probabilities)
+        """(C,) batches each corpus gives an epoch: shares of len(self), largest remainders.
+
+        Shares of sentences, not of batches: a corpus of short sentences fits more of them in
+        a batch, so it needs fewer batches for its share. Probabilities in proportion to the
+        corpora's sizes give each corpus its own batches, every pair once an epoch.
+        """
+        batches = np.array([len(s) for s in self.samplers], dtype=np.float64)
+        pairs = np.array([len(s.src_lens) for s in self.samplers], dtype=np.float64)
+        per_batch = np.divide(pairs, batches, out=np.ones_like(pairs), where=batches > 0)
+        weights = self.probabilities / per_batch  # (C,) batches for each corpus' share
+        return shares(len(self), weights / weights.sum())
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         """The batches of `epoch`, in order; each an int64 array of global row indices."""

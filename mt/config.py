@@ -103,7 +103,7 @@ class DataConfig:
     num_proc: int = 1  # worker processes for encoding
     cache_dir: str = ""  # where encoded corpora are cached; empty means <run_dir>/cache
     corpora: list[CorpusConfig] = field(default_factory=list)  # directions; empty: src/tgt_lang
-    temperature: float = 5.0  # corpus i is drawn with probability ~ weight_i * pairs_i^(1/T)
+    temperature: float = 5.0  # corpus i gives a share ~ weight_i * pairs_i^(1/T) of the sentences
     mixed_batches: bool = False  # batches hold sentences of every direction, not of one
     select_direction: str = ""  # its dev BLEU picks the best checkpoint; empty: the mean
 

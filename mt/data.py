@@ -177,7 +177,7 @@ class CorpusMix:
         return hashlib.sha256(keys.encode()).hexdigest()
 
     def probabilities(self) -> np.ndarray:
-        """(C,) the chance that a batch comes from each part."""
+        """(C,) the share of the sentences an epoch draws from each part."""
         sizes = [len(p) for p in self.parts.values()]
         return np.array(temperature_shares(sizes, self.temperature, self.weights))
 

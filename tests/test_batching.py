@@ -327,17 +327,19 @@ def mixture(
     return FakeCorpus(src, tgt), sampler
 
 
-def test_mixture_draws_each_corpus_its_share_of_batches() -> None:
+def test_mixture_draws_each_corpus_its_share_of_sentences_in_batches_of_its_own() -> None:
     corpus, sampler = mixture()
     assert len(sampler) == sum(len(s) for s in sampler.samplers)
     counts = sampler.counts()
     assert counts.sum() == len(sampler)
-    assert np.all(np.abs(counts - len(sampler) * sampler.probabilities) < 1)
     for epoch in (1, 2):
         batches = sampler.epoch_batches(epoch)
         which = [np.unique(np.searchsorted(sampler.offsets, b, side="right") - 1) for b in batches]
         assert all(len(w) == 1 for w in which)  # a batch holds one corpus
         assert np.bincount([int(w[0]) for w in which], minlength=3).tolist() == counts.tolist()
+        corpus_of = np.repeat([int(w[0]) for w in which], [len(b) for b in batches])  # per row
+        rows = np.bincount(corpus_of, minlength=3)
+        assert np.all(np.abs(rows / rows.sum() - sampler.probabilities) < 0.03), rows
         for b in batches:
             assert len(b) * (max(corpus.src_lens[b].max(), corpus.tgt_lens[b].max()) + 1) <= 500
         # The 50-pair corpus is drawn more often than it has batches: it goes round again.
@@ -347,6 +349,22 @@ def test_mixture_draws_each_corpus_its_share_of_batches() -> None:
     assert all(map(np.array_equal, sampler.epoch_batches(2), again.epoch_batches(2)))
     first, second = sampler.epoch_batches(1), sampler.epoch_batches(2)
     assert not all(map(np.array_equal, first, second))
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_shares_in_proportion_to_size_read_every_pair_once(mixed: bool) -> None:
+    # Short and long sentences, 1,000 pairs each: in batches of 600 tokens the short corpus
+    # fills 10 batches, the long one 100. Shares of sentences 1:1 (temperature 1) must read
+    # each pair once an epoch, not give each corpus half of the 110 batches.
+    rng = np.random.default_rng(0)
+    short, long = rng.integers(3, 6, 1000), rng.integers(50, 59, 1000)
+    samplers = [BatchSampler(lens, lens, 600, seed=2) for lens in (short, long)]
+    sampler = MixtureSampler(samplers, np.array([0.5, 0.5]), seed=2, mixed=mixed)
+    if not mixed:
+        assert sampler.counts().tolist() == [len(samplers[0]), len(samplers[1])]
+    for epoch in (1, 2):
+        rows = np.sort(np.concatenate(sampler.epoch_batches(epoch)))
+        assert np.array_equal(rows, np.arange(2000))
 
 
 def test_mixed_batches_draw_each_corpus_its_share_of_sentences() -> None:
