@@ -32,7 +32,8 @@ from mt.config import Config, DecodeConfig, load_config
 from mt.errors import MtError
 from mt.export import export_model
 from mt.export.ct2 import save_ct2
-from mt.export.ct2_search import translate_ct2
+from mt.export.ct2_search import TINY_PENALTY, ct2_options, translate_ct2
+from mt.export.readme import _ct2_search
 from mt.model import Transformer
 from mt.rundir import load_trained
 from mt.search import max_lengths
@@ -275,6 +276,25 @@ def test_ct2_export_directory_layout_and_readme(postnorm_run: Path, tmp_path: Pa
     assert "ctranslate2.Translator" in readme and "int8" in readme
     assert max(len(line) for line in readme.splitlines()) <= 100
     assert [p.name for p in out.parent.iterdir()] == ["ct2"]  # no temp directory left
+
+
+class Pieces:
+    """A tokenizer's target side that names each id."""
+
+    def id_to_piece(self, i: int) -> str:
+        return f"<{i}>"
+
+
+@pytest.mark.parametrize(
+    "decode", [DecodeConfig(alpha=0.0), DecodeConfig(length_penalty="none", alpha=0.6)]
+)
+def test_no_length_penalty_is_never_ct2s_zero_which_stops_at_the_first_finished_beam(
+    decode: DecodeConfig,
+) -> None:
+    tokenizer = type("Tokenizer", (), {"tgt": Pieces()})()
+    assert ct2_options(decode, tokenizer, 12, 1024)["length_penalty"] == TINY_PENALTY
+    assert f"length_penalty={TINY_PENALTY}," in _ct2_search(decode)  # the README's example
+    assert ct2_options(DecodeConfig(alpha=0.6), tokenizer, 15, 1024)["length_penalty"] == 0.45
 
 
 def readme_code(directory: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:

@@ -66,6 +66,7 @@ def ct2_options(
         "average": 1.0,
         "none": TINY_PENALTY,
     }[decode.length_penalty]
+    penalty = max(penalty, TINY_PENALTY)  # gnmt with alpha 0 is "none"; 0 would stop CT2 early
     banned = [[tokenizer.tgt.id_to_piece(PAD_ID)], [tokenizer.tgt.id_to_piece(BOS_ID)]]
     return {
         "beam_size": decode.beam,

@@ -10,6 +10,7 @@ from pathlib import Path
 from mt.config import Config, DecodeConfig
 from mt.corpora import open_corpus
 from mt.errors import MtError
+from mt.export.ct2_search import TINY_PENALTY
 from mt.export.hf import hf_length_penalty
 from mt.tokenizer import Tokenizer, tag_piece
 from mt.vocab import BOS_ID, PAD_ID
@@ -105,7 +106,9 @@ def _ct2_search(decode: DecodeConfig) -> str:
             f"sampling_temperature={decode.temperature}",
         ]
     else:
-        lines = [f"beam_size={decode.beam}", f"length_penalty={hf_length_penalty(decode)}"]
+        # Never 0, which would switch CTranslate2 to another stopping rule (see ct2_search).
+        penalty = max(hf_length_penalty(decode), TINY_PENALTY)
+        lines = [f"beam_size={decode.beam}", f"length_penalty={penalty}"]
     return "\n".join(f"    {line}," for line in lines)
 
 
