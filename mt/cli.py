@@ -41,6 +41,13 @@ Overrides = Annotated[
 ]
 
 
+def echo(text: str) -> None:
+    """A command's output on stdout: its reader gone or a full disk end the command as
+    `stdout_errors` says, not in a second failure flushing stdout at exit."""
+    with stdout_errors():
+        typer.echo(text)
+
+
 def _setup_logging() -> None:
     logging.basicConfig(
         format="%(asctime)s | %(message)s",
@@ -89,8 +96,8 @@ def data_fetch(
     mirror: Annotated[
         str | None,
         typer.Option(
-            envvar="MT_DATA_MIRROR",
-            help="Fetch from here instead of the official site: a URL or a local directory.",
+            help="Fetch from here instead of the official site: a URL or a local directory "
+            "(default: the MT_DATA_MIRROR environment variable, else the official site).",
         ),
     ] = None,
 ) -> None:
@@ -101,7 +108,7 @@ def data_fetch(
     from mt.fetch import fetch_data
 
     for path in fetch_data(name, dest, langs, mirror=mirror, progress=sys.stderr.isatty()):
-        typer.echo(str(path))
+        echo(str(path))
 
 
 def _load(
@@ -128,7 +135,7 @@ def data_prepare(config: ConfigOption, overrides: Overrides = None) -> None:
     from mt.rundir import prepare_data, prepare_tokenizer
 
     for line in prepare_data(cfg, prepare_tokenizer(cfg), corpora):
-        typer.echo(line)
+        echo(line)
 
 
 @tokenizer_app.command("train")
@@ -143,9 +150,9 @@ def tokenizer_train(config: ConfigOption, overrides: Overrides = None) -> None:
 
     tokenizer = prepare_tokenizer(cfg)
     for path in tokenizer.paths:
-        typer.echo(str(path))
+        echo(str(path))
     for name, corpus in corpora.get("valid", {}).items():
-        typer.echo(f"{split_label(cfg, 'valid', name)}: {describe_unk_rate(tokenizer, corpus)}")
+        echo(f"{split_label(cfg, 'valid', name)}: {describe_unk_rate(tokenizer, corpus)}")
 
 
 ModelOption = Annotated[
@@ -181,10 +188,8 @@ def tokenizer_encode(
                 f"--tgt-lang {tgt_lang}: the model translates into {', '.join(targets)} only"
             )
         tgt_lang = None
-    lines = list(read_lines(path))
-    with stdout_errors():
-        for line in tokenizer.encode_lines(lines, side, pieces, tgt_lang):
-            typer.echo(line)
+    for line in tokenizer.encode_lines(list(read_lines(path)), side, pieces, tgt_lang):
+        echo(line)
 
 
 @tokenizer_app.command("decode")
@@ -198,9 +203,8 @@ def tokenizer_decode(
     from mt.rundir import find_tokenizer
 
     tokenizer = find_tokenizer(model)
-    with stdout_errors():
-        for text in tokenizer.decode_lines(read_lines(path), side, input_name(path)):
-            typer.echo(text)
+    for text in tokenizer.decode_lines(read_lines(path), side, input_name(path)):
+        echo(text)
 
 
 # --- translate, evaluate, average -------------------------------------------------------------
@@ -506,8 +510,7 @@ def evaluate_command(
         # a test set.
         run = load_run_config(model_checkpoint(model[0]).run_dir)
         named = tgt_lang is not None or len(run.data.directions()) > 1
-        with stdout_errors():
-            typer.echo(format_directions(by_direction, json_output, named=named))
+        echo(format_directions(by_direction, json_output, named=named))
         return
     scores = evaluate(
         hyp,
@@ -525,8 +528,7 @@ def evaluate_command(
         max_tokens=max_tokens,
         tgt_lang=tgt_lang,
     )
-    with stdout_errors():
-        typer.echo(format_json(scores) if json_output else format_text(scores))
+    echo(format_json(scores) if json_output else format_text(scores))
 
 
 AVERAGE_HELP = (
@@ -556,7 +558,7 @@ def average_command(
     """Average checkpoints (see AVERAGE_HELP)."""
     from mt.average import average_run
 
-    typer.echo(str(average_run(run, last=last, best=best, output=output)))
+    echo(str(average_run(run, last=last, best=best, output=output)))
 
 
 @app.command("plot")
@@ -571,7 +573,7 @@ def plot_command(
     """Plot train loss, dev loss and dev BLEU against steps and wall-clock, from metrics.jsonl."""
     from mt.plot import plot_curves
 
-    typer.echo(str(plot_curves(runs, output)))
+    echo(str(plot_curves(runs, output)))
 
 
 @app.command("attention")
@@ -600,8 +602,8 @@ def attention_command(
     translation, path = plot_alignment(
         run, sentence, output, layer, beam, device, tgt_lang, show_tag
     )
-    typer.echo(translation)
-    typer.echo(str(path))
+    echo(translation)
+    echo(str(path))
 
 
 SERVE_HELP = (
@@ -715,7 +717,7 @@ def report_command(
     """Write RUN/report.md (config, model, data, training, dev and test scores) and curves.png."""
     from mt.report import write_report
 
-    typer.echo(str(write_report(run, test=test, device=device, precision=precision)))
+    echo(str(write_report(run, test=test, device=device, precision=precision)))
 
 
 EXPORT_HELP = (
@@ -749,7 +751,7 @@ def export_command(
     """Export a model (see EXPORT_HELP); prints OUT."""
     from mt.export import export_model
 
-    typer.echo(str(export_model(run, out, fmt, quantization=quantization, force=force)))
+    echo(str(export_model(run, out, fmt, quantization=quantization, force=force)))
 
 
 def _stopped(signum: int) -> None:

@@ -505,6 +505,29 @@ def test_stdout_on_a_full_disk_is_one_line_and_a_closed_stderr_stops_nothing(
     assert closed.stdout.decode().startswith("BLEU = 100.00 ")
 
 
+@pytest.mark.slow  # starts mt
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_every_command_says_a_full_stdout_in_one_line(trained_run: Path, tmp_path: Path) -> None:
+    # `mt plot` prints the file it wrote, as average, export, report and data commands print
+    # theirs: stdout failing there is one line and exit 1, as for translate's output.
+    command = [*MT, "plot", str(trained_run), "-o", str(tmp_path / "curves.png")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, env=env, timeout=120)
+    assert proc.returncode == 1  # not 120, from Python failing to flush stdout again at exit
+    assert proc.stderr.decode().splitlines() == [
+        "error: stdout: cannot write (No space left on device)"
+    ]
+    assert (tmp_path / "curves.png").is_file()  # the work was done; only its echo failed
+
+
+def test_a_bad_mirror_from_the_environment_is_named_as_such(tmp_path: Path) -> None:
+    result = invoke(
+        "data", "fetch", "multi30k", str(tmp_path / "d"), env={"MT_DATA_MIRROR": "http://[::1"}
+    )
+    assert str(result.exception).startswith("MT_DATA_MIRROR http://[::1: not a valid URL")
+
+
 def test_encode_pieces_keep_one_line_per_line(prepared: tuple[Path, str, str]) -> None:
     run_dir, _, _ = prepared
     # \x0c and \u2028 are line breaks to str.splitlines() but not to files; \r\n is one ending.
