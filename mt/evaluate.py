@@ -269,6 +269,7 @@ def evaluate(
             raise MtError("give --hyp and --ref, or --model (with --src and --ref, or neither)")
         given = [name for name, value in overrides.items() if value is not None]
         given += ["weights"] * bool(weights) + ["quantize"] * (quantization != "none")
+        given += ["device"] * (device != "auto") + ["precision"] * (precision != "auto")
         if given:  # decoding options mean nothing to a file of translations
             raise MtError(f"--{given[0].replace('_', '-')} needs --model (to translate)")
         if src is not None:

@@ -28,6 +28,11 @@ TENSORBOARD_DIR = "tensorboard"
 log = logging.getLogger("mt")
 
 
+def perplexity(nll: float) -> float:
+    """exp of a per-token negative log-likelihood, capped so that a diverged one stays finite."""
+    return math.exp(min(nll, 100.0))
+
+
 class MetricsLog:
     """Appends one JSON record per event to metrics.jsonl and mirrors numbers to TensorBoard."""
 

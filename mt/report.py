@@ -215,18 +215,29 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def check_runtime_used(scored: bool, test: bool, device: str, precision: str) -> None:
+    """MtError where --device or --precision is given but no test set is translated."""
+    options = (("--device", device), ("--precision", precision))
+    given = [option for option, value in options if value != "auto"]
+    if given and not scored:
+        why = "--no-test" if not test else "the run has no test set"
+        raise MtError(f"{given[0]} sets how the test set is translated, and none is ({why})")
+
+
 def write_report(
     run_dir: Path, test: bool = True, device: str = "auto", precision: str = "auto"
 ) -> Path:
     """Write RUN/report.md and RUN/curves.png; with `test`, score the test set if it has one."""
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
+    scored = test and any(c.test for c in config.data.directions())
+    check_runtime_used(scored, test, device, precision)
     check_writable(run_dir, "RUN")  # before translating the test set, not after
     lines = [f"# Run report: `{run_dir}`", ""]
     lines += _model_section(config, run_dir)
     lines += _data_section(run_dir, config)
     lines += _training_section(run_dir, config.data.select_direction)
-    if test and any(c.test for c in config.data.directions()):
+    if scored:
         checkpoint, scores = test_scores(run_dir, device, precision)
         lines += _test_section(checkpoint, scores, config)
     if read_metrics(run_dir):

@@ -30,6 +30,7 @@ from mt.batching import collate, pair_batches
 from mt.corpora import check_stdin, input_name, read_lines
 from mt.device import autocast
 from mt.errors import MtError
+from mt.metrics import perplexity
 from mt.search import Decoder, length_penalty
 from mt.translate import (
     InOrderWriter,
@@ -178,7 +179,7 @@ class Summary:
         pieces (EOS included) of 1,000 pairs"; then how many pairs were not scored, if any."""
         entropy = -self.logprob / self.pieces
         line = (
-            f"cross-entropy {entropy:.4f} nats per piece, perplexity {math.exp(entropy):.4f}, "
+            f"cross-entropy {entropy:.4f} nats per piece, perplexity {perplexity(entropy):.4f}, "
             f"over {self.pieces:,} target pieces (EOS included) of {self.pairs:,} pairs"
         )
         if self.unscored:
@@ -204,6 +205,9 @@ def score_file(
     summary line instead); overrides are decode.*."""
     if piece_scores and summary:
         raise MtError("--piece-scores and --summary: give one (the summary has no lines)")
+    penalty = [key for key in ("alpha", "length_penalty") if overrides.get(key) is not None]
+    if summary and penalty:  # the summary is per piece, without a length penalty
+        raise MtError(f"--{penalty[0].replace('_', '-')} and --summary: the summary is per piece")
     check_stdin({"SRC": source, "TGT": target})
     # Resolved first, so that a bad --device or --precision fails before stdin is read. Its
     # batches' shapes all differ: freed memory is given back (see configure_backends).

@@ -209,6 +209,8 @@ def test_model_options_are_refused_when_scoring_a_file() -> None:
     for option, message in [
         ({"weights": [1.0]}, "--weights"),
         ({"quantization": "int8"}, "--quantize"),
+        ({"device": "cpu"}, "--device"),
+        ({"precision": "fp32"}, "--precision"),
     ]:
         with pytest.raises(MtError) as err:
             evaluate(hyp=Path("h"), ref=Path("r"), **option)

@@ -181,6 +181,15 @@ def test_a_report_of_a_run_it_cannot_write_into_stops_before_translating(
     )
 
 
+def test_a_device_for_a_report_that_translates_nothing_is_refused(trained_run: Path) -> None:
+    with pytest.raises(MtError) as err:
+        write_report(trained_run, test=False, device="cuda:7")
+    assert str(err.value) == "--device sets how the test set is translated, and none is (--no-test)"
+    with pytest.raises(MtError) as err:
+        write_report(trained_run, test=False, precision="bf16")
+    assert str(err.value).startswith("--precision sets how the test set is translated")
+
+
 @pytest.fixture
 def multi_copy(multi_run: Path, tmp_path: Path) -> Path:
     """A copy of conftest's multilingual run, for reports to write into."""

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from mt.cli import app
 from mt.errors import MtError
 from mt.rundir import load_trained
-from mt.score import score_pairs
+from mt.score import Scored, Summary, score_pairs
 from mt.search import Ensemble
 from mt.translate import Translator
 
@@ -142,6 +142,8 @@ def test_piece_scores_sum_to_the_score_and_the_summary_is_the_dev_nll_training_l
     assert (
         str(result.exception) == "--piece-scores and --summary: give one (the summary has no lines)"
     )
+    result = CliRunner().invoke(app, [*args, "--summary", "--alpha", "2"])
+    assert str(result.exception) == "--alpha and --summary: the summary is per piece"
 
 
 def test_a_diverged_model_writes_every_score_then_fails(diverged_run: Path, tmp_path: Path) -> None:
@@ -209,3 +211,12 @@ def test_bad_inputs_are_one_line_errors(
     warning = r"line 2: \d+ source and 200 target pieces, more than the model's 127: score nan"
     said = [m for m in caplog.messages if re.fullmatch(warning, m)]
     assert len(said) == 1 and said == caplog.messages[-1:]
+
+
+def test_a_summary_of_a_diverging_model_caps_its_perplexity_as_training_does() -> None:
+    summary = Summary()
+    summary.add(Scored([0], [-2000.0], [[-1000.0, -1000.0]], True))  # 1,000 nats per piece
+    assert summary.line() == (
+        f"cross-entropy 1000.0000 nats per piece, perplexity {math.exp(100):.4f}, over 2 target "
+        "pieces (EOS included) of 1 pairs"
+    )
