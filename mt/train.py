@@ -60,7 +60,7 @@ from mt.errors import ConfigError, MtError, first_line
 from mt.files import atomic_directory
 from mt.lock import hold_run_lock
 from mt.loss import label_smoothed_nll
-from mt.metrics import MetricsLog, may_be_best, read_metrics, selected_bleu
+from mt.metrics import MetricsLog, may_be_best, perplexity, read_metrics, selected_bleu
 from mt.model import Transformer, count_parameters, set_dropout
 from mt.optim import Schedule, make_optimizer, make_scheduler
 from mt.rundir import (
@@ -74,7 +74,7 @@ from mt.rundir import (
     run_path,
     split_label,
 )
-from mt.tokenizer import Tokenizer, load_tokenizer
+from mt.tokenizer import LINE_BREAKS, Tokenizer, load_tokenizer
 
 log = logging.getLogger("mt")
 
@@ -325,11 +325,6 @@ def optimizer_step(
 def out_of_time(tc: TrainConfig, seconds: float) -> bool:
     """Whether `seconds` of training have used up train.max_minutes (never, when it is 0)."""
     return bool(tc.max_minutes) and seconds >= 60 * tc.max_minutes
-
-
-def perplexity(nll: float) -> float:
-    """exp of a per-token negative log-likelihood, capped so that a diverged one stays finite."""
-    return math.exp(min(nll, 100.0))
 
 
 def cooldown_due(tc: TrainConfig, state: TrainState, seconds: float) -> int:
@@ -651,17 +646,28 @@ def share_best(run: Run) -> None:
 
 
 def check_same_start(run: Run) -> None:
-    """MtError on every rank unless all start from the same step: a run directory each node
-    sees its own copy of (node-local disk) resumes rank 0 alone and trains on garbage."""
+    """MtError on every rank unless all start from the same step with the same training data.
+
+    A run directory each node sees its own copy of (node-local disk) resumes rank 0 alone and
+    trains on garbage; training files that differ between nodes (a stale or cut copy) plan
+    other batches on each rank, and end an epoch on one while another waits for gradients.
+    """
     step = float(run.state.step)
-    highest, lowest = distributed.all_reduce(
-        run.world, [step, -step], run.learner.device, op="max", startup=True
+    data = float(int(run.train_data.fingerprint()[:12], 16))  # 48 bits: exact in a float64
+    highest, lowest, most, least = distributed.all_reduce(
+        run.world, [step, -step, data, -data], run.learner.device, op="max", startup=True
     )
     if highest != -lowest:
         raise MtError(
             f"rank {run.world.rank}: the ranks start from different steps ({-lowest:,.0f} to "
             f"{highest:,.0f}; this one {step:,.0f}): train.run_dir must be on storage that "
             "every node shares"
+        )
+    if most != -least:
+        raise MtError(
+            f"rank {run.world.rank}: the ranks read different training data (this one "
+            f"{len(run.train_data):,} pairs, {run.train_data.describe_tokens()}): the training "
+            "corpora must hold the same data on every node"
         )
 
 
@@ -817,7 +823,7 @@ def restore(checkpoint: ckpt.Checkpoint, run: Run) -> TrainState:
         state = started_anew(state, run)
         clear_window(run)  # the other run's updates since its last log line are not this one's
     check_same_data(state, run)
-    warn_replanned(state, run)
+    warn_replanned(state, run, checkpoint.weights.parent.parent / CONFIG_FILE)
     sync_cooldown(learner, state)
     apply_optimizer_settings(learner, run.config.train)
     repoint_best(checkpoint, state, run)  # first: it repairs `best` by the saved choice
@@ -881,10 +887,10 @@ def check_same_data(state: TrainState, run: Run) -> None:
     state.data = data
 
 
-def warn_replanned(state: TrainState, run: Run) -> None:
+def warn_replanned(state: TrainState, run: Run, saved: Path) -> None:
     """Warn when a run resumed mid-epoch batches the rest of the epoch anew: its position is a
-    count of batches, which another max_tokens or seed lays out otherwise."""
-    saved = run.directory / CONFIG_FILE
+    count of batches, which another max_tokens or seed lays out otherwise. `saved`: the config
+    of the run whose checkpoint it resumes (this run's, or another's that it starts from)."""
     if not (state.batches_done and run.world.is_main and saved.is_file()):
         return
     before, now = load_config(saved).train, run.config.train
@@ -1509,7 +1515,8 @@ def validate_direction(run: Run, dev: DevSet) -> dict[str, float]:
         tokens += batch.tgt_tokens
         output = run.tokenizer.decode_tgt([hyps[0].tokens for hyps in found])
         for index, text in zip(indices.tolist(), output, strict=True):
-            hypotheses[index] = text if dev.data.src_lens[index] else ""  # as mt translate
+            # As `mt translate` prints it: sacreBLEU's 13a joins "well-\nknown" into one word.
+            hypotheses[index] = text.translate(LINE_BREAKS) if dev.data.src_lens[index] else ""
     model.train(training)
     bleu = sacrebleu.corpus_bleu(hypotheses, [dev.references], tokenize=dev.tokenize)
     nll = nll_sum / max(tokens, 1)

@@ -33,6 +33,17 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 TOLERANCE = 1e-5
 
 
+@pytest.fixture(autouse=True)
+def nccl_setting_restored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process's NCCL error setting as it was after each test: `distributed.setup` sets it
+    in os.environ, which the children of later tests (torchrun, srun ranks) would inherit.
+    monkeypatch undoes only what it recorded: set, then deleted, it records the variable."""
+    name = distributed.NCCL_ERROR_HANDLING
+    monkeypatch.setenv(name, os.environ.get(name, ""))
+    if os.environ[name] == "":
+        monkeypatch.delenv(name)
+
+
 def overrides(run_dir: Path, *extra: str) -> list[str]:
     return [f"run_dir={run_dir}", f"data.cache_dir={run_dir.parent / 'cache'}", *extra]
 
@@ -274,6 +285,24 @@ def test_ranks_that_would_start_from_different_steps_stop(tmp_path: Path) -> Non
             f"error: rank {rank}: the ranks start from different steps (0 to 4; this one "
             f"{step}): train.run_dir must be on storage that every node shares"
         )
+
+
+@pytest.mark.slow  # starts two Python ranks
+def test_ranks_that_read_different_training_data_stop(tmp_path: Path) -> None:
+    # Node-local copies of the corpus, one of them cut short: the ranks would plan other batches.
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    for lang in ("de", "en"):
+        lines = (ROOT / f"tests/data/tiny/train.{lang}").read_text(encoding="utf-8").splitlines()
+        (cut / f"train.{lang}").write_text("\n".join(lines[:400]) + "\n", encoding="utf-8")
+    args = overrides(tmp_path / "run", "train.max_steps=4", *SRUN)
+    (code0, err0), (code1, err1) = srun_ranks([args, [*args, f"data.train={cut / 'train'}"]])
+    assert (code0, code1) == (1, 1), (err0, err1)
+    for rank, err in enumerate((err0, err1)):
+        last = err.splitlines()[-1]
+        assert last.startswith(f"error: rank {rank}: the ranks read different training data (")
+        assert last.endswith("): the training corpora must hold the same data on every node")
+    assert "(this one 400 pairs, " in err1.splitlines()[-1]
 
 
 # Two ranks of a bare `distributed.setup` + `main_first`; rank 0's preparation fails with an

@@ -38,7 +38,7 @@ from mt.metrics import read_metrics
 from mt.report import write_report
 from mt.rundir import model_checkpoint
 from mt.search import Hypothesis
-from mt.tokenizer import load_tokenizer
+from mt.tokenizer import Tokenizer, load_tokenizer
 from mt.train import TrainResult, TrainState, dev_references, expected_end, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -565,7 +565,7 @@ def test_a_resumed_run_trains_with_its_own_optimizer_settings(tmp_path: Path) ->
     )
     result = train(config, resume=first / "checkpoints" / "step-00000010.safetensors")
     assert result.state.step == 14 and result.state.cooldown_steps == 0  # its own schedule
-    assert result.state.train_seconds < ckpt_state(first, 10)["train"]["train_seconds"] + 60
+    assert ckpt_state(tune, 14)["train"]["clock_step"] == 10  # its clock began at the start
     group = ckpt_state(tune, 14)["optimizer"]["param_groups"][0]
     assert (group["initial_lr"], group["weight_decay"], tuple(group["betas"]), group["eps"]) == (
         1e-4, 0.5, (0.8, 0.9), 1e-6
@@ -917,15 +917,19 @@ def test_one_host_read_per_training_step(tmp_path: Path, monkeypatch: pytest.Mon
 def test_a_second_trainer_on_the_same_run_directory_is_refused(tmp_path: Path) -> None:
     run = tmp_path / "run"
     first = run_cli(run, "train.max_steps=100000", "train.log_every=1")
-    wait_for_step(first, 1)
-    config_before = (run / "config.yaml").read_bytes()
-    # The second trainer in-process: a Python start-up less, while the first one trains on.
-    cache = run.parent / "cache"
-    args = ["train", "--config", str(TINY), f"run_dir={run}", f"data.cache_dir={cache}",
-            "train.max_steps=100000", "train.lr=0.5"]  # fmt: skip
-    second = CliRunner().invoke(cli_app, args)
-    first.send_signal(signal.SIGTERM)
-    first.communicate(timeout=60)
+    try:  # the first trainer never outlives the test, however it fails
+        wait_for_step(first, 1)
+        config_before = (run / "config.yaml").read_bytes()
+        # The second trainer in-process: a Python start-up less, while the first one trains on.
+        cache = run.parent / "cache"
+        args = ["train", "--config", str(TINY), f"run_dir={run}", f"data.cache_dir={cache}",
+                "train.max_steps=100000", "train.lr=0.5"]  # fmt: skip
+        second = CliRunner().invoke(cli_app, args)
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=60)
+    finally:
+        first.kill()
+        first.wait()
     assert isinstance(second.exception, MtError)  # main() prints it as one `error:` line
     assert str(second.exception) == (
         f"{run}: the run directory is in use by PID {first.pid} on host {socket.gethostname()}"
@@ -1040,6 +1044,24 @@ def test_validation_leaves_blank_dev_sources_untranslated_as_mt_translate_does(
     train(tiny(tmp_path / "run", f"data.valid={tmp_path / 'dev'}", "train.max_steps=2"))
     said = load_tokenizer(tmp_path / "run" / "tokenizer").decode_tgt([[10]])[0]
     assert said and seen and all(hyps == [said, "", said, said, "", said] for hyps in seen)
+
+
+def test_validation_scores_outputs_as_mt_translate_prints_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An output spelling a line break (byte pieces): mt translate prints it as a space, and
+    # sacreBLEU's 13a would join "well-\nknown" into one word.
+    seen: list[list[str]] = []
+    score = sacrebleu.corpus_bleu
+
+    def corpus_bleu(hypotheses: list[str], references, **kwargs):
+        seen.append(list(hypotheses))
+        return score(hypotheses, references, **kwargs)
+
+    monkeypatch.setattr(train_module.sacrebleu, "corpus_bleu", corpus_bleu)
+    monkeypatch.setattr(Tokenizer, "decode_tgt", lambda self, ids: ["well-\nknown"] * len(ids))
+    train(tiny(tmp_path / "run", "train.max_steps=2"))
+    assert seen and all(set(hyps) == {"well- known"} for hyps in seen)
 
 
 def test_validation_leaves_the_ema_in_eval_mode_and_the_trained_model_training(
@@ -1270,6 +1292,20 @@ def test_resuming_mid_epoch_with_another_batch_size_warns(
     assert caplog.messages == [
         "warning: train.max_tokens and train.seed changed in epoch 1: the rest of it is batched "
         "anew, so some of its pairs come twice and others not at all (the next epochs are whole)"
+    ]
+
+
+def test_a_run_started_mid_epoch_from_another_runs_checkpoint_warns_of_a_new_seed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = tmp_path / "first"
+    assert train(tiny(first, "train.max_steps=5")).state.batches_done > 0  # mid-epoch
+    start = ckpt.latest_checkpoint(first).weights
+    with caplog.at_level(logging.WARNING, logger="mt"):
+        train(tiny(tmp_path / "second", "train.max_steps=6", "train.seed=7"), start)
+    assert caplog.messages == [
+        "warning: train.seed changed in epoch 1: the rest of it is batched anew, so some of its "
+        "pairs come twice and others not at all (the next epochs are whole)"
     ]
 
 
@@ -1510,3 +1546,52 @@ def test_a_signal_while_the_end_of_a_stopped_run_is_saved_waits_for_the_save(
         signal.signal(signal.SIGTERM, previous)
     assert result.state.validated and result.state.step == last
     assert [c.step for c in ckpt.list_checkpoints(run)] == [last]  # whole
+
+
+def micro_batches() -> list:
+    """Two micro-batches of an update with different target tokens (3 and 14, EOS included)."""
+    import numpy as np
+
+    from mt.batching import collate
+
+    short = collate([([5, 6, 7], [8, 9])], np.array([0]))
+    long = collate([([5], [10, 11, 12, 13, 14, 15])] * 2, np.array([1, 2]))
+    assert (short.tgt_tokens, long.tgt_tokens) == (3, 14)
+    return [short, long]
+
+
+def tiny_learner(*overrides: str) -> train_module.Learner:
+    from mt.distributed import World
+
+    config = load_config(TINY, list(overrides))  # dropout 0: every pass the same function
+    return train_module.build_learner(config, (30, 30), World(), torch.device("cpu"), "fp32")
+
+
+def test_an_update_is_the_gradient_of_its_micro_batches_summed_loss_per_token() -> None:
+    from mt.loss import label_smoothed_nll
+
+    learner, batches = tiny_learner(), micro_batches()
+    train_module.train_step(learner, batches, 17, stop=False, out_of_time=False)
+    got = [p.grad.clone() for p in learner.params]
+    learner.optimizer.zero_grad(set_to_none=True)
+    # Per token of the whole update, not per micro-batch: (L_a + L_b) / (3 + 14).
+    total = sum(
+        label_smoothed_nll(learner.model(b.src, b.tgt_in), b.tgt_out, 0.1)[0] for b in batches
+    )
+    (total / 17).backward()
+    for grad, param in zip(got, learner.params, strict=True):
+        torch.testing.assert_close(grad, param.grad)
+
+
+def test_gradients_are_clipped_once_the_loss_scale_is_taken_off() -> None:
+    learner, batches = tiny_learner(), micro_batches()
+    plain = train_module.train_step(learner, batches, 17, stop=False, out_of_time=False)
+    unclipped = [p.grad.clone() for p in learner.params]
+    learner.optimizer.zero_grad(set_to_none=True)
+    # fp16's loss scaling (a CPU scaler: the order is what is tested) and a clip at half the norm.
+    learner.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    learner.clip_norm = plain.norm / 2
+    scaled = train_module.train_step(learner, batches, 17, stop=False, out_of_time=False)
+    assert scaled.norm == pytest.approx(plain.norm, rel=1e-4)  # the norm logged is unscaled
+    for grad, param in zip(unclipped, learner.params, strict=True):
+        torch.testing.assert_close(param.grad, grad / 2, rtol=1e-4, atol=1e-7)
