@@ -88,10 +88,15 @@ def test_no_shuffle_is_sorted_and_epoch_independent() -> None:
 
 def test_resume_by_skipping_consumed_batches() -> None:
     src, tgt = random_lens(2000)
-    full = BatchSampler(src, tgt, 700, seed=3).epoch_batches(2)
-    resumed = BatchSampler(src, tgt, 700, seed=3).epoch_batches(2)[5:]
-    assert len(resumed) == len(full) - 5
-    assert all(np.array_equal(x, y) for x, y in zip(full[5:], resumed, strict=True))
+    corpus = FakeCorpus(src, tgt)
+    full = list(plan_updates(BatchSampler(src, tgt, 700, seed=3), corpus, (1, 0), 2, 1))
+    # A new sampler (a new process) resuming after the 5th batch of epoch 2.
+    resumed = list(plan_updates(BatchSampler(src, tgt, 700, seed=3), corpus, (2, 5), 2, 1))
+    first = next(i for i, u in enumerate(full) if u.epoch == 2) + 5
+    assert len(resumed) == len(full) - first > 0
+    for want, got in zip(full[first:], resumed, strict=True):
+        assert (got.epoch, got.done, got.tokens) == (want.epoch, want.done, want.tokens)
+        assert np.array_equal(got.batches[0].indices, want.batches[0].indices)
 
 
 @pytest.mark.parametrize("window", [0, 37, 500])

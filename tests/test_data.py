@@ -275,6 +275,7 @@ def test_temp_dirs_of_dead_encodings_are_removed_not_live_ones(
         env=env,
     )
     dead = Path(child.stdout.readline().strip())
+    assert dead.parent == tmp_path  # not "" (a child that died): nothing goes in the checkout
     (dead / "raw").mkdir()
     (dead / "raw" / "part.arrow").write_bytes(b"half")
     child.kill()

@@ -89,7 +89,12 @@ def test_padding_does_not_change_outputs(prenorm: bool, precision: torch.dtype) 
         alone = model(torch.tensor([short_src]), torch.tensor([short_tgt]), padded=False)
         batch = model(pad_batch([short_src, long_src]), pad_batch([short_tgt, long_tgt]))
     assert torch.allclose(alone[0].float(), batch[0, :4].float(), atol=atol)
-    assert torch.equal(alone[0].argmax(-1), batch[0, :4].argmax(-1))
+    same = alone[0].argmax(-1) == batch[0, :4].argmax(-1)  # (4,)
+    if precision == torch.float32:
+        assert bool(same.all())
+    else:  # another CPU's bf16 kernels may round a near tie the other way: only those may differ
+        top2 = alone[0].float().topk(2, dim=-1).values  # (4, 2)
+        assert bool((same | (top2[:, 0] - top2[:, 1] < 2 * atol)).all())
 
 
 def unpadded_pairs(n: int, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,9 +26,16 @@ needs_onednn = pytest.mark.skipif(not packing.available(), reason="torch built w
 
 
 def tiny_model(seed: int = 0) -> Transformer:
+    """A random model whose biases are not zero (its initialisation zeroes them), so that a
+    bias dropped or misplaced by packing changes what it computes."""
     torch.manual_seed(seed)
     config = ModelConfig(dim=32, enc_layers=2, dec_layers=2, heads=4, ffn_dim=64, dropout=0.0)
-    return Transformer(config, 40, 40).eval()
+    model = Transformer(config, 40, 40).eval()
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, nn.Linear) and layer.bias is not None:
+                layer.bias.normal_(std=0.1)
+    return model
 
 
 def linears(model: nn.Module) -> int:

@@ -12,12 +12,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
 from helpers.entry import run_main
+from helpers.waiting import SAFETY_NET_S
 from typer.testing import CliRunner
 
 from mt import checkpoint as ckpt
@@ -322,12 +324,18 @@ def test_a_stop_signal_mid_file_leaves_nothing_half_written(
         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert proc.stderr is not None
-    while not any(out_dir.iterdir()):  # until the temp file is there: the translation is under way
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=0.1)
-        assert proc.returncode is None, proc.stderr.read().decode()
-    proc.send_signal(stop)
-    assert proc.wait(timeout=60) == 128 + stop
+    deadline = time.monotonic() + SAFETY_NET_S
+    try:
+        while not any(out_dir.iterdir()):  # until the temp file is there: translating
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.1)
+            assert proc.returncode is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "no temp file: the child hangs"
+        proc.send_signal(stop)
+        assert proc.wait(timeout=60) == 128 + stop
+    finally:
+        proc.kill()
+        proc.wait()
     err = proc.stderr.read().decode()
     assert "Traceback" not in err
     said = f"stopped by {stop.name} before the end; run it again"
