@@ -432,15 +432,17 @@ def test_fp16_overflow_skips_steps_then_stops_at_the_floor(
     )
 
 
+def validations_scoring(monkeypatch: pytest.MonkeyPatch, bleus: list[float]) -> None:
+    """Make the run's validations score these dev BLEUs in turn (every dev loss 1.0)."""
+    scores = iter(bleus)
+    record = {"loss": 1.0, "nll": 1.0, "ppl": 2.7}
+    monkeypatch.setattr(train_module, "validate", lambda run: {**record, "bleu": next(scores)})
+
+
 def test_a_best_checkpoint_whose_pointer_was_never_moved_becomes_the_best_on_resume(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    bleus = iter([10.0, 20.0, 5.0])
-
-    def fake_validate(run) -> dict[str, float]:
-        return {"loss": 1.0, "nll": 1.0, "ppl": 2.7, "bleu": next(bleus)}
-
-    monkeypatch.setattr(train_module, "validate", fake_validate)
+    validations_scoring(monkeypatch, [10.0, 20.0, 5.0])
     run = tmp_path / "run"
     train(tiny(run, "train.max_steps=10", "train.valid_every=5"))
     assert ckpt.best_checkpoint(run).step == 10
@@ -612,6 +614,20 @@ def test_average_last_at_the_end(tmp_path: Path, caplog: pytest.LogCaptureFixtur
         "warning: train.average_last=2, but the run has no checkpoint to average (see "
         in "".join(caplog.messages)
     )
+
+
+def test_an_average_of_one_makes_the_last_checkpoint_the_runs_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # configs/multi30k*.yaml: the run's model is its last checkpoint, not its best by dev BLEU.
+    validations_scoring(monkeypatch, [10.0, 30.0, 20.0])
+    run = tmp_path / "run"
+    config = tiny(run, "train.max_steps=45", "train.average_last=1", "train.ema_decay=0.9")
+    finish(config, train(config))
+    assert ckpt.best_checkpoint(run).step == 30
+    assert model_checkpoint(run).weights == run / "checkpoints" / "average.safetensors"
+    average, last = load_file(model_checkpoint(run).weights), weights_at(run, 45)
+    assert average.keys() == last.keys() and all(torch.equal(average[k], last[k]) for k in last)
 
 
 def test_the_end_average_of_a_run_gone_back_leaves_out_the_later_steps(tmp_path: Path) -> None:
