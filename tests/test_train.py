@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import sacrebleu
 import torch
@@ -27,13 +28,16 @@ import mt.train as train_module
 from mt import checkpoint as ckpt
 from mt import rundir as rundir_module
 from mt.average import select_last
+from mt.batching import collate
 from mt.cli import app as cli_app
 from mt.config import Config, load_config
 from mt.corpora import open_corpus
 from mt.device import describe_precision
+from mt.distributed import World
 from mt.errors import ConfigError, MtError
 from mt.finish import finish
 from mt.lock import hold_run_lock
+from mt.loss import label_smoothed_nll
 from mt.metrics import read_metrics
 from mt.report import write_report
 from mt.rundir import model_checkpoint
@@ -1566,10 +1570,6 @@ def test_a_signal_while_the_end_of_a_stopped_run_is_saved_waits_for_the_save(
 
 def micro_batches() -> list:
     """Two micro-batches of an update with different target tokens (3 and 14, EOS included)."""
-    import numpy as np
-
-    from mt.batching import collate
-
     short = collate([([5, 6, 7], [8, 9])], np.array([0]))
     long = collate([([5], [10, 11, 12, 13, 14, 15])] * 2, np.array([1, 2]))
     assert (short.tgt_tokens, long.tgt_tokens) == (3, 14)
@@ -1577,15 +1577,11 @@ def micro_batches() -> list:
 
 
 def tiny_learner(*overrides: str) -> train_module.Learner:
-    from mt.distributed import World
-
     config = load_config(TINY, list(overrides))  # dropout 0: every pass the same function
     return train_module.build_learner(config, (30, 30), World(), torch.device("cpu"), "fp32")
 
 
 def test_an_update_is_the_gradient_of_its_micro_batches_summed_loss_per_token() -> None:
-    from mt.loss import label_smoothed_nll
-
     learner, batches = tiny_learner(), micro_batches()
     train_module.train_step(learner, batches, 17, stop=False, out_of_time=False)
     got = [p.grad.clone() for p in learner.params]
