@@ -483,6 +483,17 @@ def test_a_closed_stdin_or_stdout_is_one_line(monkeypatch: pytest.MonkeyPatch) -
         check_output_path(None)
 
 
+def assert_full_stdout_is_one_line(command: list[str]) -> None:
+    """`command` with stdout on a full disk: exit 1 and one line saying so."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, env=env, timeout=120)
+    assert proc.returncode == 1  # not 120, from Python failing to flush stdout again at exit
+    assert proc.stderr.decode().splitlines() == [
+        "error: stdout: cannot write (No space left on device)"
+    ]
+
+
 @pytest.mark.slow  # starts mt
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
 def test_stdout_on_a_full_disk_is_one_line_and_a_closed_stderr_stops_nothing(
@@ -491,13 +502,8 @@ def test_stdout_on_a_full_disk_is_one_line_and_a_closed_stderr_stops_nothing(
     hyp = tmp_path / "hyp.txt"
     hyp.write_text("a dog runs .\n", encoding="utf-8")
     command = [*MT, "evaluate", "--hyp", str(hyp), "--ref", str(hyp)]  # as translate, encode
+    assert_full_stdout_is_one_line(command)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with open("/dev/full", "w") as full:
-        proc = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, env=env, timeout=120)
-    assert proc.returncode == 1  # not 120, from Python failing to flush stdout again at exit
-    assert proc.stderr.decode().splitlines() == [
-        "error: stdout: cannot write (No space left on device)"
-    ]
     closed = subprocess.run(
         command, capture_output=True, env=env, timeout=120, preexec_fn=lambda: os.close(2)
     )
@@ -510,15 +516,8 @@ def test_stdout_on_a_full_disk_is_one_line_and_a_closed_stderr_stops_nothing(
 def test_every_command_says_a_full_stdout_in_one_line(trained_run: Path, tmp_path: Path) -> None:
     # `mt plot` prints the file it wrote, as average, export, report and data commands print
     # theirs: stdout failing there is one line and exit 1, as for translate's output.
-    command = [*MT, "plot", str(trained_run), "-o", str(tmp_path / "curves.png")]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with open("/dev/full", "w") as full:
-        proc = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, env=env, timeout=120)
-    assert proc.returncode == 1  # not 120, from Python failing to flush stdout again at exit
-    assert proc.stderr.decode().splitlines() == [
-        "error: stdout: cannot write (No space left on device)"
-    ]
-    assert (tmp_path / "curves.png").is_file()  # the work was done; only its echo failed
+    assert_full_stdout_is_one_line([*MT, "plot", str(trained_run), "-o", str(tmp_path / "c.png")])
+    assert (tmp_path / "c.png").is_file()  # the work was done; only its echo failed
 
 
 def test_a_bad_mirror_from_the_environment_is_named_as_such(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -291,7 +292,7 @@ class Pieces:
 def test_no_length_penalty_is_never_ct2s_zero_which_stops_at_the_first_finished_beam(
     decode: DecodeConfig,
 ) -> None:
-    tokenizer = type("Tokenizer", (), {"tgt": Pieces()})()
+    tokenizer = SimpleNamespace(tgt=Pieces())
     assert ct2_options(decode, tokenizer, 12, 1024)["length_penalty"] == TINY_PENALTY
     assert f"length_penalty={TINY_PENALTY}," in _ct2_search(decode)  # the README's example
     assert ct2_options(DecodeConfig(alpha=0.6), tokenizer, 15, 1024)["length_penalty"] == 0.45
