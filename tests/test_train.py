@@ -462,12 +462,7 @@ def test_a_best_checkpoint_whose_pointer_was_never_moved_becomes_the_best_on_res
 def test_going_back_and_saving_the_best_step_worse_moves_best_to_the_real_best(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    bleus = iter([25.0, 30.0, 10.0, 12.0, 24.0])
-
-    def fake_validate(run) -> dict[str, float]:
-        return {"loss": 1.0, "nll": 1.0, "ppl": 2.7, "bleu": next(bleus)}
-
-    monkeypatch.setattr(train_module, "validate", fake_validate)
+    validations_scoring(monkeypatch, [25.0, 30.0, 10.0, 12.0, 24.0])
     run = tmp_path / "run"
     every = ("train.valid_every=5", "train.keep_last=5")
     train(tiny(run, "train.max_steps=20", *every))  # 25, 30 (best, step 10), 10, 12
@@ -498,12 +493,7 @@ def test_a_validation_that_uses_up_the_time_ends_the_run_there(
 
 
 def test_early_stopping_on_patience(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    bleus = iter([10.0, 12.0, 11.0, 11.5, 9.0, 20.0])
-
-    def fake_validate(run) -> dict[str, float]:
-        return {"loss": 1.0, "nll": 1.0, "ppl": 2.7, "bleu": next(bleus)}
-
-    monkeypatch.setattr(train_module, "validate", fake_validate)
+    validations_scoring(monkeypatch, [10.0, 12.0, 11.0, 11.5, 9.0, 20.0])
     run = tmp_path / "run"
     result = train(tiny(run, "train.max_steps=100", "train.valid_every=5", "train.patience=2"))
     # Best 12.0 at step 10; 11.0 (step 15) and 11.5 (step 20) are not better: stop at step 20.
