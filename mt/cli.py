@@ -70,16 +70,11 @@ def train_command(
 ) -> None:
     """Train a model: tokenizer (if the run has none), data, Transformer, checkpoints."""
     cfg, _ = _load(config, overrides, ("train", "valid", "test"))
-    from mt.checkpoint import resolve_checkpoint
     from mt.finish import finish
     from mt.rundir import check_config_file
     from mt.train import train
 
     check_config_file(config, cfg)
-    if resume is not None:  # a missing checkpoint or state is an error now, not after the data
-        state = resolve_checkpoint(resume).state
-        if not state.is_file():
-            raise MtError(f"--resume {resume}: {state} is missing (resuming needs it)")
     result = train(cfg, resume=resume)
     finish(cfg, result)
     if result.signum is not None:

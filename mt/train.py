@@ -494,6 +494,15 @@ def resume_target(resume: Path | None, config: Config) -> Path | None:
     return None
 
 
+def check_resume_state(asked: Path | None, resume: Path | None) -> None:
+    """MtError now, not after the data, if `resume` (what `--resume asked` led to) has no
+    checkpoint or no training state."""
+    if resume is not None:
+        state = ckpt.resolve_checkpoint(resume).state
+        if not state.is_file():
+            raise MtError(f"--resume {asked}: {state} is missing (resuming needs it)")
+
+
 def own_checkpoint(resume: Path, config: Config) -> ckpt.Checkpoint | None:
     """The checkpoint of this run that `resume` names, else None: one found, or the path of a
     step checkpoint in the run's checkpoints directory that is no longer there."""
@@ -591,6 +600,7 @@ def start(
     if config.train.compile:
         check_compile(device)
     asked, resume = resume, resume_target(resume, config)
+    check_resume_state(asked, resume)
 
     def prepare_run() -> Prepared:
         if world.is_main:  # before anything is written: a second trainer stops here

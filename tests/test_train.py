@@ -359,14 +359,15 @@ def test_resuming_an_earlier_checkpoint_warns_of_the_later_ones(
     assert [c.step for c in ckpt.list_checkpoints(run)] == [20, 30]
     # The same command in a job its scheduler restarted (requeued) goes on from where the run
     # begun from step 15 got to, not from step 15 again, nor from the abandoned step 30; even
-    # with step 15 itself pruned since (train.keep_last=1).
+    # with step 15 itself pruned since (train.keep_last=1). Through the CLI, as a job runs it.
     assert not earlier.exists()
     caplog.clear()
     caplog.set_level("INFO", logger="mt")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("SLURM_RESTART_COUNT", "1")
-        again = train(tiny(run, "train.max_steps=25", "train.keep_last=1"), resume=earlier)
-    assert again.state.step == 25
+    cache = tmp_path / "cache"
+    args = ["train", "--config", str(TINY), f"run_dir={run}", f"data.cache_dir={cache}",
+            "train.max_steps=25", "train.keep_last=1", "--resume", str(earlier)]  # fmt: skip
+    again = CliRunner().invoke(cli_app, args, env={"SLURM_RESTART_COUNT": "1"})
+    assert again.exit_code == 0, again.exception
     assert f"{run} goes on from its own step-00000020; --resume {earlier} began it" in (
         caplog.messages
     )
