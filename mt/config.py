@@ -750,8 +750,10 @@ def load_config(
 
 def _check_direction_keys(config: Config, overridden: set[str]) -> None:
     """Raise _Invalid for data.src_lang or data.tgt_lang set on the command line of a run of
-    data.corpora: they would do nothing (a run file always holds them, so only overrides)."""
-    unused = sorted({"data.src_lang", "data.tgt_lang"} & overridden) if config.data.corpora else []
+    data.corpora, or data.train, data.valid or data.test where every corpus names its own: they
+    would do nothing (a run file always holds them, so only overrides)."""
+    corpora = config.data.corpora
+    unused = sorted({"data.src_lang", "data.tgt_lang"} & overridden) if corpora else []
     if unused:
         names = ", ".join(c.direction for c in config.data.directions())
         raise _Invalid(
@@ -759,6 +761,14 @@ def _check_direction_keys(config: Config, overridden: set[str]) -> None:
             f"{unused[0]}: this config's directions are data.corpora's ({names}); set them "
             "there (data.src_lang and data.tgt_lang are the direction of a run without it)",
         )
+    for key in sorted({"data.train", "data.valid", "data.test"} & overridden):
+        name = key.removeprefix("data.")
+        if corpora and all(getattr(c, name) for c in corpora):
+            raise _Invalid(
+                key,
+                f"{key}: every corpus of data.corpora names its own {name} file; set "
+                f"data.corpora[N].{name} instead ({key} is for the corpora that name none)",
+            )
 
 
 def _check_required(config: Config, key: str) -> None:

@@ -248,6 +248,26 @@ def test_one_field_of_one_corpus_can_be_overridden() -> None:
     assert str(err.value) == ("command line: there is no data.corpora[0] (data.corpora has 0)")
 
 
+def test_overrides_that_data_corpora_would_ignore_are_refused() -> None:
+    multi = CONFIGS / "multi30k-multi.yaml"
+    own = [f"data.corpora[{i}].valid=dev{i}" for i in range(4)]  # every corpus names its own
+    cases = [
+        (["data.src_lang=fr"], "data.src_lang: this config's directions are data.corpora's "
+         "(de-en, en-de, fr-en, en-fr); set them there (data.src_lang and data.tgt_lang are the "
+         "direction of a run without it)"),
+        ([*own, "data.valid=other"], "data.valid: every corpus of data.corpora names its own "
+         "valid file; set data.corpora[N].valid instead (data.valid is for the corpora that "
+         "name none)"),
+    ]  # fmt: skip
+    for overrides, message in cases:
+        with pytest.raises(ConfigError) as err:
+            load_config(multi, overrides)
+        assert str(err.value) == f"command line: {message}"
+    # Where a corpus names none, data.valid is its file: taken.
+    config = load_config(multi, [*own[:3], "data.valid=other"])
+    assert [c.valid for c in config.data.directions()] == ["dev0", "dev1", "dev2", "other"]
+
+
 def test_share_embeddings_needs_joint_vocab(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, "tokenizer: {joint: false}\n"))
