@@ -7,7 +7,9 @@ Decodes every direction's dev set (data.valid) and test set (data.test) of each 
 search under each setting of --settings (a length penalty, with its alpha for gnmt), everything
 else as the run's config says, and prints a Markdown section: BLEU per run, direction, setting
 and split (sacreBLEU, cased), the best setting on dev, and each setting's mean change in dev and
-test BLEU from the run's own setting. Choose on dev; test only confirms.
+test BLEU from the run's own setting. Choose on dev; test only confirms. A run directory
+decodes with the run's model; a checkpoint file (RUN/checkpoints/step-N.safetensors) with its
+weights and its run's config.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from bench import cpu_model, log, publish, wrap  # noqa: E402
 
 from mt.bleu import bleu_tokenizer  # noqa: E402
 from mt.evaluate import score, translate_test_sets  # noqa: E402
-from mt.rundir import load_run_config  # noqa: E402
+from mt.rundir import load_run_config, model_checkpoint  # noqa: E402
 from mt.translate import resolve_runtime  # noqa: E402
 
 SECTION = "## Length penalty: dev and test BLEU by decode.alpha"
@@ -65,8 +67,8 @@ def bleu_of(run: Path, setting: Setting, split: str, precision: str) -> dict[str
 
 
 def own_setting(run: Path) -> Setting:
-    """The length penalty and alpha the run's config decodes with."""
-    decode = load_run_config(run).decode
+    """The length penalty and alpha the run's config decodes with (run: a run or checkpoint)."""
+    decode = load_run_config(model_checkpoint(run).run_dir).decode
     return decode.length_penalty, decode.alpha
 
 
@@ -124,7 +126,8 @@ def report(args: argparse.Namespace, res: dict[Path, dict[Setting, dict]]) -> st
 def main() -> None:
     """Parse arguments, decode every run under every setting, print (and maybe write)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="trained run directories")
+    parser.add_argument("runs", nargs="+", type=Path,
+                        help="run directories (their models) or checkpoint files")  # fmt: skip
     parser.add_argument("--settings", default="gnmt:0.6,gnmt:1.0,gnmt:1.5,gnmt:2.0,average",
                         help="length penalties, KIND[:ALPHA] separated by commas")  # fmt: skip
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's)")

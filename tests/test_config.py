@@ -553,3 +553,4 @@ def test_the_bilingual_recipes_differ_only_in_direction() -> None:
     # The settings measured at an AVX2-only CPU's ~1,500 updates and an AMX CPU's ~4,000.
     assert (de_en.model.dropout, de_en.train.lr, de_en.train.cooldown) == (0.2, 3e-3, 0.2)
     assert (de_en.train.max_minutes, de_en.train.precision) == (58, "auto")
+    assert (de_en.decode.beam, de_en.decode.length_penalty, de_en.decode.alpha) == (5, "gnmt", 1.5)
