@@ -185,17 +185,28 @@ def load_models(
         raise MtError("--weights: each must be a finite number >= 0, and one > 0")
     loaded = [load_trained(path, device) for path in paths]
     config, tokenizer = loaded[0][0], loaded[0][1]
-    for path, (_, other, _, _) in zip(paths[1:], loaded[1:], strict=True):
+    for path, (other_config, other, _, _) in zip(paths[1:], loaded[1:], strict=True):
         difference = vocabulary_difference(tokenizer, other)
         if difference:
             raise MtError(
                 f"--model {path}: {difference} in --model {paths[0]}: the models of an "
                 "ensemble must share their vocabulary"
             )
+        mine, theirs = directions(config), directions(other_config)
+        if mine != theirs:  # a shared joint vocabulary does not make them one direction
+            raise MtError(
+                f"--model {path}: it translates {theirs}, not {mine} as --model {paths[0]}: "
+                "the models of an ensemble must translate the same directions"
+            )
     names = ", ".join(str(checkpoint.weights) for *_, checkpoint in loaded)
     models = [model for _, _, model, _ in loaded]
     decoder = models[0] if len(models) == 1 else Ensemble(models, weights)
     return config, tokenizer, pack(quantize(decoder, quantization), device, precision), names
+
+
+def directions(config: Config) -> str:
+    """The directions a run's model translates, sorted: "de-en" or "de-en, en-de, ..."."""
+    return ", ".join(sorted({c.direction for c in config.data.directions()}))
 
 
 def vocabulary_difference(first: Tokenizer, other: Tokenizer) -> str | None:

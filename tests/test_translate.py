@@ -538,6 +538,24 @@ def test_models_with_different_vocabularies_are_refused(
     )
 
 
+def test_models_of_other_directions_are_refused(trained_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from mt.config import load_config, save_config
+
+    reverse = tmp_path / "reverse"  # the same vocabulary and weights, the other direction
+    shutil.copytree(trained_run, reverse, ignore=shutil.ignore_patterns("cache", "tensorboard"))
+    config = reverse / "config.yaml"
+    save_config(load_config(config, ["data.src_lang=en", "data.tgt_lang=de"]), config)
+    args = ["translate", "-m", str(trained_run), "-m", str(reverse)]
+    result = CliRunner().invoke(app, args, input="Der hund .\n")
+    assert isinstance(result.exception, MtError)
+    assert str(result.exception) == (
+        f"--model {reverse}: it translates en-de, not de-en as --model {trained_run}: the "
+        "models of an ensemble must translate the same directions"
+    )
+
+
 TOO_LONG = "pieces, more than the 126 an output can hold"
 BAD_STEERING = [  # (option, its file's text, the error after "FILE: ")
     ("--prefix", "A dog\n", "1 lines, but {source} has 2"),
