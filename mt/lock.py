@@ -8,8 +8,10 @@ Lustre) where flock may be node-local or unsupported, a lock taken on another ho
 refused, from what the file says. Such a lock cannot be checked from here, so it is never
 broken silently: the message says to delete the file once that run is over, unless the holder
 was an earlier run of this same SLURM job (`job J restart R`: a requeued job keeps its id, and
-SLURM ends a run before it starts the next, unless it lost a node that still runs it). A clean
-exit empties the file.
+SLURM ends a run before it starts the next, unless it lost a node that still runs it), or of
+this same torchrun job that torchrun restarted (`restart R.E`, E its restarts; outside SLURM the
+job is torchrun's rendezvous id, `torchrun/ID`, where it names one). A clean exit empties the
+file.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from mt.errors import MtError
 
 LOCK_FILE = "lock"
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}  # filesystems without flock
-_HOLDER = re.compile(r"pid (\d+) host (\S+)(?: job (\S+) restart (\d+))?(?: started (\d+))?")
+_HOLDER = re.compile(
+    r"pid (\d+) host (\S+)(?: job (\S+) restart (\d+)(?:\.(\d+))?)?(?: started (\d+))?"
+)
 
 log = logging.getLogger("mt")
 
@@ -40,18 +44,24 @@ class Holder:
 
     pid: int
     host: str
-    job: str = ""  # SLURM_JOB_ID (after SLURM_CLUSTER_NAME/, if set), if it ran as a SLURM job
+    job: str = ""  # SLURM_JOB_ID (after SLURM_CLUSTER_NAME/, if set), else torchrun/RUN_ID
     restart: int = 0  # SLURM_RESTART_COUNT: how many times that job was requeued
     started: str = ""  # when the process started (clock ticks after boot): its PID's owner
+    elastic: int = 0  # TORCHELASTIC_RESTART_COUNT: how many times torchrun restarted its workers
 
     @classmethod
     def me(cls) -> Holder:
         """This process."""
-        job, restart = os.environ.get("SLURM_JOB_ID", ""), os.environ.get("SLURM_RESTART_COUNT")
-        cluster = os.environ.get("SLURM_CLUSTER_NAME")  # job ids are per cluster
+        env = os.environ
+        job, restart = env.get("SLURM_JOB_ID", ""), int(env.get("SLURM_RESTART_COUNT") or 0)
+        cluster = env.get("SLURM_CLUSTER_NAME")  # job ids are per cluster
         job = f"{cluster}/{job}" if job and cluster else job
+        run_id = env.get("TORCHELASTIC_RUN_ID", "")  # torchrun's --rdzv-id; "none" by default
+        if not job and run_id not in ("", "none"):
+            job = f"torchrun/{run_id}"
+        elastic = int(env.get("TORCHELASTIC_RESTART_COUNT") or 0) if job else 0
         pid = os.getpid()
-        return cls(pid, socket.gethostname(), job, int(restart or 0), start_time(pid) or "")
+        return cls(pid, socket.gethostname(), job, restart, start_time(pid) or "", elastic)
 
     def alive(self) -> bool:
         """Whether the holder still runs on this host: its PID exists and, where both are
@@ -62,8 +72,10 @@ class Holder:
         return not (self.started and now) or now == self.started
 
     def earlier_run_of(self, other: Holder) -> bool:
-        """Whether this holder was a run of `other`'s SLURM job before it was requeued."""
-        return bool(self.job) and self.job == other.job and self.restart < other.restart
+        """Whether this holder was a run of `other`'s job before SLURM requeued it or torchrun
+        restarted its workers (a requeue starts torchrun's count anew)."""
+        before = (self.restart, self.elastic) < (other.restart, other.elastic)
+        return bool(self.job) and self.job == other.job and before
 
 
 def _read_holder(fd: int) -> Holder | None:
@@ -71,15 +83,16 @@ def _read_holder(fd: int) -> Holder | None:
     match = _HOLDER.match(os.pread(fd, 4096, 0).decode("utf-8", errors="replace"))
     if not match:
         return None
-    pid, host, job, restart, started = match.groups()
-    return Holder(int(pid), host, job or "", int(restart or 0), started or "")
+    pid, host, job, restart, elastic, started = match.groups()
+    return Holder(int(pid), host, job or "", int(restart or 0), started or "", int(elastic or 0))
 
 
 def _write_holder(fd: int, holder: Holder | None) -> None:
     """Name `holder` in the lock file, or empty it."""
     os.ftruncate(fd, 0)
     if holder is not None:
-        job = f" job {holder.job} restart {holder.restart}" if holder.job else ""
+        elastic = f".{holder.elastic}" if holder.elastic else ""
+        job = f" job {holder.job} restart {holder.restart}{elastic}" if holder.job else ""
         started = f" started {holder.started}" if holder.started else ""
         os.pwrite(fd, f"pid {holder.pid} host {holder.host}{job}{started}\n".encode(), 0)
     os.fsync(fd)
@@ -131,12 +144,14 @@ def _claim(fd: int, run_dir: Path, path: Path, flocked: bool) -> None:
     holder, me = _read_holder(fd), Holder.me()
     if holder is not None and holder != me and holder.earlier_run_of(me):
         log.warning(
-            "%s: taking over the lock of PID %d on host %s, a run of SLURM job %s before it was "
-            "requeued",
+            "%s: taking over the lock of PID %d on host %s, a run of %s before it was %s",
             path,
             holder.pid,
             holder.host,
-            holder.job,
+            holder.job.replace("torchrun/", "torchrun job ", 1)
+            if holder.job.startswith("torchrun/")
+            else f"SLURM job {holder.job}",
+            "requeued" if holder.restart < me.restart else "restarted by torchrun",
         )
     elif holder is not None and holder != me:
         if holder.host != me.host:  # flock may not reach that host: its word cannot be checked

@@ -162,6 +162,36 @@ def test_a_requeued_slurm_job_takes_over_its_earlier_runs_lock_from_another_host
     assert "(a lock from another host;" in refusal(tmp_path)
 
 
+def test_a_torchrun_restart_takes_over_its_earlier_workers_lock_from_another_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / LOCK_FILE
+    path.write_text("pid 4242 host node-a job torchrun/r1 restart 0\n")  # rank 0 was on node-a
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "r1")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")  # the same workers: still refused
+    assert "(a lock from another host;" in refusal(tmp_path)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")  # torchrun stopped those workers
+    with caplog.at_level(logging.WARNING, logger="mt"), hold_run_lock(tmp_path):
+        assert path.read_text() == named(os.getpid(), " job torchrun/r1 restart 0.2")
+    assert caplog.messages == [
+        f"{path}: taking over the lock of PID 4242 on host node-a, a run of torchrun job r1 "
+        "before it was restarted by torchrun"
+    ]
+    path.write_text("pid 4242 host node-a job torchrun/r1 restart 0.3\n")  # a later restart's
+    assert "(a lock from another host;" in refusal(tmp_path)
+    # torchrun's default rendezvous id names no job: a lock from another host stays refused.
+    path.write_text("pid 4242 host node-a\n")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    assert "(a lock from another host;" in refusal(tmp_path)
+    # In a SLURM job the job is SLURM's; a requeue starts torchrun's count anew.
+    path.write_text("pid 4242 host node-a job 77 restart 0.3\n")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    with hold_run_lock(tmp_path):
+        assert path.read_text() == named(os.getpid(), " job 77 restart 1")
+
+
 def test_a_lock_of_the_same_job_id_on_another_cluster_is_not_taken_over(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
