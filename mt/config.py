@@ -400,7 +400,12 @@ class DecodeConfig:
             ("decode.nbest", "decode.beam"),
             f"decode.nbest={self.nbest} exceeds decode.beam={self.beam}",
         )
-        _check(self.alpha >= 0, "decode.alpha", f"decode.alpha={self.alpha} must be >= 0")
+        # Bounds that keep the arithmetic finite: ((5 + len) / 6) ** alpha overflows float32
+        # from alpha ~17 at 1,000 pieces, and float32 log-probs divided by a temperature past
+        # ~3e38 become nan.
+        _check(
+            0 <= self.alpha <= 10, "decode.alpha", f"decode.alpha={self.alpha} must be in [0, 10]"
+        )
         _check(
             self.length_penalty in LENGTH_PENALTIES,
             "decode.length_penalty",
@@ -417,9 +422,9 @@ class DecodeConfig:
             f"decode.max_tokens={self.max_tokens} must be positive",
         )
         _check(
-            self.temperature > 0,
+            0 < self.temperature <= 1000,
             "decode.temperature",
-            f"decode.temperature={self.temperature} must be positive",
+            f"decode.temperature={self.temperature} must be in (0, 1000]",
         )
         _check(self.top_k >= 0, "decode.top_k", f"decode.top_k={self.top_k} must be >= 0")
         _check(0 < self.top_p <= 1, "decode.top_p", f"decode.top_p={self.top_p} must be in (0, 1]")

@@ -236,6 +236,9 @@ def decode_settings(config: Config, **overrides: Any) -> DecodeConfig:
     if ignored := [key for key in SAMPLING_ONLY if key in given and not sampling]:
         option = "--" + ignored[0].replace("_", "-")
         raise MtError(f"command line: {option} applies to sampling only: add --sampling")
+    penalty = given.get("length_penalty", config.decode.length_penalty)
+    if "alpha" in given and penalty != "gnmt":
+        raise MtError(f"command line: --alpha applies to --length-penalty gnmt only, not {penalty}")
     if "beam" in given and "nbest" not in given and not sampling:
         given["nbest"] = min(config.decode.nbest, given["beam"])  # --beam caps the run's n-best
     tree = config.to_dict()

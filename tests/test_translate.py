@@ -185,8 +185,17 @@ def test_sampling_from_the_command_line_with_a_seed(trained_run: Path, tmp_path:
     greedy = CliRunner().invoke(app, [*args, "--beam", "1"])
     top1 = CliRunner().invoke(app, [*args, "--sampling", "--beam", "1", "--top-k", "1"])
     assert top1.stdout == greedy.stdout and greedy.stdout.count("\n") == 2
-    bad = CliRunner().invoke(app, [*args, "--sampling", "--temperature", "0"])
-    assert str(bad.exception) == "command line: decode.temperature=0.0 must be positive"
+    for options, message in [
+        (["--sampling", "--temperature", "0"], "decode.temperature=0.0 must be in (0, 1000]"),
+        # Each of these was taken: nan log-probs in float32 (every line empty, exit 0), an
+        # OverflowError at the first ended hypothesis, and an alpha that no penalty reads.
+        (["--sampling", "--temperature", "1e39"], "decode.temperature=1e+39 must be in (0, 1000]"),
+        (["--alpha", "1000"], "decode.alpha=1000.0 must be in [0, 10]"),
+        (["--length-penalty", "none", "--alpha", "1"], "--alpha applies to --length-penalty "
+         "gnmt only, not none"),
+    ]:  # fmt: skip
+        bad = CliRunner().invoke(app, [*args, *options])
+        assert str(bad.exception) == f"command line: {message}"
 
 
 def test_an_output_that_cannot_be_written_is_refused_before_translating(
