@@ -705,8 +705,10 @@ class Constraints:
     def of(
         cls, rows: Sequence[Sequence[Sequence[int]]], device: torch.device
     ) -> Constraints | None:
-        """The constraints of each sentence's phrases (lists of ids); None when there are none."""
-        rows = [essential(row) for row in rows]
+        """The constraints of each sentence's phrases (lists of ids); None when there are none.
+
+        An empty phrase constrains nothing: it is dropped."""
+        rows = [essential([phrase for phrase in row if phrase]) for row in rows]
         C = max((len(row) for row in rows), default=0)
         if C == 0:
             return None

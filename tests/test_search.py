@@ -720,6 +720,15 @@ def test_progress_meets_exactly_the_phrases_an_output_contains() -> None:
         assert all(met[len(kept) :])  # empty slots
 
 
+def test_empty_phrases_constrain_nothing() -> None:
+    cpu = torch.device("cpu")
+    assert Constraints.of([[[]], []], cpu) is None  # an IndexError in Progress once
+    constraints = Constraints.of([[[], [4, 5]], [[]]], cpu)
+    assert constraints is not None
+    assert constraints.phrases.tolist() == [[[4, 5]], [[PAD_ID, PAD_ID]]]
+    assert constraints.lengths.tolist() == [[2], [0]]
+
+
 def random_constraints(n: int, seed: int) -> list[list[list[int]]]:
     """n sentences' constraints: none, or one or two phrases of one or two real pieces."""
     gen = torch.Generator().manual_seed(seed)
