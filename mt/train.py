@@ -1416,8 +1416,7 @@ def validate_and_save(run: Run) -> bool:
     if world.is_main:
         try:
             check_finite_weights(run)
-            improved = record_validation(run)
-            save(run, window, best=improved)
+            validate_then_save(run, window)
         except BaseException:  # a second Ctrl-C too
             with contextlib.suppress(MtError):  # rank 0's own error is the one to report
                 distributed.all_reduce(world, [1.0, 0.0], device, op="max", startup=True)
@@ -1438,6 +1437,30 @@ def validate_and_save(run: Run) -> bool:
     if stop_early and world.is_main:
         log.info("no better dev BLEU in %d validations: stopping early", tc.patience)
     return bool(distributed.all_reduce(world, [float(stop_early)], run.learner.device)[0])
+
+
+def validate_then_save(run: Run, window: dict[str, Any]) -> None:
+    """Validate, then checkpoint (as the best if it is); a validation that runs out of GPU
+    memory saves the step first, unvalidated, so that the updates since the last save stay."""
+    try:
+        improved = record_validation(run)
+    except ValidationOutOfMemory:
+        save_unvalidated(run, window)
+        raise
+    save(run, window, best=improved)
+
+
+class ValidationOutOfMemory(MtError):
+    """Validation ran out of GPU memory (the message says which settings size it)."""
+
+
+def save_unvalidated(run: Run, window: dict[str, Any]) -> None:
+    """Checkpoint the updates since the last save, the validation left for the resumed run to
+    do first (as after a signal at a due validation), with the GPU memory validation held freed."""
+    run.state.unvalidated, run.state.validated = True, False
+    if run.learner.device.type == "cuda":
+        torch.cuda.empty_cache()
+    save(run, window, best=False)
 
 
 def check_finite_weights(run: Run) -> None:
@@ -1468,10 +1491,11 @@ def record_validation(run: Run) -> bool:
         scores = validate(run)
     except torch.cuda.OutOfMemoryError:  # one line, naming what sizes validation
         tc, decode = run.config.train, run.config.decode
-        raise MtError(
+        raise ValidationOutOfMemory(
             f"validation at step {state.step:,} ran out of GPU memory: lower "
             f"train.valid_max_tokens (now {tc.valid_max_tokens:,}) or decode.valid_beam (now "
-            f"{decode.valid_beam}) and run again (it resumes from the last checkpoint)"
+            f"{decode.valid_beam}) and run again (step {state.step:,} is saved: the run "
+            "resumes from it, validating it first)"
         ) from None
     scores["seconds"] = time.perf_counter() - t0
     state.train_seconds += scores["seconds"]
@@ -1581,7 +1605,10 @@ def end(run: Run, signum: int | None) -> None:
                 check_finite_weights(run)
                 # The end of the run is validated: its last checkpoint may be the best. After
                 # a signal, stop fast: the scheduler is waiting.
-                save(run, window, best=record_validation(run) if signum is None else False)
+                if signum is None:
+                    validate_then_save(run, window)
+                else:
+                    save(run, window, best=False)
     # A signalled run ends when it resumes, unless it is done: validated at its last step.
     done = state.step >= run.config.train.max_steps and state.validated
     if run.metrics is not None and (signum is None or done):

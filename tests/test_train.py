@@ -668,19 +668,35 @@ def test_out_of_memory_skips_the_update(
     assert [r["step"] for r in read_metrics(run, "train")] == [1, 2, 3, 4, 5]
 
 
-def test_out_of_memory_in_validation_is_one_line_naming_its_settings(
+def test_out_of_memory_in_validation_keeps_the_step_and_is_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def out_of_memory(*args: object, **kwargs: object) -> None:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
 
-    monkeypatch.setattr(train_module, "validate_direction", out_of_memory)
-    with pytest.raises(MtError) as err:
-        train(tiny(tmp_path / "run", "train.max_steps=4", "train.valid_every=2"))
-    assert str(err.value) == (
-        "validation at step 2 ran out of GPU memory: lower train.valid_max_tokens (now 8,192) "
-        "or decode.valid_beam (now 1) and run again (it resumes from the last checkpoint)"
-    )
+    real = train_module.validate_direction
+    run = tmp_path / "run"
+    train(tiny(run, "train.max_steps=2", "train.valid_every=2"))
+    # At a due validation (step 3), then at the end of a run (step 6), each resumed after.
+    cases = [(5, 3, 3, [2], [2, 3, 4]), (6, 100, 6, [2, 3, 4], [2, 3, 4, 6])]
+    for steps, valid_every, failing, before, after in cases:
+        best = ckpt.best_step(run)
+        monkeypatch.setattr(train_module, "validate_direction", out_of_memory)
+        with pytest.raises(MtError) as err:
+            train(tiny(run, f"train.max_steps={steps}", f"train.valid_every={valid_every}"))
+        assert str(err.value) == (
+            f"validation at step {failing} ran out of GPU memory: lower train.valid_max_tokens "
+            f"(now 8,192) or decode.valid_beam (now 1) and run again (step {failing} is saved: "
+            "the run resumes from it, validating it first)"
+        )
+        # The updates since the last checkpoint are kept; nothing claims to be validated.
+        assert ckpt.latest_checkpoint(run).step == failing
+        assert ckpt.best_step(run) == best
+        assert [r["step"] for r in read_metrics(run, "valid")] == before
+        monkeypatch.setattr(train_module, "validate_direction", real)
+        result = train(tiny(run, f"train.max_steps={after[-1]}", "train.valid_every=100"))
+        assert result.state.step == after[-1]
+        assert [r["step"] for r in read_metrics(run, "valid")] == after  # `failing` first
 
 
 def test_out_of_memory_in_the_backward_skips_the_update(
