@@ -53,7 +53,8 @@ RESUME_KEY = "resume_point"  # header entry: "true" on a signal's unvalidated ch
 # Header entry: the checkpoint that `--resume` named when the run that saved this one began, if
 # it was the run's own (a run gone back): a restarted job finds where it got to from there.
 ORIGIN_KEY = "resumed_from"
-_INTERNAL_KEYS = (DIGEST_KEY, STATE_KEY, RESUME_KEY, ORIGIN_KEY)  # per file: not in read_metadata
+JOB_KEY = "job"  # header entry beside ORIGIN_KEY: the scheduler's job of that run, if any
+_INTERNAL_KEYS = (DIGEST_KEY, STATE_KEY, RESUME_KEY, ORIGIN_KEY, JOB_KEY)  # not in read_metadata
 _REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+)")  # how torch's weights_only unpickler names one
 _DESCRIPTIONS = {  # metadata keys that get a readable mismatch message
     "src_vocab": "source vocabulary",
@@ -441,13 +442,15 @@ def save_checkpoint(
     metadata: dict[str, str],
     resume_point: bool = False,
     origin: str = "",
+    job: str = "",
 ) -> Checkpoint:
     """Atomically write the state, then the weights (naming that state), of checkpoint `step`.
 
     A `resume_point` (a signal's checkpoint, between validations) is kept only until a later
     checkpoint is saved, and is never one of the last checkpoints averaged: a run stopped and
     resumed keeps and averages the checkpoints an uninterrupted one does. `origin` names the
-    run's own checkpoint that its `--resume` named, if any (latest_descendant).
+    run's own checkpoint that its `--resume` named, if any, and `job` the scheduler's job of that
+    run (latest_descendant).
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
@@ -466,6 +469,8 @@ def save_checkpoint(
         header[RESUME_KEY] = "true"
     if origin:
         header[ORIGIN_KEY] = origin
+        if job:
+            header[JOB_KEY] = job
     # Both files are written whole and synced before either replaces its namesake: a step saved
     # again (a resume point validated, a run gone back) is broken only between the two renames,
     # not while the weights are written (a kill, a full disk). The weights' rename comes last:
@@ -522,13 +527,21 @@ def _weights_in(directory: Path) -> list[Checkpoint]:
     return sorted((c for c in found if c.is_step), key=lambda ckpt: ckpt.step)
 
 
-def latest_descendant(run_dir: Path, origin: Checkpoint) -> Checkpoint | None:
-    """The latest complete checkpoint after `origin` saved by runs that `--resume origin`
-    began (a job gone back, then requeued), or None."""
-    later = [c for c in list_checkpoints(run_dir) if c.step > origin.step]
+def latest_descendant(run_dir: Path, origin: Checkpoint, job: str = "") -> Checkpoint | None:
+    """Where a job that went back to one of the run's checkpoints got to before its scheduler
+    restarted it: the latest complete checkpoint that a run gone back saved in scheduler job
+    `job` (whatever `--resume` names now: a run directory's best moves), or without a job, the
+    latest after `origin` saved by runs that `--resume origin` began. None if there is none."""
+
+    def went_on(header: dict[str, str]) -> bool:
+        if job:
+            return header.get(JOB_KEY) == job and ORIGIN_KEY in header
+        return header.get(ORIGIN_KEY) == origin.name
+
+    later = [c for c in list_checkpoints(run_dir) if job or c.step > origin.step]
     for ckpt in reversed(later):
         try:
-            if _header(ckpt.weights).get(ORIGIN_KEY) == origin.name:
+            if went_on(_header(ckpt.weights)):
                 return ckpt
         except MtError:  # unreadable: not one to resume from
             continue

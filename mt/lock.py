@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from mt.distributed import job_id
 from mt.errors import MtError
 
 LOCK_FILE = "lock"
@@ -52,13 +53,8 @@ class Holder:
     @classmethod
     def me(cls) -> Holder:
         """This process."""
-        env = os.environ
-        job, restart = env.get("SLURM_JOB_ID", ""), int(env.get("SLURM_RESTART_COUNT") or 0)
-        cluster = env.get("SLURM_CLUSTER_NAME")  # job ids are per cluster
-        job = f"{cluster}/{job}" if job and cluster else job
-        run_id = env.get("TORCHELASTIC_RUN_ID", "")  # torchrun's --rdzv-id; "none" by default
-        if not job and run_id not in ("", "none"):
-            job = f"torchrun/{run_id}"
+        env, job = os.environ, job_id()
+        restart = int(env.get("SLURM_RESTART_COUNT") or 0)
         elastic = int(env.get("TORCHELASTIC_RESTART_COUNT") or 0) if job else 0
         pid = os.getpid()
         return cls(pid, socket.gethostname(), job, restart, start_time(pid) or "", elastic)

@@ -473,15 +473,16 @@ def resume_target(resume: Path | None, config: Config) -> Path | None:
     """The checkpoint a run starts from: `resume`, unless the same command again (a requeued
     job) should go on instead of going back to where it began. That is, for another run's
     checkpoint, when this run has checkpoints of its own: its latest (None); for one of this
-    run's, in a job that its scheduler restarted: the latest that runs begun from it saved
-    (pruning may have deleted the one `resume` names since)."""
+    run's, in a job that its scheduler restarted: the latest that job saved (see
+    latest_descendant; pruning may have deleted the one `resume` names since)."""
     here = run_path(config)
     if resume is None:
         return None
     origin = own_checkpoint(resume, config)
     if origin is not None:
         restarted = distributed.restarted() and origin.is_step
-        went_on = ckpt.latest_descendant(here, origin) if restarted else None
+        job = distributed.job_id()
+        went_on = ckpt.latest_descendant(here, origin, job) if restarted else None
         if went_on is None:
             return resume
         log.info(f"{here} goes on from its own {went_on.name}; --resume {resume} began it")
@@ -1582,7 +1583,14 @@ def save(run: Run, window: dict[str, Any], best: bool) -> ckpt.Checkpoint:
     if run.metrics is not None:
         run.metrics.sync()
     saved = ckpt.save_checkpoint(
-        run.directory, state.step, model, payload, run.metadata, resume_point, run.origin
+        run.directory,
+        state.step,
+        model,
+        payload,
+        run.metadata,
+        resume_point,
+        run.origin,
+        distributed.job_id(),
     )
     if best:
         ckpt.set_best(run.directory, saved)

@@ -375,6 +375,28 @@ def test_resuming_an_earlier_checkpoint_warns_of_the_later_ones(
     assert ckpt.latest_descendant(run, ckpt.Checkpoint.from_weights(earlier)).step == 25
 
 
+@pytest.mark.slow
+def test_a_requeued_job_goes_on_from_its_own_latest_where_the_best_it_went_back_to_moved(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    train(tiny(run, "train.max_steps=30"))  # checkpoints at 15 and 30
+    steps = {c.step: c for c in ckpt.list_checkpoints(run)}
+    ckpt.set_best(run, steps[15])
+    monkeypatch.setenv("SLURM_JOB_ID", "8")  # job 8 goes back to the run's best, step 15
+    keep = "train.keep_last=10"
+    train(tiny(run, "train.max_steps=45", keep), resume=run)
+    assert [c.step for c in ckpt.list_checkpoints(run)] == [15, 30, 45]
+    ckpt.set_best(run, ckpt.list_checkpoints(run)[1])  # its own step 30 became the best
+    caplog.clear()
+    caplog.set_level("INFO", logger="mt")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # requeued: the same command again
+    again = train(tiny(run, "train.max_steps=50", keep), resume=run)
+    # From its own latest (45), not from the best that `run` names now (30: 15 updates lost).
+    assert f"{run} goes on from its own step-00000045; --resume {run} began it" in caplog.messages
+    assert again.state.step == 50
+
+
 def poisoned_loss(calls_to_poison: set[int] | None):
     """label_smoothed_nll, but NaN on the given calls (all calls for None)."""
     calls = {"n": 0}
