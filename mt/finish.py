@@ -6,6 +6,7 @@ training returns, so that the training loop depends on nothing that decodes or s
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from mt.checkpoint import latest_checkpoint
 from mt.config import Config
 from mt.lock import hold_run_lock
 from mt.report import REPORT_FILE, write_report
-from mt.rundir import model_checkpoint, run_average, run_path
+from mt.rundir import load_run_config, model_checkpoint, run_average, run_path
 from mt.train import TrainResult
 
 log = logging.getLogger("mt")
@@ -29,8 +30,28 @@ def finish(config: Config, result: TrainResult) -> None:
     if not result.main or result.signum is not None:
         return  # a signalled run resumes later; its end comes then
     run_dir = run_path(config)
+    if result.idle:  # its config.yaml stays as the run ended: what its model is follows it
+        config = own_config(config, run_dir)
     with hold_run_lock(run_dir):  # no second trainer may write checkpoints under these jobs
         _finish(config, result, run_dir)
+
+
+def own_config(config: Config, run_dir: Path) -> Config:
+    """The config of a run at its end, for a rerun with nothing to train (which does not
+    rewrite it), with a warning where the rerun's average_last or report would differ."""
+    own = load_run_config(run_dir)
+    changed = [
+        f"train.{key}={json.dumps(getattr(config.train, key))}"  # as YAML writes it
+        for key in ("average_last", "report")
+        if getattr(config.train, key) != getattr(own.train, key)
+    ]
+    if changed:
+        log.warning(
+            f"warning: {run_dir} has ended: {' and '.join(changed)} change nothing (its "
+            "config.yaml decides its model and report; `mt average` and `mt report` make "
+            "others)"
+        )
+    return own
 
 
 def _average(run_dir: Path, wanted: int, step: int) -> None:

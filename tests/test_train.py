@@ -811,6 +811,25 @@ def test_a_rerun_at_the_end_does_the_average_and_report_a_signal_stopped(tmp_pat
     assert report.stat().st_mtime_ns > written[0]
 
 
+def test_a_rerun_at_the_end_with_another_average_or_report_changes_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    finish(tiny(run, "train.max_steps=4"), train(tiny(run, "train.max_steps=4")))
+    config = tiny(run, "train.max_steps=4", "train.average_last=2", "train.report=true")
+    rerun = train(config)
+    assert rerun.idle
+    finish(config, rerun)
+    # An average the run's model would never be (its config.yaml keeps average_last 0).
+    assert not (run / "checkpoints" / "average.safetensors").exists()
+    assert not (run / "report.md").exists()
+    assert [m for m in caplog.messages if m.startswith("warning")] == [
+        f"warning: {run} has ended: train.average_last=2 and train.report=true change nothing "
+        "(its config.yaml decides its model and report; `mt average` and `mt report` make "
+        "others)"
+    ]
+
+
 @pytest.mark.slow  # a second or more: the full suite runs it
 def test_the_end_of_run_jobs_hold_the_run_lock(tmp_path: Path) -> None:
     run = tmp_path / "run"
