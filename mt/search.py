@@ -694,6 +694,9 @@ def beam_search(
 # few tensors, and one step ranks every sentence's candidates at once, without a Python loop.
 
 
+ENDS_BUDGET = 1 << 22  # phrase-piece comparisons at once in Progress.ends
+
+
 @dataclass(frozen=True)
 class Constraints:
     """The phrases each sentence's output must contain, in any order; empty slots pad C."""
@@ -812,8 +815,21 @@ class Progress:
         """Whether each phrase's first s + 1 pieces (N, C, L) end the output once it has `tokens`.
 
         The output's end that can matter is the matched part of the phrase being matched, then
-        the token: right-aligned in L places, -1 (no piece) before it.
+        the token: right-aligned in L places, -1 (no piece) before it. Rows go in chunks of up
+        to ENDS_BUDGET comparisons (N*C*L*L at once would grow with a long phrase's square).
         """
+        chunk = max(1, ENDS_BUDGET // (phrases[0].numel() * phrases.size(2)))  # rows at once
+        if phrases.size(0) <= chunk:
+            return self._ends(tokens, phrases)
+        return torch.cat(
+            [
+                self.select(rows)._ends(tokens[rows], phrases[rows])
+                for rows in torch.arange(phrases.size(0), device=tokens.device).split(chunk)
+            ]
+        )
+
+    def _ends(self, tokens: Tensor, phrases: Tensor) -> Tensor:
+        """`ends` for all the rows at once."""
         N, L = phrases.size(0), phrases.size(2)
         place = torch.arange(L, device=tokens.device)  # (L,)
         matched = phrases.gather(1, self.phrase.clamp(min=0).view(N, 1, 1).expand(N, 1, L))

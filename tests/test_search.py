@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from helpers.shared import built_once
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import mt.search as search_module
 from mt.config import DecodeConfig, ModelConfig
 from mt.model import Transformer
 from mt.search import (
@@ -703,7 +704,11 @@ def test_progress_finds_phrases_that_overlap_or_repeat_their_start() -> None:
         assert met_after(tokens, *phrases) == [[contains(tokens, p) for p in phrases]]
 
 
-def test_progress_meets_exactly_the_phrases_an_output_contains() -> None:
+@pytest.mark.parametrize("budget", [search_module.ENDS_BUDGET, 200])  # 200: rows a few at once
+def test_progress_meets_exactly_the_phrases_an_output_contains(
+    budget: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(search_module, "ENDS_BUDGET", budget)
     gen = torch.Generator().manual_seed(5)
     draw = lambda n: torch.randint(4, 7, (n,), generator=gen).tolist()  # noqa: E731
     rows = [[draw(int(torch.randint(1, 5, (1,), generator=gen))) for _ in range(3)]
