@@ -178,6 +178,10 @@ def test_attention_is_what_mt_attention_plots(client: TestClient, trained_run: P
         weights, found.weights.mean(dim=1).double(), atol=1e-4 + 1e-6
     )  # 4 decimals
     assert "attention" not in blank
+    # Written off the event loop, the answer is otherwise the one without attention.
+    assert response.headers["content-type"] == "application/json"
+    without = post(client, {"text": [sentence, ""]}).json()["translations"]
+    assert [{k: v for k, v in with_attention.items() if k != "attention"}, blank] == without
 
 
 def test_attention_is_refused_over_the_limit_on_its_weights(

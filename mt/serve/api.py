@@ -226,20 +226,27 @@ async def translate(body: TranslateRequest, request: Request, served: ServedDep)
     # A multilingual model's tag is not the user's text: its pieces leave it out, as attention.
     tagged = served.tokenizer.tag_id(body.tgt_lang) is not None
 
-    def render() -> list[TranslationOut]:
-        return [
+    def render() -> TranslateResponse:
+        translations = [
             _render(result, seq[1:] if tagged else seq, served.tokenizer, with_nbest, body.pieces)
             for result, seq in zip(results, ids, strict=True)
         ]
+        for out, result, seq, phrases in zip(
+            translations, results, ids, constraints or [None] * len(ids), strict=True
+        ):
+            if phrases and seq:  # a blank sentence is not translated, so not steered
+                _mark_constraints(out, result.hypotheses, phrases)
+        return TranslateResponse(translations=translations)
 
-    # Attention maps are many floats to turn into lists: off the event loop, which serves others.
-    translations = await asyncio.to_thread(render) if body.attention else render()
-    for out, result, seq, phrases in zip(
-        translations, results, ids, constraints or [None] * len(ids), strict=True
-    ):
-        if phrases and seq:  # a blank sentence is not translated, so not steered
-            _mark_constraints(out, result.hypotheses, phrases)
-    return TranslateResponse(translations=translations)
+    if not body.attention:
+        return render()
+
+    # Attention maps are many floats to turn into lists and JSON: off the event loop, which
+    # serves the others meanwhile (FastAPI would write a returned model on the loop).
+    def written() -> bytes:
+        return render().model_dump_json(exclude_unset=True).encode()
+
+    return Response(await asyncio.to_thread(written), media_type="application/json")
 
 
 @router.get("/v1/model", response_model=ModelInfo)
