@@ -711,23 +711,41 @@ def wrap(line: str, width: int = 100) -> str:
     return textwrap.fill(line, width, break_long_words=False, break_on_hyphens=False)
 
 
+# Closes a section a script wrote: what a person adds below it (a ### of other measurements)
+# stays when the script writes its section again.
+END_MARK = "<!-- end of the section its script writes; what follows stays when it rewrites it -->"
+
+
+def section_end(lines: list[str], start: int, level: int) -> int:
+    """Where the section whose heading of `level` is lines[start] ends: after its END_MARK,
+    else at the next heading of its level or above (outside code blocks)."""
+    ends = tuple("#" * n + " " for n in range(1, level + 1))
+    fenced = False
+    for j in range(start + 1, len(lines)):
+        if lines[j].startswith("```"):
+            fenced = not fenced
+        elif not fenced and lines[j].rstrip() == END_MARK:
+            return j + 1
+        elif not fenced and lines[j].startswith(ends):
+            return j
+    return len(lines)
+
+
 def write_section(path: Path, section: str, heading: str = SECTION) -> None:
     """Put `section` into the Markdown file, replacing the one under the same `heading`.
 
-    The old section ends at the next heading of its level or above (its subsections go with it).
+    The old section ends at its END_MARK, or without one at the next heading of its level or
+    above (its subsections go with it). The new one ends with END_MARK.
     """
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
     lines = text.splitlines(keepends=True)
     start = next((i for i, line in enumerate(lines) if line.rstrip() == heading), None)
+    section = section + END_MARK + "\n"
     if start is None:
         new = text.rstrip("\n") + "\n\n" + section
     else:
         level = len(heading) - len(heading.lstrip("#"))
-        ends = tuple("#" * n + " " for n in range(1, level + 1))
-        end = next(
-            (j for j in range(start + 1, len(lines)) if lines[j].startswith(ends)), len(lines)
-        )
-        after = "".join(lines[end:])
+        after = "".join(lines[section_end(lines, start, level) :]).lstrip("\n")
         new = "".join(lines[:start]) + section + ("\n" + after if after else "")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

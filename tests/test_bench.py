@@ -55,6 +55,7 @@ def test_marian_twin_refuses_a_prenorm_model() -> None:
 
 def test_write_section_replaces_only_its_own_section(tmp_path: Path) -> None:
     bench = load_bench()
+    end = bench.END_MARK + "\n"
     path = tmp_path / "benchmarks.md"
     path.write_text(
         f"# Benchmarks\n\n## Decoding\n\nkeep me\n\n{bench.SECTION}\n\nold numbers\n\n"
@@ -63,15 +64,33 @@ def test_write_section_replaces_only_its_own_section(tmp_path: Path) -> None:
     bench.write_section(path, f"{bench.SECTION}\n\nnew numbers\n")
     text = path.read_text()
     assert "old numbers" not in text and text.count(bench.SECTION) == 1
-    assert text.index("keep me\n") < text.index("new numbers") < text.index("## Later")
+    assert (
+        text.index("keep me\n")
+        < text.index("new numbers")
+        < text.index(end)
+        < text.index("## Later")
+    )
     assert text.endswith("keep me too\n")
     fresh = tmp_path / "new.md"
     bench.write_section(fresh, f"{bench.SECTION}\n\nx\n")
-    assert fresh.read_text() == f"# Benchmarks\n\n{bench.SECTION}\n\nx\n"
+    assert fresh.read_text() == f"# Benchmarks\n\n{bench.SECTION}\n\nx\n{end}"
     # A subsection ends at the next heading of its level: its sibling stays.
     path.write_text("## A\n\n### One\n\nold\n\n#### Detail\n\nold too\n\n### Two\n\nkeep\n")
     bench.write_section(path, "### One\n\nnew\n", heading="### One")
-    assert path.read_text() == "## A\n\n### One\n\nnew\n\n### Two\n\nkeep\n"
+    assert path.read_text() == f"## A\n\n### One\n\nnew\n{end}\n### Two\n\nkeep\n"
+
+
+def test_write_section_keeps_what_was_added_after_its_end(tmp_path: Path) -> None:
+    bench = load_bench()
+    end = bench.END_MARK + "\n"
+    path = tmp_path / "benchmarks.md"
+    added = "### The same on another CPU (by hand)\n\nkept\n"
+    code = "```bash\n# a comment, not a heading\nmake bench\n```\n"
+    path.write_text(f"# B\n\n{bench.SECTION}\n\n{code}\nold\n{end}\n{added}\n## Next\n\nx\n")
+    bench.write_section(path, f"{bench.SECTION}\n\n{code}\nnew\n")
+    assert (
+        path.read_text() == f"# B\n\n{bench.SECTION}\n\n{code}\nnew\n{end}\n{added}\n## Next\n\nx\n"
+    )
 
 
 @pytest.mark.slow
