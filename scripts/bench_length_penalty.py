@@ -69,7 +69,7 @@ def bleu_of(run: Path, setting: Setting, split: str, precision: str) -> dict[str
 def own_setting(run: Path) -> Setting:
     """The length penalty and alpha the run's config decodes with (run: a run or checkpoint)."""
     decode = load_run_config(model_checkpoint(run).run_dir).decode
-    return decode.length_penalty, decode.alpha
+    return decode.length_penalty, decode.alpha if decode.length_penalty == "gnmt" else 0.0
 
 
 def bench(runs: list[Path], settings: list[Setting]) -> dict[Path, dict[Setting, dict]]:

@@ -207,8 +207,9 @@ def report(
           f"{args.device} {args.precision}, quantize {args.quantize} | "
           f"offline (mt translate) {offline[0]:.1f} sentences/s")  # fmt: skip
     print()
+    first = f"{args.clients[0]} client{'s' * (args.clients[0] != 1)}"  # the ratios' baseline
     print("| clients | requests | errors | sentences/s | p50 ms | p95 ms | p99 ms | "
-          "vs 1 client | vs offline | offline, batches of `clients` | vs that | "
+          f"vs {first} | vs offline | offline, batches of `clients` | vs that | "
           "offline, length-sorted batches of `clients` | vs offline |")  # fmt: skip
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     # Untimed: the server's first requests build its kernels, as the offline first passes did.

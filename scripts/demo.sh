@@ -13,8 +13,9 @@ MINUTES=${MINUTES:-5}
 "$MT" data fetch multi30k data/multi30k --langs de,en
 "$MT" train --config configs/demo.yaml run_dir="$RUN" train.max_minutes="$MINUTES" "$@"
 echo "== test_2016_flickr, German -> English =="
-# Training's report translated the test set already (RUN/test.hyp.en): score that, once.
-if [ -f "$RUN/test.hyp.en" ]; then
+# Training's report translated the test set already (RUN/test.hyp.en): score that, once, if it
+# is of this model (newer than the training records; not of a run trained on since).
+if [ "$RUN/test.hyp.en" -nt "$RUN/metrics.jsonl" ]; then
     "$MT" evaluate --hyp "$RUN/test.hyp.en" --ref data/multi30k/test_2016_flickr.en.gz
 else  # train.report=false
     "$MT" evaluate --model "$RUN"
