@@ -322,9 +322,23 @@ def _open_hf(spec: str, src_lang: str, tgt_lang: str, default_split: str) -> HfC
         dataset = _split_of_saved(_load_saved(name), name, explicit, split)
     else:  # a hub name, or a local directory of data files (json, csv, parquet ...)
         local = Path(name).is_dir()
+        if local:
+            _check_no_tsv(Path(name))
         dataset = _load_hub(name, config, split, _local_cache(Path(name)) if local else None)
     translation = _check_columns(dataset, f"hf:{label}", src_lang, tgt_lang)
     return HfCorpus(spec, src_lang, tgt_lang, label, split, dataset, translation)
+
+
+def _check_no_tsv(directory: Path) -> None:
+    """DataError for TSV files in a folder for datasets: it reads them as quoted CSV (a quote
+    in a sentence is dropped, or swallows the lines to the next one; "NA" becomes missing),
+    where mt reads a .tsv corpus line by line."""
+    tsv = sorted(p for p in directory.rglob("*.tsv*") if p.name.endswith((".tsv", ".tsv.gz")))
+    if tsv:
+        raise DataError(
+            f"hf:{directory}: {tsv[0]} is TSV, which datasets would read as quoted CSV; name "
+            "the .tsv file itself as the corpus, without hf: (mt reads it line by line)"
+        )
 
 
 def _is_saved(directory: Path) -> bool:

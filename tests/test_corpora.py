@@ -336,6 +336,21 @@ def test_hf_a_local_directory_of_data_files(tmp_path: Path) -> None:
     assert list(open_corpus(f"hf:{files}", "de", "en", split="test").pairs()) == PAIRS[1:2]
 
 
+def test_hf_a_folder_of_tsv_files_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "tsv"
+    folder.mkdir()
+    # datasets would drop these quotes (as CSV), where a .tsv corpus keeps them
+    (folder / "train.tsv").write_text('de\ten\n"Ja", sagte er.\t"Yes," he said.\n')
+    with pytest.raises(DataError) as err:
+        open_corpus(f"hf:{folder}", "de", "en")
+    assert str(err.value) == (
+        f"hf:{folder}: {folder / 'train.tsv'} is TSV, which datasets would read as quoted CSV; "
+        "name the .tsv file itself as the corpus, without hf: (mt reads it line by line)"
+    )
+    pairs = list(open_corpus(str(folder / "train.tsv"), "de", "en").pairs())
+    assert pairs == [('"Ja", sagte er.', '"Yes," he said.')]
+
+
 def test_a_local_dataset_folder_is_hashed_once_per_process_while_unchanged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
