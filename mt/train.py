@@ -595,13 +595,16 @@ def start(
     Rank 0 holds the lock until `stack` closes; the checkpoint restored is `resume`, else the
     run's latest.
     """
-    configure_backends(device)
-    check_trainable(config)
-    check_fits(config, device)
-    if config.train.compile:
-        check_compile(device)
-    asked, resume = resume, resume_target(resume, config)
-    check_resume_state(asked, resume)
+    # Each rank checks on its own: one that fails tells the others, which would wait for it
+    # in the first collective until the start-up timeout.
+    with distributed.together(world, device, "checking the run"):
+        configure_backends(device)
+        check_trainable(config)
+        check_fits(config, device)
+        if config.train.compile:
+            check_compile(device)
+        asked, resume = resume, resume_target(resume, config)
+        check_resume_state(asked, resume)
 
     def prepare_run() -> Prepared:
         if world.is_main:  # before anything is written: a second trainer stops here

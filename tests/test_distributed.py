@@ -228,6 +228,19 @@ def test_a_failure_of_rank_0_while_validating_stops_the_others_at_once(tmp_path:
 
 
 @pytest.mark.slow  # starts two Python ranks
+def test_a_rank_that_fails_its_start_up_checks_stops_the_others_at_once(tmp_path: Path) -> None:
+    # Rank 0 would wait for rank 1 in the preparation's collective until the start-up timeout.
+    args = overrides(tmp_path / "run", *SRUN)
+    (code0, err0), (code1, err1) = srun_ranks([args, args], {"MT_FAULT": "fits:1:1"})
+    assert (code0, code1) == (1, 1), (err0, err1)
+    assert err1.splitlines()[-1] == "error: the model does not fit (injected)"
+    assert err0.splitlines()[-1] == (
+        "error: rank 0: another rank failed while checking the run (see its error)"
+    )
+    assert not (tmp_path / "run" / "tokenizer").exists()  # nothing of the run began
+
+
+@pytest.mark.slow  # starts two Python ranks
 def test_a_failure_of_rank_0_to_write_the_last_checkpoint_fails_every_rank(tmp_path: Path) -> None:
     # The run ends on train.max_minutes, between validations: rank 0 writes its last checkpoint
     # alone. The others used to exit as if it were written (status 138 after a signal, which

@@ -6,7 +6,8 @@ raises it) or `die` (the process exits with status 1 there), e.g.
 MT_FAULT=nan:1:3; or MT_FAULT=slow:RANK:SECONDS: that rank's data preparation takes SECONDS
 longer; or MT_FAULT=clock:RANK:FACTOR: that rank's time.perf_counter runs FACTOR times as fast;
 or MT_FAULT=valid:RANK:CALL: that rank's validation number CALL raises an error; or
-MT_FAULT=save:RANK:CALL: that rank's checkpoint number CALL fails as a full disk does.
+MT_FAULT=save:RANK:CALL: that rank's checkpoint number CALL fails as a full disk does; or
+MT_FAULT=fits:RANK:1: that rank's start-up check that the model fits the device fails.
 Several faults are separated by commas: MT_FAULT=oom:1:3,oom_backward:0:5.
 """
 
@@ -18,6 +19,7 @@ import torch
 
 import mt.train
 from mt.cli import main
+from mt.errors import MtError
 
 
 def inject(fault: str) -> None:
@@ -33,6 +35,9 @@ def inject(fault: str) -> None:
         return
     if kind == "valid":  # as a beam search out of memory would
         failing("record_validation", int(call), RuntimeError("validation on fire (injected)"))
+        return
+    if kind == "fits":  # as a node with a smaller or busy GPU would
+        failing("check_fits", int(call), MtError("the model does not fit (injected)"))
         return
     if kind == "save":  # as a full disk would
         failing("save", int(call), OSError(28, "No space left on device (injected)"))
