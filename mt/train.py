@@ -1008,11 +1008,12 @@ def train(config: Config, resume: Path | None = None) -> TrainResult:
             if (why := why_done(run)) and not run.state.validated:
                 # A signal stopped it at its end: validate, save, end record; a signal now waits
                 # for the save, as in the loop (one that breaks it off would break the step's
-                # checkpoint, which is saved again).
-                with StopSignals():
+                # checkpoint, which is saved again), then stops the run before its average and
+                # report, which the next run (idle) makes.
+                with StopSignals() as stop:
                     begin(run, stack)
                     end(run, None)
-                return TrainResult(run.state, None, str(device), world.is_main)
+                return TrainResult(run.state, stop.signum, str(device), world.is_main)
             if why:
                 at = f"{run.directory} is already at step {run.state.step}"
                 log.info(f"{at} ({why}): nothing to do")

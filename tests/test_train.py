@@ -866,6 +866,40 @@ def test_a_signal_during_the_last_step_still_ends_the_run(
     assert train(config).idle  # the rerun does what `finish` still has to do
 
 
+def test_a_signal_during_the_validation_that_ends_a_resumed_run_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    steps = ["train.valid_every=100", "train.log_every=3"]
+    log_window = train_module.log_window
+
+    def signalled(run_: object, bar: object) -> None:  # SIGTERM during step 6
+        log_window(run_, bar)
+        if run_.state.step == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(train_module, "log_window", signalled)
+    assert train(tiny(run, "train.max_steps=8", *steps)).signum == signal.SIGTERM
+    monkeypatch.undo()
+    assert read_metrics(run, "valid") == []  # stopped fast, its last step unvalidated
+    stopped = ckpt.latest_checkpoint(run).step
+    config = tiny(run, f"train.max_steps={stopped}", *steps)  # that step is now the run's end
+    real = train_module.validate_direction
+
+    def signalled_while_validating(run_: object, dev: object) -> dict[str, float]:
+        os.kill(os.getpid(), signal.SIGTERM)  # the scheduler's notice, as the rerun validates
+        return real(run_, dev)
+
+    monkeypatch.setattr(train_module, "validate_direction", signalled_while_validating)
+    # The validation and save go on; the run then stops as signalled (exit 143, requeued)
+    # rather than going on to its average and report.
+    assert train(config).signum == signal.SIGTERM
+    monkeypatch.undo()
+    assert [r["step"] for r in read_metrics(run, "valid")] == [stopped]
+    assert [r["step"] for r in read_metrics(run, "end")] == [stopped]
+    assert train(config).idle
+
+
 def test_non_finite_weights_are_never_checkpointed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
