@@ -126,9 +126,13 @@ def _training_section(run_dir: Path, select_direction: str) -> list[str]:
     lines = ["## Training", ""]
     if end:
         e = end[-1]
+        since = e.get("clock_step", 0)  # a run started from another run's checkpoint
+        own = f"; the last {e['step'] - since:,} in this run, from another run's step {since:,}"
+        own = own if since else ""
         lines.append(
-            f"- {e['step']:,} steps ({e['epoch']} epochs) in {_duration(e['train_seconds'])}, "
-            f"validation included; {e['precision']} on {e['device']}"
+            f"- {e['step']:,} steps ({e['epoch']} epochs{own}) in "
+            f"{_duration(e['train_seconds'])}, validation included; {e['precision']} on "
+            f"{e['device']}"
         )
     for record in read_metrics(run_dir, "precision"):  # one per start: a resume may differ
         lines.append(f"- precision from step {record['step']:,}: {describe_precision(record)}")

@@ -1027,10 +1027,12 @@ def train(config: Config, resume: Path | None = None) -> TrainResult:
 
 
 def end_values(run: Run) -> dict[str, Any]:
-    """The end record: training time, epoch, precision and device."""
+    """The end record: training time (from step clock_step: another run's before), epoch,
+    precision and device."""
     state, learner = run.state, run.learner
     return {
         "train_seconds": state.train_seconds,
+        "clock_step": state.clock_step,
         "epoch": state.epoch,
         "precision": learner.precision,
         "device": str(learner.device),

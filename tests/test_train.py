@@ -39,7 +39,7 @@ from mt.finish import finish
 from mt.lock import hold_run_lock
 from mt.loss import label_smoothed_nll
 from mt.metrics import read_metrics
-from mt.report import write_report
+from mt.report import _training_section, write_report
 from mt.rundir import model_checkpoint
 from mt.search import Hypothesis
 from mt.tokenizer import Tokenizer, load_tokenizer
@@ -320,6 +320,10 @@ def test_a_run_started_from_another_runs_checkpoint_has_its_own_best(
     # clock (train.max_minutes, the cool-down's rate) times the updates from step 120.
     assert windows[0] == 10
     assert result.state.clock_step == 120
+    # Its report tells its own steps, which its time is of, from the other run's.
+    (line,) = [line for line in _training_section(second, "") if " steps (" in line]
+    assert line.startswith("- 130 steps (")
+    assert " epochs; the last 10 in this run, from another run's step 120) in " in line
 
 
 @pytest.mark.slow
