@@ -1446,6 +1446,10 @@ def validate_and_save(run: Run) -> bool:
     return bool(distributed.all_reduce(world, [float(stop_early)], run.learner.device)[0])
 
 
+class ValidationOutOfMemory(MtError):
+    """Validation ran out of GPU memory (the message says which settings size it)."""
+
+
 def validate_then_save(run: Run, window: dict[str, Any]) -> None:
     """Validate, then checkpoint (as the best if it is); a validation that runs out of GPU
     memory saves the step first, unvalidated, so that the updates since the last save stay."""
@@ -1455,10 +1459,6 @@ def validate_then_save(run: Run, window: dict[str, Any]) -> None:
         save_unvalidated(run, window)
         raise
     save(run, window, best=improved)
-
-
-class ValidationOutOfMemory(MtError):
-    """Validation ran out of GPU memory (the message says which settings size it)."""
 
 
 def save_unvalidated(run: Run, window: dict[str, Any]) -> None:
@@ -1496,14 +1496,16 @@ def record_validation(run: Run) -> bool:
     t0 = time.perf_counter()
     try:
         scores = validate(run)
-    except torch.cuda.OutOfMemoryError:  # one line, naming what sizes validation
+    except torch.cuda.OutOfMemoryError:  # left here, with the tensors its frames hold
+        scores = None
+    if scores is None:  # one line, naming what sizes validation
         tc, decode = run.config.train, run.config.decode
         raise ValidationOutOfMemory(
             f"validation at step {state.step:,} ran out of GPU memory: lower "
             f"train.valid_max_tokens (now {tc.valid_max_tokens:,}) or decode.valid_beam (now "
             f"{decode.valid_beam}) and run again (step {state.step:,} is saved: the run "
             "resumes from it, validating it first)"
-        ) from None
+        )
     scores["seconds"] = time.perf_counter() - t0
     state.train_seconds += scores["seconds"]
     bleu = selected_bleu(scores, run.config.data.select_direction)
