@@ -798,6 +798,24 @@ def config_text(config: Config) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
 
 
+def written_by_mt(text: str, config: Config) -> bool:
+    """Whether `text` is what save_config wrote for `config`, by this mt or an older one (which
+    knew fewer keys: they are left out of the comparison)."""
+
+    def known(new: Any, old: Any) -> Any:  # `new` with only the keys of `old`
+        if isinstance(new, dict) and isinstance(old, dict):
+            return {k: known(v, old[k]) for k, v in new.items() if k in old}
+        if isinstance(new, list) and isinstance(old, list) and len(new) == len(old):
+            return [known(a, b) for a, b in zip(new, old, strict=True)]
+        return new
+
+    try:
+        written = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return False
+    return text == yaml.safe_dump(known(config.to_dict(), written), sort_keys=False)
+
+
 def save_config(config: Config, path: Path) -> None:
     """Write the resolved config as YAML, atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)

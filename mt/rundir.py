@@ -27,7 +27,13 @@ from mt.checkpoint import (
     resolve_checkpoint,
     weights_checkpoints,
 )
-from mt.config import CONFIG_FILE, Config, TokenizerConfig, config_text, load_config
+from mt.config import (
+    CONFIG_FILE,
+    Config,
+    TokenizerConfig,
+    load_config,
+    written_by_mt,
+)
 from mt.corpora import Corpus, open_corpus
 from mt.errors import ConfigError, DataError
 from mt.files import atomic_write_bytes
@@ -77,7 +83,7 @@ def check_config_file(path: Path, config: Config) -> None:
     own = run_path(config) / CONFIG_FILE
     if not own.is_file() or own.resolve() != Path(path).resolve():
         return
-    if own.read_text(encoding="utf-8") != config_text(load_config(path)):
+    if not written_by_mt(own.read_text(encoding="utf-8"), load_config(path)):
         raise ConfigError(
             f"{path}: the run's own {CONFIG_FILE}, which mt train rewrites with the resolved "
             f"config; keep yours outside {config.run_dir} (e.g. in configs/)"

@@ -227,6 +227,13 @@ def test_train_never_rewrites_a_hand_written_config_in_the_run_directory(tmp_pat
     assert mine.read_text(encoding="utf-8") == text
     save_config(load_config(TINY, args), mine)  # as mt train writes it: resuming from it is fine
     check_config_file(mine, load_config(mine, ["train.max_steps=5"]))
+    # As an older mt wrote it, which knew fewer keys: fine too (it was refused once upgraded).
+    older = [line for line in mine.read_text().splitlines(keepends=True) if "ema_decay" not in line]
+    mine.write_text("".join(older))
+    check_config_file(mine, load_config(mine))
+    mine.write_text("# mine\n" + "".join(older))  # but not with a comment of its own
+    with pytest.raises(ConfigError):
+        check_config_file(mine, load_config(mine))
 
 
 def test_broken_dev_data_and_a_shared_tsv_are_found_before_any_work(tmp_path: Path) -> None:
