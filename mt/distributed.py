@@ -211,18 +211,6 @@ def guarded(world: World, collective: Callable[[], dist.Work], startup: bool = F
 RESTART_COUNTS = ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT")  # set in restarted jobs
 
 
-def job_id() -> str:
-    """This job's name, the same in each of its restarts: Slurm's job id (after its cluster's
-    name: ids are per cluster), else torchrun's rendezvous id where it was given one (its
-    default, "none", names no job); "" outside both."""
-    env = os.environ
-    job, cluster = env.get("SLURM_JOB_ID", ""), env.get("SLURM_CLUSTER_NAME")
-    if job:
-        return f"{cluster}/{job}" if cluster else job
-    run_id = env.get("TORCHELASTIC_RUN_ID", "")
-    return f"torchrun/{run_id}" if run_id not in ("", "none") else ""
-
-
 def restarted() -> bool:
     """Whether this process is a scheduler's restart of its job: Slurm requeued it, or torchrun
     restarted its workers. It runs the same command as the first one did."""

@@ -27,7 +27,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from mt.distributed import job_id
 from mt.errors import MtError
 
 LOCK_FILE = "lock"
@@ -37,6 +36,18 @@ _HOLDER = re.compile(
 )
 
 log = logging.getLogger("mt")
+
+
+def job_id() -> str:
+    """This job's name, the same in each of its restarts: Slurm's job id (after its cluster's
+    name: ids are per cluster), else torchrun's rendezvous id where it was given one (its
+    default, "none", names no job); "" outside both."""
+    env = os.environ
+    job, cluster = env.get("SLURM_JOB_ID", ""), env.get("SLURM_CLUSTER_NAME")
+    if job:
+        return f"{cluster}/{job}" if cluster else job
+    run_id = env.get("TORCHELASTIC_RUN_ID", "")
+    return f"torchrun/{run_id}" if run_id not in ("", "none") else ""
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ from mt.device import (
 from mt.distributed import World, main_first
 from mt.errors import ConfigError, MtError, first_line
 from mt.files import atomic_directory
-from mt.lock import hold_run_lock
+from mt.lock import hold_run_lock, job_id
 from mt.loss import label_smoothed_nll
 from mt.metrics import MetricsLog, may_be_best, perplexity, read_metrics, selected_bleu
 from mt.model import Transformer, count_parameters, set_dropout
@@ -481,7 +481,7 @@ def resume_target(resume: Path | None, config: Config) -> Path | None:
     origin = own_checkpoint(resume, config)
     if origin is not None:
         restarted = distributed.restarted() and origin.is_step
-        job = distributed.job_id()
+        job = job_id()
         went_on = ckpt.latest_descendant(here, origin, job) if restarted else None
         if went_on is None:
             return resume
@@ -1598,7 +1598,7 @@ def save(run: Run, window: dict[str, Any], best: bool) -> ckpt.Checkpoint:
         run.metadata,
         resume_point,
         run.origin,
-        distributed.job_id(),
+        job_id(),
     )
     if best:
         ckpt.set_best(run.directory, saved)
