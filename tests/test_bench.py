@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.benchmarks import written_file
 
 from mt.config import ModelConfig
 from mt.model import Transformer
@@ -104,7 +105,7 @@ def test_smoke_run_prints_and_writes_the_tables(multi30k: Path, tmp_path: Path) 
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert out.startswith("## Speed: mt vs Hugging Face Marian\n")
-    assert out_md.read_text() == f"# Benchmarks\n\n{out}"
+    assert out_md.read_text() == written_file(out)
     assert "greedy outputs identical on 10 of 10" in " ".join(out.split())  # prose is wrapped
     rows = [line.split("|") for line in out.splitlines() if line.startswith("| fp32 |")]
     systems = [row[2].strip() for row in rows]

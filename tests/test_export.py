@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from helpers.benchmarks import written_file
 from helpers.ct2_model import read_ct2_model
 from helpers.shared import built_once
 from helpers.waiting import SAFETY_NET_S
@@ -568,7 +569,7 @@ def test_bench_ct2_smoke_prints_and_writes_its_table(
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert out.startswith("## Speed: mt vs CTranslate2\n")
-    assert out_md.read_text() == f"# Benchmarks\n\n{out}"
+    assert out_md.read_text() == written_file(out)
     real = out[: out.index("Fixed-length protocol")]
     rows = [line.split("|") for line in real.splitlines() if line.startswith(("| mt ", "| CT2"))]
     names = [row[1].strip() for row in rows]

@@ -19,6 +19,7 @@ from types import ModuleType, SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.benchmarks import written_file
 from safetensors.torch import load_file
 
 from mt.config import DataConfig, ModelConfig, load_config, save_config
@@ -460,7 +461,7 @@ def test_bench_multilingual_smoke_prints_and_writes_its_tables(
     assert command in out.replace("\n", " ")
     config = (tmp_path / "work" / "multi" / "config.yaml").read_text()
     assert "heads: 1\n" in config and "max_steps: 20\n" in config
-    assert out_md.read_text() == f"# Benchmarks\n\n{out}"
+    assert out_md.read_text() == written_file(out)
     main, speed = out.split("The same comparison at the same vocabulary size")
     cells = table_cells(main)
     for direction in ("de-en", "en-de", "fr-en", "en-fr"):
@@ -584,7 +585,7 @@ def test_bench_demo_trains_both_configs_and_tables_their_scores(
                "--write", str(out_md), "--set", *tiny_model]  # fmt: skip
     out = run_script(monkeypatch, capsys, "bench_demo", *command)  # each `mt train` a child
     assert out.startswith("## make demo: what a newcomer gets in minutes\n")
-    assert out_md.read_text() == f"# Benchmarks\n\n{out}"
+    assert out_md.read_text() == written_file(out)
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| c")]
     assert [row[0].strip() for row in rows][1:] == [
         "configs/demo.yaml", "configs/multi30k.yaml, warm-up 200, lr 2e-3 (the demo before)"
