@@ -65,6 +65,19 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir, "train")}
 
 
+def sigterm_at_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """SIGTERM to this process once the training loop has logged `step` (a window ending there:
+    train.log_every must divide it); the run stops at its next step boundary."""
+    log_window = train_module.log_window
+
+    def signalled(run: Any, bar: object) -> None:
+        log_window(run, bar)
+        if run.state.step == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(train_module, "log_window", signalled)
+
+
 @pytest.mark.slow
 def test_tiny_run_writes_a_complete_run_directory(tmp_path: Path) -> None:
     result = train(tiny(tmp_path / "run", "train.max_steps=30"))
@@ -854,14 +867,7 @@ def test_a_signal_during_the_last_step_still_ends_the_run(
 ) -> None:
     run = tmp_path / "run"
     config = tiny(run, "train.max_steps=10", "train.valid_every=5", "train.log_every=5")
-    log_window = train_module.log_window
-
-    def signalled_at_the_end(run_: object, bar: object) -> None:  # SIGTERM during step 10
-        log_window(run_, bar)
-        if run_.state.step == 10:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(train_module, "log_window", signalled_at_the_end)
+    sigterm_at_step(monkeypatch, 10)  # during the last step
     assert train(config).signum == signal.SIGTERM  # exits 143: the scheduler is waiting
     monkeypatch.undo()
     # The step was done and validated: the run has ended, and says so.
@@ -875,14 +881,7 @@ def test_a_signal_during_the_validation_that_ends_a_resumed_run_is_kept(
 ) -> None:
     run = tmp_path / "run"
     steps = ["train.valid_every=100", "train.log_every=3"]
-    log_window = train_module.log_window
-
-    def signalled(run_: object, bar: object) -> None:  # SIGTERM during step 6
-        log_window(run_, bar)
-        if run_.state.step == 6:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(train_module, "log_window", signalled)
+    sigterm_at_step(monkeypatch, 6)
     assert train(tiny(run, "train.max_steps=8", *steps)).signum == signal.SIGTERM
     monkeypatch.undo()
     assert read_metrics(run, "valid") == []  # stopped fast, its last step unvalidated
@@ -1336,14 +1335,7 @@ def test_a_signals_checkpoint_is_neither_kept_nor_averaged_once_the_run_resumes(
     steps = ["train.max_steps=12", "train.valid_every=4", "train.keep_last=2"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     train(tiny(straight, *steps))
-    log_window = train_module.log_window
-
-    def signalled_at_step_10(run_: object, bar: object) -> None:
-        log_window(run_, bar)
-        if run_.state.step == 10:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(train_module, "log_window", signalled_at_step_10)
+    sigterm_at_step(monkeypatch, 10)
     assert train(tiny(split, *steps, "train.log_every=1")).signum == signal.SIGTERM
     monkeypatch.undo()
     kept = lambda run: [c.step for c in ckpt.list_checkpoints(run)]  # noqa: E731
