@@ -118,6 +118,10 @@ class DataConfig:
             for c in self.corpora
         ]
 
+    def direction_names(self) -> list[str]:
+        """The directions' names in order, e.g. ["de-en", "en-de"]."""
+        return [c.direction for c in self.directions()]
+
     def target_languages(self) -> list[str]:
         """The target languages of the run's directions, in order of first appearance."""
         return list(dict.fromkeys(c.tgt_lang for c in self.directions()))
@@ -164,7 +168,7 @@ class DataConfig:
                 f"[{first}]'s {other.src_lang} -> {other.tgt_lang} are both named "
                 f"{corpus.direction}: write a code with _ instead of - (pt_BR)",
             )
-        names = [c.direction for c in self.directions()]
+        names = self.direction_names()
         languages = (
             f"data.corpora[{n}].{k}_lang" for n in range(len(self.corpora)) for k in ("src", "tgt")
         )
@@ -760,7 +764,7 @@ def _check_direction_keys(config: Config, overridden: set[str]) -> None:
     corpora = config.data.corpora
     unused = sorted({"data.src_lang", "data.tgt_lang"} & overridden) if corpora else []
     if unused:
-        names = ", ".join(c.direction for c in config.data.directions())
+        names = ", ".join(config.data.direction_names())
         raise _Invalid(
             unused[0],
             f"{unused[0]}: this config's directions are data.corpora's ({names}); set them "

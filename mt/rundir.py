@@ -94,7 +94,7 @@ def open_split(config: Config, which: str) -> Corpus:
     """The `train`, `valid` or `test` corpus of a run with one direction."""
     (direction, *others) = config.data.directions()
     if others:
-        names = ", ".join(c.direction for c in config.data.directions())
+        names = ", ".join(config.data.direction_names())
         raise ConfigError(f"the run has several directions ({names}): name one")
     spec = getattr(direction, which)
     if not spec:

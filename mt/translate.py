@@ -192,7 +192,7 @@ def load_models(
                 f"--model {path}: {difference} in --model {paths[0]}: the models of an "
                 "ensemble must share their vocabulary"
             )
-        mine, theirs = directions(config), directions(other_config)
+        mine, theirs = (", ".join(sorted(c.data.direction_names())) for c in (config, other_config))
         if mine != theirs:  # a shared joint vocabulary does not make them one direction
             raise MtError(
                 f"--model {path}: it translates {theirs}, not {mine} as --model {paths[0]}: "
@@ -202,11 +202,6 @@ def load_models(
     models = [model for _, _, model, _ in loaded]
     decoder = models[0] if len(models) == 1 else Ensemble(models, weights)
     return config, tokenizer, pack(quantize(decoder, quantization), device, precision), names
-
-
-def directions(config: Config) -> str:
-    """The directions a run's model translates, sorted: "de-en" or "de-en, en-de, ..."."""
-    return ", ".join(sorted({c.direction for c in config.data.directions()}))
 
 
 def vocabulary_difference(first: Tokenizer, other: Tokenizer) -> str | None:

@@ -82,7 +82,7 @@ def describe(
     return ModelInfo(
         source_languages=list(dict.fromkeys(c.src_lang for c in config.data.directions())),
         target_languages=config.data.target_languages(),
-        directions=[c.direction for c in config.data.directions()],
+        directions=config.data.direction_names(),
         parameters=count_parameters(model),
         checkpoint=checkpoint.name,
         steps=trained_steps(checkpoint),
