@@ -53,7 +53,7 @@ RESUME_KEY = "resume_point"  # header entry: "true" on a signal's unvalidated ch
 # Header entry: the checkpoint that `--resume` named when the run that saved this one began, if
 # it was the run's own (a run gone back): a restarted job finds where it got to from there.
 ORIGIN_KEY = "resumed_from"
-JOB_KEY = "job"  # header entry beside ORIGIN_KEY: the scheduler's job of that run, if any
+JOB_KEY = "job"  # header entry beside ORIGIN_KEY: that run's scheduler job and --resume, if any
 _INTERNAL_KEYS = (DIGEST_KEY, STATE_KEY, RESUME_KEY, ORIGIN_KEY, JOB_KEY)  # not in read_metadata
 _REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+)")  # how torch's weights_only unpickler names one
 _DESCRIPTIONS = {  # metadata keys that get a readable mismatch message
@@ -449,8 +449,8 @@ def save_checkpoint(
     A `resume_point` (a signal's checkpoint, between validations) is kept only until a later
     checkpoint is saved, and is never one of the last checkpoints averaged: a run stopped and
     resumed keeps and averages the checkpoints an uninterrupted one does. `origin` names the
-    run's own checkpoint that its `--resume` named, if any, and `job` the scheduler's job of that
-    run (latest_descendant).
+    run's own checkpoint that its `--resume` named, if any, and `job` that run's scheduler job and
+    `--resume` (latest_descendant).
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
@@ -529,9 +529,10 @@ def _weights_in(directory: Path) -> list[Checkpoint]:
 
 def latest_descendant(run_dir: Path, origin: Checkpoint, job: str = "") -> Checkpoint | None:
     """Where a job that went back to one of the run's checkpoints got to before its scheduler
-    restarted it: the latest complete checkpoint that a run gone back saved in scheduler job
-    `job` (whatever `--resume` names now: a run directory's best moves), or without a job, the
-    latest after `origin` saved by runs that `--resume origin` began. None if there is none."""
+    restarted it: the latest complete checkpoint that a run gone back saved under `job` (its
+    scheduler job and `--resume`, whatever that names now: a run directory's best moves), or
+    without a job, the latest after `origin` saved by runs that `--resume origin` began. None
+    if there is none."""
 
     def went_on(header: dict[str, str]) -> bool:
         if job:

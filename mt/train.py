@@ -443,6 +443,7 @@ class Run:
     metrics: MetricsLog | None = None  # rank 0 only, opened when training begins
     last_saved: int = -1  # the step of the last checkpoint written
     origin: str = ""  # the run's own checkpoint that --resume named, if any (resume_origin)
+    job: str = ""  # its scheduler's job and --resume, with the origin (resume_job)
     window: dict[str, float] = field(default_factory=dict)  # the logging window's sums
 
     @property
@@ -481,8 +482,7 @@ def resume_target(resume: Path | None, config: Config) -> Path | None:
     origin = own_checkpoint(resume, config)
     if origin is not None:
         restarted = distributed.restarted() and origin.is_step
-        job = job_id()
-        went_on = ckpt.latest_descendant(here, origin, job) if restarted else None
+        went_on = ckpt.latest_descendant(here, origin, resume_job(resume)) if restarted else None
         if went_on is None:
             return resume
         log.info(f"{here} goes on from its own {went_on.name}; --resume {resume} began it")
@@ -493,6 +493,15 @@ def resume_target(resume: Path | None, config: Config) -> Path | None:
         return resume
     log.info(f"{here} goes on from its own {latest.name}; --resume {resume} began it")
     return None
+
+
+def resume_job(resume: Path | None) -> str:
+    """What a run gone back records of its command (with its origin, see latest_descendant):
+    its scheduler's job and its --resume, the same in each restart of that command and other
+    for another command of the job (several in one allocation, a reused rendezvous id); ""
+    outside a scheduler's job."""
+    job = job_id()
+    return f"{job} --resume {Path(resume).resolve()}" if job and resume is not None else ""
 
 
 def check_resume_state(asked: Path | None, resume: Path | None) -> None:
@@ -634,6 +643,7 @@ def start(
                 data=train_data.fingerprint(),
             ),
             origin=resume_origin(asked, config),
+            job=resume_job(asked),
         )
         clear_window(run)
         checkpoint = (
@@ -1598,7 +1608,7 @@ def save(run: Run, window: dict[str, Any], best: bool) -> ckpt.Checkpoint:
         run.metadata,
         resume_point,
         run.origin,
-        job_id(),
+        run.job,
     )
     if best:
         ckpt.set_best(run.directory, saved)

@@ -412,6 +412,18 @@ def test_a_requeued_job_goes_on_from_its_own_latest_where_the_best_it_went_back_
     # From its own latest (45), not from the best that `run` names now (30: 15 updates lost).
     assert f"{run} goes on from its own step-00000045; --resume {run} began it" in caplog.messages
     assert again.state.step == 50
+    # Another command of the same job (one allocation, several steps) goes back to step 15 and is
+    # restarted: it goes on from its own step 20, not from the first command's later 50.
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    earlier = steps[15].weights
+    train(tiny(run, "train.max_steps=20", keep), resume=earlier)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    caplog.clear()
+    after = train(tiny(run, "train.max_steps=25", keep), resume=earlier)
+    assert f"{run} goes on from its own step-00000020; --resume {earlier} began it" in (
+        caplog.messages
+    )
+    assert after.state.step == 25
 
 
 def poisoned_loss(calls_to_poison: set[int] | None):
