@@ -330,11 +330,18 @@ def _open_hf(spec: str, src_lang: str, tgt_lang: str, default_split: str) -> HfC
 
 
 def _check_no_tsv(directory: Path) -> None:
-    """DataError for TSV files in a folder for datasets: it reads them as quoted CSV (a quote
-    in a sentence is dropped, or swallows the lines to the next one; "NA" becomes missing),
-    where mt reads a .tsv corpus line by line."""
-    tsv = sorted(p for p in directory.rglob("*.tsv*") if p.name.endswith((".tsv", ".tsv.gz")))
-    if tsv:
+    """DataError for a folder whose data files are mostly TSV (datasets reads the folder in its
+    most common format): datasets reads TSV as quoted CSV (a quote in a sentence is dropped, or
+    swallows the lines to the next one; "NA" becomes missing), where mt reads a .tsv corpus line
+    by line."""
+    kinds: dict[str, list[Path]] = {}
+    for path in sorted(directory.rglob("*")):
+        relative = path.relative_to(directory).parts
+        if path.is_file() and not any(part.startswith(".") for part in relative):
+            suffixes = [x for x in path.suffixes if x != ".gz"]  # train.tsv.gz is TSV
+            kinds.setdefault(suffixes[-1] if suffixes else "", []).append(path)
+    tsv = kinds.get(".tsv", [])
+    if tsv and len(tsv) >= max(len(files) for files in kinds.values()):
         raise DataError(
             f"hf:{directory}: {tsv[0]} is TSV, which datasets would read as quoted CSV; name "
             "the .tsv file itself as the corpus, without hf: (mt reads it line by line)"

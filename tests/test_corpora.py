@@ -349,6 +349,10 @@ def test_hf_a_folder_of_tsv_files_is_refused(tmp_path: Path) -> None:
     )
     pairs = list(open_corpus(str(folder / "train.tsv"), "de", "en").pairs())
     assert pairs == [('"Ja", sagte er.', '"Yes," he said.')]
+    # A stray .tsv beside data files of another format, which datasets reads: taken.
+    files, _ = jsonl_folder(tmp_path)
+    (files / "stats.tsv").write_text("pairs\t2\n")
+    assert list(open_corpus(f"hf:{files}", "de", "en").pairs()) == PAIRS
 
 
 def test_a_local_dataset_folder_is_hashed_once_per_process_while_unchanged(
