@@ -335,17 +335,25 @@ def _check_no_tsv(directory: Path) -> None:
     swallows the lines to the next one; "NA" becomes missing), where mt reads a .tsv corpus line
     by line."""
     kinds: dict[str, list[Path]] = {}
-    for path in sorted(directory.rglob("*")):
-        relative = path.relative_to(directory).parts
-        if path.is_file() and not any(part.startswith(".") for part in relative):
-            suffixes = [x for x in path.suffixes if x != ".gz"]  # train.tsv.gz is TSV
-            kinds.setdefault(suffixes[-1] if suffixes else "", []).append(path)
+    for path in _data_files(directory):
+        suffixes = [x for x in path.suffixes if x != ".gz"]  # train.tsv.gz is TSV
+        kinds.setdefault(suffixes[-1] if suffixes else "", []).append(path)
     tsv = kinds.get(".tsv", [])
     if tsv and len(tsv) >= max(len(files) for files in kinds.values()):
         raise DataError(
             f"hf:{directory}: {tsv[0]} is TSV, which datasets would read as quoted CSV; name "
             "the .tsv file itself as the corpus, without hf: (mt reads it line by line)"
         )
+
+
+def _data_files(directory: Path) -> list[Path]:
+    """The files under a local folder for datasets, sorted, hidden ones left out (as it does)."""
+    return [
+        path
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
+        and not any(part.startswith(".") for part in path.relative_to(directory).parts)
+    ]
 
 
 def _is_saved(directory: Path) -> bool:
@@ -387,13 +395,11 @@ def _local_cache(directory: Path) -> str:
     import datasets
 
     digest = hashlib.sha256()
-    for path in sorted(directory.rglob("*")):
-        relative = path.relative_to(directory)
-        if path.is_file() and not any(part.startswith(".") for part in relative.parts):
-            try:
-                digest.update(f"{relative}\n{file_sha256(path)}\n".encode())
-            except OSError as exc:
-                raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    for path in _data_files(directory):
+        try:
+            digest.update(f"{path.relative_to(directory)}\n{file_sha256(path)}\n".encode())
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
     return str(Path(datasets.config.HF_DATASETS_CACHE) / "mt-local" / digest.hexdigest()[:32])
 
 

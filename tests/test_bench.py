@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.benchmarks import written_file
+from helpers.benchmarks import load_bench, written_file
 
 from mt.config import ModelConfig
 from mt.model import Transformer
@@ -19,13 +19,6 @@ HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 needs_transformers = pytest.mark.skipif(
     not HAS_TRANSFORMERS, reason="transformers is not installed (pip install -e '.[bench]')"
 )
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @needs_transformers

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def written_file(section: str) -> str:
-    """A new Markdown file as a script's --write leaves it: its section, then the end mark."""
-    spec = importlib.util.spec_from_file_location("bench_marks", ROOT / "scripts" / "bench.py")
+def load_bench() -> ModuleType:
+    """scripts/bench.py as a module."""
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    return f"# Benchmarks\n\n{section}{bench.END_MARK}\n"
+    return bench
+
+
+def written_file(section: str) -> str:
+    """A new Markdown file as a script's --write leaves it: its section, then the end mark."""
+    return f"# Benchmarks\n\n{section}{load_bench().END_MARK}\n"
