@@ -234,8 +234,9 @@ def decode_settings(config: Config, **overrides: Any) -> DecodeConfig:
     penalty = given.get("length_penalty", config.decode.length_penalty)
     if "alpha" in given and penalty != "gnmt":
         raise MtError(f"command line: --alpha applies to --length-penalty gnmt only, not {penalty}")
-    if "beam" in given and "nbest" not in given and not sampling:
-        given["nbest"] = min(config.decode.nbest, given["beam"])  # --beam caps the run's n-best
+    if "nbest" not in given and not sampling:
+        # A search returns at most its beam; a sampling run's n-best may exceed its beam.
+        given["nbest"] = min(config.decode.nbest, given.get("beam", config.decode.beam))
     tree = config.to_dict()
     tree["decode"].update(given)
     return from_dict(tree, "command line").decode  # validates, e.g. nbest <= beam

@@ -637,6 +637,9 @@ def test_beam_caps_the_runs_nbest_and_one_stdin_at_most(trained_run: Path, tmp_p
     assert decode_settings(config, beam=1).nbest == 1  # not "decode.nbest=2 exceeds decode.beam"
     sampled = load_config(trained_run / "config.yaml", ["decode.sampling=true", "decode.nbest=4"])
     assert decode_settings(sampled, sampling=False, beam=2).nbest == 2  # beam search: capped
+    one = load_config(trained_run / "config.yaml", ["decode.sampling=true", "decode.beam=1",
+                                                    "decode.nbest=4"])  # fmt: skip
+    assert decode_settings(one, sampling=False).nbest == 1  # by the run's beam, too
     assert decode_settings(config, sampling=True, beam=1).nbest == 2  # samples: not capped
     with pytest.raises(MtError) as err:
         decode_settings(config, beam=3, top_p=0.9, seed=1)  # sampling is off: they do nothing
