@@ -246,7 +246,11 @@ LengthPenaltyOption = Annotated[
 ]
 OutputOption = Annotated[
     Path | None,
-    typer.Option("--output", "-o", help="Write here (atomically, once done) instead of to stdout."),
+    typer.Option(
+        "--output",
+        "-o",
+        help="Write here (atomically, once done; gzipped if it ends in .gz) instead of to stdout.",
+    ),
 ]
 MaxTokensOption = Annotated[
     int | None,

@@ -13,6 +13,7 @@ command writes every line and then fails with one line naming the checkpoint.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import logging
 import math
 import sys
@@ -451,14 +452,19 @@ class InOrderWriter:
 
 @contextlib.contextmanager
 def output_stream(output: Path | None) -> Iterator[IO[bytes]]:
-    """stdout, or a temp file beside `output` renamed over it only once everything is written."""
+    """stdout, or a temp file beside `output` renamed over it only once everything is written
+    (gzipped if its name ends in .gz, as inputs named so are read)."""
     if output is None:
         sys.stdout.flush()
         with stdout_errors():
             yield sys.stdout.buffer
         return
     with atomic_write(Path(output)) as stream:  # nothing half-written is ever left behind
-        yield stream
+        if not Path(output).name.endswith(".gz"):
+            yield stream
+            return
+        with gzip.GzipFile(fileobj=stream, mode="wb", mtime=0) as packed:  # closed before rename
+            yield packed  # type: ignore[misc]
 
 
 def check_output_path(output: Path | None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gzip
 import logging
 import math
 import os
@@ -127,6 +128,10 @@ def test_stdin_file_and_output_file_agree(trained_run: Path, tmp_path: Path) -> 
     assert written.exit_code == 0, written.output
     assert written.stdout == ""
     assert target.read_text(encoding="utf-8") == stdout
+    packed = tmp_path / "out.txt.gz"  # gzipped, as a .gz input is read
+    args = ["translate", str(source), "-m", str(trained_run), "-o", str(packed), *fp32]
+    assert runner.invoke(app, args).exit_code == 0
+    assert gzip.decompress(packed.read_bytes()).decode("utf-8") == stdout
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
