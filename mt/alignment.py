@@ -102,7 +102,7 @@ def align(
     settings = dataclasses.replace(decode, nbest=1, sampling=False)
     best = search.decode(model, source_tensor(model, ids), settings)[0][0]
     found = alignment(model, tokenizer, ids, best.tokens)
-    tagged = bool(ids) and tokenizer.tag_id(tgt_lang) is not None
+    tagged = bool(ids) and bool(tokenizer.tags)
     return found.without_first_source() if tagged and not show_tag else found
 
 
@@ -156,7 +156,7 @@ def plot_alignment(
     check_sentence(sentence)
     dev, _ = resolve_runtime(device, "fp32")
     config, tokenizer, model, _ = load_trained(run, dev)
-    check_target(config, tokenizer, tgt_lang)
+    check_target(config, tokenizer, tgt_lang, [sentence], "the sentence")
     decode = decode_settings(config, beam=beam)
     found = align(model, tokenizer, sentence, decode, tgt_lang, show_tag)
     layers = len(found.weights)

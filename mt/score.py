@@ -219,7 +219,7 @@ def score_file(
     config, translator, checkpoints = load_translator(
         models, str(dev), prec, weights, quantization, keep_memory=False, **overrides
     )
-    check_target(config, translator.tokenizer, tgt_lang)
+    check_target(config, translator.tokenizer, tgt_lang, sources, input_name(source))
     batches = score_pairs(translator, sources, targets, tgt_lang, sys.stderr.isatty())
     with output_stream(output) as stream:
         if summary:

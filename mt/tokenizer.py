@@ -44,6 +44,7 @@ _CHUNK = 10_000  # sentences encoded at once by unk_rate
 
 TAG = ">>{}<<"  # the piece that asks for a target language: Marian's and OPUS-MT's convention
 _TAG = re.compile(r">>([A-Za-z0-9_-]+)<<")
+_LEADING_TAG = re.compile(r"\s*>>([A-Za-z0-9_-]+)<<")
 # What would break one line out per line in, in a decoded text: byte pieces can spell these.
 LINE_BREAKS = str.maketrans({"\n": " ", "\r": " ", "\u2028": " ", "\u2029": " "})
 
@@ -51,6 +52,13 @@ LINE_BREAKS = str.maketrans({"\n": " ", "\r": " ", "\u2028": " ", "\u2029": " "}
 def tag_piece(lang: str) -> str:
     """The reserved piece naming target language `lang`, e.g. ``>>fr<<``."""
     return TAG.format(lang)
+
+
+def leading_tag(text: str) -> tuple[str | None, str]:
+    """The language of the ``>>xx<<`` that starts `text` (after spaces) and the text after it;
+    (None, text) when it starts with none."""
+    found = _LEADING_TAG.match(text)
+    return (found[1], text[found.end() :]) if found else (None, text)
 
 
 @dataclass
@@ -121,17 +129,38 @@ class Tokenizer:
             digest.update(len(data).to_bytes(8, "little") + data)
         return digest.hexdigest()
 
-    def encode_src(self, texts: list[str], tgt_lang: str | None = None) -> list[list[int]]:
-        """Source texts to piece ids, without BOS/EOS, after the tag of `tgt_lang` if any.
+    def encode_src(
+        self, texts: list[str], tgt_lang: str | Sequence[str | None] | None = None
+    ) -> list[list[int]]:
+        """Source texts to piece ids, without BOS/EOS, after the tag of `tgt_lang` if any (one
+        language for every text, or one per text).
 
         The tag is an id, not text: SentencePiece would put a "▁" piece before it. A text
         without pieces gets no tag, so blank lines stay blank.
         """
         ids = self.src.encode(texts, out_type=int)
-        tag = self.tag_id(tgt_lang)
-        if tag is None:
+        if not self.tags:  # one target language: no tags
             return ids
-        return [[tag, *seq] if seq else seq for seq in ids]
+        langs = [tgt_lang] * len(ids) if tgt_lang is None or isinstance(tgt_lang, str) else tgt_lang
+        return [
+            [self.tag_id(lang), *seq] if seq else seq  # type: ignore[list-item]
+            for seq, lang in zip(ids, langs, strict=True)
+        ]
+
+    def own_targets(self, lines: Sequence[str]) -> tuple[list[str], list[str | None]]:
+        """Each line without the tag of a target language that starts it, and that language.
+
+        A multilingual model's lines may name their own target (``>>fr<< text``, as Marian and
+        OPUS-MT read them); the tag's text is not the source. Other lines, and every line of a
+        model with one target language (whose text it is), come back as they are, with None.
+        """
+        texts, langs = list(lines), [None] * len(lines)
+        if self.tags:
+            for index, line in enumerate(lines):
+                lang, rest = leading_tag(line)
+                if lang in self.tags:
+                    texts[index], langs[index] = rest, lang
+        return texts, langs
 
     def encode_tgt(self, texts: list[str]) -> list[list[int]]:
         """Target texts to piece ids, without BOS/EOS."""
@@ -167,7 +196,8 @@ class Tokenizer:
             return [" ".join(map(str, row)) for row in encoded]
         if side != "src":
             raise MtError("--tgt-lang tags sources: it needs --side src")
-        rows = self.encode_src(lines, tgt_lang)
+        texts, langs = self.own_targets(lines)  # as mt translate reads them
+        rows = self.encode_src(texts, [lang or tgt_lang for lang in langs])
         return [
             " ".join(self.src.id_to_piece(i) if pieces else str(i) for i in row) for row in rows
         ]

@@ -44,7 +44,7 @@ from mt.packing import pack, time_packed
 from mt.quantize import check_quantization, quantize
 from mt.rundir import load_run_config, load_trained, model_checkpoint
 from mt.search import Constraints, Decoder, Ensemble
-from mt.tokenizer import LINE_BREAKS, Tokenizer
+from mt.tokenizer import LINE_BREAKS, Tokenizer, leading_tag
 from mt.vocab import UNK_ID
 
 log = logging.getLogger("mt")
@@ -74,11 +74,14 @@ def encode_sources(
 ) -> list[list[int]]:
     """Source ids per line (none for blank lines), cut to max_len pieces with a warning.
 
-    A multilingual model's sources start with the tag of `tgt_lang` (see Tokenizer.encode_src),
-    which takes one of the max_len places; the warning counts the line's own pieces.
+    A multilingual model's sources start with a tag (see Tokenizer.encode_src): that of the
+    line's own ``>>xx<<`` where it starts with one (see Tokenizer.own_targets), else that of
+    `tgt_lang`.
+    The tag takes one of the max_len places; the warning counts the line's own pieces.
     """
-    ids = tokenizer.encode_src([line if line.strip() else "" for line in lines], tgt_lang)
-    tag = int(tokenizer.tag_id(tgt_lang) is not None)
+    texts, langs = tokenizer.own_targets([line if line.strip() else "" for line in lines])
+    ids = tokenizer.encode_src(texts, [lang or tgt_lang for lang in langs])
+    tag = int(bool(tokenizer.tags))
     after = " (after the language tag)" if tag else ""
     for number, seq in enumerate(ids, start=1):
         if len(seq) > max_len:
@@ -88,13 +91,38 @@ def encode_sources(
     return ids
 
 
-def check_target(config: Config, tokenizer: Tokenizer, tgt_lang: str | None) -> None:
-    """MtError unless `tgt_lang` is one the model translates into (or None, for one)."""
+def check_target(
+    config: Config,
+    tokenizer: Tokenizer,
+    tgt_lang: str | None,
+    lines: Sequence[str] | None = None,
+    source: str = "",
+) -> None:
+    """MtError unless `tgt_lang` is one the model translates into (or None, for one), and each
+    of `lines` (read from `source`) that starts with a tag names one too; a multilingual
+    model's lines without a tag need `tgt_lang`."""
     known = config.data.target_languages()
-    if tgt_lang is None and tokenizer.tags:
-        raise MtError(f"the model translates into {', '.join(known)}: choose one with --tgt-lang")
+    listed = ", ".join(known)
     if tgt_lang is not None and tgt_lang not in known:
-        raise MtError(f"--tgt-lang {tgt_lang}: the model translates into {', '.join(known)} only")
+        raise MtError(f"--tgt-lang {tgt_lang}: the model translates into {listed} only")
+    if not tokenizer.tags:
+        return
+    untagged = None
+    for number, line in enumerate(lines or [], start=1):
+        lang, _ = leading_tag(line)
+        if lang is not None and lang not in known:
+            raise MtError(
+                f"{source}: line {number} starts with >>{lang}<<, but the model translates into "
+                f"{listed} only"
+            )
+        if lang is None and line.strip() and untagged is None:
+            untagged = number
+    if tgt_lang is None and (lines is None or untagged is not None):
+        where = "" if lines is None else f" ({source}: line {untagged} starts with no >>xx<<)"
+        raise MtError(
+            f"the model translates into {listed}: choose one with --tgt-lang, or start each line "
+            f"with its tag{where}"
+        )
 
 
 def read_aligned(path: str | Path, lines: Sequence[str], source: str) -> list[str]:
@@ -529,7 +557,7 @@ def translate_file(
         models, str(dev), prec, weights, quantization, **overrides
     )
     tokenizer, decode = translator.tokenizer, translator.decode
-    check_target(config, tokenizer, tgt_lang)
+    check_target(config, tokenizer, tgt_lang, lines, input_name(source))
     room = translator.model.max_positions - 2  # the output pieces before EOS
     prefixes = prefix_rows and encode_prefixes(prefix, prefix_rows, tokenizer, room)
     wanted = constraint_rows and encode_constraints(constraints, constraint_rows, tokenizer, room)

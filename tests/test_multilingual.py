@@ -32,6 +32,7 @@ from mt.rundir import (
     prepare_tokenizer,
 )
 from mt.train import train
+from mt.translate import encode_sources
 
 
 def test_a_run_may_use_some_of_a_tokenizers_tags(tmp_path: Path) -> None:
@@ -158,10 +159,39 @@ def test_translate_asks_for_a_target_language(multi_run: Path, tmp_path: Path) -
     args = ["translate", "-m", str(multi_run), str(source)]
     missing = CliRunner().invoke(app, args)
     assert str(missing.exception) == (
-        "the model translates into en, de, fr: choose one with --tgt-lang"
+        "the model translates into en, de, fr: choose one with --tgt-lang, or start each line "
+        f"with its tag ({source}: line 1 starts with no >>xx<<)"
     )
     unknown = CliRunner().invoke(app, [*args, "--tgt-lang", "cs"])
     assert str(unknown.exception) == "--tgt-lang cs: the model translates into en, de, fr only"
+
+
+@pytest.mark.slow
+def test_a_line_may_name_its_own_target_language(
+    multi_run: Path, trained_run: Path, tmp_path: Path
+) -> None:
+    lines = ["Ein mann sieht den see .", "Das kind findet ein auto ."]
+    plain = tmp_path / "plain.txt"
+    plain.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    into = {lang: translate_cli(multi_run, plain, "--beam", "1", "--tgt-lang", lang)
+            for lang in ("en", "fr")}  # fmt: skip
+    mixed = tmp_path / "mixed.txt"  # Marian's and OPUS-MT's convention; blank stays blank
+    mixed.write_text(f">>fr<< {lines[0]}\n\n  >>en<<{lines[1]}\n>>fr<<\n", encoding="utf-8")
+    expected = [into["fr"][0], "", into["en"][1], ""]
+    assert translate_cli(multi_run, mixed, "--beam", "1") == expected  # no --tgt-lang needed
+    assert translate_cli(multi_run, mixed, "--beam", "1", "--tgt-lang", "de") == expected
+    _, tokenizer, _, _ = load_trained(multi_run, torch.device("cpu"))
+    assert encode_sources([f">>fr<< {lines[0]}"], tokenizer, 128, "en") == (
+        encode_sources([lines[0]], tokenizer, 128, "fr")
+    )  # the tag's text is not the source: one tag, that of the line
+    one = prepare_tokenizer(load_config(trained_run / "config.yaml"))
+    assert encode_sources([">>fr<< x"], one, 128) == [one.src.encode(">>fr<< x")]  # its text
+    mixed.write_text(f">>en<< {lines[0]}\n>>cs<< {lines[1]}\n", encoding="utf-8")
+    args = ["translate", "-m", str(multi_run), str(mixed), "--tgt-lang", "en"]
+    unknown = CliRunner().invoke(app, args)
+    assert str(unknown.exception) == (
+        f"{mixed}: line 2 starts with >>cs<<, but the model translates into en, de, fr only"
+    )
 
 
 @pytest.mark.slow
@@ -303,8 +333,27 @@ def test_serve_translates_into_the_requested_language(multi_run: Path) -> None:
             assert shown["source_pieces"] == pieces  # so do the pieces: not >>en<<
             missing = client.post("/v1/translate", json={"text": lines})
             assert missing.status_code == 422
-            error = "tgt_lang: missing: this model translates into en, de, fr"
+            error = (
+                "tgt_lang: missing: this model translates into en, de, fr (or start each "
+                "sentence with its tag, e.g. >>en<<)"
+            )
             assert missing.json() == {"error": error}
+            # A sentence's own tag names its target, as in mt translate (Marian's convention).
+            own = {"text": [f">>fr<< {lines[0]}", f">>en<< {lines[1]}"], "pieces": True}
+            answer = client.post("/v1/translate", json=own).json()["translations"]
+            alone = [
+                client.post(
+                    "/v1/translate", json={"text": line, "tgt_lang": lang, "pieces": True}
+                ).json()["translations"][0]
+                for line, lang in zip(lines, ("fr", "en"), strict=True)
+            ]
+            assert answer == alone  # the tag's text is not among the source pieces either
+            unknown = client.post("/v1/translate", json={"text": [lines[0], f">>cs<< {lines[1]}"],
+                                                          "tgt_lang": "en"})  # fmt: skip
+            assert unknown.json() == {
+                "error": "text[1]: starts with >>cs<<, not a target language of this model "
+                "(en, de, fr)"
+            }
     finally:
         served.batcher.stop()
 
@@ -409,5 +458,7 @@ def test_tokenizer_encode_puts_the_target_languages_tag_first(multi_run: Path) -
     ]
     ids = CliRunner().invoke(app, args, input="Ein mann .\n")
     assert ids.stdout.split()[0] == str(tokenizer.tags["fr"])
+    own = CliRunner().invoke(app, [*args, "--pieces"], input=">>en<< Ein mann .\n")
+    assert own.stdout.split() == [">>en<<", *tokenizer.src.encode("Ein mann .", out_type=str)]
     target = CliRunner().invoke(app, [*args, "--side", "tgt"], input="a man .\n")
     assert str(target.exception) == "--tgt-lang tags sources: it needs --side src"

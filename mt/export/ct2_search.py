@@ -93,7 +93,8 @@ def translate_ct2(
     Sentences are batched by source length and length limit, so each gets its exact mt limit;
     `prefixes` (target ids per line, as `mt.translate.encode_prefixes` gives) start the outputs
     as CTranslate2's `target_prefix`. Blank lines (and lines without pieces) give []. A
-    multilingual model's sources start with the tag of `tgt_lang`, as in `mt translate`.
+    multilingual model's sources start with their own tag or that of `tgt_lang`, as in `mt
+    translate`.
     """
     ids = encode_sources(lines, tokenizer, max_positions - 1, tgt_lang)
     forced = [len(p) for p in prefixes] if prefixes is not None else [0] * len(lines)

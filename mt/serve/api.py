@@ -34,7 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mt.search import limits_of
 from mt.serve.limits import Limits
 from mt.serve.worker import Batcher, Job, Result, Unavailable
-from mt.tokenizer import Tokenizer
+from mt.tokenizer import Tokenizer, leading_tag
 from mt.translate import Translation, encode_sources, forced_problem, meets
 
 RETRY_AFTER_S = 1  # what a 503 tells clients to wait: about one batch of decoding
@@ -64,7 +64,11 @@ class TranslateRequest(BaseModel):
     nbest: int | None = Field(
         None, ge=1, description="Hypotheses per sentence (at most beam); the list is returned."
     )
-    tgt_lang: str | None = Field(None, description="Target language (one of the model's).")
+    tgt_lang: str | None = Field(
+        None,
+        description="Target language (one of the model's); a sentence that starts with its own "
+        "tag (>>fr<< ...) goes into that language.",
+    )
     pieces: bool = Field(False, description="Return source and target pieces.")
     attention: bool = Field(
         False, description="Return the best translation's cross-attention (mean of heads)."
@@ -224,7 +228,7 @@ async def translate(body: TranslateRequest, request: Request, served: ServedDep)
     with_nbest = body.nbest is not None or nbest > 1
 
     # A multilingual model's tag is not the user's text: its pieces leave it out, as attention.
-    tagged = served.tokenizer.tag_id(body.tgt_lang) is not None
+    tagged = bool(served.tokenizer.tags)
 
     def render() -> TranslateResponse:
         translations = [
@@ -290,8 +294,6 @@ def _settings(body: TranslateRequest, served: Served) -> tuple[int, int]:
         raise RequestError(
             "tgt_lang", f"{body.tgt_lang!r} is not a target language of this model ({known})"
         )
-    if body.tgt_lang is None and len(info.target_languages) > 1:
-        raise RequestError("tgt_lang", f"missing: this model translates into {known}")
     decode = served.batcher.decode
     beam = body.beam or decode.beam
     if beam > limits.max_beam:
@@ -305,6 +307,24 @@ def _settings(body: TranslateRequest, served: Served) -> tuple[int, int]:
     if nbest > beam:
         raise RequestError("nbest", f"{nbest} exceeds the beam ({beam})")
     return beam, nbest
+
+
+def _check_tags(lines: list[str], known: list[str], tgt_lang: str | None, single: bool) -> None:
+    """A multilingual model's sentences name their target: their own >>xx<<, or tgt_lang."""
+    listed = ", ".join(known)
+    for index, line in enumerate(lines):
+        lang, _ = leading_tag(line)
+        if lang is not None and lang not in known:
+            raise RequestError(
+                _item("text", index, single),
+                f"starts with >>{lang}<<, not a target language of this model ({listed})",
+            )
+        if lang is None and tgt_lang is None and line.strip():
+            raise RequestError(
+                "tgt_lang",
+                f"missing: this model translates into {listed} (or start each sentence with "
+                f"its tag, e.g. >>{known[0]}<<)",
+            )
 
 
 def _item(field: str, index: int, single: bool) -> str:
@@ -324,8 +344,10 @@ def _encode(
     if len(lines) > limit:
         raise RequestError("text", f"{len(lines)} sentences exceed the limit of {limit}")
     _check_unicode("text", lines, single)
+    if served.tokenizer.tags:
+        _check_tags(lines, served.info.target_languages, tgt_lang, single)
     ids = encode_sources(lines, served.tokenizer, sys.maxsize, tgt_lang)  # refused, not cut
-    tag = int(served.tokenizer.tag_id(tgt_lang) is not None)  # a place of the source's own
+    tag = int(bool(served.tokenizer.tags))  # a place of the source's own
     for index, seq in enumerate(ids):
         if len(seq) - tag > longest:
             raise RequestError(

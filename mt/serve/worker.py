@@ -290,7 +290,7 @@ class Batcher:
         # Heads averaged at once (what the answer shows): a waiting answer holds 1/H of them.
         found = alignment(self.model, self.tokenizer, ids, hyps[0].tokens).heads_averaged()
         # A multilingual model's tag is not the user's text: left out, as `mt attention` does.
-        tagged = self.tokenizer.tag_id(job.tgt_lang) is not None
+        tagged = bool(self.tokenizer.tags)
         return Result(hyps, found.without_first_source() if tagged else found)
 
 
