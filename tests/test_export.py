@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -278,6 +279,30 @@ def test_ct2_export_directory_layout_and_readme(postnorm_run: Path, tmp_path: Pa
     assert "ctranslate2.Translator" in readme and "int8" in readme
     assert max(len(line) for line in readme.splitlines()) <= 100
     assert [p.name for p in out.parent.iterdir()] == ["ct2"]  # no temp directory left
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["postnorm_run", "multi_run"])
+def test_ct2_readme_code_cuts_a_long_line_as_mt_does(
+    name: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    pytest.importorskip("ctranslate2", reason=NO_CT2)
+    run = request.getfixturevalue(name)
+    out = export_model(run, tmp_path / "ct2", "ct2")
+    code = (out / "README.md").read_text().split("```python\n")[1].split("```")[0]
+    long = "der hund mag den see . " * 100  # far more pieces than the model's positions
+    code = re.sub(r"^lines = .*$", f"lines = [{long!r}]", code, flags=re.MULTILINE)
+    cut = load_config(run / "config.yaml").model.max_positions - 1  # mt's: EOS takes one
+    by_hand = code.replace("results = ", f"sources = [s[:{cut}] for s in sources]\nresults = ")
+    printed = []
+    for program in (code, by_hand):
+        result = subprocess.run(
+            [sys.executable, "-c", program], cwd=out, capture_output=True, text=True,
+            timeout=SAFETY_NET_S,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        printed.append(result.stdout)
+    assert printed[0] == printed[1] and printed[0].startswith("['")
 
 
 class Pieces:
