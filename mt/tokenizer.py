@@ -88,12 +88,12 @@ class Tokenizer:
         """The id to put before a source for `tgt_lang` (None: the model has no tags)."""
         if not self.tags:
             return None
+        if tgt_lang in self.tags:
+            return self.tags[tgt_lang]
         known = ", ".join(self.tags)
         if tgt_lang is None:
             raise MtError(f"the model translates into {known}: name the target language")
-        if tgt_lang not in self.tags:
-            raise MtError(f"the model does not translate into {tgt_lang!r} (only into {known})")
-        return self.tags[tgt_lang]
+        raise MtError(f"the model does not translate into {tgt_lang!r} (only into {known})")
 
     @property
     def joint(self) -> bool:
