@@ -157,6 +157,7 @@ def plot_alignment(
     dev, _ = resolve_runtime(device, "fp32")
     config, tokenizer, model, _ = load_trained(run, dev)
     check_target(config, tokenizer, tgt_lang, [sentence], "the sentence")
+    check_sentence(tokenizer.own_targets([sentence])[0][0])  # not a tag alone
     decode = decode_settings(config, beam=beam)
     found = align(model, tokenizer, sentence, decode, tgt_lang, show_tag)
     layers = len(found.weights)

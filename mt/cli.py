@@ -265,8 +265,8 @@ TgtLangOption = Annotated[
     str | None,
     typer.Option(
         "--tgt-lang",
-        help="Target language, for a model of several (one of the run's; not needed for one); "
-        "lines that start with a tag (>>fr<< ...) go into its language.",
+        help="Target language, for a model of several (one of the run's; not needed for one). "
+        "A source line that starts with a tag (>>fr<< ...) goes into its language.",
         show_default=False,
     ),
 ]

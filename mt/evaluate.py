@@ -225,8 +225,8 @@ def model_translations(
     config, translator, checkpoints = load_translator(
         paths, device, precision, weights, quantization, **scored_search(overrides)
     )
-    check_target(config, translator.tokenizer, tgt_lang)  # the references' language
-    if sources is not None:
+    check_target(config, translator.tokenizer, tgt_lang)  # the references' language, for BLEU
+    if sources is not None:  # their lines' own tags, if any
         check_target(config, translator.tokenizer, tgt_lang, sources, "--src")
     refs = None
     if sources is None:

@@ -196,7 +196,7 @@ class Tokenizer:
             return [" ".join(map(str, row)) for row in encoded]
         if side != "src":
             raise MtError("--tgt-lang tags sources: it needs --side src")
-        texts, langs = self.own_targets(lines)  # as mt translate reads them
+        texts, langs = self.own_targets(lines)  # a line's own tag wins, as in mt translate
         rows = self.encode_src(texts, [lang or tgt_lang for lang in langs])
         return [
             " ".join(self.src.id_to_piece(i) if pieces else str(i) for i in row) for row in rows

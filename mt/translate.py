@@ -117,11 +117,12 @@ def check_target(
             )
         if lang is None and line.strip() and untagged is None:
             untagged = number
-    if tgt_lang is None and (lines is None or untagged is not None):
-        where = "" if lines is None else f" ({source}: line {untagged} starts with no >>xx<<)"
+    if tgt_lang is None and lines is None:
+        raise MtError(f"the model translates into {listed}: choose one with --tgt-lang")
+    if tgt_lang is None and untagged is not None:
         raise MtError(
             f"the model translates into {listed}: choose one with --tgt-lang, or start each line "
-            f"with its tag{where}"
+            f"with its tag ({source}: line {untagged} starts with no >>xx<<)"
         )
 
 
@@ -491,7 +492,9 @@ def output_stream(output: Path | None) -> Iterator[IO[bytes]]:
         if not Path(output).name.endswith(".gz"):
             yield stream
             return
-        with gzip.GzipFile(fileobj=stream, mode="wb", mtime=0) as packed:  # closed before rename
+        # The header names the output, not its temp file; closed before the rename.
+        name = Path(output).name
+        with gzip.GzipFile(name, mode="wb", fileobj=stream, mtime=0) as packed:
             yield packed  # type: ignore[misc]
 
 

@@ -192,6 +192,8 @@ def test_a_line_may_name_its_own_target_language(
     assert str(unknown.exception) == (
         f"{mixed}: line 2 starts with >>cs<<, but the model translates into en, de, fr only"
     )
+    alone = CliRunner().invoke(app, ["attention", str(multi_run), ">>fr<< ", "-o", "a.png"])
+    assert str(alone.exception) == "the sentence is empty: nothing to translate"
 
 
 @pytest.mark.slow

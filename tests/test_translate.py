@@ -132,6 +132,7 @@ def test_stdin_file_and_output_file_agree(trained_run: Path, tmp_path: Path) -> 
     args = ["translate", str(source), "-m", str(trained_run), "-o", str(packed), *fp32]
     assert runner.invoke(app, args).exit_code == 0
     assert gzip.decompress(packed.read_bytes()).decode("utf-8") == stdout
+    assert packed.read_bytes()[10:].split(b"\0")[0] == b"out.txt"  # the name, not the temp's
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
