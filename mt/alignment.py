@@ -24,7 +24,7 @@ from mt.errors import MtError
 from mt.model import MultiHeadAttention, Transformer
 from mt.plot import plot_attention
 from mt.rundir import load_trained
-from mt.tokenizer import LINE_BREAKS, Tokenizer
+from mt.tokenizer import LINE_BREAKS, Tokenizer, leading_tag
 from mt.translate import check_target, decode_settings, encode_sources, resolve_runtime
 from mt.vocab import BOS_ID, EOS_ID
 
@@ -156,7 +156,8 @@ def plot_alignment(
     check_sentence(sentence)
     dev, _ = resolve_runtime(device, "fp32")
     config, tokenizer, model, _ = load_trained(run, dev)
-    check_target(config, tokenizer, tgt_lang, [sentence], "the sentence")
+    tagged = leading_tag(sentence)[0] is not None  # else the message asks for --tgt-lang alone
+    check_target(config, tokenizer, tgt_lang, [sentence] if tagged else None, "the sentence")
     check_sentence(tokenizer.own_targets([sentence])[0][0])  # not a tag alone
     decode = decode_settings(config, beam=beam)
     found = align(model, tokenizer, sentence, decode, tgt_lang, show_tag)
