@@ -147,6 +147,12 @@ class Tokenizer:
             for seq, lang in zip(ids, langs, strict=True)
         ]
 
+    def encode_tagged(self, lines: Sequence[str], tgt_lang: str | None) -> list[list[int]]:
+        """encode_src of lines to translate: each after the tag it starts with (see
+        own_targets), else that of `tgt_lang`."""
+        texts, langs = self.own_targets(lines)
+        return self.encode_src(texts, [lang or tgt_lang for lang in langs])
+
     def own_targets(self, lines: Sequence[str]) -> tuple[list[str], list[str | None]]:
         """Each line without the tag of a target language that starts it, and that language.
 
@@ -196,8 +202,7 @@ class Tokenizer:
             return [" ".join(map(str, row)) for row in encoded]
         if side != "src":
             raise MtError("--tgt-lang tags sources: it needs --side src")
-        texts, langs = self.own_targets(lines)  # a line's own tag wins, as in mt translate
-        rows = self.encode_src(texts, [lang or tgt_lang for lang in langs])
+        rows = self.encode_tagged(lines, tgt_lang)  # a line's own tag wins, as in mt translate
         return [
             " ".join(self.src.id_to_piece(i) if pieces else str(i) for i in row) for row in rows
         ]

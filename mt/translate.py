@@ -74,13 +74,11 @@ def encode_sources(
 ) -> list[list[int]]:
     """Source ids per line (none for blank lines), cut to max_len pieces with a warning.
 
-    A multilingual model's sources start with a tag (see Tokenizer.encode_src): that of the
-    line's own ``>>xx<<`` where it starts with one (see Tokenizer.own_targets), else that of
-    `tgt_lang`.
-    The tag takes one of the max_len places; the warning counts the line's own pieces.
+    A multilingual model's sources start with a tag (see Tokenizer.encode_tagged): that of the
+    line's own ``>>xx<<`` where it starts with one, else that of `tgt_lang`. The tag takes one
+    of the max_len places; the warning counts the line's own pieces.
     """
-    texts, langs = tokenizer.own_targets([line if line.strip() else "" for line in lines])
-    ids = tokenizer.encode_src(texts, [lang or tgt_lang for lang in langs])
+    ids = tokenizer.encode_tagged([line if line.strip() else "" for line in lines], tgt_lang)
     tag = int(bool(tokenizer.tags))
     after = " (after the language tag)" if tag else ""
     for number, seq in enumerate(ids, start=1):
@@ -107,23 +105,35 @@ def check_target(
         raise MtError(f"--tgt-lang {tgt_lang}: the model translates into {listed} only")
     if not tokenizer.tags:
         return
-    untagged = None
-    for number, line in enumerate(lines or [], start=1):
-        lang, _ = leading_tag(line)
-        if lang is not None and lang not in known:
-            raise MtError(
-                f"{source}: line {number} starts with >>{lang}<<, but the model translates into "
-                f"{listed} only"
-            )
-        if lang is None and line.strip() and untagged is None:
-            untagged = number
     if tgt_lang is None and lines is None:
         raise MtError(f"the model translates into {listed}: choose one with --tgt-lang")
-    if tgt_lang is None and untagged is not None:
+    if (found := first_untargeted(lines or [], known, tgt_lang)) is None:
+        return
+    index, lang = found
+    if lang is not None:
         raise MtError(
-            f"the model translates into {listed}: choose one with --tgt-lang, or start each line "
-            f"with its tag ({source}: line {untagged} starts with no >>xx<<)"
+            f"{source}: line {index + 1} starts with >>{lang}<<, but the model translates into "
+            f"{listed} only"
         )
+    raise MtError(
+        f"the model translates into {listed}: choose one with --tgt-lang, or start each line "
+        f"with its tag ({source}: line {index + 1} starts with no >>xx<<)"
+    )
+
+
+def first_untargeted(
+    lines: Sequence[str], known: Sequence[str], tgt_lang: str | None
+) -> tuple[int, str | None] | None:
+    """The first of a multilingual model's `lines` without a target language in `known`: its
+    index and its tag's language (None: it has no tag, and there is no `tgt_lang`); None when
+    every line has one (its own tag's, or tgt_lang). Blank lines need none."""
+    for index, line in enumerate(lines):
+        lang, _ = leading_tag(line)
+        if lang is not None and lang not in known:
+            return index, lang
+        if lang is None and tgt_lang is None and line.strip():
+            return index, None
+    return None
 
 
 def read_aligned(path: str | Path, lines: Sequence[str], source: str) -> list[str]:

@@ -34,8 +34,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mt.search import limits_of
 from mt.serve.limits import Limits
 from mt.serve.worker import Batcher, Job, Result, Unavailable
-from mt.tokenizer import Tokenizer, leading_tag
-from mt.translate import Translation, encode_sources, forced_problem, meets
+from mt.tokenizer import Tokenizer
+from mt.translate import Translation, encode_sources, first_untargeted, forced_problem, meets
 
 RETRY_AFTER_S = 1  # what a 503 tells clients to wait: about one batch of decoding
 CLIENT_GONE = 499  # nginx's code for "client closed request": nobody reads this response
@@ -311,20 +311,20 @@ def _settings(body: TranslateRequest, served: Served) -> tuple[int, int]:
 
 def _check_tags(lines: list[str], known: list[str], tgt_lang: str | None, single: bool) -> None:
     """A multilingual model's sentences name their target: their own >>xx<<, or tgt_lang."""
+    if (found := first_untargeted(lines, known, tgt_lang)) is None:
+        return
+    index, lang = found
     listed = ", ".join(known)
-    for index, line in enumerate(lines):
-        lang, _ = leading_tag(line)
-        if lang is not None and lang not in known:
-            raise RequestError(
-                _item("text", index, single),
-                f"starts with >>{lang}<<, not a target language of this model ({listed})",
-            )
-        if lang is None and tgt_lang is None and line.strip():
-            raise RequestError(
-                "tgt_lang",
-                f"missing: this model translates into {listed} (or start each sentence with "
-                f"its tag, e.g. >>{known[0]}<<)",
-            )
+    if lang is not None:
+        raise RequestError(
+            _item("text", index, single),
+            f"starts with >>{lang}<<, not a target language of this model ({listed})",
+        )
+    raise RequestError(
+        "tgt_lang",
+        f"missing: this model translates into {listed} (or start each sentence with its tag, "
+        f"e.g. >>{known[0]}<<)",
+    )
 
 
 def _item(field: str, index: int, single: bool) -> str:
