@@ -44,7 +44,7 @@ _CHUNK = 10_000  # sentences encoded at once by unk_rate
 
 TAG = ">>{}<<"  # the piece that asks for a target language: Marian's and OPUS-MT's convention
 _TAG = re.compile(r">>([A-Za-z0-9_-]+)<<")
-_LEADING_TAG = re.compile(r"\s*>>([A-Za-z0-9_-]+)<<")
+_LEADING_TAG = re.compile(r"\s*" + _TAG.pattern)  # a tag that starts a text
 # What would break one line out per line in, in a decoded text: byte pieces can spell these.
 LINE_BREAKS = str.maketrans({"\n": " ", "\r": " ", "\u2028": " ", "\u2029": " "})
 
