@@ -393,9 +393,13 @@ class Translator:
         bar = tqdm(
             total=len(lines) - len(empty), unit="sent", disable=not progress, file=sys.stderr
         )
-        generator = None  # torch's global random numbers
-        if decode.sampling and decode.seed >= 0:
-            generator = torch.Generator(device).manual_seed(decode.seed)
+        generator = None
+        if decode.sampling:  # seed -1: fresh entropy, not torch's global stream, which every
+            generator = torch.Generator(device)  # new process starts at the same fixed seed
+            if decode.seed >= 0:
+                generator.manual_seed(decode.seed)
+            else:
+                generator.seed()
         for batch in source_batches(ids, max_tokens or decode.max_tokens):
             src = collate_source([ids[i] for i in batch], batch).src.to(device)  # (B, S)
             rows = batch.tolist()

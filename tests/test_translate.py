@@ -187,6 +187,13 @@ def test_sampling_from_the_command_line_with_a_seed(trained_run: Path, tmp_path:
     for i in (0, 4):
         scores = [float(row[1]) for row in rows[i : i + 4]]
         assert scores == sorted(scores, reverse=True)
+    # Seed -1 draws new samples each run, even where torch's global random numbers restart at
+    # the same place (as they do in every new process).
+    unseeded = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        unseeded.append(CliRunner().invoke(app, [*samples, "--seed", "-1"]).stdout)
+    assert unseeded[0] != unseeded[1] and unseeded[0].count("\n") == 8
     # One sample from the most probable piece only is the greedy translation.
     greedy = CliRunner().invoke(app, [*args, "--beam", "1"])
     top1 = CliRunner().invoke(app, [*args, "--sampling", "--beam", "1", "--top-k", "1"])
