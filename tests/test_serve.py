@@ -127,6 +127,27 @@ def test_nbest_lists_equal_mt_translate_nbest(client: TestClient, trained_run: P
     assert len(post(client, {"text": "x", "nbest": 1}).json()["translations"][0]["nbest"]) == 1
 
 
+def test_the_runs_nbest_is_capped_by_the_requests_beam_not_the_servers(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    save_config(
+        load_config(run / CONFIG_FILE, ["decode.beam=5", "decode.nbest=3"]), run / CONFIG_FILE
+    )
+    expected = mt_translate(run, [SENTENCES[0]])  # the run's 3-best
+    served = load(run, CPU, "fp32", 1, Limits())  # mt serve RUN --beam 1
+    try:
+        with TestClient(create_app(served)) as client:
+            default = post(client, {"text": SENTENCES[0]}).json()["translations"][0]
+            assert "nbest" not in default  # the server's beam 1: one output
+            wide = post(client, {"text": SENTENCES[0], "beam": 5}).json()["translations"][0]
+            assert [h["text"] for h in wide["nbest"]] == [r.split("\t")[2] for r in expected]
+            assert len(expected) == 3
+    finally:
+        served.batcher.stop()
+
+
 def test_a_sampling_server_draws_as_many_samples_as_mt_translate(
     trained_run: Path, tmp_path: Path
 ) -> None:

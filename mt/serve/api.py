@@ -164,6 +164,7 @@ class Served:
     batcher: Batcher
     info: ModelInfo
     limits: Limits
+    nbest: int  # the run's decode.nbest, which a request's beam caps, not the server's --beam
 
 
 class RequestError(Exception):
@@ -303,7 +304,7 @@ def _settings(body: TranslateRequest, served: Served) -> tuple[int, int]:
         if nbest > limits.max_beam:
             raise RequestError("nbest", f"{nbest} exceeds this server's limit of {limits.max_beam}")
         return beam, nbest
-    nbest = body.nbest or min(decode.nbest, beam)
+    nbest = body.nbest or min(served.nbest, beam)
     if nbest > beam:
         raise RequestError("nbest", f"{nbest} exceeds the beam ({beam})")
     return beam, nbest

@@ -62,7 +62,7 @@ def load(
         info.max_source_pieces -= 1
     # After describe, which counts the fp32 model's parameters.
     pack(quantize(model, quantization), device, precision)
-    return Served(tokenizer, batcher, info, limits)
+    return Served(tokenizer, batcher, info, limits, config.decode.nbest)
 
 
 def describe(
