@@ -309,6 +309,8 @@ BAD = [
     (b"[1]", JSON, 422, 'body: expected a JSON object such as {"text": ["..."]}'),
     (b'{"text": "a"}', {"Content-Type": "application/x-www-form-urlencoded"}, 400,
      "body: not JSON; send it with Content-Type: application/json"),
+    # Without a Content-Type, a browser sends another site's request with no CORS preflight.
+    (b'{"text": "a"}', {}, 400, "body: not JSON; send it with Content-Type: application/json"),
     (b'{"text": "Stra\xdfe"}', JSON, 400, "body: not UTF-8 (byte 14 of the body)"),
     (b'{"text": ' + b"[" * 30_000 + b"]" * 30_000 + b"}", JSON, 400,
      "body: JSON nested too deeply"),
