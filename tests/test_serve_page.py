@@ -113,6 +113,21 @@ def test_the_page_translates_as_you_type_with_nbest_and_attention(
 
 
 @pytest.mark.slow
+def test_the_page_translates_without_attention_over_the_servers_limit(
+    browser: WebDriver, trained_run: Path
+) -> None:
+    served = load(trained_run, CPU, "fp32", None, Limits(max_attention_weights=1))
+    with serving(served) as address:
+        browser.get(address)
+        browser.find_element(By.ID, "source").send_keys(SENTENCE)
+        answered(browser, SENTENCE, beam=2, nbest=1)
+    assert texts(browser, "#translations li") == mt_translate(trained_run, [SENTENCE])
+    assert browser.find_elements(By.CSS_SELECTOR, "#heatmap td.cell") == []
+    status = browser.find_element(By.ID, "status").text
+    assert status.endswith(" ms (no attention: more weights than the server sends)"), status
+
+
+@pytest.mark.slow
 def test_the_screenshot_script(url: str, tmp_path: Path) -> None:
     output = tmp_path / "serve.png"
     SCREENSHOT.screenshot(url, SENTENCE, beam=3, nbest=2, output=output)
