@@ -610,7 +610,8 @@ SERVE_HELP = (
     "Serve a trained model over HTTP: POST /v1/translate, GET /v1/model, GET /health, API docs "
     "at /docs, and a page to try the model at /.\n\n"
     "Concurrent requests are gathered into batches and decoded like mt translate, with the same "
-    "results (but for sampling and --quantize int8, whose outputs depend on the batch). "
+    "results (but for sampling, --quantize int8, and bf16 or fp16 in their last bits, whose "
+    "outputs depend on the batch). "
     "Requests over a limit get a one-line JSON error; a full queue answers 503 with "
     "Retry-After. SIGTERM answers what is queued, then exits 0. Needs the serve extra."
 )
