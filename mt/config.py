@@ -627,7 +627,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
         return key, raw
     try:
         return key, yaml.load(raw, Loader=_UniqueKeyLoader)
-    except (yaml.YAMLError, ValueError):
+    except (yaml.YAMLError, ValueError, KeyError, AttributeError):  # e.g. !!bool maybe
         return key, raw
 
 
@@ -708,6 +708,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         ) from None
     except ValueError as exc:  # an explicit !!int or !!float that is none
         raise ConfigError(f"{path}: invalid YAML ({exc})") from None
+    except (KeyError, AttributeError):  # PyYAML's !!bool and !!timestamp on what is neither
+        raise ConfigError(f"{path}: invalid YAML (a value its explicit !!tag cannot be)") from None
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         if where is not None and where.index >= len(text.rstrip()):  # e.g. an unclosed quote

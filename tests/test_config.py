@@ -191,6 +191,16 @@ def test_integers_are_decimal_and_dates_are_text(tmp_path: Path) -> None:
     assert str(err.value) == (
         f"{tmp_path / 'x.yaml'}: invalid YAML (invalid literal for int() with base 10: '0x10')"
     )
+    for tagged in ("!!bool maybe", "!!timestamp x"):  # each was a traceback
+        with pytest.raises(ConfigError) as err:
+            load_config(write(tmp_path, f"train:\n  compile: {tagged}\n"))
+        assert str(err.value) == (
+            f"{tmp_path / 'x.yaml'}: invalid YAML (a value its explicit !!tag cannot be)"
+        )
+        with pytest.raises(ConfigError) as err:
+            load_config(CONFIGS / "base.yaml", [f"train.compile={tagged}"])
+        message = f"command line: train.compile must be true or false, got {tagged!r}"
+        assert str(err.value) == message
 
 
 def test_a_control_character_names_its_line(tmp_path: Path) -> None:
