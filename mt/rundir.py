@@ -37,6 +37,7 @@ from mt.config import (
 from mt.corpora import Corpus, open_corpus
 from mt.errors import ConfigError, DataError
 from mt.files import atomic_write_bytes
+from mt.metrics import TENSORBOARD_DIR
 from mt.model import Transformer
 from mt.tokenizer import (
     JOINT_FILE,
@@ -160,9 +161,11 @@ def open_run(config: Config, splits: Sequence[str]) -> dict[str, dict[str, Corpu
         if which != "train":  # small: read whole now, so that a bad line stops no long job late
             for direction, corpus in found.items():
                 check_readable(corpus, split_label(config, which, direction))
-    check_writable(run_path(config), "run_dir", create=True)
-    if (checkpoints := checkpoint_dir(run_path(config))).exists():  # a resumed run saves there
-        check_writable(checkpoints, "run_dir")
+    run = run_path(config)
+    check_writable(run, "run_dir", create=True)
+    for written in (checkpoint_dir(run), run / TENSORBOARD_DIR):  # a resumed run writes in these
+        if written.exists():
+            check_writable(written, "run_dir")
     check_writable(cache_dir(config), "data.cache_dir" if config.data.cache_dir else "run_dir")
     return corpora
 

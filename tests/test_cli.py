@@ -208,6 +208,15 @@ def test_train_checks_test_data_resume_and_cache_before_any_work(tmp_path: Path)
         assert not (run_dir / "tokenizer").exists()  # nothing slow has started
 
 
+def test_train_checks_the_run_directorys_tensorboard_before_any_work(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "tensorboard").write_text("", encoding="utf-8")  # e.g. a copy gone wrong
+    result = invoke("train", *tiny_args(run_dir))
+    assert str(result.exception) == f"run_dir {run_dir / 'tensorboard'}: not a directory"
+    assert not (run_dir / "tokenizer").exists()  # nothing slow has started
+
+
 def test_train_never_rewrites_a_hand_written_config_in_the_run_directory(tmp_path: Path) -> None:
     from mt.config import load_config, save_config
     from mt.rundir import check_config_file
