@@ -571,6 +571,13 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     for key, value in values.items():
         dotted = f"{prefix}{key}"
         if key not in hints:
+            if dotted in _section_types():  # the command line's spelling, in a file
+                section, leaf = dotted.rsplit(".", 1)
+                raise _Invalid(
+                    dotted,
+                    f"unknown key {dotted} (the command line's spelling): "
+                    f"in a file, write {leaf} under {section}:",
+                )
             raise _Invalid(dotted, f"unknown key {dotted}{_suggestion(str(key), hints, prefix)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):

@@ -203,6 +203,18 @@ def test_integers_are_decimal_and_dates_are_text(tmp_path: Path) -> None:
         assert str(err.value) == message
 
 
+def test_a_dotted_key_in_a_file_says_to_nest_it(tmp_path: Path) -> None:
+    for text, key, hint in [("model.dim: 64\n", "model.dim", "dim under model:"),
+                            ("train:\n  ema.decay: 1\n", "train.ema.decay", None)]:  # fmt: skip
+        with pytest.raises(ConfigError) as err:
+            load_config(write(tmp_path, text))
+        message = str(err.value)
+        assert message.startswith(f"{tmp_path / 'x.yaml'}: unknown key {key}")
+        assert (
+            message.endswith(f": in a file, write {hint}") if hint else "in a file" not in message
+        )
+
+
 def test_a_control_character_names_its_line(tmp_path: Path) -> None:
     path = write(tmp_path, "model:\n  dim: 64\n\x0c\n")
     with pytest.raises(ConfigError) as err:
