@@ -70,11 +70,12 @@ def mt_translate(run: Path, lines: list[str], *args: str) -> list[str]:
 
 @pytest.fixture
 def make_served(trained_run: Path) -> Iterator[Callable[..., Served]]:
-    """Served instances of the tiny run (fp32, CPU) with the given limits; stopped after."""
+    """Served instances of the tiny run, or another `run`, (fp32, CPU) with the given limits;
+    stopped after."""
     made: list[Served] = []
 
-    def make(beam: int | None = None, **limits: float) -> Served:
-        made.append(load(trained_run, CPU, "fp32", beam, Limits(**limits)))
+    def make(beam: int | None = None, run: Path = trained_run, **limits: float) -> Served:
+        made.append(load(run, CPU, "fp32", beam, Limits(**limits)))
         return made[-1]
 
     yield make
@@ -127,48 +128,41 @@ def test_nbest_lists_equal_mt_translate_nbest(client: TestClient, trained_run: P
     assert len(post(client, {"text": "x", "nbest": 1}).json()["translations"][0]["nbest"]) == 1
 
 
+def run_with(trained_run: Path, run: Path, overrides: list[str]) -> Path:
+    """A copy of the tiny run at `run` whose config has `overrides` applied."""
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("cache", "tensorboard"))
+    save_config(load_config(run / CONFIG_FILE, overrides), run / CONFIG_FILE)
+    return run
+
+
 def test_the_runs_nbest_is_capped_by_the_requests_beam_not_the_servers(
-    trained_run: Path, tmp_path: Path
+    make_served: Callable[..., Served], trained_run: Path, tmp_path: Path
 ) -> None:
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
-    save_config(
-        load_config(run / CONFIG_FILE, ["decode.beam=5", "decode.nbest=3"]), run / CONFIG_FILE
-    )
+    run = run_with(trained_run, tmp_path / "run", ["decode.beam=5", "decode.nbest=3"])
     expected = mt_translate(run, [SENTENCES[0]])  # the run's 3-best
-    served = load(run, CPU, "fp32", 1, Limits())  # mt serve RUN --beam 1
-    try:
-        with TestClient(create_app(served)) as client:
-            default = post(client, {"text": SENTENCES[0]}).json()["translations"][0]
-            assert "nbest" not in default  # the server's beam 1: one output
-            wide = post(client, {"text": SENTENCES[0], "beam": 5}).json()["translations"][0]
-            assert [h["text"] for h in wide["nbest"]] == [r.split("\t")[2] for r in expected]
-            assert len(expected) == 3
-    finally:
-        served.batcher.stop()
+    with TestClient(create_app(make_served(1, run))) as client:  # mt serve RUN --beam 1
+        default = post(client, {"text": SENTENCES[0]}).json()["translations"][0]
+        assert "nbest" not in default  # the server's beam 1: one output
+        wide = post(client, {"text": SENTENCES[0], "beam": 5}).json()["translations"][0]
+        assert [h["text"] for h in wide["nbest"]] == [r.split("\t")[2] for r in expected]
+        assert len(expected) == 3
 
 
 def test_a_sampling_server_draws_as_many_samples_as_mt_translate(
-    trained_run: Path, tmp_path: Path
+    make_served: Callable[..., Served], trained_run: Path, tmp_path: Path
 ) -> None:
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
     sampling = ["decode.sampling=true", "decode.beam=1", "decode.nbest=4"]
-    save_config(load_config(run / CONFIG_FILE, sampling), run / CONFIG_FILE)
+    run = run_with(trained_run, tmp_path / "run", sampling)
     expected = mt_translate(run, [SENTENCES[0]])  # the run's default: 4 samples, as n-best rows
-    served = load(run, CPU, "fp32", None, Limits())
-    try:
-        with TestClient(create_app(served)) as client:
-            default = post(client, {"text": SENTENCES[0]}).json()["translations"][0]
-            assert len(default["nbest"]) == len(expected) == 4
-            asked = post(client, {"text": SENTENCES[0], "nbest": 6}).json()["translations"][0]
-            assert len(asked["nbest"]) == 6  # more than the beam: samples, not beams
-            over = post(client, {"text": SENTENCES[0], "nbest": 17})
-            assert (over.status_code, over.json()) == (
-                422, {"error": "nbest: 17 exceeds this server's limit of 16"}
-            )  # fmt: skip
-    finally:
-        served.batcher.stop()
+    with TestClient(create_app(make_served(run=run))) as client:
+        default = post(client, {"text": SENTENCES[0]}).json()["translations"][0]
+        assert len(default["nbest"]) == len(expected) == 4
+        asked = post(client, {"text": SENTENCES[0], "nbest": 6}).json()["translations"][0]
+        assert len(asked["nbest"]) == 6  # more than the beam: samples, not beams
+        over = post(client, {"text": SENTENCES[0], "nbest": 17})
+        assert (over.status_code, over.json()) == (
+            422, {"error": "nbest: 17 exceeds this server's limit of 16"}
+        )  # fmt: skip
 
 
 def test_pieces_are_the_tokenizers(client: TestClient, trained_run: Path) -> None:
@@ -849,10 +843,8 @@ def test_serve_command_errors_are_one_line(trained_run: Path, tmp_path: Path) ->
     assert str(result.exception) == "--beam 20 exceeds --max-beam 16"
     result = runner.invoke(cli_app, ["serve", str(trained_run), "--max-beam", "1"])
     assert str(result.exception) == "the run's decode.beam=2 exceeds --max-beam 1"
-    run = tmp_path / "sampling"  # 20 samples per sentence: every request would be refused
-    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("cache", "tensorboard"))
-    config = load_config(run / CONFIG_FILE, ["decode.sampling=true", "decode.nbest=20"])
-    save_config(config, run / CONFIG_FILE)
+    # 20 samples per sentence: every request would be refused
+    run = run_with(trained_run, tmp_path / "sampling", ["decode.sampling=true", "decode.nbest=20"])
     result = runner.invoke(cli_app, ["serve", str(run)])
     assert str(result.exception) == "the run's decode.nbest=20 exceeds --max-beam 16"
 
