@@ -67,6 +67,10 @@ _OWN_TEMPS: set[Path] = set()
 log = logging.getLogger("mt")
 
 
+class ReadError(MtError):
+    """The OS failed to read a checkpoint file (a disk or network error): its bytes may be whole."""
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """A saved checkpoint: its weights file and (optional) training-state file."""
@@ -213,14 +217,27 @@ def _reason(exc: BaseException) -> str:
     return text if len(text) <= 120 else text[:119] + "…"
 
 
+@contextlib.contextmanager
+def _read_errors(path: Path) -> Iterator[None]:
+    """Turn an OSError while reading `path` into ReadError, one line naming the file."""
+    try:
+        yield
+    except OSError as exc:  # safetensors' (Rust) carry no strerror: "... (os error 5)"
+        raise ReadError(f"{path}: cannot read ({exc.strerror or _reason(exc)})") from None
+
+
 def _open_weights(path: Path) -> Any:
-    """Open a safetensors file lazily; MtError if it is missing or not a safetensors file."""
+    """Open a safetensors file lazily; MtError if it is missing or not a safetensors file,
+    ReadError if the OS fails to read it."""
     if not path.is_file():
         raise MtError(f"{path}: no such checkpoint file")
-    try:
-        return safe_open(str(path), framework="pt", device="cpu")
-    except Exception as exc:  # the safetensors parser only reads a JSON header: nothing runs
-        raise MtError(f"{path}: not a valid mt checkpoint ({_reason(exc)})") from exc
+    with _read_errors(path):
+        try:
+            return safe_open(str(path), framework="pt", device="cpu")
+        except OSError:
+            raise  # not a fault of its bytes
+        except Exception as exc:  # the safetensors parser only reads a JSON header: nothing runs
+            raise MtError(f"{path}: not a valid mt checkpoint ({_reason(exc)})") from exc
 
 
 def _header(path: Path) -> dict[str, str]:
@@ -403,9 +420,10 @@ def _is_complete(ckpt: Checkpoint) -> bool:
 
 
 def _state_damage(path: Path) -> str | None:
-    """What is wrong with a state file's bytes (a record whose CRC-32 fails), or None."""
-    try:  # an OSError (a disk or network error) is raised: the bytes may well be whole
-        with zipfile.ZipFile(path) as archive:
+    """What is wrong with a state file's bytes (a record whose CRC-32 fails), or None;
+    ReadError if the OS fails to read it (a disk or network error: the bytes may be whole)."""
+    try:
+        with _read_errors(path), zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
     except (zipfile.BadZipFile, EOFError) as exc:
         return f"{path}: not a valid mt training state ({_reason(exc)})"
@@ -414,9 +432,12 @@ def _state_damage(path: Path) -> str | None:
 
 def damage(ckpt: Checkpoint) -> str | None:
     """What is wrong with a complete checkpoint's bytes, or None: weights that do not match
-    their digest, a state record that fails its CRC-32 (a disk or copy that changed them)."""
+    their digest, a state record that fails its CRC-32 (a disk or copy that changed them).
+    ReadError where the OS fails to read them: that says nothing of the bytes."""
     try:
         read_verified(ckpt.weights)
+    except ReadError:
+        raise
     except MtError as exc:
         return str(exc)
     return _state_damage(ckpt.state)
@@ -707,7 +728,13 @@ def _set_aside_damaged(run_dir: Path) -> None:
     damaged: list[tuple[Checkpoint, str]] = []
     whole = None
     for ckpt in reversed(list_checkpoints(run_dir)):
-        if (problem := damage(ckpt)) is None:
+        try:
+            problem = damage(ckpt)
+        except ReadError as exc:  # a whole checkpoint set aside would be lost to the run
+            raise MtError(
+                f"{exc}; no checkpoint was set aside: run again once the file system reads it"
+            ) from None
+        if problem is None:
             whole = ckpt
             break
         damaged.append((ckpt, problem))

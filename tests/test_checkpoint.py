@@ -690,3 +690,31 @@ def test_a_checkpoint_damaged_twice_at_one_step_keeps_both_copies(tmp_path: Path
         "damaged-step-00000200.safetensors",
         "damaged-step-00000200.state.pt",
     ]
+
+
+@pytest.mark.parametrize("failing", ["weights", "state"])
+def test_a_read_error_while_checking_for_damage_stops_and_sets_nothing_aside(
+    tmp_path: Path, failing: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, latest = save(tmp_path, 100), save(tmp_path, 200)
+    path = getattr(latest, failing)
+
+    def unreadable(*args: object, **kwargs: object) -> None:  # a network file system's error
+        raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+
+    if failing == "weights":
+        real = ck.safe_open
+        monkeypatch.setattr(
+            ck, "safe_open", lambda p, **kw: unreadable() if p == str(path) else real(p, **kw)
+        )
+    else:
+        monkeypatch.setattr(zipfile.ZipFile, "testzip", unreadable)
+    with pytest.raises(MtError) as err:
+        ck.repair_checkpoints(tmp_path)
+    assert str(err.value) == (
+        f"{path}: cannot read (Input/output error); no checkpoint was set aside: "
+        "run again once the file system reads it"
+    )
+    monkeypatch.undo()
+    assert ck.list_checkpoints(tmp_path) == [first, latest]  # both where they were
+    assert list((tmp_path / ck.CHECKPOINT_DIR).glob("damaged-*")) == []
