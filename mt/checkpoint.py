@@ -693,12 +693,13 @@ def _remove_debris(directory: Path, complete: set[str], best: Checkpoint | None)
     return deleted
 
 
-def repair_checkpoints(run_dir: Path) -> None:
+def repair_checkpoints(run_dir: Path, scores: dict[int, float] | None = None) -> None:
     """At the start of training, holding the run lock: clear a killed trainer's debris.
 
     Removes the temp files of step checkpoints, `best` and crash dumps (only a trainer writes
     those, and the lock says none other is alive), sets damaged latest checkpoints aside, and
-    points a dangling `best` at the latest complete checkpoint, with a warning.
+    points a dangling `best` at the complete checkpoint with the best of `scores` (the dev BLEU
+    that picks the best, by step), else at the latest complete one, with a warning.
     """
     directory = checkpoint_dir(run_dir)
     for pattern in _TRAINER_TEMPS:
@@ -706,19 +707,34 @@ def repair_checkpoints(run_dir: Path) -> None:
             temp.unlink(missing_ok=True)
     _warn_unresumable(run_dir)
     _set_aside_damaged(run_dir)
-    pointer = directory / BEST_FILE
     try:
         _best_in(directory)
-        return
     except MtError as exc:
-        problem = str(exc)
-    latest = latest_checkpoint(run_dir)
-    if latest is None:
-        pointer.unlink()
-        log.warning("%s; removed it (no complete checkpoint is left)", problem)
+        _repoint_best(run_dir, str(exc), scores or {})
+
+
+def _repoint_best(run_dir: Path, problem: str, scores: dict[int, float]) -> None:
+    """Point a `best` that names nothing valid (`problem`) at the complete checkpoint with the
+    best of `scores`, else at the latest (a run without a dev set: its newest is its best), or
+    remove it if none is left; a warning says which."""
+    complete = list_checkpoints(run_dir)
+    scored = [c for c in complete if c.step in scores]
+    if scored:
+        best = max(scored, key=lambda c: scores[c.step])  # in step order: the earliest of equals
+        set_best(run_dir, best)
+        log.warning(
+            f"{problem}; pointed it at the best-scoring checkpoint left, {best.name} "
+            f"(dev BLEU {scores[best.step]:.2f})"
+        )
+    elif complete:
+        set_best(run_dir, complete[-1])
+        log.warning(
+            f"{problem}; pointed it at the latest complete checkpoint, {complete[-1].name} "
+            "(none left has a dev score)"
+        )
     else:
-        set_best(run_dir, latest)
-        log.warning("%s; pointed it at the latest complete checkpoint, %s", problem, latest.name)
+        (checkpoint_dir(run_dir) / BEST_FILE).unlink()
+        log.warning("%s; removed it (no complete checkpoint is left)", problem)
 
 
 def _set_aside_damaged(run_dir: Path) -> None:

@@ -223,3 +223,9 @@ def selected_bleu(record: dict[str, Any], select_direction: str) -> float:
     """
     key = f"{select_direction}/bleu"
     return float(record[key] if select_direction and key in record else record["bleu"])
+
+
+def selection_scores(valid: list[dict[str, Any]], select_direction: str) -> dict[int, float]:
+    """By step, the dev BLEU (selected_bleu) of the validation records that may choose the best
+    checkpoint (may_be_best); of a step validated again, the last."""
+    return {r["step"]: selected_bleu(r, select_direction) for r in valid if may_be_best(r)}

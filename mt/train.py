@@ -60,7 +60,14 @@ from mt.errors import ConfigError, MtError, first_line
 from mt.files import atomic_directory
 from mt.lock import hold_run_lock, job_id
 from mt.loss import label_smoothed_nll
-from mt.metrics import MetricsLog, may_be_best, perplexity, read_metrics, selected_bleu
+from mt.metrics import (
+    MetricsLog,
+    may_be_best,
+    perplexity,
+    read_metrics,
+    selected_bleu,
+    selection_scores,
+)
 from mt.model import Transformer, count_parameters, set_dropout
 from mt.optim import Schedule, make_optimizer, make_scheduler
 from mt.rundir import (
@@ -618,7 +625,9 @@ def start(
     def prepare_run() -> Prepared:
         if world.is_main:  # before anything is written: a second trainer stops here
             stack.enter_context(hold_run_lock(run_path(config)))
-            ckpt.repair_checkpoints(run_path(config))
+            valid = read_metrics(run_path(config), "valid")
+            scores = selection_scores(valid, config.data.select_direction)
+            ckpt.repair_checkpoints(run_path(config), scores)
             if resume is not None:
                 start_from(ckpt.resolve_checkpoint(resume), config)
         return prepare(config, world)
@@ -951,9 +960,8 @@ def choose_best(state: TrainState, run: Run) -> ckpt.Checkpoint | None:
     when no checkpoint on disk was validated.
     """
     valid = read_metrics(run.directory, "valid")
-    kept = [r for r in valid if r["step"] <= state.step and may_be_best(r)]
-    select = run.config.data.select_direction
-    bleu = {r["step"]: selected_bleu(r, select) for r in kept}  # a step validated again: last
+    scores = selection_scores(valid, run.config.data.select_direction)
+    bleu = {step: score for step, score in scores.items() if step <= state.step}
     if not state.validated:
         bleu.pop(state.step, None)  # its record, if any, is of weights this save replaced
     saved = [c for c in ckpt.weights_checkpoints(run.directory) if c.step in bleu]

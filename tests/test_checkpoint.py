@@ -538,7 +538,8 @@ def test_dangling_best_falls_back_and_is_repaired(tmp_path: Path, caplog) -> Non
         caplog.clear()
         ck.repair_checkpoints(tmp_path)
         assert caplog.messages == [
-            f"{dangling}; pointed it at the latest complete checkpoint, step-00000200"
+            f"{dangling}; pointed it at the latest complete checkpoint, step-00000200 "
+            "(none left has a dev score)"
         ]
         assert ck.best_checkpoint(tmp_path) == second
         caplog.clear()

@@ -528,6 +528,27 @@ def test_going_back_and_saving_the_best_step_worse_moves_best_to_the_real_best(
     assert [c.step for c in ckpt.list_checkpoints(run)] == [5, 10, 15, 20]
 
 
+def test_a_best_set_aside_as_damaged_gives_way_to_the_best_scoring_checkpoint_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    validations_scoring(monkeypatch, [30.0, 25.0, 35.0, 28.0, 20.0])
+    run = tmp_path / "run"
+    every = ("train.valid_every=5", "train.keep_last=5")
+    train(tiny(run, "train.max_steps=15", *every))  # 30, 25, 35 (best, step 15)
+    damaged = ckpt.best_checkpoint(run)
+    assert damaged.step == 15
+    data = damaged.weights.read_bytes()
+    damaged.weights.write_bytes(data[:-8] + bytes(8))  # the last tensor's bytes zeroed
+    train(tiny(run, "train.max_steps=20", *every))  # from step 10: 28 and 20, no better than 30
+    pointer = run / "checkpoints" / "best"
+    assert [m for m in caplog.messages if m.startswith(str(pointer))] == [
+        f"{pointer}: points to step-00000015, which does not exist; pointed it at the "
+        "best-scoring checkpoint left, step-00000005 (dev BLEU 30.00)"
+    ]
+    # Not the latest whole one (step 10, 25.0): the run's best stays the best on disk.
+    assert ckpt.best_checkpoint(run).step == 5
+
+
 def test_a_validation_that_uses_up_the_time_ends_the_run_there(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
