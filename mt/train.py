@@ -608,8 +608,8 @@ def start(
 ) -> Run:
     """Lock the run directory, prepare tokenizer and data, build the learner, restore.
 
-    Rank 0 holds the lock until `stack` closes; the checkpoint restored is `resume`, else the
-    run's latest.
+    Rank 0 holds the lock until `stack` closes, and repairs the checkpoints first; the one
+    restored is then chosen: what resume_target makes of `resume`, else the run's latest.
     """
     # Each rank checks on its own: one that fails tells the others, which would wait for it
     # in the first collective until the start-up timeout.
@@ -619,20 +619,22 @@ def start(
         check_fits(config, device)
         if config.train.compile:
             check_compile(device)
-        asked, resume = resume, resume_target(resume, config)
-        check_resume_state(asked, resume)
+    asked = resume
 
-    def prepare_run() -> Prepared:
+    def prepare_run() -> tuple[Path | None, Prepared]:
         if world.is_main:  # before anything is written: a second trainer stops here
             stack.enter_context(hold_run_lock(run_path(config)))
             valid = read_metrics(run_path(config), "valid")
             scores = selection_scores(valid, config.data.select_direction)
             ckpt.repair_checkpoints(run_path(config), scores)
-            if resume is not None:
-                start_from(ckpt.resolve_checkpoint(resume), config)
-        return prepare(config, world)
+        # Chosen after the repair, which may set aside the checkpoint it would choose.
+        target = resume_target(asked, config)
+        check_resume_state(asked, target)
+        if world.is_main and target is not None:
+            start_from(ckpt.resolve_checkpoint(target), config)
+        return target, prepare(config, world)
 
-    tokenizer, train_data, valid_data = main_first(world, device, prepare_run)
+    resume, (tokenizer, train_data, valid_data) = main_first(world, device, prepare_run)
     vocab = (tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
     precision = run_precision(config, vocab[1], world, device)
     learner = build_learner(config, vocab, world, device, precision.precision)

@@ -426,6 +426,29 @@ def test_a_requeued_job_goes_on_from_its_own_latest_where_the_best_it_went_back_
     assert after.state.step == 25
 
 
+@pytest.mark.slow
+def test_a_requeued_job_whose_latest_checkpoint_is_damaged_goes_on_from_the_one_before(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    every = ("train.valid_every=5", "train.keep_last=10")
+    train(tiny(run, "train.max_steps=15", *every))
+    began = run / "checkpoints" / "step-00000015.safetensors"
+    monkeypatch.setenv("SLURM_JOB_ID", "8")
+    train(tiny(run, "train.max_steps=25", *every), resume=began)  # its own 20 and 25
+    damaged = ckpt.latest_checkpoint(run)
+    data = damaged.weights.read_bytes()
+    damaged.weights.write_bytes(data[:-8] + bytes(8))  # the last tensor's bytes zeroed
+    caplog.clear()
+    caplog.set_level("INFO", logger="mt")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # requeued: the same command again
+    # The repair sets step 25 aside before the job's checkpoint to go on from is chosen.
+    assert train(tiny(run, "train.max_steps=30", *every), resume=began).state.step == 30
+    assert f"{run} goes on from its own step-00000020; --resume {began} began it" in (
+        caplog.messages
+    )
+
+
 def poisoned_loss(calls_to_poison: set[int] | None):
     """label_smoothed_nll, but NaN on the given calls (all calls for None)."""
     calls = {"n": 0}
