@@ -862,6 +862,7 @@ def restore(checkpoint: ckpt.Checkpoint, run: Run) -> TrainState:
     sync_cooldown(learner, state)
     apply_optimizer_settings(learner, run.config.train)
     repoint_best(checkpoint, state, run)  # first: it repairs `best` by the saved choice
+    forget_later_best(checkpoint, state, run)
     reselect(state, run)
     return state
 
@@ -878,6 +879,23 @@ def repoint_best(checkpoint: ckpt.Checkpoint, state: TrainState, run: Run) -> No
     if best is None or best.step != latest.step:
         ckpt.set_best(run.directory, latest)
         log.warning(f"warning: {latest.name} was saved as the best; checkpoints/best now says so")
+
+
+def forget_later_best(checkpoint: ckpt.Checkpoint, state: TrainState, run: Run) -> None:
+    """After --resume went back to one of the run's checkpoints: point `best` at the best of
+    those up to it (choose_best; the one resumed where none has a dev score), not at a later
+    one. The steps after it are trained again: a later one is of the steps left behind."""
+    named = ckpt.best_step(run.directory)
+    if not (run.world.is_main and run.origin) or named is None or named <= state.step:
+        return
+    best = choose_best(state, run)
+    if best is None:
+        best = checkpoint
+        ckpt.set_best(run.directory, best)
+    log.warning(
+        f"warning: checkpoints/best named {ckpt.step_name(named)}, later than {checkpoint.name} "
+        f"resumed; it now names {best.name}, the best up to that step"
+    )
 
 
 def started_anew(state: TrainState, run: Run) -> TrainState:

@@ -551,6 +551,25 @@ def test_going_back_and_saving_the_best_step_worse_moves_best_to_the_real_best(
     assert [c.step for c in ckpt.list_checkpoints(run)] == [5, 10, 15, 20]
 
 
+def test_going_back_points_best_at_the_best_up_to_the_step_resumed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    validations_scoring(monkeypatch, [10.0, 20.0, 5.0, 30.0, 8.0])
+    run = tmp_path / "run"
+    every = ("train.valid_every=5", "train.keep_last=5")
+    train(tiny(run, "train.max_steps=20", *every))  # 10, 20, 5, 30 (best, step 20)
+    assert ckpt.best_checkpoint(run).step == 20
+    earlier = run / "checkpoints" / "step-00000010.safetensors"
+    result = train(tiny(run, "train.max_steps=15", *every), resume=earlier)  # 8: no better
+    # Step 20 is of the steps left behind: the best of those trained now is step 10's 20.0.
+    assert [m for m in caplog.messages if m.startswith("warning: checkpoints/best")] == [
+        "warning: checkpoints/best named step-00000020, later than step-00000010 resumed; "
+        "it now names step-00000010, the best up to that step"
+    ]
+    assert ckpt.best_checkpoint(run).step == 10
+    assert (result.state.best_bleu, result.state.bad_validations) == (20.0, 1)
+
+
 def test_a_best_set_aside_as_damaged_gives_way_to_the_best_scoring_checkpoint_left(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
