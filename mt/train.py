@@ -95,6 +95,7 @@ RESUMABLE_CORPUS_KEYS = {"valid", "test"}  # of each of data.corpora
 FINE_TUNABLE = {"model.dropout", "model.attn_dropout"}
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 PREFETCH_UPDATES = 2  # updates collated ahead of the training step, in a background thread
+TRAIN_SETTINGS = "train_config"  # in a checkpoint's state: the train section it was trained with
 
 
 @dataclass
@@ -858,7 +859,9 @@ def restore(checkpoint: ckpt.Checkpoint, run: Run) -> TrainState:
         state = started_anew(state, run)
         clear_window(run)  # the other run's updates since its last log line are not this one's
     check_same_data(state, run)
-    warn_replanned(state, run, checkpoint.weights.parent.parent / CONFIG_FILE)
+    before = trained_with(checkpoint, payload)
+    warn_replanned(state, run, before)
+    warn_new_warmup(state, run, before)
     sync_cooldown(learner, state)
     apply_optimizer_settings(learner, run.config.train)
     repoint_best(checkpoint, state, run)  # first: it repairs `best` by the saved choice
@@ -940,20 +943,44 @@ def check_same_data(state: TrainState, run: Run) -> None:
     state.data = data
 
 
-def warn_replanned(state: TrainState, run: Run, saved: Path) -> None:
+def trained_with(checkpoint: ckpt.Checkpoint, payload: dict[str, Any]) -> dict[str, Any]:
+    """The train settings `checkpoint` was trained with: those its state records, else (saved
+    before states recorded them) its run's config.yaml, which each start rewrites, or none."""
+    if TRAIN_SETTINGS in payload:
+        return dict(payload[TRAIN_SETTINGS])
+    saved = checkpoint.run_dir / CONFIG_FILE
+    return dataclasses.asdict(load_config(saved).train) if saved.is_file() else {}
+
+
+def changed_settings(before: dict[str, Any], now: TrainConfig, keys: Sequence[str]) -> list[str]:
+    """Each of `keys` that differs from the settings `before`, as "train.KEY (OLD -> NEW)"."""
+    values = [(key, before[key], getattr(now, key)) for key in keys if key in before]
+    return [f"train.{key} ({old} -> {new})" for key, old, new in values if old != new]
+
+
+def warn_replanned(state: TrainState, run: Run, before: dict[str, Any]) -> None:
     """Warn when a run resumed mid-epoch batches the rest of the epoch anew: its position is a
-    count of batches, which another max_tokens or seed lays out otherwise. `saved`: the config
-    of the run whose checkpoint it resumes (this run's, or another's that it starts from)."""
-    if not (state.batches_done and run.world.is_main and saved.is_file()):
+    count of batches, which another max_tokens or seed lays out otherwise. `before`: the train
+    settings of the checkpoint it resumes (this run's, or another's that it starts from)."""
+    if not (state.batches_done and run.world.is_main):
         return
-    before, now = load_config(saved).train, run.config.train
-    keys = ("max_tokens", "seed")
-    changed = [f"train.{k}" for k in keys if getattr(before, k) != getattr(now, k)]
-    if changed:
+    changes = changed_settings(before, run.config.train, ("max_tokens", "seed"))
+    if changes:
         log.warning(
-            f"warning: {' and '.join(changed)} changed in epoch {state.epoch}: the rest of it is "
+            f"warning: {' and '.join(changes)} changed in epoch {state.epoch}: the rest of it is "
             "batched anew, so some of its pairs come twice and others not at all (the next "
             "epochs are whole)"
+        )
+
+
+def warn_new_warmup(state: TrainState, run: Run, before: dict[str, Any]) -> None:
+    """Warn when train.warmup_steps differs from the checkpoint's: the learning rate of every
+    later update is the new schedule's (apply_optimizer_settings), not the one it trained on."""
+    changes = changed_settings(before, run.config.train, ("warmup_steps",))
+    if changes and run.world.is_main:
+        log.warning(
+            f"warning: {changes[0]} changed since step {state.step} was saved: the learning "
+            f"rate follows the new schedule from step {state.step + 1} on"
         )
 
 
@@ -1618,6 +1645,7 @@ def save(run: Run, window: dict[str, Any], best: bool) -> ckpt.Checkpoint:
         "optimizer": learner.optimizer.state_dict(),
         "scheduler": learner.scheduler.state_dict(),
         "scaler": learner.scaler.state_dict(),
+        TRAIN_SETTINGS: dataclasses.asdict(run.config.train),  # what a resume compares
     }
     if learner.ema is not None:  # decoders load the EMA: the weights file holds it
         payload["model"] = learner.model.state_dict()  # the weights training continues from

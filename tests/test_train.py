@@ -1463,9 +1463,48 @@ def test_resuming_mid_epoch_with_another_batch_size_warns(
     with caplog.at_level(logging.WARNING, logger="mt"):
         train(tiny(run, "train.max_steps=6", "train.max_tokens=300", "train.seed=7"))
     assert caplog.messages == [
-        "warning: train.max_tokens and train.seed changed in epoch 1: the rest of it is batched "
+        "warning: train.max_tokens (256 -> 300) and train.seed (1 -> 7) changed in epoch 1: the "
+        "rest of it is batched anew, so some of its pairs come twice and others not at all (the "
+        "next epochs are whole)"
+    ]
+
+
+def test_resuming_compares_the_settings_with_those_the_checkpoint_was_trained_with(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    train(tiny(run, "train.max_steps=5"))  # mid-epoch, with max_tokens 256
+    train(tiny(run, "train.max_steps=6", "train.max_tokens=300"))  # config.yaml says 300 now
+    five = run / "checkpoints" / "step-00000005.safetensors"
+
+    def resume(*overrides: str) -> list[str]:
+        caplog.clear()
+        train(tiny(run, "train.max_steps=6", *overrides), resume=five)
+        return [m for m in caplog.messages if m.startswith("warning: train.")]
+
+    assert resume() == []  # step 5 was trained with 256, as this run is
+    assert resume("train.max_tokens=300") == [
+        "warning: train.max_tokens (256 -> 300) changed in epoch 1: the rest of it is batched "
         "anew, so some of its pairs come twice and others not at all (the next epochs are whole)"
     ]
+
+
+def test_a_new_warmup_on_resume_is_warned_of_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = tmp_path / "run"
+
+    def resume(steps: int, *overrides: str) -> list[str]:
+        caplog.clear()
+        train(tiny(run, f"train.max_steps={steps}", *overrides))
+        return [m for m in caplog.messages if m.startswith("warning: train.")]
+
+    assert resume(5) == []
+    assert resume(6, "train.warmup_steps=8") == [
+        "warning: train.warmup_steps (5 -> 8) changed since step 5 was saved: the learning rate "
+        "follows the new schedule from step 6 on"
+    ]
+    assert resume(7, "train.warmup_steps=8") == []  # step 6 was trained with 8
 
 
 def test_a_run_started_mid_epoch_from_another_runs_checkpoint_warns_of_a_new_seed(
@@ -1477,8 +1516,8 @@ def test_a_run_started_mid_epoch_from_another_runs_checkpoint_warns_of_a_new_see
     with caplog.at_level(logging.WARNING, logger="mt"):
         train(tiny(tmp_path / "second", "train.max_steps=6", "train.seed=7"), start)
     assert caplog.messages == [
-        "warning: train.seed changed in epoch 1: the rest of it is batched anew, so some of its "
-        "pairs come twice and others not at all (the next epochs are whole)"
+        "warning: train.seed (1 -> 7) changed in epoch 1: the rest of it is batched anew, so "
+        "some of its pairs come twice and others not at all (the next epochs are whole)"
     ]
 
 
