@@ -17,6 +17,7 @@ mark; all other whitespace is kept.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import logging
@@ -113,12 +114,13 @@ class TsvCorpus(Corpus):
         """Stream pairs; a line without exactly one tab is a DataError. A first line that
         names the columns (`de<TAB>en` for de-en, or `source<TAB>target`) is a header: skipped.
         A header naming the languages the other way round (`en<TAB>de` for de-en) says the
-        target comes first: each line is read that way."""
+        target comes first: each line is read that way. Either is logged, once per process."""
         flip = False
         for number, line in enumerate(_corpus_lines(self.path), start=1):
             columns = line.split("\t")
             if number == 1 and (header := self._header(columns)) is not None:
                 flip = header
+                _note_header(self.path, tuple(columns), flip)
                 continue
             if len(columns) != 2:
                 raise DataError(
@@ -142,6 +144,13 @@ class TsvCorpus(Corpus):
     def describe(self) -> str:
         """The file's path."""
         return str(self.path)
+
+
+@functools.cache  # once per header and process: a corpus is read several times (tokenizer, cache)
+def _note_header(path: Path, columns: tuple[str, ...], flip: bool) -> None:
+    """Log that a TSV file's first line was read as a header: skipped, and what order it gave."""
+    order = ", and each line read as target<TAB>source" if flip else ""
+    log.info("%s: line 1 is a header (%s): skipped%s", path, ", ".join(columns), order)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -189,20 +190,34 @@ def test_tsv(tmp_path: Path, name: str) -> None:
 
 
 @pytest.mark.parametrize("header", ["de\ten", "DE\tEN", "source\ttarget", "src\ttgt"])
-def test_a_tsv_header_is_skipped(tmp_path: Path, header: str) -> None:
+def test_a_tsv_header_is_skipped(
+    tmp_path: Path, header: str, caplog: pytest.LogCaptureFixture
+) -> None:
     path = _write(tmp_path / "c.tsv", [header, "Ein Hund\tA dog", "de\ten"])
     pairs = [("Ein Hund", "A dog"), ("de", "en")]  # only the first line can be a header
-    assert list(open_corpus(str(path), "de", "en").pairs()) == pairs
+    corpus = open_corpus(str(path), "de", "en")
+    with caplog.at_level(logging.INFO, logger="mt"):
+        assert list(corpus.pairs()) == pairs
+        assert list(corpus.pairs()) == pairs  # read again (as for the tokenizer, then the cache)
+    names = header.replace("\t", ", ")
+    assert caplog.messages == [f"{path}: line 1 is a header ({names}): skipped"]  # said once
 
 
-def test_a_header_naming_the_target_first_reads_each_line_that_way(tmp_path: Path) -> None:
+def test_a_header_naming_the_target_first_reads_each_line_that_way(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = _write(tmp_path / "c.tsv", ["DE\ten", "Ein Hund\tA dog", "Eine Katze\tA cat"])
-    assert list(open_corpus(str(path), "en", "de").pairs()) == [
-        ("A dog", "Ein Hund"), ("A cat", "Eine Katze")
-    ]  # fmt: skip
-    assert list(open_corpus(str(path), "de", "en").pairs())[:1] == [("Ein Hund", "A dog")]
-    _write(path, ["de\tfr", "Ein Hund\tUn chien"])  # other languages: data
-    assert list(open_corpus(str(path), "en", "de").pairs())[:1] == [("de", "fr")]
+    with caplog.at_level(logging.INFO, logger="mt"):
+        assert list(open_corpus(str(path), "en", "de").pairs()) == [
+            ("A dog", "Ein Hund"), ("A cat", "Eine Katze")
+        ]  # fmt: skip
+        assert list(open_corpus(str(path), "de", "en").pairs())[:1] == [("Ein Hund", "A dog")]
+        _write(path, ["de\tfr", "Ein Hund\tUn chien"])  # other languages: data
+        assert list(open_corpus(str(path), "en", "de").pairs())[:1] == [("de", "fr")]
+    assert caplog.messages == [
+        f"{path}: line 1 is a header (DE, en): skipped, and each line read as target<TAB>source",
+        f"{path}: line 1 is a header (DE, en): skipped",
+    ]
 
 
 def test_tsv_bad_line(tmp_path: Path) -> None:
