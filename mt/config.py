@@ -569,6 +569,8 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
+        if value is None and key in _unset_by_default(cls):
+            continue  # `test:` or `test: null`: none, as when the key is left out
         dotted = f"{prefix}{key}"
         if key not in hints:
             if dotted in _section_types():  # the command line's spelling, in a file
@@ -588,6 +590,11 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
         else:
             kwargs[key] = _coerce(value, tp, dotted)
     return cls(**kwargs)
+
+
+def _unset_by_default(cls: type) -> set[str]:
+    """The string keys of `cls` whose default is empty: unset (data.test, data.cache_dir ...)."""
+    return {f.name for f in dataclasses.fields(cls) if f.default == ""}
 
 
 def _suggestion(key: str, known: typing.Iterable[str], prefix: str = "") -> str:

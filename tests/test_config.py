@@ -51,6 +51,23 @@ def test_defaults_fill_missing_sections(tmp_path: Path) -> None:
     assert config == Config(run_dir="runs/a")
 
 
+def test_an_empty_path_key_means_none_as_when_left_out(tmp_path: Path) -> None:
+    # `test:` with nothing after it (or null, or ~): no test set, the default.
+    plain = load_config(write(tmp_path, "data:\n  train: t\n"))
+    for text in ("  test:\n", "  test: null\n  cache_dir: ~\n  valid: null\n"):
+        assert load_config(write(tmp_path, f"data:\n  train: t\n{text}")) == plain
+    corpus = "data:\n  train: t\n  corpora:\n    - {src_lang: de, tgt_lang: en, test: null}\n"
+    assert load_config(write(tmp_path, corpus)).data.corpora[0].test == ""
+    path = write(tmp_path, "data:\n  train:\n")  # still empty where a command needs it
+    with pytest.raises(ConfigError) as err:
+        load_config(path, required=("data.train",))
+    assert str(err.value) == f"{path}: data.train is empty; set it in the config or data.train=PATH"
+    path = write(tmp_path, "run_dir:\n")  # a key whose default is not empty wants a value
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: run_dir must be a string, got None"
+
+
 def test_heads_must_divide_dim(tmp_path: Path) -> None:
     path = write(tmp_path, "model:\n  dim: 512\n  heads: 7\n")
     with pytest.raises(ConfigError) as err:
