@@ -333,12 +333,13 @@ def _build(
     num_proc: int,
 ) -> None:
     """Encode into a temporary directory beside ``target``, then move the result into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    # The cache's first write: a read-only cache (its complete entries read fine) is refused
+    # here, in one line, before any encoding.
+    with write_errors(target.parent):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temp = tempfile.TemporaryDirectory(dir=target.parent, prefix=temp_prefix())
     # Every intermediate Arrow file lives in this directory and goes with it.
-    with (
-        tempfile.TemporaryDirectory(dir=target.parent, prefix=temp_prefix()) as tmp,
-        write_errors(target, Path(tmp)),
-    ):
+    with temp as tmp, write_errors(target, Path(tmp)):
         with _quiet_datasets():
             encoded = _encode(corpus, tokenizer, Path(tmp), target.name, num_proc)
             src_lens, tgt_lens = _lengths(encoded)

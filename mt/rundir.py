@@ -150,7 +150,8 @@ def open_run(config: Config, splits: Sequence[str]) -> dict[str, dict[str, Corpu
     """{split: {direction: corpus}} for the `splits` the config sets, and the run directory.
 
     Each corpus must exist (DataError naming its key), dev and test sets must read whole, and
-    the run and cache directories must take files, before any slow work starts.
+    the run directory must take files (and the cache directory, unless it exists), before any
+    slow work starts.
     """
     corpora = {}
     tsv_readers: dict[Path, str] = {}
@@ -166,7 +167,11 @@ def open_run(config: Config, splits: Sequence[str]) -> dict[str, dict[str, Corpu
     for written in (checkpoint_dir(run), run / TENSORBOARD_DIR):  # a resumed run writes in these
         if written.exists():
             check_writable(written, "run_dir")
-    check_writable(cache_dir(config), "data.cache_dir" if config.data.cache_dir else "run_dir")
+    cache = cache_dir(config)
+    # An existing cache may be read-only (a shared, finished one): its complete entries are only
+    # read, and encoding checks that it takes files once an entry must be built.
+    if not cache.is_dir():
+        check_writable(cache, "data.cache_dir" if config.data.cache_dir else "run_dir")
     return corpora
 
 

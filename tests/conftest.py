@@ -130,7 +130,8 @@ def diverged_run(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 class SmallFilesystems:
-    """Small tmpfs mounts, to test what a full disk does to the real write paths."""
+    """Small tmpfs mounts, to test what a full disk (or a read-only one) does to the real write
+    paths."""
 
     def __init__(self) -> None:
         self.mounted: list[Path] = []
@@ -147,6 +148,10 @@ class SmallFilesystems:
             pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
         self.mounted.append(directory)
         return directory
+
+    def make_read_only(self, directory: Path) -> None:
+        """Remount the tmpfs mounted on `directory` read-only (root itself cannot write then)."""
+        subprocess.run(["mount", "-o", "remount,ro", str(directory)], check=True)
 
     def fill(self, directory: Path) -> None:
         """Write a filler file into `directory` until its file system is full."""

@@ -279,6 +279,23 @@ def test_broken_dev_data_and_a_shared_tsv_are_found_before_any_work(tmp_path: Pa
     )
 
 
+def test_a_read_only_cache_serves_its_complete_entries(
+    prepared: tuple[Path, str, str], small_fs, tmp_path: Path
+) -> None:
+    run_dir, out, _ = prepared
+    cache = small_fs.mount(tmp_path / "cache")  # e.g. a finished cache shared read-only
+    shutil.copytree(run_dir / "cache", cache, dirs_exist_ok=True)
+    small_fs.make_read_only(cache)
+    args = tiny_args(run_dir, f"data.cache_dir={cache}")
+    result = invoke("data", "prepare", *args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == out  # every entry read from it
+    # An entry it lacks must be written: one line naming the cache, before any encoding.
+    result = invoke("data", "prepare", *args, "data.max_len=32")
+    assert isinstance(result.exception, MtError), result.exception
+    assert str(result.exception) == f"{cache}: cannot write (Read-only file system)"
+
+
 def test_training_data_that_the_filters_empty_is_an_error(tmp_path: Path) -> None:
     result = invoke("data", "prepare", *tiny_args(tmp_path / "run", "data.max_len=2"))
     assert isinstance(result.exception, DataError)
