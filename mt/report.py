@@ -7,7 +7,6 @@ can (re)build the report of any run, finished or not.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import statistics
@@ -24,7 +23,7 @@ from mt.files import atomic_write_bytes
 from mt.metrics import may_be_best, read_metrics, record_directions, selected_bleu
 from mt.model import Transformer, count_parameters
 from mt.plot import plot_curves
-from mt.rundir import check_writable, load_run_config, model_checkpoint
+from mt.rundir import check_writable, load_run_config, model_checkpoint, read_json_object
 
 log = logging.getLogger("mt")
 
@@ -68,7 +67,7 @@ def _duration(seconds: float) -> str:
 
 
 def _model_section(config: Config, run_dir: Path) -> list[str]:
-    data = _read_json(run_dir / DATA_FILE)
+    data = read_json_object(run_dir / DATA_FILE)
     m, tc = config.model, config.train
     dropout = f"dropout {m.dropout}"
     if tc.initial_dropout_steps:
@@ -88,7 +87,7 @@ def _model_section(config: Config, run_dir: Path) -> list[str]:
 
 
 def _data_section(run_dir: Path, config: Config) -> list[str]:
-    data = _read_json(run_dir / DATA_FILE)
+    data = read_json_object(run_dir / DATA_FILE)
     if not data:
         return []
     directions = {c.direction: c for c in config.data.directions()}
@@ -204,19 +203,6 @@ def _test_section(checkpoint: str, by_direction: dict[str, Scores], config: Conf
         f"- {LABELS[key]}{of}: `{signature}`" for key, of, signature in signatures(by_direction)
     ]
     return [*lines, ""]
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    """A run's JSON record ({} without one); MtError naming it where it is damaged."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:  # a file cut short, or bytes that are not UTF-8
-        raise MtError(f"{path}: damaged, not JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise MtError(f"{path}: damaged, not a JSON object")
-    return data
 
 
 def check_runtime_used(scored: bool, test: bool, device: str, precision: str) -> None:

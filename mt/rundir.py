@@ -12,7 +12,7 @@ import logging
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,7 +35,7 @@ from mt.config import (
     written_by_mt,
 )
 from mt.corpora import Corpus, open_corpus
-from mt.errors import ConfigError, DataError
+from mt.errors import ConfigError, DataError, MtError
 from mt.files import atomic_write_bytes
 from mt.metrics import TENSORBOARD_DIR
 from mt.model import Transformer
@@ -256,18 +256,31 @@ def training_data(config: Config) -> dict[str, str]:
 def other_data(config: Config, directory: Path) -> list[str]:
     """How the data `mt train` trained the tokenizer in `directory` on differs from the run's
     (a tokenizer trained otherwise, or copied from the run a fine-tuning starts from: none)."""
-    try:
-        trained_on = json.loads((directory / TRAINED_ON).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
+    trained_on = read_json_object(directory / TRAINED_ON)
     now = training_data(config)
-    if trained_on == now:
+    if not trained_on or trained_on == now:
         return []
 
     def spelled(data: dict[str, str]) -> str:
         return ", ".join(f"{direction} {spec}" for direction, spec in data.items())
 
     return [f"the run's tokenizer was trained on {spelled(trained_on)}, not {spelled(now)}"]
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object a run keeps in a file ({} without one); MtError naming the file where it is
+    damaged or, edited by hand, holds another kind of value."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # a file cut short, or bytes that are not UTF-8
+        raise MtError(f"{path}: damaged, not JSON ({exc})") from None
+    except OSError as exc:
+        raise MtError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not isinstance(data, dict):
+        raise MtError(f"{path}: damaged, not a JSON object")
+    return data
 
 
 def retrain_hints(tokenizer: Tokenizer, wanted: TokenizerConfig) -> list[str]:

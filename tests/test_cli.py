@@ -470,6 +470,16 @@ def test_reusing_a_tokenizer_trained_on_other_data_warns(
         f"warning: the run's tokenizer was trained on de-en {TINY_DATA / 'train'}, not de-en "
         f"{other.resolve()}; delete {run_dir / 'tokenizer'} to retrain it"
     ]
+    # The record edited by hand into another kind of JSON, or into none: one line naming it.
+    record = run_dir / "tokenizer" / "trained_on.json"
+    for text, problem in [
+        ('["de-en"]', "not a JSON object"),
+        ('{"de-en": ', "not JSON (Expecting value: line 1 column 11 (char 10))"),
+    ]:
+        record.write_text(text, encoding="utf-8")
+        result = invoke("tokenizer", "train", *tiny_args(run_dir))
+        assert isinstance(result.exception, MtError), result.exception
+        assert str(result.exception) == f"{record}: damaged, {problem}"
 
 
 def test_tokenizer_train_from_scratch(tmp_path: Path) -> None:
