@@ -244,12 +244,21 @@ LengthPenaltyOption = Annotated[
         show_default=False,
     ),
 ]
+
+
+def dash_is_stdout(output: Path | None) -> Path | None:
+    """`-o -` means stdout, as `-` for an input means stdin (not a file named "-")."""
+    return None if output == Path("-") else output
+
+
 OutputOption = Annotated[
     Path | None,
     typer.Option(
         "--output",
         "-o",
-        help="Write here (atomically, once done; gzipped if it ends in .gz) instead of to stdout.",
+        help="Write here (atomically, once done; gzipped if it ends in .gz) instead of to stdout "
+        "(-: stdout).",
+        callback=dash_is_stdout,
     ),
 ]
 MaxTokensOption = Annotated[

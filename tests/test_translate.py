@@ -106,7 +106,9 @@ def test_output_does_not_depend_on_batching(loaded) -> None:
 
 
 @pytest.mark.slow
-def test_stdin_file_and_output_file_agree(trained_run: Path, tmp_path: Path) -> None:
+def test_stdin_file_and_output_file_agree(
+    trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     source = tmp_path / "in.txt"
     source.write_bytes(EDGE_TEXT.encode("utf-8"))
     fp32 = ["--precision", "fp32"]  # auto is timed per call: two calls could choose differently
@@ -128,6 +130,11 @@ def test_stdin_file_and_output_file_agree(trained_run: Path, tmp_path: Path) -> 
     assert written.exit_code == 0, written.output
     assert written.stdout == ""
     assert target.read_text(encoding="utf-8") == stdout
+    monkeypatch.chdir(tmp_path)  # where a file named "-" would go
+    dash = runner.invoke(app, ["translate", str(source), "-m", str(trained_run), "-o", "-", *fp32])
+    assert dash.exit_code == 0, dash.output
+    assert dash.stdout == stdout  # `-o -` is stdout, as `-` is stdin: no file named "-"
+    assert not (tmp_path / "-").exists()
     packed = tmp_path / "out.txt.gz"  # gzipped, as a .gz input is read
     args = ["translate", str(source), "-m", str(trained_run), "-o", str(packed), *fp32]
     assert runner.invoke(app, args).exit_code == 0
