@@ -32,7 +32,7 @@ from mt.config import temperature_shares
 from mt.errors import DataError, MtError, first_line
 from mt.files import atomic_write_bytes, write_errors
 from mt.lock import pid_alive
-from mt.tokenizer import unk_rate
+from mt.tokenizer import leading_tag, unk_rate
 
 if TYPE_CHECKING:
     from mt.config import DataConfig
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from mt.tokenizer import Tokenizer
 
 # Bumped whenever the cached layout or the encoding recipe changes, so old caches are not reused.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 STATS_FILE = "stats.json"
 LENGTHS_FILE = "lengths.npy"
 DATA_FILE = "data.json"  # a run's corpus statistics, for its report
@@ -421,10 +421,24 @@ def _encode_batch(
     batch: dict[str, list[str]], tokenizer: Tokenizer, tgt_lang: str
 ) -> dict[str, list[list[int]]]:
     """Encode one batch of raw pairs (sources after the tag of `tgt_lang`, if there are tags)."""
+    src = _without_own_tag(batch["src"], tgt_lang) if tokenizer.tags else batch["src"]
     return {
-        "src_ids": tokenizer.encode_src(batch["src"], tgt_lang),
+        "src_ids": tokenizer.encode_src(src, tgt_lang),
         "tgt_ids": tokenizer.encode_tgt(batch["tgt"]),
     }
+
+
+def _without_own_tag(texts: list[str], tgt_lang: str) -> list[str]:
+    """The texts without a leading tag of `tgt_lang` (a pre-tagged corpus, as OPUS-MT's are).
+
+    `mt translate` reads such a tag as the target language, not as text, so the model must be
+    trained on what follows it; a tag naming another language stays, as text.
+    """
+    out = []
+    for text in texts:
+        lang, rest = leading_tag(text)
+        out.append(rest if lang == tgt_lang else text)
+    return out
 
 
 def _lengths(dataset: datasets.Dataset) -> tuple[np.ndarray, np.ndarray]:

@@ -20,7 +20,8 @@ from mt import checkpoint as ckpt
 from mt import corpora
 from mt.batching import MixtureSampler, padding_efficiency
 from mt.cli import app
-from mt.config import load_config, save_config
+from mt.config import DataConfig, load_config, save_config
+from mt.data import encode_corpus
 from mt.errors import ConfigError, DataError
 from mt.metrics import read_metrics
 from mt.rundir import (
@@ -464,3 +465,23 @@ def test_tokenizer_encode_puts_the_target_languages_tag_first(multi_run: Path) -
     assert own.stdout.split() == [">>en<<", *tokenizer.src.encode("Ein mann .", out_type=str)]
     target = CliRunner().invoke(app, [*args, "--side", "tgt"], input="a man .\n")
     assert str(target.exception) == "--tgt-lang tags sources: it needs --side src"
+
+
+def test_a_pre_tagged_corpus_trains_on_what_translate_reads(
+    multi_run: Path, tmp_path: Path
+) -> None:
+    tokenizer = prepare_tokenizer(load_config(multi_run / "config.yaml"))
+    lines = [">>fr<< Ein mann .", "Ein mann .", ">>en<< Ein mann ."]  # OPUS-MT's pre-tagged form
+    (tmp_path / "pre.de").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (tmp_path / "pre.fr").write_text("un homme .\n" * 3, encoding="utf-8")
+    corpus = corpora.open_corpus(str(tmp_path / "pre"), "de", "fr")
+    encoded = encode_corpus(
+        corpus, tokenizer, tmp_path / "cache", DataConfig(), filter_lengths=False
+    )
+    sources = [src for src, _ in encoded.pairs(np.arange(3))]
+    plain = [tokenizer.tags["fr"], *tokenizer.src.encode("Ein mann .")]
+    # A leading tag of the corpus's own target is not text (mt translate strips it too): the
+    # first two lines encode alike, as encode_sources encodes the first for translation.
+    assert sources[0] == sources[1] == plain == encode_sources(lines[:1], tokenizer, 100, None)[0]
+    # Another language's tag contradicts the corpus's target: it stays, as text.
+    assert sources[2] == [tokenizer.tags["fr"], *tokenizer.src.encode(">>en<< Ein mann .")]
