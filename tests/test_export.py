@@ -40,7 +40,7 @@ from mt.export.readme import _ct2_search
 from mt.model import Transformer
 from mt.rundir import load_trained
 from mt.search import max_lengths
-from mt.tokenizer import Tokenizer
+from mt.tokenizer import Tokenizer, load_tokenizer
 from mt.translate import Translator, decode_settings, encode_prefixes
 from mt.vocab import BOS_ID, EOS_ID, PAD_ID
 
@@ -394,7 +394,7 @@ def test_exports_of_a_run_that_samples_sample_with_its_settings(
 
 
 def test_readme_example_of_a_language_without_a_stock_one_is_a_dev_sentence(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from mt.export.readme import _example, _literal
 
@@ -406,6 +406,28 @@ def test_readme_example_of_a_language_without_a_stock_one_is_a_dev_sentence(
     assert eval(_literal(_example(config))) == 'O "cão" corre .'  # a literal in the code
     missing = f"data.corpora=[{{src_lang: pt, tgt_lang: en, valid: {tmp_path / 'none'}}}]"
     assert _example(load_config(ROOT / "configs" / "tiny.yaml", [missing])) == "..."
+    # A dev set on the Hub is not read (a download for one sentence): the stock "...".
+    readme_module = sys.modules[_example.__module__]
+    opened = []
+    monkeypatch.setattr(readme_module, "open_corpus", lambda *args, **kw: opened.append(args))
+    hub = "data.corpora=[{src_lang: pt, tgt_lang: en, valid: 'hf:some/dataset'}]"
+    assert _example(load_config(ROOT / "configs" / "tiny.yaml", [hub])) == "..."
+    assert opened == []
+
+
+def test_ct2_readme_names_a_minimum_length_among_the_differences(postnorm_run: Path) -> None:
+    from mt.export.readme import ct2_readme
+
+    tokenizer = load_tokenizer(postnorm_run / "tokenizer")
+    weights = Path("step-00000060.safetensors")
+    for overrides, said in [
+        (["decode.min_len=3"], "but for two settings and a third: below the minimum length (3) "
+         "CTranslate2 bans the end token before its softmax, mt after its own, so beam outputs "
+         "can differ. mt limits"),
+        ([], "but for two settings. mt limits"),
+    ]:  # fmt: skip
+        config = load_config(postnorm_run / "config.yaml", overrides)
+        assert said in " ".join(ct2_readme(config, tokenizer, weights, None).split())
 
 
 # --- Hugging Face Marian ----------------------------------------------------------------------

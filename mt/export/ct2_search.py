@@ -12,6 +12,8 @@ from `mt translate` (`ct2_options` maps the rest exactly):
   without it, which can reorder beam hypotheses that reach the limit.
 - PAD and BOS are banned before CT2's softmax, after mt's: scores differ by
   log(1 - p(PAD) - p(BOS)) per token, which can flip near-ties in a beam, never greedy choices.
+  So is EOS below `decode.min_len`, where p(EOS) can be large: with a minimum length, beam
+  outputs differ more often (greedy ones still never).
 - Target prefixes. Both force them and raise the limit to hold them and EOS (CT2's counts the
   prefix too), but CT2 scores a hypothesis by what follows its prefix, where mt counts the
   prefix's log-probability as well: the same constant for every hypothesis of a sentence, which

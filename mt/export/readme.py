@@ -60,7 +60,7 @@ results = translator.translate_batch(
 print([tgt.decode(r.hypotheses[0]) for r in results])
 """
     notes = f"""{_sampling_note(decode, "CTranslate2")}This is mt's search but for two
-    settings. mt limits each output to
+    settings{_min_len_note(decode)}. mt limits each output to
     {_limits(decode)} tokens, end token included, and its length penalty is
     "{decode.length_penalty}" (alpha {decode.alpha}), where CTranslate2 divides by
     length^length_penalty. `mt.export.ct2_search.translate_ct2` batches sentences by source
@@ -142,14 +142,25 @@ EXAMPLES = {
 
 def _example(config: Config) -> str:
     """A sentence to show in the READMEs, in the source language of the first direction: a
-    stock one, else the first of that direction's dev set where it can be read here."""
+    stock one, else the first of that direction's dev set where it is a file that can be read
+    here (an `hf:` dev set could mean a download for one sentence)."""
     first = config.data.directions()[0]
-    if first.src_lang in EXAMPLES or not first.valid:
+    if first.src_lang in EXAMPLES or not first.valid or first.valid.startswith("hf:"):
         return EXAMPLES.get(first.src_lang, "...")
-    with contextlib.suppress(MtError):
+    with contextlib.suppress(MtError, OSError):
         corpus = open_corpus(first.valid, first.src_lang, first.tgt_lang, split="validation")
         return next((src for src, _ in corpus.pairs() if src.strip()), "...")
     return "..."
+
+
+def _min_len_note(decode: DecodeConfig) -> str:
+    """What a minimum length adds to the CTranslate2 README's differences ("" without one)."""
+    if not decode.min_len:
+        return ""
+    return (
+        f" and a third: below the minimum length ({decode.min_len}) CTranslate2 bans the end "
+        "token before its softmax, mt after its own, so beam outputs can differ"
+    )
 
 
 def _literal(text: str) -> str:
