@@ -15,7 +15,14 @@ from mt.bleu import DEFAULT_TOKENIZER, bleu_tokenizer, missing_extra
 from mt.corpora import check_stdin, input_name, read_lines
 from mt.errors import MtError
 from mt.rundir import open_directions, open_split
-from mt.translate import Translator, check_found, check_target, count_missing, load_translator
+from mt.translate import (
+    Translator,
+    check_decode_options,
+    check_found,
+    check_target,
+    count_missing,
+    load_translator,
+)
 
 
 @dataclass(frozen=True)
@@ -177,6 +184,7 @@ def translate_test_sets(
     With `tgt_lang`, only the directions into it.
     """
     paths = [models] if isinstance(models, Path) else list(models)
+    check_decode_options(paths[0], **scored_search(overrides))  # before the model loads
     config, translator, checkpoints = load_translator(
         paths, device, precision, weights, quantization, **scored_search(overrides)
     )
@@ -222,6 +230,7 @@ def model_translations(
     test set. The references are None unless the run's test set was translated.
     """
     paths = [models] if isinstance(models, Path) else list(models)
+    check_decode_options(paths[0], **scored_search(overrides))  # before the model loads
     config, translator, checkpoints = load_translator(
         paths, device, precision, weights, quantization, **scored_search(overrides)
     )

@@ -273,7 +273,14 @@ def decode_settings(config: Config, **overrides: Any) -> DecodeConfig:
         raise MtError(f"command line: {option} applies to sampling only: add --sampling")
     penalty = given.get("length_penalty", config.decode.length_penalty)
     if "alpha" in given and penalty != "gnmt":
-        raise MtError(f"command line: --alpha applies to --length-penalty gnmt only, not {penalty}")
+        if "length_penalty" in given:
+            raise MtError(
+                f"command line: --alpha applies to --length-penalty gnmt only, not {penalty}"
+            )
+        raise MtError(
+            f"command line: --alpha applies to the gnmt length penalty only; the run's "
+            f"decode.length_penalty is {penalty}"
+        )
     if "nbest" not in given and not sampling:
         # A search returns at most its beam; a sampling run's n-best may exceed its beam.
         given["nbest"] = min(config.decode.nbest, given.get("beam", config.decode.beam))

@@ -7,9 +7,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from helpers.entry import run_main
+from helpers.runs import run_with
 from sacrebleu.metrics import BLEU
 from typer.testing import CliRunner
 
@@ -235,6 +237,23 @@ def test_model_without_files_scores_the_test_set(trained_run: Path, tmp_path: Pa
     src, ref = ROOT / "tests/data/tiny/valid.de", ROOT / "tests/data/tiny/valid.en"
     scores = evaluate(src=src, ref=ref, model=trained_run, precision="fp32", beam=1)
     assert scores["bleu"].score == pytest.approx(valid[best.step], abs=1e-9)
+
+
+def test_decoding_options_the_run_refuses_fail_before_the_model_loads(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    run = run_with(trained_run, tmp_path / "run", ["decode.length_penalty=average"])
+    src, ref = ROOT / "tests/data/tiny/valid.de", ROOT / "tests/data/tiny/valid.en"
+    message = (
+        "command line: --alpha applies to the gnmt length penalty only; the run's "
+        "decode.length_penalty is average"
+    )  # mt evaluate has no --length-penalty to name
+    for files in ([], ["--src", str(src), "--ref", str(ref)]):  # the run's test set, or files
+        with mock.patch("mt.translate.load_models", side_effect=AssertionError("loaded")):
+            result = CliRunner().invoke(
+                app, ["evaluate", "--model", str(run), "--alpha", "1", *files]
+            )
+        assert isinstance(result.exception, MtError) and str(result.exception) == message
 
 
 @pytest.mark.slow

@@ -13,7 +13,6 @@ import math
 import os
 import queue
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -34,11 +33,12 @@ pytest.importorskip("httpx", reason="httpx is not installed (pip install -e '.[d
 import httpx
 from fastapi.testclient import TestClient
 from helpers.ports import free_port
+from helpers.runs import run_with
 
 from mt import serve as serve_package
 from mt.alignment import align
 from mt.cli import app as cli_app
-from mt.config import CONFIG_FILE, load_config, save_config
+from mt.config import CONFIG_FILE, load_config
 from mt.errors import MtError
 from mt.metrics import read_metrics
 from mt.model import count_parameters
@@ -126,13 +126,6 @@ def test_nbest_lists_equal_mt_translate_nbest(client: TestClient, trained_run: P
         assert translation["text"] == translation["nbest"][0]["text"]
     # As with mt translate, the list comes when asked for, even of one.
     assert len(post(client, {"text": "x", "nbest": 1}).json()["translations"][0]["nbest"]) == 1
-
-
-def run_with(trained_run: Path, run: Path, overrides: list[str]) -> Path:
-    """A copy of the tiny run at `run` whose config has `overrides` applied."""
-    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("cache", "tensorboard"))
-    save_config(load_config(run / CONFIG_FILE, overrides), run / CONFIG_FILE)
-    return run
 
 
 def test_the_runs_nbest_is_capped_by_the_requests_beam_not_the_servers(

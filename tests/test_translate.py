@@ -20,6 +20,7 @@ from unittest import mock
 import pytest
 import torch
 from helpers.entry import run_main
+from helpers.runs import run_with
 from helpers.waiting import SAFETY_NET_S
 from typer.testing import CliRunner
 
@@ -160,9 +161,7 @@ def test_nbest_lines(trained_run: Path, tmp_path: Path) -> None:
 
 
 def test_nbest_lines_where_fewer_outputs_are_possible(trained_run: Path, tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
-    save_config(load_config(run / "config.yaml", ["decode.max_len_b=0"]), run / "config.yaml")
+    run = run_with(trained_run, tmp_path / "run", ["decode.max_len_b=0"])
     source, prefixes = tmp_path / "in.txt", tmp_path / "prefixes.txt"
     source.write_text("Der hund mag den see .\nDas kind findet ein auto .\n", encoding="utf-8")
     # A prefix past the output length limit, with max_len_b 0: the limit becomes the prefix and
@@ -570,7 +569,7 @@ def test_models_with_different_vocabularies_are_refused(
 def test_models_of_other_directions_are_refused(trained_run: Path, tmp_path: Path) -> None:
     import shutil
 
-    from mt.config import load_config, save_config
+    from mt.config import load_config
 
     reverse = tmp_path / "reverse"  # the same vocabulary and weights, the other direction
     shutil.copytree(trained_run, reverse, ignore=shutil.ignore_patterns("cache", "tensorboard"))
