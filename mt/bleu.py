@@ -34,6 +34,8 @@ def missing_extra(name: str) -> str | None:
         BLEU(tokenize=name)
     except RuntimeError as error:
         return " ".join(str(error).split())
+    except OSError as error:  # flores101, flores200 and spm fetch a SentencePiece model once
+        return f"sacreBLEU could not fetch what it needs ({' '.join(str(error).split())})"
     return None
 
 

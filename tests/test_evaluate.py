@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 from unittest import mock
+from urllib.error import URLError
 
 import pytest
 from helpers.entry import run_main
@@ -136,6 +137,28 @@ def test_without_mecab_japanese_is_scored_by_character_with_a_warning(
         )
     finally:
         mt_bleu.available.cache_clear()
+
+
+def test_a_tokenizer_sacrebleu_cannot_download_names_the_option(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class Offline(BLEU):
+        def __init__(self, tokenize: str | None = None, **options: object) -> None:
+            if tokenize == "flores200":  # its SentencePiece model comes from the web, once
+                raise URLError("[Errno -2] Name or service not known")
+            super().__init__(tokenize=tokenize, **options)
+
+    monkeypatch.setattr("mt.bleu.BLEU", Offline)
+    mt_bleu.missing_extra.cache_clear()
+    try:
+        with pytest.raises(MtError) as error:
+            mt_evaluate.check_tokenize("flores200")
+        assert str(error.value) == (
+            "--tokenize flores200: sacreBLEU could not fetch what it needs (<urlopen error "
+            "[Errno -2] Name or service not known>)"
+        )
+    finally:
+        mt_bleu.missing_extra.cache_clear()
 
 
 def test_text_output_prints_each_score_with_its_signature(files: tuple[Path, Path]) -> None:
