@@ -168,9 +168,10 @@ def open_run(config: Config, splits: Sequence[str]) -> dict[str, dict[str, Corpu
         if written.exists():
             check_writable(written, "run_dir")
     cache = cache_dir(config)
-    # An existing cache may be read-only (a shared, finished one): its complete entries are only
-    # read, and encoding checks that it takes files once an entry must be built.
-    if not cache.is_dir():
+    # An existing cache may be read-only (a shared, finished one) where the run has its
+    # tokenizer: its complete entries are only read, and encoding checks that it takes files
+    # once an entry must be built. A tokenizer still to train makes every entry new.
+    if not (cache.is_dir() and has_tokenizer(config)):
         check_writable(cache, "data.cache_dir" if config.data.cache_dir else "run_dir")
     return corpora
 
@@ -207,11 +208,17 @@ def check_readable(corpus: Corpus, label: str) -> None:
         raise DataError(f"{label}: {corpus.describe()}: no sentence pairs")
 
 
+def has_tokenizer(config: Config) -> bool:
+    """Whether the run has a tokenizer of the kind its config asks for (else one is trained)."""
+    directory = run_path(config) / TOKENIZER_DIR
+    return all(p.exists() for p in tokenizer_files(directory, config.tokenizer.joint))
+
+
 def prepare_tokenizer(config: Config) -> Tokenizer:
     """The run's tokenizer: loaded if the run has one, otherwise trained on the training data."""
     directory = run_path(config) / TOKENIZER_DIR
     wanted = config.tokenizer
-    has = all(p.exists() for p in tokenizer_files(directory, wanted.joint))
+    has = has_tokenizer(config)
     if not has and all(p.exists() for p in tokenizer_files(directory, not wanted.joint)):
         # Training one of the other kind would replace the one the run's checkpoints need.
         kind = "joint" if not wanted.joint else "one per side"

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from helpers.entry import run_main as run_mt_here
@@ -294,6 +295,14 @@ def test_a_read_only_cache_serves_its_complete_entries(
     result = invoke("data", "prepare", *args, "data.max_len=32")
     assert isinstance(result.exception, MtError), result.exception
     assert str(result.exception) == f"{cache}: cannot write (Read-only file system)"
+    # A run whose tokenizer is still to train needs new entries: refused before training it.
+    fresh = tiny_args(tmp_path / "fresh", f"data.cache_dir={cache}")
+    with mock.patch("mt.rundir.train_tokenizer", side_effect=AssertionError("trained")):
+        result = invoke("data", "prepare", *fresh)
+    assert isinstance(result.exception, DataError), result.exception
+    assert str(result.exception) == (
+        f"data.cache_dir {cache}: cannot write files in {cache} (Read-only file system)"
+    )
 
 
 def test_training_data_that_the_filters_empty_is_an_error(tmp_path: Path) -> None:
