@@ -620,6 +620,8 @@ def start(
         check_fits(config, device)
         if config.train.compile:
             check_compile(device)
+        if resume is not None and own_checkpoint(resume, config) is None:
+            check_resume_state(resume, resume)  # another run's: before the lock file is written
     asked = resume
 
     def prepare_run() -> tuple[Path | None, Prepared]:

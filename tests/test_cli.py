@@ -207,6 +207,7 @@ def test_train_checks_test_data_resume_and_cache_before_any_work(tmp_path: Path)
         assert isinstance(result.exception, MtError), result.output
         assert str(result.exception).startswith(message)
         assert not (run_dir / "tokenizer").exists()  # nothing slow has started
+        assert not run_dir.exists() or list(run_dir.iterdir()) == []  # not even a lock file
 
 
 def test_train_checks_the_run_directorys_tensorboard_before_any_work(tmp_path: Path) -> None:
