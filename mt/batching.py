@@ -156,27 +156,39 @@ class MixtureSampler:
         return BatchSampler(src, self.tgt_lens, self.max_tokens, self.seed)
 
     def __len__(self) -> int:
-        """Batches in epoch 1 (with `mixed`, other epochs can differ by a few)."""
-        if self.mixed and len(self.samplers) > 1:
-            return self._len_mixed
-        return sum(len(s) for s in self.samplers)
+        """Batches in epoch 1 (other epochs can differ by a few: each shuffle batches anew)."""
+        return self._len_first
 
     @cached_property
-    def _len_mixed(self) -> int:
-        return len(self.mixed_batches(1))
+    def _len_first(self) -> int:
+        if len(self.samplers) == 1:
+            return len(self.samplers[0])
+        if self.mixed:
+            return len(self.mixed_batches(1))
+        return int(self.counts(1).sum())
 
-    def counts(self) -> np.ndarray:
-        """(C,) batches each corpus gives an epoch: shares of len(self), largest remainders.
+    def counts(self, epoch: int) -> np.ndarray:
+        """(C,) batches each corpus gives `epoch` (not mixed): see _counts."""
+        return self._counts([len(p) for p in self._first_passes(epoch)])
+
+    def _first_passes(self, epoch: int) -> list[list[np.ndarray]]:
+        """Each corpus's first shuffled pass of `epoch`, in batches (rows of that corpus)."""
+        return [s.draw([self.seed, epoch, c, 0]) for c, s in enumerate(self.samplers)]
+
+    def _counts(self, passes: Sequence[int]) -> np.ndarray:
+        """(C,) batches each corpus gives an epoch whose first passes over the corpora take
+        `passes` batches: shares of their sum, largest remainders.
 
         Shares of sentences, not of batches: a corpus of short sentences fits more of them in
         a batch, so it needs fewer batches for its share. Probabilities in proportion to the
-        corpora's sizes give each corpus its own batches, every pair once an epoch.
+        corpora's sizes give each corpus its own first pass, every pair once an epoch (the pass
+        of that epoch: another shuffle cuts a few batches more or fewer).
         """
-        batches = np.array([len(s) for s in self.samplers], dtype=np.float64)
+        batches = np.array(passes, dtype=np.float64)
         pairs = np.array([len(s.src_lens) for s in self.samplers], dtype=np.float64)
         per_batch = np.divide(pairs, batches, out=np.ones_like(pairs), where=batches > 0)
         weights = self.probabilities / per_batch  # (C,) batches for each corpus' share
-        return shares(len(self), weights / weights.sum())
+        return shares(int(batches.sum()), weights / weights.sum())
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         """The batches of `epoch`, in order; each an int64 array of global row indices."""
@@ -184,10 +196,10 @@ class MixtureSampler:
             return self.samplers[0].epoch_batches(epoch)
         if self.mixed:
             return self.mixed_batches(epoch)
-        counts, streams = self.counts(), []
+        first = self._first_passes(epoch)
+        counts, streams = self._counts([len(p) for p in first]), []
         for c, (sampler, count) in enumerate(zip(self.samplers, counts, strict=True)):
-            batches: list[np.ndarray] = []
-            passes = 0
+            batches, passes = list(first[c]), 1
             while len(batches) < count:  # another pass over corpus c, shuffled its own way
                 batches += sampler.draw([self.seed, epoch, c, passes])
                 passes += 1
