@@ -1525,7 +1525,11 @@ def validate_then_save(run: Run, window: dict[str, Any]) -> None:
     except ValidationOutOfMemory:
         save_unvalidated(run, window)
         raise
+    t0 = time.perf_counter()
     save(run, window, best=improved)
+    # train.max_minutes counts saving too (a large model's checkpoints on a network disk take
+    # minutes); the checkpoint itself records the clock as it was before it was written.
+    run.state.train_seconds += time.perf_counter() - t0
 
 
 def save_unvalidated(run: Run, window: dict[str, Any]) -> None:

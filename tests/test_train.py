@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -605,6 +606,21 @@ def test_a_validation_that_uses_up_the_time_ends_the_run_there(
     assert train(config).state.step == 5
     assert [r["step"] for r in read_metrics(run, "valid")] == [5]
     assert [c.step for c in ckpt.list_checkpoints(run)] == [5]
+
+
+def test_the_time_a_checkpoint_takes_to_save_counts_against_max_minutes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    save = train_module.save
+
+    def slow_save(*args, **kwargs) -> ckpt.Checkpoint:
+        time.sleep(1.5)  # a network disk: longer than the whole budget below
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "save", slow_save)
+    run = tmp_path / "run"
+    config = tiny(run, "train.max_steps=100", "train.valid_every=5", "train.max_minutes=0.02")
+    assert train(config).state.step <= 5  # not an update more once the save used the time up
 
 
 def test_early_stopping_on_patience(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
