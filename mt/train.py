@@ -395,8 +395,10 @@ def update_ema(learner: Learner, step: int) -> None:
 def step_seed(seed: int, batch: int, step: int) -> int:
     """Dropout seed of a micro-batch: a function of (seed, its place among the update's
     batches, step), so resume needs no RNG state, and a batch gets the same dropout whichever
-    rank and micro-batch it falls to (2 ranks train as 1 with update_freq 2)."""
-    return (seed * 1_000_003 + batch * 7_919 + step) % (2**63)
+    rank and micro-batch it falls to (2 ranks train as 1 with update_freq 2). Hashed, so no two
+    (batch, step) share one (a sum such as batch x 7,919 + step repeats 7,919 steps later)."""
+    words = np.random.SeedSequence([seed, batch, step]).generate_state(1, np.uint64)
+    return int(words[0] >> np.uint64(1))  # torch.manual_seed takes [0, 2^63)
 
 
 def micro_batch_seeds(seed: int, world: World, step: int, micro_batches: int) -> list[int]:

@@ -1815,3 +1815,10 @@ def test_gradients_are_clipped_once_the_loss_scale_is_taken_off() -> None:
     assert scaled.norm == pytest.approx(plain.norm, rel=1e-4)  # the norm logged is unscaled
     for grad, param in zip(unclipped, learner.params, strict=True):
         torch.testing.assert_close(param.grad, grad / 2, rtol=1e-4, atol=1e-7)
+
+
+def test_no_two_micro_batches_of_a_run_share_a_dropout_seed() -> None:
+    seeds = {train_module.step_seed(1, batch, step) for batch in range(4) for step in range(9_000)}
+    assert len(seeds) == 4 * 9_000  # a sum repeated: batch 1 at step 100 was batch 0 at 8,019
+    assert train_module.step_seed(1, 1, 100) != train_module.step_seed(1, 0, 8_019)
+    assert all(0 <= s < 2**63 for s in seeds)  # what torch.manual_seed takes
