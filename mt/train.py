@@ -1199,10 +1199,15 @@ def describe_start(run: Run, stack: contextlib.ExitStack) -> None:
         if tc.max_minutes:
             share = f"train.max_minutes={tc.max_minutes:g} (or of {share}, if sooner)"
         log.info(f"lr cool-down: linearly to 0 over the last {tc.cooldown:.0%} of {share}")
-    if tc.initial_dropout_steps:
+    if tc.initial_dropout_steps and state.step < tc.initial_dropout_steps:
         log.info(
             f"dropout {tc.initial_dropout:g} for updates 1-{tc.initial_dropout_steps}, "
             f"then {config.model.dropout:g} (train.initial_dropout)"
+        )
+    elif tc.initial_dropout_steps:  # counted from update 1 of the run it started from, if any
+        log.info(
+            f"dropout {config.model.dropout:g}: the run goes on from update {state.step}, past "
+            f"train.initial_dropout_steps={tc.initial_dropout_steps}"
         )
 
 

@@ -1310,6 +1310,21 @@ def test_initial_dropout_resume_across_the_switch_is_exact(tmp_path: Path) -> No
     assert losses(split) == losses(straight)
 
 
+def test_the_start_says_the_initial_dropout_only_where_it_is_still_ahead(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    schedule = ["model.dropout=0.3", "train.initial_dropout=0.1", "train.initial_dropout_steps=2"]
+    caplog.set_level(logging.INFO, logger="mt")
+    train(tiny(tmp_path / "run", "train.max_steps=3", *schedule))
+    assert "dropout 0.1 for updates 1-2, then 0.3 (train.initial_dropout)" in caplog.messages
+    caplog.clear()
+    train(tiny(tmp_path / "run", "train.max_steps=4", *schedule))  # resumed at update 3
+    said = [m for m in caplog.messages if m.startswith("dropout")]
+    assert said == [
+        "dropout 0.3: the run goes on from update 3, past train.initial_dropout_steps=2"
+    ]
+
+
 def test_dropout_at_follows_the_schedule() -> None:
     config = load_config(
         TINY, ["model.dropout=0.3", "train.initial_dropout=0.1", "train.initial_dropout_steps=2"]
