@@ -272,7 +272,7 @@ class TrainConfig:
     update_freq: int = 1  # batches accumulated per optimizer update
     max_steps: int = 100_000  # optimizer updates to run
     max_epochs: int = 0  # stop after this many epochs (0 = no limit)
-    max_minutes: float = 0.0  # stop after this much training time, validation included (0 = off)
+    max_minutes: float = 0.0  # stop after this much time training, validating and saving (0 = off)
     seed: int = 1  # seeds batching, dropout and initialisation
     precision: Precision = (
         "auto"  # auto: bf16/fp16 on CUDA; on CPU bf16 if timed >= 1.2x faster than fp32 at start
