@@ -464,14 +464,17 @@ def run_average(run_dir: Path) -> Checkpoint | None:
 
     Only a run that averages (train.average_last) has one, and only until the run trains on
     (a resumed run's new checkpoints, a signal's resume point among them, are not in it): an
-    average of steps left behind is not.
+    average of steps left behind is not. Checkpoints of later steps saved before it stand
+    aside: those a run gone back with --resume leaves (its average stops before them). Steps
+    decide first, times only then, so a copy that does not keep times keeps the model.
     """
     average = Checkpoint.from_weights(Path(run_dir) / CHECKPOINT_DIR / AVERAGE_NAME)
     if not average.weights.is_file() or not load_run_config(run_dir).train.average_last:
         return None
-    steps = [c.step for c in weights_checkpoints(run_dir)]
-    covered = not steps or max(averaged_steps(average.weights), default=-1) >= steps[-1]
-    return average if covered else None
+    last = max(averaged_steps(average.weights), default=-1)
+    made = average.weights.stat().st_mtime_ns
+    later = [c for c in weights_checkpoints(run_dir) if c.step > last]
+    return None if any(c.weights.stat().st_mtime_ns > made for c in later) else average
 
 
 def model_checkpoint(path: Path) -> Checkpoint:

@@ -763,9 +763,15 @@ def test_the_end_average_of_a_run_gone_back_leaves_out_the_later_steps(tmp_path:
     finish(back, train(back, resume=run / "checkpoints" / "step-00000015.safetensors"))
     average = run / "checkpoints" / "average.safetensors"
     assert ckpt.averaged_steps(average) == [15, 20]  # not the abandoned step 30
-    # Step 30 stays (--resume's warning says so): the average is not the run's model then.
+    # Step 30 stays (--resume's warning says so), older than the average: that is the run's
+    # model, which its report scores, until the run trains on.
     assert [c.step for c in ckpt.list_checkpoints(run)] == [15, 20, 30]
-    assert model_checkpoint(run).weights == ckpt.best_checkpoint(run).weights
+    assert model_checkpoint(run).weights == average
+    finish(back, train(back))  # an idle rerun: the average stands
+    assert model_checkpoint(run).weights == average
+    on = tiny(run, "train.max_steps=45", *kept)
+    train(on)  # goes on from the newest, step 30, to 45 (a signal's resume point: no average)
+    assert model_checkpoint(run).weights != average
 
 
 def weights_at(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
