@@ -33,15 +33,18 @@ FAKE_SRUN = '''#!{python}
 - SIGTERM, SIGHUP, SIGQUIT: "forcing job termination", SIGKILL to every process of every task
   (Slurm kills the step's whole process tree); SIGUSR1 and SIGUSR2 are relayed to every task.
 - --kill-on-bad-exit=1: a task that exits non-zero gets the others killed.
+- --wait=S (else the site's WaitTime, FAKE_SLURM_WAIT_TIME, 0 by default): S seconds after the
+  first task exits, the others are killed; 0 waits for them however long.
 - Other options are dropped. Exit status: the highest of the tasks' (128 + signal if killed).
 """
-import os, signal, subprocess, sys
+import os, signal, subprocess, sys, threading
 
 args, opts = sys.argv[1:], {{}}
 while args and args[0].startswith("-"):
     name, _, value = args.pop(0).partition("=")
-    if name in ("--ntasks", "--cpus-per-task", "--kill-on-bad-exit"):
+    if name in ("--ntasks", "--cpus-per-task", "--kill-on-bad-exit", "--wait"):
         opts[name] = value
+wait_time = float(opts.get("--wait") or os.environ.get("FAKE_SLURM_WAIT_TIME", "0"))
 ntasks = int(opts.get("--ntasks") or os.environ.get("SLURM_NTASKS", "1"))
 cpus = opts.get("--cpus-per-task") or os.environ.get("SRUN_CPUS_PER_TASK")
 allowed = sorted(os.sched_getaffinity(0))
@@ -100,7 +103,9 @@ while len(codes) < ntasks:
     codes.append(code if code >= 0 else 128 - code)
     if codes[-1] and opts.get("--kill-on-bad-exit", "0") == "1":
         kill_all()
-sys.exit(max(codes))
+    if len(codes) == 1 and wait_time > 0:
+        threading.Timer(wait_time, kill_all).start()
+os._exit(max(codes))  # a pending WaitTime timer ends with it
 '''
 FAKE_SCONTROL = """#!/bin/bash
 case "$1" in
@@ -170,10 +175,15 @@ def test_sigusr1_checkpoints_requeues_and_the_next_job_resumes(tmp_path: Path) -
         assert f"rank {rank} of 2 on cpu: 2 intra-op threads" in err
 
     # The requeued job: same command; one CPU per task (the threads were checked above, and
-    # two ranks of two spinning OpenMP threads each oversubscribe a 2-core machine).
-    proc = sbatch({**env, "SLURM_CPUS_PER_TASK": "1"}, run, *SHORT)
+    # two ranks of two spinning OpenMP threads each oversubscribe a 2-core machine). The site
+    # kills a step's tasks 0.1 s after its first ends (WaitTime): rank 1 ends at once, rank 0
+    # goes on to average and write the report, which the script's srun --wait=0 lets it do.
+    site = {"SLURM_CPUS_PER_TASK": "1", "FAKE_SLURM_WAIT_TIME": "0.1"}
+    ends = ["train.average_last=2", "train.report=true"]  # rank 0 alone, after the others
+    proc = sbatch({**env, **site}, run, *SHORT, *ends)
     _, err2 = proc.communicate(timeout=300)
     assert proc.returncode == 0, err2.decode()
+    assert (run / "report.md").is_file() and (run / "checkpoints" / "average.safetensors").is_file()
     assert f"resumed from {run}/checkpoints/step-{stopped:08d}.safetensors" in err2.decode()
     assert ckpt.latest_checkpoint(run).step == 16
     steps_logged = [r["step"] for r in read_metrics(run, "train")]
