@@ -6,6 +6,8 @@ of log-probabilities, renormalised, as search uses it), divided by the length pe
 decode.length_penalty and decode.alpha. The pieces are the SentencePiece encoding of the target
 text, which for a search's output is nearly always the pieces it produced. decode.min_len and
 the output length limit do not apply: a score is the model's, whatever a search would allow.
+That holds to float rounding in fp32; in bf16 and int8 the one teacher-forced pass over the
+whole target and search's steps round (and quantise activations) differently, about 0.01 apart.
 
 Beside each score, `--piece-scores` prints the log-probability of each piece and of EOS (the
 terms of the unpenalised score); `--summary` prints instead one line for the whole input: the
