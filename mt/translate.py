@@ -315,8 +315,9 @@ def resolve_runtime(
 ) -> tuple[torch.device, str]:
     """The device and autocast precision, backends set up; fp16 needs CUDA (bf16 runs on CPU).
 
-    `auto` on CPU times fp32 against bf16 on the layers of `model` (a run or checkpoint), packed
-    as decoding runs them (mt.packing), once per command; without it, by the AMX rule
+    `auto` on CPU times fp32 against bf16 on the layers of `model` (a run or checkpoint) as
+    decoding runs them (packed, fp32's large batches maybe through BLAS: mt.packing.time_packed),
+    once per command; without it, by the AMX rule
     (mt.device.resolve_precision). A `quantization` other than none decodes in fp32 on the CPU
     (mt.quantize). keep_memory: see mt.device.configure_backends.
     """

@@ -305,6 +305,28 @@ def test_time_packed_times_the_packed_layer(monkeypatch: pytest.MonkeyPatch) -> 
     assert len(made) == 1  # timed through nn.Linear's product, as decoding would run it
 
 
+def test_auto_precision_times_fp32_as_decoding_runs_it_packed_or_through_blas(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = device.TIMED_CALLS
+
+    def timed(precision: str, rows: int, features: tuple, budget: float, layer=None) -> list:
+        per_call = 0.3 if layer is not None else 0.2  # BLAS faster here, as calibrate would find
+        return [1.0] + [per_call] * calls
+
+    monkeypatch.setattr(packing, "time_linear", timed)
+    monkeypatch.setattr(packing, "packs", lambda dev, precision: True)
+    packed_seconds = 1.0 + 0.3 * calls
+    # fp32: large batches go to BLAS where it is faster (calibrate), so its time counts.
+    fp32 = packing.time_packed("fp32", 256, (8, 24), 60.0)
+    assert fp32 == pytest.approx([1.0 + packed_seconds] + [0.2] * calls)
+    assert packing.time_packed("bf16", 256, (8, 24), 60.0) == [1.0] + [0.3] * calls  # packed only
+    # One cut short by the budget loses; both cut short: the first, every second counted.
+    assert packing.faster([1.0, 0.1], [1.0] + [0.2] * calls) == pytest.approx([2.1] + [0.2] * calls)
+    assert packing.faster([1.0, 0.1], [0.5]) == pytest.approx([1.5, 0.1])
+    assert packing.faster([], []) == []
+
+
 def test_auto_precision_for_decoding_times_the_packed_layers(
     trained_run: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
