@@ -10,8 +10,8 @@ broken silently: the message says to delete the file once that run is over, unle
 was an earlier run of this same SLURM job (`job J restart R`: a requeued job keeps its id, and
 SLURM ends a run before it starts the next, unless it lost a node that still runs it), or of
 this same torchrun job that torchrun restarted (`restart R.E`, E its restarts; outside SLURM the
-job is torchrun's rendezvous id, `torchrun/ID`, where it names one). A clean exit empties the
-file.
+job is torchrun's rendezvous id, `torchrun/ID`, where it names one); on this host, only once
+its process is gone (another launch may reuse a rendezvous id). A clean exit empties the file.
 """
 
 from __future__ import annotations
@@ -149,6 +149,9 @@ def _flock(fd: int, run_dir: Path) -> bool:
 def _claim(fd: int, run_dir: Path, path: Path, flocked: bool) -> None:
     """Write this process into the lock file unless it names a holder that may be alive."""
     holder, me = _read_holder(fd), Holder.me()
+    here = holder is not None and holder != me and holder.host == me.host
+    if here and not flocked and holder.alive():  # of this job's id or not: it still runs, here
+        raise MtError(_in_use(run_dir, holder))
     if holder is not None and holder != me and holder.earlier_run_of(me):
         log.warning(
             "%s: taking over the lock of PID %d on host %s, a run of %s before it was %s",

@@ -142,6 +142,21 @@ def test_without_flock_a_dead_holder_is_taken_over(tmp_path: Path, no_flock, cap
     assert path.read_text() == ""
 
 
+def test_without_flock_a_live_holder_of_the_same_job_id_refuses(
+    tmp_path: Path, no_flock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another launch with the same rendezvous id, on this host, still training: torchrun's
+    # restart of the refused launch must not take its lock because the id matches.
+    parent = os.getppid()  # alive: it is running these tests
+    (tmp_path / LOCK_FILE).write_text(f"pid {parent} host {HOST} job torchrun/r1 restart 0\n")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "r1")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert (
+        refusal(tmp_path)
+        == f"{tmp_path}: the run directory is in use by PID {parent} on host {HOST}"
+    )
+
+
 def test_a_requeued_slurm_job_takes_over_its_earlier_runs_lock_from_another_host(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
