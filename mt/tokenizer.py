@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import math
 import random
 import re
@@ -26,6 +27,8 @@ from mt.config import TokenizerConfig, temperature_shares
 from mt.errors import DataError, MtError, first_line
 from mt.files import atomic_write_bytes
 from mt.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID, strip_specials
+
+log = logging.getLogger("mt")
 
 if TYPE_CHECKING:
     from mt.corpora import Corpus
@@ -409,7 +412,15 @@ def _joint_sentences(corpus: Corpus) -> Iterator[str]:
 def _train_one(where: str, side: str, sentences: Iterator[str], seed: int, options: dict) -> bytes:
     """Train one model in memory and return its bytes; SentencePiece failures become DataErrors."""
     size = options["input_sentence_size"]
-    feed = _Feed(iter(_sample(sentences, size, seed)) if size else sentences)
+    feed = _Feed(sentences)
+    if size:
+        read = feed
+        feed = _Feed(iter(_sample(read, size, seed)))
+        if read.count > size:  # a model of a sample: say so, and where the setting is
+            log.info(
+                f"{where}: the {side} tokenizer learns from a random {size:,} of its "
+                f"{read.count:,} sentences (tokenizer.input_sentence_size)"
+            )
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)
     # The sample is drawn here: SentencePiece's own sampling gave a different model in every
@@ -448,13 +459,16 @@ class _Feed:
     def __init__(self, sentences: Iterator[str]) -> None:
         self._sentences = sentences
         self.error: BaseException | None = None
+        self.count = 0  # sentences given so far
 
     def __iter__(self) -> _Feed:
         return self
 
     def __next__(self) -> str:
         try:
-            return next(self._sentences)
+            sentence = next(self._sentences)
+            self.count += 1
+            return sentence
         except StopIteration:
             raise
         except BaseException as exc:

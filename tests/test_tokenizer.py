@@ -375,3 +375,17 @@ def test_a_target_language_for_a_tokenizer_without_tags_is_refused(joint_dir: Pa
     assert str(err.value) == (
         "--tgt-lang fr: this tokenizer has no language tags (its model has one target language)"
     )
+
+
+def test_a_tokenizer_of_a_sample_says_so(
+    tiny: Corpus, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sentences = 2 * sum(1 for _ in tiny.pairs())  # joint: both sides
+    config = TokenizerConfig(vocab_size=VOCAB, input_sentence_size=sentences - 1)
+    with caplog.at_level("INFO", logger="mt"):
+        train_tokenizer(tiny, tmp_path / "sampled", config, seed=1)
+        train_tokenizer(tiny, tmp_path / "whole", TokenizerConfig(vocab_size=VOCAB), seed=1)
+    assert caplog.messages == [
+        f"{tiny.describe()}: the joint tokenizer learns from a random {sentences - 1:,} of its "
+        f"{sentences:,} sentences (tokenizer.input_sentence_size)"
+    ]  # not for the whole corpus (the default takes up to 1,000,000)
