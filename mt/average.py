@@ -26,7 +26,7 @@ from mt.checkpoint import (
 )
 from mt.config import CONFIG_FILE, load_config
 from mt.errors import MtError
-from mt.metrics import may_be_best, read_metrics, selected_bleu
+from mt.metrics import read_metrics, selection_scores
 from mt.rundir import run_average
 
 log = logging.getLogger("mt")
@@ -69,12 +69,7 @@ def select_best(run_dir: Path, k: int) -> list[Checkpoint]:
     """
     config = Path(run_dir) / CONFIG_FILE
     select = load_config(config).data.select_direction if config.is_file() else ""
-    bleu: dict[int, float] = {}
-    for record in read_metrics(Path(run_dir), "valid"):
-        if "bleu" in record:  # a re-run step: the last counts
-            bleu[int(record["step"])] = selected_bleu(record, select)
-        if not may_be_best(record):  # as in training
-            bleu.pop(int(record["step"]), None)
+    bleu = selection_scores(read_metrics(Path(run_dir), "valid"), select)  # as in training
     scored = [c for c in weights_checkpoints(run_dir) if c.step in bleu]
     if k > len(scored):
         raise MtError(

@@ -227,5 +227,13 @@ def selected_bleu(record: dict[str, Any], select_direction: str) -> float:
 
 def selection_scores(valid: list[dict[str, Any]], select_direction: str) -> dict[int, float]:
     """By step, the dev BLEU (selected_bleu) of the validation records that may choose the best
-    checkpoint (may_be_best); of a step validated again, the last."""
-    return {r["step"]: selected_bleu(r, select_direction) for r in valid if may_be_best(r)}
+    checkpoint (may_be_best). Of a step validated again the last record decides, as it is of
+    the weights saved last: one whose dev loss is not finite leaves the step out."""
+    scores: dict[int, float] = {}
+    for record in valid:
+        step = int(record["step"])
+        if "bleu" in record:
+            scores[step] = selected_bleu(record, select_direction)
+        if not may_be_best(record):
+            scores.pop(step, None)
+    return scores

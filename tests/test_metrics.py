@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ from typer.testing import CliRunner
 
 from mt.cli import app
 from mt.errors import MtError
-from mt.metrics import METRICS_FILE, MetricsLog, read_metrics
+from mt.metrics import METRICS_FILE, MetricsLog, read_metrics, selection_scores
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = [
@@ -231,3 +232,15 @@ def test_tensorboard_write_errors_injected(tmp_path: Path) -> None:
     out, err = log_until_full(tmp_path, lambda: None, "inject")
     assert out == f"step 1: {tmp_path / 'tensorboard'}: cannot write (No space left on device)\n"
     assert "Traceback" not in err
+
+
+def test_the_last_record_of_a_step_validated_again_decides_its_score() -> None:
+    valid = [
+        {"step": 5, "bleu": 10.0, "loss": 1.0},
+        {"step": 10, "bleu": 12.0, "loss": 1.0, "de-en/bleu": 20.0},
+        {"step": 5, "bleu": 11.0, "loss": math.nan},  # re-validated: the weights diverged
+        {"step": 15, "bleu": 9.0, "loss": 1.0},
+        {"step": 15, "bleu": 13.0, "loss": 1.0},  # re-validated: its last score
+    ]
+    assert selection_scores(valid, "") == {10: 12.0, 15: 13.0}
+    assert selection_scores(valid, "de-en") == {10: 20.0, 15: 13.0}  # where it has one
