@@ -321,8 +321,9 @@ def remove_stale_temps(cache_dir: Path) -> None:
         if len(parts) != 3 or parts[0] != space or not parts[1].isdigit():
             continue
         if path.is_dir() and not pid_alive(int(parts[1])):
-            shutil.rmtree(path, ignore_errors=True)
-            log.info("%s: removed the temp directory of dead process %s", path, parts[1])
+            shutil.rmtree(path, ignore_errors=True)  # a read-only cache keeps it: said so
+            done = "could not remove" if path.exists() else "removed"
+            log.info("%s: %s the temp directory of dead process %s", path, done, parts[1])
 
 
 def _build(

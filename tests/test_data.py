@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from helpers.corpus import synthetic_pairs, write_corpus
 
+from mt import data as data_module
 from mt.config import DataConfig, TokenizerConfig
 from mt.corpora import Corpus, open_corpus
 from mt.data import (
@@ -294,6 +295,21 @@ def test_temp_dirs_of_dead_encodings_are_removed_not_live_ones(
     assert live.is_dir() and other_host.is_dir() and other_space.is_dir() and unknown.is_dir()
     assert f"{dead}: removed the temp directory of dead process {child.pid}" in [
         r.getMessage() for r in caplog.records
+    ]
+
+
+def test_a_temp_directory_that_cannot_be_removed_is_not_said_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()  # reaped: its pid is dead
+    dead = tmp_path / f".tmp-{process_space()}-{child.pid}-abc"
+    dead.mkdir()
+    monkeypatch.setattr(data_module.shutil, "rmtree", lambda *args, **kwargs: None)  # read-only
+    with caplog.at_level(logging.INFO, logger="mt"):
+        data_module.remove_stale_temps(tmp_path)
+    assert caplog.messages == [
+        f"{dead}: could not remove the temp directory of dead process {child.pid}"
     ]
 
 
