@@ -56,6 +56,15 @@ def tiny(run_dir: Path, *overrides: str) -> Config:
     return load_config(TINY, [f"run_dir={run_dir}", f"data.cache_dir={cache}", *overrides])
 
 
+def warned(
+    caplog: pytest.LogCaptureFixture, prefix: str, config: Config, resume: Path | None = None
+) -> list[str]:
+    """The messages starting with `prefix` that one training run logs."""
+    caplog.clear()
+    train(config, resume=resume)
+    return [m for m in caplog.messages if m.startswith(prefix)]
+
+
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     latest = ckpt.latest_checkpoint(run_dir)
     assert latest is not None
@@ -287,9 +296,8 @@ def test_changed_training_text_warns_on_resume_once(
     run = tmp_path / "run"
 
     def resume(steps: int) -> list[str]:
-        caplog.clear()
-        train(tiny(run, f"train.max_steps={steps}", f"data.train={tmp_path / 'train'}"))
-        return [m for m in caplog.messages if m.startswith("warning: data.train")]
+        config = tiny(run, f"train.max_steps={steps}", f"data.train={tmp_path / 'train'}")
+        return warned(caplog, "warning: data.train", config)
 
     assert resume(6) == []
     assert resume(8) == []
@@ -1528,9 +1536,7 @@ def test_resuming_compares_the_settings_with_those_the_checkpoint_was_trained_wi
     five = run / "checkpoints" / "step-00000005.safetensors"
 
     def resume(*overrides: str) -> list[str]:
-        caplog.clear()
-        train(tiny(run, "train.max_steps=6", *overrides), resume=five)
-        return [m for m in caplog.messages if m.startswith("warning: train.")]
+        return warned(caplog, "warning: train.", tiny(run, "train.max_steps=6", *overrides), five)
 
     assert resume() == []  # step 5 was trained with 256, as this run is
     assert resume("train.max_tokens=300") == [
@@ -1545,9 +1551,7 @@ def test_a_new_warmup_on_resume_is_warned_of_once(
     run = tmp_path / "run"
 
     def resume(steps: int, *overrides: str) -> list[str]:
-        caplog.clear()
-        train(tiny(run, f"train.max_steps={steps}", *overrides))
-        return [m for m in caplog.messages if m.startswith("warning: train.")]
+        return warned(caplog, "warning: train.", tiny(run, f"train.max_steps={steps}", *overrides))
 
     assert resume(5) == []
     assert resume(6, "train.warmup_steps=8") == [
