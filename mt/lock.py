@@ -11,7 +11,9 @@ was an earlier run of this same SLURM job (`job J restart R`: a requeued job kee
 SLURM ends a run before it starts the next, unless it lost a node that still runs it), or of
 this same torchrun job that torchrun restarted (`restart R.E`, E its restarts; outside SLURM the
 job is torchrun's rendezvous id, `torchrun/ID`, where it names one); on this host, only once
-its process is gone (another launch may reuse a rendezvous id). A clean exit empties the file.
+its process is gone (another launch may reuse a rendezvous id). Without flock at all, the file
+is read and written by one process at a time, the one that created RUN/lock.claim (O_EXCL).
+A clean exit empties the file.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pathlib import Path
 from mt.errors import MtError
 
 LOCK_FILE = "lock"
+CLAIM_FILE = "lock.claim"  # without flock: who is reading and writing the lock file now
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}  # filesystems without flock
 _HOLDER = re.compile(
     r"pid (\d+) host (\S+)(?: job (\S+) restart (\d+)(?:\.(\d+))?)?(?: started (\d+))?"
@@ -87,7 +90,12 @@ class Holder:
 
 def _read_holder(fd: int) -> Holder | None:
     """The holder the lock file names, or None if it is empty (free) or unreadable."""
-    match = _HOLDER.match(os.pread(fd, 4096, 0).decode("utf-8", errors="replace"))
+    return _parse_holder(os.pread(fd, 4096, 0).decode("utf-8", errors="replace"))
+
+
+def _parse_holder(text: str) -> Holder | None:
+    """The holder a lock file's text names, or None."""
+    match = _HOLDER.match(text)
     if not match:
         return None
     pid, host, job, restart, elastic, started = match.groups()
@@ -179,6 +187,51 @@ def _claim(fd: int, run_dir: Path, path: Path, flocked: bool) -> None:
 
 
 @contextlib.contextmanager
+def _deciding(run_dir: Path) -> Iterator[None]:
+    """Without flock, one process at a time reads and writes the lock file: the one that
+    created RUN/lock.claim (O_EXCL: atomic on NFS and Lustre too); MtError for the others."""
+    claim = run_dir / CLAIM_FILE
+    fd = _open_claim(claim, run_dir)
+    try:
+        _write_holder(fd, Holder.me())  # who decides, should it die in these milliseconds
+        yield
+    finally:
+        os.close(fd)
+        claim.unlink(missing_ok=True)
+
+
+def _open_claim(claim: Path, run_dir: Path) -> int:
+    """Create `claim`, after removing one that a dead process of this host left."""
+    flags, taking = os.O_WRONLY | os.O_CREAT | os.O_EXCL, _taking(run_dir, claim)
+    try:
+        return os.open(claim, flags, 0o666)
+    except FileExistsError:
+        if not _left_behind(claim):
+            raise MtError(taking) from None
+    claim.unlink(missing_ok=True)
+    try:
+        return os.open(claim, flags, 0o666)
+    except FileExistsError:  # another process took it meanwhile
+        raise MtError(taking) from None
+
+
+def _left_behind(claim: Path) -> bool:
+    """Whether `claim` is gone since, or names a process of this host that is no longer alive."""
+    try:
+        holder = _parse_holder(claim.read_text(encoding="utf-8", errors="replace"))
+    except FileNotFoundError:  # its process has decided meanwhile
+        return True
+    return holder is not None and holder.host == socket.gethostname() and not holder.alive()
+
+
+def _taking(run_dir: Path, claim: Path) -> str:
+    """The one-line refusal while another process takes the run directory."""
+    return (
+        f"{run_dir}: another process is taking the run directory now (if none is, delete {claim})"
+    )
+
+
+@contextlib.contextmanager
 def hold_run_lock(run_dir: Path) -> Iterator[Path]:
     """Hold RUN/lock for the block; MtError at once if another process holds it."""
     run_dir = Path(run_dir)
@@ -187,7 +240,8 @@ def hold_run_lock(run_dir: Path) -> Iterator[Path]:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         flocked = _flock(fd, run_dir)
-        _claim(fd, run_dir, path, flocked)
+        with contextlib.nullcontext() if flocked else _deciding(run_dir):
+            _claim(fd, run_dir, path, flocked)
         try:
             yield path
         finally:

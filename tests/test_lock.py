@@ -157,6 +157,26 @@ def test_without_flock_a_live_holder_of_the_same_job_id_refuses(
     )
 
 
+def test_without_flock_one_process_at_a_time_decides_through_a_claim_file(
+    tmp_path: Path, no_flock, caplog: pytest.LogCaptureFixture
+) -> None:
+    claim = tmp_path / lock.CLAIM_FILE
+    with hold_run_lock(tmp_path):
+        assert not claim.exists()  # made and removed while the lock file was read and written
+    parent = os.getppid()  # alive: it is running these tests
+    claim.write_text(f"pid {parent} host {HOST}\n")  # another process deciding right now
+    taking = (
+        f"{tmp_path}: another process is taking the run directory now (if none is, delete {claim})"
+    )
+    assert refusal(tmp_path) == taking
+    claim.write_text("pid 4242 host node-a\n")  # another host's: its word cannot be checked
+    assert refusal(tmp_path) == taking
+    claim.write_text(f"pid {dead_pid()} host {HOST}\n")  # died while deciding, on this host
+    with hold_run_lock(tmp_path):
+        assert (tmp_path / LOCK_FILE).read_text() == named(os.getpid())
+    assert not claim.exists()
+
+
 def test_a_requeued_slurm_job_takes_over_its_earlier_runs_lock_from_another_host(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
