@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers.corpus import synthetic_pairs, write_corpus
+from helpers.processes import dead_pid
 
 from mt import data as data_module
 from mt.config import DataConfig, TokenizerConfig
@@ -301,16 +302,13 @@ def test_temp_dirs_of_dead_encodings_are_removed_not_live_ones(
 def test_a_temp_directory_that_cannot_be_removed_is_not_said_removed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    child = subprocess.Popen([sys.executable, "-c", ""])
-    child.wait()  # reaped: its pid is dead
-    dead = tmp_path / f".tmp-{process_space()}-{child.pid}-abc"
+    pid = dead_pid()
+    dead = tmp_path / f".tmp-{process_space()}-{pid}-abc"
     dead.mkdir()
     monkeypatch.setattr(data_module.shutil, "rmtree", lambda *args, **kwargs: None)  # read-only
     with caplog.at_level(logging.INFO, logger="mt"):
         data_module.remove_stale_temps(tmp_path)
-    assert caplog.messages == [
-        f"{dead}: could not remove the temp directory of dead process {child.pid}"
-    ]
+    assert caplog.messages == [f"{dead}: could not remove the temp directory of dead process {pid}"]
 
 
 def test_a_full_disk_under_the_cache_is_one_line(

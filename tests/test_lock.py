@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.processes import dead_pid
 
 from mt import lock
 from mt.errors import MtError
@@ -49,13 +50,6 @@ def refusal(run: Path) -> str:
 def named(pid: int, job: str = "") -> str:
     """The lock file's line for process `pid` of this host (in a SLURM job `job`)."""
     return f"pid {pid} host {HOST}{job} started {lock.start_time(pid)}\n"
-
-
-def dead_pid() -> int:
-    """The PID of a process that has exited and been reaped."""
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait(timeout=60)
-    return proc.pid
 
 
 def test_second_process_is_refused_and_clean_exit_frees(tmp_path: Path, caplog) -> None:
