@@ -728,8 +728,9 @@ def report_command(
     precision: PrecisionOption = "auto",
 ) -> None:
     """Write RUN/report.md (config, model, data, training, dev and test scores) and curves.png."""
-    from mt.report import write_report
+    from mt.report import check_runtime_used, write_report
 
+    check_runtime_used(run, test, device, precision)
     echo(str(write_report(run, test=test, device=device, precision=precision)))
 
 

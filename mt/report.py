@@ -205,11 +205,20 @@ def _test_section(checkpoint: str, by_direction: dict[str, Scores], config: Conf
     return [*lines, ""]
 
 
-def check_runtime_used(scored: bool, test: bool, device: str, precision: str) -> None:
-    """MtError where --device or --precision is given but no test set is translated."""
+def _scores_test(config: Config, test: bool) -> bool:
+    """Whether a report translates a test set: asked to (`test`), and the run has one."""
+    return test and any(c.test for c in config.data.directions())
+
+
+def check_runtime_used(run_dir: Path, test: bool, device: str, precision: str) -> None:
+    """MtError where `mt report` is given --device or --precision but translates no test set.
+
+    For the command's options only: the report that training writes at its end is given the
+    run's own device, which a run without a test set simply does not use.
+    """
     options = (("--device", device), ("--precision", precision))
     given = [option for option, value in options if value != "auto"]
-    if given and not scored:
+    if given and not _scores_test(load_run_config(Path(run_dir)), test):
         why = "--no-test" if not test else "the run has no test set"
         raise MtError(f"{given[0]} sets how the test set is translated, and none is ({why})")
 
@@ -220,8 +229,7 @@ def write_report(
     """Write RUN/report.md and RUN/curves.png; with `test`, score the test set if it has one."""
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
-    scored = test and any(c.test for c in config.data.directions())
-    check_runtime_used(scored, test, device, precision)
+    scored = _scores_test(config, test)
     check_writable(run_dir, "RUN")  # before translating the test set, not after
     lines = [f"# Run report: `{run_dir}`", ""]
     lines += _model_section(config, run_dir)

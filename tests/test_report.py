@@ -181,13 +181,27 @@ def test_a_report_of_a_run_it_cannot_write_into_stops_before_translating(
     )
 
 
-def test_a_device_for_a_report_that_translates_nothing_is_refused(trained_run: Path) -> None:
-    with pytest.raises(MtError) as err:
-        write_report(trained_run, test=False, device="cuda:7")
-    assert str(err.value) == "--device sets how the test set is translated, and none is (--no-test)"
-    with pytest.raises(MtError) as err:
-        write_report(trained_run, test=False, precision="bf16")
-    assert str(err.value).startswith("--precision sets how the test set is translated")
+def test_a_device_for_a_report_that_translates_nothing_is_refused(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    def refusal(*args: str) -> str:
+        result = CliRunner().invoke(app, ["report", *args])
+        assert isinstance(result.exception, MtError), result.output
+        return str(result.exception)
+
+    assert refusal(str(trained_run), "--no-test", "--device", "cuda:7") == (
+        "--device sets how the test set is translated, and none is (--no-test)"
+    )
+    assert refusal(str(trained_run), "--no-test", "--precision", "bf16").startswith(
+        "--precision sets how the test set is translated"
+    )
+    untested = load_config(trained_run / "config.yaml", ["data.test="])
+    save_config(untested, tmp_path / "config.yaml")  # all the refusal reads
+    assert refusal(str(tmp_path), "--device", "cpu") == (
+        "--device sets how the test set is translated, and none is (the run has no test set)"
+    )
+    # Training's own report of such a run takes the run's device, and writes no test section
+    # (tests/test_train.py).
 
 
 @pytest.fixture

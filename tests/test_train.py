@@ -946,6 +946,15 @@ def test_a_rerun_at_the_end_does_the_average_and_report_a_signal_stopped(tmp_pat
     assert report.stat().st_mtime_ns > written[0]
 
 
+def test_a_run_without_a_test_set_ends_with_its_report(tmp_path: Path) -> None:
+    # The run's own device (tiny.yaml: cpu) is no --device option given to `mt report`.
+    run = tmp_path / "run"
+    config = tiny(run, "train.max_steps=2", "train.report=true", "data.test=")
+    finish(config, train(config))
+    text = (run / "report.md").read_text(encoding="utf-8")
+    assert "## Training" in text and "## Test" not in text
+
+
 def test_a_rerun_at_the_end_with_another_average_or_report_changes_nothing(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
