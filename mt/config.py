@@ -698,12 +698,34 @@ _UniqueKeyLoader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag not in _IMPLICIT]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-_UniqueKeyLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9]+(?:_[0-9]+)*$"), list("-+0123456789")
+# Decimal integers, 09 and 0_9 included (YAML 1.1 reads neither as one): the loader's rule, and
+# the dumper's, which must quote the strings that would read back as such.
+_DECIMAL_INT = (
+    "tag:yaml.org,2002:int",
+    re.compile(r"^[-+]?[0-9]+(?:_[0-9]+)*$"),
+    list("-+0123456789"),
 )
+_UniqueKeyLoader.add_implicit_resolver(*_DECIMAL_INT)
 _UniqueKeyLoader.add_constructor(
     "tag:yaml.org,2002:int", lambda loader, node: int(loader.construct_scalar(node), 10)
 )
+
+
+class _ConfigDumper(yaml.SafeDumper):
+    """yaml.safe_dump's dumper, which also quotes a string that _UniqueKeyLoader reads as an
+    integer (`run_dir: 09` would read back as 9).
+
+    It keeps SafeDumper's own resolvers (0x10, 045, dates stay quoted), so every config that
+    reads back writes the same text as before: a run's config.yaml is compared as text.
+    """
+
+
+_ConfigDumper.add_implicit_resolver(*_DECIMAL_INT)
+
+
+def _dump(tree: dict[str, Any]) -> str:
+    """A config tree as the YAML text mt writes, in the order of its keys."""
+    return yaml.dump(tree, Dumper=_ConfigDumper, sort_keys=False)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -815,7 +837,7 @@ def _check_required(config: Config, key: str) -> None:
 
 def config_text(config: Config) -> str:
     """The resolved config as the YAML that `save_config` writes."""
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+    return _dump(config.to_dict())
 
 
 def written_by_mt(text: str, config: Config) -> bool:
@@ -833,7 +855,7 @@ def written_by_mt(text: str, config: Config) -> bool:
         written = yaml.safe_load(text)
     except yaml.YAMLError:
         return False
-    return text == yaml.safe_dump(known(config.to_dict(), written), sort_keys=False)
+    return text == _dump(known(config.to_dict(), written))
 
 
 def save_config(config: Config, path: Path) -> None:

@@ -3,15 +3,18 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mt.config import (
     Config,
     DecodeConfig,
+    config_text,
     diff,
     from_dict,
     load_config,
     save_config,
     temperature_shares,
+    written_by_mt,
 )
 from mt.errors import ConfigError
 
@@ -374,6 +377,25 @@ def test_save_and_reload_round_trip(tmp_path: Path) -> None:
     save_config(config, tmp_path / "run" / "config.yaml")
     assert load_config(tmp_path / "run" / "config.yaml") == config
     assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+@pytest.mark.parametrize("text", ["09", "019", "0_9", "-07", "+1_000", "0x10", "2024-09-31"])
+def test_a_string_that_looks_like_a_number_reads_back_as_written(tmp_path: Path, text: str) -> None:
+    # The loader reads 09 and 0_9 as integers where YAML 1.1 does not: the dumper must quote them.
+    keys = ("run_dir", "data.train", "data.valid", "data.test", "data.cache_dir")
+    config = load_config(CONFIGS / "tiny.yaml", [f"{key}={text}" for key in keys])
+    assert config.run_dir == config.data.valid == text
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config
+    assert written_by_mt(config_text(config), config)  # `mt train --config RUN/config.yaml`
+
+
+@pytest.mark.parametrize("name", sorted(path.stem for path in CONFIGS.glob("*.yaml")))
+def test_configs_are_written_as_before(name: str) -> None:
+    # A run's config.yaml is compared as text (check_config_file): what PyYAML's safe_dump
+    # wrote, mt writes still.
+    config = load_config(CONFIGS / f"{name}.yaml")
+    assert config_text(config) == yaml.safe_dump(config.to_dict(), sort_keys=False)
 
 
 def test_from_dict_and_diff() -> None:
