@@ -9,11 +9,13 @@ import dataclasses
 import functools
 import math
 import os
+import platform
 import re
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,6 +58,26 @@ def memory_bytes(device: torch.device) -> int | None:
         return None
 
 
+def machine_kind(device: torch.device) -> str:
+    """What `precision: auto` on `device` depends on: the GPU's name, or the CPU's model name."""
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    if device.type == "cpu":
+        return f"cpu: {cpu_model()}"
+    return device.type
+
+
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what `platform` knows of it."""
+    with contextlib.suppress(OSError, UnicodeDecodeError):  # not Linux: no such file
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                return value.strip()
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def cpu_has_amx() -> bool:
     """Whether this CPU has AMX tiles, the units that make bf16 matrix products fast.
 
@@ -92,12 +114,13 @@ class Measurement:
 
 @dataclass(frozen=True)
 class PrecisionChoice:
-    """A resolved precision and how it was chosen: asked, cuda, measured or amx (the rule)."""
+    """A resolved precision and how it was chosen: asked, cuda, measured, amx (the rule) or
+    kept (`auto`'s earlier choice, kept by a resumed run)."""
 
     precision: str
     how: str
     measurement: Measurement | None = None
-    why: str = ""  # with the AMX rule: why nothing was measured; measured: why fp32 despite bf16
+    why: str = ""  # amx: why nothing was measured; measured: why fp32 despite bf16; kept: whose
 
     def record(self) -> dict[str, float | str]:
         """The choice as a flat metrics record (see describe_precision)."""
@@ -126,6 +149,8 @@ def describe_precision(record: dict[str, object]) -> str:
         return f"{precision} (auto on CUDA: bf16 where the GPU has bf16 units, else fp16)"
     if how == "amx":
         return f"{precision} (auto by the AMX rule: {record.get('why', '')})"
+    if how == "kept":
+        return f"{precision} (auto, kept: {record.get('why', '')})"
     rates = ", ".join(
         f"{p} {_number(record[f'{p}_gflops'])} GFLOP/s"
         if f"{p}_gflops" in record

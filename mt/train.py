@@ -51,6 +51,7 @@ from mt.device import (
     autocast,
     configure_backends,
     give_back_freed_memory,
+    machine_kind,
     memory_bytes,
     model_products,
     resolve_precision,
@@ -96,6 +97,7 @@ FINE_TUNABLE = {"model.dropout", "model.attn_dropout"}
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 PREFETCH_UPDATES = 2  # updates collated ahead of the training step, in a background thread
 TRAIN_SETTINGS = "train_config"  # in a checkpoint's state: the train section it was trained with
+AUTO_PRECISION = "auto_precision"  # in a checkpoint's state: what `auto` chose, on what machine
 
 
 @dataclass
@@ -641,7 +643,10 @@ def start(
 
     resume, (tokenizer, train_data, valid_data) = main_first(world, device, prepare_run)
     vocab = (tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
-    precision = run_precision(config, vocab[1], world, device)
+    with distributed.together(world, device, "reading the checkpoint"):
+        checkpoint, payload = restore_point(resume, config)
+    # Before the learner is built: a resumed run keeps the precision `auto` chose for it.
+    precision = run_precision(config, vocab[1], world, device, payload.get(AUTO_PRECISION))
     learner = build_learner(config, vocab, world, device, precision.precision)
     with distributed.together(world, device, "restoring the run"):  # rank 0's work: files
         run = Run(
@@ -662,13 +667,10 @@ def start(
             job=resume_job(asked),
         )
         clear_window(run)
-        checkpoint = (
-            ckpt.resolve_checkpoint(resume) if resume else ckpt.latest_checkpoint(run.directory)
-        )
         if checkpoint is not None:
             if resume and world.is_main:
                 warn_later_checkpoints(checkpoint, run.directory)
-            run.state = restore(checkpoint, run)
+            run.state = restore(checkpoint, payload, run)
             # A validated checkpoint needs no second validation should the run end where it is.
             run.last_saved = run.state.step if run.state.validated else -1
     check_same_start(run)
@@ -782,23 +784,63 @@ def warn_later_checkpoints(checkpoint: ckpt.Checkpoint, run_dir: Path) -> None:
         )
 
 
+def restore_point(
+    resume: Path | None, config: Config
+) -> tuple[ckpt.Checkpoint | None, dict[str, Any]]:
+    """The checkpoint a run starts from (`resume`, else the run's latest, else none) and its
+    training state (empty for none)."""
+    run_dir = run_path(config)
+    checkpoint = ckpt.resolve_checkpoint(resume) if resume else ckpt.latest_checkpoint(run_dir)
+    return checkpoint, ckpt.load_training_state(checkpoint) if checkpoint else {}
+
+
 def run_precision(
-    config: Config, tgt_vocab: int, world: World, device: torch.device
+    config: Config,
+    tgt_vocab: int,
+    world: World,
+    device: torch.device,
+    recorded: dict[str, str] | None,
 ) -> PrecisionChoice:
-    """The run's precision: rank 0 resolves it (`auto` on CPU times the model's products).
+    """The run's precision: rank 0 resolves it (`auto` on CPU times the model's products),
+    unless it keeps the choice `recorded` in the checkpoint it resumes (kept_precision).
 
     The other ranks take rank 0's choice: timing on every rank at once would only measure
     their contention, and a rank that chose otherwise would train differently.
     """
-    dim, ffn_dim = config.model.dim, config.model.ffn_dim
-    products = model_products(dim, ffn_dim, tgt_vocab) if world.is_main else None
-    choice = resolve_precision(config.train.precision, device, products, config.train.max_tokens)
+    choice = kept_precision(config, device, recorded) if world.is_main else None
+    if choice is None:
+        dim, ffn_dim, rows = config.model.dim, config.model.ffn_dim, config.train.max_tokens
+        products = model_products(dim, ffn_dim, tgt_vocab) if world.is_main else None
+        choice = resolve_precision(config.train.precision, device, products, rows)
     if not world.distributed:
         return choice
     names = list(DTYPES)
     mine = float(names.index(choice.precision)) if world.is_main else 0.0
     agreed = distributed.all_reduce(world, [mine], device, startup=True)[0]
     return dataclasses.replace(choice, precision=names[int(agreed)])
+
+
+def kept_precision(
+    config: Config, device: torch.device, recorded: dict[str, str] | None
+) -> PrecisionChoice | None:
+    """`auto`'s choice `recorded` in the checkpoint a run resumes, where it was made on this
+    kind of machine (machine_kind); None where the precision is to be resolved now.
+
+    Timed again, a busy CPU's noise could choose the other precision, and a run that switches
+    mid-run does not end as an uninterrupted one would. On another kind of machine it is timed
+    anew: there bf16 may run emulated, hundreds of times slower.
+    """
+    if config.train.precision != "auto" or not recorded:
+        return None  # asked for, a new run, or a checkpoint saved before states recorded it
+    machine, before = machine_kind(device), recorded.get("machine", "")
+    if before == machine:
+        why = f"the checkpoint resumed was trained in it on this kind of machine ({machine})"
+        return PrecisionChoice(recorded["precision"], "kept", why=why)
+    log.info(
+        f"precision: auto chose {recorded['precision']} on another kind of machine ({before}; "
+        f"this one is {machine}): choosing anew"
+    )
+    return None
 
 
 def dev_sets(
@@ -839,10 +881,10 @@ def report_long(data: EncodedCorpus, max_len: int, name: str, user: str) -> None
         )
 
 
-def restore(checkpoint: ckpt.Checkpoint, run: Run) -> TrainState:
-    """Load a checkpoint into the learner; returns its TrainState, on this run's world size."""
+def restore(checkpoint: ckpt.Checkpoint, payload: dict[str, Any], run: Run) -> TrainState:
+    """Load a checkpoint and its training state `payload` (restore_point) into the learner;
+    returns its TrainState, on this run's world size."""
     learner = run.learner
-    payload = ckpt.load_training_state(checkpoint)
     restore_weights(learner, checkpoint, payload, run.metadata)
     learner.optimizer.load_state_dict(payload["optimizer"])
     learner.scheduler.load_state_dict(payload["scheduler"])
@@ -1660,6 +1702,9 @@ def save(run: Run, window: dict[str, Any], best: bool) -> ckpt.Checkpoint:
         "scaler": learner.scaler.state_dict(),
         TRAIN_SETTINGS: dataclasses.asdict(run.config.train),  # what a resume compares
     }
+    if run.config.train.precision == "auto":  # what a resume on this kind of machine keeps
+        machine = machine_kind(learner.device)
+        payload[AUTO_PRECISION] = {"precision": learner.precision, "machine": machine}
     if learner.ema is not None:  # decoders load the EMA: the weights file holds it
         payload["model"] = learner.model.state_dict()  # the weights training continues from
     model = learner.eval_model

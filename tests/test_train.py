@@ -25,6 +25,7 @@ from helpers.waiting import read_until
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+import mt.device as device_module
 import mt.train as train_module
 from mt import checkpoint as ckpt
 from mt import rundir as rundir_module
@@ -33,7 +34,7 @@ from mt.batching import collate
 from mt.cli import app as cli_app
 from mt.config import Config, load_config
 from mt.corpora import open_corpus
-from mt.device import describe_precision
+from mt.device import describe_precision, machine_kind
 from mt.distributed import World
 from mt.errors import ConfigError, MtError
 from mt.finish import finish
@@ -1396,6 +1397,54 @@ def test_auto_precision_is_measured_logged_and_recorded(
     assert all(rate > 0 for rate in rates)  # a precision the budget cut short has none
     assert read_metrics(run, "end")[-1]["precision"] == record["precision"]
     assert f"precision: {describe_precision(record)}" in caplog.text
+
+
+def precisions(run: Path) -> list[tuple[int, str, str]]:
+    """(step, precision, how) of each start's precision record."""
+    return [(r["step"], r["precision"], r["how"]) for r in read_metrics(run, "precision")]
+
+
+def test_a_resumed_run_keeps_the_precision_auto_chose_on_this_kind_of_machine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A busy CPU's timings may choose otherwise at each start: here bf16, then fp32.
+    verdicts = iter(["bf16", "fp32"])
+    monkeypatch.setattr(device_module, "choose_precision", lambda *args: next(verdicts))
+    caplog.set_level("INFO", logger="mt")
+    run, auto = tmp_path / "run", "train.precision=auto"
+    train(tiny(run, "train.max_steps=2", auto))
+    machine = machine_kind(torch.device("cpu"))
+    state = ckpt.load_training_state(ckpt.latest_checkpoint(run))
+    assert state[train_module.AUTO_PRECISION] == {"precision": "bf16", "machine": machine}
+    train(tiny(run, "train.max_steps=4", auto))  # the same command again: it resumes
+    assert precisions(run) == [(0, "bf16", "measured"), (2, "bf16", "kept")]
+    kept = read_metrics(run, "precision")[-1]
+    assert kept["why"] == (
+        f"the checkpoint resumed was trained in it on this kind of machine ({machine})"
+    )
+    assert f"precision: {describe_precision(kept)}" in caplog.messages
+    assert read_metrics(run, "end")[-1]["precision"] == "bf16"
+    # Requeued on another kind of CPU, where bf16 may be emulated: timed anew.
+    monkeypatch.setattr(train_module, "machine_kind", lambda device: "cpu: Another CPU")
+    train(tiny(run, "train.max_steps=6", auto))
+    assert precisions(run)[-1] == (4, "fp32", "measured")
+    assert (
+        f"precision: auto chose bf16 on another kind of machine ({machine}; this one is "
+        "cpu: Another CPU): choosing anew"
+    ) in caplog.messages
+
+
+def test_a_precision_asked_for_is_not_auto_s_choice_to_keep(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(device_module, "choose_precision", lambda *args: "bf16")
+    run = tmp_path / "run"
+    # tiny.yaml asks for fp32: the state records no choice of auto's, as states before it did.
+    train(tiny(run, "train.max_steps=2"))
+    assert train_module.AUTO_PRECISION not in ckpt.load_training_state(ckpt.latest_checkpoint(run))
+    train(tiny(run, "train.max_steps=4", "train.precision=auto"))  # so auto times
+    train(tiny(run, "train.max_steps=6", "train.precision=fp32"))  # asked for: auto's bf16 is not
+    assert precisions(run) == [(0, "fp32", "asked"), (2, "bf16", "measured"), (4, "fp32", "asked")]
 
 
 @pytest.mark.slow
