@@ -314,13 +314,15 @@ class LayerCache:
 
     Self-attention keys/values are kept time-major, (capacity, N, H, hd), in buffers that double
     when full: a step writes its positions in place, and reordering rows (beam search) copies
-    the filled positions once. Concatenating per step and then gathering would copy the whole
-    history twice at every step. Cross-attention keys/values are (B, H, S, hd), one row per source.
+    the filled positions of the rows that change, at most once. Concatenating per step and then
+    gathering would copy the whole history twice at every step. Cross-attention keys/values are
+    (B, H, S, hd), one row per source.
     """
 
-    self_k: Tensor | None = None  # (capacity, N, H, hd), positions [0, length) filled
+    self_k: Tensor | None = None  # (capacity, N, H, hd), positions [0, length) of rows [0, rows)
     self_v: Tensor | None = None
     length: int = 0
+    rows: int = 0  # the live rows of self_k and self_v: a reorder on a CPU may keep fewer
     capacity: int = 16  # positions of the first buffer: the expected output length, if known
     cross_k: Tensor | None = None  # (B, H, S, hd)
     cross_v: Tensor | None = None
@@ -331,10 +333,12 @@ class LayerCache:
         if self.self_k is None or end > self.self_k.size(0):
             self.self_k = self._grown(self.self_k, k, end)
             self.self_v = self._grown(self.self_v, v, end)
-        self.self_k[start:end] = k.permute(2, 0, 1, 3)  # (T, N, H, hd)
-        self.self_v[start:end] = v.permute(2, 0, 1, 3)
+            self.rows = k.size(0)
+        N = self.rows
+        self.self_k[start:end, :N] = k.permute(2, 0, 1, 3)  # (T, N, H, hd)
+        self.self_v[start:end, :N] = v.permute(2, 0, 1, 3)
         self.length = end
-        return self.self_k[:end].permute(1, 2, 0, 3), self.self_v[:end].permute(1, 2, 0, 3)
+        return self.self_k[:end, :N].permute(1, 2, 0, 3), self.self_v[:end, :N].permute(1, 2, 0, 3)
 
     def _grown(self, buffer: Tensor | None, new: Tensor, needed: int) -> Tensor:
         """A buffer of at least twice the capacity holding the filled positions of `buffer`."""
@@ -342,17 +346,26 @@ class LayerCache:
         old = 0 if buffer is None else buffer.size(0)
         grown = new.new_empty(max(2 * old, needed, self.capacity), N, H, hd)
         if buffer is not None:
-            grown[: self.length] = buffer[: self.length]
+            grown[: self.length] = buffer[: self.length, :N]
         return grown
 
-    def reorder(self, index: Tensor, source_index: Tensor | None = None) -> None:
-        """Select/reorder self-attention rows by index (N',); cross rows by source_index (B',)."""
+    def reorder(self, rows: Reorder, sources: Reorder | None = None) -> None:
+        """Reorder self-attention rows by `rows`, cross-attention rows by `sources`.
+
+        In place where the reorder `fits`: only the rows that change are copied, and the
+        buffers keep their size, their first N' (B') rows live.
+        """
         if self.self_k is not None:
-            self.self_k = self._select(self.self_k, index)
-            self.self_v = self._select(self.self_v, index)
-        if source_index is not None and self.cross_k is not None:
-            self.cross_k = self.cross_k.index_select(0, source_index)
-            self.cross_v = self.cross_v.index_select(0, source_index)
+            if rows.fits(self.self_k.size(1)):
+                for buffer in (self.self_k, self.self_v):
+                    rows.move(buffer.flatten(2), self.length)  # (capacity, N, H*hd)
+            else:
+                self.self_k = self._select(self.self_k, rows.index)
+                self.self_v = self._select(self.self_v, rows.index)
+            self.rows = rows.size
+        if sources is not None and self.cross_k is not None:
+            self.cross_k = sources.take(self.cross_k)
+            self.cross_v = sources.take(self.cross_v)
 
     def _select(self, buffer: Tensor, index: Tensor) -> Tensor:
         """The buffer's rows `index` (along N) at the same capacity; one copy of the filled part."""
@@ -365,6 +378,56 @@ class LayerCache:
         filled = selected.view(-1, H * hd)[: rows.size(0)]
         torch.index_select(buffer.view(-1, H * hd), 0, rows, out=filled)
         return selected
+
+
+def reorders_in_place(index: Tensor) -> bool:
+    """Whether a reorder by `index` copies only the rows that change, in place (`Reorder`).
+
+    Most rows of a beam search's reorder stay where they are (mt.search keeps them there), but
+    finding the others makes the host read the index: free on a CPU, a wait for a GPU, which
+    copies every row instead.
+    """
+    return index.device.type == "cpu"
+
+
+class Reorder:
+    """Row i takes row index[i] (index (N',) long), for every cache of a decoder state.
+
+    Where `reorders_in_place`, the rows that change are found once, here, and each cache that
+    `fits` copies only those, in place; elsewhere every cache selects all rows of `index`.
+    """
+
+    def __init__(self, index: Tensor) -> None:
+        self.index, self.size = index, index.size(0)
+        self.in_place = reorders_in_place(index)
+        if self.in_place:
+            self.moved = (index != torch.arange(self.size)).nonzero().squeeze(1)  # (M,)
+            self.sources = index[self.moved]  # (M,)
+        self._flat: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}  # by (blocks, R)
+
+    def fits(self, rows: int) -> bool:
+        """Whether a buffer of `rows` rows is reordered in place: it holds the N' rows."""
+        return self.in_place and self.size <= rows
+
+    def move(self, x: Tensor, blocks: int) -> None:
+        """In place, in each of the first `blocks` of x's blocks (P, R, C), row i takes row
+        index[i]: only the rows that change are copied."""
+        if self.moved.numel() == 0:
+            return
+        P, R, C = x.shape
+        if (blocks, R) not in self._flat:  # the same for every cache of a state
+            start = torch.arange(blocks).unsqueeze(1) * R  # (blocks, 1)
+            self._flat[blocks, R] = ((start + self.sources).view(-1), (start + self.moved).view(-1))
+        sources, targets = self._flat[blocks, R]  # (blocks * M,) each
+        flat = x.view(P * R, C)
+        flat.index_copy_(0, targets, flat.index_select(0, sources))
+
+    def take(self, x: Tensor) -> Tensor:
+        """x's rows (along dim 0) `index`: in place where it fits, else a copy."""
+        if not self.fits(x.size(0)):
+            return x.index_select(0, self.index)
+        self.move(x.view(1, x.size(0), -1), 1)
+        return x[: self.size]
 
 
 class DecoderState:
@@ -382,8 +445,10 @@ class DecoderState:
         share a source (the beams of one sentence). The caller selects the `memory` and `src`
         rows of later decode calls the same way as the cross-attention caches.
         """
+        rows = Reorder(index)
+        sources = None if source_index is None else Reorder(source_index)
         for cache in self.layers:
-            cache.reorder(index, source_index)
+            cache.reorder(rows, sources)
 
 
 def incremental_mask(new: int, total: int, device: torch.device) -> Tensor | None:

@@ -382,6 +382,9 @@ class Beams:
     """Live beams of the B' sentences still searching, G rows each, plus their decoder inputs.
 
     G is 1 before the first step (every beam of a sentence would hold the same BOS), K after.
+    A sentence's beams are in no particular order: each continues in its origin's row where it
+    can (stay_in_place), and sentences keep theirs as others leave (kept_in_place), so that
+    reordering the decoder's caches copies few rows.
     """
 
     sent: Tensor  # (B',) index of each sentence in the caller's batch
@@ -583,6 +586,36 @@ def select_live(candidates: tuple[Tensor, Tensor, Tensor], beam: int) -> tuple[T
     return scores.gather(1, pick), origin.gather(1, pick), tokens.gather(1, pick)
 
 
+def stay_in_place(origin: Tensor) -> Tensor:
+    """An order of each sentence's new beams (B', K) in which most sit in their origin's row.
+
+    A beam's row is where its cache is: the best new beam of each origin takes the origin's row,
+    the others the rows of origins left without a new beam, so a reorder copies only those.
+    """
+    B, K = origin.shape
+    slots = torch.arange(K, device=origin.device)
+    of = origin.unsqueeze(2) == slots  # (B', K beams, K rows) beam i descends from row j
+    first = (of & (of.cumsum(1) == 1)).any(2)  # (B', K) the best beam of its origin
+    taken = of.any(1)  # (B', K) rows whose origin has a new beam
+    free = taken.to(torch.uint8).argsort(dim=1, stable=True)  # (B', K) free rows first
+    rank = ((~first).cumsum(1) - 1).clamp(min=0)  # (B', K) each other beam's rank among them
+    row = torch.where(first, origin, free.gather(1, rank))  # (B', K) a permutation of rows
+    return torch.empty_like(row).scatter_(1, row, slots.expand(B, K))  # beam at each row
+
+
+def kept_in_place(done: Tensor, kept: int) -> Tensor:
+    """The `kept` sentences not `done` (B',) bool, most of them where they are: (B'',).
+
+    Those among the first `kept` stay; those after take the places of the done ones there, in
+    order; all without a wait for the device (the host knows `kept`).
+    """
+    position = torch.arange(done.size(0), device=done.device)
+    head = position < kept
+    movers = (done | head).to(torch.uint8).argsort(stable=True)  # kept ones of the tail first
+    hole = (done.long().cumsum(0) - 1).clamp(min=0)  # (B',) each done sentence's rank
+    return torch.where(done[:kept], movers[hole[:kept]], position[:kept])
+
+
 def advance(
     beams: Beams,
     candidates: tuple[Tensor, Tensor, Tensor],
@@ -593,25 +626,30 @@ def advance(
 ) -> Beams:
     """Continue the K best live candidates of the `kept` sentences not `done` (B',) bool."""
     scores, origin, tokens = select_live(candidates, beam)  # (B', K) each
-    # The indices of the sentences not done, in order, without a wait for the device: a stable
-    # sort puts them first, and the host knows how many they are.
-    keep = done.to(torch.uint8).argsort(stable=True)[:kept]  # (B'',)
-    all_kept = kept == done.size(0)  # then per-sentence tensors stay as they are
-    rows = beams.rows(origin).index_select(0, keep).view(-1)  # (B''*K,) by origin beam
-    beams.state.reorder(rows, None if all_kept else keep)
-    new = tokens.index_select(0, keep).view(-1)  # (B''*K,)
+    if beams.rows_per_sentence == beam:
+        order = stay_in_place(origin)  # (B', K)
+        scores, origin, tokens = (t.gather(1, order) for t in (scores, origin, tokens))
+    # Sentences done leave, unless none is: the host knows how many stay.
+    keep = None if kept == done.size(0) else kept_in_place(done, kept)  # (B'',)
+
+    def kept_rows(x: Tensor) -> Tensor:  # per-sentence x (B', ...) -> (B'', ...)
+        return x if keep is None else x.index_select(0, keep)
+
+    rows = kept_rows(beams.rows(origin)).view(-1)  # (B''*K,) by origin beam
+    beams.state.reorder(rows, keep)
+    new = kept_rows(tokens).view(-1)  # (B''*K,)
     progress = None
     if beams.progress is not None and constraints is not None:
         phrases, lengths = constraints.rows(beams.sent, beams.rows_per_sentence)  # (B'*G, ...)
         progress = beams.progress.select(rows).after(new, phrases[rows], lengths[rows])
     return Beams(
-        sent=beams.sent.index_select(0, keep),
+        sent=kept_rows(beams.sent),
         tokens=torch.cat([beams.tokens.index_select(0, rows), new.unsqueeze(1)], dim=1),
-        scores=scores.index_select(0, keep).view(-1),  # (B''*K,)
-        count=beams.count.index_select(0, keep),
-        limit=beams.limit.index_select(0, keep),
-        memory=beams.memory if all_kept else beams.memory.index_select(0, keep),  # (B'', S, D)
-        src=beams.src if all_kept else beams.src.index_select(0, keep),  # (B'', S)
+        scores=kept_rows(scores).view(-1),  # (B''*K,)
+        count=kept_rows(beams.count),
+        limit=kept_rows(beams.limit),
+        memory=kept_rows(beams.memory),  # (B'', S, D)
+        src=kept_rows(beams.src),  # (B'', S)
         state=beams.state,
         progress=progress,
     )

@@ -9,10 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import mt.model as model_module
 from mt.config import ModelConfig
 from mt.loss import label_smoothed_nll
 from mt.model import (
     Dropout,
+    Reorder,
     Transformer,
     count_parameters,
     product_attention,
@@ -274,9 +276,13 @@ def test_reorder_matches_reordered_full(prenorm: bool) -> None:
 
 
 @pytest.mark.parametrize("prenorm", [True, False])
-def test_grouped_rows_share_their_source(prenorm: bool) -> None:
+@pytest.mark.parametrize("in_place", [True, False])
+def test_grouped_rows_share_their_source(
+    prenorm: bool, in_place: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Beam search: G target rows per source, shuffled among themselves and sources dropped,
     # while the cross-attention caches keep one row per source.
+    monkeypatch.setattr(model_module, "reorders_in_place", lambda index: in_place)
     model = tiny(prenorm).eval()
     src, tgt_in, _ = random_pairs(3)
     G = 2
@@ -290,6 +296,9 @@ def test_grouped_rows_share_their_source(prenorm: bool) -> None:
         index = torch.tensor([1, 0, 5, 5])  # swap source 0's rows; drop source 1
         keep = torch.tensor([0, 2])
         state.reorder(index, keep)
+        # In place, the buffers keep their rows, the first ones live; else they are copied.
+        assert state.layers[0].self_k.size(1) == (6 if in_place else 4)
+        assert state.layers[0].cross_k.size(0) == 2
         rows2, src2, memory2 = rows[index], src[keep], memory[keep]
         steps = [model.decode(rows2[:, t : t + 1], memory2, src2, state) for t in range(3, 6)]
         full = model(src2.repeat_interleave(G, dim=0), rows2[:, :6])
@@ -386,3 +395,17 @@ def test_dropout_is_seeded_odd_sized_and_off_in_eval() -> None:
     assert Dropout(0.0).train()(x) is x
     with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 1.0"):
         Dropout(1.0)
+
+
+def test_a_reorder_in_place_is_a_selection() -> None:
+    gen = torch.Generator().manual_seed(5)
+    for rows in (1, 4, 9):
+        for _ in range(20):
+            x = torch.randn(7, rows, 3, generator=gen)  # (P, R, C)
+            index = torch.randint(0, rows, (int(torch.randint(1, rows + 1, (1,))),))  # (N',)
+            want = x.clone()
+            want[:5, : index.size(0)] = x[:5].index_select(1, index)  # the first 5 blocks
+            Reorder(index).move(x, 5)
+            assert torch.equal(x, want)
+            y = torch.randn(rows, 2, 3, generator=gen)  # taken along dim 0, as cross caches
+            assert torch.equal(Reorder(index).take(y.clone()), y.index_select(0, index))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from helpers.shared import built_once
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import mt.model as model_module
 import mt.search as search_module
 from mt.config import DecodeConfig, ModelConfig
 from mt.model import Transformer
@@ -471,6 +472,11 @@ class HostWaits(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def on_a_gpu(index: torch.Tensor) -> bool:
+    """mt.model.reorders_in_place as on a GPU: a reorder copies every row, without reading."""
+    return False
+
+
 def test_host_waits_counts_what_waits_for_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     x = torch.arange(6)
     with HostWaits(monkeypatch) as waits:
@@ -503,6 +509,7 @@ def decode_calls(model: Transformer | Ensemble, search: Callable[[], object]) ->
 def test_searches_wait_for_the_device_once_per_step(
     reverser: Transformer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(model_module, "reorders_in_place", on_a_gpu)
     src = pad_batch(random_sources(12, seed=47))
     two = DecodeConfig(beam=2)
     searches = [
@@ -871,6 +878,7 @@ def test_ensembles_average_log_probabilities_by_weight(reverser: Transformer) ->
 def test_steered_searches_wait_for_the_device_once_per_step(
     reverser: Transformer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(model_module, "reorders_in_place", on_a_gpu)
     srcs, cpu = random_sources(12, seed=47), torch.device("cpu")
     src, phrases = pad_batch(srcs), random_constraints(12, seed=48)
     prefix = prefixes(random_prefixes(12, seed=49, high=3), cpu)
@@ -891,3 +899,40 @@ def test_steered_searches_wait_for_the_device_once_per_step(
         with HostWaits(monkeypatch) as waits:
             assert search() == want
         assert steps >= 8 and waits.count <= steps + outside_the_steps, (steps, waits.count)
+
+
+def test_new_beams_stay_in_their_origins_rows() -> None:
+    gen = torch.Generator().manual_seed(3)
+    origin = torch.randint(0, 5, (200, 5), generator=gen)  # (B, K) origin beam, best first
+    origin[0] = torch.tensor([4, 4, 4, 4, 4])
+    origin[1] = torch.tensor([0, 1, 2, 3, 4])
+    order = search_module.stay_in_place(origin)  # (B, K) new beam at each row
+    assert torch.equal(order.sort(dim=1).values, torch.arange(5).expand(200, 5))  # permutations
+    placed = origin.gather(1, order)  # (B, K) origin of the beam in each row
+    distinct = [len(set(row)) for row in origin.tolist()]
+    assert (placed == torch.arange(5)).sum(dim=1).tolist() == distinct  # as many as can stay
+    for row, beams in zip(placed.tolist(), order.tolist(), strict=True):
+        for j in set(row):  # in its origin's row: the best new beam of that origin
+            assert beams[j] == min(b for b, o in zip(beams, row, strict=True) if o == j)
+    assert order[0].tolist() == [1, 2, 3, 4, 0] and order[1].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_sentences_kept_stay_where_they_are() -> None:
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(50):
+        done = torch.rand(12, generator=gen) < 0.4
+        kept = int((~done).sum())
+        keep = search_module.kept_in_place(done, kept).tolist()
+        assert sorted(keep) == (~done).nonzero().squeeze(1).tolist()
+        assert all(keep[i] == i for i in range(kept) if not done[i])
+
+
+@pytest.mark.parametrize("beam", [3, 5])
+def test_reordering_in_place_finds_what_copying_finds(
+    reverser: Transformer, beam: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = pad_batch(random_sources(24, seed=48))
+    config = DecodeConfig(beam=beam, nbest=beam, max_len_b=4)
+    in_place = beam_search(reverser, src, config)
+    monkeypatch.setattr(model_module, "reorders_in_place", on_a_gpu)
+    assert beam_search(reverser, src, config) == in_place
