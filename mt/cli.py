@@ -299,7 +299,8 @@ QuantizeOption = Annotated[
 TRANSLATE_HELP = (
     "Translate text line by line: exactly one output line per input line, in input order.\n\n"
     "Blank input lines give blank output lines. Lines longer than the model's max_positions - 1 "
-    "pieces are truncated, with a warning naming the line.\n\n"
+    "pieces (- 2 for a multilingual model: its language tag takes one) are truncated, with a "
+    "warning naming the line.\n\n"
     "With --nbest K, each input line gives K lines INDEX<TAB>SCORE<TAB>TEXT, best first, where "
     "INDEX is the 0-based input line number and SCORE the length-penalised log-probability.\n\n"
     "--prefix and --constraints files have one line per input line (an empty line: none). A "

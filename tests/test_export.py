@@ -376,7 +376,8 @@ def test_exports_of_a_run_that_samples_sample_with_its_settings(
     run = tmp_path / "run"
     shutil.copytree(postnorm_run, run)
     tree = yaml.safe_load((run / "config.yaml").read_text())
-    tree["decode"] |= {"sampling": True, "beam": 4, "temperature": 0.7, "top_k": 5, "top_p": 0.9}
+    sampling = {"sampling": True, "beam": 2, "nbest": 4, "temperature": 0.7, "top_k": 5}
+    tree["decode"] |= sampling | {"top_p": 0.9}
     (run / "config.yaml").write_text(yaml.safe_dump(tree))
 
     gen = GenerationConfig.from_pretrained(export_model(run, tmp_path / "hf", "hf"))
@@ -386,7 +387,10 @@ def test_exports_of_a_run_that_samples_sample_with_its_settings(
     ct2 = export_model(run, tmp_path / "ct2", "ct2")
     for out in (tmp_path / "hf", ct2):
         prose = " ".join((out / "README.md").read_text().split())
-        assert "The run samples (temperature 0.7, top-k 5, top-p 0.9): mt draws 4 samples" in prose
+        assert (
+            "The run samples (temperature 0.7, top-k 5, top-p 0.9): mt draws 4 samples per "
+            "sentence and prints the 4 best by their length-penalised score" in prose
+        )
     code = (ct2 / "README.md").read_text()
     assert "beam_size=1,\n    sampling_topk=5,\n    sampling_topp=0.9," in code
     readme_code(ct2, monkeypatch)  # CTranslate2 takes the arguments

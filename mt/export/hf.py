@@ -155,7 +155,7 @@ def generation_config(decode: DecodeConfig, max_positions: int) -> Any:
     `max_new_tokens` is mt's cap; pass mt's per-sentence limit (a * source length + b) instead.
     HF's beam penalty is length^p like CT2's (see `ct2_options`): "gnmt" is approximated with
     p = alpha. A run that samples exports sampling with its temperature, top-k and top-p (one
-    sample per sentence: mt keeps the best of `beam` samples, which generate() cannot rank).
+    sample per sentence: mt ranks max(beam, nbest) samples, which generate() cannot do).
     """
     from transformers import GenerationConfig
 

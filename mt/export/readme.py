@@ -123,8 +123,10 @@ def _sampling_note(decode: DecodeConfig, system: str) -> str:
     """For a run that samples: its settings, and what the export does not do as mt does."""
     if not decode.sampling:
         return ""
+    draws = max(decode.beam, decode.nbest)  # as mt.search.sample
+    keeps = "keeps the best" if decode.nbest == 1 else f"prints the {decode.nbest} best"
     return f"""The run samples (temperature {decode.temperature}, top-k {decode.top_k}, top-p
-    {decode.top_p}): mt draws {decode.beam} samples per sentence and keeps the best by its
+    {decode.top_p}): mt draws {draws} samples per sentence and {keeps} by their
     length-penalised score; {system} as set up here draws one. """
 
 
