@@ -1267,12 +1267,12 @@ def loop(run: Run) -> TrainResult:
     quiet = not (run.world.is_main and sys.stderr.isatty())
     bar = tqdm(total=tc.max_steps, initial=state.step, desc="train", disable=quiet)
     # Log lines go through tqdm.write, so they print above the bar instead of through it.
-    halted = False
     with StopSignals() as stop, logging_redirect_tqdm(loggers=[logging.root]):
         try:
             # The validation a signal put off (see `end`) comes first, as it would have.
-            stop_early = state.unvalidated and validate_and_save(run)
-            while not stop_early and state.step < tc.max_steps:
+            why = validate_and_save(run, stop) if state.unvalidated else ""
+            halted = why == "signal"
+            while not why and state.step < tc.max_steps:
                 # 1. This rank's micro-batches of the next update, collated in the background.
                 t0 = time.perf_counter()
                 update = next(updates, None)
@@ -1316,8 +1316,10 @@ def loop(run: Run) -> TrainResult:
                     break
                 # 5. Validate and checkpoint every valid_every steps.
                 if stepped and validation_due(run):
-                    if validate_and_save(run):
-                        break  # early stopping
+                    why = validate_and_save(run, stop)
+                    if why:  # early stopping, or a signal that came meanwhile: it is saved
+                        halted = why == "signal"
+                        break
                     # Its time counts: the ranks now agree on a clock that may have run out.
                     if out_of_time(tc, state.train_seconds):
                         log.info(
@@ -1525,8 +1527,11 @@ def validation_due(run: Run) -> bool:
     return step % tc.valid_every == 0 or step == tc.max_steps
 
 
-def validate_and_save(run: Run) -> bool:
-    """Validate and checkpoint on rank 0 while the others wait; True if training should stop.
+def validate_and_save(run: Run, stop: StopSignals) -> str:
+    """Validate and checkpoint on rank 0 while the others wait; why training stops now, if it
+    does: "early" (train.patience), "signal" (a rank was signalled meanwhile: the step is saved,
+    so every rank stops at once, as after a signal at a step, instead of one update and one
+    checkpoint more), else "".
 
     The others then take rank 0's clock, which counted the validation (a cool-down planned on
     their own would run out of time before it ends). If rank 0 fails here, it tells them, so
@@ -1559,7 +1564,15 @@ def validate_and_save(run: Run) -> bool:
     stop_early = bool(tc.patience) and state.bad_validations >= tc.patience
     if stop_early and world.is_main:
         log.info("no better dev BLEU in %d validations: stopping early", tc.patience)
-    return bool(distributed.all_reduce(world, [float(stop_early)], run.learner.device)[0])
+    early, signalled = distributed.all_reduce(
+        world, [float(stop_early), float(stop.signum is not None)], device, op="max"
+    )
+    if early:  # the run is over: a signal meanwhile changes nothing
+        return "early"
+    if signalled:
+        stop.signum = stop.signum or signal.SIGTERM  # the ranks not signalled stop alike
+        return "signal"
+    return ""
 
 
 class ValidationOutOfMemory(MtError):

@@ -256,6 +256,31 @@ def test_resume_after_signal_is_exact(straight: Path, tmp_path: Path, sig: int, 
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical on CPU
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("straight")
+def test_a_signal_during_a_validation_stops_at_its_step(
+    straight: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    split, real = tmp_path / "split", train_module.validate_direction
+    signalled: list[int] = []
+
+    def signalled_while_validating(run_: object, dev: object) -> dict[str, float]:
+        if not signalled:  # the scheduler's notice, during the first validation (step 20)
+            signalled.append(os.getpid())
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(run_, dev)
+
+    monkeypatch.setattr(train_module, "validate_direction", signalled_while_validating)
+    result = train(tiny(split, *RESUMED_STEPS))
+    monkeypatch.undo()
+    # The validated step's checkpoint is the signal's: no update and no checkpoint more.
+    assert (result.signum, result.state.step) == (signal.SIGTERM, 20)
+    assert [c.step for c in ckpt.list_checkpoints(split)] == [20]
+    assert train(tiny(split, *RESUMED_STEPS)).state.step == 60
+    assert records(split) == records(straight)
+    assert identical(weights(split), weights(straight))
+
+
 def test_run_past_max_steps_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     train(tiny(tmp_path / "run", "train.max_steps=15"))
     caplog.set_level("INFO", logger="mt")
