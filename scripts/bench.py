@@ -21,7 +21,6 @@ system and precision.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import math
@@ -48,7 +47,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 from mt.batching import BatchSampler, collate, collate_source, source_batches  # noqa: E402
 from mt.config import Config, load_config  # noqa: E402
 from mt.corpora import read_lines  # noqa: E402
-from mt.device import cpu_has_amx, keep_freed_memory  # noqa: E402
+from mt.device import cpu_has_amx, cpu_model, keep_freed_memory  # noqa: E402
 from mt.distributed import World  # noqa: E402
 from mt.export.hf import generation_config, marian_from_mt  # noqa: E402
 from mt.loss import label_smoothed_nll  # noqa: E402
@@ -539,22 +538,6 @@ def profile_mt_step(spec: dict[str, Any], batches: list[Any], top: int = 10) -> 
         }
         for e in events[:top]
     ] + [{"total_ms": total / 1000, "batch": [*batch.src.shape, batch.tgt_in.shape[1]]}]
-
-
-def cpu_model() -> str:
-    """The CPU's model name (lscpu), else what `platform` knows."""
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):  # no lscpu: keep the above
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in out.splitlines()
-                if line.startswith("Model name")
-            ),
-            model,
-        )
-    return model
 
 
 def machine() -> str:

@@ -13,7 +13,6 @@ beam search over the whole file against unconstrained beam search's (median of r
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -23,7 +22,7 @@ import sacrebleu
 import torch
 
 from mt.corpora import read_lines
-from mt.device import configure_backends
+from mt.device import configure_backends, cpu_model
 from mt.rundir import load_trained
 from mt.search import contains
 from mt.translate import Translation, Translator, decode_settings
@@ -62,7 +61,7 @@ def bench(args: argparse.Namespace) -> None:
     plain_seconds, plain = timed(translate, args.repeats)
     plain_texts = [hyps[0].text for hyps in plain]
     plain_bleu = sacrebleu.corpus_bleu(plain_texts, [refs]).score
-    machine = platform.processor() or platform.machine()
+    machine = cpu_model()
     print(f"model: {checkpoint.weights} | {len(sources)} sentences | beam {args.beam} | fp32 | "
           f"{torch.get_num_threads()} threads | {machine}")  # fmt: skip
     print()

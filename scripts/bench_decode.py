@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 
 import mt.model
 from mt.corpora import read_lines
-from mt.device import configure_backends
+from mt.device import configure_backends, cpu_model
 from mt.packing import PackedLinear, pack
 from mt.rundir import load_trained
 from mt.translate import Translator, decode_settings
@@ -64,7 +63,7 @@ def bench(
             if isinstance(layer, PackedLinear):
                 layer.blas_rows = None
     sources, references = list(read_lines(src)), list(read_lines(ref))
-    machine = platform.processor() or platform.machine()
+    machine = cpu_model()
     threads = torch.get_num_threads()
     print(f"model: {checkpoint.weights} | {len(sources)} sentences | precision {precision} | "
           f"{threads} threads | {machine}")  # fmt: skip
