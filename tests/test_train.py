@@ -89,6 +89,19 @@ def sigterm_at_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
     monkeypatch.setattr(train_module, "log_window", signalled)
 
 
+def sigterm_while_validating(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM to this process during the run's first validation (the scheduler's notice)."""
+    validate_direction, sent = train_module.validate_direction, []
+
+    def signalled(run: object, dev: object) -> dict[str, float]:
+        if not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return validate_direction(run, dev)
+
+    monkeypatch.setattr(train_module, "validate_direction", signalled)
+
+
 @pytest.mark.slow
 def test_tiny_run_writes_a_complete_run_directory(tmp_path: Path) -> None:
     result = train(tiny(tmp_path / "run", "train.max_steps=30"))
@@ -261,16 +274,8 @@ def test_resume_after_signal_is_exact(straight: Path, tmp_path: Path, sig: int, 
 def test_a_signal_during_a_validation_stops_at_its_step(
     straight: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    split, real = tmp_path / "split", train_module.validate_direction
-    signalled: list[int] = []
-
-    def signalled_while_validating(run_: object, dev: object) -> dict[str, float]:
-        if not signalled:  # the scheduler's notice, during the first validation (step 20)
-            signalled.append(os.getpid())
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(run_, dev)
-
-    monkeypatch.setattr(train_module, "validate_direction", signalled_while_validating)
+    split = tmp_path / "split"
+    sigterm_while_validating(monkeypatch)  # the first validation's: at step 20
     result = train(tiny(split, *RESUMED_STEPS))
     monkeypatch.undo()
     # The validated step's checkpoint is the signal's: no update and no checkpoint more.
@@ -1040,13 +1045,7 @@ def test_a_signal_during_the_validation_that_ends_a_resumed_run_is_kept(
     assert read_metrics(run, "valid") == []  # stopped fast, its last step unvalidated
     stopped = ckpt.latest_checkpoint(run).step
     config = tiny(run, f"train.max_steps={stopped}", *steps)  # that step is now the run's end
-    real = train_module.validate_direction
-
-    def signalled_while_validating(run_: object, dev: object) -> dict[str, float]:
-        os.kill(os.getpid(), signal.SIGTERM)  # the scheduler's notice, as the rerun validates
-        return real(run_, dev)
-
-    monkeypatch.setattr(train_module, "validate_direction", signalled_while_validating)
+    sigterm_while_validating(monkeypatch)  # as the rerun validates
     # The validation and save go on; the run then stops as signalled (exit 143, requeued)
     # rather than going on to its average and report.
     assert train(config).signum == signal.SIGTERM
